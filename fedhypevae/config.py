@@ -1,0 +1,371 @@
+"""Run configuration: one small dataclass per component, YAML files, dotted overrides.
+
+    cfg = load_config("configs/default.yaml", overrides=["privacy.target_epsilon=4"])
+
+Every field carries a one-line docstring (the comment above it). Validation happens in
+``__post_init__`` with messages a user can act on; unknown keys are rejected with the list
+of valid ones. The resolved config is saved with every run and checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(name: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    # a file (.npz .npy .pt .csv .parquet), a shard directory from `fedhypevae data partition`,
+    # or a built-in name: digits, breast_cancer
+    path: str = "digits"
+    # label column for .csv/.parquet files (default: "label", else "y")
+    label_column: Optional[str] = None
+    # column whose value must never be on both sides of a client's train/test split (e.g. lesion_id)
+    group_column: Optional[str] = None
+    # column naming each record's site, for partition.kind=site
+    site_column: Optional[str] = None
+    # optional row-aligned metadata table (.csv/.parquet) holding group/site columns
+    metadata_path: Optional[str] = None
+    # per-record transform, public and fixed: auto (range when the format declares one), none, range, l2
+    transform: str = "auto"
+    # fraction of each client's records held out as its test split
+    test_fraction: float = 0.2
+
+    def __post_init__(self):
+        _one_of("data.transform", self.transform, ("auto", "none", "range", "l2"))
+        _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
+
+
+@dataclass
+class PartitionConfig:
+    # iid, dirichlet (label skew) or site (one client per value of data.site_column)
+    kind: str = "dirichlet"
+    # Dirichlet concentration; smaller is more skewed
+    alpha: float = 0.3
+    # number of federated clients
+    clients: int = 10
+    # smallest allowed client (records before the train/test split)
+    min_client_size: int = 10
+
+    def __post_init__(self):
+        _one_of("partition.kind", self.kind, ("iid", "dirichlet", "site"))
+        _check(self.alpha > 0, f"partition.alpha must be > 0; got {self.alpha}")
+        _check(self.clients >= 1, f"partition.clients must be >= 1; got {self.clients}")
+        _check(self.min_client_size >= 2, f"partition.min_client_size must be >= 2 (a train and a test record); got {self.min_client_size}")
+
+
+@dataclass
+class ModelConfig:
+    # latent dimension d_z
+    latent_dim: int = 16
+    # client code dimension d_v
+    code_dim: int = 8
+    # norm bound r on client codes (projection after every step)
+    code_radius: float = 3.0
+    # hidden widths of the client encoder and the shared decoder
+    hidden: list = field(default_factory=lambda: [128, 128])
+    # hidden width of the hypernetwork heads h_theta and h_omega
+    hyper_hidden: int = 64
+    # label embedding size for the prior generator g_omega
+    label_embed_dim: int = 16
+    # spectral-norm bound (Lipschitz constant) per hypernetwork layer; null disables the projection
+    lipschitz: Optional[float] = 1.0
+    # lambda_v: weight of ||v||^2
+    lambda_v: float = 1e-3
+    # lambda_MMD: weight of the MMD alignment term; 0 disables it
+    lambda_mmd: float = 1.0
+    # merf: DP random-feature mean embeddings (post-processing; default); literal: per-sample cross term
+    mmd_kind: str = "merf"
+    # Gaussian kernel bandwidths of the multi-kernel MMD, in units of sqrt(d_x)
+    mmd_bandwidths: list = field(default_factory=lambda: [0.25, 0.5, 1.0])
+    # random Fourier features per bandwidth for merf
+    mmd_features: int = 128
+    # synthetic samples per class drawn for the MMD term at every step
+    mmd_synthetic_per_class: int = 8
+
+    def __post_init__(self):
+        for name in ("latent_dim", "code_dim", "hyper_hidden", "label_embed_dim", "mmd_features", "mmd_synthetic_per_class"):
+            _check(int(getattr(self, name)) >= 1, f"model.{name} must be >= 1; got {getattr(self, name)}")
+        _check(isinstance(self.hidden, list) and len(self.hidden) >= 1 and all(int(h) >= 1 for h in self.hidden),
+               f"model.hidden must be a non-empty list of positive widths; got {self.hidden}")
+        _check(self.code_radius > 0, f"model.code_radius must be > 0; got {self.code_radius}")
+        _check(self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}")
+        _check(self.lambda_v >= 0 and self.lambda_mmd >= 0, "model.lambda_v and model.lambda_mmd must be >= 0")
+        _one_of("model.mmd_kind", self.mmd_kind, ("merf", "literal"))
+        _check(len(self.mmd_bandwidths) >= 1 and all(b > 0 for b in self.mmd_bandwidths),
+               f"model.mmd_bandwidths must be positive numbers; got {self.mmd_bandwidths}")
+
+
+@dataclass
+class TrainConfig:
+    # communication rounds
+    rounds: int = 30
+    # local DP-SGD steps per round (each one Poisson batch per client)
+    local_steps: int = 5
+    # optimizer for the shared hypernetwork Phi: sgd or adam
+    optimizer: str = "adam"
+    # learning rate for Phi
+    lr: float = 1e-3
+    # learning rate for the client encoders psi_i
+    encoder_lr: float = 1e-3
+    # learning rate for the client codes v_i
+    code_lr: float = 1e-2
+    # learning rate of each client's private copy of Phi in delta mode (plain SGD)
+    local_lr: float = 1e-2
+    # write a checkpoint every this many rounds (0: only at the end)
+    checkpoint_every: int = 5
+    # keep this many complete checkpoints
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        _check(self.rounds >= 1, f"train.rounds must be >= 1; got {self.rounds}")
+        _check(self.local_steps >= 1, f"train.local_steps must be >= 1; got {self.local_steps}")
+        _one_of("train.optimizer", self.optimizer, ("sgd", "adam"))
+        for name in ("lr", "encoder_lr", "code_lr", "local_lr"):
+            _check(getattr(self, name) > 0, f"train.{name} must be > 0; got {getattr(self, name)}")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+
+
+@dataclass
+class FederationConfig:
+    # grad: all-reduce noisy gradients every step (Eq. 10); delta: local steps on a private copy, mean of deltas
+    aggregation: str = "grad"
+    # declared: w_i proportional to declared (public) sizes; uniform: w_i = 1/m
+    weights: str = "declared"
+    # public declared sizes, one per client; null: the sizes fixed when the partition is made
+    declared_sizes: Optional[list] = None
+    # server learning rate applied to the weighted mean delta (delta mode)
+    server_lr: float = 1.0
+
+    def __post_init__(self):
+        _one_of("federation.aggregation", self.aggregation, ("grad", "delta"))
+        _one_of("federation.weights", self.weights, ("declared", "uniform"))
+        _check(self.server_lr > 0, "federation.server_lr must be > 0")
+
+
+@dataclass
+class PrivacyConfig:
+    # false: the explicit non-private mode (baselines, references); no noise, no clipping, no budget
+    enabled: bool = True
+    # strict: one clipped, noised gradient over (psi_i, v_i, Phi); paper: only Phi privatized (not a formal guarantee)
+    mode: str = "strict"
+    # target epsilon for the whole run (training and released statistics together)
+    target_epsilon: float = 1.0
+    # target delta
+    delta: float = 1e-4
+    # per-sample clipping norm C
+    clip_norm: float = 1.0
+    # Poisson sampling rate q, the same for every client
+    sample_rate: float = 0.1
+    # rdp or prv (Opacus accountants)
+    accountant: str = "rdp"
+    # null: noise and sampling from securely seeded generators; an integer: reproducible (not for release)
+    noise_seed: Optional[int] = None
+    # false: no training diagnostics (losses, clip fractions) leave the clients
+    diagnostics: bool = True
+    # share of the target epsilon spent on the class statistics for the meta-code (Eq. 11)
+    stats_epsilon_fraction: float = 0.1
+    # share of the target epsilon spent on the DP random-feature embeddings for the MMD term (merf)
+    mmd_epsilon_fraction: float = 0.1
+    # L2 clip for embeddings in the statistics releases; null: sqrt(d_x) for range data, 1 for l2 data
+    stats_clip_norm: Optional[float] = None
+    # a fixed noise multiplier instead of calibrating one from target_epsilon (the budget guard still applies)
+    noise_multiplier: Optional[float] = None
+
+    def __post_init__(self):
+        _one_of("privacy.mode", self.mode, ("strict", "paper"))
+        _one_of("privacy.accountant", self.accountant, ("rdp", "prv"))
+        _check(self.target_epsilon > 0, f"privacy.target_epsilon must be > 0; got {self.target_epsilon}")
+        _check(0 < self.delta < 1, f"privacy.delta must be in (0, 1); got {self.delta}")
+        _check(self.clip_norm > 0, f"privacy.clip_norm must be > 0; got {self.clip_norm}")
+        _check(0 < self.sample_rate <= 1, f"privacy.sample_rate must be in (0, 1]; got {self.sample_rate}")
+        _check(0 <= self.stats_epsilon_fraction < 1 and 0 <= self.mmd_epsilon_fraction < 1
+               and self.stats_epsilon_fraction + self.mmd_epsilon_fraction < 1,
+               "privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 (DP-SGD needs a share)")
+        _check(self.stats_clip_norm is None or self.stats_clip_norm > 0, "privacy.stats_clip_norm must be > 0 or null")
+        _check(self.noise_multiplier is None or self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0 or null")
+        _check(self.noise_seed is None or isinstance(self.noise_seed, int), "privacy.noise_seed must be null or an integer")
+
+
+@dataclass
+class StatsConfig:
+    # covariance released for the meta-code: full, diag or none (means only)
+    covariance: str = "diag"
+    # keep the top-k eigencomponents of the noisy full covariance (0: all); post-processing
+    rank: int = 0
+
+    def __post_init__(self):
+        _one_of("stats.covariance", self.covariance, ("full", "diag", "none"))
+        _check(self.rank >= 0, "stats.rank must be >= 0")
+
+
+@dataclass
+class MetaConfig:
+    # number of meta-codes K (Eq. 13); 1 is the neutral meta-code of Eq. 11
+    codes: int = 1
+    # beta: weight of the covariance term in Eq. 11
+    beta: float = 0.1
+    # optimizer steps for the meta-code fit
+    steps: int = 300
+    # learning rate of the meta-code fit
+    lr: float = 0.05
+    # Monte-Carlo samples per class for the moments in Eq. 11
+    samples_per_class: int = 256
+
+    def __post_init__(self):
+        _check(self.codes >= 1, "meta.codes must be >= 1")
+        _check(self.steps >= 0 and self.lr > 0 and self.samples_per_class >= 2, "meta.steps >= 0, meta.lr > 0, meta.samples_per_class >= 2")
+
+
+@dataclass
+class SynthConfig:
+    # synthetic samples per class (balanced)
+    samples_per_class: int = 200
+    # balanced, or proportional to the DP class counts
+    class_balance: str = "balanced"
+    # draw x from p_theta(x|z,y) (true) or return its mean (false)
+    output_noise: bool = True
+
+    def __post_init__(self):
+        _check(self.samples_per_class >= 1, "synth.samples_per_class must be >= 1")
+        _one_of("synth.class_balance", self.class_balance, ("balanced", "proportional"))
+
+
+@dataclass
+class Config:
+    # public seed: fixes data partition and initialization (never the DP noise)
+    seed: int = 0
+    # torch threads per process; 0 leaves torch's default
+    threads: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECTIONS = {f.name: f for f in fields(Config)}
+
+
+def _build(cls, values: dict, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping; got {type(values).__name__}")
+    valid = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(values) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys here: {', '.join(prefix + k for k in valid)}")
+    kwargs = {}
+    for name, value in values.items():
+        f = valid[name]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[name] = _build(f.default_factory, value or {}, prefix + name + ".")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, f)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # pragma: no cover - guarded by the unknown-key check
+        raise ConfigError(str(exc)) from None
+
+
+def _coerce(name: str, value: Any, f: dataclasses.Field):
+    """YAML gives ints where floats are meant (1 vs 1.0): accept those, reject other type mismatches."""
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if value is None or default is None:
+        return value
+    if isinstance(default, bool):
+        _check(isinstance(value, bool), f"{name} must be true or false; got {value!r}")
+    elif isinstance(default, float):
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number; got {value!r}")
+        return float(value)
+    elif isinstance(default, int):
+        _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer; got {value!r}")
+    elif isinstance(default, str):
+        _check(isinstance(value, str), f"{name} must be a string; got {value!r}")
+    elif isinstance(default, list):
+        _check(isinstance(value, list), f"{name} must be a list; got {value!r}")
+    return value
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    q = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
+    if q.is_file():
+        return q
+    raise ConfigError(f"config file {name_or_path!r} not found; shipped configs: {', '.join(shipped_configs())}")
+
+
+def apply_override(tree: dict, override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value, e.g. privacy.target_epsilon=4")
+    key, raw = override.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {override!r}: cannot parse the value: {exc}") from None
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        if part not in _SECTIONS and node is tree:
+            raise ConfigError(f"unknown config section {part!r} in override {override!r}; sections: {', '.join(s for s in _SECTIONS if dataclasses.is_dataclass(_SECTIONS[s].default_factory if _SECTIONS[s].default_factory is not dataclasses.MISSING else None))}")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(tree: dict) -> Config:
+    return _build(Config, tree or {}, "")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    tree: dict = {}
+    if path is not None:
+        p = resolve_config_path(path)
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    for ov in overrides or []:
+        apply_override(tree, ov)
+    return config_from_dict(tree)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
