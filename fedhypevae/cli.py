@@ -1,0 +1,98 @@
+"""The `fedhypevae` command: train, account, data inspect, data partition.
+
+Errors a user can fix print one line (`fedhypevae: error: ...`) and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import shipped_configs
+from .errors import FedHypeVAEError
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train FedHypeVAE and write the synthetic set",
+                       description="Train FedHypeVAE. Shipped configs (use the name or a path): "
+                                   + ", ".join(shipped_configs()) + ".",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="default", help="YAML config file, or the name of a shipped config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set privacy.target_epsilon=4 (repeatable)")
+    p.add_argument("--out", required=True, help="run directory (config.yaml, results.json, metrics, checkpoints, outputs)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest complete checkpoint")
+    p.add_argument("--backend", default="auto", help="auto, local (more back-ends arrive with the HPC layer)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no summary")
+
+
+def _add_account(sub) -> None:
+    p = sub.add_parser("account", help="turn (epsilon, delta, q, steps) into sigma, or (sigma, q, steps, delta) into epsilon",
+                       description="Privacy accounting with Opacus' accountants. Give --epsilon to calibrate sigma, "
+                                   "--sigma to compute epsilon, or --run DIR to print a run's privacy ledger.")
+    p.add_argument("--epsilon", type=float, help="target epsilon (calibrates sigma)")
+    p.add_argument("--sigma", type=float, help="noise multiplier (computes epsilon)")
+    p.add_argument("--delta", type=float, default=1e-4)
+    p.add_argument("--sample-rate", "-q", type=float, help="Poisson sampling rate q")
+    p.add_argument("--steps", type=int, help="number of DP-SGD steps")
+    p.add_argument("--accountant", default="both", choices=["rdp", "prv", "both"])
+    p.add_argument("--run", help="a run directory: print its privacy ledger")
+    p.add_argument("--json", dest="json_path", help="also write the numbers to this JSON file")
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="inspect or partition a dataset")
+    dsub = p.add_subparsers(dest="data_cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("path", help="a file (.npz .npy .pt .csv .parquet) or a built-in name (digits, breast_cancer)")
+    common.add_argument("--label-column")
+    common.add_argument("--group-column")
+    common.add_argument("--site-column")
+    common.add_argument("--metadata", dest="metadata_path", help="row-aligned metadata table holding group/site columns")
+    i = dsub.add_parser("inspect", parents=[common], help="describe a dataset")
+    i.add_argument("--json", dest="json_path")
+    q = dsub.add_parser("partition", parents=[common], help="write one shard file per client and a manifest")
+    q.add_argument("--clients", type=int, required=True)
+    q.add_argument("--alpha", type=float, default=0.3)
+    q.add_argument("--kind", default="dirichlet", choices=["iid", "dirichlet", "site"])
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--min-client-size", type=int, default=10)
+    q.add_argument("--test-fraction", type=float, default=0.2)
+    q.add_argument("--transform", default="auto", choices=["auto", "none", "range", "l2"])
+    q.add_argument("--out", required=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedhypevae", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_train(sub)
+    _add_account(sub)
+    _add_data(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.cmd == "train":
+            from .commands import cmd_train
+            return cmd_train(args)
+        if args.cmd == "account":
+            from .commands import cmd_account
+            return cmd_account(args)
+        if args.cmd == "data":
+            from .commands import cmd_data
+            return cmd_data(args)
+    except FedHypeVAEError as exc:
+        print(f"fedhypevae: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedhypevae: interrupted; `fedhypevae train --resume --out DIR` continues from the last checkpoint", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Build the simulated federation (partition, per-client split, transform) and persist it as shards.
+
+A shard directory holds one ``client_NNNNN.npz`` per client plus ``manifest.json`` with the
+public description (sizes, transform, seed) and a sha256 per file. An HPC job that hosts a
+few clients reads only its own shard files; checksums catch truncated copies early.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from .loaders import Dataset, load_dataset
+from .partition import partition_indices, split_client
+from .transforms import apply_transform, resolve_transform
+
+MANIFEST = "manifest.json"
+SHARD_FORMAT = 1
+_SHARD_KEYS = ("x_train", "y_train", "x_test", "y_test", "declared_size")
+
+
+@dataclass
+class ClientData:
+    """One client's private records (already transformed) and its public declared size."""
+
+    client_id: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    declared_size: int  # public; fixed when the partition is made (= len(x_train) then)
+
+
+@dataclass
+class Federation:
+    """All clients (or the subset this process hosts) and the public facts about the federation."""
+
+    clients: list  # list[ClientData]; may be a subset of the federation
+    num_clients: int
+    num_classes: int
+    dim: int
+    declared_sizes: list  # for ALL clients (public)
+    transform: str  # resolved transform already applied to x
+    value_range: Optional[tuple]  # the raw data's declared range (for invert_transform)
+    source: str
+    manifest: dict = field(default_factory=dict)
+
+    def client(self, client_id: int) -> ClientData:
+        for c in self.clients:
+            if c.client_id == client_id:
+                return c
+        raise DataError(f"client {client_id} is not loaded here; loaded: {[c.client_id for c in self.clients]}")
+
+
+def shard_name(client_id: int) -> str:
+    return f"client_{client_id:05d}.npz"
+
+
+def is_shard_dir(path) -> bool:
+    p = Path(str(path))
+    return p.is_dir() and (p / MANIFEST).is_file()
+
+
+def _client_seed(seed: int, client_id: int) -> int:
+    """Independent but reproducible per-client split seeds derived from the public seed."""
+    return int(np.random.SeedSequence([int(seed) % (2**63), int(client_id)]).generate_state(1)[0])
+
+
+def _check_ids(client_ids: Optional[Sequence[int]], num_clients: int) -> list[int]:
+    if client_ids is None:
+        return list(range(num_clients))
+    ids = [int(i) for i in client_ids]
+    bad = [i for i in ids if not 0 <= i < num_clients]
+    if bad:
+        raise DataError(f"client ids {bad} are out of range; the federation has clients 0..{num_clients - 1}")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"client ids {ids} contain duplicates")
+    return ids
+
+
+def build_federation(data_cfg, partition_cfg, seed: int, client_ids: Optional[Sequence[int]] = None) -> Federation:
+    """From a shard directory (reads only ``client_ids``' files) or a raw data set (partition, split, transform)."""
+    path = Path(str(data_cfg.path))
+    if path.is_dir():
+        if not is_shard_dir(path):
+            raise DataError(f"{path} is a directory without {MANIFEST}; give a data file, a built-in name, or a shard "
+                            "directory made by `fedhypevae data partition`")
+        fed = load_shards(path, client_ids)
+        if partition_cfg.clients != fed.num_clients:
+            raise DataError(f"partition.clients={partition_cfg.clients} but the shard directory {path} holds "
+                            f"{fed.num_clients} clients; set partition.clients={fed.num_clients}")
+        if data_cfg.transform not in ("auto", fed.transform):
+            raise DataError(f"data.transform={data_cfg.transform} but the shards in {path} were written with "
+                            f"transform {fed.transform}; set data.transform to auto or {fed.transform}")
+        return fed
+    ds = load_dataset(data_cfg.path, label_column=data_cfg.label_column, group_column=data_cfg.group_column,
+                      site_column=data_cfg.site_column, metadata_path=data_cfg.metadata_path)
+    return federation_from_dataset(ds, data_cfg, partition_cfg, seed, client_ids)
+
+
+def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int,
+                            client_ids: Optional[Sequence[int]] = None) -> Federation:
+    """Partition an already loaded data set; every client is split so that declared sizes cover all clients."""
+    transform = resolve_transform(data_cfg.transform, ds.value_range)
+    ids = _check_ids(client_ids, partition_cfg.clients)
+    parts = partition_indices(ds.y, kind=partition_cfg.kind, clients=partition_cfg.clients, alpha=partition_cfg.alpha,
+                              seed=seed, min_client_size=partition_cfg.min_client_size, sites=ds.sites)
+    splits = [split_client(p, ds.y, ds.groups, test_fraction=data_cfg.test_fraction, seed=_client_seed(seed, i),
+                           client_id=i) for i, p in enumerate(parts)]
+    declared = [int(len(tr)) for tr, _ in splits]
+    x = apply_transform(ds.x, transform, ds.value_range)
+    clients = [ClientData(client_id=i, x_train=x[splits[i][0]], y_train=ds.y[splits[i][0]],
+                          x_test=x[splits[i][1]], y_test=ds.y[splits[i][1]], declared_size=declared[i]) for i in ids]
+    manifest = {
+        "kind": partition_cfg.kind, "alpha": float(partition_cfg.alpha), "seed": int(seed),
+        "clients": int(partition_cfg.clients), "min_client_size": int(partition_cfg.min_client_size),
+        "test_fraction": float(data_cfg.test_fraction), "group_column": data_cfg.group_column,
+        "site_column": data_cfg.site_column, "name": ds.name,
+        "train_sizes": declared, "test_sizes": [int(len(te)) for _, te in splits],
+    }
+    return Federation(clients=clients, num_clients=int(partition_cfg.clients), num_classes=ds.num_classes,
+                      dim=int(ds.x.shape[1]), declared_sizes=declared, transform=transform,
+                      value_range=ds.value_range, source=ds.source, manifest=manifest)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via a temp file in the same directory, then os.replace: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_shards(fed: Federation, out_dir) -> Path:
+    """One npz per loaded client plus manifest.json (written last, so its presence means the shards are complete)."""
+    out = Path(str(out_dir))
+    if len(fed.clients) != fed.num_clients:
+        raise DataError(f"write_shards needs every client; only {len(fed.clients)} of {fed.num_clients} are loaded")
+    out.mkdir(parents=True, exist_ok=True)
+    files, digests = [], {}
+    for c in sorted(fed.clients, key=lambda c: c.client_id):
+        name = shard_name(c.client_id)
+        arrays = dict(x_train=np.asarray(c.x_train, np.float32), y_train=np.asarray(c.y_train, np.int64),
+                      x_test=np.asarray(c.x_test, np.float32), y_test=np.asarray(c.y_test, np.int64),
+                      declared_size=np.int64(c.declared_size))
+        _atomic_write(out / name, lambda f, a=arrays: np.savez(f, **a))
+        files.append(name)
+        digests[name] = _sha256(out / name)
+    manifest = dict(fed.manifest)
+    manifest.update({
+        "format": SHARD_FORMAT, "clients": int(fed.num_clients), "num_classes": int(fed.num_classes),
+        "dim": int(fed.dim), "declared_sizes": [int(s) for s in fed.declared_sizes], "transform": fed.transform,
+        "value_range": None if fed.value_range is None else [float(v) for v in fed.value_range],
+        "source": str(fed.source), "files": files, "sha256": digests,
+    })
+    text = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    _atomic_write(out / MANIFEST, lambda f: f.write(text))
+    return out
+
+
+def read_manifest(shard_dir) -> dict:
+    """The public description of a shard directory, validated."""
+    d = Path(str(shard_dir))
+    mp = d / MANIFEST
+    if not mp.is_file():
+        raise DataError(f"{d} is not a shard directory: {MANIFEST} is missing; create one with `fedhypevae data partition`")
+    try:
+        m = json.loads(mp.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{mp} is corrupt ({exc}); re-create the shards with `fedhypevae data partition`") from None
+    need = ("clients", "num_classes", "dim", "declared_sizes", "transform", "files", "sha256")
+    missing = [k for k in need if k not in m]
+    if missing:
+        raise DataError(f"{mp} lacks keys {missing}; re-create the shards with `fedhypevae data partition`")
+    if len(m["files"]) != m["clients"] or len(m["declared_sizes"]) != m["clients"]:
+        raise DataError(f"{mp} is inconsistent: {m['clients']} clients but {len(m['files'])} files and "
+                        f"{len(m['declared_sizes'])} declared sizes; re-create the shards")
+    return m
+
+
+def load_shards(shard_dir, client_ids: Optional[Sequence[int]] = None) -> Federation:
+    """Read the requested clients' shard files, verifying each one's sha256 against the manifest."""
+    d = Path(str(shard_dir))
+    m = read_manifest(d)
+    ids = _check_ids(client_ids, int(m["clients"]))
+    clients = [_load_shard(d, m, i) for i in ids]
+    vr = m.get("value_range")
+    public = {k: v for k, v in m.items() if k not in ("files", "sha256")}
+    return Federation(clients=clients, num_clients=int(m["clients"]), num_classes=int(m["num_classes"]),
+                      dim=int(m["dim"]), declared_sizes=[int(s) for s in m["declared_sizes"]],
+                      transform=str(m["transform"]), value_range=None if vr is None else (float(vr[0]), float(vr[1])),
+                      source=str(m.get("source", d)), manifest=public)
+
+
+def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
+    name = m["files"][client_id]
+    p = d / name
+    redo = "re-create the shards with `fedhypevae data partition` or copy the file again"
+    if not p.is_file():
+        raise DataError(f"shard {p} for client {client_id} is missing; {redo}")
+    digest = _sha256(p)
+    if digest != m["sha256"].get(name):
+        raise DataError(f"shard {p} for client {client_id} is truncated or corrupt (sha256 does not match the "
+                        f"manifest); {redo}")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [k for k in _SHARD_KEYS if k not in z.files]
+            if missing:
+                raise DataError(f"shard {p} lacks arrays {missing}; {redo}")
+            arr = {k: z[k] for k in _SHARD_KEYS}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"shard {p} for client {client_id} cannot be read ({type(exc).__name__}: {exc}); {redo}") from None
+    c = ClientData(client_id=client_id, x_train=arr["x_train"].astype(np.float32), y_train=arr["y_train"].astype(np.int64),
+                   x_test=arr["x_test"].astype(np.float32), y_test=arr["y_test"].astype(np.int64),
+                   declared_size=int(arr["declared_size"]))
+    if c.x_train.shape[1:] != (m["dim"],) or c.x_test.shape[1:] != (m["dim"],):
+        raise DataError(f"shard {p}: feature dimension {c.x_train.shape[1:]} does not match the manifest's {m['dim']}")
+    return c
+
+
+def describe_dataset(ds: Dataset) -> dict:
+    """A summary for the CLI (`fedhypevae data describe`); local only, it is not a private release."""
+    counts = np.bincount(ds.y, minlength=ds.num_classes)
+    return {
+        "name": ds.name, "source": ds.source, "n": int(len(ds.x)), "dim": int(ds.x.shape[1]),
+        "classes": int(ds.num_classes), "class_counts": [int(c) for c in counts],
+        "value_range": None if ds.value_range is None else list(ds.value_range),
+        "has_groups": ds.groups is not None, "groups": None if ds.groups is None else int(len(np.unique(ds.groups))),
+        "has_sites": ds.sites is not None, "sites": None if ds.sites is None else int(len(np.unique(ds.sites))),
+        "x_min": float(ds.x.min()), "x_max": float(ds.x.max()), "x_mean": float(ds.x.mean()),
+        "nan_count": int(np.isnan(ds.x).sum()),
+    }

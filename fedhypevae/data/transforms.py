@@ -1,0 +1,61 @@
+"""Per-record, data-independent input transforms.
+
+Nothing here is fitted on the data (no mean, no std, no observed min/max): a fitted statistic
+would be a non-private release. ``range`` uses the range the file format declares; ``l2`` puts
+every record on the unit sphere; ``none`` leaves records as they are.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from ..errors import DataError
+
+TRANSFORMS = ("auto", "none", "range", "l2")
+
+
+def resolve_transform(kind: str, value_range: Optional[tuple]) -> str:
+    """Turn ``auto`` into a concrete transform: ``range`` when the format declares one, else ``none``."""
+    if kind not in TRANSFORMS:
+        raise DataError(f"data.transform must be one of {', '.join(TRANSFORMS)}; got {kind!r}")
+    if kind == "auto":
+        return "range" if value_range is not None else "none"
+    if kind == "range" and value_range is None:
+        raise DataError("data.transform=range needs a value range declared by the data format (uint8 images, "
+                        "pixelNNNN columns, digits), and this data declares none; set data.transform to none or l2")
+    return kind
+
+
+def _bounds(value_range) -> tuple[float, float]:
+    lo, hi = float(value_range[0]), float(value_range[1])
+    if not hi > lo:
+        raise DataError(f"value range {value_range} is empty; it must satisfy low < high")
+    return lo, hi
+
+
+def apply_transform(x: np.ndarray, kind: str, value_range: Optional[tuple]) -> np.ndarray:
+    """Map records into the model's input space; float32 out.
+
+    range: [lo, hi] -> [0, 1], clipped so the public bound stays true even for stray values;
+    l2: each row divided by its norm (zero rows stay zero); none: identity.
+    """
+    kind = resolve_transform(kind, value_range)
+    x = np.asarray(x, dtype=np.float32)
+    if kind == "range":
+        lo, hi = _bounds(value_range)
+        return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    if kind == "l2":
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0).astype(np.float32)
+    return x.copy()
+
+
+def invert_transform(x: np.ndarray, kind: str, value_range: Optional[tuple]) -> np.ndarray:
+    """Map model outputs back to the data's units (range only; l2 and none are returned unchanged)."""
+    kind = resolve_transform(kind, value_range)
+    x = np.asarray(x, dtype=np.float32)
+    if kind == "range":
+        lo, hi = _bounds(value_range)
+        return (x * (hi - lo) + lo).astype(np.float32)
+    return x.copy()

@@ -1,0 +1,220 @@
+"""FedHypeVAE's networks: client encoder, shared hypernetwork Phi, and the client view.
+
+The hypernetwork Phi = (Phi_theta, Phi_omega) holds
+  * the shared decoder base weights W_l, b_l, modulated per client by row scales and bias
+    shifts (Eq. 3): W_l(v) = diag(d_l(v)) W_l, b_l(v) = b_l + db_l(v), with (d_l, db_l) = h_theta(v);
+  * the class-prior generator (Eq. 4): (mu_{v,y}, log sigma_{v,y}) = g_omega(h_omega(v), e(y)),
+    with e(y) a learned label embedding;
+  * a per-dimension output log-scale of the Gaussian decoder p_theta(x | z, y).
+
+Because diag(d) W h = d * (W h), a client's decoder is one matmul with the shared base weights
+followed by a per-row scale: clients never materialize their own weight matrices.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+LOG2PI = math.log(2 * math.pi)
+
+
+def mlp(sizes: list[int], act=nn.SiLU) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def one_hot(y: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """One-hot without F.one_hot's data-dependent range check, which vmap cannot trace."""
+    return (y.unsqueeze(-1) == torch.arange(num_classes, device=y.device)).to(dtype)
+
+
+def soft_clamp(t: torch.Tensor, bound: float) -> torch.Tensor:
+    """Keeps log-scales in (-bound, bound) smoothly so exp() never overflows under DP noise."""
+    return bound * torch.tanh(t / bound)
+
+
+class Encoder(nn.Module):
+    """q_psi(z | x, y): client-local MLP on [x, onehot(y)] -> (mu, log var). Never leaves the client."""
+
+    def __init__(self, dim: int, num_classes: int, latent_dim: int, hidden: list[int]):
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = mlp([dim + num_classes] + list(hidden) + [2 * latent_dim])
+
+    def forward(self, x: torch.Tensor, y_onehot: torch.Tensor):
+        mu, logvar = self.net(torch.cat([x, y_onehot], dim=-1)).chunk(2, dim=-1)
+        return mu, soft_clamp(logvar, 8.0)
+
+
+class HyperNetwork(nn.Module):
+    """Phi: shared decoder base, h_theta (row scales + bias shifts), h_omega, e(y), g_omega."""
+
+    def __init__(self, dim: int, num_classes: int, *, latent_dim: int, code_dim: int, hidden: list[int],
+                 hyper_hidden: int, label_embed_dim: int):
+        super().__init__()
+        self.dim, self.num_classes, self.latent_dim, self.code_dim = dim, num_classes, latent_dim, code_dim
+        sizes = [latent_dim + num_classes] + list(reversed(hidden)) + [dim]
+        self.out_sizes = sizes[1:]
+        self.base_weight = nn.ParameterList()
+        self.base_bias = nn.ParameterList()
+        for i in range(len(sizes) - 1):
+            lin = nn.Linear(sizes[i], sizes[i + 1])  # PyTorch's default init for the base layer
+            self.base_weight.append(nn.Parameter(lin.weight.detach().clone()))
+            self.base_bias.append(nn.Parameter(lin.bias.detach().clone()))
+        # h_theta: v -> (d_l, db_l) for every layer. The last layer starts at zero so that every
+        # client begins with the shared decoder (d = 1, db = 0).
+        self.h_theta = mlp([code_dim, hyper_hidden, 2 * sum(self.out_sizes)])
+        nn.init.zeros_(self.h_theta[-1].weight)
+        nn.init.zeros_(self.h_theta[-1].bias)
+        self.h_omega = mlp([code_dim, hyper_hidden, hyper_hidden])
+        self.label_embed = nn.Embedding(num_classes, label_embed_dim)
+        self.g_omega = mlp([hyper_hidden + label_embed_dim, hyper_hidden, 2 * latent_dim])
+        self.x_logstd = nn.Parameter(torch.zeros(dim))
+
+    # -- Eq. 3 -------------------------------------------------------------------------------
+    def decoder_modulation(self, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(d_l(v), db_l(v)) per layer; v is (d_v,) or (B, d_v). d_l = 1 + tanh(.) keeps scales in (0, 2)."""
+        out = self.h_theta(v)
+        mods, start = [], 0
+        for r in self.out_sizes:
+            d = 1.0 + torch.tanh(out[..., start:start + r])
+            db = out[..., start + r:start + 2 * r]
+            mods.append((d, db))
+            start += 2 * r
+        return mods
+
+    def decode(self, mods, z: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
+        """Mean of p_theta(x | z, y) for the client whose modulation is `mods`."""
+        h = torch.cat([z, y_onehot], dim=-1)
+        n = len(self.base_weight)
+        for i, (w, b, (d, db)) in enumerate(zip(self.base_weight, self.base_bias, mods)):
+            h = (h @ w.t()) * d + b + db  # diag(d) W h + b + db, without building diag(d) W
+            if i < n - 1:
+                h = F.silu(h)
+        return h
+
+    def output_logstd(self) -> torch.Tensor:
+        return soft_clamp(self.x_logstd, 5.0)
+
+    # -- Eq. 4 -------------------------------------------------------------------------------
+    def prior_features(self, v: torch.Tensor) -> torch.Tensor:
+        return self.h_omega(v)
+
+    def prior(self, hw: torch.Tensor, y: torch.Tensor):
+        """(mu, log sigma) of p_omega(z | y) given h_omega(v) (broadcast over the batch)."""
+        e = self.label_embed(y)
+        hw = hw.expand(e.shape[0], -1) if hw.dim() == 1 or hw.shape[0] == 1 else hw
+        mu, logstd = self.g_omega(torch.cat([hw, e], dim=-1)).chunk(2, dim=-1)
+        return mu, soft_clamp(logstd, 5.0)
+
+    def spectral_layers(self) -> list[nn.Linear]:
+        """The layers of h_theta, h_omega and g_omega whose spectral norms are bounded (Eq. 5)."""
+        return [m for m in (*self.h_theta, *self.h_omega, *self.g_omega) if isinstance(m, nn.Linear)]
+
+    @torch.no_grad()
+    def project_spectral(self, bound: float) -> None:
+        """Lipschitz control as a projection after each optimizer step (post-processing, free of
+        privacy cost; a parametrization would mutate buffers inside per-sample computations)."""
+        for lin in self.spectral_layers():
+            s = torch.linalg.matrix_norm(lin.weight, ord=2)
+            if s > bound:
+                lin.weight.mul_(bound / s)
+
+
+class ClientView(nn.Module):
+    """One client's full model: its private encoder psi_i and code v_i, and the shared Phi.
+
+    `torch.func.functional_call` on this module gives the per-sample loss as a pure function of
+    (psi_i, v_i, Phi) so that per-sample gradients can be taken jointly (strict mode).
+    With `literal_mmd` set, each sample's loss also carries its share of the MMD cross term
+    (Eq. 6) against a synthetic batch drawn from this client's decoder: -2 mean_j k(x, x_hat_j).
+    """
+
+    def __init__(self, encoder: Encoder, code: nn.Parameter, hyper: HyperNetwork, *,
+                 literal_mmd: tuple[float, list[float]] | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.code = code
+        self.hyper = hyper
+        self.literal_mmd = literal_mmd  # (lambda_mmd, bandwidths) or None
+
+    def forward(self, x, y, eps, syn_y=None, syn_z=None, syn_x=None):
+        nll, kl = elbo_terms(self.encoder, self.code, self.hyper, x, y, eps)
+        loss = nll + kl
+        if self.literal_mmd is not None and syn_y is not None:
+            lam, bandwidths = self.literal_mmd
+            mods = self.hyper.decoder_modulation(self.code)
+            hw = self.hyper.prior_features(self.code)
+            x_hat = sample_synthetic(self.hyper, mods, hw, syn_y, syn_z, syn_x)
+            loss = loss - 2.0 * lam * multi_kernel(x, x_hat, bandwidths).mean(-1)
+        return loss, (nll, kl)
+
+
+def multi_kernel(a: torch.Tensor, b: torch.Tensor, bandwidths: list[float]) -> torch.Tensor:
+    """sum_h exp(-||a_i - b_j||^2 / (2 h^2)) for all pairs: (len(a), len(b))."""
+    d2 = (a.unsqueeze(-2) - b.unsqueeze(-3)).pow(2).sum(-1)
+    return sum(torch.exp(-d2 / (2.0 * h * h)) for h in bandwidths)
+
+
+def kl_diag_gaussians(mu_q, logvar_q, mu_p, logstd_p) -> torch.Tensor:
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(2 logstd_p))), summed over the last dim."""
+    var_q = logvar_q.exp()
+    var_p = (2 * logstd_p).exp()
+    return 0.5 * ((var_q + (mu_q - mu_p) ** 2) / var_p - 1.0 + 2 * logstd_p - logvar_q).sum(-1)
+
+
+def gaussian_nll(x, mean, logstd) -> torch.Tensor:
+    """-log N(x; mean, exp(2 logstd)), summed over the last dim."""
+    return (0.5 * ((x - mean) / logstd.exp()) ** 2 + logstd + 0.5 * LOG2PI).sum(-1)
+
+
+def elbo_terms(encoder: Encoder, code: torch.Tensor, hyper: HyperNetwork, x, y, eps):
+    """Per-sample reconstruction NLL and KL(q || p_omega). `eps` is the reparameterization noise,
+    drawn outside so that the loss is a deterministic function (vmap-able, reproducible)."""
+    y1h = one_hot(y, hyper.num_classes, x.dtype)
+    mu_q, logvar_q = encoder(x, y1h)
+    z = mu_q + (0.5 * logvar_q).exp() * eps
+    mods = hyper.decoder_modulation(code)
+    mean = hyper.decode(mods, z, y1h)
+    nll = gaussian_nll(x, mean, hyper.output_logstd())
+    mu_p, logstd_p = hyper.prior(hyper.prior_features(code).unsqueeze(0), y)
+    kl = kl_diag_gaussians(mu_q, logvar_q, mu_p, logstd_p)
+    return nll, kl
+
+
+def negative_elbo(encoder, code, hyper, x, y, eps) -> torch.Tensor:
+    nll, kl = elbo_terms(encoder, code, hyper, x, y, eps)
+    return nll + kl
+
+
+def generator_params(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Tensor | None = None):
+    """(theta, omega) outputs for one code, or the pi-weighted mixture of K codes (Eq. 13):
+    theta_mix = sum_k pi_k h_theta(v_k), omega_mix = sum_k pi_k h_omega(v_k)."""
+    codes = codes.reshape(-1, hyper.code_dim)
+    if weights is None:
+        weights = torch.full((codes.shape[0],), 1.0 / codes.shape[0], dtype=codes.dtype)
+    per_code = hyper.decoder_modulation(codes)  # [(d_l (K, r_l), db_l (K, r_l))] per layer
+    w = weights[:, None]
+    mods = [((w * d).sum(0), (w * db).sum(0)) for d, db in per_code]  # mix the generated parameters
+    hw = (weights[:, None] * hyper.prior_features(codes)).sum(0)
+    return mods, hw
+
+
+def sample_synthetic(hyper: HyperNetwork, mods, hw, y: torch.Tensor, z_noise: torch.Tensor,
+                     x_noise: torch.Tensor | None) -> torch.Tensor:
+    """Eq. 12 with z ~ p_omega(z | y) (the class prior, not N(0, I)): x = mean(z, y) [+ scale * noise].
+    Noise is passed in so that callers control the generator (reproducible or differentiable)."""
+    mu_p, logstd_p = hyper.prior(hw.unsqueeze(0), y)
+    z = mu_p + logstd_p.exp() * z_noise
+    y1h = one_hot(y, hyper.num_classes, z.dtype)
+    mean = hyper.decode(mods, z, y1h)
+    if x_noise is None:
+        return mean
+    return mean + hyper.output_logstd().exp() * x_noise

@@ -1,0 +1,402 @@
+"""Federated training (Algorithm 1) over a Communicator: every rank hosts a block of clients.
+
+One round, for every hosted client: Poisson batch -> per-sample gradients over (psi_i, v_i, Phi)
+-> clip -> noise -> scale (strict mode); the client updates psi_i, v_i locally and contributes
+w_i * (noisy Phi gradient) to ONE flat buffer (with diagnostics); one all-reduce; every rank
+applies the identical optimizer step to its replica of Phi, then the spectral-norm projection.
+`delta` aggregation runs the local steps on a private copy of Phi and reduces weighted deltas.
+
+Single process:   fedhypevae train --config configs/default.yaml --out runs/default
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from hpc import Communicator, LocalCommunicator, place_clients
+from hpc.placement import PlacementError
+
+from . import checkpoint as ckpt
+from .client import DIAG_KEYS, Client
+from .config import Config, save_config
+from .data import Federation, build_federation
+from .errors import CheckpointError, ConfigError, FedHypeVAEError
+from .metrics import MetricWriter
+from .model import HyperNetwork
+from .privacy import Mechanism, PrivacyLedger, PrivacyPlan, RandomFeatures, plan_budget
+from .provenance import provenance
+from .rng import derive_seed
+
+# settings a resume must not change: they define the data, the model or the privacy plan
+RESUME_LOCKED = ("seed", "data", "partition", "model", "federation", "train.rounds", "train.local_steps", "privacy")
+RESUME_FREE_PRIVACY = ("diagnostics",)
+
+
+@dataclass
+class TrainState:
+    round: int = 0  # rounds completed
+    steps: int = 0  # DP-SGD steps completed
+    stopped: Optional[str] = None
+    history: list = field(default_factory=list)
+
+
+def planned_steps(cfg: Config) -> int:
+    return cfg.train.rounds * cfg.train.local_steps
+
+
+def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    return plan_budget(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=p.sample_rate,
+                       steps=planned_steps(cfg), accountant=p.accountant,
+                       stats_fraction=p.stats_epsilon_fraction, mmd_fraction=p.mmd_epsilon_fraction,
+                       use_stats=True, use_mmd=use_mmd, noise_multiplier=p.noise_multiplier)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, out_dir: Path, comm: Optional[Communicator] = None, *,
+                 resume: bool = False, progress: bool = True, launcher: str = "none", device: str = "cpu"):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.comm = comm or LocalCommunicator()
+        self.resume = resume
+        self.progress = progress and self.comm.is_root
+        self.launcher = launcher
+        self.device = device
+        self.t0 = time.perf_counter()
+        self.comm_seconds = 0.0
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, comm = self.cfg, self.comm
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self._check_out_dir()
+        fed = build_federation(cfg.data, cfg.partition, cfg.seed)
+        self.fed = fed
+        declared = self._declared_sizes(fed)
+        try:
+            self.placement = place_clients(declared, comm.world_size)
+        except PlacementError as exc:
+            raise ConfigError(str(exc)) from None
+        mine = set(self.placement[comm.rank])
+        total = float(sum(declared))
+        m = fed.num_clients
+        self.weights = {i: (declared[i] / total if cfg.federation.weights == "declared" else 1.0 / m) for i in range(m)}
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.seed, 0xF1))  # Phi: the same on every rank
+            mc = cfg.model
+            self.hyper = HyperNetwork(fed.dim, fed.num_classes, latent_dim=mc.latent_dim, code_dim=mc.code_dim,
+                                      hidden=mc.hidden, hyper_hidden=mc.hyper_hidden, label_embed_dim=mc.label_embed_dim)
+        if mc.lipschitz is not None:
+            self.hyper.project_spectral(mc.lipschitz)
+        self.phi_names = [n for n, _ in self.hyper.named_parameters()]
+        self.phi_numel = sum(p.numel() for p in self.hyper.parameters())
+        opt_cls = torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD
+        self.opt = opt_cls(self.hyper.parameters(), lr=cfg.train.lr)
+
+        self.use_mmd_release = cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf"
+        self.plan = make_plan(cfg, use_mmd=self.use_mmd_release)
+        self.features = None
+        if cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf":
+            bws = [b * math.sqrt(fed.dim) for b in cfg.model.mmd_bandwidths]
+            self.features = RandomFeatures(bandwidths=bws, features_per_bandwidth=cfg.model.mmd_features,
+                                           dim=fed.dim, seed=derive_seed(cfg.seed, 0xFEA7))
+
+        self.clients: list[Client] = []
+        for cd in fed.clients:
+            if cd.client_id not in mine:
+                continue
+            ledger = PrivacyLedger.load(self._ledger_path(cd.client_id)) if self.resume else PrivacyLedger(path=self._ledger_path(cd.client_id))
+            self.clients.append(Client(cd, cfg=cfg, num_classes=fed.num_classes, dim=fed.dim, ledger=ledger))
+        self.state = TrainState()
+        if comm.is_root:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.writer = MetricWriter(self.out, enabled=comm.is_root)
+
+        start = ckpt.latest_complete(self.out) if self.resume else None
+        if start is not None:
+            self._restore(start)
+        else:
+            self._release_mmd_embeddings()
+            self.save_checkpoint()  # round 0: the one-shot releases are never redone
+
+    def _check_out_dir(self) -> None:
+        if self.resume:
+            if not (self.out / "config.yaml").is_file():
+                raise CheckpointError(f"--resume: {self.out} holds no run (no config.yaml); start without --resume")
+            return
+        if (self.out / "checkpoints").exists() or (self.out / "clients").exists():
+            raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
+
+    def _declared_sizes(self, fed: Federation) -> list[int]:
+        ds = self.cfg.federation.declared_sizes
+        if ds is None:
+            return list(fed.declared_sizes)
+        if len(ds) != fed.num_clients or any((not isinstance(s, int)) or s < 1 for s in ds):
+            raise ConfigError(f"federation.declared_sizes must list {fed.num_clients} positive integers; got {ds}")
+        return list(ds)
+
+    def _ledger_path(self, cid: int) -> Path:
+        return self.out / "clients" / f"client_{cid:05d}" / "ledger.jsonl"
+
+    # ---------------------------------------------------------------- privacy helpers
+    @property
+    def sigma(self) -> float:
+        return self.plan.sigma if self.plan is not None else 0.0
+
+    def _charge(self, client: Client, name: str, sigma: float, q: float, key: str) -> None:
+        """Appended to the client's ledger file BEFORE the release it pays for."""
+        if self.plan is None:
+            return
+        client.ledger.charge(name, sigma, q, key, replayable=client.rng.reproducible)
+
+    def _release_mmd_embeddings(self) -> None:
+        if self.features is None:
+            return
+        sigma = self.plan.sigma_mmd if self.plan is not None else 0.0
+        for c in self.clients:
+            c.release_mmd_embeddings(self.features, noise_multiplier=sigma, charge=self._charge)
+
+    def epsilon_spent(self) -> float:
+        if self.plan is None:
+            return 0.0
+        # all clients share one history when nothing was interrupted; report the worst one
+        seen, worst = {}, 0.0
+        for c in self.clients:
+            key = json.dumps([m.__dict__ for m in c.ledger.mechanisms()], sort_keys=True)
+            if key not in seen:
+                seen[key] = c.ledger.epsilon(self.cfg.privacy.delta, self.cfg.privacy.accountant)
+            worst = max(worst, seen[key])
+        buf = torch.tensor([worst], dtype=torch.float64)
+        return float(self._allreduce(buf, op="max")[0])
+
+    def _step_fits(self) -> bool:
+        ok = True
+        if self.plan is not None:
+            step = [Mechanism("dp-sgd", self.plan.sigma, self.cfg.privacy.sample_rate, 1)]
+            ok = all(c.ledger.would_fit(step, self.plan) for c in self.clients)
+        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
+        return float(self._allreduce(flag, op="max")[0]) == 0.0
+
+    def _allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        t = time.perf_counter()
+        out = self.comm.allreduce(buf, op=op)
+        self.comm_seconds += time.perf_counter() - t
+        return out
+
+    # ---------------------------------------------------------------- training
+    def flat_phi(self, hyper: HyperNetwork) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1).double() for p in hyper.parameters()])
+
+    def _apply_flat_grad(self, flat: torch.Tensor) -> None:
+        off = 0
+        for p in self.hyper.parameters():
+            n = p.numel()
+            p.grad = flat[off:off + n].view_as(p).to(p.dtype).clone()
+            off += n
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._project(self.hyper)
+
+    def _project(self, hyper: HyperNetwork) -> None:
+        if self.cfg.model.lipschitz is not None:
+            hyper.project_spectral(self.cfg.model.lipschitz)
+
+    def _phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names])
+
+    def run_round(self, r: int) -> dict:
+        cfg = self.cfg
+        P, D = self.phi_numel, len(DIAG_KEYS)
+        diag_total = torch.zeros(D, dtype=torch.float64)
+        delta_mode = cfg.federation.aggregation == "delta"
+        t_round = time.perf_counter()
+        comm_before = self.comm_seconds
+        if delta_mode:
+            start = self.flat_phi(self.hyper)
+            local = {c.id: copy.deepcopy(self.hyper) for c in self.clients}
+        steps_done = 0
+        for s in range(cfg.train.local_steps):
+            if not self._step_fits():
+                self.state.stopped = (f"budget guard: one more step would exceed epsilon={cfg.privacy.target_epsilon} "
+                                      f"(stopped at round {r}, step {s})")
+                break
+            buf = torch.zeros(P + D, dtype=torch.float64)
+            for c in self.clients:
+                self._charge(c, "dp-sgd", self.sigma, cfg.privacy.sample_rate, f"round={r}/step={s}")
+                hyper = local[c.id] if delta_mode else self.hyper
+                out = c.step(hyper, r, s, sigma=self.sigma, features=self.features)
+                if delta_mode:
+                    self._local_phi_step(hyper, out.phi_grad)
+                else:
+                    buf[:P] += self.weights[c.id] * self._phi_vector(out.phi_grad)
+                buf[P:] += out.diag
+            if not delta_mode:
+                self._allreduce(buf)  # the one collective of a step: noisy gradients + diagnostics
+                self._apply_flat_grad(buf[:P])
+                diag_total += buf[P:]
+            else:
+                diag_total += self._allreduce(buf[P:].clone())
+            steps_done += 1
+            self.state.steps += 1
+        if delta_mode and steps_done > 0:
+            buf = torch.zeros(P, dtype=torch.float64)
+            for c in self.clients:
+                buf += self.weights[c.id] * (self.flat_phi(local[c.id]) - start)
+            self._allreduce(buf)
+            new = start + cfg.federation.server_lr * buf
+            torch.nn.utils.vector_to_parameters(new.float(), self.hyper.parameters())
+            self._project(self.hyper)
+        metrics = {"time/round(s)": time.perf_counter() - t_round,
+                   "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before),
+                   "privacy/epsilon": self.epsilon_spent(),
+                   "train/steps": float(self.state.steps)}
+        if cfg.privacy.diagnostics or not cfg.privacy.enabled:
+            d = dict(zip(DIAG_KEYS, diag_total.tolist()))
+            n = max(d["batch"], 1.0)
+            metrics.update({"diagnostics/recon_nll": d["nll_sum"] / n, "diagnostics/kl": d["kl_sum"] / n,
+                            "diagnostics/loss": (d["nll_sum"] + d["kl_sum"]) / n,
+                            "diagnostics/clip_fraction": d["clipped"] / n,
+                            "diagnostics/mmd": d["mmd"] / max(d["clients"], 1.0),
+                            "diagnostics/batch_size": d["batch"] / max(d["clients"], 1.0)})
+        return metrics
+
+    def _local_phi_step(self, hyper: HyperNetwork, grads: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for n, p in hyper.named_parameters():
+                p.sub_(self.cfg.train.local_lr * grads[n])
+        self._project(hyper)
+
+    def train(self) -> None:
+        cfg = self.cfg
+        rounds = range(self.state.round, cfg.train.rounds)
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.train.rounds, initial=self.state.round, desc="rounds", unit="round", dynamic_ncols=True)
+        try:
+            for r in rounds:
+                metrics = self.run_round(r)
+                self.state.round = r + 1
+                self.state.history.append({"round": r + 1, **metrics})
+                self.writer.log(r + 1, metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(eps=f"{metrics['privacy/epsilon']:.3f}",
+                                    loss=f"{metrics.get('diagnostics/loss', float('nan')):.1f}")
+                every = cfg.train.checkpoint_every
+                if self.state.stopped or (every and (r + 1) % every == 0) or r + 1 == cfg.train.rounds:
+                    self.save_checkpoint()
+                if self.state.stopped:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # ---------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path:
+        d = ckpt.checkpoint_dir(self.out, self.state.round)
+        for c in self.clients:  # every rank saves its own clients' private state
+            ckpt.atomic_torch_save(c.state_dict(), ckpt.client_path(d, c.id))
+        if self.comm.is_root:
+            ckpt.atomic_torch_save({"hyper": self.hyper.state_dict(), "opt": self.opt.state_dict(),
+                                    "round": self.state.round, "steps": self.state.steps,
+                                    "stopped": self.state.stopped, "history": self.state.history,
+                                    "config": self.cfg.to_dict(),
+                                    "plan": self.plan.to_dict() if self.plan else None}, d / "shared.pt")
+        self.comm.barrier()  # COMPLETE only once every rank's files are in place
+        if self.comm.is_root:
+            ckpt.mark_complete(d)
+            ckpt.prune(self.out, self.cfg.train.keep_checkpoints)
+        self.comm.barrier()
+        return d
+
+    def _restore(self, d: Path) -> None:
+        shared = ckpt.load(d / "shared.pt", "shared checkpoint")
+        self._check_resume_config(shared["config"])
+        self.hyper.load_state_dict(shared["hyper"])
+        self.opt.load_state_dict(shared["opt"])
+        self.state = TrainState(round=shared["round"], steps=shared["steps"], stopped=shared.get("stopped"),
+                                history=shared.get("history", []))
+        for c in self.clients:
+            c.load_state_dict(ckpt.load(ckpt.client_path(d, c.id), f"client {c.id} checkpoint"))
+
+    def _check_resume_config(self, saved: dict) -> None:
+        now = self.cfg.to_dict()
+        changed = []
+        for key in RESUME_LOCKED:
+            parts = key.split(".")
+            a, b = saved, now
+            for p in parts:
+                a, b = a.get(p), b.get(p)
+            if isinstance(a, dict):
+                a = {k: v for k, v in a.items() if not (key == "privacy" and k in RESUME_FREE_PRIVACY)}
+                b = {k: v for k, v in b.items() if not (key == "privacy" and k in RESUME_FREE_PRIVACY)}
+                changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            elif a != b:
+                changed.append(key)
+        if changed:
+            raise CheckpointError("cannot resume: these settings differ from the interrupted run: "
+                                  + ", ".join(changed) + ". Resume with the run's own config.yaml, or start a new --out.")
+
+    # ---------------------------------------------------------------- results
+    def finish(self, extra: dict) -> dict:
+        cfg, p = self.cfg, self.cfg.privacy
+        eps = self.epsilon_spent()
+        reproducible = p.noise_seed is not None
+        last = self.state.history[-1] if self.state.history else {}
+        privacy = {
+            "enabled": p.enabled, "mode": p.mode if p.enabled else None,
+            "epsilon_spent": eps, "target_epsilon": p.target_epsilon if p.enabled else None, "delta": p.delta if p.enabled else None,
+            "noise_multiplier": self.sigma, "sample_rate": p.sample_rate, "clip_norm": p.clip_norm,
+            "steps": self.state.steps, "planned_steps": planned_steps(cfg), "accountant": p.accountant,
+            "plan": self.plan.to_dict() if self.plan else None,
+            "formal_guarantee": bool(p.enabled and p.mode == "strict"),
+            "guarantee": guarantee_text(cfg),
+            "noise": ("reproducible from privacy.noise_seed: NOT suitable for a real release" if reproducible
+                      else "securely seeded per client (operating-system entropy)"),
+            "reproducible_noise": reproducible,
+            "weights": cfg.federation.weights + (" (declared public sizes)" if cfg.federation.weights == "declared" else ""),
+            "ledger": self.clients[0].ledger.summary(delta=p.delta, accountant=p.accountant) if (self.plan and self.clients) else [],
+            "diagnostics_outside_guarantee": bool(p.diagnostics),
+        }
+        results = {
+            "privacy": privacy,
+            "training": {"rounds": self.state.round, "stopped_early": self.state.stopped,
+                         "wall_time_s": time.perf_counter() - self.t0,
+                         "comm_time_s": self.comm_seconds,
+                         "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")}},
+            "data": {"source": self.fed.source, "clients": self.fed.num_clients, "classes": self.fed.num_classes,
+                     "dim": self.fed.dim, "transform": self.fed.transform, "declared_sizes": self._declared_sizes(self.fed)},
+            "provenance": provenance(self.cfg, launcher=self.launcher, comm=self.comm, device=self.device),
+            **extra,
+        }
+        if self.comm.is_root:
+            ckpt.atomic_write_text(self.out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+        self.writer.close()
+        return results
+
+
+def guarantee_text(cfg: Config) -> str:
+    p = cfg.privacy
+    if not p.enabled:
+        return "none: privacy.enabled is false (non-private reference run)"
+    unit = f"one record of one client's training split, (epsilon, delta) = ({p.target_epsilon}, {p.delta}) per client"
+    if p.mode == "strict":
+        return (f"formal: every value a client releases (noisy Phi gradients or deltas, DP statistics, DP mean "
+                f"embeddings) and everything derived from them (Phi, meta-code, synthetic set) is DP for {unit}. "
+                f"Training diagnostics, when enabled, are outside the guarantee.")
+    return (f"NOT a formal guarantee (paper mode): only Phi-gradients are clipped and noised while the encoder and "
+            f"client code are trained on the same data without noise, so the epsilon printed for {unit} does not bound "
+            f"what the released gradients reveal.")

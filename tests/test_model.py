@@ -1,0 +1,133 @@
+"""The model's pieces against independent references."""
+import math
+
+import numpy as np
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from fedhypevae.model import (ClientView, Encoder, HyperNetwork, elbo_terms, gaussian_nll, generator_params,
+                              kl_diag_gaussians, multi_kernel)
+
+
+def _hyper(dim=6, K=3, **kw):
+    torch.manual_seed(0)
+    args = dict(latent_dim=4, code_dim=3, hidden=[8, 5], hyper_hidden=7, label_embed_dim=2)
+    args.update(kw)
+    h = HyperNetwork(dim, K, **args)
+    # give h_theta's zero-initialized output layer some weight so modulation is not the identity
+    torch.nn.init.normal_(h.h_theta[-1].weight, std=0.5)
+    torch.nn.init.normal_(h.h_theta[-1].bias, std=0.5)
+    return h
+
+
+def test_kl_matches_torch_distributions():
+    torch.manual_seed(1)
+    mu_q, logvar_q, mu_p, logstd_p = (torch.randn(5, 4) for _ in range(4))
+    ours = kl_diag_gaussians(mu_q, logvar_q, mu_p, logstd_p)
+    ref = kl_divergence(Normal(mu_q, (0.5 * logvar_q).exp()), Normal(mu_p, logstd_p.exp())).sum(-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_nll_matches_torch_distributions():
+    torch.manual_seed(2)
+    x, mean, logstd = torch.randn(5, 6), torch.randn(5, 6), torch.randn(6) * 0.3
+    ref = -Normal(mean, logstd.exp()).log_prob(x).sum(-1)
+    torch.testing.assert_close(gaussian_nll(x, mean, logstd), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_elbo_terms_match_a_hand_built_elbo():
+    """ELBO = E_q[log p(x|z,y)] - KL(q || p_omega(.|y)) with the same reparameterized z."""
+    h = _hyper()
+    enc = Encoder(6, 3, 4, [8])
+    code = torch.randn(3)
+    x, y, eps = torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0]), torch.randn(5, 4)
+    nll, kl = elbo_terms(enc, code, h, x, y, eps)
+    y1h = torch.nn.functional.one_hot(y, 3).float()
+    mu_q, logvar_q = enc(x, y1h)
+    z = mu_q + (0.5 * logvar_q).exp() * eps
+    mean = h.decode(h.decoder_modulation(code), z, y1h)
+    ref_nll = -Normal(mean, h.output_logstd().exp()).log_prob(x).sum(-1)
+    mu_p, logstd_p = h.prior(h.prior_features(code).unsqueeze(0), y)
+    ref_kl = kl_divergence(Normal(mu_q, (0.5 * logvar_q).exp()), Normal(mu_p, logstd_p.exp())).sum(-1)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kl, ref_kl, rtol=1e-5, atol=1e-5)
+
+
+def test_row_scaled_decoder_equals_explicit_weights():
+    """Eq. 3: decode() must equal a decoder built from W(v) = diag(d(v)) W and b(v) = b + db(v)."""
+    h = _hyper()
+    v = torch.randn(3)
+    z, y1h = torch.randn(7, 4), torch.nn.functional.one_hot(torch.randint(0, 3, (7,)), 3).float()
+    mods = h.decoder_modulation(v)
+    out = h.decode(mods, z, y1h)
+    a = torch.cat([z, y1h], -1)
+    for i, (w, b, (d, db)) in enumerate(zip(h.base_weight, h.base_bias, mods)):
+        W = torch.diag(d) @ w  # built explicitly
+        a = a @ W.t() + (b + db)
+        if i < len(h.base_weight) - 1:
+            a = torch.nn.functional.silu(a)
+    torch.testing.assert_close(out, a, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(mods[0][0], torch.ones_like(mods[0][0]))  # modulation really is active
+
+
+def test_different_codes_give_different_decoders_and_priors():
+    h = _hyper()
+    v1, v2 = torch.randn(3), torch.randn(3)
+    z, y = torch.randn(4, 4), torch.tensor([0, 1, 2, 0])
+    y1h = torch.nn.functional.one_hot(y, 3).float()
+    assert not torch.allclose(h.decode(h.decoder_modulation(v1), z, y1h), h.decode(h.decoder_modulation(v2), z, y1h))
+    p1 = h.prior(h.prior_features(v1).unsqueeze(0), y)[0]
+    p2 = h.prior(h.prior_features(v2).unsqueeze(0), y)[0]
+    assert not torch.allclose(p1, p2)
+
+
+def test_mixture_of_one_code_is_that_code():
+    h = _hyper()
+    v = torch.randn(3)
+    mods, hw = generator_params(h, v)
+    for (d, db), (d2, db2) in zip(mods, h.decoder_modulation(v)):
+        torch.testing.assert_close(d, d2)
+        torch.testing.assert_close(db, db2)
+    torch.testing.assert_close(hw, h.prior_features(v))
+
+
+def test_mixture_mixes_generated_parameters():
+    """Eq. 13: theta_mix = sum_k pi_k h_theta(v_k)."""
+    h = _hyper()
+    codes, w = torch.randn(2, 3), torch.tensor([0.25, 0.75])
+    mods, hw = generator_params(h, codes, w)
+    m0, m1 = h.decoder_modulation(codes[0]), h.decoder_modulation(codes[1])
+    torch.testing.assert_close(mods[1][0], 0.25 * m0[1][0] + 0.75 * m1[1][0])
+    torch.testing.assert_close(hw, 0.25 * h.prior_features(codes[0]) + 0.75 * h.prior_features(codes[1]))
+
+
+def test_spectral_projection_bounds_every_hyper_layer():
+    h = _hyper()
+    for lin in h.spectral_layers():
+        with torch.no_grad():
+            lin.weight.mul_(10)
+    h.project_spectral(1.0)
+    for lin in h.spectral_layers():
+        assert torch.linalg.matrix_norm(lin.weight, ord=2) <= 1.0 + 1e-5
+
+
+def test_multi_kernel_matches_numpy():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(5, 3)), rng.normal(size=(4, 3))
+    bws = [0.5, 2.0]
+    ref = np.zeros((5, 4))
+    for i in range(5):
+        for j in range(4):
+            d2 = ((a[i] - b[j]) ** 2).sum()
+            ref[i, j] = sum(math.exp(-d2 / (2 * h * h)) for h in bws)
+    out = multi_kernel(torch.tensor(a), torch.tensor(b), bws).numpy()
+    np.testing.assert_allclose(out, ref, rtol=1e-10)
+
+
+def test_client_view_loss_is_negative_elbo():
+    h = _hyper()
+    enc = Encoder(6, 3, 4, [8])
+    view = ClientView(enc, torch.nn.Parameter(torch.randn(3)), h)
+    x, y, eps = torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0]), torch.randn(5, 4)
+    loss, (nll, kl) = view(x, y, eps)
+    torch.testing.assert_close(loss, nll + kl)
