@@ -183,7 +183,8 @@ class Client:
             mmd = multi_kernel(x_hat, x_hat, self._bandwidths()).mean()
         else:
             phi = features(x_hat).reshape(self.num_classes, m.mmd_synthetic_per_class, -1).mean(1)
-            mmd = (self.mmd_weights * (phi - self.mmd_target).pow(2).sum(-1)).sum()
+            # kernel_scale turns feature inner products back into kernel values: the term is an MMD^2 estimate
+            mmd = features.kernel_scale * (self.mmd_weights * (phi - self.mmd_target).pow(2).sum(-1)).sum()
         return loss + m.lambda_mmd * mmd, float(mmd.detach())
 
     def _local_update(self, grads: dict[str, torch.Tensor]) -> None:

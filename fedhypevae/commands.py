@@ -113,7 +113,7 @@ def _account_run(args) -> int:
     out = {"run": str(run), "delta": delta, "accountant": acc, "clients": {}}
     for path in ledgers:
         led = PrivacyLedger.load(path)
-        out["clients"][path.parent.name] = {"epsilon": led.epsilon(delta, acc), "mechanisms": led.summary(delta=delta, accountant=acc)}
+        out["clients"][path.parent.name] = {"epsilon": led.epsilon(delta=delta, accountant=acc), "mechanisms": led.summary(delta=delta, accountant=acc)}
     # clients usually share one history: print distinct ones
     groups: dict[str, list[str]] = {}
     for name, info in out["clients"].items():

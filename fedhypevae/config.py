@@ -111,6 +111,7 @@ class ModelConfig:
         _check(self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}")
         _check(self.lambda_v >= 0 and self.lambda_mmd >= 0, "model.lambda_v and model.lambda_mmd must be >= 0")
         _one_of("model.mmd_kind", self.mmd_kind, ("merf", "literal"))
+        _check(self.mmd_features % 2 == 0, f"model.mmd_features must be even (cos/sin pairs); got {self.mmd_features}")
         _check(len(self.mmd_bandwidths) >= 1 and all(b > 0 for b in self.mmd_bandwidths),
                f"model.mmd_bandwidths must be positive numbers; got {self.mmd_bandwidths}")
 
@@ -301,6 +302,11 @@ def _build(cls, values: dict, prefix: str):
 def _coerce(name: str, value: Any, f: dataclasses.Field):
     """YAML gives ints where floats are meant (1 vs 1.0): accept those, reject other type mismatches."""
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if isinstance(value, str) and "float" in str(f.type):
+        try:  # YAML 1.1 reads 1e-7 (no dot) as a string
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number; got {value!r}") from None
     if value is None or default is None:
         return value
     if isinstance(default, bool):

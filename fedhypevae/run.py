@@ -83,7 +83,7 @@ def release_statistics(tr: Trainer, clip: float) -> Optional[list[ClassMoments]]
     out = []
     for d in domains + ([pooled] if codes > 1 else []):
         fin = finalize_class_stats(d, covariance=cfg.stats.covariance, rank=cfg.stats.rank)
-        out.append(ClassMoments(means=fin["means"], counts=fin["counts"], cov=fin.get("cov"), var=fin.get("var")))
+        out.append(ClassMoments(means=fin["means"], counts=fin["counts"], cov=fin.get("covariances"), var=fin.get("variances")))
     return out
 
 

@@ -55,6 +55,15 @@ def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
     p = cfg.privacy
     if not p.enabled:
         return None
+    if math.isinf(p.target_epsilon):
+        # no budget: no noise anywhere unless a noise multiplier is given (the "sigma = 0" reference)
+        sigma = p.noise_multiplier or 0.0
+        mechs = [Mechanism("dp-sgd", sigma, p.sample_rate, planned_steps(cfg)), Mechanism("class-stats", 0.0, 1.0, 1)]
+        if use_mmd:
+            mechs.append(Mechanism("mmd-embeddings", 0.0, 1.0, 1))
+        return PrivacyPlan(sigma=sigma, sigma_stats=0.0, sigma_mmd=0.0 if use_mmd else None, sample_rate=p.sample_rate,
+                           steps=planned_steps(cfg), delta=p.delta, accountant=p.accountant,
+                           target_epsilon=p.target_epsilon, planned_epsilon=math.inf, mechanisms=mechs)
     return plan_budget(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=p.sample_rate,
                        steps=planned_steps(cfg), accountant=p.accountant,
                        stats_fraction=p.stats_epsilon_fraction, mmd_fraction=p.mmd_epsilon_fraction,
@@ -174,9 +183,9 @@ class Trainer:
         # all clients share one history when nothing was interrupted; report the worst one
         seen, worst = {}, 0.0
         for c in self.clients:
-            key = json.dumps([m.__dict__ for m in c.ledger.mechanisms()], sort_keys=True)
+            key = json.dumps([m.to_dict() for m in c.ledger.mechanisms()], sort_keys=True)
             if key not in seen:
-                seen[key] = c.ledger.epsilon(self.cfg.privacy.delta, self.cfg.privacy.accountant)
+                seen[key] = c.ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant)
             worst = max(worst, seen[key])
         buf = torch.tensor([worst], dtype=torch.float64)
         return float(self._allreduce(buf, op="max")[0])

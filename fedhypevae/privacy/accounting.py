@@ -1,0 +1,540 @@
+"""Privacy accounting: composed epsilon, budget planning and the per-client ledger.
+
+Everything a client releases is one of three Gaussian mechanisms on the same private
+records, and all of them are composed in ONE accountant history (DESIGN §1, §6):
+
+* ``dp-sgd``         : Poisson-subsampled Gaussian, (sigma, q, T) — one entry per step;
+* ``class-stats``    : the class statistics for the meta-code, (sigma_s, q=1, steps=1);
+* ``mmd-embeddings`` : the DP random-feature mean embeddings (DP-MERF), (sigma_m, 1, 1).
+
+``epsilon_of`` composes such a history with Opacus' RDP or PRV analysis,
+``plan_budget`` calibrates the noise multipliers from the target (epsilon, delta) BEFORE
+training, and ``PrivacyLedger`` is the append-only record of what a client actually
+released (charged before each release; never rolled back, so a resume never refunds).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+from ..errors import PrivacyError
+
+DP_SGD = "dp-sgd"
+CLASS_STATS = "class-stats"
+MMD_EMBEDDINGS = "mmd-embeddings"
+MECHANISM_NAMES = (DP_SGD, CLASS_STATS, MMD_EMBEDDINGS)
+ONE_SHOT = (CLASS_STATS, MMD_EMBEDDINGS)
+
+#: largest noise multiplier the planner will consider; beyond it the run would be pure noise
+MAX_SIGMA = 1e4
+#: relative tolerance of the calibration: planned_epsilon in [target*(1-rtol), target]
+CALIBRATION_RTOL = 1e-3
+
+
+# --------------------------------------------------------------------------- mechanisms
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """``steps`` compositions of a (Poisson-subsampled) Gaussian mechanism.
+
+    ``noise_multiplier`` is the noise std divided by the L2 sensitivity of the release;
+    ``sample_rate`` is the Poisson rate (1.0 for a one-shot release on the whole data).
+    """
+
+    name: str
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _validate(m: Mechanism) -> None:
+    """Reject values no accountant can interpret, with a message a user can act on."""
+    if not (m.noise_multiplier >= 0 and math.isfinite(m.noise_multiplier)):
+        raise PrivacyError(f"{m.name}: noise multiplier must be a finite number >= 0; got {m.noise_multiplier}")
+    if not (0 < m.sample_rate <= 1):
+        raise PrivacyError(f"{m.name}: sample rate must be in (0, 1]; got {m.sample_rate}")
+    if int(m.steps) != m.steps or m.steps < 0:
+        raise PrivacyError(f"{m.name}: steps must be an integer >= 0; got {m.steps}")
+
+
+# --------------------------------------------------------------------------- accountants
+
+# Opacus' default orders stop at 63. A single release at small epsilon (large sigma) is
+# optimal near alpha ~ sigma*sqrt(2 log(1/delta)), i.e. in the hundreds or thousands, so
+# the RDP bound would be loose without the larger orders below.
+_EXTRA_ORDERS = [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048,
+                 3072, 4096, 6144, 8192, 10000]
+
+
+def _rdp_orders() -> list:
+    from opacus.accountants import RDPAccountant
+
+    return list(RDPAccountant.DEFAULT_ALPHAS) + _EXTRA_ORDERS
+
+
+def _rdp_of(m: Mechanism, orders: list):
+    """RDP curve of one mechanism at ``orders`` (numpy array).
+
+    Opacus' exact subsampled-Gaussian RDP at orders in the thousands costs ~0.1 s per call,
+    which would make calibration slow. For q < 1 and the extra (> 63) orders we use the
+    RDP of the *un*-subsampled Gaussian, steps*alpha/(2 sigma^2): Poisson subsampling never
+    increases Renyi divergence (joint quasi-convexity), so this is a valid upper bound, and
+    those orders are only optimal for few, very noisy releases where q = 1 anyway.
+    """
+    import numpy as np
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    n_default = len(orders) - len(_EXTRA_ORDERS)
+    if m.sample_rate >= 1.0:
+        return np.asarray(rdp_analysis.compute_rdp(q=1.0, noise_multiplier=m.noise_multiplier,
+                                                   steps=m.steps, orders=orders), dtype=float)
+    low = rdp_analysis.compute_rdp(q=m.sample_rate, noise_multiplier=m.noise_multiplier,
+                                   steps=m.steps, orders=orders[:n_default])
+    high = m.steps * np.asarray(orders[n_default:], dtype=float) / (2 * m.noise_multiplier ** 2)
+    return np.concatenate([np.asarray(low, dtype=float), high])
+
+
+def _rdp_epsilon(mechanisms: list, delta: float) -> float:
+    """Composed epsilon under RDP: sum of RDP curves, Opacus' RDP -> (eps, delta) conversion."""
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
+    orders = _rdp_orders()
+    rdp = sum(_rdp_of(m, orders) for m in mechanisms)
+    eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return float(eps)
+
+
+def _prv_epsilon(mechanisms: list, delta: float) -> float:
+    """Composed epsilon under PRV (Gopi et al.): Opacus' upper bound.
+
+    Opacus' default ``eps_error`` is 0.01 absolute, which is 10-20% of a small one-shot
+    budget; below epsilon 0.5 we refine it (finer mesh, slower, but those histories are
+    narrow) so calibrated small releases are not overcharged. Where Opacus cannot
+    discretize the history (tiny sigma) the result is ``inf`` (conservative).
+    """
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(m.noise_multiplier, m.sample_rate, int(m.steps)) for m in mechanisms]
+    try:
+        eps = float(acc.get_epsilon(delta))
+        if eps < 0.5:
+            eps = float(acc.get_epsilon(delta, eps_error=max(1e-3, 0.02 * eps)))
+    except RuntimeError:  # Opacus' discretization fails for extreme (tiny-sigma) histories
+        return math.inf  # no bound known: conservative
+    return eps
+
+
+ACCOUNTANTS: dict = {"rdp": _rdp_epsilon, "prv": _prv_epsilon}
+
+
+def _accountant(name: str) -> Callable:
+    try:
+        return ACCOUNTANTS[name]
+    except KeyError:
+        raise PrivacyError(f"unknown accountant {name!r}; valid accountants: {', '.join(ACCOUNTANTS)}") from None
+
+
+def epsilon_of(mechanisms: Iterable[Mechanism], *, delta: float, accountant: str) -> float:
+    """Epsilon of the composition of ``mechanisms`` at ``delta``.
+
+    Mechanisms with zero steps contribute nothing; any mechanism with steps and noise
+    multiplier 0 (no noise) makes the result ``inf``. Opacus' warnings about the optimal
+    order lying at the edge of the list and log(0) in the PRV domain are expected here
+    and silenced locally.
+    """
+    fn = _accountant(accountant)
+    if not (0 < delta < 1):
+        raise PrivacyError(f"delta must be in (0, 1); got {delta}")
+    mechs = list(mechanisms)
+    for m in mechs:
+        _validate(m)
+    mechs = [m for m in mechs if m.steps > 0]
+    if not mechs:
+        return 0.0
+    if any(m.noise_multiplier == 0 for m in mechs):
+        return math.inf
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Oo]ptimal order.*")
+        warnings.filterwarnings("ignore", message=".*divide by zero.*")
+        warnings.filterwarnings("ignore", message=".*overflow.*")
+        warnings.filterwarnings("ignore", message=".*invalid value.*")
+        with _numpy_quiet():
+            eps = fn(mechs, delta)
+    return math.inf if eps != eps else eps  # NaN from a degenerate history: treat as unbounded
+
+
+class _numpy_quiet:
+    """np.errstate(divide/over/invalid='ignore') without importing numpy at module load."""
+
+    def __enter__(self):
+        import numpy as np
+
+        self._ctx = np.errstate(divide="ignore", over="ignore", invalid="ignore")
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _solve_sigma(eps_fn: Callable[[float], float], target: float, *, lo: float, hi: float,
+                 rtol: float = CALIBRATION_RTOL, max_iter: int = 100) -> float:
+    """Smallest-noise sigma in [lo, hi] with target*(1-rtol) <= eps_fn(sigma) <= target.
+
+    eps_fn decreases in sigma. Requires eps_fn(hi) <= target. Works on log sigma /
+    log eps (close to linear there) with Illinois regula falsi, falling back to bisection
+    where eps is infinite; always returns a point from below (eps <= target).
+    If even ``lo`` spends less than the target, ``lo`` is returned.
+    """
+    def f(s: float) -> float:
+        e = eps_fn(s)
+        return math.log(e) - math.log(target) if e > 0 else -math.inf
+
+    x_lo, x_hi = math.log(lo), math.log(hi)
+    f_lo, f_hi = f(lo), f(hi)
+    if f_lo <= 0:
+        return lo
+    low_ok = math.log1p(-rtol)
+    side = 0
+    for _ in range(max_iter):
+        if low_ok <= f_hi <= 0 or x_hi - x_lo < 1e-12:
+            break
+        if math.isfinite(f_lo) and math.isfinite(f_hi) and f_lo != f_hi:
+            x = x_hi - f_hi * (x_hi - x_lo) / (f_hi - f_lo)
+            width = x_hi - x_lo
+            x = min(max(x, x_lo + 1e-3 * width), x_hi - 1e-3 * width)  # stay strictly inside
+        else:
+            x = 0.5 * (x_lo + x_hi)
+        fx = f(math.exp(x))
+        if fx > 0:
+            x_lo, f_lo = x, fx
+            if side == -1 and math.isfinite(f_hi):
+                f_hi /= 2  # Illinois: halve the stale end so the bracket shrinks from both sides
+            side = -1
+        else:
+            x_hi, f_hi = x, fx
+            if side == 1 and math.isfinite(f_lo):
+                f_lo /= 2
+            side = 1
+    return math.exp(x_hi)
+
+
+def _too_small(what: str, target: float) -> PrivacyError:
+    return PrivacyError(
+        f"{what}: target epsilon {target:g} would need a noise multiplier above {MAX_SIGMA:g}; "
+        "raise privacy.target_epsilon, lower privacy.sample_rate or the number of steps "
+        "(train.rounds x train.local_steps), or give this release a larger epsilon fraction")
+
+
+def _calibrate(history: Callable[[float], list], target: float, *, delta: float, accountant: str,
+               what: str) -> float:
+    """Sigma such that the composed epsilon of ``history(sigma)`` is the target, from below.
+
+    RDP: search [0.05, MAX_SIGMA] directly (an evaluation costs ~10 ms, whatever the steps).
+    PRV: an evaluation costs up to seconds for long runs and fails for tiny sigma, so the
+    search is bracketed around the RDP solution (PRV is tighter: sigma_prv <= sigma_rdp).
+    """
+    eps = lambda s, acc=accountant: epsilon_of(history(s), delta=delta, accountant=acc)  # noqa: E731
+    if eps(MAX_SIGMA) > target:
+        raise _too_small(what, target)
+    if accountant != "prv":
+        return _solve_sigma(eps, target, lo=0.05, hi=MAX_SIGMA)
+    rdp = lambda s: eps(s, "rdp")  # noqa: E731
+    hi = _solve_sigma(rdp, target, lo=0.05, hi=MAX_SIGMA, rtol=1e-2) if rdp(MAX_SIGMA) <= target else MAX_SIGMA
+    while eps(hi) > target and hi < MAX_SIGMA:  # defensive: PRV looser than RDP here
+        hi = min(2 * hi, MAX_SIGMA)
+    lo = hi / 2
+    while lo > 0.05 and eps(lo) <= target:
+        lo = max(lo / 2, 0.05)
+    return _solve_sigma(eps, target, lo=lo, hi=hi)
+
+
+def calibrate_one_shot(*, epsilon: float, delta: float, accountant: str, name: str = CLASS_STATS) -> float:
+    """Noise multiplier of a single full-data Gaussian release (q=1, steps=1) spending ``epsilon`` alone."""
+    if not epsilon > 0:
+        raise PrivacyError(f"{name}: its epsilon share must be > 0 when it is released; got {epsilon}")
+    return _calibrate(lambda s: [Mechanism(name, s, 1.0, 1)], epsilon, delta=delta, accountant=accountant, what=name)
+
+
+@dataclass
+class PrivacyPlan:
+    """The planned history of one client, fixed before training.
+
+    ``planned_epsilon`` is the composed epsilon of ``mechanisms`` (<= ``target_epsilon``).
+    Every client shares the same plan because q is the same for all (DESIGN §1).
+    """
+
+    sigma: float
+    sigma_stats: Optional[float]
+    sigma_mmd: Optional[float]
+    sample_rate: float
+    steps: int
+    delta: float
+    accountant: str
+    target_epsilon: float
+    planned_epsilon: float
+    mechanisms: list = field(default_factory=list)
+
+    def one_shot(self) -> list:
+        """The planned one-shot releases (class statistics, mean embeddings)."""
+        return [m for m in self.mechanisms if m.name != DP_SGD]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mechanisms"] = [m.to_dict() if isinstance(m, Mechanism) else dict(m) for m in self.mechanisms]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PrivacyPlan":
+        d = dict(d)
+        d["mechanisms"] = [Mechanism(**m) for m in d.get("mechanisms", [])]
+        return cls(**d)
+
+
+def plan_budget(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                stats_fraction: float, mmd_fraction: float, use_stats: bool, use_mmd: bool,
+                noise_multiplier: Optional[float] = None) -> PrivacyPlan:
+    """Calibrate the noise multipliers of a run so the composed epsilon meets the target.
+
+    Budget split (DESIGN §6): each one-shot release is first calibrated ALONE to spend its
+    fraction of the target; then the DP-SGD sigma is bisected so the epsilon of the WHOLE
+    composed history (DP-SGD steps + the one-shot releases) equals the target from below.
+    Composition is sub-additive, so DP-SGD ends up with slightly more than its nominal share.
+    With ``noise_multiplier`` given, it is used for DP-SGD and the plan is only checked.
+    """
+    _accountant(accountant)
+    if not target_epsilon > 0:
+        raise PrivacyError(f"target epsilon must be > 0; got {target_epsilon}")
+    if not (0 < delta < 1):
+        raise PrivacyError(f"delta must be in (0, 1); got {delta}")
+    if not (0 < sample_rate <= 1):
+        raise PrivacyError(f"sample rate q must be in (0, 1]; got {sample_rate}")
+    if int(steps) != steps or steps < 1:
+        raise PrivacyError(f"the run must have at least one DP-SGD step; got steps={steps}")
+    steps = int(steps)
+    fractions = (stats_fraction if use_stats else 0.0) + (mmd_fraction if use_mmd else 0.0)
+    if fractions >= 1:
+        raise PrivacyError("privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 "
+                           f"(DP-SGD needs a share); got {fractions:g}")
+
+    one_shot = []
+    sigma_stats = sigma_mmd = None
+    if use_stats:
+        sigma_stats = calibrate_one_shot(epsilon=stats_fraction * target_epsilon, delta=delta,
+                                         accountant=accountant, name=CLASS_STATS)
+        one_shot.append(Mechanism(CLASS_STATS, sigma_stats, 1.0, 1))
+    if use_mmd:
+        sigma_mmd = calibrate_one_shot(epsilon=mmd_fraction * target_epsilon, delta=delta,
+                                       accountant=accountant, name=MMD_EMBEDDINGS)
+        one_shot.append(Mechanism(MMD_EMBEDDINGS, sigma_mmd, 1.0, 1))
+
+    history = lambda s: [Mechanism(DP_SGD, s, sample_rate, steps)] + one_shot  # noqa: E731
+    if noise_multiplier is None:
+        sigma = _calibrate(history, target_epsilon, delta=delta, accountant=accountant, what="DP-SGD")
+    else:
+        sigma = float(noise_multiplier)
+    eps = epsilon_of(history(sigma), delta=delta, accountant=accountant)
+    if eps > target_epsilon:
+        raise PrivacyError(
+            f"the fixed noise multiplier {sigma:g} spends epsilon {eps:.4g} over {steps} steps at q={sample_rate:g}, "
+            f"above the target {target_epsilon:g}; raise privacy.noise_multiplier or privacy.target_epsilon, "
+            "or lower the sample rate or the number of steps (or set privacy.noise_multiplier: null to calibrate)")
+    mechanisms = [Mechanism(DP_SGD, sigma, sample_rate, steps)] + one_shot
+    return PrivacyPlan(sigma=sigma, sigma_stats=sigma_stats, sigma_mmd=sigma_mmd, sample_rate=sample_rate,
+                       steps=steps, delta=delta, accountant=accountant, target_epsilon=target_epsilon,
+                       planned_epsilon=eps, mechanisms=mechanisms)
+
+
+# --------------------------------------------------------------------------- ledger
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One release: ``mechanism`` with noise ``sigma`` at Poisson rate ``q``, identified by ``key``."""
+
+    mechanism: str
+    sigma: float
+    q: float
+    key: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PrivacyLedger:
+    """Append-only record of every release a client made, charged BEFORE the release.
+
+    Never rolled back: a crash between charge and release over-counts, never under-counts.
+    With a ``path`` every charge is appended to a JSONL file and flushed (``fsync=True``
+    also forces it to disk) before ``charge`` returns, so a killed process keeps its
+    charges. Opening an existing file loads it; a truncated last line (a charge that never
+    returned, hence a release that never happened) is dropped and cut off the file.
+    """
+
+    def __init__(self, path: Optional[str | os.PathLike] = None, *, fsync: bool = False):
+        self.entries: list = []
+        self._seen: set = set()
+        self.path = Path(path) if path is not None else None
+        self.fsync = fsync
+        if self.path is not None and self.path.exists():
+            for entry in _read_jsonl(self.path, repair=True):
+                self._add(entry)
+
+    @classmethod
+    def load(cls, path, *, fsync: bool = False) -> "PrivacyLedger":
+        """Open the ledger file at ``path`` (it must exist); further charges append to it."""
+        if not Path(path).exists():
+            raise PrivacyError(f"privacy ledger {path} not found")
+        return cls(path, fsync=fsync)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _add(self, entry: LedgerEntry) -> None:
+        self.entries.append(entry)
+        self._seen.add(entry)
+
+    def charge(self, mechanism_name: str, sigma: float, q: float, key: str, *, replayable: bool) -> bool:
+        """Record a release before making it; returns whether it was charged.
+
+        ``replayable`` (reproducible noise, ``privacy.noise_seed`` set): an identical entry
+        with the same key re-releases exactly the same values, so it costs nothing new and
+        is not charged again. Otherwise (secure noise) a release under an existing key is a
+        fresh draw and is charged again.
+        """
+        if mechanism_name not in MECHANISM_NAMES:
+            raise PrivacyError(f"unknown mechanism {mechanism_name!r}; valid: {', '.join(MECHANISM_NAMES)}")
+        entry = LedgerEntry(mechanism_name, float(sigma), float(q), str(key))
+        _validate(Mechanism(entry.mechanism, entry.sigma, entry.q, 1))
+        if replayable and entry in self._seen:
+            return False
+        if self.path is not None:
+            self._append_line(entry)
+        self._add(entry)
+        return True
+
+    def _append_line(self, entry: LedgerEntry) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry.to_dict(), sort_keys=True) + "\n")
+            fh.flush()
+            if self.fsync:
+                os.fsync(fh.fileno())
+
+    def mechanisms(self) -> list:
+        """Entries grouped by (mechanism, sigma, q), in order of first appearance."""
+        counts: dict = {}
+        for e in self.entries:
+            k = (e.mechanism, e.sigma, e.q)
+            counts[k] = counts.get(k, 0) + 1
+        return [Mechanism(n, s, q, c) for (n, s, q), c in counts.items()]
+
+    def steps(self, mechanism_name: str = DP_SGD) -> int:
+        return sum(1 for e in self.entries if e.mechanism == mechanism_name)
+
+    def epsilon(self, *, delta: float, accountant: str) -> float:
+        """Epsilon spent so far."""
+        return epsilon_of(self.mechanisms(), delta=delta, accountant=accountant)
+
+    def summary(self, *, delta: float, accountant: str) -> list:
+        """One row per mechanism group, with the epsilon it would spend alone."""
+        return [{"mechanism": m.name, "sigma": m.noise_multiplier, "q": m.sample_rate, "steps": m.steps,
+                 "epsilon_alone": epsilon_of([m], delta=delta, accountant=accountant)}
+                for m in self.mechanisms()]
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "entries": [e.to_dict() for e in self.entries]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from a checkpoint without ever refunding.
+
+        In memory only: replaces the entries. File-backed: the checkpoint's entries must be
+        a prefix of those already in the file (charges made after the checkpoint stay), or
+        the file must be empty (then they are written to it); anything else raises.
+        """
+        entries = [LedgerEntry(d["mechanism"], float(d["sigma"]), float(d["q"]), str(d["key"]))
+                   for d in state.get("entries", [])]
+        if self.path is None:
+            self.entries, self._seen = [], set()
+            for e in entries:
+                self._add(e)
+            return
+        if not self.entries:
+            for e in entries:
+                self._append_line(e)
+                self._add(e)
+            return
+        if self.entries[:len(entries)] != entries:
+            raise PrivacyError(f"the checkpoint's privacy ledger does not match {self.path}: refusing to resume "
+                               "(a ledger is never rewritten); resume with the ledger file of this run")
+
+    def would_fit(self, extra: list, plan: PrivacyPlan) -> bool:
+        """Budget guard: True if ledger + ``extra`` + the plan's not-yet-charged one-shot
+        releases stay within ``plan.target_epsilon``.
+
+        Fast path without the accountant: every DP-SGD entry uses the plan's sigma and q,
+        the total DP-SGD steps stay within the plan, and the one-shot releases are the
+        planned ones — a sub-history of the calibrated plan (epsilon is monotone in steps).
+        """
+        history = self.mechanisms() + [m for m in extra if m.steps > 0]
+        remaining = []
+        for m in plan.one_shot():
+            used = sum(h.steps for h in history if h.name == m.name)
+            if m.steps - used > 0:
+                remaining.append(Mechanism(m.name, m.noise_multiplier, m.sample_rate, m.steps - used))
+        if _is_subplan(history, plan):
+            return True
+        eps = epsilon_of(history + remaining, delta=plan.delta, accountant=plan.accountant)
+        return eps <= plan.target_epsilon * (1 + 1e-9)
+
+
+def _is_subplan(history: list, plan: PrivacyPlan) -> bool:
+    """Whether ``history`` is contained in the plan (same sigma/q, no more steps)."""
+    planned = {m.name: m for m in plan.mechanisms}
+    used: dict = {}
+    for h in history:
+        p = planned.get(h.name)
+        if p is None or not (math.isclose(h.noise_multiplier, p.noise_multiplier, rel_tol=1e-12)
+                             and math.isclose(h.sample_rate, p.sample_rate, rel_tol=1e-12)):
+            return False
+        used[h.name] = used.get(h.name, 0) + h.steps
+        if used[h.name] > p.steps:
+            return False
+    return True
+
+
+def _read_jsonl(path: Path, *, repair: bool) -> list:
+    """Parse a ledger file; a truncated final line is dropped (and cut off when ``repair``)."""
+    raw = path.read_bytes()
+    entries, offset = [], 0
+    lines = raw.split(b"\n")
+    for i, line in enumerate(lines):
+        last = i == len(lines) - 1
+        if line.strip():
+            try:
+                if last:
+                    raise ValueError("no newline: an interrupted write")
+                d = json.loads(line)
+                entries.append(LedgerEntry(d["mechanism"], float(d["sigma"]), float(d["q"]), str(d["key"])))
+            except (ValueError, KeyError, TypeError):
+                if not last:
+                    raise PrivacyError(f"privacy ledger {path} is corrupt at line {i + 1}; it cannot be trusted "
+                                       "(restore it from the run directory or start a new run)") from None
+                if repair:
+                    with open(path, "r+b") as fh:
+                        fh.truncate(offset)
+                break
+        offset += len(line) + 1
+    return entries

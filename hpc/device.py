@@ -1,0 +1,18 @@
+"""Device per local rank: cuda:LOCAL_RANK when CUDA is present, else the CPU.
+
+Untested on GPUs on the development machine (it has none): the code path is kept deliberately small.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def choose_device(local_rank: int, requested: str = "auto") -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but torch.cuda.is_available() is false on this node")
+    n = torch.cuda.device_count()
+    dev = torch.device("cuda", local_rank % n)
+    torch.cuda.set_device(dev)
+    return dev

@@ -1,0 +1,64 @@
+"""Which launcher started this process, and this rank's place in the job.
+
+Read from the launchers' own environment variables, most specific first:
+  mpiexec (Open MPI)   OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK
+  mpiexec (MPICH/Hydra, and srun --mpi=pmi2)  PMI_RANK / PMI_SIZE, MPI_LOCALRANKID
+  torchrun             TORCHELASTIC_RUN_ID with RANK / WORLD_SIZE / LOCAL_RANK
+  srun                 SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID (inside a job step only:
+                       a batch script's own environment also carries SLURM_PROCID=0)
+  none                 one process
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str  # openmpi | mpich | torchrun | srun | none
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
+    for n in names:
+        v = env.get(n)
+        if v not in (None, ""):
+            try:
+                return int(v)
+            except ValueError:
+                return None
+    return None
+
+
+def detect_launcher(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
+    env = os.environ if env is None else env
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return LaunchInfo("openmpi", _int(env, "OMPI_COMM_WORLD_RANK") or 0, _int(env, "OMPI_COMM_WORLD_SIZE") or 1,
+                          _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0)
+    if "PMI_RANK" in env or "PMIX_RANK" in env:
+        # MPICH's Hydra, or srun --mpi=pmi2 (which also sets SLURM_*)
+        launcher = "srun" if "SLURM_STEP_ID" in env else "mpich"
+        return LaunchInfo(launcher, _int(env, "PMI_RANK", "PMIX_RANK") or 0,
+                          _int(env, "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1,
+                          _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID") or 0)
+    if "TORCHELASTIC_RUN_ID" in env:
+        return LaunchInfo("torchrun", _int(env, "RANK") or 0, _int(env, "WORLD_SIZE") or 1, _int(env, "LOCAL_RANK") or 0)
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
+        return LaunchInfo("srun", _int(env, "SLURM_PROCID") or 0, _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1,
+                          _int(env, "SLURM_LOCALID") or 0)
+    return LaunchInfo("none", 0, 1, 0)
+
+
+def expected_world_size(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """What the launcher asked for, independent of what MPI reports: used to catch an MPI library
+    that gives every rank a world of one (Open MPI under srun --mpi=none/pmi2)."""
+    env = os.environ if env is None else env
+    return _int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_ID" in env else None

@@ -1,0 +1,263 @@
+"""Accounting, budget planning and the privacy ledger."""
+import json
+import math
+import time
+
+import pytest
+
+from fedhypevae.errors import PrivacyError
+from fedhypevae.privacy import (
+    CLASS_STATS,
+    DP_SGD,
+    MMD_EMBEDDINGS,
+    Mechanism,
+    PrivacyLedger,
+    calibrate_one_shot,
+    epsilon_of,
+    plan_budget,
+)
+
+DELTA = 1e-4
+
+
+def _plan(**kw):
+    args = dict(target_epsilon=1.0, delta=DELTA, sample_rate=0.05, steps=200, accountant="rdp",
+                stats_fraction=0.1, mmd_fraction=0.1, use_stats=True, use_mmd=True)
+    args.update(kw)
+    return plan_budget(**args)
+
+
+# ----------------------------------------------------------------------------- epsilon_of
+
+
+def test_epsilon_matches_opacus_pinned():
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    m = [Mechanism(DP_SGD, 1.0, 0.01, 1000)]
+    rdp = epsilon_of(m, delta=DELTA, accountant="rdp")
+    acc = RDPAccountant()
+    acc.history = [(1.0, 0.01, 1000)]
+    assert rdp == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+    assert rdp == pytest.approx(1.7550571595045694, rel=1e-6)  # pinned, opacus 1.6
+
+    prv = epsilon_of(m, delta=DELTA, accountant="prv")
+    acc = PRVAccountant()
+    acc.history = [(1.0, 0.01, 1000)]
+    assert prv == pytest.approx(acc.get_epsilon(DELTA), rel=1e-9)
+    assert prv == pytest.approx(1.5228412597506693, rel=1e-4)
+    assert prv < rdp
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order")
+def test_extended_orders_tighten_one_shot_release():
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    acc.history = [(40.0, 1.0, 1)]
+    default = acc.get_epsilon(DELTA)
+    ours = epsilon_of([Mechanism(CLASS_STATS, 40.0, 1.0, 1)], delta=DELTA, accountant="rdp")
+    assert ours < 0.9 * default
+    # never below the (near-exact) PRV value, and below the classic Gaussian-mechanism bound
+    prv = epsilon_of([Mechanism(CLASS_STATS, 40.0, 1.0, 1)], delta=DELTA, accountant="prv")
+    assert prv <= ours <= math.sqrt(2 * math.log(1.25 / DELTA)) / 40.0
+
+
+def test_epsilon_edge_cases():
+    assert epsilon_of([], delta=DELTA, accountant="rdp") == 0.0
+    assert epsilon_of([Mechanism(DP_SGD, 1.0, 0.1, 0)], delta=DELTA, accountant="rdp") == 0.0
+    assert epsilon_of([Mechanism(DP_SGD, 0.0, 0.1, 5)], delta=DELTA, accountant="rdp") == math.inf
+    with pytest.raises(PrivacyError, match="rdp, prv"):
+        epsilon_of([Mechanism(DP_SGD, 1.0, 0.1, 5)], delta=DELTA, accountant="gdp")
+    with pytest.raises(PrivacyError, match="sample rate"):
+        epsilon_of([Mechanism(DP_SGD, 1.0, 1.5, 5)], delta=DELTA, accountant="rdp")
+
+
+def test_epsilon_composition_is_monotone():
+    a = epsilon_of([Mechanism(DP_SGD, 1.0, 0.05, 100)], delta=DELTA, accountant="rdp")
+    b = epsilon_of([Mechanism(DP_SGD, 1.0, 0.05, 100), Mechanism(CLASS_STATS, 20.0, 1.0, 1)],
+                   delta=DELTA, accountant="rdp")
+    c = epsilon_of([Mechanism(DP_SGD, 1.0, 0.05, 200)], delta=DELTA, accountant="rdp")
+    assert a < b and a < c
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@pytest.mark.parametrize("accountant,q,steps,target", [
+    ("rdp", 0.1, 150, 1.0), ("rdp", 0.01, 2000, 1.0), ("rdp", 0.2, 30, 0.5), ("rdp", 0.01, 500, 8.0),
+    ("prv", 0.1, 100, 1.0), ("prv", 0.02, 300, 2.0),
+])
+def test_calibrated_sigma_reaches_target(accountant, q, steps, target):
+    plan = _plan(target_epsilon=target, sample_rate=q, steps=steps, accountant=accountant,
+                 use_stats=False, use_mmd=False)
+    eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, q, steps)], delta=DELTA, accountant=accountant)
+    assert eps == pytest.approx(plan.planned_epsilon, rel=1e-9)
+    assert target * (1 - 2e-3) <= eps <= target
+    assert plan.sigma_stats is None and plan.sigma_mmd is None and len(plan.mechanisms) == 1
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_composed_plan_meets_target_and_split(accountant):
+    plan = _plan(accountant=accountant, stats_fraction=0.1, mmd_fraction=0.2, steps=100)
+    eps = epsilon_of(plan.mechanisms, delta=DELTA, accountant=accountant)
+    assert 1.0 * (1 - 2e-3) <= eps <= 1.0
+    assert {m.name for m in plan.mechanisms} == {DP_SGD, CLASS_STATS, MMD_EMBEDDINGS}
+    alone_stats = epsilon_of([Mechanism(CLASS_STATS, plan.sigma_stats, 1.0, 1)], delta=DELTA, accountant=accountant)
+    alone_mmd = epsilon_of([Mechanism(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, 1)], delta=DELTA, accountant=accountant)
+    assert alone_stats == pytest.approx(0.1, rel=2e-2) and alone_stats <= 0.1
+    assert alone_mmd == pytest.approx(0.2, rel=2e-2) and alone_mmd <= 0.2
+    assert plan.sigma_mmd < plan.sigma_stats
+    # the one-shot releases cost DP-SGD noise: its sigma is larger than with the whole budget
+    alone = _plan(accountant=accountant, steps=100, use_stats=False, use_mmd=False)
+    assert plan.sigma > alone.sigma
+    d = plan.to_dict()
+    assert json.loads(json.dumps(d))["mechanisms"][0]["name"] == DP_SGD
+
+
+def test_calibration_50000_steps_is_fast():
+    epsilon_of([Mechanism(DP_SGD, 1.0, 0.1, 1)], delta=DELTA, accountant="rdp")  # import opacus first
+    t0 = time.perf_counter()
+    plan = _plan(sample_rate=0.01, steps=50_000)
+    dt = time.perf_counter() - t0
+    print(f"calibration of 50,000 steps (rdp, with stats+mmd): {dt:.3f} s")
+    assert dt < 10.0
+    assert plan.planned_epsilon <= 1.0
+
+
+def test_impossible_settings_raise():
+    with pytest.raises(PrivacyError, match="raise privacy.target_epsilon"):
+        _plan(target_epsilon=1e-6, sample_rate=1.0, steps=10_000)
+    with pytest.raises(PrivacyError, match="at least one"):
+        _plan(steps=0)
+    with pytest.raises(PrivacyError, match=r"\(0, 1\]"):
+        _plan(sample_rate=0.0)
+    with pytest.raises(PrivacyError, match=r"\(0, 1\]"):
+        _plan(sample_rate=1.2)
+    with pytest.raises(PrivacyError, match="must be < 1"):
+        _plan(stats_fraction=0.6, mmd_fraction=0.5)
+    with pytest.raises(PrivacyError, match="share must be > 0"):
+        _plan(stats_fraction=0.0)
+    with pytest.raises(PrivacyError, match="valid accountants"):
+        _plan(accountant="moments")
+
+
+def test_fixed_noise_multiplier_checked():
+    ok = _plan(noise_multiplier=50.0)
+    assert ok.sigma == 50.0 and ok.planned_epsilon <= 1.0
+    with pytest.raises(PrivacyError, match="noise multiplier"):
+        _plan(noise_multiplier=0.3)
+    with pytest.raises(PrivacyError):
+        _plan(noise_multiplier=0.0)
+
+
+def test_one_shot_calibration_small_epsilon():
+    sigma = calibrate_one_shot(epsilon=0.05, delta=1e-5, accountant="rdp")
+    eps = epsilon_of([Mechanism(CLASS_STATS, sigma, 1.0, 1)], delta=1e-5, accountant="rdp")
+    assert 0.05 * (1 - 2e-3) <= eps <= 0.05
+
+
+# ----------------------------------------------------------------------------- ledger
+
+
+def _charge_plan(ledger, plan, *, replayable=False):
+    ledger.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats", replayable=replayable)
+    ledger.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd", replayable=replayable)
+    for t in range(plan.steps):
+        ledger.charge(DP_SGD, plan.sigma, plan.sample_rate, f"round={t // 5}/step={t % 5}", replayable=replayable)
+
+
+def test_ledger_replay_semantics():
+    led = PrivacyLedger()
+    assert led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", replayable=True)
+    assert not led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", replayable=True)  # identical replay: free
+    assert len(led) == 1
+    assert led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", replayable=False)  # fresh secure noise: charged
+    assert len(led) == 2
+    assert led.charge(DP_SGD, 2.0, 0.1, "round=0/step=0", replayable=True)  # different release, same key
+    assert len(led) == 3
+    assert led.mechanisms() == [Mechanism(DP_SGD, 1.0, 0.1, 2), Mechanism(DP_SGD, 2.0, 0.1, 1)]
+    with pytest.raises(PrivacyError, match="unknown mechanism"):
+        led.charge("laplace", 1.0, 1.0, "x", replayable=False)
+
+
+def test_ledger_file_survives_truncated_last_line(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    led = PrivacyLedger(path)
+    for t in range(3):
+        led.charge(DP_SGD, 1.5, 0.1, f"step={t}", replayable=False)
+    led.charge(CLASS_STATS, 30.0, 1.0, "stats", replayable=False)
+    full = path.read_bytes()
+    assert full.count(b"\n") == 4
+    path.write_bytes(full[:-7])  # a write killed mid-line
+    back = PrivacyLedger.load(path)
+    assert len(back) == 3 and back.mechanisms() == [Mechanism(DP_SGD, 1.5, 0.1, 3)]
+    back.charge(DP_SGD, 1.5, 0.1, "step=3", replayable=False)  # appends cleanly after repair
+    again = PrivacyLedger.load(path)
+    assert len(again) == 4 and again.steps(DP_SGD) == 4
+    # a corrupt line in the middle is not silently skipped
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
+    with pytest.raises(PrivacyError, match="corrupt"):
+        PrivacyLedger.load(path)
+
+
+def test_ledger_state_dict_never_refunds(tmp_path):
+    led = PrivacyLedger()
+    for t in range(4):
+        led.charge(DP_SGD, 1.0, 0.1, f"s{t}", replayable=False)
+    state = json.loads(json.dumps(led.state_dict()))
+    other = PrivacyLedger()
+    other.load_state_dict(state)
+    assert other.mechanisms() == led.mechanisms()
+
+    path = tmp_path / "l.jsonl"
+    filed = PrivacyLedger(path)
+    filed.load_state_dict(state)  # empty file: written
+    filed.charge(DP_SGD, 1.0, 0.1, "s4", replayable=False)  # after the checkpoint
+    resumed = PrivacyLedger.load(path)
+    resumed.load_state_dict(state)  # checkpoint is a prefix: the later charge stays
+    assert resumed.steps(DP_SGD) == 5
+    with pytest.raises(PrivacyError, match="never rewritten"):
+        resumed.load_state_dict({"entries": [dict(state["entries"][0], sigma=9.0)]})
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_ledger_epsilon_equals_plan_and_guard(accountant):
+    plan = _plan(accountant=accountant, steps=40, sample_rate=0.1)
+    led = PrivacyLedger()
+    assert led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, plan.steps)], plan)
+    _charge_plan(led, plan)
+    assert led.epsilon(delta=DELTA, accountant=accountant) == pytest.approx(plan.planned_epsilon, rel=1e-9)
+    assert not led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)], plan)
+    assert led.would_fit([], plan)
+    rows = led.summary(delta=DELTA, accountant=accountant)
+    assert [r["mechanism"] for r in rows] == [CLASS_STATS, MMD_EMBEDDINGS, DP_SGD]
+    assert rows[2]["steps"] == plan.steps and rows[0]["epsilon_alone"] <= 0.1
+
+
+def test_would_fit_counts_uncharged_one_shot_releases():
+    plan = _plan(steps=60, sample_rate=0.1)
+    led = PrivacyLedger()
+    for t in range(plan.steps):
+        led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"s{t}", replayable=False)
+    # one extra step spent now would leave no room for the statistics still to be released
+    assert not led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)], plan)
+    # a noisier extra step is judged exactly by the accountant
+    assert led.would_fit([Mechanism(DP_SGD, 1e4, plan.sample_rate, 1)], plan) is True
+    # re-releasing the statistics twice (secure noise) goes over the plan
+    led.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats", replayable=False)
+    led.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd", replayable=False)
+    assert not led.would_fit([Mechanism(CLASS_STATS, plan.sigma_stats, 1.0, 1)], plan)
+
+
+def test_would_fit_fast_path_skips_accountant(monkeypatch):
+    import fedhypevae.privacy.accounting as acc
+
+    plan = _plan(steps=50)
+    led = PrivacyLedger()
+    calls = []
+    monkeypatch.setattr(acc, "epsilon_of", lambda *a, **k: calls.append(1) or 0.0)
+    for t in range(plan.steps):
+        assert led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)], plan)
+        led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"s{t}", replayable=False)
+    assert calls == []
