@@ -23,7 +23,11 @@ def _add_train(sub) -> None:
                    help="override a config key, e.g. --set privacy.target_epsilon=4 (repeatable)")
     p.add_argument("--out", required=True, help="run directory (config.yaml, results.json, metrics, checkpoints, outputs)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest complete checkpoint")
-    p.add_argument("--backend", default="auto", help="auto, local (more back-ends arrive with the HPC layer)")
+    p.add_argument("--backend", default="auto", choices=["auto", "local", "mpi", "torch"],
+                   help="auto reads the launcher's environment: none -> local, mpiexec/srun -> mpi, torchrun -> torch")
+    p.add_argument("--device", default="cpu", choices=["cpu", "auto", "cuda"],
+                   help="torch.distributed uses NCCL on cuda, gloo on cpu (training itself runs on the CPU in this version)")
+    p.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds (torch back-end)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="no summary")
 

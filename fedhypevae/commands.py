@@ -20,18 +20,38 @@ def _write_json(path: str | None, obj: dict) -> None:
 # ---------------------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    if args.backend not in ("auto", "local"):
-        raise ConfigError(f"--backend {args.backend!r} is not available in this build; valid: auto, local")
-    from hpc import LocalCommunicator
+    from hpc.backend import BackendError, install_failfast, make_communicator
+    from hpc.device import choose_device
+    from hpc.launcher import detect_launcher
 
     from .run import run_training
 
-    comm = LocalCommunicator()
+    info = detect_launcher()
+    try:
+        device = choose_device(info.local_rank, args.device)
+        comm = make_communicator(args.backend, info, device=device, timeout_s=args.timeout)
+    except (BackendError, RuntimeError) as exc:
+        raise ConfigError(str(exc)) from None
+    install_failfast(comm)
     t0 = time.perf_counter()
-    results = run_training(cfg, Path(args.out), comm, resume=args.resume, progress=not args.no_progress,
-                           launcher="none", device="cpu")
+    try:
+        results = run_training(cfg, Path(args.out), comm, resume=args.resume, progress=not args.no_progress,
+                               launcher=info.launcher, device=str(device), catch_signals=True)
+    except FedHypeVAEError as exc:
+        if comm.world_size > 1:  # one rank's error must end every rank, not leave them in a collective
+            print(f"fedhypevae: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True)
+            comm.abort(2)
+        raise
+    if results.get("interrupted"):
+        if comm.is_root:
+            print(f"fedhypevae: stopped by signal {results['signal']} after round {results['round']}; checkpoint "
+                  f"{results['checkpoint']}; epsilon spent so far {results['epsilon_spent']:.4f}. "
+                  f"Continue with: fedhypevae train --resume --out {args.out} ...", file=sys.stderr)
+        comm.close()
+        return 128 + int(results["signal"])
     if comm.is_root and not args.quiet:
         print(format_summary(results, time.perf_counter() - t0))
+    comm.close()
     return 0
 
 

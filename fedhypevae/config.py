@@ -136,6 +136,8 @@ class TrainConfig:
     checkpoint_every: int = 5
     # keep this many complete checkpoints
     keep_checkpoints: int = 2
+    # compare the replicas of Phi across ranks (a cheap checksum reduce) every this many steps; 0: never
+    replica_check_every: int = 10
 
     def __post_init__(self):
         _check(self.rounds >= 1, f"train.rounds must be >= 1; got {self.rounds}")
@@ -145,6 +147,7 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"train.{name} must be > 0; got {getattr(self, name)}")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _check(self.replica_check_every >= 0, "train.replica_check_every must be >= 0")
 
 
 @dataclass

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -125,12 +126,40 @@ def _save_npz(path: Path, **arrays) -> None:
     tmp.replace(path)
 
 
+def _catch_stop_signals(tr: Trainer):
+    previous = {}
+
+    def handler(signum, frame):
+        tr.stop_signal = signum  # acted on at the end of the current round, on every rank together
+
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        previous[sig] = signal.signal(sig, handler)
+
+    def restore():
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return restore
+
+
 def run_training(cfg: Config, out: Path, comm: Optional[Communicator] = None, *, resume: bool = False,
-                 progress: bool = True, launcher: str = "none", device: str = "cpu") -> dict:
+                 progress: bool = True, launcher: str = "none", device: str = "cpu",
+                 catch_signals: bool = False) -> dict:
+    """Train, release statistics, fit the meta-code and write the outputs. With `catch_signals`,
+    SIGTERM/SIGUSR2 make every rank finish its round, checkpoint collectively and return
+    {"interrupted": True, ...}; `resume=True` then continues from that checkpoint."""
     tr = Trainer(cfg, Path(out), comm, resume=resume, progress=progress, launcher=launcher, device=device)
-    tr.setup()
-    clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)  # fail before training, not after
-    tr.train()
+    restore = _catch_stop_signals(tr) if catch_signals else None
+    try:
+        tr.setup()
+        clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)  # fail before training, not after
+        tr.train()
+    finally:
+        if restore:
+            restore()
+    if tr.state.interrupted:
+        tr.writer.close()
+        return {"interrupted": True, "signal": tr.stop_signal, "round": tr.state.round,
+                "epsilon_spent": tr.epsilon_spent(), "checkpoint": str(ckpt.latest_complete(tr.out))}
     moments = release_statistics(tr, clip)
     extra = {}
     if tr.comm.is_root:

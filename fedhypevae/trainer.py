@@ -26,7 +26,7 @@ from hpc.placement import PlacementError
 from . import checkpoint as ckpt
 from .client import DIAG_KEYS, Client
 from .config import Config, save_config
-from .data import Federation, build_federation
+from .data import build_federation, is_shard_dir, read_manifest
 from .errors import CheckpointError, ConfigError, FedHypeVAEError
 from .metrics import MetricWriter
 from .model import HyperNetwork
@@ -39,11 +39,16 @@ RESUME_LOCKED = ("seed", "data", "partition", "model", "federation", "train.roun
 RESUME_FREE_PRIVACY = ("diagnostics",)
 
 
+class ReplicaDivergence(FedHypeVAEError):
+    """The replicas of Phi differ across ranks."""
+
+
 @dataclass
 class TrainState:
     round: int = 0  # rounds completed
     steps: int = 0  # DP-SGD steps completed
     stopped: Optional[str] = None
+    interrupted: bool = False  # a stop signal arrived: checkpoint and exit, resumable
     history: list = field(default_factory=list)
 
 
@@ -82,6 +87,7 @@ class Trainer:
         self.device = device
         self.t0 = time.perf_counter()
         self.comm_seconds = 0.0
+        self.stop_signal: Optional[int] = None  # set by a signal handler; acted on at the next step
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -89,13 +95,17 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self._check_out_dir()
-        fed = build_federation(cfg.data, cfg.partition, cfg.seed)
+        if is_shard_dir(cfg.data.path):
+            # a shard directory: place clients from the manifest's public sizes, then read only ours
+            declared = self._declared_sizes_from(read_manifest(cfg.data.path)["declared_sizes"])
+            self._place(declared)
+            fed = build_federation(cfg.data, cfg.partition, cfg.seed, client_ids=self.placement[comm.rank])
+        else:
+            # one source file: every rank partitions it identically (public seed) and keeps its clients
+            fed = build_federation(cfg.data, cfg.partition, cfg.seed)
+            declared = self._declared_sizes_from(fed.declared_sizes)
+            self._place(declared)
         self.fed = fed
-        declared = self._declared_sizes(fed)
-        try:
-            self.placement = place_clients(declared, comm.world_size)
-        except PlacementError as exc:
-            raise ConfigError(str(exc)) from None
         mine = set(self.placement[comm.rank])
         total = float(sum(declared))
         m = fed.num_clients
@@ -148,13 +158,20 @@ class Trainer:
         if (self.out / "checkpoints").exists() or (self.out / "clients").exists():
             raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
 
-    def _declared_sizes(self, fed: Federation) -> list[int]:
+    def _declared_sizes_from(self, sizes: list[int]) -> list[int]:
         ds = self.cfg.federation.declared_sizes
         if ds is None:
-            return list(fed.declared_sizes)
-        if len(ds) != fed.num_clients or any((not isinstance(s, int)) or s < 1 for s in ds):
-            raise ConfigError(f"federation.declared_sizes must list {fed.num_clients} positive integers; got {ds}")
+            return [int(s) for s in sizes]
+        if len(ds) != len(sizes) or any((not isinstance(s, int)) or s < 1 for s in ds):
+            raise ConfigError(f"federation.declared_sizes must list {len(sizes)} positive integers; got {ds}")
         return list(ds)
+
+    def _place(self, declared: list[int]) -> None:
+        try:
+            self.placement = place_clients(declared, self.comm.world_size)
+        except PlacementError as exc:
+            raise ConfigError(str(exc)) from None
+        self.declared = declared
 
     def _ledger_path(self, cid: int) -> Path:
         return self.out / "clients" / f"client_{cid:05d}" / "ledger.jsonl"
@@ -191,12 +208,33 @@ class Trainer:
         return float(self._allreduce(buf, op="max")[0])
 
     def _step_fits(self) -> bool:
+        """One small collective before every step: may every hosted client afford it? Every rank
+        takes the same decision (ledgers can differ after an interrupted round)."""
         ok = True
         if self.plan is not None:
             step = [Mechanism("dp-sgd", self.plan.sigma, self.cfg.privacy.sample_rate, 1)]
             ok = all(c.ledger.would_fit(step, self.plan) for c in self.clients)
         flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
         return float(self._allreduce(flag, op="max")[0]) == 0.0
+
+    def _agree_stop(self) -> bool:
+        """Has any rank been asked to stop (SIGTERM/SIGUSR2)? Checked collectively at round ends,
+        so that every rank checkpoints the same round and none is left in a collective."""
+        flag = torch.tensor([1.0 if self.stop_signal else 0.0], dtype=torch.float64)
+        return float(self._allreduce(flag, op="max")[0]) > 0
+
+    def check_replicas(self) -> None:
+        """Every rank must hold the same Phi: compare a checksum (sum and weighted sum) by max/min reduce."""
+        if self.comm.world_size == 1:
+            return
+        v = self.flat_phi(self.hyper)
+        w = torch.arange(1, v.numel() + 1, dtype=torch.float64) / v.numel()
+        c = torch.stack([v.sum(), (v * w).sum()])
+        hi, lo = self._allreduce(c.clone(), op="max"), -self._allreduce(-c.clone(), op="max")
+        if not torch.allclose(hi, lo, rtol=1e-9, atol=1e-9):
+            raise ReplicaDivergence(f"rank {self.comm.rank}: the replicas of Phi diverged after {self.state.steps} steps "
+                                    f"(checksums range {lo.tolist()} .. {hi.tolist()}); stopping. This points to a "
+                                    "non-deterministic kernel or a corrupted all-reduce; resume from the last checkpoint.")
 
     def _allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
         t = time.perf_counter()
@@ -259,6 +297,9 @@ class Trainer:
                 diag_total += self._allreduce(buf[P:].clone())
             steps_done += 1
             self.state.steps += 1
+            every = cfg.train.replica_check_every
+            if every and self.state.steps % every == 0:
+                self.check_replicas()
         if delta_mode and steps_done > 0:
             buf = torch.zeros(P, dtype=torch.float64)
             for c in self.clients:
@@ -305,9 +346,11 @@ class Trainer:
                     bar.set_postfix(eps=f"{metrics['privacy/epsilon']:.3f}",
                                     loss=f"{metrics.get('diagnostics/loss', float('nan')):.1f}")
                 every = cfg.train.checkpoint_every
-                if self.state.stopped or (every and (r + 1) % every == 0) or r + 1 == cfg.train.rounds:
-                    self.save_checkpoint()
-                if self.state.stopped:
+                self.state.interrupted = self._agree_stop()
+                if (self.state.stopped or self.state.interrupted or (every and (r + 1) % every == 0)
+                        or r + 1 == cfg.train.rounds):
+                    self.save_checkpoint()  # collective: every rank saves its own clients
+                if self.state.stopped or self.state.interrupted:
                     break
         finally:
             if bar is not None:
@@ -387,7 +430,7 @@ class Trainer:
                          "comm_time_s": self.comm_seconds,
                          "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")}},
             "data": {"source": self.fed.source, "clients": self.fed.num_clients, "classes": self.fed.num_classes,
-                     "dim": self.fed.dim, "transform": self.fed.transform, "declared_sizes": self._declared_sizes(self.fed)},
+                     "dim": self.fed.dim, "transform": self.fed.transform, "declared_sizes": self.declared},
             "provenance": provenance(self.cfg, launcher=self.launcher, comm=self.comm, device=self.device),
             **extra,
         }
