@@ -25,8 +25,9 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest complete checkpoint")
     p.add_argument("--backend", default="auto", choices=["auto", "local", "mpi", "torch"],
                    help="auto reads the launcher's environment: none -> local, mpiexec/srun -> mpi, torchrun -> torch")
-    p.add_argument("--device", default="cpu", choices=["cpu", "auto", "cuda"],
-                   help="torch.distributed uses NCCL on cuda, gloo on cpu (training itself runs on the CPU in this version)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: cuda:LOCAL_RANK when CUDA is present, else cpu; torch.distributed uses NCCL on cuda, "
+                        "gloo on cpu (the CUDA path is untested: the development machine has no GPU)")
     p.add_argument("--timeout", type=float, default=600.0, help="collective timeout in seconds (torch back-end)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--quiet", action="store_true", help="no summary")

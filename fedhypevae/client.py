@@ -38,19 +38,23 @@ def project_code(code: torch.Tensor, radius: float) -> None:
 
 
 class Client:
-    def __init__(self, data: ClientData, *, cfg: Config, num_classes: int, dim: int, ledger: PrivacyLedger):
+    def __init__(self, data: ClientData, *, cfg: Config, num_classes: int, dim: int, ledger: PrivacyLedger,
+                 device: torch.device = torch.device("cpu")):
         self.id = data.client_id
         self.cfg = cfg
         self.num_classes = num_classes
         self.declared_size = int(data.declared_size)
-        self.x = torch.as_tensor(data.x_train, dtype=torch.float32)
-        self.y = torch.as_tensor(data.y_train, dtype=torch.long)
+        self.device = device
+        self.x = torch.as_tensor(data.x_train, dtype=torch.float32, device=device)
+        self.y = torch.as_tensor(data.y_train, dtype=torch.long, device=device)
         m = cfg.model
         with torch.random.fork_rng(devices=[]):
             # public initialization: seeded by (seed, client), never by the rank
             torch.manual_seed(derive_seed(cfg.seed, STREAM_INIT, self.id))
             self.encoder = Encoder(dim, num_classes, m.latent_dim, m.hidden)
             self.code = nn.Parameter(torch.randn(m.code_dim))  # v_i ~ N(0, I) (Algorithm 1)
+        self.encoder.to(device)
+        self.code = nn.Parameter(self.code.detach().to(device))
         project_code(self.code, m.code_radius)
         self.enc_opt = torch.optim.Adam(self.encoder.parameters(), lr=cfg.train.encoder_lr)
         self.code_opt = torch.optim.Adam([self.code], lr=cfg.train.code_lr)
@@ -78,8 +82,8 @@ class Client:
             self.code.copy_(state["code"])
         self.enc_opt.load_state_dict(state["enc_opt"])
         self.code_opt.load_state_dict(state["code_opt"])
-        self.mmd_target = state["mmd_target"]
-        self.mmd_weights = state["mmd_weights"]
+        self.mmd_target = None if state["mmd_target"] is None else state["mmd_target"].to(self.device)
+        self.mmd_weights = None if state["mmd_weights"] is None else state["mmd_weights"].to(self.device)
 
     # -- one-shot release for the MMD term ---------------------------------------------------------
     def release_mmd_embeddings(self, features: RandomFeatures, *, noise_multiplier: float, charge) -> None:
@@ -90,17 +94,18 @@ class Client:
         sums, counts = release_mean_embeddings(self.x, self.y, features=features, num_classes=self.num_classes,
                                                noise_multiplier=noise_multiplier, generator=g)
         counts = counts.clamp(min=0.0)
-        self.mmd_target = (sums / counts.clamp(min=1.0)[:, None]).float()
+        self.mmd_target = (sums / counts.clamp(min=1.0)[:, None]).float().to(self.device)
         total = counts.sum()
-        self.mmd_weights = (counts / total).float() if total > 0 else torch.full((self.num_classes,), 1.0 / self.num_classes)
+        self.mmd_weights = ((counts / total).float() if total > 0 else torch.full((self.num_classes,), 1.0 / self.num_classes)).to(self.device)
 
     # -- the DP step ---------------------------------------------------------------------------------
     def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features: Optional[RandomFeatures]) -> StepOutput:
         cfg, p, m = self.cfg, self.cfg.privacy, self.cfg.model
         g = self.rng.generator(STREAM_STEP, round_, step)
-        idx = poisson_sample(len(self.y), p.sample_rate, g)
+        # coins and noise are drawn on the CPU from the client's generator (the same numbers on any device)
+        idx = poisson_sample(len(self.y), p.sample_rate, g).to(self.device)
         x, y = self.x[idx], self.y[idx]
-        eps = torch.randn(len(idx), m.latent_dim, generator=g)
+        eps = torch.randn(len(idx), m.latent_dim, generator=g).to(self.device)
         literal = m.lambda_mmd > 0 and m.mmd_kind == "literal"
         syn = self._synthetic_noise(g) if literal else ()
         bws = self._bandwidths()
@@ -167,7 +172,8 @@ class Client:
         m, K = self.cfg.model, self.num_classes
         n = m.mmd_synthetic_per_class * K
         syn_y = torch.arange(K).repeat_interleave(m.mmd_synthetic_per_class)
-        return (syn_y, torch.randn(n, m.latent_dim, generator=g), torch.randn(n, self.x.shape[1], generator=g))
+        return (syn_y.to(self.device), torch.randn(n, m.latent_dim, generator=g).to(self.device),
+                torch.randn(n, self.x.shape[1], generator=g).to(self.device))
 
     def _post_noise_loss(self, view: ClientView, g: torch.Generator, features: Optional[RandomFeatures]):
         """lambda_v ||v||^2 plus the data-free part of the MMD term: the synthetic-synthetic kernel

@@ -74,6 +74,7 @@ def add_noise_and_scale(summed: dict[str, torch.Tensor], *, spec: NoiseSpec, gen
     for name in sorted(summed):
         s = summed[name]
         if std > 0:
-            s = s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype)
+            # drawn on the generator's device (the CPU) so that every device gets the same numbers
+            s = s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
         out[name] = s / spec.expected_batch
     return out

@@ -33,7 +33,7 @@ def model_moments(hyper: HyperNetwork, code: torch.Tensor, z_noise: torch.Tensor
     z_noise is (K, M, d_z), fixed across optimizer steps (common random numbers)."""
     K, M, _ = z_noise.shape
     mods, hw = generator_params(hyper, code)
-    y = torch.arange(K).repeat_interleave(M)
+    y = torch.arange(K, device=z_noise.device).repeat_interleave(M)
     x = sample_synthetic(hyper, mods, hw, y, z_noise.reshape(K * M, -1), None).reshape(K, M, -1)
     mean = x.mean(1)
     centered = x - mean[:, None, :]
@@ -46,12 +46,12 @@ def model_moments(hyper: HyperNetwork, code: torch.Tensor, z_noise: torch.Tensor
 def metacode_loss(hyper, code, target: ClassMoments, z_noise, *, beta: float, output_noise: bool) -> torch.Tensor:
     """Eq. 11: sum_y ||E[x(z,y)] - mu_y||^2 + beta ||Cov[x(z,y)] - Sigma_y||_F^2 over valid classes."""
     mean, cov = model_moments(hyper, code, z_noise, output_noise=output_noise)
-    valid = target.valid.to(mean.dtype)
-    loss = ((mean - target.means.to(mean.dtype)).pow(2).sum(-1) * valid)
+    valid = target.valid.to(device=mean.device, dtype=mean.dtype)
+    loss = ((mean - target.means.to(device=mean.device, dtype=mean.dtype)).pow(2).sum(-1) * valid)
     if target.cov is not None:
-        loss = loss + beta * ((cov - target.cov.to(cov.dtype)).pow(2).sum((-1, -2)) * valid)
+        loss = loss + beta * ((cov - target.cov.to(device=cov.device, dtype=cov.dtype)).pow(2).sum((-1, -2)) * valid)
     elif target.var is not None:
-        loss = loss + beta * ((cov.diagonal(dim1=-2, dim2=-1) - target.var.to(cov.dtype)).pow(2).sum(-1) * valid)
+        loss = loss + beta * ((cov.diagonal(dim1=-2, dim2=-1) - target.var.to(device=cov.device, dtype=cov.dtype)).pow(2).sum(-1) * valid)
     return loss.sum() / valid.sum().clamp(min=1.0)
 
 
@@ -59,8 +59,9 @@ def fit_metacode(hyper: HyperNetwork, target: ClassMoments, *, steps: int, lr: f
                  samples_per_class: int, radius: float, output_noise: bool, generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
     """Fit v_o (Phi frozen), starting from the neutral point 0, projected to ||v|| <= r."""
     K = hyper.num_classes
-    z_noise = torch.randn(K, samples_per_class, hyper.latent_dim, generator=generator)
-    code = torch.zeros(hyper.code_dim, requires_grad=True)
+    dev = next(hyper.parameters()).device
+    z_noise = torch.randn(K, samples_per_class, hyper.latent_dim, generator=generator).to(dev)
+    code = torch.zeros(hyper.code_dim, device=dev, requires_grad=True)
     opt = torch.optim.Adam([code], lr=lr)
     trace = []
     if not bool(target.valid.any()):
@@ -100,8 +101,9 @@ def generate(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Tensor, co
              output_noise: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 12/13: z ~ p_omega_o(z | y), x ~ p_theta_o(x | z, y), with theta_o, omega_o from the
     meta-code or the pi-weighted mixture of meta-codes."""
-    mods, hw = generator_params(hyper, codes, weights.to(codes.dtype))
-    y = torch.cat([torch.full((c,), k, dtype=torch.long) for k, c in enumerate(counts)])
-    z_noise = torch.randn(len(y), hyper.latent_dim, generator=generator)
-    x_noise = torch.randn(len(y), hyper.dim, generator=generator) if output_noise else None
+    dev = codes.device
+    mods, hw = generator_params(hyper, codes, weights.to(device=dev, dtype=codes.dtype))
+    y = torch.cat([torch.full((c,), k, dtype=torch.long) for k, c in enumerate(counts)]).to(dev)
+    z_noise = torch.randn(len(y), hyper.latent_dim, generator=generator).to(dev)
+    x_noise = torch.randn(len(y), hyper.dim, generator=generator).to(dev) if output_noise else None
     return sample_synthetic(hyper, mods, hw, y, z_noise, x_noise), y

@@ -199,7 +199,7 @@ def generator_params(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Te
     theta_mix = sum_k pi_k h_theta(v_k), omega_mix = sum_k pi_k h_omega(v_k)."""
     codes = codes.reshape(-1, hyper.code_dim)
     if weights is None:
-        weights = torch.full((codes.shape[0],), 1.0 / codes.shape[0], dtype=codes.dtype)
+        weights = torch.full((codes.shape[0],), 1.0 / codes.shape[0], dtype=codes.dtype, device=codes.device)
     per_code = hyper.decoder_modulation(codes)  # [(d_l (K, r_l), db_l (K, r_l))] per layer
     w = weights[:, None]
     mods = [((w * d).sum(0), (w * db).sum(0)) for d, db in per_code]  # mix the generated parameters

@@ -41,7 +41,7 @@ def stats_clip_norm(cfg: Config, transform: str, dim: int) -> float:
 def _flatten(stats: dict) -> tuple[torch.Tensor, list]:
     keys = sorted(stats)
     layout = [(k, stats[k].shape) for k in keys]
-    return torch.cat([stats[k].reshape(-1).double() for k in keys]), layout
+    return torch.cat([stats[k].reshape(-1).double().cpu() for k in keys]), layout
 
 
 def _unflatten(vec: torch.Tensor, layout: list) -> dict:
@@ -94,7 +94,7 @@ def synthesize(tr: Trainer, moments: Optional[list[ClassMoments]]) -> dict:
     K = cfg.meta.codes
     g = public_generator(cfg.seed, 0x3E7A)
     if moments is None:
-        codes = torch.zeros(1, hyper.code_dim)
+        codes = torch.zeros(1, hyper.code_dim, device=tr.torch_device)
         weights = torch.ones(1, dtype=torch.float64)
         traces, total_counts = [], torch.ones(hyper.num_classes)
     else:
@@ -109,6 +109,7 @@ def synthesize(tr: Trainer, moments: Optional[list[ClassMoments]]) -> dict:
     counts = class_counts(total_counts, samples_per_class=cfg.synth.samples_per_class, balance=cfg.synth.class_balance)
     x, y = generate(hyper, codes, weights, counts, output_noise=cfg.synth.output_noise,
                     generator=public_generator(cfg.seed, 0x5A7))
+    x, y = x.cpu(), y.cpu()
     x_out = invert_transform(x.numpy(), tr.fed.transform, tr.fed.value_range).astype(np.float32)
     _save_npz(tr.out / "synthetic.npz", x=x_out, y=y.numpy().astype(np.int64))
     ckpt.atomic_torch_save(hyper.state_dict(), tr.out / "hypernetwork.pt")

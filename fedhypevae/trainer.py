@@ -85,6 +85,7 @@ class Trainer:
         self.progress = progress and self.comm.is_root
         self.launcher = launcher
         self.device = device
+        self.torch_device = torch.device(device)  # GPU path untested here (no GPU on the development machine)
         self.t0 = time.perf_counter()
         self.comm_seconds = 0.0
         self.stop_signal: Optional[int] = None  # set by a signal handler; acted on at the next step
@@ -116,6 +117,7 @@ class Trainer:
             mc = cfg.model
             self.hyper = HyperNetwork(fed.dim, fed.num_classes, latent_dim=mc.latent_dim, code_dim=mc.code_dim,
                                       hidden=mc.hidden, hyper_hidden=mc.hyper_hidden, label_embed_dim=mc.label_embed_dim)
+        self.hyper.to(self.torch_device)
         if mc.lipschitz is not None:
             self.hyper.project_spectral(mc.lipschitz)
         self.phi_names = [n for n, _ in self.hyper.named_parameters()]
@@ -136,7 +138,8 @@ class Trainer:
             if cd.client_id not in mine:
                 continue
             ledger = PrivacyLedger.load(self._ledger_path(cd.client_id)) if self.resume else PrivacyLedger(path=self._ledger_path(cd.client_id))
-            self.clients.append(Client(cd, cfg=cfg, num_classes=fed.num_classes, dim=fed.dim, ledger=ledger))
+            self.clients.append(Client(cd, cfg=cfg, num_classes=fed.num_classes, dim=fed.dim, ledger=ledger,
+                                       device=self.torch_device))
         self.state = TrainState()
         if comm.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -244,13 +247,13 @@ class Trainer:
 
     # ---------------------------------------------------------------- training
     def flat_phi(self, hyper: HyperNetwork) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).double() for p in hyper.parameters()])
+        return torch.cat([p.detach().reshape(-1).double() for p in hyper.parameters()]).cpu()
 
     def _apply_flat_grad(self, flat: torch.Tensor) -> None:
         off = 0
         for p in self.hyper.parameters():
             n = p.numel()
-            p.grad = flat[off:off + n].view_as(p).to(p.dtype).clone()
+            p.grad = flat[off:off + n].view_as(p).to(device=p.device, dtype=p.dtype).clone()
             off += n
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -261,7 +264,7 @@ class Trainer:
             hyper.project_spectral(self.cfg.model.lipschitz)
 
     def _phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names])
+        return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names]).cpu()  # host buffer
 
     def run_round(self, r: int) -> dict:
         cfg = self.cfg
@@ -306,7 +309,7 @@ class Trainer:
                 buf += self.weights[c.id] * (self.flat_phi(local[c.id]) - start)
             self._allreduce(buf)
             new = start + cfg.federation.server_lr * buf
-            torch.nn.utils.vector_to_parameters(new.float(), self.hyper.parameters())
+            torch.nn.utils.vector_to_parameters(new.float().to(self.torch_device), self.hyper.parameters())
             self._project(self.hyper)
         metrics = {"time/round(s)": time.perf_counter() - t_round,
                    "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before),
@@ -377,7 +380,7 @@ class Trainer:
     def _restore(self, d: Path) -> None:
         shared = ckpt.load(d / "shared.pt", "shared checkpoint")
         self._check_resume_config(shared["config"])
-        self.hyper.load_state_dict(shared["hyper"])
+        self.hyper.load_state_dict(shared["hyper"])  # load_state_dict copies onto our device
         self.opt.load_state_dict(shared["opt"])
         self.state = TrainState(round=shared["round"], steps=shared["steps"], stopped=shared.get("stopped"),
                                 history=shared.get("history", []))
