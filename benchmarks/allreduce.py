@@ -105,7 +105,7 @@ def parse_sizes(text: str) -> list[int]:
 def fmt_bytes(n: int) -> str:
     for unit, k in (("MiB", 1024**2), ("KiB", 1024)):
         if n >= k:
-            return f"{n / k:g} {unit}"
+            return f"{n / k:.4g} {unit}"
     return f"{n} B"
 
 
@@ -129,6 +129,11 @@ def shown(cmd: list[str], tmp: str | None = None) -> str:
     return text.replace(tmp, "TMP") if tmp else text
 
 
+def tool(name: str) -> str:
+    """The venv's own executable when there is one (its mpiexec matches its mpi4py), else the PATH's."""
+    return str(BIN / name) if (BIN / name).exists() else (shutil.which(name) or name)
+
+
 def run(cmd: list[str], timeout: float) -> float:
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=timeout)
@@ -140,7 +145,7 @@ def run(cmd: list[str], timeout: float) -> float:
 def launch_cmd(backend: str, ranks: int, module_args: list[str]) -> list[str]:
     if backend == "mpi":
         # -m mpi4py: an exception on one rank aborts every rank instead of leaving them in a collective
-        return [str(BIN / "mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "benchmarks.allreduce", *module_args]
+        return [tool("mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "benchmarks.allreduce", *module_args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
             "-m", "benchmarks.allreduce", *module_args]
 
@@ -148,8 +153,8 @@ def launch_cmd(backend: str, ranks: int, module_args: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------ part 2
 def train_share(ranks: int, rounds: int, tmp: str) -> dict:
     out = Path(tmp) / f"train_{ranks}"
-    exe = [str(BIN / "fedhypevae")] if (BIN / "fedhypevae").exists() else [sys.executable, "-m", "fedhypevae.cli"]
-    cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *exe, "train", "--config", "default", "--out", str(out),
+    exe = [tool("fedhypevae")] if (BIN / "fedhypevae").exists() else [sys.executable, "-m", "fedhypevae.cli"]
+    cmd = [tool("mpiexec"), "-n", str(ranks), *exe, "train", "--config", "default", "--out", str(out),
            "--no-progress", "--quiet", "--set", f"train.rounds={rounds}"]
     wall = run(cmd, timeout=900)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -205,10 +210,6 @@ def machine_info() -> dict:
             "omp_num_threads": child_env()["OMP_NUM_THREADS"]}
 
 
-def ranks_of(res: dict) -> list[int]:
-    return [j["ranks"] for j in res["micro"]] + [t["ranks"] for t in res["train"]] or [1]
-
-
 def label(size: int, extras: dict) -> str:
     return fmt_bytes(size) + (f" ({extras[size]})" if size in extras else "")
 
@@ -237,6 +238,10 @@ def markdown(res: dict) -> str:
             out.append("| " + " | ".join(cells) + " |")
         bad = [f"{j['backend']} x{j['ranks']} {fmt_bytes(r['bytes'])}" for j in ok for r in j["rows"] if not r["correct"]]
         out += ["", "Every checked sum was correct." if not bad else "WRONG SUMS: " + ", ".join(bad)]
+        over = sorted({j["ranks"] for j in ok if j["ranks"] > (m["usable_cores"] or 1)})
+        if over:
+            out[-1] += (f" With {', '.join(map(str, over))} ranks on {m['usable_cores']} cores the ranks share cores: "
+                        "a waiting MPICH rank busy-polls, so those columns measure scheduling as much as the reduction.")
         out += ["", "Rank 0's own median (ms), for comparison: " + "; ".join(
             f"{j['backend']} x{j['ranks']}: " + ", ".join(f"{r['rank0_median_ms']:.3f}" for r in j["rows"]) for j in ok)]
     for j in jobs:
@@ -260,9 +265,8 @@ def markdown(res: dict) -> str:
             out.append(f"| {t['ranks']} | {t['rounds']} | {t['median_round_s']:.3f} | {t['median_comm_ms']:.1f} | "
                        f"{100 * t['share']:.1f} % | {'-' if est is None else f'{est:.2f}'} | {t['wall_s']:.1f} |")
     out += ["", "## Commands", "", "```", f"python -m benchmarks.allreduce {' '.join(res['argv'])}"]
-    out += [j["command"] for j in jobs if "command" in j] + [t["command"] for t in tr if "command" in t]
+    out += [t["command"] for t in tr if "command" in t] + [j["command"] for j in jobs if "command" in j]
     out += ["```", "", "TMP is a scratch folder; TMP/spec_*.json is written by the parent (sizes, repetitions, warm-up). "
-            f"{max(ranks_of(res))} ranks on {m['usable_cores']} cores oversubscribe them; MPICH ranks busy-poll while they wait. "
             "Micro runs: " + ", ".join(f"{j['backend']} x{j['ranks']} {j['wall_s']:.1f} s" for j in ok) + "."]
     return "\n".join(out) + "\n"
 
@@ -330,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--ranks: all-reduce needs at least 2 ranks (1 rank is run as the training reference anyway)")
     sizes = parse_sizes(args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES))
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 8)
-    if not (BIN / "mpiexec").exists() and shutil.which("mpiexec"):
-        globals()["BIN"] = Path(shutil.which("mpiexec")).parent
 
     t0 = time.perf_counter()
     res = {"argv": argv, "quick": args.quick, "machine": machine_info(), "extra_sizes": {str(FLAG_BYTES): "flag"},

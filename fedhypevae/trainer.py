@@ -125,6 +125,11 @@ class Trainer:
         opt_cls = torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD
         self.opt = opt_cls(self.hyper.parameters(), lr=cfg.train.lr)
 
+        # diagnostics are functions of private data (outside the guarantee): with privacy.diagnostics
+        # false they never leave the client; only the public client count travels
+        self.send_diagnostics = cfg.privacy.diagnostics or not cfg.privacy.enabled
+        self._public_diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
+        self._public_diag[DIAG_KEYS.index("clients")] = 1.0
         self.use_mmd_release = cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf"
         self.plan = make_plan(cfg, use_mmd=self.use_mmd_release)
         self.features = None
@@ -291,7 +296,7 @@ class Trainer:
                     self._local_phi_step(hyper, out.phi_grad)
                 else:
                     buf[:P] += self.weights[c.id] * self._phi_vector(out.phi_grad)
-                buf[P:] += out.diag
+                buf[P:] += out.diag if self.send_diagnostics else self._public_diag
             if not delta_mode:
                 self._allreduce(buf)  # the one collective of a step: noisy gradients + diagnostics
                 self._apply_flat_grad(buf[:P])
@@ -315,7 +320,7 @@ class Trainer:
                    "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before),
                    "privacy/epsilon": self.epsilon_spent(),
                    "train/steps": float(self.state.steps)}
-        if cfg.privacy.diagnostics or not cfg.privacy.enabled:
+        if self.send_diagnostics:
             d = dict(zip(DIAG_KEYS, diag_total.tolist()))
             n = max(d["batch"], 1.0)
             metrics.update({"diagnostics/recon_nll": d["nll_sum"] / n, "diagnostics/kl": d["kl_sum"] / n,
