@@ -1,7 +1,7 @@
 """What one all-reduce costs through the product's communicators, and what share of a round it takes.
 
-    python -m benchmarks.allreduce --out runs/bench-allreduce            # full: ~10 min on 2 cores
-    python -m benchmarks.allreduce --out /tmp/b --quick                  # ~1.5 min
+    python -m benchmarks.allreduce --out runs/bench-allreduce            # full: ~2 min on 2 shared cores
+    python -m benchmarks.allreduce --out /tmp/b --quick                  # ~1.5 min (training runs dominate)
     python -m benchmarks.allreduce --out /tmp/b --ranks 2 --backends mpi --sizes 1K,1M
 
 1. Micro-benchmark. For every back-end x ranks the parent starts a job of workers

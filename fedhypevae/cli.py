@@ -18,7 +18,8 @@ def _add_train(sub) -> None:
                        description="Train FedHypeVAE. Shipped configs (use the name or a path): "
                                    + ", ".join(shipped_configs()) + ".",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="default", help="YAML config file, or the name of a shipped config")
+    p.add_argument("--config", default=None,
+                   help="YAML config file, or the name of a shipped config (default: default; with --resume: the run's own config.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set privacy.target_epsilon=4 (repeatable)")
     p.add_argument("--out", required=True, help="run directory (config.yaml, results.json, metrics, checkpoints, outputs)")

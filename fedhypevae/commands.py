@@ -19,7 +19,11 @@ def _write_json(path: str | None, obj: dict) -> None:
 
 # ---------------------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
-    cfg = load_config(args.config, args.overrides)
+    config = args.config
+    if config is None:
+        own = Path(args.out) / "config.yaml"
+        config = str(own) if args.resume and own.is_file() else "default"
+    cfg = load_config(config, args.overrides)
     from hpc.backend import BackendError, install_failfast, make_communicator
     from hpc.device import choose_device
     from hpc.launcher import detect_launcher

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import yaml
 
 from hpc import Communicator, LocalCommunicator, place_clients
 from hpc.placement import PlacementError
@@ -142,16 +143,19 @@ class Trainer:
         for cd in fed.clients:
             if cd.client_id not in mine:
                 continue
-            ledger = PrivacyLedger.load(self._ledger_path(cd.client_id)) if self.resume else PrivacyLedger(path=self._ledger_path(cd.client_id))
+            # opening an existing ledger file continues it: what was charged stays charged
+            ledger = PrivacyLedger(path=self._ledger_path(cd.client_id))
             self.clients.append(Client(cd, cfg=cfg, num_classes=fed.num_classes, dim=fed.dim, ledger=ledger,
                                        device=self.torch_device))
         self.state = TrainState()
+        start = ckpt.latest_complete(self.out) if self.resume else None
+        if self.resume:  # refuse before anything is written or released
+            saved = yaml.safe_load((self.out / "config.yaml").read_text())
+            self._check_resume_config(saved)
         if comm.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
         self.writer = MetricWriter(self.out, enabled=comm.is_root)
-
-        start = ckpt.latest_complete(self.out) if self.resume else None
         if start is not None:
             self._restore(start)
         else:

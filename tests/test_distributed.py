@@ -370,7 +370,6 @@ def test_sigterm_checkpoints_collectively_and_resumes_on_one_process(launch, run
             os.kill(pid, signal.SIGTERM)
     r = job.wait(FAIL_FAST_S)
     stop_s = time.monotonic() - t_sig
-    print(f"DBG stop {stop_s:.1f} s, launched->stopped {r.seconds:.1f} s")
     assert r.returncode != 0, r.show()
     assert stop_s < FAIL_FAST_S
     assert "stopped by signal 15" in r.stderr and "--resume" in r.stderr, r.show()
@@ -386,11 +385,9 @@ def test_sigterm_checkpoints_collectively_and_resumes_on_one_process(launch, run
 
     # resume on ONE process (another world size), same overrides
     r = run(train_cmd(out, *RESUMABLE, "--resume"), timeout=120, name="resume")
-    print(f"DBG resume {r.seconds:.1f}")
     assert r.returncode == 0, r.show()
     # the same run, never interrupted
     r = run(train_cmd(ref, *RESUMABLE), timeout=120, name="reference")
-    print(f"DBG ref {r.seconds:.1f}")
     assert r.returncode == 0, r.show()
 
     got, want = results(out), results(ref)

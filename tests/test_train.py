@@ -117,6 +117,15 @@ def test_resume_refuses_changed_privacy_settings(tmp_path):
     _interrupt_after(tiny(), tmp_path / "run", rounds=1)
     with pytest.raises(CheckpointError, match="privacy.target_epsilon"):
         run_training(tiny("privacy.target_epsilon=4"), tmp_path / "run", resume=True, progress=False)
+    assert load_config(str(tmp_path / "run" / "config.yaml")).privacy.target_epsilon == 2.0  # left as it was
+
+
+def test_resume_without_config_uses_the_runs_own(tmp_path, capsys):
+    from fedhypevae.cli import main
+
+    _interrupt_after(tiny("train.rounds=2"), tmp_path / "run", rounds=1)
+    assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--no-progress", "--quiet"]) == 0
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["training"]["rounds"] == 2
 
 
 def test_a_second_run_into_the_same_directory_is_refused(tmp_path):

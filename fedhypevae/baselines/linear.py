@@ -1,0 +1,383 @@
+"""Linear-classifier baselines on real embeddings: local-only, FedAvg / FedProx (non-private and
+DP-SGD), and the pooled non-private upper bound.
+
+Every baseline is scored the same way: per client, on that client's own test split, accuracy and
+balanced accuracy (mean recall over the classes present in that client's test split), plus
+mean / std over clients. Test splits never touch training.
+
+Preprocessing:
+  * federated models (FedAvg, FedProx) use the features exactly as they are in the federation
+    (already in the public, fixed per-record transform): nothing is fitted on pooled data, and a
+    shared model cannot use client-local standardization;
+  * local-only: each client standardizes with statistics of its own train split only;
+  * pooled (the non-private upper bound, where pooling is the point): standardization fitted on
+    the union of the train splits.
+
+DP variant (DP-SGD, DESIGN §1): per local step, a Poisson batch at rate q from the client's
+private generator, per-sample gradients over (W, b) clipped jointly to C, summed, N(0, sigma^2 C^2)
+added (also for an empty batch, which still counts as a step), divided by the public expected batch
+q * declared size. One local epoch is ceil(1/q) such steps. sigma is calibrated before training with
+``plan_budget`` over every step that will run (rounds x local epochs x ceil(1/q)); each client
+charges its ``PrivacyLedger`` before each step. The FedProx proximal term mu (w - w_global) does not
+touch private data and is added after the noise (post-processing). Aggregation weights are the
+declared (public) sizes, or uniform.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample
+from ..errors import ConfigError, DataError
+from ..model import one_hot
+from ..privacy import DP_SGD, Mechanism, PrivacyLedger, plan_budget
+from ..rng import STREAM_STEP, ClientRNG, public_generator
+
+SAMPLINGS = ("shuffle", "poisson")
+WEIGHTS = ("declared", "uniform")
+
+
+# --------------------------------------------------------------------------- metrics and scoring
+
+
+def accuracy(y_true, y_pred) -> float:
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean recall over the classes present in ``y_true``."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.unique(y_true)
+    if len(classes) == 0:
+        return float("nan")
+    return float(np.mean([(y_pred[y_true == k] == k).mean() for k in classes]))
+
+
+def summarize(rows: list) -> dict:
+    """Mean and (population, ddof=0) std over clients of accuracy and balanced accuracy."""
+    out = {"clients": len(rows)}
+    for key in ("accuracy", "balanced_accuracy"):
+        v = np.array([r[key] for r in rows], dtype=float)
+        out[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
+        out[f"{key}_std"] = float(v.std()) if len(v) else float("nan")
+    return out
+
+
+def score_clients(fed, predict: Callable[[object, np.ndarray], np.ndarray]) -> list:
+    """One row per client: ``predict(client, x_test)`` scored on that client's own test split."""
+    rows = []
+    for c in sorted(fed.clients, key=lambda c: c.client_id):
+        pred = np.asarray(predict(c, np.asarray(c.x_test, np.float32)))
+        rows.append({"client": int(c.client_id), "n_test": int(len(c.y_test)),
+                     "accuracy": accuracy(c.y_test, pred), "balanced_accuracy": balanced_accuracy(c.y_test, pred)})
+    return rows
+
+
+def _require_all_clients(fed, what: str) -> None:
+    if len(fed.clients) != fed.num_clients:
+        raise DataError(f"the {what} baseline needs every client of the federation in this process; only "
+                        f"{len(fed.clients)} of {fed.num_clients} are loaded (build the federation without client_ids)")
+
+
+def _result(name: str, rows: list, *, privacy: Optional[dict], settings: dict, started: float, **extra) -> dict:
+    out = {"baseline": name, "private": privacy is not None, "clients": rows, "summary": summarize(rows),
+           "privacy": privacy, "settings": settings, "wall_s": time.perf_counter() - started}
+    out.update(extra)
+    return out
+
+
+# --------------------------------------------------------------------------- sklearn classifiers
+
+
+class _Constant:
+    """Stand-in for a client whose train split holds one class only."""
+
+    def __init__(self, label: int):
+        self.label = int(label)
+
+    def predict(self, x):
+        return np.full(len(x), self.label, dtype=np.int64)
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, *, standardize: bool = True, seed: int = 0, max_iter: int = 2000):
+    """Class-balanced multinomial logistic regression; standardization fitted on (x, y) only."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x, y = np.asarray(x, np.float64), np.asarray(y)
+    if len(np.unique(y)) < 2:
+        return _Constant(y[0])
+    clf = LogisticRegression(class_weight="balanced", max_iter=max_iter, random_state=seed)
+    model = make_pipeline(StandardScaler(), clf) if standardize else clf
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=ConvergenceWarning)
+        model.fit(x, y)
+    return model
+
+
+def local_only(fed, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000) -> dict:
+    """Each client alone: its own classifier on its own train split, scored on its own test split."""
+    t0 = time.perf_counter()
+    models = {c.client_id: fit_logreg(c.x_train, c.y_train, standardize=standardize, seed=seed, max_iter=max_iter)
+              for c in fed.clients}
+    rows = score_clients(fed, lambda c, x: models[c.client_id].predict(x))
+    return _result("local", rows, privacy=None, started=t0,
+                   settings={"seed": seed, "standardize": standardize, "max_iter": max_iter,
+                             "classifier": "sklearn LogisticRegression(class_weight=balanced)"})
+
+
+def pooled(fed, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000) -> dict:
+    """Non-private upper bound: one classifier on the union of all train splits, scored per client."""
+    t0 = time.perf_counter()
+    _require_all_clients(fed, "pooled")
+    x = np.concatenate([c.x_train for c in fed.clients])
+    y = np.concatenate([c.y_train for c in fed.clients])
+    model = fit_logreg(x, y, standardize=standardize, seed=seed, max_iter=max_iter)
+    rows = score_clients(fed, lambda c, xt: model.predict(xt))
+    return _result("pooled", rows, privacy=None, started=t0,
+                   settings={"seed": seed, "standardize": standardize, "max_iter": max_iter,
+                             "classifier": "sklearn LogisticRegression(class_weight=balanced)"})
+
+
+def augment_scores(fed, x_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0, standardize: bool = True,
+                   max_iter: int = 2000) -> list:
+    """Per client: class-balanced logistic regression on its real train split plus the synthetic set
+    (standardization fitted on the client's real train split only), scored on its own test split."""
+    from sklearn.preprocessing import StandardScaler
+
+    x_syn = np.asarray(x_syn, np.float64)
+    y_syn = np.asarray(y_syn)
+    models = {}
+    for c in fed.clients:
+        scaler = StandardScaler().fit(np.asarray(c.x_train, np.float64)) if standardize else None
+        tf = (lambda a, s=scaler: s.transform(np.asarray(a, np.float64))) if standardize else (lambda a: np.asarray(a, np.float64))
+        x = np.concatenate([tf(c.x_train), tf(x_syn)])
+        y = np.concatenate([np.asarray(c.y_train), y_syn])
+        models[c.client_id] = (tf, fit_logreg(x, y, standardize=False, seed=seed, max_iter=max_iter))
+    return score_clients(fed, lambda c, x: models[c.client_id][1].predict(models[c.client_id][0](x)))
+
+
+# --------------------------------------------------------------------------- federated linear models
+
+
+class LinearCE(nn.Module):
+    """Multinomial logistic regression; returns the per-sample cross-entropy (and it again as aux)."""
+
+    def __init__(self, dim: int, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.linear = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        logp = F.log_softmax(self.linear(x), dim=-1)
+        loss = -(logp * one_hot(y, self.num_classes, logp.dtype)).sum(-1)
+        return loss, (loss,)
+
+
+PARAM_NAMES = ["linear.bias", "linear.weight"]
+
+
+@dataclass
+class DPSpec:
+    """DP-SGD settings of a federated linear run (sigma already calibrated, or forced)."""
+
+    noise_multiplier: float
+    clip_norm: float
+    sample_rate: float
+
+
+def aggregation_weights(fed, weights: str) -> dict:
+    """w_i from the declared (public) sizes, or uniform; never from the true sizes."""
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights must be one of {', '.join(WEIGHTS)}; got {weights!r}")
+    ids = [c.client_id for c in fed.clients]
+    if weights == "uniform":
+        return {i: 1.0 / len(ids) for i in ids}
+    sizes = {i: float(fed.declared_sizes[i]) for i in ids}
+    total = sum(sizes.values())
+    return {i: s / total for i, s in sizes.items()}
+
+
+def steps_per_epoch(sample_rate: float) -> int:
+    """Poisson steps that make one expected pass over the data: ceil(1/q)."""
+    return int(math.ceil(1.0 / sample_rate - 1e-12))
+
+
+def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: float = 0.0, batch_size: int = 32,
+                         sampling: str = "shuffle", sample_rate: float = 0.1, dp: Optional[DPSpec] = None,
+                         seed: int = 0, noise_seed: Optional[int] = None, weights: str = "declared",
+                         ledgers: Optional[dict] = None, on_step: Optional[Callable] = None) -> dict:
+    """Train a global linear model with FedAvg (mu = 0) or FedProx (mu > 0); no accounting here.
+
+    ``sampling``: ``shuffle`` (non-private only: minibatches of ``batch_size`` over a public
+    permutation, loss = batch mean) or ``poisson`` (rate ``sample_rate``, ceil(1/q) steps per local
+    epoch, sum of per-sample gradients / (q * declared size)). With ``dp`` the Poisson batch's
+    per-sample gradients are clipped and noised (dp_step). ``on_step(client, round, step)`` runs
+    before each DP step (the caller charges its ledger there). Coins and noise come from
+    ``ClientRNG(client, noise_seed)``: secure when noise_seed is None and dp is set; the non-private
+    Poisson mode uses noise_seed, else the public ``seed`` (nothing private to protect).
+    Returns {"weight": (K, d), "bias": (K,)} as float32 tensors.
+    """
+    if sampling not in SAMPLINGS:
+        raise ConfigError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {sampling!r}")
+    if dp is not None:
+        sampling, sample_rate = "poisson", dp.sample_rate
+    if rounds < 1 or local_epochs < 1 or lr <= 0 or mu < 0 or batch_size < 1 or not (0 < sample_rate <= 1):
+        raise ConfigError(f"need rounds >= 1, local_epochs >= 1, lr > 0, mu >= 0, batch_size >= 1, 0 < q <= 1; got "
+                          f"rounds={rounds}, local_epochs={local_epochs}, lr={lr}, mu={mu}, batch_size={batch_size}, "
+                          f"q={sample_rate}")
+    _require_all_clients(fed, "federated linear")
+    K, d = fed.num_classes, fed.dim
+    w_agg = aggregation_weights(fed, weights)
+    model = LinearCE(d, K)
+    with torch.no_grad():  # zero init: deterministic, no public seed needed
+        model.linear.weight.zero_()
+        model.linear.bias.zero_()
+    global_state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = {c.client_id: (torch.as_tensor(np.asarray(c.x_train, np.float32)), torch.as_tensor(np.asarray(c.y_train, np.int64)))
+            for c in fed.clients}
+    rngs = {}
+    for c in fed.clients:
+        if dp is not None:
+            rngs[c.client_id] = ClientRNG(c.client_id, noise_seed)
+        else:
+            rngs[c.client_id] = ClientRNG(c.client_id, noise_seed if noise_seed is not None else seed)
+    spe = steps_per_epoch(sample_rate)
+    params = dict(model.named_parameters())
+
+    for r in range(rounds):
+        new_state = {n: torch.zeros_like(t) for n, t in global_state.items()}
+        for c in sorted(fed.clients, key=lambda c: c.client_id):
+            cid = c.client_id
+            x, y = data[cid]
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(global_state[n])
+            expected = sample_rate * float(fed.declared_sizes[cid])  # public normalizer
+            step = 0
+            for e in range(local_epochs):
+                if sampling == "shuffle":
+                    perm = torch.randperm(len(y), generator=public_generator(seed, 101, cid, r, e))
+                    batches = [perm[i:i + batch_size] for i in range(0, len(y), batch_size)]
+                else:
+                    batches = [None] * spe
+                for idx in batches:
+                    if sampling == "shuffle":
+                        xb, yb = x[idx], y[idx]
+                        loss, _ = model(xb, yb)
+                        grads = torch.autograd.grad(loss.mean(), [params[n] for n in PARAM_NAMES])
+                        g = dict(zip(PARAM_NAMES, grads))
+                    else:
+                        gen = rngs[cid].generator(STREAM_STEP, r, step)
+                        if dp is not None and on_step is not None:
+                            on_step(cid, r, step)
+                        idx = poisson_sample(len(y), sample_rate, gen)
+                        xb, yb = x[idx], y[idx]
+                        if dp is not None:
+                            if len(idx) == 0:  # still noised, released and counted
+                                summed = {n: torch.zeros_like(params[n]) for n in PARAM_NAMES}
+                            else:
+                                psg, _ = per_sample_grads(model, PARAM_NAMES, (xb, yb))
+                                summed, _ = clip_and_sum(psg, dp.clip_norm)
+                            g = add_noise_and_scale(summed, spec=NoiseSpec(dp.noise_multiplier, dp.clip_norm, expected),
+                                                    generator=gen)
+                        elif len(idx) == 0:
+                            g = {n: torch.zeros_like(params[n]) for n in PARAM_NAMES}
+                        else:
+                            loss, _ = model(xb, yb)
+                            grads = torch.autograd.grad(loss.sum() / expected, [params[n] for n in PARAM_NAMES])
+                            g = dict(zip(PARAM_NAMES, grads))
+                    with torch.no_grad():
+                        for n in PARAM_NAMES:
+                            upd = g[n]
+                            if mu > 0:  # proximal term: no private data, added after the noise
+                                upd = upd + mu * (params[n] - global_state[n])
+                            params[n].sub_(lr * upd)
+                    step += 1
+            with torch.no_grad():
+                for n in PARAM_NAMES:
+                    new_state[n] += w_agg[cid] * params[n].detach()
+        global_state = new_state
+    return {"weight": global_state["linear.weight"].clone(), "bias": global_state["linear.bias"].clone()}
+
+
+def predict_linear(state: dict, x: np.ndarray) -> np.ndarray:
+    logits = torch.as_tensor(np.asarray(x, np.float32)) @ state["weight"].T + state["bias"]
+    return logits.argmax(-1).numpy()
+
+
+def federated_linear(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-4, private: bool = False,
+                     mu: float = 0.0, rounds: int = 20, local_epochs: int = 1, lr: float = 0.5, batch_size: int = 32,
+                     sampling: str = "shuffle", clip_norm: float = 1.0, sample_rate: float = 0.1,
+                     accountant: str = "rdp", noise_seed: Optional[int] = None,
+                     noise_multiplier: Optional[float] = None, weights: str = "declared", name: Optional[str] = None) -> dict:
+    """FedAvg (mu = 0) / FedProx (mu > 0) logistic regression on the real embeddings.
+
+    ``private``: DP-SGD at (epsilon, delta); sigma calibrated by ``plan_budget`` over all
+    rounds * local_epochs * ceil(1/q) steps before training (or ``noise_multiplier`` checked
+    against the budget), every step charged to each client's ledger first. Non-private runs
+    ignore epsilon/delta; they use ``sampling`` (shuffle minibatches by default, or poisson).
+    """
+    t0 = time.perf_counter()
+    name = name or ("fedprox" if mu > 0 else "fedavg") + ("-dp" if private else "")
+    settings = {"seed": seed, "mu": mu, "rounds": rounds, "local_epochs": local_epochs, "lr": lr, "weights": weights,
+                "init": "zeros", "features": "as in the federation (no standardization)"}
+    privacy = None
+    if private:
+        steps = rounds * local_epochs * steps_per_epoch(sample_rate)
+        plan = plan_budget(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                           accountant=accountant, stats_fraction=0.0, mmd_fraction=0.0, use_stats=False,
+                           use_mmd=False, noise_multiplier=noise_multiplier)
+        ledgers = {c.client_id: PrivacyLedger() for c in fed.clients}
+        replayable = noise_seed is not None
+        one = [Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)]
+
+        def charge(cid, r, s):
+            led = ledgers[cid]
+            if not led.would_fit(one, plan):
+                from ..errors import PrivacyError
+                raise PrivacyError(f"client {cid}: step {s} of round {r} would exceed the budget epsilon={epsilon:g}")
+            led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"r{r}s{s}", replayable=replayable)
+
+        state = fit_federated_linear(fed, rounds=rounds, local_epochs=local_epochs, lr=lr, mu=mu,
+                                     dp=DPSpec(plan.sigma, clip_norm, sample_rate), seed=seed,
+                                     noise_seed=noise_seed, weights=weights, on_step=charge)
+        privacy = ledger_summary(ledgers, plan, clip_norm=clip_norm, noise_seed=noise_seed)
+        settings.update({"sampling": "poisson", "sample_rate": sample_rate, "clip_norm": clip_norm,
+                         "steps_per_epoch": steps_per_epoch(sample_rate)})
+    else:
+        state = fit_federated_linear(fed, rounds=rounds, local_epochs=local_epochs, lr=lr, mu=mu,
+                                     batch_size=batch_size, sampling=sampling, sample_rate=sample_rate, seed=seed,
+                                     noise_seed=noise_seed, weights=weights)
+        settings.update({"sampling": sampling})
+        settings.update({"batch_size": batch_size} if sampling == "shuffle" else
+                        {"sample_rate": sample_rate, "steps_per_epoch": steps_per_epoch(sample_rate)})
+    rows = score_clients(fed, lambda c, x: predict_linear(state, x))
+    return _result(name, rows, privacy=privacy, settings=settings, started=t0,
+                   model={"weight": state["weight"].numpy(), "bias": state["bias"].numpy()})
+
+
+def ledger_summary(ledgers: dict, plan, *, clip_norm: float, noise_seed: Optional[int]) -> dict:
+    """Privacy facts of a DP baseline from the clients' ledgers (all clients share q, so one epsilon)."""
+    eps = {cid: led.epsilon(delta=plan.delta, accountant=plan.accountant) for cid, led in ledgers.items()}
+    steps = {cid: led.steps() for cid, led in ledgers.items()}
+    return {
+        "epsilon_spent": max(eps.values()), "target_epsilon": plan.target_epsilon,
+        "planned_epsilon": plan.planned_epsilon, "delta": plan.delta, "sigma": plan.sigma,
+        "sample_rate": plan.sample_rate, "steps": max(steps.values()), "planned_steps": plan.steps,
+        "accountant": plan.accountant, "clip_norm": clip_norm, "unit": "one record of one client's train split",
+        "weights_and_normalizers": "declared sizes (public)", "formal_guarantee": True,
+        "noise": "reproducible (noise_seed set): not for release" if noise_seed is not None else "secure",
+        "noise_seed": noise_seed,
+    }
