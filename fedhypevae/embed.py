@@ -64,8 +64,11 @@ class Encoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, *, name: str, source: str, patch_size: Optional[int] = None):
         super().__init__()
-        self.backbone = backbone.eval().requires_grad_(False)
+        self.backbone = backbone
+        for p in backbone.parameters():  # a loop, not requires_grad_(): ScriptModules refuse the latter
+            p.requires_grad_(False)
         self.name, self.source, self.patch_size = name, source, patch_size
+        self.train(False)
 
     def train(self, mode: bool = True) -> "Encoder":  # frozen: dropout / batch-norm stay in eval mode
         return super().train(False)
@@ -101,7 +104,7 @@ def pool_output(out) -> torch.Tensor:
     raise ModelLoadError(f"cannot find an embedding in the encoder output of type {type(out).__name__}")
 
 
-def resolve_source(name: str, source: str = "auto", weights: Optional[PathLike] = None) -> str:
+def resolve_source(name: str, source: str = "auto") -> str:
     """``auto``: an existing file -> local, ``org/model`` -> hf, ``dinov2_vit?14`` -> hub, else timm."""
     if source not in SOURCES:
         raise ModelLoadError(f"unknown encoder source {source!r}; valid: {', '.join(SOURCES)}")
@@ -124,7 +127,7 @@ def load_encoder(name: str, *, source: str = "auto", weights: Optional[PathLike]
     ``weights`` is a local file/directory used instead of a download. ``image_size`` is passed to
     timm so position embeddings match the input. Failures raise ``ModelLoadError`` saying what to do.
     """
-    src = resolve_source(name, source, weights)
+    src = resolve_source(name, source)
     if weights is not None and not Path(weights).exists():
         raise ModelLoadError(f"--weights {weights} does not exist; give the path of the downloaded weights")
     loader = {"hub": _load_hub, "timm": _load_timm, "hf": _load_hf, "local": _load_local}[src]
@@ -134,7 +137,7 @@ def load_encoder(name: str, *, source: str = "auto", weights: Optional[PathLike]
 
 def _offline_hint(src: str, name: str, exc: BaseException) -> ModelLoadError:
     what = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, (OSError, ConnectionError, TimeoutError)):  # URLError, HTTPError, socket errors
+    if _looks_offline(exc):
         return ModelLoadError(
             f"cannot fetch model {name!r} from {src} ({what}). With no network access to the model hub, download "
             "the weights on a machine with access and pass --weights PATH, or save the whole model with "
@@ -142,9 +145,31 @@ def _offline_hint(src: str, name: str, exc: BaseException) -> ModelLoadError:
     return ModelLoadError(f"cannot load model {name!r} from {src} ({what}); check the model name and --weights")
 
 
+_OFFLINE_WORDS = ("internet connection", "network", "connect", "name or service not known", "resolve host",
+                  "getaddrinfo", "urlopen", "timed out", "offline")
+
+
+def _looks_offline(exc: BaseException) -> bool:
+    """URLError/HTTPError/socket errors are OSErrors; torch hub says 'no internet connection' in a RuntimeError."""
+    for _ in range(10):  # the cause chain, bounded
+        if exc is None:
+            return False
+        if isinstance(exc, (OSError, ConnectionError, TimeoutError)):
+            return True
+        if any(w in str(exc).lower() for w in _OFFLINE_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _state_dict(path: PathLike, src: str, name: str) -> dict:
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file  # installed with timm / transformers
+
+            sd = load_file(str(path))
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ModelLoadError(f"cannot read --weights {path} for {src} model {name!r} as a state dict "
                              f"({type(exc).__name__}: {exc}); for a whole saved model use --source local") from None
@@ -186,12 +211,12 @@ def _load_timm(name, *, weights, hub_repo, image_size):
     kwargs = {"num_classes": 0}  # num_classes=0: the pooled (CLS for DINOv2) features, no head
     if image_size is not None and "patch" in name:
         kwargs["img_size"] = image_size  # resample position embeddings to the input size
+    if weights is not None:  # timm's own loader: its checkpoint filter resamples position embeddings
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
     try:
-        model = timm.create_model(name, pretrained=weights is None, **kwargs)
+        model = timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:
         raise _offline_hint("timm", name, exc) from None
-    if weights is not None:
-        _load_sd_into(model, weights, "timm", name)
     m = re.search(r"patch(\d+)", name)
     return model, int(m.group(1)) if m else None
 
@@ -269,7 +294,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def _to_float_rgb(arr: np.ndarray) -> torch.Tensor:
     """uint8 (B, H, W) grey or (B, H, W, 3) RGB -> float (B, 3, H, W) in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(arr))
+    t = torch.from_numpy(np.require(arr, requirements=["C", "W"]))  # copies only read-only/strided input
     scale = 255.0 if arr.dtype == np.uint8 else 1.0  # float images are taken to be in [0, 1] already
     t = t.float() / scale
     if t.ndim == 3:
@@ -390,7 +415,10 @@ def _medmnist(p: Path, image_size: int) -> Records:
     split = np.concatenate([np.full(len(xi), s) for s, xi in zip(splits, xs)])
     if len(x) == 0:
         raise DataError(f"{p}: contains no images")
-    return Records(len(x), y, split, None, None, "medmnist", lambda idx: preprocess_array(x[np.asarray(idx)], image_size))
+    def batch(idx: Sequence[int]) -> torch.Tensor:
+        return preprocess_array(x[np.asarray(idx)], image_size)
+
+    return Records(len(x), y, split, None, None, "medmnist", batch)
 
 
 # ------------------------------------------------------------------------------------- extraction
@@ -443,9 +471,10 @@ def embed(input_path: PathLike, output_path: PathLike, *, model: str, source: st
         records = _head(records, limit)
     dev = _device(device)
     encoder = load_encoder(model, source=source, weights=weights, device=dev, hub_repo=hub_repo, image_size=image_size)
-    if encoder.patch_size and image_size % encoder.patch_size:
-        raise FedHypeVAEError(f"--image-size {image_size} is not a multiple of the patch size {encoder.patch_size} "
-                              f"of {model!r}; use e.g. {image_size // encoder.patch_size * encoder.patch_size or encoder.patch_size}")
+    patch = encoder.patch_size
+    if patch and image_size % patch:
+        raise FedHypeVAEError(f"--image-size {image_size} is not a multiple of the patch size {patch} of {model!r}; "
+                              f"use e.g. {max(image_size // patch, 1) * patch}")
     t0 = time.perf_counter()
     x = extract(encoder, records, batch_size=batch_size, device=dev, progress=progress)
     seconds = time.perf_counter() - t0
@@ -454,7 +483,7 @@ def embed(input_path: PathLike, output_path: PathLike, *, model: str, source: st
             "resize": (resize or round(image_size * 256 / 224)) if records.kind == "folder" else None,
             "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}, "n": int(x.shape[0]), "dim": int(x.shape[1]),
             "classes": records.classes, "num_classes": int(records.y.max()) + 1,
-            "splits": {s: int(c) for s, c in zip(*np.unique(records.split, return_counts=True))}}
+            "splits": {str(s): int(c) for s, c in zip(*np.unique(records.split, return_counts=True))}}
     arrays = {"x": x, "y": records.y, "split": records.split, "meta": np.array(json.dumps(meta))}
     if records.names is not None:
         arrays["path"] = records.names

@@ -29,12 +29,10 @@ class LaunchInfo:
 
 def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
     for n in names:
-        v = env.get(n)
-        if v not in (None, ""):
-            try:
-                return int(v)
-            except ValueError:
-                return None
+        try:
+            return int(env[n])
+        except (KeyError, ValueError):
+            continue  # absent or not a number: try the next variable
     return None
 
 

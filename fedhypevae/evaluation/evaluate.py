@@ -126,7 +126,6 @@ def evaluate_federation(fed, x_syn=None, y_syn=None, *, protocol: str = "augment
         elif protocol == "synthetic-only":
             pred, converged = syn_clf.predict(x_te), syn_clf.converged
         else:  # lambda-mix
-            p_syn_all = None
             val = validation_split(y_tr, val_fraction, cseed)
             if val.any() and (~val).any():
                 loc = train_linear(x_tr[~val], y_tr[~val], K, seed=cseed, class_weight=class_weight)
@@ -135,8 +134,7 @@ def evaluate_federation(fed, x_syn=None, y_syn=None, *, protocol: str = "augment
             else:
                 lam, val_bacc = 0.5, None  # one training record: nothing to validate on
             loc = train_linear(x_tr, y_tr, K, seed=cseed, class_weight=class_weight)  # refit on the full train split
-            p_syn_all = syn_clf.predict_proba(x_te)
-            pred = (lam * loc.predict_proba(x_te) + (1.0 - lam) * p_syn_all).argmax(1)
+            pred = (lam * loc.predict_proba(x_te) + (1.0 - lam) * syn_clf.predict_proba(x_te)).argmax(1)
             converged = loc.converged and syn_clf.converged
             row.update({"lambda": lam, "n_val": int(val.sum()), "val_balanced_accuracy": val_bacc})
         row.update({"accuracy": accuracy(y_te, pred), "balanced_accuracy": balanced_accuracy(y_te, pred),
@@ -147,6 +145,7 @@ def evaluate_federation(fed, x_syn=None, y_syn=None, *, protocol: str = "augment
                "balanced_accuracy": summarize(r["balanced_accuracy"] for r in rows)}
     if protocol == "lambda-mix":
         summary["lambda"] = summarize(r["lambda"] for r in rows)
+    summary["all_converged"] = all(r["converged"] for r in rows)
     out = {"protocol": protocol, "seed": int(seed), "num_classes": K, "clients": rows, "summary": summary,
            "std": "population std (ddof=0) over clients",
            "classifier": {"kind": "multinomial logistic regression (lbfgs) on features standardized on the "
@@ -206,6 +205,14 @@ def _run_summary(run_dir: Path) -> Optional[dict]:
             } | {"config_hash": (res.get("provenance") or {}).get("config_hash")}
 
 
+def _clipped_fraction(x_raw: np.ndarray, fed) -> Optional[float]:
+    """Share of synthetic values outside the declared value range (``range`` clips them on the way in)."""
+    if fed.transform != "range" or fed.value_range is None:
+        return None
+    lo, hi = float(fed.value_range[0]), float(fed.value_range[1])
+    return float(np.mean((x_raw < lo) | (x_raw > hi)))
+
+
 def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, seed: Optional[int] = None,
                  quality: bool = True, data_path: Optional[str] = None, json_path=None) -> dict:
     """Evaluate a training run directory; writes ``json_path`` (default RUN_DIR/evaluation.json) and returns it.
@@ -232,14 +239,15 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
         cfg.data.path = str(data_path)
     seed = int(cfg.seed if seed is None else seed)
     syn_file = Path(str(synthetic_path)) if synthetic_path is not None else run / "synthetic.npz"
-    need_syn = protocol != "local" or quality
+    need_syn = protocol != "local"
     x_raw = y_syn = None
+    if protocol == "local" and quality and syn_file.is_file():
+        x_raw, y_syn = load_synthetic(syn_file)  # only for the quality section
     if need_syn:
         if not syn_file.is_file():
             hint = ("`fedhypevae train --out DIR` writes DIR/synthetic.npz when training completes (an interrupted "
                     "run has none: finish it with `fedhypevae train --resume --out DIR`)")
-            raise FedHypeVAEError(f"no synthetic set at {syn_file}; {hint}"
-                                  + ("" if protocol != "local" else "; or evaluate protocol 'local' without quality"))
+            raise FedHypeVAEError(f"no synthetic set at {syn_file}; {hint}. Protocol 'local' needs none")
         x_raw, y_syn = load_synthetic(syn_file)
 
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
@@ -252,7 +260,8 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
                "path": str(syn_file.resolve()), "samples": int(len(y_syn)),
                "class_counts": [int(v) for v in np.bincount(y_syn, minlength=fed.num_classes)],
                "mapped_with": {"transform": fed.transform,
-                               "value_range": None if fed.value_range is None else list(fed.value_range)}},
+                               "value_range": None if fed.value_range is None else list(fed.value_range)},
+               "clipped_fraction": _clipped_fraction(x_raw, fed)},
            "data": {"source": str(fed.source), "clients": int(fed.num_clients), "classes": int(fed.num_classes),
                     "dim": int(fed.dim), "partition": cfg.partition.kind, "alpha": float(cfg.partition.alpha),
                     "split_seed": int(cfg.seed), "test_fraction": float(cfg.data.test_fraction),
@@ -265,7 +274,10 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
         out["quality"] = synthetic_quality(fed, x_syn, y_syn, seed=seed)
     try:
         from ..provenance import git_commit, package_versions
-        out["provenance"] = {"git_commit": git_commit(), "packages": package_versions(), "config_hash": cfg.hash()}
+        from importlib import metadata
+        packages = package_versions()
+        packages["scikit-learn"] = metadata.version("scikit-learn")
+        out["provenance"] = {"git_commit": git_commit(), "packages": packages, "config_hash": cfg.hash()}
     except Exception:  # provenance is best effort; never fail an evaluation on it
         pass
     target = Path(str(json_path)) if json_path is not None else run / EVALUATION_FILE
