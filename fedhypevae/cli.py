@@ -70,12 +70,46 @@ def _add_data(sub) -> None:
     q.add_argument("--out", required=True)
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a run's synthetic set with per-client linear classifiers",
+                       description="For each client, a linear classifier trained on its real training split plus the "
+                                   "global synthetic set (protocol augment), scored on its own test split.")
+    p.add_argument("--run", required=True, help="a training run directory (config.yaml + synthetic.npz)")
+    p.add_argument("--protocol", default="augment", choices=["augment", "local", "synthetic-only", "lambda-mix"])
+    p.add_argument("--synthetic", help="another synthetic .npz (x, y in the data's units) instead of RUN/synthetic.npz")
+    p.add_argument("--seed", type=int, help="classifier seed (default: the run's seed)")
+    p.add_argument("--no-quality", action="store_true", help="skip MMD, classifier two-sample test and coverage")
+    p.add_argument("--data-path", help="where the run's data lives now, if it moved")
+    p.add_argument("--json", dest="json_path", help="where to write the results (default RUN/evaluation.json)")
+
+
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help="embeddings from an image folder or a MedMNIST npz with a frozen DINOv2",
+                       description="Extract frozen foundation-model embeddings (x, y, split) into an .npz that "
+                                   "`fedhypevae train --set data.path=...` reads.")
+    p.add_argument("input", help="an image folder (one subfolder per class) or a MedMNIST .npz")
+    p.add_argument("output", help="the .npz to write")
+    p.add_argument("--model", default="dinov2_vits14", help="dinov2_vits14 (torch hub), a timm name, an org/name (Hugging Face) or a file")
+    p.add_argument("--source", default="auto", choices=["auto", "hub", "timm", "hf", "local"])
+    p.add_argument("--weights", help="local weights (offline machines)")
+    p.add_argument("--hub-repo", default="facebookresearch/dinov2", help="torch hub repo, or a local clone of it")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--resize", type=int, help="shorter side before the centre crop (default image-size x 256/224)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", dest="json_path", help="also write the summary here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhypevae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_train(sub)
     _add_account(sub)
     _add_data(sub)
+    _add_evaluate(sub)
+    _add_embed(sub)
     return parser
 
 
@@ -88,6 +122,12 @@ def main(argv=None) -> int:
         if args.cmd == "account":
             from .commands import cmd_account
             return cmd_account(args)
+        if args.cmd == "embed":
+            from .commands import cmd_embed
+            return cmd_embed(args)
+        if args.cmd == "evaluate":
+            from .commands import cmd_evaluate
+            return cmd_evaluate(args)
         if args.cmd == "data":
             from .commands import cmd_data
             return cmd_data(args)

@@ -177,3 +177,35 @@ def cmd_data(args) -> int:
     for c in fed.clients:
         print(f"  client {c.client_id:>4}: train {len(c.y_train):>6}  test {len(c.y_test):>6}")
     return 0
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate_run
+
+    res = evaluate_run(args.run, protocol=args.protocol, synthetic_path=args.synthetic, seed=args.seed,
+                       quality=not args.no_quality, data_path=args.data_path, json_path=args.json_path)
+    s = res["summary"]
+    acc, bacc = s["accuracy"], s["balanced_accuracy"]
+    n_syn = (res.get("synthetic") or {}).get("samples", 0)
+    print(f"protocol {res['protocol']}: {len(res['clients'])} clients, {n_syn} synthetic samples")
+    print(f"  accuracy          {100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %")
+    print(f"  balanced accuracy {100 * bacc['mean']:.2f} +- {100 * bacc['std']:.2f} %   (mean +- std over clients)")
+    q = res.get("quality")
+    if q:
+        print(f"  synthetic quality: MMD^2 {q['mmd2']['synthetic']:.4f} (real-real floor {q['mmd2']['real_floor']:.4f}), "
+              f"C2ST accuracy {q['c2st']['accuracy']:.3f}, coverage {q['coverage']['overall']:.3f}")
+    print(f"  written to {res['json_path']}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- embed
+def cmd_embed(args) -> int:
+    from .embed import embed
+
+    summary = embed(args.input, args.output, model=args.model, source=args.source, weights=args.weights,
+                    batch_size=args.batch_size, image_size=args.image_size, resize=args.resize, device=args.device,
+                    limit=args.limit, hub_repo=args.hub_repo, progress=not args.no_progress)
+    print(f"wrote {summary.get('n')} embeddings of dimension {summary.get('dim')} to {args.output}")
+    _write_json(args.json_path, summary)
+    return 0

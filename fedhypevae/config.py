@@ -52,6 +52,11 @@ class DataConfig:
 
     def __post_init__(self):
         _one_of("data.transform", self.transform, ("auto", "none", "range", "l2"))
+        # existing paths are stored absolute, so a saved config.yaml works from any directory
+        for name in ("path", "metadata_path"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_absolute():
+                setattr(self, name, str(Path(value).resolve()))
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
 
 
