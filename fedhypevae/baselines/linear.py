@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, PrivacyError
 from ..model import one_hot
 from ..privacy import DP_SGD, Mechanism, PrivacyLedger, plan_budget
 from ..rng import STREAM_STEP, ClientRNG, public_generator
@@ -348,7 +348,6 @@ def federated_linear(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float =
         def charge(cid, r, s):
             led = ledgers[cid]
             if not led.would_fit(one, plan):
-                from ..errors import PrivacyError
                 raise PrivacyError(f"client {cid}: step {s} of round {r} would exceed the budget epsilon={epsilon:g}")
             led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"r{r}s{s}", replayable=replayable)
 
