@@ -102,6 +102,17 @@ def _add_embed(sub) -> None:
     p.add_argument("--json", dest="json_path", help="also write the summary here")
 
 
+def _add_table(sub) -> None:
+    p = sub.add_parser("table", help="reproduce the paper's Table 1 layout (methods x partitions x seeds)",
+                       description="Runs every method of a table config on identical splits; finished cells are "
+                                   "kept under OUT/cells and skipped when the command is run again.")
+    p.add_argument("--config", required=True, help="a table config, e.g. configs/table1_digits.yaml")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seeds", help="comma-separated seeds instead of the config's")
+    p.add_argument("--methods", help="comma-separated methods instead of the config's")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedhypevae", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -110,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_evaluate(sub)
     _add_embed(sub)
+    _add_table(sub)
     return parser
 
 
@@ -122,6 +134,9 @@ def main(argv=None) -> int:
         if args.cmd == "account":
             from .commands import cmd_account
             return cmd_account(args)
+        if args.cmd == "table":
+            from .commands import cmd_table
+            return cmd_table(args)
         if args.cmd == "embed":
             from .commands import cmd_embed
             return cmd_embed(args)

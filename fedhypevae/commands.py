@@ -209,3 +209,20 @@ def cmd_embed(args) -> int:
     print(f"wrote {summary.get('n')} embeddings of dimension {summary.get('dim')} to {args.output}")
     _write_json(args.json_path, summary)
     return 0
+
+
+# ---------------------------------------------------------------------------------------- table
+def cmd_table(args) -> int:
+    from .table import load_table_config, run_table
+
+    tc = load_table_config(args.config)
+    if args.seeds:
+        tc.seeds = [int(s) for s in args.seeds.split(",")]
+    if args.methods:
+        tc.methods = args.methods.split(",")
+        tc.__post_init__()
+    command = "fedhypevae table " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["table"] else f"fedhypevae table --config {args.config} --out {args.out}"
+    res = run_table(tc, Path(args.out), command=command, progress=not args.no_progress)
+    print(res["markdown"])
+    print(f"written: {args.out}/table.md, table.csv, table.json, per_client_bacc.png")
+    return 0

@@ -1,0 +1,266 @@
+"""Table 1 of the paper: methods x {IID, Dirichlet} x seeds, per-client accuracy and balanced accuracy.
+
+    fedhypevae table --config configs/table1_digits.yaml --out results/table1_digits
+
+Every method sees identical splits: the federation is rebuilt from (data, partition, seed) for
+each cell. Each finished cell is saved under OUT/cells/ and skipped when the command is run
+again, so an interrupted table continues where it stopped. Outputs: table.md, table.csv (one row
+per method, partition, seed and client), table.json and per_client_bacc.png.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+
+from .config import load_config, resolve_config_path
+from .errors import ConfigError
+
+FEDHYPEVAE_METHODS = {"fedhypevae-strict": "strict", "fedhypevae-paper": "paper"}
+LABELS = {"local": "Local only", "fedavg": "FedAvg", "fedprox": "FedProx (mu=0.05)", "fedavg-dp": "FedAvg (DP-SGD)",
+          "fedprox-dp": "FedProx (DP-SGD)", "dpcvae": "DP-CVAE", "fedhypevae-strict": "FedHypeVAE (strict)",
+          "fedhypevae-paper": "FedHypeVAE (paper mode*)", "pooled": "Pooled, non-private (upper bound)"}
+
+
+@dataclass
+class TableConfig:
+    # name used in titles and file names
+    name: str
+    # FedHypeVAE base config (a shipped name or a path); data/partition/seed/privacy are set per cell
+    train_config: str = "default"
+    # dotted overrides applied to every FedHypeVAE run (e.g. a reduced protocol)
+    overrides: list = field(default_factory=list)
+    # data section (as in a train config)
+    data: dict = field(default_factory=lambda: {"path": "digits"})
+    # partitions: iid and/or dirichlet
+    partitions: list = field(default_factory=lambda: ["iid", "dirichlet"])
+    alpha: float = 0.3
+    clients: int = 10
+    min_client_size: int = 20
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    epsilon: float = 1.0
+    delta: float = 1e-4
+    methods: list = field(default_factory=lambda: list(LABELS))
+    # scoring of synthetic sets: augment (real train + synthetic) or lambda-mix
+    protocol: str = "augment"
+    # settings per baseline name, passed to fedhypevae.baselines.run_baseline
+    baselines: dict = field(default_factory=dict)
+    # free text printed beside the table (e.g. what was reduced and why)
+    notes: str = ""
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in LABELS]
+        if unknown:
+            raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(LABELS)}")
+        bad = [p for p in self.partitions if p not in ("iid", "dirichlet")]
+        if bad:
+            raise ConfigError(f"partitions must be iid or dirichlet; got {bad}")
+
+
+def load_table_config(path: str) -> TableConfig:
+    p = resolve_config_path(path)
+    tree = yaml.safe_load(p.read_text()) or {}
+    valid = set(TableConfig.__dataclass_fields__)
+    unknown = sorted(set(tree) - valid)
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    # data paths in a shipped table config are relative to the repository (configs/..)
+    for key in ("path", "metadata_path"):
+        v = (tree.get("data") or {}).get(key)
+        if isinstance(v, str) and not Path(v).exists() and (p.parent.parent / v).exists():
+            tree["data"][key] = str((p.parent.parent / v).resolve())
+    return TableConfig(**tree)
+
+
+def cell_train_config(tc: TableConfig, partition: str, seed: int, mode: Optional[str] = None):
+    """The FedHypeVAE config of one cell; its data/partition/seed also define the splits every method uses."""
+    ov = [*tc.overrides, f"seed={seed}", f"partition.kind={partition}", f"partition.alpha={tc.alpha}",
+          f"partition.clients={tc.clients}", f"partition.min_client_size={tc.min_client_size}",
+          f"privacy.target_epsilon={tc.epsilon}", f"privacy.delta={tc.delta}"]
+    for k, v in tc.data.items():
+        ov.append(f"data.{k}={'null' if v is None else v}")
+    if mode:
+        ov.append(f"privacy.mode={mode}")
+    return load_config(tc.train_config, ov)
+
+
+def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path) -> dict:
+    """One method on one (partition, seed): per-client rows scored on each client's own test split."""
+    from .data import apply_transform, build_federation
+    from .evaluation import evaluate_federation
+
+    cfg = cell_train_config(tc, partition, seed, FEDHYPEVAE_METHODS.get(method))
+    fed = build_federation(cfg.data, cfg.partition, cfg.seed)
+    t0 = time.perf_counter()
+    privacy = None
+    if method in FEDHYPEVAE_METHODS:
+        from .run import run_training
+
+        run_dir = out / "runs" / f"{partition}_s{seed}_{method}"
+        resume = (run_dir / "config.yaml").is_file()
+        if not (run_dir / "results.json").is_file():
+            run_training(cfg, run_dir, resume=resume, progress=False)
+        results = json.loads((run_dir / "results.json").read_text())
+        privacy = results["privacy"]
+        syn = np.load(run_dir / "synthetic.npz")
+        x_syn = apply_transform(syn["x"], fed.transform, fed.value_range)
+        scored = evaluate_federation(fed, x_syn, syn["y"], protocol=tc.protocol, seed=seed)
+        rows = [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+                for r in scored["clients"]]
+    else:
+        from .baselines import run_baseline
+
+        res = run_baseline(method, fed, seed=seed, epsilon=tc.epsilon, delta=tc.delta, **tc.baselines.get(method, {}))
+        privacy = res.get("privacy")
+        if method == "dpcvae":  # score its synthetic set exactly like FedHypeVAE's
+            scored = evaluate_federation(fed, res["x_syn"], res["y_syn"], protocol=tc.protocol, seed=seed)
+            rows = [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+                    for r in scored["clients"]]
+        else:
+            rows = [{"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+                    for r in res["clients"]]
+    eps = None if not privacy else privacy.get("epsilon_spent")
+    formal = None if not privacy else privacy.get("formal_guarantee")
+    return {"method": method, "partition": partition, "seed": seed, "rows": rows, "epsilon_spent": eps,
+            "formal_guarantee": formal, "seconds": time.perf_counter() - t0}
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _std(xs):
+    return statistics.pstdev(xs) if len(xs) > 1 else 0.0
+
+
+def aggregate(cells: list[dict]) -> dict:
+    """Per (method, partition): the client-mean per seed, then mean and std over seeds (in %), plus
+    the std over all (seed, client) pairs."""
+    out: dict = {}
+    for c in cells:
+        key = (c["method"], c["partition"])
+        d = out.setdefault(key, {"acc": [], "bacc": [], "acc_all": [], "bacc_all": [], "eps": []})
+        d["acc"].append(_mean([r["accuracy"] for r in c["rows"]]))
+        d["bacc"].append(_mean([r["balanced_accuracy"] for r in c["rows"]]))
+        d["acc_all"] += [r["accuracy"] for r in c["rows"]]
+        d["bacc_all"] += [r["balanced_accuracy"] for r in c["rows"]]
+        if c["epsilon_spent"] is not None:
+            d["eps"].append(c["epsilon_spent"])
+    return {k: {"acc_mean": 100 * _mean(v["acc"]), "acc_std": 100 * _std(v["acc"]),
+                "bacc_mean": 100 * _mean(v["bacc"]), "bacc_std": 100 * _std(v["bacc"]),
+                "acc_client_std": 100 * _std(v["acc_all"]), "bacc_client_std": 100 * _std(v["bacc_all"]),
+                "seeds": len(v["acc"]), "epsilon_max": max(v["eps"]) if v["eps"] else None}
+            for k, v in out.items()}
+
+
+def markdown(tc: TableConfig, agg: dict, command: str) -> str:
+    parts = [p for p in tc.partitions]
+    head = "| Method | " + " | ".join(f"{_pname(p, tc)} ACC (%) | {_pname(p, tc)} BACC (%)" for p in parts) + " | ε spent (max) |"
+    sep = "|---" * (1 + 2 * len(parts)) + "|---|"
+    lines = [f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}, protocol `{tc.protocol}`",
+             "", head, sep]
+    best = {p: max((agg[(m, p)]["bacc_mean"] for m in tc.methods if (m, p) in agg and m != "pooled"), default=None)
+            for p in parts}
+    for m in tc.methods:
+        cells, eps = [], None
+        for p in parts:
+            a = agg.get((m, p))
+            if a is None:
+                cells += ["–", "–"]
+                continue
+            b = f"{a['bacc_mean']:.2f} ± {a['bacc_std']:.2f}"
+            if best[p] is not None and m != "pooled" and abs(a["bacc_mean"] - best[p]) < 1e-9:
+                b = f"**{b}**"
+            cells += [f"{a['acc_mean']:.2f} ± {a['acc_std']:.2f}", b]
+            if a["epsilon_max"] is not None:
+                eps = max(eps or 0.0, a["epsilon_max"])
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} |")
+    lines += ["", "Mean ± std over seeds of the client-averaged metric; bold: best balanced accuracy among the "
+              "methods that do not pool data. *Paper mode: the encoder and client code train on private data "
+              "without noise, so its ε is not a formal guarantee.", ""]
+    if tc.notes:
+        lines += [tc.notes.strip(), ""]
+    lines += [f"Command: `{command}`", ""]
+    return "\n".join(lines)
+
+
+def _pname(p: str, tc: TableConfig) -> str:
+    return "IID" if p == "iid" else f"α={tc.alpha}"
+
+
+def plot(tc: TableConfig, cells: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = tc.partitions
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False, sharey=True)
+    for ax, p in zip(axes[0], parts):
+        data, labels = [], []
+        for m in tc.methods:
+            vals = [100 * r["balanced_accuracy"] for c in cells if c["method"] == m and c["partition"] == p for r in c["rows"]]
+            if vals:
+                data.append(vals)
+                labels.append(LABELS[m].replace(" (", "\n("))
+        if data:
+            ax.boxplot(data, showmeans=True)
+            for i, vals in enumerate(data, start=1):
+                ax.scatter(np.full(len(vals), i) + np.random.default_rng(i).uniform(-0.15, 0.15, len(vals)), vals, s=8, alpha=0.5)
+            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=8)
+        ax.set_title(f"{tc.name}, {_pname(p, tc)}")
+        ax.set_ylabel("balanced accuracy per client (%)")
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cells").mkdir(exist_ok=True)
+    todo = [(p, s, m) for p in tc.partitions for s in tc.seeds for m in tc.methods]
+    cells = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc=f"table {tc.name}", unit="cell")
+    for p, s, m in todo:
+        f = out / "cells" / f"{p}_s{s}_{m}.json"
+        if f.is_file():
+            cell = json.loads(f.read_text())
+        else:
+            cell = run_cell(tc, m, p, s, out)
+            tmp = f.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cell, indent=1))
+            tmp.replace(f)
+        cells.append(cell)
+        if bar is not None:
+            bar.set_postfix_str(f"{m} {p} s{s}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    agg = aggregate(cells)
+    md = markdown(tc, agg, command)
+    (out / "table.md").write_text(md)
+    import csv
+
+    with open(out / "table.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dataset", "method", "partition", "seed", "client", "accuracy", "balanced_accuracy", "epsilon_spent"])
+        for c in cells:
+            for r in c["rows"]:
+                w.writerow([tc.name, c["method"], c["partition"], c["seed"], r["client"], r["accuracy"],
+                            r["balanced_accuracy"], c["epsilon_spent"]])
+    plot(tc, cells, out / "per_client_bacc.png")
+    summary = {"name": tc.name, "command": command, "config": tc.__dict__,
+               "table": [{"method": m, "partition": p, **v} for (m, p), v in agg.items()],
+               "seconds": {f"{c['partition']}_s{c['seed']}_{c['method']}": c["seconds"] for c in cells}}
+    (out / "table.json").write_text(json.dumps(summary, indent=2, default=str))
+    return {"markdown": md, **summary}
