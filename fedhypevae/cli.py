@@ -128,31 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.cmd == "train":
-            from .commands import cmd_train
-            return cmd_train(args)
-        if args.cmd == "account":
-            from .commands import cmd_account
-            return cmd_account(args)
-        if args.cmd == "table":
-            from .commands import cmd_table
-            return cmd_table(args)
-        if args.cmd == "embed":
-            from .commands import cmd_embed
-            return cmd_embed(args)
-        if args.cmd == "evaluate":
-            from .commands import cmd_evaluate
-            return cmd_evaluate(args)
-        if args.cmd == "data":
-            from .commands import cmd_data
-            return cmd_data(args)
+        from . import commands  # imported here so that --help stays fast
+
+        return getattr(commands, f"cmd_{args.cmd}")(args)
     except FedHypeVAEError as exc:
         print(f"fedhypevae: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedhypevae: interrupted; `fedhypevae train --resume --out DIR` continues from the last checkpoint", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover
