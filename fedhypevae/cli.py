@@ -1,6 +1,7 @@
-"""The `fedhypevae` command: train, account, data inspect, data partition.
+"""FedHypeVAE-HPC: differentially private, hypernetwork-generated conditional VAEs, federated.
 
-Errors a user can fix print one line (`fedhypevae: error: ...`) and exit with status 2.
+Subcommands: train, account, data (inspect, partition), evaluate, table, embed. Errors a user can
+fix print one line (`fedhypevae: error: ...`) and exit with status 2.
 """
 from __future__ import annotations
 
