@@ -181,6 +181,7 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
             if a["epsilon_max"] is not None:
                 eps = max(eps or 0.0, a["epsilon_max"])
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} |")
+    lines += [""] + verdicts(tc, agg)
     lines += ["", "Mean ± std over seeds of the client-averaged metric; bold: best balanced accuracy among the "
               "methods that do not pool data. *Paper mode: the encoder and client code train on private data "
               "without noise, so its ε is not a formal guarantee.", ""]
@@ -188,6 +189,27 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
         lines += [tc.notes.strip(), ""]
     lines += [f"Command: `{command}`", ""]
     return "\n".join(lines)
+
+
+def verdicts(tc: TableConfig, agg: dict) -> list[str]:
+    """Plain statements of where FedHypeVAE (strict) wins and where it does not (balanced accuracy)."""
+    out = []
+    m = "fedhypevae-strict"
+    private = [k for k in ("fedavg-dp", "fedprox-dp", "dpcvae") if k in tc.methods]
+    for p in tc.partitions:
+        a = agg.get((m, p))
+        if a is None:
+            continue
+        said = []
+        for other, what in [(o, f"{LABELS[o]} (same ε)") for o in private] + [("local", "local-only training")]:
+            b = agg.get((other, p))
+            if b is None:
+                continue
+            diff = a["bacc_mean"] - b["bacc_mean"]
+            said.append(f"{'beats' if diff > 0 else 'does NOT beat'} {what} by {diff:+.2f} points")
+        if said:
+            out.append(f"- {_pname(p, tc)}: FedHypeVAE (strict) " + "; ".join(said) + ".")
+    return out
 
 
 def _pname(p: str, tc: TableConfig) -> str:
