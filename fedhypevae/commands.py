@@ -193,8 +193,9 @@ def cmd_evaluate(args) -> int:
     print(f"  balanced accuracy {100 * bacc['mean']:.2f} +- {100 * bacc['std']:.2f} %   (mean +- std over clients)")
     q = res.get("quality")
     if q:
-        print(f"  synthetic quality: MMD^2 {q['mmd2']['synthetic']:.4f} (real-real floor {q['mmd2']['real_floor']:.4f}), "
-              f"C2ST accuracy {q['c2st']['accuracy']:.3f}, coverage {q['coverage']['overall']:.3f}")
+        print(f"  synthetic quality: MMD^2 {q['mmd2']['real_vs_synthetic']:.4f} (real-real floor "
+              f"{q['mmd2']['real_vs_real']:.4f}), C2ST accuracy {q['c2st']['accuracy']:.3f} (0.5 = indistinguishable), "
+              f"coverage {q['coverage']['overall']:.3f}")
     print(f"  written to {res['json_path']}")
     return 0
 

@@ -91,3 +91,15 @@ def test_environment_yml_is_consistent_with_pyproject():
 def test_console_script_is_declared():
     py = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert py["scripts"]["fedhypevae"] == "fedhypevae.cli:main"
+
+
+def test_evaluate_command_prints_scores_and_quality(tmp_path, capsys):
+    run_training(load_config("tiny", ["train.rounds=1"]), tmp_path / "run", progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "balanced accuracy" in out and "C2ST" in out and "coverage" in out
+    assert (tmp_path / "run" / "evaluation.json").is_file()
+    assert main(["evaluate", "--run", str(tmp_path / "run"), "--protocol", "lambda-mix", "--no-quality",
+                 "--json", str(tmp_path / "lm.json")]) == 0
+    assert json.loads((tmp_path / "lm.json").read_text())["protocol"] == "lambda-mix"
