@@ -59,6 +59,10 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _fmt(v) -> str:
+    return "unused" if v is None else f"{v:.4f}"
+
+
 def format_summary(results: dict, wall: float) -> str:
     p, t = results["privacy"], results["training"]
     lines = ["", "FedHypeVAE run finished"]
@@ -68,8 +72,8 @@ def format_summary(results: dict, wall: float) -> str:
                      + ("formal guarantee" if p["formal_guarantee"] else "NOT a formal guarantee"))
         plan = p["plan"] or {}
         lines.append(f"  noise        : sigma={p['noise_multiplier']:.4f}, q={p['sample_rate']}, C={p['clip_norm']}, "
-                     f"steps={p['steps']}/{p['planned_steps']}; statistics sigma={plan.get('sigma_stats')}, "
-                     f"mmd-embedding sigma={plan.get('sigma_mmd')}")
+                     f"steps={p['steps']}/{p['planned_steps']}; class-statistics sigma={_fmt(plan.get('sigma_stats'))}, "
+                     f"mmd-embedding sigma={_fmt(plan.get('sigma_mmd'))}")
         lines.append(f"  noise source : {p['noise']}")
     else:
         lines.append("  privacy      : DISABLED (privacy.enabled=false): no guarantee")
