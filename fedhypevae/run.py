@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import signal
 from pathlib import Path
@@ -152,6 +153,11 @@ def run_training(cfg: Config, out: Path, comm: Optional[Communicator] = None, *,
     restore = _catch_stop_signals(tr) if catch_signals else None
     try:
         tr.setup()
+        done = tr.out / "results.json"
+        if resume and done.is_file() and (tr.state.round >= cfg.train.rounds or tr.state.stopped):
+            # a finished run: releasing the statistics again would spend more epsilon for nothing
+            tr.writer.close()
+            return json.loads(done.read_text())
         clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)  # fail before training, not after
         tr.train()
     finally:

@@ -157,3 +157,11 @@ def test_training_reads_a_shard_directory(tmp_path):
                  "--out", str(tmp_path / "shards")]) == 0
     res = run_training(tiny("train.rounds=1", f"data.path={tmp_path / 'shards'}"), tmp_path / "run", progress=False)
     assert res["data"]["clients"] == 4
+
+
+def test_resuming_a_finished_run_releases_nothing_more(tmp_path):
+    res = run_training(tiny("train.rounds=1"), tmp_path / "run", progress=False)
+    ledger = (tmp_path / "run" / "clients" / "client_00000" / "ledger.jsonl").read_text()
+    again = run_training(tiny("train.rounds=1"), tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "clients" / "client_00000" / "ledger.jsonl").read_text() == ledger
+    assert again["privacy"]["epsilon_spent"] == res["privacy"]["epsilon_spent"]
