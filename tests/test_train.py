@@ -165,3 +165,29 @@ def test_resuming_a_finished_run_releases_nothing_more(tmp_path):
     again = run_training(tiny("train.rounds=1"), tmp_path / "run", resume=True, progress=False)
     assert (tmp_path / "run" / "clients" / "client_00000" / "ledger.jsonl").read_text() == ledger
     assert again["privacy"]["epsilon_spent"] == res["privacy"]["epsilon_spent"]
+
+
+class _TwoRankView:
+    """Stands in for a 2-rank communicator whose other rank holds a different Phi (perturb > 0)."""
+
+    world_size, rank, backend, is_root = 2, 0, "fake", True
+
+    def __init__(self, perturb: float):
+        self.perturb = perturb
+
+    def allreduce(self, buf, op="sum"):
+        if op == "max":
+            buf += self.perturb  # what the maximum over a diverged replica would look like
+        return buf
+
+
+def test_replica_checksum_detects_divergence(tmp_path):
+    from fedhypevae.trainer import ReplicaDivergence
+
+    tr = Trainer(tiny("train.rounds=1"), tmp_path / "run", progress=False)
+    tr.setup()
+    tr.comm = _TwoRankView(0.0)
+    tr.check_replicas()  # identical replicas pass
+    tr.comm = _TwoRankView(1e-3)
+    with pytest.raises(ReplicaDivergence, match="diverged"):
+        tr.check_replicas()
