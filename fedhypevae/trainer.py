@@ -330,8 +330,9 @@ class Trainer:
             metrics.update({"diagnostics/recon_nll": d["nll_sum"] / n, "diagnostics/kl": d["kl_sum"] / n,
                             "diagnostics/loss": (d["nll_sum"] + d["kl_sum"]) / n,
                             "diagnostics/clip_fraction": d["clipped"] / n,
-                            "diagnostics/mmd": d["mmd"] / max(d["clients"], 1.0),
                             "diagnostics/batch_size": d["batch"] / max(d["clients"], 1.0)})
+            if cfg.model.lambda_mmd > 0:
+                metrics["diagnostics/mmd"] = d["mmd"] / max(d["clients"], 1.0)
         return metrics
 
     def _local_phi_step(self, hyper: HyperNetwork, grads: dict[str, torch.Tensor]) -> None:
