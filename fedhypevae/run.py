@@ -63,7 +63,7 @@ def release_statistics(tr: Trainer, clip: float) -> Optional[list[ClassMoments]]
     sigma = tr.plan.sigma_stats if tr.plan is not None else 0.0
     fits = True
     if tr.plan is not None:
-        fits = all(c.ledger.would_fit([Mechanism("class-stats", sigma, 1.0, 1)], tr.plan) for c in tr.clients)
+        fits = all(tr.release_fits(c, "class-stats", sigma, 1.0, "stats") for c in tr.clients)
     flag = tr._allreduce(torch.tensor([0.0 if fits else 1.0], dtype=torch.float64), op="max")
     if float(flag[0]) > 0:
         return None

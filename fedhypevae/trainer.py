@@ -219,15 +219,21 @@ class Trainer:
         buf = torch.tensor([worst], dtype=torch.float64)
         return float(self._allreduce(buf, op="max")[0])
 
-    def _step_fits(self) -> bool:
+    def _step_fits(self, key: str) -> bool:
         """One small collective before every step: may every hosted client afford it? Every rank
-        takes the same decision (ledgers can differ after an interrupted round)."""
+        takes the same decision (ledgers can differ after an interrupted round). A replay of a
+        release already in a client's ledger (reproducible noise, after a resume) costs nothing."""
         ok = True
         if self.plan is not None:
-            step = [Mechanism("dp-sgd", self.plan.sigma, self.cfg.privacy.sample_rate, 1)]
-            ok = all(c.ledger.would_fit(step, self.plan) for c in self.clients)
+            ok = all(self.release_fits(c, "dp-sgd", self.plan.sigma, self.cfg.privacy.sample_rate, key)
+                     for c in self.clients)
         flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
         return float(self._allreduce(flag, op="max")[0]) == 0.0
+
+    def release_fits(self, client: Client, name: str, sigma: float, q: float, key: str) -> bool:
+        if client.rng.reproducible and client.ledger.already_charged(name, sigma, q, key):
+            return True  # an identical replay: nothing new is released
+        return client.ledger.would_fit([Mechanism(name, sigma, q, 1)], self.plan)
 
     def _agree_stop(self) -> bool:
         """Has any rank been asked to stop (SIGTERM/SIGUSR2)? Checked collectively at round ends,
@@ -287,13 +293,13 @@ class Trainer:
             local = {c.id: copy.deepcopy(self.hyper) for c in self.clients}
         steps_done = 0
         for s in range(cfg.train.local_steps):
-            if not self._step_fits():
+            if not self._step_fits(f"round={r}/step={s}"):
                 self.state.stopped = (f"budget guard: one more step would exceed epsilon={cfg.privacy.target_epsilon} "
                                       f"(stopped at round {r}, step {s})")
                 break
             buf = torch.zeros(P + D, dtype=torch.float64)
             for c in self.clients:
-                self._charge(c, "dp-sgd", self.sigma, cfg.privacy.sample_rate, f"round={r}/step={s}")
+                self._charge(c, "dp-sgd", self.sigma, cfg.privacy.sample_rate, f"round={r}/step={s}")  # same key as the check
                 hyper = local[c.id] if delta_mode else self.hyper
                 out = c.step(hyper, r, s, sigma=self.sigma, features=self.features)
                 if delta_mode:

@@ -191,3 +191,21 @@ def test_replica_checksum_detects_divergence(tmp_path):
     tr.comm = _TwoRankView(1e-3)
     with pytest.raises(ReplicaDivergence, match="diverged"):
         tr.check_replicas()
+
+
+def test_resume_after_a_crash_late_in_training_replays_without_stopping(tmp_path):
+    """Reproducible noise, crash after every planned step was charged but before the last checkpoint:
+    the replayed steps are already in the ledger, cost nothing, and must not trip the budget guard."""
+    cfg = tiny("privacy.noise_seed=13")
+    full = run_training(tiny("privacy.noise_seed=13"), tmp_path / "full", progress=False)
+    tr = Trainer(cfg, tmp_path / "cut", progress=False)
+    tr.setup()
+    for r in range(3):
+        tr.run_round(r)
+        tr.state.round = r + 1
+        if r < 2:
+            tr.save_checkpoint()  # round 3 ran (all 6 steps charged) but was never checkpointed
+    res = run_training(tiny("privacy.noise_seed=13"), tmp_path / "cut", resume=True, progress=False)
+    assert res["training"]["stopped_early"] is None and res["privacy"]["steps"] == 6
+    torch.testing.assert_close(phi(tmp_path / "cut"), phi(tmp_path / "full"), rtol=1e-5, atol=1e-7)
+    assert res["privacy"]["epsilon_spent"] == pytest.approx(full["privacy"]["epsilon_spent"], rel=1e-9)

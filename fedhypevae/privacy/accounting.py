@@ -480,6 +480,10 @@ class PrivacyLedger:
             raise PrivacyError(f"the checkpoint's privacy ledger does not match {self.path}: refusing to resume "
                                "(a ledger is never rewritten); resume with the ledger file of this run")
 
+    def already_charged(self, mechanism_name: str, sigma: float, q: float, key: str) -> bool:
+        """Whether this exact release is in the ledger: a replayable re-release of it costs nothing."""
+        return LedgerEntry(mechanism_name, float(sigma), float(q), str(key)) in self._seen
+
     def would_fit(self, extra: list, plan: PrivacyPlan) -> bool:
         """Budget guard: True if ledger + ``extra`` + the plan's not-yet-charged one-shot
         releases stay within ``plan.target_epsilon``.
