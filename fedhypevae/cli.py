@@ -6,9 +6,7 @@ fix print one line (`fedhypevae: error: ...`) and exit with status 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 from .config import shipped_configs
 from .errors import FedHypeVAEError

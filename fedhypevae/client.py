@@ -100,7 +100,7 @@ class Client:
 
     # -- the DP step ---------------------------------------------------------------------------------
     def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features: Optional[RandomFeatures]) -> StepOutput:
-        cfg, p, m = self.cfg, self.cfg.privacy, self.cfg.model
+        p, m = self.cfg.privacy, self.cfg.model
         g = self.rng.generator(STREAM_STEP, round_, step)
         # coins and noise are drawn on the CPU from the client's generator (the same numbers on any device)
         idx = poisson_sample(len(self.y), p.sample_rate, g).to(self.device)

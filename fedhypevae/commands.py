@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 from .config import load_config
-from .errors import ConfigError, FedHypeVAEError, PrivacyError
+from .errors import ConfigError, FedHypeVAEError
 
 
 def _write_json(path: str | None, obj: dict) -> None:
@@ -95,7 +94,7 @@ def format_summary(results: dict, wall: float) -> str:
 
 # ---------------------------------------------------------------------------------------- account
 def cmd_account(args) -> int:
-    from .privacy import PrivacyLedger, epsilon_of, plan_budget, Mechanism
+    from .privacy import epsilon_of, plan_budget, Mechanism
 
     if args.run:
         return _account_run(args)

@@ -21,8 +21,8 @@ from .config import Config
 from .data import invert_transform
 from .errors import ConfigError
 from .metacode import ClassMoments, class_counts, fit_metacode, generate, mixture_weights
-from .privacy import Mechanism, finalize_class_stats, release_class_stats
-from .rng import STREAM_STATS_RELEASE, derive_seed, public_generator
+from .privacy import finalize_class_stats, release_class_stats
+from .rng import STREAM_STATS_RELEASE, public_generator
 from .trainer import Trainer
 
 

@@ -90,10 +90,18 @@ def cell_train_config(tc: TableConfig, partition: str, seed: int, mode: Optional
     return load_config(tc.train_config, ov)
 
 
+def _score_synthetic(tc: TableConfig, fed, x_syn, y_syn, seed: int) -> list[dict]:
+    """Per-client rows for a synthetic set, scored the same way for every generative method."""
+    from .evaluation import evaluate_federation
+
+    scored = evaluate_federation(fed, x_syn, y_syn, protocol=tc.protocol, seed=seed)
+    return [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+            for r in scored["clients"]]
+
+
 def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path) -> dict:
     """One method on one (partition, seed): per-client rows scored on each client's own test split."""
     from .data import apply_transform, build_federation
-    from .evaluation import evaluate_federation
 
     cfg = cell_train_config(tc, partition, seed, FEDHYPEVAE_METHODS.get(method))
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
@@ -110,18 +118,14 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
         privacy = results["privacy"]
         syn = np.load(run_dir / "synthetic.npz")
         x_syn = apply_transform(syn["x"], fed.transform, fed.value_range)
-        scored = evaluate_federation(fed, x_syn, syn["y"], protocol=tc.protocol, seed=seed)
-        rows = [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-                for r in scored["clients"]]
+        rows = _score_synthetic(tc, fed, x_syn, syn["y"], seed)
     else:
         from .baselines import run_baseline
 
         res = run_baseline(method, fed, seed=seed, epsilon=tc.epsilon, delta=tc.delta, **tc.baselines.get(method, {}))
         privacy = res.get("privacy")
         if method == "dpcvae":  # score its synthetic set exactly like FedHypeVAE's
-            scored = evaluate_federation(fed, res["x_syn"], res["y_syn"], protocol=tc.protocol, seed=seed)
-            rows = [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-                    for r in scored["clients"]]
+            rows = _score_synthetic(tc, fed, res["x_syn"], res["y_syn"], seed)
         else:
             rows = [{"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
                     for r in res["clients"]]

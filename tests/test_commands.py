@@ -4,7 +4,6 @@ import re
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 

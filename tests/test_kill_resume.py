@@ -1,6 +1,5 @@
 """A real process killed with SIGKILL at a random point resumes without losing work or refunding epsilon."""
 import json
-import os
 import random
 import signal
 import subprocess

@@ -1,6 +1,5 @@
 """`fedhypevae table`: identical splits for every method, resumable cells, Markdown/CSV/PNG outputs."""
 import csv
-import json
 
 import pytest
 

@@ -82,7 +82,7 @@ def _interrupt_after(cfg, out: Path, rounds: int, extra_steps: int = 0) -> None:
     tr = Trainer(cfg, out, progress=False)
     tr.setup()
     for r in range(rounds):
-        tr.history = tr.run_round(r)
+        tr.run_round(r)
         tr.state.round = r + 1
         tr.save_checkpoint()
     if extra_steps:
