@@ -1,0 +1,187 @@
+"""Collect a sweep into a table and a privacy-utility plot.
+
+    python -m slurm.collect SWEEP [--out DIR]
+
+Reads SWEEP/points/*/result.json and writes summary.csv (one row per method, partition and epsilon:
+mean and std over seeds of the client-averaged accuracy and balanced accuracy), points.csv (one
+row per point and client), summary.md, summary.json and privacy_utility.png (accuracy and balanced
+accuracy against epsilon, log x axis, one line per method with error bars; methods that do not
+depend on epsilon are horizontal bands). Points without a result are listed as missing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+from .job import read_json, write_json
+
+LABELS = {"fedhypevae-strict": "FedHypeVAE (strict)", "fedhypevae-paper": "FedHypeVAE (paper mode*)",
+          "fedavg-dp": "FedAvg (DP-SGD)", "fedprox-dp": "FedProx (DP-SGD)", "dpcvae": "DP-CVAE",
+          "local": "Local only", "fedavg": "FedAvg (non-private)", "fedprox": "FedProx (non-private)",
+          "pooled": "Pooled, non-private"}
+
+
+def load_points(sweep: Path) -> tuple[list[dict], list[dict]]:
+    """(results, missing specs)."""
+    results, missing = [], []
+    for d in sorted((sweep / "points").glob("*")):
+        if not (d / "spec.json").is_file():
+            continue
+        if (d / "result.json").is_file():
+            results.append(read_json(d / "result.json"))
+        else:
+            missing.append(read_json(d / "spec.json"))
+    return results, missing
+
+
+def _mean(xs):
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def _std(xs):
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def summarize(results: list[dict]) -> list[dict]:
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["method"], r["partition"], r["epsilon"]), []).append(r)
+    rows = []
+    for (method, part, eps), rs in groups.items():
+        acc = [100 * r["accuracy"] for r in rs]
+        bacc = [100 * r["balanced_accuracy"] for r in rs]
+        spent = [r["epsilon_spent"] for r in rs if r.get("epsilon_spent") is not None]
+        rows.append({"method": method, "partition": part, "epsilon": eps, "seeds": len(rs),
+                     "accuracy_mean": _mean(acc), "accuracy_std": _std(acc),
+                     "balanced_accuracy_mean": _mean(bacc), "balanced_accuracy_std": _std(bacc),
+                     "epsilon_spent_max": max(spent) if spent else None,
+                     "formal_guarantee": all(bool(r.get("formal_guarantee")) for r in rs) if spent else None,
+                     "resumed_points": sum(bool(r.get("resumed_from_rounds")) for r in rs)})
+    key = lambda r: (r["partition"], r["method"], -1 if r["epsilon"] is None else r["epsilon"])  # noqa: E731
+    return sorted(rows, key=key)
+
+
+def _eps(e) -> str:
+    return "–" if e is None else ("∞" if math.isinf(e) else f"{e:g}")
+
+
+def markdown(rows: list[dict], missing: list[dict], sweep: Path) -> str:
+    lines = [f"# Sweep {sweep.name}", "",
+             "Mean ± std over seeds of the client-averaged metric (%). ε: the target of the point (– for methods "
+             "that do not use one); ε spent: the largest over its seeds. *Paper mode is not a formal guarantee.", ""]
+    for part in sorted({r["partition"] for r in rows}):
+        lines += [f"## Partition {part}", "", "| Method | ε | seeds | ACC (%) | BACC (%) | ε spent | resumed |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["partition"] == part):
+            spent = "–" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.3f}"
+            lines.append(f"| {LABELS.get(r['method'], r['method'])} | {_eps(r['epsilon'])} | {r['seeds']} | "
+                         f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
+                         f"{r['balanced_accuracy_mean']:.2f} ± {r['balanced_accuracy_std']:.2f} | {spent} | "
+                         f"{r['resumed_points']} |")
+        lines.append("")
+    if missing:
+        lines += [f"## Missing ({len(missing)} point(s) without a result)", ""]
+        lines += [f"- {m['id']}" for m in missing]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parts = sorted({r["partition"] for r in rows})
+    eps_all = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None and not math.isinf(r["epsilon"])})
+    fig, axes = plt.subplots(2, len(parts), figsize=(5.5 * len(parts), 7.5), squeeze=False, sharex=True)
+    for j, part in enumerate(parts):
+        for i, (metric, name) in enumerate([("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")]):
+            ax = axes[i][j]
+            for method in sorted({r["method"] for r in rows if r["partition"] == part}):
+                rs = [r for r in rows if r["partition"] == part and r["method"] == method]
+                label = LABELS.get(method, method)
+                finite = sorted((r for r in rs if r["epsilon"] is not None and not math.isinf(r["epsilon"])),
+                                key=lambda r: r["epsilon"])
+                if finite:
+                    ax.errorbar([r["epsilon"] for r in finite], [r[f"{metric}_mean"] for r in finite],
+                                yerr=[r[f"{metric}_std"] for r in finite], marker="o", capsize=3, label=label)
+                for r in rs:
+                    if r["epsilon"] is None or math.isinf(r["epsilon"]):  # no budget: a horizontal band
+                        m, s = r[f"{metric}_mean"], r[f"{metric}_std"]
+                        line = ax.axhline(m, linestyle="--", linewidth=1, label=label + (" (ε=∞)" if r["epsilon"] else ""))
+                        if s > 0:
+                            ax.axhspan(m - s, m + s, alpha=0.12, color=line.get_color())
+            ax.set_xscale("log")
+            if eps_all:
+                ax.set_xticks(eps_all, [f"{e:g}" for e in eps_all])
+            ax.set_title(f"{part}: {name}")
+            ax.set_ylabel(f"{name} (%)")
+            ax.grid(alpha=0.3)
+            if i == 1:
+                ax.set_xlabel("target ε (log scale)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def collect(sweep: Path, out: Path | None = None) -> dict:
+    sweep = Path(sweep)
+    if not (sweep / "points").is_dir():
+        raise FileNotFoundError(f"{sweep} holds no sweep (no points/ directory); run python -m slurm.sweep first")
+    out = Path(out or sweep)
+    out.mkdir(parents=True, exist_ok=True)
+    results, missing = load_points(sweep)
+    rows = summarize(results)
+    fields = ["method", "partition", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
+              "balanced_accuracy_std", "epsilon_spent_max", "formal_guarantee", "resumed_points"]
+    with open(out / "summary.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r[k] is None else r[k]) for k in fields})
+    with open(out / "points.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["point", "method", "partition", "epsilon", "seed", "client", "accuracy", "balanced_accuracy",
+                    "epsilon_spent", "ranks", "starts"])
+        for r in results:
+            for c in r["rows"]:
+                w.writerow([r["id"], r["method"], r["partition"], "" if r["epsilon"] is None else r["epsilon"], r["seed"],
+                            c["client"], c["accuracy"], c["balanced_accuracy"], r.get("epsilon_spent"), r["ranks"],
+                            r.get("starts")])
+    (out / "summary.md").write_text(markdown(rows, missing, sweep))
+    if rows:
+        plot(rows, out / "privacy_utility.png")
+    summary = {"sweep": str(sweep), "points": len(results) + len(missing), "finished": len(results),
+               "missing": [m["id"] for m in missing], "summary": rows}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m slurm.collect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", help="the sweep directory (--out of python -m slurm.sweep)")
+    ap.add_argument("--out", help="where to write the outputs (default: the sweep directory)")
+    args = ap.parse_args(argv)
+    try:
+        s = collect(Path(args.sweep), Path(args.out) if args.out else None)
+    except FileNotFoundError as exc:
+        print(f"slurm.collect: error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out or args.sweep)
+    print((out / "summary.md").read_text())
+    print(f"{s['finished']} of {s['points']} point(s) collected -> {out}/summary.csv, summary.md, "
+          f"{'privacy_utility.png, ' if s['summary'] else ''}summary.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""Sweeps over privacy budgets: epsilon x seed x partition x method, one job per grid point.
+
+    python -m slurm.sweep --config configs/default.yaml --epsilons 0.5,1,2,4,8 --seeds 0,1,2 \\
+        --partitions iid,dirichlet0.3 --methods fedhypevae-strict,dpcvae,local --ranks 4 --out sweeps/eps
+    python -m slurm.collect sweeps/eps          # summary.csv, summary.md, privacy_utility.png
+
+On SLURM (`--cluster slurm`, the default where `sbatch` exists) the points go out as one submitit job
+array; every job is a multi-task MPI job whose tasks are the ranks (srun --mpi=pmi2 for MPICH,
+--mpi=pmix for Open MPI). Jobs checkpoint on submitit's USR2 (before the time limit, or a
+preemption) and requeue; a requeued or restarted job resumes from its own checkpoint and its privacy
+ledger continues. The `local` cluster runs the points as local processes (ranks via mpiexec), the
+`debug` cluster in this process; both wait for the points to finish.
+
+Running the same command again skips finished points, resubmits unfinished ones (they resume from
+their checkpoints) and never resubmits points still queued or running; points whose last job ended
+without a result are listed with their log files.
+
+Cluster parameters use submitit's names (`timeout_min`, `nodes`, `tasks_per_node`, `cpus_per_task`,
+`gpus_per_node`, `mem_gb`, `slurm_partition`, `slurm_account`, `slurm_qos`, ...), given as
+`--param NAME=VALUE` or in a YAML file (`--cluster-config`); an unknown name fails with the list.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .job import PointJob, SweepError, read_events, read_json, write_json
+
+FEDHYPEVAE = ("fedhypevae-strict", "fedhypevae-paper")
+PRIVATE_BASELINES = ("fedavg-dp", "fedprox-dp", "dpcvae")
+PUBLIC_BASELINES = ("local", "fedavg", "fedprox", "pooled")  # do not depend on epsilon: run once per (partition, seed)
+METHODS = FEDHYPEVAE + PRIVATE_BASELINES + PUBLIC_BASELINES
+CLUSTERS = ("auto", "slurm", "local", "debug")
+ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def valid_parameters() -> dict[str, str]:
+    """submitit's parameter names for AutoExecutor: generic ones, `slurm_*` and `local_*`."""
+    from submitit.auto.auto import AutoExecutor
+    from submitit.local.local import LocalExecutor
+    from submitit.slurm.slurm import SlurmExecutor
+
+    out = {name: "generic" for name in AutoExecutor._valid_parameters()}
+    out.update({f"slurm_{n}": "slurm" for n in SlurmExecutor._valid_parameters()})
+    out.update({f"local_{n}": "local" for n in LocalExecutor._valid_parameters()})
+    out["slurm_max_num_timeout"] = "slurm"  # submitit's requeue budget for time-outs (AutoExecutor keyword)
+    return out
+
+
+def _parse_value(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def check_parameters(params: dict) -> dict:
+    valid = valid_parameters()
+    unknown = sorted(k for k in params if k not in valid)
+    if unknown:
+        names = ", ".join(sorted(valid))
+        raise SweepError(f"unknown cluster parameter(s) {', '.join(unknown)}; submitit's valid names: {names}")
+    return params
+
+
+def parse_list(text: str, kind, what: str) -> list:
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise SweepError(f"--{what}: give a comma-separated list")
+    try:
+        return [kind(t) for t in items]
+    except ValueError:
+        raise SweepError(f"--{what}: cannot read {text!r} as a list of {kind.__name__}") from None
+
+
+def parse_partition(name: str) -> tuple[str, Optional[float]]:
+    """iid | site | dirichlet (the config's alpha) | dirichlet<alpha>, e.g. dirichlet0.3."""
+    if name in ("iid", "site", "dirichlet"):
+        return name, None
+    if name.startswith("dirichlet"):
+        try:
+            alpha = float(name[len("dirichlet"):])
+        except ValueError:
+            alpha = -1.0
+        if alpha > 0:
+            return "dirichlet", alpha
+    raise SweepError(f"partition {name!r}: use iid, site, dirichlet or dirichlet<alpha> (e.g. dirichlet0.3)")
+
+
+# ------------------------------------------------------------------------------------------ the grid
+@dataclass
+class Point:
+    id: str
+    method: str
+    partition: str
+    epsilon: Optional[float]
+    seed: int
+    ranks: int
+    overrides: list
+
+    def spec(self, sweep: dict) -> dict:
+        return {"id": self.id, "method": self.method, "partition": self.partition, "epsilon": self.epsilon,
+                "seed": self.seed, "ranks": self.ranks, "config": sweep["config"], "overrides": self.overrides,
+                "protocol": sweep["protocol"], "comm_timeout_s": sweep["comm_timeout_s"],
+                "baseline_settings": sweep["baselines"].get(self.method, {})}
+
+
+def _eps_name(eps: Optional[float]) -> str:
+    return "none" if eps is None else ("inf" if math.isinf(eps) else f"{eps:g}")
+
+
+def build_grid(sweep: dict) -> list[Point]:
+    points = []
+    for method in sweep["methods"]:
+        if method not in METHODS:
+            raise SweepError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        for part in sweep["partitions"]:
+            kind, alpha = parse_partition(part)
+            for seed in sweep["seeds"]:
+                epsilons = [None] if method in PUBLIC_BASELINES else sweep["epsilons"]
+                for eps in epsilons:
+                    ov = list(sweep["overrides"]) + [f"seed={seed}", f"partition.kind={kind}"]
+                    if alpha is not None:
+                        ov.append(f"partition.alpha={alpha}")
+                    if eps is not None:
+                        ov.append(f"privacy.target_epsilon={eps}")
+                    if method in FEDHYPEVAE:
+                        ov.append(f"privacy.mode={method.split('-')[1]}")
+                    ranks = sweep["ranks"] if method in FEDHYPEVAE else 1
+                    pid = f"{method}__{part}__eps{_eps_name(eps)}__seed{seed}"
+                    points.append(Point(pid, method, part, eps, seed, ranks, ov))
+    return points
+
+
+# ------------------------------------------------------------------------------------------ state of points
+def job_record(point_dir: Path) -> Optional[dict]:
+    f = point_dir / "job.json"
+    return read_json(f) if f.is_file() else None
+
+
+def slurm_state(job_id: str) -> Optional[str]:
+    """The job's state while SLURM still knows it (squeue, then scontrol), else None."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+        states = [s.strip() for s in out.stdout.split() if s.strip()]
+        if out.returncode == 0 and states:
+            return states[0]
+        out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
+        for tok in out.stdout.split():
+            if tok.startswith("JobState="):
+                return tok.split("=", 1)[1]
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return None
+
+
+def point_status(point_dir: Path) -> tuple[str, Optional[dict]]:
+    """finished | active (queued or running) | failed (a job ended without a result) | interrupted | new."""
+    if (point_dir / "result.json").is_file():
+        return "finished", None
+    rec = job_record(point_dir)
+    if rec is None:
+        return "new", None
+    last = rec["submissions"][-1]
+    if last["cluster"] == "slurm":
+        state = slurm_state(last["job_id"])
+        if state in ACTIVE_STATES:
+            return "active", last
+    elif last["cluster"] == "local" and last.get("pid") and _pid_alive(last["pid"]):
+        return "active", last
+    events = read_events(point_dir)
+    if events and events[-1]["event"] == "interrupted":
+        return "interrupted", last
+    return "failed", last
+
+
+def _pid_alive(pid: int) -> bool:
+    """A local job's process is still running (and is still a submitit job, not a reused pid)."""
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return False
+    try:
+        return b"submitit" in Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except OSError:
+        return True
+
+
+def log_tail(path: Optional[str], lines: int = 5) -> str:
+    if not path or not Path(path).is_file():
+        return ""
+    text = Path(path).read_text(errors="replace").splitlines()
+    return "\n".join("      " + t for t in text[-lines:])
+
+
+# ------------------------------------------------------------------------------------------ executors
+def resolve_cluster(name: str) -> str:
+    if name != "auto":
+        return name
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def executor_parameters(sweep: dict) -> dict:
+    """submitit parameters of the jobs: the user's, plus what a multi-rank checkpointable job needs."""
+    params = dict(sweep["params"])
+    ranks = sweep["ranks"]
+    nodes = int(params.get("nodes", 1))
+    if "tasks_per_node" in params and int(params["tasks_per_node"]) * nodes != ranks and sweep["ranks_given"]:
+        raise SweepError(f"--ranks {ranks} disagrees with nodes={nodes} x tasks_per_node={params['tasks_per_node']}")
+    if "tasks_per_node" not in params:
+        if ranks % nodes:
+            raise SweepError(f"--ranks {ranks} is not a multiple of nodes={nodes}")
+        params["tasks_per_node"] = ranks // nodes
+    sweep["ranks"] = int(params["tasks_per_node"]) * nodes
+    params.setdefault("timeout_min", 60)
+    params.setdefault("cpus_per_task", 1)
+    params.setdefault("name", f"fedhypevae-{Path(sweep['out']).name}")
+    return params
+
+
+def make_executor(sweep: dict, cluster: str, params: dict, *, ranks: int):
+    import submitit
+
+    folder = Path(sweep["out"]) / "submitit" / "%j"
+    kwargs = {}
+    if "slurm_max_num_timeout" in params:
+        kwargs["slurm_max_num_timeout"] = int(params["slurm_max_num_timeout"])
+    ex = submitit.AutoExecutor(folder=folder, cluster=cluster, **kwargs)
+    p = {k: v for k, v in params.items() if k != "slurm_max_num_timeout"}
+    if cluster == "slurm":
+        srun = list(p.pop("slurm_srun_args", []) or [])
+        if not any(a.startswith("--mpi") for a in srun):
+            srun.insert(0, f"--mpi={sweep['mpi_plugin']}")
+        if "--kill-on-bad-exit=1" not in srun:
+            srun.append("--kill-on-bad-exit=1")  # a dead rank ends the job instead of hanging the others
+        p["slurm_srun_args"] = srun
+        setup = list(p.pop("slurm_setup", []) or [])
+        setup.insert(0, "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}")
+        if sweep["mpi"] == "openmpi":
+            setup.insert(0, "export PMIX_MCA_psec=native")
+        p["slurm_setup"] = setup
+        p["tasks_per_node"] = ranks // int(p.get("nodes", 1)) if ranks > 1 else 1
+        if ranks == 1:
+            p["nodes"] = 1
+    else:
+        p["tasks_per_node"] = 1  # one process per point; it starts the ranks with mpiexec
+        p["nodes"] = 1
+    try:
+        ex.update_parameters(**p)
+    except (NameError, ValueError, TypeError) as exc:
+        raise SweepError(f"cluster parameters: {exc}") from None
+    return ex
+
+
+# ------------------------------------------------------------------------------------------ the command
+def load_sweep(args) -> dict:
+    """The sweep definition: YAML (--sweep-config) overridden by the command line."""
+    tree = {}
+    if args.sweep_config:
+        tree = yaml.safe_load(Path(args.sweep_config).read_text()) or {}
+        valid = {"config", "set", "epsilons", "seeds", "partitions", "methods", "ranks", "cluster", "mpi", "protocol",
+                 "params", "baselines", "comm_timeout_s"}
+        unknown = sorted(set(tree) - valid)
+        if unknown:
+            raise SweepError(f"{args.sweep_config}: unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}")
+    cluster_params = dict(tree.get("params") or {})
+    if args.cluster_config:
+        cluster_params.update(yaml.safe_load(Path(args.cluster_config).read_text()) or {})
+    for item in args.param:
+        if "=" not in item:
+            raise SweepError(f"--param {item!r}: use NAME=VALUE with submitit's names (e.g. slurm_partition=gpu)")
+        k, v = item.split("=", 1)
+        cluster_params[k.strip()] = _parse_value(v)
+    check_parameters(cluster_params)
+
+    def pick(name, default):
+        v = getattr(args, name)
+        return v if v is not None else tree.get(name, default)
+
+    config = pick("config", None)
+    if config is None:
+        raise SweepError("--config is required (a training config such as configs/default.yaml)")
+    from fedhypevae.config import load_config, resolve_config_path
+
+    cfg_path = str(resolve_config_path(config).resolve())
+    overrides = list(tree.get("set") or []) + list(args.overrides)
+    load_config(cfg_path, overrides)  # fail now, not in a job
+    epsilons = pick("epsilons", "1")
+    seeds = pick("seeds", "0")
+    partitions = pick("partitions", "dirichlet")
+    methods = pick("methods", "fedhypevae-strict")
+    as_text = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)  # noqa: E731
+    eps = parse_list(as_text(epsilons), float, "epsilons")
+    if any(e <= 0 for e in eps):
+        raise SweepError("--epsilons must be positive (inf for no budget)")
+    mpi = pick("mpi", "mpich")
+    if mpi not in ("mpich", "openmpi"):
+        raise SweepError("--mpi must be mpich or openmpi")
+    ranks = pick("ranks", None)
+    sweep = {
+        "config": cfg_path, "overrides": overrides, "epsilons": eps,
+        "seeds": parse_list(as_text(seeds), int, "seeds"),
+        "partitions": parse_list(as_text(partitions), str, "partitions"),
+        "methods": parse_list(as_text(methods), str, "methods"),
+        "ranks": int(ranks) if ranks is not None else int(cluster_params.get("tasks_per_node", 1)) * int(cluster_params.get("nodes", 1)),
+        "ranks_given": ranks is not None,
+        "cluster": pick("cluster", "auto"), "mpi": mpi, "mpi_plugin": {"mpich": "pmi2", "openmpi": "pmix"}[mpi],
+        "protocol": pick("protocol", "augment"), "params": cluster_params,
+        "baselines": dict(tree.get("baselines") or {}), "comm_timeout_s": float(tree.get("comm_timeout_s", 600)),
+        "out": str(Path(args.out).resolve()),
+    }
+    if sweep["ranks"] < 1:
+        raise SweepError("--ranks must be at least 1")
+    if sweep["cluster"] not in CLUSTERS:
+        raise SweepError(f"--cluster must be one of {', '.join(CLUSTERS)}")
+    return sweep
+
+
+def prepare_points(sweep: dict, points: list[Point]) -> None:
+    """Write each point's spec.json; refuse a point whose settings changed since it was created."""
+    for pt in points:
+        d = Path(sweep["out"]) / "points" / pt.id
+        spec = pt.spec(sweep)
+        f = d / "spec.json"
+        if f.is_file():
+            old = read_json(f)
+            keys = ("config", "overrides", "ranks", "protocol", "baseline_settings")
+            changed = [k for k in keys if old.get(k) != spec.get(k)]
+            if changed:
+                raise SweepError(f"point {pt.id} exists in {sweep['out']} with different {', '.join(changed)}; "
+                                 "use another --out for a different sweep")
+            continue
+        d.mkdir(parents=True, exist_ok=True)
+        write_json(f, spec)
+
+
+def _config_hash(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def run_sweep(args) -> int:
+    sweep = load_sweep(args)
+    cluster = resolve_cluster(sweep["cluster"])
+    params = executor_parameters(sweep)
+    points = build_grid(sweep)
+    out = Path(sweep["out"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    status = {pt.id: point_status(out / "points" / pt.id) for pt in points}
+    counts = {}
+    for s, _ in status.values():
+        counts[s] = counts.get(s, 0) + 1
+    todo = [pt for pt in points if status[pt.id][0] in ("new", "failed", "interrupted")]
+    print(f"sweep {out}: {len(points)} points ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+          f"cluster {cluster}, {sweep['ranks']} rank(s) per FedHypeVAE point")
+    failed = [(pt, status[pt.id][1]) for pt in points if status[pt.id][0] == "failed"]
+    if failed:
+        print(f"{len(failed)} point(s) whose last job ended without a result (they are resubmitted and resume "
+              "from their checkpoints):")
+        for pt, last in failed:
+            print(f"  {pt.id}  job {last.get('job_id')}  stderr: {last.get('stderr')}")
+            tail = log_tail(last.get("stderr"))
+            if tail:
+                print(tail)
+    active = [pt.id for pt in points if status[pt.id][0] == "active"]
+    if active:
+        print(f"{len(active)} point(s) queued or running, not resubmitted: {', '.join(active[:5])}{' ...' if len(active) > 5 else ''}")
+
+    if args.dry_run:
+        return _dry_run(sweep, cluster, params, points, todo, status)
+    if not todo:
+        print("nothing to submit" + ("" if active else f"; collect with: python -m slurm.collect {out}"))
+        return 0
+    prepare_points(sweep, points)
+    write_json(out / "sweep.json", {**sweep, "cluster_resolved": cluster, "executor_params": params,
+                                    "command": " ".join(map(shlex.quote, sys.argv)), "points": [p.id for p in points]})
+    return _submit(sweep, cluster, params, todo, wait=args.wait or cluster in ("local", "debug"))
+
+
+def _dry_run(sweep, cluster, params, points, todo, status) -> int:
+    out = Path(sweep["out"])
+    print(f"dry run: would submit {len(todo)} of {len(points)} point(s) to cluster {cluster} with parameters:")
+    for k, v in sorted(params.items()):
+        print(f"  {k} = {v}")
+    from .sbatch import point_script
+
+    for pt in points:
+        action = {"new": "submit", "failed": "resubmit (resume)", "interrupted": "resubmit (resume)",
+                  "finished": "skip (finished)", "active": "skip (queued or running)"}[status[pt.id][0]]
+        print(f"  {pt.id:<55s} ranks={pt.ranks}  {action}")
+    # plain sbatch equivalents, for people who do not use submitit
+    prepare_points(sweep, points)
+    for pt in todo:
+        d = out / "points" / pt.id
+        script = point_script(d, python=sys.executable, mpi=sweep["mpi"],
+                              params={**params, "tasks_per_node": pt.ranks // int(params.get("nodes", 1)) if pt.ranks > 1 else 1,
+                                      "nodes": int(params.get("nodes", 1)) if pt.ranks > 1 else 1},
+                              job_name=f"fhv-{pt.id}"[:64])
+        (d / "job.sbatch").write_text(script)
+    if todo:
+        print(f"plain sbatch scripts (no submitit): {out}/points/<point>/job.sbatch")
+    return 0
+
+
+def _submit(sweep, cluster, params, todo: list[Point], *, wait: bool) -> int:
+    out = Path(sweep["out"])
+    jobs = []
+    # FedHypeVAE points and one-rank baselines need different task counts: one job array per rank count
+    for ranks in sorted({pt.ranks for pt in todo}):
+        group = [pt for pt in todo if pt.ranks == ranks]
+        ex = make_executor(sweep, cluster, params, ranks=ranks)
+        launch = "tasks" if cluster == "slurm" or ranks == 1 else "mpiexec"
+        calls = [PointJob(str(out / "points" / pt.id), launch) for pt in group]
+        if cluster == "debug":
+            submitted = [ex.submit(c) for c in calls]  # debug jobs run when their result is asked for
+        else:
+            try:
+                with ex.batch():
+                    submitted = [ex.submit(c) for c in calls]
+            except Exception as exc:  # sbatch refused: say why, nothing was submitted
+                raise SweepError(f"submission failed: {exc}") from None
+            submitted = [getattr(j, "_job", j) for j in submitted]
+        for pt, job in zip(group, submitted):
+            rec = job_record(out / "points" / pt.id) or {"submissions": []}
+            entry = {"cluster": cluster, "job_id": str(job.job_id), "time": time.time(), "ranks": ranks}
+            if cluster != "debug":  # debug jobs run in this process: their output is this terminal's
+                entry.update({"stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
+            if cluster == "local":
+                proc = getattr(job, "_process", None)
+                entry["pid"] = getattr(proc, "pid", None)
+            rec["submissions"].append(entry)
+            write_json(out / "points" / pt.id / "job.json", rec)
+            jobs.append((pt, job))
+        print(f"submitted {len(group)} point(s) with {ranks} rank(s) each: job ids "
+              f"{', '.join(str(j.job_id) for _, j in jobs[-len(group):][:4])}{' ...' if len(group) > 4 else ''}")
+    if not wait:
+        print(f"follow with: squeue --me; re-run this command to resubmit unfinished points; "
+              f"collect with: python -m slurm.collect {out}")
+        return 0
+    return _wait(out, jobs, cluster)
+
+
+def _wait(out: Path, jobs, cluster: str) -> int:
+    from tqdm.auto import tqdm
+
+    bad = []
+    bar = tqdm(total=len(jobs), desc="sweep", unit="point")
+    if cluster == "debug":
+        for pt, job in jobs:
+            try:
+                job.result()
+            except Exception as exc:  # noqa: BLE001 - reported with the point below
+                bad.append((pt, str(exc).splitlines()[-1] if str(exc) else type(exc).__name__))
+            bar.update(1)
+    else:
+        pending = list(jobs)
+        while pending:
+            still = []
+            for pt, job in pending:
+                done = (out / "points" / pt.id / "result.json").is_file()
+                if not done and point_status(out / "points" / pt.id)[0] == "active":
+                    still.append((pt, job))
+                    continue
+                if not done:
+                    bad.append((pt, "ended without a result"))
+                bar.update(1)
+            pending = still
+            if pending:
+                time.sleep(2.0)
+    bar.close()
+    finished = sum((out / "points" / pt.id / "result.json").is_file() for pt, _ in jobs)
+    print(f"{finished} of {len(jobs)} point(s) finished")
+    for pt, why in bad:
+        rec = job_record(out / "points" / pt.id) or {"submissions": [{}]}
+        last = rec["submissions"][-1]
+        print(f"  FAILED {pt.id}: {why}; log: {last.get('stderr', '(in this terminal)')}")
+        tail = log_tail(last.get("stderr"))
+        if tail:
+            print(tail)
+    print(f"collect with: python -m slurm.collect {out}")
+    return 0 if not bad else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m slurm.sweep", description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="training config (a file, or a shipped name such as default)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training config key for every point (repeatable)")
+    ap.add_argument("--epsilons", help="comma-separated target epsilons, e.g. 0.5,1,2,4,8 (default 1)")
+    ap.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    ap.add_argument("--partitions", help="comma-separated: iid, site, dirichlet, dirichlet<alpha> (default dirichlet)")
+    ap.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)} (default fedhypevae-strict)")
+    ap.add_argument("--ranks", type=int, help="MPI ranks per FedHypeVAE point (= nodes x tasks_per_node; baselines use 1)")
+    ap.add_argument("--out", required=True, help="sweep directory (re-running with the same --out continues it)")
+    ap.add_argument("--cluster", choices=CLUSTERS, help="slurm, local or debug (default auto: slurm where sbatch exists)")
+    ap.add_argument("--mpi", choices=("mpich", "openmpi"), help="MPI library of the jobs: srun --mpi=pmi2 (mpich, "
+                    "default) or --mpi=pmix (openmpi)")
+    ap.add_argument("--protocol", help="how synthetic sets are scored (augment, lambda-mix, synthetic-only; default augment)")
+    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a submitit cluster parameter (timeout_min, nodes, tasks_per_node, cpus_per_task, gpus_per_node, "
+                         "mem_gb, slurm_partition, slurm_account, slurm_qos, ...); repeatable")
+    ap.add_argument("--cluster-config", help="YAML mapping of submitit cluster parameters")
+    ap.add_argument("--sweep-config", help="YAML with any of: config, set, epsilons, seeds, partitions, methods, ranks, "
+                    "cluster, mpi, protocol, params, baselines (the command line wins)")
+    ap.add_argument("--dry-run", action="store_true", help="show what would be submitted and write plain sbatch scripts")
+    ap.add_argument("--wait", action="store_true", help="on SLURM, wait until every submitted point has ended")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from fedhypevae.errors import FedHypeVAEError
+
+    try:
+        return run_sweep(args)
+    except (SweepError, FedHypeVAEError) as exc:
+        print(f"slurm.sweep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
