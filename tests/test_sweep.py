@@ -115,3 +115,13 @@ def test_local_cluster_runs_multi_rank_points_with_mpiexec_and_lists_failures(tm
     assert "FAILED fedhypevae-strict__iid__eps2__seed0" in r.stdout and "_log.err" in r.stdout
     again = run_sweep(*args, "--dry-run")
     assert "1 failed" in again.stdout and "_log.err" in again.stdout and "resubmit" in again.stdout
+
+
+def test_example_sweep_config_and_help(tmp_path):
+    r = run_sweep("--sweep-config", "slurm/sweep_example.yaml", "--cluster", "local", "--out", str(tmp_path / "s"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "96 points" in r.stdout and "ranks=4" in r.stdout
+    h = run_sweep("--help")
+    assert h.returncode == 0 and "--epsilons" in h.stdout and "submitit's names" in h.stdout
+    c = subprocess.run([sys.executable, "-m", "slurm.collect", str(tmp_path / "none")], capture_output=True, text=True)
+    assert c.returncode == 2 and "holds no sweep" in c.stderr
