@@ -201,11 +201,15 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def log_tail(path: Optional[str], lines: int = 5) -> str:
+def log_tail(path: Optional[str], lines: int = 3) -> str:
+    """The error lines of a job's log (ours name the rank and what to change), else its last lines."""
     if not path or not Path(path).is_file():
         return ""
     text = Path(path).read_text(errors="replace").splitlines()
-    return "\n".join("      " + t for t in text[-lines:])
+    ours = [t for t in text if t.startswith(("slurm.job: error:", "fedhypevae: error:"))
+            or "Error:" in t and not t.startswith(" ")]
+    picked = list(dict.fromkeys(ours))[-lines:] if ours else text[-lines:]
+    return "\n".join("      " + t for t in picked)
 
 
 # ------------------------------------------------------------------------------------------ executors

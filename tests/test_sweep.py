@@ -113,6 +113,7 @@ def test_local_cluster_runs_multi_rank_points_with_mpiexec_and_lists_failures(tm
     r = run_sweep(*args)
     assert r.returncode == 1
     assert "FAILED fedhypevae-strict__iid__eps2__seed0" in r.stdout and "_log.err" in r.stdout
+    assert "cannot fill 2 ranks" in r.stdout  # the cause, from the log
     again = run_sweep(*args, "--dry-run")
     assert "1 failed" in again.stdout and "_log.err" in again.stdout and "resubmit" in again.stdout
 
