@@ -96,6 +96,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401
 
     parts = sorted({r["partition"] for r in rows})
     eps_all = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None and not math.isinf(r["epsilon"])})
@@ -120,6 +121,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xscale("log")
             if eps_all:
                 ax.set_xticks(eps_all, [f"{e:g}" for e in eps_all])
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_title(f"{part}: {name}")
             ax.set_ylabel(f"{name} (%)")
             ax.grid(alpha=0.3)
