@@ -153,24 +153,41 @@ def job_record(point_dir: Path) -> Optional[dict]:
     return read_json(f) if f.is_file() else None
 
 
+def slurm_states(job_ids: list[str]) -> dict[str, str]:
+    """States of the jobs SLURM still lists (one squeue call; array tasks one per line)."""
+    if not job_ids:
+        return {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
+                             text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    states = {}
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2:
+            states[parts[0]] = parts[1]
+    return states
+
+
 def slurm_state(job_id: str) -> Optional[str]:
     """The job's state while SLURM still knows it (squeue, then scontrol), else None."""
+    state = slurm_states([job_id]).get(job_id)
+    if state:
+        return state
     try:
-        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-        states = [s.strip() for s in out.stdout.split() if s.strip()]
-        if out.returncode == 0 and states:
-            return states[0]
         out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30)
-        for tok in out.stdout.split():
-            if tok.startswith("JobState="):
-                return tok.split("=", 1)[1]
     except (OSError, subprocess.TimeoutExpired):
         return None
+    for tok in out.stdout.split():
+        if tok.startswith("JobState="):
+            return tok.split("=", 1)[1]
     return None
 
 
-def point_status(point_dir: Path) -> tuple[str, Optional[dict]]:
-    """finished | active (queued or running) | failed (a job ended without a result) | interrupted | new."""
+def point_status(point_dir: Path, states: Optional[dict] = None) -> tuple[str, Optional[dict]]:
+    """finished | active (queued or running) | failed (a job ended without a result) | interrupted | new.
+    `states`: SLURM job states already queried for many points at once."""
     if (point_dir / "result.json").is_file():
         return "finished", None
     rec = job_record(point_dir)
@@ -178,7 +195,7 @@ def point_status(point_dir: Path) -> tuple[str, Optional[dict]]:
         return "new", None
     last = rec["submissions"][-1]
     if last["cluster"] == "slurm":
-        state = slurm_state(last["job_id"])
+        state = states.get(last["job_id"]) if states is not None else slurm_state(last["job_id"])
         if state in ACTIVE_STATES:
             return "active", last
     elif last["cluster"] == "local" and last.get("pid") and _pid_alive(last["pid"]):
@@ -187,6 +204,15 @@ def point_status(point_dir: Path) -> tuple[str, Optional[dict]]:
     if events and events[-1]["event"] == "interrupted":
         return "interrupted", last
     return "failed", last
+
+
+def _slurm_job_ids(out: Path, points) -> list[str]:
+    ids = []
+    for pt in points:
+        rec = job_record(out / "points" / pt.id)
+        if rec and rec["submissions"][-1]["cluster"] == "slurm" and not (out / "points" / pt.id / "result.json").is_file():
+            ids.append(rec["submissions"][-1]["job_id"])
+    return ids
 
 
 def _pid_alive(pid: int) -> bool:
@@ -365,7 +391,8 @@ def run_sweep(args) -> int:
     out = Path(sweep["out"])
     out.mkdir(parents=True, exist_ok=True)
 
-    status = {pt.id: point_status(out / "points" / pt.id) for pt in points}
+    states = slurm_states(_slurm_job_ids(out, points)) if shutil.which("squeue") else None
+    status = {pt.id: point_status(out / "points" / pt.id, states) for pt in points}
     counts = {}
     for s, _ in status.values():
         counts[s] = counts.get(s, 0) + 1
@@ -475,9 +502,12 @@ def _wait(out: Path, jobs, cluster: str) -> int:
         pending = list(jobs)
         while pending:
             still = []
+            states = slurm_states([str(j.job_id) for _, j in pending]) if cluster == "slurm" else None
             for pt, job in pending:
                 done = (out / "points" / pt.id / "result.json").is_file()
-                if not done and point_status(out / "points" / pt.id)[0] == "active":
+                if not done and states is not None and str(job.job_id) not in states:
+                    states[str(job.job_id)] = slurm_state(str(job.job_id)) or ""  # just ended: ask scontrol
+                if not done and point_status(out / "points" / pt.id, states)[0] == "active":
                     still.append((pt, job))
                     continue
                 if not done:
