@@ -64,13 +64,15 @@ def run_point_here(point: Path) -> dict:
     """Run the point in this process, which is one rank of the job (or the only one)."""
     from fedhypevae.errors import FedHypeVAEError
     from hpc.backend import BackendError, install_failfast, make_communicator
+    from hpc.device import choose_device
     from hpc.launcher import detect_launcher
 
     point = Path(point)
     spec = read_json(point / "spec.json")
     info = detect_launcher()
     try:
-        comm = make_communicator("auto", info, timeout_s=float(spec.get("comm_timeout_s", 600)))
+        device = choose_device(info.local_rank, spec.get("device", "auto"))  # cuda:LOCAL_RANK on GPU nodes
+        comm = make_communicator("auto", info, device=device, timeout_s=float(spec.get("comm_timeout_s", 600)))
     except (BackendError, RuntimeError) as exc:
         raise SweepError(f"point {spec['id']}: {exc}") from None
     # the job asked for `ranks` tasks: a launcher that gives every task a world of one must fail the job
@@ -81,7 +83,7 @@ def run_point_here(point: Path) -> dict:
     install_failfast(comm)
     try:
         if spec["method"] in ("fedhypevae-strict", "fedhypevae-paper"):
-            return _run_fedhypevae(point, spec, comm, info)
+            return _run_fedhypevae(point, spec, comm, info, str(device))
         return _run_baseline(point, spec, comm)
     except FedHypeVAEError as exc:
         if comm.world_size > 1:
@@ -90,7 +92,7 @@ def run_point_here(point: Path) -> dict:
         raise
 
 
-def _run_fedhypevae(point: Path, spec: dict, comm, info) -> dict:
+def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
     from fedhypevae import checkpoint as ckpt
     from fedhypevae.config import load_config
     from fedhypevae.run import run_training
@@ -107,7 +109,7 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info) -> dict:
                              "world_size": comm.world_size, "launcher": info.launcher})
     t0 = time.perf_counter()
     results = run_training(cfg, run_dir, comm, resume=resume, progress=False, launcher=info.launcher,
-                           catch_signals=True)
+                           device=device, catch_signals=True)
     if results.get("interrupted"):
         if comm.is_root:
             append_event(point, {"event": "interrupted", "signal": int(results["signal"]), "round": results["round"],

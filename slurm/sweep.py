@@ -116,7 +116,7 @@ class Point:
     def spec(self, sweep: dict) -> dict:
         return {"id": self.id, "method": self.method, "partition": self.partition, "epsilon": self.epsilon,
                 "seed": self.seed, "ranks": self.ranks, "config": sweep["config"], "overrides": self.overrides,
-                "protocol": sweep["protocol"], "comm_timeout_s": sweep["comm_timeout_s"],
+                "protocol": sweep["protocol"], "comm_timeout_s": sweep["comm_timeout_s"], "device": sweep["device"],
                 "baseline_settings": sweep["baselines"].get(self.method, {})}
 
 
@@ -304,7 +304,7 @@ def load_sweep(args) -> dict:
     if args.sweep_config:
         tree = yaml.safe_load(Path(args.sweep_config).read_text()) or {}
         valid = {"config", "set", "epsilons", "seeds", "partitions", "methods", "ranks", "cluster", "mpi", "protocol",
-                 "params", "baselines", "comm_timeout_s"}
+                 "params", "baselines", "comm_timeout_s", "device"}
         unknown = sorted(set(tree) - valid)
         if unknown:
             raise SweepError(f"{args.sweep_config}: unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}")
@@ -350,7 +350,7 @@ def load_sweep(args) -> dict:
         "ranks": int(ranks) if ranks is not None else int(cluster_params.get("tasks_per_node", 1)) * int(cluster_params.get("nodes", 1)),
         "ranks_given": ranks is not None,
         "cluster": pick("cluster", "auto"), "mpi": mpi, "mpi_plugin": {"mpich": "pmi2", "openmpi": "pmix"}[mpi],
-        "protocol": pick("protocol", "augment"), "params": cluster_params,
+        "protocol": pick("protocol", "augment"), "params": cluster_params, "device": pick("device", "auto"),
         "baselines": dict(tree.get("baselines") or {}), "comm_timeout_s": float(tree.get("comm_timeout_s", 600)),
         "out": str(Path(args.out).resolve()),
     }
@@ -545,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cluster", choices=CLUSTERS, help="slurm, local or debug (default auto: slurm where sbatch exists)")
     ap.add_argument("--mpi", choices=("mpich", "openmpi"), help="MPI library of the jobs: srun --mpi=pmi2 (mpich, "
                     "default) or --mpi=pmix (openmpi)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"),
+                    help="device of every rank: cuda:LOCAL_RANK where CUDA is present (auto, default), or cpu")
     ap.add_argument("--protocol", help="how synthetic sets are scored (augment, lambda-mix, synthetic-only; default augment)")
     ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                     help="a submitit cluster parameter (timeout_min, nodes, tasks_per_node, cpus_per_task, gpus_per_node, "
