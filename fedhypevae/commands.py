@@ -127,8 +127,24 @@ def cmd_account(args) -> int:
     return 0
 
 
+def _run_plan(run: Path):
+    """The run's privacy plan (from results.json, else from the newest checkpoint), or None."""
+    res = run / "results.json"
+    if res.is_file():
+        try:
+            return (json.loads(res.read_text()).get("privacy") or {}).get("plan")
+        except json.JSONDecodeError:
+            pass
+    from . import checkpoint as ckpt
+
+    last = ckpt.latest_complete(run)
+    if last is not None and (last / "shared.pt").is_file():
+        return ckpt.load(last / "shared.pt", "shared checkpoint").get("plan")
+    return None
+
+
 def _account_run(args) -> int:
-    from .privacy import PrivacyLedger
+    from .privacy import PrivacyLedger, epsilon_of
 
     run = Path(args.run)
     ledgers = sorted((run / "clients").glob("client_*/ledger.jsonl"))
@@ -137,23 +153,63 @@ def _account_run(args) -> int:
     cfg = load_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else None
     delta = cfg.privacy.delta if cfg else args.delta
     acc = cfg.privacy.accountant if cfg else ("rdp" if args.accountant == "both" else args.accountant)
-    out = {"run": str(run), "delta": delta, "accountant": acc, "clients": {}}
+    plan = _run_plan(run)
+    out = {"run": str(run), "delta": delta, "accountant": acc,
+           "target_epsilon": cfg.privacy.target_epsilon if cfg else None, "plan": plan, "clients": {}}
     for path in ledgers:
         led = PrivacyLedger.load(path)
-        out["clients"][path.parent.name] = {"epsilon": led.epsilon(delta=delta, accountant=acc), "mechanisms": led.summary(delta=delta, accountant=acc)}
+        mechs = led.mechanisms()
+        total = epsilon_of(mechs, delta=delta, accountant=acc)
+        rows = led.summary(delta=delta, accountant=acc)
+        for i, row in enumerate(rows):
+            # what this mechanism adds to the composition: epsilon minus epsilon without it
+            row["epsilon_marginal"] = total - epsilon_of(mechs[:i] + mechs[i + 1:], delta=delta, accountant=acc)
+        out["clients"][path.parent.name] = {"epsilon": total, "mechanisms": rows}
     # clients usually share one history: print distinct ones
     groups: dict[str, list[str]] = {}
     for name, info in out["clients"].items():
         groups.setdefault(json.dumps(info["mechanisms"], sort_keys=True, default=str), []).append(name)
-    print(f"privacy ledger of {run} (delta={delta}, accountant={acc})")
-    for key, names in groups.items():
+    target = f", target epsilon {out['target_epsilon']:g}" if out["target_epsilon"] is not None else ""
+    print(f"privacy ledger of {run} (delta={delta}, accountant={acc}{target})")
+    for names in groups.values():
         info = out["clients"][names[0]]
-        print(f"  {len(names)} client(s) [{names[0]}{' ...' if len(names) > 1 else ''}]: epsilon = {info['epsilon']:.4f}")
+        print(f"  {len(names)} client(s) [{names[0]}{' ...' if len(names) > 1 else ''}]: epsilon spent = "
+              f"{info['epsilon']:.4f} (all mechanisms below, composed)")
+        print(f"    {'mechanism':<16} {'sigma':>10} {'q':>8} {'steps':>6} {'eps alone':>10} {'eps added':>10}")
         for m in info["mechanisms"]:
-            print(f"    {m['mechanism']:<16} sigma={m['sigma']:<10.4f} q={m['q']:<8} steps={m['steps']:<6} "
-                  f"epsilon alone={m['epsilon_alone']:.4f}")
+            print(f"    {m['mechanism']:<16} {m['sigma']:>10.4f} {m['q']:>8g} {m['steps']:>6} "
+                  f"{m['epsilon_alone']:>10.4f} {m['epsilon_marginal']:>10.4f}")
+    if plan:
+        spent = {m["mechanism"] for info in out["clients"].values() for m in info["mechanisms"]}
+        planned = [m for m in plan.get("mechanisms", []) if m["name"] not in spent]
+        for m in planned:
+            print(f"  planned, not released (yet): {m['name']} sigma={m['noise_multiplier']:.4f} q={m['sample_rate']:g} "
+                  f"steps={m['steps']}")
+        print(f"  plan: sigma={plan['sigma']:.4f} over {plan['steps']} steps at q={plan['sample_rate']:g}; "
+              f"planned epsilon {plan['planned_epsilon']:.4f} of target {plan['target_epsilon']:g}")
+    print("  (eps alone: that mechanism by itself; eps added: the composed epsilon minus the composed epsilon "
+          "without it — composition is sub-additive, so these do not sum to the total)")
     _write_json(args.json_path, out)
     return 0
+
+
+# ---------------------------------------------------------------------------------------- audit
+def cmd_audit(args) -> int:
+    from .audit import format_audit, run_audit
+
+    cfg = load_config(args.config, args.overrides)
+    command = "fedhypevae " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["audit"] else ""
+    out = Path(args.out) if args.out else Path("runs") / f"audit-{args.mode}-{args.sabotage}"
+    res = run_audit(cfg, out, mode=args.mode, canaries=args.canaries, guesses=args.guesses, sabotage=args.sabotage,
+                    seed=args.seed, client=args.client, progress=not args.no_progress, command=command)
+    if not args.quiet:
+        print(format_audit(res))
+        print(f"  results   : {out / 'results.json'}")
+    _write_json(args.json_path, res)
+    a = res["audit"]
+    # exit status 1 when the audit's expectation fails: a violation in an unsabotaged run, or a
+    # sabotage that went undetected
+    return 1 if (a["violation"] if a["sabotage"] == "none" else not a["violation"]) else 0
 
 
 # ---------------------------------------------------------------------------------------- data

@@ -82,3 +82,31 @@ def test_bad_input_exit_code_through_the_console_script(tmp_path):
 def test_unknown_config_name_lists_shipped_configs(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", "--config", "nonexistent", "--out", str(tmp_path / "r"))
     assert code == 2 and "tiny" in err and "default" in err
+
+
+AUDIT_BAD = {
+    "one canary": (["--canaries", "1"], "--canaries must be >= 2"),
+    "sabotage without privacy": (["--sabotage", "no-clip", "--set", "privacy.enabled=false"], "nothing to sabotage"),
+    "privacy disabled": (["--set", "privacy.enabled=false"], "no privacy claim"),
+    "infinite target": (["--set", "privacy.target_epsilon=.inf"], "infinite"),
+    "black-box sabotage": (["--mode", "black-box", "--sabotage", "no-noise"], "white-box"),
+    "too many guesses": (["--canaries", "100", "--guesses", "60"], "guesses"),
+    "unknown key": (["--set", "privacy.epsilon=2"], "unknown config key"),
+    "no such client": (["--client", "7"], "not in the federation"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(AUDIT_BAD))
+def test_audit_bad_input_gets_a_clear_error(tmp_path, capsys, case):
+    extra, needle = AUDIT_BAD[case]
+    code, out, err = run_cli(capsys, "audit", "--out", str(tmp_path / "a"), "--no-progress", *extra)
+    assert code == 2, (case, out, err)
+    assert err.startswith("fedhypevae: error:") and needle.lower() in err.lower() and "Traceback" not in err, err
+    assert not (tmp_path / "a" / "run").exists()  # refused before anything ran
+
+
+def test_audit_help_names_the_method_and_its_options():
+    r = subprocess.run([sys.executable, "-m", "fedhypevae.cli", "audit", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for needle in ("Steinke", "--canaries", "--sabotage", "--mode", "white-box", "black-box", "--json"):
+        assert needle in r.stdout, needle

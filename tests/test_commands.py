@@ -44,13 +44,44 @@ def test_account_prints_a_runs_ledger(tmp_path, capsys):
     js = tmp_path / "ledger.json"
     assert main(["account", "--run", str(tmp_path / "run"), "--json", str(js)]) == 0
     out = capsys.readouterr().out
-    for mech in ("dp-sgd", "class-stats", "mmd-embeddings"):
-        assert mech in out
     led = json.loads(js.read_text())
     assert len(led["clients"]) == 4
     results = json.loads((tmp_path / "run" / "results.json").read_text())
+    plan = {m["name"]: m for m in results["privacy"]["plan"]["mechanisms"]}
     for info in led["clients"].values():
         assert info["epsilon"] == pytest.approx(results["privacy"]["epsilon_spent"], rel=1e-9)
+        rows = {m["mechanism"]: m for m in info["mechanisms"]}
+        # every mechanism: its sigma, q, steps and the epsilon it contributes (alone, and added to the rest)
+        assert set(rows) == {"dp-sgd", "class-stats", "mmd-embeddings"}
+        for name, m in rows.items():
+            assert m["sigma"] == pytest.approx(plan[name]["noise_multiplier"], rel=1e-12)
+            assert m["q"] == plan[name]["sample_rate"] and m["steps"] == plan[name]["steps"]
+            assert 0 < m["epsilon_marginal"] <= m["epsilon_alone"] + 1e-12
+            line = next(line for line in out.splitlines() if line.strip().startswith(name))
+            for value in (f"{m['sigma']:.4f}", f"{m['epsilon_alone']:.4f}", f"{m['epsilon_marginal']:.4f}"):
+                assert value in line, (value, line)
+        alone = sum(m["epsilon_alone"] for m in rows.values())
+        added = sum(m["epsilon_marginal"] for m in rows.values())
+        assert added <= info["epsilon"] <= alone  # composition is sub-additive
+    assert "target epsilon 2" in out and "planned epsilon" in out
+
+
+def test_account_of_an_interrupted_run_shows_what_is_still_planned(tmp_path, capsys):
+    """No results.json yet: the plan comes from the checkpoint, the unreleased statistics are listed."""
+    from fedhypevae.trainer import Trainer
+
+    tr = Trainer(load_config("tiny"), tmp_path / "run", progress=False)
+    tr.setup()
+    tr.run_round(0)
+    tr.state.round = 1
+    tr.save_checkpoint()
+    capsys.readouterr()
+    assert main(["account", "--run", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "planned, not released (yet): class-stats" in out
+    assert f"sigma={tr.plan.sigma:.4f} over 6 steps" in out
+    dp = next(line for line in out.splitlines() if line.strip().startswith("dp-sgd"))
+    assert dp.split()[3] == "2"  # 2 of the 6 planned steps were released
 
 
 def test_data_inspect_and_partition(tmp_path, capsys, shared_data):

@@ -1,0 +1,515 @@
+"""One-run privacy audit (Steinke, Nasr & Jagielski 2023, "Privacy auditing with one (1) training run").
+
+M canaries, each included in the audited client's data with probability 1/2 (fair coins from a
+fixed seed); ONE training run; every canary gets a score; the auditor guesses "included" for the
+k_in highest scores and "excluded" for the k_out lowest, abstaining on the rest. If the run is
+(eps, delta)-DP with respect to each canary, the number of correct guesses among r = k_in + k_out
+is stochastically dominated as in the paper's main theorem, so
+
+    P[ >= v correct ] <= P[Binomial(r, e^eps / (1 + e^eps)) >= v]
+                         + 2 M delta * max_{1 <= i <= v} P[v - i <= Binomial(r, .) < v] / i.
+
+``epsilon_lower_bound`` returns the largest eps for which observing v correct guesses still has
+a p-value below the level (0.05: 95 % confidence): the run is NOT (eps, delta)-DP for any smaller
+eps, with that confidence. An audit can refute a privacy claim, never prove it.
+
+Two audits:
+
+* white-box (``audit_white_box``): gradient canaries. The audited client is a real
+  :class:`~fedhypevae.client.Client` inside a real :class:`~fedhypevae.trainer.Trainer` run with the
+  sigma planned for the config; only its per-sample gradient stage is extended: every included
+  canary, like any other record, joins each step's Poisson batch with probability q and
+  contributes a "Dirac" per-sample gradient (sign * 2C on one coordinate of Phi) that goes through
+  the same ``clip_and_sum`` and ``add_noise_and_scale`` (real NoiseSpec, real sigma) as the data.
+  A canary's score is the inner product with its direction of the client's released Phi gradients
+  (what crosses the rank boundary) minus what a white-box adversary who knows every other record can
+  compute (the clipped sum of the client's own batch, the post-noise terms), summed over all steps.
+  The audit runs the reference step (``train.engine=reference``). ``sabotage="no-clip"`` skips clipping
+  (and makes the canaries 1000 C long); ``sabotage="no-noise"`` releases the sums without noise
+  while the ledger still charges the planned sigma: both must be caught.
+* black-box (``audit_black_box``): canary records (uniform out-of-distribution points with random
+  labels) are appended to one client's training split through a shard directory, the real
+  ``run_training`` runs, and each canary is scored by its ELBO (negative loss) under that client's
+  final model. Only the final model is used, so this test is much weaker: expect a bound near 0.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .client import Client
+from .config import Config, config_from_dict
+from .dp_step import clip_and_sum, per_sample_grads, sample_norms
+from .errors import ConfigError
+from .rng import derive_seed
+
+LEVEL = 0.05  # 95 % confidence
+SABOTAGE = ("none", "no-clip", "no-noise")
+MODES = ("white-box", "black-box")
+CANARY_NORM = 2.0  # white-box canary length in units of C (>= C: clipping brings it to exactly C)
+NO_CLIP_CANARY_NORM = 1000.0  # without clipping nothing bounds a record's gradient: a long canary
+DEFAULT_CANARIES = {"white-box": 1000, "black-box": 200}
+_STREAM_COINS, _STREAM_LAYOUT, _STREAM_SAMPLE, _STREAM_SCORE = 0xC0, 0xC1, 0xC2, 0xC3
+
+
+# ------------------------------------------------------------------------------------------ the bound
+
+
+def _check_counts(m: int, r: int, v: int) -> None:
+    if not (0 <= v <= r <= m):
+        raise ConfigError(f"audit counts must satisfy 0 <= correct <= guesses <= canaries; got correct={v}, "
+                          f"guesses={r}, canaries={m}")
+
+
+def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
+    """Probability of at least v correct guesses out of r (m canaries) under (epsilon, delta)-DP.
+
+    The first term is the exact binomial tail of epsilon-DP randomized response; the second is the
+    paper's delta correction, 2 m delta max_i P[v - i <= Binomial(r, q) < v] / i.
+    """
+    _check_counts(m, r, v)
+    if not (epsilon >= 0 and 0 <= delta <= 1):
+        raise ConfigError(f"need epsilon >= 0 and delta in [0, 1]; got epsilon={epsilon}, delta={delta}")
+    from scipy.stats import binom
+
+    q = 1.0 / (1.0 + math.exp(-epsilon)) if epsilon < 700 else 1.0
+    tail = float(binom.sf(v - 1, r, q))  # P[B >= v]
+    if delta == 0 or v == 0:
+        return min(1.0, tail)
+    below = binom.pmf(np.arange(v - 1, -1, -1), r, q)  # P[B = v - i], i = 1..v
+    alpha = float(np.max(np.cumsum(below) / np.arange(1, v + 1)))
+    return min(1.0, tail + 2.0 * m * delta * alpha)
+
+
+def epsilon_lower_bound(m: int, r: int, v: int, delta: float, level: float = LEVEL, tol: float = 1e-9) -> float:
+    """Largest epsilon >= 0 whose p-value for v correct out of r guesses is below `level` (0 if none)."""
+    _check_counts(m, r, v)
+    if not 0 < level < 1:
+        raise ConfigError(f"level must be in (0, 1); got {level}")
+    p = lambda e: audit_p_value(m, r, v, e, delta)
+    if r == 0 or p(0.0) >= level:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while p(hi) < level:  # p -> 1 as epsilon grows whenever v <= r, so this ends
+        lo, hi = hi, 2 * hi
+        if hi > 1e4:
+            return lo
+    while hi - lo > tol * max(1.0, hi):
+        mid = 0.5 * (lo + hi)
+        if p(mid) < level:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def max_epsilon_lower_bound(m: int, r: int, delta: float, level: float = LEVEL) -> float:
+    """Power check: the bound when every one of the r guesses is right — no audit with these
+    settings can report more, whatever the mechanism does."""
+    return epsilon_lower_bound(m, r, r, delta, level)
+
+
+def closed_form_max(r: int, level: float = LEVEL) -> float:
+    """logit(level^(1/r)): the all-correct bound without the delta term."""
+    if r < 1:
+        return 0.0
+    q = level ** (1.0 / r)
+    return math.log(q / (1.0 - q))
+
+
+def guess(scores: np.ndarray, k_in: int, k_out: int) -> np.ndarray:
+    """+1 (included) for the k_in highest scores, -1 (excluded) for the k_out lowest, 0 otherwise.
+    Ties are broken by canary index (stable sort), never by membership."""
+    scores = np.asarray(scores, dtype=float)
+    m = len(scores)
+    if k_in < 0 or k_out < 0 or k_in + k_out > m:
+        raise ConfigError(f"need 0 <= k_in, k_out and k_in + k_out <= canaries ({m}); got {k_in}, {k_out}")
+    order = np.argsort(-scores, kind="stable")
+    g = np.zeros(m, dtype=int)
+    g[order[:k_in]] = 1
+    if k_out:
+        g[order[m - k_out:]] = -1
+    return g
+
+
+def score_guesses(scores: np.ndarray, included: np.ndarray, k_in: int, k_out: int) -> dict:
+    g = guess(scores, k_in, k_out)
+    truth = np.where(np.asarray(included, dtype=bool), 1, -1)
+    made = g != 0
+    return {"guesses": int(made.sum()), "correct": int((g[made] == truth[made]).sum()),
+            "correct_in": int(((g == 1) & (truth == 1)).sum()), "correct_out": int(((g == -1) & (truth == -1)).sum())}
+
+
+# ------------------------------------------------------------------------------------------ white-box
+
+
+class CanaryClient(Client):
+    """A real client whose per-sample gradient stage also holds the gradient canaries that are in
+    this step's Poisson batch. Everything else is Client.step: sampling, clipping, the planned
+    noise, the public normalizer, the local update and what it returns (the noisy Phi gradient).
+
+    The auditor is white-box: it knows everything except which canaries were included. Before
+    scoring it subtracts from the released Phi gradient what it can compute without the canaries —
+    the clipped sum of the client's own records in this step's batch (the same ``clip_and_sum``)
+    and the post-noise terms — so that a canary's score is its own clipped contribution plus the
+    noise. DP must hold against exactly such an adversary (one who knows all other records), and
+    each step stays a subsampled Gaussian mechanism for every canary given that knowledge."""
+
+    def arm(self, *, phi_shapes: list, coords: torch.Tensor, signs: torch.Tensor, included: torch.Tensor,
+            seed: int, sabotage: str) -> None:
+        self.audit_seed = int(seed)
+        self.sabotage = sabotage
+        self.canary_coords = coords.long()
+        self.canary_signs = signs.double()
+        self.canary_included = included.bool()
+        self.canary_scale = (NO_CLIP_CANARY_NORM if sabotage == "no-clip" else CANARY_NORM) * self.cfg.privacy.clip_norm
+        self.phi_shapes = phi_shapes  # [(HyperNetwork name, shape)] in flat order
+        offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in phi_shapes])
+        self.phi_offsets = {n: (int(offsets[i]), int(offsets[i + 1])) for i, (n, _) in enumerate(phi_shapes)}
+        m = len(coords)
+        self.scores = torch.zeros(m, dtype=torch.float64)
+        self.appearances = torch.zeros(m, dtype=torch.long)
+        self._key = (0, 0)
+        self._known_sum: dict = {}
+        self._known_post: dict = {}
+
+    def _flat_phi(self, d: dict, prefix: str = "") -> torch.Tensor:
+        out = []
+        for n, shape in self.phi_shapes:
+            t = d.get(prefix + n)
+            out.append(torch.zeros(int(np.prod(shape)), dtype=torch.float64) if t is None
+                       else t.detach().reshape(-1).double().cpu())
+        return torch.cat(out)
+
+    def step(self, hyper, round_, step, *, sigma, features):
+        self._key = (round_, step)
+        self._known_sum, self._known_post = {}, {}
+        out = super().step(hyper, round_, step, sigma=0.0 if self.sabotage == "no-noise" else sigma, features=features)
+        released = self._flat_phi(out.phi_grad)
+        expected = self.cfg.privacy.sample_rate * self.declared_size  # public
+        known = self._flat_phi(self._known_sum, "hyper.") / expected + self._flat_phi(self._known_post, "hyper.")
+        self.scores += self.canary_signs * (released - known)[self.canary_coords]  # <release - known, canary>
+        return out
+
+    def _sampled_canaries(self) -> torch.Tensor:
+        """Included canaries in this step's Poisson batch: each with probability q, like every record
+        (coins from the audit's own generator: the client's sampling and noise streams are untouched)."""
+        g = torch.Generator().manual_seed(derive_seed(self.audit_seed, _STREAM_SAMPLE, *self._key))
+        coins = torch.rand(len(self.canary_coords), generator=g) < self.cfg.privacy.sample_rate
+        sampled = torch.nonzero(coins & self.canary_included).flatten()
+        self.appearances[sampled] += 1
+        return sampled
+
+    def _canary_rows(self, names: list, params: dict, sampled: torch.Tensor) -> dict:
+        k = len(sampled)
+        rows = {n: torch.zeros((k,) + tuple(params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
+        coords, signs = self.canary_coords[sampled], self.canary_signs[sampled]
+        for row, (c, s) in enumerate(zip(coords.tolist(), signs.tolist())):
+            for n, (a, b) in self.phi_offsets.items():
+                if a <= c < b:
+                    rows["hyper." + n].view(k, -1)[row, c - a] = s * self.canary_scale
+                    break
+        return rows
+
+    def _sum(self, grads: dict):
+        if self.sabotage == "no-clip":  # SABOTAGE: per-sample gradients summed unclipped
+            return {n: g.sum(0) for n, g in grads.items()}, sample_norms(grads)
+        return clip_and_sum(grads, self.cfg.privacy.clip_norm)
+
+    def _clipped_sum(self, view, names, batch, syn):
+        params = dict(view.named_parameters())
+        x = batch[0]
+        if len(x):
+            grads, (nll, kl) = per_sample_grads(view, names, batch, syn)
+            aux = (nll.sum().item(), kl.sum().item())
+            self._known_sum = self._sum(grads)[0]  # the client's own records: known to the white-box auditor
+        else:
+            grads = {n: torch.zeros((0,) + tuple(params[n].shape), dtype=params[n].dtype, device=params[n].device)
+                     for n in names}
+            aux = (0.0, 0.0)
+        sampled = self._sampled_canaries()
+        if len(sampled):
+            rows = self._canary_rows(names, params, sampled)
+            grads = {n: torch.cat([grads[n], rows[n]]) for n in names}
+        if next(iter(grads.values())).shape[0] == 0:
+            return {n: torch.zeros_like(params[n]) for n in names}, torch.zeros(0), aux
+        summed, norms = self._sum(grads)  # records and canaries together, as one Poisson batch
+        return summed, norms, aux
+
+    def _post_noise_loss(self, view, g, features):
+        loss, value = super()._post_noise_loss(view, g, features)
+        params = dict(view.named_parameters())
+        names = [n for n in params if n.startswith("hyper.")]
+        if loss.requires_grad:
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=True)
+            self._known_post = {n: gr for n, gr in zip(names, grads) if gr is not None}
+        return loss, value
+
+
+@dataclass
+class AuditSetup:
+    canaries: int
+    k_in: int
+    k_out: int
+    seed: int
+    client: int
+    sabotage: str
+    mode: str
+
+
+def _coins(seed: int, m: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_COINS))
+    return torch.rand(m, generator=g) < 0.5
+
+
+def reference_engine(cfg: Config) -> Config:
+    """The config with train.engine=reference where the key exists: the white-box canaries enter at the
+    per-sample gradient stage of Client.step, which a batched engine (if any) replaces."""
+    if getattr(cfg.train, "engine", "reference") == "reference":
+        return cfg
+    tree = cfg.to_dict()
+    tree["train"]["engine"] = "reference"
+    return config_from_dict(tree)
+
+
+def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
+    from .trainer import Trainer
+
+    cfg = reference_engine(cfg)
+    tr = Trainer(cfg, run_dir, progress=progress)
+    tr.setup()
+    if setup.canaries > tr.phi_numel:
+        raise ConfigError(f"--canaries {setup.canaries}: the white-box audit puts each canary on its own coordinate of "
+                          f"Phi, which has only {tr.phi_numel}; use at most that many")
+    pos = [i for i, c in enumerate(tr.clients) if c.id == setup.client]
+    if not pos:
+        raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{tr.fed.num_clients - 1})")
+    orig = tr.clients[pos[0]]
+    cc = CanaryClient(tr.fed.client(setup.client), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+                      ledger=orig.ledger, device=tr.torch_device)
+    cc.load_state_dict(orig.state_dict())
+    cc.rng = orig.rng  # the same private generator (secure, or from privacy.noise_seed)
+    g = torch.Generator().manual_seed(derive_seed(setup.seed, _STREAM_LAYOUT))
+    coords = torch.randperm(tr.phi_numel, generator=g)[:setup.canaries]
+    signs = torch.where(torch.rand(setup.canaries, generator=g) < 0.5, -1.0, 1.0)
+    included = _coins(setup.seed, setup.canaries)
+    cc.arm(phi_shapes=[(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()], coords=coords, signs=signs,
+           included=included, seed=setup.seed, sabotage=setup.sabotage)
+    tr.clients[pos[0]] = cc
+    if getattr(tr, "engine", None) is not None:  # defensive: the step must be Client.step
+        raise RuntimeError("the white-box audit needs the reference DP step (train.engine=reference)")
+    tr.train()
+    tr.writer.close()
+    return {"scores": cc.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
+            "engine": "reference (Client.step with torch.func per-sample gradients)",
+            "sigma": tr.sigma, "plan": tr.plan,
+            "stopped_early": tr.state.stopped, "ledger_epsilon": cc.ledger.epsilon(delta=cfg.privacy.delta,
+                                                                                 accountant=cfg.privacy.accountant),
+            "canary": {"kind": "gradient (Dirac: one coordinate of Phi each, random sign)",
+                       "length": f"{cc.canary_scale / cfg.privacy.clip_norm:g} C",
+                       "mean_appearances_included": float(cc.appearances[included].double().mean()) if included.any() else 0.0,
+                       "score": "sum over steps of <released noisy Phi gradient minus what the white-box auditor "
+                                "knows without the canaries (the clipped sum of the client's own batch, the "
+                                "post-noise terms), canary direction>"}}
+
+
+# ------------------------------------------------------------------------------------------ black-box
+
+
+def _canary_records(fed, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-distribution records: uniform in the box of the (transformed) feature range, random labels."""
+    xs = np.concatenate([c.x_train for c in fed.clients])
+    lo, hi = (0.0, 1.0) if fed.transform == "range" else (float(xs.min()), float(xs.max()))
+    rng = np.random.default_rng(derive_seed(seed, _STREAM_LAYOUT))
+    x = rng.uniform(lo, hi, size=(m, fed.dim)).astype(np.float32)
+    if fed.transform == "l2":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    y = rng.integers(0, fed.num_classes, size=m).astype(np.int64)
+    return x, y
+
+
+@torch.no_grad()
+def _elbo_scores(cfg: Config, run_dir: Path, fed, client_id: int, x: np.ndarray, y: np.ndarray, seed: int,
+                 draws: int = 16) -> np.ndarray:
+    from . import checkpoint as ckpt
+    from .model import Encoder, HyperNetwork, elbo_terms
+
+    mc = cfg.model
+    hyper = HyperNetwork(fed.dim, fed.num_classes, latent_dim=mc.latent_dim, code_dim=mc.code_dim, hidden=mc.hidden,
+                         hyper_hidden=mc.hyper_hidden, label_embed_dim=mc.label_embed_dim)
+    hyper.load_state_dict(torch.load(run_dir / "hypernetwork.pt", weights_only=True))
+    last = ckpt.latest_complete(run_dir)
+    state = ckpt.load(ckpt.client_path(last, client_id), f"client {client_id} checkpoint")
+    enc = Encoder(fed.dim, fed.num_classes, mc.latent_dim, mc.hidden)
+    enc.load_state_dict(state["encoder"])
+    code = state["code"].float()
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_SCORE))
+    total = torch.zeros(len(xt), dtype=torch.float64)
+    for _ in range(draws):
+        eps = torch.randn(len(xt), mc.latent_dim, generator=g)
+        nll, kl = elbo_terms(enc, code, hyper, xt, yt, eps)
+        total -= (nll + kl).double()
+    return (total / draws).numpy()  # ELBO: high for records the model was trained on
+
+
+def audit_black_box(cfg: Config, out: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
+    from .data import build_federation, write_shards
+    from .run import run_training
+
+    fed = build_federation(cfg.data, cfg.partition, cfg.seed)
+    if not 0 <= setup.client < fed.num_clients:
+        raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{fed.num_clients - 1})")
+    x, y = _canary_records(fed, setup.canaries, setup.seed)
+    included = _coins(setup.seed, setup.canaries).numpy()
+    c = fed.client(setup.client)
+    c.x_train = np.concatenate([c.x_train, x[included]])
+    c.y_train = np.concatenate([c.y_train, y[included]])
+    # the declared (public) size must not depend on the coins: the expected number of canaries
+    c.declared_size = int(c.declared_size) + setup.canaries // 2
+    fed.declared_sizes = list(fed.declared_sizes)
+    fed.declared_sizes[setup.client] = c.declared_size
+    data_dir = write_shards(fed, out / "data")
+    tree = cfg.to_dict()
+    tree["data"].update({"path": str(data_dir), "transform": "auto", "group_column": None, "site_column": None,
+                         "metadata_path": None})
+    cfg2 = config_from_dict(tree)
+    res = run_training(cfg2, out / "run", progress=progress)
+    scores = _elbo_scores(cfg2, out / "run", fed, setup.client, x, y, setup.seed)
+    plan = res["privacy"]["plan"]
+    from .privacy import PrivacyPlan
+    return {"scores": scores, "included": included, "steps": res["privacy"]["steps"],
+            "sigma": res["privacy"]["noise_multiplier"], "plan": PrivacyPlan.from_dict(plan) if plan else None,
+            "stopped_early": res["training"]["stopped_early"], "ledger_epsilon": res["privacy"]["epsilon_spent"],
+            "engine": res["training"].get("engine", "reference"),
+            "canary": {"kind": "records: uniform out-of-distribution points with random labels, appended to the "
+                               "client's training split (shard directory " + str(data_dir) + ")",
+                       "score": "ELBO (negative loss) under the client's final encoder, code and Phi, mean of 16 draws"}}
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+def validate(cfg: Config, setup: AuditSetup) -> None:
+    p = cfg.privacy
+    if setup.mode not in MODES:
+        raise ConfigError(f"--mode must be one of {', '.join(MODES)}; got {setup.mode!r}")
+    if setup.sabotage not in SABOTAGE:
+        raise ConfigError(f"--sabotage must be one of {', '.join(SABOTAGE)}; got {setup.sabotage!r}")
+    if not p.enabled:
+        raise ConfigError("privacy.enabled is false: there is no privacy claim to audit"
+                          + (" and nothing to sabotage" if setup.sabotage != "none" else "")
+                          + "; audit a private configuration")
+    if math.isinf(p.target_epsilon):
+        raise ConfigError("privacy.target_epsilon is infinite: there is no claimed epsilon to audit; set a finite target")
+    if setup.canaries < 2:
+        raise ConfigError(f"--canaries must be >= 2 (each is included with probability 1/2); got {setup.canaries}")
+    if setup.k_in < 0 or setup.k_out < 0 or setup.k_in + setup.k_out < 1 or setup.k_in + setup.k_out > setup.canaries:
+        raise ConfigError(f"guesses: need k_in, k_out >= 0, at least one guess and k_in + k_out <= canaries "
+                          f"({setup.canaries}); got k_in={setup.k_in}, k_out={setup.k_out}")
+    if not 0 <= setup.client < cfg.partition.clients:
+        raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{cfg.partition.clients - 1})")
+    if setup.mode == "black-box" and setup.sabotage != "none":
+        raise ConfigError("--sabotage applies to the white-box audit (it breaks the DP step the canaries go through); "
+                          "use --mode white-box")
+
+
+def run_audit(cfg: Config, out: Path, *, mode: str = "white-box", canaries: Optional[int] = None,
+              guesses: Optional[int] = None, sabotage: str = "none", seed: Optional[int] = None, client: int = 0,
+              progress: bool = True, level: float = LEVEL, command: str = "") -> dict:
+    """Run the audit, write OUT/results.json and return the results."""
+    from hpc import LocalCommunicator
+
+    from .privacy import DP_SGD, Mechanism, epsilon_of
+    from .provenance import provenance
+
+    m = int(canaries if canaries is not None else DEFAULT_CANARIES.get(mode, 1000))
+    k = int(guesses if guesses is not None else max(1, m // 10))
+    setup = AuditSetup(canaries=m, k_in=k, k_out=k, seed=int(seed if seed is not None else derive_seed(cfg.seed, 0xA0D1)),
+                       client=int(client), sabotage=sabotage, mode=mode)
+    validate(cfg, setup)
+    out = Path(out)
+    run_dir = out / "run"
+    if run_dir.exists():
+        raise ConfigError(f"{run_dir} already exists: choose another --out (an audit run is never resumed)")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    p = cfg.privacy
+    raw = (audit_white_box(cfg, run_dir, setup, progress=progress) if mode == "white-box"
+           else audit_black_box(cfg, out, setup, progress=progress))
+    counts = score_guesses(raw["scores"], raw["included"], setup.k_in, setup.k_out)
+    r, v = counts["guesses"], counts["correct"]
+    eps_lb = epsilon_lower_bound(m, r, v, p.delta, level)
+    eps_max = max_epsilon_lower_bound(m, r, p.delta, level)
+    plan = raw["plan"]
+    dp_sgd_alone = epsilon_of([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, raw["steps"])], delta=p.delta,
+                              accountant=p.accountant) if plan is not None else None
+    claimed = float(p.target_epsilon)
+    if eps_lb > claimed:
+        verdict = (f"VIOLATION: the empirical lower bound {eps_lb:.3f} exceeds the claimed epsilon {claimed:g} "
+                   f"at {100 * (1 - level):.0f}% confidence: this run is not ({claimed:g}, {p.delta:g})-DP")
+    elif eps_max <= claimed:
+        verdict = (f"INCONCLUSIVE: with {m} canaries and {r} guesses no audit can report more than {eps_max:.3f} "
+                   f"<= claimed {claimed:g}; use more canaries and guesses")
+    else:
+        verdict = (f"consistent: the lower bound {eps_lb:.3f} does not exceed the claimed epsilon {claimed:g} "
+                   "(an audit can refute a privacy claim, never prove it)")
+    included = np.asarray(raw["included"], dtype=bool)
+    scores = np.asarray(raw["scores"], dtype=float)
+    results = {"audit": {
+        "method": "one-run audit (Steinke, Nasr & Jagielski 2023): exact binomial-tail test with the delta term",
+        "mode": mode, "sabotage": sabotage, "privacy_mode": p.mode, "aggregation": cfg.federation.aggregation,
+        "claimed_epsilon": claimed, "claimed_epsilon_source": "privacy.target_epsilon",
+        "epsilon_lower_bound": eps_lb, "confidence": 1 - level, "delta": p.delta,
+        "canaries": m, "included": int(included.sum()), "guesses_in": setup.k_in, "guesses_out": setup.k_out,
+        "guesses": r, "correct": v, "correct_in": counts["correct_in"], "correct_out": counts["correct_out"],
+        "max_epsilon_lower_bound": eps_max, "closed_form_max": closed_form_max(r, level),
+        "power_ok": eps_max > claimed,
+        "verdict": verdict, "violation": eps_lb > claimed,
+        "epsilon_dp_sgd_alone": dp_sgd_alone, "ledger_epsilon": raw["ledger_epsilon"],
+        "noise_multiplier": raw["sigma"] if sabotage != "no-noise" else 0.0, "planned_noise_multiplier": raw["sigma"],
+        "sample_rate": p.sample_rate, "clip_norm": p.clip_norm, "steps": raw["steps"],
+        "stopped_early": raw["stopped_early"], "client": setup.client, "canary": raw["canary"],
+        "engine": raw.get("engine"),
+        "mean_score_included": float(scores[included].mean()) if included.any() else None,
+        "mean_score_excluded": float(scores[~included].mean()) if (~included).any() else None,
+        "seeds": {"seed": cfg.seed, "audit_seed": setup.seed, "noise_seed": p.noise_seed},
+        "noise": ("reproducible from privacy.noise_seed" if p.noise_seed is not None
+                  else "securely seeded per client: this audit cannot be replayed exactly"),
+        "wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
+        "command": command,
+    }, "provenance": provenance(cfg, launcher="none", comm=LocalCommunicator(), device="cpu")}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+def format_audit(results: dict) -> str:
+    a = results["audit"]
+    desc = ("white-box gradient canaries through the client's real clip-and-noise step" if a["mode"] == "white-box"
+            else "black-box canary records, final model only (a weaker test: expect a bound near 0)")
+    lines = ["", f"FedHypeVAE privacy audit: {desc}",
+             f"  mechanism : {a['privacy_mode']} mode, {a['aggregation']} aggregation, sigma={a['planned_noise_multiplier']:.4f}"
+             f"{' (SABOTAGED: no noise added)' if a['sabotage'] == 'no-noise' else ''}, q={a['sample_rate']}, "
+             f"C={a['clip_norm']}{' (SABOTAGED: clipping skipped)' if a['sabotage'] == 'no-clip' else ''}, "
+             f"steps={a['steps']}, delta={a['delta']}",
+             f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, audit seed {a['seeds']['audit_seed']}), "
+             f"client {a['client']}",
+             f"  guesses   : {a['guesses_in']} 'in' (top scores) + {a['guesses_out']} 'out' (bottom scores) = "
+             f"{a['guesses']}, correct {a['correct']}",
+             f"  epsilon   : claimed {a['claimed_epsilon']:g} (privacy.target_epsilon"
+             + (f"; DP-SGD alone {a['epsilon_dp_sgd_alone']:.3f}" if a["epsilon_dp_sgd_alone"] is not None else "")
+             + f"), empirical lower bound {a['epsilon_lower_bound']:.3f} at {100 * a['confidence']:.0f}% confidence",
+             f"  power     : the largest bound these settings can give (all {a['guesses']} guesses right) is "
+             f"{a['max_epsilon_lower_bound']:.3f} (closed form without delta: {a['closed_form_max']:.3f}); "
+             + ("above the claim, so a violation can be detected" if a["power_ok"]
+                else "NOT above the claim: this audit cannot refute it"),
+             f"  verdict   : {a['verdict']}",
+             f"  noise     : {a['noise']}"]
+    return "\n".join(lines)

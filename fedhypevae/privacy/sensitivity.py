@@ -1,0 +1,274 @@
+"""Single-step sensitivity through the client's real DP step (DESIGN §1, §6 "Sensitivity check, precisely").
+
+The DP-SGD argument for one client rests on one claim: from the same state, with the same
+released history and the same sampling coins, the pre-noise payload a client computes on D and
+on D minus one record (its local state recomputed along that history) differs by at most the
+clip norm C. This module measures that difference instead of assuming it.
+
+``client_step_stages`` is :meth:`fedhypevae.client.Client.step` spelled out stage by stage from
+the client's own stage methods (``_clipped_sum``, ``_plain_grads``, ``_post_noise_loss``,
+``_local_update``) and the public DP-step functions (``poisson_sample``, ``add_noise_and_scale``),
+drawing from the generator in exactly the same order, so that with the same generator it returns
+the same release as ``Client.step`` (a test checks this equality, so the check below cannot
+drift away from the real step). Unlike ``Client.step`` it exposes the pre-noise payload, can leave
+one record out of the realized Poisson batch (the same coins minus that record), and can replay a
+given released history instead of its own noisy values.
+
+``check_sensitivity`` runs a client from one saved state for a few local steps on D, records the
+released history, then replays it on D minus record j and compares, step by step,
+
+* the clipped pre-noise sum over everything that is privatized (strict mode: psi_i, v_i and Phi
+  jointly; paper mode: Phi only) — must differ by at most C;
+* the Phi part of it as it enters the communicator's flat buffer (weighted and divided by the
+  public normalizer q * n_declared) — must differ by at most w_i C / (q n_declared).
+
+A ``payload_fn`` can replace the client's clipped sum (a negative control such as a batch-
+normalized loss, which couples the samples, must be reported as a violation).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..dp_step import NoiseSpec, add_noise_and_scale, poisson_sample
+from ..errors import PrivacyError
+from ..model import ClientView
+
+PayloadFn = Callable  # (client, view, names, batch, syn) -> (summed: dict, norms: Tensor, aux)
+
+
+@dataclass
+class StepTrace:
+    """What one DP step computed: the batch, the pre-noise payload and what was released."""
+
+    idx: torch.Tensor  # indices (into the client's data) of the realized Poisson batch, after any drop
+    payload: dict  # clipped pre-noise sum over the privatized parameters (ClientView names)
+    released: dict  # (payload + noise) / (q n_declared): the noisy release, privatized names
+    phi: dict  # what Client.step returns as phi_grad: released Phi part + post-noise terms (HyperNetwork names)
+    expected_batch: float  # q * n_declared (public)
+
+
+def default_payload(client, view, names, batch, syn):
+    """The client's own clipped sum (per-sample gradients over `names`, each clipped to C, summed)."""
+    return client._clipped_sum(view, names, batch, syn)
+
+
+def client_step_stages(client, hyper, generator: torch.Generator, *, sigma: float, features=None,
+                       drop: Optional[int] = None, released: Optional[dict] = None,
+                       payload_fn: Optional[PayloadFn] = None, update: bool = True) -> StepTrace:
+    """One DP step of `client` on `hyper`, stage by stage, as Client.step does it.
+
+    drop:      a record index of the client's data left out of the realized batch (the same
+               coins as on D, minus that record: D minus one record).
+    released:  a released history entry (a previous trace's ``released``) to use for the local
+               update instead of this step's own noisy values; the noise is still drawn so the
+               generator stays in step.
+    update:    apply the local update of psi_i and v_i (as Client.step does).
+    """
+    p, m = client.cfg.privacy, client.cfg.model
+    if not p.enabled:
+        raise PrivacyError("the sensitivity check needs privacy.enabled: true (there is no clipped payload otherwise)")
+    g = generator
+    idx = poisson_sample(len(client.y), p.sample_rate, g).to(client.device)
+    eps = torch.randn(len(idx), m.latent_dim, generator=g).to(client.device)
+    literal = m.lambda_mmd > 0 and m.mmd_kind == "literal"
+    syn = client._synthetic_noise(g) if literal else ()
+    view = ClientView(client.encoder, client.code, hyper,
+                      literal_mmd=(m.lambda_mmd, client._bandwidths()) if literal else None)
+    all_names = [n for n, _ in view.named_parameters()]
+    phi_names = [n for n in all_names if n.startswith("hyper.")]
+    expected = p.sample_rate * client.declared_size
+    if drop is not None:
+        keep = idx != int(drop)
+        idx, eps = idx[keep], eps[keep]
+    batch = (client.x[idx], client.y[idx], eps)
+
+    names = all_names if p.mode == "strict" else phi_names
+    summed, _norms, _aux = (payload_fn or default_payload)(client, view, names, batch, syn)
+    payload = {n: t.detach().clone() for n, t in summed.items()}
+    noisy = add_noise_and_scale(summed, spec=NoiseSpec(sigma, p.clip_norm, expected), generator=g)
+    own = {n: t.detach().clone() for n, t in noisy.items()}
+    if released is not None:
+        noisy = {n: released[n].detach().clone() for n in noisy}
+    if p.mode == "paper":
+        noisy.update(client._plain_grads(view, [n for n in all_names if n not in phi_names], batch, syn, expected))
+    post, _ = client._post_noise_loss(view, g, features)
+    post_names = ["code"] + phi_names
+    params = dict(view.named_parameters())
+    post_grads = torch.autograd.grad(post, [params[n] for n in post_names], allow_unused=True)
+    for n, pg in zip(post_names, post_grads):
+        if pg is not None:
+            noisy[n] = noisy[n] + pg
+    if update:
+        client._local_update(noisy)
+    phi = {n[len("hyper."):]: noisy[n].detach().clone() for n in phi_names}
+    return StepTrace(idx=idx, payload=payload, released=own if released is None else dict(released), phi=phi,
+                     expected_batch=expected)
+
+
+def _flat(d: dict, names: Sequence[str]) -> torch.Tensor:
+    return torch.cat([d[n].detach().reshape(-1).double().cpu() for n in names]) if names else torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass
+class StepDifference:
+    record: int
+    step: int
+    in_batch: bool  # whether the removed record was in the realized Poisson batch on D
+    payload_diff: float  # ||payload(D) - payload(D - j)||, over everything privatized
+    phi_diff: float  # the same over the Phi part only
+    buffer_diff: float  # difference of this client's contribution to the communicator buffer
+    buffer_bound: float  # w_i C / (q n_declared)
+
+
+@dataclass
+class SensitivityReport:
+    clip_norm: float
+    mode: str
+    aggregation: str
+    steps: int
+    weight: float
+    rows: list = field(default_factory=list)
+    tolerance: float = 1e-4
+
+    @property
+    def max_payload_diff(self) -> float:
+        return max((r.payload_diff for r in self.rows), default=0.0)
+
+    @property
+    def max_phi_diff(self) -> float:
+        return max((r.phi_diff for r in self.rows), default=0.0)
+
+    @property
+    def max_buffer_ratio(self) -> float:
+        """Largest buffer difference as a multiple of its bound w_i C / (q n_declared)."""
+        return max((r.buffer_diff / r.buffer_bound for r in self.rows), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        """Every step's pre-noise payload moved by at most C (and the buffer by at most its bound)."""
+        c = self.clip_norm * (1 + self.tolerance)
+        return self.max_payload_diff <= c and self.max_phi_diff <= c and self.max_buffer_ratio <= 1 + self.tolerance
+
+    def to_dict(self) -> dict:
+        return {"clip_norm": self.clip_norm, "mode": self.mode, "aggregation": self.aggregation, "steps": self.steps,
+                "weight": self.weight, "ok": self.ok, "max_payload_diff": self.max_payload_diff,
+                "max_phi_diff": self.max_phi_diff, "max_buffer_ratio": self.max_buffer_ratio,
+                "rows": [asdict(r) for r in self.rows]}
+
+
+def _snapshot(client, hyper) -> dict:
+    return {"client": copy.deepcopy(client.state_dict()), "hyper": copy.deepcopy(hyper.state_dict())}
+
+
+def _restore(client, hyper, snap: dict) -> None:
+    client.load_state_dict(copy.deepcopy(snap["client"]))
+    hyper.load_state_dict(copy.deepcopy(snap["hyper"]))
+
+
+def _local_phi_step(hyper, grads: dict, lr: float, lipschitz) -> None:
+    """delta aggregation: the client's private copy of Phi takes a plain SGD step (as the trainer does)."""
+    with torch.no_grad():
+        for n, p in hyper.named_parameters():
+            p.sub_(lr * grads[n])
+    if lipschitz is not None:
+        hyper.project_spectral(lipschitz)
+
+
+def check_sensitivity(client, hyper, *, remove: Sequence[int], steps: int, sigma: float, seed: int = 0,
+                      weight: float = 1.0, aggregation: Optional[str] = None, features=None,
+                      payload_fn: Optional[PayloadFn] = None) -> SensitivityReport:
+    """Measure ||payload(D) - payload(D - j)|| per step for every j in `remove`.
+
+    From the client's and Phi's current state (restored before every pass), `steps` local steps
+    run on D with generators seeded from `seed` (the same sampling coins, reparameterization
+    noise and DP noise in both passes); the released history of the D pass (the noisy values,
+    and in `grad` aggregation the Phi trajectory they produce) is replayed on D - j, whose local
+    state (psi_i, v_i, and in `delta` aggregation the private copy of Phi) is recomputed along it.
+    ``sigma`` is the noise of that history (it does not enter the pre-noise payload).
+    The client and Phi are left in their starting state.
+    """
+    cfg = client.cfg
+    aggregation = aggregation or cfg.federation.aggregation
+    if aggregation not in ("grad", "delta"):
+        raise PrivacyError(f"aggregation must be grad or delta; got {aggregation!r}")
+    if steps < 1:
+        raise PrivacyError(f"steps must be >= 1; got {steps}")
+    n = len(client.y)
+    bad = [j for j in remove if not 0 <= int(j) < n]
+    if bad:
+        raise PrivacyError(f"records {bad} are not in the client's data (0..{n - 1})")
+    snap = _snapshot(client, hyper)
+    report = SensitivityReport(clip_norm=cfg.privacy.clip_norm, mode=cfg.privacy.mode, aggregation=aggregation,
+                               steps=steps, weight=weight)
+    gens = lambda s: torch.Generator().manual_seed(int(seed) * 100_003 + s)
+    try:
+        for j in remove:
+            # D: the released history
+            _restore(client, hyper, snap)
+            hist, phi_path = [], []
+            opt = _phi_optimizer(cfg, hyper) if aggregation == "grad" else None
+            for s in range(steps):
+                tr = client_step_stages(client, hyper, gens(s), sigma=sigma, features=features, payload_fn=payload_fn)
+                hist.append(tr)
+                _advance_phi(cfg, hyper, tr.phi, aggregation, opt)
+                phi_path.append(copy.deepcopy(hyper.state_dict()))
+            # D - j: same coins minus record j, same released history, local state recomputed
+            _restore(client, hyper, snap)
+            for s in range(steps):
+                tr = client_step_stages(client, hyper, gens(s), sigma=sigma, features=features, drop=int(j),
+                                        released=hist[s].released, payload_fn=payload_fn)
+                if aggregation == "grad":
+                    hyper.load_state_dict(phi_path[s])  # Phi follows the public (released) history
+                else:
+                    _local_phi_step(hyper, tr.phi, cfg.train.local_lr, cfg.model.lipschitz)
+                d = hist[s]
+                names = sorted(d.payload)
+                phi_names = [x for x in names if x.startswith("hyper.")]
+                full = (_flat(d.payload, names) - _flat(tr.payload, names)).norm().item()
+                phi = (_flat(d.payload, phi_names) - _flat(tr.payload, phi_names)).norm().item()
+                report.rows.append(StepDifference(
+                    record=int(j), step=s, in_batch=bool((d.idx == int(j)).any()), payload_diff=full, phi_diff=phi,
+                    buffer_diff=weight * phi / d.expected_batch,
+                    buffer_bound=weight * cfg.privacy.clip_norm / d.expected_batch))
+    finally:
+        _restore(client, hyper, snap)
+    return report
+
+
+def _phi_optimizer(cfg, hyper):
+    cls = torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD
+    return cls(hyper.parameters(), lr=cfg.train.lr)
+
+
+def _advance_phi(cfg, hyper, phi_grad: dict, aggregation: str, opt) -> None:
+    if aggregation == "delta":
+        _local_phi_step(hyper, phi_grad, cfg.train.local_lr, cfg.model.lipschitz)
+        return
+    for n, p in hyper.named_parameters():
+        p.grad = phi_grad[n].detach().clone()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if cfg.model.lipschitz is not None:
+        hyper.project_spectral(cfg.model.lipschitz)
+
+
+def batchnorm_payload(client, view, names, batch, syn):
+    """NEGATIVE CONTROL, not a DP step: the batch's inputs are standardized with the realized
+    batch's mean and standard deviation before the per-sample gradients are taken (a batch-norm
+    layer over the Poisson batch). Every sample's gradient then depends on every other record of
+    the batch, so removing one record moves the clipped sum by more than C: the check must say so."""
+    from ..dp_step import clip_and_sum, per_sample_grads
+
+    x, y, eps = batch
+    params = dict(view.named_parameters())
+    if len(x) == 0:
+        return {n: torch.zeros_like(params[n]) for n in names}, torch.zeros(0), (0.0, 0.0)
+    mu = x.mean(0, keepdim=True)
+    sd = (x.var(0, keepdim=True, unbiased=False) + 1e-5).sqrt()  # torch.nn.BatchNorm1d's normalization
+    grads, (nll, kl) = per_sample_grads(view, names, ((x - mu) / sd, y, eps), syn)
+    summed, norms = clip_and_sum(grads, client.cfg.privacy.clip_norm)
+    return summed, norms, (nll.sum().item(), kl.sum().item())

@@ -1,0 +1,162 @@
+"""The one-run privacy audit (Steinke, Nasr & Jagielski 2023): the bound, its power, and the audit of
+the real DP step — a correct run stays below the claimed epsilon, a sabotaged one is caught."""
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedhypevae.audit import (CanaryClient, audit_p_value, closed_form_max, epsilon_lower_bound, guess,
+                              max_epsilon_lower_bound, run_audit, score_guesses)
+from fedhypevae.cli import main
+from fedhypevae.config import load_config
+from fedhypevae.errors import ConfigError
+from fedhypevae.trainer import Trainer, make_plan
+
+# ------------------------------------------------------------------------------------------ the bound
+
+
+def test_p_value_is_the_binomial_tail_by_hand():
+    # epsilon = 0: every guess is a fair coin. P[Bin(4, 1/2) >= 3] = 5/16, P[Bin(2, 1/2) >= 2] = 1/4
+    assert audit_p_value(10, 4, 3, 0.0, 0.0) == pytest.approx(5 / 16)
+    assert audit_p_value(10, 2, 2, 0.0, 0.0) == pytest.approx(1 / 4)
+    # epsilon = ln 3: q = 3/4; P[Bin(2, 3/4) >= 2] = 9/16
+    assert audit_p_value(10, 2, 2, math.log(3), 0.0) == pytest.approx(9 / 16)
+    # the delta term: v = r = 1, eps = 0: P[B >= 1] = 1/2, plus 2 m delta * P[B = 0] / 1 = 2*10*0.01*0.5
+    assert audit_p_value(10, 1, 1, 0.0, 0.01) == pytest.approx(0.5 + 0.1)
+
+
+@pytest.mark.parametrize("r", [10, 50, 200])
+def test_all_guesses_right_gives_the_closed_form(r):
+    """v = r, delta = 0: the p-value is q^r, so the bound is logit(0.05^(1/r)) exactly."""
+    assert epsilon_lower_bound(1000, r, r, 0.0) == pytest.approx(closed_form_max(r), abs=1e-6)
+    # by hand for r = 10: 0.05^0.1 = 0.74113, logit = ln(0.74113 / 0.25887) = 1.0519
+    if r == 10:
+        assert closed_form_max(10) == pytest.approx(1.0519, abs=1e-3)
+    # the delta term can only lower it; the bound is the largest eps with p-value < 0.05
+    lb = epsilon_lower_bound(1000, r, r, 1e-5)
+    assert lb <= closed_form_max(r) and audit_p_value(1000, r, r, lb, 1e-5) < 0.05
+    assert audit_p_value(1000, r, r, lb + 1e-6, 1e-5) >= 0.05
+
+
+def test_chance_level_gives_zero_and_the_bound_grows_with_correct_guesses():
+    assert epsilon_lower_bound(1000, 100, 50, 1e-5) == 0.0  # r/2 right: chance
+    assert epsilon_lower_bound(1000, 100, 58, 1e-5) == 0.0  # P[Bin(100, .5) >= 58] = 0.067 > 0.05
+    assert epsilon_lower_bound(1000, 100, 60, 1e-5) > 0.0  # 0.028 < 0.05
+    bounds = [epsilon_lower_bound(1000, 100, v, 1e-5) for v in range(60, 101, 5)]
+    assert bounds == sorted(bounds) and bounds[-1] == pytest.approx(max_epsilon_lower_bound(1000, 100, 1e-5))
+    with pytest.raises(ConfigError):
+        epsilon_lower_bound(10, 20, 5, 1e-5)  # more guesses than canaries
+
+
+def test_guesses_are_top_and_bottom_scores():
+    scores = np.array([0.1, 5.0, -3.0, 2.0, -1.0, 0.0])
+    assert guess(scores, 2, 1).tolist() == [0, 1, -1, 1, 0, 0]
+    res = score_guesses(scores, np.array([0, 1, 0, 0, 1, 1], bool), 2, 2)
+    assert res == {"guesses": 4, "correct": 2, "correct_in": 1, "correct_out": 1}
+
+
+# ------------------------------------------------------------------------------------------ the audit config
+
+
+def test_audit_config_has_the_power_to_refute_its_claim():
+    cfg = load_config("audit")
+    claimed = cfg.privacy.target_epsilon
+    assert claimed <= 2.0 and cfg.privacy.noise_seed is not None  # DESIGN §6: claimed eps <= 2, fixed seeds
+    m, r = 1000, 200  # the defaults: 1000 canaries, 100 'in' + 100 'out' guesses
+    assert max_epsilon_lower_bound(m, r, cfg.privacy.delta) > claimed + 1.5  # 4.17: sabotage can be caught
+    # an included canary is in some batch with near certainty: 1 - (1 - q)^T
+    steps = cfg.train.rounds * cfg.train.local_steps
+    assert (1 - cfg.privacy.sample_rate) ** steps < 1e-4
+
+
+def test_canary_client_without_canaries_is_client_step(tmp_path):
+    """The audited client is the real client: with no canary in the batch it releases exactly what
+    Client.step releases."""
+    cfg = load_config("audit", ["train.rounds=1"] + (["train.engine=reference"] if hasattr(load_config("audit").train, "engine") else []))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    c = tr.clients[0]
+    twin = CanaryClient(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim, ledger=c.ledger)
+    twin.load_state_dict(copy.deepcopy(c.state_dict()))
+    twin.rng = c.rng
+    shapes = [(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()]
+    twin.arm(phi_shapes=shapes, coords=torch.arange(10), signs=torch.ones(10), included=torch.zeros(10, dtype=torch.bool),
+             seed=0, sabotage="none")
+    h2 = copy.deepcopy(tr.hyper)
+    a = c.step(tr.hyper, 0, 0, sigma=tr.sigma, features=tr.features)
+    b = twin.step(h2, 0, 0, sigma=tr.sigma, features=tr.features)
+    for n in a.phi_grad:
+        torch.testing.assert_close(b.phi_grad[n], a.phi_grad[n], rtol=1e-6, atol=1e-7)
+    assert twin.appearances.sum() == 0
+
+
+# ------------------------------------------------------------------------------------------ white-box
+
+
+def _audit(tmp_path, sabotage):
+    return run_audit(load_config("audit"), tmp_path / sabotage, sabotage=sabotage, progress=False)["audit"]
+
+
+def test_white_box_audit_of_the_correct_step_stays_below_the_claim(tmp_path):
+    a = _audit(tmp_path, "none")
+    cfg = load_config("audit")
+    plan = make_plan(cfg, use_mmd=False)
+    # the audited mechanism is the real one: the sigma planned for the config's (eps, delta, q, steps)
+    assert a["planned_noise_multiplier"] == pytest.approx(plan.sigma, rel=1e-12) and a["noise_multiplier"] == a["planned_noise_multiplier"]
+    assert a["steps"] == 50 and a["sample_rate"] == 0.2 and a["clip_norm"] == 1.0
+    assert a["ledger_epsilon"] <= a["claimed_epsilon"] + 1e-9
+    assert 8 < a["canary"]["mean_appearances_included"] < 12  # q T = 10: the canaries went through the step
+    assert a["guesses"] == 200 and a["power_ok"]
+    assert a["epsilon_lower_bound"] <= a["claimed_epsilon"] and not a["violation"]
+    assert a["epsilon_lower_bound"] == pytest.approx(epsilon_lower_bound(1000, 200, a["correct"], a["delta"]))
+    res = json.loads((tmp_path / "none" / "results.json").read_text())
+    assert res["provenance"]["config_hash"] and res["audit"]["seeds"]["noise_seed"] == 1234
+
+
+def test_white_box_audit_catches_a_step_without_clipping(tmp_path):
+    a = _audit(tmp_path, "no-clip")
+    assert a["claimed_epsilon"] <= 2.0 and a["max_epsilon_lower_bound"] > a["claimed_epsilon"]  # power check
+    assert a["epsilon_lower_bound"] > a["claimed_epsilon"] and a["violation"]
+
+
+def test_white_box_audit_catches_a_step_without_noise_through_the_cli(tmp_path, capsys):
+    js = tmp_path / "audit.json"
+    code = main(["audit", "--config", "audit", "--sabotage", "no-noise", "--out", str(tmp_path / "nn"),
+                 "--json", str(js), "--no-progress"])
+    assert code == 0  # the sabotage was caught: the audit did what it must
+    out = capsys.readouterr().out
+    assert "VIOLATION" in out and "largest bound these settings can give" in out
+    a = json.loads(js.read_text())["audit"]
+    assert a == json.loads((tmp_path / "nn" / "results.json").read_text())["audit"]
+    assert a["noise_multiplier"] == 0.0 and a["max_epsilon_lower_bound"] > a["claimed_epsilon"]
+    assert a["epsilon_lower_bound"] > a["claimed_epsilon"]
+
+
+# ------------------------------------------------------------------------------------------ black-box
+
+
+def test_black_box_audit_runs_the_real_pipeline_and_stays_below_the_claim(tmp_path):
+    res = run_audit(load_config("audit", ["train.rounds=10"]), tmp_path / "bb", mode="black-box", canaries=100,
+                    progress=False)
+    a = res["audit"]
+    assert a["mode"] == "black-box" and a["canaries"] == 100 and a["guesses"] == 20
+    assert a["epsilon_lower_bound"] <= a["claimed_epsilon"]
+    assert (tmp_path / "bb" / "run" / "synthetic.npz").is_file()  # the whole run_training pipeline ran
+    manifest = json.loads((tmp_path / "bb" / "data" / "manifest.json").read_text())
+    assert manifest["declared_sizes"][0] == manifest["train_sizes"][0] + 50  # public: M/2, not the coins' count
+
+
+def test_an_audit_without_the_power_to_refute_the_claim_says_so(tmp_path, capsys):
+    """100 canaries, 20 guesses: at most 1.82 can be shown, so a claim of 5 can be neither refuted nor
+    supported; the verdict and the exit status say so instead of reporting 'consistent'."""
+    code = main(["audit", "--set", "privacy.target_epsilon=5", "--set", "train.rounds=2", "--canaries", "100",
+                 "--sabotage", "no-noise", "--out", str(tmp_path / "a"), "--no-progress"])
+    out = capsys.readouterr().out
+    a = json.loads((tmp_path / "a" / "results.json").read_text())["audit"]
+    assert a["max_epsilon_lower_bound"] == pytest.approx(max_epsilon_lower_bound(100, 20, 1e-5))
+    assert a["max_epsilon_lower_bound"] < 5
+    assert not a["power_ok"] and a["verdict"].startswith("INCONCLUSIVE") and "cannot refute" in out
+    assert code == 1  # a sabotage that could not be detected: the audit's expectation failed

@@ -1,0 +1,287 @@
+"""Every payload that crosses a rank boundary is a declared noisy release, a public count, a budget
+flag, the spent epsilon or a checksum of the public Phi — and no private value ever appears in one.
+
+A RecordingCommunicator keeps every buffer handed to a collective. With privacy.noise_seed set, an
+independent replay recomputes what each buffer must be from the DECLARED releases — each client's
+`Client.step` output (the reference DP step) and its DP class statistics, recomputed from the same
+generator streams — weighted by public weights computed here, plus public counts. Then every recorded
+buffer is searched for exact float matches of private values: encoder weights, codes v_i, raw data
+rows, per-client sizes (uniform weights), and the un-noised clipped sums. Negative controls: a client
+that releases its un-noised sum, and a trainer that sends a private code along, must fail.
+"""
+import copy
+import dataclasses
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from fedhypevae.client import DIAG_KEYS, Client
+from fedhypevae.config import TrainConfig, load_config
+from fedhypevae.privacy import DP_SGD, MMD_EMBEDDINGS, Mechanism, epsilon_of, release_class_stats
+from fedhypevae.privacy.sensitivity import client_step_stages
+from fedhypevae.rng import STREAM_STATS_RELEASE, STREAM_STEP
+from fedhypevae.run import _flatten, run_training, stats_clip_norm
+from fedhypevae.trainer import Trainer
+from hpc import LocalCommunicator
+
+HAS_ENGINE = any(f.name == "engine" for f in dataclasses.fields(TrainConfig))
+D = len(DIAG_KEYS)
+
+
+class RecordingCommunicator(LocalCommunicator):
+    """A LocalCommunicator that keeps a copy of every buffer handed to a collective. With world_size=2
+    it plays rank 0 of two ranks whose other rank contributes nothing (what leaves rank 0 is its own)."""
+
+    def __init__(self, world_size: int = 1, rank: int = 0):
+        self.world_size, self.rank = world_size, rank
+        self.calls = []
+
+    def allreduce(self, buf, op="sum"):
+        self.calls.append(("allreduce", op, buf.detach().clone()))
+        return super().allreduce(buf, op)
+
+    def broadcast(self, buf, root=0):
+        self.calls.append(("broadcast", root, buf.detach().clone()))
+        return super().broadcast(buf, root)
+
+
+def config(*overrides, engine: str | None = None):
+    extra = [f"train.engine={engine}"] if (engine and HAS_ENGINE) else []
+    return load_config("tiny", ["train.rounds=2", "privacy.noise_seed=5", "privacy.diagnostics=false",
+                                "train.checkpoint_every=0", *extra, *overrides])
+
+
+# ------------------------------------------------------------------------------------------ replay
+
+
+@dataclass
+class Expect:
+    kind: str  # flag | grad | diag | delta | checksum | epsilon | stats
+    op: str
+    value: torch.Tensor
+
+
+def _phi_vector(hyper, grads) -> torch.Tensor:
+    return torch.cat([grads[n].detach().reshape(-1).double().cpu() for n, _ in hyper.named_parameters()])
+
+
+def _public_diag(n_clients: int) -> torch.Tensor:
+    d = torch.zeros(D, dtype=torch.float64)
+    d[DIAG_KEYS.index("clients")] = float(n_clients)
+    return d
+
+
+def replay(cfg, hosted: list, scratch, world_size: int):
+    """What every collective of `run_training` must carry, from the declared releases alone.
+    Returns (expected collectives, private values seen along the way)."""
+    ref = copy.deepcopy(cfg)
+    if HAS_ENGINE:
+        ref.train.engine = "reference"
+    tr = Trainer(ref, scratch, progress=False)  # public initialization (seeded) and the clients' MMD releases
+    tr.setup()
+    clients = [c for c in tr.clients if c.id in hosted]
+    hyper, plan, p = tr.hyper, tr.plan, cfg.privacy
+    declared = tr.fed.declared_sizes
+    m = tr.fed.num_clients
+    w = {i: (declared[i] / sum(declared) if cfg.federation.weights == "declared" else 1.0 / m) for i in range(m)}
+    opt = (torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD)(hyper.parameters(), lr=cfg.train.lr)
+    P = sum(t.numel() for t in hyper.parameters())
+    delta_mode = cfg.federation.aggregation == "delta"
+    out, private = [], []
+    one_shot = [Mechanism(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, 1)] if plan.sigma_mmd is not None else []
+    steps = 0
+
+    def project(h):
+        if cfg.model.lipschitz is not None:
+            h.project_spectral(cfg.model.lipschitz)
+
+    def flat(ts):
+        return torch.cat([t.detach().reshape(-1).double().cpu() for t in ts])
+
+    for c in clients:
+        private += [c.x.reshape(-1), c.code.detach().reshape(-1), flat(c.encoder.parameters())]
+        if cfg.federation.weights == "uniform":  # then sizes and size-proportional weights are private
+            private += [torch.tensor([float(len(c.y)), len(c.y) / float(sum(len(k.y) for k in tr.clients))])]
+    for r in range(cfg.train.rounds):
+        if delta_mode:
+            start = torch.cat([t.detach().reshape(-1).double() for t in hyper.parameters()])
+            local = {c.id: copy.deepcopy(hyper) for c in clients}
+        for s in range(cfg.train.local_steps):
+            out.append(Expect("flag", "max", torch.zeros(1, dtype=torch.float64)))  # the budget guard's bit
+            buf = torch.zeros(P + D, dtype=torch.float64)
+            unnoised = torch.zeros(P, dtype=torch.float64)
+            for c in clients:
+                h = local[c.id] if delta_mode else hyper
+                def g(c=c, r=r, s=s):
+                    return c.rng.generator(STREAM_STEP, r, s)
+
+                # private: the state before the step and the un-noised clipped sum (also as sigma = 0 would send it)
+                private += [c.code.detach().reshape(-1), flat(c.encoder.parameters())]
+                pre = client_step_stages(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=plan.sigma, features=tr.features)
+                zero = client_step_stages(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=0.0, features=tr.features)
+                names = sorted(pre.payload)
+                private += [flat(pre.payload[n] for n in names), flat(pre.payload[n] / pre.expected_batch for n in names)]
+                private.append(_phi_vector(h, zero.phi))
+                unnoised += w[c.id] * _phi_vector(h, zero.phi)
+                rel = c.step(h, r, s, sigma=plan.sigma, features=tr.features)  # the declared release
+                if delta_mode:
+                    with torch.no_grad():
+                        for n, t in h.named_parameters():
+                            t.sub_(cfg.train.local_lr * rel.phi_grad[n])
+                    project(h)
+                else:
+                    buf[:P] += w[c.id] * _phi_vector(h, rel.phi_grad)
+                buf[P:] += _public_diag(1)
+            private.append(unnoised)
+            steps += 1
+            if delta_mode:
+                out.append(Expect("diag", "sum", buf[P:].clone()))
+            else:
+                out.append(Expect("grad", "sum", buf.clone()))
+                off = 0
+                for t in hyper.parameters():
+                    t.grad = buf[off:off + t.numel()].view_as(t).float().clone()
+                    off += t.numel()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                project(hyper)
+            every = cfg.train.replica_check_every
+            if world_size > 1 and every and steps % every == 0:
+                v = torch.cat([t.detach().reshape(-1).double() for t in hyper.parameters()])
+                wt = torch.arange(1, v.numel() + 1, dtype=torch.float64) / v.numel()
+                cs = torch.stack([v.sum(), (v * wt).sum()])
+                out += [Expect("checksum", "max", cs), Expect("checksum", "max", -cs)]
+        if delta_mode:
+            dbuf = torch.zeros(P, dtype=torch.float64)
+            for c in clients:
+                dbuf += w[c.id] * (torch.cat([t.detach().reshape(-1).double() for t in local[c.id].parameters()]) - start)
+            out.append(Expect("delta", "sum", dbuf))
+            torch.nn.utils.vector_to_parameters((start + cfg.federation.server_lr * dbuf).float(), hyper.parameters())
+            project(hyper)
+        eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot, delta=p.delta,
+                         accountant=p.accountant)
+        out += [Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)),
+                Expect("flag", "max", torch.zeros(1, dtype=torch.float64))]  # the stop-signal bit
+    # the DP class statistics for the meta-code, then the final epsilon
+    out.append(Expect("flag", "max", torch.zeros(1, dtype=torch.float64)))
+    clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)
+    sbuf = None
+    for c in clients:
+        rel = release_class_stats(c.x, c.y, num_classes=tr.fed.num_classes, clip_norm=clip, noise_multiplier=plan.sigma_stats,
+                                  covariance=cfg.stats.covariance, generator=c.rng.generator(STREAM_STATS_RELEASE))
+        vec, _ = _flatten(rel)
+        sbuf = vec.clone() if sbuf is None else sbuf + vec
+    out.append(Expect("stats", "sum", sbuf))
+    eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot
+                     + [Mechanism("class-stats", plan.sigma_stats, 1.0, 1)], delta=p.delta, accountant=p.accountant)
+    out.append(Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)))
+    return out, private
+
+
+# ------------------------------------------------------------------------------------------ the checker
+
+
+def check_payloads(calls: list, expected: list, private: list, *, rtol: float = 1e-5, atol: float = 1e-7) -> list:
+    """Problems found (empty: every buffer is a declared quantity and no private value appears)."""
+    problems = []
+    if len(calls) != len(expected):
+        problems.append(f"{len(calls)} collectives recorded, {len(expected)} declared")
+    for i, (call, exp) in enumerate(zip(calls, expected)):
+        kind, op, buf = call
+        if kind != "allreduce" or op != exp.op or buf.shape != exp.value.shape:
+            problems.append(f"collective {i}: {kind}/{op} of shape {tuple(buf.shape)} where a {exp.kind} "
+                            f"({exp.op}, {tuple(exp.value.shape)}) was declared")
+            continue
+        if exp.kind in ("flag", "epsilon"):
+            ok = torch.equal(buf, exp.value) if exp.kind == "flag" else torch.allclose(buf, exp.value, rtol=1e-9, atol=0)
+        else:
+            ok = torch.allclose(buf, exp.value, rtol=rtol, atol=atol)
+        if not ok:
+            problems.append(f"collective {i} ({exp.kind}) differs from the declared release by "
+                            f"{(buf - exp.value).abs().max().item():.3g}")
+    # a private tensor "appears" in a buffer when most of its distinctive values are found there exactly
+    # (single coincidences between two large sets of float32-valued numbers do happen and mean nothing)
+    public = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+    for i, (kind, op, buf) in enumerate(calls):
+        b = buf.detach().double().cpu()
+        for t in private:
+            u = t.detach().reshape(-1).double().cpu().unique()
+            u = u[~torch.isin(u, public)]
+            if u.numel() == 0 or u.numel() > 2 * b.numel():  # cannot be half present
+                continue
+            if torch.isin(u, b).double().mean() >= 0.5:
+                problems.append(f"collective {i} ({kind}/{op}) carries a private tensor of {u.numel()} value(s) "
+                                f"exactly, e.g. {u[:3].tolist()}")
+                break
+    return problems
+
+
+def _record(cfg, out, world_size=1, client_cls=None):
+    comm = RecordingCommunicator(world_size=world_size)
+    if client_cls is None:
+        run_training(cfg, out, comm, progress=False)
+    else:
+        import fedhypevae.trainer as trainer_mod
+
+        with pytest.MonkeyPatch.context() as mp:  # the deliberately leaking variant of the client
+            mp.setattr(trainer_mod, "Client", client_cls)
+            run_training(cfg, out, comm, progress=False)
+    return comm
+
+
+def _hosted(cfg, world_size):
+    from fedhypevae.data import build_federation
+    from hpc import place_clients
+
+    fed = build_federation(cfg.data, cfg.partition, cfg.seed)
+    return place_clients(fed.declared_sizes, world_size)[0]
+
+
+@pytest.mark.parametrize("world_size,overrides,engine", [
+    (1, ["federation.weights=uniform"], None),  # the default engine
+    (2, ["train.replica_check_every=2"], "reference"),
+    (1, ["federation.aggregation=delta", "federation.weights=uniform"], None),  # delta: always the reference step
+], ids=["1rank-uniform-default-engine", "rank0of2-declared-reference", "1rank-delta"])
+def test_every_buffer_is_a_declared_release_and_carries_no_private_value(tmp_path, world_size, overrides, engine):
+    cfg = config(*overrides, engine=engine)
+    comm = _record(cfg, tmp_path / "run", world_size)
+    expected, private = replay(cfg, _hosted(cfg, world_size), tmp_path / "replay", world_size)
+    assert len(comm.calls) > 10 and {e.kind for e in expected} >= {"flag", "epsilon", "stats"}
+    assert check_payloads(comm.calls, expected, private) == []
+
+
+class LeakyClient(Client):
+    """Releases its un-noised clipped sum (sigma = 0) while the ledger is charged for sigma."""
+
+    def step(self, hyper, round_, step, *, sigma, features):
+        return super().step(hyper, round_, step, sigma=0.0, features=features)
+
+
+def test_a_client_releasing_its_unnoised_sum_fails_the_checker(tmp_path):
+    cfg = config("federation.weights=uniform", engine="reference")
+    comm = _record(cfg, tmp_path / "run", client_cls=LeakyClient)
+    expected, private = replay(cfg, _hosted(cfg, 1), tmp_path / "replay", 1)
+    problems = check_payloads(comm.calls, expected, private)
+    assert any("differs from the declared release" in p for p in problems), problems
+    assert any("private tensor" in p for p in problems), problems  # the un-noised buffer itself is found
+
+
+def test_a_trainer_sending_private_state_fails_the_checker(tmp_path):
+    cfg = config()
+
+    class Chatty(Trainer):
+        def epsilon_spent(self):  # a "harmless" extra collective that carries a client's code
+            self._allreduce(self.clients[0].code.detach().double().clone())
+            return super().epsilon_spent()
+
+    import fedhypevae.run as run_mod
+
+    comm = RecordingCommunicator()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(run_mod, "Trainer", Chatty)
+        run_training(cfg, tmp_path / "run", comm, progress=False)
+    expected, private = replay(cfg, _hosted(cfg, 1), tmp_path / "replay", 1)
+    problems = check_payloads(comm.calls, expected, private)
+    assert any("collectives recorded" in p for p in problems), problems
+    assert any("private tensor" in p for p in problems), problems
