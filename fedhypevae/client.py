@@ -30,6 +30,20 @@ class StepOutput:
     diag: torch.Tensor  # len(DIAG_KEYS)
 
 
+def _copied(obj):
+    """Deep copy of nested dicts/lists whose tensors get their own compact storage."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        out = type(obj)((k, _copied(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state dict's version info
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
 def project_code(code: torch.Tensor, radius: float) -> None:
     with torch.no_grad():
         n = code.norm()
@@ -66,15 +80,18 @@ class Client:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {
+        """A copy of the client's private state. Copies, not references: under the batched engine
+        the client's tensors are views of stacks holding every client of the rank, and saving a
+        view would write the whole stack (other clients' private state) into this client's file."""
+        return _copied({
             "id": self.id,
             "encoder": self.encoder.state_dict(),
-            "code": self.code.detach().clone(),
+            "code": self.code.detach(),
             "enc_opt": self.enc_opt.state_dict(),
             "code_opt": self.code_opt.state_dict(),
             "mmd_target": self.mmd_target,
             "mmd_weights": self.mmd_weights,
-        }
+        })
 
     def load_state_dict(self, state: dict) -> None:
         self.encoder.load_state_dict(state["encoder"])

@@ -143,6 +143,10 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # compare the replicas of Phi across ranks (a cheap checksum reduce) every this many steps; 0: never
     replica_check_every: int = 10
+    # batched: all clients of a rank in one computation with ghost-norm clipping (fedhypevae/engine.py);
+    # reference: a Python loop over Client.step with torch.func per-sample gradients. Same release up to
+    # float rounding; delta aggregation and the literal MMD term always use the reference
+    engine: str = "batched"
 
     def __post_init__(self):
         _check(self.rounds >= 1, f"train.rounds must be >= 1; got {self.rounds}")
@@ -153,6 +157,9 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.replica_check_every >= 0, "train.replica_check_every must be >= 0")
+        _check(self.engine in ("batched", "reference"),
+               f"train.engine must be batched (all clients of a rank in one computation) or reference "
+               f"(a loop over clients with torch.func per-sample gradients); got {self.engine!r}")
 
 
 @dataclass

@@ -1,0 +1,229 @@
+"""The batched engine against the torch.func reference: per-sample norms, clipped sums, noise, training.
+
+The reference is `dp_step.per_sample_grads` + `clip_and_sum` on one client's `ClientView` (what
+`Client.step` releases before the noise) and `Client.step` itself inside the trainer.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedhypevae.client import Client
+from fedhypevae.config import load_config
+from fedhypevae.data import ClientData
+from fedhypevae.dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads
+from fedhypevae.engine import BatchedEngine, engine_fallback_reason
+from fedhypevae.errors import ConfigError
+from fedhypevae.model import ClientView, HyperNetwork
+from fedhypevae.privacy import PrivacyLedger
+from fedhypevae.rng import STREAM_STEP
+from fedhypevae.run import run_training
+from fedhypevae.trainer import Trainer
+
+REL = 1e-5
+
+
+def make(sizes, *, hidden=(8,), dim=6, K=3, seed=0, overrides=()):
+    """Clients of the given sizes with random data and a randomized (non-trivial) hypernetwork."""
+    cfg = load_config("tiny", [f"model.hidden={list(hidden)}", "model.latent_dim=3", "model.code_dim=4",
+                               "model.hyper_hidden=5", "model.label_embed_dim=2", "model.lambda_mmd=0", "privacy.noise_seed=1",
+                               *overrides])
+    g = torch.Generator().manual_seed(seed)
+    clients = []
+    for i, n in enumerate(sizes):
+        x = (torch.randn(n, dim, generator=g) * 2).numpy()
+        y = torch.randint(0, K, (n,), generator=g).numpy()
+        cd = ClientData(i, x, y, x[:1], y[:1], declared_size=max(n, 1))
+        clients.append(Client(cd, cfg=cfg, num_classes=K, dim=dim, ledger=PrivacyLedger()))
+    torch.manual_seed(seed + 100)
+    m = cfg.model
+    hyper = HyperNetwork(dim, K, latent_dim=m.latent_dim, code_dim=m.code_dim, hidden=m.hidden,
+                         hyper_hidden=m.hyper_hidden, label_embed_dim=m.label_embed_dim)
+    with torch.no_grad():  # away from the identity modulation (d = 1, db = 0) and from zero x_logstd
+        torch.nn.init.normal_(hyper.h_theta[-1].weight, std=0.4)
+        torch.nn.init.normal_(hyper.h_theta[-1].bias, std=0.2)
+        hyper.x_logstd.normal_(std=0.5)
+        for c in clients:
+            c.code.normal_()
+    return cfg, clients, hyper
+
+
+def batches(clients, counts, latent, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    xs, ys, es = [], [], []
+    for c, n in zip(clients, counts):
+        idx = torch.randint(0, len(c.y), (n,), generator=g)
+        xs.append(c.x[idx])
+        ys.append(c.y[idx])
+        es.append(torch.randn(n, latent, generator=g))
+    return xs, ys, es
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def reference(client, hyper, x, y, eps, mode, C):
+    view = ClientView(client.encoder, client.code, hyper)
+    names = [n for n, _ in view.named_parameters()]
+    if mode == "paper":
+        names = [n for n in names if n.startswith("hyper.")]
+    grads, _ = per_sample_grads(view, names, (x, y, eps))
+    return clip_and_sum(grads, C)
+
+
+CASES = {  # sizes of the clients' data, realized batch per client, hidden widths
+    "strict-one-hidden": ("strict", [30, 30, 30], [7, 5, 9], (8,)),
+    "strict-deep-unequal-with-empty": ("strict", [60, 12, 40, 25], [21, 0, 3, 11], (16, 12)),
+    "paper-unequal-with-empty": ("paper", [50, 20, 35], [0, 6, 13], (10,)),
+    "strict-single-sample-clients": ("strict", [5, 5], [1, 1], (8, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_per_sample_norms_and_clipped_sums_match_the_torch_func_reference(case):
+    mode, sizes, counts, hidden = CASES[case]
+    cfg, clients, hyper = make(sizes, hidden=hidden, seed=len(case))
+    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
+    xs, ys, es = batches(clients, counts, cfg.model.latent_dim)
+    # C: the median per-sample norm, so that some samples are clipped and some are not
+    _, norms = eng.clipped_sums(hyper, xs, ys, es, mode=mode, clip_norm=1.0)
+    C = float(torch.cat(norms).median())
+    sums, norms = eng.clipped_sums(hyper, xs, ys, es, mode=mode, clip_norm=C)
+    clipped = unclipped = 0
+    for i, c in enumerate(clients):
+        if counts[i] == 0:  # an empty batch: zero sums over every privatized parameter
+            assert norms[i].numel() == 0 and all(float(t.abs().max()) == 0 for t in sums[i].values())
+            continue
+        ref_sum, ref_norms = reference(c, hyper, xs[i], ys[i], es[i], mode, C)
+        assert rel(norms[i], ref_norms) <= REL, (i, norms[i], ref_norms)
+        assert set(sums[i]) == set(ref_sum)
+        for name, want in ref_sum.items():
+            assert rel(sums[i][name], want) <= REL, (i, name, rel(sums[i][name], want))
+        clipped += int((ref_norms > C).sum())
+        unclipped += int((ref_norms < C).sum())
+    assert clipped > 0 and unclipped > 0
+    expected = {"strict": {"code"} | {"encoder." + n for n, _ in clients[0].encoder.named_parameters()}, "paper": set()}
+    assert set(sums[0]) == expected[mode] | {"hyper." + n for n, _ in hyper.named_parameters()}
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_engine_noise_is_the_reference_draw_per_client(threads):
+    """Same generator -> the same N(0, 1) numbers, parameter by parameter, as add_noise_and_scale."""
+    cfg, clients, hyper = make([10, 10, 10], seed=3)
+    eng = BatchedEngine(clients, cfg, weights=[1.0, 1.0, 1.0])
+    eng.noise_threads = threads
+    view = ClientView(clients[1].encoder, clients[1].code, hyper)
+    names = [n for n, _ in view.named_parameters()]
+    layout, off = {}, 0
+    for n, p in hyper.named_parameters():
+        layout[n] = (off, tuple(p.shape))
+        off += p.numel()
+    gens = [c.rng.generator(STREAM_STEP, 2, 1) for c in clients]
+    enc, code, phi = eng._noise(gens, names, 1.0, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), layout, off)
+    zeros = {n: torch.zeros_like(p) for n, p in view.named_parameters()}
+    want = add_noise_and_scale(zeros, spec=NoiseSpec(1.0, 1.0, 1.0), generator=clients[1].rng.generator(STREAM_STEP, 2, 1))
+    assert torch.equal(code[1], want["code"])
+    for n, _ in clients[1].encoder.named_parameters():
+        assert torch.equal(enc["encoder." + n][1], want["encoder." + n])
+    assert torch.equal(phi.float(), torch.cat([want["hyper." + n].reshape(-1) for n, _ in hyper.named_parameters()]))
+
+
+def test_every_client_releases_calibrated_noise_when_all_batches_are_empty():
+    cfg, clients, hyper = make([20, 40, 30], dim=40, hidden=(32,), overrides=["privacy.sample_rate=1e-6"], seed=5)
+    w = [0.2, 0.5, 0.3]
+    eng = BatchedEngine(clients, cfg, weights=w)
+    before = [p.detach().clone() for p in clients[2].encoder.parameters()]
+    sigma = 1.5
+    phi, diag = eng.step(hyper, 0, 0, sigma=sigma, features=None)
+    assert diag[2] == 0  # no sample in any batch
+    # every Phi coordinate carries sum_i w_i N(0, (sigma C)^2) / (q n_i): that variance, not zero
+    C, q = cfg.privacy.clip_norm, cfg.privacy.sample_rate
+    std = sigma * C * np.sqrt(sum((wi / (q * len(c.y))) ** 2 for wi, c in zip(w, clients)))
+    assert phi.numel() > 1000 and abs(float(phi.std()) / std - 1) < 0.1 and abs(float(phi.mean())) < 0.1 * std
+    # and every encoder took a (noisy) Adam step
+    assert all(not torch.equal(a, p.detach()) for a, p in zip(before, clients[2].encoder.parameters()))
+
+
+def test_client_state_dicts_are_per_client_copies_of_the_stacked_state():
+    cfg, clients, hyper = make([15, 15, 15], seed=7)
+    eng = BatchedEngine(clients, cfg, weights=[1 / 3] * 3)
+    eng.step(hyper, 0, 0, sigma=1.0, features=None)
+    sd = clients[1].state_dict()
+    tensors = [sd["code"], *sd["encoder"].values()]
+    for st in sd["enc_opt"]["state"].values():
+        tensors += [st["exp_avg"], st["exp_avg_sq"], st["step"]]
+        assert float(st["step"]) == 1.0
+    for t in tensors:  # own storage: a checkpoint never carries another client's state
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    torch.testing.assert_close(sd["code"], eng.codes[1])
+    # a client loading a state rebinds into the stacks at the next step
+    clients[0].load_state_dict(sd)
+    eng.step(hyper, 0, 1, sigma=1.0, features=None)
+    assert clients[0].code.data_ptr() == eng.codes[0].data_ptr()
+
+
+def phi_of(run: Path) -> torch.Tensor:
+    sd = torch.load(run / "hypernetwork.pt", weights_only=True)
+    return torch.cat([v.reshape(-1).double() for v in sd.values()])
+
+
+def client_state(run: Path, cid: int) -> torch.Tensor:
+    last = sorted((run / "checkpoints").glob("round_*"))[-1]
+    sd = torch.load(last / "clients" / f"client_{cid:05d}.pt", weights_only=False)
+    return torch.cat([sd["code"].reshape(-1)] + [t.reshape(-1) for t in sd["encoder"].values()]).double()
+
+
+@pytest.mark.parametrize("extra", [
+    ["privacy.mode=strict"],
+    ["privacy.mode=paper", "model.lambda_mmd=0"],
+    ["privacy.enabled=false"],
+    ["privacy.sample_rate=0.02", "model.hidden=[16,8]"],  # many empty Poisson batches
+], ids=["strict-merf", "paper", "non-private", "empty-batches"])
+def test_training_with_the_batched_engine_equals_the_reference(tmp_path, extra):
+    common = ["privacy.noise_seed=4", "train.rounds=2", *extra]
+    got = run_training(load_config("tiny", [*common, "train.engine=batched"]), tmp_path / "b", progress=False)
+    want = run_training(load_config("tiny", [*common, "train.engine=reference"]), tmp_path / "r", progress=False)
+    assert got["training"]["engine"] == "batched" and want["training"]["engine"] == "reference"
+    a, b = phi_of(tmp_path / "b"), phi_of(tmp_path / "r")
+    assert rel(a, b) <= REL
+    for cid in range(4):  # the private states too
+        assert rel(client_state(tmp_path / "b", cid), client_state(tmp_path / "r", cid)) <= REL
+    assert got["privacy"]["epsilon_spent"] == want["privacy"]["epsilon_spent"]
+    for k, v in want["training"]["final"].items():
+        assert got["training"]["final"][k] == pytest.approx(v, rel=1e-4), k
+
+
+def test_resume_with_the_other_engine_matches_an_uninterrupted_run(tmp_path):
+    """Checkpoints stay per client: a run checkpointed by the reference resumes under the batched engine."""
+    common = ["privacy.noise_seed=9", "train.checkpoint_every=1"]
+    run_training(load_config("tiny", [*common, "train.engine=batched"]), tmp_path / "full", progress=False)
+    cfg = load_config("tiny", [*common, "train.engine=reference"])
+    tr = Trainer(cfg, tmp_path / "cut", progress=False)
+    tr.setup()
+    tr.run_round(0)
+    tr.state.round = 1
+    tr.save_checkpoint()
+    res = run_training(load_config("tiny", [*common, "train.engine=batched"]), tmp_path / "cut", resume=True,
+                       progress=False)
+    assert res["training"]["engine"] == "batched"
+    assert rel(phi_of(tmp_path / "cut"), phi_of(tmp_path / "full")) <= REL
+
+
+def test_engine_setting_is_validated_and_unsupported_settings_fall_back(tmp_path):
+    with pytest.raises(ConfigError, match="train.engine must be batched .* or reference"):
+        load_config("tiny", ["train.engine=fast"])
+    assert engine_fallback_reason(load_config("tiny")) is None
+    cfg = load_config("tiny", ["federation.aggregation=delta", "train.rounds=1"])
+    assert "delta" in engine_fallback_reason(cfg)
+    assert "literal" in engine_fallback_reason(load_config("tiny", ["model.mmd_kind=literal"]))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    assert tr.engine is None and "fell back" in tr.engine_note
+    res = tr.finish({})
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["training"]["engine"] == "reference"
+    assert res["training"]["engine_note"].startswith("train.engine=batched fell back")
