@@ -43,7 +43,9 @@ def detect_launcher(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
                           _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0)
     if "PMI_RANK" in env or "PMIX_RANK" in env:
         # MPICH's Hydra, or srun --mpi=pmi2 (which also sets SLURM_*)
-        launcher = "srun" if "SLURM_STEP_ID" in env else "mpich"
+        # srun's PMI plugins set no MPI_LOCALRANKID; Hydra does, also when it starts its proxies through
+        # srun inside an allocation (mpiexec in an sbatch script), where SLURM_STEP_ID is set as well
+        launcher = "srun" if "SLURM_STEP_ID" in env and "MPI_LOCALRANKID" not in env else "mpich"
         return LaunchInfo(launcher, _int(env, "PMI_RANK", "PMIX_RANK") or 0,
                           _int(env, "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1,
                           _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID") or 0)

@@ -49,6 +49,9 @@ CASES = {
     "srun-no-pmi": (SRUN_STEP, LaunchInfo("srun", 1, 2, 1)),  # step size wins over the job's SLURM_NTASKS
     "srun-pmi2": ({**SRUN_STEP, "PMI_RANK": "1", "PMI_SIZE": "2", "PMI_FD": "7"}, LaunchInfo("srun", 1, 2, 1)),
     "srun-pmix": ({**SRUN_STEP, "PMIX_RANK": "1"}, LaunchInfo("srun", 1, 2, 1)),
+    # mpiexec (Hydra) in an sbatch script starts its proxies with srun: one proxy step per node
+    "mpiexec-inside-sbatch": ({**SRUN_STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "PMI_RANK": "3",
+                               "PMI_SIZE": "4", "PMI_FD": "7", "MPI_LOCALRANKID": "3"}, LaunchInfo("mpich", 3, 4, 3)),
     "sbatch-without-srun": (SBATCH_SCRIPT, LaunchInfo("none", 0, 1, 0)),
     "torchrun-inside-srun": ({**SRUN_STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "TORCHELASTIC_RUN_ID": "j",
                               "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, LaunchInfo("torchrun", 3, 4, 3)),
