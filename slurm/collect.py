@@ -104,6 +104,7 @@ def plot(rows: list[dict], path: Path) -> None:
     for j, part in enumerate(parts):
         for i, (metric, name) in enumerate([("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")]):
             ax = axes[i][j]
+            bands = iter([("0.25", "--"), ("0.45", ":"), ("0.6", "-."), ("0.1", (0, (1, 1)))] * 3)
             for method in sorted({r["method"] for r in rows if r["partition"] == part}):
                 rs = [r for r in rows if r["partition"] == part and r["method"] == method]
                 label = LABELS.get(method, method)
@@ -115,9 +116,11 @@ def plot(rows: list[dict], path: Path) -> None:
                 for r in rs:
                     if r["epsilon"] is None or math.isinf(r["epsilon"]):  # no budget: a horizontal band
                         m, s = r[f"{metric}_mean"], r[f"{metric}_std"]
-                        line = ax.axhline(m, linestyle="--", linewidth=1, label=label + (" (ε=∞)" if r["epsilon"] else ""))
+                        grey, style = next(bands)  # greys: kept apart from the ε-dependent lines' colours
+                        ax.axhline(m, color=grey, linestyle=style, linewidth=1.2,
+                                   label=label + (" (ε=∞)" if r["epsilon"] else ""))
                         if s > 0:
-                            ax.axhspan(m - s, m + s, alpha=0.12, color=line.get_color())
+                            ax.axhspan(m - s, m + s, alpha=0.12, color=grey)
             ax.set_xscale("log")
             if eps_all:
                 ax.set_xticks(eps_all, [f"{e:g}" for e in eps_all])
