@@ -251,9 +251,11 @@ def run_with_mpiexec(point: Path) -> dict:
     previous = {}
 
     def forward(signum, frame):
-        proc.send_signal(signum)
+        # SIGINT (submitit cancelling a local job, e.g. when the sweep command is interrupted) becomes TERM:
+        # the ranks checkpoint together and stop instead of being orphaned and training on
+        proc.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    for sig in (signal.SIGUSR2, signal.SIGTERM):
+    for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, forward)
     try:
         rc = proc.wait()

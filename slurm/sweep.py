@@ -568,6 +568,11 @@ def main(argv=None) -> int:
     except (SweepError, FedHypeVAEError) as exc:
         print(f"slurm.sweep: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nslurm.sweep: interrupted. Submitted points keep running (SLURM jobs, and local points in the "
+              "background); run the same command again to follow them. A point that was stopped resumes from its "
+              "last checkpoint, its epsilon still charged.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
