@@ -321,21 +321,21 @@ class Trainer:
                                       f"(stopped at round {r}, step {s})")
                 break
             buf = torch.zeros(P + D, dtype=torch.float64)
-            if self.engine is not None and not delta_mode:
-                for c in self.clients:  # every client's ledger, before anything is released
-                    self._charge(c, "dp-sgd", self.sigma, cfg.privacy.sample_rate, f"round={r}/step={s}")
+            for c in self.clients:  # every client's ledger, before anything is released (same key as the check)
+                self._charge(c, "dp-sgd", self.sigma, cfg.privacy.sample_rate, f"round={r}/step={s}")
+            if self.engine is not None:  # never set for delta aggregation (engine_fallback_reason)
                 phi, diag = self.engine.step(self.hyper, r, s, sigma=self.sigma, features=self.features)
                 buf[:P] += phi
                 buf[P:] += diag if self.send_diagnostics else len(self.clients) * self._public_diag
-            for c in (self.clients if self.engine is None or delta_mode else []):
-                self._charge(c, "dp-sgd", self.sigma, cfg.privacy.sample_rate, f"round={r}/step={s}")  # same key as the check
-                hyper = local[c.id] if delta_mode else self.hyper
-                out = c.step(hyper, r, s, sigma=self.sigma, features=self.features)
-                if delta_mode:
-                    self._local_phi_step(hyper, out.phi_grad)
-                else:
-                    buf[:P] += self.weights[c.id] * self._phi_vector(out.phi_grad)
-                buf[P:] += out.diag if self.send_diagnostics else self._public_diag
+            else:
+                for c in self.clients:
+                    hyper = local[c.id] if delta_mode else self.hyper
+                    out = c.step(hyper, r, s, sigma=self.sigma, features=self.features)
+                    if delta_mode:
+                        self._local_phi_step(hyper, out.phi_grad)
+                    else:
+                        buf[:P] += self.weights[c.id] * self._phi_vector(out.phi_grad)
+                    buf[P:] += out.diag if self.send_diagnostics else self._public_diag
             if not delta_mode:
                 self._allreduce(buf)  # the one collective of a step: noisy gradients + diagnostics
                 self._apply_flat_grad(buf[:P])
