@@ -30,13 +30,14 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from hpc.launcher import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin/: mpiexec and the fedhypevae console script live here
@@ -131,7 +132,7 @@ def shown(cmd: list[str], tmp: str | None = None) -> str:
 
 def tool(name: str) -> str:
     """The venv's own executable when there is one (its mpiexec matches its mpi4py), else the PATH's."""
-    return str(BIN / name) if (BIN / name).exists() else (shutil.which(name) or name)
+    return venv_tool(name) or name
 
 
 def run(cmd: list[str], timeout: float) -> float:

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -46,8 +45,9 @@ import time
 import traceback
 from pathlib import Path
 
+from benchmarks.allreduce import tool
+
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 K = 10  # classes
 MATCHED = ["model.hidden=[256,256,256]", "model.latent_dim=100"]  # the DP-CVAE's widths
 DEFAULT_MODEL = []  # configs/default.yaml's model section is applied by loading that file
@@ -313,10 +313,6 @@ def worker(spec_path: str) -> int:
     comm.barrier()
     comm.close()
     return 0
-
-
-def tool(name: str) -> str:
-    return str(BIN / name) if (BIN / name).exists() else (shutil.which(name) or name)
 
 
 def child_env(threads: int) -> dict:

@@ -90,18 +90,35 @@ def cell_train_config(tc: TableConfig, partition: str, seed: int, mode: Optional
     return load_config(tc.train_config, ov)
 
 
-def _score_synthetic(tc: TableConfig, fed, x_syn, y_syn, seed: int) -> list[dict]:
+def score_synthetic(fed, x_syn, y_syn, *, protocol: str, seed: int) -> list[dict]:
     """Per-client rows for a synthetic set, scored the same way for every generative method."""
     from .evaluation import evaluate_federation
 
-    scored = evaluate_federation(fed, x_syn, y_syn, protocol=tc.protocol, seed=seed)
+    scored = evaluate_federation(fed, x_syn, y_syn, protocol=protocol, seed=seed)
     return [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
             for r in scored["clients"]]
 
 
+def run_rows(run_dir: Path, fed, *, protocol: str, seed: int) -> list[dict]:
+    """Per-client rows for a finished FedHypeVAE run: its synthetic set, in the model's units, scored."""
+    from .data import apply_transform
+
+    syn = np.load(Path(run_dir) / "synthetic.npz")
+    return score_synthetic(fed, apply_transform(syn["x"], fed.transform, fed.value_range), syn["y"],
+                           protocol=protocol, seed=seed)
+
+
+def baseline_rows(method: str, res: dict, fed, *, protocol: str, seed: int) -> list[dict]:
+    """Per-client rows of a baseline's result (DP-CVAE's synthetic set is scored like FedHypeVAE's)."""
+    if method == "dpcvae":
+        return score_synthetic(fed, res["x_syn"], res["y_syn"], protocol=protocol, seed=seed)
+    return [{"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+            for r in res["clients"]]
+
+
 def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path) -> dict:
     """One method on one (partition, seed): per-client rows scored on each client's own test split."""
-    from .data import apply_transform, build_federation
+    from .data import build_federation
 
     cfg = cell_train_config(tc, partition, seed, FEDHYPEVAE_METHODS.get(method))
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
@@ -116,19 +133,13 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
             run_training(cfg, run_dir, resume=resume, progress=False)
         results = json.loads((run_dir / "results.json").read_text())
         privacy = results["privacy"]
-        syn = np.load(run_dir / "synthetic.npz")
-        x_syn = apply_transform(syn["x"], fed.transform, fed.value_range)
-        rows = _score_synthetic(tc, fed, x_syn, syn["y"], seed)
+        rows = run_rows(run_dir, fed, protocol=tc.protocol, seed=seed)
     else:
         from .baselines import run_baseline
 
         res = run_baseline(method, fed, seed=seed, epsilon=tc.epsilon, delta=tc.delta, **tc.baselines.get(method, {}))
         privacy = res.get("privacy")
-        if method == "dpcvae":  # score its synthetic set exactly like FedHypeVAE's
-            rows = _score_synthetic(tc, fed, res["x_syn"], res["y_syn"], seed)
-        else:
-            rows = [{"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-                    for r in res["clients"]]
+        rows = baseline_rows(method, res, fed, protocol=tc.protocol, seed=seed)
     eps = None if not privacy else privacy.get("epsilon_spent")
     formal = None if not privacy else privacy.get("formal_guarantee")
     return {"method": method, "partition": partition, "seed": seed, "rows": rows, "epsilon_spent": eps,

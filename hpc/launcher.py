@@ -11,6 +11,8 @@ Read from the launchers' own environment variables, most specific first:
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -62,3 +64,9 @@ def expected_world_size(env: Optional[Mapping[str, str]] = None) -> Optional[int
     that gives every rank a world of one (Open MPI under srun --mpi=none/pmi2)."""
     env = os.environ if env is None else env
     return _int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_ID" in env else None
+
+
+def venv_tool(name: str) -> Optional[str]:
+    """This Python environment's own executable (its mpiexec matches its mpi4py), else the PATH's, else None."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else shutil.which(name)

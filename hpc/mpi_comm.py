@@ -52,4 +52,8 @@ class MPICommunicator(Communicator):
         self.comm.Abort(code)
 
     def close(self) -> None:
-        pass  # mpi4py finalizes at exit
+        """Finalize MPI (collective: every rank calls it). Ending MPI before a job step is torn down
+        matters under SLURM: a step killed while MPI is up leaves MPICH's shared-memory segment behind,
+        and a requeued job (same job and step id) then fails in MPI_Init."""
+        if not self.MPI.Is_finalized():
+            self.MPI.Finalize()

@@ -12,19 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import statistics
 import sys
 from pathlib import Path
 
+from fedhypevae.table import LABELS
+
 from .job import read_json, write_json
-
-LABELS = {"fedhypevae-strict": "FedHypeVAE (strict)", "fedhypevae-paper": "FedHypeVAE (paper mode*)",
-          "fedavg-dp": "FedAvg (DP-SGD)", "fedprox-dp": "FedProx (DP-SGD)", "dpcvae": "DP-CVAE",
-          "local": "Local only", "fedavg": "FedAvg (non-private)", "fedprox": "FedProx (non-private)",
-          "pooled": "Pooled, non-private"}
-
 
 def load_points(sweep: Path) -> tuple[list[dict], list[dict]]:
     """(results, missing specs)."""

@@ -23,6 +23,10 @@ from pathlib import Path
 
 import submitit
 
+from fedhypevae.checkpoint import atomic_write_text
+from fedhypevae.table import FEDHYPEVAE_METHODS
+from hpc.launcher import venv_tool
+
 EXIT_INTERRUPTED = {signal.SIGUSR2: 128 + signal.SIGUSR2, signal.SIGTERM: 128 + signal.SIGTERM}
 
 
@@ -35,10 +39,7 @@ def read_json(path: Path) -> dict:
 
 
 def write_json(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_text(Path(path), json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def append_event(point: Path, event: dict) -> None:
@@ -82,7 +83,7 @@ def run_point_here(point: Path) -> dict:
                          "srun --mpi=pmix, or start the ranks with mpiexec")
     install_failfast(comm)
     try:
-        if spec["method"] in ("fedhypevae-strict", "fedhypevae-paper"):
+        if spec["method"] in FEDHYPEVAE_METHODS:
             return _run_fedhypevae(point, spec, comm, info, str(device))
         return _run_baseline(point, spec, comm)
     except FedHypeVAEError as exc:
@@ -117,14 +118,11 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
         _end_collectively(comm)
         return results
     if comm.is_root:
-        from fedhypevae.data import apply_transform, build_federation
-        from fedhypevae.table import LABELS  # noqa: F401  (the method names the collector knows)
-
-        import numpy as np
+        from fedhypevae.data import build_federation
+        from fedhypevae.table import run_rows
 
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
-        syn = np.load(run_dir / "synthetic.npz")
-        rows = _score(fed, apply_transform(syn["x"], fed.transform, fed.value_range), syn["y"], spec)
+        rows = run_rows(run_dir, fed, protocol=spec["protocol"], seed=spec["seed"])
         p = results["privacy"]
         _finish(point, spec, rows, epsilon_spent=p.get("epsilon_spent"), formal=p.get("formal_guarantee"),
                 seconds=time.perf_counter() - t0, extra={"training": results["training"], "provenance": results["provenance"]})
@@ -138,20 +136,7 @@ def _end_collectively(comm) -> None:
     killed by the requeue while MPI is still up leaves MPICH's shared-memory segment behind, and the
     requeued job's step (same job and step id, same segment name) then fails in MPI_Init."""
     comm.barrier()
-    if comm.backend == "mpi":
-        MPI = comm.MPI
-        if not MPI.Is_finalized():
-            MPI.Finalize()
-    else:
-        comm.close()
-
-
-def _score(fed, x_syn, y_syn, spec: dict) -> list[dict]:
-    from fedhypevae.evaluation import evaluate_federation
-
-    scored = evaluate_federation(fed, x_syn, y_syn, protocol=spec.get("protocol", "augment"), seed=spec["seed"])
-    return [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-            for r in scored["clients"]]
+    comm.close()
 
 
 def _run_baseline(point: Path, spec: dict, comm) -> dict:
@@ -160,6 +145,7 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
         from fedhypevae.baselines import run_baseline
         from fedhypevae.config import load_config
         from fedhypevae.data import build_federation
+        from fedhypevae.table import baseline_rows
 
         cfg = load_config(spec["config"], spec["overrides"])
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
@@ -168,11 +154,7 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
         eps = spec["epsilon"] if spec["epsilon"] is not None else 1.0
         res = run_baseline(spec["method"], fed, seed=spec["seed"], epsilon=eps, delta=cfg.privacy.delta,
                            **spec.get("baseline_settings", {}))
-        if spec["method"] == "dpcvae":
-            rows = _score(fed, res["x_syn"], res["y_syn"], spec)
-        else:
-            rows = [{"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-                    for r in res["clients"]]
+        rows = baseline_rows(spec["method"], res, fed, protocol=spec["protocol"], seed=spec["seed"])
         priv = res.get("privacy") or {}
         _finish(point, spec, rows, epsilon_spent=priv.get("epsilon_spent"), formal=priv.get("formal_guarantee"),
                 seconds=time.perf_counter() - t0)
@@ -230,12 +212,7 @@ def _is_rank0() -> bool:
 
 
 def mpiexec_path() -> str:
-    here = Path(sys.executable).parent / "mpiexec"
-    if here.exists():
-        return str(here)
-    from shutil import which
-
-    found = which("mpiexec")
+    found = venv_tool("mpiexec")
     if not found:
         raise SweepError("a point with more than one rank needs mpiexec on the local and debug clusters: "
                          "pip install mpich (or use --ranks 1)")

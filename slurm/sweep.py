@@ -37,9 +37,11 @@ from typing import Optional
 
 import yaml
 
+from fedhypevae.table import FEDHYPEVAE_METHODS
+
 from .job import PointJob, SweepError, read_events, read_json, write_json
 
-FEDHYPEVAE = ("fedhypevae-strict", "fedhypevae-paper")
+FEDHYPEVAE = tuple(FEDHYPEVAE_METHODS)
 PRIVATE_BASELINES = ("fedavg-dp", "fedprox-dp", "dpcvae")
 PUBLIC_BASELINES = ("local", "fedavg", "fedprox", "pooled")  # do not depend on epsilon: run once per (partition, seed)
 METHODS = FEDHYPEVAE + PRIVATE_BASELINES + PUBLIC_BASELINES
@@ -140,7 +142,7 @@ def build_grid(sweep: dict) -> list[Point]:
                     if eps is not None:
                         ov.append(f"privacy.target_epsilon={eps}")
                     if method in FEDHYPEVAE:
-                        ov.append(f"privacy.mode={method.split('-')[1]}")
+                        ov.append(f"privacy.mode={FEDHYPEVAE_METHODS[method]}")
                     ranks = sweep["ranks"] if method in FEDHYPEVAE else 1
                     pid = f"{method}__{part}__eps{_eps_name(eps)}__seed{seed}"
                     points.append(Point(pid, method, part, eps, seed, ranks, ov))
@@ -263,6 +265,14 @@ def executor_parameters(sweep: dict) -> dict:
     return params
 
 
+def task_layout(params: dict, ranks: int) -> dict:
+    """nodes and tasks_per_node of a job with `ranks` ranks (one-rank jobs: one node, one task)."""
+    if ranks == 1:
+        return {"nodes": 1, "tasks_per_node": 1}
+    nodes = int(params.get("nodes", 1))
+    return {"nodes": nodes, "tasks_per_node": ranks // nodes}
+
+
 def make_executor(sweep: dict, cluster: str, params: dict, *, ranks: int):
     import submitit
 
@@ -284,9 +294,7 @@ def make_executor(sweep: dict, cluster: str, params: dict, *, ranks: int):
         if sweep["mpi"] == "openmpi":
             setup.insert(0, "export PMIX_MCA_psec=native")
         p["slurm_setup"] = setup
-        p["tasks_per_node"] = ranks // int(p.get("nodes", 1)) if ranks > 1 else 1
-        if ranks == 1:
-            p["nodes"] = 1
+        p.update(task_layout(params, ranks))
     else:
         p["tasks_per_node"] = 1  # one process per point; it starts the ranks with mpiexec
         p["nodes"] = 1
@@ -439,8 +447,7 @@ def _dry_run(sweep, cluster, params, points, todo, status) -> int:
     for pt in todo:
         d = out / "points" / pt.id
         script = point_script(d, python=sys.executable, mpi=sweep["mpi"],
-                              params={**params, "tasks_per_node": pt.ranks // int(params.get("nodes", 1)) if pt.ranks > 1 else 1,
-                                      "nodes": int(params.get("nodes", 1)) if pt.ranks > 1 else 1},
+                              params={**params, **task_layout(params, pt.ranks)},
                               job_name=f"fhv-{pt.id}"[:64])
         (d / "job.sbatch").write_text(script)
     if todo:
@@ -465,7 +472,6 @@ def _submit(sweep, cluster, params, todo: list[Point], *, wait: bool) -> int:
                     submitted = [ex.submit(c) for c in calls]
             except Exception as exc:  # sbatch refused: say why, nothing was submitted
                 raise SweepError(f"submission failed: {exc}") from None
-            submitted = [getattr(j, "_job", j) for j in submitted]
         for pt, job in zip(group, submitted):
             rec = job_record(out / "points" / pt.id) or {"submissions": []}
             entry = {"cluster": cluster, "job_id": str(job.job_id), "time": time.time(), "ranks": ranks}
