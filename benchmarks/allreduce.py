@@ -12,8 +12,8 @@
    (ones must sum to R), warm-up calls, then N repetitions, each after a barrier. A repetition's time is
    the MAX over ranks (one extra reduction after the timed loop): the time until every rank holds the sum.
    Rank 0's own median is kept too. Besides the requested sizes, two the trainer really sends are added:
-   the per-step buffer (Phi's parameters + diagnostics, read from the 1-rank training run) and the 8-byte
-   budget-guard flag.
+   the per-step buffer (Phi's parameters + diagnostics, read from the 1-rank training run) and the 16-byte
+   release-guard flags (budget bit and stop bit).
 2. Share of a round spent communicating, in real runs of the default config under mpiexec at 1 (reference)
    and R ranks: sum of `comm/all_reduce(ms)` over sum of `time/round(s)` from metrics.jsonl. The trainer times
    its all-reduce calls on rank 0, so that time includes waiting for the slowest rank to arrive.
@@ -37,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from fedhypevae.checkpoint import dumps_json
 from hpc.launcher import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ BIN = Path(sys.executable).parent  # the venv's bin/: mpiexec and the fedhypevae
 BACKENDS = {"mpi": "mpi", "gloo": "torch"}  # benchmark name -> hpc.backend name
 FULL_SIZES = "1K,4K,16K,64K,256K,1M,4M,16M"
 QUICK_SIZES = "1K,64K,1M,16M"
-FLAG_BYTES = 8  # Trainer._step_fits: one float64, reduced with max before every step
+FLAG_BYTES = 16  # Trainer.guarded_release: two float64 (budget bit, stop bit), reduced with max before every step
 
 
 # ------------------------------------------------------------------------------------------ worker
@@ -254,7 +255,7 @@ def markdown(res: dict) -> str:
                 "share = sum of `comm/all_reduce(ms)` / sum of `time/round(s)` over all rounds of metrics.jsonl. "
                 "The trainer times its calls on rank 0, so comm time **includes waiting for the slowest rank** "
                 "(load imbalance between ranks' clients, and ranks sharing cores), not only data movement. "
-                "The micro estimate is local_steps x (median all-reduce of the step payload + of the 8 B flag) "
+                "The micro estimate is local_steps x (median all-reduce of the step payload + of the 16 B guard flags) "
                 "from part 1 at the same rank count: the part of comm that is the reduction itself.", "",
                 "| ranks | rounds | median round (s) | median comm / round (ms) | share | micro estimate (ms / round) | run wall (s) |",
                 "|---|---|---|---|---|---|---|"]
@@ -299,7 +300,7 @@ def plot(res: dict, path: Path) -> None:
 
 def write_outputs(res: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "allreduce.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "allreduce.json").write_text(dumps_json(res, indent=2) + "\n")
     fields = ["backend", "comm", "ranks", "bytes", "elems", "reps", "correct", "median_ms", "p90_ms", "min_ms", "rank0_median_ms", "note"]
     with open(out / "allreduce.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")

@@ -34,7 +34,6 @@ Two audits:
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .checkpoint import dumps_json
 from .client import Client
 from .config import Config, config_from_dict
 from .dp_step import clip_and_sum, per_sample_grads, sample_norms
@@ -188,10 +188,13 @@ class CanaryClient(Client):
                        else t.detach().reshape(-1).double().cpu())
         return torch.cat(out)
 
-    def step(self, hyper, round_, step, *, sigma, features):
+    def prepare_step(self, hyper, round_, step, *, epoch=0):
         self._key = (round_, step)
         self._known_sum, self._known_post = {}, {}
-        out = super().step(hyper, round_, step, sigma=0.0 if self.sabotage == "no-noise" else sigma, features=features)
+        return super().prepare_step(hyper, round_, step, epoch=epoch)
+
+    def release_step(self, pending, *, sigma, features):
+        out = super().release_step(pending, sigma=0.0 if self.sabotage == "no-noise" else sigma, features=features)
         released = self._flat_phi(out.phi_grad)
         expected = self.cfg.privacy.sample_rate * self.declared_size  # public
         known = self._flat_phi(self._known_sum, "hyper.") / expected + self._flat_phi(self._known_post, "hyper.")
@@ -293,7 +296,7 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
         raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{tr.fed.num_clients - 1})")
     orig = tr.clients[pos[0]]
     cc = CanaryClient(tr.fed.client(setup.client), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-                      ledger=orig.ledger, device=tr.torch_device)
+                      declared_size=orig.declared_size, device=tr.torch_device)
     cc.load_state_dict(orig.state_dict())
     cc.rng = orig.rng  # the same private generator (secure, or from privacy.noise_seed)
     g = torch.Generator().manual_seed(derive_seed(setup.seed, _STREAM_LAYOUT))
@@ -310,7 +313,7 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     return {"scores": cc.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
             "engine": "reference (Client.step with torch.func per-sample gradients)",
             "sigma": tr.sigma, "plan": tr.plan,
-            "stopped_early": tr.state.stopped, "ledger_epsilon": cc.ledger.epsilon(delta=cfg.privacy.delta,
+            "stopped_early": tr.state.stopped, "ledger_epsilon": tr.ledger.epsilon(delta=cfg.privacy.delta,
                                                                                  accountant=cfg.privacy.accountant),
             "canary": {"kind": "gradient (Dirac: one coordinate of Phi each, random sign)",
                        "length": f"{cc.canary_scale / cfg.privacy.clip_norm:g} C",
@@ -486,7 +489,7 @@ def run_audit(cfg: Config, out: Path, *, mode: str = "white-box", canaries: Opti
         "wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
         "command": command,
     }, "provenance": provenance(cfg, launcher="none", comm=LocalCommunicator(), device="cpu")}
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.json").write_text(dumps_json(results, indent=2) + "\n")
     return results
 
 

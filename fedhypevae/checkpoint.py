@@ -1,13 +1,14 @@
 """Checkpoints: shared state once (rank 0), private state per client (its own rank), atomically.
 
-Layout under RUN/checkpoints/round_000010/:
-  shared.pt            Phi, its optimizer, round, resolved config, privacy plan
+Layout under RUN/checkpoints/round_000010/ (after 10 rounds) or round_000010_step_00003/ (a stop in
+the middle of round 11, after 3 of its steps):
+  shared.pt            Phi, its optimizer, position (round, step), resolved config, privacy plan
   clients/client_00003.pt   psi_i, v_i, their optimizers, the client's DP releases
   COMPLETE             written last, by rank 0 after every rank has saved
 Each file is written to a temporary name, flushed and renamed, so a crash leaves either the old
-file or the new one. A checkpoint without COMPLETE is ignored on resume.
-The privacy ledgers are not in checkpoints: they live in append-only files that are written
-before each release, so that a resume never refunds epsilon.
+file or the new one. A checkpoint without COMPLETE is ignored on resume. Names sort in training order.
+The privacy ledger is not in checkpoints: it lives in append-only files that are written before each
+release, so that a resume never refunds epsilon (fedhypevae/privacy/ledger.py).
 """
 from __future__ import annotations
 
@@ -40,8 +41,58 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def checkpoint_dir(run_dir: Path, round_: int) -> Path:
-    return run_dir / "checkpoints" / f"round_{round_:06d}"
+def strict_json(obj):
+    """`obj` with every non-finite float (inf, nan) replaced by None, so that `json.dumps(...,
+    allow_nan=False)` writes strict JSON (no Infinity/NaN tokens, which most parsers reject). Where a
+    value may be infinite, the output says so in words next to it (e.g. privacy.guarantee)."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps_json(obj, **kw) -> str:
+    """Strict JSON text of `obj` (see strict_json); objects json cannot write become strings."""
+    import json
+
+    return json.dumps(strict_json(_plain(obj)), allow_nan=False, **kw)
+
+
+def _plain(obj):
+    """Numbers from numpy/torch and paths as plain Python values (json's `default=str` would turn a
+    numpy float into a string, hiding an infinity from strict_json)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    if getattr(obj, "ndim", None) == 0 and callable(getattr(obj, "item", None)):  # numpy / torch scalars
+        return obj.item()
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        return _plain(tolist())
+    return str(obj)
+
+
+def checkpoint_dir(run_dir: Path, round_: int, step: int = 0) -> Path:
+    """Rounds completed, and steps of the next round completed (a stop between two steps)."""
+    name = f"round_{round_:06d}" + (f"_step_{step:05d}" if step else "")
+    return run_dir / "checkpoints" / name
+
+
+def checkpoint_position(ckpt: Path) -> tuple[int, int]:
+    """(rounds completed, steps of the next round completed) from a checkpoint directory's name."""
+    parts = Path(ckpt).name.split("_")
+    try:
+        return int(parts[1]), (int(parts[3]) if len(parts) > 3 else 0)
+    except (IndexError, ValueError):
+        raise CheckpointError(f"{ckpt} is not a checkpoint directory (round_RRRRRR[_step_SSSSS])") from None
 
 
 def client_path(ckpt: Path, client_id: int) -> Path:

@@ -1,7 +1,9 @@
 """FedHypeVAE-HPC: differentially private, hypernetwork-generated conditional VAEs, federated.
 
 Subcommands: train, account, audit, data (inspect, partition), evaluate, table, embed. Errors a user can
-fix print one line (`fedhypevae: error: ...`) and exit with status 2.
+fix print one line (`fedhypevae: error: ...`) and exit with status 2; `train` exits with 3 when the run is
+partial (no statistics release or meta-code fit: results.json says what is missing) and with 128 + N when
+signal N stopped it (it checkpointed first; --resume continues).
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ def _add_account(sub) -> None:
     p.add_argument("--sample-rate", "-q", type=float, help="Poisson sampling rate q")
     p.add_argument("--steps", type=int, help="number of DP-SGD steps")
     p.add_argument("--accountant", default="both", choices=["rdp", "prv", "both"])
-    p.add_argument("--run", help="a run directory: print its privacy ledger")
+    p.add_argument("--run", help="a run directory: print its privacy ledger (every rank's file, any world size)")
+    p.add_argument("--client", type=int, help="with --run: one client's full history, release by release")
     p.add_argument("--json", dest="json_path", help="also write the numbers to this JSON file")
 
 
@@ -163,7 +166,10 @@ def main(argv=None) -> int:
         print(f"fedhypevae: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedhypevae: interrupted; `fedhypevae train --resume --out DIR` continues from the last checkpoint", file=sys.stderr)
+        out = getattr(args, "out", None)
+        hint = (f"; `fedhypevae train --resume --out {out}` continues from the last checkpoint"
+                if args.cmd == "train" and out else "")
+        print(f"fedhypevae: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -3,6 +3,11 @@
 Everything here stays on the client's rank. What leaves is only what `step` returns: the noisy
 Phi gradient (strict and paper modes) and, when `privacy.diagnostics` is on, loss sums that are
 labelled as diagnostics outside the guarantee.
+
+A step is two calls, so that the trainer's release guard can stand between them: `prepare_step`
+computes everything up to the noise (Poisson batch, per-sample gradients, clipped sums: nothing is
+released, nothing changes), `release_step` adds the noise, the post-noise terms and applies the
+local update. `step` is the two in a row. The privacy ledger belongs to the rank (Trainer.ledger).
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from .config import Config
 from .data import ClientData
 from .dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample
 from .model import ClientView, Encoder, HyperNetwork, multi_kernel, sample_synthetic
-from .privacy import PrivacyLedger, RandomFeatures, release_mean_embeddings
+from .privacy import RandomFeatures, mean_embedding_sums, noise_mean_embeddings
 from .rng import STREAM_INIT, STREAM_MMD_RELEASE, STREAM_STEP, ClientRNG, derive_seed
 
 # diagnostics carried per step: sums over the client's batch (outside the guarantee)
@@ -28,6 +33,24 @@ DIAG_KEYS = ("nll_sum", "kl_sum", "batch", "clipped", "mmd", "clients")
 class StepOutput:
     phi_grad: dict[str, torch.Tensor]  # keyed by HyperNetwork parameter name
     diag: torch.Tensor  # len(DIAG_KEYS)
+
+
+@dataclass
+class PendingStep:
+    """One client's DP step computed up to the noise. Nothing in it has been released."""
+    generator: torch.Generator  # continues with the noise draws (the same order as one uninterrupted step)
+    view: ClientView
+    all_names: list
+    phi_names: list
+    batch: tuple  # (x, y, eps)
+    syn: tuple
+    expected: float  # q * declared size: public
+    summed: dict  # privatized: the clipped pre-noise sums; non-private: the plain gradients (already scaled)
+    diag: torch.Tensor
+
+    def payload(self) -> list:
+        """The pre-noise payload, in a fixed order (what the ledger's digest covers)."""
+        return [self.summed[n] for n in sorted(self.summed)]
 
 
 def _copied(obj):
@@ -52,12 +75,14 @@ def project_code(code: torch.Tensor, radius: float) -> None:
 
 
 class Client:
-    def __init__(self, data: ClientData, *, cfg: Config, num_classes: int, dim: int, ledger: PrivacyLedger,
-                 device: torch.device = torch.device("cpu")):
+    def __init__(self, data: ClientData, *, cfg: Config, num_classes: int, dim: int,
+                 declared_size: Optional[int] = None, device: torch.device = torch.device("cpu")):
         self.id = data.client_id
         self.cfg = cfg
         self.num_classes = num_classes
-        self.declared_size = int(data.declared_size)
+        # the public size every DP normalizer uses: the federation's declared size (federation.declared_sizes,
+        # rounding included) as the trainer resolved it; the shard's own only where no trainer is involved
+        self.declared_size = int(declared_size if declared_size is not None else data.declared_size)
         self.device = device
         self.x = torch.as_tensor(data.x_train, dtype=torch.float32, device=device)
         self.y = torch.as_tensor(data.y_train, dtype=torch.long, device=device)
@@ -73,7 +98,6 @@ class Client:
         self.enc_opt = torch.optim.Adam(self.encoder.parameters(), lr=cfg.train.encoder_lr)
         self.code_opt = torch.optim.Adam([self.code], lr=cfg.train.code_lr)
         self.rng = ClientRNG(self.id, cfg.privacy.noise_seed)
-        self.ledger = ledger
         # DP random-feature mean embeddings of this client's data (merf), set by release_mmd_embeddings
         self.mmd_target: Optional[torch.Tensor] = None  # (K, F)
         self.mmd_weights: Optional[torch.Tensor] = None  # (K,)
@@ -103,22 +127,29 @@ class Client:
         self.mmd_weights = None if state["mmd_weights"] is None else state["mmd_weights"].to(self.device)
 
     # -- one-shot release for the MMD term ---------------------------------------------------------
-    def release_mmd_embeddings(self, features: RandomFeatures, *, noise_multiplier: float, charge) -> None:
-        """DP-MERF: per-class mean random-feature embeddings, released once with the Gaussian
-        mechanism (charged before release). The MMD term is then post-processing."""
-        charge(self, "mmd-embeddings", noise_multiplier, 1.0, "mmd")
-        g = self.rng.generator(STREAM_MMD_RELEASE)
-        sums, counts = release_mean_embeddings(self.x, self.y, features=features, num_classes=self.num_classes,
-                                               noise_multiplier=noise_multiplier, generator=g)
+    def mmd_sums(self, features: RandomFeatures) -> tuple:
+        """The pre-noise payload of the DP-MERF release: per-class sums of phi(x) and counts."""
+        return mean_embedding_sums(self.x, self.y, features=features, num_classes=self.num_classes)
+
+    def release_mmd_embeddings(self, sums: tuple, *, noise_multiplier: float, epoch: int = 0) -> None:
+        """DP-MERF: the per-class mean random-feature embeddings, released once with the Gaussian
+        mechanism (the caller has charged it). The MMD term is then post-processing."""
+        g = self.rng.generator(STREAM_MMD_RELEASE, 0, 0, epoch)
+        sums, counts = noise_mean_embeddings(*sums, noise_multiplier=noise_multiplier, generator=g)
         counts = counts.clamp(min=0.0)
         self.mmd_target = (sums / counts.clamp(min=1.0)[:, None]).float().to(self.device)
         total = counts.sum()
         self.mmd_weights = ((counts / total).float() if total > 0 else torch.full((self.num_classes,), 1.0 / self.num_classes)).to(self.device)
 
     # -- the DP step ---------------------------------------------------------------------------------
-    def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features: Optional[RandomFeatures]) -> StepOutput:
+    def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features: Optional[RandomFeatures],
+             epoch: int = 0) -> StepOutput:
+        return self.release_step(self.prepare_step(hyper, round_, step, epoch=epoch), sigma=sigma, features=features)
+
+    def prepare_step(self, hyper: HyperNetwork, round_: int, step: int, *, epoch: int = 0) -> PendingStep:
+        """Everything up to the noise: coins, per-sample gradients, clipping, the sum. No state changes."""
         p, m = self.cfg.privacy, self.cfg.model
-        g = self.rng.generator(STREAM_STEP, round_, step)
+        g = self.rng.generator(STREAM_STEP, round_, step, epoch)
         # coins and noise are drawn on the CPU from the client's generator (the same numbers on any device)
         idx = poisson_sample(len(self.y), p.sample_rate, g).to(self.device)
         x, y = self.x[idx], self.y[idx]
@@ -133,19 +164,30 @@ class Client:
         diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
         diag[DIAG_KEYS.index("batch")] = len(idx)
         diag[DIAG_KEYS.index("clients")] = 1.0
-
+        batch = (x, y, eps)
         if p.enabled:
             names = all_names if p.mode == "strict" else phi_names
-            summed, norms, (nll, kl) = self._clipped_sum(view, names, (x, y, eps), syn)
-            noisy = add_noise_and_scale(summed, spec=NoiseSpec(sigma, p.clip_norm, expected), generator=g)
+            summed, norms, (nll, kl) = self._clipped_sum(view, names, batch, syn)
             diag[DIAG_KEYS.index("clipped")] = float((norms > p.clip_norm).sum())
-            if p.mode == "paper":
-                # Eq. 8 literally: psi_i and v_i follow the un-noised batch gradient (not a formal guarantee)
-                noisy.update(self._plain_grads(view, [n for n in all_names if n not in phi_names], (x, y, eps), syn, expected))
         else:
-            noisy, (nll, kl) = self._plain_grads(view, all_names, (x, y, eps), syn, expected, with_aux=True)
+            summed, (nll, kl) = self._plain_grads(view, all_names, batch, syn, expected, with_aux=True)
         diag[DIAG_KEYS.index("nll_sum")] = float(nll)
         diag[DIAG_KEYS.index("kl_sum")] = float(kl)
+        return PendingStep(g, view, all_names, phi_names, batch, syn, expected, summed, diag)
+
+    def release_step(self, pending: PendingStep, *, sigma: float, features: Optional[RandomFeatures]) -> StepOutput:
+        """Noise, the post-noise terms and the local update of psi_i and v_i; returns what leaves the client."""
+        p = self.cfg.privacy
+        g, view, all_names, phi_names = pending.generator, pending.view, pending.all_names, pending.phi_names
+        diag = pending.diag
+        if p.enabled:
+            noisy = add_noise_and_scale(pending.summed, spec=NoiseSpec(sigma, p.clip_norm, pending.expected), generator=g)
+            if p.mode == "paper":
+                # Eq. 8 literally: psi_i and v_i follow the un-noised batch gradient (not a formal guarantee)
+                noisy.update(self._plain_grads(view, [n for n in all_names if n not in phi_names], pending.batch,
+                                               pending.syn, pending.expected))
+        else:
+            noisy = dict(pending.summed)
 
         # terms that do not touch private data are added after the noise (post-processing)
         post, mmd_value = self._post_noise_loss(view, g, features)

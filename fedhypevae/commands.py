@@ -9,11 +9,15 @@ from pathlib import Path
 from .config import load_config
 from .errors import ConfigError, FedHypeVAEError
 
+EXIT_PARTIAL = 3  # fedhypevae.run.EXIT_PARTIAL (not imported here: `--help` stays fast)
+
 
 def _write_json(path: str | None, obj: dict) -> None:
     if path:
+        from .checkpoint import dumps_json
+
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+        Path(path).write_text(dumps_json(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -45,16 +49,28 @@ def cmd_train(args) -> int:
             print(f"fedhypevae: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True)
             comm.abort(2)
         raise
+    except KeyboardInterrupt:  # a second stop signal: abort at once, every rank
+        if comm.is_root or comm.world_size == 1:
+            print(f"fedhypevae: aborted by a second interrupt; `fedhypevae train --resume --out {args.out}` continues "
+                  "from the last complete checkpoint (the ledger keeps every charge)", file=sys.stderr, flush=True)
+        if comm.world_size > 1:
+            comm.abort(130)
+        return 130
     if results.get("interrupted"):
         if comm.is_root:
-            print(f"fedhypevae: stopped by signal {results['signal']} after round {results['round']}; checkpoint "
-                  f"{results['checkpoint']}; epsilon spent so far {results['epsilon_spent']:.4f}. "
-                  f"Continue with: fedhypevae train --resume --out {args.out} ...", file=sys.stderr)
+            where = f"round {results['round']}" + (f", step {results['step']}" if results.get("step") else "")
+            print(f"fedhypevae: stopped by signal {results['signal']} at {where}; checkpoint {results['checkpoint']}; "
+                  f"epsilon spent so far {results['epsilon_spent']:.4f}. Continue with: "
+                  f"fedhypevae train --resume --out {args.out}", file=sys.stderr)
         comm.close()
         return 128 + int(results["signal"])
     if comm.is_root and not args.quiet:
         print(format_summary(results, time.perf_counter() - t0))
     comm.close()
+    if results.get("status") == "partial":
+        if comm.is_root:
+            print("fedhypevae: the run is PARTIAL: " + "; ".join(results.get("missing", [])), file=sys.stderr)
+        return EXIT_PARTIAL
     return 0
 
 
@@ -62,13 +78,19 @@ def _fmt(v) -> str:
     return "unused" if v is None else f"{v:.4f}"
 
 
+def _eps(v) -> str:
+    return "unbounded (no noise)" if v is None else f"{v:.4f}"
+
+
 def format_summary(results: dict, wall: float) -> str:
     p, t = results["privacy"], results["training"]
-    lines = ["", "FedHypeVAE run finished"]
+    partial = results.get("status") == "partial"
+    lines = ["", "FedHypeVAE run PARTIAL (see 'missing')" if partial else "FedHypeVAE run finished"]
     if p["enabled"]:
-        lines.append(f"  privacy      : {p['mode']} mode, epsilon spent {p['epsilon_spent']:.4f} of {p['target_epsilon']} "
+        target = "infinity" if p["target_epsilon"] is None else p["target_epsilon"]
+        lines.append(f"  privacy      : {p['mode']} mode, epsilon spent {_eps(p['epsilon_spent'])} of {target} "
                      f"(delta={p['delta']}, accountant={p['accountant']}) - "
-                     + ("formal guarantee" if p["formal_guarantee"] else "NOT a formal guarantee"))
+                     + ("formal guarantee" if p["formal_guarantee"] else "NO formal guarantee: " + p["guarantee"]))
         plan = p["plan"] or {}
         lines.append(f"  noise        : sigma={p['noise_multiplier']:.4f}, q={p['sample_rate']}, C={p['clip_norm']}, "
                      f"steps={p['steps']}/{p['planned_steps']}; class-statistics sigma={_fmt(plan.get('sigma_stats'))}, "
@@ -78,6 +100,17 @@ def format_summary(results: dict, wall: float) -> str:
         lines.append("  privacy      : DISABLED (privacy.enabled=false): no guarantee")
     lines.append(f"  training     : {t['rounds']} rounds, wall time {wall:.1f} s"
                  + (f"; stopped early: {t['stopped_early']}" if t["stopped_early"] else ""))
+    res = results.get("resume")
+    if res:
+        where = f"round {res.get('round', 0)}" + (f", step {res['step']}" if res.get("step") else "")
+        reps = p.get("replays") or {}
+        lines.append(f"  resumed      : from {where}; replayed releases: {reps.get('free', 0)} identical (free), "
+                     f"{reps.get('charged_again', 0)} charged again" + (f"; cut logged rounds {res['cut_rounds']}"
+                                                                         if res.get("cut_rounds") else ""))
+        for k, (old, new) in (res.get("changed") or {}).items():
+            lines.append(f"  changed      : {k} {old!r} -> {new!r} (applied from the resume on)")
+    for m in results.get("missing") or []:
+        lines.append(f"  MISSING      : {m}")
     final = t.get("final") or {}
     if final:
         lines.append("  final losses : " + ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in final.items() if v is not None)
@@ -144,53 +177,75 @@ def _run_plan(run: Path):
 
 
 def _account_run(args) -> int:
-    from .privacy import PrivacyLedger, epsilon_of
+    from .privacy import PrivacyLedger, epsilon_of, has_ledger
 
     run = Path(args.run)
-    ledgers = sorted((run / "clients").glob("client_*/ledger.jsonl"))
-    if not ledgers:
-        raise FedHypeVAEError(f"{run} has no privacy ledgers (clients/client_*/ledger.jsonl): is it a training run directory?")
+    if not has_ledger(run):
+        raise FedHypeVAEError(f"{run} has no privacy ledger (ledger/rank_*.jsonl, or the per-client "
+                              "clients/client_*/ledger.jsonl of older runs): is it a training run directory?")
     cfg = load_config(str(run / "config.yaml")) if (run / "config.yaml").is_file() else None
     delta = cfg.privacy.delta if cfg else args.delta
     acc = cfg.privacy.accountant if cfg else ("rdp" if args.accountant == "both" else args.accountant)
     plan = _run_plan(run)
+    led = PrivacyLedger(None, run_dir=run)  # read only: every file of the run, any world size
     out = {"run": str(run), "delta": delta, "accountant": acc,
-           "target_epsilon": cfg.privacy.target_epsilon if cfg else None, "plan": plan, "clients": {}}
-    for path in ledgers:
-        led = PrivacyLedger.load(path)
-        mechs = led.mechanisms()
+           "target_epsilon": cfg.privacy.target_epsilon if cfg else None, "plan": plan, "groups": []}
+
+    def rows_of(mechs):
         total = epsilon_of(mechs, delta=delta, accountant=acc)
-        rows = led.summary(delta=delta, accountant=acc)
-        for i, row in enumerate(rows):
-            # what this mechanism adds to the composition: epsilon minus epsilon without it
-            row["epsilon_marginal"] = total - epsilon_of(mechs[:i] + mechs[i + 1:], delta=delta, accountant=acc)
-        out["clients"][path.parent.name] = {"epsilon": total, "mechanisms": rows}
-    # clients usually share one history: print distinct ones
-    groups: dict[str, list[str]] = {}
-    for name, info in out["clients"].items():
-        groups.setdefault(json.dumps(info["mechanisms"], sort_keys=True, default=str), []).append(name)
+        rows = []
+        for i, m in enumerate(mechs):
+            rows.append({"mechanism": m.name, "sigma": m.noise_multiplier, "q": m.sample_rate, "steps": m.steps,
+                         "epsilon_alone": epsilon_of([m], delta=delta, accountant=acc),
+                         # what this mechanism adds to the composition: epsilon minus epsilon without it
+                         "epsilon_marginal": total - epsilon_of(mechs[:i] + mechs[i + 1:], delta=delta, accountant=acc)})
+        return total, rows
+
     target = f", target epsilon {out['target_epsilon']:g}" if out["target_epsilon"] is not None else ""
     print(f"privacy ledger of {run} (delta={delta}, accountant={acc}{target})")
-    for names in groups.values():
-        info = out["clients"][names[0]]
-        print(f"  {len(names)} client(s) [{names[0]}{' ...' if len(names) > 1 else ''}]: epsilon spent = "
-              f"{info['epsilon']:.4f} (all mechanisms below, composed)")
+    if args.client is not None:
+        recs = led.client_records(args.client)
+        total, rows = rows_of(led.history(args.client))
+        out["client"] = {"id": args.client, "epsilon": total, "mechanisms": rows,
+                         "releases": [r.public() for r in recs]}
+        print(f"  client {args.client}: {len(recs)} release(s), epsilon spent = {total:.4f}")
+        print(f"    {'#':>5} {'session':>7} {'mechanism':<16} {'sigma':>10} {'q':>8} {'epoch':>5}  key")
+        for i, r in enumerate(recs):
+            print(f"    {i:>5} {r.session:>7} {r.mechanism:<16} {r.sigma:>10.4f} {r.q:>8g} {r.epoch:>5}  {r.key}")
+        groups = [([args.client], led.history(args.client))]
+    else:
+        groups = led.histories()
+    for ids, mechs in groups:
+        total, rows = rows_of(mechs)
+        ids = [int(i) for i in ids]
+        out["groups"].append({"clients": ids, "epsilon": total, "mechanisms": rows})
+        print(f"  {len(ids)} client(s) [{_client_list(ids)}]: epsilon spent = {total:.4f} (all mechanisms below, composed)")
         print(f"    {'mechanism':<16} {'sigma':>10} {'q':>8} {'steps':>6} {'eps alone':>10} {'eps added':>10}")
-        for m in info["mechanisms"]:
+        for m in rows:
             print(f"    {m['mechanism']:<16} {m['sigma']:>10.4f} {m['q']:>8g} {m['steps']:>6} "
                   f"{m['epsilon_alone']:>10.4f} {m['epsilon_marginal']:>10.4f}")
     if plan:
-        spent = {m["mechanism"] for info in out["clients"].values() for m in info["mechanisms"]}
+        spent = {m.name for _, mechs in groups for m in mechs}
         planned = [m for m in plan.get("mechanisms", []) if m["name"] not in spent]
         for m in planned:
             print(f"  planned, not released (yet): {m['name']} sigma={m['noise_multiplier']:.4f} q={m['sample_rate']:g} "
                   f"steps={m['steps']}")
+        pe = plan.get("planned_epsilon")
+        pe = "unbounded" if pe is None or pe == float("inf") else f"{pe:.4f}"
+        tg = plan.get("target_epsilon")
         print(f"  plan: sigma={plan['sigma']:.4f} over {plan['steps']} steps at q={plan['sample_rate']:g}; "
-              f"planned epsilon {plan['planned_epsilon']:.4f} of target {plan['target_epsilon']:g}")
+              f"planned epsilon {pe} of target {'infinity' if tg is None else f'{tg:g}'}")
     print("  (eps alone: that mechanism by itself; eps added: the composed epsilon minus the composed epsilon "
           "without it — composition is sub-additive, so these do not sum to the total)")
     _write_json(args.json_path, out)
     return 0
+
+
+def _client_list(ids: list) -> str:
+    from .privacy.ledger import client_ranges
+
+    parts = [f"{lo}" if lo == hi else f"{lo}-{hi}" for lo, hi in client_ranges(ids)]
+    return ", ".join(parts[:6]) + (", ..." if len(parts) > 6 else "")
 
 
 # ---------------------------------------------------------------------------------------- audit

@@ -168,14 +168,19 @@ class FederationConfig:
     aggregation: str = "grad"
     # declared: w_i proportional to declared (public) sizes; uniform: w_i = 1/m
     weights: str = "declared"
-    # public declared sizes, one per client; null: the sizes fixed when the partition is made
+    # public declared sizes, one per client; null: the sizes fixed when the partition is made (the true
+    # training sizes, public by assumption). Every DP normalizer, weight and output uses these
     declared_sizes: Optional[list] = None
+    # none: declare the sizes as they are; pow2: round each declared size to the nearest power of two, so
+    # that what is published about a client's size is only its order of magnitude
+    declared_size_rounding: str = "none"
     # server learning rate applied to the weighted mean delta (delta mode)
     server_lr: float = 1.0
 
     def __post_init__(self):
         _one_of("federation.aggregation", self.aggregation, ("grad", "delta"))
         _one_of("federation.weights", self.weights, ("declared", "uniform"))
+        _one_of("federation.declared_size_rounding", self.declared_size_rounding, ("none", "pow2"))
         _check(self.server_lr > 0, "federation.server_lr must be > 0")
 
 

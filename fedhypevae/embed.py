@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .checkpoint import dumps_json
 from .errors import DataError, FedHypeVAEError
 
 SOURCES = ("auto", "hub", "timm", "hf", "local")
@@ -488,7 +489,7 @@ def embed(input_path: PathLike, output_path: PathLike, *, model: str, source: st
     if records.names is not None:
         arrays["path"] = records.names
     _atomic_savez(out, arrays)
-    _atomic_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    _atomic_text(out.with_suffix(".json"), dumps_json(meta, indent=2) + "\n")
     return {**meta, "output": str(out), "device": str(dev), "seconds": round(seconds, 3),
             "images_per_s": round(x.shape[0] / seconds, 1) if seconds > 0 else None}
 

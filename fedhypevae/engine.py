@@ -31,6 +31,11 @@ release for all clients of a rank at once:
   engine and the reference therefore release the same values up to float rounding.
 * **Post-noise terms** (lambda_v ||v||^2, the DP-MERF MMD term) are added after the noise, as in
   `Client.step`, batched over clients.
+* **Two calls, like the client.** `prepare` computes every client's step up to the noise (coins,
+  forward/backward, norms, clipped sums; no state changes) and `release` adds the noise and the
+  post-noise terms and updates every client; the trainer's release guard (digest, budget, ledger
+  charge) runs in between. `PendingBatch.payload()` is what the ledger's digest covers: the block's
+  pre-noise Phi sum and every client's clipped sums over psi_i and v_i.
 * **Private state stays per client.** The engine stacks each client's encoder, code and their Adam
   moments and makes the client's own tensors views of the stacks, so `Client.state_dict` (which
   copies) always sees the current values and checkpoints keep the per-client format; a stacked
@@ -70,6 +75,7 @@ from typing import Optional
 import torch
 from torch.nn import functional as F
 
+from .client import DIAG_KEYS
 from .config import Config
 from .dp_step import poisson_sample
 from .model import LOG2PI, HyperNetwork, kl_diag_gaussians, one_hot, soft_clamp
@@ -657,14 +663,17 @@ class BatchedEngine:
             denom = v.sqrt().div_(bc2_sqrt).add_(hp["eps"])
             p.sub_(torch.div(m, denom, out=denom).mul_(step_size))
 
-    def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features=None):
-        """One DP step of every client. Returns (sum_i w_i * noisy Phi gradient_i as one fp64 vector in
-        hyper.named_parameters() order, summed diagnostics (client.DIAG_KEYS))."""
-        from .client import DIAG_KEYS
+    def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features=None, epoch: int = 0):
+        """One DP step of every client: `release(prepare(...))`. Returns (sum_i w_i * noisy Phi gradient_i as
+        one fp64 vector in hyper.named_parameters() order, summed diagnostics (client.DIAG_KEYS))."""
+        return self.release(self.prepare(hyper, round_, step, epoch=epoch), sigma=sigma, features=features)
 
+    def prepare(self, hyper: HyperNetwork, round_: int, step: int, *, epoch: int = 0) -> "PendingBatch":
+        """Every client's step up to the noise: coins, the batched forward/backward, per-sample norms, the
+        clipped sums. Nothing is released and no state changes (the release guard runs in between)."""
         if not self._is_bound():
             self.bind()
-        cfg, p = self.cfg, self.cfg.privacy
+        p = self.cfg.privacy
         M = self.M
         phi_items = [(n, t) for n, t in hyper.named_parameters()]
         layout, P = {}, 0
@@ -672,13 +681,12 @@ class BatchedEngine:
             layout[n] = (P, tuple(t.shape))
             P += t.numel()
         with self._phase("sample"):
-            gens = [c.rng.generator(STREAM_STEP, round_, step) for c in self.clients]
+            gens = [c.rng.generator(STREAM_STEP, round_, step, epoch) for c in self.clients]
             b = self._sample(gens)
         B = len(b.y)
         diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
         diag[DIAG_KEYS.index("batch")] = B
         diag[DIAG_KEYS.index("clients")] = M
-        exp_dev = self.expected.to(self.device)
         coef = self.weights / self.expected  # w_i / (q n~_i): public
         coef_dev = coef.to(device=self.device, dtype=torch.float32)
         ps = self.per_sample(hyper, b, norms=p.enabled) if B > 0 else None
@@ -701,6 +709,16 @@ class BatchedEngine:
                 diag[DIAG_KEYS.index("nll_sum")] = ps.nll_sum
                 diag[DIAG_KEYS.index("kl_sum")] = ps.kl_sum
             phi_vec = torch.cat([phi[n].reshape(-1) for n, _ in phi_items]).double().cpu()
+        return PendingBatch(hyper, gens, phi_items, layout, P, strict, enc_sum, code_sum, phi_vec, diag)
+
+    def release(self, pend: "PendingBatch", *, sigma: float, features=None):
+        """Noise on every privatized coordinate of every client, the post-noise terms, every client's local
+        update; returns the rank's all-reduce contribution and the summed diagnostics."""
+        cfg, p = self.cfg, self.cfg.privacy
+        gens, phi_items, layout, P, strict = pend.gens, pend.phi_items, pend.layout, pend.P, pend.strict
+        enc_sum, code_sum, phi_vec, diag = pend.enc_sum, pend.code_sum, pend.phi_vec, pend.diag
+        hyper_names = [n for n, _ in phi_items]
+        exp_dev = self.expected.to(self.device)
 
         def per_client(t):  # divide stacked (M, ...) sums by each client's public q * n~_i (in place: fresh sums)
             return t.div_(exp_dev.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1)))
@@ -709,7 +727,7 @@ class BatchedEngine:
         with self._phase("noise"):
             if p.enabled and std > 0:
                 names = ["code"] + ["encoder." + n for n in self.enc_names] if strict else []
-                names += ["hyper." + n for n, _ in phi_items]
+                names += ["hyper." + n for n in hyper_names]
                 enc_noise, code_noise, phi_noise = self._noise(gens, names, std, self.weights * std / self.expected,
                                                                layout, P)
                 phi_vec += phi_noise
@@ -721,7 +739,7 @@ class BatchedEngine:
                 enc_grad = [per_client(s) for s in enc_sum]
                 code_grad = per_client(code_sum)
         with self._phase("post"):
-            gv, gphi, mmd = self._post_noise(hyper, gens, features, self.weights)
+            gv, gphi, mmd = self._post_noise(pend.hyper, gens, features, self.weights)
             code_grad = code_grad + gv
             if gphi:
                 phi_vec += torch.cat([(gphi[n] if n in gphi else torch.zeros_like(t)).reshape(-1)
@@ -734,6 +752,26 @@ class BatchedEngine:
             nrm = self.codes.norm(dim=1)
             self.codes.mul_(torch.where(nrm > radius, radius / nrm, torch.ones_like(nrm))[:, None])
         return phi_vec, diag
+
+
+@dataclass
+class PendingBatch:
+    """The step of every client of the rank computed up to the noise (BatchedEngine.prepare)."""
+    hyper: HyperNetwork
+    gens: list
+    phi_items: list  # [(name, Phi parameter)]
+    layout: dict
+    P: int
+    strict: bool
+    enc_sum: list  # (M, ...) clipped sums per encoder parameter
+    code_sum: torch.Tensor  # (M, d_v)
+    phi_vec: torch.Tensor  # (P,) fp64: sum_i w_i / (q n~_i) * clipped Phi sum of client i
+    diag: torch.Tensor
+
+    def payload(self) -> list:
+        """What the ledger's digest covers: the block's pre-noise Phi sum (the only Phi value that leaves the
+        rank) and, in strict mode, every client's clipped sums over psi_i and v_i (its private state's input)."""
+        return [self.phi_vec] + (list(self.enc_sum) + [self.code_sum] if self.strict else [])
 
 
 def _numel(shape) -> int:

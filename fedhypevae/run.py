@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 import json
-import math
 import signal
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -19,24 +19,14 @@ from hpc import Communicator
 from . import checkpoint as ckpt
 from .config import Config
 from .data import invert_transform
-from .errors import ConfigError
+from .errors import FedHypeVAEError
 from .metacode import ClassMoments, class_counts, fit_metacode, generate, mixture_weights
-from .privacy import finalize_class_stats, release_class_stats
+from .privacy import CLASS_STATS, class_stat_sums, finalize_class_stats, noise_class_stats
 from .rng import STREAM_STATS_RELEASE, public_generator
 from .trainer import Trainer
+from .validate import stats_clip_norm  # noqa: F401  (re-exported: C_x of the statistics release)
 
-
-def stats_clip_norm(cfg: Config, transform: str, dim: int) -> float:
-    """C_x for the statistics release: public, never derived from the data."""
-    if cfg.privacy.stats_clip_norm is not None:
-        return float(cfg.privacy.stats_clip_norm)
-    if transform == "range":
-        return math.sqrt(dim)  # records lie in [0, 1]^d: nothing is clipped
-    if transform == "l2":
-        return 1.0
-    raise ConfigError("privacy.stats_clip_norm must be set when data.transform is none: the statistics release "
-                      "clips each embedding to this L2 norm (pick a bound from what you know about the embedding "
-                      "model, not from the private data), or use data.transform=l2")
+EXIT_PARTIAL = 3  # the run ended without its statistics release or meta-code fit (results.json says what)
 
 
 def _flatten(stats: dict) -> tuple[torch.Tensor, list]:
@@ -54,25 +44,28 @@ def _unflatten(vec: torch.Tensor, layout: list) -> dict:
     return out
 
 
-def release_statistics(tr: Trainer, clip: float) -> Optional[list[ClassMoments]]:
-    """Every client releases DP per-class statistics of its TRAIN split (charged first); one
-    all-reduce sums them per meta-code domain. Returns the finalized moments per domain
-    (the last entry is the pooled federation), or None if the budget has no room left."""
+def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMoments]], Optional[str]]:
+    """Every client releases DP per-class statistics of its TRAIN split (through the release guard:
+    charged first); one all-reduce sums them per meta-code domain. Returns (the finalized moments per
+    domain, the last entry being the pooled federation; None and why, if nothing was released: no
+    budget left, or a stop signal)."""
     cfg = tr.cfg
     codes = cfg.meta.codes
     sigma = tr.plan.sigma_stats if tr.plan is not None else 0.0
-    fits = True
-    if tr.plan is not None:
-        fits = all(tr.release_fits(c, "class-stats", sigma, 1.0, "stats") for c in tr.clients)
-    flag = tr._allreduce(torch.tensor([0.0 if fits else 1.0], dtype=torch.float64), op="max")
-    if float(flag[0]) > 0:
-        return None
+    K, cov = tr.fed.num_classes, cfg.stats.covariance
+    sums = [class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance=cov) for c in tr.clients]
+    d = tr.guarded_release(CLASS_STATS, sigma, 1.0, "stats", lambda epoch: sums,
+                           lambda pend: [t for s in pend for t in (s[k] for k in sorted(s))], stoppable=True)
+    if d.status == "budget":
+        return None, ("class statistics: the budget has no room left for their release (epsilon spent "
+                      f"{tr.epsilon_spent():.4f} of {cfg.privacy.target_epsilon}), so the meta-code was not fitted")
+    if d.status == "signal":
+        return None, "signal"
     layout, buf = None, None
     m = tr.fed.num_clients
-    for c in tr.clients:
-        tr._charge(c, "class-stats", sigma, 1.0, "stats")
-        rel = release_class_stats(c.x, c.y, num_classes=tr.fed.num_classes, clip_norm=clip, noise_multiplier=sigma,
-                                  covariance=cfg.stats.covariance, generator=c.rng.generator(STREAM_STATS_RELEASE))
+    for c, s in zip(tr.clients, sums):
+        rel = noise_class_stats(s, clip_norm=clip, noise_multiplier=sigma, covariance=cov,
+                                generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch))
         vec, layout = _flatten(rel)
         if buf is None:
             buf = torch.zeros(codes, vec.numel(), dtype=torch.float64)
@@ -83,10 +76,10 @@ def release_statistics(tr: Trainer, clip: float) -> Optional[list[ClassMoments]]
     domains = [_unflatten(buf[k], layout) for k in range(codes)]
     pooled = _unflatten(buf.sum(0), layout)
     out = []
-    for d in domains + ([pooled] if codes > 1 else []):
-        fin = finalize_class_stats(d, covariance=cfg.stats.covariance, rank=cfg.stats.rank)
+    for dom in domains + ([pooled] if codes > 1 else []):
+        fin = finalize_class_stats(dom, covariance=cov, rank=cfg.stats.rank)
         out.append(ClassMoments(means=fin["means"], counts=fin["counts"], cov=fin.get("covariances"), var=fin.get("variances")))
-    return out
+    return out, None
 
 
 def synthesize(tr: Trainer, moments: Optional[list[ClassMoments]]) -> dict:
@@ -128,13 +121,25 @@ def _save_npz(path: Path, **arrays) -> None:
     tmp.replace(path)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+
+
 def _catch_stop_signals(tr: Trainer):
+    """The first SIGTERM, SIGUSR2 or SIGINT (Ctrl-C; mpiexec forwards it to every rank) asks every rank to
+    checkpoint together at the next step boundary; a second one aborts at once (KeyboardInterrupt)."""
     previous = {}
 
     def handler(signum, frame):
-        tr.stop_signal = signum  # acted on at the end of the current round, on every rank together
+        if tr.stop_signal is not None:  # the second signal: stop now, whatever is in progress
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+            raise KeyboardInterrupt
+        tr.stop_signal = signum  # acted on before the next release, on every rank together
+        if tr.comm.is_root:
+            print(f"\nfedhypevae: {signal.Signals(signum).name} received: every rank checkpoints at the next step "
+                  "boundary, then the run stops (send it again to abort at once)", file=sys.stderr, flush=True)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR2):
+    for sig in STOP_SIGNALS:
         previous[sig] = signal.signal(sig, handler)
 
     def restore():
@@ -143,38 +148,91 @@ def _catch_stop_signals(tr: Trainer):
     return restore
 
 
+def spent_note(tr: Trainer) -> str:
+    """What a failed run already spent (charges stay) and how to continue the same directory."""
+    try:
+        eps = tr.ledger.epsilon(delta=tr.cfg.privacy.delta, accountant=tr.cfg.privacy.accountant)
+    except Exception:  # noqa: BLE001 - the note must not hide the original error
+        return ""
+    if not tr.ledger.records:
+        return ""
+    return (f" [{tr.out} has already spent epsilon {eps:.4f} of {tr.cfg.privacy.target_epsilon} on the releases in "
+            f"its ledger ({tr.out / 'ledger'}); those charges stay. Fix the cause and continue this run with "
+            f"`fedhypevae train --resume --out {tr.out}`]")
+
+
 def run_training(cfg: Config, out: Path, comm: Optional[Communicator] = None, *, resume: bool = False,
                  progress: bool = True, launcher: str = "none", device: str = "cpu",
                  catch_signals: bool = False) -> dict:
-    """Train, release statistics, fit the meta-code and write the outputs. With `catch_signals`,
-    SIGTERM/SIGUSR2 make every rank finish its round, checkpoint collectively and return
-    {"interrupted": True, ...}; `resume=True` then continues from that checkpoint."""
+    """Train, release statistics, fit the meta-code and write the outputs. With `catch_signals`, the first
+    SIGTERM/SIGUSR2/SIGINT makes every rank checkpoint together at the next step boundary and return
+    {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. A run that could not
+    release its statistics (no budget left) returns results with "status": "partial" (exit code 3)."""
     tr = Trainer(cfg, Path(out), comm, resume=resume, progress=progress, launcher=launcher, device=device)
     restore = _catch_stop_signals(tr) if catch_signals else None
     try:
-        tr.setup()
-        done = tr.out / "results.json"
-        if resume and done.is_file() and (tr.state.round >= cfg.train.rounds or tr.state.stopped):
-            # a finished run: releasing the statistics again would spend more epsilon for nothing
-            tr.writer.close()
-            return json.loads(done.read_text())
-        clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)  # fail before training, not after
-        tr.train()
+        try:
+            return _run(tr, cfg, resume)
+        except FedHypeVAEError as exc:
+            note = spent_note(tr) if hasattr(tr, "ledger") else ""
+            if note:
+                raise type(exc)(f"{exc}{note}") from None
+            raise
+        except Exception:
+            note = spent_note(tr) if hasattr(tr, "ledger") else ""
+            if note:
+                print(f"fedhypevae: the run failed after releasing data:{note}", file=sys.stderr, flush=True)
+            raise
     finally:
         if restore:
             restore()
+
+
+def _interrupted(tr: Trainer) -> dict:
+    tr.writer.close()
+    tr.ledger.close()
+    last = ckpt.latest_complete(tr.out)
+    if tr.comm.is_root:
+        from .metrics import append_event
+
+        append_event(tr.out, {"event": "interrupted", "signal": tr.stop_signal, "round": tr.state.round,
+                              "step": tr.state.step, "checkpoint": str(last)})
+    return {"interrupted": True, "signal": tr.stop_signal, "round": tr.state.round, "step": tr.state.step,
+            "epsilon_spent": tr.epsilon_spent(), "checkpoint": str(last), "out": str(tr.out)}
+
+
+def _run(tr: Trainer, cfg: Config, resume: bool) -> dict:
+    tr.setup()
+    done = tr.out / "results.json"
+    if resume and done.is_file() and (tr.state.round >= cfg.train.rounds or tr.state.stopped):
+        previous = json.loads(done.read_text())
+        if previous.get("status", "complete") == "complete":
+            # a finished run: releasing the statistics again would spend more epsilon for nothing
+            tr.writer.close()
+            tr.ledger.close()
+            return previous
+    clip = tr.stats_clip  # checked in setup, before anything was written or released
+    tr.train()
     if tr.state.interrupted:
-        tr.writer.close()
-        return {"interrupted": True, "signal": tr.stop_signal, "round": tr.state.round,
-                "epsilon_spent": tr.epsilon_spent(), "checkpoint": str(ckpt.latest_complete(tr.out))}
-    moments = release_statistics(tr, clip)
+        return _interrupted(tr)
+    moments, why = release_statistics(tr, clip)
+    if why == "signal":
+        tr.state.interrupted = True
+        return _interrupted(tr)
+    missing = [why] if why else []
     extra = {}
     if tr.comm.is_root:
         extra = synthesize(tr, moments)
+        if moments is None:
+            missing.append("meta-code: not fitted (no class statistics); synthetic.npz was generated from the "
+                           "untrained zero code and is not a result")
         extra["outputs"] = {name: str(tr.out / name) for name in
-                            ("config.yaml", "results.json", "metrics.jsonl", "tb", "hypernetwork.pt", "synthetic.npz", "checkpoints")}
+                            ("config.yaml", "results.json", "metrics.jsonl", "events.jsonl", "tb", "hypernetwork.pt",
+                             "synthetic.npz", "checkpoints", "ledger")}
         extra["stats_release"] = {"clip_norm": clip, "covariance": cfg.stats.covariance,
                                   "noise_multiplier": tr.plan.sigma_stats if tr.plan else 0.0,
                                   "released": moments is not None}
+    elif moments is None:
+        missing.append("meta-code: not fitted (no class statistics)")
     tr.comm.barrier()  # other ranks wait while rank 0 fits the meta-code
-    return tr.finish(extra)
+    return tr.finish(extra, missing=missing)

@@ -19,6 +19,7 @@ from typing import Optional
 import numpy as np
 import yaml
 
+from .checkpoint import dumps_json
 from .config import load_config, resolve_config_path
 from .errors import ConfigError
 
@@ -275,7 +276,7 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
         else:
             cell = run_cell(tc, m, p, s, out)
             tmp = f.with_suffix(".tmp")
-            tmp.write_text(json.dumps(cell, indent=1))
+            tmp.write_text(dumps_json(cell, indent=1))
             tmp.replace(f)
         cells.append(cell)
         if bar is not None:
@@ -299,5 +300,5 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
     summary = {"name": tc.name, "command": command, "config": tc.__dict__,
                "table": [{"method": m, "partition": p, **v} for (m, p), v in agg.items()],
                "seconds": {f"{c['partition']}_s{c['seed']}_{c['method']}": c["seconds"] for c in cells}}
-    (out / "table.json").write_text(json.dumps(summary, indent=2, default=str))
+    (out / "table.json").write_text(dumps_json(summary, indent=2))
     return {"markdown": md, **summary}

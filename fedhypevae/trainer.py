@@ -6,6 +6,12 @@ w_i * (noisy Phi gradient) to ONE flat buffer (with diagnostics); one all-reduce
 applies the identical optimizer step to its replica of Phi, then the spectral-norm projection.
 `delta` aggregation runs the local steps on a private copy of Phi and reduces weighted deltas.
 
+Every release of every kind (the MMD embeddings, each DP-SGD step, the class statistics) goes
+through ONE guard, `Trainer.guarded_release`: the payload is computed up to the noise, compared with
+what the ledger says was released under the same key (a replay is free only if bit-identical),
+checked against the budget on every rank together (with the stop-signal bit), charged to the rank's
+durable ledger, and only then noised and released.
+
 Single process:   fedhypevae train --config configs/default.yaml --out runs/default
 """
 from __future__ import annotations
@@ -16,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import yaml
@@ -29,16 +35,28 @@ from .client import DIAG_KEYS, Client
 from .config import Config, save_config
 from .data import build_federation, is_shard_dir, read_manifest
 from .engine import BatchedEngine, engine_fallback_reason
-from .errors import CheckpointError, ConfigError, FedHypeVAEError
-from .metrics import MetricWriter
+from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
+from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork
-from .privacy import Mechanism, PrivacyLedger, PrivacyPlan, RandomFeatures, plan_budget
+from .privacy import (CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, PrivacyLedger, PrivacyPlan, RandomFeatures,
+                      has_ledger, plan_budget)
+from .privacy.ledger import payload_digest
 from .provenance import provenance
 from .rng import derive_seed
+from .validate import check_output_dir, validate_run
 
-# settings a resume must not change: they define the data, the model or the privacy plan
-RESUME_LOCKED = ("seed", "data", "partition", "model", "federation", "train.rounds", "train.local_steps", "privacy")
-RESUME_FREE_PRIVACY = ("diagnostics",)
+# settings a resume may change: applied from the resume on and reported (results.json "resume", the
+# summary, events.jsonl). Every other key defines the data, the partition, the model or the privacy
+# plan and is refused. A wildcard covers a whole section. Whatever changes, the release guard's digest
+# comparison decides whether a replayed step is free: a different value is charged, never replayed free.
+RESUME_MAY_CHANGE = (
+    "train.lr", "train.encoder_lr", "train.code_lr", "train.local_lr", "train.optimizer", "federation.server_lr",
+    "threads", "train.checkpoint_every", "train.keep_checkpoints", "train.replica_check_every", "train.engine",
+    "privacy.diagnostics", "stats.rank", "meta.*", "synth.*",
+)
+# the learning rates and optimizer: they shape the later releases, so a change is said at every resume
+RESUME_APPLIED = ("train.lr", "train.encoder_lr", "train.code_lr", "train.local_lr", "train.optimizer",
+                  "federation.server_lr")
 
 
 class ReplicaDivergence(FedHypeVAEError):
@@ -48,14 +66,28 @@ class ReplicaDivergence(FedHypeVAEError):
 @dataclass
 class TrainState:
     round: int = 0  # rounds completed
-    steps: int = 0  # DP-SGD steps completed
+    step: int = 0  # steps of the next round completed (> 0 only at a stop between two steps)
+    steps: int = 0  # DP-SGD steps completed (applied to Phi)
     stopped: Optional[str] = None
     interrupted: bool = False  # a stop signal arrived: checkpoint and exit, resumable
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # round metrics (in memory; metrics.jsonl is the record)
+
+
+@dataclass
+class Decision:
+    """What the release guard decided for one release of this rank's block of clients."""
+    status: str  # released | budget | signal
+    pending: object = None  # the payload, computed up to the noise
+    epoch: int = 0
+    free: bool = False  # an identical replay: nothing new released, nothing charged
 
 
 def planned_steps(cfg: Config) -> int:
     return cfg.train.rounds * cfg.train.local_steps
+
+
+def step_key(r: int, s: int) -> str:
+    return f"round={r}/step={s}"
 
 
 def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
@@ -63,18 +95,55 @@ def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
     if not p.enabled:
         return None
     if math.isinf(p.target_epsilon):
-        # no budget: no noise anywhere unless a noise multiplier is given (the "sigma = 0" reference)
+        # no budget: every mechanism gets the fixed noise multiplier (0: no noise anywhere, the "sigma = 0"
+        # reference, with no guarantee); the run then reports the epsilon that noise gives
         sigma = p.noise_multiplier or 0.0
-        mechs = [Mechanism("dp-sgd", sigma, p.sample_rate, planned_steps(cfg)), Mechanism("class-stats", 0.0, 1.0, 1)]
+        mechs = [Mechanism(DP_SGD, sigma, p.sample_rate, planned_steps(cfg)), Mechanism(CLASS_STATS, sigma, 1.0, 1)]
         if use_mmd:
-            mechs.append(Mechanism("mmd-embeddings", 0.0, 1.0, 1))
-        return PrivacyPlan(sigma=sigma, sigma_stats=0.0, sigma_mmd=0.0 if use_mmd else None, sample_rate=p.sample_rate,
+            mechs.append(Mechanism(MMD_EMBEDDINGS, sigma, 1.0, 1))
+        from .privacy import epsilon_of
+
+        planned = epsilon_of(mechs, delta=p.delta, accountant=p.accountant)
+        return PrivacyPlan(sigma=sigma, sigma_stats=sigma, sigma_mmd=sigma if use_mmd else None, sample_rate=p.sample_rate,
                            steps=planned_steps(cfg), delta=p.delta, accountant=p.accountant,
-                           target_epsilon=p.target_epsilon, planned_epsilon=math.inf, mechanisms=mechs)
+                           target_epsilon=p.target_epsilon, planned_epsilon=planned, mechanisms=mechs)
     return plan_budget(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=p.sample_rate,
                        steps=planned_steps(cfg), accountant=p.accountant,
                        stats_fraction=p.stats_epsilon_fraction, mmd_fraction=p.mmd_epsilon_fraction,
                        use_stats=True, use_mmd=use_mmd, noise_multiplier=p.noise_multiplier)
+
+
+def round_pow2(n: int) -> int:
+    """The power of two nearest to n (in log scale), at least 1."""
+    return 1 << max(0, round(math.log2(max(int(n), 1))))
+
+
+def flatten_config(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def may_change_on_resume(key: str) -> bool:
+    return any(key == pat or (pat.endswith(".*") and key.startswith(pat[:-1])) for pat in RESUME_MAY_CHANGE)
+
+
+def resume_changes(saved: dict, now: dict) -> dict:
+    """{key: [old, new]} of the settings that differ; CheckpointError if any of them may not change."""
+    a, b = flatten_config(saved), flatten_config(now)
+    changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+    locked = [k for k in changed if not may_change_on_resume(k)]
+    if locked:
+        raise CheckpointError(
+            "cannot resume: these settings differ from the interrupted run and cannot change in the middle of a run "
+            "(they define the data, the partition, the model or the privacy plan): "
+            + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in locked)
+            + ". Resume with the run's own config.yaml, or start a new --out.")
+    return changed
 
 
 class Trainer:
@@ -90,7 +159,11 @@ class Trainer:
         self.torch_device = torch.device(device)  # GPU path untested here (no GPU on the development machine)
         self.t0 = time.perf_counter()
         self.comm_seconds = 0.0
-        self.stop_signal: Optional[int] = None  # set by a signal handler; acted on at the next step
+        self.stop_signal: Optional[int] = None  # set by a signal handler; acted on at the next step boundary
+        self.resume_info: dict = {}  # what this resume continued from and changed
+        self.replays = {"free": 0, "charged_again": 0}  # releases made again after a resume, this session
+        self._local: Optional[dict] = None  # delta mode: every hosted client's private copy of Phi
+        self._saved_at: Optional[tuple] = None
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -98,6 +171,9 @@ class Trainer:
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self._check_out_dir()
+        if self.resume:  # refuse before anything is read, written or released
+            saved = yaml.safe_load((self.out / "config.yaml").read_text())
+            self.resume_info["changed"] = resume_changes(saved, cfg.to_dict())
         if is_shard_dir(cfg.data.path):
             # a shard directory: place clients from the manifest's public sizes, then read only ours
             declared = self._declared_sizes_from(read_manifest(cfg.data.path)["declared_sizes"])
@@ -109,7 +185,7 @@ class Trainer:
             declared = self._declared_sizes_from(fed.declared_sizes)
             self._place(declared)
         self.fed = fed
-        mine = set(self.placement[comm.rank])
+        mine = self.placement[comm.rank]
         total = float(sum(declared))
         m = fed.num_clients
         self.weights = {i: (declared[i] / total if cfg.federation.weights == "declared" else 1.0 / m) for i in range(m)}
@@ -124,8 +200,7 @@ class Trainer:
             self.hyper.project_spectral(mc.lipschitz)
         self.phi_names = [n for n, _ in self.hyper.named_parameters()]
         self.phi_numel = sum(p.numel() for p in self.hyper.parameters())
-        opt_cls = torch.optim.Adam if cfg.train.optimizer == "adam" else torch.optim.SGD
-        self.opt = opt_cls(self.hyper.parameters(), lr=cfg.train.lr)
+        self.opt = self._make_optimizer()
 
         # diagnostics are functions of private data (outside the guarantee): with privacy.diagnostics
         # false they never leave the client; only the public client count travels
@@ -135,34 +210,51 @@ class Trainer:
         self.use_mmd_release = cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf"
         self.plan = make_plan(cfg, use_mmd=self.use_mmd_release)
         self.features = None
-        if cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf":
+        if self.use_mmd_release:
             bws = [b * math.sqrt(fed.dim) for b in cfg.model.mmd_bandwidths]
             self.features = RandomFeatures(bandwidths=bws, features_per_bandwidth=cfg.model.mmd_features,
                                            dim=fed.dim, seed=derive_seed(cfg.seed, 0xFEA7))
+        by_id = {cd.client_id: cd for cd in fed.clients}
+        # the declared (public) size is the only size any DP computation uses
+        self.clients: list[Client] = [Client(by_id[i], cfg=cfg, num_classes=fed.num_classes, dim=fed.dim,
+                                             declared_size=declared[i], device=self.torch_device) for i in mine]
+        # every later stage's settings and memory, before anything is written or released
+        self.stats_clip = validate_run(cfg, transform=fed.transform, classes=fed.num_classes, dim=fed.dim,
+                                       clients_here=len(self.clients))
 
-        self.clients: list[Client] = []
-        for cd in fed.clients:
-            if cd.client_id not in mine:
-                continue
-            # opening an existing ledger file continues it: what was charged stays charged
-            ledger = PrivacyLedger(path=self._ledger_path(cd.client_id))
-            self.clients.append(Client(cd, cfg=cfg, num_classes=fed.num_classes, dim=fed.dim, ledger=ledger,
-                                       device=self.torch_device))
         self.state = TrainState()
         start = ckpt.latest_complete(self.out) if self.resume else None
-        if self.resume:  # refuse before anything is written or released
-            saved = yaml.safe_load((self.out / "config.yaml").read_text())
-            self._check_resume_config(saved)
+        # the rank's durable ledger; it reads every rank's file (the run may have had another world size)
+        self.ledger = PrivacyLedger([c.id for c in self.clients], run_dir=self.out, rank=comm.rank,
+                                    world_size=comm.world_size)
+        comm.barrier()  # every rank has read the ledger before any rank appends to it
         if comm.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out / "config.yaml")
-        self.writer = MetricWriter(self.out, enabled=comm.is_root)
+        position = ckpt.checkpoint_position(start) if start is not None else (0, 0)
+        if comm.is_root:
+            cut = cut_metrics(self.out, keep_through=position[0]) if self.resume else []
+            self.state.history = _read_rows(self.out) if self.resume else []
+            if self.resume:
+                self.resume_info.update({"from_checkpoint": str(start) if start else None, "round": position[0],
+                                         "step": position[1], "cut_rounds": cut})
+        else:
+            self.resume_info.update({"round": position[0], "step": position[1]})
+        self.writer = MetricWriter(self.out, enabled=comm.is_root, purge_step=position[0] + 1 if self.resume else None,
+                                   fresh=not self.resume)
+        if comm.is_root:
+            append_event(self.out, {"event": "resumed" if self.resume else "start", "world_size": comm.world_size,
+                                    "launcher": self.launcher, **self.resume_info})
         if start is not None:
             self._restore(start)
         else:
             self._release_mmd_embeddings()
             self.save_checkpoint()  # round 0: the one-shot releases are never redone
         self._setup_engine()
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        opt_cls = torch.optim.Adam if self.cfg.train.optimizer == "adam" else torch.optim.SGD
+        return opt_cls(self.hyper.parameters(), lr=self.cfg.train.lr)
 
     def _setup_engine(self) -> None:
         """train.engine=batched: one batched computation for all clients of this rank (after any
@@ -179,20 +271,26 @@ class Trainer:
                                     device=self.torch_device)
 
     def _check_out_dir(self) -> None:
+        check_output_dir(self.out)
         if self.resume:
             if not (self.out / "config.yaml").is_file():
                 raise CheckpointError(f"--resume: {self.out} holds no run (no config.yaml); start without --resume")
             return
-        if (self.out / "checkpoints").exists() or (self.out / "clients").exists():
+        if has_ledger(self.out) or ckpt.latest_complete(self.out) is not None:
             raise ConfigError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
 
     def _declared_sizes_from(self, sizes: list[int]) -> list[int]:
-        ds = self.cfg.federation.declared_sizes
+        fc = self.cfg.federation
+        ds = fc.declared_sizes
         if ds is None:
-            return [int(s) for s in sizes]
-        if len(ds) != len(sizes) or any((not isinstance(s, int)) or s < 1 for s in ds):
+            out = [int(s) for s in sizes]
+        elif len(ds) != len(sizes) or any((not isinstance(s, int)) or isinstance(s, bool) or s < 1 for s in ds):
             raise ConfigError(f"federation.declared_sizes must list {len(sizes)} positive integers; got {ds}")
-        return list(ds)
+        else:
+            out = list(ds)
+        if fc.declared_size_rounding == "pow2":
+            out = [round_pow2(s) for s in out]
+        return out
 
     def _place(self, declared: list[int]) -> None:
         try:
@@ -201,61 +299,77 @@ class Trainer:
             raise ConfigError(str(exc)) from None
         self.declared = declared
 
-    def _ledger_path(self, cid: int) -> Path:
-        return self.out / "clients" / f"client_{cid:05d}" / "ledger.jsonl"
-
-    # ---------------------------------------------------------------- privacy helpers
+    # ---------------------------------------------------------------- the release guard
     @property
     def sigma(self) -> float:
         return self.plan.sigma if self.plan is not None else 0.0
 
-    def _charge(self, client: Client, name: str, sigma: float, q: float, key: str) -> None:
-        """Appended to the client's ledger file BEFORE the release it pays for."""
-        if self.plan is None:
-            return
-        client.ledger.charge(name, sigma, q, key, replayable=client.rng.reproducible)
+    @property
+    def reproducible(self) -> bool:
+        return self.cfg.privacy.noise_seed is not None
+
+    def guarded_release(self, mechanism: str, sigma: float, q: float, key: str, prepare: Callable[[int], object],
+                        payload: Callable[[object], list], *, stoppable: bool = False) -> Decision:
+        """The one guard every release of this rank's clients goes through (collective: every rank calls it).
+
+        1. `prepare(epoch)` computes the payload up to the noise. With reproducible noise, a key already in
+           the ledger for exactly this block is tried under that release's epoch: if the pre-noise payload
+           has the digest the ledger recorded, the release is an identical replay (same value, same noise)
+           and costs nothing. Otherwise the payload is recomputed under a fresh epoch (fresh coins, fresh
+           noise: never the old noise on a new value) and charged. With secure noise every release is new.
+        2. The budget bit (and, when `stoppable`, the stop-signal bit) are combined across ranks by one
+           max all-reduce, so every rank takes the same decision.
+        3. The charge is appended to the ledger and fsync'd before the caller releases anything.
+        """
+        led, private = self.ledger, self.plan is not None
+        repro = private and self.reproducible
+        candidate = led.latest(mechanism, key) if repro else None
+        epoch = candidate.epoch if candidate is not None else led.fresh_epoch(mechanism, key)
+        pending = prepare(epoch)
+        digest = payload_digest(payload(pending)) if repro else None
+        free = led.identical(candidate, sigma, q, digest)
+        if candidate is not None and not free:
+            epoch = led.fresh_epoch(mechanism, key)
+            pending = prepare(epoch)
+            digest = payload_digest(payload(pending))
+        fits = (not private) or free or led.fits(mechanism, sigma, q, self.plan)
+        flags = torch.tensor([0.0 if fits else 1.0, 1.0 if (stoppable and self.stop_signal) else 0.0],
+                             dtype=torch.float64)
+        flags = self._allreduce(flags, op="max")
+        if float(flags[1]) > 0:
+            return Decision("signal")
+        if float(flags[0]) > 0:
+            return Decision("budget")
+        if private and not free:
+            if led.released(mechanism, key):
+                self.replays["charged_again"] += 1
+            led.charge(mechanism, sigma, q, key, epoch=epoch, digest=digest)
+        elif free:
+            self.replays["free"] += 1
+        return Decision("released", pending, epoch, free)
 
     def _release_mmd_embeddings(self) -> None:
         if self.features is None:
             return
         sigma = self.plan.sigma_mmd if self.plan is not None else 0.0
-        for c in self.clients:
-            c.release_mmd_embeddings(self.features, noise_multiplier=sigma, charge=self._charge)
+        sums = [c.mmd_sums(self.features) for c in self.clients]  # pre-noise: no coins, the same on every epoch
+        d = self.guarded_release(MMD_EMBEDDINGS, sigma, 1.0, "mmd", lambda epoch: sums,
+                                 lambda pend: [t for pair in pend for t in pair])
+        if d.status != "released":
+            raise PrivacyError(
+                f"the DP mean embeddings of the MMD term cannot be released again within the budget: {self.out} "
+                f"already spent epsilon {self.epsilon_spent():.4f} of {self.cfg.privacy.target_epsilon} (an earlier "
+                "attempt released them and stopped before its first checkpoint; those charges stay). Start a new "
+                "run with another --out")
+        for c, s in zip(self.clients, sums):
+            c.release_mmd_embeddings(s, noise_multiplier=sigma, epoch=d.epoch)
 
     def epsilon_spent(self) -> float:
         if self.plan is None:
             return 0.0
-        # all clients share one history when nothing was interrupted; report the worst one
-        seen, worst = {}, 0.0
-        for c in self.clients:
-            key = json.dumps([m.to_dict() for m in c.ledger.mechanisms()], sort_keys=True)
-            if key not in seen:
-                seen[key] = c.ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant)
-            worst = max(worst, seen[key])
+        worst = self.ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant)
         buf = torch.tensor([worst], dtype=torch.float64)
         return float(self._allreduce(buf, op="max")[0])
-
-    def _step_fits(self, key: str) -> bool:
-        """One small collective before every step: may every hosted client afford it? Every rank
-        takes the same decision (ledgers can differ after an interrupted round). A replay of a
-        release already in a client's ledger (reproducible noise, after a resume) costs nothing."""
-        ok = True
-        if self.plan is not None:
-            ok = all(self.release_fits(c, "dp-sgd", self.plan.sigma, self.cfg.privacy.sample_rate, key)
-                     for c in self.clients)
-        flag = torch.tensor([0.0 if ok else 1.0], dtype=torch.float64)
-        return float(self._allreduce(flag, op="max")[0]) == 0.0
-
-    def release_fits(self, client: Client, name: str, sigma: float, q: float, key: str) -> bool:
-        if client.rng.reproducible and client.ledger.already_charged(name, sigma, q, key):
-            return True  # an identical replay: nothing new is released
-        return client.ledger.would_fit([Mechanism(name, sigma, q, 1)], self.plan)
-
-    def _agree_stop(self) -> bool:
-        """Has any rank been asked to stop (SIGTERM/SIGUSR2)? Checked collectively at round ends,
-        so that every rank checkpoints the same round and none is left in a collective."""
-        flag = torch.tensor([1.0 if self.stop_signal else 0.0], dtype=torch.float64)
-        return float(self._allreduce(flag, op="max")[0]) > 0
 
     def check_replicas(self) -> None:
         """Every rank must hold the same Phi: compare a checksum (sum and weighted sum) by max/min reduce."""
@@ -304,63 +418,90 @@ class Trainer:
     def _phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names]).cpu()  # host buffer
 
-    def run_round(self, r: int) -> dict:
+    def _prepare_step(self, r: int, s: int, epoch: int):
+        """Every hosted client's step up to the noise: the engine's batch, or one PendingStep per client."""
+        if self.engine is not None:  # never set for delta aggregation (engine_fallback_reason)
+            return self.engine.prepare(self.hyper, r, s, epoch=epoch)
+        local = self._local
+        return [c.prepare_step(local[c.id] if local is not None else self.hyper, r, s, epoch=epoch)
+                for c in self.clients]
+
+    def _step_payload(self, pending) -> list:
+        if self.engine is not None:
+            return pending.payload()
+        return [t for p in pending for t in p.payload()]
+
+    def _dp_step(self, r: int, s: int) -> Optional[str]:
+        """One DP step of every hosted client, through the release guard. Returns None, or why it stopped."""
         cfg = self.cfg
-        P, D = self.phi_numel, len(DIAG_KEYS)
-        diag_total = torch.zeros(D, dtype=torch.float64)
+        P, delta_mode = self.phi_numel, cfg.federation.aggregation == "delta"
+        d = self.guarded_release(DP_SGD, self.sigma, cfg.privacy.sample_rate, step_key(r, s),
+                                 lambda epoch: self._prepare_step(r, s, epoch), self._step_payload, stoppable=True)
+        if d.status != "released":
+            return d.status
+        buf = torch.zeros(P + len(DIAG_KEYS), dtype=torch.float64)
+        if self.engine is not None:
+            phi, diag = self.engine.release(d.pending, sigma=self.sigma, features=self.features)
+            buf[:P] += phi
+            buf[P:] += diag if self.send_diagnostics else len(self.clients) * self._public_diag
+        else:
+            for c, pend in zip(self.clients, d.pending):
+                out = c.release_step(pend, sigma=self.sigma, features=self.features)
+                if delta_mode:
+                    self._local_phi_step(self._local[c.id], out.phi_grad)
+                else:
+                    buf[:P] += self.weights[c.id] * self._phi_vector(out.phi_grad)
+                buf[P:] += out.diag if self.send_diagnostics else self._public_diag
+        if not delta_mode:
+            self._allreduce(buf)  # the one collective of a step: noisy gradients + diagnostics
+            self._apply_flat_grad(buf[:P])
+            self._round_diag += buf[P:]
+        else:
+            self._round_diag += self._allreduce(buf[P:].clone())
+        self.state.steps += 1
+        every = cfg.train.replica_check_every
+        if every and self.state.steps % every == 0:
+            self.check_replicas()
+        return None
+
+    def run_round(self, r: int, start_step: int = 0) -> Optional[dict]:
+        """Round r from step `start_step`. Returns its metrics, or None when a stop signal ended it between
+        two steps (state.step then says how many of its steps are done)."""
+        cfg = self.cfg
         delta_mode = cfg.federation.aggregation == "delta"
         t_round = time.perf_counter()
         comm_before = self.comm_seconds
-        if delta_mode:
-            start = self.flat_phi(self.hyper)
-            local = {c.id: copy.deepcopy(self.hyper) for c in self.clients}
-        steps_done = 0
-        for s in range(cfg.train.local_steps):
-            if not self._step_fits(f"round={r}/step={s}"):
+        self._round_diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
+        if delta_mode and self._local is None:
+            self._local = {c.id: copy.deepcopy(self.hyper) for c in self.clients}
+        steps_done = start_step
+        for s in range(start_step, cfg.train.local_steps):
+            why = self._dp_step(r, s)
+            if why == "signal":
+                self.state.interrupted, self.state.step = True, s
+                return None
+            if why == "budget":
                 self.state.stopped = (f"budget guard: one more step would exceed epsilon={cfg.privacy.target_epsilon} "
                                       f"(stopped at round {r}, step {s})")
                 break
-            buf = torch.zeros(P + D, dtype=torch.float64)
-            for c in self.clients:  # every client's ledger, before anything is released (same key as the check)
-                self._charge(c, "dp-sgd", self.sigma, cfg.privacy.sample_rate, f"round={r}/step={s}")
-            if self.engine is not None:  # never set for delta aggregation (engine_fallback_reason)
-                phi, diag = self.engine.step(self.hyper, r, s, sigma=self.sigma, features=self.features)
-                buf[:P] += phi
-                buf[P:] += diag if self.send_diagnostics else len(self.clients) * self._public_diag
-            else:
-                for c in self.clients:
-                    hyper = local[c.id] if delta_mode else self.hyper
-                    out = c.step(hyper, r, s, sigma=self.sigma, features=self.features)
-                    if delta_mode:
-                        self._local_phi_step(hyper, out.phi_grad)
-                    else:
-                        buf[:P] += self.weights[c.id] * self._phi_vector(out.phi_grad)
-                    buf[P:] += out.diag if self.send_diagnostics else self._public_diag
-            if not delta_mode:
-                self._allreduce(buf)  # the one collective of a step: noisy gradients + diagnostics
-                self._apply_flat_grad(buf[:P])
-                diag_total += buf[P:]
-            else:
-                diag_total += self._allreduce(buf[P:].clone())
             steps_done += 1
-            self.state.steps += 1
-            every = cfg.train.replica_check_every
-            if every and self.state.steps % every == 0:
-                self.check_replicas()
-        if delta_mode and steps_done > 0:
-            buf = torch.zeros(P, dtype=torch.float64)
-            for c in self.clients:
-                buf += self.weights[c.id] * (self.flat_phi(local[c.id]) - start)
-            self._allreduce(buf)
-            new = start + cfg.federation.server_lr * buf
-            torch.nn.utils.vector_to_parameters(new.float().to(self.torch_device), self.hyper.parameters())
-            self._project(self.hyper)
-        metrics = {"time/round(s)": time.perf_counter() - t_round,
-                   "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before),
-                   "privacy/epsilon": self.epsilon_spent(),
-                   "train/steps": float(self.state.steps)}
+        if delta_mode:
+            if steps_done > 0:
+                start = self.flat_phi(self.hyper)  # Phi does not move inside a delta round
+                buf = torch.zeros(self.phi_numel, dtype=torch.float64)
+                for c in self.clients:
+                    buf += self.weights[c.id] * (self.flat_phi(self._local[c.id]) - start)
+                self._allreduce(buf)
+                new = start + cfg.federation.server_lr * buf
+                torch.nn.utils.vector_to_parameters(new.float().to(self.torch_device), self.hyper.parameters())
+                self._project(self.hyper)
+            self._local = None
+        metrics = {"privacy/epsilon": self.epsilon_spent(), "train/steps": float(self.state.steps)}
         if self.send_diagnostics:
-            d = dict(zip(DIAG_KEYS, diag_total.tolist()))
+            # timings depend on the realized batch sizes: a side channel, recorded with the diagnostics
+            metrics.update({"time/round(s)": time.perf_counter() - t_round,
+                            "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before)})
+            d = dict(zip(DIAG_KEYS, self._round_diag.tolist()))
             n = max(d["batch"], 1.0)
             metrics.update({"diagnostics/recon_nll": d["nll_sum"] / n, "diagnostics/kl": d["kl_sum"] / n,
                             "diagnostics/loss": (d["nll_sum"] + d["kl_sum"]) / n,
@@ -378,123 +519,161 @@ class Trainer:
 
     def train(self) -> None:
         cfg = self.cfg
-        rounds = range(self.state.round, cfg.train.rounds)
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.train.rounds, initial=self.state.round, desc="rounds", unit="round", dynamic_ncols=True)
         try:
-            for r in rounds:
-                metrics = self.run_round(r)
-                self.state.round = r + 1
+            while self.state.round < cfg.train.rounds and not self.state.stopped:
+                r = self.state.round
+                metrics = self.run_round(r, start_step=self.state.step)
+                if metrics is None:  # a stop signal between two steps: checkpoint there, every rank together
+                    self.save_checkpoint()
+                    break
+                self.state.round, self.state.step = r + 1, 0
                 self.state.history.append({"round": r + 1, **metrics})
                 self.writer.log(r + 1, metrics)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(eps=f"{metrics['privacy/epsilon']:.3f}",
-                                    loss=f"{metrics.get('diagnostics/loss', float('nan')):.1f}")
+                    post = {"eps": f"{metrics['privacy/epsilon']:.3f}"}
+                    if "diagnostics/loss" in metrics:
+                        post["loss"] = f"{metrics['diagnostics/loss']:.1f}"
+                    bar.set_postfix(**post)
                 every = cfg.train.checkpoint_every
-                self.state.interrupted = self._agree_stop()
-                if (self.state.stopped or self.state.interrupted or (every and (r + 1) % every == 0)
-                        or r + 1 == cfg.train.rounds):
+                if self.state.stopped or (every and (r + 1) % every == 0) or r + 1 == cfg.train.rounds:
                     self.save_checkpoint()  # collective: every rank saves its own clients
-                if self.state.stopped or self.state.interrupted:
-                    break
         finally:
             if bar is not None:
                 bar.close()
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> Path:
-        d = ckpt.checkpoint_dir(self.out, self.state.round)
+        pos = (self.state.round, self.state.step)
+        d = ckpt.checkpoint_dir(self.out, *pos)
+        if self._saved_at == pos:  # nothing happened since the last checkpoint (e.g. a stop right after a resume)
+            return d
+        delta_local = self._local is not None and self.state.step > 0
         for c in self.clients:  # every rank saves its own clients' private state
-            ckpt.atomic_torch_save(c.state_dict(), ckpt.client_path(d, c.id))
+            state = c.state_dict()
+            if delta_local:  # a stop inside a delta round: the client's private copy of Phi too
+                state["delta_local_phi"] = self.flat_phi(self._local[c.id])
+            ckpt.atomic_torch_save(state, ckpt.client_path(d, c.id))
         if self.comm.is_root:
+            # shared outputs hold only public state and post-processing of DP releases: no diagnostics
             ckpt.atomic_torch_save({"hyper": self.hyper.state_dict(), "opt": self.opt.state_dict(),
-                                    "round": self.state.round, "steps": self.state.steps,
-                                    "stopped": self.state.stopped, "history": self.state.history,
-                                    "config": self.cfg.to_dict(),
+                                    "optimizer": self.cfg.train.optimizer,
+                                    "round": self.state.round, "step": self.state.step, "steps": self.state.steps,
+                                    "stopped": self.state.stopped, "config": self.cfg.to_dict(),
                                     "plan": self.plan.to_dict() if self.plan else None}, d / "shared.pt")
         self.comm.barrier()  # COMPLETE only once every rank's files are in place
         if self.comm.is_root:
             ckpt.mark_complete(d)
             ckpt.prune(self.out, self.cfg.train.keep_checkpoints)
         self.comm.barrier()
+        self._saved_at = pos
         return d
 
     def _restore(self, d: Path) -> None:
         shared = ckpt.load(d / "shared.pt", "shared checkpoint")
-        self._check_resume_config(shared["config"])
         self.hyper.load_state_dict(shared["hyper"])  # load_state_dict copies onto our device
-        self.opt.load_state_dict(shared["opt"])
-        self.state = TrainState(round=shared["round"], steps=shared["steps"], stopped=shared.get("stopped"),
-                                history=shared.get("history", []))
+        saved_opt = shared.get("optimizer", (shared.get("config") or {}).get("train", {}).get("optimizer"))
+        if saved_opt == self.cfg.train.optimizer:
+            self.opt.load_state_dict(shared["opt"])
+            for g in self.opt.param_groups:  # a changed learning rate applies from here on
+                g["lr"] = self.cfg.train.lr
+        # else: train.optimizer changed: Phi's new optimizer starts without state (reported as a change)
+        self.state = TrainState(round=shared["round"], step=shared.get("step", 0), steps=shared["steps"],
+                                stopped=shared.get("stopped"), history=self.state.history)
+        delta_local = {}
         for c in self.clients:
-            c.load_state_dict(ckpt.load(ckpt.client_path(d, c.id), f"client {c.id} checkpoint"))
-
-    def _check_resume_config(self, saved: dict) -> None:
-        now = self.cfg.to_dict()
-        changed = []
-        for key in RESUME_LOCKED:
-            parts = key.split(".")
-            a, b = saved, now
-            for p in parts:
-                a, b = a.get(p), b.get(p)
-            if isinstance(a, dict):
-                a = {k: v for k, v in a.items() if not (key == "privacy" and k in RESUME_FREE_PRIVACY)}
-                b = {k: v for k, v in b.items() if not (key == "privacy" and k in RESUME_FREE_PRIVACY)}
-                changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            elif a != b:
-                changed.append(key)
-        if changed:
-            raise CheckpointError("cannot resume: these settings differ from the interrupted run: "
-                                  + ", ".join(changed) + ". Resume with the run's own config.yaml, or start a new --out.")
+            state = ckpt.load(ckpt.client_path(d, c.id), f"client {c.id} checkpoint")
+            c.load_state_dict(state)
+            for g in c.enc_opt.param_groups:
+                g["lr"] = self.cfg.train.encoder_lr
+            for g in c.code_opt.param_groups:
+                g["lr"] = self.cfg.train.code_lr
+            if "delta_local_phi" in state:
+                h = copy.deepcopy(self.hyper)
+                torch.nn.utils.vector_to_parameters(state["delta_local_phi"].float().to(self.torch_device), h.parameters())
+                delta_local[c.id] = h
+        if self.state.step > 0 and self.cfg.federation.aggregation == "delta":
+            if len(delta_local) != len(self.clients):
+                raise CheckpointError(f"{d}: a checkpoint inside a delta round lacks the clients' copies of Phi")
+            self._local = delta_local
+        self._saved_at = (self.state.round, self.state.step)
 
     # ---------------------------------------------------------------- results
-    def finish(self, extra: dict) -> dict:
+    def finish(self, extra: dict, *, missing: Optional[list] = None) -> dict:
         cfg, p = self.cfg, self.cfg.privacy
         eps = self.epsilon_spent()
         reproducible = p.noise_seed is not None
         last = self.state.history[-1] if self.state.history else {}
+        noised = self.plan is not None and all(m.noise_multiplier > 0 for m in self.plan.mechanisms)
         privacy = {
             "enabled": p.enabled, "mode": p.mode if p.enabled else None,
             "epsilon_spent": eps, "target_epsilon": p.target_epsilon if p.enabled else None, "delta": p.delta if p.enabled else None,
             "noise_multiplier": self.sigma, "sample_rate": p.sample_rate, "clip_norm": p.clip_norm,
             "steps": self.state.steps, "planned_steps": planned_steps(cfg), "accountant": p.accountant,
             "plan": self.plan.to_dict() if self.plan else None,
-            "formal_guarantee": bool(p.enabled and p.mode == "strict"),
-            "guarantee": guarantee_text(cfg),
+            "formal_guarantee": bool(p.enabled and p.mode == "strict" and noised and math.isfinite(eps)),
+            "guarantee": guarantee_text(cfg, self.plan, eps),
             "noise": ("reproducible from privacy.noise_seed: NOT suitable for a real release" if reproducible
                       else "securely seeded per client (operating-system entropy)"),
             "reproducible_noise": reproducible,
             "weights": cfg.federation.weights + (" (declared public sizes)" if cfg.federation.weights == "declared" else ""),
-            "ledger": self.clients[0].ledger.summary(delta=p.delta, accountant=p.accountant) if (self.plan and self.clients) else [],
+            "declared_sizes": ("rounded to powers of two" if cfg.federation.declared_size_rounding == "pow2" else
+                               "as given in federation.declared_sizes" if cfg.federation.declared_sizes is not None
+                               else "the training sizes fixed at partitioning (public by assumption)"),
+            "ledger": self.ledger.summary(delta=p.delta, accountant=p.accountant) if self.plan else [],
+            "ledger_format": 2,
+            "replays": dict(self.replays),
             "diagnostics_outside_guarantee": bool(p.diagnostics),
         }
+        training = {"rounds": self.state.round, "stopped_early": self.state.stopped,
+                    "engine": "batched" if self.engine is not None else "reference",
+                    "engine_note": self.engine_note,
+                    "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")}}
+        if self.send_diagnostics:  # wall times depend on batch sizes: diagnostics
+            training.update({"wall_time_s": time.perf_counter() - self.t0, "comm_time_s": self.comm_seconds})
         results = {
+            "status": "partial" if missing else "complete",
+            "missing": list(missing or []),
             "privacy": privacy,
-            "training": {"rounds": self.state.round, "stopped_early": self.state.stopped,
-                         "engine": "batched" if self.engine is not None else "reference",
-                         "engine_note": self.engine_note,
-                         "wall_time_s": time.perf_counter() - self.t0,
-                         "comm_time_s": self.comm_seconds,
-                         "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")}},
+            "training": training,
             "data": {"source": self.fed.source, "clients": self.fed.num_clients, "classes": self.fed.num_classes,
                      "dim": self.fed.dim, "transform": self.fed.transform, "declared_sizes": self.declared},
             "provenance": provenance(self.cfg, launcher=self.launcher, comm=self.comm, device=self.device),
             **extra,
         }
+        if self.resume:
+            results["resume"] = {k: v for k, v in self.resume_info.items() if k != "from_checkpoint"}
         if self.comm.is_root:
-            ckpt.atomic_write_text(self.out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+            ckpt.atomic_write_text(self.out / "results.json", ckpt.dumps_json(results, indent=2) + "\n")
+            append_event(self.out, {"event": "partial" if missing else "finished", "missing": list(missing or []),
+                                    "epsilon_spent": eps})
         self.writer.close()
+        self.ledger.close()
         return results
 
 
-def guarantee_text(cfg: Config) -> str:
+def _read_rows(out: Path) -> list:
+    f = out / "metrics.jsonl"
+    if not f.is_file():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def guarantee_text(cfg: Config, plan: Optional[PrivacyPlan] = None, epsilon: Optional[float] = None) -> str:
     p = cfg.privacy
     if not p.enabled:
         return "none: privacy.enabled is false (non-private reference run)"
-    unit = f"one record of one client's training split, (epsilon, delta) = ({p.target_epsilon}, {p.delta}) per client"
+    if plan is not None and any(m.noise_multiplier == 0 for m in plan.mechanisms):
+        zero = ", ".join(m.name for m in plan.mechanisms if m.noise_multiplier == 0)
+        return (f"none: no noise is added ({zero} at noise multiplier 0; privacy.target_epsilon is infinite and "
+                "privacy.noise_multiplier is 0 or unset), so nothing bounds what the outputs reveal")
+    target = "infinite: the epsilon below is what the fixed noise gives" if math.isinf(p.target_epsilon) else p.target_epsilon
+    eps = "" if epsilon is None or not math.isfinite(epsilon) else f", epsilon spent {epsilon:.4g}"
+    unit = f"one record of one client's training split, (epsilon, delta) = ({target}, {p.delta}) per client{eps}"
     if p.mode == "strict":
         return (f"formal: every value a client releases (noisy Phi gradients or deltas, DP statistics, DP mean "
                 f"embeddings) and everything derived from them (Phi, meta-code, synthetic set) is DP for {unit}. "

@@ -79,7 +79,8 @@ def test_canary_client_without_canaries_is_client_step(tmp_path):
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
     c = tr.clients[0]
-    twin = CanaryClient(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim, ledger=c.ledger)
+    twin = CanaryClient(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+                         declared_size=c.declared_size)
     twin.load_state_dict(copy.deepcopy(c.state_dict()))
     twin.rng = c.rng
     shapes = [(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.allreduce import FLAG_BYTES
+
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
@@ -35,7 +37,8 @@ def test_quick_benchmark_writes_files_with_finite_timings(tmp_path):
     payload = next(int(b) for b, what in res["extra_sizes"].items() if what == "step payload")
     for job in res["micro"]:
         assert "error" not in job, job.get("error")
-        assert {r["bytes"] for r in job["rows"]} == {8, 1024, 16384, payload}
+        # the requested sizes, the step payload and the release guard's 16-byte flags
+        assert {r["bytes"] for r in job["rows"]} == {FLAG_BYTES, 1024, 16384, payload}
         for r in job["rows"]:
             assert r["correct"] and r["reps"] == len(r["max_over_ranks_ms"])
             for key in ("median_ms", "p90_ms", "min_ms", "rank0_median_ms"):

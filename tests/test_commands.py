@@ -45,10 +45,11 @@ def test_account_prints_a_runs_ledger(tmp_path, capsys):
     assert main(["account", "--run", str(tmp_path / "run"), "--json", str(js)]) == 0
     out = capsys.readouterr().out
     led = json.loads(js.read_text())
-    assert len(led["clients"]) == 4
+    # clients with the same history are one group (here all 4)
+    assert sorted(c for g in led["groups"] for c in g["clients"]) == [0, 1, 2, 3]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     plan = {m["name"]: m for m in results["privacy"]["plan"]["mechanisms"]}
-    for info in led["clients"].values():
+    for info in led["groups"]:
         assert info["epsilon"] == pytest.approx(results["privacy"]["epsilon_spent"], rel=1e-9)
         rows = {m["mechanism"]: m for m in info["mechanisms"]}
         # every mechanism: its sigma, q, steps and the epsilon it contributes (alone, and added to the rest)

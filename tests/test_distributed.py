@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
+from helpers import load_phi, rel_diff
 from hpc.placement import place_clients
 
 REPO = Path(__file__).resolve().parents[1]
@@ -230,21 +230,6 @@ def rank_processes(launcher_pid: int, rank_var: str) -> dict[int, int]:
 
 
 # ------------------------------------------------------------------------------- results
-def load_phi(out: Path) -> dict:
-    return torch.load(out / "hypernetwork.pt", map_location="cpu", weights_only=True)
-
-
-def rel_diff(a: dict, b: dict) -> float:
-    """max over tensors of max|a-b| / max|a|."""
-    assert a.keys() == b.keys()
-    worst = 0.0
-    for k in a:
-        x, y = a[k].double(), b[k].double()
-        assert x.shape == y.shape, k
-        worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-12)))
-    return worst
-
-
 def results(out: Path) -> dict:
     return json.loads((out / "results.json").read_text())
 
@@ -286,8 +271,14 @@ def test_same_hypernetwork_and_epsilon_on_every_world_size(run, tmp_path, refere
     assert got["privacy"]["epsilon_spent"] == ref["privacy"]["epsilon_spent"]
     assert got["privacy"]["steps"] == ref["privacy"]["steps"]
     assert got["data"]["declared_sizes"] == ref["data"]["declared_sizes"]
-    # every client's ledger was written (each by the rank hosting it)
-    assert len(list((out / "clients").glob("client_*/ledger.jsonl"))) == 7
+    # every rank wrote its own ledger file, and every client's history is in one of them
+    assert len(list((out / "ledger").glob("rank_*.jsonl"))) == n
+    from fedhypevae.privacy import PrivacyLedger
+
+    led = PrivacyLedger(None, run_dir=out)
+    assert led.ids.tolist() == list(range(7))
+    assert led.epsilon(delta=got["privacy"]["delta"], accountant=got["privacy"]["accountant"]) == pytest.approx(
+        got["privacy"]["epsilon_spent"], rel=1e-12)
     assert rel_diff(load_phi(reference_1proc), load_phi(out)) <= 1e-5
 
 

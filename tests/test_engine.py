@@ -19,7 +19,6 @@ from fedhypevae.dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per
 from fedhypevae.engine import BatchedEngine, engine_fallback_reason
 from fedhypevae.errors import ConfigError
 from fedhypevae.model import ClientView, HyperNetwork
-from fedhypevae.privacy import PrivacyLedger
 from fedhypevae.rng import STREAM_STEP
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
@@ -38,7 +37,7 @@ def make(sizes, *, hidden=(8,), dim=6, K=3, seed=0, overrides=()):
         x = (torch.randn(n, dim, generator=g) * 2).numpy()
         y = torch.randint(0, K, (n,), generator=g).numpy()
         cd = ClientData(i, x, y, x[:1], y[:1], declared_size=max(n, 1))
-        clients.append(Client(cd, cfg=cfg, num_classes=K, dim=dim, ledger=PrivacyLedger()))
+        clients.append(Client(cd, cfg=cfg, num_classes=K, dim=dim))
     torch.manual_seed(seed + 100)
     m = cfg.model
     hyper = HyperNetwork(dim, K, latent_dim=m.latent_dim, code_dim=m.code_dim, hidden=m.hidden,

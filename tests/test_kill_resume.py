@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedhypevae.privacy.ledger import read_client_releases
+
 BIN = Path(sys.executable).parent
 ARGS = ["--config", "tiny", "--no-progress", "--quiet", "--set", "train.rounds=10", "--set", "train.checkpoint_every=2"]
 
@@ -61,10 +63,10 @@ def test_sigkill_then_resume_matches_uninterrupted_run_with_reproducible_noise(t
 @pytest.mark.timeout(300)
 def test_sigkill_then_resume_with_secure_noise_never_refunds(tmp_path):
     kill_at(tmp_path / "cut", [], random.Random().randint(1, 6))
-    before = [json.loads(line) for line in (tmp_path / "cut" / "clients" / "client_00000" / "ledger.jsonl").read_text().splitlines() if line.strip()]
+    before = read_client_releases(tmp_path / "cut", 0)
     r = train(tmp_path / "cut", "--resume")
     assert r.wait(180) == 0, r.stderr.read()
-    after = [json.loads(line) for line in (tmp_path / "cut" / "clients" / "client_00000" / "ledger.jsonl").read_text().splitlines()]
+    after = read_client_releases(tmp_path / "cut", 0)
     assert after[:len(before)] == before  # the ledger only grows
     res = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert res["privacy"]["epsilon_spent"] <= 2.0 + 1e-9

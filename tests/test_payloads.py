@@ -90,6 +90,8 @@ def replay(cfg, hosted: list, scratch, world_size: int):
     delta_mode = cfg.federation.aggregation == "delta"
     out, private = [], []
     one_shot = [Mechanism(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, 1)] if plan.sigma_mmd is not None else []
+    if one_shot:  # the release guard's bits (budget, stop signal) before the MMD embeddings' release
+        out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))
     steps = 0
 
     def project(h):
@@ -108,7 +110,7 @@ def replay(cfg, hosted: list, scratch, world_size: int):
             start = torch.cat([t.detach().reshape(-1).double() for t in hyper.parameters()])
             local = {c.id: copy.deepcopy(hyper) for c in clients}
         for s in range(cfg.train.local_steps):
-            out.append(Expect("flag", "max", torch.zeros(1, dtype=torch.float64)))  # the budget guard's bit
+            out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))  # the release guard's bits
             buf = torch.zeros(P + D, dtype=torch.float64)
             unnoised = torch.zeros(P, dtype=torch.float64)
             for c in clients:
@@ -161,10 +163,9 @@ def replay(cfg, hosted: list, scratch, world_size: int):
             project(hyper)
         eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot, delta=p.delta,
                          accountant=p.accountant)
-        out += [Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)),
-                Expect("flag", "max", torch.zeros(1, dtype=torch.float64))]  # the stop-signal bit
-    # the DP class statistics for the meta-code, then the final epsilon
-    out.append(Expect("flag", "max", torch.zeros(1, dtype=torch.float64)))
+        out.append(Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)))
+    # the DP class statistics for the meta-code (after the release guard's bits), then the final epsilon
+    out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))
     clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)
     sbuf = None
     for c in clients:
@@ -254,8 +255,8 @@ def test_every_buffer_is_a_declared_release_and_carries_no_private_value(tmp_pat
 class LeakyClient(Client):
     """Releases its un-noised clipped sum (sigma = 0) while the ledger is charged for sigma."""
 
-    def step(self, hyper, round_, step, *, sigma, features):
-        return super().step(hyper, round_, step, sigma=0.0, features=features)
+    def release_step(self, pending, *, sigma, features):
+        return super().release_step(pending, sigma=0.0, features=features)
 
 
 def test_a_client_releasing_its_unnoised_sum_fails_the_checker(tmp_path):

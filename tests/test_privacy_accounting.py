@@ -14,6 +14,7 @@ from fedhypevae.privacy import (
     PrivacyLedger,
     calibrate_one_shot,
     epsilon_of,
+    history_fits,
     plan_budget,
 )
 
@@ -159,77 +160,78 @@ def test_one_shot_calibration_small_epsilon():
 # ----------------------------------------------------------------------------- ledger
 
 
-def _charge_plan(ledger, plan, *, replayable=False):
-    ledger.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats", replayable=replayable)
-    ledger.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd", replayable=replayable)
+def _charge_plan(ledger, plan):
+    ledger.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats")
+    ledger.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd")
     for t in range(plan.steps):
-        ledger.charge(DP_SGD, plan.sigma, plan.sample_rate, f"round={t // 5}/step={t % 5}", replayable=replayable)
+        ledger.charge(DP_SGD, plan.sigma, plan.sample_rate, f"round={t // 5}/step={t % 5}")
 
 
 def test_ledger_replay_semantics():
-    led = PrivacyLedger()
-    assert led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", replayable=True)
-    assert not led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", replayable=True)  # identical replay: free
-    assert len(led) == 1
-    assert led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", replayable=False)  # fresh secure noise: charged
-    assert len(led) == 2
-    assert led.charge(DP_SGD, 2.0, 0.1, "round=0/step=0", replayable=True)  # different release, same key
-    assert len(led) == 3
-    assert led.mechanisms() == [Mechanism(DP_SGD, 1.0, 0.1, 2), Mechanism(DP_SGD, 2.0, 0.1, 1)]
+    led = PrivacyLedger([0, 1])
+    first = led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", digest="aa")
+    assert led.latest(DP_SGD, "round=0/step=0") == first and first.epoch == 0
+    assert led.identical(first, 1.0, 0.1, "aa")  # identical replay: free
+    assert not led.identical(first, 1.0, 0.1, "ab")  # another value: never free
+    assert not led.identical(first, 1.0, 0.1, None)  # secure noise: every release is new
+    assert not led.identical(first, 2.0, 0.1, "aa")  # another mechanism under the same key
+    assert led.fresh_epoch(DP_SGD, "round=0/step=0") == 1 and led.fresh_epoch(DP_SGD, "round=0/step=1") == 0
+    led.charge(DP_SGD, 1.0, 0.1, "round=0/step=0", epoch=1)  # charged again, under a fresh epoch
+    assert len(led.records) == 2 and led.fresh_epoch(DP_SGD, "round=0/step=0") == 2
+    led.charge(DP_SGD, 2.0, 0.1, "round=0/step=0", epoch=2)
+    ((ids, hist),) = led.histories()
+    assert ids.tolist() == [0, 1] and hist == [Mechanism(DP_SGD, 1.0, 0.1, 2), Mechanism(DP_SGD, 2.0, 0.1, 1)]
     with pytest.raises(PrivacyError, match="unknown mechanism"):
-        led.charge("laplace", 1.0, 1.0, "x", replayable=False)
+        led.charge("laplace", 1.0, 1.0, "x")
 
 
 def test_ledger_file_survives_truncated_last_line(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    led = PrivacyLedger(path)
+    led = PrivacyLedger([0, 1, 2], run_dir=tmp_path)
     for t in range(3):
-        led.charge(DP_SGD, 1.5, 0.1, f"step={t}", replayable=False)
-    led.charge(CLASS_STATS, 30.0, 1.0, "stats", replayable=False)
+        led.charge(DP_SGD, 1.5, 0.1, f"step={t}")
+    led.charge(CLASS_STATS, 30.0, 1.0, "stats")
+    led.close()
+    path = tmp_path / "ledger" / "rank_00000.jsonl"
     full = path.read_bytes()
-    assert full.count(b"\n") == 4
+    assert full.count(b"\n") == 5  # the block line and four records
     path.write_bytes(full[:-7])  # a write killed mid-line
-    back = PrivacyLedger.load(path)
-    assert len(back) == 3 and back.mechanisms() == [Mechanism(DP_SGD, 1.5, 0.1, 3)]
-    back.charge(DP_SGD, 1.5, 0.1, "step=3", replayable=False)  # appends cleanly after repair
-    again = PrivacyLedger.load(path)
-    assert len(again) == 4 and again.steps(DP_SGD) == 4
+    back = PrivacyLedger([0, 1, 2], run_dir=tmp_path)
+    assert len(back.records) == 3 and back.histories()[0][1] == [Mechanism(DP_SGD, 1.5, 0.1, 3)]
+    back.charge(DP_SGD, 1.5, 0.1, "step=3")  # appends cleanly after repair
+    back.close()
+    again = PrivacyLedger([0, 1, 2], run_dir=tmp_path)
+    assert len(again.records) == 4 and again.steps(DP_SGD) == 4
     # a corrupt line in the middle is not silently skipped
     lines = path.read_text().splitlines()
     path.write_text("\n".join([lines[0], "{garbage", *lines[1:]]) + "\n")
     with pytest.raises(PrivacyError, match="corrupt"):
-        PrivacyLedger.load(path)
+        PrivacyLedger([0, 1, 2], run_dir=tmp_path)
 
 
-def test_ledger_state_dict_never_refunds(tmp_path):
-    led = PrivacyLedger()
+def test_ledger_reopened_never_refunds(tmp_path):
+    led = PrivacyLedger([0, 1], run_dir=tmp_path)
     for t in range(4):
-        led.charge(DP_SGD, 1.0, 0.1, f"s{t}", replayable=False)
-    state = json.loads(json.dumps(led.state_dict()))
-    other = PrivacyLedger()
-    other.load_state_dict(state)
-    assert other.mechanisms() == led.mechanisms()
-
-    path = tmp_path / "l.jsonl"
-    filed = PrivacyLedger(path)
-    filed.load_state_dict(state)  # empty file: written
-    filed.charge(DP_SGD, 1.0, 0.1, "s4", replayable=False)  # after the checkpoint
-    resumed = PrivacyLedger.load(path)
-    resumed.load_state_dict(state)  # checkpoint is a prefix: the later charge stays
-    assert resumed.steps(DP_SGD) == 5
-    with pytest.raises(PrivacyError, match="never rewritten"):
-        resumed.load_state_dict({"entries": [dict(state["entries"][0], sigma=9.0)]})
+        led.charge(DP_SGD, 1.0, 0.1, f"s{t}")
+    led.close()
+    resumed = PrivacyLedger([0, 1], run_dir=tmp_path)  # a resume: the charges are read back, never reset
+    assert resumed.steps(DP_SGD) == 4 and resumed.session == 2
+    resumed.charge(DP_SGD, 1.0, 0.1, "s4")
+    resumed.close()
+    assert PrivacyLedger([0, 1], run_dir=tmp_path).steps(DP_SGD) == 5
+    assert PrivacyLedger(None, run_dir=tmp_path).steps(DP_SGD) == 5  # read only, every client
+    with pytest.raises(PrivacyError, match="read only"):
+        PrivacyLedger(None, run_dir=tmp_path).charge(DP_SGD, 1.0, 0.1, "s5")
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_ledger_epsilon_equals_plan_and_guard(accountant):
     plan = _plan(accountant=accountant, steps=40, sample_rate=0.1)
-    led = PrivacyLedger()
-    assert led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, plan.steps)], plan)
+    led = PrivacyLedger([0])
+    assert history_fits([], [Mechanism(DP_SGD, plan.sigma, plan.sample_rate, plan.steps)], plan)
     _charge_plan(led, plan)
     assert led.epsilon(delta=DELTA, accountant=accountant) == pytest.approx(plan.planned_epsilon, rel=1e-9)
-    assert not led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)], plan)
-    assert led.would_fit([], plan)
+    assert not led.fits(DP_SGD, plan.sigma, plan.sample_rate, plan)
+    assert history_fits(led.histories()[0][1], [], plan)
     rows = led.summary(delta=DELTA, accountant=accountant)
     assert [r["mechanism"] for r in rows] == [CLASS_STATS, MMD_EMBEDDINGS, DP_SGD]
     assert rows[2]["steps"] == plan.steps and rows[0]["epsilon_alone"] <= 0.1
@@ -237,27 +239,27 @@ def test_ledger_epsilon_equals_plan_and_guard(accountant):
 
 def test_would_fit_counts_uncharged_one_shot_releases():
     plan = _plan(steps=60, sample_rate=0.1)
-    led = PrivacyLedger()
+    led = PrivacyLedger([0])
     for t in range(plan.steps):
-        led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"s{t}", replayable=False)
+        led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"s{t}")
     # one extra step spent now would leave no room for the statistics still to be released
-    assert not led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)], plan)
+    assert not led.fits(DP_SGD, plan.sigma, plan.sample_rate, plan)
     # a noisier extra step is judged exactly by the accountant
-    assert led.would_fit([Mechanism(DP_SGD, 1e4, plan.sample_rate, 1)], plan) is True
+    assert led.fits(DP_SGD, 1e4, plan.sample_rate, plan) is True
     # re-releasing the statistics twice (secure noise) goes over the plan
-    led.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats", replayable=False)
-    led.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd", replayable=False)
-    assert not led.would_fit([Mechanism(CLASS_STATS, plan.sigma_stats, 1.0, 1)], plan)
+    led.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats")
+    led.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd")
+    assert not led.fits(CLASS_STATS, plan.sigma_stats, 1.0, plan)
 
 
 def test_would_fit_fast_path_skips_accountant(monkeypatch):
     import fedhypevae.privacy.accounting as acc
 
     plan = _plan(steps=50)
-    led = PrivacyLedger()
+    led = PrivacyLedger([0])
     calls = []
     monkeypatch.setattr(acc, "epsilon_of", lambda *a, **k: calls.append(1) or 0.0)
     for t in range(plan.steps):
-        assert led.would_fit([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)], plan)
-        led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"s{t}", replayable=False)
+        assert led.fits(DP_SGD, plan.sigma, plan.sample_rate, plan)
+        led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"s{t}")
     assert calls == []

@@ -11,6 +11,7 @@ import fedhypevae.run as run_mod
 from fedhypevae.cli import main
 from fedhypevae.config import load_config
 from fedhypevae.privacy import PrivacyLedger
+from fedhypevae.privacy.ledger import read_client_releases
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
 
@@ -20,7 +21,7 @@ def tiny(*overrides):
 
 
 def ledger(run: Path, cid: int = 0) -> list:
-    return [json.loads(line) for line in (run / "clients" / f"client_{cid:05d}" / "ledger.jsonl").read_text().splitlines()]
+    return read_client_releases(run, cid)
 
 
 def phi(run: Path) -> torch.Tensor:
@@ -33,8 +34,8 @@ def stop_after(rounds: int):
     run_training(catch_signals=True): finish the round, checkpoint together, return interrupted)."""
 
     class Stopped(Trainer):
-        def run_round(self, r):
-            out = super().run_round(r)
+        def run_round(self, r, start_step=0):
+            out = super().run_round(r, start_step)
             if r == rounds - 1:
                 os.kill(os.getpid(), signal.SIGTERM)
             return out
@@ -52,7 +53,7 @@ def test_a_stopped_run_resumes_with_a_continuing_ledger(tmp_path, monkeypatch, n
     assert cut["interrupted"] and cut["round"] == 2 and cut["signal"] == signal.SIGTERM
     before = ledger(out)
     assert sum(e["mechanism"] == "dp-sgd" for e in before) == 4  # 2 rounds x 2 steps charged
-    eps_cut = PrivacyLedger.load(out / "clients" / "client_00000" / "ledger.jsonl").epsilon(delta=1e-4, accountant="rdp")
+    eps_cut = PrivacyLedger(None, run_dir=out).epsilon(delta=1e-4, accountant="rdp")
     assert eps_cut == pytest.approx(cut["epsilon_spent"], rel=1e-12)
 
     res = run_training(tiny(*extra), out, resume=True, progress=False)

@@ -12,6 +12,7 @@ from fedhypevae.model import HyperNetwork
 from fedhypevae.privacy import PrivacyLedger
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
+from helpers import interrupt_after
 
 
 def tiny(*overrides):
@@ -68,34 +69,18 @@ def test_budget_guard_stops_training_before_the_budget_is_exceeded(tmp_path):
     cfg = tiny()
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
-    for c in tr.clients:  # three steps already spent elsewhere (e.g. re-released after a crash)
-        for i in range(3):
-            c.ledger.charge("dp-sgd", tr.plan.sigma, cfg.privacy.sample_rate, f"earlier/{i}", replayable=False)
+    for i in range(3):  # three steps already spent elsewhere (e.g. re-released after a crash), by every client
+        tr.ledger.charge("dp-sgd", tr.plan.sigma, cfg.privacy.sample_rate, f"earlier/{i}")
     tr.train()
     assert tr.state.stopped and "budget guard" in tr.state.stopped
     assert tr.state.steps == 6 - 3
     assert tr.epsilon_spent() <= cfg.privacy.target_epsilon + 1e-9
 
 
-def _interrupt_after(cfg, out: Path, rounds: int, extra_steps: int = 0) -> None:
-    """Run `rounds` rounds with checkpoints, then `extra_steps` more steps that are never checkpointed."""
-    tr = Trainer(cfg, out, progress=False)
-    tr.setup()
-    for r in range(rounds):
-        tr.run_round(r)
-        tr.state.round = r + 1
-        tr.save_checkpoint()
-    if extra_steps:
-        saved = cfg.train.local_steps
-        cfg.train.local_steps = extra_steps  # a partial round, then the "crash"
-        tr.run_round(rounds)
-        cfg.train.local_steps = saved
-
-
 def test_resume_with_reproducible_noise_matches_an_uninterrupted_run(tmp_path):
     cfg = tiny("privacy.noise_seed=11")
     full = run_training(cfg, tmp_path / "full", progress=False)
-    _interrupt_after(tiny("privacy.noise_seed=11"), tmp_path / "cut", rounds=1, extra_steps=1)
+    interrupt_after(tiny("privacy.noise_seed=11"), tmp_path / "cut", rounds=1, extra_steps=1)
     resumed = run_training(tiny("privacy.noise_seed=11"), tmp_path / "cut", resume=True, progress=False)
     torch.testing.assert_close(phi(tmp_path / "cut"), phi(tmp_path / "full"), rtol=1e-5, atol=1e-7)
     assert resumed["privacy"]["epsilon_spent"] == pytest.approx(full["privacy"]["epsilon_spent"], rel=1e-9)
@@ -104,9 +89,9 @@ def test_resume_with_reproducible_noise_matches_an_uninterrupted_run(tmp_path):
 
 def test_resume_with_secure_noise_keeps_the_replayed_steps_charged(tmp_path):
     out = tmp_path / "cut"
-    _interrupt_after(tiny(), out, rounds=1, extra_steps=1)  # step (round 1, step 0) released, not checkpointed
+    interrupt_after(tiny(), out, rounds=1, extra_steps=1)  # step (round 1, step 0) released, not checkpointed
     res = run_training(tiny(), out, resume=True, progress=False)
-    led = PrivacyLedger.load(out / "clients" / "client_00000" / "ledger.jsonl")
+    led = PrivacyLedger(None, run_dir=out)
     assert led.steps() == 6  # the plan's 6 steps are all charged ...
     assert res["privacy"]["steps"] == 5  # ... but only 5 reached Phi: the lost one is not refunded
     assert res["training"]["stopped_early"]
@@ -114,7 +99,7 @@ def test_resume_with_secure_noise_keeps_the_replayed_steps_charged(tmp_path):
 
 
 def test_resume_refuses_changed_privacy_settings(tmp_path):
-    _interrupt_after(tiny(), tmp_path / "run", rounds=1)
+    interrupt_after(tiny(), tmp_path / "run", rounds=1)
     with pytest.raises(CheckpointError, match="privacy.target_epsilon"):
         run_training(tiny("privacy.target_epsilon=4"), tmp_path / "run", resume=True, progress=False)
     assert load_config(str(tmp_path / "run" / "config.yaml")).privacy.target_epsilon == 2.0  # left as it was
@@ -123,7 +108,7 @@ def test_resume_refuses_changed_privacy_settings(tmp_path):
 def test_resume_without_config_uses_the_runs_own(tmp_path, capsys):
     from fedhypevae.cli import main
 
-    _interrupt_after(tiny("train.rounds=2"), tmp_path / "run", rounds=1)
+    interrupt_after(tiny("train.rounds=2"), tmp_path / "run", rounds=1)
     assert main(["train", "--resume", "--out", str(tmp_path / "run"), "--no-progress", "--quiet"]) == 0
     assert json.loads((tmp_path / "run" / "results.json").read_text())["training"]["rounds"] == 2
 
@@ -161,9 +146,9 @@ def test_training_reads_a_shard_directory(tmp_path):
 
 def test_resuming_a_finished_run_releases_nothing_more(tmp_path):
     res = run_training(tiny("train.rounds=1"), tmp_path / "run", progress=False)
-    ledger = (tmp_path / "run" / "clients" / "client_00000" / "ledger.jsonl").read_text()
+    ledger = (tmp_path / "run" / "ledger" / "rank_00000.jsonl").read_text()
     again = run_training(tiny("train.rounds=1"), tmp_path / "run", resume=True, progress=False)
-    assert (tmp_path / "run" / "clients" / "client_00000" / "ledger.jsonl").read_text() == ledger
+    assert (tmp_path / "run" / "ledger" / "rank_00000.jsonl").read_text() == ledger
     assert again["privacy"]["epsilon_spent"] == res["privacy"]["epsilon_spent"]
 
 

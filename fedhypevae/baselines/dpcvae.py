@@ -28,7 +28,7 @@ from torch import nn
 from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample
 from ..errors import ConfigError, PrivacyError
 from ..model import mlp, one_hot, soft_clamp
-from ..privacy import DP_SGD, Mechanism, PrivacyLedger, plan_budget
+from ..privacy import DP_SGD, PrivacyLedger, plan_budget
 from ..rng import STREAM_INIT, STREAM_STEP, ClientRNG, public_generator
 from .linear import _require_all_clients, aggregation_weights, ledger_summary
 
@@ -110,11 +110,9 @@ def train_dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-
     for c in clients:
         cid = c.client_id
         opts[cid] = torch.optim.Adam(models[cid].parameters(), lr=lr)
-        rngs[cid] = ClientRNG(cid, noise_seed if (private or noise_seed is not None) else seed)
-        ledgers[cid] = PrivacyLedger()
+        rngs[cid] = ClientRNG(cid, noise_seed if (private or noise_seed is not None) else seed, method="dpcvae")
+        ledgers[cid] = PrivacyLedger([cid])  # in memory: the baseline does not resume
         data[cid] = (torch.as_tensor(np.asarray(c.x_train, np.float32)), torch.as_tensor(np.asarray(c.y_train, np.int64)))
-    one = [Mechanism(DP_SGD, plan.sigma, sample_rate, 1)] if plan is not None else []
-    replayable = noise_seed is not None
     history = []
 
     for r in range(rounds):
@@ -132,9 +130,9 @@ def train_dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-
             expected = sample_rate * float(fed.declared_sizes[cid])  # public normalizer
             for s in range(local_steps):
                 if plan is not None:
-                    if not ledgers[cid].would_fit(one, plan):
+                    if not ledgers[cid].fits(DP_SGD, plan.sigma, sample_rate, plan):
                         raise PrivacyError(f"dpcvae client {cid}: step {s} of round {r} would exceed epsilon={epsilon:g}")
-                    ledgers[cid].charge(DP_SGD, plan.sigma, sample_rate, f"r{r}s{s}", replayable=replayable)
+                    ledgers[cid].charge(DP_SGD, plan.sigma, sample_rate, f"r{r}s{s}")
                 gen = rngs[cid].generator(STREAM_STEP, r, s)
                 idx = poisson_sample(len(y), sample_rate, gen)
                 xb, yb = x[idx], y[idx]

@@ -38,7 +38,7 @@ from torch.nn import functional as F
 from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample
 from ..errors import ConfigError, DataError, PrivacyError
 from ..model import one_hot
-from ..privacy import DP_SGD, Mechanism, PrivacyLedger, plan_budget
+from ..privacy import DP_SGD, PrivacyLedger, plan_budget
 from ..rng import STREAM_STEP, ClientRNG, public_generator
 
 SAMPLINGS = ("shuffle", "poisson")
@@ -219,7 +219,8 @@ def steps_per_epoch(sample_rate: float) -> int:
 def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: float = 0.0, batch_size: int = 32,
                          sampling: str = "shuffle", sample_rate: float = 0.1, dp: Optional[DPSpec] = None,
                          seed: int = 0, noise_seed: Optional[int] = None, weights: str = "declared",
-                         ledgers: Optional[dict] = None, on_step: Optional[Callable] = None) -> dict:
+                         ledgers: Optional[dict] = None, on_step: Optional[Callable] = None,
+                         method: str = "fedavg") -> dict:
     """Train a global linear model with FedAvg (mu = 0) or FedProx (mu > 0); no accounting here.
 
     ``sampling``: ``shuffle`` (non-private only: minibatches of ``batch_size`` over a public
@@ -227,8 +228,9 @@ def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: 
     epoch, sum of per-sample gradients / (q * declared size)). With ``dp`` the Poisson batch's
     per-sample gradients are clipped and noised (dp_step). ``on_step(client, round, step)`` runs
     before each DP step (the caller charges its ledger there). Coins and noise come from
-    ``ClientRNG(client, noise_seed)``: secure when noise_seed is None and dp is set; the non-private
-    Poisson mode uses noise_seed, else the public ``seed`` (nothing private to protect).
+    ``ClientRNG(client, noise_seed, method=method)`` (the method's own stream namespace): secure when
+    noise_seed is None and dp is set; the non-private Poisson mode uses noise_seed, else the public
+    ``seed`` (nothing private to protect).
     Returns {"weight": (K, d), "bias": (K,)} as float32 tensors.
     """
     if sampling not in SAMPLINGS:
@@ -252,9 +254,9 @@ def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: 
     rngs = {}
     for c in fed.clients:
         if dp is not None:
-            rngs[c.client_id] = ClientRNG(c.client_id, noise_seed)
+            rngs[c.client_id] = ClientRNG(c.client_id, noise_seed, method=method)
         else:
-            rngs[c.client_id] = ClientRNG(c.client_id, noise_seed if noise_seed is not None else seed)
+            rngs[c.client_id] = ClientRNG(c.client_id, noise_seed if noise_seed is not None else seed, method=method)
     spe = steps_per_epoch(sample_rate)
     params = dict(model.named_parameters())
 
@@ -341,26 +343,25 @@ def federated_linear(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float =
         plan = plan_budget(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
                            accountant=accountant, stats_fraction=0.0, mmd_fraction=0.0, use_stats=False,
                            use_mmd=False, noise_multiplier=noise_multiplier)
-        ledgers = {c.client_id: PrivacyLedger() for c in fed.clients}
-        replayable = noise_seed is not None
-        one = [Mechanism(DP_SGD, plan.sigma, plan.sample_rate, 1)]
+        ledgers = {c.client_id: PrivacyLedger([c.client_id]) for c in fed.clients}  # in memory: no resume
 
         def charge(cid, r, s):
             led = ledgers[cid]
-            if not led.would_fit(one, plan):
+            if not led.fits(DP_SGD, plan.sigma, plan.sample_rate, plan):
                 raise PrivacyError(f"client {cid}: step {s} of round {r} would exceed the budget epsilon={epsilon:g}")
-            led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"r{r}s{s}", replayable=replayable)
+            led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"r{r}s{s}")
 
         state = fit_federated_linear(fed, rounds=rounds, local_epochs=local_epochs, lr=lr, mu=mu,
                                      dp=DPSpec(plan.sigma, clip_norm, sample_rate), seed=seed,
-                                     noise_seed=noise_seed, weights=weights, on_step=charge)
+                                     noise_seed=noise_seed, weights=weights, on_step=charge,
+                                     method="fedprox" if mu > 0 else "fedavg")
         privacy = ledger_summary(ledgers, plan, clip_norm=clip_norm, noise_seed=noise_seed)
         settings.update({"sampling": "poisson", "sample_rate": sample_rate, "clip_norm": clip_norm,
                          "steps_per_epoch": steps_per_epoch(sample_rate)})
     else:
         state = fit_federated_linear(fed, rounds=rounds, local_epochs=local_epochs, lr=lr, mu=mu,
                                      batch_size=batch_size, sampling=sampling, sample_rate=sample_rate, seed=seed,
-                                     noise_seed=noise_seed, weights=weights)
+                                     noise_seed=noise_seed, weights=weights, method="fedprox" if mu > 0 else "fedavg")
         settings.update({"sampling": sampling})
         settings.update({"batch_size": batch_size} if sampling == "shuffle" else
                         {"sample_rate": sample_rate, "steps_per_epoch": steps_per_epoch(sample_rate)})

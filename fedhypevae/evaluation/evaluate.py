@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..checkpoint import dumps_json
 from ..errors import DataError, FedHypeVAEError
 from .classifiers import train_linear
 from .metrics import accuracy, balanced_accuracy, summarize
@@ -183,7 +184,7 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
+            f.write(dumps_json(obj, indent=2))
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -5,16 +5,20 @@ from .accounting import (
     DP_SGD,
     MECHANISM_NAMES,
     MMD_EMBEDDINGS,
-    LedgerEntry,
     Mechanism,
-    PrivacyLedger,
     PrivacyPlan,
     calibrate_one_shot,
     epsilon_of,
+    history_fits,
     plan_budget,
 )
+from .ledger import LEDGER_FORMAT, PrivacyLedger, Release, has_ledger
 from .stats import (
     RandomFeatures,
+    class_stat_sums,
+    mean_embedding_sums,
+    noise_class_stats,
+    noise_mean_embeddings,
     finalize_class_stats,
     gaussian_kernel_mmd2,
     mean_embedding_mmd2,
@@ -25,7 +29,9 @@ from .stats import (
 
 __all__ = [
     "ACCOUNTANTS", "CLASS_STATS", "DP_SGD", "MECHANISM_NAMES", "MMD_EMBEDDINGS",
-    "LedgerEntry", "Mechanism", "PrivacyLedger", "PrivacyPlan", "calibrate_one_shot", "epsilon_of", "plan_budget",
-    "RandomFeatures", "finalize_class_stats", "gaussian_kernel_mmd2", "mean_embedding_mmd2",
+    "LEDGER_FORMAT", "Mechanism", "PrivacyLedger", "PrivacyPlan", "Release", "calibrate_one_shot", "epsilon_of",
+    "has_ledger", "history_fits", "plan_budget",
+    "RandomFeatures", "class_stat_sums", "finalize_class_stats", "mean_embedding_sums", "noise_class_stats",
+    "noise_mean_embeddings", "gaussian_kernel_mmd2", "mean_embedding_mmd2",
     "mean_embedding_release", "release_class_stats", "release_mean_embeddings",
 ]

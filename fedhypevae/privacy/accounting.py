@@ -1,4 +1,4 @@
-"""Privacy accounting: composed epsilon, budget planning and the per-client ledger.
+"""Privacy accounting: composed epsilon, budget planning and the budget guard.
 
 Everything a client releases is one of three Gaussian mechanisms on the same private
 records, and all of them are composed in ONE accountant history (DESIGN §1, §6):
@@ -9,17 +9,14 @@ records, and all of them are composed in ONE accountant history (DESIGN §1, §6
 
 ``epsilon_of`` composes such a history with Opacus' RDP or PRV analysis,
 ``plan_budget`` calibrates the noise multipliers from the target (epsilon, delta) BEFORE
-training, and ``PrivacyLedger`` is the append-only record of what a client actually
-released (charged before each release; never rolled back, so a resume never refunds).
+training, and ``history_fits`` is the budget guard's test. What a client actually released
+is recorded in the privacy ledger (``ledger.py``).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from ..errors import PrivacyError
@@ -56,7 +53,7 @@ class Mechanism:
         return asdict(self)
 
 
-def _validate(m: Mechanism) -> None:
+def validate_mechanism(m: Mechanism) -> None:
     """Reject values no accountant can interpret, with a message a user can act on."""
     if not (m.noise_multiplier >= 0 and math.isfinite(m.noise_multiplier)):
         raise PrivacyError(f"{m.name}: noise multiplier must be a finite number >= 0; got {m.noise_multiplier}")
@@ -157,7 +154,7 @@ def epsilon_of(mechanisms: Iterable[Mechanism], *, delta: float, accountant: str
         raise PrivacyError(f"delta must be in (0, 1); got {delta}")
     mechs = list(mechanisms)
     for m in mechs:
-        _validate(m)
+        validate_mechanism(m)
     mechs = [m for m in mechs if m.steps > 0]
     if not mechs:
         return 0.0
@@ -357,159 +354,26 @@ def plan_budget(*, target_epsilon: float, delta: float, sample_rate: float, step
                        planned_epsilon=eps, mechanisms=mechanisms)
 
 
-# --------------------------------------------------------------------------- ledger
+# --------------------------------------------------------------------------- the budget guard
 
 
-@dataclass(frozen=True)
-class LedgerEntry:
-    """One release: ``mechanism`` with noise ``sigma`` at Poisson rate ``q``, identified by ``key``."""
+def history_fits(history: list, extra: list, plan: PrivacyPlan) -> bool:
+    """Budget guard: True if ``history`` + ``extra`` + the plan's not-yet-released one-shot releases
+    stay within ``plan.target_epsilon``.
 
-    mechanism: str
-    sigma: float
-    q: float
-    key: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class PrivacyLedger:
-    """Append-only record of every release a client made, charged BEFORE the release.
-
-    Never rolled back: a crash between charge and release over-counts, never under-counts.
-    With a ``path`` every charge is appended to a JSONL file and flushed (``fsync=True``
-    also forces it to disk) before ``charge`` returns, so a killed process keeps its
-    charges. Opening an existing file loads it; a truncated last line (a charge that never
-    returned, hence a release that never happened) is dropped and cut off the file.
+    Fast path without the accountant: every entry uses the plan's sigma and q and no mechanism has
+    more releases than planned — a sub-history of the calibrated plan (epsilon is monotone in steps).
     """
-
-    def __init__(self, path: Optional[str | os.PathLike] = None, *, fsync: bool = False):
-        self.entries: list = []
-        self._seen: set = set()
-        self.path = Path(path) if path is not None else None
-        self.fsync = fsync
-        if self.path is not None and self.path.exists():
-            for entry in _read_jsonl(self.path, repair=True):
-                self._add(entry)
-
-    @classmethod
-    def load(cls, path, *, fsync: bool = False) -> "PrivacyLedger":
-        """Open the ledger file at ``path`` (it must exist); further charges append to it."""
-        if not Path(path).exists():
-            raise PrivacyError(f"privacy ledger {path} not found")
-        return cls(path, fsync=fsync)
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def _add(self, entry: LedgerEntry) -> None:
-        self.entries.append(entry)
-        self._seen.add(entry)
-
-    def charge(self, mechanism_name: str, sigma: float, q: float, key: str, *, replayable: bool) -> bool:
-        """Record a release before making it; returns whether it was charged.
-
-        ``replayable`` (reproducible noise, ``privacy.noise_seed`` set): an identical entry
-        with the same key re-releases exactly the same values, so it costs nothing new and
-        is not charged again. Otherwise (secure noise) a release under an existing key is a
-        fresh draw and is charged again.
-        """
-        if mechanism_name not in MECHANISM_NAMES:
-            raise PrivacyError(f"unknown mechanism {mechanism_name!r}; valid: {', '.join(MECHANISM_NAMES)}")
-        entry = LedgerEntry(mechanism_name, float(sigma), float(q), str(key))
-        _validate(Mechanism(entry.mechanism, entry.sigma, entry.q, 1))
-        if replayable and entry in self._seen:
-            return False
-        if self.path is not None:
-            self._append_line(entry)
-        self._add(entry)
+    history = list(history) + [m for m in extra if m.steps > 0]
+    remaining = []
+    for m in plan.one_shot():
+        used = sum(h.steps for h in history if h.name == m.name)
+        if m.steps - used > 0:
+            remaining.append(Mechanism(m.name, m.noise_multiplier, m.sample_rate, m.steps - used))
+    if _is_subplan(history, plan):
         return True
-
-    def _append_line(self, entry: LedgerEntry) -> None:
-        # one O_APPEND write per entry (atomic for a line this short); the directory is made once.
-        # A third of the cost of open()/write()/close() through Python's file objects, which showed
-        # up as 0.2 ms per client per round at 1000 clients on a rank.
-        if not getattr(self, "_dir_ready", False):
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._dir_ready = True
-        line = (json.dumps(entry.to_dict(), sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            if self.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def mechanisms(self) -> list:
-        """Entries grouped by (mechanism, sigma, q), in order of first appearance."""
-        counts: dict = {}
-        for e in self.entries:
-            k = (e.mechanism, e.sigma, e.q)
-            counts[k] = counts.get(k, 0) + 1
-        return [Mechanism(n, s, q, c) for (n, s, q), c in counts.items()]
-
-    def steps(self, mechanism_name: str = DP_SGD) -> int:
-        return sum(1 for e in self.entries if e.mechanism == mechanism_name)
-
-    def epsilon(self, *, delta: float, accountant: str) -> float:
-        """Epsilon spent so far."""
-        return epsilon_of(self.mechanisms(), delta=delta, accountant=accountant)
-
-    def summary(self, *, delta: float, accountant: str) -> list:
-        """One row per mechanism group, with the epsilon it would spend alone."""
-        return [{"mechanism": m.name, "sigma": m.noise_multiplier, "q": m.sample_rate, "steps": m.steps,
-                 "epsilon_alone": epsilon_of([m], delta=delta, accountant=accountant)}
-                for m in self.mechanisms()]
-
-    def state_dict(self) -> dict:
-        return {"version": 1, "entries": [e.to_dict() for e in self.entries]}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Restore from a checkpoint without ever refunding.
-
-        In memory only: replaces the entries. File-backed: the checkpoint's entries must be
-        a prefix of those already in the file (charges made after the checkpoint stay), or
-        the file must be empty (then they are written to it); anything else raises.
-        """
-        entries = [LedgerEntry(d["mechanism"], float(d["sigma"]), float(d["q"]), str(d["key"]))
-                   for d in state.get("entries", [])]
-        if self.path is None:
-            self.entries, self._seen = [], set()
-            for e in entries:
-                self._add(e)
-            return
-        if not self.entries:
-            for e in entries:
-                self._append_line(e)
-                self._add(e)
-            return
-        if self.entries[:len(entries)] != entries:
-            raise PrivacyError(f"the checkpoint's privacy ledger does not match {self.path}: refusing to resume "
-                               "(a ledger is never rewritten); resume with the ledger file of this run")
-
-    def already_charged(self, mechanism_name: str, sigma: float, q: float, key: str) -> bool:
-        """Whether this exact release is in the ledger: a replayable re-release of it costs nothing."""
-        return LedgerEntry(mechanism_name, float(sigma), float(q), str(key)) in self._seen
-
-    def would_fit(self, extra: list, plan: PrivacyPlan) -> bool:
-        """Budget guard: True if ledger + ``extra`` + the plan's not-yet-charged one-shot
-        releases stay within ``plan.target_epsilon``.
-
-        Fast path without the accountant: every DP-SGD entry uses the plan's sigma and q,
-        the total DP-SGD steps stay within the plan, and the one-shot releases are the
-        planned ones — a sub-history of the calibrated plan (epsilon is monotone in steps).
-        """
-        history = self.mechanisms() + [m for m in extra if m.steps > 0]
-        remaining = []
-        for m in plan.one_shot():
-            used = sum(h.steps for h in history if h.name == m.name)
-            if m.steps - used > 0:
-                remaining.append(Mechanism(m.name, m.noise_multiplier, m.sample_rate, m.steps - used))
-        if _is_subplan(history, plan):
-            return True
-        eps = epsilon_of(history + remaining, delta=plan.delta, accountant=plan.accountant)
-        return eps <= plan.target_epsilon * (1 + 1e-9)
+    eps = epsilon_of(history + remaining, delta=plan.delta, accountant=plan.accountant)
+    return eps <= plan.target_epsilon * (1 + 1e-9)
 
 
 def _is_subplan(history: list, plan: PrivacyPlan) -> bool:
@@ -525,28 +389,3 @@ def _is_subplan(history: list, plan: PrivacyPlan) -> bool:
         if used[h.name] > p.steps:
             return False
     return True
-
-
-def _read_jsonl(path: Path, *, repair: bool) -> list:
-    """Parse a ledger file; a truncated final line is dropped (and cut off when ``repair``)."""
-    raw = path.read_bytes()
-    entries, offset = [], 0
-    lines = raw.split(b"\n")
-    for i, line in enumerate(lines):
-        last = i == len(lines) - 1
-        if line.strip():
-            try:
-                if last:
-                    raise ValueError("no newline: an interrupted write")
-                d = json.loads(line)
-                entries.append(LedgerEntry(d["mechanism"], float(d["sigma"]), float(d["q"]), str(d["key"])))
-            except (ValueError, KeyError, TypeError):
-                if not last:
-                    raise PrivacyError(f"privacy ledger {path} is corrupt at line {i + 1}; it cannot be trusted "
-                                       "(restore it from the run directory or start a new run)") from None
-                if repair:
-                    with open(path, "r+b") as fh:
-                        fh.truncate(offset)
-                break
-        offset += len(line) + 1
-    return entries

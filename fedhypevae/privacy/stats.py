@@ -56,6 +56,44 @@ def _one_hot(y: torch.Tensor, num_classes: int, device) -> torch.Tensor:
 # --------------------------------------------------------------------------- class statistics
 
 
+def class_stat_sums(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_norm: float,
+                    covariance: str) -> dict:
+    """The pre-noise payload of ``release_class_stats``: per-class sums of the clipped rows, counts and
+    (for "diag"/"full") second moments, float64. Stays on the client."""
+    if covariance not in COVARIANCE_KINDS:
+        raise PrivacyError(f"covariance must be one of {', '.join(COVARIANCE_KINDS)}; got {covariance!r}")
+    if not clip_norm > 0:
+        raise PrivacyError(f"clip_norm must be > 0; got {clip_norm}")
+    _check_release(num_classes, 0.0, y)
+    xc = clip_rows(x.detach().to(torch.float64), clip_norm)
+    onehot = _one_hot(y, num_classes, x.device)  # (n, K)
+    out = {"sum": onehot.T @ xc, "count": onehot.sum(0)}
+    if covariance == "diag":
+        out["second_moment"] = onehot.T @ xc.pow(2)
+    elif covariance == "full":
+        out["second_moment"] = torch.einsum("nk,ni,nj->kij", onehot, xc, xc)
+    return out
+
+
+def noise_class_stats(sums: dict, *, clip_norm: float, noise_multiplier: float, covariance: str,
+                      generator: torch.Generator) -> dict:
+    """``sums`` (from ``class_stat_sums``) plus the Gaussian noise of the release (see release_class_stats)."""
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise PrivacyError(f"noise multiplier must be a finite number >= 0; got {noise_multiplier}")
+    device = sums["sum"].device
+    m = 2 if covariance == "none" else 3
+    std = noise_multiplier * math.sqrt(m)
+    k, d = sums["sum"].shape
+    out = {"sum": sums["sum"] + _gaussian((k, d), std * clip_norm, generator, device),
+           "count": sums["count"] + _gaussian((k,), std, generator, device)}
+    if covariance == "diag":
+        out["second_moment"] = sums["second_moment"] + _gaussian((k, d), std * clip_norm ** 2, generator, device)
+    elif covariance == "full":
+        noise = torch.triu(_gaussian((k, d, d), std * clip_norm ** 2, generator, device))
+        out["second_moment"] = sums["second_moment"] + noise + torch.triu(noise, diagonal=1).transpose(1, 2)
+    return out
+
+
 def release_class_stats(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_norm: float,
                         noise_multiplier: float, covariance: str,
                         generator: torch.Generator) -> dict:
@@ -70,27 +108,10 @@ def release_class_stats(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, c
     drawn on the upper triangle and mirrored (the upper triangle's sensitivity is at most
     the Frobenius one; mirroring is post-processing). Returned in float64.
     """
-    if covariance not in COVARIANCE_KINDS:
-        raise PrivacyError(f"covariance must be one of {', '.join(COVARIANCE_KINDS)}; got {covariance!r}")
-    if not clip_norm > 0:
-        raise PrivacyError(f"clip_norm must be > 0; got {clip_norm}")
     _check_release(num_classes, noise_multiplier, y)
-    device = x.device
-    xc = clip_rows(x.detach().to(torch.float64), clip_norm)
-    onehot = _one_hot(y, num_classes, device)  # (n, K)
-    m = 2 if covariance == "none" else 3
-    std = noise_multiplier * math.sqrt(m)
-    k, d = num_classes, xc.shape[1]
-
-    out = {"sum": onehot.T @ xc + _gaussian((k, d), std * clip_norm, generator, device),
-           "count": onehot.sum(0) + _gaussian((k,), std, generator, device)}
-    if covariance == "diag":
-        out["second_moment"] = onehot.T @ xc.pow(2) + _gaussian((k, d), std * clip_norm ** 2, generator, device)
-    elif covariance == "full":
-        q = torch.einsum("nk,ni,nj->kij", onehot, xc, xc)
-        noise = torch.triu(_gaussian((k, d, d), std * clip_norm ** 2, generator, device))
-        out["second_moment"] = q + noise + torch.triu(noise, diagonal=1).transpose(1, 2)
-    return out
+    sums = class_stat_sums(x, y, num_classes=num_classes, clip_norm=clip_norm, covariance=covariance)
+    return noise_class_stats(sums, clip_norm=clip_norm, noise_multiplier=noise_multiplier, covariance=covariance,
+                             generator=generator)
 
 
 def finalize_class_stats(summed: dict, *, covariance: str, rank: int = 0, min_count: float = 1.0,
@@ -166,6 +187,24 @@ class RandomFeatures:
         return torch.cat([torch.cos(proj), torch.sin(proj)], dim=1) * scale
 
 
+def mean_embedding_sums(x: torch.Tensor, y: torch.Tensor, *, features: RandomFeatures, num_classes: int) -> tuple:
+    """The pre-noise payload of ``release_mean_embeddings``: per-class (sum of phi(x) (K,F), count (K,)), float64."""
+    _check_release(num_classes, 0.0, y)
+    phi = features(x.detach().to(torch.float64))
+    onehot = _one_hot(y, num_classes, x.device)
+    return onehot.T @ phi, onehot.sum(0)
+
+
+def noise_mean_embeddings(sums: torch.Tensor, counts: torch.Tensor, *, noise_multiplier: float,
+                          generator: torch.Generator) -> tuple:
+    """(sums, counts) from ``mean_embedding_sums`` plus the noise of the release (see release_mean_embeddings)."""
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise PrivacyError(f"noise multiplier must be a finite number >= 0; got {noise_multiplier}")
+    std = noise_multiplier * math.sqrt(2.0)
+    return (sums + _gaussian(tuple(sums.shape), std, generator, sums.device),
+            counts + _gaussian(tuple(counts.shape), std, generator, counts.device))
+
+
 def release_mean_embeddings(x: torch.Tensor, y: torch.Tensor, *, features: RandomFeatures, num_classes: int,
                             noise_multiplier: float, generator: torch.Generator) -> tuple:
     """Noisy per-class (sum of phi(x) (K,F), count (K,)) of one client, float64.
@@ -175,13 +214,8 @@ def release_mean_embeddings(x: torch.Tensor, y: torch.Tensor, *, features: Rando
     multiplier sigma). No clipping is needed. Mean embedding = summed sums / max(count, 1).
     """
     _check_release(num_classes, noise_multiplier, y)
-    device = x.device
-    phi = features(x.detach().to(torch.float64))
-    onehot = _one_hot(y, num_classes, device)
-    std = noise_multiplier * math.sqrt(2.0)
-    sums = onehot.T @ phi + _gaussian((num_classes, features.num_features), std, generator, device)
-    counts = onehot.sum(0) + _gaussian((num_classes,), std, generator, device)
-    return sums, counts
+    sums, counts = mean_embedding_sums(x, y, features=features, num_classes=num_classes)
+    return noise_mean_embeddings(sums, counts, noise_multiplier=noise_multiplier, generator=generator)
 
 
 mean_embedding_release = release_mean_embeddings
