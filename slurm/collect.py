@@ -6,7 +6,10 @@ Reads SWEEP/points/*/result.json and writes summary.csv (one row per method, par
 mean and std over seeds of the client-averaged accuracy and balanced accuracy), points.csv (one
 row per point and client), summary.md, summary.json and privacy_utility.png (accuracy and balanced
 accuracy against epsilon, log x axis, one line per method with error bars; methods that do not
-depend on epsilon are horizontal bands). Points without a result are listed as missing.
+depend on epsilon are horizontal bands). Points without a result are listed as missing. Partial
+points (result.json "status": "partial": the run ended without its statistics release, so without
+a fitted meta-code, and was not scored) are listed in their own section with what they miss and
+the epsilon they spent; they are left out of the means, stds, CSV files and the plot.
 """
 from __future__ import annotations
 
@@ -19,19 +22,21 @@ from pathlib import Path
 
 from fedhypevae.table import LABELS
 
-from .job import read_json, write_json
+from .job import missing_text, read_json, result_status, write_json
 
-def load_points(sweep: Path) -> tuple[list[dict], list[dict]]:
-    """(results, missing specs)."""
-    results, missing = [], []
+
+def load_points(sweep: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """(complete results, partial results, specs of the points without a result)."""
+    results, partial, missing = [], [], []
     for d in sorted((sweep / "points").glob("*")):
         if not (d / "spec.json").is_file():
             continue
         if (d / "result.json").is_file():
-            results.append(read_json(d / "result.json"))
+            res = read_json(d / "result.json")
+            (partial if result_status(res) == "partial" else results).append(res)
         else:
             missing.append(read_json(d / "spec.json"))
-    return results, missing
+    return results, partial, missing
 
 
 def _mean(xs):
@@ -65,7 +70,7 @@ def _eps(e) -> str:
     return "–" if e is None else ("∞" if math.isinf(e) else f"{e:g}")
 
 
-def markdown(rows: list[dict], missing: list[dict], sweep: Path) -> str:
+def markdown(rows: list[dict], missing: list[dict], sweep: Path, partial: list[dict] = ()) -> str:
     lines = [f"# Sweep {sweep.name}", "",
              "Mean ± std over seeds of the client-averaged metric (%). ε: the target of the point (– for methods "
              "that do not use one); ε spent: the largest over its seeds. *Paper mode is not a formal guarantee.", ""]
@@ -78,6 +83,14 @@ def markdown(rows: list[dict], missing: list[dict], sweep: Path) -> str:
                          f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
                          f"{r['balanced_accuracy_mean']:.2f} ± {r['balanced_accuracy_std']:.2f} | {spent} | "
                          f"{r['resumed_points']} |")
+        lines.append("")
+    if partial:
+        lines += [f"## Partial ({len(partial)} point(s))", "",
+                  "Ended without releasing their class statistics, so without a fitted meta-code: not scored, not in "
+                  "the table or the plot, and not retried (another attempt would be refused the same release).", ""]
+        for r in partial:
+            spent = "" if r.get("epsilon_spent") is None else f" (ε spent {r['epsilon_spent']:.3f})"
+            lines.append(f"- {r['id']}{spent} — missing: {missing_text(r)}")
         lines.append("")
     if missing:
         lines += [f"## Missing ({len(missing)} point(s) without a result)", ""]
@@ -139,7 +152,7 @@ def collect(sweep: Path, out: Path | None = None) -> dict:
         raise FileNotFoundError(f"{sweep} holds no sweep (no points/ directory); run python -m slurm.sweep first")
     out = Path(out or sweep)
     out.mkdir(parents=True, exist_ok=True)
-    results, missing = load_points(sweep)
+    results, partial, missing = load_points(sweep)
     rows = summarize(results)
     fields = ["method", "partition", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
               "balanced_accuracy_std", "epsilon_spent_max", "formal_guarantee", "resumed_points"]
@@ -157,10 +170,12 @@ def collect(sweep: Path, out: Path | None = None) -> dict:
                 w.writerow([r["id"], r["method"], r["partition"], "" if r["epsilon"] is None else r["epsilon"], r["seed"],
                             c["client"], c["accuracy"], c["balanced_accuracy"], r.get("epsilon_spent"), r["ranks"],
                             r.get("starts")])
-    (out / "summary.md").write_text(markdown(rows, missing, sweep))
+    (out / "summary.md").write_text(markdown(rows, missing, sweep, partial))
     if rows:
         plot(rows, out / "privacy_utility.png")
-    summary = {"sweep": str(sweep), "points": len(results) + len(missing), "finished": len(results),
+    summary = {"sweep": str(sweep), "points": len(results) + len(partial) + len(missing), "finished": len(results),
+               "partial": [{"id": r["id"], "missing": list(r.get("missing") or []),
+                            "epsilon_spent": r.get("epsilon_spent")} for r in partial],
                "missing": [m["id"] for m in missing], "summary": rows}
     write_json(out / "summary.json", summary)
     return summary
@@ -178,7 +193,8 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out or args.sweep)
     print((out / "summary.md").read_text())
-    print(f"{s['finished']} of {s['points']} point(s) collected -> {out}/summary.csv, summary.md, "
+    partial = f", {len(s['partial'])} partial (not in the table: see summary.md)" if s["partial"] else ""
+    print(f"{s['finished']} of {s['points']} point(s) collected{partial} -> {out}/summary.csv, summary.md, "
           f"{'privacy_utility.png, ' if s['summary'] else ''}summary.json")
     return 0
 

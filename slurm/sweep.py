@@ -15,6 +15,16 @@ Running the same command again skips finished points, resubmits unfinished ones 
 their checkpoints) and never resubmits points still queued or running; points whose last job ended
 without a result are listed with their log files.
 
+A partial point (its run could not release its class statistics, e.g. no budget left after a job died
+between that release's charge and its results, so its meta-code was not fitted; result.json has
+"status": "partial" and says what is missing) is final: it is listed as "partial (not retried: ...)",
+never resubmitted or requeued (another attempt would be refused the same release), and `slurm.collect`
+reports it apart from the results. Rerun such a point in a new sweep (another --out).
+
+Exit status: 0 when every point this command waited for finished (or nothing was to be done), 1 when
+some ended without a result (listed with their logs), 3 when none failed but some ended partial, 2 for
+an error in the command, 130 when the command itself was interrupted (submitted points keep running).
+
 Cluster parameters use submitit's names (`timeout_min`, `nodes`, `tasks_per_node`, `cpus_per_task`,
 `gpus_per_node`, `mem_gb`, `slurm_partition`, `slurm_account`, `slurm_qos`, ...), given as
 `--param NAME=VALUE` or in a YAML file (`--cluster-config`); an unknown name fails with the list.
@@ -39,7 +49,7 @@ import yaml
 
 from fedhypevae.table import FEDHYPEVAE_METHODS
 
-from .job import PointJob, SweepError, read_events, read_json, write_json
+from .job import PointJob, SweepError, missing_text, read_events, read_json, result_status, write_json
 
 FEDHYPEVAE = tuple(FEDHYPEVAE_METHODS)
 PRIVATE_BASELINES = ("fedavg-dp", "fedprox-dp", "dpcvae")
@@ -188,9 +198,14 @@ def slurm_state(job_id: str) -> Optional[str]:
 
 
 def point_status(point_dir: Path, states: Optional[dict] = None) -> tuple[str, Optional[dict]]:
-    """finished | active (queued or running) | failed (a job ended without a result) | interrupted | new.
+    """finished | partial (ended without its statistics release / meta-code fit: final, not retried) |
+    active (queued or running) | failed (a job ended without a result) | interrupted | new.
+    The second item: the point's result.json for a partial point, else its last submission (or None).
     `states`: SLURM job states already queried for many points at once."""
     if (point_dir / "result.json").is_file():
+        res = read_json(point_dir / "result.json")
+        if result_status(res) == "partial":
+            return "partial", res
         return "finished", None
     rec = job_record(point_dir)
     if rec is None:
@@ -206,6 +221,11 @@ def point_status(point_dir: Path, states: Optional[dict] = None) -> tuple[str, O
     if events and events[-1]["event"] == "interrupted":
         return "interrupted", last
     return "failed", last
+
+
+def partial_note(result: dict) -> str:
+    """How a partial point is shown: partial (not retried: what is missing)."""
+    return f"partial (not retried: {missing_text(result)})"
 
 
 def _slurm_job_ids(out: Path, points) -> list[str]:
@@ -419,6 +439,11 @@ def run_sweep(args) -> int:
     active = [pt.id for pt in points if status[pt.id][0] == "active"]
     if active:
         print(f"{len(active)} point(s) queued or running, not resubmitted: {', '.join(active[:5])}{' ...' if len(active) > 5 else ''}")
+    partial = [(pt, status[pt.id][1]) for pt in points if status[pt.id][0] == "partial"]
+    if partial and not args.dry_run:  # the dry run lists them with its actions
+        print(f"{len(partial)} point(s) ended partial, without a result (not resubmitted):")
+        for pt, res in partial:
+            print(f"  {pt.id}  {partial_note(res)}")
 
     if args.dry_run:
         return _dry_run(sweep, cluster, params, points, todo, status)
@@ -439,8 +464,11 @@ def _dry_run(sweep, cluster, params, points, todo, status) -> int:
     from .sbatch import point_script
 
     for pt in points:
+        state, info = status[pt.id]
         action = {"new": "submit", "failed": "resubmit (resume)", "interrupted": "resubmit (resume)",
-                  "finished": "skip (finished)", "active": "skip (queued or running)"}[status[pt.id][0]]
+                  "finished": "skip (finished)", "active": "skip (queued or running)"}.get(state)
+        if state == "partial":
+            action = "skip: " + partial_note(info)
         print(f"  {pt.id:<55s} ranks={pt.ranks}  {action}")
     # plain sbatch equivalents, for people who do not use submitit
     prepare_points(sweep, points)
@@ -523,8 +551,12 @@ def _wait(out: Path, jobs, cluster: str) -> int:
             if pending:
                 time.sleep(2.0)
     bar.close()
-    finished = sum((out / "points" / pt.id / "result.json").is_file() for pt, _ in jobs)
-    print(f"{finished} of {len(jobs)} point(s) finished")
+    ended = {pt.id: point_status(out / "points" / pt.id, {}) for pt, _ in jobs}
+    finished = sum(ended[pt.id][0] == "finished" for pt, _ in jobs)
+    partial = [(pt, ended[pt.id][1]) for pt, _ in jobs if ended[pt.id][0] == "partial"]
+    print(f"{finished} of {len(jobs)} point(s) finished" + (f", {len(partial)} partial" if partial else ""))
+    for pt, res in partial:
+        print(f"  PARTIAL {pt.id}: {partial_note(res)}")
     for pt, why in bad:
         rec = job_record(out / "points" / pt.id) or {"submissions": [{}]}
         last = rec["submissions"][-1]
@@ -533,7 +565,7 @@ def _wait(out: Path, jobs, cluster: str) -> int:
         if tail:
             print(tail)
     print(f"collect with: python -m slurm.collect {out}")
-    return 0 if not bad else 1
+    return 1 if bad else (3 if partial else 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

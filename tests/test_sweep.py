@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm import collect, sweep
+from slurm import collect, job, sweep
 from slurm.job import read_events
 
 REPO = Path(__file__).resolve().parents[1]
@@ -126,3 +126,273 @@ def test_example_sweep_config_and_help(tmp_path):
     assert h.returncode == 0 and "--epsilons" in h.stdout and "submitit's names" in h.stdout
     c = subprocess.run([sys.executable, "-m", "slurm.collect", str(tmp_path / "none")], capture_output=True, text=True)
     assert c.returncode == 2 and "holds no sweep" in c.stderr
+
+
+# ------------------------------------------------------------------------------------ partial points
+WHY = ("class statistics: the budget has no room left for their release (epsilon spent 1.9999 of 2.0), so the "
+       "meta-code was not fitted")
+NOT_FITTED = "meta-code: not fitted (no class statistics); synthetic.npz was generated from the untrained zero code"
+
+
+def _spec(pid, method="fedhypevae-strict", eps=1.0, seed=0, ranks=1):
+    return {"id": pid, "method": method, "partition": "iid", "epsilon": eps, "seed": seed, "ranks": ranks,
+            "config": str(REPO / "configs" / "tiny.yaml"),
+            "overrides": [f"seed={seed}", "partition.kind=iid", f"privacy.target_epsilon={eps}", "privacy.mode=strict"],
+            "protocol": "augment", "comm_timeout_s": 60.0, "device": "cpu", "baseline_settings": {}}
+
+
+def _write_point(out, spec, result=None):
+    """A point directory as slurm.sweep (spec.json) and slurm.job (result.json) write it."""
+    d = out / "points" / spec["id"]
+    d.mkdir(parents=True, exist_ok=True)
+    job.write_json(d / "spec.json", spec)
+    if result is not None:
+        job.write_json(d / "result.json", {**{k: spec[k] for k in ("id", "method", "partition", "epsilon", "seed",
+                                                                     "ranks")}, **result})
+    return d
+
+
+def _complete(acc):
+    rows = [{"client": c, "accuracy": acc, "balanced_accuracy": acc - 0.1} for c in range(2)]
+    return {"status": "complete", "missing": [], "rows": rows, "accuracy": acc, "balanced_accuracy": acc - 0.1,
+            "epsilon_spent": 0.99, "formal_guarantee": True, "seconds": 1.0, "starts": 1, "resumed_from_rounds": [],
+            "resumed_from_steps": []}
+
+
+def _partial():
+    return {"status": "partial", "missing": [WHY, NOT_FITTED], "rows": [], "epsilon_spent": 1.9999,
+            "formal_guarantee": True, "seconds": 1.0, "starts": 2, "resumed_from_rounds": [3], "resumed_from_steps": [0]}
+
+
+def test_collect_lists_partial_points_apart_and_leaves_them_out_of_means_and_plot(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "s"
+    _write_point(out, _spec("fedhypevae-strict__iid__eps1__seed0"), _complete(0.8))
+    _write_point(out, _spec("fedhypevae-strict__iid__eps1__seed1", seed=1), _partial())  # same group as seed0
+    _write_point(out, _spec("fedhypevae-strict__iid__eps4__seed0", eps=4.0), _partial())  # a group of its own
+    _write_point(out, _spec("fedhypevae-strict__iid__epsinf__seed0", eps=float("inf")))  # no result yet
+    plotted = []
+    monkeypatch.setattr(collect, "plot", lambda rows, path: plotted.append(rows))
+
+    assert collect.main([str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "1 of 4 point(s) collected, 2 partial" in printed
+
+    s = json.loads((out / "summary.json").read_text())
+    assert s["finished"] == 1 and s["points"] == 4
+    assert [p["id"] for p in s["partial"]] == ["fedhypevae-strict__iid__eps1__seed1", "fedhypevae-strict__iid__eps4__seed0"]
+    assert s["partial"][0]["missing"] == [WHY, NOT_FITTED]
+    assert s["missing"] == ["fedhypevae-strict__iid__epsinf__seed0"]  # points without a result: as before
+    (row,) = s["summary"]  # the partial seed is not averaged in; the eps=4 group (only partial) is absent
+    assert row["epsilon"] == 1.0 and row["seeds"] == 1 and row["accuracy_mean"] == pytest.approx(80.0)
+    assert [[r["epsilon"] for r in rows] for rows in plotted] == [[1.0]]
+    assert [r["epsilon"] for r in csv.DictReader(open(out / "summary.csv"))] == ["1.0"]
+    assert {r["point"] for r in csv.DictReader(open(out / "points.csv"))} == {"fedhypevae-strict__iid__eps1__seed0"}
+
+    md = (out / "summary.md").read_text()
+    assert "## Partial (2 point(s))" in md and "Missing (1 point(s)" in md
+    assert f"- fedhypevae-strict__iid__eps4__seed0 (ε spent 2.000) — missing: {WHY}; {NOT_FITTED}" in md
+
+
+def test_point_status_says_partial_and_the_dry_run_does_not_resubmit_it(tmp_path):
+    out = tmp_path / "s"
+    done = _write_point(out, _spec("a"), _complete(0.8))
+    part = _write_point(out, _spec("b"), _partial())
+    old = _write_point(out, _spec("c"), {k: v for k, v in _complete(0.8).items() if k not in ("status", "missing")})
+    assert sweep.point_status(done) == ("finished", None)
+    assert sweep.point_status(old) == ("finished", None)  # results written before statuses existed are complete
+    state, res = sweep.point_status(part)
+    assert state == "partial" and res["missing"] == [WHY, NOT_FITTED]
+    assert sweep.point_status(_write_point(out, _spec("d"))) == ("new", None)
+
+    # the sweep command: a partial point is skipped and said to be partial, with what it misses
+    s = tmp_path / "sweep"
+    args = [*TINY, "--epsilons", "1,4", "--cluster", "local", "--out", str(s)]
+    assert run_sweep(*args, "--dry-run").returncode == 0
+    pid = "fedhypevae-strict__iid__eps4__seed0"
+    job.write_json(s / "points" / pid / "result.json", {"id": pid, **_partial()})
+    (s / "points" / pid / "job.sbatch").unlink()  # written by the first dry run, when the point was new
+    r = run_sweep(*args, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "2 points (1 new, 1 partial)" in r.stdout and "would submit 1 of 2" in r.stdout
+    assert f"skip: partial (not retried: {WHY}; {NOT_FITTED})" in r.stdout
+    assert not (s / "points" / pid / "job.sbatch").exists()  # no script written to resubmit it by hand
+
+
+def test_json_files_are_strict_and_keep_an_infinite_target_epsilon(tmp_path):
+    f = tmp_path / "x.json"
+    job.write_json(f, {"epsilon": float("inf"), "epsilons": [1.0, float("inf")], "epsilon_spent": float("nan"),
+                       "summary": [{"epsilon": float("inf"), "accuracy_std": float("nan")}]})
+    text = f.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    back = job.read_json(f)
+    assert back["epsilon"] == float("inf") and back["epsilons"] == [1.0, float("inf")]
+    assert back["summary"] == [{"epsilon": float("inf"), "accuracy_std": None}] and back["epsilon_spent"] is None
+    from fedhypevae.run import EXIT_PARTIAL
+
+    assert job.EXIT_PARTIAL == EXIT_PARTIAL == 3
+
+
+def _single_process(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("SLURM_", "PMI_", "PMIX_", "OMPI_", "MPI_", "HYDRA_", "TORCHELASTIC_")):
+            monkeypatch.delenv(k)
+
+
+def test_job_writes_a_partial_result_unscored_exits_3_and_is_not_run_again(tmp_path, monkeypatch, capsys):
+    # the job-level handling of a partial run_training result (the end-to-end tests below make one for real)
+    import fedhypevae.run
+
+    _single_process(monkeypatch)
+    point = _write_point(tmp_path / "s", _spec("fedhypevae-strict__iid__eps2__seed0", eps=2.0))
+    calls = []
+
+    def partial_run(cfg, out, comm, **kw):
+        calls.append(kw)
+        return {"status": "partial", "missing": [WHY, NOT_FITTED], "training": {"rounds": 3}, "provenance": {},
+                "privacy": {"epsilon_spent": 1.9999, "formal_guarantee": True}}
+
+    monkeypatch.setattr(fedhypevae.run, "run_training", partial_run)
+    assert job.main([str(point)]) == job.EXIT_PARTIAL
+    assert len(calls) == 1 and calls[0]["catch_signals"] is True
+    assert "is PARTIAL (not retried)" in capsys.readouterr().err
+    text = (point / "result.json").read_text()
+    res = json.loads(text)
+    assert res["status"] == "partial" and res["missing"] == [WHY, NOT_FITTED] and res["rows"] == []
+    assert "accuracy" not in res and "balanced_accuracy" not in res  # an unfitted synthetic set is not scored
+    assert res["epsilon_spent"] == 1.9999 and res["formal_guarantee"] is True and res["starts"] == 1
+    assert res["run_results"].endswith("run/results.json")
+    assert [e["event"] for e in read_events(point)] == ["start", "partial"]
+    assert read_events(point)[-1]["missing"] == [WHY, NOT_FITTED]
+
+    # started again (a requeue, or the plain sbatch script submitted by hand): not run again, same status
+    monkeypatch.setattr(fedhypevae.run, "run_training", lambda *a, **k: pytest.fail("a partial point was run again"))
+    assert job.main([str(point)]) == job.EXIT_PARTIAL
+    assert "already has a partial result" in capsys.readouterr().err
+    assert [e["event"] for e in read_events(point)] == ["start", "partial"]
+    out = job.PointJob(str(point), "tasks")()  # what submitit runs: returns normally, so it is not retried
+    assert out == {"interrupted": False, "point": res["id"], "status": "partial", "missing": [WHY, NOT_FITTED]}
+
+
+def test_start_event_after_a_stop_between_steps_records_round_and_step(tmp_path, monkeypatch):
+    import fedhypevae.run
+
+    _single_process(monkeypatch)
+    point = _write_point(tmp_path / "s", _spec("fedhypevae-strict__iid__eps1__seed0"))
+    (point / "run").mkdir()
+    (point / "run" / "config.yaml").write_text("seed: 0\n")  # a run to resume
+    for name, complete in (("round_000001", True), ("round_000002", True), ("round_000002_step_00001", True),
+                           ("round_000002_step_00003", False)):  # the last one was being written: ignored
+        d = point / "run" / "checkpoints" / name
+        d.mkdir(parents=True)
+        if complete:
+            (d / "COMPLETE").write_text("ok\n")
+    seen = {}
+
+    def stopped(cfg, out, comm, *, resume, **kw):
+        seen["resume"] = resume
+        return {"interrupted": True, "signal": 15, "round": 2, "step": 3, "epsilon_spent": 0.5,
+                "checkpoint": str(out / "checkpoints" / "round_000002_step_00003"), "out": str(out)}
+
+    monkeypatch.setattr(fedhypevae.run, "run_training", stopped)
+    assert job.main([str(point)]) == 143
+    start, stop = read_events(point)
+    assert seen["resume"] is True
+    assert start["event"] == "start" and start["resume"] is True
+    assert start["resume_from_round"] == 2 and start["resume_from_step"] == 1
+    assert stop["event"] == "interrupted" and stop["round"] == 2 and stop["step"] == 3 and stop["signal"] == 15
+
+
+def test_run_with_mpiexec_takes_the_ranks_status_3_as_partial(tmp_path, monkeypatch):
+    point = _write_point(tmp_path / "s", _spec("p", ranks=2), _partial())
+    fake = tmp_path / "mpiexec"
+    monkeypatch.setattr(job, "mpiexec_path", lambda: str(fake))
+    for rc, expect in ((3, {"interrupted": False, "point": "p", "status": "partial", "missing": [WHY, NOT_FITTED]}),
+                       (143, {"interrupted": True, "signal": 15, "point": "p"}),
+                       (130, {"interrupted": True, "signal": 2, "point": "p"})):
+        fake.write_text(f"#!/bin/sh\nexit {rc}\n")
+        fake.chmod(0o755)
+        assert job.run_with_mpiexec(point) == expect
+    (point / "result.json").unlink()
+    fake.write_text("#!/bin/sh\nexit 3\n")
+    with pytest.raises(job.SweepError, match="does not say partial"):
+        job.run_with_mpiexec(point)
+
+
+def _crash_after_the_statistics_charge(point):
+    """What a job killed after charging its statistics release, before writing any result, leaves: the ledger
+    holds the charge; results, synthetic set and the 'finished' events are not there."""
+    for name in ("result.json", "run/results.json", "run/synthetic.npz", "run/meta_codes.pt", "run/hypernetwork.pt"):
+        (point / name).unlink()
+    for f in (point / "events.jsonl", point / "run" / "events.jsonl"):
+        lines = [t for t in f.read_text().splitlines() if json.loads(t)["event"] != "finished"]
+        f.write_text("".join(t + "\n" for t in lines))
+
+
+def _stats_charges(run_dir):
+    return sum(json.loads(t).get("key") == "stats" for f in sorted((run_dir / "ledger").glob("rank_*.jsonl"))
+               for t in f.read_text().splitlines() if t.strip())
+
+
+@pytest.mark.slow
+def test_debug_cluster_point_made_partial_for_real_is_reported_not_retried_and_collected_apart(tmp_path):
+    out = tmp_path / "s"
+    args = [*TINY, "--epsilons", "2", "--methods", "fedhypevae-strict,local", "--cluster", "debug", "--out", str(out)]
+    r = run_sweep(*args)
+    assert r.returncode == 0 and "2 of 2 point(s) finished" in r.stdout, r.stdout + r.stderr
+    point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
+    assert json.loads((point / "result.json").read_text())["status"] == "complete"
+
+    # the job died after its statistics release was charged: the resumed run has no budget left for it (secure
+    # noise: a new release, not a free replay), so it ends partial
+    _crash_after_the_statistics_charge(point)
+    r = run_sweep(*args)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "1 failed" in r.stdout and "0 of 1 point(s) finished, 1 partial" in r.stdout
+    assert f"PARTIAL {point.name}: partial (not retried: {WHY}" in r.stdout
+    text = (point / "result.json").read_text()
+    res = json.loads(text)
+    assert res["status"] == "partial" and res["rows"] == [] and "accuracy" not in res
+    assert res["missing"][0] == WHY and "meta-code: not fitted" in res["missing"][1]
+    assert 1.9 < res["epsilon_spent"] <= 2.0 + 1e-9 and res["starts"] == 2
+    assert res["resumed_from_rounds"] == [3] and res["resumed_from_steps"] == [0]
+    assert "Infinity" not in text and "NaN" not in text
+    events = read_events(point)
+    assert [e["event"] for e in events] == ["start", "start", "partial"]
+    assert events[1]["resume"] is True and events[1]["resume_from_round"] == 3 and events[1]["resume_from_step"] == 0
+    assert _stats_charges(point / "run") == 1  # the refused release was not charged
+
+    again = run_sweep(*args)  # not retried
+    assert again.returncode == 0 and "1 finished, 1 partial" in again.stdout and "nothing to submit" in again.stdout
+    assert f"{point.name}  partial (not retried: {WHY}" in again.stdout and "submitted 1 point" not in again.stdout
+    assert [e["event"] for e in read_events(point)] == ["start", "start", "partial"]
+
+    c = subprocess.run([sys.executable, "-m", "slurm.collect", str(out)], cwd=REPO, capture_output=True, text=True)
+    assert c.returncode == 0 and "1 of 2 point(s) collected, 1 partial" in c.stdout, c.stdout + c.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert [p["id"] for p in s["partial"]] == [point.name] and s["missing"] == []
+    assert [r["method"] for r in s["summary"]] == ["local"]
+    assert "## Partial (1 point(s))" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+def test_local_cluster_multi_rank_partial_point_exits_3_on_every_rank_and_is_not_a_failure(tmp_path):
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("needs mpiexec in the environment (pip install mpich)")
+    out = tmp_path / "s"
+    args = [*TINY, "--epsilons", "2", "--ranks", "2", "--cluster", "local", "--out", str(out)]
+    r = run_sweep(*args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
+    _crash_after_the_statistics_charge(point)
+    r = run_sweep(*args)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "0 of 1 point(s) finished, 1 partial" in r.stdout and "FAILED" not in r.stdout
+    res = json.loads((point / "result.json").read_text())
+    assert res["status"] == "partial" and res["ranks"] == 2 and res["missing"][0] == WHY
+    assert _stats_charges(point / "run") == 2  # one charge per rank's clients, made once, not again
+    # the ranks themselves: status 3 from mpiexec (the point already has its partial result: not run again)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "MPI_", "HYDRA_"))}
+    m = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "slurm.job", str(point)], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert m.returncode == 3 and "already has a partial result" in m.stderr, m.stdout + m.stderr
