@@ -126,18 +126,23 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 def _catch_stop_signals(tr: Trainer):
     """The first SIGTERM, SIGUSR2 or SIGINT (Ctrl-C; mpiexec forwards it to every rank) asks every rank to
-    checkpoint together at the next step boundary; a second one aborts at once (KeyboardInterrupt)."""
+    checkpoint together at the next step boundary; a second SIGINT (Ctrl-C pressed again) aborts at once
+    (KeyboardInterrupt). A TERM or USR2 while a stop is already on its way changes nothing: srun's double
+    Ctrl-C sends SIGINT, then SIGTERM, then SIGKILL after the cluster's KillWait, and the checkpoint must
+    not be abandoned at the SIGTERM."""
     previous = {}
 
     def handler(signum, frame):
-        if tr.stop_signal is not None:  # the second signal: stop now, whatever is in progress
-            for sig, h in previous.items():
+        if tr.stop_signal is not None:
+            if signum != signal.SIGINT:
+                return  # the stop already asked for is on its way
+            for sig, h in previous.items():  # Ctrl-C again: stop now, whatever is in progress
                 signal.signal(sig, h)
             raise KeyboardInterrupt
         tr.stop_signal = signum  # acted on before the next release, on every rank together
         if tr.comm.is_root:
             print(f"\nfedhypevae: {signal.Signals(signum).name} received: every rank checkpoints at the next step "
-                  "boundary, then the run stops (send it again to abort at once)", file=sys.stderr, flush=True)
+                  "boundary, then the run stops (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
 
     for sig in STOP_SIGNALS:
         previous[sig] = signal.signal(sig, handler)

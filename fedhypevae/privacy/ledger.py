@@ -118,7 +118,7 @@ class PrivacyLedger:
         self.rank, self.world_size, self.fsync = int(rank), int(world_size), fsync
         self.read_only = clients is None
         self.records: list[Release] = []  # every record that touches a hosted client, in file order
-        self._block_ids: dict = {}  # block id -> ids (np.ndarray) of the blocks read
+        self._block_ids: dict = {}  # block id -> positions in self.ids of the hosted clients it contains
         self._by_key: dict = {}  # (mechanism, key) -> [Release]
         self._counts: dict = {}  # block -> {(mechanism, sigma, q): releases}
         self._groups: list = []  # (mechanism, sigma, q) in order of first appearance
@@ -129,12 +129,12 @@ class PrivacyLedger:
         self.fsyncs = 0
         raw_blocks, raw_records = self._read_all() if self.run_dir is not None else ({}, [])
         if clients is None:
-            known = [ids for ids, _ in raw_blocks.values()]
+            known = list(raw_blocks.values())
             clients = np.unique(np.concatenate(known)) if known else np.zeros(0, dtype=np.int64)
         self.ids = np.asarray(sorted(int(c) for c in clients), dtype=np.int64)
         self.block = block_id(client_ranges(self.ids.tolist()))
         self._own_block_written = False
-        for bid, (ids, _session) in raw_blocks.items():
+        for bid, ids in raw_blocks.items():
             pos = self._positions(ids)
             if len(pos):
                 self._block_ids[bid] = pos
@@ -154,7 +154,7 @@ class PrivacyLedger:
 
     def _read_all(self):
         """Every block and record of the run: format-2 rank files, then format-1 per-client files."""
-        blocks: dict = {}  # block id -> (ids, first session)
+        blocks: dict = {}  # block id -> client ids
         records: list = []
         sessions = [0]
         own = rank_file(self.run_dir, self.rank)
@@ -162,8 +162,8 @@ class PrivacyLedger:
             current = 0
             for kind, obj in _read_lines(path, repair=(path == own and not self.read_only)):
                 if kind == "block":
-                    ids = expand_ranges(obj["clients"])
-                    blocks.setdefault(obj["block"], (ids, obj["session"]))
+                    ids = expand_ranges(obj["clients"])  # the same block id names the same clients
+                    blocks.setdefault(obj["block"], ids)
                     current = obj["session"]
                     sessions.append(current)
                 else:
@@ -176,7 +176,7 @@ class PrivacyLedger:
         for path in sorted(self.run_dir.glob(V1_GLOB)):
             cid = _v1_client(path)
             bid = f"v1-client-{cid:05d}"
-            blocks[bid] = (np.asarray([cid], dtype=np.int64), 0)
+            blocks[bid] = np.asarray([cid], dtype=np.int64)
             epochs: dict = {}
             for mech, sigma, q, key in _read_v1(path):
                 e = epochs.get((mech, key), 0)
