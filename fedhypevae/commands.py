@@ -120,8 +120,8 @@ def format_summary(results: dict, wall: float) -> str:
         lines.append(f"  synthetic    : {syn['samples']} samples -> {syn['path']}")
     out = results.get("outputs", {})
     if out:
-        lines.append(f"  outputs      : {Path(out['results.json']).parent}/ (results.json, metrics.jsonl, tb/, hypernetwork.pt, "
-                     "synthetic.npz, checkpoints/)")
+        lines.append(f"  outputs      : {Path(out['results.json']).parent}/ (results.json, metrics.jsonl, events.jsonl, tb/, "
+                     "hypernetwork.pt, synthetic.npz, checkpoints/, ledger/)")
     return "\n".join(lines)
 
 
@@ -131,6 +131,8 @@ def cmd_account(args) -> int:
 
     if args.run:
         return _account_run(args)
+    if args.client is not None:
+        raise ConfigError("--client names a client of a run: give the run with --run DIR")
     if args.sample_rate is None or args.steps is None:
         raise ConfigError("account needs --sample-rate and --steps (with --epsilon or --sigma), or --run DIR")
     if (args.epsilon is None) == (args.sigma is None):
