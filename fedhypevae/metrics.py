@@ -57,16 +57,16 @@ class MetricWriter:
             self._tb = None
 
 
-def cut_metrics(out_dir: Path, *, keep_through: int) -> list:
-    """Drop the rows of metrics.jsonl after round `keep_through` (a resume restarts there); returns the
-    rounds cut. Rewritten atomically."""
+def cut_metrics(out_dir: Path, *, keep_through: int) -> tuple[list, list]:
+    """Drop the rows of metrics.jsonl after round `keep_through` (a resume restarts there), and rows half
+    written when a process died; rewritten atomically. Returns (the rows kept, the rounds cut)."""
     from .checkpoint import atomic_write_text
 
     f = Path(out_dir) / METRICS
     if not f.is_file():
-        return []
+        return [], []
     lines = f.read_text().splitlines()
-    keep, cut = [], []
+    keep, rows, cut = [], [], []
     for line in lines:
         try:
             row = json.loads(line)
@@ -74,11 +74,12 @@ def cut_metrics(out_dir: Path, *, keep_through: int) -> list:
             continue
         if row.get("round", 0) <= keep_through:
             keep.append(line)
+            rows.append(row)
         else:
             cut.append(int(row["round"]))
     if len(keep) != len(lines):
         atomic_write_text(f, "".join(line + "\n" for line in keep))
-    return cut
+    return rows, cut
 
 
 def append_event(out_dir: Path, event: dict) -> None:

@@ -17,7 +17,6 @@ Single process:   fedhypevae train --config configs/default.yaml --out runs/defa
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork
 from .privacy import (CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, PrivacyLedger, PrivacyPlan, RandomFeatures,
-                      has_ledger, plan_budget)
+                      epsilon_of, has_ledger, plan_budget)
 from .privacy.ledger import payload_digest
 from .provenance import provenance
 from .rng import derive_seed
@@ -101,8 +100,6 @@ def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
         mechs = [Mechanism(DP_SGD, sigma, p.sample_rate, planned_steps(cfg)), Mechanism(CLASS_STATS, sigma, 1.0, 1)]
         if use_mmd:
             mechs.append(Mechanism(MMD_EMBEDDINGS, sigma, 1.0, 1))
-        from .privacy import epsilon_of
-
         planned = epsilon_of(mechs, delta=p.delta, accountant=p.accountant)
         return PrivacyPlan(sigma=sigma, sigma_stats=sigma, sigma_mmd=sigma if use_mmd else None, sample_rate=p.sample_rate,
                            steps=planned_steps(cfg), delta=p.delta, accountant=p.accountant,
@@ -233,8 +230,7 @@ class Trainer:
             save_config(cfg, self.out / "config.yaml")
         position = ckpt.checkpoint_position(start) if start is not None else (0, 0)
         if comm.is_root:
-            cut = cut_metrics(self.out, keep_through=position[0]) if self.resume else []
-            self.state.history = _read_rows(self.out) if self.resume else []
+            self.state.history, cut = cut_metrics(self.out, keep_through=position[0]) if self.resume else ([], [])
             if self.resume:
                 self.resume_info.update({"from_checkpoint": str(start) if start else None, "round": position[0],
                                          "step": position[1], "cut_rounds": cut})
@@ -654,13 +650,6 @@ class Trainer:
         self.writer.close()
         self.ledger.close()
         return results
-
-
-def _read_rows(out: Path) -> list:
-    f = out / "metrics.jsonl"
-    if not f.is_file():
-        return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
 def guarantee_text(cfg: Config, plan: Optional[PrivacyPlan] = None, epsilon: Optional[float] = None) -> str:

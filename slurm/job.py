@@ -52,6 +52,8 @@ from pathlib import Path
 import submitit
 
 from fedhypevae.checkpoint import atomic_write_text, dumps_json
+from fedhypevae.metrics import append_event as append_run_event
+from fedhypevae.metrics import read_events  # noqa: F401  (re-exported: a point's events)
 from fedhypevae.table import FEDHYPEVAE_METHODS
 from hpc.launcher import venv_tool
 
@@ -102,16 +104,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def append_event(point: Path, event: dict) -> None:
-    event = {"time": time.time(), "slurm_job_id": _slurm_job_id(), **event}
-    with open(Path(point) / "events.jsonl", "a") as fh:
-        fh.write(dumps_json(event) + "\n")
-
-
-def read_events(point: Path) -> list[dict]:
-    f = Path(point) / "events.jsonl"
-    if not f.is_file():
-        return []
-    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+    """A point's event (events.jsonl, the format of a run's own), stamped with the SLURM job."""
+    append_run_event(point, {"slurm_job_id": _slurm_job_id(), **event})
 
 
 def result_status(result: dict) -> str:
