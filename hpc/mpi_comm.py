@@ -6,6 +6,7 @@ never initialize MPI. GPU tensors are copied to the host unless the MPI library 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
@@ -47,8 +48,15 @@ class MPICommunicator(Communicator):
     def barrier(self) -> None:
         self.comm.Barrier()
 
+    # MPI_Abort races the launcher's output forwarding: Hydra's proxy may act on the abort before it
+    # has passed on what this rank just wrote to stderr, and the job then ends with its message lost
+    # (seen once in CI). A short pause after the flush lets the proxy forward it first.
+    ABORT_GRACE_S = 1.0
+
     def abort(self, code: int = 1) -> None:
+        sys.stdout.flush()
         sys.stderr.flush()
+        time.sleep(self.ABORT_GRACE_S)
         self.comm.Abort(code)
 
     def close(self) -> None:
