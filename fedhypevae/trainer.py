@@ -145,8 +145,12 @@ def resume_changes(saved: dict, now: dict) -> dict:
 
 class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, comm: Optional[Communicator] = None, *,
-                 resume: bool = False, progress: bool = True, launcher: str = "none", device: str = "cpu"):
+                 resume: bool = False, progress: bool = True, launcher: str = "none", device: str = "cpu",
+                 client_factory: Optional[Callable[..., Client]] = None):
         self.cfg = cfg
+        # builds each hosted client: client_factory(data, cfg=, num_classes=, dim=, declared_size=, device=).
+        # The seam for a client with an extended DP step (the white-box audit's canaries); default Client
+        self.client_factory = client_factory or Client
         self.out = Path(out_dir)
         self.comm = comm or LocalCommunicator()
         self.resume = resume
@@ -213,7 +217,7 @@ class Trainer:
                                            dim=fed.dim, seed=derive_seed(cfg.seed, 0xFEA7))
         by_id = {cd.client_id: cd for cd in fed.clients}
         # the declared (public) size is the only size any DP computation uses
-        self.clients: list[Client] = [Client(by_id[i], cfg=cfg, num_classes=fed.num_classes, dim=fed.dim,
+        self.clients: list[Client] = [self.client_factory(by_id[i], cfg=cfg, num_classes=fed.num_classes, dim=fed.dim,
                                              declared_size=declared[i], device=self.torch_device) for i in mine]
         # every later stage's settings and memory, before anything is written or released
         self.stats_clip = validate_run(cfg, transform=fed.transform, classes=fed.num_classes, dim=fed.dim,
