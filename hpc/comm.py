@@ -3,6 +3,25 @@
 Training talks only to this interface, so MPI and torch.distributed back-ends are drop-ins.
 Collectives take one flat float64 buffer (noisy gradients, weights and metric sums together):
 one all-reduce per step, and fp64 sums keep results nearly independent of the world size.
+
+Collectives (every rank must call each one, in the same order, with the same shape and dtype;
+a shape mismatch between ranks is not detected and its outcome is back-end defined):
+
+  allreduce(buf, op)        in place, every rank gets the result; op "sum" | "max" (the trainer's
+                            float64 step buffer; dtype not checked, behaviour as before)
+  allreduce_int64(buf)      in place, int64 only: sum that wraps around modulo 2**64 (two's
+                            complement), exact by design on every back-end -- what masked secure
+                            aggregation needs (masks cancel modulo 2**64)
+  reduce(buf, root, op)     in place on root; other ranks' `buf` is left unchanged
+  allgather(buf)            new tensor (world_size, *buf.shape), row r = rank r's buf, on every rank
+  gather(buf, root)         the same tensor on root, None on every other rank
+  broadcast(buf, root)      in place: every rank gets root's copy
+
+The new collectives (allreduce_int64, reduce, allgather, gather) accept float64 and int64
+tensors (`COLLECTIVE_DTYPES`); in reduce, an int64 "sum" wraps modulo 2**64 like allreduce_int64.
+A wrong dtype, op or root raises ValueError naming the argument, before any communication, so a
+mistake made on every rank fails on every rank instead of hanging the job. Results keep the
+input's dtype and device.
 """
 from __future__ import annotations
 
@@ -10,9 +29,31 @@ import abc
 
 import torch
 
+OPS = ("sum", "max")
+COLLECTIVE_DTYPES = (torch.float64, torch.int64)
+
+
+def check_op(method: str, op: str) -> None:
+    if op not in OPS:
+        raise ValueError(f"{method}: op must be one of {', '.join(OPS)}; got {op!r}")
+
+
+def check_dtype(method: str, buf: torch.Tensor, allowed=COLLECTIVE_DTYPES) -> None:
+    if not isinstance(buf, torch.Tensor):
+        raise ValueError(f"{method}: buf must be a torch.Tensor; got {type(buf).__name__}")
+    if buf.dtype not in allowed:
+        raise ValueError(f"{method}: buf must have dtype {' or '.join(str(d) for d in allowed)}; got {buf.dtype}")
+
+
+def check_root(method: str, root: int, world_size: int) -> None:
+    if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < world_size:
+        raise ValueError(f"{method}: root must be a rank in [0, {world_size}); got {root!r}")
+
 
 class Communicator(abc.ABC):
-    """rank/world_size plus the few collectives training needs."""
+    """rank/world_size plus the few collectives training (and secure aggregation) needs.
+
+    See the module docstring for the semantics every back-end provides."""
 
     backend: str = "abstract"
     rank: int = 0
@@ -25,11 +66,34 @@ class Communicator(abc.ABC):
 
     @abc.abstractmethod
     def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Reduce `buf` in place across ranks (op: sum or max) and return it."""
+        """Reduce `buf` in place across ranks (op: sum or max) and return it. For an int64 sum
+        that must wrap around modulo 2**64 by design, use `allreduce_int64`."""
+
+    @abc.abstractmethod
+    def allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
+        """Sum the int64 tensor `buf` in place across ranks, modulo 2**64 (two's complement
+        wrap-around: (2**63-1) + 5 == -2**63 + 4), and return it. ValueError unless int64."""
+
+    @abc.abstractmethod
+    def reduce(self, buf: torch.Tensor, root: int = 0, op: str = "sum") -> torch.Tensor:
+        """Reduce `buf` (float64 or int64; op sum or max) onto `root`, in place there, and return it.
+        Only root's result is the reduction; on every other rank `buf` is returned unchanged.
+        An int64 sum wraps modulo 2**64."""
+
+    @abc.abstractmethod
+    def allgather(self, buf: torch.Tensor) -> torch.Tensor:
+        """Every rank's same-shape `buf` (float64 or int64), stacked in rank order: a new tensor of
+        shape (world_size, *buf.shape) on every rank. `buf` itself is not modified."""
+
+    @abc.abstractmethod
+    def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
+        """Like `allgather`, but the (world_size, *buf.shape) tensor is returned on `root` only;
+        every other rank gets None."""
 
     @abc.abstractmethod
     def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
-        """Overwrite `buf` on every rank with root's copy."""
+        """Overwrite `buf` on every rank with root's copy (any dtype numpy/torch can send; float64
+        and int64 are tested) and return it."""
 
     @abc.abstractmethod
     def barrier(self) -> None:
@@ -47,7 +111,8 @@ class Communicator(abc.ABC):
 
 
 class LocalCommunicator(Communicator):
-    """One process hosting every client: collectives are identities."""
+    """One process hosting every client: collectives are identities (a one-rank sum adds nothing,
+    so there is nothing to wrap)."""
 
     backend = "local"
 
@@ -55,6 +120,25 @@ class LocalCommunicator(Communicator):
         if op not in ("sum", "max"):
             raise ValueError(f"unknown reduction {op!r}; valid: sum, max")
         return buf
+
+    def allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
+        check_dtype("allreduce_int64", buf, (torch.int64,))
+        return buf
+
+    def reduce(self, buf: torch.Tensor, root: int = 0, op: str = "sum") -> torch.Tensor:
+        check_op("reduce", op)
+        check_dtype("reduce", buf)
+        check_root("reduce", root, self.world_size)
+        return buf
+
+    def allgather(self, buf: torch.Tensor) -> torch.Tensor:
+        check_dtype("allgather", buf)
+        return buf.unsqueeze(0).clone(memory_format=torch.contiguous_format)
+
+    def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
+        check_dtype("gather", buf)
+        check_root("gather", root, self.world_size)
+        return buf.unsqueeze(0).clone(memory_format=torch.contiguous_format)
 
     def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
         return buf

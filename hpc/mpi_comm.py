@@ -1,16 +1,28 @@
-"""mpi4py back-end: buffer Allreduce on one flat host array.
+"""mpi4py back-end: buffer collectives (Allreduce, Reduce, Allgather, Gather, Bcast) on flat host arrays.
 
 mpi4py is imported only here (and only when this back-end is chosen), so single-process runs
-never initialize MPI. GPU tensors are copied to the host unless the MPI library is CUDA-aware.
+never initialize MPI. GPU tensors are copied to the host (PyPI MPI builds are not CUDA-aware) and
+results copied back to the tensor's device.
+
+int64 sums (allreduce_int64, reduce with op "sum") are reduced as MPI_UINT64_T on a uint64 view of
+the same bytes: unsigned overflow is defined modulo 2**64, and two's-complement addition is the same
+bit operation, so the wrap-around is exact by the standard (MPI_INT64_T overflow is undefined).
 """
 from __future__ import annotations
 
 import sys
 import time
 
+import numpy as np
 import torch
 
-from .comm import Communicator
+from .comm import Communicator, check_dtype, check_op, check_root
+
+
+def _host(buf: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor with buf's values: buf itself when it already is one."""
+    host = buf if buf.device.type == "cpu" else buf.cpu()
+    return host.contiguous()
 
 
 class MPICommunicator(Communicator):
@@ -25,6 +37,14 @@ class MPICommunicator(Communicator):
         self.world_size = self.comm.Get_size()
         self.local_rank = local_rank
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX}
+        self._types = {torch.float64: MPI.DOUBLE, torch.int64: MPI.INT64_T}
+
+    def _spec(self, host: torch.Tensor, op: str | None = None) -> list:
+        """[flat numpy view, MPI datatype] of a contiguous host tensor; an int64 sum goes as uint64."""
+        flat = host.numpy().reshape(-1)
+        if host.dtype == torch.int64 and op == "sum":
+            return [flat.view(np.uint64), self.MPI.UINT64_T]
+        return [flat, self._types[host.dtype]]
 
     def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if op not in self._ops:
@@ -37,6 +57,54 @@ class MPICommunicator(Communicator):
         if host is not buf:
             buf.copy_(host)
         return buf
+
+    def allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
+        check_dtype("allreduce_int64", buf, (torch.int64,))
+        if self.world_size == 1:
+            return buf
+        host = _host(buf)
+        self.comm.Allreduce(self.MPI.IN_PLACE, self._spec(host, "sum"), op=self.MPI.SUM)
+        if host is not buf:
+            buf.copy_(host)
+        return buf
+
+    def reduce(self, buf: torch.Tensor, root: int = 0, op: str = "sum") -> torch.Tensor:
+        check_op("reduce", op)
+        check_dtype("reduce", buf)
+        check_root("reduce", root, self.world_size)
+        if self.world_size == 1:
+            return buf
+        host = _host(buf)
+        if self.rank == root:
+            self.comm.Reduce(self.MPI.IN_PLACE, self._spec(host, op), op=self._ops[op], root=root)
+            if host is not buf:
+                buf.copy_(host)
+        else:  # MPI only reads a non-root send buffer: buf stays as it was
+            self.comm.Reduce(self._spec(host, op), None, op=self._ops[op], root=root)
+        return buf
+
+    def allgather(self, buf: torch.Tensor) -> torch.Tensor:
+        check_dtype("allgather", buf)
+        host = _host(buf)
+        out = torch.empty((self.world_size, *buf.shape), dtype=buf.dtype)
+        if self.world_size == 1:
+            out[0] = host
+        else:
+            self.comm.Allgather(self._spec(host), self._spec(out))
+        return out.to(buf.device)
+
+    def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
+        check_dtype("gather", buf)
+        check_root("gather", root, self.world_size)
+        host = _host(buf)
+        if self.world_size == 1:
+            return host.unsqueeze(0).clone().to(buf.device)
+        if self.rank != root:
+            self.comm.Gather(self._spec(host), None, root=root)
+            return None
+        out = torch.empty((self.world_size, *buf.shape), dtype=buf.dtype)
+        self.comm.Gather(self._spec(host), self._spec(out), root=root)
+        return out.to(buf.device)
 
     def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
         host = buf.cpu().contiguous()

@@ -4,6 +4,12 @@ RANK / WORLD_SIZE come from the launcher (torchrun sets them; under mpiexec or s
 derived from the MPI/SLURM variables). MASTER_ADDR defaults to 127.0.0.1, or the first host of
 SLURM_JOB_NODELIST; MASTER_PORT is derived from the SLURM job id so that array tasks sharing a
 node do not collide.
+
+Tensors are moved to the communicator's device (CPU for gloo, the rank's GPU for NCCL) and results
+returned on the input's device. int64 sums use torch's int64 SUM, which both gloo and NCCL compute
+with C integer addition: it wraps modulo 2**64 in practice (tested on gloo with values near 2**63;
+the NCCL paths are written for NCCL -- device tensors, all_gather instead of gather -- but have not
+been run on a GPU here).
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator
+from .comm import Communicator, check_dtype, check_op, check_root
 from .launcher import LaunchInfo
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -67,6 +73,61 @@ class TorchCommunicator(Communicator):
         if t is not buf:
             buf.copy_(t)
         return buf
+
+    def _on_device(self, buf: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor on the communicator's device with buf's values: buf itself if it is one."""
+        t = buf if buf.device == self.device else buf.to(self.device)
+        return t.contiguous()
+
+    def allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
+        check_dtype("allreduce_int64", buf, (torch.int64,))
+        if self.world_size == 1:
+            return buf
+        t = self._on_device(buf)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if t is not buf:
+            buf.copy_(t)
+        return buf
+
+    def reduce(self, buf: torch.Tensor, root: int = 0, op: str = "sum") -> torch.Tensor:
+        check_op("reduce", op)
+        check_dtype("reduce", buf)
+        check_root("reduce", root, self.world_size)
+        if self.world_size == 1:
+            return buf
+        t = self._on_device(buf)
+        if self.rank != root and t is buf:
+            t = buf.clone()  # gloo and NCCL may use a non-root input as scratch: keep buf unchanged
+        dist.reduce(t, dst=root, op=_OPS[op])
+        if self.rank == root and t is not buf:
+            buf.copy_(t)
+        return buf
+
+    def allgather(self, buf: torch.Tensor) -> torch.Tensor:
+        check_dtype("allgather", buf)
+        t = self._on_device(buf)
+        out = torch.empty((self.world_size, *buf.shape), dtype=buf.dtype, device=self.device)
+        if self.world_size == 1:
+            out[0] = t
+        else:  # all_gather into the rows of one tensor (views): works on gloo and on every NCCL version
+            dist.all_gather(list(out.unbind(0)), t)
+        return out.to(buf.device)
+
+    def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
+        check_dtype("gather", buf)
+        check_root("gather", root, self.world_size)
+        if self.world_size == 1:
+            return self.allgather(buf)
+        if self.backend == "torch-nccl":  # older NCCL back-ends have no gather: all_gather, keep root's
+            out = self.allgather(buf)
+            return out if self.rank == root else None
+        t = self._on_device(buf)
+        if self.rank != root:
+            dist.gather(t, None, dst=root)
+            return None
+        out = torch.empty((self.world_size, *buf.shape), dtype=buf.dtype, device=self.device)
+        dist.gather(t, list(out.unbind(0)), dst=root)
+        return out.to(buf.device)
 
     def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
         t = buf if buf.device == self.device else buf.to(self.device)
