@@ -16,17 +16,20 @@ eps, with that confidence. An audit can refute a privacy claim, never prove it.
 Two audits:
 
 * white-box (``audit_white_box``): gradient canaries. The audited client is a real
-  :class:`~fedhypevae.client.Client` inside a real :class:`~fedhypevae.trainer.Trainer` run with the
-  sigma planned for the config; only its per-sample gradient stage is extended: every included
-  canary, like any other record, joins each step's Poisson batch with probability q and
-  contributes a "Dirac" per-sample gradient (sign * 2C on one coordinate of Phi) that goes through
-  the same ``clip_and_sum`` and ``add_noise_and_scale`` (real NoiseSpec, real sigma) as the data.
+  :class:`~fedhypevae.client.Client` (built by the trainer's ``client_factory``) inside a real
+  :class:`~fedhypevae.trainer.Trainer` run with the sigma planned for the config; only one stage of
+  its DP step object is extended (:class:`CanaryStep`, a :class:`~fedhypevae.dp_step.DPStep` whose
+  ``per_sample_grads`` is overridden): every included canary, like any other record, joins each
+  step's Poisson batch with probability q and contributes a "Dirac" per-sample gradient (sign * 2C on
+  one coordinate of Phi) that goes through the same ``clip_and_accumulate``, ``add_noise`` (real
+  sigma) and ``scale`` stages as the data.
   A canary's score is the inner product with its direction of the client's released Phi gradients
   (what crosses the rank boundary) minus what a white-box adversary who knows every other record can
   compute (the clipped sum of the client's own batch, the post-noise terms), summed over all steps.
-  The audit runs the reference step (``train.engine=reference``). ``sabotage="no-clip"`` skips clipping
-  (and makes the canaries 1000 C long); ``sabotage="no-noise"`` releases the sums without noise
-  while the ledger still charges the planned sigma: both must be caught.
+  The audit runs the reference step (``train.engine=reference``). Each sabotage overrides one more
+  stage: ``sabotage="no-clip"`` the clip stage, which then sums unclipped (and the canaries are
+  1000 C long); ``sabotage="no-noise"`` the noise stage, which then adds nothing while the ledger
+  still charges the planned sigma: both must be caught.
 * black-box (``audit_black_box``): canary records (uniform out-of-distribution points with random
   labels) are appended to one client's training split through a shard directory, the real
   ``run_training`` runs, and each canary is scored by its ELBO (negative loss) under that client's
@@ -46,7 +49,7 @@ import torch
 from .checkpoint import dumps_json
 from .client import Client
 from .config import Config, config_from_dict
-from .dp_step import clip_and_sum, per_sample_grads, sample_norms
+from .dp_step import DPStep, sample_norms
 from .errors import ConfigError
 from .rng import derive_seed
 
@@ -150,22 +153,75 @@ def score_guesses(scores: np.ndarray, included: np.ndarray, k_in: int, k_out: in
 # ------------------------------------------------------------------------------------------ white-box
 
 
+class CanaryStep(DPStep):
+    """The reference DP step with ONE stage extended: :meth:`per_sample_grads` appends, after the
+    records' rows, a "Dirac" gradient row for every included canary in this step's Poisson batch, so
+    that canaries go through ``clip_and_accumulate``, ``add_noise`` (the planned sigma) and ``scale``
+    exactly like records. It also notes what the white-box auditor knows without the canaries (the
+    records' clipped sum through the same clip stage, and the post-noise terms' Phi gradient); those
+    notes change nothing that is computed or released. Canary state lives on the CanaryClient."""
+
+    def per_sample_grads(self, view, names, batch, syn):
+        grads, aux = super().per_sample_grads(view, names, batch, syn)
+        cc = self.client
+        cc._known_sum = self.clip_and_accumulate(grads)[0]  # the client's own records: known to the auditor
+        sampled = cc._sampled_canaries()
+        if len(sampled):
+            rows = cc._canary_rows(names, dict(view.named_parameters()), sampled)
+            grads = {n: torch.cat([grads[n], rows[n]]) for n in names}  # records and canaries: one Poisson batch
+        return grads, aux
+
+    def post_noise(self, view, generator, features):
+        loss, value = super().post_noise(view, generator, features)
+        params = dict(view.named_parameters())
+        names = [n for n in params if n.startswith("hyper.")]
+        if loss.requires_grad:  # an observation for the auditor only: the loss returned is unchanged
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=True)
+            self.client._known_post = {n: gr for n, gr in zip(names, grads) if gr is not None}
+        return loss, value
+
+
+class NoClipCanaryStep(CanaryStep):
+    """SABOTAGE (``--sabotage no-clip``): the clip stage sums the per-sample gradients unclipped."""
+
+    def clip_and_accumulate(self, grads):
+        if next(iter(grads.values())).shape[0] == 0:
+            return super().clip_and_accumulate(grads)
+        return {n: g.sum(0) for n, g in grads.items()}, sample_norms(grads)
+
+
+class NoNoiseCanaryStep(CanaryStep):
+    """SABOTAGE (``--sabotage no-noise``): the noise stage adds nothing (and draws nothing) while the
+    ledger is still charged for the planned sigma."""
+
+    def add_noise(self, summed, *, sigma, generator):
+        return dict(summed)
+
+
+CANARY_STEPS = {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
+
+
 class CanaryClient(Client):
-    """A real client whose per-sample gradient stage also holds the gradient canaries that are in
-    this step's Poisson batch. Everything else is Client.step: sampling, clipping, the planned
-    noise, the public normalizer, the local update and what it returns (the noisy Phi gradient).
+    """A real client whose DP step, once armed, is a :class:`CanaryStep` (or one of its sabotaged
+    variants): the reference step with its per-sample gradient stage extended by the gradient
+    canaries that are in this step's Poisson batch. Everything else is the reference step: sampling,
+    clipping, the planned noise, the public normalizer, the local update and what it returns (the
+    noisy Phi gradient). Until :meth:`arm` it is a plain Client (``step_type`` is DPStep).
 
     The auditor is white-box: it knows everything except which canaries were included. Before
     scoring it subtracts from the released Phi gradient what it can compute without the canaries —
-    the clipped sum of the client's own records in this step's batch (the same ``clip_and_sum``)
-    and the post-noise terms — so that a canary's score is its own clipped contribution plus the
-    noise. DP must hold against exactly such an adversary (one who knows all other records), and
-    each step stays a subsampled Gaussian mechanism for every canary given that knowledge."""
+    the clipped sum of the client's own records in this step's batch (the same clip stage) and the
+    post-noise terms — so that a canary's score is its own clipped contribution plus the noise. DP
+    must hold against exactly such an adversary (one who knows all other records), and each step
+    stays a subsampled Gaussian mechanism for every canary given that knowledge."""
 
     def arm(self, *, phi_shapes: list, coords: torch.Tensor, signs: torch.Tensor, included: torch.Tensor,
             seed: int, sabotage: str) -> None:
+        if sabotage not in CANARY_STEPS:
+            raise ConfigError(f"--sabotage must be one of {', '.join(SABOTAGE)}; got {sabotage!r}")
         self.audit_seed = int(seed)
         self.sabotage = sabotage
+        self.step_type = CANARY_STEPS[sabotage]  # the sabotage is a stage override, not a flag
         self.canary_coords = coords.long()
         self.canary_signs = signs.double()
         self.canary_included = included.bool()
@@ -188,17 +244,22 @@ class CanaryClient(Client):
                        else t.detach().reshape(-1).double().cpu())
         return torch.cat(out)
 
+    def _armed(self) -> bool:
+        return issubclass(self.step_type, CanaryStep)
+
     def prepare_step(self, hyper, round_, step, *, epoch=0):
-        self._key = (round_, step)
-        self._known_sum, self._known_post = {}, {}
+        if self._armed():
+            self._key = (round_, step)
+            self._known_sum, self._known_post = {}, {}
         return super().prepare_step(hyper, round_, step, epoch=epoch)
 
     def release_step(self, pending, *, sigma, features):
-        out = super().release_step(pending, sigma=0.0 if self.sabotage == "no-noise" else sigma, features=features)
-        released = self._flat_phi(out.phi_grad)
-        expected = self.cfg.privacy.sample_rate * self.declared_size  # public
-        known = self._flat_phi(self._known_sum, "hyper.") / expected + self._flat_phi(self._known_post, "hyper.")
-        self.scores += self.canary_signs * (released - known)[self.canary_coords]  # <release - known, canary>
+        out = super().release_step(pending, sigma=sigma, features=features)
+        if self._armed():  # score: <release - what the auditor knows, canary direction>
+            released = self._flat_phi(out.phi_grad)
+            expected = self.cfg.privacy.sample_rate * self.declared_size  # public
+            known = self._flat_phi(self._known_sum, "hyper.") / expected + self._flat_phi(self._known_post, "hyper.")
+            self.scores += self.canary_signs * (released - known)[self.canary_coords]
         return out
 
     def _sampled_canaries(self) -> torch.Tensor:
@@ -220,40 +281,6 @@ class CanaryClient(Client):
                     rows["hyper." + n].view(k, -1)[row, c - a] = s * self.canary_scale
                     break
         return rows
-
-    def _sum(self, grads: dict):
-        if self.sabotage == "no-clip":  # SABOTAGE: per-sample gradients summed unclipped
-            return {n: g.sum(0) for n, g in grads.items()}, sample_norms(grads)
-        return clip_and_sum(grads, self.cfg.privacy.clip_norm)
-
-    def _clipped_sum(self, view, names, batch, syn):
-        params = dict(view.named_parameters())
-        x = batch[0]
-        if len(x):
-            grads, (nll, kl) = per_sample_grads(view, names, batch, syn)
-            aux = (nll.sum().item(), kl.sum().item())
-            self._known_sum = self._sum(grads)[0]  # the client's own records: known to the white-box auditor
-        else:
-            grads = {n: torch.zeros((0,) + tuple(params[n].shape), dtype=params[n].dtype, device=params[n].device)
-                     for n in names}
-            aux = (0.0, 0.0)
-        sampled = self._sampled_canaries()
-        if len(sampled):
-            rows = self._canary_rows(names, params, sampled)
-            grads = {n: torch.cat([grads[n], rows[n]]) for n in names}
-        if next(iter(grads.values())).shape[0] == 0:
-            return {n: torch.zeros_like(params[n]) for n in names}, torch.zeros(0), aux
-        summed, norms = self._sum(grads)  # records and canaries together, as one Poisson batch
-        return summed, norms, aux
-
-    def _post_noise_loss(self, view, g, features):
-        loss, value = super()._post_noise_loss(view, g, features)
-        params = dict(view.named_parameters())
-        names = [n for n in params if n.startswith("hyper.")]
-        if loss.requires_grad:
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=True)
-            self._known_post = {n: gr for n, gr in zip(names, grads) if gr is not None}
-        return loss, value
 
 
 @dataclass
@@ -286,32 +313,31 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     from .trainer import Trainer
 
     cfg = reference_engine(cfg)
-    tr = Trainer(cfg, run_dir, progress=progress)
+
+    def client_factory(data, **kw):  # the audited client is built by the trainer like every other one
+        return (CanaryClient if data.client_id == setup.client else Client)(data, **kw)
+
+    tr = Trainer(cfg, run_dir, progress=progress, client_factory=client_factory)
     tr.setup()
     if setup.canaries > tr.phi_numel:
         raise ConfigError(f"--canaries {setup.canaries}: the white-box audit puts each canary on its own coordinate of "
                           f"Phi, which has only {tr.phi_numel}; use at most that many")
-    pos = [i for i, c in enumerate(tr.clients) if c.id == setup.client]
-    if not pos:
+    hosted = [c for c in tr.clients if c.id == setup.client]
+    if not hosted:
         raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{tr.fed.num_clients - 1})")
-    orig = tr.clients[pos[0]]
-    cc = CanaryClient(tr.fed.client(setup.client), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-                      declared_size=orig.declared_size, device=tr.torch_device)
-    cc.load_state_dict(orig.state_dict())
-    cc.rng = orig.rng  # the same private generator (secure, or from privacy.noise_seed)
+    cc = hosted[0]
     g = torch.Generator().manual_seed(derive_seed(setup.seed, _STREAM_LAYOUT))
     coords = torch.randperm(tr.phi_numel, generator=g)[:setup.canaries]
     signs = torch.where(torch.rand(setup.canaries, generator=g) < 0.5, -1.0, 1.0)
     included = _coins(setup.seed, setup.canaries)
     cc.arm(phi_shapes=[(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()], coords=coords, signs=signs,
            included=included, seed=setup.seed, sabotage=setup.sabotage)
-    tr.clients[pos[0]] = cc
-    if getattr(tr, "engine", None) is not None:  # defensive: the step must be Client.step
+    if getattr(tr, "engine", None) is not None:  # defensive: the step must be the client's own step object
         raise RuntimeError("the white-box audit needs the reference DP step (train.engine=reference)")
     tr.train()
     tr.writer.close()
     return {"scores": cc.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
-            "engine": "reference (Client.step with torch.func per-sample gradients)",
+            "engine": "reference (Client.step: the DPStep object, torch.func per-sample gradients)",
             "sigma": tr.sigma, "plan": tr.plan,
             "stopped_early": tr.state.stopped, "ledger_epsilon": tr.ledger.epsilon(delta=cfg.privacy.delta,
                                                                                  accountant=cfg.privacy.accountant),
@@ -345,12 +371,11 @@ def _elbo_scores(cfg: Config, run_dir: Path, fed, client_id: int, x: np.ndarray,
     from .model import Encoder, HyperNetwork, elbo_terms
 
     mc = cfg.model
-    hyper = HyperNetwork(fed.dim, fed.num_classes, latent_dim=mc.latent_dim, code_dim=mc.code_dim, hidden=mc.hidden,
-                         hyper_hidden=mc.hyper_hidden, label_embed_dim=mc.label_embed_dim)
+    hyper = HyperNetwork.from_config(fed.dim, fed.num_classes, mc)
     hyper.load_state_dict(torch.load(run_dir / "hypernetwork.pt", weights_only=True))
     last = ckpt.latest_complete(run_dir)
     state = ckpt.load(ckpt.client_path(last, client_id), f"client {client_id} checkpoint")
-    enc = Encoder(fed.dim, fed.num_classes, mc.latent_dim, mc.hidden)
+    enc = Encoder.from_config(fed.dim, fed.num_classes, mc)
     enc.load_state_dict(state["encoder"])
     code = state["code"].float()
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)

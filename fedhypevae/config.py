@@ -90,6 +90,10 @@ class ModelConfig:
     hidden: list = field(default_factory=lambda: [128, 128])
     # hidden width of the hypernetwork heads h_theta and h_omega
     hyper_hidden: int = 64
+    # linear layers in each of h_theta, h_omega and g_omega (2: one hidden layer)
+    hyper_layers: int = 2
+    # activation between the linear layers of every network: silu, tanh or gelu
+    activation: str = "silu"
     # label embedding size for the prior generator g_omega
     label_embed_dim: int = 16
     # spectral-norm bound (Lipschitz constant) per hypernetwork layer; null disables the projection
@@ -108,7 +112,8 @@ class ModelConfig:
     mmd_synthetic_per_class: int = 8
 
     def __post_init__(self):
-        for name in ("latent_dim", "code_dim", "hyper_hidden", "label_embed_dim", "mmd_features", "mmd_synthetic_per_class"):
+        for name in ("latent_dim", "code_dim", "hyper_hidden", "hyper_layers", "label_embed_dim", "mmd_features",
+                     "mmd_synthetic_per_class"):
             _check(int(getattr(self, name)) >= 1, f"model.{name} must be >= 1; got {getattr(self, name)}")
         _check(isinstance(self.hidden, list) and len(self.hidden) >= 1 and all(int(h) >= 1 for h in self.hidden),
                f"model.hidden must be a non-empty list of positive widths; got {self.hidden}")
@@ -116,6 +121,7 @@ class ModelConfig:
         _check(self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}")
         _check(self.lambda_v >= 0 and self.lambda_mmd >= 0, "model.lambda_v and model.lambda_mmd must be >= 0")
         _one_of("model.mmd_kind", self.mmd_kind, ("merf", "literal"))
+        _one_of("model.activation", self.activation, ("silu", "tanh", "gelu"))
         _check(self.mmd_features % 2 == 0, f"model.mmd_features must be even (cos/sin pairs); got {self.mmd_features}")
         _check(len(self.mmd_bandwidths) >= 1 and all(b > 0 for b in self.mmd_bandwidths),
                f"model.mmd_bandwidths must be positive numbers; got {self.mmd_bandwidths}")

@@ -1,24 +1,28 @@
 """Batched multi-client DP engine: every client of a rank in ONE computation, ghost-norm clipping.
 
-The reference DP step (`Client.step`, `dp_step.per_sample_grads`) loops over clients in Python
-and materializes every sample's gradient with `torch.func`. This engine computes the same
-release for all clients of a rank at once:
+The reference DP step (`Client.step`, `dp_step`) loops over clients in Python and materializes every
+sample's gradient with `torch.func`. This engine computes the same release for all clients of a rank at
+once. It runs the model's OWN math (`model.elbo_terms`, `model.sample_synthetic`, `model.merf_mmd`) —
+no network is re-written here — through `RecordingOps`, which evaluates each layer type batched and
+records what the norms and sums need (the layer types are listed in `model.Ops`). A model change
+(depth, widths, activation, a new layer built from these types) therefore touches model.py alone;
+tests/test_engine_oracle.py checks the engine against an independent torch.func oracle over several
+model shapes.
 
 * **Layout.** The samples of all clients' Poisson batches are concatenated, client-major, with a
   client index c(j) per row. The private encoders are stacked as (M, out, in) tensors and run as
   one `baddbmm` on a zero-padded (M, B_max, .) view of the batch; everything after the encoder
-  works on the concatenated rows (no padding). The hypernetwork heads h_theta, h_omega run once per
-  client on the stacked codes V (M, d_v) and are gathered per row; the decoder is ONE matmul with
-  the shared base weights followed by the per-row client scales: (h @ W.T) * d(v_c(j)) + b + db(v_c(j)).
+  works on the concatenated rows (no padding). The hypernetwork heads (h_theta, h_omega) run once per
+  client on the stacked codes V (M, d_v) and their outputs are gathered per row; the decoder is ONE
+  matmul with the shared base weights followed by the per-row client scales.
 * **Per-sample norms without per-sample gradients.** One autograd pass gives the gradient of
-  sum_j loss_j with respect to every linear layer's OUTPUT (g_j per row; rows are independent, so
+  sum_j loss_j with respect to every recorded layer OUTPUT (g_j per row; rows are independent, so
   these are per-sample). A single sample's weight gradient is the outer product g_j a_j^T, hence
-  ||g_j a_j^T||^2 = ||g_j||^2 ||a_j||^2 ("ghost norm", exact). The decoder's base weight sees
-  g_j * d_c(j). The client-dependent parts are exact too: the per-sample gradient of the
-  h_theta/h_omega outputs is read off the gathered rows, and a linear layer inside those heads
-  sees a client-shared input s_i, so its per-sample gradient G_j s_i^T has norm ||G_j|| ||s_i||.
-  Small per-sample pieces are materialized: the code v_i (strict mode), the label embedding row,
-  x_logstd.
+  ||g_j a_j^T||^2 = ||g_j||^2 ||a_j||^2 ("ghost norm", exact; Opacus' per-layer norm samplers are the
+  pattern). A head layer sees a client-shared input s_i, so its per-sample gradient G_j s_i^T has norm
+  ||G_j|| ||s_i||; G is carried back through the head per row (G @ W times the activation's
+  derivative), so the head's forward never runs per row. Small per-sample pieces are materialized:
+  the code v_i (strict mode), embedding rows, per-row vectors (x_logstd).
 * **Clipped sums by book-keeping.** With clip factors c_j = min(1, C / (||grad_j|| + 1e-6)) (the
   reference's formula), each weight's clipped sum is one matmul (c * g)^T a: per client (bmm) for
   the encoders, and for Phi directly the aggregation-weighted sum over the rank's clients,
@@ -38,8 +42,8 @@ release for all clients of a rank at once:
   pre-noise Phi sum and every client's clipped sums over psi_i and v_i.
 * **Private state stays per client.** The engine stacks each client's encoder, code and their Adam
   moments and makes the client's own tensors views of the stacks, so `Client.state_dict` (which
-  copies) always sees the current values and checkpoints keep the per-client format; a stacked
-  Adam over (M, ...) tensors with per-client step counts is elementwise the per-client Adam.
+  copies) always sees the current values and checkpoints keep the per-client format; torch's own
+  Adam (functional form) on the (M, ...) stacks is elementwise the per-client Adam.
 
 Cost on the CPU: the noise is drawn with the reference's generator (mt19937 + Box-Muller, about
 3.5 ns per coordinate), one `normal_` per parameter tensor per client, so it grows with
@@ -64,7 +68,6 @@ has no GPU.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -74,11 +77,13 @@ from typing import Optional
 
 import torch
 from torch.nn import functional as F
+from torch.optim.adam import adam
 
 from .client import DIAG_KEYS
 from .config import Config
-from .dp_step import poisson_sample
-from .model import LOG2PI, HyperNetwork, kl_diag_gaussians, one_hot, soft_clamp
+from .dp_step import clip_factor, poisson_sample
+from .model import (CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, HyperNetwork, Ops, elbo_terms, merf_mmd, project_codes,
+                    sample_synthetic)
 from .rng import STREAM_STEP
 
 _SERIAL = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on the calling thread
@@ -99,11 +104,6 @@ def engine_fallback_reason(cfg: Config) -> Optional[str]:
 def _sq(t: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm over the last dimension (a reduction: no temporary of t's size)."""
     return torch.linalg.vector_norm(t, dim=-1).square()
-
-
-def _dsilu(u: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(u)
-    return s * (1.0 + u * (1.0 - s))
 
 
 @dataclass
@@ -127,8 +127,266 @@ class Batch:
         return cls(x, y, eps, list(counts), cidx.to(device), (cidx * bmax + pos).to(device), bmax)
 
 
-class PerSample:
-    """Activations, output gradients and per-sample squared norms of one batched forward/backward."""
+def _tracked(t: torch.Tensor) -> torch.Tensor:
+    """A tensor autograd can differentiate to (a leaf when nothing before it needs a gradient)."""
+    return t if t.requires_grad else t.requires_grad_(True)
+
+
+def _act_grad(act, u: torch.Tensor) -> torch.Tensor:
+    """The elementwise derivative of an activation at u (client-level: a few rows)."""
+    if act is None:
+        return torch.ones_like(u)
+    with torch.enable_grad():
+        t = u.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(act(t).sum(), t)
+    return g
+
+
+LAYER_TYPES = ("private_linear", "shared_linear", "bias_add", "embedding", "per_row", "head_linear", "code_rows")
+
+
+@dataclass
+class _HeadLayer:
+    """One linear layer of a hypernetwork head, evaluated once per client."""
+    w: str  # the weight's name
+    b: Optional[str]  # the bias' name
+    s: torch.Tensor  # (M, in): its client-level input
+    u: torch.Tensor  # (M, out): its output (before the activation that follows, if any)
+    W: torch.Tensor  # the weight (detached)
+    act: object = None  # the activation applied to u, or None
+    du: Optional[torch.Tensor] = None  # that activation's derivative at u
+
+
+@dataclass
+class _Head:
+    """A head's layers in order and its output handed to the rows (a leaf of the row-level graph)."""
+    layers: list
+    leaf: Optional[torch.Tensor] = None
+    g_leaf: Optional[torch.Tensor] = None  # d(sum loss)/d(leaf): per row
+    g_u: Optional[list] = None  # per layer, d(loss_j)/d(u_l) per row (with per-sample norms)
+
+
+class RecordingOps(Ops):
+    """The model's math (`model.elbo_terms`) evaluated for every client of a rank at once, recording per
+    layer type what the per-sample gradient norms and the clipped sums need (see `model.Ops`):
+
+    * private layers (the encoders) run as ONE `baddbmm` over the clients' stacked weights on the zero-padded
+      (M, B_max, .) view of the batch; a sample's weight gradient is g_j a_j^T, squared norm ||a_j||^2 ||g_j||^2;
+    * head layers (h_theta, h_omega) run once per client on the codes (M rows, no graph); their output is
+      gathered per row as a leaf. From the per-row output gradient G_j, the per-sample gradient of a head
+      layer is G_j s_c(j)^T (s: the layer's client-shared input), squared norm ||G_j||^2 ||s_c(j)||^2, and G
+      is carried back through the head per row (G @ W times the activation's derivative): the head's forward
+      never runs per row, and its weight sums are formed from per-client sums of G (M rows);
+    * shared layers (Phi on per-sample inputs): ghost norm ||a_j||^2 ||g_j||^2 (+ ||g_j||^2 for a bias);
+      biases added on their own and per-row vectors: ||g_j||^2; embedding rows: ||g_j||^2.
+    Parameters are identified by the tensors the math passes in (`names`: id -> name), never by name here."""
+
+    def __init__(self, batch: "Batch", M: int, names: dict):
+        self.b, self.M, self.names = batch, M, names
+        self.private, self.shared, self.biases, self.embeds, self.vectors, self.chains = [], [], [], [], [], []
+        self._chain = None
+        self.per_sample = False  # per-row head gradients formed (norms): set by `backward`
+
+    def _name(self, t: Optional[torch.Tensor]) -> Optional[str]:
+        if t is None:
+            return None
+        try:
+            return self.names[id(t)]
+        except KeyError:
+            raise ValueError("the model's math used a tensor that is neither a client's private parameter nor a "
+                             "parameter of Phi (the batched engine cannot attribute its gradient)") from None
+
+    # -- the layer types -------------------------------------------------------------------------
+    def private_input(self, t):
+        b = self.b
+        return t.new_zeros(self.M * b.bmax, t.shape[-1]).index_copy_(0, b.pad_pos, t).view(self.M, b.bmax, -1)
+
+    def private_linear(self, a, w, bias):
+        wt = w.transpose(1, 2)
+        out = _tracked(torch.bmm(a, wt) if bias is None else torch.baddbmm(bias.unsqueeze(1), a, wt))
+        self.private.append((self._name(w), self._name(bias), a.detach(), out))
+        return out
+
+    def private_output(self, t):
+        return t.reshape(self.M * self.b.bmax, -1).index_select(0, self.b.pad_pos)
+
+    def head_linear(self, s, w, bias):
+        if self._chain is None:
+            self._chain = _Head([])
+        with torch.no_grad():
+            u = F.linear(s, w.detach(), None if bias is None else bias.detach())
+        self._chain.layers.append(_HeadLayer(self._name(w), self._name(bias), s.detach(), u, w.detach()))
+        return u
+
+    def head_activation(self, act, u):
+        self._chain.layers[-1].act = act
+        with torch.no_grad():
+            return act(u)
+
+    def to_rows(self, o):
+        leaf = o.detach().index_select(0, self.b.cidx).requires_grad_(True)
+        self._chain.leaf = leaf
+        self.chains.append(self._chain)
+        self._chain = None
+        return leaf
+
+    def shared_linear(self, a, w, bias=None):
+        out = _tracked(F.linear(a, w.detach(), None if bias is None else bias.detach()))
+        self.shared.append((self._name(w), self._name(bias), a.detach(), out))
+        return out
+
+    def add_bias(self, t, bias):
+        out = _tracked(t + bias.detach())
+        self.biases.append((self._name(bias), out))
+        return out
+
+    def embed(self, idx, table):
+        rows = table.detach().index_select(0, idx).requires_grad_(True)
+        self.embeds.append((self._name(table), idx, rows, table.shape[0]))
+        return rows
+
+    def per_row(self, p, f=None):
+        """f(p) computed once, handed to every row as a leaf; its row gradients times f'(p) are the per-sample
+        gradients of p (f is elementwise)."""
+        fp = p.detach() if f is None else f(p.detach())
+        leaf = fp.expand(len(self.b.cidx), *p.shape).clone().requires_grad_(True)
+        self.vectors.append((self._name(p), leaf, _act_grad(f, p)))
+        return leaf
+
+    # -- after the forward -------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor, *, per_sample: bool) -> None:
+        """ONE autograd pass to every recorded output (never to a weight); with `per_sample`, the per-row
+        gradients through the heads too (what the norms and the clipped code sums need)."""
+        tensors = ([r[3] for r in self.private] + [r[3] for r in self.shared] + [r[1] for r in self.biases]
+                   + [r[2] for r in self.embeds] + [r[1] for r in self.vectors] + [c.leaf for c in self.chains])
+        grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
+        it = iter(grads)
+        self.g_private = [next(it) for _ in self.private]
+        self.g_shared = [next(it) for _ in self.shared]
+        self.g_biases = [next(it) for _ in self.biases]
+        self.g_embeds = [next(it) for _ in self.embeds]
+        self.g_vectors = [next(it) * df for (_, _, df) in self.vectors]
+        cid = self.b.cidx
+        for chain in self.chains:
+            layers = chain.layers
+            for layer in layers:
+                layer.du = _act_grad(layer.act, layer.u)  # (M, out): the activation's derivative after the layer
+            chain.g_leaf = next(it)
+            if per_sample:  # d(loss_j)/d(u_l) per row, from the last layer back
+                g = chain.g_leaf * layers[-1].du.index_select(0, cid)
+                chain.g_u = [g]
+                for k in range(len(layers) - 1, 0, -1):
+                    g = (g @ layers[k].W) * layers[k - 1].du.index_select(0, cid)
+                    chain.g_u.insert(0, g)
+        self.per_sample = per_sample
+        self.g_code = None
+        if per_sample:
+            gv = [c.g_u[0] @ c.layers[0].W for c in self.chains]
+            self.g_code = sum(gv[1:], gv[0]) if gv else None  # per-sample gradient of the client's code
+
+    def norm2_parts(self) -> dict:
+        """Per-sample squared gradient norms by layer type (each (B,)); `norms2` adds them up."""
+        b = self.b
+        cid = b.cidx
+        zero = torch.zeros(len(cid), dtype=self.b.x.dtype, device=cid.device)
+        parts = {k: zero.clone() for k in LAYER_TYPES}
+        for (_, bn, a, _), g in zip(self.private, self.g_private):
+            n2 = _sq(a) * _sq(g) + (_sq(g) if bn is not None else 0.0)
+            parts["private_linear"] += n2.reshape(-1).index_select(0, b.pad_pos)
+        for (_, bn, a, _), g in zip(self.shared, self.g_shared):
+            parts["shared_linear"] += _sq(a) * _sq(g) + (_sq(g) if bn is not None else 0.0)
+        for kind, gs in (("bias_add", self.g_biases), ("embedding", self.g_embeds), ("per_row", self.g_vectors)):
+            for g in gs:
+                parts[kind] += _sq(g)
+        for chain in self.chains:
+            for layer, g in zip(chain.layers, chain.g_u):
+                s2 = _sq(layer.s) + (1.0 if layer.b is not None else 0.0)
+                parts["head_linear"] += _sq(g) * s2.index_select(0, cid)
+        if self.g_code is not None:
+            parts["code_rows"] = _sq(self.g_code)
+        return parts
+
+    def norms2(self) -> tuple:
+        """Per-sample squared gradient norms: (Phi, the private layers, the code), each (B,)."""
+        p = self.norm2_parts()
+        phi = p["shared_linear"] + p["bias_add"] + p["embedding"] + p["per_row"] + p["head_linear"]
+        return phi, p["private_linear"], p["code_rows"]
+
+    def private_sums(self, c: Optional[torch.Tensor]) -> dict:
+        """Per client sum_j c_j * grad_j of every private parameter: {name: (M, *shape)} (c None: unclipped)."""
+        b = self.b
+        cp = None if c is None else c.new_zeros(self.M * b.bmax).index_copy_(0, b.pad_pos, c).view(self.M, b.bmax, 1)
+        out: dict = {}
+        for (wn, bn, a, _), g in zip(self.private, self.g_private):
+            cg = g if cp is None else g * cp
+            _acc(out, wn, torch.bmm(cg.transpose(1, 2), a))
+            if bn is not None:
+                _acc(out, bn, cg.sum(1))
+        return out
+
+    def _seg(self, t: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
+        """Per-client sums of (rho-weighted) rows: (M, k)."""
+        return t.new_zeros(self.M, t.shape[1]).index_add_(0, self.b.cidx, t if rho is None else t * rho[:, None])
+
+    def _chain_sums(self, chain: dict, rho: Optional[torch.Tensor]) -> list:
+        """Per-client rho-weighted sums of d(loss)/d(u_l) for every layer of a head: [(M, out_l)]."""
+        layers = chain.layers
+        if self.per_sample:
+            return [self._seg(g, rho) for g in chain.g_u]
+        # linear in the output gradient: reduce per client first (M rows instead of B)
+        g = self._seg(chain.g_leaf, rho) * layers[-1].du
+        out = [g]
+        for k in range(len(layers) - 1, 0, -1):
+            g = (g @ layers[k].W) * layers[k - 1].du
+            out.insert(0, g)
+        return out
+
+    def code_sums(self, c: Optional[torch.Tensor], shape) -> torch.Tensor:
+        """Per client sum_j c_j * d(loss_j)/d(v_i): (M, d_v) (c None: unclipped)."""
+        if self.per_sample:
+            g = self.g_code if c is None else self.g_code * c[:, None]
+            return g.new_zeros(shape).index_add_(0, self.b.cidx, g)
+        if c is not None:
+            raise ValueError("clipped code sums need the per-sample head gradients (backward(per_sample=True))")
+        out = None
+        for chain in self.chains:
+            part = self._chain_sums(chain, None)[0] @ chain.layers[0].W
+            out = part if out is None else out + part
+        return out
+
+    def phi_sums(self, rho: torch.Tensor) -> dict:
+        """sum_j rho_j * (per-sample gradient of sample j) for every Phi parameter, by book-keeping: one matmul
+        per weight with the row weights rho (clip factor x public client coefficient)."""
+        out: dict = {}
+        for (wn, bn, a, _), g in zip(self.shared, self.g_shared):
+            _acc(out, wn, _wsum(g, a, rho))
+            if bn is not None:
+                _acc(out, bn, g.t() @ rho)
+        for (bn, _), g in zip(self.biases, self.g_biases):
+            _acc(out, bn, g.t() @ rho)
+        for (name, idx, rows, n), g in zip(self.embeds, self.g_embeds):
+            table = torch.zeros(n, rows.shape[1], dtype=g.dtype, device=g.device)
+            _acc(out, name, table.index_add_(0, idx, g * rho[:, None]))
+        for (name, _, _), g in zip(self.vectors, self.g_vectors):
+            _acc(out, name, g.t() @ rho)
+        for chain in self.chains:
+            for layer, gs in zip(chain.layers, self._chain_sums(chain, rho)):
+                _acc(out, layer.w, gs.t() @ layer.s)
+                if layer.b is not None:
+                    _acc(out, layer.b, gs.sum(0))
+        return out
+
+
+def _acc(out: dict, name: str, t: torch.Tensor) -> None:
+    out[name] = out[name] + t if name in out else t
+
+
+def _wsum(g: torch.Tensor, a: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """sum_j rho_j g_j a_j^T as one matmul, scaling the narrower of the two."""
+    if g.shape[1] <= a.shape[1]:
+        return (g * rho[:, None]).t() @ a
+    return g.t() @ (a * rho[:, None])
 
 
 class BatchedEngine:
@@ -201,6 +459,10 @@ class BatchedEngine:
             self.enc_m.append(m)
             self.enc_v.append(v)
             self.enc_steps[:, k] = st
+        # the encoder's (weight, bias) pairs in layer order, as stacks (the model's math takes them as `layers`)
+        pos = {id(p): k for k, p in enumerate(per_client[0])}
+        self.enc_layers = [(self.enc_params[pos[id(m.weight)]], None if m.bias is None else self.enc_params[pos[id(m.bias)]])
+                           for m in cs[0].encoder.modules() if isinstance(m, torch.nn.Linear)]
         self.codes = torch.stack([c.code.detach() for c in cs]).to(self.device)
         m, v, st = self._stack_state([c.code_opt for c in cs], [c.code for c in cs])
         self.code_m, self.code_v = m, v
@@ -280,206 +542,45 @@ class BatchedEngine:
         self.timings = {k: 0.0 for k in PHASES}
 
     # ------------------------------------------------------------------ the batched computation
-    def per_sample(self, hyper: HyperNetwork, b: Batch, *, norms: bool = True) -> PerSample:
-        """Forward over all clients' rows and ONE autograd pass to the layers' outputs (parameters
-        are used detached: autograd never forms a weight gradient). With `norms`, also every piece
-        of the per-sample squared gradient norms (not needed without DP)."""
-        M, K = self.M, self.K
-        P = {n: p.detach() for n, p in hyper.named_parameters()}
-        ps = PerSample()
-        ps.batch = b
-        dt = self.X.dtype
-        cid = b.cidx
-        with self._phase("forward"):
-            y1h = one_hot(b.y, K, dt)
-            a0 = torch.cat([b.x, y1h], 1)
-            a = a0.new_zeros(M * b.bmax, a0.shape[1]).index_copy_(0, b.pad_pos, a0).view(M, b.bmax, -1)
-            enc_in, enc_out = [], []
-            L = len(self.enc_params) // 2
-            for layer in range(L):
-                w, bias = self.enc_params[2 * layer], self.enc_params[2 * layer + 1]
-                out = torch.baddbmm(bias.unsqueeze(1), a, w.transpose(1, 2))
-                if layer == 0:
-                    out.requires_grad_(True)  # the graph starts here: nothing before needs a gradient
-                enc_in.append(a.detach())
-                enc_out.append(out)
-                if layer < L - 1:
-                    a = F.silu(out)
-            enc = enc_out[-1].reshape(M * b.bmax, -1).index_select(0, b.pad_pos)
-            mu_q, logvar_q = enc.chunk(2, dim=-1)
-            logvar_q = soft_clamp(logvar_q, 8.0)
-            z = mu_q + (0.5 * logvar_q).exp() * b.eps
+    def _names(self, hyper: HyperNetwork) -> dict:
+        """id(tensor) -> name for every tensor the model's math may use: Phi's parameters and the private stacks."""
+        names = {id(t): n for n, t in hyper.named_parameters()}
+        names.update({id(t): ENCODER_PREFIX + n for n, t in zip(self.enc_names, self.enc_params)})
+        return names
 
-            # hypernetwork heads once per client (no graph); their outputs gathered per row as leaves
-            V = self.codes
-            ht0, ht2, ho0, ho2 = (hyper.h_theta[0], hyper.h_theta[2], hyper.h_omega[0], hyper.h_omega[2])
-            with torch.no_grad():
-                u_t = F.linear(V, ht0.weight, ht0.bias)
-                s_t = F.silu(u_t)
-                o_t = F.linear(s_t, ht2.weight, ht2.bias)
-                u_o = F.linear(V, ho0.weight, ho0.bias)
-                s_o = F.silu(u_o)
-                hw = F.linear(s_o, ho2.weight, ho2.bias)
-            h = torch.cat([z, y1h], 1)
-            dec_in, dec_pre, dec_d, dec_db, dec_tprime = [], [], [], [], []
-            start, nd = 0, len(hyper.out_sizes)
-            for layer, r in enumerate(hyper.out_sizes):
-                t = torch.tanh(o_t[:, start:start + r])
-                d = (1.0 + t).index_select(0, cid).requires_grad_(True)  # d_l(v_c(j)) per row
-                db = o_t[:, start + r:start + 2 * r].index_select(0, cid).requires_grad_(True)
-                dec_tprime.append(1.0 - t * t)  # d(1 + tanh)/do per client
-                start += 2 * r
-                pre = h @ P[f"base_weight.{layer}"].t()
-                out = torch.addcmul(db + P[f"base_bias.{layer}"], pre, d)  # diag(d) W h + b + db
-                dec_in.append(h.detach())
-                dec_pre.append(pre)
-                dec_d.append(d)
-                dec_db.append(db)
-                if layer < nd - 1:
-                    h = F.silu(out)
-            # Gaussian NLL with the shared log-scale as a constant: its per-sample gradient is 1 - r^2
-            ls = soft_clamp(P["x_logstd"], 5.0)
-            resid = (b.x - out) * torch.exp(-ls)
-            nll = 0.5 * resid.pow(2).sum(-1) + (ls.sum() + 0.5 * LOG2PI * ls.numel())
-            HW = hw.index_select(0, cid).requires_grad_(True)
-            E = P["label_embed.weight"].index_select(0, b.y).requires_grad_(True)
-            gin = torch.cat([HW, E], dim=-1)
-            yg1 = F.linear(gin, P["g_omega.0.weight"], P["g_omega.0.bias"])
-            sg = F.silu(yg1)
-            yg2 = F.linear(sg, P["g_omega.2.weight"], P["g_omega.2.bias"])
-            mu_p, logstd_p = yg2.chunk(2, dim=-1)
-            kl = kl_diag_gaussians(mu_q, logvar_q, mu_p, soft_clamp(logstd_p, 5.0))
+    def per_sample(self, hyper: HyperNetwork, b: Batch, *, norms: bool = True) -> RecordingOps:
+        """The model's loss (`model.elbo_terms`) over all clients' rows and ONE autograd pass to the layers'
+        outputs (parameters are used detached: autograd never forms a weight gradient). With `norms`, also the
+        per-row gradients through the heads (the per-sample norms and clipped code sums need them)."""
+        ops = RecordingOps(b, self.M, self._names(hyper))
+        with self._phase("forward"):
+            nll, kl = elbo_terms(self.clients[0].encoder, self.codes, hyper, b.x, b.y, b.eps, ops, self.enc_layers)
             loss = nll + kl
         with self._phase("backward"):
-            inputs = enc_out + dec_pre + dec_d + dec_db + [HW, yg1, yg2, E]
-            grads = torch.autograd.grad(loss.sum(), inputs)
-        ne = len(enc_out)
-        g_enc = grads[:ne]
-        g_pre, g_d, g_db = grads[ne:ne + nd], grads[ne + nd:ne + 2 * nd], grads[ne + 2 * nd:ne + 3 * nd]
-        gHW, gy1, gy2, gE = grads[ne + 3 * nd:]
-        with self._phase("norms" if norms else "backward"):
-            # d(loss_j)/d(o_j) for h_theta's output o, per decoder layer: (d-part, db-part); db's is g itself
-            g_od = [gd * tp.index_select(0, cid) for gd, tp in zip(g_d, dec_tprime)]
-            rr = resid.detach()
-            gX = (1.0 - rr * rr) * (1.0 - torch.tanh(P["x_logstd"] / 5.0) ** 2)  # per-sample d/d x_logstd
-            W2t, W2o = ht2.weight.detach(), ho2.weight.detach()
-            ps.slices = []
-            start = 0
-            for r in hyper.out_sizes:
-                ps.slices.append((slice(start, start + r), slice(start + r, start + 2 * r)))
-                start += 2 * r
-        ps.nll_sum, ps.kl_sum = float(nll.detach().sum()), float(kl.detach().sum())
-        ps.enc_in, ps.g_enc, ps.dec_in, ps.g_pre, ps.g_db, ps.g_od = enc_in, g_enc, dec_in, g_pre, g_db, g_od
-        ps.gHW, ps.s_t, ps.s_o, ps.u_t, ps.u_o, ps.V = gHW, s_t, s_o, u_t, u_o, V
-        ps.gin, ps.sg, ps.gy1, ps.gy2, ps.gE, ps.gX = gin.detach(), sg.detach(), gy1, gy2, gE, gX
-        ps.W2t, ps.W2o = W2t, W2o
-        ps.W1t, ps.W1o = ht0.weight.detach(), ho0.weight.detach()
-        ps.per_sample_heads = norms
-        if norms:
-            with self._phase("norms"):
-                self._norm_pieces(ps)
-        return ps
+            ops.backward(loss, per_sample=norms)
+        ops.nll_sum, ops.kl_sum = float(nll.detach().sum()), float(kl.detach().sum())
+        return ops
 
-    def _norm_pieces(self, ps: PerSample) -> None:
-        """Per-sample squared norms: ghost norms ||a_j||^2 ||g_j||^2 (+ ||g_j||^2 for the bias) for
-        linear layers with per-sample inputs; ||G_j||^2 ||s_i||^2 for the heads' layers whose input
-        s_i is shared by the client's samples; materialized small pieces (code, embedding row, x_logstd)."""
-        b = ps.batch
-        cid = b.cidx
-        n2e = sum(_sq(ai) * _sq(gi) + _sq(gi) for ai, gi in zip(ps.enc_in, ps.g_enc))
-        ps.n2_enc = n2e.reshape(-1).index_select(0, b.pad_pos)
-        # shared decoder: the base weight sees g_j * d_c(j) (= the gradient of the pre-scale output)
-        n2p = sum(_sq(h) * _sq(gp) + _sq(gdb) for h, gp, gdb in zip(ps.dec_in, ps.g_pre, ps.g_db))
-        # h_theta: per-sample output gradient G_j (d- and db-parts of every layer), shared inputs per client
-        sqO = sum(_sq(go) + _sq(gdb) for go, gdb in zip(ps.g_od, ps.g_db))
-        gU_t = None
-        for (sd, sdb), go, gdb in zip(ps.slices, ps.g_od, ps.g_db):
-            part = go @ ps.W2t[sd] + gdb @ ps.W2t[sdb]
-            gU_t = part if gU_t is None else gU_t.add_(part)
-        gU_t = gU_t * _dsilu(ps.u_t).index_select(0, cid)
-        gU_o = (ps.gHW @ ps.W2o) * _dsilu(ps.u_o).index_select(0, cid)
-        sqV = _sq(ps.V).index_select(0, cid)
-        sqUt, sqHW, sqUo = _sq(gU_t), _sq(ps.gHW), _sq(gU_o)
-        n2p = n2p + sqO * (_sq(ps.s_t).index_select(0, cid) + 1.0) + sqUt * (sqV + 1.0)
-        n2p = n2p + sqHW * (_sq(ps.s_o).index_select(0, cid) + 1.0) + sqUo * (sqV + 1.0)
-        # g_omega (per-sample inputs), the label-embedding row, x_logstd
-        n2p = n2p + _sq(ps.gy1) * (_sq(ps.gin) + 1.0) + _sq(ps.gy2) * (_sq(ps.sg) + 1.0) + _sq(ps.gE)
-        ps.n2_phi = n2p + _sq(ps.gX)
-        # the code v_i: materialized per sample (d_v is small)
-        ps.gU_t, ps.gU_o = gU_t, gU_o
-        ps.gV = gU_t @ ps.W1t + gU_o @ ps.W1o
-        ps.n2_code = _sq(ps.gV)
-
-    def norms(self, ps: PerSample, mode: str) -> torch.Tensor:
+    def norms(self, ps: RecordingOps, mode: str) -> torch.Tensor:
         """Per-sample norm of the privatized gradient: (psi_i, v_i, Phi) jointly in strict mode, Phi in paper."""
-        n2 = ps.n2_phi + ps.n2_enc + ps.n2_code if mode == "strict" else ps.n2_phi
-        return n2.clamp_min(0.0).sqrt()
+        with self._phase("norms"):
+            n2_phi, n2_priv, n2_code = ps.norms2()
+            n2 = n2_phi + n2_priv + n2_code if mode == "strict" else n2_phi
+            return n2.clamp_min(0.0).sqrt()
 
-    def encoder_sums(self, ps: PerSample, c: Optional[torch.Tensor]) -> list:
+    def encoder_sums(self, ps: RecordingOps, c: Optional[torch.Tensor]) -> list:
         """Per-client sum_j c_j * grad_j of every encoder parameter: (M, *shape) each (c None: unclipped)."""
-        b = ps.batch
-        cp = None
-        if c is not None:
-            cp = c.new_zeros(self.M * b.bmax).index_copy_(0, b.pad_pos, c).view(self.M, b.bmax, 1)
-        out = []
-        for a, g in zip(ps.enc_in, ps.g_enc):
-            cg = g if cp is None else g * cp
-            out.append(torch.bmm(cg.transpose(1, 2), a))
-            out.append(cg.sum(1))
-        return out
+        sums = ps.private_sums(c)
+        return [sums.get(ENCODER_PREFIX + n, torch.zeros_like(t)) for n, t in zip(self.enc_names, self.enc_params)]
 
-    def _seg(self, t: torch.Tensor, rho: Optional[torch.Tensor], cidx: torch.Tensor) -> torch.Tensor:
-        """Per-client sums of (rho-weighted) rows: (M, k)."""
-        return t.new_zeros(self.M, t.shape[1]).index_add_(0, cidx, t if rho is None else t * rho[:, None])
-
-    def _head_grads(self, ps: PerSample, rho: Optional[torch.Tensor]):
-        """Per-client rho-weighted sums of h_theta's output gradient (M, 2 sum r) and of the heads'
-        pre-activation gradients (M, hh) each."""
-        cid = ps.batch.cidx
-        go = torch.cat([torch.cat([self._seg(a, rho, cid), self._seg(g, rho, cid)], 1)
-                        for a, g in zip(ps.g_od, ps.g_db)], 1)
-        gw = self._seg(ps.gHW, rho, cid)
-        if ps.per_sample_heads:
-            gu_t, gu_o = self._seg(ps.gU_t, rho, cid), self._seg(ps.gU_o, rho, cid)
-        else:  # linear in the output gradient: reduce per client first (M rows instead of B)
-            gu_t = (go @ ps.W2t) * _dsilu(ps.u_t)
-            gu_o = (gw @ ps.W2o) * _dsilu(ps.u_o)
-        return go, gu_t, gw, gu_o
-
-    def code_sums(self, ps: PerSample, c: Optional[torch.Tensor]) -> torch.Tensor:
+    def code_sums(self, ps: RecordingOps, c: Optional[torch.Tensor]) -> torch.Tensor:
         """Per-client sum_j c_j * d(loss_j)/d(v_i): (M, d_v) (c None: unclipped)."""
-        if ps.per_sample_heads:
-            g = ps.gV if c is None else ps.gV * c[:, None]
-            return self.codes.new_zeros(self.codes.shape).index_add_(0, ps.batch.cidx, g)
-        assert c is None, "clipped code sums need per-sample norms"
-        _, gu_t, _, gu_o = self._head_grads(ps, None)
-        return gu_t @ ps.W1t + gu_o @ ps.W1o
+        return ps.code_sums(c, self.codes.shape)
 
-    @staticmethod
-    def _wsum(g: torch.Tensor, a: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
-        """sum_j rho_j g_j a_j^T as one matmul, scaling the narrower of the two."""
-        if g.shape[1] <= a.shape[1]:
-            return (g * rho[:, None]).t() @ a
-        return g.t() @ (a * rho[:, None])
-
-    def phi_sums(self, ps: PerSample, hyper: HyperNetwork, rho: torch.Tensor) -> dict:
-        """sum_j rho_j * (per-sample gradient of sample j) for every Phi parameter, by book-keeping:
-        one matmul per weight with the row weights rho (clip factor x public client coefficient)."""
-        b = ps.batch
-        out = {}
-        for layer, (h, gp, g) in enumerate(zip(ps.dec_in, ps.g_pre, ps.g_db)):
-            out[f"base_weight.{layer}"] = self._wsum(gp, h, rho)
-            out[f"base_bias.{layer}"] = g.t() @ rho
-        go, gu_t, gw, gu_o = self._head_grads(ps, rho)
-        for head, g_out, g_u, s in (("h_theta", go, gu_t, ps.s_t), ("h_omega", gw, gu_o, ps.s_o)):
-            out[f"{head}.2.weight"], out[f"{head}.2.bias"] = g_out.t() @ s, g_out.sum(0)
-            out[f"{head}.0.weight"], out[f"{head}.0.bias"] = g_u.t() @ ps.V, g_u.sum(0)
-        out["g_omega.0.weight"], out["g_omega.0.bias"] = self._wsum(ps.gy1, ps.gin, rho), ps.gy1.t() @ rho
-        out["g_omega.2.weight"], out["g_omega.2.bias"] = self._wsum(ps.gy2, ps.sg, rho), ps.gy2.t() @ rho
-        emb = hyper.label_embed.weight
-        out["label_embed.weight"] = emb.new_zeros(emb.shape).index_add_(0, b.y, ps.gE * rho[:, None])
-        out["x_logstd"] = ps.gX.t() @ rho
-        return out
+    def phi_sums(self, ps: RecordingOps, hyper: HyperNetwork, rho: torch.Tensor) -> dict:
+        """sum_j rho_j * (per-sample gradient of sample j) for every Phi parameter."""
+        sums = ps.phi_sums(rho)
+        return {n: sums[n] if n in sums else torch.zeros_like(p.detach()) for n, p in hyper.named_parameters()}
 
     def _empty_phi(self, hyper: HyperNetwork) -> dict:
         return {n: torch.zeros_like(p.detach()) for n, p in hyper.named_parameters()}
@@ -494,24 +595,24 @@ class BatchedEngine:
             zero = self._empty_phi(hyper)
             res = []
             for _ in range(self.M):
-                d = {"hyper." + n: t.clone() for n, t in zero.items()}
+                d = {PHI_PREFIX + n: t.clone() for n, t in zero.items()}
                 if mode == "strict":
-                    d.update({"encoder." + n: torch.zeros_like(t[0]) for n, t in zip(self.enc_names, self.enc_params)})
-                    d["code"] = torch.zeros_like(self.codes[0])
+                    d.update({ENCODER_PREFIX + n: torch.zeros_like(t[0]) for n, t in zip(self.enc_names, self.enc_params)})
+                    d[CODE_NAME] = torch.zeros_like(self.codes[0])
                 res.append(d)
             return res, [torch.zeros(0) for _ in range(self.M)]
         ps = self.per_sample(hyper, b)
         norms = self.norms(ps, mode)
-        c = (clip_norm / (norms + 1e-6)).clamp(max=1.0)
+        c = clip_factor(norms, clip_norm)
         enc = self.encoder_sums(ps, c) if mode == "strict" else None
         code = self.code_sums(ps, c) if mode == "strict" else None
         res, per_norms = [], []
         for i in range(self.M):
             rho = c * (b.cidx == i).to(c.dtype)
-            d = {"hyper." + n: t for n, t in self.phi_sums(ps, hyper, rho).items()}
+            d = {PHI_PREFIX + n: t for n, t in self.phi_sums(ps, hyper, rho).items()}
             if mode == "strict":
-                d.update({"encoder." + n: t[i] for n, t in zip(self.enc_names, enc)})
-                d["code"] = code[i]
+                d.update({ENCODER_PREFIX + n: t[i] for n, t in zip(self.enc_names, enc)})
+                d[CODE_NAME] = code[i]
             res.append(d)
             per_norms.append(norms[b.cidx == i])
         return res, per_norms
@@ -547,9 +648,9 @@ class BatchedEngine:
         if self._noise_key != key:
             self._noise_key = key
             dt = torch.float32
-            enc_shapes = {"encoder." + n: tuple(t.shape[1:]) for n, t in zip(self.enc_names, self.enc_params)}
+            enc_shapes = {ENCODER_PREFIX + n: tuple(t.shape[1:]) for n, t in zip(self.enc_names, self.enc_params)}
             enc_noise = {n: torch.empty((M, *s), dtype=dt) for n, s in enc_shapes.items() if n in names}
-            code_noise = torch.empty(M, self.codes.shape[1], dtype=dt) if "code" in names else None
+            code_noise = torch.empty(M, self.codes.shape[1], dtype=dt) if CODE_NAME in names else None
             bounds = [round(k * M / workers) for k in range(workers + 1)]
             rows = [torch.empty(P, dtype=dt) for _ in range(workers)]
             views = []
@@ -557,11 +658,11 @@ class BatchedEngine:
                 for i in range(bounds[w], bounds[w + 1]):
                     vi = []
                     for name in key[0]:
-                        if name.startswith("hyper."):
-                            off, shape = phi_layout[name[len("hyper."):]]
+                        if name.startswith(PHI_PREFIX):
+                            off, shape = phi_layout[name[len(PHI_PREFIX):]]
                             vi.append(rows[w][off:off + _numel(shape)].view(shape))
                         else:
-                            vi.append(code_noise[i] if name == "code" else enc_noise[name][i])
+                            vi.append(code_noise[i] if name == CODE_NAME else enc_noise[name][i])
                     views.append(vi)
             accs = [torch.zeros(P, dtype=torch.float64) for _ in range(workers)]
             wides = [torch.empty(min(P, _SERIAL), dtype=torch.float64) for _ in range(workers)]
@@ -596,9 +697,9 @@ class BatchedEngine:
         return enc_noise, code_noise, total
 
     def _post_noise(self, hyper: HyperNetwork, gens: list, features, phi_coef_w: torch.Tensor):
-        """lambda_v ||v_i||^2 + lambda_mmd * MMD_i (DP-MERF), batched over clients: gradients with
-        respect to each code v_i and sum_i w_i * d(post_i)/d(Phi); the synthetic noise is drawn from
-        each client's generator after the DP noise, as in Client._post_noise_loss."""
+        """lambda_v ||v_i||^2 + lambda_mmd * MMD_i (DP-MERF), batched over clients with the model's own
+        `sample_synthetic` and `merf_mmd`: gradients with respect to each code v_i and sum_i w_i * d(post_i)/d(Phi);
+        the synthetic noise is drawn from each client's generator after the DP noise, as in the client's step."""
         m = self.cfg.model
         V = self.codes.detach().clone().requires_grad_(True)
         loss = m.lambda_v * V.pow(2).sum(1)
@@ -619,21 +720,9 @@ class BatchedEngine:
         syn_x = torch.stack(xs).to(self.device)
         params = [p for _, p in hyper.named_parameters()]
         names = [nm for nm, _ in hyper.named_parameters()]
-        mods = hyper.decoder_modulation(V)  # [(d (M, r), db (M, r))]
-        hw = hyper.prior_features(V)  # (M, hh)
-        e = hyper.label_embed(syn_y)  # (n, le)
-        gin = torch.cat([hw[:, None, :].expand(-1, n, -1), e[None].expand(self.M, -1, -1)], -1)
-        mu_p, logstd_p = hyper.g_omega(gin).chunk(2, dim=-1)
-        zz = mu_p + soft_clamp(logstd_p, 5.0).exp() * syn_z
-        h = torch.cat([zz, one_hot(syn_y, K, zz.dtype)[None].expand(self.M, -1, -1)], -1)
-        nl = len(hyper.base_weight)
-        for layer, (w, bias, (d, db)) in enumerate(zip(hyper.base_weight, hyper.base_bias, mods)):
-            h = (h @ w.t()) * d[:, None, :] + bias + db[:, None, :]
-            if layer < nl - 1:
-                h = F.silu(h)
-        x_hat = h + hyper.output_logstd().exp() * syn_x
-        phi = features(x_hat.reshape(self.M * n, dx)).reshape(self.M, K, spc, -1).mean(2)
-        mmd = features.kernel_scale * (self.mmd_weights * (phi - self.mmd_target).pow(2).sum(-1)).sum(-1)  # (M,)
+        mods = [(d[:, None], db[:, None]) for d, db in hyper.decoder_modulation(V)]  # (M, 1, r): one row per client
+        x_hat = sample_synthetic(hyper, mods, hyper.prior_features(V)[:, None], syn_y, syn_z, syn_x)  # (M, n, d_x)
+        mmd = merf_mmd(features, x_hat.reshape(self.M, K, spc, dx), self.mmd_target, self.mmd_weights)  # (M,)
         post = loss + m.lambda_mmd * mmd
         (gv,) = torch.autograd.grad(post.sum(), [V], retain_graph=True)
         wsum = (post * phi_coef_w.to(post.dtype)).sum()
@@ -642,26 +731,20 @@ class BatchedEngine:
         return gv, phi, float(mmd.detach().sum())
 
     def _adam(self, params, grads, ms, vs, steps, hp) -> None:
-        """torch.optim.Adam's update (single-tensor form) on (M, ...) stacks with per-client step
-        counts: elementwise the same arithmetic as one Adam per client."""
+        """torch's own Adam (its functional form, single-tensor path: what each client's torch.optim.Adam runs on
+        the CPU) on the (M, ...) stacks: elementwise the same as one Adam per client. Every client steps at every
+        step, so the step counts agree and one call per stack suffices; otherwise one call per client."""
         b1, b2 = hp["betas"]
-        steps += 1  # in place: the clients' step tensors are views
+        kw = dict(foreach=False, amsgrad=False, beta1=b1, beta2=b2, lr=hp["lr"], weight_decay=0.0, eps=hp["eps"],
+                  maximize=False)
         for k, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
             col = steps[:, k]
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            if bool((col == col[0]).all()):  # the usual case: every client has taken as many steps
-                s = float(col[0])
-                step_size = hp["lr"] / (1 - b1 ** s)
-                denom = v.sqrt().div_(math.sqrt(1 - b2 ** s)).add_(hp["eps"])
-                p.addcdiv_(m, denom, value=-step_size)
+            if bool((col == col[0]).all()):
+                adam([p], [g], [m], [v], [], [col[0].clone()], **kw)
+                col += 1  # in place: the clients' step tensors are views
                 continue
-            s = col.double()
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            step_size = (hp["lr"] / (1 - b1 ** s)).to(device=p.device, dtype=p.dtype).view(shape)
-            bc2_sqrt = (1 - b2 ** s).sqrt().to(device=p.device, dtype=p.dtype).view(shape)
-            denom = v.sqrt().div_(bc2_sqrt).add_(hp["eps"])
-            p.sub_(torch.div(m, denom, out=denom).mul_(step_size))
+            for i in range(len(col)):
+                adam([p[i]], [g[i]], [m[i]], [v[i]], [], [steps[i, k]], **kw)
 
     def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features=None, epoch: int = 0):
         """One DP step of every client: `release(prepare(...))`. Returns (sum_i w_i * noisy Phi gradient_i as
@@ -700,7 +783,7 @@ class BatchedEngine:
                 c = None
                 if p.enabled:
                     norms = self.norms(ps, p.mode)
-                    c = (p.clip_norm / (norms + 1e-6)).clamp(max=1.0)
+                    c = clip_factor(norms, p.clip_norm)
                     diag[DIAG_KEYS.index("clipped")] = float((norms > p.clip_norm).sum())
                 enc_sum = self.encoder_sums(ps, c if strict else None)
                 code_sum = self.code_sums(ps, c if strict else None)
@@ -726,13 +809,13 @@ class BatchedEngine:
         std = sigma * p.clip_norm
         with self._phase("noise"):
             if p.enabled and std > 0:
-                names = ["code"] + ["encoder." + n for n in self.enc_names] if strict else []
-                names += ["hyper." + n for n in hyper_names]
+                names = [CODE_NAME] + [ENCODER_PREFIX + n for n in self.enc_names] if strict else []
+                names += [PHI_PREFIX + n for n in hyper_names]
                 enc_noise, code_noise, phi_noise = self._noise(gens, names, std, self.weights * std / self.expected,
                                                                layout, P)
                 phi_vec += phi_noise
                 if strict:
-                    enc_grad = [per_client(s.add_(enc_noise["encoder." + n].to(self.device), alpha=std))
+                    enc_grad = [per_client(s.add_(enc_noise[ENCODER_PREFIX + n].to(self.device), alpha=std))
                                 for n, s in zip(self.enc_names, enc_sum)]
                     code_grad = per_client(code_sum.add_(code_noise.to(self.device), alpha=std))
             if not (p.enabled and std > 0 and strict):
@@ -748,9 +831,7 @@ class BatchedEngine:
         with self._phase("optimizer"):
             self._adam(self.enc_params, enc_grad, self.enc_m, self.enc_v, self.enc_steps, self.enc_hp)
             self._adam([self.codes], [code_grad], [self.code_m], [self.code_v], self.code_steps, self.code_hp)
-            radius = cfg.model.code_radius
-            nrm = self.codes.norm(dim=1)
-            self.codes.mul_(torch.where(nrm > radius, radius / nrm, torch.ones_like(nrm))[:, None])
+            project_codes(self.codes, cfg.model.code_radius)
         return phi_vec, diag
 
 

@@ -13,20 +13,22 @@ followed by a per-row scale: clients never materialize their own weight matrices
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 LOG2PI = math.log(2 * math.pi)
+ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
-def mlp(sizes: list[int], act=nn.SiLU) -> nn.Sequential:
+def mlp(sizes: list[int], act: str = "silu") -> nn.Sequential:
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(act())
+            layers.append(ACTIVATIONS[act]())
     return nn.Sequential(*layers)
 
 
@@ -40,16 +42,115 @@ def soft_clamp(t: torch.Tensor, bound: float) -> torch.Tensor:
     return bound * torch.tanh(t / bound)
 
 
+def cat_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the last dimension, broadcasting the leading ones (a client's value against its rows)."""
+    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    return torch.cat([a.expand(*lead, a.shape[-1]), b.expand(*lead, b.shape[-1])], dim=-1)
+
+
+def _clamp5(t: torch.Tensor) -> torch.Tensor:
+    return soft_clamp(t, 5.0)
+
+
+# ------------------------------------------------------------------------------------------ layer types
+class Ops:
+    """How the model's math is evaluated: one method per layer type.
+
+    The networks below are written ONCE, against these methods. This class evaluates them plainly
+    (one client: what `torch.func` differentiates in the reference DP step and the tests' oracle).
+    The batched engine (`engine.RecordingOps`) evaluates the same math for every client of a rank at
+    once and records, per layer type, what its per-sample gradient norms and clipped sums need:
+
+    * `private_linear`: a layer of a client's own network (the encoder psi_i), per-sample inputs;
+    * `head_linear` / `head_activation` / `to_rows`: the hypernetwork heads, whose input is a
+      client-level value (the code v_i) shared by all of the client's samples; `to_rows` hands the
+      head's output to the per-sample rows;
+    * `shared_linear` / `add_bias`: a layer of Phi applied to per-sample inputs;
+    * `embed`: rows of an embedding table picked by a per-sample index;
+    * `per_row`: a Phi vector (through an elementwise function) used by every sample (the decoder's
+      output log-scale).
+    Anything else (activations after per-sample layers, losses) is plain torch.
+    """
+
+    def private_input(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def private_linear(self, a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(a, w, b)
+
+    def private_output(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def head_linear(self, s: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        return F.linear(s, w, b)
+
+    def head_activation(self, act: nn.Module, u: torch.Tensor) -> torch.Tensor:
+        return act(u)
+
+    def to_rows(self, o: torch.Tensor) -> torch.Tensor:
+        return o
+
+    def shared_linear(self, a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return F.linear(a, w, b)
+
+    def add_bias(self, t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return t + b
+
+    def embed(self, idx: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.embedding(idx, table)
+
+    def per_row(self, p: torch.Tensor, f=None) -> torch.Tensor:
+        """f(p) for every row; f is elementwise (None: the identity)."""
+        return p if f is None else f(p)
+
+
+PLAIN = Ops()
+
+
+def run_private(ops: Ops, seq: nn.Sequential, h: torch.Tensor, layers=None) -> torch.Tensor:
+    """A client's own MLP on per-sample rows. `layers` replaces the modules' (weight, bias) pairs
+    (the engine's stacks over clients); activations are the modules of `seq`."""
+    h = ops.private_input(h)
+    k = 0
+    for m in seq:
+        if isinstance(m, nn.Linear):
+            w, b = layers[k] if layers is not None else (m.weight, m.bias)
+            h = ops.private_linear(h, w, b)
+            k += 1
+        else:
+            h = m(h)
+    return ops.private_output(h)
+
+
+def run_head(ops: Ops, seq: nn.Sequential, v: torch.Tensor) -> torch.Tensor:
+    """A hypernetwork head on client-level inputs (one code, or one per client), handed to the rows."""
+    s = v
+    for m in seq:
+        s = ops.head_linear(s, m.weight, m.bias) if isinstance(m, nn.Linear) else ops.head_activation(m, s)
+    return ops.to_rows(s)
+
+
+def run_shared(ops: Ops, seq: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
+    """A Phi MLP on per-sample rows."""
+    for m in seq:
+        h = ops.shared_linear(h, m.weight, m.bias) if isinstance(m, nn.Linear) else m(h)
+    return h
+
+
 class Encoder(nn.Module):
     """q_psi(z | x, y): client-local MLP on [x, onehot(y)] -> (mu, log var). Never leaves the client."""
 
-    def __init__(self, dim: int, num_classes: int, latent_dim: int, hidden: list[int]):
+    def __init__(self, dim: int, num_classes: int, latent_dim: int, hidden: list[int], activation: str = "silu"):
         super().__init__()
         self.num_classes = num_classes
-        self.net = mlp([dim + num_classes] + list(hidden) + [2 * latent_dim])
+        self.net = mlp([dim + num_classes] + list(hidden) + [2 * latent_dim], activation)
 
-    def forward(self, x: torch.Tensor, y_onehot: torch.Tensor):
-        mu, logvar = self.net(torch.cat([x, y_onehot], dim=-1)).chunk(2, dim=-1)
+    @classmethod
+    def from_config(cls, dim: int, num_classes: int, m) -> "Encoder":
+        return cls(dim, num_classes, m.latent_dim, m.hidden, m.activation)
+
+    def forward(self, x: torch.Tensor, y_onehot: torch.Tensor, ops: Ops = PLAIN, layers=None):
+        mu, logvar = run_private(ops, self.net, torch.cat([x, y_onehot], dim=-1), layers).chunk(2, dim=-1)
         return mu, soft_clamp(logvar, 8.0)
 
 
@@ -57,7 +158,7 @@ class HyperNetwork(nn.Module):
     """Phi: shared decoder base, h_theta (row scales + bias shifts), h_omega, e(y), g_omega."""
 
     def __init__(self, dim: int, num_classes: int, *, latent_dim: int, code_dim: int, hidden: list[int],
-                 hyper_hidden: int, label_embed_dim: int):
+                 hyper_hidden: int, label_embed_dim: int, hyper_layers: int = 2, activation: str = "silu"):
         super().__init__()
         self.dim, self.num_classes, self.latent_dim, self.code_dim = dim, num_classes, latent_dim, code_dim
         sizes = [latent_dim + num_classes] + list(reversed(hidden)) + [dim]
@@ -68,50 +169,55 @@ class HyperNetwork(nn.Module):
             lin = nn.Linear(sizes[i], sizes[i + 1])  # PyTorch's default init for the base layer
             self.base_weight.append(nn.Parameter(lin.weight.detach().clone()))
             self.base_bias.append(nn.Parameter(lin.bias.detach().clone()))
+        self.act = ACTIVATIONS[activation]()  # between the decoder's layers
+        mid = [hyper_hidden] * (hyper_layers - 1)
         # h_theta: v -> (d_l, db_l) for every layer. The last layer starts at zero so that every
         # client begins with the shared decoder (d = 1, db = 0).
-        self.h_theta = mlp([code_dim, hyper_hidden, 2 * sum(self.out_sizes)])
+        self.h_theta = mlp([code_dim, *mid, 2 * sum(self.out_sizes)], activation)
         nn.init.zeros_(self.h_theta[-1].weight)
         nn.init.zeros_(self.h_theta[-1].bias)
-        self.h_omega = mlp([code_dim, hyper_hidden, hyper_hidden])
+        self.h_omega = mlp([code_dim, *mid, hyper_hidden], activation)
         self.label_embed = nn.Embedding(num_classes, label_embed_dim)
-        self.g_omega = mlp([hyper_hidden + label_embed_dim, hyper_hidden, 2 * latent_dim])
+        self.g_omega = mlp([hyper_hidden + label_embed_dim, *mid, 2 * latent_dim], activation)
         self.x_logstd = nn.Parameter(torch.zeros(dim))
 
-    # -- Eq. 3 -------------------------------------------------------------------------------
-    def decoder_modulation(self, v: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(d_l(v), db_l(v)) per layer; v is (d_v,) or (B, d_v). d_l = 1 + tanh(.) keeps scales in (0, 2)."""
-        out = self.h_theta(v)
-        mods, start = [], 0
-        for r in self.out_sizes:
-            d = 1.0 + torch.tanh(out[..., start:start + r])
-            db = out[..., start + r:start + 2 * r]
-            mods.append((d, db))
-            start += 2 * r
-        return mods
+    @classmethod
+    def from_config(cls, dim: int, num_classes: int, m) -> "HyperNetwork":
+        return cls(dim, num_classes, latent_dim=m.latent_dim, code_dim=m.code_dim, hidden=m.hidden,
+                   hyper_hidden=m.hyper_hidden, label_embed_dim=m.label_embed_dim, hyper_layers=m.hyper_layers,
+                   activation=m.activation)
 
-    def decode(self, mods, z: torch.Tensor, y_onehot: torch.Tensor) -> torch.Tensor:
+    # -- Eq. 3 -------------------------------------------------------------------------------
+    def modulation(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(d_l, db_l) per layer from h_theta's output. d_l = 1 + tanh(.) keeps scales in (0, 2).
+        One split (its backward is one concatenation, not one zero-filled gradient per slice)."""
+        parts = out.split([r for r in self.out_sizes for _ in (0, 1)], dim=-1)
+        return [(1.0 + torch.tanh(parts[2 * i]), parts[2 * i + 1]) for i in range(len(self.out_sizes))]
+
+    def decoder_modulation(self, v: torch.Tensor, ops: Ops = PLAIN) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(d_l(v), db_l(v)) per layer; v is (d_v,) or (B, d_v)."""
+        return self.modulation(run_head(ops, self.h_theta, v))
+
+    def decode(self, mods, z: torch.Tensor, y_onehot: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
         """Mean of p_theta(x | z, y) for the client whose modulation is `mods`."""
-        h = torch.cat([z, y_onehot], dim=-1)
+        h = cat_last(z, y_onehot)
         n = len(self.base_weight)
         for i, (w, b, (d, db)) in enumerate(zip(self.base_weight, self.base_bias, mods)):
-            h = (h @ w.t()) * d + b + db  # diag(d) W h + b + db, without building diag(d) W
+            h = ops.add_bias(ops.shared_linear(h, w) * d, b) + db  # diag(d) W h + b + db, without building diag(d) W
             if i < n - 1:
-                h = F.silu(h)
+                h = self.act(h)
         return h
 
-    def output_logstd(self) -> torch.Tensor:
-        return soft_clamp(self.x_logstd, 5.0)
+    def output_logstd(self, ops: Ops = PLAIN) -> torch.Tensor:
+        return ops.per_row(self.x_logstd, _clamp5)
 
     # -- Eq. 4 -------------------------------------------------------------------------------
-    def prior_features(self, v: torch.Tensor) -> torch.Tensor:
-        return self.h_omega(v)
+    def prior_features(self, v: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
+        return run_head(ops, self.h_omega, v)
 
-    def prior(self, hw: torch.Tensor, y: torch.Tensor):
+    def prior(self, hw: torch.Tensor, y: torch.Tensor, ops: Ops = PLAIN):
         """(mu, log sigma) of p_omega(z | y) given h_omega(v) (broadcast over the batch)."""
-        e = self.label_embed(y)
-        hw = hw.expand(e.shape[0], -1) if hw.dim() == 1 or hw.shape[0] == 1 else hw
-        mu, logstd = self.g_omega(torch.cat([hw, e], dim=-1)).chunk(2, dim=-1)
+        mu, logstd = run_shared(ops, self.g_omega, cat_last(hw, ops.embed(y, self.label_embed.weight))).chunk(2, dim=-1)
         return mu, soft_clamp(logstd, 5.0)
 
     def spectral_layers(self) -> list[nn.Linear]:
@@ -126,6 +232,10 @@ class HyperNetwork(nn.Module):
             s = torch.linalg.matrix_norm(lin.weight, ord=2)
             if s > bound:
                 lin.weight.mul_(bound / s)
+
+
+# a ClientView's parameter names: its encoder's under ENCODER_PREFIX, its code, Phi's under PHI_PREFIX
+ENCODER_PREFIX, CODE_NAME, PHI_PREFIX = "encoder.", "code", "hyper."
 
 
 class ClientView(nn.Module):
@@ -175,16 +285,18 @@ def gaussian_nll(x, mean, logstd) -> torch.Tensor:
     return (0.5 * ((x - mean) / logstd.exp()) ** 2 + logstd + 0.5 * LOG2PI).sum(-1)
 
 
-def elbo_terms(encoder: Encoder, code: torch.Tensor, hyper: HyperNetwork, x, y, eps):
+def elbo_terms(encoder: Encoder, code: torch.Tensor, hyper: HyperNetwork, x, y, eps, ops: Ops = PLAIN,
+               encoder_layers=None):
     """Per-sample reconstruction NLL and KL(q || p_omega). `eps` is the reparameterization noise,
-    drawn outside so that the loss is a deterministic function (vmap-able, reproducible)."""
+    drawn outside so that the loss is a deterministic function (vmap-able, reproducible).
+    The one spelling of the model's loss: the batched engine evaluates it with its own `ops`
+    (every client of a rank at once, `code` then holds one code per client)."""
     y1h = one_hot(y, hyper.num_classes, x.dtype)
-    mu_q, logvar_q = encoder(x, y1h)
+    mu_q, logvar_q = encoder(x, y1h, ops, encoder_layers)
     z = mu_q + (0.5 * logvar_q).exp() * eps
-    mods = hyper.decoder_modulation(code)
-    mean = hyper.decode(mods, z, y1h)
-    nll = gaussian_nll(x, mean, hyper.output_logstd())
-    mu_p, logstd_p = hyper.prior(hyper.prior_features(code).unsqueeze(0), y)
+    mean = hyper.decode(hyper.decoder_modulation(code, ops), z, y1h, ops)
+    nll = gaussian_nll(x, mean, hyper.output_logstd(ops))
+    mu_p, logstd_p = hyper.prior(hyper.prior_features(code, ops), y, ops)
     kl = kl_diag_gaussians(mu_q, logvar_q, mu_p, logstd_p)
     return nll, kl
 
@@ -210,11 +322,33 @@ def generator_params(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Te
 def sample_synthetic(hyper: HyperNetwork, mods, hw, y: torch.Tensor, z_noise: torch.Tensor,
                      x_noise: torch.Tensor | None) -> torch.Tensor:
     """Eq. 12 with z ~ p_omega(z | y) (the class prior, not N(0, I)): x = mean(z, y) [+ scale * noise].
-    Noise is passed in so that callers control the generator (reproducible or differentiable)."""
-    mu_p, logstd_p = hyper.prior(hw.unsqueeze(0), y)
+    Noise is passed in so that callers control the generator (reproducible or differentiable).
+    Batched over clients when `mods` and `hw` carry a client dimension in front of a row dimension
+    of 1 ((M, 1, r)) and the noise is (M, n, .)."""
+    mu_p, logstd_p = hyper.prior(hw, y)
     z = mu_p + logstd_p.exp() * z_noise
     y1h = one_hot(y, hyper.num_classes, z.dtype)
     mean = hyper.decode(mods, z, y1h)
     if x_noise is None:
         return mean
     return mean + hyper.output_logstd().exp() * x_noise
+
+
+def mmd_bandwidths(m, dim: int) -> list[float]:
+    """The MMD kernel bandwidths in data units: model.mmd_bandwidths are in units of sqrt(d_x)."""
+    return [b * math.sqrt(dim) for b in m.mmd_bandwidths]
+
+
+def merf_mmd(features, x_hat: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The DP-MERF MMD^2 estimate between synthetic samples and released mean embeddings.
+    x_hat: (..., K, n_per_class, d_x); target: (..., K, F); weights: (..., K). Returns (...)."""
+    phi = features(x_hat.reshape(-1, x_hat.shape[-1])).reshape(*x_hat.shape[:-1], -1).mean(-2)
+    # kernel_scale turns feature inner products back into kernel values: the term is an MMD^2 estimate
+    return features.kernel_scale * (weights * (phi - target).pow(2).sum(-1)).sum(-1)
+
+
+def project_codes(codes: torch.Tensor, radius: float) -> None:
+    """In place: every code (the last dimension) onto the ball of the given radius."""
+    with torch.no_grad():
+        n = codes.norm(dim=-1, keepdim=True)
+        codes.mul_(torch.where(n > radius, radius / n, torch.ones_like(n)))

@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedhypevae.audit import (CanaryClient, audit_p_value, closed_form_max, epsilon_lower_bound, guess,
-                              max_epsilon_lower_bound, run_audit, score_guesses)
+from fedhypevae.audit import (AuditSetup, CanaryClient, CanaryStep, NoClipCanaryStep, NoNoiseCanaryStep, audit_p_value,
+                              audit_white_box, closed_form_max, epsilon_lower_bound, guess, max_epsilon_lower_bound,
+                              run_audit, score_guesses)
 from fedhypevae.cli import main
+from fedhypevae.client import Client
 from fedhypevae.config import load_config
+from fedhypevae.dp_step import DPStep, per_sample_grads
 from fedhypevae.errors import ConfigError
 from fedhypevae.trainer import Trainer, make_plan
 
@@ -92,6 +95,93 @@ def test_canary_client_without_canaries_is_client_step(tmp_path):
     for n in a.phi_grad:
         torch.testing.assert_close(b.phi_grad[n], a.phi_grad[n], rtol=1e-6, atol=1e-7)
     assert twin.appearances.sum() == 0
+
+
+def _armed_twin(tr, sabotage, included):
+    c = tr.clients[0]
+    twin = CanaryClient(tr.fed.client(c.id), cfg=tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+                        declared_size=c.declared_size)
+    twin.load_state_dict(copy.deepcopy(c.state_dict()))
+    m = len(included)
+    twin.arm(phi_shapes=[(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()], coords=torch.arange(m),
+             signs=torch.ones(m), included=included, seed=0, sabotage=sabotage)
+    return twin
+
+
+def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path):
+    """Unarmed, a CanaryClient runs the reference step; armed, its step object is a CanaryStep whose
+    per-sample gradient stage adds the canaries, and each sabotage overrides one more stage."""
+    cfg = load_config("audit", ["train.rounds=1"] + (["train.engine=reference"] if hasattr(load_config("audit").train, "engine") else []))
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    c = tr.clients[0]
+    unarmed = CanaryClient(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+                           declared_size=c.declared_size)
+    assert type(unarmed.dp_step) is DPStep
+    kinds = {s: type(_armed_twin(tr, s, torch.zeros(4, dtype=torch.bool)).dp_step) for s in ("none", "no-clip", "no-noise")}
+    assert kinds == {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
+    assert NoClipCanaryStep.add_noise is DPStep.add_noise and NoNoiseCanaryStep.clip_and_accumulate is DPStep.clip_and_accumulate
+
+    # every canary included: the sampled ones enter the clipped sum, each one clipped to exactly C
+    full = _armed_twin(tr, "none", torch.ones(200, dtype=torch.bool))
+    none = _armed_twin(tr, "none", torch.zeros(200, dtype=torch.bool))
+    pf, pn = full.prepare_step(copy.deepcopy(tr.hyper), 0, 0), none.prepare_step(copy.deepcopy(tr.hyper), 0, 0)
+    k = int(full.appearances.sum())
+    assert k > 10 and none.appearances.sum() == 0
+    for n in pn.summed:
+        want = pn.summed[n].clone()
+        if n.startswith("hyper."):
+            a, b = full.phi_offsets[n[len("hyper."):]]
+            flat = want.view(-1)
+            for j in full.appearances.nonzero().flatten().tolist():  # canary j sits on flat coordinate j, sign +1
+                if a <= j < b:
+                    flat[j - a] += cfg.privacy.clip_norm * 2.0 / (2.0 + 1e-6)  # 2C long, clipped to C
+        torch.testing.assert_close(pf.summed[n], want, rtol=1e-5, atol=1e-5)
+
+    # no-noise: the release is the scaled sum plus the post-noise terms, as a step without noise stage
+    quiet = _armed_twin(tr, "no-noise", torch.zeros(4, dtype=torch.bool))
+
+    class Quiet(Client):
+        class step_type(DPStep):
+            def add_noise(self, summed, *, sigma, generator):
+                return dict(summed)
+
+    ref = Quiet(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+                declared_size=c.declared_size)
+    ref.load_state_dict(copy.deepcopy(c.state_dict()))
+    a = quiet.step(copy.deepcopy(tr.hyper), 0, 1, sigma=tr.sigma, features=tr.features)
+    b = ref.step(copy.deepcopy(tr.hyper), 0, 1, sigma=tr.sigma, features=tr.features)
+    for n in a.phi_grad:
+        assert torch.equal(a.phi_grad[n], b.phi_grad[n]), n
+
+    # no-clip: the clip stage sums the per-sample gradients unclipped
+    raw = _armed_twin(tr, "no-clip", torch.zeros(4, dtype=torch.bool))
+    pr = raw.prepare_step(copy.deepcopy(tr.hyper), 0, 2)
+    grads, _ = per_sample_grads(pr.view, sorted(pr.summed), pr.batch, pr.syn)
+    for n in pr.summed:
+        torch.testing.assert_close(pr.summed[n], grads[n].sum(0), rtol=1e-5, atol=1e-6)
+
+
+def test_the_white_box_audit_builds_the_canary_client_through_the_trainer(tmp_path, monkeypatch):
+    """No client is swapped after setup: the trainer's client_factory builds the audited client as a
+    CanaryClient (every other as a plain Client), and that very object is armed and trained."""
+    seen = {}
+    orig = Trainer.train
+
+    def train(self):
+        seen["clients"] = list(self.clients)
+        seen["before"] = {c.id: copy.deepcopy(c.state_dict()) for c in self.clients}
+        return orig(self)
+
+    monkeypatch.setattr(Trainer, "train", train)
+    cfg = load_config("audit", ["train.rounds=1"])
+    setup = AuditSetup(canaries=50, k_in=5, k_out=5, seed=3, client=1, sabotage="none", mode="white-box")
+    raw = audit_white_box(cfg, tmp_path / "run", setup, progress=False)
+    types = {c.id: type(c) for c in seen["clients"]}
+    assert types == {0: Client, 1: CanaryClient}
+    cc = next(c for c in seen["clients"] if c.id == 1)
+    assert type(cc.dp_step) is CanaryStep and cc.appearances.sum() > 0
+    assert raw["steps"] == 2 and torch.equal(torch.as_tensor(raw["scores"]), cc.scores)
 
 
 # ------------------------------------------------------------------------------------------ white-box

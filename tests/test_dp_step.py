@@ -86,3 +86,19 @@ def test_poisson_sampling_rate():
     idx = poisson_sample(100000, 0.1, torch.Generator().manual_seed(0))
     assert abs(len(idx) / 100000 - 0.1) < 0.005
     assert len(poisson_sample(50, 0.0, torch.Generator().manual_seed(0))) == 0
+
+
+def test_add_noise_then_scale_is_add_noise_and_scale_bit_for_bit():
+    """The step object's noise and scale stages, run one after the other, are the combined function."""
+    from fedhypevae.dp_step import add_noise, scale
+
+    summed = {"b": torch.randn(5, 3), "a": torch.randn(7)}
+    spec = NoiseSpec(1.3, 0.7, 2.5)
+    both = add_noise_and_scale(summed, spec=spec, generator=torch.Generator().manual_seed(9))
+    staged = scale(add_noise(summed, std=1.3 * 0.7, generator=torch.Generator().manual_seed(9)), 2.5)
+    assert both.keys() == staged.keys()
+    for n in both:
+        assert torch.equal(both[n], staged[n])
+    assert not torch.equal(staged["a"], summed["a"] / 2.5)  # noise was added
+    quiet = add_noise(summed, std=0.0, generator=torch.Generator().manual_seed(9))
+    assert all(quiet[n] is summed[n] for n in summed)  # std 0: nothing drawn, nothing changed

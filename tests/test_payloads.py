@@ -19,7 +19,7 @@ import torch
 from fedhypevae.client import DIAG_KEYS, Client
 from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.privacy import DP_SGD, MMD_EMBEDDINGS, Mechanism, epsilon_of, release_class_stats
-from fedhypevae.privacy.sensitivity import client_step_stages
+from fedhypevae.privacy.sensitivity import trace_step
 from fedhypevae.rng import STREAM_STATS_RELEASE, STREAM_STEP
 from fedhypevae.run import _flatten, run_training, stats_clip_norm
 from fedhypevae.trainer import Trainer
@@ -120,8 +120,8 @@ def replay(cfg, hosted: list, scratch, world_size: int):
 
                 # private: the state before the step and the un-noised clipped sum (also as sigma = 0 would send it)
                 private += [c.code.detach().reshape(-1), flat(c.encoder.parameters())]
-                pre = client_step_stages(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=plan.sigma, features=tr.features)
-                zero = client_step_stages(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=0.0, features=tr.features)
+                pre = trace_step(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=plan.sigma, features=tr.features)
+                zero = trace_step(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=0.0, features=tr.features)
                 names = sorted(pre.payload)
                 private += [flat(pre.payload[n] for n in names), flat(pre.payload[n] / pre.expected_batch for n in names)]
                 private.append(_phi_vector(h, zero.phi))

@@ -386,7 +386,7 @@ ALTERNATIVES = {
     "data.metadata_path": "/nonexistent/meta.csv", "data.transform": "l2", "data.test_fraction": "0.3",
     "partition.kind": "iid", "partition.alpha": "1.0", "partition.clients": "3", "partition.min_client_size": "10",
     "model.latent_dim": "5", "model.code_dim": "3", "model.code_radius": "2.0", "model.hidden": "[16]",
-    "model.hyper_hidden": "8", "model.label_embed_dim": "3", "model.lipschitz": "null", "model.lambda_v": "0.01",
+    "model.hyper_hidden": "8", "model.hyper_layers": "3", "model.activation": "tanh", "model.label_embed_dim": "3", "model.lipschitz": "null", "model.lambda_v": "0.01",
     "model.lambda_mmd": "0.0", "model.mmd_kind": "literal", "model.mmd_bandwidths": "[0.5]", "model.mmd_features": "8",
     "model.mmd_synthetic_per_class": "3",
     "train.rounds": "4", "train.local_steps": "3", "train.optimizer": "sgd", "train.lr": "0.01",

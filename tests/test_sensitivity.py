@@ -14,7 +14,7 @@ import torch
 
 from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.dp_step import per_sample_grads, sample_norms
-from fedhypevae.privacy.sensitivity import batchnorm_payload, check_sensitivity, client_step_stages
+from fedhypevae.privacy.sensitivity import SensitivityProbe, batchnorm_payload, check_sensitivity, probe, trace_step
 from fedhypevae.rng import STREAM_STEP
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
@@ -57,14 +57,17 @@ def removals(client):
 
 
 @pytest.mark.parametrize("mode", ["strict", "paper"])
-def test_the_staged_step_is_client_step(runs, mode):
-    """The check drives the client's own stages; with the same generator it releases exactly what
-    Client.step releases, and leaves the same private state behind (so it cannot drift from it)."""
+def test_the_check_runs_the_clients_own_step_object(runs, mode):
+    """The check drives the client's own DP step object (its class, with the probe's stages mixed
+    in), not a copy of the step: with the same generator it releases exactly what Client.step
+    releases, and leaves the same private state behind."""
     tr, c = saved_state(runs, mode)
     twin, hyper2 = copy.deepcopy(c), copy.deepcopy(tr.hyper)
+    step = probe(twin)
+    assert isinstance(step, type(twin.dp_step)) and isinstance(step, SensitivityProbe) and step.client is twin
     for s in range(2):
         out = c.step(tr.hyper, 5, s, sigma=tr.sigma, features=tr.features)
-        trace = client_step_stages(twin, hyper2, twin.rng.generator(STREAM_STEP, 5, s), sigma=tr.sigma, features=tr.features)
+        trace = trace_step(twin, hyper2, twin.rng.generator(STREAM_STEP, 5, s), sigma=tr.sigma, features=tr.features)
         assert trace.phi.keys() == out.phi_grad.keys()
         for n in out.phi_grad:
             assert torch.equal(trace.phi[n], out.phi_grad[n]), n

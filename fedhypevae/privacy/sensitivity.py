@@ -5,14 +5,20 @@ released history and the same sampling coins, the pre-noise payload a client com
 on D minus one record (its local state recomputed along that history) differs by at most the
 clip norm C. This module measures that difference instead of assuming it.
 
-``client_step_stages`` is :meth:`fedhypevae.client.Client.step` spelled out stage by stage from
-the client's own stage methods (``_clipped_sum``, ``_plain_grads``, ``_post_noise_loss``,
-``_local_update``) and the public DP-step functions (``poisson_sample``, ``add_noise_and_scale``),
-drawing from the generator in exactly the same order, so that with the same generator it returns
-the same release as ``Client.step`` (a test checks this equality, so the check below cannot
-drift away from the real step). Unlike ``Client.step`` it exposes the pre-noise payload, can leave
-one record out of the realized Poisson batch (the same coins minus that record), and can replay a
-given released history instead of its own noisy values.
+The check runs the client's OWN step object (``client.dp_step``: its class, with every stage a
+subclass of it overrides, e.g. an audited client's) through :func:`trace_step`, which combines that
+class with :class:`SensitivityProbe`, a mixin overriding four stages of
+:class:`~fedhypevae.dp_step.DPStep` and re-spelling none of the step:
+
+* ``sample``: D minus one record — the same coins (and noise) as on D, that record left out of the
+  realized batch;
+* ``payload``: optionally replaced by a ``payload_fn`` (a negative control);
+* ``released``: records the step's own noisy release and, on D minus one record, substitutes the
+  released history of the D pass (the noise is still drawn, so the generator stays in step);
+* ``local_update``: optionally skipped.
+
+The pre-noise payload is the :class:`~fedhypevae.dp_step.PendingStep`'s, exactly what the trainer's
+ledger digest covers.
 
 ``check_sensitivity`` runs a client from one saved state for a few local steps on D, records the
 released history, then replays it on D minus record j and compares, step by step,
@@ -33,9 +39,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..dp_step import NoiseSpec, add_noise_and_scale, poisson_sample
+from ..dp_step import DPStep
 from ..errors import PrivacyError
-from ..model import ClientView
 
 PayloadFn = Callable  # (client, view, names, batch, syn) -> (summed: dict, norms: Tensor, aux)
 
@@ -51,15 +56,59 @@ class StepTrace:
     expected_batch: float  # q * n_declared (public)
 
 
-def default_payload(client, view, names, batch, syn):
-    """The client's own clipped sum (per-sample gradients over `names`, each clipped to C, summed)."""
-    return client._clipped_sum(view, names, batch, syn)
+class SensitivityProbe:
+    """Mixin over a :class:`~fedhypevae.dp_step.DPStep` class (put first in the bases): the stage
+    overrides the sensitivity check needs. Settings are instance attributes set by :func:`probe`."""
+
+    drop: Optional[int] = None  # record left out of the realized batch (D minus one record)
+    history: Optional[dict] = None  # a released history entry to continue from instead of the own release
+    payload_fn: Optional[PayloadFn] = None  # replaces the payload stage (negative controls)
+    update: bool = True  # apply the local update of psi_i and v_i
+    own: Optional[dict] = None  # set by `released`: this step's own noisy release
+
+    def sample(self, generator):
+        idx, eps, syn = super().sample(generator)  # every coin and noise row drawn as on D
+        if self.drop is not None:
+            keep = idx != int(self.drop)
+            idx, eps = idx[keep], eps[keep]
+        return idx, eps, syn
+
+    def payload(self, view, names, batch, syn):
+        if self.payload_fn is None:
+            return super().payload(view, names, batch, syn)
+        return self.payload_fn(self.client, view, names, batch, syn)
+
+    def released(self, pending, noisy):
+        noisy = super().released(pending, noisy)
+        self.own = {n: t.detach().clone() for n, t in noisy.items()}
+        if self.history is not None:
+            return {n: self.history[n].detach().clone() for n in noisy}
+        return noisy
+
+    def local_update(self, grads):
+        if self.update:
+            super().local_update(grads)
 
 
-def client_step_stages(client, hyper, generator: torch.Generator, *, sigma: float, features=None,
-                       drop: Optional[int] = None, released: Optional[dict] = None,
-                       payload_fn: Optional[PayloadFn] = None, update: bool = True) -> StepTrace:
-    """One DP step of `client` on `hyper`, stage by stage, as Client.step does it.
+_PROBES: dict = {}
+
+
+def probe(client, *, drop: Optional[int] = None, released: Optional[dict] = None,
+          payload_fn: Optional[PayloadFn] = None, update: bool = True) -> DPStep:
+    """`client`'s own step class (``type(client.dp_step)``) with the :class:`SensitivityProbe` stages, bound to it."""
+    base = type(client.dp_step)
+    cls = _PROBES.get(base)
+    if cls is None:
+        cls = _PROBES[base] = type(f"Probed{base.__name__}", (SensitivityProbe, base), {})
+    step = cls(client)
+    step.drop, step.history, step.payload_fn, step.update = drop, released, payload_fn, update
+    return step
+
+
+def trace_step(client, hyper, generator: torch.Generator, *, sigma: float, features=None,
+               drop: Optional[int] = None, released: Optional[dict] = None,
+               payload_fn: Optional[PayloadFn] = None, update: bool = True) -> StepTrace:
+    """One DP step of `client` on `hyper` through the client's own step object, with the probe's stages.
 
     drop:      a record index of the client's data left out of the realized batch (the same
                coins as on D, minus that record: D minus one record).
@@ -67,46 +116,16 @@ def client_step_stages(client, hyper, generator: torch.Generator, *, sigma: floa
                update instead of this step's own noisy values; the noise is still drawn so the
                generator stays in step.
     update:    apply the local update of psi_i and v_i (as Client.step does).
+    With the client's own step generator and none of these, it releases exactly what Client.step does.
     """
-    p, m = client.cfg.privacy, client.cfg.model
-    if not p.enabled:
+    if not client.cfg.privacy.enabled:
         raise PrivacyError("the sensitivity check needs privacy.enabled: true (there is no clipped payload otherwise)")
-    g = generator
-    idx = poisson_sample(len(client.y), p.sample_rate, g).to(client.device)
-    eps = torch.randn(len(idx), m.latent_dim, generator=g).to(client.device)
-    literal = m.lambda_mmd > 0 and m.mmd_kind == "literal"
-    syn = client._synthetic_noise(g) if literal else ()
-    view = ClientView(client.encoder, client.code, hyper,
-                      literal_mmd=(m.lambda_mmd, client._bandwidths()) if literal else None)
-    all_names = [n for n, _ in view.named_parameters()]
-    phi_names = [n for n in all_names if n.startswith("hyper.")]
-    expected = p.sample_rate * client.declared_size
-    if drop is not None:
-        keep = idx != int(drop)
-        idx, eps = idx[keep], eps[keep]
-    batch = (client.x[idx], client.y[idx], eps)
-
-    names = all_names if p.mode == "strict" else phi_names
-    summed, _norms, _aux = (payload_fn or default_payload)(client, view, names, batch, syn)
-    payload = {n: t.detach().clone() for n, t in summed.items()}
-    noisy = add_noise_and_scale(summed, spec=NoiseSpec(sigma, p.clip_norm, expected), generator=g)
-    own = {n: t.detach().clone() for n, t in noisy.items()}
-    if released is not None:
-        noisy = {n: released[n].detach().clone() for n in noisy}
-    if p.mode == "paper":
-        noisy.update(client._plain_grads(view, [n for n in all_names if n not in phi_names], batch, syn, expected))
-    post, _ = client._post_noise_loss(view, g, features)
-    post_names = ["code"] + phi_names
-    params = dict(view.named_parameters())
-    post_grads = torch.autograd.grad(post, [params[n] for n in post_names], allow_unused=True)
-    for n, pg in zip(post_names, post_grads):
-        if pg is not None:
-            noisy[n] = noisy[n] + pg
-    if update:
-        client._local_update(noisy)
-    phi = {n[len("hyper."):]: noisy[n].detach().clone() for n in phi_names}
-    return StepTrace(idx=idx, payload=payload, released=own if released is None else dict(released), phi=phi,
-                     expected_batch=expected)
+    step = probe(client, drop=drop, released=released, payload_fn=payload_fn, update=update)
+    pending = step.prepare(hyper, generator)
+    payload = {n: t.detach().clone() for n, t in pending.summed.items()}
+    out = step.release(pending, sigma=sigma, features=features)
+    return StepTrace(idx=pending.idx, payload=payload, released=step.own if released is None else dict(released),
+                     phi={n: t.detach().clone() for n, t in out.phi_grad.items()}, expected_batch=pending.expected)
 
 
 def _flat(d: dict, names: Sequence[str]) -> torch.Tensor:
@@ -212,14 +231,14 @@ def check_sensitivity(client, hyper, *, remove: Sequence[int], steps: int, sigma
             hist, phi_path = [], []
             opt = _phi_optimizer(cfg, hyper) if aggregation == "grad" else None
             for s in range(steps):
-                tr = client_step_stages(client, hyper, gens(s), sigma=sigma, features=features, payload_fn=payload_fn)
+                tr = trace_step(client, hyper, gens(s), sigma=sigma, features=features, payload_fn=payload_fn)
                 hist.append(tr)
                 _advance_phi(cfg, hyper, tr.phi, aggregation, opt)
                 phi_path.append(copy.deepcopy(hyper.state_dict()))
             # D - j: same coins minus record j, same released history, local state recomputed
             _restore(client, hyper, snap)
             for s in range(steps):
-                tr = client_step_stages(client, hyper, gens(s), sigma=sigma, features=features, drop=int(j),
+                tr = trace_step(client, hyper, gens(s), sigma=sigma, features=features, drop=int(j),
                                         released=hist[s].released, payload_fn=payload_fn)
                 if aggregation == "grad":
                     hyper.load_state_dict(phi_path[s])  # Phi follows the public (released) history
@@ -260,15 +279,11 @@ def batchnorm_payload(client, view, names, batch, syn):
     """NEGATIVE CONTROL, not a DP step: the batch's inputs are standardized with the realized
     batch's mean and standard deviation before the per-sample gradients are taken (a batch-norm
     layer over the Poisson batch). Every sample's gradient then depends on every other record of
-    the batch, so removing one record moves the clipped sum by more than C: the check must say so."""
-    from ..dp_step import clip_and_sum, per_sample_grads
-
+    the batch, so removing one record moves the clipped sum by more than C: the check must say so.
+    The rest is the client's own step: its per_sample_grads and clip_and_accumulate stages."""
     x, y, eps = batch
-    params = dict(view.named_parameters())
     if len(x) == 0:
-        return {n: torch.zeros_like(params[n]) for n in names}, torch.zeros(0), (0.0, 0.0)
+        return client.dp_step.payload(view, names, batch, syn)
     mu = x.mean(0, keepdim=True)
     sd = (x.var(0, keepdim=True, unbiased=False) + 1e-5).sqrt()  # torch.nn.BatchNorm1d's normalization
-    grads, (nll, kl) = per_sample_grads(view, names, ((x - mu) / sd, y, eps), syn)
-    summed, norms = clip_and_sum(grads, client.cfg.privacy.clip_norm)
-    return summed, norms, (nll.sum().item(), kl.sum().item())
+    return client.dp_step.payload(view, names, ((x - mu) / sd, y, eps), syn)

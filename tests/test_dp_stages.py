@@ -1,0 +1,147 @@
+"""The DP step object (`dp_step.DPStep`): one reference step whose stages are overridable methods.
+
+A stage override on a client's `step_type` is honoured by Client.step (what leaves the client) and
+by the sensitivity check, which drives the client's own step object rather than a copy of the step.
+"""
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from fedhypevae.client import Client
+from fedhypevae.config import TrainConfig, load_config
+from fedhypevae.dp_step import DPStep, per_sample_grads
+from fedhypevae.privacy.sensitivity import SensitivityProbe, check_sensitivity, probe, trace_step
+from fedhypevae.rng import STREAM_STEP
+from fedhypevae.trainer import Trainer
+
+HAS_ENGINE = any(f.name == "engine" for f in dataclasses.fields(TrainConfig))
+
+
+class NoNoise(DPStep):
+    def add_noise(self, summed, *, sigma, generator):
+        return dict(summed)
+
+
+class Unclipped(DPStep):
+    def clip_and_accumulate(self, grads):
+        return {n: g.sum(0) for n, g in grads.items()}, torch.zeros(next(iter(grads.values())).shape[0])
+
+
+def make_client(step_type):
+    class C(Client):
+        pass
+
+    C.step_type = step_type
+    return C
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    # no MMD term: then nothing is added to Phi after the noise, and phi_grad is the scaled noisy sum
+    cfg = load_config("tiny", ["train.rounds=1", "privacy.noise_seed=3", "model.lambda_mmd=0"]
+                      + (["train.engine=reference"] if HAS_ENGINE else []))
+    tr = Trainer(cfg, tmp_path_factory.mktemp("stages") / "run", progress=False)
+    tr.setup()
+    return tr
+
+
+def twin(tr, cls=Client, i=0):
+    """A client of class `cls` in exactly the state (and on the generator streams) of tr.clients[i]."""
+    c = tr.clients[i]
+    t = cls(tr.fed.client(c.id), cfg=tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+            declared_size=c.declared_size)
+    t.load_state_dict(copy.deepcopy(c.state_dict()))
+    return t
+
+
+def test_a_client_runs_its_own_step_object_and_a_copy_gets_its_own(setup):
+    c = twin(setup)
+    assert type(c.dp_step) is DPStep and c.dp_step.client is c and c.dp_step is c.dp_step
+    d = copy.deepcopy(c)
+    assert d.dp_step.client is d
+    assert type(twin(setup, make_client(NoNoise)).dp_step) is NoNoise
+
+
+def test_an_add_noise_override_makes_the_release_the_scaled_clipped_sum(setup):
+    tr = setup
+    plain, quiet = twin(tr), twin(tr, make_client(NoNoise))
+    h1, h2 = copy.deepcopy(tr.hyper), copy.deepcopy(tr.hyper)
+    pa, pb = plain.prepare_step(h1, 0, 0), quiet.prepare_step(h2, 0, 0)
+    for a, b in zip(pa.payload(), pb.payload()):
+        assert torch.equal(a, b)  # the same coins, the same clipped sum: only the noise stage differs
+    assert len(pb.idx) > 0
+    a = plain.release_step(pa, sigma=tr.sigma, features=tr.features)
+    b = quiet.release_step(pb, sigma=tr.sigma, features=tr.features)
+    assert tr.sigma > 0
+    for n in b.phi_grad:
+        assert torch.equal(b.phi_grad[n], pb.summed["hyper." + n] / pb.expected), n
+    assert any(not torch.equal(a.phi_grad[n], b.phi_grad[n]) for n in a.phi_grad)  # the default step adds noise
+
+
+def test_a_clip_override_changes_the_payload(setup):
+    tr = setup
+    plain, raw = twin(tr), twin(tr, make_client(Unclipped))
+    pa = plain.prepare_step(copy.deepcopy(tr.hyper), 0, 1)
+    pb = raw.prepare_step(copy.deepcopy(tr.hyper), 0, 1)
+    assert torch.equal(pa.idx, pb.idx) and len(pa.idx) > 0
+    names = sorted(pb.summed)
+    grads, _ = per_sample_grads(pb.view, names, pb.batch, pb.syn)
+    for n in names:  # the override's payload is the unclipped sum ...
+        torch.testing.assert_close(pb.summed[n], grads[n].sum(0), rtol=1e-5, atol=1e-6)
+    assert pa.diag[3] > 0  # ... which differs, since some records were clipped by the default stage
+    diff = torch.cat([(pa.summed[n] - pb.summed[n]).reshape(-1) for n in names]).norm()
+    assert diff > 1e-3
+
+
+def test_the_sensitivity_trace_is_client_step_through_the_same_step_class(setup):
+    """trace_step on the client's own generator stream releases exactly what Client.step releases,
+    and it runs the client's own step class (with the probe's stages mixed in)."""
+    tr = setup
+    for cls in (Client, make_client(NoNoise)):
+        c, t = twin(tr, cls), twin(tr, cls)
+        hc, ht = copy.deepcopy(tr.hyper), copy.deepcopy(tr.hyper)
+        step = probe(t)
+        assert isinstance(step, type(t.dp_step)) and isinstance(step, SensitivityProbe) and step.client is t
+        for s in range(2):
+            out = c.step(hc, 0, s, sigma=tr.sigma, features=tr.features)
+            trace = trace_step(t, ht, t.rng.generator(STREAM_STEP, 0, s), sigma=tr.sigma, features=tr.features)
+            assert trace.phi.keys() == out.phi_grad.keys()
+            for n in out.phi_grad:
+                assert torch.equal(trace.phi[n], out.phi_grad[n]), n
+            if cls is not Client:  # the class's override shows in the trace: released = payload / (q n)
+                for n in trace.released:
+                    assert torch.equal(trace.released[n], trace.payload[n] / trace.expected_batch)
+        assert torch.equal(c.code, t.code)
+        for a, b in zip(c.encoder.parameters(), t.encoder.parameters()):
+            assert torch.equal(a, b)
+
+
+def test_the_sensitivity_check_sees_a_stage_override_of_the_client(setup):
+    """No payload_fn: the check runs the client's own step, so a client whose clip stage does not clip
+    is reported, and the same client with the reference step is not."""
+    tr = setup
+    removals = [0, 3, 7, 11, 19]
+    kw = {"remove": removals, "steps": 3, "sigma": tr.sigma, "seed": 1, "features": tr.features}
+    ok = check_sensitivity(twin(tr), copy.deepcopy(tr.hyper), **kw)
+    assert ok.ok and any(r.in_batch for r in ok.rows)
+    bad = check_sensitivity(twin(tr, make_client(Unclipped)), copy.deepcopy(tr.hyper), **kw)
+    assert not bad.ok and bad.max_payload_diff > tr.cfg.privacy.clip_norm * 1.01
+
+
+def test_an_empty_poisson_batch_releases_only_noise(setup):
+    tr = setup
+    cfg = copy.deepcopy(tr.cfg)
+    cfg.privacy.sample_rate = 1e-6
+    c = twin(tr)
+    c.cfg = cfg
+    q = make_client(NoNoise)
+    quiet = twin(tr, q)
+    quiet.cfg = cfg
+    p, pq = c.prepare_step(copy.deepcopy(tr.hyper), 0, 0), quiet.prepare_step(copy.deepcopy(tr.hyper), 0, 0)
+    assert len(p.idx) == 0 and all(torch.count_nonzero(t) == 0 for t in p.payload())
+    out = c.release_step(p, sigma=tr.sigma, features=tr.features)
+    assert all(torch.count_nonzero(v) > 0 for v in out.phi_grad.values())  # noise on every coordinate
+    silent = quiet.release_step(pq, sigma=tr.sigma, features=tr.features)
+    assert all(torch.count_nonzero(v) == 0 for v in silent.phi_grad.values())
