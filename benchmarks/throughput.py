@@ -100,41 +100,24 @@ def make_config(data: Path, *, clients: int, enabled: bool, rounds: int, local_s
 
 
 class Timers:
-    """Exclusive wall-time per name for wrapped methods (an inner timed call is not counted in the outer)."""
+    """Exclusive wall time per phase, fed by the trainer's phase timers (Trainer.hooks.add_timer): the
+    trainer times its own phases (guard, ledger, all_reduce, phi_update, engine, accounting), and a phase
+    timed inside another is not counted in the outer one."""
 
     def __init__(self):
         self.t: dict = {}
-        self._stack: list = []
 
-    def wrap(self, name: str, fn):
-        def timed(*a, **k):
-            t0 = time.perf_counter()
-            self._stack.append(0.0)
-            try:
-                return fn(*a, **k)
-            finally:
-                inner = self._stack.pop()
-                dt = time.perf_counter() - t0
-                self.t[name] = self.t.get(name, 0.0) + dt - inner
-                if self._stack:
-                    self._stack[-1] += dt
-        return timed
+    def __call__(self, name: str, seconds: float) -> None:
+        self.t[name] = self.t.get(name, 0.0) + seconds
 
     def snapshot(self) -> dict:
         return dict(self.t)
 
 
 def instrument(tr) -> Timers:
+    """Register a Timers on the trainer's hooks (the batched engine then records its own phases too)."""
     tm = Timers()
-    tr.ledger.fits = tm.wrap("guard", tr.ledger.fits)  # the budget guard's test
-    tr.ledger.charge = tm.wrap("ledger", tr.ledger.charge)  # the durable ledger append (one write + fsync)
-    tr._allreduce = tm.wrap("all_reduce", tr._allreduce)
-    tr._apply_flat_grad = tm.wrap("phi_update", tr._apply_flat_grad)
-    tr.epsilon_spent = tm.wrap("accounting", tr.epsilon_spent)
-    if tr.engine is not None:
-        tr.engine.prepare = tm.wrap("engine", tr.engine.prepare)
-        tr.engine.release = tm.wrap("engine", tr.engine.release)
-        tr.engine.profile = True
+    tr.hooks.add_timer(tm)
     return tm
 
 

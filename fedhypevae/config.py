@@ -184,7 +184,9 @@ class FederationConfig:
     server_lr: float = 1.0
 
     def __post_init__(self):
-        _one_of("federation.aggregation", self.aggregation, ("grad", "delta"))
+        from .aggregation import AGGREGATIONS  # the registry of rules (a new rule registers itself there)
+
+        _one_of("federation.aggregation", self.aggregation, tuple(AGGREGATIONS))
         _one_of("federation.weights", self.weights, ("declared", "uniform"))
         _one_of("federation.declared_size_rounding", self.declared_size_rounding, ("none", "pow2"))
         _check(self.server_lr > 0, "federation.server_lr must be > 0")

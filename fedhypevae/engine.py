@@ -79,6 +79,7 @@ import torch
 from torch.nn import functional as F
 from torch.optim.adam import adam
 
+from .aggregation import AGGREGATIONS
 from .client import DIAG_KEYS
 from .config import Config
 from .dp_step import clip_factor, poisson_sample
@@ -92,9 +93,9 @@ PHASES = ("sample", "forward", "backward", "norms", "clip", "noise", "post", "op
 
 def engine_fallback_reason(cfg: Config) -> Optional[str]:
     """Why the batched engine cannot run this configuration (the trainer then uses Client.step), or None."""
-    if cfg.federation.aggregation == "delta":
-        return ("federation.aggregation=delta: every client runs its local steps on a private copy of Phi, "
-                "so the clients' computations do not share Phi")
+    rule = AGGREGATIONS[cfg.federation.aggregation]
+    if not rule.batched_engine:
+        return (f"federation.aggregation={cfg.federation.aggregation}: {rule.engine_note}")
     if cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "literal":
         return ("model.mmd_kind=literal with lambda_mmd > 0: the per-sample MMD cross term couples each sample "
                 "with a synthetic batch")

@@ -23,12 +23,14 @@ LOG2PI = math.log(2 * math.pi)
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
 
-def mlp(sizes: list[int], act: str = "silu") -> nn.Sequential:
+def mlp(sizes: list[int], act="silu") -> nn.Sequential:
+    """Linear layers of the given sizes with `act` (a name in ACTIVATIONS, or a module class) between them."""
+    act = ACTIVATIONS[act] if isinstance(act, str) else act
     layers: list[nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[act]())
+            layers.append(act())
     return nn.Sequential(*layers)
 
 

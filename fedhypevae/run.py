@@ -72,7 +72,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
         buf[c.id * codes // m] += vec
     if buf is None:  # defensive: placement guarantees every rank hosts a client
         raise RuntimeError("no client on this rank")
-    tr._allreduce(buf.view(-1))
+    tr.allreduce(buf.view(-1))
     domains = [_unflatten(buf[k], layout) for k in range(codes)]
     pooled = _unflatten(buf.sum(0), layout)
     out = []

@@ -4,7 +4,12 @@ One round, for every hosted client: Poisson batch -> per-sample gradients over (
 -> clip -> noise -> scale (strict mode); the client updates psi_i, v_i locally and contributes
 w_i * (noisy Phi gradient) to ONE flat buffer (with diagnostics); one all-reduce; every rank
 applies the identical optimizer step to its replica of Phi, then the spectral-norm projection.
-`delta` aggregation runs the local steps on a private copy of Phi and reduces weighted deltas.
+`delta` aggregation runs the local steps on a private copy of Phi and reduces weighted deltas. The rule
+is an object (fedhypevae/aggregation.py, a registry by name): the trainer calls it and has no branch on it.
+
+Observers hook into the loop through `Trainer.hooks` (TrainerHooks): the events round_begin(r),
+step_begin(r, s), step_end(r, s), round_end(r, metrics), and the phase timers the trainer wraps around
+its own phases (guard, ledger, all_reduce, phi_update, engine, accounting); free when nothing listens.
 
 Every release of every kind (the MMD embeddings, each DP-SGD step, the class statistics) goes
 through ONE guard, `Trainer.guarded_release`: the payload is computed up to the noise, compared with
@@ -16,9 +21,9 @@ Single process:   fedhypevae train --config configs/default.yaml --out runs/defa
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -30,15 +35,17 @@ from hpc import Communicator, LocalCommunicator, place_clients
 from hpc.placement import PlacementError
 
 from . import checkpoint as ckpt
+from .aggregation import flat_phi as _flat_phi
+from .aggregation import make_aggregation
 from .client import DIAG_KEYS, Client
 from .config import Config, save_config
 from .data import build_federation, is_shard_dir, read_manifest
 from .engine import BatchedEngine, engine_fallback_reason
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
-from .model import HyperNetwork
+from .model import HyperNetwork, mmd_bandwidths
 from .privacy import (CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, PrivacyLedger, PrivacyPlan, RandomFeatures,
-                      epsilon_of, has_ledger, plan_budget)
+                      epsilon_of, has_ledger, privacy_plan, run_shares)
 from .privacy.ledger import payload_digest
 from .provenance import provenance
 from .rng import derive_seed
@@ -104,10 +111,14 @@ def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
         return PrivacyPlan(sigma=sigma, sigma_stats=sigma, sigma_mmd=sigma if use_mmd else None, sample_rate=p.sample_rate,
                            steps=planned_steps(cfg), delta=p.delta, accountant=p.accountant,
                            target_epsilon=p.target_epsilon, planned_epsilon=planned, mechanisms=mechs)
-    return plan_budget(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=p.sample_rate,
-                       steps=planned_steps(cfg), accountant=p.accountant,
-                       stats_fraction=p.stats_epsilon_fraction, mmd_fraction=p.mmd_epsilon_fraction,
-                       use_stats=True, use_mmd=use_mmd, noise_multiplier=p.noise_multiplier)
+    # the run's mechanisms with their budget proportions: DP-SGD first (calibrated against the composed
+    # history, it takes what the one-shot releases leave); a new mechanism is one more entry here
+    one_shot = [(CLASS_STATS, p.stats_epsilon_fraction)]
+    if use_mmd:
+        one_shot.append((MMD_EMBEDDINGS, p.mmd_epsilon_fraction))
+    shares = run_shares(sample_rate=p.sample_rate, steps=planned_steps(cfg), one_shot=one_shot)
+    return privacy_plan(shares, target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
+                        noise_multiplier=p.noise_multiplier)
 
 
 def round_pow2(n: int) -> int:
@@ -143,6 +154,76 @@ def resume_changes(saved: dict, now: dict) -> dict:
     return changed
 
 
+HOOK_EVENTS = ("round_begin", "step_begin", "step_end", "round_end")
+TIMED_PHASES = ("guard", "ledger", "all_reduce", "phi_update", "engine", "accounting")
+_NO_TIMER = nullcontext()
+
+
+class _Timed:
+    """One timed phase: its EXCLUSIVE wall time (a phase timed inside it is not counted in it)."""
+    __slots__ = ("hooks", "name", "t0")
+
+    def __init__(self, hooks: "TrainerHooks", name: str):
+        self.hooks, self.name = hooks, name
+
+    def __enter__(self):
+        self.hooks._stack.append(0.0)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        dt = time.perf_counter() - self.t0
+        stack = self.hooks._stack
+        inner = stack.pop()
+        if stack:
+            stack[-1] += dt
+        for timer in self.hooks._timers:
+            timer(self.name, dt - inner)
+        return False
+
+
+class TrainerHooks:
+    """Observers of the training loop, instead of patching the trainer's methods.
+
+        tr.hooks.on("step_begin", lambda r, s: ...)     # round_begin(r), step_begin(r, s),
+        tr.hooks.on("step_end", lambda r, s: ...)       # step_end(r, s), round_end(r, metrics)
+        tr.hooks.add_timer(lambda phase, seconds: ...)  # exclusive seconds per timed phase
+
+    step_begin fires before a step's release guard; step_end only once the step is applied to Phi (a
+    step_begin without its step_end: the guard stopped there, budget or stop signal). The trainer wraps
+    its phases in `timed(phase)` (TIMED_PHASES): guard (the ledger's budget test), ledger (the durable
+    charge), all_reduce (every collective), phi_update (applying the reduced release to Phi), engine
+    (the batched engine's prepare and release), accounting (epsilon_spent). With no timer registered
+    `timed` is a shared no-op context and an event with no listener costs one empty loop. Observers only
+    observe: they must issue no collective and change no state (every rank must stay in step)."""
+
+    def __init__(self):
+        self._on: dict = {e: [] for e in HOOK_EVENTS}
+        self._timers: list = []
+        self._stack: list = []
+
+    def on(self, event: str, fn: Callable) -> Callable:
+        if event not in self._on:
+            raise ValueError(f"unknown trainer event {event!r}; events: {', '.join(HOOK_EVENTS)}")
+        self._on[event].append(fn)
+        return fn
+
+    def emit(self, event: str, *args) -> None:
+        for fn in self._on[event]:
+            fn(*args)
+
+    def add_timer(self, fn: Callable[[str, float], None]) -> Callable[[str, float], None]:
+        self._timers.append(fn)
+        return fn
+
+    @property
+    def timing(self) -> bool:
+        return bool(self._timers)
+
+    def timed(self, phase: str):
+        return _Timed(self, phase) if self._timers else _NO_TIMER
+
+
 class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, comm: Optional[Communicator] = None, *,
                  resume: bool = False, progress: bool = True, launcher: str = "none", device: str = "cpu",
@@ -163,8 +244,10 @@ class Trainer:
         self.stop_signal: Optional[int] = None  # set by a signal handler; acted on at the next step boundary
         self.resume_info: dict = {}  # what this resume continued from and changed
         self.replays = {"free": 0, "charged_again": 0}  # releases made again after a resume, this session
-        self._local: Optional[dict] = None  # delta mode: every hosted client's private copy of Phi
         self._saved_at: Optional[tuple] = None
+        self.hooks = TrainerHooks()
+        # federation.aggregation: the rule that turns the released steps into Phi's update
+        self.aggregation = make_aggregation(cfg.federation.aggregation, self)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -194,8 +277,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, 0xF1))  # Phi: the same on every rank
             mc = cfg.model
-            self.hyper = HyperNetwork(fed.dim, fed.num_classes, latent_dim=mc.latent_dim, code_dim=mc.code_dim,
-                                      hidden=mc.hidden, hyper_hidden=mc.hyper_hidden, label_embed_dim=mc.label_embed_dim)
+            self.hyper = HyperNetwork.from_config(fed.dim, fed.num_classes, mc)
         self.hyper.to(self.torch_device)
         if mc.lipschitz is not None:
             self.hyper.project_spectral(mc.lipschitz)
@@ -212,7 +294,7 @@ class Trainer:
         self.plan = make_plan(cfg, use_mmd=self.use_mmd_release)
         self.features = None
         if self.use_mmd_release:
-            bws = [b * math.sqrt(fed.dim) for b in cfg.model.mmd_bandwidths]
+            bws = mmd_bandwidths(cfg.model, fed.dim)
             self.features = RandomFeatures(bandwidths=bws, features_per_bandwidth=cfg.model.mmd_features,
                                            dim=fed.dim, seed=derive_seed(cfg.seed, 0xFEA7))
         by_id = {cd.client_id: cd for cd in fed.clients}
@@ -264,6 +346,9 @@ class Trainer:
         if self.cfg.train.engine != "batched":
             return
         reason = engine_fallback_reason(self.cfg)
+        if reason is None and not self.aggregation.batched_engine:
+            reason = (f"federation.aggregation={self.aggregation.name}: the rule computes every client's step on "
+                      "its own copy of Phi")
         if reason is not None:
             self.engine_note = f"train.engine=batched fell back to the reference loop: {reason}"
             return
@@ -332,10 +417,14 @@ class Trainer:
             epoch = led.fresh_epoch(mechanism, key)
             pending = prepare(epoch)
             digest = payload_digest(payload(pending))
-        fits = (not private) or free or led.fits(mechanism, sigma, q, self.plan)
+        if (not private) or free:
+            fits = True
+        else:
+            with self.hooks.timed("guard"):
+                fits = led.fits(mechanism, sigma, q, self.plan)
         flags = torch.tensor([0.0 if fits else 1.0, 1.0 if (stoppable and self.stop_signal) else 0.0],
                              dtype=torch.float64)
-        flags = self._allreduce(flags, op="max")
+        flags = self.allreduce(flags, op="max")
         if float(flags[1]) > 0:
             return Decision("signal")
         if float(flags[0]) > 0:
@@ -343,7 +432,8 @@ class Trainer:
         if private and not free:
             if led.released(mechanism, key):
                 self.replays["charged_again"] += 1
-            led.charge(mechanism, sigma, q, key, epoch=epoch, digest=digest)
+            with self.hooks.timed("ledger"):
+                led.charge(mechanism, sigma, q, key, epoch=epoch, digest=digest)
         elif free:
             self.replays["free"] += 1
         return Decision("released", pending, epoch, free)
@@ -367,9 +457,10 @@ class Trainer:
     def epsilon_spent(self) -> float:
         if self.plan is None:
             return 0.0
-        worst = self.ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant)
-        buf = torch.tensor([worst], dtype=torch.float64)
-        return float(self._allreduce(buf, op="max")[0])
+        with self.hooks.timed("accounting"):
+            worst = self.ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant)
+            buf = torch.tensor([worst], dtype=torch.float64)
+            return float(self.allreduce(buf, op="max")[0])
 
     def check_replicas(self) -> None:
         """Every rank must hold the same Phi: compare a checksum (sum and weighted sum) by max/min reduce."""
@@ -378,23 +469,29 @@ class Trainer:
         v = self.flat_phi(self.hyper)
         w = torch.arange(1, v.numel() + 1, dtype=torch.float64) / v.numel()
         c = torch.stack([v.sum(), (v * w).sum()])
-        hi, lo = self._allreduce(c.clone(), op="max"), -self._allreduce(-c.clone(), op="max")
+        hi, lo = self.allreduce(c.clone(), op="max"), -self.allreduce(-c.clone(), op="max")
         if not torch.allclose(hi, lo, rtol=1e-9, atol=1e-9):
             raise ReplicaDivergence(f"rank {self.comm.rank}: the replicas of Phi diverged after {self.state.steps} steps "
                                     f"(checksums range {lo.tolist()} .. {hi.tolist()}); stopping. This points to a "
                                     "non-deterministic kernel or a corrupted all-reduce; resume from the last checkpoint.")
 
-    def _allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        t = time.perf_counter()
-        out = self.comm.allreduce(buf, op=op)
-        self.comm_seconds += time.perf_counter() - t
+    def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Every collective of training goes through here: in place, timed (comm_seconds, hooks)."""
+        with self.hooks.timed("all_reduce"):
+            t = time.perf_counter()
+            out = self.comm.allreduce(buf, op=op)
+            self.comm_seconds += time.perf_counter() - t
         return out
+
+    def _allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:  # the historical name
+        return self.allreduce(buf, op=op)
 
     # ---------------------------------------------------------------- training
     def flat_phi(self, hyper: HyperNetwork) -> torch.Tensor:
-        return torch.cat([p.detach().reshape(-1).double() for p in hyper.parameters()]).cpu()
+        return _flat_phi(hyper)
 
-    def _apply_flat_grad(self, flat: torch.Tensor) -> None:
+    def apply_flat_grad(self, flat: torch.Tensor) -> None:
+        """Phi's optimizer step with this flat gradient (parameter order), then the projection."""
         off = 0
         for p in self.hyper.parameters():
             n = p.numel()
@@ -402,9 +499,13 @@ class Trainer:
             off += n
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self._project(self.hyper)
+        self.project(self.hyper)
 
-    def _project(self, hyper: HyperNetwork) -> None:
+    def _apply_flat_grad(self, flat: torch.Tensor) -> None:  # the historical name
+        self.apply_flat_grad(flat)
+
+    def project(self, hyper: HyperNetwork) -> None:
+        """The spectral-norm projection of a Phi (Lipschitz bound), when model.lipschitz is set."""
         if self.cfg.model.lipschitz is not None:
             # small SVDs: one thread. Multithreaded MKL LAPACK on these shapes was measured 10-200x slower
             # on a loaded 2-core machine (OpenMP threads waiting for busy cores), 2 ms vs up to 0.5 s per step
@@ -415,49 +516,62 @@ class Trainer:
             finally:
                 torch.set_num_threads(n)
 
-    def _phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _project(self, hyper: HyperNetwork) -> None:  # the historical name
+        self.project(hyper)
+
+    def phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A Phi gradient by parameter name as one float64 host vector (parameter order)."""
         return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names]).cpu()  # host buffer
 
     def _prepare_step(self, r: int, s: int, epoch: int):
         """Every hosted client's step up to the noise: the engine's batch, or one PendingStep per client."""
-        if self.engine is not None:  # never set for delta aggregation (engine_fallback_reason)
-            return self.engine.prepare(self.hyper, r, s, epoch=epoch)
-        local = self._local
-        return [c.prepare_step(local[c.id] if local is not None else self.hyper, r, s, epoch=epoch)
-                for c in self.clients]
+        if self.engine is not None:  # only for a rule with batched_engine (never delta)
+            if self.hooks.timing:
+                self.engine.profile = True  # per-phase engine timings for whoever times the phases
+            with self.hooks.timed("engine"):
+                return self.engine.prepare(self.hyper, r, s, epoch=epoch)
+        agg = self.aggregation
+        return [c.prepare_step(agg.step_hyper(c), r, s, epoch=epoch) for c in self.clients]
 
     def _step_payload(self, pending) -> list:
         if self.engine is not None:
             return pending.payload()
         return [t for p in pending for t in p.payload()]
 
+    def step_noise_multiplier(self) -> float:
+        """The DP-SGD noise multiplier of a step's release, from the rule's per-block scales
+        (Aggregation.noise_multipliers; today both blocks get the plan's sigma)."""
+        scales = self.aggregation.noise_multipliers(self.sigma)
+        if scales["private"] != scales["phi"]:
+            raise NotImplementedError(
+                f"aggregation {self.aggregation.name!r} asks for noise multipliers {scales} per block; the client "
+                "step (Client.release_step, BatchedEngine.release) noises every coordinate at one scale")
+        return scales["phi"]
+
     def _dp_step(self, r: int, s: int) -> Optional[str]:
         """One DP step of every hosted client, through the release guard. Returns None, or why it stopped."""
-        cfg = self.cfg
-        P, delta_mode = self.phi_numel, cfg.federation.aggregation == "delta"
-        d = self.guarded_release(DP_SGD, self.sigma, cfg.privacy.sample_rate, step_key(r, s),
+        cfg, agg, hooks = self.cfg, self.aggregation, self.hooks
+        sigma = self.step_noise_multiplier()
+        d = self.guarded_release(DP_SGD, sigma, cfg.privacy.sample_rate, step_key(r, s),
                                  lambda epoch: self._prepare_step(r, s, epoch), self._step_payload, stoppable=True)
         if d.status != "released":
             return d.status
-        buf = torch.zeros(P + len(DIAG_KEYS), dtype=torch.float64)
+        buf = agg.new_step_buffer(len(DIAG_KEYS))  # [the rule's block | the diagnostics]
+        W = agg.step_width
         if self.engine is not None:
-            phi, diag = self.engine.release(d.pending, sigma=self.sigma, features=self.features)
-            buf[:P] += phi
-            buf[P:] += diag if self.send_diagnostics else len(self.clients) * self._public_diag
+            with hooks.timed("engine"):
+                phi, diag = self.engine.release(d.pending, sigma=sigma, features=self.features)
+            agg.add_batched(buf, phi)
+            buf[W:] += diag if self.send_diagnostics else len(self.clients) * self._public_diag
         else:
             for c, pend in zip(self.clients, d.pending):
-                out = c.release_step(pend, sigma=self.sigma, features=self.features)
-                if delta_mode:
-                    self._local_phi_step(self._local[c.id], out.phi_grad)
-                else:
-                    buf[:P] += self.weights[c.id] * self._phi_vector(out.phi_grad)
-                buf[P:] += out.diag if self.send_diagnostics else self._public_diag
-        if not delta_mode:
-            self._allreduce(buf)  # the one collective of a step: noisy gradients + diagnostics
-            self._apply_flat_grad(buf[:P])
-            self._round_diag += buf[P:]
-        else:
-            self._round_diag += self._allreduce(buf[P:].clone())
+                out = c.release_step(pend, sigma=sigma, features=self.features)
+                agg.add_client(buf, c, out.phi_grad)
+                buf[W:] += out.diag if self.send_diagnostics else self._public_diag
+        reduced = agg.reduce_step(buf)  # the one collective of a step
+        with hooks.timed("phi_update"):
+            agg.apply_step(reduced)
+        self._round_diag += reduced[W:]
         self.state.steps += 1
         every = cfg.train.replica_check_every
         if every and self.state.steps % every == 0:
@@ -467,15 +581,15 @@ class Trainer:
     def run_round(self, r: int, start_step: int = 0) -> Optional[dict]:
         """Round r from step `start_step`. Returns its metrics, or None when a stop signal ended it between
         two steps (state.step then says how many of its steps are done)."""
-        cfg = self.cfg
-        delta_mode = cfg.federation.aggregation == "delta"
+        cfg, hooks = self.cfg, self.hooks
         t_round = time.perf_counter()
         comm_before = self.comm_seconds
         self._round_diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
-        if delta_mode and self._local is None:
-            self._local = {c.id: copy.deepcopy(self.hyper) for c in self.clients}
+        hooks.emit("round_begin", r)
+        self.aggregation.begin_round(r)
         steps_done = start_step
         for s in range(start_step, cfg.train.local_steps):
+            hooks.emit("step_begin", r, s)
             why = self._dp_step(r, s)
             if why == "signal":
                 self.state.interrupted, self.state.step = True, s
@@ -484,18 +598,9 @@ class Trainer:
                 self.state.stopped = (f"budget guard: one more step would exceed epsilon={cfg.privacy.target_epsilon} "
                                       f"(stopped at round {r}, step {s})")
                 break
+            hooks.emit("step_end", r, s)
             steps_done += 1
-        if delta_mode:
-            if steps_done > 0:
-                start = self.flat_phi(self.hyper)  # Phi does not move inside a delta round
-                buf = torch.zeros(self.phi_numel, dtype=torch.float64)
-                for c in self.clients:
-                    buf += self.weights[c.id] * (self.flat_phi(self._local[c.id]) - start)
-                self._allreduce(buf)
-                new = start + cfg.federation.server_lr * buf
-                torch.nn.utils.vector_to_parameters(new.float().to(self.torch_device), self.hyper.parameters())
-                self._project(self.hyper)
-            self._local = None
+        self.aggregation.end_round(r, steps_done)
         metrics = {"privacy/epsilon": self.epsilon_spent(), "train/steps": float(self.state.steps)}
         if self.send_diagnostics:
             # timings depend on the realized batch sizes: a side channel, recorded with the diagnostics
@@ -509,13 +614,8 @@ class Trainer:
                             "diagnostics/batch_size": d["batch"] / max(d["clients"], 1.0)})
             if cfg.model.lambda_mmd > 0:
                 metrics["diagnostics/mmd"] = d["mmd"] / max(d["clients"], 1.0)
+        hooks.emit("round_end", r, metrics)
         return metrics
-
-    def _local_phi_step(self, hyper: HyperNetwork, grads: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for n, p in hyper.named_parameters():
-                p.sub_(self.cfg.train.local_lr * grads[n])
-        self._project(hyper)
 
     def train(self) -> None:
         cfg = self.cfg
@@ -552,11 +652,10 @@ class Trainer:
         d = ckpt.checkpoint_dir(self.out, *pos)
         if self._saved_at == pos:  # nothing happened since the last checkpoint (e.g. a stop right after a resume)
             return d
-        delta_local = self._local is not None and self.state.step > 0
+        mid_round = self.state.step > 0
         for c in self.clients:  # every rank saves its own clients' private state
             state = c.state_dict()
-            if delta_local:  # a stop inside a delta round: the client's private copy of Phi too
-                state["delta_local_phi"] = self.flat_phi(self._local[c.id])
+            state.update(self.aggregation.client_state(c, mid_round))  # e.g. delta: the private copy of Phi
             ckpt.atomic_torch_save(state, ckpt.client_path(d, c.id))
         if self.comm.is_root:
             # shared outputs hold only public state and post-processing of DP releases: no diagnostics
@@ -584,7 +683,7 @@ class Trainer:
         # else: train.optimizer changed: Phi's new optimizer starts without state (reported as a change)
         self.state = TrainState(round=shared["round"], step=shared.get("step", 0), steps=shared["steps"],
                                 stopped=shared.get("stopped"), history=self.state.history)
-        delta_local = {}
+        states = {}
         for c in self.clients:
             state = ckpt.load(ckpt.client_path(d, c.id), f"client {c.id} checkpoint")
             c.load_state_dict(state)
@@ -592,14 +691,8 @@ class Trainer:
                 g["lr"] = self.cfg.train.encoder_lr
             for g in c.code_opt.param_groups:
                 g["lr"] = self.cfg.train.code_lr
-            if "delta_local_phi" in state:
-                h = copy.deepcopy(self.hyper)
-                torch.nn.utils.vector_to_parameters(state["delta_local_phi"].float().to(self.torch_device), h.parameters())
-                delta_local[c.id] = h
-        if self.state.step > 0 and self.cfg.federation.aggregation == "delta":
-            if len(delta_local) != len(self.clients):
-                raise CheckpointError(f"{d}: a checkpoint inside a delta round lacks the clients' copies of Phi")
-            self._local = delta_local
+            states[c.id] = state
+        self.aggregation.restore(states, self.state.step > 0, d)
         self._saved_at = (self.state.round, self.state.step)
 
     # ---------------------------------------------------------------- results

@@ -67,3 +67,28 @@ def test_small_benchmark_writes_files_and_positive_figures(tmp_path):
     rows = list(csv.DictReader((out / "throughput.csv").open()))
     assert any(r["part"] == "engine" and r["metric"] == "samples_per_s" and float(r["value"]) > 0 for r in rows)
     assert any(r["part"] == "headline" and r["metric"] == "speedup_vs_opacus_loop" for r in rows)
+
+
+def test_the_benchmark_times_through_the_trainers_hooks_and_patches_nothing(tmp_path):
+    """instrument() registers a timer on Trainer.hooks; no attribute of the trainer, its ledger or its
+    engine is replaced (the engine turns its own phase timings on while the trainer is timed)."""
+    from benchmarks.throughput import PHASE_KEYS, build_trainer, make_config, make_data, timed_round
+
+    data = make_data(tmp_path / "d.npz", 12, 120, 3)
+    cfg = make_config(data, clients=3, enabled=True, rounds=2, local_steps=1,
+                      model=["model.hidden=[8]", "model.latent_dim=3"], extra=["privacy.diagnostics=true"])
+    from fedhypevae.trainer import Trainer
+
+    tr, tm = build_trainer(cfg, tmp_path / "run", "cpu")
+    assert isinstance(tr, Trainer) and tr.engine is not None
+    own = {name: dict(vars(obj)) for name, obj in (("trainer", tr), ("ledger", tr.ledger))}
+    row = timed_round(tr, tm, 0)
+    for name, obj in (("trainer", tr), ("ledger", tr.ledger)):
+        for k in ("fits", "charge", "_allreduce", "allreduce", "_apply_flat_grad", "epsilon_spent", "prepare", "release"):
+            assert k not in vars(obj), (name, k)  # methods stay the class's
+        assert set(own[name]) <= set(vars(obj))
+    assert "prepare" not in vars(tr.engine) and "release" not in vars(tr.engine)
+    assert set(row["parts"]) == set(PHASE_KEYS)
+    for k in ("ledger", "guard", "all_reduce", "phi_update", "forward", "noise"):
+        assert positive(row["parts"][k]), k
+    assert positive(row["accounting_s"]) and row["steps_s"] < row["wall_s"]

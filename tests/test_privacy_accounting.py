@@ -9,6 +9,7 @@ from fedhypevae.errors import PrivacyError
 from fedhypevae.privacy import (
     CLASS_STATS,
     DP_SGD,
+    BudgetShare,
     MMD_EMBEDDINGS,
     Mechanism,
     PrivacyLedger,
@@ -16,6 +17,8 @@ from fedhypevae.privacy import (
     epsilon_of,
     history_fits,
     plan_budget,
+    plan_mechanisms,
+    privacy_plan,
 )
 
 DELTA = 1e-4
@@ -82,6 +85,87 @@ def test_epsilon_composition_is_monotone():
 
 
 # ----------------------------------------------------------------------------- planning
+
+
+# plan_budget before it became a wrapper of the list form (same arguments as _plan, stats 0.1, mmd 0.2):
+# (sigma, sigma_stats, sigma_mmd, planned_epsilon), rdp
+PINNED = {
+    (True, None): (2.774476456226581, 27.879934378153585, 14.935999551066981, 0.9998666149541875),
+    (False, None): (2.70638443313287, 27.879934378153585, None, 0.9999134089575601),
+    (True, 50.0): (50.0, 27.879934378153585, 14.935999551066981, 0.23452539064376585),
+}
+
+
+@pytest.mark.parametrize("use_mmd,noise_multiplier", list(PINNED))
+def test_the_list_form_gives_plan_budgets_plan(use_mmd, noise_multiplier):
+    old = _plan(mmd_fraction=0.2, use_mmd=use_mmd, noise_multiplier=noise_multiplier)
+    shares = [BudgetShare(DP_SGD, 0.05, 200, 0.7 if use_mmd else 0.9), BudgetShare(CLASS_STATS, 1.0, 1, 0.1)]
+    if use_mmd:
+        shares.append(BudgetShare(MMD_EMBEDDINGS, 1.0, 1, 0.2))
+    joint = plan_mechanisms(shares, target_epsilon=1.0, delta=DELTA, accountant="rdp", noise_multiplier=noise_multiplier)
+    assert joint.mechanisms == old.mechanisms and joint.planned_epsilon == old.planned_epsilon
+    assert joint.noise_multipliers == {m.name: m.noise_multiplier for m in old.mechanisms}
+    new = privacy_plan(shares, target_epsilon=1.0, delta=DELTA, accountant="rdp", noise_multiplier=noise_multiplier)
+    assert new.to_dict() == old.to_dict()
+    got = (old.sigma, old.sigma_stats, old.sigma_mmd, old.planned_epsilon)
+    for a, b in zip(got, PINNED[use_mmd, noise_multiplier]):
+        assert a == b or a == pytest.approx(b, rel=1e-12)
+
+
+def test_make_plan_builds_the_list_for_the_runs_config():
+    from fedhypevae.config import load_config
+    from fedhypevae.trainer import make_plan, planned_steps
+
+    for use_mmd in (True, False):
+        cfg = load_config("tiny", ["privacy.mmd_epsilon_fraction=0.15"])
+        p = cfg.privacy
+        old = plan_budget(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=p.sample_rate,
+                          steps=planned_steps(cfg), accountant=p.accountant, stats_fraction=p.stats_epsilon_fraction,
+                          mmd_fraction=p.mmd_epsilon_fraction, use_stats=True, use_mmd=use_mmd,
+                          noise_multiplier=p.noise_multiplier)
+        assert make_plan(cfg, use_mmd=use_mmd).to_dict() == old.to_dict()
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_three_mechanism_plan_spends_at_most_the_target(accountant):
+    shares = [BudgetShare(DP_SGD, 0.05, 100, 0.6), BudgetShare(CLASS_STATS, 1.0, 1, 0.1),
+              BudgetShare("extra-sgd", 0.1, 20, 0.3)]  # a second subsampled mechanism with many releases
+    joint = plan_mechanisms(shares, target_epsilon=1.0, delta=DELTA, accountant=accountant)
+    assert [m.name for m in joint.mechanisms] == [DP_SGD, CLASS_STATS, "extra-sgd"]
+    assert [(m.sample_rate, m.steps) for m in joint.mechanisms] == [(0.05, 100), (1.0, 1), (0.1, 20)]
+    eps = epsilon_of(joint.mechanisms, delta=DELTA, accountant=accountant)
+    assert eps == pytest.approx(joint.planned_epsilon, rel=1e-9)
+    assert 1.0 * (1 - 2e-3) <= eps <= 1.0
+    for m, share in zip(joint.mechanisms[1:], (0.1, 0.3)):  # each calibrated alone to its share, from below
+        alone = epsilon_of([m], delta=DELTA, accountant=accountant)
+        assert share * (1 - 2e-2) <= alone <= share
+    # the first entry takes what is left of the composition: more noise than with the whole budget alone
+    alone = plan_mechanisms([BudgetShare(DP_SGD, 0.05, 100, 1.0)], target_epsilon=1.0, delta=DELTA, accountant=accountant)
+    assert joint.noise_multipliers[DP_SGD] > alone.noise_multipliers[DP_SGD]
+
+
+def test_budget_proportions_are_checked():
+    def plan(*proportions):
+        names = [DP_SGD, CLASS_STATS, MMD_EMBEDDINGS]
+        return plan_mechanisms([BudgetShare(n, 0.05 if n == DP_SGD else 1.0, 100 if n == DP_SGD else 1, p)
+                                for n, p in zip(names, proportions)], target_epsilon=1.0, delta=DELTA, accountant="rdp")
+
+    with pytest.raises(PrivacyError, match="must sum to 1"):
+        plan(0.6, 0.1, 0.2)
+    with pytest.raises(PrivacyError, match="must sum to 1"):
+        plan(0.9, 0.1, 0.2)
+    with pytest.raises(PrivacyError, match=r"class-stats: its budget proportion must be a number >= 0"):
+        plan(0.9, -0.1, 0.2)
+    with pytest.raises(PrivacyError, match="share must be > 0"):
+        plan(0.8, 0.0, 0.2)
+    with pytest.raises(PrivacyError, match="first mechanism"):
+        plan(0.0, 0.5, 0.5)
+    with pytest.raises(PrivacyError, match="once"):
+        plan_mechanisms([BudgetShare(DP_SGD, 0.05, 100, 0.5)] * 2, target_epsilon=1.0, delta=DELTA, accountant="rdp")
+    with pytest.raises(PrivacyError, match="releases"):
+        plan_mechanisms([BudgetShare(DP_SGD, 0.05, 0, 1.0)], target_epsilon=1.0, delta=DELTA, accountant="rdp")
+    with pytest.raises(PrivacyError, match="starts with"):
+        privacy_plan([BudgetShare(CLASS_STATS, 1.0, 1, 1.0)], target_epsilon=1.0, delta=DELTA, accountant="rdp")
 
 
 @pytest.mark.parametrize("accountant,q,steps,target", [

@@ -2,6 +2,8 @@
 from .accounting import (
     ACCOUNTANTS,
     CLASS_STATS,
+    BudgetShare,
+    JointPlan,
     DP_SGD,
     MECHANISM_NAMES,
     MMD_EMBEDDINGS,
@@ -11,6 +13,9 @@ from .accounting import (
     epsilon_of,
     history_fits,
     plan_budget,
+    plan_mechanisms,
+    privacy_plan,
+    run_shares,
 )
 from .ledger import LEDGER_FORMAT, PrivacyLedger, Release, has_ledger
 from .stats import (
@@ -30,7 +35,8 @@ from .stats import (
 __all__ = [
     "ACCOUNTANTS", "CLASS_STATS", "DP_SGD", "MECHANISM_NAMES", "MMD_EMBEDDINGS",
     "LEDGER_FORMAT", "Mechanism", "PrivacyLedger", "PrivacyPlan", "Release", "calibrate_one_shot", "epsilon_of",
-    "has_ledger", "history_fits", "plan_budget",
+    "has_ledger", "history_fits", "plan_budget", "BudgetShare", "JointPlan", "plan_mechanisms", "privacy_plan",
+    "run_shares",
     "RandomFeatures", "class_stat_sums", "finalize_class_stats", "mean_embedding_sums", "noise_class_stats",
     "noise_mean_embeddings", "gaussian_kernel_mmd2", "mean_embedding_mmd2",
     "mean_embedding_release", "release_class_stats", "release_mean_embeddings",

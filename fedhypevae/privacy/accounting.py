@@ -300,6 +300,136 @@ class PrivacyPlan:
         return cls(**d)
 
 
+@dataclass(frozen=True)
+class BudgetShare:
+    """One entry of a budget plan: ``releases`` compositions of a Gaussian mechanism at Poisson rate
+    ``sample_rate``, given ``proportion`` of the target epsilon (the proportions of a plan sum to 1)."""
+
+    name: str
+    sample_rate: float
+    releases: int
+    proportion: float
+
+
+@dataclass
+class JointPlan:
+    """What ``plan_mechanisms`` calibrated: a noise multiplier per mechanism and the composed history."""
+
+    noise_multipliers: dict  # {mechanism name: noise multiplier}
+    mechanisms: list  # [Mechanism], in the order of the shares
+    planned_epsilon: float  # the composed epsilon of ``mechanisms`` (<= the target)
+
+
+#: how far the proportions of a plan may be from summing to 1 (float rounding of 1 - a - b + a + b)
+PROPORTION_ATOL = 1e-9
+
+
+def _check_shares(shares: list) -> None:
+    if not shares:
+        raise PrivacyError("a budget plan needs at least one mechanism")
+    names = [s.name for s in shares]
+    if len(set(names)) != len(names):
+        raise PrivacyError(f"a budget plan names each mechanism once; got {names}")
+    for s in shares:
+        if not (isinstance(s.proportion, (int, float)) and math.isfinite(s.proportion) and s.proportion >= 0):
+            raise PrivacyError(f"{s.name}: its budget proportion must be a number >= 0 (a share of the target "
+                               f"epsilon); got {s.proportion!r}")
+        if not (0 < s.sample_rate <= 1):
+            raise PrivacyError(f"{s.name}: sample rate q must be in (0, 1]; got {s.sample_rate}")
+        if int(s.releases) != s.releases or s.releases < 1:
+            raise PrivacyError(f"{s.name}: the number of releases must be an integer >= 1; got {s.releases} "
+                               "(leave a mechanism that releases nothing out of the plan)")
+    total = sum(s.proportion for s in shares)
+    if abs(total - 1.0) > PROPORTION_ATOL:
+        raise PrivacyError("the budget proportions must sum to 1; got "
+                           + " + ".join(f"{s.proportion:g} ({s.name})" for s in shares) + f" = {total:.12g}")
+
+
+def plan_mechanisms(shares: Iterable[BudgetShare], *, target_epsilon: float, delta: float, accountant: str,
+                    noise_multiplier: Optional[float] = None) -> JointPlan:
+    """Calibrate one noise multiplier per mechanism of ``shares`` so the composed epsilon meets the target.
+
+    Every entry after the first is calibrated ALONE to spend ``proportion * target_epsilon``; then the
+    first entry's noise multiplier is solved so that the epsilon of the WHOLE composed history equals
+    the target from below. Composition is sub-additive, so the first entry ends up with slightly more
+    than its nominal proportion: put the mechanism with many releases (DP-SGD) first. With
+    ``noise_multiplier`` given, it is used for the first entry and the plan is only checked.
+    Adding a mechanism to a run is one more entry in the list (its proportion taken from the others).
+    """
+    shares = list(shares)
+    _accountant(accountant)
+    if not target_epsilon > 0:
+        raise PrivacyError(f"target epsilon must be > 0; got {target_epsilon}")
+    if not (0 < delta < 1):
+        raise PrivacyError(f"delta must be in (0, 1); got {delta}")
+    _check_shares(shares)
+    first, rest = shares[0], shares[1:]
+    if not first.proportion > 0:
+        raise PrivacyError(f"{first.name}: the first mechanism of a plan needs a share > 0 of the budget; "
+                           f"got {first.proportion:g}")
+    others = []
+    for s in rest:
+        if s.releases == 1 and s.sample_rate >= 1.0:
+            sigma_s = calibrate_one_shot(epsilon=s.proportion * target_epsilon, delta=delta, accountant=accountant,
+                                         name=s.name)
+        else:
+            if not s.proportion > 0:
+                raise PrivacyError(f"{s.name}: its epsilon share must be > 0 when it is released; got "
+                                   f"{s.proportion * target_epsilon}")
+            sigma_s = _calibrate(lambda x, s=s: [Mechanism(s.name, x, s.sample_rate, int(s.releases))],
+                                 s.proportion * target_epsilon, delta=delta, accountant=accountant, what=s.name)
+        others.append(Mechanism(s.name, sigma_s, s.sample_rate, int(s.releases)))
+
+    steps = int(first.releases)
+    history = lambda x: [Mechanism(first.name, x, first.sample_rate, steps)] + others  # noqa: E731
+    what = "DP-SGD" if first.name == DP_SGD else first.name
+    if noise_multiplier is None:
+        sigma = _calibrate(history, target_epsilon, delta=delta, accountant=accountant, what=what)
+    else:
+        sigma = float(noise_multiplier)
+    eps = epsilon_of(history(sigma), delta=delta, accountant=accountant)
+    if eps > target_epsilon:
+        raise PrivacyError(
+            f"the fixed noise multiplier {sigma:g} spends epsilon {eps:.4g} over {steps} steps at "
+            f"q={first.sample_rate:g}, above the target {target_epsilon:g}; raise privacy.noise_multiplier or "
+            "privacy.target_epsilon, or lower the sample rate or the number of steps (or set "
+            "privacy.noise_multiplier: null to calibrate)")
+    mechanisms = history(sigma)
+    return JointPlan(noise_multipliers={m.name: m.noise_multiplier for m in mechanisms}, mechanisms=mechanisms,
+                     planned_epsilon=eps)
+
+
+def privacy_plan(shares: Iterable[BudgetShare], *, target_epsilon: float, delta: float, accountant: str,
+                 noise_multiplier: Optional[float] = None) -> PrivacyPlan:
+    """The run's PrivacyPlan from a list of shares whose first entry is DP-SGD (``plan_mechanisms``)."""
+    shares = list(shares)
+    if not shares or shares[0].name != DP_SGD:
+        raise PrivacyError(f"a run's budget plan starts with its {DP_SGD} entry; got "
+                           f"{[s.name for s in shares]}")
+    joint = plan_mechanisms(shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+                            noise_multiplier=noise_multiplier)
+    nm = joint.noise_multipliers
+    return PrivacyPlan(sigma=nm[DP_SGD], sigma_stats=nm.get(CLASS_STATS), sigma_mmd=nm.get(MMD_EMBEDDINGS),
+                       sample_rate=shares[0].sample_rate, steps=int(shares[0].releases), delta=delta,
+                       accountant=accountant, target_epsilon=target_epsilon, planned_epsilon=joint.planned_epsilon,
+                       mechanisms=joint.mechanisms)
+
+
+def run_shares(*, sample_rate: float, steps: int, one_shot: Iterable[tuple]) -> list:
+    """A run's shares: DP-SGD (``steps`` at ``sample_rate``) first, taking what the one-shot releases
+    ``[(name, fraction)]`` (q = 1, one release each) leave of the budget."""
+    if not (0 < sample_rate <= 1):
+        raise PrivacyError(f"sample rate q must be in (0, 1]; got {sample_rate}")
+    if int(steps) != steps or steps < 1:
+        raise PrivacyError(f"the run must have at least one DP-SGD step; got steps={steps}")
+    one_shot = [BudgetShare(name, 1.0, 1, fraction) for name, fraction in one_shot]
+    fractions = sum(s.proportion for s in one_shot)
+    if fractions >= 1:
+        raise PrivacyError("privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 "
+                           f"(DP-SGD needs a share); got {fractions:g}")
+    return [BudgetShare(DP_SGD, sample_rate, int(steps), 1.0 - fractions)] + one_shot
+
+
 def plan_budget(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
                 stats_fraction: float, mmd_fraction: float, use_stats: bool, use_mmd: bool,
                 noise_multiplier: Optional[float] = None) -> PrivacyPlan:
@@ -310,48 +440,17 @@ def plan_budget(*, target_epsilon: float, delta: float, sample_rate: float, step
     composed history (DP-SGD steps + the one-shot releases) equals the target from below.
     Composition is sub-additive, so DP-SGD ends up with slightly more than its nominal share.
     With ``noise_multiplier`` given, it is used for DP-SGD and the plan is only checked.
+    A thin wrapper of ``privacy_plan`` / ``plan_mechanisms`` for today's two one-shot releases.
     """
     _accountant(accountant)
     if not target_epsilon > 0:
         raise PrivacyError(f"target epsilon must be > 0; got {target_epsilon}")
     if not (0 < delta < 1):
         raise PrivacyError(f"delta must be in (0, 1); got {delta}")
-    if not (0 < sample_rate <= 1):
-        raise PrivacyError(f"sample rate q must be in (0, 1]; got {sample_rate}")
-    if int(steps) != steps or steps < 1:
-        raise PrivacyError(f"the run must have at least one DP-SGD step; got steps={steps}")
-    steps = int(steps)
-    fractions = (stats_fraction if use_stats else 0.0) + (mmd_fraction if use_mmd else 0.0)
-    if fractions >= 1:
-        raise PrivacyError("privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 "
-                           f"(DP-SGD needs a share); got {fractions:g}")
-
-    one_shot = []
-    sigma_stats = sigma_mmd = None
-    if use_stats:
-        sigma_stats = calibrate_one_shot(epsilon=stats_fraction * target_epsilon, delta=delta,
-                                         accountant=accountant, name=CLASS_STATS)
-        one_shot.append(Mechanism(CLASS_STATS, sigma_stats, 1.0, 1))
-    if use_mmd:
-        sigma_mmd = calibrate_one_shot(epsilon=mmd_fraction * target_epsilon, delta=delta,
-                                       accountant=accountant, name=MMD_EMBEDDINGS)
-        one_shot.append(Mechanism(MMD_EMBEDDINGS, sigma_mmd, 1.0, 1))
-
-    history = lambda s: [Mechanism(DP_SGD, s, sample_rate, steps)] + one_shot  # noqa: E731
-    if noise_multiplier is None:
-        sigma = _calibrate(history, target_epsilon, delta=delta, accountant=accountant, what="DP-SGD")
-    else:
-        sigma = float(noise_multiplier)
-    eps = epsilon_of(history(sigma), delta=delta, accountant=accountant)
-    if eps > target_epsilon:
-        raise PrivacyError(
-            f"the fixed noise multiplier {sigma:g} spends epsilon {eps:.4g} over {steps} steps at q={sample_rate:g}, "
-            f"above the target {target_epsilon:g}; raise privacy.noise_multiplier or privacy.target_epsilon, "
-            "or lower the sample rate or the number of steps (or set privacy.noise_multiplier: null to calibrate)")
-    mechanisms = [Mechanism(DP_SGD, sigma, sample_rate, steps)] + one_shot
-    return PrivacyPlan(sigma=sigma, sigma_stats=sigma_stats, sigma_mmd=sigma_mmd, sample_rate=sample_rate,
-                       steps=steps, delta=delta, accountant=accountant, target_epsilon=target_epsilon,
-                       planned_epsilon=eps, mechanisms=mechanisms)
+    one_shot = ([(CLASS_STATS, stats_fraction)] if use_stats else []) + ([(MMD_EMBEDDINGS, mmd_fraction)] if use_mmd else [])
+    shares = run_shares(sample_rate=sample_rate, steps=steps, one_shot=one_shot)
+    return privacy_plan(shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
+                        noise_multiplier=noise_multiplier)
 
 
 # --------------------------------------------------------------------------- the budget guard

@@ -1,0 +1,220 @@
+"""How the hosted clients' DP releases become the update of the replicated hypernetwork Phi.
+
+One object per rule (``federation.aggregation``), built by the trainer from the registry::
+
+    grad   every step: w_i * (noisy Phi gradient of client i) summed into ONE flat buffer with the
+           diagnostics, one all-reduce, then the identical optimizer step + spectral projection on
+           every rank's replica of Phi (Eq. 10).
+    delta  every hosted client runs its local steps on a private copy of Phi (a plain SGD step of
+           train.local_lr + projection per released step); at the round's end the weighted deltas
+           are all-reduced once and Phi moves by federation.server_lr times their sum.
+
+A rule owns: the round's start (``begin_round``), which Phi a client's step is computed on
+(``step_hyper``), what a released client step contributes (``add_client``; ``add_batched`` for the
+batched engine's rank sum), the step's reduce over the Communicator (``reduce_step``), applying the
+result to Phi (``apply_step`` after every step, ``end_round`` at the round's end), what a checkpoint
+taken inside a round must hold (``client_state``) and its restore (``restore``), and the noise seam
+(``noise_multipliers``).
+
+A new rule is one class and one registry line::
+
+    @register_aggregation("grad-x2")
+    class DoubledGrad(GradAggregation):
+        def apply_step(self, reduced):
+            super().apply_step(2.0 * reduced)
+
+(``federation.aggregation`` is validated against this registry, so the new name works in config files
+once the module defining the rule is imported.)
+
+Every collective a rule issues goes through ``Trainer.allreduce`` (timed, counted in comm_seconds) and is
+issued by every rank in the same order: the rules see only public values (weights, released noisy
+vectors, diagnostics the run may send).
+"""
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Callable, Optional
+
+import torch
+
+from .errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .client import Client
+    from .model import HyperNetwork
+    from .trainer import Trainer
+
+AGGREGATIONS: dict = {}
+
+
+def register_aggregation(name: str) -> Callable[[type], type]:
+    """Class decorator: make the rule available as ``federation.aggregation: <name>``."""
+    def deco(cls: type) -> type:
+        if not (isinstance(cls, type) and issubclass(cls, Aggregation)):
+            raise TypeError(f"register_aggregation({name!r}): {cls!r} is not an Aggregation subclass")
+        cls.name = name
+        AGGREGATIONS[name] = cls
+        return cls
+    return deco
+
+
+def make_aggregation(name: str, trainer: "Trainer") -> "Aggregation":
+    try:
+        cls = AGGREGATIONS[name]
+    except KeyError:
+        raise ConfigError(f"federation.aggregation={name!r} is not a known rule; known: "
+                          f"{', '.join(sorted(AGGREGATIONS))}") from None
+    return cls(trainer)
+
+
+def flat_phi(hyper: "HyperNetwork") -> torch.Tensor:
+    """Phi's parameters as one float64 host vector (parameter order)."""
+    return torch.cat([p.detach().reshape(-1).double() for p in hyper.parameters()]).cpu()
+
+
+class Aggregation:
+    """The base class: hooks a rule overrides. ``self.tr`` is the trainer (its hyper, optimizer,
+    weights, clients and collectives); the rule keeps its own round state."""
+
+    name: str = ""
+    #: whether train.engine=batched may compute this rule's steps (the engine returns the rank's weighted
+    #: sum of the noisy Phi gradients at the current Phi; a rule that needs per-client Phi says False)
+    batched_engine: bool = True
+    engine_note: str = ""  # why not, said when train.engine=batched falls back to the reference loop
+
+    def __init__(self, trainer: "Trainer"):
+        self.tr = trainer
+
+    # ------------------------------------------------------------------ noise
+    def noise_multipliers(self, sigma: float) -> dict:
+        """WHERE the DP-SGD noise goes and at what scale, per block of the clipped per-step gradient:
+        ``"private"``: the client's own coordinates (psi_i, v_i), never sent; ``"phi"``: the Phi
+        coordinates, which leave the client. ``sigma`` is the plan's DP-SGD noise multiplier (what the
+        ledger charges). Today every rule noises both blocks at sigma on the client (local DP of every
+        release), so nothing changes numerically.
+
+        This is the seam the trust-model work uses (e.g. a trusted aggregator or secure aggregation,
+        where the Phi block could be noised once on the sum and the private block differently). The
+        client step (Client.release_step, BatchedEngine.release) takes ONE scale today, so the trainer
+        refuses a rule whose blocks differ until those accept per-block scales."""
+        return {"private": sigma, "phi": sigma}
+
+    # ------------------------------------------------------------------ one round
+    def begin_round(self, r: int) -> None:
+        """Called at the start of round r (also when the round resumes mid-way)."""
+
+    def step_hyper(self, client: "Client") -> "HyperNetwork":
+        """The Phi a client's step is computed on."""
+        return self.tr.hyper
+
+    @property
+    def step_width(self) -> int:
+        """Length of this rule's block at the head of a step's buffer (the diagnostics follow it)."""
+        return 0
+
+    def new_step_buffer(self, diag_len: int) -> torch.Tensor:
+        return torch.zeros(self.step_width + diag_len, dtype=torch.float64)
+
+    def add_client(self, buf: torch.Tensor, client: "Client", phi_grad: dict) -> None:
+        """What one released client step contributes (``phi_grad``: its noisy Phi gradient by name)."""
+        raise NotImplementedError
+
+    def add_batched(self, buf: torch.Tensor, phi: torch.Tensor) -> None:
+        """The batched engine's release: the rank's weighted sum of the noisy Phi gradients (flat)."""
+        raise NotImplementedError(f"aggregation {self.name!r} does not take the batched engine's release")
+
+    def reduce_step(self, buf: torch.Tensor) -> torch.Tensor:
+        """The step's collective (every rank); returns the reduced buffer."""
+        return self.tr.allreduce(buf)
+
+    def apply_step(self, reduced: torch.Tensor) -> None:
+        """Apply the reduced rule block (``reduced[:step_width]``) to Phi, after every step."""
+
+    def end_round(self, r: int, steps_done: int) -> None:
+        """The round's end (also after a budget stop): ``steps_done`` steps of the round were applied."""
+
+    # ------------------------------------------------------------------ checkpoints
+    def client_state(self, client: "Client", mid_round: bool) -> dict:
+        """Extra entries of the client's checkpoint (``mid_round``: a stop between two steps)."""
+        return {}
+
+    def restore(self, states: dict, mid_round: bool, where: object) -> None:
+        """Restore from the clients' checkpoint states {client id: state} (after Phi was restored)."""
+
+
+@register_aggregation("grad")
+class GradAggregation(Aggregation):
+    """Noisy Phi gradients, all-reduced every step, one optimizer step on every replica."""
+
+    @property
+    def step_width(self) -> int:
+        return self.tr.phi_numel
+
+    def add_client(self, buf: torch.Tensor, client: "Client", phi_grad: dict) -> None:
+        buf[:self.step_width] += self.tr.weights[client.id] * self.tr.phi_vector(phi_grad)
+
+    def add_batched(self, buf: torch.Tensor, phi: torch.Tensor) -> None:
+        buf[:self.step_width] += phi
+
+    def apply_step(self, reduced: torch.Tensor) -> None:
+        self.tr.apply_flat_grad(reduced[:self.step_width])
+
+
+@register_aggregation("delta")
+class DeltaAggregation(Aggregation):
+    """Local steps on each hosted client's private copy of Phi; weighted deltas reduced per round."""
+
+    batched_engine = False
+    engine_note = "every client runs its local steps on a private copy of Phi, so the clients' computations do not share Phi"
+
+    def __init__(self, trainer: "Trainer"):
+        super().__init__(trainer)
+        self.local: Optional[dict] = None  # {client id: its private copy of Phi}, inside a round
+
+    def begin_round(self, r: int) -> None:
+        if self.local is None:  # else restored from a checkpoint inside the round
+            self.local = {c.id: copy.deepcopy(self.tr.hyper) for c in self.tr.clients}
+
+    def step_hyper(self, client: "Client") -> "HyperNetwork":
+        return self.local[client.id] if self.local is not None else self.tr.hyper
+
+    def add_client(self, buf: torch.Tensor, client: "Client", phi_grad: dict) -> None:
+        hyper = self.local[client.id]
+        lr = self.tr.cfg.train.local_lr
+        with torch.no_grad():
+            for n, p in hyper.named_parameters():
+                p.sub_(lr * phi_grad[n])
+        self.tr.project(hyper)
+
+    def end_round(self, r: int, steps_done: int) -> None:
+        tr = self.tr
+        if steps_done > 0:
+            start = flat_phi(tr.hyper)  # Phi does not move inside a delta round
+            buf = torch.zeros(tr.phi_numel, dtype=torch.float64)
+            for c in tr.clients:
+                buf += tr.weights[c.id] * (flat_phi(self.local[c.id]) - start)
+            tr.allreduce(buf)
+            with tr.hooks.timed("phi_update"):
+                new = start + tr.cfg.federation.server_lr * buf
+                torch.nn.utils.vector_to_parameters(new.float().to(tr.torch_device), tr.hyper.parameters())
+                tr.project(tr.hyper)
+        self.local = None
+
+    def client_state(self, client: "Client", mid_round: bool) -> dict:
+        if self.local is not None and mid_round:  # a stop inside a delta round: the private copy of Phi too
+            return {"delta_local_phi": flat_phi(self.local[client.id])}
+        return {}
+
+    def restore(self, states: dict, mid_round: bool, where: object) -> None:
+        tr = self.tr
+        local = {}
+        for cid, state in states.items():
+            if "delta_local_phi" in state:
+                h = copy.deepcopy(tr.hyper)
+                torch.nn.utils.vector_to_parameters(state["delta_local_phi"].float().to(tr.torch_device),
+                                                    h.parameters())
+                local[cid] = h
+        if mid_round:
+            if len(local) != len(tr.clients):
+                raise CheckpointError(f"{where}: a checkpoint inside a delta round lacks the clients' copies of Phi")
+            self.local = local

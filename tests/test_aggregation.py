@@ -1,0 +1,139 @@
+"""The aggregation rule is an object chosen by name (fedhypevae/aggregation.py), and the trainer's hooks
+(Trainer.hooks) let an observer follow the loop and time its phases without patching the trainer."""
+import pytest
+import torch
+
+from fedhypevae.aggregation import AGGREGATIONS, DeltaAggregation, GradAggregation, register_aggregation
+from fedhypevae.config import load_config
+from fedhypevae.errors import ConfigError
+from fedhypevae.trainer import TIMED_PHASES, Trainer
+
+
+def tiny(*overrides):
+    return load_config("tiny", ["train.checkpoint_every=0", "privacy.noise_seed=5", "train.optimizer=sgd",
+                                "model.lambda_mmd=0", "train.rounds=2", "threads=1", *overrides])
+
+
+def trained(cfg, out) -> Trainer:
+    tr = Trainer(cfg, out, progress=False)
+    tr.setup()
+    tr.train()
+    tr.ledger.close()
+    tr.writer.close()
+    return tr
+
+
+@pytest.fixture
+def doubled():
+    """A new rule, defined and registered here only: grad aggregation whose server step is doubled."""
+    @register_aggregation("test-grad-x2")
+    class DoubledGrad(GradAggregation):
+        def apply_step(self, reduced):
+            super().apply_step(2.0 * reduced)
+
+    yield DoubledGrad
+    AGGREGATIONS.pop("test-grad-x2")
+
+
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_a_rule_registered_outside_the_trainer_is_the_one_it_uses(tmp_path, doubled, engine):
+    cfg = tiny("train.lr=0.01", f"train.engine={engine}")
+    cfg.federation.aggregation = "test-grad-x2"  # config.py validates its own list of names at load time
+    tr = trained(cfg, tmp_path / "x2")
+    assert isinstance(tr.aggregation, doubled)
+    assert (tr.engine is not None) == (engine == "batched")
+    # SGD: a doubled gradient is a doubled learning rate, bit for bit (scaling by 2 is exact)
+    twice_lr = trained(tiny("train.lr=0.02", f"train.engine={engine}"), tmp_path / "lr2")
+    once = trained(tiny("train.lr=0.01", f"train.engine={engine}"), tmp_path / "lr1")
+    assert type(twice_lr.aggregation) is GradAggregation
+    torch.testing.assert_close(tr.flat_phi(tr.hyper), twice_lr.flat_phi(twice_lr.hyper), rtol=1e-6, atol=1e-8)
+    assert not torch.allclose(tr.flat_phi(tr.hyper), once.flat_phi(once.hyper), rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_rule_and_a_rule_without_the_batched_engine(tmp_path):
+    cfg = tiny()
+    cfg.federation.aggregation = "no-such-rule"
+    with pytest.raises(ConfigError, match="no-such-rule"):
+        Trainer(cfg, tmp_path / "a", progress=False)
+
+    @register_aggregation("test-delta-copy")
+    class DeltaCopy(DeltaAggregation):  # a per-client-Phi rule the engine_fallback_reason list does not know
+        pass
+
+    try:
+        cfg = tiny("train.engine=batched", "train.rounds=1")
+        cfg.federation.aggregation = "test-delta-copy"
+        tr = trained(cfg, tmp_path / "b")
+        assert tr.engine is None and "test-delta-copy" in tr.engine_note
+        ref = trained(tiny("federation.aggregation=delta", "train.rounds=1"), tmp_path / "c")
+        assert torch.equal(tr.flat_phi(tr.hyper), ref.flat_phi(ref.hyper))
+    finally:
+        AGGREGATIONS.pop("test-delta-copy")
+
+
+def test_per_block_noise_scales_that_differ_are_refused(tmp_path):
+    @register_aggregation("test-phi-only")
+    class PhiOnly(GradAggregation):
+        def noise_multipliers(self, sigma):
+            return {"private": 0.0, "phi": sigma}
+
+    try:
+        cfg = tiny("train.rounds=1")
+        cfg.federation.aggregation = "test-phi-only"
+        tr = Trainer(cfg, tmp_path / "run", progress=False)
+        tr.setup()
+        with pytest.raises(NotImplementedError, match="one scale"):
+            tr.train()
+    finally:
+        AGGREGATIONS.pop("test-phi-only")
+
+
+@pytest.mark.parametrize("aggregation", ["grad", "delta"])
+def test_hooks_fire_in_order_and_the_timers_see_every_phase(tmp_path, aggregation):
+    cfg = tiny(f"federation.aggregation={aggregation}", "model.lambda_mmd=0")
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    events, seconds = [], {}
+    for name in ("round_begin", "step_begin", "step_end"):
+        tr.hooks.on(name, lambda *a, name=name: events.append((name, *a)))
+    tr.hooks.on("round_end", lambda r, metrics: events.append(("round_end", r, metrics["train/steps"])))
+    tr.hooks.add_timer(lambda phase, dt: seconds.__setitem__(phase, seconds.get(phase, 0.0) + dt))
+    tr.train()
+    expected = []
+    for r in range(2):
+        expected.append(("round_begin", r))
+        for s in range(2):
+            expected += [("step_begin", r, s), ("step_end", r, s)]
+        expected.append(("round_end", r, 2.0 * (r + 1)))
+    assert events == expected
+    phases = {"guard", "ledger", "all_reduce", "phi_update", "accounting"} | ({"engine"} if tr.engine else set())
+    assert aggregation == "delta" or tr.engine is not None  # tiny's default engine is batched
+    assert phases <= set(seconds) <= set(TIMED_PHASES)
+    assert all(seconds[k] > 0 for k in phases), seconds
+    if tr.engine is not None:
+        assert tr.engine.profile and tr.engine.timings["forward"] > 0  # the engine's own phases, while timed
+    with pytest.raises(ValueError, match="step_begin"):
+        tr.hooks.on("step_start", print)
+
+
+def test_a_step_the_budget_guard_stops_begins_and_never_ends(tmp_path):
+    cfg = tiny("train.rounds=3")
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    for i in range(3):  # three steps spent elsewhere: three of the six planned steps remain
+        tr.ledger.charge("dp-sgd", tr.plan.sigma, cfg.privacy.sample_rate, f"earlier/{i}")
+    events = []
+    tr.hooks.on("step_begin", lambda r, s: events.append(("begin", r, s)))
+    tr.hooks.on("step_end", lambda r, s: events.append(("end", r, s)))
+    tr.train()
+    assert tr.state.stopped and tr.state.steps == 3
+    assert events == [("begin", 0, 0), ("end", 0, 0), ("begin", 0, 1), ("end", 0, 1), ("begin", 1, 0),
+                      ("end", 1, 0), ("begin", 1, 1)]
+
+
+def test_no_timer_no_cost():
+    from fedhypevae.trainer import TrainerHooks
+
+    h = TrainerHooks()
+    assert h.timed("guard") is h.timed("ledger")  # one shared no-op context while nothing times
+    assert not h.timing
