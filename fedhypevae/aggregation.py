@@ -89,14 +89,15 @@ class Aggregation:
     def noise_multipliers(self, sigma: float) -> dict:
         """WHERE the DP-SGD noise goes and at what scale, per block of the clipped per-step gradient:
         ``"private"``: the client's own coordinates (psi_i, v_i), never sent; ``"phi"``: the Phi
-        coordinates, which leave the client. ``sigma`` is the plan's DP-SGD noise multiplier (what the
-        ledger charges). Today every rule noises both blocks at sigma on the client (local DP of every
-        release), so nothing changes numerically.
+        coordinates, which leave the client. ``sigma`` is the plan's DP-SGD noise multiplier. Both the
+        reference step (DPStep.add_noise) and the batched engine noise each block at its own multiplier,
+        and the ledger charges the smallest multiplier of the privatized blocks (Trainer.step_noise), so a
+        rule that puts less noise somewhere spends more budget, never less than it uses. Today's rules
+        noise both blocks at sigma on the client (local DP of every release).
 
-        This is the seam the trust-model work uses (e.g. a trusted aggregator or secure aggregation,
-        where the Phi block could be noised once on the sum and the private block differently). The
-        client step (Client.release_step, BatchedEngine.release) takes ONE scale today, so the trainer
-        refuses a rule whose blocks differ until those accept per-block scales."""
+        This is the seam the trust-model work uses (a trusted aggregator, secure aggregation: the Phi block
+        could be noised once on the sum, the private block differently); what such a rule may charge
+        against which adversary is that work's to decide."""
         return {"private": sigma, "phi": sigma}
 
     # ------------------------------------------------------------------ one round

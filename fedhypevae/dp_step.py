@@ -17,6 +17,7 @@ privacy argument rests on three facts checked by the tests:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -84,15 +85,34 @@ class NoiseSpec:
     expected_batch: float  # q * n_declared: public
 
 
-def add_noise(summed: dict[str, torch.Tensor], *, std: float, generator: torch.Generator) -> dict:
+BLOCKS = ("private", "phi")  # the client's own coordinates (psi_i, v_i) and Phi's
+
+
+def noise_blocks(sigma) -> dict:
+    """{"private": sigma_private, "phi": sigma_phi}: one noise multiplier for both blocks, or a per-block dict
+    (Aggregation.noise_multipliers). ValueError for a missing block or a negative or non-finite multiplier."""
+    blocks = dict(sigma) if isinstance(sigma, dict) else {b: float(sigma) for b in BLOCKS}
+    if set(blocks) != set(BLOCKS) or not all(math.isfinite(v) and v >= 0 for v in blocks.values()):
+        raise ValueError(f"noise multipliers per block must be finite and >= 0 for exactly {BLOCKS}; got {sigma!r}")
+    return blocks
+
+
+def block_of(name: str) -> str:
+    """The noise block of a ClientView parameter name."""
+    return "phi" if name.startswith(PHI_PREFIX) else "private"
+
+
+def add_noise(summed: dict[str, torch.Tensor], *, std, generator: torch.Generator) -> dict:
     """sum + N(0, std^2 I) per parameter, drawn in sorted parameter order so that the noise drawn from a
-    reproducible generator is the same on every world size. std == 0 draws nothing."""
+    reproducible generator is the same on every world size. `std` is one value or {name: std}; a
+    parameter whose std is 0 draws nothing."""
     out = {}
     for name in sorted(summed):
         s = summed[name]
-        if std > 0:
+        sd = std[name] if isinstance(std, dict) else std
+        if sd > 0:
             # drawn on the generator's device (the CPU) so that every device gets the same numbers
-            s = s + std * torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
+            s = s + sd * torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
         out[name] = s
     return out
 
@@ -280,10 +300,13 @@ class DPStep:
         return out, (nll.sum().item(), kl.sum().item())
 
     # -- release's stages ------------------------------------------------------------------------------
-    def add_noise(self, summed: dict, *, sigma: float, generator: torch.Generator) -> dict:
+    def add_noise(self, summed: dict, *, sigma, generator: torch.Generator) -> dict:
         """sum + N(0, sigma^2 C^2 I) on every privatized coordinate (sorted parameter order; also for
-        an empty batch). Override only to change the noise (the audit's no-noise sabotage)."""
-        return add_noise(summed, std=sigma * self.client.cfg.privacy.clip_norm, generator=generator)
+        an empty batch). `sigma` is one multiplier or one per block (`noise_blocks`: the client's own
+        coordinates and Phi's, as the aggregation rule places them). Override only to change the noise
+        (the audit's no-noise sabotage)."""
+        blocks, C = noise_blocks(sigma), self.client.cfg.privacy.clip_norm
+        return add_noise(summed, std={n: blocks[block_of(n)] * C for n in summed}, generator=generator)
 
     def scale(self, noisy: dict, expected: float) -> dict:
         """Divide by the public normalizer q * n_declared."""

@@ -82,7 +82,7 @@ from torch.optim.adam import adam
 from .aggregation import AGGREGATIONS
 from .client import DIAG_KEYS
 from .config import Config
-from .dp_step import clip_factor, poisson_sample
+from .dp_step import clip_factor, noise_blocks, poisson_sample
 from .model import (CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, HyperNetwork, Ops, elbo_terms, merf_mmd, project_codes,
                     sample_synthetic)
 from .rng import STREAM_STEP
@@ -636,7 +636,7 @@ class BatchedEngine:
         return Batch.build(self.X.index_select(0, gidx), self.Y.index_select(0, gidx),
                            torch.cat(epss).to(self.device), counts, self.device)
 
-    def _noise(self, gens: list, names: list, std: float, phi_coef: torch.Tensor, phi_layout: dict, P: int):
+    def _noise(self, gens: list, names: list, phi_coef: torch.Tensor, phi_layout: dict, P: int):
         """Every client's N(0, 1) draws for its privatized parameters, in sorted-name order, one
         `normal_` per tensor of that tensor's shape (the calls of `add_noise_and_scale`), on the CPU.
         Returns stacked encoder and code noise (M, ...) and sum_i phi_coef_i * noise_i over Phi (fp64).
@@ -807,19 +807,21 @@ class BatchedEngine:
         def per_client(t):  # divide stacked (M, ...) sums by each client's public q * n~_i (in place: fresh sums)
             return t.div_(exp_dev.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1)))
 
-        std = sigma * p.clip_norm
+        blocks = noise_blocks(sigma)  # the client's own coordinates and Phi's may carry different noise
+        std, std_phi = blocks["private"] * p.clip_norm, blocks["phi"] * p.clip_norm
+        noised_private = p.enabled and strict and std > 0
         with self._phase("noise"):
-            if p.enabled and std > 0:
-                names = [CODE_NAME] + [ENCODER_PREFIX + n for n in self.enc_names] if strict else []
-                names += [PHI_PREFIX + n for n in hyper_names]
-                enc_noise, code_noise, phi_noise = self._noise(gens, names, std, self.weights * std / self.expected,
+            names = [CODE_NAME] + [ENCODER_PREFIX + n for n in self.enc_names] if noised_private else []
+            names += [PHI_PREFIX + n for n in hyper_names] if p.enabled and std_phi > 0 else []
+            if names:  # drawn in sorted-name order per client: the reference's draws, block by block
+                enc_noise, code_noise, phi_noise = self._noise(gens, names, self.weights * std_phi / self.expected,
                                                                layout, P)
                 phi_vec += phi_noise
-                if strict:
-                    enc_grad = [per_client(s.add_(enc_noise[ENCODER_PREFIX + n].to(self.device), alpha=std))
-                                for n, s in zip(self.enc_names, enc_sum)]
-                    code_grad = per_client(code_sum.add_(code_noise.to(self.device), alpha=std))
-            if not (p.enabled and std > 0 and strict):
+            if noised_private:
+                enc_grad = [per_client(s.add_(enc_noise[ENCODER_PREFIX + n].to(self.device), alpha=std))
+                            for n, s in zip(self.enc_names, enc_sum)]
+                code_grad = per_client(code_sum.add_(code_noise.to(self.device), alpha=std))
+            else:
                 enc_grad = [per_client(s) for s in enc_sum]
                 code_grad = per_client(code_sum)
         with self._phase("post"):

@@ -40,6 +40,7 @@ from .aggregation import make_aggregation
 from .client import DIAG_KEYS, Client
 from .config import Config, save_config
 from .data import build_federation, is_shard_dir, read_manifest
+from .dp_step import BLOCKS, noise_blocks
 from .engine import BatchedEngine, engine_fallback_reason
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
@@ -538,20 +539,23 @@ class Trainer:
             return pending.payload()
         return [t for p in pending for t in p.payload()]
 
-    def step_noise_multiplier(self) -> float:
-        """The DP-SGD noise multiplier of a step's release, from the rule's per-block scales
-        (Aggregation.noise_multipliers; today both blocks get the plan's sigma)."""
-        scales = self.aggregation.noise_multipliers(self.sigma)
-        if scales["private"] != scales["phi"]:
-            raise NotImplementedError(
-                f"aggregation {self.aggregation.name!r} asks for noise multipliers {scales} per block; the client "
-                "step (Client.release_step, BatchedEngine.release) noises every coordinate at one scale")
-        return scales["phi"]
+    def step_noise(self) -> tuple:
+        """(the noise multiplier per block, the multiplier the ledger charges) for a DP-SGD step.
+
+        The aggregation rule places the noise (Aggregation.noise_multipliers: the client's own coordinates
+        psi_i, v_i and Phi's). The charge is the smallest multiplier over the privatized blocks (strict mode
+        both, paper mode Phi): with the joint clipping to C, a Gaussian mechanism whose blocks carry different
+        noise is at least as private as one with the smallest multiplier everywhere and, in the worst case,
+        no more, so the ledger never records less than is spent. Today's rules give both blocks the plan's
+        sigma."""
+        blocks = noise_blocks(self.aggregation.noise_multipliers(self.sigma))
+        privatized = BLOCKS if self.cfg.privacy.mode == "strict" else ("phi",)
+        return blocks, min(blocks[b] for b in privatized)
 
     def _dp_step(self, r: int, s: int) -> Optional[str]:
         """One DP step of every hosted client, through the release guard. Returns None, or why it stopped."""
         cfg, agg, hooks = self.cfg, self.aggregation, self.hooks
-        sigma = self.step_noise_multiplier()
+        blocks, sigma = self.step_noise()
         d = self.guarded_release(DP_SGD, sigma, cfg.privacy.sample_rate, step_key(r, s),
                                  lambda epoch: self._prepare_step(r, s, epoch), self._step_payload, stoppable=True)
         if d.status != "released":
@@ -560,12 +564,12 @@ class Trainer:
         W = agg.step_width
         if self.engine is not None:
             with hooks.timed("engine"):
-                phi, diag = self.engine.release(d.pending, sigma=sigma, features=self.features)
+                phi, diag = self.engine.release(d.pending, sigma=blocks, features=self.features)
             agg.add_batched(buf, phi)
             buf[W:] += diag if self.send_diagnostics else len(self.clients) * self._public_diag
         else:
             for c, pend in zip(self.clients, d.pending):
-                out = c.release_step(pend, sigma=sigma, features=self.features)
+                out = c.release_step(pend, sigma=blocks, features=self.features)
                 agg.add_client(buf, c, out.phi_grad)
                 buf[W:] += out.diag if self.send_diagnostics else self._public_diag
         reduced = agg.reduce_step(buf)  # the one collective of a step

@@ -37,9 +37,7 @@ def doubled():
 
 @pytest.mark.parametrize("engine", ["batched", "reference"])
 def test_a_rule_registered_outside_the_trainer_is_the_one_it_uses(tmp_path, doubled, engine):
-    cfg = tiny("train.lr=0.01", f"train.engine={engine}")
-    cfg.federation.aggregation = "test-grad-x2"  # config.py validates its own list of names at load time
-    tr = trained(cfg, tmp_path / "x2")
+    tr = trained(tiny("train.lr=0.01", f"train.engine={engine}", "federation.aggregation=test-grad-x2"), tmp_path / "x2")
     assert isinstance(tr.aggregation, doubled)
     assert (tr.engine is not None) == (engine == "batched")
     # SGD: a doubled gradient is a doubled learning rate, bit for bit (scaling by 2 is exact)
@@ -71,21 +69,62 @@ def test_an_unknown_rule_and_a_rule_without_the_batched_engine(tmp_path):
         AGGREGATIONS.pop("test-delta-copy")
 
 
-def test_per_block_noise_scales_that_differ_are_refused(tmp_path):
-    @register_aggregation("test-phi-only")
-    class PhiOnly(GradAggregation):
-        def noise_multipliers(self, sigma):
-            return {"private": 0.0, "phi": sigma}
+@pytest.fixture
+def per_block():
+    """A rule that puts twice the noise on the client's own coordinates, or half on Phi's."""
+    made = []
 
-    try:
-        cfg = tiny("train.rounds=1")
-        cfg.federation.aggregation = "test-phi-only"
-        tr = Trainer(cfg, tmp_path / "run", progress=False)
-        tr.setup()
-        with pytest.raises(NotImplementedError, match="one scale"):
-            tr.train()
-    finally:
-        AGGREGATIONS.pop("test-phi-only")
+    def make(private: float, phi: float) -> str:
+        name = f"test-blocks-{private}-{phi}"
+
+        @register_aggregation(name)
+        class Blocks(GradAggregation):
+            def noise_multipliers(self, sigma):
+                return {"private": private * sigma, "phi": phi * sigma}
+
+        made.append(name)
+        return name
+
+    yield make
+    for name in made:
+        AGGREGATIONS.pop(name)
+
+
+def state_vector(tr) -> torch.Tensor:
+    """Phi and every client's private state (encoder, code), flat."""
+    own = [p.detach().reshape(-1).double() for c in tr.clients for p in (*c.encoder.parameters(), c.code)]
+    return torch.cat([tr.flat_phi(tr.hyper), *own])
+
+
+def dp_sgd_sigmas(tr) -> set:
+    return {m.noise_multiplier for _, hist in tr.ledger.histories() for m in hist if m.name == "dp-sgd"}
+
+
+@pytest.mark.parametrize("private,phi", [(2.0, 1.0), (1.0, 0.5)], ids=["private-x2", "phi-half"])
+def test_per_block_noise_is_placed_by_the_rule_on_both_engines_and_the_smaller_multiplier_is_charged(
+        tmp_path, per_block, private, phi):
+    name = per_block(private, phi)
+    fixed = ("privacy.target_epsilon=.inf", "privacy.noise_multiplier=1.5")  # no budget: every step runs
+    plain = {e: trained(tiny(*fixed, f"train.engine={e}"), tmp_path / f"plain-{e}") for e in ("batched", "reference")}
+    runs = {e: trained(tiny(*fixed, f"train.engine={e}", f"federation.aggregation={name}"), tmp_path / f"{name}-{e}")
+            for e in ("batched", "reference")}
+    sigma = plain["batched"].sigma
+    for e, tr in runs.items():
+        assert (tr.engine is not None) == (e == "batched")
+        assert tr.state.steps == plain[e].state.steps > 0
+        assert dp_sgd_sigmas(tr) == {min(private, phi) * sigma}, e  # the ledger charges the smaller multiplier
+        assert dp_sgd_sigmas(plain[e]) == {sigma}
+        # the noise moved: the trained state differs from the same run with one multiplier everywhere
+        assert not torch.allclose(state_vector(tr), state_vector(plain[e]), rtol=1e-4, atol=1e-6)
+    # the engine places it exactly like the reference step (same generator draws, block by block)
+    torch.testing.assert_close(state_vector(runs["batched"]), state_vector(runs["reference"]), rtol=1e-4, atol=1e-5)
+
+
+def test_a_rule_without_noise_on_a_privatized_block_is_stopped_by_the_budget(tmp_path, per_block):
+    name = per_block(0.0, 1.0)  # the client's own coordinates un-noised: the charge is sigma 0, epsilon infinite
+    tr = trained(tiny(f"federation.aggregation={name}"), tmp_path / "run")
+    assert tr.state.steps == 0 and "budget guard" in tr.state.stopped
+    assert dp_sgd_sigmas(tr) == set()
 
 
 @pytest.mark.parametrize("aggregation", ["grad", "delta"])

@@ -123,7 +123,7 @@ def test_engine_noise_is_the_reference_draw_per_client(threads):
         layout[n] = (off, tuple(p.shape))
         off += p.numel()
     gens = [c.rng.generator(STREAM_STEP, 2, 1) for c in clients]
-    enc, code, phi = eng._noise(gens, names, 1.0, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), layout, off)
+    enc, code, phi = eng._noise(gens, names, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), layout, off)
     zeros = {n: torch.zeros_like(p) for n, p in view.named_parameters()}
     want = add_noise_and_scale(zeros, spec=NoiseSpec(1.0, 1.0, 1.0), generator=clients[1].rng.generator(STREAM_STEP, 2, 1))
     assert torch.equal(code[1], want["code"])
