@@ -51,6 +51,7 @@ from .client import Client
 from .config import Config, config_from_dict
 from .dp_step import DPStep, sample_norms
 from .errors import ConfigError
+from .model import PHI_PREFIX
 from .rng import derive_seed
 
 LEVEL = 0.05  # 95 % confidence
@@ -174,7 +175,7 @@ class CanaryStep(DPStep):
     def post_noise(self, view, generator, features):
         loss, value = super().post_noise(view, generator, features)
         params = dict(view.named_parameters())
-        names = [n for n in params if n.startswith("hyper.")]
+        names = [n for n in params if n.startswith(PHI_PREFIX)]
         if loss.requires_grad:  # an observation for the auditor only: the loss returned is unchanged
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=True)
             self.client._known_post = {n: gr for n, gr in zip(names, grads) if gr is not None}
@@ -258,7 +259,7 @@ class CanaryClient(Client):
         if self._armed():  # score: <release - what the auditor knows, canary direction>
             released = self._flat_phi(out.phi_grad)
             expected = self.cfg.privacy.sample_rate * self.declared_size  # public
-            known = self._flat_phi(self._known_sum, "hyper.") / expected + self._flat_phi(self._known_post, "hyper.")
+            known = self._flat_phi(self._known_sum, PHI_PREFIX) / expected + self._flat_phi(self._known_post, PHI_PREFIX)
             self.scores += self.canary_signs * (released - known)[self.canary_coords]
         return out
 
@@ -278,7 +279,7 @@ class CanaryClient(Client):
         for row, (c, s) in enumerate(zip(coords.tolist(), signs.tolist())):
             for n, (a, b) in self.phi_offsets.items():
                 if a <= c < b:
-                    rows["hyper." + n].view(k, -1)[row, c - a] = s * self.canary_scale
+                    rows[PHI_PREFIX + n].view(k, -1)[row, c - a] = s * self.canary_scale
                     break
         return rows
 

@@ -30,7 +30,7 @@ model shapes.
   batch size enters). No second backward pass.
 * **Noise.** N(0, sigma^2 C^2) on every privatized coordinate of every client — also for empty
   batches — drawn from the client's own generator with the same calls in the same order as the
-  reference (`add_noise_and_scale`: sorted parameter names, one `normal_` per tensor of the
+  reference (`DPStep.add_noise`: sorted parameter names, one `normal_` per tensor of the
   tensor's shape, on the CPU), then divided by the public q * n~_i. With `privacy.noise_seed` the
   engine and the reference therefore release the same values up to float rounding.
 * **Post-noise terms** (lambda_v ||v||^2, the DP-MERF MMD term) are added after the noise, as in
@@ -83,8 +83,8 @@ from .aggregation import AGGREGATIONS
 from .client import DIAG_KEYS
 from .config import Config
 from .dp_step import clip_factor, noise_blocks, poisson_sample
-from .model import (CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, HyperNetwork, Ops, elbo_terms, merf_mmd, project_codes,
-                    sample_synthetic)
+from .model import (CODE_NAME, ELEMENTWISE, ENCODER_PREFIX, PHI_PREFIX, HyperNetwork, Ops, elbo_terms, merf_mmd,
+                    project_codes, sample_synthetic)
 from .rng import STREAM_STEP
 
 _SERIAL = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on the calling thread
@@ -143,7 +143,7 @@ def _act_grad(act, u: torch.Tensor) -> torch.Tensor:
     return g
 
 
-LAYER_TYPES = ("private_linear", "shared_linear", "bias_add", "embedding", "per_row", "head_linear", "code_rows")
+LAYER_TYPES = ("private_linear", "shared_linear", "add_bias", "embed", "per_row", "head_linear", "code_rows")
 
 
 @dataclass
@@ -160,11 +160,27 @@ class _HeadLayer:
 
 @dataclass
 class _Head:
-    """A head's layers in order and its output handed to the rows (a leaf of the row-level graph)."""
+    """A head's layers in order and its output handed to the rows in pieces (leaves of the row-level graph)."""
     layers: list
-    leaf: Optional[torch.Tensor] = None
-    g_leaf: Optional[torch.Tensor] = None  # d(sum loss)/d(leaf): per row
-    g_u: Optional[list] = None  # per layer, d(loss_j)/d(u_l) per row (with per-sample norms)
+    leaves: list = None  # per piece: (B, width) rows
+    widths: list = None
+    factors: list = None  # per piece: (M, width) client-level derivative to the last layer's output u, or None (1)
+    g_leaves: list = None  # per piece: d(sum loss)/d(leaf), per row
+    g_last: list = None  # per piece, d(loss_j)/d(u_last) per row
+    g_u: list = None  # per layer below the last, d(loss_j)/d(u_l) per row (with per-sample norms)
+
+    def down(self, pieces: list, cid: Optional[torch.Tensor]) -> torch.Tensor:
+        """The gradient at the last layer's output (in pieces) carried through its weight to its input, times the
+        activation before it (rows, with cid; client-level sums, cid None)."""
+        W, off, g = self.layers[-1].W, 0, None
+        for gp, w in zip(pieces, self.widths):
+            part = gp @ W[off:off + w]
+            g = part if g is None else g.add_(part)
+            off += w
+        if len(self.layers) > 1 and self.layers[-2].du is not None:
+            du = self.layers[-2].du
+            g = g * (du if cid is None else du.index_select(0, cid))
+        return g
 
 
 class RecordingOps(Ops):
@@ -184,6 +200,7 @@ class RecordingOps(Ops):
 
     def __init__(self, batch: "Batch", M: int, names: dict):
         self.b, self.M, self.names = batch, M, names
+        self.used: set = set()  # the names recorded so far (each at most once)
         self.private, self.shared, self.biases, self.embeds, self.vectors, self.chains = [], [], [], [], [], []
         self._chain = None
         self.per_sample = False  # per-row head gradients formed (norms): set by `backward`
@@ -192,10 +209,26 @@ class RecordingOps(Ops):
         if t is None:
             return None
         try:
-            return self.names[id(t)]
+            name = self.names[id(t)]
         except KeyError:
             raise ValueError("the model's math used a tensor that is neither a client's private parameter nor a "
                              "parameter of Phi (the batched engine cannot attribute its gradient)") from None
+        if name in self.used:
+            # the per-sample norm is summed per use: a parameter used twice (tied weights, a head run twice, a
+            # vector used twice) would miss the cross term and be UNDER-clipped. Refused, never approximated.
+            raise ValueError(f"the model's math uses parameter {name!r} twice in one step; the batched engine "
+                             "computes per-sample norms per use and would under-clip it (use train.engine=reference)")
+        self.used.add(name)
+        return name
+
+    def check_coverage(self) -> None:
+        """Every parameter the step privatizes went through a layer type: one the math used in plain torch (or
+        not at all) would get no gradient here, silently."""
+        missing = sorted(set(self.names.values()) - self.used)
+        if missing:
+            raise ValueError(f"the batched engine saw no layer using {', '.join(missing)}: a parameter used outside "
+                             "model.Ops' layer types gets no per-sample gradient (use train.engine=reference, or "
+                             "write that use with an Ops method)")
 
     # -- the layer types -------------------------------------------------------------------------
     def private_input(self, t):
@@ -212,6 +245,8 @@ class RecordingOps(Ops):
         return t.reshape(self.M * self.b.bmax, -1).index_select(0, self.b.pad_pos)
 
     def head_linear(self, s, w, bias):
+        if s.dim() != 2 or s.shape[0] != self.M:
+            raise ValueError(f"a head layer's input must be one row per client ({self.M}, in); got {tuple(s.shape)}")
         if self._chain is None:
             self._chain = _Head([])
         with torch.no_grad():
@@ -220,16 +255,39 @@ class RecordingOps(Ops):
         return u
 
     def head_activation(self, act, u):
+        if not isinstance(act, ELEMENTWISE):
+            raise ValueError(f"the batched engine carries head gradients through elementwise activations only "
+                             f"({', '.join(c.__name__ for c in ELEMENTWISE)}); got {type(act).__name__}")
+        if self._chain.layers[-1].act is not None:
+            raise ValueError("two activations after one head layer: the batched engine composes none")
         self._chain.layers[-1].act = act
         with torch.no_grad():
             return act(u)
 
-    def to_rows(self, o):
-        leaf = o.detach().index_select(0, self.b.cidx).requires_grad_(True)
-        self._chain.leaf = leaf
-        self.chains.append(self._chain)
+    def to_rows(self, o, parts=None):
+        """The head's output in pieces, each through its elementwise f ONCE PER CLIENT, gathered per row as leaves;
+        the pieces' derivatives (and the last layer's activation's) stay client-level factors."""
+        chain, cid = self._chain, self.b.cidx
+        last = chain.layers[-1]
+        if last.act is not None:  # the activation after the last layer: its derivative at u is a factor too
+            last.du = _act_grad(last.act, last.u)
+        specs = parts if parts is not None else [(o.shape[-1], None)]
+        chain.widths = [w for w, _ in specs]
+        chain.leaves, chain.factors = [], []
+        off = 0
+        for piece, (w, f) in zip(o.split(chain.widths, dim=-1), specs):
+            with torch.no_grad():
+                val = piece if f is None else f(piece)
+            factor = None if f is None else _act_grad(f, piece)
+            if last.du is not None:
+                du = last.du[:, off:off + w]
+                factor = du if factor is None else factor * du
+            chain.leaves.append(val.index_select(0, cid).requires_grad_(True))
+            chain.factors.append(factor)
+            off += w
+        self.chains.append(chain)
         self._chain = None
-        return leaf
+        return chain.leaves if parts is not None else chain.leaves[0]
 
     def shared_linear(self, a, w, bias=None):
         out = _tracked(F.linear(a, w.detach(), None if bias is None else bias.detach()))
@@ -250,7 +308,7 @@ class RecordingOps(Ops):
         """f(p) computed once, handed to every row as a leaf; its row gradients times f'(p) are the per-sample
         gradients of p (f is elementwise)."""
         fp = p.detach() if f is None else f(p.detach())
-        leaf = fp.expand(len(self.b.cidx), *p.shape).clone().requires_grad_(True)
+        leaf = fp.expand(len(self.b.cidx), *p.shape).requires_grad_(True)  # a view: no copy per row
         self.vectors.append((self._name(p), leaf, _act_grad(f, p)))
         return leaf
 
@@ -259,7 +317,8 @@ class RecordingOps(Ops):
         """ONE autograd pass to every recorded output (never to a weight); with `per_sample`, the per-row
         gradients through the heads too (what the norms and the clipped code sums need)."""
         tensors = ([r[3] for r in self.private] + [r[3] for r in self.shared] + [r[1] for r in self.biases]
-                   + [r[2] for r in self.embeds] + [r[1] for r in self.vectors] + [c.leaf for c in self.chains])
+                   + [r[2] for r in self.embeds] + [r[1] for r in self.vectors]
+                   + [leaf for c in self.chains for leaf in c.leaves])
         grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
         it = iter(grads)
@@ -271,20 +330,26 @@ class RecordingOps(Ops):
         cid = self.b.cidx
         for chain in self.chains:
             layers = chain.layers
-            for layer in layers:
-                layer.du = _act_grad(layer.act, layer.u)  # (M, out): the activation's derivative after the layer
-            chain.g_leaf = next(it)
+            for layer in layers[:-1]:  # (the last layer's activation derivative is in the pieces' factors)
+                layer.du = None if layer.act is None else _act_grad(layer.act, layer.u)
+            chain.g_leaves = [next(it) for _ in chain.leaves]
             if per_sample:  # d(loss_j)/d(u_l) per row, from the last layer back
-                g = chain.g_leaf * layers[-1].du.index_select(0, cid)
-                chain.g_u = [g]
-                for k in range(len(layers) - 1, 0, -1):
-                    g = (g @ layers[k].W) * layers[k - 1].du.index_select(0, cid)
+                chain.g_last = [g if fac is None else g * fac.index_select(0, cid)
+                                for g, fac in zip(chain.g_leaves, chain.factors)]
+                chain.g_u = []
+                if len(layers) > 1:
+                    g = chain.down(chain.g_last, cid)
                     chain.g_u.insert(0, g)
+                    for k in range(len(layers) - 2, 0, -1):
+                        g = g @ layers[k].W
+                        if layers[k - 1].du is not None:
+                            g = g * layers[k - 1].du.index_select(0, cid)
+                        chain.g_u.insert(0, g)
         self.per_sample = per_sample
         self.g_code = None
-        if per_sample:
-            gv = [c.g_u[0] @ c.layers[0].W for c in self.chains]
-            self.g_code = sum(gv[1:], gv[0]) if gv else None  # per-sample gradient of the client's code
+        if per_sample:  # per-sample gradient of the client's code (every head's input)
+            gv = [(c.g_u[0] @ c.layers[0].W) if c.g_u else c.down(c.g_last, cid) for c in self.chains]
+            self.g_code = sum(gv[1:], gv[0]) if gv else None
 
     def norm2_parts(self) -> dict:
         """Per-sample squared gradient norms by layer type (each (B,)); `norms2` adds them up."""
@@ -297,13 +362,13 @@ class RecordingOps(Ops):
             parts["private_linear"] += n2.reshape(-1).index_select(0, b.pad_pos)
         for (_, bn, a, _), g in zip(self.shared, self.g_shared):
             parts["shared_linear"] += _sq(a) * _sq(g) + (_sq(g) if bn is not None else 0.0)
-        for kind, gs in (("bias_add", self.g_biases), ("embedding", self.g_embeds), ("per_row", self.g_vectors)):
+        for kind, gs in (("add_bias", self.g_biases), ("embed", self.g_embeds), ("per_row", self.g_vectors)):
             for g in gs:
                 parts[kind] += _sq(g)
         for chain in self.chains:
-            for layer, g in zip(chain.layers, chain.g_u):
+            for layer, g2 in zip(chain.layers, [_sq(g) for g in chain.g_u] + [sum(_sq(g) for g in chain.g_last)]):
                 s2 = _sq(layer.s) + (1.0 if layer.b is not None else 0.0)
-                parts["head_linear"] += _sq(g) * s2.index_select(0, cid)
+                parts["head_linear"] += g2 * s2.index_select(0, cid)
         if self.g_code is not None:
             parts["code_rows"] = _sq(self.g_code)
         return parts
@@ -311,7 +376,7 @@ class RecordingOps(Ops):
     def norms2(self) -> tuple:
         """Per-sample squared gradient norms: (Phi, the private layers, the code), each (B,)."""
         p = self.norm2_parts()
-        phi = p["shared_linear"] + p["bias_add"] + p["embedding"] + p["per_row"] + p["head_linear"]
+        phi = p["shared_linear"] + p["add_bias"] + p["embed"] + p["per_row"] + p["head_linear"]
         return phi, p["private_linear"], p["code_rows"]
 
     def private_sums(self, c: Optional[torch.Tensor]) -> dict:
@@ -330,30 +395,37 @@ class RecordingOps(Ops):
         """Per-client sums of (rho-weighted) rows: (M, k)."""
         return t.new_zeros(self.M, t.shape[1]).index_add_(0, self.b.cidx, t if rho is None else t * rho[:, None])
 
-    def _chain_sums(self, chain: dict, rho: Optional[torch.Tensor]) -> list:
+    def _chain_sums(self, chain: "_Head", rho: Optional[torch.Tensor]) -> list:
         """Per-client rho-weighted sums of d(loss)/d(u_l) for every layer of a head: [(M, out_l)]."""
         layers = chain.layers
         if self.per_sample:
-            return [self._seg(g, rho) for g in chain.g_u]
+            return [self._seg(g, rho) for g in chain.g_u] + [torch.cat([self._seg(g, rho) for g in chain.g_last], 1)]
         # linear in the output gradient: reduce per client first (M rows instead of B)
-        g = self._seg(chain.g_leaf, rho) * layers[-1].du
-        out = [g]
-        for k in range(len(layers) - 1, 0, -1):
-            g = (g @ layers[k].W) * layers[k - 1].du
+        last = [self._seg(g, rho) if fac is None else self._seg(g, rho) * fac
+                for g, fac in zip(chain.g_leaves, chain.factors)]
+        out = [torch.cat(last, 1)]
+        if len(layers) > 1:
+            g = chain.down(last, None)
             out.insert(0, g)
+            for k in range(len(layers) - 2, 0, -1):
+                g = g @ layers[k].W
+                if layers[k - 1].du is not None:
+                    g = g * layers[k - 1].du
+                out.insert(0, g)
         return out
 
     def code_sums(self, c: Optional[torch.Tensor], shape) -> torch.Tensor:
         """Per client sum_j c_j * d(loss_j)/d(v_i): (M, d_v) (c None: unclipped)."""
         if self.per_sample:
             g = self.g_code if c is None else self.g_code * c[:, None]
+            if g is None:  # a model without heads: the code gets no gradient from the loss
+                return torch.zeros(shape, dtype=self.b.x.dtype, device=self.b.x.device)
             return g.new_zeros(shape).index_add_(0, self.b.cidx, g)
         if c is not None:
             raise ValueError("clipped code sums need the per-sample head gradients (backward(per_sample=True))")
-        out = None
+        out = torch.zeros(shape, dtype=self.b.x.dtype, device=self.b.x.device)
         for chain in self.chains:
-            part = self._chain_sums(chain, None)[0] @ chain.layers[0].W
-            out = part if out is None else out + part
+            out += self._chain_sums(chain, None)[0] @ chain.layers[0].W
         return out
 
     def phi_sums(self, rho: torch.Tensor) -> dict:
@@ -462,8 +534,13 @@ class BatchedEngine:
             self.enc_steps[:, k] = st
         # the encoder's (weight, bias) pairs in layer order, as stacks (the model's math takes them as `layers`)
         pos = {id(p): k for k, p in enumerate(per_client[0])}
+        linears = [m for m in cs[0].encoder.modules() if isinstance(m, torch.nn.Linear)]
+        in_linears = {id(t) for m in linears for t in (m.weight, m.bias) if t is not None}
+        if set(pos) != in_linears:  # a private parameter of another module would be client 0's for every client
+            raise ValueError("the batched engine stacks encoders made of nn.Linear layers and parameter-free "
+                             "activations only; use train.engine=reference for this encoder")
         self.enc_layers = [(self.enc_params[pos[id(m.weight)]], None if m.bias is None else self.enc_params[pos[id(m.bias)]])
-                           for m in cs[0].encoder.modules() if isinstance(m, torch.nn.Linear)]
+                           for m in linears]
         self.codes = torch.stack([c.code.detach() for c in cs]).to(self.device)
         m, v, st = self._stack_state([c.code_opt for c in cs], [c.code for c in cs])
         self.code_m, self.code_v = m, v
@@ -557,6 +634,7 @@ class BatchedEngine:
         with self._phase("forward"):
             nll, kl = elbo_terms(self.clients[0].encoder, self.codes, hyper, b.x, b.y, b.eps, ops, self.enc_layers)
             loss = nll + kl
+            ops.check_coverage()
         with self._phase("backward"):
             ops.backward(loss, per_sample=norms)
         ops.nll_sum, ops.kl_sum = float(nll.detach().sum()), float(kl.detach().sum())
@@ -638,7 +716,7 @@ class BatchedEngine:
 
     def _noise(self, gens: list, names: list, phi_coef: torch.Tensor, phi_layout: dict, P: int):
         """Every client's N(0, 1) draws for its privatized parameters, in sorted-name order, one
-        `normal_` per tensor of that tensor's shape (the calls of `add_noise_and_scale`), on the CPU.
+        `normal_` per tensor of that tensor's shape (the calls of `DPStep.add_noise`), on the CPU.
         Returns stacked encoder and code noise (M, ...) and sum_i phi_coef_i * noise_i over Phi (fp64).
         Clients draw from their own generators, so blocks of clients run in parallel threads
         (`noise_threads`); the fp64 partial sums are combined in a fixed order. Buffers and the
@@ -670,6 +748,7 @@ class BatchedEngine:
             self._noise_buf = (enc_noise, code_noise, bounds, rows, views, accs, wides)
         enc_noise, code_noise, bounds, rows, views, accs, wides = self._noise_buf
         coef = phi_coef.tolist()
+        with_phi = any(n.startswith(PHI_PREFIX) for n in key[0])  # else the rows are never drawn: nothing to add
 
         def block(w: int) -> None:
             row, acc, wide = rows[w], accs[w], wides[w]
@@ -678,6 +757,8 @@ class BatchedEngine:
                 g = gens[i]
                 for t in views[i]:
                     t.normal_(generator=g)
+                if not with_phi:
+                    continue
                 # fp64 accumulation over clients, in pieces below ATen's parallel grain size: these
                 # threads must not each start an OpenMP team (oversubscription on few cores)
                 for lo in range(0, P, _SERIAL):
@@ -775,6 +856,7 @@ class BatchedEngine:
         coef_dev = coef.to(device=self.device, dtype=torch.float32)
         ps = self.per_sample(hyper, b, norms=p.enabled) if B > 0 else None
         strict = p.enabled and p.mode == "strict"
+        norms = self.norms(ps, p.mode) if ps is not None and p.enabled else None  # its own phase
         with self._phase("clip"):
             if ps is None:
                 enc_sum = [torch.zeros_like(t) for t in self.enc_params]
@@ -783,7 +865,6 @@ class BatchedEngine:
             else:
                 c = None
                 if p.enabled:
-                    norms = self.norms(ps, p.mode)
                     c = clip_factor(norms, p.clip_norm)
                     diag[DIAG_KEYS.index("clipped")] = float((norms > p.clip_norm).sum())
                 enc_sum = self.encoder_sums(ps, c if strict else None)

@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .model import HyperNetwork, generator_params, sample_synthetic
+from .model import HyperNetwork, generator_params, project_codes, sample_synthetic
 
 
 @dataclass
@@ -71,10 +71,7 @@ def fit_metacode(hyper: HyperNetwork, target: ClassMoments, *, steps: int, lr: f
         (g,) = torch.autograd.grad(loss, [code])  # gradient w.r.t. the code only: Phi stays frozen
         code.grad = g
         opt.step()
-        with torch.no_grad():
-            n = code.norm()
-            if n > radius:
-                code.mul_(radius / n)
+        project_codes(code, radius)
         trace.append(float(loss.detach()))
     return code.detach(), trace
 

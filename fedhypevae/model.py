@@ -21,6 +21,8 @@ from torch.nn import functional as F
 
 LOG2PI = math.log(2 * math.pi)
 ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+# activations applied elementwise (what the batched engine may carry a per-row gradient through)
+ELEMENTWISE = (nn.SiLU, nn.Tanh, nn.GELU, nn.ReLU, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Softplus)
 
 
 def mlp(sizes: list[int], act="silu") -> nn.Sequential:
@@ -54,6 +56,10 @@ def _clamp5(t: torch.Tensor) -> torch.Tensor:
     return soft_clamp(t, 5.0)
 
 
+def _row_scale(t: torch.Tensor) -> torch.Tensor:
+    return 1.0 + torch.tanh(t)
+
+
 # ------------------------------------------------------------------------------------------ layer types
 class Ops:
     """How the model's math is evaluated: one method per layer type.
@@ -66,12 +72,15 @@ class Ops:
     * `private_linear`: a layer of a client's own network (the encoder psi_i), per-sample inputs;
     * `head_linear` / `head_activation` / `to_rows`: the hypernetwork heads, whose input is a
       client-level value (the code v_i) shared by all of the client's samples; `to_rows` hands the
-      head's output to the per-sample rows;
+      head's output to the per-sample rows, optionally in pieces through elementwise functions
+      (computed once per client, not per row);
     * `shared_linear` / `add_bias`: a layer of Phi applied to per-sample inputs;
     * `embed`: rows of an embedding table picked by a per-sample index;
     * `per_row`: a Phi vector (through an elementwise function) used by every sample (the decoder's
       output log-scale).
-    Anything else (activations after per-sample layers, losses) is plain torch.
+    Anything else (activations after per-sample layers, losses) is plain torch. Each parameter enters
+    the math through exactly one of these calls per step; head activations and `per_row`'s function are
+    elementwise (the engine checks what it can and refuses the rest).
     """
 
     def private_input(self, t: torch.Tensor) -> torch.Tensor:
@@ -89,8 +98,13 @@ class Ops:
     def head_activation(self, act: nn.Module, u: torch.Tensor) -> torch.Tensor:
         return act(u)
 
-    def to_rows(self, o: torch.Tensor) -> torch.Tensor:
-        return o
+    def to_rows(self, o: torch.Tensor, parts=None):
+        """A head's client-level output, handed to the rows: `o` itself, or with `parts` = [(width, f)] the
+        list of its consecutive pieces, each through its elementwise f (None: as is)."""
+        if parts is None:
+            return o
+        pieces = o.split([w for w, _ in parts], dim=-1)
+        return [t if f is None else f(t) for t, (_, f) in zip(pieces, parts)]
 
     def shared_linear(self, a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
         return F.linear(a, w, b)
@@ -124,12 +138,13 @@ def run_private(ops: Ops, seq: nn.Sequential, h: torch.Tensor, layers=None) -> t
     return ops.private_output(h)
 
 
-def run_head(ops: Ops, seq: nn.Sequential, v: torch.Tensor) -> torch.Tensor:
-    """A hypernetwork head on client-level inputs (one code, or one per client), handed to the rows."""
+def run_head(ops: Ops, seq: nn.Sequential, v: torch.Tensor, parts=None):
+    """A hypernetwork head on client-level inputs (one code, or one per client), handed to the rows
+    (whole, or in `parts`: see `Ops.to_rows`)."""
     s = v
     for m in seq:
         s = ops.head_linear(s, m.weight, m.bias) if isinstance(m, nn.Linear) else ops.head_activation(m, s)
-    return ops.to_rows(s)
+    return ops.to_rows(s, parts)
 
 
 def run_shared(ops: Ops, seq: nn.Sequential, h: torch.Tensor) -> torch.Tensor:
@@ -190,15 +205,12 @@ class HyperNetwork(nn.Module):
                    activation=m.activation)
 
     # -- Eq. 3 -------------------------------------------------------------------------------
-    def modulation(self, out: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(d_l, db_l) per layer from h_theta's output. d_l = 1 + tanh(.) keeps scales in (0, 2).
-        One split (its backward is one concatenation, not one zero-filled gradient per slice)."""
-        parts = out.split([r for r in self.out_sizes for _ in (0, 1)], dim=-1)
-        return [(1.0 + torch.tanh(parts[2 * i]), parts[2 * i + 1]) for i in range(len(self.out_sizes))]
-
     def decoder_modulation(self, v: torch.Tensor, ops: Ops = PLAIN) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """(d_l(v), db_l(v)) per layer; v is (d_v,) or (B, d_v)."""
-        return self.modulation(run_head(ops, self.h_theta, v))
+        """(d_l(v), db_l(v)) per layer from h_theta's output; v is (d_v,), or (M, d_v) for one code per client
+        or row. d_l = 1 + tanh(.) keeps scales in (0, 2)."""
+        parts = [(r, f) for r in self.out_sizes for f in (_row_scale, None)]
+        out = run_head(ops, self.h_theta, v, parts)
+        return [(out[2 * i], out[2 * i + 1]) for i in range(len(self.out_sizes))]
 
     def decode(self, mods, z: torch.Tensor, y_onehot: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
         """Mean of p_theta(x | z, y) for the client whose modulation is `mods`."""

@@ -40,7 +40,7 @@ from .aggregation import make_aggregation
 from .client import DIAG_KEYS, Client
 from .config import Config, save_config
 from .data import build_federation, is_shard_dir, read_manifest
-from .dp_step import BLOCKS, noise_blocks
+from .dp_step import BLOCKS, DPStep, noise_blocks
 from .engine import BatchedEngine, engine_fallback_reason
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
@@ -87,6 +87,13 @@ class Decision:
     pending: object = None  # the payload, computed up to the noise
     epoch: int = 0
     free: bool = False  # an identical replay: nothing new released, nothing charged
+
+
+def runs_reference_step(client: Client) -> bool:
+    """Whether a client runs the plain DPStep through Client's own step methods (what the engine vectorizes)."""
+    cls = type(client)
+    return client.step_type is DPStep and all(getattr(cls, m) is getattr(Client, m)
+                                               for m in ("prepare_step", "release_step", "step"))
 
 
 def planned_steps(cfg: Config) -> int:
@@ -348,8 +355,10 @@ class Trainer:
             return
         reason = engine_fallback_reason(self.cfg)
         if reason is None and not self.aggregation.batched_engine:
-            reason = (f"federation.aggregation={self.aggregation.name}: the rule computes every client's step on "
-                      "its own copy of Phi")
+            reason = f"federation.aggregation={self.aggregation.name}: {self.aggregation.engine_note}"
+        own = sorted({type(c).__name__ for c in self.clients if not runs_reference_step(c)})
+        if reason is None and own:  # the engine is the vectorized DPStep: a client's own step must not be bypassed
+            reason = f"clients of {', '.join(own)} run their own DP step (a step_type or step methods of their own)"
         if reason is not None:
             self.engine_note = f"train.engine=batched fell back to the reference loop: {reason}"
             return
@@ -618,7 +627,7 @@ class Trainer:
                             "diagnostics/batch_size": d["batch"] / max(d["clients"], 1.0)})
             if cfg.model.lambda_mmd > 0:
                 metrics["diagnostics/mmd"] = d["mmd"] / max(d["clients"], 1.0)
-        hooks.emit("round_end", r, metrics)
+        hooks.emit("round_end", r, dict(metrics))  # a copy: observers cannot change what is written
         return metrics
 
     def train(self) -> None:

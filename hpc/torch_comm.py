@@ -118,9 +118,9 @@ class TorchCommunicator(Communicator):
         check_root("gather", root, self.world_size)
         if self.world_size == 1:
             return self.allgather(buf)
-        if self.backend == "torch-nccl":  # older NCCL back-ends have no gather: all_gather, keep root's
-            out = self.allgather(buf)
-            return out if self.rank == root else None
+        # dist.gather on NCCL too (point-to-point underneath): an all_gather would hand every rank every
+        # buffer, against "root only" (secure aggregation's peers must not see each other's vectors).
+        # Untested on NCCL: the development machine has no GPU.
         t = self._on_device(buf)
         if self.rank != root:
             dist.gather(t, None, dst=root)

@@ -145,3 +145,24 @@ def test_an_empty_poisson_batch_releases_only_noise(setup):
     assert all(torch.count_nonzero(v) > 0 for v in out.phi_grad.values())  # noise on every coordinate
     silent = quiet.release_step(pq, sigma=tr.sigma, features=tr.features)
     assert all(torch.count_nonzero(v) == 0 for v in silent.phi_grad.values())
+
+
+def test_clients_with_their_own_step_make_the_trainer_use_the_reference_loop(tmp_path):
+    """The batched engine vectorizes the plain DPStep: a client whose step is overridden is never bypassed."""
+    class Louder(DPStep):
+        def add_noise(self, summed, *, sigma, generator):
+            return super().add_noise(summed, sigma=2 * sigma, generator=generator)
+
+    class LoudClient(Client):
+        step_type = Louder
+
+    cfg = load_config("tiny", ["train.rounds=1", "model.lambda_mmd=0", "train.engine=batched"])
+    tr = Trainer(cfg, tmp_path / "run", progress=False, client_factory=LoudClient)
+    tr.setup()
+    assert tr.engine is None and "LoudClient" in tr.engine_note and "own DP step" in tr.engine_note
+    plain = Trainer(cfg, tmp_path / "plain", progress=False)
+    plain.setup()
+    assert plain.engine is not None and plain.engine_note is None
+    for t in (tr, plain):
+        t.ledger.close()
+        t.writer.close()

@@ -168,3 +168,37 @@ def test_stacked_adam_is_each_clients_torch_adam(steps):
     eng._adam(params, grads, ms, vs, counts, {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-7})
     assert torch.equal(params[0], torch.stack(want))
     assert counts.flatten().tolist() == [s + 1 for s in steps]
+
+
+def _clipped(shape=((8,), 2, "silu")):
+    cfg, clients, hyper = build(*shape)
+    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
+    xs, ys, es = (list(t) for t in zip(*draws(clients, [5, 3, 2], cfg.model.latent_dim)))
+    return eng.clipped_sums(hyper, xs, ys, es, mode="strict", clip_norm=1.0)
+
+
+def test_a_parameter_used_twice_is_refused_not_under_clipped(monkeypatch):
+    """Per-use ghost norms miss the cross term of a parameter used twice (tied weights): the engine refuses."""
+    from fedhypevae import model
+    monkeypatch.setattr(model.HyperNetwork, "output_logstd",
+                        lambda self, ops=model.PLAIN: 0.5 * (ops.per_row(self.x_logstd, model._clamp5)
+                                                             + ops.per_row(self.x_logstd, model._clamp5)))
+    with pytest.raises(ValueError, match="x_logstd.*twice"):
+        _clipped()
+
+
+def test_a_parameter_used_outside_the_layer_types_is_refused(monkeypatch):
+    """A Phi parameter used in plain torch would get no per-sample gradient in the engine: refused, named."""
+    from fedhypevae import model
+    monkeypatch.setattr(model.HyperNetwork, "output_logstd", lambda self, ops=model.PLAIN: model.soft_clamp(self.x_logstd, 5.0))
+    with pytest.raises(ValueError, match="saw no layer using x_logstd"):
+        _clipped()
+
+
+def test_a_non_elementwise_or_doubled_head_activation_is_refused():
+    cfg, clients, hyper = build((8,), 2, "silu")
+    hyper.h_omega[1] = torch.nn.Softmax(dim=-1)
+    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
+    xs, ys, es = (list(t) for t in zip(*draws(clients, [5, 3, 2], cfg.model.latent_dim)))
+    with pytest.raises(ValueError, match="elementwise"):
+        eng.clipped_sums(hyper, xs, ys, es, mode="strict", clip_norm=1.0)

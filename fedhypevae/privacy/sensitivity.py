@@ -41,6 +41,7 @@ import torch
 
 from ..dp_step import DPStep
 from ..errors import PrivacyError
+from ..model import PHI_PREFIX
 
 PayloadFn = Callable  # (client, view, names, batch, syn) -> (summed: dict, norms: Tensor, aux)
 
@@ -246,7 +247,7 @@ def check_sensitivity(client, hyper, *, remove: Sequence[int], steps: int, sigma
                     _local_phi_step(hyper, tr.phi, cfg.train.local_lr, cfg.model.lipschitz)
                 d = hist[s]
                 names = sorted(d.payload)
-                phi_names = [x for x in names if x.startswith("hyper.")]
+                phi_names = [x for x in names if x.startswith(PHI_PREFIX)]
                 full = (_flat(d.payload, names) - _flat(tr.payload, names)).norm().item()
                 phi = (_flat(d.payload, phi_names) - _flat(tr.payload, phi_names)).norm().item()
                 report.rows.append(StepDifference(
