@@ -133,16 +133,6 @@ def _tracked(t: torch.Tensor) -> torch.Tensor:
     return t if t.requires_grad else t.requires_grad_(True)
 
 
-def _act_grad(act, u: torch.Tensor) -> torch.Tensor:
-    """The elementwise derivative of an activation at u (client-level: a few rows)."""
-    if act is None:
-        return torch.ones_like(u)
-    with torch.enable_grad():
-        t = u.detach().requires_grad_(True)
-        (g,) = torch.autograd.grad(act(t).sum(), t)
-    return g
-
-
 LAYER_TYPES = ("private_linear", "shared_linear", "add_bias", "embed", "per_row", "head_linear", "code_rows")
 
 
@@ -164,6 +154,8 @@ class _Head:
     layers: list
     leaves: list = None  # per piece: (B, width) rows
     widths: list = None
+    fns: list = None  # per piece: its elementwise function, or None
+    pieces: list = None  # per piece: (M, width) the last layer's output before that function
     factors: list = None  # per piece: (M, width) client-level derivative to the last layer's output u, or None (1)
     g_leaves: list = None  # per piece: d(sum loss)/d(leaf), per row
     g_last: list = None  # per piece, d(loss_j)/d(u_last) per row
@@ -266,25 +258,16 @@ class RecordingOps(Ops):
 
     def to_rows(self, o, parts=None):
         """The head's output in pieces, each through its elementwise f ONCE PER CLIENT, gathered per row as leaves;
-        the pieces' derivatives (and the last layer's activation's) stay client-level factors."""
+        the pieces' derivatives (and the last layer's activation's) stay client-level factors (formed in
+        `backward`)."""
         chain, cid = self._chain, self.b.cidx
-        last = chain.layers[-1]
-        if last.act is not None:  # the activation after the last layer: its derivative at u is a factor too
-            last.du = _act_grad(last.act, last.u)
         specs = parts if parts is not None else [(o.shape[-1], None)]
         chain.widths = [w for w, _ in specs]
-        chain.leaves, chain.factors = [], []
-        off = 0
-        for piece, (w, f) in zip(o.split(chain.widths, dim=-1), specs):
-            with torch.no_grad():
-                val = piece if f is None else f(piece)
-            factor = None if f is None else _act_grad(f, piece)
-            if last.du is not None:
-                du = last.du[:, off:off + w]
-                factor = du if factor is None else factor * du
-            chain.leaves.append(val.index_select(0, cid).requires_grad_(True))
-            chain.factors.append(factor)
-            off += w
+        chain.fns = [f for _, f in specs]
+        chain.pieces = list(o.split(chain.widths, dim=-1))
+        with torch.no_grad():
+            chain.leaves = [(t if f is None else f(t)).index_select(0, cid).requires_grad_(True)
+                            for t, f in zip(chain.pieces, chain.fns)]
         self.chains.append(chain)
         self._chain = None
         return chain.leaves if parts is not None else chain.leaves[0]
@@ -307,9 +290,10 @@ class RecordingOps(Ops):
     def per_row(self, p, f=None):
         """f(p) computed once, handed to every row as a leaf; its row gradients times f'(p) are the per-sample
         gradients of p (f is elementwise)."""
-        fp = p.detach() if f is None else f(p.detach())
+        with torch.no_grad():
+            fp = p.detach() if f is None else f(p.detach())
         leaf = fp.expand(len(self.b.cidx), *p.shape).requires_grad_(True)  # a view: no copy per row
-        self.vectors.append((self._name(p), leaf, _act_grad(f, p)))
+        self.vectors.append((self._name(p), leaf, f, p.detach()))
         return leaf
 
     # -- after the forward -------------------------------------------------------------------------
@@ -319,19 +303,38 @@ class RecordingOps(Ops):
         tensors = ([r[3] for r in self.private] + [r[3] for r in self.shared] + [r[1] for r in self.biases]
                    + [r[2] for r in self.embeds] + [r[1] for r in self.vectors]
                    + [leaf for c in self.chains for leaf in c.leaves])
-        grads = torch.autograd.grad(loss.sum(), tensors, allow_unused=True)
-        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)]
-        it = iter(grads)
+        # the client-level derivatives of every elementwise function (head activations, the pieces' functions,
+        # per-row vectors' functions) come out of the SAME autograd call: their graphs are separate from the loss's
+        derivs = [(layer.act, layer.u) for c in self.chains for layer in c.layers if layer.act is not None]
+        derivs += [(f, t) for c in self.chains for f, t in zip(c.fns, c.pieces) if f is not None]
+        derivs += [(f, p) for (_, _, f, p) in self.vectors if f is not None]
+        at = [x.detach().requires_grad_(True) for _, x in derivs]
+        total = loss.sum()
+        for (f, _), x in zip(derivs, at):
+            total = total + f(x).sum()
+        grads = torch.autograd.grad(total, tensors + at, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors + at, grads)]
+        d_of = {id(x): g for (_, x), g in zip(derivs, grads[len(tensors):])}
+        it = iter(grads[:len(tensors)])
         self.g_private = [next(it) for _ in self.private]
         self.g_shared = [next(it) for _ in self.shared]
         self.g_biases = [next(it) for _ in self.biases]
         self.g_embeds = [next(it) for _ in self.embeds]
-        self.g_vectors = [next(it) * df for (_, _, df) in self.vectors]
+        self.g_vectors = [g if f is None else g * d_of[id(p)]
+                          for (_, _, f, p), g in zip(self.vectors, (next(it) for _ in self.vectors))]
         cid = self.b.cidx
         for chain in self.chains:
             layers = chain.layers
-            for layer in layers[:-1]:  # (the last layer's activation derivative is in the pieces' factors)
-                layer.du = None if layer.act is None else _act_grad(layer.act, layer.u)
+            for layer in layers:
+                layer.du = None if layer.act is None else d_of[id(layer.u)]
+            chain.factors, off = [], 0
+            for w, f, t in zip(chain.widths, chain.fns, chain.pieces):
+                factor = None if f is None else d_of[id(t)]
+                if layers[-1].du is not None:  # the activation after the last layer
+                    du = layers[-1].du[:, off:off + w]
+                    factor = du if factor is None else factor * du
+                chain.factors.append(factor)
+                off += w
             chain.g_leaves = [next(it) for _ in chain.leaves]
             if per_sample:  # d(loss_j)/d(u_l) per row, from the last layer back
                 chain.g_last = [g if fac is None else g * fac.index_select(0, cid)
@@ -441,7 +444,7 @@ class RecordingOps(Ops):
         for (name, idx, rows, n), g in zip(self.embeds, self.g_embeds):
             table = torch.zeros(n, rows.shape[1], dtype=g.dtype, device=g.device)
             _acc(out, name, table.index_add_(0, idx, g * rho[:, None]))
-        for (name, _, _), g in zip(self.vectors, self.g_vectors):
+        for (name, _, _, _), g in zip(self.vectors, self.g_vectors):
             _acc(out, name, g.t() @ rho)
         for chain in self.chains:
             for layer, gs in zip(chain.layers, self._chain_sums(chain, rho)):
@@ -697,17 +700,23 @@ class BatchedEngine:
         return res, per_norms
 
     # ------------------------------------------------------------------ one DP step of every client
-    def _sample(self, gens: list) -> Batch:
+    def _sample(self, gens: list, drop: Optional[tuple] = None) -> Batch:
         """Each client's Poisson coins and reparameterization noise, from its own generator (CPU),
-        with the reference's calls in the reference's order."""
+        with the reference's calls in the reference's order. `drop` = (client position, record): that
+        record left out of that client's realized batch, the same coins otherwise (the sensitivity
+        check's neighbouring data set, as `SensitivityProbe.sample` does for the reference step)."""
         m = self.cfg.model
         q = self.cfg.privacy.sample_rate
         idxs, epss, counts = [], [], []
-        for n, g in zip(self.sizes, gens):
+        for pos, (n, g) in enumerate(zip(self.sizes, gens)):
             idx = poisson_sample(n, q, g)
+            eps = torch.randn(len(idx), m.latent_dim, generator=g)
+            if drop is not None and pos == drop[0]:
+                keep = idx != int(drop[1])
+                idx, eps = idx[keep], eps[keep]
             idxs.append(idx)
             counts.append(len(idx))
-            epss.append(torch.randn(len(idx), m.latent_dim, generator=g))
+            epss.append(eps)
         ct = torch.tensor(counts, dtype=torch.long)
         gidx = torch.cat(idxs) + torch.repeat_interleave(self.offsets_t, ct)
         gidx = gidx.to(self.device)
@@ -833,9 +842,11 @@ class BatchedEngine:
         one fp64 vector in hyper.named_parameters() order, summed diagnostics (client.DIAG_KEYS))."""
         return self.release(self.prepare(hyper, round_, step, epoch=epoch), sigma=sigma, features=features)
 
-    def prepare(self, hyper: HyperNetwork, round_: int, step: int, *, epoch: int = 0) -> "PendingBatch":
+    def prepare(self, hyper: HyperNetwork, round_: int, step: int, *, epoch: int = 0,
+                drop: Optional[tuple] = None) -> "PendingBatch":
         """Every client's step up to the noise: coins, the batched forward/backward, per-sample norms, the
-        clipped sums. Nothing is released and no state changes (the release guard runs in between)."""
+        clipped sums. Nothing is released and no state changes (the release guard runs in between).
+        `drop`: see `_sample` (the sensitivity check only)."""
         if not self._is_bound():
             self.bind()
         p = self.cfg.privacy
@@ -847,7 +858,7 @@ class BatchedEngine:
             P += t.numel()
         with self._phase("sample"):
             gens = [c.rng.generator(STREAM_STEP, round_, step, epoch) for c in self.clients]
-            b = self._sample(gens)
+            b = self._sample(gens, drop)
         B = len(b.y)
         diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
         diag[DIAG_KEYS.index("batch")] = B

@@ -143,3 +143,49 @@ def test_negative_control_missing_clipping_is_caught(runs):
     rep = check_sensitivity(c, tr.hyper, remove=removals(c), steps=2, sigma=tr.sigma, seed=1, features=tr.features,
                             payload_fn=unclipped)
     assert not rep.ok and rep.max_payload_diff > 2 * tr.cfg.privacy.clip_norm
+
+
+def engine_after_one_round(tmp_path, mode, clip=0.5):
+    cfg = load_config("tiny", ["train.rounds=1", "privacy.noise_seed=3", "train.engine=batched", f"privacy.mode={mode}",
+                               f"privacy.clip_norm={clip}", "model.lambda_mmd=0"])
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    tr.train()
+    assert tr.engine is not None
+    return tr
+
+
+def in_and_out_of_batch(tr, client, round_=1, step=0):
+    from fedhypevae.dp_step import poisson_sample
+    g = client.rng.generator(STREAM_STEP, round_, step, 0)
+    inside = poisson_sample(len(client.y), tr.cfg.privacy.sample_rate, g).tolist()
+    outside = [j for j in range(len(client.y)) if j not in set(inside)]
+    return inside[:3], outside[:2]
+
+
+@pytest.mark.parametrize("mode", ["strict", "paper"])
+def test_the_batched_engine_moves_one_clients_payload_by_at_most_C_and_no_other_client(tmp_path, mode):
+    """The default path's own sensitivity claim: engine.prepare on D and on D minus one record of client 1."""
+    from fedhypevae.privacy.sensitivity import check_engine_sensitivity
+    tr = engine_after_one_round(tmp_path, mode)
+    client = tr.engine.clients[1]
+    inside, outside = in_and_out_of_batch(tr, client)
+    rep = check_engine_sensitivity(tr.engine, tr.hyper, client=client.id, remove=inside + outside, round_=1, step=0)
+    assert rep.ok, (rep.max_payload_diff, rep.max_buffer_ratio, rep.others_moved)
+    rows = {r.record: r for r in rep.rows}
+    assert all(rows[j].in_batch and 0 < rows[j].payload_diff <= 0.5 * (1 + 1e-4) for j in inside)
+    assert all(not rows[j].in_batch and rows[j].payload_diff == 0.0 for j in outside)
+    assert rep.others_moved == 0.0
+
+
+def test_the_engine_check_catches_an_engine_that_does_not_clip(tmp_path, monkeypatch):
+    """Negative control: the engine with its clip factor forced to 1 moves the payload by more than C."""
+    from fedhypevae import engine as engine_mod
+    from fedhypevae.privacy.sensitivity import check_engine_sensitivity
+    tr = engine_after_one_round(tmp_path, "strict", clip=0.01)
+    client = tr.engine.clients[0]
+    inside, _ = in_and_out_of_batch(tr, client)
+    assert check_engine_sensitivity(tr.engine, tr.hyper, client=client.id, remove=inside, round_=1).ok
+    monkeypatch.setattr(engine_mod, "clip_factor", lambda norms, clip_norm: torch.ones_like(norms))
+    rep = check_engine_sensitivity(tr.engine, tr.hyper, client=client.id, remove=inside, round_=1)
+    assert not rep.ok and rep.max_payload_diff > 10 * 0.01

@@ -39,9 +39,10 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from ..dp_step import DPStep
+from ..dp_step import DPStep, poisson_sample
 from ..errors import PrivacyError
 from ..model import PHI_PREFIX
+from ..rng import STREAM_STEP
 
 PayloadFn = Callable  # (client, view, names, batch, syn) -> (summed: dict, norms: Tensor, aux)
 
@@ -178,6 +179,73 @@ class SensitivityReport:
                 "weight": self.weight, "ok": self.ok, "max_payload_diff": self.max_payload_diff,
                 "max_phi_diff": self.max_phi_diff, "max_buffer_ratio": self.max_buffer_ratio,
                 "rows": [asdict(r) for r in self.rows]}
+
+
+@dataclass
+class EngineSensitivityReport:
+    """The batched engine's step from one state on D and on D minus one record of one client."""
+    clip_norm: float
+    mode: str
+    client: int
+    rows: list = field(default_factory=list)  # StepDifference per removed record (step = the DP step's index)
+    others_moved: float = 0.0  # the largest change of ANY other client's clipped sums (must be exactly 0)
+    tolerance: float = 1e-4
+
+    @property
+    def max_payload_diff(self) -> float:
+        return max((r.payload_diff for r in self.rows), default=0.0)
+
+    @property
+    def max_buffer_ratio(self) -> float:
+        return max((r.buffer_diff / r.buffer_bound for r in self.rows), default=0.0)
+
+    @property
+    def ok(self) -> bool:
+        return (self.max_payload_diff <= self.clip_norm * (1 + self.tolerance)
+                and self.max_buffer_ratio <= 1 + self.tolerance and self.others_moved == 0.0)
+
+
+def check_engine_sensitivity(engine, hyper, *, client: int, remove: Sequence[int], round_: int = 0, step: int = 0,
+                             epoch: int = 0) -> EngineSensitivityReport:
+    """The single-step claim for the batched engine (the default path): from the engine's current state, the
+    pre-noise payload of client `client` on D and on D minus record j (the same coins minus j) differs by at
+    most C, its share of the rank's Phi sum (w_i / (q n~_i) times its clipped Phi sum) by at most w_i C / (q n~_i),
+    and no other client's clipped sums move at all. `engine.prepare` changes no state, so nothing is restored.
+
+    What the rank releases about Phi is the block sum; client i's part of it is recovered from the difference
+    (the other clients' parts are identical in both passes, which `others_moved` checks on their private sums)."""
+    cfg = engine.cfg
+    if not cfg.privacy.enabled:
+        raise PrivacyError("the sensitivity check needs privacy.enabled: true (there is no clipped payload otherwise)")
+    ids = [c.id for c in engine.clients]
+    if client not in ids:
+        raise PrivacyError(f"client {client} is not in this engine (clients {ids})")
+    pos = ids.index(client)
+    n = engine.sizes[pos]
+    bad = [j for j in remove if not 0 <= int(j) < n]
+    if bad:
+        raise PrivacyError(f"records {bad} are not in client {client}'s data (0..{n - 1})")
+    strict = cfg.privacy.mode == "strict"
+    coef = float(engine.weights[pos] / engine.expected[pos])  # w_i / (q n~_i): public
+    C = cfg.privacy.clip_norm
+    report = EngineSensitivityReport(clip_norm=C, mode=cfg.privacy.mode, client=client)
+    base = engine.prepare(hyper, round_, step, epoch=epoch)
+    coins = engine.clients[pos].rng.generator(STREAM_STEP, round_, step, epoch)
+    in_batch = set(poisson_sample(n, cfg.privacy.sample_rate, coins).tolist())
+    for j in remove:
+        other = engine.prepare(hyper, round_, step, epoch=epoch, drop=(pos, int(j)))
+        d_phi = (base.phi_vec - other.phi_vec).norm().item()
+        own2 = (d_phi / coef) ** 2
+        if strict:
+            for a, b in zip([*base.enc_sum, base.code_sum], [*other.enc_sum, other.code_sum]):
+                diff = (a - b).reshape(a.shape[0], -1).double()
+                own2 += float(diff[pos].pow(2).sum())
+                rest = torch.cat([diff[:pos], diff[pos + 1:]])
+                report.others_moved = max(report.others_moved, float(rest.abs().max()) if rest.numel() else 0.0)
+        report.rows.append(StepDifference(record=int(j), step=step, in_batch=int(j) in in_batch,
+                                          payload_diff=own2 ** 0.5, phi_diff=d_phi / coef, buffer_diff=d_phi,
+                                          buffer_bound=coef * C))
+    return report
 
 
 def _snapshot(client, hyper) -> dict:
