@@ -295,8 +295,10 @@ def kl_diag_gaussians(mu_q, logvar_q, mu_p, logstd_p) -> torch.Tensor:
 
 
 def gaussian_nll(x, mean, logstd) -> torch.Tensor:
-    """-log N(x; mean, exp(2 logstd)), summed over the last dim."""
-    return (0.5 * ((x - mean) / logstd.exp()) ** 2 + logstd + 0.5 * LOG2PI).sum(-1)
+    """-log N(x; mean, exp(2 logstd)), summed over the last dim (few full-size operations: `logstd` may be
+    one vector per row)."""
+    r = (x - mean) / torch.exp(logstd)
+    return 0.5 * r.pow(2).sum(-1) + logstd.expand_as(r).sum(-1) + 0.5 * LOG2PI * x.shape[-1]
 
 
 def elbo_terms(encoder: Encoder, code: torch.Tensor, hyper: HyperNetwork, x, y, eps, ops: Ops = PLAIN,
