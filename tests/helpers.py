@@ -1,9 +1,33 @@
 """Helpers several test modules share (pytest puts tests/ on sys.path: `from helpers import ...`)."""
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import torch
+
+# variables a surrounding launcher (a CI job under srun, a debugging mpiexec) would leak into a test's processes
+LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "TORCHELASTIC_", "HYDRA_", "MPIR_", "MPICH_")
+LAUNCHER_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                  "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}
+
+
+def launcher_free_env(bin_dir: Path | None = None, **extra: str) -> dict:
+    """This process's environment without any launcher's variables, one thread per process, unbuffered
+    output, `bin_dir` first on PATH; `extra` on top."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES) and k not in LAUNCHER_NAMES}
+    if bin_dir is not None:
+        env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def interrupt_after(cfg, out: Path, rounds: int, extra_steps: int = 0, comm=None):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import free_port, launcher_free_env
 from collectives_worker import I64_MAX, I64_MIN, int64_values, run_checks, wrap64
 from hpc.comm import Communicator, LocalCommunicator
 
@@ -28,25 +28,8 @@ WORKER = REPO / "tests" / "collectives_worker.py"
 BIN = Path(sys.executable).parent
 MPIEXEC, TORCHRUN = BIN / "mpiexec", BIN / "torchrun"
 
-# variables a surrounding launcher would leak into ours (as in test_distributed.clean_env)
-_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "TORCHELASTIC_", "HYDRA_", "MPIR_", "MPICH_")
-_LAUNCHER_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                   "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}
-
-
 def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return launcher_free_env(BIN, **extra)
 
 
 def launch(cmd: list, timeout: float, **env: str) -> tuple[int, str, str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import load_phi, rel_diff
+from helpers import free_port, launcher_free_env, load_phi, rel_diff
 from hpc.placement import place_clients
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,28 +51,13 @@ RESUMABLE = ["--set", "partition.clients=4", "--set", "train.rounds=40", "--set"
              "--set", "privacy.noise_seed=5"]
 FAIL_FAST_S = 60.0  # a failing rank must end the job within this
 
-# variables a surrounding launcher (a CI job under srun, a debugging mpiexec) would leak into ours
-_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "TORCHELASTIC_", "HYDRA_", "MPIR_", "MPICH_")
-_LAUNCHER_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                   "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}
 
 pytestmark = pytest.mark.skipif(not (Path(MPIEXEC).is_file() and Path(FEDHYPEVAE).is_file()),
                                 reason=f"needs mpiexec and the fedhypevae console script in {BIN} (pip install -e '.[mpi]')")
 
 
 def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.update(extra)
-    return env
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return launcher_free_env(BIN, **extra)
 
 
 # ------------------------------------------------------------------------------- processes

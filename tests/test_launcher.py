@@ -15,21 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import launcher_free_env
 from hpc.launcher import LaunchInfo, detect_launcher, expected_world_size
 from hpc.placement import PlacementError, place_clients
 
 REPO = Path(__file__).resolve().parents[1]
 
-_LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "TORCHELASTIC_", "HYDRA_", "MPIR_", "MPICH_")
-_LAUNCHER_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                   "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}
-
-
 def clean_env(**extra: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(_LAUNCHER_PREFIXES) and k not in _LAUNCHER_NAMES}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
-    return env
+    return launcher_free_env(**extra)
 
 
 # ------------------------------------------------------------------------------- detect_launcher
