@@ -174,6 +174,21 @@ class _Head:
             g = g * (du if cid is None else du.index_select(0, cid))
         return g
 
+    def below(self, pieces: list, cid: Optional[torch.Tensor]) -> list:
+        """d(loss)/d(u_l) for every layer below the last, from the last layer's output gradient (in pieces):
+        per row with cid, or on client-level sums with cid None (the map is linear)."""
+        out = []
+        if len(self.layers) > 1:
+            g = self.down(pieces, cid)
+            out.insert(0, g)
+            for k in range(len(self.layers) - 2, 0, -1):
+                g = g @ self.layers[k].W
+                du = self.layers[k - 1].du
+                if du is not None:
+                    g = g * (du if cid is None else du.index_select(0, cid))
+                out.insert(0, g)
+        return out
+
 
 class RecordingOps(Ops):
     """The model's math (`model.elbo_terms`) evaluated for every client of a rank at once, recording per
@@ -339,15 +354,7 @@ class RecordingOps(Ops):
             if per_sample:  # d(loss_j)/d(u_l) per row, from the last layer back
                 chain.g_last = [g if fac is None else g * fac.index_select(0, cid)
                                 for g, fac in zip(chain.g_leaves, chain.factors)]
-                chain.g_u = []
-                if len(layers) > 1:
-                    g = chain.down(chain.g_last, cid)
-                    chain.g_u.insert(0, g)
-                    for k in range(len(layers) - 2, 0, -1):
-                        g = g @ layers[k].W
-                        if layers[k - 1].du is not None:
-                            g = g * layers[k - 1].du.index_select(0, cid)
-                        chain.g_u.insert(0, g)
+                chain.g_u = chain.below(chain.g_last, cid)
         self.per_sample = per_sample
         self.g_code = None
         if per_sample:  # per-sample gradient of the client's code (every head's input)
@@ -389,9 +396,9 @@ class RecordingOps(Ops):
         out: dict = {}
         for (wn, bn, a, _), g in zip(self.private, self.g_private):
             cg = g if cp is None else g * cp
-            _acc(out, wn, torch.bmm(cg.transpose(1, 2), a))
+            out[wn] = torch.bmm(cg.transpose(1, 2), a)
             if bn is not None:
-                _acc(out, bn, cg.sum(1))
+                out[bn] = cg.sum(1)
         return out
 
     def _seg(self, t: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
@@ -400,22 +407,12 @@ class RecordingOps(Ops):
 
     def _chain_sums(self, chain: "_Head", rho: Optional[torch.Tensor]) -> list:
         """Per-client rho-weighted sums of d(loss)/d(u_l) for every layer of a head: [(M, out_l)]."""
-        layers = chain.layers
         if self.per_sample:
             return [self._seg(g, rho) for g in chain.g_u] + [torch.cat([self._seg(g, rho) for g in chain.g_last], 1)]
         # linear in the output gradient: reduce per client first (M rows instead of B)
         last = [self._seg(g, rho) if fac is None else self._seg(g, rho) * fac
                 for g, fac in zip(chain.g_leaves, chain.factors)]
-        out = [torch.cat(last, 1)]
-        if len(layers) > 1:
-            g = chain.down(last, None)
-            out.insert(0, g)
-            for k in range(len(layers) - 2, 0, -1):
-                g = g @ layers[k].W
-                if layers[k - 1].du is not None:
-                    g = g * layers[k - 1].du
-                out.insert(0, g)
-        return out
+        return chain.below(last, None) + [torch.cat(last, 1)]
 
     def code_sums(self, c: Optional[torch.Tensor], shape) -> torch.Tensor:
         """Per client sum_j c_j * d(loss_j)/d(v_i): (M, d_v) (c None: unclipped)."""
@@ -436,26 +433,22 @@ class RecordingOps(Ops):
         per weight with the row weights rho (clip factor x public client coefficient)."""
         out: dict = {}
         for (wn, bn, a, _), g in zip(self.shared, self.g_shared):
-            _acc(out, wn, _wsum(g, a, rho))
+            out[wn] = _wsum(g, a, rho)
             if bn is not None:
-                _acc(out, bn, g.t() @ rho)
+                out[bn] = g.t() @ rho
         for (bn, _), g in zip(self.biases, self.g_biases):
-            _acc(out, bn, g.t() @ rho)
+            out[bn] = g.t() @ rho
         for (name, idx, rows, n), g in zip(self.embeds, self.g_embeds):
             table = torch.zeros(n, rows.shape[1], dtype=g.dtype, device=g.device)
-            _acc(out, name, table.index_add_(0, idx, g * rho[:, None]))
+            out[name] = table.index_add_(0, idx, g * rho[:, None])
         for (name, _, _, _), g in zip(self.vectors, self.g_vectors):
-            _acc(out, name, g.t() @ rho)
+            out[name] = g.t() @ rho
         for chain in self.chains:
             for layer, gs in zip(chain.layers, self._chain_sums(chain, rho)):
-                _acc(out, layer.w, gs.t() @ layer.s)
+                out[layer.w] = gs.t() @ layer.s
                 if layer.b is not None:
-                    _acc(out, layer.b, gs.sum(0))
+                    out[layer.b] = gs.sum(0)
         return out
-
-
-def _acc(out: dict, name: str, t: torch.Tensor) -> None:
-    out[name] = out[name] + t if name in out else t
 
 
 def _wsum(g: torch.Tensor, a: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
