@@ -182,27 +182,15 @@ class SensitivityReport:
 
 
 @dataclass
-class EngineSensitivityReport:
-    """The batched engine's step from one state on D and on D minus one record of one client."""
-    clip_norm: float
-    mode: str
-    client: int
-    rows: list = field(default_factory=list)  # StepDifference per removed record (step = the DP step's index)
+class EngineSensitivityReport(SensitivityReport):
+    """The batched engine's step from one state on D and on D minus one record of one client: the same bounds
+    as `SensitivityReport` (rows: one StepDifference per removed record), and no other client's sums may move."""
+    client: int = -1
     others_moved: float = 0.0  # the largest change of ANY other client's clipped sums (must be exactly 0)
-    tolerance: float = 1e-4
-
-    @property
-    def max_payload_diff(self) -> float:
-        return max((r.payload_diff for r in self.rows), default=0.0)
-
-    @property
-    def max_buffer_ratio(self) -> float:
-        return max((r.buffer_diff / r.buffer_bound for r in self.rows), default=0.0)
 
     @property
     def ok(self) -> bool:
-        return (self.max_payload_diff <= self.clip_norm * (1 + self.tolerance)
-                and self.max_buffer_ratio <= 1 + self.tolerance and self.others_moved == 0.0)
+        return super().ok and self.others_moved == 0.0
 
 
 def check_engine_sensitivity(engine, hyper, *, client: int, remove: Sequence[int], round_: int = 0, step: int = 0,
@@ -228,7 +216,8 @@ def check_engine_sensitivity(engine, hyper, *, client: int, remove: Sequence[int
     strict = cfg.privacy.mode == "strict"
     coef = float(engine.weights[pos] / engine.expected[pos])  # w_i / (q n~_i): public
     C = cfg.privacy.clip_norm
-    report = EngineSensitivityReport(clip_norm=C, mode=cfg.privacy.mode, client=client)
+    report = EngineSensitivityReport(clip_norm=C, mode=cfg.privacy.mode, aggregation=cfg.federation.aggregation,
+                                     steps=1, weight=float(engine.weights[pos]), client=client)
     base = engine.prepare(hyper, round_, step, epoch=epoch)
     coins = engine.clients[pos].rng.generator(STREAM_STEP, round_, step, epoch)
     in_batch = set(poisson_sample(n, cfg.privacy.sample_rate, coins).tolist())
