@@ -75,6 +75,23 @@ def test_audit_config_has_the_power_to_refute_its_claim():
     assert (1 - cfg.privacy.sample_rate) ** steps < 1e-4
 
 
+def _twin(tr):
+    """A CanaryClient in the state of the trainer's first client (unarmed)."""
+    c = tr.clients[0]
+    twin = CanaryClient(tr.fed.client(c.id), cfg=tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+                        declared_size=c.declared_size)
+    twin.load_state_dict(copy.deepcopy(c.state_dict()))
+    return twin
+
+
+def _armed_twin(tr, sabotage, included):
+    twin = _twin(tr)
+    m = len(included)
+    twin.arm(phi_shapes=[(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()], coords=torch.arange(m),
+             signs=torch.ones(m), included=included, seed=0, sabotage=sabotage)
+    return twin
+
+
 def test_canary_client_without_canaries_is_client_step(tmp_path):
     """The audited client is the real client: with no canary in the batch it releases exactly what
     Client.step releases."""
@@ -82,30 +99,14 @@ def test_canary_client_without_canaries_is_client_step(tmp_path):
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
     c = tr.clients[0]
-    twin = CanaryClient(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-                         declared_size=c.declared_size)
-    twin.load_state_dict(copy.deepcopy(c.state_dict()))
+    twin = _armed_twin(tr, "none", torch.zeros(10, dtype=torch.bool))
     twin.rng = c.rng
-    shapes = [(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()]
-    twin.arm(phi_shapes=shapes, coords=torch.arange(10), signs=torch.ones(10), included=torch.zeros(10, dtype=torch.bool),
-             seed=0, sabotage="none")
     h2 = copy.deepcopy(tr.hyper)
     a = c.step(tr.hyper, 0, 0, sigma=tr.sigma, features=tr.features)
     b = twin.step(h2, 0, 0, sigma=tr.sigma, features=tr.features)
     for n in a.phi_grad:
         torch.testing.assert_close(b.phi_grad[n], a.phi_grad[n], rtol=1e-6, atol=1e-7)
     assert twin.appearances.sum() == 0
-
-
-def _armed_twin(tr, sabotage, included):
-    c = tr.clients[0]
-    twin = CanaryClient(tr.fed.client(c.id), cfg=tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-                        declared_size=c.declared_size)
-    twin.load_state_dict(copy.deepcopy(c.state_dict()))
-    m = len(included)
-    twin.arm(phi_shapes=[(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()], coords=torch.arange(m),
-             signs=torch.ones(m), included=included, seed=0, sabotage=sabotage)
-    return twin
 
 
 def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path):
@@ -115,9 +116,7 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path)
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
     c = tr.clients[0]
-    unarmed = CanaryClient(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-                           declared_size=c.declared_size)
-    assert type(unarmed.dp_step) is DPStep
+    assert type(_twin(tr).dp_step) is DPStep  # unarmed
     kinds = {s: type(_armed_twin(tr, s, torch.zeros(4, dtype=torch.bool)).dp_step) for s in ("none", "no-clip", "no-noise")}
     assert kinds == {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
     assert NoClipCanaryStep.add_noise is DPStep.add_noise and NoNoiseCanaryStep.clip_and_accumulate is DPStep.clip_and_accumulate
