@@ -353,9 +353,7 @@ class Trainer:
         self.engine_note: Optional[str] = None
         if self.cfg.train.engine != "batched":
             return
-        reason = engine_fallback_reason(self.cfg)
-        if reason is None and not self.aggregation.batched_engine:
-            reason = f"federation.aggregation={self.aggregation.name}: {self.aggregation.engine_note}"
+        reason = engine_fallback_reason(self.cfg)  # the rule's own batched_engine flag among the reasons
         own = sorted({type(c).__name__ for c in self.clients if not runs_reference_step(c)})
         if reason is None and own:  # the engine is the vectorized DPStep: a client's own step must not be bypassed
             reason = f"clients of {', '.join(own)} run their own DP step (a step_type or step methods of their own)"
@@ -493,9 +491,6 @@ class Trainer:
             self.comm_seconds += time.perf_counter() - t
         return out
 
-    def _allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:  # the historical name
-        return self.allreduce(buf, op=op)
-
     # ---------------------------------------------------------------- training
     def flat_phi(self, hyper: HyperNetwork) -> torch.Tensor:
         return _flat_phi(hyper)
@@ -511,9 +506,6 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.project(self.hyper)
 
-    def _apply_flat_grad(self, flat: torch.Tensor) -> None:  # the historical name
-        self.apply_flat_grad(flat)
-
     def project(self, hyper: HyperNetwork) -> None:
         """The spectral-norm projection of a Phi (Lipschitz bound), when model.lipschitz is set."""
         if self.cfg.model.lipschitz is not None:
@@ -525,9 +517,6 @@ class Trainer:
                 hyper.project_spectral(self.cfg.model.lipschitz)
             finally:
                 torch.set_num_threads(n)
-
-    def _project(self, hyper: HyperNetwork) -> None:  # the historical name
-        self.project(hyper)
 
     def phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
         """A Phi gradient by parameter name as one float64 host vector (parameter order)."""

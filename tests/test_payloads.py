@@ -273,7 +273,7 @@ def test_a_trainer_sending_private_state_fails_the_checker(tmp_path):
 
     class Chatty(Trainer):
         def epsilon_spent(self):  # a "harmless" extra collective that carries a client's code
-            self._allreduce(self.clients[0].code.detach().double().clone())
+            self.allreduce(self.clients[0].code.detach().double().clone())
             return super().epsilon_spent()
 
     import fedhypevae.run as run_mod
