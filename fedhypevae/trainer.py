@@ -38,7 +38,7 @@ from . import checkpoint as ckpt
 from .aggregation import flat_phi as _flat_phi
 from .aggregation import make_aggregation
 from .client import DIAG_KEYS, Client
-from .config import Config, save_config
+from .config import Config, config_from_dict, save_config
 from .data import build_federation, is_shard_dir, read_manifest
 from .dp_step import BLOCKS, DPStep, noise_blocks
 from .engine import BatchedEngine, engine_fallback_reason
@@ -149,7 +149,13 @@ def may_change_on_resume(key: str) -> bool:
 
 
 def resume_changes(saved: dict, now: dict) -> dict:
-    """{key: [old, new]} of the settings that differ; CheckpointError if any of them may not change."""
+    """{key: [old, new]} of the settings that differ; CheckpointError if any of them may not change. A key the
+    saved config predates counts as its default (what that run ran with); a saved config this version cannot
+    read at all is compared as written."""
+    try:
+        saved = config_from_dict(saved).to_dict()
+    except FedHypeVAEError:
+        pass
     a, b = flatten_config(saved), flatten_config(now)
     changed = {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     locked = [k for k in changed if not may_change_on_resume(k)]

@@ -159,6 +159,23 @@ def test_locked_settings_are_refused_with_their_values(tmp_path):
     assert (tmp_path / "run" / "ledger" / "rank_00000.jsonl").read_bytes() == before  # nothing charged
 
 
+def test_a_run_saved_before_a_key_existed_resumes_with_that_keys_default(tmp_path):
+    """A config.yaml written before a setting existed (here model.hyper_layers and model.activation, whose
+    defaults are the model it was trained with) resumes; a locked setting that really differs is still refused."""
+    import yaml
+
+    out = tmp_path / "run"
+    interrupt_after(tiny("train.rounds=2", "model.lambda_mmd=0"), out, rounds=1)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["model"]["hyper_layers"], saved["model"]["activation"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(CheckpointError, match=r"model.activation \('silu' -> 'tanh'\)"):
+        Trainer(tiny("train.rounds=2", "model.lambda_mmd=0", "model.activation=tanh"), out, resume=True,
+                progress=False).setup()
+    res = run_training(tiny("train.rounds=2", "model.lambda_mmd=0"), out, resume=True, progress=False)
+    assert res["status"] == "complete" and res["training"]["rounds"] == 2 and res["resume"]["changed"] == {}
+
+
 def test_a_changed_optimizer_is_applied_not_a_crash(tmp_path, capsys):
     interrupt_after(tiny(), tmp_path / "run", rounds=1)
     assert main(["train", "--config", "tiny", "--set", "train.checkpoint_every=1", "--set", "train.optimizer=sgd",
