@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from .comm import Communicator, check_dtype, check_op, check_root
+from .comm import Communicator
 
 
 def _host(buf: torch.Tensor) -> torch.Tensor:
@@ -46,11 +46,8 @@ class MPICommunicator(Communicator):
             return [flat.view(np.uint64), self.MPI.UINT64_T]
         return [flat, self._types[host.dtype]]
 
-    def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if op not in self._ops:
-            raise ValueError(f"unknown reduction {op!r}; valid: {', '.join(self._ops)}")
-        if self.world_size == 1:
-            return buf
+    # hooks of Communicator's collectives: world_size > 1, arguments already checked
+    def _allreduce(self, buf: torch.Tensor, op: str) -> torch.Tensor:
         host = buf if buf.device.type == "cpu" else buf.cpu()  # host copy: PyPI MPI is not CUDA-aware
         host = host.contiguous()
         self.comm.Allreduce(self.MPI.IN_PLACE, host.numpy(), op=self._ops[op])
@@ -58,22 +55,14 @@ class MPICommunicator(Communicator):
             buf.copy_(host)
         return buf
 
-    def allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
-        check_dtype("allreduce_int64", buf, (torch.int64,))
-        if self.world_size == 1:
-            return buf
+    def _allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
         host = _host(buf)
         self.comm.Allreduce(self.MPI.IN_PLACE, self._spec(host, "sum"), op=self.MPI.SUM)
         if host is not buf:
             buf.copy_(host)
         return buf
 
-    def reduce(self, buf: torch.Tensor, root: int = 0, op: str = "sum") -> torch.Tensor:
-        check_op("reduce", op)
-        check_dtype("reduce", buf)
-        check_root("reduce", root, self.world_size)
-        if self.world_size == 1:
-            return buf
+    def _reduce(self, buf: torch.Tensor, root: int, op: str) -> torch.Tensor:
         host = _host(buf)
         if self.rank == root:
             self.comm.Reduce(self.MPI.IN_PLACE, self._spec(host, op), op=self._ops[op], root=root)
@@ -83,22 +72,14 @@ class MPICommunicator(Communicator):
             self.comm.Reduce(self._spec(host, op), None, op=self._ops[op], root=root)
         return buf
 
-    def allgather(self, buf: torch.Tensor) -> torch.Tensor:
-        check_dtype("allgather", buf)
+    def _allgather(self, buf: torch.Tensor) -> torch.Tensor:
         host = _host(buf)
         out = torch.empty((self.world_size, *buf.shape), dtype=buf.dtype)
-        if self.world_size == 1:
-            out[0] = host
-        else:
-            self.comm.Allgather(self._spec(host), self._spec(out))
+        self.comm.Allgather(self._spec(host), self._spec(out))
         return out.to(buf.device)
 
-    def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
-        check_dtype("gather", buf)
-        check_root("gather", root, self.world_size)
+    def _gather(self, buf: torch.Tensor, root: int) -> torch.Tensor | None:
         host = _host(buf)
-        if self.world_size == 1:
-            return host.unsqueeze(0).clone().to(buf.device)
         if self.rank != root:
             self.comm.Gather(self._spec(host), None, root=root)
             return None
@@ -106,7 +87,7 @@ class MPICommunicator(Communicator):
         self.comm.Gather(self._spec(host), self._spec(out), root=root)
         return out.to(buf.device)
 
-    def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
+    def _broadcast(self, buf: torch.Tensor, root: int) -> torch.Tensor:
         host = buf.cpu().contiguous()
         self.comm.Bcast(host.numpy(), root=root)
         if host.data_ptr() != buf.data_ptr():

@@ -21,7 +21,7 @@ import zlib
 import torch
 import torch.distributed as dist
 
-from .comm import Communicator, check_dtype, check_op, check_root
+from .comm import Communicator
 from .launcher import LaunchInfo
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
@@ -63,38 +63,27 @@ class TorchCommunicator(Communicator):
         self.local_rank = info.local_rank
         self.backend = "torch-" + self.backend
 
-    def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        if op not in _OPS:
-            raise ValueError(f"unknown reduction {op!r}; valid: {', '.join(_OPS)}")
-        if self.world_size == 1:
-            return buf
+    def _on_device(self, buf: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor on the communicator's device with buf's values: buf itself if it is one."""
+        t = buf if buf.device == self.device else buf.to(self.device)
+        return t.contiguous()
+
+    # hooks of Communicator's collectives: world_size > 1, arguments already checked
+    def _allreduce(self, buf: torch.Tensor, op: str) -> torch.Tensor:
         t = buf if buf.device == self.device else buf.to(self.device)
         dist.all_reduce(t, op=_OPS[op])
         if t is not buf:
             buf.copy_(t)
         return buf
 
-    def _on_device(self, buf: torch.Tensor) -> torch.Tensor:
-        """A contiguous tensor on the communicator's device with buf's values: buf itself if it is one."""
-        t = buf if buf.device == self.device else buf.to(self.device)
-        return t.contiguous()
-
-    def allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
-        check_dtype("allreduce_int64", buf, (torch.int64,))
-        if self.world_size == 1:
-            return buf
+    def _allreduce_int64(self, buf: torch.Tensor) -> torch.Tensor:
         t = self._on_device(buf)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         if t is not buf:
             buf.copy_(t)
         return buf
 
-    def reduce(self, buf: torch.Tensor, root: int = 0, op: str = "sum") -> torch.Tensor:
-        check_op("reduce", op)
-        check_dtype("reduce", buf)
-        check_root("reduce", root, self.world_size)
-        if self.world_size == 1:
-            return buf
+    def _reduce(self, buf: torch.Tensor, root: int, op: str) -> torch.Tensor:
         t = self._on_device(buf)
         if self.rank != root and t is buf:
             t = buf.clone()  # gloo and NCCL may use a non-root input as scratch: keep buf unchanged
@@ -103,21 +92,14 @@ class TorchCommunicator(Communicator):
             buf.copy_(t)
         return buf
 
-    def allgather(self, buf: torch.Tensor) -> torch.Tensor:
-        check_dtype("allgather", buf)
+    def _allgather(self, buf: torch.Tensor) -> torch.Tensor:
         t = self._on_device(buf)
         out = torch.empty((self.world_size, *buf.shape), dtype=buf.dtype, device=self.device)
-        if self.world_size == 1:
-            out[0] = t
-        else:  # all_gather into the rows of one tensor (views): works on gloo and on every NCCL version
-            dist.all_gather(list(out.unbind(0)), t)
+        # all_gather into the rows of one tensor (views): works on gloo and on every NCCL version
+        dist.all_gather(list(out.unbind(0)), t)
         return out.to(buf.device)
 
-    def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
-        check_dtype("gather", buf)
-        check_root("gather", root, self.world_size)
-        if self.world_size == 1:
-            return self.allgather(buf)
+    def _gather(self, buf: torch.Tensor, root: int) -> torch.Tensor | None:
         # dist.gather on NCCL too (point-to-point underneath): an all_gather would hand every rank every
         # buffer, against "root only" (secure aggregation's peers must not see each other's vectors).
         # Untested on NCCL: the development machine has no GPU.
@@ -129,7 +111,7 @@ class TorchCommunicator(Communicator):
         dist.gather(t, list(out.unbind(0)), dst=root)
         return out.to(buf.device)
 
-    def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
+    def _broadcast(self, buf: torch.Tensor, root: int) -> torch.Tensor:
         t = buf if buf.device == self.device else buf.to(self.device)
         dist.broadcast(t, src=root)
         if t is not buf:
