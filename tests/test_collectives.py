@@ -157,6 +157,110 @@ def test_interface_requires_the_new_collectives():
         Partial()
 
 
+class _Hooked(Communicator):
+    """A new back-end written against the hooks only: each hook records its call and communicates nothing."""
+
+    backend = "hooked"
+
+    def __init__(self, world_size: int, rank: int = 0):
+        self.world_size, self.rank = world_size, rank
+        self.calls = []
+
+    def _allreduce(self, buf, op):
+        self.calls.append(("allreduce", op))
+        return buf
+
+    def _allreduce_int64(self, buf):
+        self.calls.append(("allreduce_int64",))
+        return buf
+
+    def _reduce(self, buf, root, op):
+        self.calls.append(("reduce", root, op))
+        return buf
+
+    def _allgather(self, buf):
+        self.calls.append(("allgather",))
+        return torch.stack([buf] * self.world_size)
+
+    def _gather(self, buf, root):
+        self.calls.append(("gather", root))
+        return torch.stack([buf] * self.world_size) if self.rank == root else None
+
+    def _broadcast(self, buf, root):
+        self.calls.append(("broadcast", root))
+        return buf
+
+    def barrier(self):
+        self.calls.append(("barrier",))
+
+
+@pytest.mark.parametrize("call,needles", [
+    (lambda c: c.allreduce(torch.ones(2, dtype=torch.float64), op="min"), ["unknown reduction 'min'", "sum, max"]),
+    (lambda c: c.allreduce_int64(torch.ones(2, dtype=torch.float64)), ["allreduce_int64", "buf", "torch.float64"]),
+    (lambda c: c.allreduce_int64([1, 2]), ["allreduce_int64", "buf", "list"]),
+    (lambda c: c.reduce(torch.ones(2, dtype=torch.float64), op="prod"), ["reduce", "op", "'prod'"]),
+    (lambda c: c.reduce(torch.ones(2, dtype=torch.float32)), ["reduce", "buf", "torch.float32"]),
+    (lambda c: c.reduce(torch.ones(2, dtype=torch.int64), root=3), ["reduce", "root", "[0, 3)", "3"]),
+    (lambda c: c.allgather(torch.ones(2, dtype=torch.bool)), ["allgather", "buf", "torch.bool"]),
+    (lambda c: c.gather(torch.ones(2, dtype=torch.float16)), ["gather", "buf", "torch.float16"]),
+    (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=-1), ["gather", "root", "-1"]),
+    (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=True), ["gather", "root", "True"]),
+    (lambda c: c.broadcast(torch.ones(2, dtype=torch.float64), root=3), ["broadcast", "root", "[0, 3)", "3"]),
+], ids=["allreduce-op", "i64-float", "i64-list", "reduce-op", "reduce-dtype", "reduce-root", "allgather-dtype",
+        "gather-dtype", "gather-root", "gather-root-bool", "broadcast-root"])
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_a_new_backend_gets_the_argument_checks_before_any_hook(call, needles, world_size):
+    comm = _Hooked(world_size)
+    if world_size == 1 and "[0, 3)" in needles:
+        needles = [n.replace("3)", "1)") for n in needles]
+    with pytest.raises(ValueError) as exc:
+        call(comm)
+    for n in needles:
+        assert n in str(exc.value), (n, str(exc.value))
+    assert comm.calls == []
+
+
+def test_a_new_backend_gets_the_one_rank_answers_without_a_hook():
+    comm = _Hooked(world_size=1)
+    f = torch.tensor([[1.5, -2.0]], dtype=torch.float64)
+    i = torch.tensor([I64_MAX, I64_MIN], dtype=torch.int64)
+    assert comm.allreduce(f, op="max") is f and comm.allreduce(f) is f
+    assert comm.allreduce(torch.ones(2, dtype=torch.float32)).dtype == torch.float32  # dtype not checked
+    assert comm.allreduce_int64(i) is i and comm.reduce(i, root=0, op="sum") is i and comm.broadcast(f) is f
+    for got, buf in ((comm.allgather(i), i), (comm.gather(f, root=0), f), (comm.allgather(f[:, 1]), f[:, 1])):
+        assert got.shape == (1, *buf.shape) and got.dtype == buf.dtype and torch.equal(got[0], buf)
+        assert got.is_contiguous() and got.data_ptr() != buf.data_ptr()
+    assert torch.equal(i, torch.tensor([I64_MAX, I64_MIN]))  # the inputs are left alone
+    assert torch.equal(f, torch.tensor([[1.5, -2.0]], dtype=torch.float64))
+    assert comm.calls == []
+
+
+def test_a_new_backend_hooks_get_every_multi_rank_call_with_its_arguments():
+    f, i = torch.ones(2, dtype=torch.float64), torch.ones(2, dtype=torch.int64)
+    comm = _Hooked(world_size=2, rank=1)
+    assert comm.allreduce(f) is f and comm.allreduce(f, op="max") is f
+    comm.allreduce(torch.ones(2, dtype=torch.float32))  # allreduce: dtype not checked, as before
+    assert comm.allreduce_int64(i) is i
+    assert comm.reduce(i) is i and comm.reduce(f, root=1, op="max") is f
+    assert comm.allgather(f).shape == (2, 2)
+    assert comm.gather(i) is None and comm.gather(i, root=1).shape == (2, 2)
+    assert comm.broadcast(f) is f and comm.broadcast(i, root=1) is i
+    assert comm.calls == [("allreduce", "sum"), ("allreduce", "max"), ("allreduce", "sum"), ("allreduce_int64",),
+                          ("reduce", 0, "sum"), ("reduce", 1, "max"), ("allgather",), ("gather", 0), ("gather", 1),
+                          ("broadcast", 0), ("broadcast", 1)]
+
+
+def test_backends_implement_only_the_hooks():
+    """The checks and one-rank answers live in Communicator alone: no back-end overrides a collective."""
+    from hpc.mpi_comm import MPICommunicator  # mpi4py is imported only when one is constructed
+    from hpc.torch_comm import TorchCommunicator
+
+    for cls in (LocalCommunicator, MPICommunicator, TorchCommunicator):
+        for name in ("allreduce", "allreduce_int64", "reduce", "allgather", "gather", "broadcast"):
+            assert getattr(cls, name) is getattr(Communicator, name), (cls.__name__, name)
+            assert "_" + name in vars(cls), (cls.__name__, name)
+
+
 # ----------------------------------------------------------------------------- (b) mpiexec
 needs_mpiexec = pytest.mark.skipif(not MPIEXEC.is_file(), reason=f"needs mpiexec in {BIN} (pip install mpich)")
 needs_torchrun = pytest.mark.skipif(not TORCHRUN.is_file(), reason=f"needs torchrun in {BIN}")
