@@ -115,7 +115,7 @@ class Timers:
 
 
 def instrument(tr) -> Timers:
-    """Register a Timers on the trainer's hooks (the batched engine then records its own phases too)."""
+    """Register a Timers on the trainer's hooks (the DP steps then record their own phases too)."""
     tm = Timers()
     tr.hooks.add_timer(tm)
     return tm
@@ -128,18 +128,27 @@ def build_trainer(cfg, out: Path, device: str, comm=None):
     return tr, instrument(tr)
 
 
+def step_timings(tr) -> dict:
+    """The DP steps' own phase timings (sample, forward, backward, norms, clip, noise, post, optimizer), summed
+    over the rank's blocks."""
+    out: dict = {}
+    for st in tr.steps:
+        for k, v in st.timings.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
 def timed_round(tr, tm: Timers, r: int) -> dict:
     """One round; its wall time, the time outside epsilon accounting, samples, and the breakdown."""
-    before, eng_before = tm.snapshot(), dict(tr.engine.timings) if tr.engine is not None else {}
+    before, eng_before = tm.snapshot(), step_timings(tr)
     t0 = time.perf_counter()
     metrics = tr.run_round(r)
     wall = time.perf_counter() - t0
     after = tm.snapshot()
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     parts = {k: 0.0 for k in PHASE_KEYS}
-    if tr.engine is not None:
-        for k, v in tr.engine.timings.items():
-            parts[k] = v - eng_before.get(k, 0.0)
+    for k, v in step_timings(tr).items():
+        parts[k] = v - eng_before.get(k, 0.0)
     for k in ("ledger", "guard", "all_reduce", "phi_update"):
         parts[k] = delta.get(k, 0.0)
     steps_time = wall - delta.get("accounting", 0.0)

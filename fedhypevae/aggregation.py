@@ -9,12 +9,12 @@ One object per rule (``federation.aggregation``), built by the trainer from the 
            train.local_lr + projection per released step); at the round's end the weighted deltas
            are all-reduced once and Phi moves by federation.server_lr times their sum.
 
-A rule owns: the round's start (``begin_round``), which Phi a client's step is computed on
-(``step_hyper``), what a released client step contributes (``add_client``; ``add_batched`` for the
-batched engine's rank sum), the step's reduce over the Communicator (``reduce_step``), applying the
-result to Phi (``apply_step`` after every step, ``end_round`` at the round's end), what a checkpoint
-taken inside a round must hold (``client_state``) and its restore (``restore``), and the noise seam
-(``noise_multipliers``).
+A rule owns: how the rank's clients are grouped into the blocks the DP step runs on (``blocks``) and each
+client's weight in its block's release (``release_weight``), the round's start (``begin_round``), which Phi a
+block's step is computed on (``step_hyper``), what a block's release contributes (``add_release``), the
+step's reduce over the Communicator (``reduce_step``), applying the result to Phi (``apply_step`` after every
+step, ``end_round`` at the round's end), what a checkpoint taken inside a round must hold (``client_state``)
+and its restore (``restore``), and the noise seam (``noise_multipliers``).
 
 A new rule is one class and one registry line::
 
@@ -40,6 +40,7 @@ import torch
 from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .block import ClientBlock
     from .client import Client
     from .model import HyperNetwork
     from .trainer import Trainer
@@ -77,10 +78,6 @@ class Aggregation:
     weights, clients and collectives); the rule keeps its own round state."""
 
     name: str = ""
-    #: whether train.engine=batched may compute this rule's steps (the engine returns the rank's weighted
-    #: sum of the noisy Phi gradients at the current Phi; a rule that needs per-client Phi says False)
-    batched_engine: bool = True
-    engine_note: str = ""  # why not, said when train.engine=batched falls back to the reference loop
 
     def __init__(self, trainer: "Trainer"):
         self.tr = trainer
@@ -104,8 +101,20 @@ class Aggregation:
     def begin_round(self, r: int) -> None:
         """Called at the start of round r (also when the round resumes mid-way)."""
 
-    def step_hyper(self, client: "Client") -> "HyperNetwork":
-        """The Phi a client's step is computed on."""
+    def blocks(self, clients: list) -> list:
+        """The rank's clients grouped into the blocks the DP step runs on: one block per step class (a client with
+        its own stage overrides, such as the audit's canaries, gets its own block), in the clients' order."""
+        groups: dict = {}
+        for c in clients:
+            groups.setdefault(c.step_type, []).append(c)
+        return list(groups.values())
+
+    def release_weight(self, client: "Client") -> float:
+        """Client i's public weight w_i in its block's release sum_i w_i * (noisy Phi gradient of client i)."""
+        return self.tr.weights[client.id]
+
+    def step_hyper(self, block: "ClientBlock") -> "HyperNetwork":
+        """The Phi a block's step is computed on."""
         return self.tr.hyper
 
     @property
@@ -116,13 +125,10 @@ class Aggregation:
     def new_step_buffer(self, diag_len: int) -> torch.Tensor:
         return torch.zeros(self.step_width + diag_len, dtype=torch.float64)
 
-    def add_client(self, buf: torch.Tensor, client: "Client", phi_grad: dict) -> None:
-        """What one released client step contributes (``phi_grad``: its noisy Phi gradient by name)."""
+    def add_release(self, buf: torch.Tensor, block: "ClientBlock", phi: torch.Tensor) -> None:
+        """What a block's released step contributes: ``phi`` is sum_i release_weight_i * (noisy Phi gradient of
+        client i), flat (fp64, Phi's parameter order)."""
         raise NotImplementedError
-
-    def add_batched(self, buf: torch.Tensor, phi: torch.Tensor) -> None:
-        """The batched engine's release: the rank's weighted sum of the noisy Phi gradients (flat)."""
-        raise NotImplementedError(f"aggregation {self.name!r} does not take the batched engine's release")
 
     def reduce_step(self, buf: torch.Tensor) -> torch.Tensor:
         """The step's collective (every rank); returns the reduced buffer."""
@@ -151,10 +157,7 @@ class GradAggregation(Aggregation):
     def step_width(self) -> int:
         return self.tr.phi_numel
 
-    def add_client(self, buf: torch.Tensor, client: "Client", phi_grad: dict) -> None:
-        buf[:self.step_width] += self.tr.weights[client.id] * self.tr.phi_vector(phi_grad)
-
-    def add_batched(self, buf: torch.Tensor, phi: torch.Tensor) -> None:
+    def add_release(self, buf: torch.Tensor, block: "ClientBlock", phi: torch.Tensor) -> None:
         buf[:self.step_width] += phi
 
     def apply_step(self, reduced: torch.Tensor) -> None:
@@ -165,9 +168,6 @@ class GradAggregation(Aggregation):
 class DeltaAggregation(Aggregation):
     """Local steps on each hosted client's private copy of Phi; weighted deltas reduced per round."""
 
-    batched_engine = False
-    engine_note = "every client runs its local steps on a private copy of Phi, so the clients' computations do not share Phi"
-
     def __init__(self, trainer: "Trainer"):
         super().__init__(trainer)
         self.local: Optional[dict] = None  # {client id: its private copy of Phi}, inside a round
@@ -176,15 +176,26 @@ class DeltaAggregation(Aggregation):
         if self.local is None:  # else restored from a checkpoint inside the round
             self.local = {c.id: copy.deepcopy(self.tr.hyper) for c in self.tr.clients}
 
-    def step_hyper(self, client: "Client") -> "HyperNetwork":
-        return self.local[client.id] if self.local is not None else self.tr.hyper
+    def blocks(self, clients: list) -> list:
+        """One block per client: each client's step runs on its own copy of Phi."""
+        return [[c] for c in clients]
 
-    def add_client(self, buf: torch.Tensor, client: "Client", phi_grad: dict) -> None:
-        hyper = self.local[client.id]
+    def release_weight(self, client: "Client") -> float:
+        return 1.0  # a block of one releases its client's own noisy gradient; the weights enter the round's delta
+
+    def step_hyper(self, block: "ClientBlock") -> "HyperNetwork":
+        return self.local[block.ids[0]] if self.local is not None else self.tr.hyper
+
+    def add_release(self, buf: torch.Tensor, block: "ClientBlock", phi: torch.Tensor) -> None:
+        """The client's private copy of Phi takes a plain SGD step of train.local_lr, then the projection."""
+        hyper = self.local[block.ids[0]]
         lr = self.tr.cfg.train.local_lr
         with torch.no_grad():
-            for n, p in hyper.named_parameters():
-                p.sub_(lr * phi_grad[n])
+            off = 0
+            for p in hyper.parameters():
+                n = p.numel()
+                p.sub_(lr * phi[off:off + n].view_as(p).to(device=p.device, dtype=p.dtype))
+                off += n
         self.tr.project(hyper)
 
     def end_round(self, r: int, steps_done: int) -> None:

@@ -18,15 +18,16 @@ Two audits:
 * white-box (``audit_white_box``): gradient canaries. The audited client is a real
   :class:`~fedhypevae.client.Client` (built by the trainer's ``client_factory``) inside a real
   :class:`~fedhypevae.trainer.Trainer` run with the sigma planned for the config; only one stage of
-  its DP step object is extended (:class:`CanaryStep`, a :class:`~fedhypevae.dp_step.DPStep` whose
-  ``per_sample_grads`` is overridden): every included canary, like any other record, joins each
+  its DP step is extended (:class:`CanaryStep`, a :class:`~fedhypevae.dp_step.DPStep` whose
+  ``per_sample`` stage is overridden): every included canary, like any other record, joins each
   step's Poisson batch with probability q and contributes a "Dirac" per-sample gradient (sign * 2C on
   one coordinate of Phi) that goes through the same ``clip_and_accumulate``, ``add_noise`` (real
   sigma) and ``scale`` stages as the data.
   A canary's score is the inner product with its direction of the client's released Phi gradients
   (what crosses the rank boundary) minus what a white-box adversary who knows every other record can
   compute (the clipped sum of the client's own batch, the post-noise terms), summed over all steps.
-  The audit runs the reference step (``train.engine=reference``). Each sabotage overrides one more
+  The audit runs the config's form of the per-sample stage (``train.engine``: ghost norms by default,
+  torch.func with ``reference``); the audited client has a block of its own. Each sabotage overrides one more
   stage: ``sabotage="no-clip"`` the clip stage, which then sums unclipped (and the canaries are
   1000 C long); ``sabotage="no-noise"`` the noise stage, which then adds nothing while the ledger
   still charges the planned sigma: both must be caught.
@@ -49,10 +50,10 @@ import torch
 from .checkpoint import dumps_json
 from .client import Client
 from .config import Config, config_from_dict
-from .dp_step import DPStep, sample_norms
+from .dp_step import DPStep
 from .errors import ConfigError
-from .model import PHI_PREFIX
 from .rng import derive_seed
+from .rows import ExtraRows
 
 LEVEL = 0.05  # 95 % confidence
 SABOTAGE = ("none", "no-clip", "no-noise")
@@ -155,48 +156,56 @@ def score_guesses(scores: np.ndarray, included: np.ndarray, k_in: int, k_out: in
 
 
 class CanaryStep(DPStep):
-    """The reference DP step with ONE stage extended: :meth:`per_sample_grads` appends, after the
-    records' rows, a "Dirac" gradient row for every included canary in this step's Poisson batch, so
-    that canaries go through ``clip_and_accumulate``, ``add_noise`` (the planned sigma) and ``scale``
-    exactly like records. It also notes what the white-box auditor knows without the canaries (the
-    records' clipped sum through the same clip stage, and the post-noise terms' Phi gradient); those
-    notes change nothing that is computed or released. Canary state lives on the CanaryClient."""
+    """The DP step with ONE stage extended: :meth:`per_sample` appends, after the records' rows, a "Dirac"
+    gradient row for every included canary in this step's Poisson batch, so that canaries go through
+    ``clip_and_accumulate``, ``add_noise`` (the planned sigma) and ``scale`` exactly like records, on either
+    form of the per-sample stage (ghost norms or torch.func). It also notes what the white-box auditor knows
+    without the canaries (the records' clipped sum, through the same clip stage) and scores every canary at
+    the ``released`` stage; those notes change nothing that is computed or released. Canary state lives on
+    the CanaryClient, the block's one client (the trainer gives a client with its own step class its own
+    block)."""
 
-    def per_sample_grads(self, view, names, batch, syn):
-        grads, aux = super().per_sample_grads(view, names, batch, syn)
-        cc = self.client
-        cc._known_sum = self.clip_and_accumulate(grads)[0]  # the client's own records: known to the auditor
+    def __init__(self, block, **kw):
+        if block.M != 1:
+            raise ValueError(f"the canary step audits one client: its block holds {block.M}")
+        super().__init__(block, **kw)
+
+    def prepare(self, hyper, round_, step, **kw):
+        self.block.clients[0]._key = (round_, step)  # the canary coins are keyed by the step (a note, not a stage)
+        return super().prepare(hyper, round_, step, **kw)
+
+    def per_sample(self, hyper, batch):
+        rows = super().per_sample(hyper, batch)
+        cc = self.block.clients[0]
+        self.known = self.clip_and_accumulate(rows)[0]  # the client's own records: known to the auditor
         sampled = cc._sampled_canaries()
-        if len(sampled):
-            rows = cc._canary_rows(names, dict(view.named_parameters()), sampled)
-            grads = {n: torch.cat([grads[n], rows[n]]) for n in names}  # records and canaries: one Poisson batch
-        return grads, aux
+        if len(sampled):  # records and canaries: one Poisson batch
+            rows = ExtraRows(rows, torch.zeros(len(sampled), dtype=torch.long), cc._canary_rows(sampled))
+        return rows
 
-    def post_noise(self, view, generator, features):
-        loss, value = super().post_noise(view, generator, features)
-        params = dict(view.named_parameters())
-        names = [n for n in params if n.startswith(PHI_PREFIX)]
-        if loss.requires_grad:  # an observation for the auditor only: the loss returned is unchanged
-            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True, retain_graph=True)
-            self.client._known_post = {n: gr for n, gr in zip(names, grads) if gr is not None}
-        return loss, value
+    def released(self, pending, noisy):
+        noisy = super().released(pending, noisy)
+        # score: <released noisy Phi gradient - what the auditor knows, canary direction>, in units of the
+        # client's own release (the block's release carries the client's public weight)
+        known = self.scale(self.known).phi
+        self.block.clients[0]._score((noisy.phi - known) / float(self.weights[0]))
+        return noisy
 
 
 class NoClipCanaryStep(CanaryStep):
     """SABOTAGE (``--sabotage no-clip``): the clip stage sums the per-sample gradients unclipped."""
 
-    def clip_and_accumulate(self, grads):
-        if next(iter(grads.values())).shape[0] == 0:
-            return super().clip_and_accumulate(grads)
-        return {n: g.sum(0) for n, g in grads.items()}, sample_norms(grads)
+    def clip_and_accumulate(self, rows):
+        norms = rows.norms(self.cfg.privacy.mode == "strict")
+        return self.accumulate(rows, torch.ones_like(norms)), norms
 
 
 class NoNoiseCanaryStep(CanaryStep):
     """SABOTAGE (``--sabotage no-noise``): the noise stage adds nothing (and draws nothing) while the
     ledger is still charged for the planned sigma."""
 
-    def add_noise(self, summed, *, sigma, generator):
-        return dict(summed)
+    def add_noise(self, sums, *, sigma, gens):
+        return sums
 
 
 CANARY_STEPS = {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
@@ -204,19 +213,20 @@ CANARY_STEPS = {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoN
 
 class CanaryClient(Client):
     """A real client whose DP step, once armed, is a :class:`CanaryStep` (or one of its sabotaged
-    variants): the reference step with its per-sample gradient stage extended by the gradient
-    canaries that are in this step's Poisson batch. Everything else is the reference step: sampling,
-    clipping, the planned noise, the public normalizer, the local update and what it returns (the
-    noisy Phi gradient). Until :meth:`arm` it is a plain Client (``step_type`` is DPStep).
+    variants): the DP step with its per-sample stage extended by the gradient canaries that are in this
+    step's Poisson batch. Everything else is the client's step: sampling, clipping, the planned noise, the
+    public normalizer, the local update and what it releases (the noisy Phi gradient). Until :meth:`arm`
+    it is a plain Client (``step_type`` is DPStep).
 
     The auditor is white-box: it knows everything except which canaries were included. Before
     scoring it subtracts from the released Phi gradient what it can compute without the canaries —
-    the clipped sum of the client's own records in this step's batch (the same clip stage) and the
-    post-noise terms — so that a canary's score is its own clipped contribution plus the noise. DP
-    must hold against exactly such an adversary (one who knows all other records), and each step
-    stays a subsampled Gaussian mechanism for every canary given that knowledge."""
+    the clipped sum of the client's own records in this step's batch (the same clip stage) — so that a
+    canary's score is its own clipped contribution plus the noise (the post-noise terms, which the auditor
+    can also compute, are added after the scoring). DP must hold against exactly such an adversary (one who
+    knows all other records), and each step stays a subsampled Gaussian mechanism for every canary given
+    that knowledge."""
 
-    def arm(self, *, phi_shapes: list, coords: torch.Tensor, signs: torch.Tensor, included: torch.Tensor,
+    def arm(self, *, phi_numel: int, coords: torch.Tensor, signs: torch.Tensor, included: torch.Tensor,
             seed: int, sabotage: str) -> None:
         if sabotage not in CANARY_STEPS:
             raise ConfigError(f"--sabotage must be one of {', '.join(SABOTAGE)}; got {sabotage!r}")
@@ -227,41 +237,17 @@ class CanaryClient(Client):
         self.canary_signs = signs.double()
         self.canary_included = included.bool()
         self.canary_scale = (NO_CLIP_CANARY_NORM if sabotage == "no-clip" else CANARY_NORM) * self.cfg.privacy.clip_norm
-        self.phi_shapes = phi_shapes  # [(HyperNetwork name, shape)] in flat order
-        offsets = np.cumsum([0] + [int(np.prod(s)) for _, s in phi_shapes])
-        self.phi_offsets = {n: (int(offsets[i]), int(offsets[i + 1])) for i, (n, _) in enumerate(phi_shapes)}
+        self.phi_numel = int(phi_numel)  # canaries sit on flat coordinates of Phi (parameter order)
         m = len(coords)
         self.scores = torch.zeros(m, dtype=torch.float64)
         self.appearances = torch.zeros(m, dtype=torch.long)
         self._key = (0, 0)
-        self._known_sum: dict = {}
-        self._known_post: dict = {}
-
-    def _flat_phi(self, d: dict, prefix: str = "") -> torch.Tensor:
-        out = []
-        for n, shape in self.phi_shapes:
-            t = d.get(prefix + n)
-            out.append(torch.zeros(int(np.prod(shape)), dtype=torch.float64) if t is None
-                       else t.detach().reshape(-1).double().cpu())
-        return torch.cat(out)
 
     def _armed(self) -> bool:
         return issubclass(self.step_type, CanaryStep)
 
-    def prepare_step(self, hyper, round_, step, *, epoch=0):
-        if self._armed():
-            self._key = (round_, step)
-            self._known_sum, self._known_post = {}, {}
-        return super().prepare_step(hyper, round_, step, epoch=epoch)
-
-    def release_step(self, pending, *, sigma, features):
-        out = super().release_step(pending, sigma=sigma, features=features)
-        if self._armed():  # score: <release - what the auditor knows, canary direction>
-            released = self._flat_phi(out.phi_grad)
-            expected = self.cfg.privacy.sample_rate * self.declared_size  # public
-            known = self._flat_phi(self._known_sum, PHI_PREFIX) / expected + self._flat_phi(self._known_post, PHI_PREFIX)
-            self.scores += self.canary_signs * (released - known)[self.canary_coords]
-        return out
+    def _score(self, released_minus_known: torch.Tensor) -> None:
+        self.scores += self.canary_signs * released_minus_known.double()[self.canary_coords]
 
     def _sampled_canaries(self) -> torch.Tensor:
         """Included canaries in this step's Poisson batch: each with probability q, like every record
@@ -272,15 +258,11 @@ class CanaryClient(Client):
         self.appearances[sampled] += 1
         return sampled
 
-    def _canary_rows(self, names: list, params: dict, sampled: torch.Tensor) -> dict:
-        k = len(sampled)
-        rows = {n: torch.zeros((k,) + tuple(params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
-        coords, signs = self.canary_coords[sampled], self.canary_signs[sampled]
-        for row, (c, s) in enumerate(zip(coords.tolist(), signs.tolist())):
-            for n, (a, b) in self.phi_offsets.items():
-                if a <= c < b:
-                    rows[PHI_PREFIX + n].view(k, -1)[row, c - a] = s * self.canary_scale
-                    break
+    def _canary_rows(self, sampled: torch.Tensor) -> torch.Tensor:
+        """(k, P): one Dirac gradient over Phi per sampled canary (sign * length on its coordinate)."""
+        rows = torch.zeros(len(sampled), self.phi_numel, dtype=torch.float32, device=self.device)
+        rows[torch.arange(len(sampled)), self.canary_coords[sampled]] = (
+            self.canary_signs[sampled] * self.canary_scale).float().to(self.device)
         return rows
 
 
@@ -300,20 +282,8 @@ def _coins(seed: int, m: int) -> torch.Tensor:
     return torch.rand(m, generator=g) < 0.5
 
 
-def reference_engine(cfg: Config) -> Config:
-    """The config with train.engine=reference where the key exists: the white-box canaries enter at the
-    per-sample gradient stage of Client.step, which a batched engine (if any) replaces."""
-    if getattr(cfg.train, "engine", "reference") == "reference":
-        return cfg
-    tree = cfg.to_dict()
-    tree["train"]["engine"] = "reference"
-    return config_from_dict(tree)
-
-
 def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
     from .trainer import Trainer
-
-    cfg = reference_engine(cfg)
 
     def client_factory(data, **kw):  # the audited client is built by the trainer like every other one
         return (CanaryClient if data.client_id == setup.client else Client)(data, **kw)
@@ -331,14 +301,13 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     coords = torch.randperm(tr.phi_numel, generator=g)[:setup.canaries]
     signs = torch.where(torch.rand(setup.canaries, generator=g) < 0.5, -1.0, 1.0)
     included = _coins(setup.seed, setup.canaries)
-    cc.arm(phi_shapes=[(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()], coords=coords, signs=signs,
+    cc.arm(phi_numel=tr.phi_numel, coords=coords, signs=signs,
            included=included, seed=setup.seed, sabotage=setup.sabotage)
-    if getattr(tr, "engine", None) is not None:  # defensive: the step must be the client's own step object
-        raise RuntimeError("the white-box audit needs the reference DP step (train.engine=reference)")
+    tr.rebuild_steps()  # the armed client's step class: its own block
     tr.train()
     tr.writer.close()
     return {"scores": cc.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
-            "engine": "reference (Client.step: the DPStep object, torch.func per-sample gradients)",
+            "engine": f"{tr.engine} (the DP step with the canary stage, on the audited client's own block)",
             "sigma": tr.sigma, "plan": tr.plan,
             "stopped_early": tr.state.stopped, "ledger_epsilon": tr.ledger.epsilon(delta=cfg.privacy.delta,
                                                                                  accountant=cfg.privacy.accountant),

@@ -1,31 +1,94 @@
-"""One federated client: private data, encoder psi_i, code v_i, optimizers, generator, ledger.
+"""One federated client: private data, encoder psi_i, code v_i, optimizers, generator.
 
-Everything here stays on the client's rank. What leaves is only what `step` returns: the noisy
-Phi gradient (strict and paper modes) and, when `privacy.diagnostics` is on, loss sums that are
-labelled as diagnostics outside the guarantee.
+Everything here stays on the client's rank. What leaves is only what its DP step releases: the noisy Phi
+gradient (strict and paper modes) and, when `privacy.diagnostics` is on, loss sums that are labelled as
+diagnostics outside the guarantee.
 
-A step is two calls, so that the trainer's release guard can stand between them: `prepare_step`
-computes everything up to the noise (Poisson batch, per-sample gradients, clipped sums: nothing is
-released, nothing changes), `release_step` adds the noise, the post-noise terms and applies the
-local update. `step` is the two in a row. Both run the client's step object (`Client.dp_step`, an
-instance of `Client.step_type`, by default `dp_step.DPStep`: the one reference DP step, whose stages a
-subclass may override). The privacy ledger belongs to the rank (Trainer.ledger).
+The DP step itself is `dp_step.DPStep`, which runs on a block of clients (`block.ClientBlock`: their state
+stacked, the client's tensors views of the stacks). The trainer puts every client of a rank in one block (or
+one block per client, when each steps its own copy of Phi). `Client.step` runs the client's step class
+(`step_type`: DPStep, or a subclass overriding stages) on a block of one: `prepare_step` computes everything
+up to the noise (Poisson batch, per-sample gradients, clipped sums: nothing is released, nothing changes),
+`release_step` adds the noise and the post-noise terms and applies the local update; `step` is the two in a
+row. The privacy ledger belongs to the rank (Trainer.ledger).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import nn
 
+from .block import ClientBlock
 from .config import Config
 from .data import ClientData
-from .dp_step import DIAG_KEYS, DPStep, PendingStep, StepOutput, project_code
-from .model import Encoder, HyperNetwork
+from .dp_step import DIAG_KEYS, PER_SAMPLE, DPStep, PendingBatch
+from .model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, ClientView, Encoder, HyperNetwork, project_codes
 from .privacy import RandomFeatures, mean_embedding_sums, noise_mean_embeddings
 from .rng import STREAM_INIT, STREAM_MMD_RELEASE, STREAM_STEP, ClientRNG, derive_seed
 
-__all__ = ["DIAG_KEYS", "Client", "PendingStep", "StepOutput", "project_code"]  # the step's types live in dp_step
+__all__ = ["DIAG_KEYS", "Client", "PendingStep", "StepOutput"]
+
+
+@dataclass
+class StepOutput:
+    """What one client's step released: its noisy Phi gradient (plus the post-noise terms) by name."""
+    phi_grad: dict  # keyed by HyperNetwork parameter name
+    diag: torch.Tensor  # len(DIAG_KEYS)
+
+
+class PendingStep:
+    """One client's step computed up to the noise: the block-of-one PendingBatch, seen per client."""
+
+    def __init__(self, client: "Client", step: DPStep, pending: PendingBatch):
+        self.client, self.step, self.batch_pending = client, step, pending
+        d = pending.draws[0]
+        self.idx, self.eps, self.syn = d.idx, d.eps, d.syn
+        self.expected = float(step.block.expected[0])  # q * declared size: public
+        self.diag = pending.diag
+
+    @property
+    def hyper(self):
+        return self.batch_pending.hyper
+
+    @property
+    def view(self) -> ClientView:
+        return ClientView(self.client.encoder, self.client.code, self.hyper)
+
+    @property
+    def batch(self) -> tuple:
+        c = self.client
+        return c.x[self.idx], c.y[self.idx], self.eps
+
+    @property
+    def summed(self) -> dict:
+        """The pre-noise sums by ClientView name over what is privatized (strict: psi_i, v_i and Phi; paper: Phi;
+        privacy off: every parameter, unclipped)."""
+        s, p = self.batch_pending.sums, self.client.cfg.privacy
+        out = {}
+        if self.batch_pending.strict or not p.enabled:
+            out.update({ENCODER_PREFIX + n: t[0] for n, t in zip(self.step.block.enc_names, s.enc)})
+            out[CODE_NAME] = s.code[0]
+        coef = float(self.step.phi_coef[0])
+        out.update({PHI_PREFIX + n: t.float() for n, t in unflatten(s.phi / coef, s.layout).items()})
+        return out
+
+    def payload(self) -> list:
+        """The pre-noise payload, in a fixed order (what the ledger's digest covers)."""
+        return self.batch_pending.payload()
+
+
+def unflatten(vec: torch.Tensor, layout) -> dict:
+    """{name: tensor of its shape} from a flat vector in `layout`'s order."""
+    out, off = {}, 0
+    for n, shape in layout:
+        k = 1
+        for d in shape:
+            k *= d
+        out[n] = vec[off:off + k].view(shape)
+        off += k
+    return out
 
 
 def _copied(obj):
@@ -64,7 +127,7 @@ class Client:
             self.code = nn.Parameter(torch.randn(m.code_dim))  # v_i ~ N(0, I) (Algorithm 1)
         self.encoder.to(device)
         self.code = nn.Parameter(self.code.detach().to(device))
-        project_code(self.code, m.code_radius)
+        project_codes(self.code, m.code_radius)
         self.enc_opt = torch.optim.Adam(self.encoder.parameters(), lr=cfg.train.encoder_lr)
         self.code_opt = torch.optim.Adam([self.code], lr=cfg.train.code_lr)
         self.rng = ClientRNG(self.id, cfg.privacy.noise_seed)
@@ -114,22 +177,26 @@ class Client:
     # -- the DP step ---------------------------------------------------------------------------------
     @property
     def dp_step(self) -> DPStep:
-        """This client's DP step object (an instance of ``step_type`` bound to this client). It holds no
-        state of its own, so a copied client gets its own, bound to the copy."""
+        """This client's DP step: an instance of ``step_type`` on a block of one (itself), weight 1. It holds no
+        state of its own; a copied client gets its own, on its own block."""
         s = self.__dict__.get("_dp_step")
-        if s is None or s.client is not self or type(s) is not self.step_type:
-            s = self._dp_step = self.step_type(self)
+        if s is None or s.block.clients[0] is not self or type(s) is not self.step_type:
+            block = ClientBlock([self], self.cfg, device=self.device)
+            s = self._dp_step = self.step_type(block, weights=[1.0], per_sample=PER_SAMPLE[self.cfg.train.engine])
         return s
 
-    def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma: float, features: Optional[RandomFeatures],
+    def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma, features: Optional[RandomFeatures],
              epoch: int = 0) -> StepOutput:
         return self.release_step(self.prepare_step(hyper, round_, step, epoch=epoch), sigma=sigma, features=features)
 
     def prepare_step(self, hyper: HyperNetwork, round_: int, step: int, *, epoch: int = 0) -> PendingStep:
-        """Everything up to the noise (DPStep.prepare) on this step's generator stream. No state changes."""
-        return self.dp_step.prepare(hyper, self.rng.generator(STREAM_STEP, round_, step, epoch))
+        """Everything up to the noise on this step's generator stream. No state changes."""
+        st = self.dp_step
+        return PendingStep(self, st, st.prepare(hyper, round_, step, epoch=epoch,
+                                                gens=[self.rng.generator(STREAM_STEP, round_, step, epoch)]))
 
-    def release_step(self, pending: PendingStep, *, sigma: float, features: Optional[RandomFeatures]) -> StepOutput:
-        """Noise, the post-noise terms and the local update of psi_i and v_i (DPStep.release); returns what
-        leaves the client."""
-        return self.dp_step.release(pending, sigma=sigma, features=features)
+    def release_step(self, pending: PendingStep, *, sigma, features: Optional[RandomFeatures]) -> StepOutput:
+        """Noise, the post-noise terms and the local update of psi_i and v_i; returns what leaves the client."""
+        rel = pending.step.release(pending.batch_pending, sigma=sigma, features=features)
+        layout = pending.batch_pending.sums.layout
+        return StepOutput({n: t.float() for n, t in unflatten(rel.phi, layout).items()}, rel.diag)

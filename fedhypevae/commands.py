@@ -91,10 +91,10 @@ def format_summary(results: dict, wall: float) -> str:
         lines.append(f"  privacy      : {p['mode']} mode, epsilon spent {_eps(p['epsilon_spent'])} of {target} "
                      f"(delta={p['delta']}, accountant={p['accountant']}) - "
                      + ("formal guarantee" if p["formal_guarantee"] else "NO formal guarantee: " + p["guarantee"]))
-        plan = p["plan"] or {}
+        sigmas = (p["plan"] or {}).get("noise_multipliers", {})
         lines.append(f"  noise        : sigma={p['noise_multiplier']:.4f}, q={p['sample_rate']}, C={p['clip_norm']}, "
-                     f"steps={p['steps']}/{p['planned_steps']}; class-statistics sigma={_fmt(plan.get('sigma_stats'))}, "
-                     f"mmd-embedding sigma={_fmt(plan.get('sigma_mmd'))}")
+                     f"steps={p['steps']}/{p['planned_steps']}; class-statistics sigma={_fmt(sigmas.get('class-stats'))}, "
+                     f"mmd-embedding sigma={_fmt(sigmas.get('mmd-embeddings'))}")
         lines.append(f"  noise source : {p['noise']}")
     else:
         lines.append("  privacy      : DISABLED (privacy.enabled=false): no guarantee")

@@ -1,62 +1,68 @@
-"""The client's DP step: the stage functions and THE reference step object, :class:`DPStep`.
+"""THE DP step: one class, :class:`DPStep`, whose stages run on a block of clients (`block.ClientBlock`).
 
-Stages, in the order one step runs them (each a method of :class:`DPStep` that a subclass may
-override; the module-level functions below are the arithmetic they use, shared with the baselines):
+Stages, in the order one step runs them (each a method a subclass may override; the module-level functions
+below are the arithmetic they use, shared with the baselines):
 
-  sample -> per_sample_grads -> clip_and_accumulate   (prepare: nothing released, nothing changed)
+  sample -> per_sample -> clip_and_accumulate          (prepare: nothing released, nothing changed)
          -> add_noise -> scale -> released -> post_noise -> local_update   (release)
 
-Reference implementation with `torch.func` (per-sample gradients are materialized). The
-privacy argument rests on three facts checked by the tests:
-  * each sample's gradient over everything that is privatized is clipped to norm C, so adding
-    or removing one record changes the clipped sum by at most C;
-  * Gaussian noise N(0, sigma^2 C^2) is added to every privatized coordinate, also when the
+There is no second spelling of the step. The trainer runs it on a block of every client of a rank (or one
+block per client when each steps its own copy of Phi), `Client.step` on a block of one, the white-box audit
+with its canaries and sabotages as stage overrides, the sensitivity check with its neighbouring data set and
+replayed history as stage overrides. The per-sample stage has two forms of the same rows (`rows.Rows`):
+ghost norms (`engine.GhostRows`, `train.engine: batched`, the default) and torch.func per-sample gradients
+(`rows.MaterializedRows`, `train.engine: reference`); everything else is written once.
+
+The privacy argument rests on three facts checked by the tests:
+  * each sample's gradient over everything that is privatized is clipped to norm C, so adding or removing
+    one record changes its client's clipped sum by at most C and no other client's at all;
+  * Gaussian noise N(0, sigma^2 C^2) is added to every privatized coordinate of every client, also when its
     Poisson batch is empty (the step is still released and charged);
-  * the sum is divided by the *expected* batch size q * n_declared, a public constant: dividing
-    by the realized batch size (or a true client size) would leak it.
+  * each client's sum is divided by its *expected* batch size q * n_declared, a public constant: dividing by
+    the realized batch size (or a true client size) would leak it.
+
+What leaves the block is sum_i w_i * (client i's noisy Phi gradient + its post-noise terms), w_i public (the
+aggregation rule's weight of client i: its Eq. 10 weight under `grad`, 1 for a block of one that steps its own
+Phi). With M > 1 the weights and the normalizers are folded into the row weights, so no per-client Phi sum is
+ever formed; with M = 1 the client's sum is divided by q * n_declared as written.
 """
 from __future__ import annotations
 
 import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from torch.func import functional_call, grad, vmap
 
-from .model import (CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, ClientView, merf_mmd, mmd_bandwidths, multi_kernel,
-                    project_codes, sample_synthetic)
+from .block import ClientBlock
+from .engine import GhostRows, ghost_refusal
+from .model import (CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, merf_mmd, mmd_bandwidths, multi_kernel, project_codes,
+                    sample_synthetic)
+from .rows import Batch, MaterializedRows, NoRows, Rows, per_sample_grads
 
-# diagnostics carried per step: sums over the client's batch (outside the guarantee)
+__all__ = ["DIAG_KEYS", "BLOCKS", "PER_SAMPLE", "DPStep", "Draw", "Sums", "PendingBatch", "StepRelease", "NoiseSpec",
+           "add_noise", "add_noise_and_scale", "block_of", "clip_and_sum", "clip_factor", "noise_blocks",
+           "per_sample_grads", "poisson_sample", "sample_norms", "scale"]
+
+# diagnostics carried per step: sums over the block's rows (outside the guarantee)
 DIAG_KEYS = ("nll_sum", "kl_sum", "batch", "clipped", "mmd", "clients")
+BLOCKS = ("private", "phi")  # the client's own coordinates (psi_i, v_i) and Phi's
+# train.engine -> the form of the per-sample stage
+PER_SAMPLE = {"batched": "ghost", "reference": "materialized"}
+PHASES = ("sample", "forward", "backward", "norms", "clip", "noise", "post", "optimizer")
+_SERIAL = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on the calling thread
+
+
+# ------------------------------------------------------------------------------------------ the arithmetic
 
 
 def poisson_sample(n: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Indices of a Poisson batch: each record taken independently with probability `rate`."""
     return torch.nonzero(torch.rand(n, generator=generator) < rate, as_tuple=False).flatten()
-
-
-def per_sample_grads(module: torch.nn.Module, names: list[str], inputs: tuple, shared: tuple = ()):
-    """Per-sample gradients of `module(*inputs_j, *shared)` w.r.t. the parameters in `names`.
-
-    `inputs` are batched along dim 0 (one slice per sample); `shared` is passed unbatched to
-    every sample (e.g. the reparameterization noise of a synthetic batch). The module returns
-    (loss, aux) for a batch of one; aux is a tuple of per-sample diagnostics.
-    Returns ({name: (B, *shape)}, aux batched along dim 0).
-    """
-    params = {n: p.detach() for n, p in module.named_parameters()}
-    trainable = {n: params[n] for n in names}
-    frozen = {n: p for n, p in params.items() if n not in trainable}
-
-    def loss_one(tp, *args):
-        k = len(inputs)
-        batched = tuple(a.unsqueeze(0) for a in args[:k])
-        loss, aux = functional_call(module, {**frozen, **tp}, batched + tuple(args[k:]))
-        return loss.sum(), tuple(a.sum() for a in aux)
-
-    in_dims = (None,) + (0,) * len(inputs) + (None,) * len(shared)
-    grads, aux = vmap(grad(loss_one, has_aux=True), in_dims=in_dims)(trainable, *inputs, *shared)
-    return grads, aux
 
 
 def sample_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -66,12 +72,12 @@ def sample_norms(grads: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def clip_factor(norms: torch.Tensor, clip_norm: float) -> torch.Tensor:
-    """min(1, C / (||g_j|| + 1e-6)) per sample: the one clip factor (the reference step and the batched engine)."""
+    """min(1, C / (||g_j|| + 1e-6)) per sample: the one clip factor."""
     return (clip_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
 def clip_and_sum(grads: dict[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scale each sample's joint gradient to norm <= C and sum over the batch.
+    """Scale each sample's joint gradient to norm <= C and sum over the batch (the baselines' step).
     Returns the clipped sums and the per-sample norms (before clipping)."""
     norms = sample_norms(grads)
     factor = clip_factor(norms, clip_norm)
@@ -83,9 +89,6 @@ class NoiseSpec:
     noise_multiplier: float
     clip_norm: float
     expected_batch: float  # q * n_declared: public
-
-
-BLOCKS = ("private", "phi")  # the client's own coordinates (psi_i, v_i) and Phi's
 
 
 def noise_blocks(sigma) -> dict:
@@ -103,9 +106,8 @@ def block_of(name: str) -> str:
 
 
 def add_noise(summed: dict[str, torch.Tensor], *, std, generator: torch.Generator) -> dict:
-    """sum + N(0, std^2 I) per parameter, drawn in sorted parameter order so that the noise drawn from a
-    reproducible generator is the same on every world size. `std` is one value or {name: std}; a
-    parameter whose std is 0 draws nothing."""
+    """sum + N(0, std^2 I) per parameter, drawn in sorted parameter order (the baselines' noise; the DP step
+    draws the same way, see DPStep.add_noise). `std` is one value or {name: std}; std 0 draws nothing."""
     out = {}
     for name in sorted(summed):
         s = summed[name]
@@ -123,246 +125,394 @@ def scale(noisy: dict[str, torch.Tensor], expected_batch: float) -> dict:
 
 
 def add_noise_and_scale(summed: dict[str, torch.Tensor], *, spec: NoiseSpec, generator: torch.Generator):
-    """(sum + N(0, sigma^2 C^2 I)) / (q n_declared), in a fixed parameter order so that the noise
-    drawn from a reproducible generator is the same on every world size."""
+    """(sum + N(0, sigma^2 C^2 I)) / (q n_declared), in a fixed parameter order."""
     return scale(add_noise(summed, std=spec.noise_multiplier * spec.clip_norm, generator=generator), spec.expected_batch)
+
+
+# ------------------------------------------------------------------------------------------ what a step holds
+
+
+@dataclass
+class Draw:
+    """One client's draws of one step before any record is used."""
+    idx: torch.Tensor  # the realized Poisson batch: indices into the client's data
+    eps: torch.Tensor  # (len(idx), d_z) reparameterization noise, one row per sampled record
+    syn: tuple = ()  # literal MMD: the synthetic batch's (labels, latent noise, output noise); else ()
+
+
+@dataclass
+class Sums:
+    """A block's sums of one step: every client's over its own coordinates, and the block's Phi sum."""
+    enc: list  # (M, *shape) per encoder parameter
+    code: torch.Tensor  # (M, d_v)
+    phi: torch.Tensor  # (P,) fp64: sum_i a_i * (client i's sum over Phi), a_i the step's public coefficients
+    layout: tuple  # ((Phi parameter name, shape), ...) in the order of `phi`: public
+
+    def clone(self) -> "Sums":
+        return Sums([t.detach().clone() for t in self.enc], self.code.detach().clone(), self.phi.detach().clone(),
+                    self.layout)
+
+
+@dataclass
+class PendingBatch:
+    """The step of every client of a block computed up to the noise (`DPStep.prepare`). Nothing in it has been
+    released."""
+    hyper: object
+    gens: list  # the clients' generators: they continue with the noise draws
+    draws: list  # Draw per client
+    sums: Sums  # privatized: clipped pre-noise sums; paper mode's psi_i, v_i and privacy off: plain sums
+    norms: Optional[torch.Tensor]  # per-row norms before clipping (None without privacy)
+    diag: torch.Tensor
+    strict: bool
+
+    def payload(self) -> list:
+        """What the ledger's digest covers: the block's pre-noise Phi sum (the only Phi value that leaves the
+        block) and, in strict mode, every client's clipped sums over psi_i and v_i (its private state's input)."""
+        return [self.sums.phi] + (list(self.sums.enc) + [self.sums.code] if self.strict else [])
+
+
+@dataclass
+class StepRelease:
+    phi: torch.Tensor  # (P,) fp64: sum_i w_i (noisy Phi gradient of client i + its post-noise terms), Phi's order
+    diag: torch.Tensor  # len(DIAG_KEYS)
 
 
 # ------------------------------------------------------------------------------------------ the step
 
 
-@dataclass
-class StepOutput:
-    phi_grad: dict[str, torch.Tensor]  # keyed by HyperNetwork parameter name
-    diag: torch.Tensor  # len(DIAG_KEYS)
-
-
-@dataclass
-class PendingStep:
-    """One client's DP step computed up to the noise. Nothing in it has been released."""
-    generator: torch.Generator  # continues with the noise draws (the same order as one uninterrupted step)
-    view: ClientView
-    all_names: list
-    phi_names: list
-    batch: tuple  # (x, y, eps)
-    syn: tuple
-    expected: float  # q * declared size: public
-    summed: dict  # privatized: the clipped pre-noise sums; non-private: the plain gradients (already scaled)
-    diag: torch.Tensor
-    idx: Optional[torch.Tensor] = None  # indices (into the client's data) of the realized batch
-
-    def payload(self) -> list:
-        """The pre-noise payload, in a fixed order (what the ledger's digest covers)."""
-        return [self.summed[n] for n in sorted(self.summed)]
-
-
-def project_code(code: torch.Tensor, radius: float) -> None:
-    project_codes(code, radius)
-
-
 class DPStep:
-    """THE reference DP step of one client; `Client.prepare_step` / `release_step` / `step` run it.
+    """THE DP step of a block of clients. ``weights[i]`` is client i's public weight w_i in what leaves the
+    block; ``per_sample`` the form of the per-sample stage ("ghost" or "materialized"; "ghost" falls back to
+    "materialized", said in ``note``, for a loss the ghost rows cannot compute).
 
     Two drivers, so that the trainer's release guard can stand between them:
 
-    * :meth:`prepare` (nothing released, no state changed): :meth:`sample` (Poisson coins, then the
-      reparameterization noise, then the literal-MMD synthetic noise, all from the step's generator)
-      -> :meth:`payload` = :meth:`clip_and_accumulate` of :meth:`per_sample_grads` (privatized
-      parameters: strict mode psi_i, v_i and Phi jointly, paper mode Phi) -> a :class:`PendingStep`;
-      without privacy the payload is the plain batch gradient (:meth:`plain_grads`).
-    * :meth:`release`: :meth:`add_noise` -> :meth:`scale` -> :meth:`released` -> (paper mode: the
-      un-noised psi_i, v_i gradients) -> :meth:`post_noise` (terms that touch no private data) ->
-      :meth:`local_update` of psi_i and v_i -> the :class:`StepOutput` that leaves the client.
+    * :meth:`prepare` (nothing released, no state changed): :meth:`sample` (per client: Poisson coins, then the
+      reparameterization noise, then the literal-MMD synthetic noise, from the client's generator) ->
+      :meth:`per_sample` (the rows' gradients) -> :meth:`clip_and_accumulate` (strict: psi_i, v_i and Phi
+      jointly; paper: Phi; privacy off: plain sums) -> a :class:`PendingBatch`.
+    * :meth:`release`: :meth:`add_noise` -> :meth:`scale` -> :meth:`released` -> :meth:`post_noise` (terms
+      that touch no private data) -> :meth:`local_update` of every client's psi_i and v_i -> the
+      :class:`StepRelease` that leaves the block.
 
-    Every stage is a method a subclass may override (like the stages of Opacus' DP optimizer); the
-    drivers fix their order and the generator's draw order (coins, eps, synthetic noise, DP noise in
-    sorted parameter order, post-noise synthetic noise), which any override must keep for its
-    release to stay reproducible. Overrides in this code base: the white-box audit's canaries
-    (per_sample_grads) and its sabotages (clip_and_accumulate, add_noise), in ``fedhypevae.audit``;
-    the sensitivity check's neighbouring data set, exposed payload and replayed history (sample,
-    payload, released, local_update), in ``fedhypevae.privacy.sensitivity``. Override stages, not the
-    drivers. DPStep itself holds no state (subclasses may carry settings): everything it reads and
-    updates is the client's (``self.client``). The batched engine (``fedhypevae.engine``) is a second,
-    vectorized implementation of this mechanism, checked equal to it by tests/test_engine.py.
+    Every stage is a method a subclass may override (like the stages of Opacus' DP optimizer); the drivers fix
+    their order and each generator's draw order (coins, eps, synthetic noise, DP noise in sorted parameter
+    order, post-noise synthetic noise), which any override must keep for its release to stay reproducible.
+    Overrides in this code base: the white-box audit's canaries (per_sample) and sabotages
+    (clip_and_accumulate, add_noise) in ``fedhypevae.audit``; the sensitivity check's neighbouring data set,
+    replayed history and negative controls (sample, released, local_update, per_sample) in
+    ``fedhypevae.privacy.sensitivity``. Override stages, not the drivers. The step holds no client state:
+    everything it reads and updates is the block's.
     """
 
-    def __init__(self, client):
-        self.client = client
+    def __init__(self, block: ClientBlock, *, weights, per_sample: str = "ghost"):
+        if per_sample not in ("ghost", "materialized"):
+            raise ValueError(f"per_sample must be ghost or materialized; got {per_sample!r}")
+        self.block, self.cfg = block, block.cfg
+        self.weights = torch.tensor([float(w) for w in weights], dtype=torch.float64)
+        if self.weights.shape != (block.M,):
+            raise ValueError(f"{block.M} clients need {block.M} weights; got {len(self.weights)}")
+        self.note = ghost_refusal(self.cfg) if per_sample == "ghost" else None
+        self.per_sample_kind = "materialized" if self.note else per_sample
+        # Phi's sum is sum_i a_i * sum_i(client), then divided by phi_divisor: with one client the division by
+        # q * n_declared is written as such; with more, w_i / (q n_i) is folded into the row weights
+        if block.M == 1:
+            self.phi_coef, self.phi_divisor = self.weights.clone(), float(block.expected[0])
+        else:
+            self.phi_coef, self.phi_divisor = self.weights / block.expected, 1.0
+        self.timings = {k: 0.0 for k in PHASES}
+        self.profile = False  # per-phase timings (synchronizes CUDA between phases when on)
+        # clients' noise is drawn by this many Python threads (serial kernels: no OpenMP oversubscription)
+        self.noise_threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                        else (os.cpu_count() or 1)))
+        self._pool: Optional[ThreadPoolExecutor] = None
+        self._noise_key = None  # cached noise buffers and per-client views (see _noise)
+
+    @property
+    def clients(self) -> list:
+        return self.block.clients
 
     # -- drivers --------------------------------------------------------------------------------------
-    def prepare(self, hyper, generator: torch.Generator) -> PendingStep:
-        """Everything up to the noise: coins, per-sample gradients, clipping, the sum. No state changes."""
-        c = self.client
-        p = c.cfg.privacy
-        g = generator
-        idx, eps, syn = self.sample(g)
-        view = self.view(hyper)
-        all_names = [n for n, _ in view.named_parameters()]
-        phi_names = [n for n in all_names if n.startswith(PHI_PREFIX)]
-        expected = p.sample_rate * c.declared_size  # public normalizer
+    def prepare(self, hyper, round_: int, step: int, *, epoch: int = 0, gens: Optional[list] = None) -> PendingBatch:
+        """Every client's step up to the noise: coins, per-sample gradients, clipping, the sums. No state changes.
+        `gens`: the clients' generators (default: their own streams for (round, step, epoch))."""
+        block, p = self.block, self.cfg.privacy
+        block.ensure_bound()
+        with self._phase("sample"):
+            gens = gens if gens is not None else block.generators(round_, step, epoch)
+            draws = self.sample(gens)
+            batch = self.batch(draws)
+        rows = self.per_sample(hyper, batch)
+        sums, norms = self.clip_and_accumulate(rows)
         diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
-        diag[DIAG_KEYS.index("batch")] = len(idx)
-        diag[DIAG_KEYS.index("clients")] = 1.0
-        batch = (c.x[idx], c.y[idx], eps)
-        if p.enabled:
-            names = all_names if p.mode == "strict" else phi_names
-            summed, norms, (nll, kl) = self.payload(view, names, batch, syn)
-            diag[DIAG_KEYS.index("clipped")] = float((norms > p.clip_norm).sum())
-        else:
-            summed, (nll, kl) = self.plain_grads(view, all_names, batch, syn, expected)
-        diag[DIAG_KEYS.index("nll_sum")] = float(nll)
-        diag[DIAG_KEYS.index("kl_sum")] = float(kl)
-        return PendingStep(g, view, all_names, phi_names, batch, syn, expected, summed, diag, idx)
+        diag[DIAG_KEYS.index("batch")] = sum(len(d.idx) for d in draws)
+        diag[DIAG_KEYS.index("clients")] = block.M
+        diag[DIAG_KEYS.index("nll_sum")] = rows.nll_sum
+        diag[DIAG_KEYS.index("kl_sum")] = rows.kl_sum
+        if norms is not None and len(batch.y):
+            diag[DIAG_KEYS.index("clipped")] = float((norms[:len(batch.y)] > p.clip_norm).sum())
+        return PendingBatch(hyper, gens, draws, sums, norms, diag, p.enabled and p.mode == "strict")
 
-    def release(self, pending: PendingStep, *, sigma: float, features) -> StepOutput:
-        """Noise, the post-noise terms and the local update of psi_i and v_i; returns what leaves the client."""
-        p = self.client.cfg.privacy
-        g, view, all_names, phi_names = pending.generator, pending.view, pending.all_names, pending.phi_names
-        diag = pending.diag
-        if p.enabled:
-            noisy = self.scale(self.add_noise(pending.summed, sigma=sigma, generator=g), pending.expected)
-            noisy = self.released(pending, noisy)
-            if p.mode == "paper":
-                # Eq. 8 literally: psi_i and v_i follow the un-noised batch gradient (not a formal guarantee)
-                noisy.update(self.plain_grads(view, [n for n in all_names if n not in phi_names], pending.batch,
-                                              pending.syn, pending.expected)[0])
-        else:
-            noisy = dict(pending.summed)
-
+    def release(self, pending: PendingBatch, *, sigma, features=None) -> StepRelease:
+        """Noise, the post-noise terms and every client's local update of psi_i and v_i; returns what leaves the
+        block. `sigma`: one noise multiplier, or one per block (`noise_blocks`)."""
+        with self._phase("noise"):
+            noisy = pending.sums
+            if self.cfg.privacy.enabled:
+                noisy = self.add_noise(noisy, sigma=sigma, gens=pending.gens)
+            noisy = self.scale(noisy)
+        noisy = self.released(pending, noisy)
         # terms that do not touch private data are added after the noise (post-processing)
-        post, mmd_value = self.post_noise(view, g, features)
-        diag[DIAG_KEYS.index("mmd")] = mmd_value
-        post_names = [CODE_NAME] + phi_names
-        post_grads = torch.autograd.grad(post, [dict(view.named_parameters())[n] for n in post_names], allow_unused=True)
-        for n, pg in zip(post_names, post_grads):
-            if pg is not None:
-                noisy[n] = noisy[n] + pg
+        with self._phase("post"):
+            gv, gphi, mmd = self.post_noise(pending.hyper, pending.gens, features)
+        phi = noisy.phi + gphi if gphi is not None else noisy.phi.clone()
+        with self._phase("optimizer"):
+            self.local_update(noisy.enc, noisy.code + gv)
+        diag = pending.diag.clone()
+        diag[DIAG_KEYS.index("mmd")] = mmd
+        return StepRelease(phi, diag)
 
-        self.local_update(noisy)
-        phi = {n[len(PHI_PREFIX):]: noisy[n] for n in phi_names}
-        return StepOutput(phi, diag)
+    def step(self, hyper, round_: int, step: int, *, sigma, features=None, epoch: int = 0) -> StepRelease:
+        return self.release(self.prepare(hyper, round_, step, epoch=epoch), sigma=sigma, features=features)
 
     # -- prepare's stages ------------------------------------------------------------------------------
-    def sample(self, generator: torch.Generator) -> tuple:
-        """(idx, eps, syn): the realized Poisson batch (indices into the client's data), its
-        reparameterization noise (one row per sampled record) and, for the literal MMD term, the
-        synthetic batch's noise (else ()). Drawn on the CPU from the step's generator in this order
-        (the same numbers on any device). Override to change the realized batch (the sensitivity
-        check's D minus one record: the same coins, one record fewer)."""
-        c = self.client
-        m = c.cfg.model
-        idx = poisson_sample(len(c.y), c.cfg.privacy.sample_rate, generator).to(c.device)
-        eps = torch.randn(len(idx), m.latent_dim, generator=generator).to(c.device)
-        syn = self.synthetic_noise(generator) if self.literal_mmd() else ()
-        return idx, eps, syn
+    def sample(self, gens: list) -> list:
+        """Per client a :class:`Draw`: its realized Poisson batch, the reparameterization noise (one row per
+        sampled record) and, for the literal MMD term, the synthetic batch's noise; drawn on the CPU from the
+        client's generator in this order (the same numbers on any device). Override to change the realized
+        batch (the sensitivity check's D minus one record: the same coins, one record fewer)."""
+        m, q = self.cfg.model, self.cfg.privacy.sample_rate
+        literal = self.literal_mmd()
+        out = []
+        for n, g in zip(self.block.sizes, gens):
+            idx = poisson_sample(n, q, g)
+            eps = torch.randn(len(idx), m.latent_dim, generator=g)
+            out.append(Draw(idx, eps, self.synthetic_noise(g) if literal else ()))
+        return out
 
-    def view(self, hyper) -> ClientView:
-        """The client's model (psi_i, v_i) on `hyper` as one module whose loss the step differentiates."""
-        c, m = self.client, self.client.cfg.model
-        return ClientView(c.encoder, c.code, hyper, literal_mmd=(m.lambda_mmd, self.bandwidths()) if self.literal_mmd() else None)
+    def batch(self, draws: list) -> Batch:
+        """The rows of the draws, concatenated client-major (not a stage: bookkeeping)."""
+        b = self.block
+        counts = [len(d.idx) for d in draws]
+        ct = torch.tensor(counts, dtype=torch.long)
+        gidx = (torch.cat([d.idx for d in draws]) + torch.repeat_interleave(b.offsets_t, ct)).to(b.device)
+        syn = [tuple(t.to(b.device) for t in d.syn) for d in draws]
+        return Batch.build(b.X.index_select(0, gidx), b.Y.index_select(0, gidx),
+                           torch.cat([d.eps for d in draws]).to(b.device), counts, b.device, syn)
 
-    def payload(self, view: ClientView, names: list, batch: tuple, syn: tuple):
-        """The pre-noise payload over the privatized parameters `names`: (clipped sums, per-sample norms
-        before clipping, (nll sum, kl sum) over the records). Composes :meth:`per_sample_grads` and
-        :meth:`clip_and_accumulate`; override those for a change inside the mechanism, this one to
-        replace the payload whole (the sensitivity check's negative controls)."""
-        grads, (nll, kl) = self.per_sample_grads(view, names, batch, syn)
-        summed, norms = self.clip_and_accumulate(grads)
-        return summed, norms, (nll.sum().item(), kl.sum().item())
+    def per_sample(self, hyper, batch: Batch) -> Rows:
+        """The rows' per-sample gradients (`rows.Rows`): ghost norms or torch.func. Override to add rows that
+        go through clipping and noise like records (the audit's canaries) or to change the inputs (a
+        negative control)."""
+        if len(batch.y) == 0:
+            return NoRows(self.block, hyper)
+        if self.per_sample_kind == "ghost":
+            return GhostRows(self.block, hyper, batch, per_sample=self.cfg.privacy.enabled, phase=self._phase)
+        with self._phase("backward"):
+            literal = (self.cfg.model.lambda_mmd, self.bandwidths()) if self.literal_mmd() else None
+            return MaterializedRows(self.block, hyper, batch, literal_mmd=literal)
 
-    def per_sample_grads(self, view: ClientView, names: list, batch: tuple, syn: tuple):
-        """({name: (B, *shape)}, (nll (B,), kl (B,))): one gradient row per record of the batch (B = 0
-        for an empty Poisson batch: it still releases noise and counts as a step). Override to add
-        rows that go through clipping and noise like records (the audit's gradient canaries); the aux
-        stays the records'."""
-        if len(batch[0]) == 0:
-            params = dict(view.named_parameters())
-            empty = {n: params[n].new_zeros((0,) + tuple(params[n].shape)) for n in names}
-            return empty, (torch.zeros(0), torch.zeros(0))
-        return per_sample_grads(view, names, batch, syn)
+    def clip_and_accumulate(self, rows: Rows) -> tuple[Sums, Optional[torch.Tensor]]:
+        """(sums, norms): every row clipped to its joint norm <= C over what is privatized and accumulated per
+        client; norms before clipping. This is what bounds one record's influence by C."""
+        p = self.cfg.privacy
+        if not p.enabled:
+            return self.accumulate(rows, None), None
+        with self._phase("norms"):
+            norms = rows.norms(p.mode == "strict")
+        return self.accumulate(rows, clip_factor(norms, p.clip_norm)), norms
 
-    def clip_and_accumulate(self, grads: dict) -> tuple:
-        """(sums, norms): every row clipped to joint norm <= C and summed over the batch; norms before
-        clipping. This is what bounds one record's influence by C."""
-        if next(iter(grads.values())).shape[0] == 0:
-            return {n: g.new_zeros(g.shape[1:]) for n, g in grads.items()}, torch.zeros(0)
-        return clip_and_sum(grads, self.client.cfg.privacy.clip_norm)
-
-    def plain_grads(self, view: ClientView, names: list, batch: tuple, syn: tuple, expected: float):
-        """(grads, (nll sum, kl sum)): the un-noised, unclipped batch gradient over `names`, divided by
-        the public normalizer: the whole step without privacy, psi_i and v_i in paper mode."""
-        params = dict(view.named_parameters())
-        if len(batch[0]) == 0:
-            return {n: torch.zeros_like(params[n]) for n in names}, (0.0, 0.0)
-        loss, (nll, kl) = view(*batch, *syn)
-        grads = torch.autograd.grad(loss.sum() / expected, [params[n] for n in names], allow_unused=True)
-        out = {n: (g if g is not None else torch.zeros_like(params[n])) for n, g in zip(names, grads)}
-        return out, (nll.sum().item(), kl.sum().item())
+    def accumulate(self, rows: Rows, c: Optional[torch.Tensor]) -> Sums:
+        """The sums of the rows weighted by the factors `c` (None: unweighted). Strict mode weights the client's
+        own coordinates too; paper mode and privacy off sum them plainly. Bookkeeping of the clip stage."""
+        p = self.cfg.privacy
+        with self._phase("clip"):
+            strict = p.enabled and p.mode == "strict"
+            enc, code = rows.private_sums(c if strict else None)
+            coef = self.phi_coef.to(device=self.block.device, dtype=torch.float32).index_select(0, rows.cidx)
+            phi = rows.phi_sum(coef if c is None else coef * c).double().cpu()
+        return Sums(enc, code, phi, tuple((n, tuple(t.shape)) for n, t in rows.hyper.named_parameters()))
 
     # -- release's stages ------------------------------------------------------------------------------
-    def add_noise(self, summed: dict, *, sigma, generator: torch.Generator) -> dict:
-        """sum + N(0, sigma^2 C^2 I) on every privatized coordinate (sorted parameter order; also for
-        an empty batch). `sigma` is one multiplier or one per block (`noise_blocks`: the client's own
-        coordinates and Phi's, as the aggregation rule places them). Override only to change the noise
-        (the audit's no-noise sabotage)."""
-        blocks, C = noise_blocks(sigma), self.client.cfg.privacy.clip_norm
-        return add_noise(summed, std={n: blocks[block_of(n)] * C for n in summed}, generator=generator)
+    def add_noise(self, sums: Sums, *, sigma, gens: list) -> Sums:
+        """sum + N(0, sigma^2 C^2 I) on every privatized coordinate of every client (strict: psi_i, v_i and Phi;
+        paper: Phi), also for an empty batch: drawn from the client's own generator in sorted parameter order,
+        one `normal_` per tensor of its shape. `sigma` is one multiplier or one per block (`noise_blocks`: the
+        client's own coordinates and Phi's, as the aggregation rule places them). Override only to change the
+        noise (the audit's no-noise sabotage)."""
+        p = self.cfg.privacy
+        blocks, C = noise_blocks(sigma), p.clip_norm
+        std = blocks["private"] * C if p.mode == "strict" else 0.0
+        std_phi = blocks["phi"] * C
+        names = [CODE_NAME] + [ENCODER_PREFIX + n for n in self.block.enc_names] if std > 0 else []
+        names += [PHI_PREFIX + n for n, _ in sums.layout] if std_phi > 0 else []
+        if not names:
+            return sums
+        enc_noise, code_noise, phi_noise = self._noise(gens, names, self.phi_coef * std_phi, sums.layout)
+        dev = self.block.device
+        enc, code = sums.enc, sums.code
+        if std > 0:
+            enc = [s.add(enc_noise[ENCODER_PREFIX + n].to(dev), alpha=std) for n, s in zip(self.block.enc_names, enc)]
+            code = code.add(code_noise.to(dev), alpha=std)
+        return Sums(enc, code, sums.phi + phi_noise, sums.layout)
 
-    def scale(self, noisy: dict, expected: float) -> dict:
-        """Divide by the public normalizer q * n_declared."""
-        return scale(noisy, expected)
+    def scale(self, noisy: Sums) -> Sums:
+        """Divide every client's sums by its public normalizer q * n_declared (never the realized batch size)."""
+        e = self.block.expected.to(self.block.device)
 
-    def released(self, pending: PendingStep, noisy: dict) -> dict:
-        """The noisy privatized values the rest of the step continues from (the post-noise terms are
-        added to them and the local update follows them): these, unchanged. Override to observe them,
-        or to substitute a given released history (the sensitivity check on D minus one record)."""
+        def per_client(t):
+            return t / e.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
+
+        phi = noisy.phi / self.phi_divisor if self.phi_divisor != 1.0 else noisy.phi
+        return Sums([per_client(t) for t in noisy.enc], per_client(noisy.code), phi, noisy.layout)
+
+    def released(self, pending: PendingBatch, noisy: Sums) -> Sums:
+        """The noisy values the rest of the step continues from (the post-noise terms are added to them and the
+        local update follows them): these, unchanged. Override to observe them, or to substitute a given
+        released history (the sensitivity check on D minus one record)."""
         return noisy
 
-    def post_noise(self, view: ClientView, generator: torch.Generator, features):
-        """(loss, mmd value): lambda_v ||v||^2 plus the data-free part of the MMD term (the
-        synthetic-synthetic kernel mean, literal; the distance to this client's DP mean embeddings,
-        merf). Post-processing: no private record enters; its synthetic noise comes from the step's
-        generator after the DP noise."""
-        c = self.client
-        m = c.cfg.model
-        loss = m.lambda_v * view.code.pow(2).sum()
+    def post_noise(self, hyper, gens: list, features):
+        """(d/dv_i, sum_i w_i d/dPhi, summed value of the MMD term) of lambda_v ||v_i||^2 plus the data-free part
+        of the MMD term (literal: the synthetic-synthetic kernel mean; merf: the distance to the client's DP mean
+        embeddings), batched over clients with the model's own `sample_synthetic` and `merf_mmd`.
+        Post-processing: no private record enters; the synthetic noise comes from each client's generator
+        after the DP noise."""
+        m, block = self.cfg.model, self.block
+        V = block.codes.detach().clone().requires_grad_(True)
+        loss = m.lambda_v * V.pow(2).sum(1)
         if m.lambda_mmd <= 0:
-            return loss, 0.0
-        syn_y, syn_z, syn_x = self.synthetic_noise(generator)
-        hyper = view.hyper
-        x_hat = sample_synthetic(hyper, hyper.decoder_modulation(view.code), hyper.prior_features(view.code), syn_y, syn_z, syn_x)
-        if m.mmd_kind == "literal":
-            mmd = multi_kernel(x_hat, x_hat, self.bandwidths()).mean()
+            (gv,) = torch.autograd.grad(loss.sum(), [V])
+            return gv, None, 0.0
+        literal = m.mmd_kind == "literal"
+        if not literal and (features is None or block.mmd_target is None):
+            raise ValueError("model.lambda_mmd > 0 (merf) needs the random features and every client's released "
+                             "mean embeddings (Trainer._release_mmd_embeddings) before the first step")
+        syn = [self.synthetic_noise(g) for g in gens]
+        syn_y = syn[0][0].to(block.device)
+        syn_z = torch.stack([s[1] for s in syn]).to(block.device)
+        syn_x = torch.stack([s[2] for s in syn]).to(block.device)
+        params = [p for _, p in hyper.named_parameters()]
+        mods = [(d[:, None], db[:, None]) for d, db in hyper.decoder_modulation(V)]  # (M, 1, r): one row per client
+        x_hat = sample_synthetic(hyper, mods, hyper.prior_features(V)[:, None], syn_y, syn_z, syn_x)  # (M, n, d_x)
+        if literal:
+            mmd = multi_kernel(x_hat, x_hat, self.bandwidths()).mean((-2, -1))
         else:
-            mmd = merf_mmd(features, x_hat.reshape(c.num_classes, m.mmd_synthetic_per_class, -1), c.mmd_target,
-                           c.mmd_weights)
-        return loss + m.lambda_mmd * mmd, float(mmd.detach())
+            spc = m.mmd_synthetic_per_class
+            mmd = merf_mmd(features, x_hat.reshape(block.M, block.K, spc, -1), block.mmd_target, block.mmd_weights)
+        post = loss + m.lambda_mmd * mmd
+        (gv,) = torch.autograd.grad(post.sum(), [V], retain_graph=True)
+        gphi = torch.autograd.grad((post * self.weights.to(post.dtype).to(post.device)).sum(), params, allow_unused=True)
+        flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gphi, params)])
+        return gv, flat.double().cpu(), float(mmd.detach().sum())
 
-    def local_update(self, grads: dict) -> None:
-        """psi_i and v_i step with their (noisy in strict mode) gradients; they never leave the client."""
-        c = self.client
-        for n, p in c.encoder.named_parameters():
-            p.grad = grads[ENCODER_PREFIX + n].detach()
-        c.code.grad = grads[CODE_NAME].detach()
-        c.enc_opt.step()
-        c.code_opt.step()
-        c.enc_opt.zero_grad(set_to_none=True)
-        c.code_opt.zero_grad(set_to_none=True)
-        project_code(c.code, c.cfg.model.code_radius)
+    def local_update(self, enc_grads: list, code_grad: torch.Tensor) -> None:
+        """Every client's psi_i and v_i step with their (noisy in strict mode) gradients, with its own Adam (the
+        stacked form); they never leave the rank. Then the code's projection onto its ball."""
+        b = self.block
+        b.adam(b.enc_params, enc_grads, b.enc_m, b.enc_v, b.enc_steps, b.enc_hp)
+        b.adam([b.codes], [code_grad], [b.code_m], [b.code_v], b.code_steps, b.code_hp)
+        project_codes(b.codes, self.cfg.model.code_radius)
+
+    def _noise(self, gens: list, names: list, phi_coef: torch.Tensor, layout: tuple):
+        """Every client's N(0, 1) draws for the privatized parameters `names`, in sorted-name order, one `normal_`
+        per tensor of that tensor's shape (`add_noise`'s calls), on the CPU. Returns the stacked encoder and code
+        noise (M, ...) and sum_i phi_coef_i * noise_i over Phi (fp64). Clients draw from their own generators, so
+        blocks of clients run in parallel threads (`noise_threads`); the fp64 partial sums are combined in a
+        fixed order. Buffers and the per-client views into them are kept between steps (for small models the
+        Python calls dominate)."""
+        b, M = self.block, self.block.M
+        offsets, P = {}, 0
+        for n, shape in layout:
+            offsets[n] = P
+            P += math.prod(shape)
+        workers = max(1, min(self.noise_threads, M))
+        key = (tuple(sorted(names)), layout, workers)
+        if self._noise_key != key:
+            self._noise_key = key
+            dt = torch.float32
+            enc_noise = {ENCODER_PREFIX + n: torch.empty(t.shape, dtype=dt) for n, t in zip(b.enc_names, b.enc_params)
+                         if ENCODER_PREFIX + n in names}
+            code_noise = torch.empty(tuple(b.codes.shape), dtype=dt) if CODE_NAME in names else None
+            shapes = dict(layout)
+            bounds = [round(k * M / workers) for k in range(workers + 1)]
+            rows = [torch.empty(P, dtype=dt) for _ in range(workers)]
+            views = []
+            for w in range(workers):
+                for i in range(bounds[w], bounds[w + 1]):
+                    vi = []
+                    for name in key[0]:
+                        if name.startswith(PHI_PREFIX):
+                            n = name[len(PHI_PREFIX):]
+                            vi.append(rows[w][offsets[n]:offsets[n] + math.prod(shapes[n])].view(shapes[n]))
+                        else:
+                            vi.append(code_noise[i] if name == CODE_NAME else enc_noise[name][i])
+                    views.append(vi)
+            accs = [torch.zeros(P, dtype=torch.float64) for _ in range(workers)]
+            wides = [torch.empty(min(P, _SERIAL), dtype=torch.float64) for _ in range(workers)]
+            self._noise_buf = (enc_noise, code_noise, bounds, rows, views, accs, wides)
+        enc_noise, code_noise, bounds, rows, views, accs, wides = self._noise_buf
+        coef = phi_coef.tolist()
+        with_phi = any(n.startswith(PHI_PREFIX) for n in key[0])  # else the rows are never drawn: nothing to add
+
+        def block(w: int) -> None:
+            row, acc, wide = rows[w], accs[w], wides[w]
+            acc.zero_()
+            for i in range(bounds[w], bounds[w + 1]):
+                g = gens[i]
+                for t in views[i]:
+                    t.normal_(generator=g)
+                if not with_phi:
+                    continue
+                # fp64 accumulation over clients, in pieces below ATen's parallel grain size: these
+                # threads must not each start an OpenMP team (oversubscription on few cores)
+                for lo in range(0, P, _SERIAL):
+                    hi = min(P, lo + _SERIAL)
+                    part = wide[:hi - lo]
+                    part.copy_(row[lo:hi])
+                    acc[lo:hi].add_(part, alpha=coef[i])
+
+        if workers == 1:
+            block(0)
+        else:
+            if self._pool is None or self._pool._max_workers != workers:
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedhypevae-noise")
+            list(self._pool.map(block, range(workers)))
+        total = accs[0].clone()
+        for part in accs[1:]:
+            total.add_(part)
+        return enc_noise, code_noise, total
 
     # -- helpers ----------------------------------------------------------------------------------------
     def literal_mmd(self) -> bool:
-        m = self.client.cfg.model
+        m = self.cfg.model
         return m.lambda_mmd > 0 and m.mmd_kind == "literal"
 
     def bandwidths(self) -> list[float]:
-        return mmd_bandwidths(self.client.cfg.model, self.client.x.shape[1])
+        return mmd_bandwidths(self.cfg.model, self.block.X.shape[1])
 
     def synthetic_noise(self, generator: torch.Generator) -> tuple:
-        """(labels, latent noise, output noise) of the synthetic batch, from the step's generator."""
-        c = self.client
-        m, K = c.cfg.model, c.num_classes
+        """(labels, latent noise, output noise) of one client's synthetic batch, from its generator (CPU)."""
+        m, K = self.cfg.model, self.block.K
         n = m.mmd_synthetic_per_class * K
         syn_y = torch.arange(K).repeat_interleave(m.mmd_synthetic_per_class)
-        return (syn_y.to(c.device), torch.randn(n, m.latent_dim, generator=generator).to(c.device),
-                torch.randn(n, c.x.shape[1], generator=generator).to(c.device))
+        return syn_y, torch.randn(n, m.latent_dim, generator=generator), torch.randn(n, self.block.X.shape[1], generator=generator)
+
+    @contextmanager
+    def _phase(self, name: str):
+        if not self.profile:
+            yield
+            return
+        cuda = self.block.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.block.device)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize(self.block.device)
+            self.timings[name] += time.perf_counter() - t
+
+    def reset_timings(self) -> None:
+        self.timings = {k: 0.0 for k in PHASES}

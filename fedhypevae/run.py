@@ -51,7 +51,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
     budget left, or a stop signal)."""
     cfg = tr.cfg
     codes = cfg.meta.codes
-    sigma = tr.plan.sigma_stats if tr.plan is not None else 0.0
+    sigma = tr.plan.noise_multiplier(CLASS_STATS) if tr.plan is not None else 0.0
     K, cov = tr.fed.num_classes, cfg.stats.covariance
     sums = [class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance=cov) for c in tr.clients]
     d = tr.guarded_release(CLASS_STATS, sigma, 1.0, "stats", lambda epoch: sums,
@@ -235,7 +235,7 @@ def _run(tr: Trainer, cfg: Config, resume: bool) -> dict:
                             ("config.yaml", "results.json", "metrics.jsonl", "events.jsonl", "tb", "hypernetwork.pt",
                              "synthetic.npz", "checkpoints", "ledger")}
         extra["stats_release"] = {"clip_norm": clip, "covariance": cfg.stats.covariance,
-                                  "noise_multiplier": tr.plan.sigma_stats if tr.plan else 0.0,
+                                  "noise_multiplier": tr.plan.noise_multiplier(CLASS_STATS) if tr.plan else 0.0,
                                   "released": moments is not None}
     elif moments is None:
         missing.append("meta-code: not fitted (no class statistics)")

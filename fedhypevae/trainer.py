@@ -40,8 +40,8 @@ from .aggregation import make_aggregation
 from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
 from .data import build_federation, is_shard_dir, read_manifest
-from .dp_step import BLOCKS, DPStep, noise_blocks
-from .engine import BatchedEngine, engine_fallback_reason
+from .block import ClientBlock
+from .dp_step import BLOCKS, PER_SAMPLE, DPStep, noise_blocks
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork, mmd_bandwidths
@@ -89,13 +89,6 @@ class Decision:
     free: bool = False  # an identical replay: nothing new released, nothing charged
 
 
-def runs_reference_step(client: Client) -> bool:
-    """Whether a client runs the plain DPStep through Client's own step methods (what the engine vectorizes)."""
-    cls = type(client)
-    return client.step_type is DPStep and all(getattr(cls, m) is getattr(Client, m)
-                                               for m in ("prepare_step", "release_step", "step"))
-
-
 def planned_steps(cfg: Config) -> int:
     return cfg.train.rounds * cfg.train.local_steps
 
@@ -105,26 +98,24 @@ def step_key(r: int, s: int) -> str:
 
 
 def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
+    """The run's privacy plan from its list of mechanisms with their budget proportions: DP-SGD first (calibrated
+    against the composed history, it takes what the one-shot releases leave), then the class statistics and,
+    with the merf MMD term, the mean embeddings. A new mechanism is one more entry in `one_shot`."""
     p = cfg.privacy
     if not p.enabled:
         return None
-    if math.isinf(p.target_epsilon):
-        # no budget: every mechanism gets the fixed noise multiplier (0: no noise anywhere, the "sigma = 0"
-        # reference, with no guarantee); the run then reports the epsilon that noise gives
-        sigma = p.noise_multiplier or 0.0
-        mechs = [Mechanism(DP_SGD, sigma, p.sample_rate, planned_steps(cfg)), Mechanism(CLASS_STATS, sigma, 1.0, 1)]
-        if use_mmd:
-            mechs.append(Mechanism(MMD_EMBEDDINGS, sigma, 1.0, 1))
-        planned = epsilon_of(mechs, delta=p.delta, accountant=p.accountant)
-        return PrivacyPlan(sigma=sigma, sigma_stats=sigma, sigma_mmd=sigma if use_mmd else None, sample_rate=p.sample_rate,
-                           steps=planned_steps(cfg), delta=p.delta, accountant=p.accountant,
-                           target_epsilon=p.target_epsilon, planned_epsilon=planned, mechanisms=mechs)
-    # the run's mechanisms with their budget proportions: DP-SGD first (calibrated against the composed
-    # history, it takes what the one-shot releases leave); a new mechanism is one more entry here
     one_shot = [(CLASS_STATS, p.stats_epsilon_fraction)]
     if use_mmd:
         one_shot.append((MMD_EMBEDDINGS, p.mmd_epsilon_fraction))
     shares = run_shares(sample_rate=p.sample_rate, steps=planned_steps(cfg), one_shot=one_shot)
+    if math.isinf(p.target_epsilon):
+        # no budget: every mechanism gets the fixed noise multiplier (0: no noise anywhere, the "sigma = 0"
+        # reference, with no guarantee); the run then reports the epsilon that noise gives
+        sigma = p.noise_multiplier or 0.0
+        mechs = [Mechanism(s.name, sigma, s.sample_rate, s.releases) for s in shares]
+        return PrivacyPlan(sigma=sigma, sample_rate=p.sample_rate, steps=planned_steps(cfg), delta=p.delta,
+                           accountant=p.accountant, target_epsilon=p.target_epsilon,
+                           planned_epsilon=epsilon_of(mechs, delta=p.delta, accountant=p.accountant), mechanisms=mechs)
     return privacy_plan(shares, target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
                         noise_multiplier=p.noise_multiplier)
 
@@ -346,28 +337,43 @@ class Trainer:
         else:
             self._release_mmd_embeddings()
             self.save_checkpoint()  # round 0: the one-shot releases are never redone
-        self._setup_engine()
+        self._steps: Optional[list] = None  # the DP step of every block of this rank (built at the first step)
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         opt_cls = torch.optim.Adam if self.cfg.train.optimizer == "adam" else torch.optim.SGD
         return opt_cls(self.hyper.parameters(), lr=self.cfg.train.lr)
 
-    def _setup_engine(self) -> None:
-        """train.engine=batched: one batched computation for all clients of this rank (after any
-        restore, so that it stacks the restored client states); some settings need the reference."""
-        self.engine: Optional[BatchedEngine] = None
-        self.engine_note: Optional[str] = None
-        if self.cfg.train.engine != "batched":
-            return
-        reason = engine_fallback_reason(self.cfg)  # the rule's own batched_engine flag among the reasons
-        own = sorted({type(c).__name__ for c in self.clients if not runs_reference_step(c)})
-        if reason is None and own:  # the engine is the vectorized DPStep: a client's own step must not be bypassed
-            reason = f"clients of {', '.join(own)} run their own DP step (a step_type or step methods of their own)"
-        if reason is not None:
-            self.engine_note = f"train.engine=batched fell back to the reference loop: {reason}"
-            return
-        self.engine = BatchedEngine(self.clients, self.cfg, weights=[self.weights[c.id] for c in self.clients],
-                                    device=self.torch_device)
+    @property
+    def steps(self) -> list:
+        """The DP step (`dp_step.DPStep`, the class each client names in `step_type`) of every block of this
+        rank's clients. The aggregation rule groups the clients into blocks (one block of all of them under
+        `grad`; one per client where each steps its own copy of Phi); clients whose step classes differ are in
+        different blocks. Built at the first step, after any restore, so that the blocks stack the restored
+        state; `rebuild_steps` after a client's step class changed."""
+        if self._steps is None:
+            per_sample = PER_SAMPLE[self.cfg.train.engine]
+            agg = self.aggregation
+            self._steps = []
+            for group in agg.blocks(self.clients):
+                block = ClientBlock(group, self.cfg, device=self.torch_device)
+                self._steps.append(group[0].step_type(block, weights=[agg.release_weight(c) for c in group],
+                                                      per_sample=per_sample))
+        return self._steps
+
+    def rebuild_steps(self) -> None:
+        self._steps = None
+
+    @property
+    def engine(self) -> str:
+        """The per-sample form the steps run: batched (ghost norms) or reference (torch.func)."""
+        forms = {st.per_sample_kind for st in self.steps}
+        return "batched" if forms == {"ghost"} else "reference"
+
+    @property
+    def engine_note(self) -> Optional[str]:
+        notes = sorted({st.note for st in self.steps if st.note})
+        return ("train.engine=batched computes per-sample gradients with torch.func for this configuration: "
+                + "; ".join(notes)) if notes else None
 
     def _check_out_dir(self) -> None:
         check_output_dir(self.out)
@@ -455,7 +461,7 @@ class Trainer:
     def _release_mmd_embeddings(self) -> None:
         if self.features is None:
             return
-        sigma = self.plan.sigma_mmd if self.plan is not None else 0.0
+        sigma = self.plan.noise_multiplier(MMD_EMBEDDINGS) if self.plan is not None else 0.0
         sums = [c.mmd_sums(self.features) for c in self.clients]  # pre-noise: no coins, the same on every epoch
         d = self.guarded_release(MMD_EMBEDDINGS, sigma, 1.0, "mmd", lambda epoch: sums,
                                  lambda pend: [t for pair in pend for t in pair])
@@ -528,20 +534,13 @@ class Trainer:
         """A Phi gradient by parameter name as one float64 host vector (parameter order)."""
         return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names]).cpu()  # host buffer
 
-    def _prepare_step(self, r: int, s: int, epoch: int):
-        """Every hosted client's step up to the noise: the engine's batch, or one PendingStep per client."""
-        if self.engine is not None:  # only for a rule with batched_engine (never delta)
-            if self.hooks.timing:
-                self.engine.profile = True  # per-phase engine timings for whoever times the phases
-            with self.hooks.timed("engine"):
-                return self.engine.prepare(self.hyper, r, s, epoch=epoch)
-        agg = self.aggregation
-        return [c.prepare_step(agg.step_hyper(c), r, s, epoch=epoch) for c in self.clients]
-
-    def _step_payload(self, pending) -> list:
-        if self.engine is not None:
-            return pending.payload()
-        return [t for p in pending for t in p.payload()]
+    def _prepare_step(self, r: int, s: int, epoch: int) -> list:
+        """Every block's step up to the noise (one PendingBatch per block)."""
+        agg, steps = self.aggregation, self.steps
+        for st in steps:
+            st.profile = self.hooks.timing  # per-phase step timings for whoever times the phases
+        with self.hooks.timed("engine"):
+            return [st.prepare(agg.step_hyper(st.block), r, s, epoch=epoch) for st in steps]
 
     def step_noise(self) -> tuple:
         """(the noise multiplier per block, the multiplier the ledger charges) for a DP-SGD step.
@@ -561,21 +560,17 @@ class Trainer:
         cfg, agg, hooks = self.cfg, self.aggregation, self.hooks
         blocks, sigma = self.step_noise()
         d = self.guarded_release(DP_SGD, sigma, cfg.privacy.sample_rate, step_key(r, s),
-                                 lambda epoch: self._prepare_step(r, s, epoch), self._step_payload, stoppable=True)
+                                 lambda epoch: self._prepare_step(r, s, epoch),
+                                 lambda pend: [t for p in pend for t in p.payload()], stoppable=True)
         if d.status != "released":
             return d.status
         buf = agg.new_step_buffer(len(DIAG_KEYS))  # [the rule's block | the diagnostics]
         W = agg.step_width
-        if self.engine is not None:
+        for st, pend in zip(self.steps, d.pending):
             with hooks.timed("engine"):
-                phi, diag = self.engine.release(d.pending, sigma=blocks, features=self.features)
-            agg.add_batched(buf, phi)
-            buf[W:] += diag if self.send_diagnostics else len(self.clients) * self._public_diag
-        else:
-            for c, pend in zip(self.clients, d.pending):
-                out = c.release_step(pend, sigma=blocks, features=self.features)
-                agg.add_client(buf, c, out.phi_grad)
-                buf[W:] += out.diag if self.send_diagnostics else self._public_diag
+                rel = st.release(pend, sigma=blocks, features=self.features)
+            agg.add_release(buf, st.block, rel.phi)
+            buf[W:] += rel.diag if self.send_diagnostics else st.block.M * self._public_diag
         reduced = agg.reduce_step(buf)  # the one collective of a step
         with hooks.timed("phi_update"):
             agg.apply_step(reduced)
@@ -731,7 +726,7 @@ class Trainer:
             "diagnostics_outside_guarantee": bool(p.diagnostics),
         }
         training = {"rounds": self.state.round, "stopped_early": self.state.stopped,
-                    "engine": "batched" if self.engine is not None else "reference",
+                    "engine": self.engine,
                     "engine_note": self.engine_note,
                     "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")}}
         if self.send_diagnostics:  # wall times depend on batch sizes: diagnostics

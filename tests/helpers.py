@@ -63,3 +63,41 @@ def rel_diff(a: dict, b: dict) -> float:
         assert x.shape == y.shape, k
         worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-12)))
     return worst
+
+
+def clipped_sums(clients, cfg, hyper, xs, ys, es, *, mode: str, clip_norm: float, per_sample: str = "ghost"):
+    """Per client: the clipped, pre-noise sums {ClientView name: tensor} of the privatized parameters (strict:
+    encoder, code and Phi; paper: Phi) of the given rows, and the per-sample norms, from the DP step's rows
+    (`per_sample`: ghost or materialized) on a block of `clients`."""
+    from fedhypevae.block import ClientBlock
+    from fedhypevae.dp_step import clip_factor
+    from fedhypevae.engine import GhostRows
+    from fedhypevae.model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX
+    from fedhypevae.rows import Batch, MaterializedRows, NoRows
+
+    block = ClientBlock(clients, cfg)
+    counts = [len(y) for y in ys]
+    b = Batch.build(torch.cat(xs), torch.cat(ys), torch.cat(es), counts, block.device)
+    if sum(counts) == 0:
+        rows = NoRows(block, hyper)
+    else:
+        rows = GhostRows(block, hyper, b) if per_sample == "ghost" else MaterializedRows(block, hyper, b)
+    strict = mode == "strict"
+    norms = rows.norms(strict)
+    c = clip_factor(norms, clip_norm)
+    enc, code = rows.private_sums(c) if strict else (None, None)
+    res, per_norms = [], []
+    names = [n for n, _ in hyper.named_parameters()]
+    for i in range(block.M):
+        flat = rows.phi_sum(c * (b.cidx == i).to(c.dtype))
+        d, off = {}, 0
+        for n, p in hyper.named_parameters():
+            d[PHI_PREFIX + n] = flat[off:off + p.numel()].view_as(p)
+            off += p.numel()
+        assert list(d) == [PHI_PREFIX + n for n in names]
+        if strict:
+            d.update({ENCODER_PREFIX + n: t[i] for n, t in zip(block.enc_names, enc)})
+            d[CODE_NAME] = code[i]
+        res.append(d)
+        per_norms.append(norms[b.cidx == i])
+    return res, per_norms

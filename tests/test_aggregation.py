@@ -39,7 +39,7 @@ def doubled():
 def test_a_rule_registered_outside_the_trainer_is_the_one_it_uses(tmp_path, doubled, engine):
     tr = trained(tiny("train.lr=0.01", f"train.engine={engine}", "federation.aggregation=test-grad-x2"), tmp_path / "x2")
     assert isinstance(tr.aggregation, doubled)
-    assert (tr.engine is not None) == (engine == "batched")
+    assert tr.engine == engine
     # SGD: a doubled gradient is a doubled learning rate, bit for bit (scaling by 2 is exact)
     twice_lr = trained(tiny("train.lr=0.02", f"train.engine={engine}"), tmp_path / "lr2")
     once = trained(tiny("train.lr=0.01", f"train.engine={engine}"), tmp_path / "lr1")
@@ -48,21 +48,23 @@ def test_a_rule_registered_outside_the_trainer_is_the_one_it_uses(tmp_path, doub
     assert not torch.allclose(tr.flat_phi(tr.hyper), once.flat_phi(once.hyper), rtol=1e-4, atol=1e-6)
 
 
-def test_an_unknown_rule_and_a_rule_without_the_batched_engine(tmp_path):
+def test_an_unknown_rule_and_a_rule_whose_clients_step_their_own_phi(tmp_path):
     cfg = tiny()
     cfg.federation.aggregation = "no-such-rule"
     with pytest.raises(ConfigError, match="no-such-rule"):
         Trainer(cfg, tmp_path / "a", progress=False)
 
     @register_aggregation("test-delta-copy")
-    class DeltaCopy(DeltaAggregation):  # a per-client-Phi rule the engine_fallback_reason list does not know
+    class DeltaCopy(DeltaAggregation):  # a per-client-Phi rule defined outside the package
         pass
 
     try:
         cfg = tiny("train.engine=batched", "train.rounds=1")
         cfg.federation.aggregation = "test-delta-copy"
         tr = trained(cfg, tmp_path / "b")
-        assert tr.engine is None and "test-delta-copy" in tr.engine_note
+        # its blocks (one per client, each on its own copy of Phi) run the ghost-norm rows like every rule
+        assert tr.engine == "batched" and tr.engine_note is None
+        assert [st.block.ids for st in tr.steps] == [[c.id] for c in tr.clients]
         ref = trained(tiny("federation.aggregation=delta", "train.rounds=1"), tmp_path / "c")
         assert torch.equal(tr.flat_phi(tr.hyper), ref.flat_phi(ref.hyper))
     finally:
@@ -110,7 +112,7 @@ def test_per_block_noise_is_placed_by_the_rule_on_both_engines_and_the_smaller_m
             for e in ("batched", "reference")}
     sigma = plain["batched"].sigma
     for e, tr in runs.items():
-        assert (tr.engine is not None) == (e == "batched")
+        assert tr.engine == e
         assert tr.state.steps == plain[e].state.steps > 0
         assert dp_sgd_sigmas(tr) == {min(private, phi) * sigma}, e  # the ledger charges the smaller multiplier
         assert dp_sgd_sigmas(plain[e]) == {sigma}
@@ -145,12 +147,12 @@ def test_hooks_fire_in_order_and_the_timers_see_every_phase(tmp_path, aggregatio
             expected += [("step_begin", r, s), ("step_end", r, s)]
         expected.append(("round_end", r, 2.0 * (r + 1)))
     assert events == expected
-    phases = {"guard", "ledger", "all_reduce", "phi_update", "accounting"} | ({"engine"} if tr.engine else set())
-    assert aggregation == "delta" or tr.engine is not None  # tiny's default engine is batched
+    phases = {"guard", "ledger", "all_reduce", "phi_update", "accounting", "engine"}
+    assert tr.engine == "batched"  # tiny's default engine, under either rule
     assert phases <= set(seconds) <= set(TIMED_PHASES)
     assert all(seconds[k] > 0 for k in phases), seconds
-    if tr.engine is not None:
-        assert tr.engine.profile and tr.engine.timings["forward"] > 0  # the engine's own phases, while timed
+    for st in tr.steps:  # the DP step's own phases, while timed
+        assert st.profile and st.timings["forward"] > 0 and st.timings["noise"] > 0
     with pytest.raises(ValueError, match="step_begin"):
         tr.hooks.on("step_start", print)
 

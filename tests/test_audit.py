@@ -87,15 +87,16 @@ def _twin(tr):
 def _armed_twin(tr, sabotage, included):
     twin = _twin(tr)
     m = len(included)
-    twin.arm(phi_shapes=[(n, tuple(p.shape)) for n, p in tr.hyper.named_parameters()], coords=torch.arange(m),
-             signs=torch.ones(m), included=included, seed=0, sabotage=sabotage)
+    twin.arm(phi_numel=tr.phi_numel, coords=torch.arange(m), signs=torch.ones(m), included=included, seed=0,
+             sabotage=sabotage)
     return twin
 
 
-def test_canary_client_without_canaries_is_client_step(tmp_path):
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_canary_client_without_canaries_is_client_step(tmp_path, engine):
     """The audited client is the real client: with no canary in the batch it releases exactly what
-    Client.step releases."""
-    cfg = load_config("audit", ["train.rounds=1"] + (["train.engine=reference"] if hasattr(load_config("audit").train, "engine") else []))
+    Client.step releases (either form of the per-sample stage)."""
+    cfg = load_config("audit", ["train.rounds=1", f"train.engine={engine}"])
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
     c = tr.clients[0]
@@ -109,10 +110,11 @@ def test_canary_client_without_canaries_is_client_step(tmp_path):
     assert twin.appearances.sum() == 0
 
 
-def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path):
-    """Unarmed, a CanaryClient runs the reference step; armed, its step object is a CanaryStep whose
-    per-sample gradient stage adds the canaries, and each sabotage overrides one more stage."""
-    cfg = load_config("audit", ["train.rounds=1"] + (["train.engine=reference"] if hasattr(load_config("audit").train, "engine") else []))
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path, engine):
+    """Unarmed, a CanaryClient runs the plain step; armed, its step object is a CanaryStep whose per-sample
+    stage adds the canaries (on either form of that stage), and each sabotage overrides one more stage."""
+    cfg = load_config("audit", ["train.rounds=1", f"train.engine={engine}"])
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
     c = tr.clients[0]
@@ -127,10 +129,14 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path)
     pf, pn = full.prepare_step(copy.deepcopy(tr.hyper), 0, 0), none.prepare_step(copy.deepcopy(tr.hyper), 0, 0)
     k = int(full.appearances.sum())
     assert k > 10 and none.appearances.sum() == 0
+    offsets, off = {}, 0
+    for n, p in tr.hyper.named_parameters():
+        offsets[n] = (off, off + p.numel())
+        off += p.numel()
     for n in pn.summed:
         want = pn.summed[n].clone()
         if n.startswith("hyper."):
-            a, b = full.phi_offsets[n[len("hyper."):]]
+            a, b = offsets[n[len("hyper."):]]
             flat = want.view(-1)
             for j in full.appearances.nonzero().flatten().tolist():  # canary j sits on flat coordinate j, sign +1
                 if a <= j < b:
@@ -142,8 +148,8 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path)
 
     class Quiet(Client):
         class step_type(DPStep):
-            def add_noise(self, summed, *, sigma, generator):
-                return dict(summed)
+            def add_noise(self, sums, *, sigma, gens):
+                return sums
 
     ref = Quiet(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
                 declared_size=c.declared_size)
@@ -186,12 +192,16 @@ def test_the_white_box_audit_builds_the_canary_client_through_the_trainer(tmp_pa
 # ------------------------------------------------------------------------------------------ white-box
 
 
-def _audit(tmp_path, sabotage):
-    return run_audit(load_config("audit"), tmp_path / sabotage, sabotage=sabotage, progress=False)["audit"]
+def _audit(tmp_path, sabotage, engine="batched"):
+    a = run_audit(load_config("audit", [f"train.engine={engine}"]), tmp_path / sabotage, sabotage=sabotage,
+                  progress=False)["audit"]
+    assert a["engine"].startswith(engine)  # the audited step ran on this form of the per-sample stage
+    return a
 
 
-def test_white_box_audit_of_the_correct_step_stays_below_the_claim(tmp_path):
-    a = _audit(tmp_path, "none")
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_white_box_audit_of_the_correct_step_stays_below_the_claim(tmp_path, engine):
+    a = _audit(tmp_path, "none", engine)
     cfg = load_config("audit")
     plan = make_plan(cfg, use_mmd=False)
     # the audited mechanism is the real one: the sigma planned for the config's (eps, delta, q, steps)
@@ -206,8 +216,9 @@ def test_white_box_audit_of_the_correct_step_stays_below_the_claim(tmp_path):
     assert res["provenance"]["config_hash"] and res["audit"]["seeds"]["noise_seed"] == 1234
 
 
-def test_white_box_audit_catches_a_step_without_clipping(tmp_path):
-    a = _audit(tmp_path, "no-clip")
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_white_box_audit_catches_a_step_without_clipping(tmp_path, engine):
+    a = _audit(tmp_path, "no-clip", engine)
     assert a["claimed_epsilon"] <= 2.0 and a["max_epsilon_lower_bound"] > a["claimed_epsilon"]  # power check
     assert a["epsilon_lower_bound"] > a["claimed_epsilon"] and a["violation"]
 

@@ -71,7 +71,7 @@ def test_small_benchmark_writes_files_and_positive_figures(tmp_path):
 
 def test_the_benchmark_times_through_the_trainers_hooks_and_patches_nothing(tmp_path):
     """instrument() registers a timer on Trainer.hooks; no attribute of the trainer, its ledger or its
-    engine is replaced (the engine turns its own phase timings on while the trainer is timed)."""
+    DP steps is replaced (the steps turn their own phase timings on while the trainer is timed)."""
     from benchmarks.throughput import PHASE_KEYS, build_trainer, make_config, make_data, timed_round
 
     data = make_data(tmp_path / "d.npz", 12, 120, 3)
@@ -80,14 +80,14 @@ def test_the_benchmark_times_through_the_trainers_hooks_and_patches_nothing(tmp_
     from fedhypevae.trainer import Trainer
 
     tr, tm = build_trainer(cfg, tmp_path / "run", "cpu")
-    assert isinstance(tr, Trainer) and tr.engine is not None
+    assert isinstance(tr, Trainer) and tr.engine == "batched"
     own = {name: dict(vars(obj)) for name, obj in (("trainer", tr), ("ledger", tr.ledger))}
     row = timed_round(tr, tm, 0)
     for name, obj in (("trainer", tr), ("ledger", tr.ledger)):
         for k in ("fits", "charge", "_allreduce", "allreduce", "_apply_flat_grad", "epsilon_spent", "prepare", "release"):
             assert k not in vars(obj), (name, k)  # methods stay the class's
         assert set(own[name]) <= set(vars(obj))
-    assert "prepare" not in vars(tr.engine) and "release" not in vars(tr.engine)
+    assert all("prepare" not in vars(st) and "release" not in vars(st) for st in tr.steps)
     assert set(row["parts"]) == set(PHASE_KEYS)
     for k in ("ledger", "guard", "all_reduce", "phi_update", "forward", "noise"):
         assert positive(row["parts"][k]), k

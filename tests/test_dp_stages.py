@@ -1,7 +1,8 @@
-"""The DP step object (`dp_step.DPStep`): one reference step whose stages are overridable methods.
+"""The DP step object (`dp_step.DPStep`): one step whose stages are overridable methods.
 
-A stage override on a client's `step_type` is honoured by Client.step (what leaves the client) and
-by the sensitivity check, which drives the client's own step object rather than a copy of the step.
+A stage override on a client's `step_type` is honoured by Client.step (what leaves the client), by the
+trainer on either form of the per-sample stage (the client gets a block of its own) and by the sensitivity
+check, which drives the trainer's own step objects rather than a copy of the step.
 """
 import copy
 import dataclasses
@@ -11,7 +12,7 @@ import torch
 
 from fedhypevae.client import Client
 from fedhypevae.config import TrainConfig, load_config
-from fedhypevae.dp_step import DPStep, per_sample_grads
+from fedhypevae.dp_step import DPStep, noise_blocks, per_sample_grads
 from fedhypevae.privacy.sensitivity import SensitivityProbe, check_sensitivity, probe, trace_step
 from fedhypevae.rng import STREAM_STEP
 from fedhypevae.trainer import Trainer
@@ -20,13 +21,14 @@ HAS_ENGINE = any(f.name == "engine" for f in dataclasses.fields(TrainConfig))
 
 
 class NoNoise(DPStep):
-    def add_noise(self, summed, *, sigma, generator):
-        return dict(summed)
+    def add_noise(self, sums, *, sigma, gens):
+        return sums
 
 
 class Unclipped(DPStep):
-    def clip_and_accumulate(self, grads):
-        return {n: g.sum(0) for n, g in grads.items()}, torch.zeros(next(iter(grads.values())).shape[0])
+    def clip_and_accumulate(self, rows):
+        norms = rows.norms(self.cfg.privacy.mode == "strict")
+        return self.accumulate(rows, torch.ones_like(norms)), norms
 
 
 def make_client(step_type):
@@ -58,9 +60,9 @@ def twin(tr, cls=Client, i=0):
 
 def test_a_client_runs_its_own_step_object_and_a_copy_gets_its_own(setup):
     c = twin(setup)
-    assert type(c.dp_step) is DPStep and c.dp_step.client is c and c.dp_step is c.dp_step
+    assert type(c.dp_step) is DPStep and c.dp_step.block.clients == [c] and c.dp_step is c.dp_step
     d = copy.deepcopy(c)
-    assert d.dp_step.client is d
+    assert d.dp_step.block.clients[0] is d
     assert type(twin(setup, make_client(NoNoise)).dp_step) is NoNoise
 
 
@@ -76,7 +78,8 @@ def test_an_add_noise_override_makes_the_release_the_scaled_clipped_sum(setup):
     b = quiet.release_step(pb, sigma=tr.sigma, features=tr.features)
     assert tr.sigma > 0
     for n in b.phi_grad:
-        assert torch.equal(b.phi_grad[n], pb.summed["hyper." + n] / pb.expected), n
+        # the scale stage divides Phi's sum (fp64, the precision of what leaves a block) by q * n_declared
+        assert torch.equal(b.phi_grad[n], (pb.summed["hyper." + n].double() / pb.expected).float()), n
     assert any(not torch.equal(a.phi_grad[n], b.phi_grad[n]) for n in a.phi_grad)  # the default step adds noise
 
 
@@ -102,8 +105,8 @@ def test_the_sensitivity_trace_is_client_step_through_the_same_step_class(setup)
     for cls in (Client, make_client(NoNoise)):
         c, t = twin(tr, cls), twin(tr, cls)
         hc, ht = copy.deepcopy(tr.hyper), copy.deepcopy(tr.hyper)
-        step = probe(t)
-        assert isinstance(step, type(t.dp_step)) and isinstance(step, SensitivityProbe) and step.client is t
+        step = probe(t.dp_step)
+        assert isinstance(step, type(t.dp_step)) and isinstance(step, SensitivityProbe) and step.block.clients[0] is t
         for s in range(2):
             out = c.step(hc, 0, s, sigma=tr.sigma, features=tr.features)
             trace = trace_step(t, ht, t.rng.generator(STREAM_STEP, 0, s), sigma=tr.sigma, features=tr.features)
@@ -118,16 +121,20 @@ def test_the_sensitivity_trace_is_client_step_through_the_same_step_class(setup)
             assert torch.equal(a, b)
 
 
-def test_the_sensitivity_check_sees_a_stage_override_of_the_client(setup):
-    """No payload_fn: the check runs the client's own step, so a client whose clip stage does not clip
-    is reported, and the same client with the reference step is not."""
-    tr = setup
+def test_the_sensitivity_check_sees_a_stage_override_of_the_client(setup, tmp_path):
+    """The check runs the trainer's own step objects, so a client whose clip stage does not clip is reported,
+    and the same client with the plain step is not."""
     removals = [0, 3, 7, 11, 19]
-    kw = {"remove": removals, "steps": 3, "sigma": tr.sigma, "seed": 1, "features": tr.features}
-    ok = check_sensitivity(twin(tr), copy.deepcopy(tr.hyper), **kw)
+    kw = {"remove": removals, "steps": 3, "seed": 2}
+    ok = check_sensitivity(setup, setup.clients[0].id, **kw)
     assert ok.ok and any(r.in_batch for r in ok.rows)
-    bad = check_sensitivity(twin(tr, make_client(Unclipped)), copy.deepcopy(tr.hyper), **kw)
-    assert not bad.ok and bad.max_payload_diff > tr.cfg.privacy.clip_norm * 1.01
+    raw = Trainer(setup.cfg, tmp_path / "unclipped", progress=False, client_factory=make_client(Unclipped))
+    raw.setup()
+    assert type(raw.steps[0]) is Unclipped
+    bad = check_sensitivity(raw, raw.clients[0].id, **kw)
+    assert not bad.ok and bad.max_payload_diff > setup.cfg.privacy.clip_norm * 1.01
+    raw.ledger.close()
+    raw.writer.close()
 
 
 def test_an_empty_poisson_batch_releases_only_noise(setup):
@@ -147,22 +154,32 @@ def test_an_empty_poisson_batch_releases_only_noise(setup):
     assert all(torch.count_nonzero(v) == 0 for v in silent.phi_grad.values())
 
 
-def test_clients_with_their_own_step_make_the_trainer_use_the_reference_loop(tmp_path):
-    """The batched engine vectorizes the plain DPStep: a client whose step is overridden is never bypassed."""
+@pytest.mark.parametrize("engine", ["batched", "reference"])
+def test_a_client_with_its_own_step_gets_a_block_of_its_own_and_its_override_is_honoured(tmp_path, engine):
+    """Either form of the per-sample stage runs the client's own step class: nothing is bypassed."""
     class Louder(DPStep):
-        def add_noise(self, summed, *, sigma, generator):
-            return super().add_noise(summed, sigma=2 * sigma, generator=generator)
+        def add_noise(self, sums, *, sigma, gens):
+            return super().add_noise(sums, sigma={k: 2 * v for k, v in noise_blocks(sigma).items()}, gens=gens)
 
     class LoudClient(Client):
         step_type = Louder
 
-    cfg = load_config("tiny", ["train.rounds=1", "model.lambda_mmd=0", "train.engine=batched"])
-    tr = Trainer(cfg, tmp_path / "run", progress=False, client_factory=LoudClient)
-    tr.setup()
-    assert tr.engine is None and "LoudClient" in tr.engine_note and "own DP step" in tr.engine_note
+    cfg = load_config("tiny", ["train.rounds=1", "model.lambda_mmd=0", f"train.engine={engine}", "privacy.noise_seed=2"])
+    loud = Trainer(cfg, tmp_path / "loud", progress=False,
+                   client_factory=lambda data, **kw: (LoudClient if data.client_id == 1 else Client)(data, **kw))
     plain = Trainer(cfg, tmp_path / "plain", progress=False)
-    plain.setup()
-    assert plain.engine is not None and plain.engine_note is None
-    for t in (tr, plain):
+    for t in (loud, plain):
+        t.setup()
+    assert loud.engine == plain.engine == engine and loud.engine_note is None
+    assert [type(st) for st in loud.steps] == [DPStep, Louder] and loud.steps[1].block.ids == [1]
+    sigma, _ = plain.step_noise()
+    st = loud.steps[1]
+    pend = st.prepare(loud.hyper, 0, 0)  # the noise a release adds: release minus scaled payload (no MMD term)
+    twice = st.release(pend, sigma=sigma).phi - pend.sums.phi / st.phi_divisor
+    ref = DPStep(st.block, weights=st.weights.tolist(), per_sample=st.per_sample_kind)
+    pend = ref.prepare(plain.hyper, 0, 0)
+    once = ref.release(pend, sigma=sigma).phi - pend.sums.phi / ref.phi_divisor
+    torch.testing.assert_close(twice, 2 * once, rtol=1e-6, atol=1e-9)
+    for t in (loud, plain):
         t.ledger.close()
         t.writer.close()

@@ -1,7 +1,8 @@
-"""The batched engine against the torch.func reference: per-sample norms, clipped sums, noise, training.
+"""The DP step's ghost-norm rows (train.engine=batched) against the torch.func reference: per-sample norms,
+clipped sums, noise, training.
 
-The reference is `dp_step.per_sample_grads` + `clip_and_sum` on one client's `ClientView` (what
-`Client.step` releases before the noise) and `Client.step` itself inside the trainer.
+The reference is `dp_step.per_sample_grads` + `clip_and_sum` on one client's `ClientView`, and training with
+train.engine=reference (the same DP step with torch.func per-sample gradients).
 """
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import clipped_sums
+
+from fedhypevae.block import ClientBlock
 from fedhypevae.client import Client
 from fedhypevae.config import load_config
 from fedhypevae.data import ClientData
-from fedhypevae.dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads
-from fedhypevae.engine import BatchedEngine, engine_fallback_reason
+from fedhypevae.dp_step import DPStep, NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads
+from fedhypevae.engine import ghost_refusal
 from fedhypevae.errors import ConfigError
 from fedhypevae.model import ClientView, HyperNetwork
 from fedhypevae.rng import STREAM_STEP
@@ -87,12 +91,11 @@ CASES = {  # sizes of the clients' data, realized batch per client, hidden width
 def test_per_sample_norms_and_clipped_sums_match_the_torch_func_reference(case):
     mode, sizes, counts, hidden = CASES[case]
     cfg, clients, hyper = make(sizes, hidden=hidden, seed=len(case))
-    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
     xs, ys, es = batches(clients, counts, cfg.model.latent_dim)
     # C: the median per-sample norm, so that some samples are clipped and some are not
-    _, norms = eng.clipped_sums(hyper, xs, ys, es, mode=mode, clip_norm=1.0)
+    _, norms = clipped_sums(clients, cfg, hyper, xs, ys, es, mode=mode, clip_norm=1.0)
     C = float(torch.cat(norms).median())
-    sums, norms = eng.clipped_sums(hyper, xs, ys, es, mode=mode, clip_norm=C)
+    sums, norms = clipped_sums(clients, cfg, hyper, xs, ys, es, mode=mode, clip_norm=C)
     clipped = unclipped = 0
     for i, c in enumerate(clients):
         if counts[i] == 0:  # an empty batch: zero sums over every privatized parameter
@@ -114,16 +117,13 @@ def test_per_sample_norms_and_clipped_sums_match_the_torch_func_reference(case):
 def test_engine_noise_is_the_reference_draw_per_client(threads):
     """Same generator -> the same N(0, 1) numbers, parameter by parameter, as add_noise_and_scale."""
     cfg, clients, hyper = make([10, 10, 10], seed=3)
-    eng = BatchedEngine(clients, cfg, weights=[1.0, 1.0, 1.0])
-    eng.noise_threads = threads
+    st = DPStep(ClientBlock(clients, cfg), weights=[1.0, 1.0, 1.0])
+    st.noise_threads = threads
     view = ClientView(clients[1].encoder, clients[1].code, hyper)
     names = [n for n, _ in view.named_parameters()]
-    layout, off = {}, 0
-    for n, p in hyper.named_parameters():
-        layout[n] = (off, tuple(p.shape))
-        off += p.numel()
+    layout = tuple((n, tuple(p.shape)) for n, p in hyper.named_parameters())
     gens = [c.rng.generator(STREAM_STEP, 2, 1) for c in clients]
-    enc, code, phi = eng._noise(gens, names, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), layout, off)
+    enc, code, phi = st._noise(gens, names, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), layout)
     zeros = {n: torch.zeros_like(p) for n, p in view.named_parameters()}
     want = add_noise_and_scale(zeros, spec=NoiseSpec(1.0, 1.0, 1.0), generator=clients[1].rng.generator(STREAM_STEP, 2, 1))
     assert torch.equal(code[1], want["code"])
@@ -135,10 +135,11 @@ def test_engine_noise_is_the_reference_draw_per_client(threads):
 def test_every_client_releases_calibrated_noise_when_all_batches_are_empty():
     cfg, clients, hyper = make([20, 40, 30], dim=40, hidden=(32,), overrides=["privacy.sample_rate=1e-6"], seed=5)
     w = [0.2, 0.5, 0.3]
-    eng = BatchedEngine(clients, cfg, weights=w)
+    st = DPStep(ClientBlock(clients, cfg), weights=w)
     before = [p.detach().clone() for p in clients[2].encoder.parameters()]
     sigma = 1.5
-    phi, diag = eng.step(hyper, 0, 0, sigma=sigma, features=None)
+    rel = st.step(hyper, 0, 0, sigma=sigma, features=None)
+    phi, diag = rel.phi, rel.diag
     assert diag[2] == 0  # no sample in any batch
     # every Phi coordinate carries sum_i w_i N(0, (sigma C)^2) / (q n_i): that variance, not zero
     C, q = cfg.privacy.clip_norm, cfg.privacy.sample_rate
@@ -150,20 +151,20 @@ def test_every_client_releases_calibrated_noise_when_all_batches_are_empty():
 
 def test_client_state_dicts_are_per_client_copies_of_the_stacked_state():
     cfg, clients, hyper = make([15, 15, 15], seed=7)
-    eng = BatchedEngine(clients, cfg, weights=[1 / 3] * 3)
-    eng.step(hyper, 0, 0, sigma=1.0, features=None)
+    st = DPStep(ClientBlock(clients, cfg), weights=[1 / 3] * 3)
+    st.step(hyper, 0, 0, sigma=1.0, features=None)
     sd = clients[1].state_dict()
     tensors = [sd["code"], *sd["encoder"].values()]
-    for st in sd["enc_opt"]["state"].values():
-        tensors += [st["exp_avg"], st["exp_avg_sq"], st["step"]]
-        assert float(st["step"]) == 1.0
+    for state in sd["enc_opt"]["state"].values():
+        tensors += [state["exp_avg"], state["exp_avg_sq"], state["step"]]
+        assert float(state["step"]) == 1.0
     for t in tensors:  # own storage: a checkpoint never carries another client's state
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
-    torch.testing.assert_close(sd["code"], eng.codes[1])
+    torch.testing.assert_close(sd["code"], st.block.codes[1])
     # a client loading a state rebinds into the stacks at the next step
     clients[0].load_state_dict(sd)
-    eng.step(hyper, 0, 1, sigma=1.0, features=None)
-    assert clients[0].code.data_ptr() == eng.codes[0].data_ptr()
+    st.step(hyper, 0, 1, sigma=1.0, features=None)
+    assert clients[0].code.data_ptr() == st.block.codes[0].data_ptr()
 
 
 def phi_of(run: Path) -> torch.Tensor:
@@ -213,16 +214,25 @@ def test_resume_with_the_other_engine_matches_an_uninterrupted_run(tmp_path):
     assert rel(phi_of(tmp_path / "cut"), phi_of(tmp_path / "full")) <= REL
 
 
-def test_engine_setting_is_validated_and_unsupported_settings_fall_back(tmp_path):
+def test_engine_setting_is_validated_and_only_a_coupled_loss_needs_torch_func(tmp_path):
+    """Every rule runs on the ghost-norm rows (delta too: one block per client on its own Phi); only a per-sample
+    loss that couples rows (the literal MMD cross term) makes the step materialize its rows, and says so."""
     with pytest.raises(ConfigError, match="train.engine must be batched .* or reference"):
         load_config("tiny", ["train.engine=fast"])
-    assert engine_fallback_reason(load_config("tiny")) is None
-    cfg = load_config("tiny", ["federation.aggregation=delta", "train.rounds=1"])
-    assert "delta" in engine_fallback_reason(cfg)
-    assert "literal" in engine_fallback_reason(load_config("tiny", ["model.mmd_kind=literal"]))
+    assert ghost_refusal(load_config("tiny")) is None
+    assert ghost_refusal(load_config("tiny", ["federation.aggregation=delta"])) is None
+    assert "literal" in ghost_refusal(load_config("tiny", ["model.mmd_kind=literal"]))
+    tr = Trainer(load_config("tiny", ["federation.aggregation=delta", "train.rounds=1"]), tmp_path / "delta",
+                 progress=False)
+    tr.setup()
+    assert tr.engine == "batched" and tr.engine_note is None
+    assert [st.block.M for st in tr.steps] == [1] * len(tr.clients)  # each client steps its own copy of Phi
+    tr.ledger.close()
+    tr.writer.close()
+    cfg = load_config("tiny", ["model.mmd_kind=literal", "train.rounds=1"])
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
-    assert tr.engine is None and "fell back" in tr.engine_note
+    assert tr.engine == "reference" and "torch.func" in tr.engine_note and "literal" in tr.engine_note
     res = tr.finish({})
     assert json.loads((tmp_path / "run" / "results.json").read_text())["training"]["engine"] == "reference"
-    assert res["training"]["engine_note"].startswith("train.engine=batched fell back")
+    assert res["training"]["engine_note"].startswith("train.engine=batched computes per-sample gradients with torch.func")

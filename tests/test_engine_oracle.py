@@ -17,11 +17,14 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+from helpers import clipped_sums
+
 from fedhypevae import engine as engine_mod
+from fedhypevae.block import ClientBlock
 from fedhypevae.client import Client
 from fedhypevae.config import load_config
 from fedhypevae.data import ClientData
-from fedhypevae.engine import LAYER_TYPES, BatchedEngine, RecordingOps
+from fedhypevae.engine import LAYER_TYPES, RecordingOps
 from fedhypevae.model import ClientView, HyperNetwork
 
 REL = 2e-5
@@ -81,15 +84,14 @@ def oracle(client, hyper, x, y, eps, mode: str, C: float):
     return {n: torch.einsum("b,b...->...", factor, t) for n, t in g.items()}, norms
 
 
-def worst_mismatch(shape, mode: str) -> float:
+def worst_mismatch(shape, mode: str, per_sample: str = "ghost") -> float:
     """max over clients and parameters of the relative difference engine vs oracle (norms and clipped sums)."""
     cfg, clients, hyper = build(*shape)
-    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
     batches = draws(clients, [11, 4, 0], cfg.model.latent_dim)
     xs, ys, es = (list(t) for t in zip(*batches))
-    _, norms = eng.clipped_sums(hyper, xs, ys, es, mode=mode, clip_norm=1.0)
+    _, norms = clipped_sums(clients, cfg, hyper, xs, ys, es, mode=mode, clip_norm=1.0, per_sample=per_sample)
     C = float(torch.cat(norms).median())  # some samples clipped, some not
-    sums, norms = eng.clipped_sums(hyper, xs, ys, es, mode=mode, clip_norm=C)
+    sums, norms = clipped_sums(clients, cfg, hyper, xs, ys, es, mode=mode, clip_norm=C, per_sample=per_sample)
     worst, clipped, unclipped = 0.0, 0, 0
     for i, c in enumerate(clients):
         if len(ys[i]) == 0:
@@ -109,6 +111,12 @@ def worst_mismatch(shape, mode: str) -> float:
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_engine_equals_the_torch_func_oracle_for_every_model_shape(shape, mode):
     assert worst_mismatch(SHAPES[shape], mode) <= REL
+
+
+@pytest.mark.parametrize("mode", ["strict", "paper"])
+def test_the_materialized_rows_equal_the_oracle_too(mode):
+    """The DP step's other form of the per-sample stage (train.engine=reference) against the same oracle."""
+    assert worst_mismatch(SHAPES["depth3-gelu-heads3"], mode, per_sample="materialized") <= REL
 
 
 @pytest.mark.parametrize("kind", LAYER_TYPES)
@@ -148,9 +156,7 @@ def test_the_engine_names_no_parameter():
 
 @pytest.mark.parametrize("steps", [[0, 0, 0], [3, 0, 7]], ids=["equal-steps", "unequal-steps"])
 def test_stacked_adam_is_each_clients_torch_adam(steps):
-    """The engine's optimizer on (M, ...) stacks is torch.optim.Adam per client, also with unequal step counts."""
-    cfg, clients, _ = build((8,), 2, "silu")
-    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
+    """The block's optimizer on (M, ...) stacks is torch.optim.Adam per client, also with unequal step counts."""
     g = torch.Generator().manual_seed(5)
     params = [torch.randn(3, 4, 2, generator=g)]
     grads = [torch.randn(3, 4, 2, generator=g)]
@@ -165,16 +171,15 @@ def test_stacked_adam_is_each_clients_torch_adam(steps):
         p.grad = grads[0][i].clone()
         opt.step()
         want.append(p.detach())
-    eng._adam(params, grads, ms, vs, counts, {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-7})
+    ClientBlock.adam(params, grads, ms, vs, counts, {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-7})
     assert torch.equal(params[0], torch.stack(want))
     assert counts.flatten().tolist() == [s + 1 for s in steps]
 
 
 def _clipped(shape=((8,), 2, "silu")):
     cfg, clients, hyper = build(*shape)
-    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
     xs, ys, es = (list(t) for t in zip(*draws(clients, [5, 3, 2], cfg.model.latent_dim)))
-    return eng.clipped_sums(hyper, xs, ys, es, mode="strict", clip_norm=1.0)
+    return clipped_sums(clients, cfg, hyper, xs, ys, es, mode="strict", clip_norm=1.0)
 
 
 def test_a_parameter_used_twice_is_refused_not_under_clipped(monkeypatch):
@@ -198,7 +203,6 @@ def test_a_parameter_used_outside_the_layer_types_is_refused(monkeypatch):
 def test_a_non_elementwise_or_doubled_head_activation_is_refused():
     cfg, clients, hyper = build((8,), 2, "silu")
     hyper.h_omega[1] = torch.nn.Softmax(dim=-1)
-    eng = BatchedEngine(clients, cfg, weights=[1.0] * len(clients))
     xs, ys, es = (list(t) for t in zip(*draws(clients, [5, 3, 2], cfg.model.latent_dim)))
     with pytest.raises(ValueError, match="elementwise"):
-        eng.clipped_sums(hyper, xs, ys, es, mode="strict", clip_norm=1.0)
+        clipped_sums(clients, cfg, hyper, xs, ys, es, mode="strict", clip_norm=1.0)

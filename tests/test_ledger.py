@@ -35,13 +35,14 @@ def test_one_record_and_one_fsync_per_step_per_rank_written_before_the_release(t
     tr = Trainer(tiny("train.rounds=2"), out, progress=False)
     tr.setup()
     path = out / "ledger" / "rank_00000.jsonl"
-    real_release = tr.engine.release
+    (step,) = tr.steps
+    real_release = step.release
 
     def release(pending, **kw):  # at every release, its charge is already on disk
         released.append(sum(1 for r in lines(path) if r.get("mechanism") == DP_SGD))
         return real_release(pending, **kw)
 
-    tr.engine.release = release
+    step.release = release
     ledger_fsyncs = len(fsyncs)
     tr.train()
     assert released == [1, 2, 3, 4]

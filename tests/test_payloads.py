@@ -18,7 +18,9 @@ import torch
 
 from fedhypevae.client import DIAG_KEYS, Client
 from fedhypevae.config import TrainConfig, load_config
-from fedhypevae.privacy import DP_SGD, MMD_EMBEDDINGS, Mechanism, epsilon_of, release_class_stats
+from fedhypevae.block import ClientBlock
+from fedhypevae.dp_step import PER_SAMPLE, DPStep
+from fedhypevae.privacy import CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, epsilon_of, release_class_stats
 from fedhypevae.privacy.sensitivity import trace_step
 from fedhypevae.rng import STREAM_STATS_RELEASE, STREAM_STEP
 from fedhypevae.run import _flatten, run_training, stats_clip_norm
@@ -89,7 +91,7 @@ def replay(cfg, hosted: list, scratch, world_size: int):
     P = sum(t.numel() for t in hyper.parameters())
     delta_mode = cfg.federation.aggregation == "delta"
     out, private = [], []
-    one_shot = [Mechanism(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, 1)] if plan.sigma_mmd is not None else []
+    one_shot = [Mechanism(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, 1)] if plan.noise_multiplier(MMD_EMBEDDINGS) is not None else []
     if one_shot:  # the release guard's bits (budget, stop signal) before the MMD embeddings' release
         out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))
     steps = 0
@@ -113,6 +115,11 @@ def replay(cfg, hosted: list, scratch, world_size: int):
             out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))  # the release guard's bits
             buf = torch.zeros(P + D, dtype=torch.float64)
             unnoised = torch.zeros(P, dtype=torch.float64)
+            if not delta_mode:  # the un-noised release of the rank's block, in the block step's own arithmetic
+                twins = [copy.deepcopy(c) for c in clients]
+                quiet = DPStep(ClientBlock(twins, cfg), weights=[w[c.id] for c in clients],
+                               per_sample=PER_SAMPLE[cfg.train.engine])
+                private.append(quiet.step(copy.deepcopy(hyper), r, s, sigma=0.0, features=tr.features).phi)
             for c in clients:
                 h = local[c.id] if delta_mode else hyper
                 def g(c=c, r=r, s=s):
@@ -169,13 +176,13 @@ def replay(cfg, hosted: list, scratch, world_size: int):
     clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)
     sbuf = None
     for c in clients:
-        rel = release_class_stats(c.x, c.y, num_classes=tr.fed.num_classes, clip_norm=clip, noise_multiplier=plan.sigma_stats,
+        rel = release_class_stats(c.x, c.y, num_classes=tr.fed.num_classes, clip_norm=clip, noise_multiplier=plan.noise_multiplier(CLASS_STATS),
                                   covariance=cfg.stats.covariance, generator=c.rng.generator(STREAM_STATS_RELEASE))
         vec, _ = _flatten(rel)
         sbuf = vec.clone() if sbuf is None else sbuf + vec
     out.append(Expect("stats", "sum", sbuf))
     eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot
-                     + [Mechanism("class-stats", plan.sigma_stats, 1.0, 1)], delta=p.delta, accountant=p.accountant)
+                     + [Mechanism("class-stats", plan.noise_multiplier(CLASS_STATS), 1.0, 1)], delta=p.delta, accountant=p.accountant)
     out.append(Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)))
     return out, private
 
@@ -252,11 +259,15 @@ def test_every_buffer_is_a_declared_release_and_carries_no_private_value(tmp_pat
     assert check_payloads(comm.calls, expected, private) == []
 
 
-class LeakyClient(Client):
-    """Releases its un-noised clipped sum (sigma = 0) while the ledger is charged for sigma."""
+class LeakyStep(DPStep):
+    """Releases the un-noised clipped sum (sigma = 0) while the ledger is charged for sigma."""
 
-    def release_step(self, pending, *, sigma, features):
-        return super().release_step(pending, sigma=0.0, features=features)
+    def add_noise(self, sums, *, sigma, gens):
+        return super().add_noise(sums, sigma=0.0, gens=gens)
+
+
+class LeakyClient(Client):
+    step_type = LeakyStep
 
 
 def test_a_client_releasing_its_unnoised_sum_fails_the_checker(tmp_path):

@@ -107,7 +107,7 @@ def test_the_list_form_gives_plan_budgets_plan(use_mmd, noise_multiplier):
     assert joint.noise_multipliers == {m.name: m.noise_multiplier for m in old.mechanisms}
     new = privacy_plan(shares, target_epsilon=1.0, delta=DELTA, accountant="rdp", noise_multiplier=noise_multiplier)
     assert new.to_dict() == old.to_dict()
-    got = (old.sigma, old.sigma_stats, old.sigma_mmd, old.planned_epsilon)
+    got = (old.sigma, old.noise_multiplier(CLASS_STATS), old.noise_multiplier(MMD_EMBEDDINGS), old.planned_epsilon)
     for a, b in zip(got, PINNED[use_mmd, noise_multiplier]):
         assert a == b or a == pytest.approx(b, rel=1e-12)
 
@@ -124,6 +124,13 @@ def test_make_plan_builds_the_list_for_the_runs_config():
                           mmd_fraction=p.mmd_epsilon_fraction, use_stats=True, use_mmd=use_mmd,
                           noise_multiplier=p.noise_multiplier)
         assert make_plan(cfg, use_mmd=use_mmd).to_dict() == old.to_dict()
+        # an infinite target plans the same list of mechanisms, each at the fixed noise multiplier
+        free = load_config("tiny", ["privacy.target_epsilon=.inf", "privacy.noise_multiplier=1.5"])
+        plan = make_plan(free, use_mmd=use_mmd)
+        assert [(m.name, m.sample_rate, m.steps) for m in plan.mechanisms] == [
+            (m.name, m.sample_rate, m.steps) for m in make_plan(load_config("tiny"), use_mmd=use_mmd).mechanisms]
+        assert {m.noise_multiplier for m in plan.mechanisms} == {1.5} and plan.sigma == 1.5
+        assert plan.planned_epsilon == epsilon_of(plan.mechanisms, delta=p.delta, accountant=p.accountant)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -178,7 +185,8 @@ def test_calibrated_sigma_reaches_target(accountant, q, steps, target):
     eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, q, steps)], delta=DELTA, accountant=accountant)
     assert eps == pytest.approx(plan.planned_epsilon, rel=1e-9)
     assert target * (1 - 2e-3) <= eps <= target
-    assert plan.sigma_stats is None and plan.sigma_mmd is None and len(plan.mechanisms) == 1
+    assert plan.noise_multiplier(CLASS_STATS) is None and plan.noise_multiplier(MMD_EMBEDDINGS) is None
+    assert len(plan.mechanisms) == 1
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
@@ -187,11 +195,11 @@ def test_composed_plan_meets_target_and_split(accountant):
     eps = epsilon_of(plan.mechanisms, delta=DELTA, accountant=accountant)
     assert 1.0 * (1 - 2e-3) <= eps <= 1.0
     assert {m.name for m in plan.mechanisms} == {DP_SGD, CLASS_STATS, MMD_EMBEDDINGS}
-    alone_stats = epsilon_of([Mechanism(CLASS_STATS, plan.sigma_stats, 1.0, 1)], delta=DELTA, accountant=accountant)
-    alone_mmd = epsilon_of([Mechanism(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, 1)], delta=DELTA, accountant=accountant)
+    alone_stats = epsilon_of([Mechanism(CLASS_STATS, plan.noise_multiplier(CLASS_STATS), 1.0, 1)], delta=DELTA, accountant=accountant)
+    alone_mmd = epsilon_of([Mechanism(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, 1)], delta=DELTA, accountant=accountant)
     assert alone_stats == pytest.approx(0.1, rel=2e-2) and alone_stats <= 0.1
     assert alone_mmd == pytest.approx(0.2, rel=2e-2) and alone_mmd <= 0.2
-    assert plan.sigma_mmd < plan.sigma_stats
+    assert plan.noise_multiplier(MMD_EMBEDDINGS) < plan.noise_multiplier(CLASS_STATS)
     # the one-shot releases cost DP-SGD noise: its sigma is larger than with the whole budget
     alone = _plan(accountant=accountant, steps=100, use_stats=False, use_mmd=False)
     assert plan.sigma > alone.sigma
@@ -245,8 +253,8 @@ def test_one_shot_calibration_small_epsilon():
 
 
 def _charge_plan(ledger, plan):
-    ledger.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats")
-    ledger.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd")
+    ledger.charge(CLASS_STATS, plan.noise_multiplier(CLASS_STATS), 1.0, "stats")
+    ledger.charge(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, "mmd")
     for t in range(plan.steps):
         ledger.charge(DP_SGD, plan.sigma, plan.sample_rate, f"round={t // 5}/step={t % 5}")
 
@@ -331,9 +339,9 @@ def test_would_fit_counts_uncharged_one_shot_releases():
     # a noisier extra step is judged exactly by the accountant
     assert led.fits(DP_SGD, 1e4, plan.sample_rate, plan) is True
     # re-releasing the statistics twice (secure noise) goes over the plan
-    led.charge(CLASS_STATS, plan.sigma_stats, 1.0, "stats")
-    led.charge(MMD_EMBEDDINGS, plan.sigma_mmd, 1.0, "mmd")
-    assert not led.fits(CLASS_STATS, plan.sigma_stats, 1.0, plan)
+    led.charge(CLASS_STATS, plan.noise_multiplier(CLASS_STATS), 1.0, "stats")
+    led.charge(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, "mmd")
+    assert not led.fits(CLASS_STATS, plan.noise_multiplier(CLASS_STATS), 1.0, plan)
 
 
 def test_would_fit_fast_path_skips_accountant(monkeypatch):

@@ -73,8 +73,8 @@ def test_declared_sizes_are_the_dp_normalizer(tmp_path, engine):
         true_size = len(tr.clients[0].y)
         assert true_size not in (1000, 2000)
         assert tr.clients[0].declared_size == declared
-        if tr.engine is not None:
-            assert tr.engine.expected.tolist() == [cfg.privacy.sample_rate * declared]
+        assert tr.engine == engine
+        assert [st.block.expected.tolist() for st in tr.steps] == [[cfg.privacy.sample_rate * declared]]
         tr.train()
         bufs[declared] = grad_buffers(comm, tr.phi_numel)
     P = tr.phi_numel
@@ -94,7 +94,7 @@ def test_declared_sizes_rounded_to_powers_of_two(tmp_path):
     for c in tr.clients:
         true = len(c.y)
         assert c.declared_size == sizes[c.id] and abs(math.log2(c.declared_size) - math.log2(true)) <= 0.5 + 1e-9
-    assert tr.engine.expected.tolist() == [0.2 * s for s in sizes]
+    assert [st.block.expected.tolist() for st in tr.steps] == [[0.2 * s for s in sizes]]
 
 
 # ------------------------------------------------------------------------------- 2. replays

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Iterable, Optional
 
 from ..errors import PrivacyError
@@ -273,9 +273,7 @@ class PrivacyPlan:
     Every client shares the same plan because q is the same for all (DESIGN §1).
     """
 
-    sigma: float
-    sigma_stats: Optional[float]
-    sigma_mmd: Optional[float]
+    sigma: float  # DP-SGD's noise multiplier (the first mechanism's)
     sample_rate: float
     steps: int
     delta: float
@@ -288,14 +286,22 @@ class PrivacyPlan:
         """The planned one-shot releases (class statistics, mean embeddings)."""
         return [m for m in self.mechanisms if m.name != DP_SGD]
 
+    def noise_multiplier(self, name: str) -> Optional[float]:
+        """The planned noise multiplier of mechanism `name`, or None if the plan releases nothing of it."""
+        for m in self.mechanisms:
+            if m.name == name:
+                return m.noise_multiplier
+        return None
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mechanisms"] = [m.to_dict() if isinstance(m, Mechanism) else dict(m) for m in self.mechanisms]
+        d["noise_multipliers"] = {m["name"]: m["noise_multiplier"] for m in d["mechanisms"]}  # derived, for readers
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrivacyPlan":
-        d = dict(d)
+        d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}  # derived or older keys dropped
         d["mechanisms"] = [Mechanism(**m) for m in d.get("mechanisms", [])]
         return cls(**d)
 
@@ -409,8 +415,7 @@ def privacy_plan(shares: Iterable[BudgetShare], *, target_epsilon: float, delta:
     joint = plan_mechanisms(shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
                             noise_multiplier=noise_multiplier)
     nm = joint.noise_multipliers
-    return PrivacyPlan(sigma=nm[DP_SGD], sigma_stats=nm.get(CLASS_STATS), sigma_mmd=nm.get(MMD_EMBEDDINGS),
-                       sample_rate=shares[0].sample_rate, steps=int(shares[0].releases), delta=delta,
+    return PrivacyPlan(sigma=nm[DP_SGD], sample_rate=shares[0].sample_rate, steps=int(shares[0].releases), delta=delta,
                        accountant=accountant, target_epsilon=target_epsilon, planned_epsilon=joint.planned_epsilon,
                        mechanisms=joint.mechanisms)
 

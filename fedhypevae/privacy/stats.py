@@ -3,8 +3,8 @@ random-feature mean embeddings (DP-MERF, for the MMD term of Eq. 6).
 
 Both are Gaussian mechanisms on the client's TRAINING records only (never test splits),
 with sample rate 1 and one step; the caller charges them to the client's ledger BEFORE
-calling these functions (``class-stats`` with ``plan.sigma_stats``, ``mmd-embeddings``
-with ``plan.sigma_mmd``). Releases are summed across clients by the caller; everything
+calling these functions (``class-stats`` and ``mmd-embeddings`` at the plan's
+``noise_multiplier(name)``). Releases are summed across clients by the caller; everything
 after the noise (``finalize_class_stats``, MMD from the embeddings) is post-processing.
 
 Joint sensitivity (add/remove one record, all components released together): each
