@@ -14,6 +14,7 @@ row. The privacy ledger belongs to the rank (Trainer.ledger).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -197,6 +198,8 @@ class Client:
 
     def release_step(self, pending: PendingStep, *, sigma, features: Optional[RandomFeatures]) -> StepOutput:
         """Noise, the post-noise terms and the local update of psi_i and v_i; returns what leaves the client."""
-        rel = pending.step.release(pending.batch_pending, sigma=sigma, features=features)
+        # the step consumes the sums it releases: this client-level view keeps its pre-noise payload
+        bp = dataclasses.replace(pending.batch_pending, sums=pending.batch_pending.sums.clone())
+        rel = pending.step.release(bp, sigma=sigma, features=features)
         layout = pending.batch_pending.sums.layout
         return StepOutput({n: t.float() for n, t in unflatten(rel.phi, layout).items()}, rel.diag)

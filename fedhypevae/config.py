@@ -149,9 +149,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     # compare the replicas of Phi across ranks (a cheap checksum reduce) every this many steps; 0: never
     replica_check_every: int = 10
-    # batched: all clients of a rank in one computation with ghost-norm clipping (fedhypevae/engine.py);
-    # reference: a Python loop over Client.step with torch.func per-sample gradients. Same release up to
-    # float rounding; delta aggregation and the literal MMD term always use the reference
+    # the per-sample stage of the DP step (which runs every client of a rank in one computation either way):
+    # batched: ghost-norm clipping (fedhypevae/engine.py); reference: torch.func per-sample gradients. Same
+    # release up to float rounding; the literal MMD term always uses torch.func
     engine: str = "batched"
 
     def __post_init__(self):
@@ -164,8 +164,8 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.replica_check_every >= 0, "train.replica_check_every must be >= 0")
         _check(self.engine in ("batched", "reference"),
-               f"train.engine must be batched (all clients of a rank in one computation) or reference "
-               f"(a loop over clients with torch.func per-sample gradients); got {self.engine!r}")
+               f"train.engine must be batched (ghost-norm per-sample clipping) or reference "
+               f"(torch.func per-sample gradients); got {self.engine!r}")
 
 
 @dataclass

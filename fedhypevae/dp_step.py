@@ -214,7 +214,7 @@ class DPStep:
             raise ValueError(f"{block.M} clients need {block.M} weights; got {len(self.weights)}")
         self.note = ghost_refusal(self.cfg) if per_sample == "ghost" else None
         self.per_sample_kind = "materialized" if self.note else per_sample
-        # Phi's sum is sum_i a_i * sum_i(client), then divided by phi_divisor: with one client the division by
+        # Phi's sum is sum_i a_i * (client i's sum), then divided by phi_divisor: with one client the division by
         # q * n_declared is written as such; with more, w_i / (q n_i) is folded into the row weights
         if block.M == 1:
             self.phi_coef, self.phi_divisor = self.weights.clone(), float(block.expected[0])
@@ -255,7 +255,8 @@ class DPStep:
 
     def release(self, pending: PendingBatch, *, sigma, features=None) -> StepRelease:
         """Noise, the post-noise terms and every client's local update of psi_i and v_i; returns what leaves the
-        block. `sigma`: one noise multiplier, or one per block (`noise_blocks`)."""
+        block. `sigma`: one noise multiplier, or one per block (`noise_blocks`). The pending sums are consumed
+        (noised and scaled in place): whoever needs the pre-noise payload afterwards copies it first."""
         with self._phase("noise"):
             noisy = pending.sums
             if self.cfg.privacy.enabled:
@@ -265,7 +266,7 @@ class DPStep:
         # terms that do not touch private data are added after the noise (post-processing)
         with self._phase("post"):
             gv, gphi, mmd = self.post_noise(pending.hyper, pending.gens, features)
-        phi = noisy.phi + gphi if gphi is not None else noisy.phi.clone()
+        phi = noisy.phi.add_(gphi) if gphi is not None else noisy.phi
         with self._phase("optimizer"):
             self.local_update(noisy.enc, noisy.code + gv)
         diag = pending.diag.clone()
@@ -350,21 +351,22 @@ class DPStep:
             return sums
         enc_noise, code_noise, phi_noise = self._noise(gens, names, self.phi_coef * std_phi, sums.layout)
         dev = self.block.device
-        enc, code = sums.enc, sums.code
-        if std > 0:
-            enc = [s.add(enc_noise[ENCODER_PREFIX + n].to(dev), alpha=std) for n, s in zip(self.block.enc_names, enc)]
-            code = code.add(code_noise.to(dev), alpha=std)
-        return Sums(enc, code, sums.phi + phi_noise, sums.layout)
+        if std > 0:  # in place: a release consumes its pending sums (the guard digested them before)
+            for n, s in zip(self.block.enc_names, sums.enc):
+                s.add_(enc_noise[ENCODER_PREFIX + n].to(dev), alpha=std)
+            sums.code.add_(code_noise.to(dev), alpha=std)
+        sums.phi.add_(phi_noise)
+        return sums
 
     def scale(self, noisy: Sums) -> Sums:
-        """Divide every client's sums by its public normalizer q * n_declared (never the realized batch size)."""
+        """Divide every client's sums by its public normalizer q * n_declared (never the realized batch size);
+        in place, like the noise."""
         e = self.block.expected.to(self.block.device)
-
-        def per_client(t):
-            return t / e.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1))
-
-        phi = noisy.phi / self.phi_divisor if self.phi_divisor != 1.0 else noisy.phi
-        return Sums([per_client(t) for t in noisy.enc], per_client(noisy.code), phi, noisy.layout)
+        for t in [*noisy.enc, noisy.code]:
+            t.div_(e.to(t.dtype).view((-1,) + (1,) * (t.dim() - 1)))
+        if self.phi_divisor != 1.0:
+            noisy.phi.div_(self.phi_divisor)
+        return noisy
 
     def released(self, pending: PendingBatch, noisy: Sums) -> Sums:
         """The noisy values the rest of the step continues from (the post-noise terms are added to them and the

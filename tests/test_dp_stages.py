@@ -175,10 +175,12 @@ def test_a_client_with_its_own_step_gets_a_block_of_its_own_and_its_override_is_
     sigma, _ = plain.step_noise()
     st = loud.steps[1]
     pend = st.prepare(loud.hyper, 0, 0)  # the noise a release adds: release minus scaled payload (no MMD term)
-    twice = st.release(pend, sigma=sigma).phi - pend.sums.phi / st.phi_divisor
+    payload = pend.sums.phi.clone()  # (a release consumes its pending sums)
+    twice = st.release(pend, sigma=sigma).phi - payload / st.phi_divisor
     ref = DPStep(st.block, weights=st.weights.tolist(), per_sample=st.per_sample_kind)
     pend = ref.prepare(plain.hyper, 0, 0)
-    once = ref.release(pend, sigma=sigma).phi - pend.sums.phi / ref.phi_divisor
+    payload = pend.sums.phi.clone()
+    once = ref.release(pend, sigma=sigma).phi - payload / ref.phi_divisor
     torch.testing.assert_close(twice, 2 * once, rtol=1e-6, atol=1e-9)
     for t in (loud, plain):
         t.ledger.close()
