@@ -496,7 +496,7 @@ def format_audit(results: dict) -> str:
              f"  mechanism : {a['privacy_mode']} mode, {a['aggregation']} aggregation, sigma={a['planned_noise_multiplier']:.4f}"
              f"{' (SABOTAGED: no noise added)' if a['sabotage'] == 'no-noise' else ''}, q={a['sample_rate']}, "
              f"C={a['clip_norm']}{' (SABOTAGED: clipping skipped)' if a['sabotage'] == 'no-clip' else ''}, "
-             f"steps={a['steps']}, delta={a['delta']}",
+             f"steps={a['steps']}, delta={a['delta']}" + (f"\n  step      : {a['engine']}" if a.get("engine") else ""),
              f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, audit seed {a['seeds']['audit_seed']}), "
              f"client {a['client']}",
              f"  guesses   : {a['guesses_in']} 'in' (top scores) + {a['guesses_out']} 'out' (bottom scores) = "

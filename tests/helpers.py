@@ -101,3 +101,11 @@ def clipped_sums(clients, cfg, hyper, xs, ys, es, *, mode: str, clip_norm: float
         res.append(d)
         per_norms.append(norms[b.cidx == i])
     return res, per_norms
+
+
+def clip_between(norms) -> float:
+    """A clip norm strictly between the two middle per-sample norms, so that about half the samples are clipped
+    and none sits exactly at C (where float rounding in one computation or another decides)."""
+    s = torch.sort(torch.as_tensor(norms).flatten()).values
+    k = max(1, len(s) // 2)
+    return float(0.5 * (s[k - 1] + s[k])) if len(s) > 1 else float(s[0])
