@@ -277,9 +277,9 @@ def worker(spec_path: str) -> int:
     """One rank of an MPI job: the engine config on this rank's clients; rank 0 writes the result."""
     import torch
 
-    from hpc.backend import make_communicator
-    from hpc.device import choose_device
-    from hpc.launcher import detect_launcher
+    from fedhypevae.hpc.backend import make_communicator
+    from fedhypevae.hpc.device import choose_device
+    from fedhypevae.hpc.launcher import detect_launcher
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     comm = make_communicator("mpi", timeout_s=600)
@@ -755,7 +755,7 @@ def main(argv: list | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        from hpc.device import choose_device
+        from fedhypevae.hpc.device import choose_device
         device = str(choose_device(0, "cuda"))
     else:
         device = "cpu"

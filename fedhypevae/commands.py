@@ -27,9 +27,9 @@ def cmd_train(args) -> int:
         own = Path(args.out) / "config.yaml"
         config = str(own) if args.resume and own.is_file() else "default"
     cfg = load_config(config, args.overrides)
-    from hpc.backend import BackendError, install_failfast, make_communicator
-    from hpc.device import choose_device
-    from hpc.launcher import detect_launcher
+    from fedhypevae.hpc.backend import BackendError, install_failfast, make_communicator
+    from fedhypevae.hpc.device import choose_device
+    from fedhypevae.hpc.launcher import detect_launcher
 
     from .run import run_training
 

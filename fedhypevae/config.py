@@ -19,8 +19,10 @@ import yaml
 
 from .errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (a source tree; in a wheel: site-packages)
+# shipped configs: fedhypevae/configs/ in an installed wheel (package data), configs/ in a checkout
+_INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _INSTALLED_CONFIGS if _INSTALLED_CONFIGS.is_dir() else REPO_ROOT / "configs"
 
 
 def _check(cond: bool, msg: str) -> None:

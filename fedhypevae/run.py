@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hpc import Communicator
+from fedhypevae.hpc import Communicator
 
 from . import checkpoint as ckpt
 from .config import Config

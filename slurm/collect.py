@@ -1,6 +1,6 @@
 """Collect a sweep into a table and a privacy-utility plot.
 
-    python -m slurm.collect SWEEP [--out DIR]
+    python -m fedhypevae.slurm.collect SWEEP [--out DIR]
 
 Reads SWEEP/points/*/result.json and writes summary.csv (one row per method, partition and epsilon:
 mean and std over seeds of the client-averaged accuracy and balanced accuracy), points.csv (one
@@ -149,7 +149,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def collect(sweep: Path, out: Path | None = None) -> dict:
     sweep = Path(sweep)
     if not (sweep / "points").is_dir():
-        raise FileNotFoundError(f"{sweep} holds no sweep (no points/ directory); run python -m slurm.sweep first")
+        raise FileNotFoundError(f"{sweep} holds no sweep (no points/ directory); run python -m fedhypevae.slurm.sweep first")
     out = Path(out or sweep)
     out.mkdir(parents=True, exist_ok=True)
     results, partial, missing = load_points(sweep)
@@ -182,14 +182,14 @@ def collect(sweep: Path, out: Path | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slurm.collect", description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", help="the sweep directory (--out of python -m slurm.sweep)")
+    ap = argparse.ArgumentParser(prog="python -m fedhypevae.slurm.collect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", help="the sweep directory (--out of python -m fedhypevae.slurm.sweep)")
     ap.add_argument("--out", help="where to write the outputs (default: the sweep directory)")
     args = ap.parse_args(argv)
     try:
         s = collect(Path(args.sweep), Path(args.out) if args.out else None)
     except FileNotFoundError as exc:
-        print(f"slurm.collect: error: {exc}", file=sys.stderr)
+        print(f"fedhypevae.slurm.collect: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or args.sweep)
     print((out / "summary.md").read_text())

@@ -27,7 +27,7 @@ from fedhypevae.rng import STREAM_STEP, ClientRNG
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
 from helpers import interrupt_after
-from hpc import LocalCommunicator
+from fedhypevae.hpc import LocalCommunicator
 
 
 class Recorder(LocalCommunicator):
