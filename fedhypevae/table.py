@@ -260,9 +260,53 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+SETTINGS_FILE = "settings.json"
+# what selects cells rather than defining them: changing these adds or leaves out cells, never changes one
+_SELECTORS = ("name", "partitions", "seeds", "methods", "notes")
+
+
+def cell_settings(tc: TableConfig) -> dict:
+    """Every setting a cell's numbers depend on, the FedHypeVAE base config resolved (a changed
+    configs/default.yaml changes the cells too)."""
+    settings = {k: v for k, v in tc.__dict__.items() if k not in _SELECTORS}
+    settings["resolved_train_config"] = load_config(tc.train_config, list(tc.overrides)).to_dict()
+    return json.loads(dumps_json(settings))
+
+
+def check_cached_cells(tc: TableConfig, out: Path) -> dict:
+    """Cells under OUT/cells were computed with the settings in OUT/cells/settings.json; reusing them under
+    other settings would print new settings over old numbers, so that is refused."""
+    settings = cell_settings(tc)
+    f = out / "cells" / SETTINGS_FILE
+    cached = any((out / "cells").glob("*.json")) if (out / "cells").is_dir() else False
+    if f.is_file():
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != settings:
+            from .trainer import flatten_config
+
+            a, b = flatten_config(old or {}), flatten_config(settings)
+            diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            said = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:4]) + (
+                f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise ConfigError(f"--out {out} holds cells computed with other settings: {said}; use another --out (or "
+                              f"delete {out / 'cells'} to recompute every cell)")
+    elif cached:
+        raise ConfigError(f"--out {out} holds cells without a record of their settings ({f.name} is missing); use "
+                          f"another --out (or delete {out / 'cells'} to recompute every cell)")
+    return settings
+
+
 def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True) -> dict:
+    settings = check_cached_cells(tc, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)
+    if not (out / "cells" / SETTINGS_FILE).is_file():
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(out / "cells" / SETTINGS_FILE, dumps_json(settings, indent=1) + "\n")
     todo = [(p, s, m) for p in tc.partitions for s in tc.seeds for m in tc.methods]
     cells = []
     bar = None
@@ -271,16 +315,17 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
         bar = tqdm(total=len(todo), desc=f"table {tc.name}", unit="cell")
     for p, s, m in todo:
         f = out / "cells" / f"{p}_s{s}_{m}.json"
+        if bar is not None:  # the cell being computed now (or read back)
+            bar.set_postfix_str(f"{m} {p} seed {s}" + (" (cached)" if f.is_file() else ""))
         if f.is_file():
             cell = json.loads(f.read_text())
         else:
             cell = run_cell(tc, m, p, s, out)
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(dumps_json(cell, indent=1))
-            tmp.replace(f)
+            from .checkpoint import atomic_write_text
+
+            atomic_write_text(f, dumps_json(cell, indent=1))
         cells.append(cell)
         if bar is not None:
-            bar.set_postfix_str(f"{m} {p} s{s}")
             bar.update(1)
     if bar is not None:
         bar.close()
