@@ -641,7 +641,7 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, ax = plt.subplots(2, 2, figsize=(13.5, 8.5))
     a = ax[0][0]
     eng = sorted(res["engine"], key=lambda r: r["d_x"])
     if eng:
@@ -666,7 +666,8 @@ def plot(res: dict, path: Path) -> None:
         b.plot([str(r["d_x"]) for r in eng], [1e3 * r["nonprivate"]["step_s"] for r in eng], "k*", ms=12,
                label="no-DP step")
     b.set(xlabel="d_x", ylabel="ms per step", title="DP step breakdown")
-    b.legend(fontsize=7, ncol=2)
+    # beside the bars, never over them
+    b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="phase", title_fontsize=7)
     c = ax[1][0]
     cl = sorted(res["clients"], key=lambda r: r["clients"])
     if cl:

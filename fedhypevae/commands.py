@@ -161,11 +161,19 @@ def format_summary(results: dict, wall: float) -> str:
     if final:
         lines.append("  final losses : " + ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in final.items() if v is not None)
                      + "  (diagnostics, outside the guarantee)")
+    clipped = final.get("diagnostics/clip_fraction")
+    if clipped is not None and clipped >= 0.99:
+        lines.append(f"  note         : clip_fraction={clipped:.3f}: every per-record gradient was clipped to "
+                     f"C={p.get('clip_norm')}, so each update carries its direction, not its size. Usual under DP-SGD; "
+                     "if the losses stall, compare another privacy.clip_norm at the same epsilon")
     syn = results.get("synthetic")
     if syn:
         lines.append(f"  synthetic    : {syn['samples']} samples -> {syn['path']}")
         if syn.get("units"):
             lines.append(f"  units        : {syn['units']}")
+    if syn and not partial:
+        lines.append(f"  next         : fedhypevae evaluate --run {Path(syn['path']).parent} says whether this synthetic "
+                     "set helps per-client classifiers (it can make them worse: docs/RESULTS.md)")
     out = results.get("outputs", {})
     if out:
         lines.append(f"  outputs      : {Path(out['results.json']).parent}/ (results.json, metrics.jsonl, events.jsonl, tb/, "
@@ -379,13 +387,42 @@ def cmd_evaluate(args) -> int:
     print(f"protocol {res['protocol']}: {len(res['clients'])} clients, {n_syn} synthetic samples")
     print(f"  accuracy          {100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %")
     print(f"  balanced accuracy {100 * bacc['mean']:.2f} +- {100 * bacc['std']:.2f} %   (mean +- std over clients)")
+    ref = res.get("reference_local")
+    if ref:
+        lb = ref["summary"]["balanced_accuracy"]
+        print(f"  local only        {100 * lb['mean']:.2f} +- {100 * lb['std']:.2f} %   (balanced accuracy of the same "
+              "classifiers without the synthetic set)")
     q = res.get("quality")
     if q:
         print(f"  synthetic quality: MMD^2 {q['mmd2']['real_vs_synthetic']:.4f} (real-real floor "
               f"{q['mmd2']['real_vs_real']:.4f}), C2ST accuracy {q['c2st']['accuracy']:.3f} (0.5 = indistinguishable), "
               f"coverage {q['coverage']['overall']:.3f}")
+    for line in evaluation_hints(res):
+        print(f"  note: {line}")
     print(f"  written to {res['json_path']}")
     return 0
+
+
+def evaluation_hints(res: dict) -> list[str]:
+    """What the numbers mean, in words: whether the synthetic set helped, and how far it is from real data."""
+    out = []
+    ref = res.get("reference_local")
+    if ref:
+        diff = 100 * (res["summary"]["balanced_accuracy"]["mean"] - ref["summary"]["balanced_accuracy"]["mean"])
+        if diff < -0.5:
+            out.append(f"the synthetic set makes these classifiers WORSE than training on each client's real data "
+                       f"alone ({diff:+.2f} points of balanced accuracy): at this privacy budget it carries more noise "
+                       "than signal for them. See docs/RESULTS.md ('What the tables say') for when it helps")
+        elif diff > 0.5:
+            out.append(f"the synthetic set improves on each client's real data alone by {diff:+.2f} points of balanced "
+                       "accuracy")
+        else:
+            out.append(f"the synthetic set changes little against each client's real data alone ({diff:+.2f} points)")
+    q = res.get("quality")
+    if q and q["c2st"]["accuracy"] >= 0.9:
+        out.append(f"a classifier tells synthetic from real records apart {100 * q['c2st']['accuracy']:.0f} % of the "
+                   "time: the synthetic records are far from the real distribution")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- embed

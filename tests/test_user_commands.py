@@ -210,3 +210,61 @@ def test_python_api(finished, tmp_path):
 
     with pytest.raises(FedHypeVAEError, match="privacy.noise_seed must be an integer or null; got True"):
         fedhypevae.load_config("tiny", ["privacy.noise_seed=true"])
+
+
+def test_table_text_one_seed_has_no_plus_minus_and_verdicts_read_as_sentences():
+    from fedhypevae.table import TableConfig, aggregate, markdown
+
+    tc = TableConfig(name="t", partitions=["iid"], seeds=[0], methods=["local", "fedavg-dp", "fedhypevae-strict"])
+    cells = [{"method": m, "partition": "iid", "seed": 0, "epsilon_spent": None if m == "local" else 1.0,
+              "rows": [{"accuracy": a, "balanced_accuracy": a}]}
+             for m, a in (("local", 0.90), ("fedavg-dp", 0.70), ("fedhypevae-strict", 0.876))]
+    md = markdown(tc, aggregate(cells), "cmd")
+    assert "±" not in md.split("Command:")[0].replace("Mean ± std", "")
+    assert "| 90.00 |" in md and "no spread over seeds" in md
+    assert "is 17.60 points above FedAvg (DP-SGD) (same ε)" in md
+    assert "is 2.40 points BELOW local-only training" in md and "NOT beat" not in md
+    tc.seeds = [0, 1]
+    md2 = markdown(tc, aggregate(cells + [dict(c, seed=1) for c in cells]), "cmd")
+    assert "90.00 ± 0.00" in md2
+
+
+def test_summaries_say_what_the_numbers_mean():
+    from fedhypevae.commands import evaluation_hints, format_summary
+
+    res = {"summary": {"balanced_accuracy": {"mean": 0.818}},
+           "reference_local": {"summary": {"balanced_accuracy": {"mean": 0.953}}},
+           "quality": {"c2st": {"accuracy": 0.99}}}
+    hints = evaluation_hints(res)
+    assert "WORSE" in hints[0] and "-13.50 points" in hints[0] and "far from the real distribution" in hints[1]
+    res["summary"]["balanced_accuracy"]["mean"] = 0.97
+    assert "improves" in evaluation_hints(res)[0]
+    results = {"privacy": {"enabled": False, "clip_norm": 1.0}, "training": {
+        "rounds": 3, "stopped_early": None, "final": {"diagnostics/clip_fraction": 1.0, "diagnostics/loss": 2.0}},
+        "synthetic": {"samples": 10, "path": "/r/synthetic.npz", "units": "model units"}}
+    text = format_summary(results, 1.0)
+    assert "clip_fraction=1.000: every per-record gradient was clipped" in text
+    assert "fedhypevae evaluate --run /r" in text and "units        : model units" in text
+
+
+def test_per_client_plot_has_a_legend_labels_every_panel_and_draws_each_client_once(tmp_path):
+    from fedhypevae.table import TableConfig, plot
+
+    tc = TableConfig(name="t", seeds=[0], methods=["local", "fedhypevae-strict", "fedhypevae-paper"])
+    rng = np.random.default_rng(0)
+    cells = [{"method": m, "partition": p, "seed": 0,
+              "rows": [{"balanced_accuracy": float(v)} for v in np.r_[rng.uniform(0.6, 0.7, 9), 0.05]]}
+             for m in tc.methods for p in tc.partitions]  # one far outlier per box
+    drawn = plot(tc, cells, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    assert {"median", "mean", "private (DP, formal guarantee)", "non-private",
+            "paper mode (DP on Phi only, not formal)"} <= set(drawn["legend"])
+    assert drawn["y_tick_labels"] == [True, True]
+    assert drawn["outlier_markers"] == 0  # outliers are the clients' own dots, not a second marker
+
+
+def test_sweep_plot_titles_use_words():
+    from fedhypevae.slurm.collect import partition_words
+
+    assert partition_words("iid") == "IID"
+    assert partition_words("dirichlet0.3") == "Dirichlet α = 0.3 (label skew)"

@@ -277,6 +277,11 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
     for k in ("lambda_grid", "val_fraction"):
         if k in res:
             out[k] = res[k]
+    if protocol != "local":
+        # the same classifiers without the synthetic set: what the synthetic set adds (or costs) is the difference
+        local = evaluate_federation(fed, protocol="local", seed=seed)
+        out["reference_local"] = {"summary": local["summary"],
+                                  "what": "the same per-client classifiers trained on the real train split only"}
     if quality and x_syn is not None:
         out["quality"] = synthetic_quality(fed, x_syn, y_syn, seed=seed)
     try:
