@@ -48,10 +48,11 @@ def cmd_train(args) -> int:
         if done is not None:
             if not args.quiet:
                 print(format_summary(done, (done.get("training") or {}).get("wall_time_s")))
+            other = Path(args.out).with_name(Path(args.out).name + "-2")
             print(f"\n{args.out} already holds this finished run (summary above); it is not trained again: a second "
                   "run on the same data is a second release and spends epsilon again. To start a new run, choose "
-                  f"another --out (e.g. --out {Path(args.out).name}-2); more records from this one: fedhypevae "
-                  f"generate --run {args.out} --samples N --out FILE")
+                  f"another --out (e.g. --out {other}); more records from this one: fedhypevae generate --run "
+                  f"{args.out} --samples N --out FILE")
             return 0
         check_run_dir(Path(args.out), resume=False)
     from fedhypevae.hpc.backend import BackendError, install_failfast, make_communicator
