@@ -361,8 +361,8 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
     if tr.state.interrupted:
         log.warning("stopped by signal %s at round %d; checkpointed", tr.stop_signal, tr.state.round)
         return _interrupted(tr)
-    log.info("training done: %d rounds, %d DP-SGD steps, epsilon spent %.4f", tr.state.round, tr.state.steps,
-             tr.epsilon_spent())
+    # (epsilon_spent() is not called here: it is a collective, and every collective is a declared release)
+    log.info("training done: %d rounds, %d DP-SGD steps", tr.state.round, tr.state.steps)
     moments, why = release_statistics(tr, clip)
     if why and why != "signal":
         log.warning("%s", why)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -48,7 +48,7 @@ class Row:
     check: Optional[Callable[[Path, subprocess.CompletedProcess], None]] = None  # extra asserts
     created: tuple = ()  # paths (relative to the work dir) a successful row may create
     fsize: Optional[int] = None  # RLIMIT_FSIZE in bytes: a full disk (writes fail with EFBIG)
-    as_nobody: bool = False  # without root's right to read every file (a permission error even when run as root)
+    unprivileged: bool = False  # without root's right to read every file (a permission error even when run as root)
     marks: tuple = ()
 
 
@@ -265,7 +265,7 @@ def data_rows() -> list[Row]:
             forbid=r"truncated|re-download"),
         Row("data: unreadable file (permission)", ["data", "inspect", "secret.csv"], 2,
             r"secret\.csv.*permission denied", forbid=r"truncated|re-download",
-            setup=_unreadable("secret.csv", "f0,label\n1,0\n2,1\n"), as_nobody=True),
+            setup=_unreadable("secret.csv", "f0,label\n1,0\n2,1\n"), unprivileged=True),
         Row("data: header-only csv", ["data", "inspect", f"{D}/header_only.csv"], 2, r"header_only\.csv.*no records"),
         Row("data: csv without a label column", ["data", "inspect", f"{D}/nolabel.csv"], 2,
             r"nolabel\.csv.*no label column.*label_column"),
@@ -370,7 +370,7 @@ def config_rows() -> list[Row]:
         Row("config: a directory", ["train", "--config", f"{D}/confdir", "--out", "run"], 2,
             r"confdir.*directory", forbid=r"not found"),
         Row("config: unreadable file (permission)", ["train", "--config", "secret.yaml", "--out", "run"], 2,
-            r"secret\.yaml.*permission denied", setup=_unreadable("secret.yaml", "seed: 0\n"), as_nobody=True),
+            r"secret\.yaml.*permission denied", setup=_unreadable("secret.yaml", "seed: 0\n"), unprivileged=True),
         Row("config: unknown shipped name", ["train", "--config", "nosuch", "--out", "run"], 2,
             r"nosuch.*not found.*default.*tiny"),
         Row("config show: bad override", ["config", "show", "--config", "tiny", "--set", "privacy.delta=2"], 2,
@@ -510,13 +510,13 @@ def _env() -> dict:
     return env
 
 
-def _limits(fsize: Optional[int], nobody: bool):
+def _limits(fsize: Optional[int], unprivileged: bool):
     def apply():
         resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
         if fsize is not None:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        if nobody and os.geteuid() == 0:
+        if unprivileged and os.geteuid() == 0:
             # root reads every file whatever its mode: drop the two capabilities that allow it (from the
             # bounding set, so the exec'd process never has them) and file permissions apply again
             import ctypes
@@ -541,9 +541,8 @@ def _snapshot(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def data_dir():
-    """Shared inputs (read by every row), outside pytest's own temporary directories."""
+    """Shared inputs (read by every row); each row's working directory is a fresh one beside it."""
     d = Path(tempfile.mkdtemp(prefix="fhv-corpus-data-"))
-    d.chmod(0o755)
     make_data(d)
     wide = np.random.default_rng(1).normal(size=(40, 100_000)).astype(np.float32)
     np.savez(d / "wide.npz", x=wide, y=np.arange(40) % 2)
@@ -551,8 +550,6 @@ def data_dir():
     r = subprocess.run([sys.executable, "-m", "fedhypevae.cli", "train", *TINY, "--out", str(d / "trained"), "--quiet"],
                        capture_output=True, text=True, env=_env())
     assert r.returncode == 0, r.stderr
-    for p in d.rglob("*"):
-        p.chmod(0o755 if p.is_dir() else 0o644)
     yield d
     import shutil
 
@@ -571,18 +568,13 @@ def test_the_corpus_is_large_and_its_ids_unique():
 @pytest.mark.parametrize("row", _params())
 def test_bad_input(row: Row, data_dir: Path):
     w = Path(tempfile.mkdtemp(prefix="fhv-corpus-work-"))
-    w.chmod(0o777)
     try:
         if row.setup:
             row.setup(w, data_dir)
-        if row.as_nobody:
-            for p in w.rglob("*"):
-                if p.is_dir():
-                    p.chmod(0o777)
         before, data_before = _snapshot(w), _snapshot(data_dir)
         argv = [a.replace("{d}", str(data_dir)).replace("{w}", str(w)) for a in row.argv]
         proc = subprocess.run([sys.executable, "-m", "fedhypevae.cli", *argv], cwd=w, capture_output=True, text=True,
-                              env=_env(), preexec_fn=_limits(row.fsize, row.as_nobody), timeout=600)
+                              env=_env(), preexec_fn=_limits(row.fsize, row.unprivileged), timeout=600)
         err = proc.stderr
         first = err.splitlines()[0] if err.strip() else ""
         context = f"exit {proc.returncode}\nstderr:\n{err[-3000:]}\nstdout:\n{proc.stdout[-1500:]}"
