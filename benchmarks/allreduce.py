@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 from fedhypevae.checkpoint import dumps_json
-from hpc.launcher import venv_tool
+from fedhypevae.hpc.launcher import venv_tool
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin/: mpiexec and the fedhypevae console script live here
@@ -53,7 +53,7 @@ def worker(spec_path: str) -> int:
     """One rank of a micro-benchmark job; rank 0 writes the result file named in the spec."""
     import torch
 
-    from hpc.backend import make_communicator
+    from fedhypevae.hpc.backend import make_communicator
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)  # reductions here are memory-bound; more threads only oversubscribe 2 cores

@@ -286,9 +286,9 @@ def worker(spec_path: str) -> int:
     """One rank of an MPI job: the engine config on this rank's clients; rank 0 writes the result."""
     import torch
 
-    from hpc.backend import make_communicator
-    from hpc.device import choose_device
-    from hpc.launcher import detect_launcher
+    from fedhypevae.hpc.backend import make_communicator
+    from fedhypevae.hpc.device import choose_device
+    from fedhypevae.hpc.launcher import detect_launcher
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
     comm = make_communicator("mpi", timeout_s=600)
@@ -650,7 +650,7 @@ def plot(res: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, ax = plt.subplots(2, 2, figsize=(13.5, 8.5))
     a = ax[0][0]
     eng = sorted(res["engine"], key=lambda r: r["d_x"])
     if eng:
@@ -675,7 +675,8 @@ def plot(res: dict, path: Path) -> None:
         b.plot([str(r["d_x"]) for r in eng], [1e3 * r["nonprivate"]["step_s"] for r in eng], "k*", ms=12,
                label="no-DP step")
     b.set(xlabel="d_x", ylabel="ms per step", title="DP step breakdown")
-    b.legend(fontsize=7, ncol=2)
+    # beside the bars, never over them
+    b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="phase", title_fontsize=7)
     c = ax[1][0]
     cl = sorted(res["clients"], key=lambda r: r["clients"])
     if cl:
@@ -764,7 +765,7 @@ def main(argv: list | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda":
-        from hpc.device import choose_device
+        from fedhypevae.hpc.device import choose_device
         device = str(choose_device(0, "cuda"))
     else:
         device = "cpu"

@@ -423,7 +423,7 @@ def run_audit(cfg: Config, out: Path, *, mode: str = "white-box", canaries: Opti
               guesses: Optional[int] = None, sabotage: str = "none", seed: Optional[int] = None, client: int = 0,
               progress: bool = True, level: float = LEVEL, command: str = "") -> dict:
     """Run the audit, write OUT/results.json and return the results."""
-    from hpc import LocalCommunicator
+    from fedhypevae.hpc import LocalCommunicator
 
     from .privacy import DP_SGD, Mechanism, epsilon_of
     from .provenance import provenance

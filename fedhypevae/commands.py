@@ -12,24 +12,52 @@ from .errors import ConfigError, FedHypeVAEError
 EXIT_PARTIAL = 3  # fedhypevae.run.EXIT_PARTIAL (not imported here: `--help` stays fast)
 
 
+def _check_json(path: str | None) -> None:
+    """--json: a file that can be written (checked before any work)."""
+    if path is not None:
+        from .validate import check_output_path
+
+        check_output_path(path, "--json", directory=False)
+
+
 def _write_json(path: str | None, obj: dict) -> None:
     if path:
-        from .checkpoint import dumps_json
+        from .checkpoint import atomic_write_text, dumps_json
 
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(dumps_json(obj, indent=2) + "\n")
+        atomic_write_text(Path(path), dumps_json(obj, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- train
 def cmd_train(args) -> int:
+    from .validate import check_output_dir
+
+    check_output_dir(args.out)  # an empty --out, a file in the way: before the config is even read
     config = args.config
     if config is None:
         own = Path(args.out) / "config.yaml"
         config = str(own) if args.resume and own.is_file() else "default"
+    if args.resume and not Path(args.out).is_dir():
+        raise ConfigError(f"--resume: --out {args.out} does not exist, so there is no run to continue; start one "
+                          "without --resume")
     cfg = load_config(config, args.overrides)
-    from hpc.backend import BackendError, install_failfast, make_communicator
-    from hpc.device import choose_device
-    from hpc.launcher import detect_launcher
+    _console_logging(args)
+    if not args.resume:
+        from .run import check_run_dir, finished_run
+
+        done = finished_run(Path(args.out), cfg)
+        if done is not None:
+            if not args.quiet:
+                print(format_summary(done, (done.get("training") or {}).get("wall_time_s")))
+            other = Path(args.out).with_name(Path(args.out).name + "-2")
+            print(f"\n{args.out} already holds this finished run (summary above); it is not trained again: a second "
+                  "run on the same data is a second release and spends epsilon again. To start a new run, choose "
+                  f"another --out (e.g. --out {other}); more records from this one: fedhypevae generate --run "
+                  f"{args.out} --samples N --out FILE")
+            return 0
+        check_run_dir(Path(args.out), resume=False)
+    from fedhypevae.hpc.backend import BackendError, install_failfast, make_communicator
+    from fedhypevae.hpc.device import choose_device
+    from fedhypevae.hpc.launcher import detect_launcher
 
     from .run import run_training
 
@@ -43,7 +71,8 @@ def cmd_train(args) -> int:
     t0 = time.perf_counter()
     try:
         results = run_training(cfg, Path(args.out), comm, resume=args.resume, progress=not args.no_progress,
-                               launcher=info.launcher, device=str(device), catch_signals=True)
+                               launcher=info.launcher, device=str(device), catch_signals=True,
+                               log_level=args.log_level)
     except FedHypeVAEError as exc:
         if comm.world_size > 1:  # one rank's error must end every rank, not leave them in a collective
             print(f"fedhypevae: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True)
@@ -74,6 +103,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _console_logging(args) -> None:
+    """Warnings and errors of the `fedhypevae` loggers on stderr (info too with --verbose); the run's own
+    log file (RUN/run.log) is attached by run_training."""
+    import logging
+
+    root = logging.getLogger("fedhypevae")
+    if not any(getattr(h, "_fedhypevae_console", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h._fedhypevae_console = True
+        h.setLevel(logging.INFO if getattr(args, "verbose", False) else logging.WARNING)
+        h.setFormatter(logging.Formatter("fedhypevae: %(levelname)s: %(message)s"))
+        h.addFilter(lambda record: getattr(record, "console", True))
+        root.addHandler(h)
+        root.setLevel(logging.DEBUG)
+        root.propagate = False
+
+
 def _fmt(v) -> str:
     return "unused" if v is None else f"{v:.4f}"
 
@@ -98,7 +144,8 @@ def format_summary(results: dict, wall: float) -> str:
         lines.append(f"  noise source : {p['noise']}")
     else:
         lines.append("  privacy      : DISABLED (privacy.enabled=false): no guarantee")
-    lines.append(f"  training     : {t['rounds']} rounds, wall time {wall:.1f} s"
+    wall_text = "not recorded (privacy.diagnostics is false)" if wall is None else f"{wall:.1f} s"
+    lines.append(f"  training     : {t['rounds']} rounds, wall time {wall_text}"
                  + (f"; stopped early: {t['stopped_early']}" if t["stopped_early"] else ""))
     res = results.get("resume")
     if res:
@@ -115,13 +162,23 @@ def format_summary(results: dict, wall: float) -> str:
     if final:
         lines.append("  final losses : " + ", ".join(f"{k.split('/')[-1]}={v:.3f}" for k, v in final.items() if v is not None)
                      + "  (diagnostics, outside the guarantee)")
+    clipped = final.get("diagnostics/clip_fraction")
+    if clipped is not None and clipped >= 0.99:
+        lines.append(f"  note         : clip_fraction={clipped:.3f}: every per-record gradient was clipped to "
+                     f"C={p.get('clip_norm')}, so each update carries its direction, not its size. Usual under DP-SGD; "
+                     "if the losses stall, compare another privacy.clip_norm at the same epsilon")
     syn = results.get("synthetic")
     if syn:
         lines.append(f"  synthetic    : {syn['samples']} samples -> {syn['path']}")
+        if syn.get("units"):
+            lines.append(f"  units        : {syn['units']}")
+    if syn and not partial:
+        lines.append(f"  next         : fedhypevae evaluate --run {Path(syn['path']).parent} says whether this synthetic "
+                     "set helps per-client classifiers (it can make them worse: docs/RESULTS.md)")
     out = results.get("outputs", {})
     if out:
         lines.append(f"  outputs      : {Path(out['results.json']).parent}/ (results.json, metrics.jsonl, events.jsonl, tb/, "
-                     "hypernetwork.pt, synthetic.npz, checkpoints/, ledger/)")
+                     "hypernetwork.pt, generator.json, synthetic.npz, checkpoints/, ledger/, run.log)")
     return "\n".join(lines)
 
 
@@ -129,6 +186,7 @@ def format_summary(results: dict, wall: float) -> str:
 def cmd_account(args) -> int:
     from .privacy import epsilon_of, plan_budget, Mechanism
 
+    _check_json(args.json_path)
     if args.run:
         return _account_run(args)
     if args.client is not None:
@@ -254,9 +312,13 @@ def _client_list(ids: list) -> str:
 def cmd_audit(args) -> int:
     from .audit import format_audit, run_audit
 
+    from .validate import check_output_dir
+
+    out = Path(args.out) if args.out else Path("runs") / f"audit-{args.mode}-{args.sabotage}"
+    check_output_dir(out)
+    _check_json(args.json_path)
     cfg = load_config(args.config, args.overrides)
     command = "fedhypevae " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["audit"] else ""
-    out = Path(args.out) if args.out else Path("runs") / f"audit-{args.mode}-{args.sabotage}"
     res = run_audit(cfg, out, mode=args.mode, canaries=args.canaries, guesses=args.guesses, sabotage=args.sabotage,
                     seed=args.seed, client=args.client, progress=not args.no_progress, command=command)
     if not args.quiet:
@@ -272,32 +334,51 @@ def cmd_audit(args) -> int:
 # ---------------------------------------------------------------------------------------- data
 def cmd_data(args) -> int:
     from .config import DataConfig, PartitionConfig
-    from .data import describe_dataset, federation_from_dataset, load_dataset, write_shards
+    from .data import (describe_dataset, describe_shards, federation_from_dataset, is_shard_dir, load_dataset,
+                       write_shards)
+    from .validate import check_new_output_dir
 
-    ds = load_dataset(args.path, label_column=args.label_column, group_column=args.group_column,
-                      site_column=args.site_column, metadata_path=args.metadata_path)
     if args.data_cmd == "inspect":
-        info = describe_dataset(ds)
+        _check_json(args.json_path)
+        if is_shard_dir(args.path):
+            info = describe_shards(args.path)
+        else:
+            info = describe_dataset(_load(args, load_dataset))
         width = max(len(k) for k in info)
         for k, v in info.items():
             print(f"{k:<{width}} : {v}")
         _write_json(args.json_path, info)
         return 0
+    check_new_output_dir(args.out, what="shard directory")
+    ds = _load(args, load_dataset)
     dcfg = DataConfig(path=args.path, label_column=args.label_column, group_column=args.group_column,
                       site_column=args.site_column, metadata_path=args.metadata_path, transform=args.transform,
-                      test_fraction=args.test_fraction)
+                      test_fraction=args.test_fraction, value_range=args.value_range)
     pcfg = PartitionConfig(kind=args.kind, alpha=args.alpha, clients=args.clients, min_client_size=args.min_client_size)
     fed = federation_from_dataset(ds, dcfg, pcfg, args.seed)
     path = write_shards(fed, args.out)
-    print(f"wrote {fed.num_clients} client shards and {path}")
+    print(f"wrote {fed.num_clients} client shards and {path / 'manifest.json'} (transform {fed.transform})")
     for c in fed.clients:
         print(f"  client {c.client_id:>4}: train {len(c.y_train):>6}  test {len(c.y_test):>6}")
     return 0
 
 
+def _load(args, load_dataset):
+    if Path(args.path).is_dir() and not Path(args.path, "manifest.json").is_file():
+        raise ConfigError(f"{args.path} is a directory without manifest.json: give a data file, a built-in name, or "
+                          "(for inspect) a shard directory made by `fedhypevae data partition`")
+    if args.data_cmd == "partition" and Path(args.path).is_dir():
+        raise ConfigError(f"{args.path} is already a shard directory; `data partition` reads a data file or a "
+                          "built-in name")
+    return load_dataset(args.path, label_column=args.label_column, group_column=args.group_column,
+                        site_column=args.site_column, metadata_path=args.metadata_path)
+
+
 # ---------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_run
+
+    _check_json(args.json_path)
 
     res = evaluate_run(args.run, protocol=args.protocol, synthetic_path=args.synthetic, seed=args.seed,
                        quality=not args.no_quality, data_path=args.data_path, json_path=args.json_path)
@@ -307,18 +388,51 @@ def cmd_evaluate(args) -> int:
     print(f"protocol {res['protocol']}: {len(res['clients'])} clients, {n_syn} synthetic samples")
     print(f"  accuracy          {100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %")
     print(f"  balanced accuracy {100 * bacc['mean']:.2f} +- {100 * bacc['std']:.2f} %   (mean +- std over clients)")
+    ref = res.get("reference_local")
+    if ref:
+        lb = ref["summary"]["balanced_accuracy"]
+        print(f"  local only        {100 * lb['mean']:.2f} +- {100 * lb['std']:.2f} %   (balanced accuracy of the same "
+              "classifiers without the synthetic set)")
     q = res.get("quality")
     if q:
         print(f"  synthetic quality: MMD^2 {q['mmd2']['real_vs_synthetic']:.4f} (real-real floor "
               f"{q['mmd2']['real_vs_real']:.4f}), C2ST accuracy {q['c2st']['accuracy']:.3f} (0.5 = indistinguishable), "
               f"coverage {q['coverage']['overall']:.3f}")
+    for line in evaluation_hints(res):
+        print(f"  note: {line}")
     print(f"  written to {res['json_path']}")
     return 0
+
+
+def evaluation_hints(res: dict) -> list[str]:
+    """What the numbers mean, in words: whether the synthetic set helped, and how far it is from real data."""
+    out = []
+    ref = res.get("reference_local")
+    if ref:
+        diff = 100 * (res["summary"]["balanced_accuracy"]["mean"] - ref["summary"]["balanced_accuracy"]["mean"])
+        if diff < -0.5:
+            out.append(f"the synthetic set makes these classifiers WORSE than training on each client's real data "
+                       f"alone ({diff:+.2f} points of balanced accuracy): at this privacy budget it carries more noise "
+                       "than signal for them. See docs/RESULTS.md ('What the tables say') for when it helps")
+        elif diff > 0.5:
+            out.append(f"the synthetic set improves on each client's real data alone by {diff:+.2f} points of balanced "
+                       "accuracy")
+        else:
+            out.append(f"the synthetic set changes little against each client's real data alone ({diff:+.2f} points)")
+    q = res.get("quality")
+    if q and q["c2st"]["accuracy"] >= 0.9:
+        out.append(f"a classifier tells synthetic from real records apart {100 * q['c2st']['accuracy']:.0f} % of the "
+                   "time: the synthetic records are far from the real distribution")
+    return out
 
 
 # ---------------------------------------------------------------------------------------- embed
 def cmd_embed(args) -> int:
     from .embed import embed
+    from .validate import check_output_path
+
+    check_output_path(args.output, "output", directory=False)
+    _check_json(args.json_path)
 
     summary = embed(args.input, args.output, model=args.model, source=args.source, weights=args.weights,
                     batch_size=args.batch_size, image_size=args.image_size, resize=args.resize, device=args.device,
@@ -332,14 +446,50 @@ def cmd_embed(args) -> int:
 def cmd_table(args) -> int:
     from .table import load_table_config, run_table
 
+    from .validate import check_output_dir
+
+    check_output_dir(args.out)
     tc = load_table_config(args.config)
     if args.seeds:
-        tc.seeds = [int(s) for s in args.seeds.split(",")]
+        tc.seeds = list(args.seeds)
     if args.methods:
-        tc.methods = args.methods.split(",")
+        tc.methods = list(args.methods)
         tc.__post_init__()
     command = "fedhypevae table " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["table"] else f"fedhypevae table --config {args.config} --out {args.out}"
     res = run_table(tc, Path(args.out), command=command, progress=not args.no_progress)
     print(res["markdown"])
     print(f"written: {args.out}/table.md, table.csv, table.json, per_client_bacc.png")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    from .generator import check_output_file, generate_from_run, write_samples
+
+    out = check_output_file(args.out)
+    x, y, info = generate_from_run(args.run, args.samples, seed=args.seed)
+    write_samples(out, x, y)
+    print(f"wrote {info['samples']} synthetic records ({info['dim']} features; per class {info['per_class']}) to {out}")
+    print(f"  units: {info['units']}")
+    print(f"  drawn from {args.run} with --seed {info['seed']}: post-processing of the run's DP releases, no epsilon "
+          "spent")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- config
+def cmd_config(args) -> int:
+    from .checkpoint import strict_json
+    from .plan import resolve_plan
+
+    import yaml
+
+    cfg = load_config(args.config, args.overrides)
+    plan = resolve_plan(cfg, check_data=not args.no_data)
+    print(f"# resolved config ({args.config}{' + ' + ', '.join(args.overrides) if args.overrides else ''}); "
+          "validated, nothing written or released")
+    print(yaml.safe_dump(strict_json(cfg.to_dict()), sort_keys=False).rstrip())
+    print()
+    print("# privacy plan")
+    for line in plan["lines"]:
+        print(line)
     return 0

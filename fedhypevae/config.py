@@ -8,9 +8,11 @@ of valid ones. The resolved config is saved with every run and checkpoint.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -19,8 +21,10 @@ import yaml
 
 from .errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
+REPO_ROOT = Path(__file__).resolve().parents[1]  # the checkout (a source tree; in a wheel: site-packages)
+# shipped configs: fedhypevae/configs/ in an installed wheel (package data), configs/ in a checkout
+_INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _INSTALLED_CONFIGS if _INSTALLED_CONFIGS.is_dir() else REPO_ROOT / "configs"
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -30,6 +34,30 @@ def _check(cond: bool, msg: str) -> None:
 
 def _one_of(name: str, value: Any, choices: tuple) -> None:
     _check(value in choices, f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)  # YAML's true/false are ints to Python
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_list(name: str, values: Any, *, minimum: int, what: str) -> None:
+    """A non-empty list of integers >= minimum, naming the first element that is not one."""
+    _check(isinstance(values, list) and len(values) >= 1, f"{name} must be a non-empty list of {what}; got {values!r}")
+    for v in values:
+        _check(_is_int(v), f"{name} must be a list of {what}; {v!r} in {values!r} is not an integer")
+        _check(v >= minimum, f"{name} must be a list of {what} (>= {minimum}); got {v!r} in {values!r}")
+
+
+def _number_list(name: str, values: Any, *, what: str) -> None:
+    """A non-empty list of positive finite numbers, naming the first element that is not one."""
+    _check(isinstance(values, list) and len(values) >= 1, f"{name} must be a non-empty list of {what}; got {values!r}")
+    for v in values:
+        _check(_is_number(v), f"{name} must be a list of {what}; {v!r} in {values!r} is not a number")
+        _check(math.isfinite(v) and v > 0, f"{name} must be a list of {what} (> 0); got {v!r} in {values!r}")
 
 
 @dataclass
@@ -45,13 +73,25 @@ class DataConfig:
     site_column: Optional[str] = None
     # optional row-aligned metadata table (.csv/.parquet) holding group/site columns
     metadata_path: Optional[str] = None
-    # per-record transform, public and fixed: auto (range when the format declares one), none, range, l2
+    # per-record transform, public and fixed: auto (range when the format or data.value_range declares a range,
+    # none for float arrays; a plain numeric table declares nothing and must choose), none, range, l2
     transform: str = "auto"
+    # [low, high]: a range every feature lies in, declared from what you know about the format (e.g. [0, 255]
+    # for 8-bit pixels), never measured on the private data; used by data.transform=range
+    value_range: Optional[list] = None
     # fraction of each client's records held out as its test split
     test_fraction: float = 0.2
 
     def __post_init__(self):
+        _check(isinstance(self.path, str) and self.path.strip() != "",
+               f"data.path must not be empty: give a data file, a shard directory or a built-in name "
+               f"(digits, breast_cancer); got {self.path!r}")
         _one_of("data.transform", self.transform, ("auto", "none", "range", "l2"))
+        if self.value_range is not None:
+            vr = self.value_range
+            _check(isinstance(vr, list) and len(vr) == 2 and all(_is_number(v) and math.isfinite(v) for v in vr)
+                   and vr[0] < vr[1], f"data.value_range must be [low, high] with low < high (two finite numbers); "
+                                      f"got {vr!r}")
         # existing paths are stored absolute, so a saved config.yaml works from any directory
         for name in ("path", "metadata_path"):
             value = getattr(self, name)
@@ -115,16 +155,14 @@ class ModelConfig:
         for name in ("latent_dim", "code_dim", "hyper_hidden", "hyper_layers", "label_embed_dim", "mmd_features",
                      "mmd_synthetic_per_class"):
             _check(int(getattr(self, name)) >= 1, f"model.{name} must be >= 1; got {getattr(self, name)}")
-        _check(isinstance(self.hidden, list) and len(self.hidden) >= 1 and all(int(h) >= 1 for h in self.hidden),
-               f"model.hidden must be a non-empty list of positive widths; got {self.hidden}")
+        _int_list("model.hidden", self.hidden, minimum=1, what="positive integer widths")
         _check(self.code_radius > 0, f"model.code_radius must be > 0; got {self.code_radius}")
         _check(self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}")
         _check(self.lambda_v >= 0 and self.lambda_mmd >= 0, "model.lambda_v and model.lambda_mmd must be >= 0")
         _one_of("model.mmd_kind", self.mmd_kind, ("merf", "literal"))
         _one_of("model.activation", self.activation, ("silu", "tanh", "gelu"))
         _check(self.mmd_features % 2 == 0, f"model.mmd_features must be even (cos/sin pairs); got {self.mmd_features}")
-        _check(len(self.mmd_bandwidths) >= 1 and all(b > 0 for b in self.mmd_bandwidths),
-               f"model.mmd_bandwidths must be positive numbers; got {self.mmd_bandwidths}")
+        _number_list("model.mmd_bandwidths", self.mmd_bandwidths, what="positive bandwidths")
 
 
 @dataclass
@@ -187,6 +225,8 @@ class FederationConfig:
         from .aggregation import AGGREGATIONS  # the registry of rules (a new rule registers itself there)
 
         _one_of("federation.aggregation", self.aggregation, tuple(AGGREGATIONS))
+        if self.declared_sizes is not None:
+            _int_list("federation.declared_sizes", self.declared_sizes, minimum=1, what="positive integer sizes")
         _one_of("federation.weights", self.weights, ("declared", "uniform"))
         _one_of("federation.declared_size_rounding", self.declared_size_rounding, ("none", "pow2"))
         _check(self.server_lr > 0, "federation.server_lr must be > 0")
@@ -233,7 +273,9 @@ class PrivacyConfig:
                "privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 (DP-SGD needs a share)")
         _check(self.stats_clip_norm is None or self.stats_clip_norm > 0, "privacy.stats_clip_norm must be > 0 or null")
         _check(self.noise_multiplier is None or self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0 or null")
-        _check(self.noise_seed is None or isinstance(self.noise_seed, int), "privacy.noise_seed must be null or an integer")
+        _check(self.noise_seed is None or _is_int(self.noise_seed),
+               f"privacy.noise_seed must be null or an integer; got {self.noise_seed!r}")
+        _check(self.noise_seed is None or self.noise_seed >= 0, f"privacy.noise_seed must be >= 0; got {self.noise_seed}")
 
 
 @dataclass
@@ -298,6 +340,11 @@ class Config:
     meta: MetaConfig = field(default_factory=MetaConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
 
+    def __post_init__(self):
+        _check(_is_int(self.seed) and 0 <= self.seed < 2 ** 63, f"seed must be an integer in [0, 2^63); got {self.seed!r}")
+        _check(_is_int(self.threads) and self.threads >= 0,
+               f"threads must be >= 0 (0 leaves torch's default); got {self.threads!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -310,9 +357,10 @@ _SECTIONS = {f.name: f for f in fields(Config)}
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping; got {type(values).__name__}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping (key: value lines); "
+                          f"got {type(values).__name__} {values!r}")
     valid = {f.name: f for f in fields(cls)}
-    unknown = sorted(set(values) - set(valid))
+    unknown = sorted(set(map(str, values)) - set(valid))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
                           f"valid keys here: {', '.join(prefix + k for k in valid)}")
@@ -320,7 +368,7 @@ def _build(cls, values: dict, prefix: str):
     for name, value in values.items():
         f = valid[name]
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            kwargs[name] = _build(f.default_factory, value or {}, prefix + name + ".")
+            kwargs[name] = _build(f.default_factory, {} if value is None else value, prefix + name + ".")
         else:
             kwargs[name] = _coerce(prefix + name, value, f)
     try:
@@ -329,27 +377,47 @@ def _build(cls, values: dict, prefix: str):
         raise ConfigError(str(exc)) from None
 
 
+# keys whose value may be infinite (.inf in YAML): an infinite target epsilon means "no budget"
+_INFINITE_OK = ("privacy.target_epsilon",)
+
+
+def _field_type(f: dataclasses.Field) -> tuple[str, bool]:
+    """('int' | 'float' | 'bool' | 'str' | 'list', optional) from the annotation (a string here)."""
+    t = str(f.type).replace(" ", "")
+    optional = t.startswith("Optional[")
+    return (t[len("Optional["):-1] if optional else t), optional
+
+
+_WHAT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "list": "a list"}
+
+
 def _coerce(name: str, value: Any, f: dataclasses.Field):
-    """YAML gives ints where floats are meant (1 vs 1.0): accept those, reject other type mismatches."""
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    if isinstance(value, str) and "float" in str(f.type):
+    """Check a value against the field's declared type. YAML gives ints where floats are meant (1 vs 1.0):
+    those are accepted; true/false are never taken for numbers (Python counts bool as an int)."""
+    kind, optional = _field_type(f)
+    what = _WHAT.get(kind, kind)
+    if value is None:
+        _check(optional, f"{name} must be {what}; got nothing (null or an empty value)")
+        return None
+    if isinstance(value, str) and kind == "float":
         try:  # YAML 1.1 reads 1e-7 (no dot) as a string
             value = float(value)
         except ValueError:
             raise ConfigError(f"{name} must be a number; got {value!r}") from None
-    if value is None or default is None:
-        return value
-    if isinstance(default, bool):
+    null = " or null" if optional else ""
+    if kind == "bool":
         _check(isinstance(value, bool), f"{name} must be true or false; got {value!r}")
-    elif isinstance(default, float):
-        _check(isinstance(value, (int, float)) and not isinstance(value, bool), f"{name} must be a number; got {value!r}")
-        return float(value)
-    elif isinstance(default, int):
-        _check(isinstance(value, int) and not isinstance(value, bool), f"{name} must be an integer; got {value!r}")
-    elif isinstance(default, str):
-        _check(isinstance(value, str), f"{name} must be a string; got {value!r}")
-    elif isinstance(default, list):
-        _check(isinstance(value, list), f"{name} must be a list; got {value!r}")
+    elif kind == "float":
+        _check(_is_number(value), f"{name} must be a number{null}; got {value!r}")
+        value = float(value)
+        _check(math.isfinite(value) or (name in _INFINITE_OK and value == math.inf),
+               f"{name} must be a finite number; got {value!r}")
+    elif kind == "int":
+        _check(_is_int(value), f"{name} must be an integer{null}; got {value!r}")
+    elif kind == "str":
+        _check(isinstance(value, str), f"{name} must be a string{null}; got {value!r}")
+    elif kind == "list":
+        _check(isinstance(value, list), f"{name} must be a list{null}; got {value!r}")
     return value
 
 
@@ -360,12 +428,35 @@ def shipped_configs() -> list[str]:
 
 def resolve_config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
+    if p.is_dir():
+        raise ConfigError(f"config {name_or_path} is a directory; give a YAML file or the name of a shipped config "
+                          f"({', '.join(shipped_configs())})")
     if p.is_file():
         return p
     q = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if q.is_file():
         return q
     raise ConfigError(f"config file {name_or_path!r} not found; shipped configs: {', '.join(shipped_configs())}")
+
+
+def read_yaml(p: Path, what: str = "config file"):
+    """The YAML document in p; unreadable files, other encodings and syntax errors as one-line ConfigErrors."""
+    try:
+        text = Path(p).read_text(encoding="utf-8")
+    except PermissionError:
+        raise ConfigError(f"{what} {p}: permission denied; make it readable (chmod u+r) or copy it") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                          f"{exc.start}); is it a YAML file?") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {p} cannot be read: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{what} {p} is not valid YAML{at}: {problem}") from None
 
 
 def apply_override(tree: dict, override: str) -> None:
@@ -392,16 +483,36 @@ def config_from_dict(tree: dict) -> Config:
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """The resolved, validated config: a YAML file (or a shipped config's name), then the dotted overrides.
+    An error in the file names the file; an error an override brought in names the key."""
     tree: dict = {}
+    p = None
     if path is not None:
         p = resolve_config_path(path)
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        tree = read_yaml(p)
+        if tree is None:
+            tree = {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {p} must be a mapping (key: value lines, one section per component); "
+                              f"its top level is a {type(tree).__name__}")
+    merged = copy.deepcopy(tree)
     for ov in overrides or []:
-        apply_override(tree, ov)
-    return config_from_dict(tree)
+        apply_override(merged, ov)
+    try:
+        return config_from_dict(merged)
+    except ConfigError as exc:
+        if p is None or not overrides:
+            raise _in_file(exc, p) from None
+        try:  # was it the file or an override?
+            config_from_dict(tree)
+        except ConfigError as in_file:
+            if str(in_file) == str(exc):
+                raise _in_file(exc, p) from None
+        raise
+
+
+def _in_file(exc: ConfigError, p: Optional[Path]) -> ConfigError:
+    return ConfigError(f"config file {p}: {exc}") if p is not None else exc
 
 
 def save_config(cfg: Config, path: Path) -> None:

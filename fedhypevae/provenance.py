@@ -9,6 +9,10 @@ from .config import REPO_ROOT, Config
 
 
 def git_commit() -> str:
+    """The checkout's commit (+dirty); "unknown" for an installed package (its version is in `packages`):
+    git is asked only inside the source tree, never in site-packages (which may sit inside another repository)."""
+    if not (REPO_ROOT / ".git").exists() or not (REPO_ROOT / "pyproject.toml").is_file():
+        return "unknown"
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
         sha = out.stdout.strip()

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -14,12 +16,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-from hpc import Communicator
+from fedhypevae.hpc import Communicator
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data import invert_transform
-from .errors import FedHypeVAEError
+from .data import invert_transform, is_invertible, output_units
+from .errors import ConfigError, FedHypeVAEError
+from .generator import GENERATOR_FILE, generator_metadata
 from .metacode import ClassMoments, class_counts, fit_metacode, generate, mixture_weights
 from .privacy import CLASS_STATS, class_stat_sums, finalize_class_stats, noise_class_stats
 from .rng import STREAM_STATS_RELEASE, public_generator
@@ -27,6 +30,13 @@ from .trainer import Trainer
 from .validate import stats_clip_norm  # noqa: F401  (re-exported: C_x of the statistics release)
 
 EXIT_PARTIAL = 3  # the run ended without its statistics release or meta-code fit (results.json says what)
+LOG_FILE = "run.log"
+log = logging.getLogger("fedhypevae.run")
+FILE_ONLY = {"console": False}  # `extra` of a record the console handler skips (the CLI prints it itself)
+
+# what a training run writes into its directory (a directory holding anything else is not a run)
+RUN_ENTRIES = {"config.yaml", "results.json", "metrics.jsonl", "events.jsonl", "tb", "checkpoints", "ledger", "clients",
+               "hypernetwork.pt", "meta_codes.pt", "synthetic.npz", GENERATOR_FILE, LOG_FILE, "evaluation.json"}
 
 
 def _flatten(stats: dict) -> tuple[torch.Tensor, list]:
@@ -108,17 +118,28 @@ def synthesize(tr: Trainer, moments: Optional[list[ClassMoments]]) -> dict:
     _save_npz(tr.out / "synthetic.npz", x=x_out, y=y.numpy().astype(np.int64))
     ckpt.atomic_torch_save(hyper.state_dict(), tr.out / "hypernetwork.pt")
     ckpt.atomic_torch_save({"codes": codes, "weights": weights}, tr.out / "meta_codes.pt")
+    # what `fedhypevae generate` needs to rebuild Phi: public metadata only (shapes, settings, the value range
+    # the format or data.value_range declares, the DP class counts already released); no statistic of the data
+    ckpt.atomic_write_text(tr.out / GENERATOR_FILE, ckpt.dumps_json(generator_metadata(
+        cfg, dim=tr.fed.dim, num_classes=tr.fed.num_classes, transform=tr.fed.transform,
+        value_range=tr.fed.value_range, dp_class_counts=None if moments is None else moments[-1].counts,
+        fitted=moments is not None), indent=2) + "\n")
     return {"meta": {"codes": K, "weights": weights.tolist(),
                      "final_fit_loss": [t[-1] if t else None for t in traces],
                      "fitted": moments is not None},
             "synthetic": {"path": str(tr.out / "synthetic.npz"), "samples": int(len(y)), "per_class": counts,
-                          "units": "the input data's units (public transform inverted)"}}
+                          "units": output_units(tr.fed.transform, tr.fed.value_range),
+                          "in_input_units": is_invertible(tr.fed.transform)}}
 
 
 def _save_npz(path: Path, **arrays) -> None:
     tmp = path.with_name(f".{path.name}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
@@ -166,31 +187,144 @@ def spent_note(tr: Trainer) -> str:
             f"`fedhypevae train --resume --out {tr.out}`]")
 
 
+def foreign_entries(out: Path) -> list[str]:
+    """Entries of `out` that no training run writes (a directory holding them is not a run directory)."""
+    out = Path(out)
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith("."))
+
+
+def check_run_dir(out: Path, *, resume: bool) -> None:
+    """A new run goes to a new or empty directory, or one that only holds what a run writes (a run that
+    failed before its first release); files of anything else there could be overwritten."""
+    if resume:
+        return
+    other = foreign_entries(out)
+    if other:
+        shown = ", ".join(other[:5]) + (f", ... ({len(other)} entries)" if len(other) > 5 else "")
+        raise ConfigError(f"--out {out} holds other files ({shown}), so it is not a run directory; a run goes to a new "
+                          "or empty directory: choose another --out")
+
+
+def finished_run(out: Path, cfg: Config) -> Optional[dict]:
+    """The results of the finished run in `out` when it was run with `cfg`'s settings (training it again would
+    be a second release on the same data and spend epsilon again); ConfigError when it was run with other
+    settings; None when `out` holds no finished run."""
+    out = Path(out)
+    res = out / "results.json"
+    if not res.is_file():
+        return None
+    try:
+        results = json.loads(res.read_text())
+    except (OSError, ValueError):
+        return None  # the trainer's own checks report a damaged run
+    if results.get("status") != "complete" or results.get("interrupted"):
+        return None
+    from .config import load_config
+    from .trainer import flatten_config
+
+    try:
+        saved = load_config(str(out / "config.yaml")).to_dict()
+    except FedHypeVAEError:
+        saved = {}
+    a, b = flatten_config(saved), flatten_config(cfg.to_dict())
+    changed = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if changed:
+        said = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ConfigError(f"--out {out} holds a finished run with other settings: {said}{more}; a new run goes to "
+                          "another --out (a second run on the same data spends epsilon again)")
+    return results
+
+
+def attach_log_file(out: Path, level: str = "info") -> Optional[logging.Handler]:
+    """RUN/run.log: the run's log, one line per event (the console shows warnings; the progress bar stays)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(out / LOG_FILE, encoding="utf-8")
+    except OSError:
+        return None
+    handler.setLevel(getattr(logging, level.upper(), logging.INFO))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("fedhypevae")
+    root.addHandler(handler)
+    root.setLevel(min(root.level or logging.WARNING, handler.level))
+    return handler
+
+
+def _detach_log_file(out: Path) -> None:
+    root = logging.getLogger("fedhypevae")
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == Path(out).resolve():
+            root.removeHandler(h)
+            h.close()
+
+
 def run_training(cfg: Config, out: Path, comm: Optional[Communicator] = None, *, resume: bool = False,
                  progress: bool = True, launcher: str = "none", device: str = "cpu",
-                 catch_signals: bool = False) -> dict:
+                 catch_signals: bool = False, log_level: str = "info") -> dict:
     """Train, release statistics, fit the meta-code and write the outputs. With `catch_signals`, the first
     SIGTERM/SIGUSR2/SIGINT makes every rank checkpoint together at the next step boundary and return
     {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. A run that could not
-    release its statistics (no budget left) returns results with "status": "partial" (exit code 3)."""
-    tr = Trainer(cfg, Path(out), comm, resume=resume, progress=progress, launcher=launcher, device=device)
+    release its statistics (no budget left) returns results with "status": "partial" (exit code 3).
+    A run that fails before its first release leaves no directory behind (when it created it); after a
+    release everything stays (the ledger keeps every charge) and --resume continues."""
+    out = Path(out)
+    check_run_dir(out, resume=resume)
+    existed = out.exists()
+    tr = Trainer(cfg, out, comm, resume=resume, progress=progress, launcher=launcher, device=device)
     restore = _catch_stop_signals(tr) if catch_signals else None
+    if tr.comm.is_root:
+        tr.hooks.on("round_end", lambda r, metrics: log.info(
+            "round %d: %s", r + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                                             if isinstance(v, (int, float)) and v is not None)))
     try:
         try:
-            return _run(tr, cfg, resume)
+            results = _run(tr, cfg, resume, log_level)
+            log.info("run %s: %s", "interrupted" if results.get("interrupted") else results.get("status", "complete"),
+                     out)
+            return results
         except FedHypeVAEError as exc:
+            log.error("%s", exc, extra=FILE_ONLY)  # the command line prints it
             note = spent_note(tr) if hasattr(tr, "ledger") else ""
             if note:
                 raise type(exc)(f"{exc}{note}") from None
+            _discard_unreleased(tr, out, existed)
             raise
-        except Exception:
+        except BaseException as exc:
+            log.error("the run failed: %s: %s", type(exc).__name__, exc, extra=FILE_ONLY)
             note = spent_note(tr) if hasattr(tr, "ledger") else ""
             if note:
                 print(f"fedhypevae: the run failed after releasing data:{note}", file=sys.stderr, flush=True)
+            else:
+                _discard_unreleased(tr, out, existed)
             raise
     finally:
+        _detach_log_file(out)
         if restore:
             restore()
+
+
+def _discard_unreleased(tr: Trainer, out: Path, existed: bool) -> None:
+    """Remove the directory a single-process run created when it failed before anything was released (nothing
+    there is worth keeping, and a retry can then use the same --out). Several ranks: left as it is (another
+    rank may be writing)."""
+    if existed or tr.comm.world_size != 1 or not out.is_dir():
+        return
+    ledger = getattr(tr, "ledger", None)
+    if ledger is not None and ledger.records:
+        return
+    _detach_log_file(out)
+    try:
+        if ledger is not None:
+            ledger.close()
+        writer = getattr(tr, "writer", None)
+        if writer is not None:
+            writer.close()
+    except Exception:  # noqa: BLE001 - closing what failed must not hide the original error
+        pass
+    shutil.rmtree(out, ignore_errors=True)
 
 
 def _interrupted(tr: Trainer) -> dict:
@@ -206,8 +340,14 @@ def _interrupted(tr: Trainer) -> dict:
             "epsilon_spent": tr.epsilon_spent(), "checkpoint": str(last), "out": str(tr.out)}
 
 
-def _run(tr: Trainer, cfg: Config, resume: bool) -> dict:
+def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dict:
     tr.setup()
+    if tr.comm.is_root:  # after setup: a run refused there leaves no file behind
+        attach_log_file(tr.out, log_level)
+    log.info("%s %s: %d clients on %d rank(s), %d rounds x %d steps, privacy %s", "resumed" if resume else "started",
+             tr.out, cfg.partition.clients, tr.comm.world_size, cfg.train.rounds, cfg.train.local_steps,
+             f"{cfg.privacy.mode}, target epsilon {cfg.privacy.target_epsilon}, sigma {tr.sigma:.4g}"
+             if cfg.privacy.enabled else "disabled")
     done = tr.out / "results.json"
     if resume and done.is_file() and (tr.state.round >= cfg.train.rounds or tr.state.stopped):
         previous = json.loads(done.read_text())
@@ -219,8 +359,15 @@ def _run(tr: Trainer, cfg: Config, resume: bool) -> dict:
     clip = tr.stats_clip  # checked in setup, before anything was written or released
     tr.train()
     if tr.state.interrupted:
+        log.warning("stopped by signal %s at round %d; checkpointed", tr.stop_signal, tr.state.round)
         return _interrupted(tr)
+    # (epsilon_spent() is not called here: it is a collective, and every collective is a declared release)
+    log.info("training done: %d rounds, %d DP-SGD steps", tr.state.round, tr.state.steps)
     moments, why = release_statistics(tr, clip)
+    if why and why != "signal":
+        log.warning("%s", why)
+    elif not why:
+        log.info("class statistics released (stats.covariance=%s)", cfg.stats.covariance)
     if why == "signal":
         tr.state.interrupted = True
         return _interrupted(tr)

@@ -175,6 +175,11 @@ def aggregate(cells: list[dict]) -> dict:
             for k, v in out.items()}
 
 
+def _pm(mean: float, std: float, n: int) -> str:
+    """mean ± std over seeds; one seed has no spread to show, so no ±."""
+    return f"{mean:.2f} ± {std:.2f}" if n > 1 else f"{mean:.2f}"
+
+
 def markdown(tc: TableConfig, agg: dict, command: str) -> str:
     parts = [p for p in tc.partitions]
     head = "| Method | " + " | ".join(f"{_pname(p, tc)} ACC (%) | {_pname(p, tc)} BACC (%)" for p in parts) + " | ε spent (max) |"
@@ -190,15 +195,17 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
             if a is None:
                 cells += ["–", "–"]
                 continue
-            b = f"{a['bacc_mean']:.2f} ± {a['bacc_std']:.2f}"
+            b = _pm(a["bacc_mean"], a["bacc_std"], a["seeds"])
             if best[p] is not None and m != "pooled" and abs(a["bacc_mean"] - best[p]) < 1e-9:
                 b = f"**{b}**"
-            cells += [f"{a['acc_mean']:.2f} ± {a['acc_std']:.2f}", b]
+            cells += [_pm(a["acc_mean"], a["acc_std"], a["seeds"]), b]
             if a["epsilon_max"] is not None:
                 eps = max(eps or 0.0, a["epsilon_max"])
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} |")
     lines += [""] + verdicts(tc, agg)
-    lines += ["", "Mean ± std over seeds of the client-averaged metric; bold: best balanced accuracy among the "
+    spread = ("Mean ± std over seeds of the client-averaged metric" if len(tc.seeds) > 1 else
+              "The client-averaged metric of one seed (no spread over seeds to show)")
+    lines += ["", spread + "; bold: best balanced accuracy among the "
               "methods that do not pool data. *Paper mode: the encoder and client code train on private data "
               "without noise, so its ε is not a formal guarantee.", ""]
     if tc.notes:
@@ -208,7 +215,7 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
 
 
 def verdicts(tc: TableConfig, agg: dict) -> list[str]:
-    """Plain statements of where FedHypeVAE (strict) wins and where it does not (balanced accuracy)."""
+    """Plain statements of where FedHypeVAE (strict) stands against each comparison (balanced accuracy)."""
     out = []
     m = "fedhypevae-strict"
     private = [k for k in ("fedavg-dp", "fedprox-dp", "dpcvae") if k in tc.methods]
@@ -222,7 +229,10 @@ def verdicts(tc: TableConfig, agg: dict) -> list[str]:
             if b is None:
                 continue
             diff = a["bacc_mean"] - b["bacc_mean"]
-            said.append(f"{'beats' if diff > 0 else 'does NOT beat'} {what} by {diff:+.2f} points")
+            if abs(diff) < 0.005:
+                said.append(f"ties with {what}")
+            else:
+                said.append(f"is {abs(diff):.2f} points {'above' if diff > 0 else 'BELOW'} {what}")
         if said:
             out.append(f"- {_pname(p, tc)}: FedHypeVAE (strict) " + "; ".join(said) + ".")
     return out
@@ -232,37 +242,122 @@ def _pname(p: str, tc: TableConfig) -> str:
     return "IID" if p == "iid" else f"α={tc.alpha}"
 
 
-def plot(tc: TableConfig, cells: list[dict], path: Path) -> None:
+# how each method treats privacy, for the plot's colours: DP with a formal guarantee, DP-SGD on Phi only (paper
+# mode: not a formal guarantee), or no privacy at all
+PRIVACY_KIND = {"fedavg-dp": "dp", "fedprox-dp": "dp", "dpcvae": "dp", "fedhypevae-strict": "dp",
+                "fedhypevae-paper": "paper", "local": "none", "fedavg": "none", "fedprox": "none", "pooled": "none"}
+_KIND_STYLE = {"dp": ("#4c72b0", "private (DP, formal guarantee)"),
+               "paper": ("#8172b2", "paper mode (DP on Phi only, not formal)"),
+               "none": ("#c8c8c8", "non-private")}
+
+
+def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
+    """One panel per partition: a box per method over every (seed, client) balanced accuracy, each client a
+    dot (so no outlier marker is drawn twice), boxes coloured by how the method treats privacy. Returns what
+    was drawn (legend labels, whether each panel labels its y axis, outlier markers) for the tests."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     parts = tc.partitions
-    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts) + 1.5, 5.2), squeeze=False, sharey=True)
+    kinds_used = []
     for ax, p in zip(axes[0], parts):
-        data, labels = [], []
+        data, labels, kinds = [], [], []
         for m in tc.methods:
             vals = [100 * r["balanced_accuracy"] for c in cells if c["method"] == m and c["partition"] == p for r in c["rows"]]
             if vals:
                 data.append(vals)
                 labels.append(LABELS[m].replace(" (", "\n("))
+                kinds.append(PRIVACY_KIND.get(m, "none"))
         if data:
-            ax.boxplot(data, showmeans=True)
+            box = ax.boxplot(data, showmeans=True, showfliers=False, patch_artist=True, widths=0.6,
+                             medianprops={"color": "black", "linewidth": 1.5},
+                             meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black",
+                                        "markersize": 5})
+            for patch, kind in zip(box["boxes"], kinds):
+                patch.set_facecolor(_KIND_STYLE[kind][0])
+                patch.set_alpha(0.55)
             for i, vals in enumerate(data, start=1):
-                ax.scatter(np.full(len(vals), i) + np.random.default_rng(i).uniform(-0.15, 0.15, len(vals)), vals, s=8, alpha=0.5)
-            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=60, ha="right", fontsize=8)
-        ax.set_title(f"{tc.name}, {_pname(p, tc)}")
+                jitter = np.random.default_rng(i).uniform(-0.18, 0.18, len(vals))
+                ax.scatter(np.full(len(vals), i) + jitter, vals, s=9, color="#333333", alpha=0.55, zorder=3,
+                           linewidths=0)
+            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=55, ha="right", fontsize=8)
+            kinds_used += [k for k in kinds if k not in kinds_used]
+        ax.set_title(f"{tc.name}, {'IID' if p == 'iid' else f'Dirichlet α = {tc.alpha}'}")
+        ax.tick_params(axis="y", labelleft=True)  # every panel keeps its own scale labels
         ax.set_ylabel("balanced accuracy per client (%)")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
+    handles = [Patch(facecolor=_KIND_STYLE[k][0], alpha=0.55, label=_KIND_STYLE[k][1]) for k in ("dp", "paper", "none")
+               if k in kinds_used]
+    handles += [Line2D([], [], color="black", linewidth=1.5, label="median"),
+                Line2D([], [], marker="D", linestyle="none", markerfacecolor="white", markeredgecolor="black",
+                       label="mean"),
+                Patch(facecolor="white", edgecolor="black", label="box: middle half of clients; whiskers: 1.5 IQR"),
+                Line2D([], [], marker="o", linestyle="none", color="#333333", alpha=0.55, markersize=4,
+                       label="one client (every seed)")]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(path, dpi=120)
+    drawn = {"legend": [h.get_label() for h in handles],
+             "y_tick_labels": [any(lab.get_visible() and lab.get_text() for lab in ax.get_yticklabels())
+                               for ax in axes[0]],
+             "outlier_markers": sum(len(line.get_xdata()) for ax in axes[0] for line in ax.lines
+                                    if line.get_marker() not in ("None", "", None, "D"))}
     plt.close(fig)
+    return drawn
+
+
+SETTINGS_FILE = "settings.json"
+# what selects cells rather than defining them: changing these adds or leaves out cells, never changes one
+_SELECTORS = ("name", "partitions", "seeds", "methods", "notes")
+
+
+def cell_settings(tc: TableConfig) -> dict:
+    """Every setting a cell's numbers depend on, the FedHypeVAE base config resolved (a changed
+    configs/default.yaml changes the cells too)."""
+    settings = {k: v for k, v in tc.__dict__.items() if k not in _SELECTORS}
+    settings["resolved_train_config"] = load_config(tc.train_config, list(tc.overrides)).to_dict()
+    return json.loads(dumps_json(settings))
+
+
+def check_cached_cells(tc: TableConfig, out: Path) -> dict:
+    """Cells under OUT/cells were computed with the settings in OUT/cells/settings.json; reusing them under
+    other settings would print new settings over old numbers, so that is refused."""
+    settings = cell_settings(tc)
+    f = out / "cells" / SETTINGS_FILE
+    cached = any((out / "cells").glob("*.json")) if (out / "cells").is_dir() else False
+    if f.is_file():
+        try:
+            old = json.loads(f.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != settings:
+            from .trainer import flatten_config
+
+            a, b = flatten_config(old or {}), flatten_config(settings)
+            diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            said = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:4]) + (
+                f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise ConfigError(f"--out {out} holds cells computed with other settings: {said}; use another --out (or "
+                              f"delete {out / 'cells'} to recompute every cell)")
+    elif cached:
+        raise ConfigError(f"--out {out} holds cells without a record of their settings ({f.name} is missing); use "
+                          f"another --out (or delete {out / 'cells'} to recompute every cell)")
+    return settings
 
 
 def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True) -> dict:
+    settings = check_cached_cells(tc, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)
+    if not (out / "cells" / SETTINGS_FILE).is_file():
+        from .checkpoint import atomic_write_text
+
+        atomic_write_text(out / "cells" / SETTINGS_FILE, dumps_json(settings, indent=1) + "\n")
     todo = [(p, s, m) for p in tc.partitions for s in tc.seeds for m in tc.methods]
     cells = []
     bar = None
@@ -271,16 +366,17 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
         bar = tqdm(total=len(todo), desc=f"table {tc.name}", unit="cell")
     for p, s, m in todo:
         f = out / "cells" / f"{p}_s{s}_{m}.json"
+        if bar is not None:  # the cell being computed now (or read back)
+            bar.set_postfix_str(f"{m} {p} seed {s}" + (" (cached)" if f.is_file() else ""))
         if f.is_file():
             cell = json.loads(f.read_text())
         else:
             cell = run_cell(tc, m, p, s, out)
-            tmp = f.with_suffix(".tmp")
-            tmp.write_text(dumps_json(cell, indent=1))
-            tmp.replace(f)
+            from .checkpoint import atomic_write_text
+
+            atomic_write_text(f, dumps_json(cell, indent=1))
         cells.append(cell)
         if bar is not None:
-            bar.set_postfix_str(f"{m} {p} s{s}")
             bar.update(1)
     if bar is not None:
         bar.close()

@@ -31,8 +31,8 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from hpc import Communicator, LocalCommunicator, place_clients
-from hpc.placement import PlacementError
+from fedhypevae.hpc import Communicator, LocalCommunicator, place_clients
+from fedhypevae.hpc.placement import PlacementError
 
 from . import checkpoint as ckpt
 from .aggregation import flat_phi as _flat_phi

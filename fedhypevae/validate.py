@@ -15,8 +15,7 @@ from typing import Optional
 
 from .config import Config
 from .errors import ConfigError
-
-GB = 1024 ** 3
+from .memory import GB, available_memory  # noqa: F401  (available_memory: re-exported)
 
 
 def stats_clip_norm(cfg: Config, transform: str, dim: int) -> float:
@@ -30,18 +29,6 @@ def stats_clip_norm(cfg: Config, transform: str, dim: int) -> float:
     raise ConfigError("privacy.stats_clip_norm must be set when data.transform is none: the statistics release "
                       "clips each embedding to this L2 norm (pick a bound from what you know about the embedding "
                       "model, not from the private data), or use data.transform=l2")
-
-
-def available_memory() -> Optional[int]:
-    """Bytes the kernel says a new allocation can get (MemAvailable), or None where unknown."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def stage_memory(cfg: Config, *, classes: int, dim: int, clients_here: int) -> dict:
@@ -78,18 +65,44 @@ def check_stage_memory(cfg: Config, *, classes: int, dim: int, clients_here: int
                               "setting (or the embedding dimension) before training spends any privacy budget")
 
 
-def check_output_dir(out: Path) -> None:
-    """The run directory can be created and written (nothing is created here)."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a directory")
-    probe = out
-    while not probe.exists():
-        if probe.parent == probe:
-            break
+def check_output_path(path, flag: str, *, directory: bool) -> Path:
+    """An output path (`flag` names it in messages) that can be created: not empty, no file in the way, a
+    writable existing ancestor. Nothing is created here. `directory`: the path is a directory to create or
+    reuse; else a file (an existing directory in its place is refused)."""
+    if path is None or str(path).strip() == "":
+        raise ConfigError(f"{flag} is empty; give a path")
+    out = Path(path)
+    if out.exists():
+        if directory and not out.is_dir():
+            raise ConfigError(f"{flag} {out} exists and is not a directory; choose a directory path")
+        if not directory and out.is_dir():
+            raise ConfigError(f"{flag} {out} is a directory; give a file path")
+    # the directory the path will be written in: the path itself for an existing directory, else its parent
+    probe = out if (directory and out.is_dir()) else (out.parent if str(out.parent) else Path("."))
+    while not probe.exists() and probe.parent != probe:
         probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out}: cannot write in {probe} (permission denied); choose another directory")
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{flag} {out}: {probe} is a file, not a directory; choose a path that is not below a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: cannot write in {probe} (permission denied); choose another directory")
+    return out
+
+
+def check_output_dir(out: Path, flag: str = "--out") -> None:
+    """The run directory can be created and written (nothing is created here)."""
+    check_output_path(out, flag, directory=True)
+
+
+def check_new_output_dir(out: Path, flag: str = "--out", *, what: str = "output") -> None:
+    """A directory this command creates from scratch: it may not exist, or be empty (files already there
+    would be mixed with the new ones, or overwritten)."""
+    out = check_output_path(out, flag, directory=True)
+    if out.is_dir():
+        entries = sorted(p.name for p in out.iterdir())
+        if entries:
+            shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
+            raise ConfigError(f"{flag} {out} already exists and is not empty ({shown}); the {what} goes to a new or "
+                              "empty directory: choose another path or remove that one")
 
 
 def validate_run(cfg: Config, *, transform: str, classes: int, dim: int, clients_here: int) -> float:

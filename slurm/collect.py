@@ -1,6 +1,6 @@
 """Collect a sweep into a table and a privacy-utility plot.
 
-    python -m slurm.collect SWEEP [--out DIR]
+    python -m fedhypevae.slurm.collect SWEEP [--out DIR]
 
 Reads SWEEP/points/*/result.json and writes summary.csv (one row per method, partition and epsilon:
 mean and std over seeds of the client-averaged accuracy and balanced accuracy), points.csv (one
@@ -99,6 +99,16 @@ def markdown(rows: list[dict], missing: list[dict], sweep: Path, partial: list[d
     return "\n".join(lines)
 
 
+def partition_words(part: str) -> str:
+    """A sweep's partition token in words: iid -> 'IID', dirichlet0.3 -> 'Dirichlet α = 0.3 (label skew)'."""
+    if part == "iid":
+        return "IID"
+    if part.startswith("dirichlet"):
+        alpha = part[len("dirichlet"):]
+        return f"Dirichlet α = {alpha} (label skew)" if alpha else "Dirichlet (label skew)"
+    return part
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -108,7 +118,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     parts = sorted({r["partition"] for r in rows})
     eps_all = sorted({r["epsilon"] for r in rows if r["epsilon"] is not None and not math.isinf(r["epsilon"])})
-    fig, axes = plt.subplots(2, len(parts), figsize=(5.5 * len(parts), 7.5), squeeze=False, sharex=True)
+    fig, axes = plt.subplots(2, len(parts), figsize=(5.0 * len(parts) + 2.8, 7.0), squeeze=False, sharex=True)
     for j, part in enumerate(parts):
         for i, (metric, name) in enumerate([("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")]):
             ax = axes[i][j]
@@ -133,15 +143,22 @@ def plot(rows: list[dict], path: Path) -> None:
             if eps_all:
                 ax.set_xticks(eps_all, [f"{e:g}" for e in eps_all])
                 ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-            ax.set_title(f"{part}: {name}")
+            ax.set_title(f"{partition_words(part)}: {name}", fontsize=10)
             ax.set_ylabel(f"{name} (%)")
             ax.grid(alpha=0.3)
             if i == 1:
                 ax.set_xlabel("target ε (log scale)")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, bbox_to_anchor=(0.5, 0.0))
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    seen: dict = {}
+    for ax in axes.flat:  # every method once, whichever panel drew it
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            seen.setdefault(lab, h)
+    # one legend in a column of its own on the right: it covers no curve and leaves no empty band
+    width = 2.8 / fig.get_figwidth()
+    if seen:
+        fig.legend(list(seen.values()), list(seen.keys()), loc="center left", bbox_to_anchor=(1 - width + 0.01, 0.5),
+                   fontsize=8, frameon=False, title="method (ε-independent ones\nas horizontal bands ± std)",
+                   title_fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1 - width, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -149,7 +166,7 @@ def plot(rows: list[dict], path: Path) -> None:
 def collect(sweep: Path, out: Path | None = None) -> dict:
     sweep = Path(sweep)
     if not (sweep / "points").is_dir():
-        raise FileNotFoundError(f"{sweep} holds no sweep (no points/ directory); run python -m slurm.sweep first")
+        raise FileNotFoundError(f"{sweep} holds no sweep (no points/ directory); run python -m fedhypevae.slurm.sweep first")
     out = Path(out or sweep)
     out.mkdir(parents=True, exist_ok=True)
     results, partial, missing = load_points(sweep)
@@ -182,14 +199,14 @@ def collect(sweep: Path, out: Path | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m slurm.collect", description=__doc__.split("\n\n")[0])
-    ap.add_argument("sweep", help="the sweep directory (--out of python -m slurm.sweep)")
+    ap = argparse.ArgumentParser(prog="python -m fedhypevae.slurm.collect", description=__doc__.split("\n\n")[0])
+    ap.add_argument("sweep", help="the sweep directory (--out of python -m fedhypevae.slurm.sweep)")
     ap.add_argument("--out", help="where to write the outputs (default: the sweep directory)")
     args = ap.parse_args(argv)
     try:
         s = collect(Path(args.sweep), Path(args.out) if args.out else None)
     except FileNotFoundError as exc:
-        print(f"slurm.collect: error: {exc}", file=sys.stderr)
+        print(f"fedhypevae.slurm.collect: error: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out or args.sweep)
     print((out / "summary.md").read_text())

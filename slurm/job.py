@@ -1,8 +1,8 @@
 """One sweep point as a job: train (every task a rank) -> evaluate -> SWEEP/points/<id>/result.json.
 
-    python -m slurm.job SWEEP/points/<id>        # what every srun task (or mpiexec rank) runs
+    python -m fedhypevae.slurm.job SWEEP/points/<id>        # what every srun task (or mpiexec rank) runs
 
-The point directory holds `spec.json` (written by `slurm.sweep`), the training run under `run/`,
+The point directory holds `spec.json` (written by `fedhypevae.slurm.sweep`), the training run under `run/`,
 `events.jsonl` (start / interrupted / finished or partial, written by rank 0) and, once done,
 `result.json`, whose "status" is "complete" or "partial".
 
@@ -20,9 +20,9 @@ and "rows": [] (no accuracy). Such a point is final: it is not retried or requeu
 another attempt would be refused the same release (its epsilon is spent). How it ends:
   * under submitit (SLURM, local and debug clusters) the job returns normally with
     {"status": "partial", ...}: SLURM records it COMPLETED, submitit neither retries nor
-    requeues it (it requeues only on its USR2/timeout checkpoint), and `slurm.sweep` reads
+    requeues it (it requeues only on its USR2/timeout checkpoint), and `fedhypevae.slurm.sweep` reads
     result.json and reports the point as "partial (not retried: ...)";
-  * `python -m slurm.job` (the plain sbatch script, or a rank under mpiexec) exits with 3, the
+  * `python -m fedhypevae.slurm.job` (the plain sbatch script, or a rank under mpiexec) exits with 3, the
     status of a partial `fedhypevae train` (fedhypevae.run.EXIT_PARTIAL), so that sacct shows it
     apart from a success (0) and an error (2); the sbatch script requeues only on 140/143;
   * `run_with_mpiexec` takes the ranks' status 3 (with result.json saying partial) as a partial
@@ -31,7 +31,7 @@ A job started again for a point that already has a result.json (complete or part
 requeueing it after it wrote the file, does not run the point again: it exits at once with the
 point's status (0 complete, 3 partial). Delete result.json to run a point again.
 
-Exit statuses of `python -m slurm.job`: 0 complete, 3 partial, 2 error (the message says what to
+Exit statuses of `python -m fedhypevae.slurm.job`: 0 complete, 3 partial, 2 error (the message says what to
 change), 128+N stopped by signal N after every rank checkpointed (140 USR2, 143 TERM, 130 INT).
 
 Every JSON file written here is strict JSON (fedhypevae.checkpoint.dumps_json: no Infinity/NaN
@@ -55,7 +55,7 @@ from fedhypevae.checkpoint import atomic_write_text, dumps_json
 from fedhypevae.metrics import append_event as append_run_event
 from fedhypevae.metrics import read_events  # noqa: F401  (re-exported: a point's events)
 from fedhypevae.table import FEDHYPEVAE_METHODS
-from hpc.launcher import venv_tool
+from fedhypevae.hpc.launcher import venv_tool
 
 EXIT_INTERRUPTED = {signal.SIGUSR2: 128 + signal.SIGUSR2, signal.SIGTERM: 128 + signal.SIGTERM,
                     signal.SIGINT: 128 + signal.SIGINT}
@@ -133,9 +133,9 @@ def existing_result(point: Path):
 def run_point_here(point: Path) -> dict:
     """Run the point in this process, which is one rank of the job (or the only one)."""
     from fedhypevae.errors import FedHypeVAEError
-    from hpc.backend import BackendError, install_failfast, make_communicator
-    from hpc.device import choose_device
-    from hpc.launcher import detect_launcher
+    from fedhypevae.hpc.backend import BackendError, install_failfast, make_communicator
+    from fedhypevae.hpc.device import choose_device
+    from fedhypevae.hpc.launcher import detect_launcher
 
     point = Path(point)
     spec = read_json(point / "spec.json")
@@ -147,7 +147,7 @@ def run_point_here(point: Path) -> dict:
         status = result_status(done)
         if info.rank == 0:
             why = f": {missing_text(done)}" if status == "partial" else ""
-            print(f"slurm.job: point {spec['id']} already has a {status} result ({point / 'result.json'}){why}; "
+            print(f"fedhypevae.slurm.job: point {spec['id']} already has a {status} result ({point / 'result.json'}){why}; "
                   "not run again (delete result.json to run it again)", file=sys.stderr, flush=True)
         return _outcome(spec, status, done.get("missing", []))
     try:
@@ -167,7 +167,7 @@ def run_point_here(point: Path) -> dict:
         return _run_baseline(point, spec, comm)
     except FedHypeVAEError as exc:
         if comm.world_size > 1:
-            print(f"slurm.job: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True)
+            print(f"fedhypevae.slurm.job: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True)
             comm.abort(2)
         raise
 
@@ -215,7 +215,7 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
             _finish(point, spec, None, epsilon_spent=p.get("epsilon_spent"), formal=p.get("formal_guarantee"),
                     seconds=time.perf_counter() - t0, missing=missing,
                     extra={**extra, "run_results": str(run_dir / "results.json")})
-            print(f"slurm.job: point {spec['id']} is PARTIAL (not retried): {'; '.join(missing)}", file=sys.stderr,
+            print(f"fedhypevae.slurm.job: point {spec['id']} is PARTIAL (not retried): {'; '.join(missing)}", file=sys.stderr,
                   flush=True)
         comm.barrier()
         comm.close()
@@ -339,7 +339,7 @@ def run_with_mpiexec(point: Path) -> dict:
     """Start the point's ranks with mpiexec and wait; USR2/TERM are passed on to them (they checkpoint).
     The ranks' status 3 is a partial point (result.json says what is missing), not a failure."""
     spec = read_json(point / "spec.json")
-    cmd = [mpiexec_path(), "-n", str(spec["ranks"]), sys.executable, "-m", "slurm.job", str(point)]
+    cmd = [mpiexec_path(), "-n", str(spec["ranks"]), sys.executable, "-m", "fedhypevae.slurm.job", str(point)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     proc = subprocess.Popen(cmd, env=env)
     previous = {}
@@ -374,7 +374,7 @@ def run_with_mpiexec(point: Path) -> dict:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m slurm.job POINT_DIR   (one rank of a sweep point; see python -m slurm.sweep --help)\n"
+        print("usage: python -m fedhypevae.slurm.job POINT_DIR   (one rank of a sweep point; see python -m fedhypevae.slurm.sweep --help)\n"
               "exit status: 0 complete, 3 partial (result.json says what is missing; not retried), 2 error, "
               "128+N stopped by signal N after a checkpoint (140 USR2 and 143 TERM: the sbatch script requeues)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
@@ -383,7 +383,7 @@ def main(argv=None) -> int:
     try:
         out = run_point_here(Path(argv[0]))
     except (SweepError, FedHypeVAEError) as exc:
-        print(f"slurm.job: error: {exc}", file=sys.stderr)
+        print(f"fedhypevae.slurm.job: error: {exc}", file=sys.stderr)
         return 2
     if out.get("interrupted"):
         return 128 + int(out["signal"])  # 140 (USR2) / 143 (TERM): the sbatch script requeues the job

@@ -1,8 +1,8 @@
 """Sweeps over privacy budgets: epsilon x seed x partition x method, one job per grid point.
 
-    python -m slurm.sweep --config configs/default.yaml --epsilons 0.5,1,2,4,8 --seeds 0,1,2 \\
+    python -m fedhypevae.slurm.sweep --config configs/default.yaml --epsilons 0.5,1,2,4,8 --seeds 0,1,2 \\
         --partitions iid,dirichlet0.3 --methods fedhypevae-strict,dpcvae,local --ranks 4 --out sweeps/eps
-    python -m slurm.collect sweeps/eps          # summary.csv, summary.md, privacy_utility.png
+    python -m fedhypevae.slurm.collect sweeps/eps          # summary.csv, summary.md, privacy_utility.png
 
 On SLURM (`--cluster slurm`, the default where `sbatch` exists) the points go out as one submitit job
 array; every job is a multi-task MPI job whose tasks are the ranks (srun --mpi=pmi2 for MPICH,
@@ -18,7 +18,7 @@ without a result are listed with their log files.
 A partial point (its run could not release its class statistics, e.g. no budget left after a job died
 between that release's charge and its results, so its meta-code was not fitted; result.json has
 "status": "partial" and says what is missing) is final: it is listed as "partial (not retried: ...)",
-never resubmitted or requeued (another attempt would be refused the same release), and `slurm.collect`
+never resubmitted or requeued (another attempt would be refused the same release), and `fedhypevae.slurm.collect`
 reports it apart from the results. Rerun such a point in a new sweep (another --out).
 
 Exit status: 0 when every point this command waited for finished (or nothing was to be done), 1 when
@@ -254,7 +254,7 @@ def log_tail(path: Optional[str], lines: int = 3) -> str:
     if not path or not Path(path).is_file():
         return ""
     text = Path(path).read_text(errors="replace").splitlines()
-    ours = [t for t in text if t.startswith(("slurm.job: error:", "fedhypevae: error:"))
+    ours = [t for t in text if t.startswith(("fedhypevae.slurm.job: error:", "fedhypevae: error:"))
             or "Error:" in t and not t.startswith(" ")]
     picked = list(dict.fromkeys(ours))[-lines:] if ours else text[-lines:]
     return "\n".join("      " + t for t in picked)
@@ -448,7 +448,7 @@ def run_sweep(args) -> int:
     if args.dry_run:
         return _dry_run(sweep, cluster, params, points, todo, status)
     if not todo:
-        print("nothing to submit" + ("" if active else f"; collect with: python -m slurm.collect {out}"))
+        print("nothing to submit" + ("" if active else f"; collect with: python -m fedhypevae.slurm.collect {out}"))
         return 0
     prepare_points(sweep, points)
     write_json(out / "sweep.json", {**sweep, "cluster_resolved": cluster, "executor_params": params,
@@ -515,7 +515,7 @@ def _submit(sweep, cluster, params, todo: list[Point], *, wait: bool) -> int:
               f"{', '.join(str(j.job_id) for _, j in jobs[-len(group):][:4])}{' ...' if len(group) > 4 else ''}")
     if not wait:
         print(f"follow with: squeue --me; re-run this command to resubmit unfinished points; "
-              f"collect with: python -m slurm.collect {out}")
+              f"collect with: python -m fedhypevae.slurm.collect {out}")
         return 0
     return _wait(out, jobs, cluster)
 
@@ -564,12 +564,12 @@ def _wait(out: Path, jobs, cluster: str) -> int:
         tail = log_tail(last.get("stderr"))
         if tail:
             print(tail)
-    print(f"collect with: python -m slurm.collect {out}")
+    print(f"collect with: python -m fedhypevae.slurm.collect {out}")
     return 1 if bad else (3 if partial else 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m slurm.sweep", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m fedhypevae.slurm.sweep", description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="training config (a file, or a shipped name such as default)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -604,7 +604,7 @@ def main(argv=None) -> int:
     try:
         return run_sweep(args)
     except (SweepError, FedHypeVAEError) as exc:
-        print(f"slurm.sweep: error: {exc}", file=sys.stderr)
+        print(f"fedhypevae.slurm.sweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nslurm.sweep: interrupted. Submitted points keep running (SLURM jobs, and local points in the "

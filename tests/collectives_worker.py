@@ -161,7 +161,7 @@ def run_checks(comm) -> tuple[list[str], int]:
 
 
 def main() -> int:
-    from hpc.backend import install_failfast, make_communicator
+    from fedhypevae.hpc.backend import install_failfast, make_communicator
 
     torch.set_num_threads(1)
     comm = make_communicator("auto", timeout_s=60)

@@ -47,7 +47,7 @@ def _bad_inputs(tmp_path):
         "wrong dims": (["--set", f"data.path={_npz(tmp_path, 'dims.npz', x=x[:, 0], y=y)}"], "dim"),
         "truncated": (["--set", f"data.path={trunc}"], "trunc"),
         "empty": (["--set", f"data.path={tmp_path / 'empty.csv'}"], "empty"),
-        "fewer samples than clients": (["--set", f"data.path={_npz(tmp_path, 'few.npz', x=x[:6], y=y[:6])}",
+        "fewer samples than clients": (["--set", f"data.path={_npz(tmp_path, 'few.npz', x=x[:6], y=np.arange(6) % 3)}",
                                         "--set", "partition.clients=4"], "client"),
         "unknown key": (["--set", "privacy.epsilon=3"], "unknown config key"),
         "bad mode": (["--set", "privacy.mode=loose"], "privacy.mode"),

@@ -21,7 +21,7 @@ import torch
 
 from helpers import free_port, launcher_free_env
 from collectives_worker import I64_MAX, I64_MIN, int64_values, run_checks, wrap64
-from hpc.comm import Communicator, LocalCommunicator
+from fedhypevae.hpc.comm import Communicator, LocalCommunicator
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "collectives_worker.py"
@@ -252,8 +252,8 @@ def test_a_new_backend_hooks_get_every_multi_rank_call_with_its_arguments():
 
 def test_backends_implement_only_the_hooks():
     """The checks and one-rank answers live in Communicator alone: no back-end overrides a collective."""
-    from hpc.mpi_comm import MPICommunicator  # mpi4py is imported only when one is constructed
-    from hpc.torch_comm import TorchCommunicator
+    from fedhypevae.hpc.mpi_comm import MPICommunicator  # mpi4py is imported only when one is constructed
+    from fedhypevae.hpc.torch_comm import TorchCommunicator
 
     for cls in (LocalCommunicator, MPICommunicator, TorchCommunicator):
         for name in ("allreduce", "allreduce_int64", "reduce", "allgather", "gather", "broadcast"):

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from helpers import free_port, launcher_free_env, load_phi, rel_diff
-from hpc.placement import place_clients
+from fedhypevae.hpc.placement import place_clients
 
 REPO = Path(__file__).resolve().parents[1]
 

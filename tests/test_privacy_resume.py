@@ -27,7 +27,7 @@ from fedhypevae.rng import STREAM_STEP, ClientRNG
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
 from helpers import interrupt_after
-from hpc import LocalCommunicator
+from fedhypevae.hpc import LocalCommunicator
 
 
 class Recorder(LocalCommunicator):
@@ -400,7 +400,8 @@ def test_a_run_without_its_statistics_is_partial_and_exits_3(tmp_path, capsys, m
 ALTERNATIVES = {
     "seed": "1", "threads": "1",
     "data.path": "breast_cancer", "data.label_column": "label", "data.group_column": "g", "data.site_column": "s",
-    "data.metadata_path": "/nonexistent/meta.csv", "data.transform": "l2", "data.test_fraction": "0.3",
+    "data.metadata_path": "/nonexistent/meta.csv", "data.transform": "l2", "data.value_range": "[0,32]",
+    "data.test_fraction": "0.3",
     "partition.kind": "iid", "partition.alpha": "1.0", "partition.clients": "3", "partition.min_client_size": "10",
     "model.latent_dim": "5", "model.code_dim": "3", "model.code_radius": "2.0", "model.hidden": "[16]",
     "model.hyper_hidden": "8", "model.hyper_layers": "3", "model.activation": "tanh", "model.label_embed_dim": "3", "model.lipschitz": "null", "model.lambda_v": "0.01",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm.sbatch import MPI_FLAVOURS, TEMPLATES, point_script, render, train_template
+from fedhypevae.slurm.sbatch import MPI_FLAVOURS, TEMPLATES, point_script, render, train_template
 
 GOLDEN = Path(__file__).parent / "golden"
 PARAMS = {"nodes": 2, "tasks_per_node": 4, "cpus_per_task": 2, "timeout_min": 125, "gpus_per_node": 4, "mem_gb": 32,
@@ -26,7 +26,7 @@ def test_sweep_point_scripts_match_golden_files(mpi):
 @pytest.mark.parametrize("mpi", sorted(MPI_FLAVOURS))
 def test_shipped_templates_are_the_generated_ones(mpi):
     shipped = TEMPLATES / f"train_{mpi}.sbatch"
-    assert shipped.read_text() == train_template(mpi), "run: python -m slurm.sbatch --write-templates"
+    assert shipped.read_text() == train_template(mpi), "run: python -m fedhypevae.slurm.sbatch --write-templates"
     assert train_template(mpi) == (GOLDEN / f"train_{mpi}.sbatch").read_text()
 
 

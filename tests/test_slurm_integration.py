@@ -19,7 +19,7 @@ import pytest
 from fedhypevae.privacy import PrivacyLedger
 from fedhypevae.privacy.ledger import read_client_releases
 from helpers import rel_diff
-from slurm.job import read_events
+from fedhypevae.slurm.job import read_events
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.mpi]
 
@@ -79,7 +79,7 @@ def logs(sweep_dir: Path) -> str:
 def test_sweep_on_real_slurm_interrupt_resume_and_collect(slurm_env, tmp_path):
     env = slurm_env
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "slurm.sweep", "--config", "tiny", "--set", "train.rounds=30", "--epsilons", "1,4",
+    cmd = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "train.rounds=30", "--epsilons", "1,4",
            "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict", "--ranks", "2", "--cluster", "slurm",
            "--param", "timeout_min=30", "--param", "slurm_max_num_timeout=3", "--out", str(out)]
     r = sh(cmd, env)
@@ -134,7 +134,7 @@ def test_sweep_on_real_slurm_interrupt_resume_and_collect(slurm_env, tmp_path):
     done = sh(cmd, env)
     assert "2 finished" in done.stdout and "nothing to submit" in done.stdout
 
-    col = sh([sys.executable, "-m", "slurm.collect", str(out)], env)
+    col = sh([sys.executable, "-m", "fedhypevae.slurm.collect", str(out)], env)
     assert "2 of 2 point(s) collected" in col.stdout
     rows = list(csv.DictReader(open(out / "summary.csv")))
     assert sorted(float(r["epsilon"]) for r in rows) == [1.0, 4.0]
@@ -146,10 +146,10 @@ def test_a_job_whose_ranks_each_see_a_world_of_one_fails(slurm_env, tmp_path):
     """srun without a PMI plugin: MPICH gives every task a world of one. The job must fail, not run twice."""
     env = slurm_env
     out = tmp_path / "sweep"
-    sh([sys.executable, "-m", "slurm.sweep", "--config", "tiny", "--seeds", "0", "--partitions", "iid", "--epsilons", "1",
+    sh([sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--seeds", "0", "--partitions", "iid", "--epsilons", "1",
         "--ranks", "2", "--cluster", "slurm", "--out", str(out), "--dry-run"], env)
     point = out / "points" / "fedhypevae-strict__iid__eps1__seed0"
-    r = sh(["srun", "-n", "2", "--mpi=none", "--kill-on-bad-exit=1", sys.executable, "-m", "slurm.job", str(point)], env,
+    r = sh(["srun", "-n", "2", "--mpi=none", "--kill-on-bad-exit=1", sys.executable, "-m", "fedhypevae.slurm.job", str(point)], env,
            timeout=180, check=False)
     assert r.returncode != 0
     assert "world of 1" in r.stderr, r.stderr[-2000:]
@@ -160,7 +160,7 @@ def test_plain_sbatch_script_of_a_point_runs(slurm_env, tmp_path):
     """The script written by --dry-run, for people who do not use submitit, runs the point under sbatch."""
     env = slurm_env
     out = tmp_path / "sweep"
-    sh([sys.executable, "-m", "slurm.sweep", "--config", "tiny", "--seeds", "0", "--partitions", "iid", "--epsilons", "2",
+    sh([sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--seeds", "0", "--partitions", "iid", "--epsilons", "2",
         "--ranks", "2", "--cluster", "slurm", "--param", "timeout_min=10", "--out", str(out), "--dry-run"], env)
     point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
     r = sh(["sbatch", "--parsable", str(point / "job.sbatch")], env)

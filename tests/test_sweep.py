@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm import collect, job, sweep
-from slurm.job import read_events
+from fedhypevae.slurm import collect, job, sweep
+from fedhypevae.slurm.job import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -18,7 +18,7 @@ TINY = ["--config", "tiny", "--seeds", "0", "--partitions", "iid"]
 
 def run_sweep(*args, timeout=240):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "MPI_", "HYDRA_"))}
-    return subprocess.run([sys.executable, "-m", "slurm.sweep", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedhypevae.slurm.sweep", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
@@ -124,7 +124,7 @@ def test_example_sweep_config_and_help(tmp_path):
     assert "96 points" in r.stdout and "ranks=4" in r.stdout
     h = run_sweep("--help")
     assert h.returncode == 0 and "--epsilons" in h.stdout and "submitit's names" in h.stdout
-    c = subprocess.run([sys.executable, "-m", "slurm.collect", str(tmp_path / "none")], capture_output=True, text=True)
+    c = subprocess.run([sys.executable, "-m", "fedhypevae.slurm.collect", str(tmp_path / "none")], capture_output=True, text=True)
     assert c.returncode == 2 and "holds no sweep" in c.stderr
 
 
@@ -142,7 +142,7 @@ def _spec(pid, method="fedhypevae-strict", eps=1.0, seed=0, ranks=1):
 
 
 def _write_point(out, spec, result=None):
-    """A point directory as slurm.sweep (spec.json) and slurm.job (result.json) write it."""
+    """A point directory as fedhypevae.slurm.sweep (spec.json) and fedhypevae.slurm.job (result.json) write it."""
     d = out / "points" / spec["id"]
     d.mkdir(parents=True, exist_ok=True)
     job.write_json(d / "spec.json", spec)
@@ -366,7 +366,7 @@ def test_debug_cluster_point_made_partial_for_real_is_reported_not_retried_and_c
     assert f"{point.name}  partial (not retried: {WHY}" in again.stdout and "submitted 1 point" not in again.stdout
     assert [e["event"] for e in read_events(point)] == ["start", "start", "partial"]
 
-    c = subprocess.run([sys.executable, "-m", "slurm.collect", str(out)], cwd=REPO, capture_output=True, text=True)
+    c = subprocess.run([sys.executable, "-m", "fedhypevae.slurm.collect", str(out)], cwd=REPO, capture_output=True, text=True)
     assert c.returncode == 0 and "1 of 2 point(s) collected, 1 partial" in c.stdout, c.stdout + c.stderr
     s = json.loads((out / "summary.json").read_text())
     assert [p["id"] for p in s["partial"]] == [point.name] and s["missing"] == []
@@ -393,6 +393,6 @@ def test_local_cluster_multi_rank_partial_point_exits_3_on_every_rank_and_is_not
     assert _stats_charges(point / "run") == 2  # one charge per rank's clients, made once, not again
     # the ranks themselves: status 3 from mpiexec (the point already has its partial result: not run again)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "MPI_", "HYDRA_"))}
-    m = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "slurm.job", str(point)], cwd=REPO,
+    m = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "fedhypevae.slurm.job", str(point)], cwd=REPO,
                        capture_output=True, text=True, timeout=120, env=env)
     assert m.returncode == 3 and "already has a partial result" in m.stderr, m.stdout + m.stderr

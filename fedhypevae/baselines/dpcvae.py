@@ -1,6 +1,6 @@
 """DP-CVAE baseline (Di Salvo et al. 2025): one global conditional-VAE decoder, FedAvg'd, DP-SGD.
 
-Architecture (DESIGN §6 "Performance comparisons"): encoder (d_x + K) -> h -> h -> h -> 2 d_z,
+Architecture (docs/DESIGN.md §6, baselines): encoder (d_x + K) -> h -> h -> h -> 2 d_z,
 mirrored decoder (d_z + K) -> h -> h -> h -> d_x; h = 256, d_z = 100 by default. Loss per record:
 squared reconstruction error summed over features + beta * KL(q(z | x, y) || N(0, I)).
 

@@ -13,7 +13,7 @@ Preprocessing:
   * pooled (the non-private upper bound, where pooling is the point): standardization fitted on
     the union of the train splits.
 
-DP variant (DP-SGD, DESIGN §1): per local step, a Poisson batch at rate q from the client's
+DP variant (DP-SGD, docs/DESIGN.md §1): per local step, a Poisson batch at rate q from the client's
 private generator, per-sample gradients over (W, b) clipped jointly to C, summed, N(0, sigma^2 C^2)
 added (also for an empty batch, which still counts as a step), divided by the public expected batch
 q * declared size. One local epoch is ceil(1/q) such steps. sigma is calibrated before training with

@@ -108,26 +108,35 @@ def build_federation(data_cfg, partition_cfg, seed: int, client_ids: Optional[Se
 def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int,
                             client_ids: Optional[Sequence[int]] = None) -> Federation:
     """Partition an already loaded data set; every client is split so that declared sizes cover all clients."""
-    transform = resolve_transform(data_cfg.transform, ds.value_range)
+    declared = getattr(data_cfg, "value_range", None)
+    value_range = (float(declared[0]), float(declared[1])) if declared is not None else ds.value_range
+    if data_cfg.transform == "auto" and value_range is None and ds.plain_table:
+        raise DataError(f"{ds.source}: a plain numeric table declares no value range, so data.transform=auto cannot "
+                        "choose a transform for features on an unknown scale. Set data.transform: l2 (unit-norm "
+                        "records), or range with data.value_range: [low, high] (a bound you know from the format, "
+                        "e.g. [0, 255] for 8-bit pixels; never measured on the data), or none (records as they are; "
+                        "then choose privacy.clip_norm and privacy.stats_clip_norm for their scale)")
+    transform = resolve_transform(data_cfg.transform, value_range)
     ids = _check_ids(client_ids, partition_cfg.clients)
     parts = partition_indices(ds.y, kind=partition_cfg.kind, clients=partition_cfg.clients, alpha=partition_cfg.alpha,
                               seed=seed, min_client_size=partition_cfg.min_client_size, sites=ds.sites)
     splits = [split_client(p, ds.y, ds.groups, test_fraction=data_cfg.test_fraction, seed=_client_seed(seed, i),
                            client_id=i) for i, p in enumerate(parts)]
-    declared = [int(len(tr)) for tr, _ in splits]
-    x = apply_transform(ds.x, transform, ds.value_range)
+    declared_sizes = [int(len(tr)) for tr, _ in splits]
+    x = apply_transform(ds.x, transform, value_range)
     clients = [ClientData(client_id=i, x_train=x[splits[i][0]], y_train=ds.y[splits[i][0]],
-                          x_test=x[splits[i][1]], y_test=ds.y[splits[i][1]], declared_size=declared[i]) for i in ids]
+                          x_test=x[splits[i][1]], y_test=ds.y[splits[i][1]], declared_size=declared_sizes[i])
+               for i in ids]
     manifest = {
         "kind": partition_cfg.kind, "alpha": float(partition_cfg.alpha), "seed": int(seed),
         "clients": int(partition_cfg.clients), "min_client_size": int(partition_cfg.min_client_size),
         "test_fraction": float(data_cfg.test_fraction), "group_column": data_cfg.group_column,
         "site_column": data_cfg.site_column, "name": ds.name,
-        "train_sizes": declared, "test_sizes": [int(len(te)) for _, te in splits],
+        "train_sizes": declared_sizes, "test_sizes": [int(len(te)) for _, te in splits],
     }
     return Federation(clients=clients, num_clients=int(partition_cfg.clients), num_classes=ds.num_classes,
-                      dim=int(ds.x.shape[1]), declared_sizes=declared, transform=transform,
-                      value_range=ds.value_range, source=ds.source, manifest=manifest)
+                      dim=int(ds.x.shape[1]), declared_sizes=declared_sizes, transform=transform,
+                      value_range=value_range, source=ds.source, manifest=manifest)
 
 
 # --------------------------------------------------------------------------- shards
@@ -157,11 +166,36 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def write_shards(fed: Federation, out_dir) -> Path:
-    """One npz per loaded client plus manifest.json (written last, so its presence means the shards are complete)."""
+    """One npz per loaded client plus manifest.json. Everything is written into a staging directory beside
+    `out_dir`, which is renamed to `out_dir` at the end: a failure (a full disk) leaves nothing behind, and
+    `out_dir` must not exist or be empty (stale shards of another partition would sit beside the manifest)."""
     out = Path(str(out_dir))
     if len(fed.clients) != fed.num_clients:
         raise DataError(f"write_shards needs every client; only {len(fed.clients)} of {fed.num_clients} are loaded")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out} already exists and is not empty; shards go to a new or empty directory")
+    created = [q for q in [out.parent, *out.parent.parents] if not q.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    try:
+        _write_shard_files(fed, stage)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(stage, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(stage, ignore_errors=True)
+        for q in created:  # the parents made for it, innermost first
+            try:
+                q.rmdir()
+            except OSError:
+                break
+        raise
+    return out
+
+
+def _write_shard_files(fed: Federation, out: Path) -> None:
     files, digests = [], {}
     for c in sorted(fed.clients, key=lambda c: c.client_id):
         name = shard_name(c.client_id)
@@ -180,7 +214,6 @@ def write_shards(fed: Federation, out_dir) -> Path:
     })
     text = json.dumps(manifest, indent=2, sort_keys=True).encode()
     _atomic_write(out / MANIFEST, lambda f: f.write(text))
-    return out
 
 
 def read_manifest(shard_dir) -> dict:
@@ -190,13 +223,24 @@ def read_manifest(shard_dir) -> dict:
     if not mp.is_file():
         raise DataError(f"{d} is not a shard directory: {MANIFEST} is missing; create one with `fedhypevae data partition`")
     try:
-        m = json.loads(mp.read_text())
+        m = json.loads(mp.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise DataError(f"{mp}: permission denied; make the shard directory readable for this user") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{mp} is corrupt ({exc}); re-create the shards with `fedhypevae data partition`") from None
+    if not isinstance(m, dict):
+        raise DataError(f"{mp} is not a JSON object (its top level is a {type(m).__name__}); re-create the shards "
+                        "with `fedhypevae data partition`")
     need = ("clients", "num_classes", "dim", "declared_sizes", "transform", "files", "sha256")
     missing = [k for k in need if k not in m]
     if missing:
         raise DataError(f"{mp} lacks keys {missing}; re-create the shards with `fedhypevae data partition`")
+    kinds = {"clients": int, "num_classes": int, "dim": int, "declared_sizes": list, "transform": str, "files": list,
+             "sha256": dict}
+    wrong = [f"{k} ({type(m[k]).__name__})" for k, kind in kinds.items()
+             if not isinstance(m[k], kind) or isinstance(m[k], bool)]
+    if wrong:
+        raise DataError(f"{mp} has values of the wrong type: {', '.join(wrong)}; re-create the shards")
     if len(m["files"]) != m["clients"] or len(m["declared_sizes"]) != m["clients"]:
         raise DataError(f"{mp} is inconsistent: {m['clients']} clients but {len(m['files'])} files and "
                         f"{len(m['declared_sizes'])} declared sizes; re-create the shards")
@@ -243,6 +287,17 @@ def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
     if c.x_train.shape[1:] != (m["dim"],) or c.x_test.shape[1:] != (m["dim"],):
         raise DataError(f"shard {p}: feature dimension {c.x_train.shape[1:]} does not match the manifest's {m['dim']}")
     return c
+
+
+def describe_shards(shard_dir) -> dict:
+    """The public description of a shard directory (its manifest), for `fedhypevae data inspect`."""
+    m = read_manifest(shard_dir)
+    vr = m.get("value_range")
+    return {"shard directory": str(shard_dir), "source": m.get("source"), "name": m.get("name"),
+            "clients": int(m["clients"]), "classes": int(m["num_classes"]), "dim": int(m["dim"]),
+            "transform": m["transform"], "value_range": vr, "partition": m.get("kind"), "alpha": m.get("alpha"),
+            "seed": m.get("seed"), "test_fraction": m.get("test_fraction"),
+            "declared_sizes": [int(s) for s in m["declared_sizes"]], "test_sizes": m.get("test_sizes")}
 
 
 def describe_dataset(ds: Dataset) -> dict:

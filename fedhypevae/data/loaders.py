@@ -7,6 +7,8 @@ computed from the data, because a data-derived bound would itself leak private i
 """
 from __future__ import annotations
 
+import csv
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from ..errors import DataError
+from ..memory import check_fits
 
 BUILTINS = ("digits", "breast_cancer")
 EXTENSIONS = (".npz", ".npy", ".pt", ".csv", ".parquet")
@@ -35,6 +38,9 @@ class Dataset:
     value_range: Optional[tuple]  # public range declared by the format; None if unknown
     name: str
     source: str  # path or builtin name
+    # a plain numeric table (.csv/.parquet without pixelNNN columns): it declares no value range, and its
+    # features may be on any scale, so data.transform=auto refuses to guess for it
+    plain_table: bool = False
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -61,9 +67,11 @@ def load_dataset(path, *, label_column: Optional[str] = None, group_column: Opti
             table = None
             loader = {".npz": _load_npz, ".npy": _load_npy, ".pt": _load_pt}[ext]
             ds_parts = loader(p)
-    x, y, value_range, name, source = ds_parts
+    x, y, value_range, name, source = ds_parts[:5]
     groups, sites = _keys(table, group_column, site_column, metadata_path, len(x) if hasattr(x, "__len__") else None)
-    return _finish(x, y, groups, sites, value_range, name, source)
+    ds = _finish(x, y, groups, sites, value_range, name, source)
+    ds.plain_table = bool(len(ds_parts) > 5 and ds_parts[5])
+    return ds
 
 
 # --------------------------------------------------------------------------- files
@@ -79,14 +87,85 @@ def _check_file(p: Path, what: str) -> Path:
     if p.suffix.lower() not in EXTENSIONS:
         raise DataError(f"{what} {p} has unsupported extension {p.suffix!r}; supported: {', '.join(EXTENSIONS)} "
                         f"or a built-in name ({', '.join(BUILTINS)})")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"{what} {p}: permission denied; make it readable for this user (chmod u+r) or copy it")
     if p.stat().st_size == 0:
         raise DataError(f"{what} {p} is empty (0 bytes); re-create or re-download it")
     return p
 
 
 def _corrupt(p: Path, exc: BaseException) -> DataError:
+    """The cause of a failed read, in words: a damaged file is only one of them."""
+    if isinstance(exc, PermissionError):
+        return DataError(f"cannot read {p}: permission denied; make it readable for this user (chmod u+r)")
+    if isinstance(exc, UnicodeDecodeError):
+        return _not_utf8(p, exc)
+    if isinstance(exc, MemoryError):
+        return DataError(f"cannot read {p}: not enough memory to load it; use a machine with more memory or a "
+                         "smaller file")
+    if isinstance(exc, ValueError) and ("allow_pickle" in str(exc) or "Object arrays" in str(exc)):
+        return _object_arrays(p)
     return DataError(f"cannot read {p}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); "
                      "re-create or re-download it")
+
+
+def _not_utf8(p: Path, exc: UnicodeDecodeError) -> DataError:
+    bad = exc.object[exc.start:exc.start + 1]
+    return DataError(f"{p} is not UTF-8 text (byte {bad!r} at offset {exc.start}); re-save it as UTF-8 "
+                     "(e.g. `iconv -f latin1 -t utf-8`)")
+
+
+def _object_arrays(p: Path) -> DataError:
+    return DataError(f"{p} holds object arrays (pickled Python objects), which are not loaded: unpickling can run "
+                     "code. Save numeric arrays instead (np.savez(path, x=x.astype('float32'), y=y.astype('int64')))")
+
+
+def _npy_header(f, p: Path, key: str):
+    """(shape, dtype) from an .npy stream's header, before any data is read."""
+    from numpy.lib import format as npformat
+
+    try:
+        version = npformat.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = npformat.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = npformat.read_array_header_2_0(f)
+        else:
+            return None
+    except (ValueError, EOFError, OSError):
+        return None  # the load itself reports a damaged file
+    if dtype.hasobject:
+        raise _object_arrays(p)
+    return tuple(int(s) for s in shape), dtype
+
+
+def _check_declared_size(p: Path, key: str, header, *, copy_itemsize: int = 4) -> None:
+    """Refuse, before the load, an array whose declared shape needs more memory than is available
+    (a compressed .npz can declare far more than the file's size). `copy_itemsize`: the copy the loader
+    makes (float32 features, int64 labels)."""
+    if header is None:
+        return
+    shape, dtype = header
+    n = int(np.prod(shape, dtype=np.float64)) if shape else 1
+    need = n * (dtype.itemsize + copy_itemsize)
+    check_fits(need, f"{p}: array {key!r} of shape {shape} ({dtype})", error=DataError,
+               advice="use a machine with more memory, or a file with fewer records or features")
+
+
+def npz_precheck(p: Path, keys) -> None:
+    """Object arrays and declared sizes of the members `keys` of an .npz, checked before they are loaded."""
+    try:
+        with zipfile.ZipFile(p) as zf:
+            names = set(zf.namelist())
+            for key in keys:
+                if key + ".npy" in names:
+                    with zf.open(key + ".npy") as f:
+                        _check_declared_size(p, key, _npy_header(f, p, key),
+                                             copy_itemsize=8 if key == "y" or key.endswith("labels") else 4)
+    except DataError:
+        raise
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # np.load reports it with its cause
 
 
 # --------------------------------------------------------------------------- formats
@@ -110,6 +189,7 @@ def _uint8_range(arr) -> Optional[tuple]:
 
 def _load_npz(p: Path):
     """Plain ``x``/``y`` archives, or MedMNIST archives whose splits are concatenated."""
+    npz_precheck(p, ["x", "y"] + [f"{s}_{k}" for s in _MEDMNIST_SPLITS for k in ("images", "labels")])
     try:
         with np.load(p, allow_pickle=False) as z:
             keys = set(z.files)
@@ -141,6 +221,11 @@ def _load_npz(p: Path):
 def _load_npy(p: Path):
     """A 2-D numeric array whose LAST column is the label (no pickled objects are accepted)."""
     try:
+        with open(p, "rb") as f:
+            _check_declared_size(p, "x", _npy_header(f, p, "x"))
+    except PermissionError as exc:
+        raise _corrupt(p, exc) from None
+    try:
         arr = np.load(p, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc):
@@ -162,6 +247,9 @@ def _load_pt(p: Path):
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
+        if "Unsupported global" in str(exc):  # a pickled Python object (not random bytes: "Unsupported operand")
+            raise DataError(f"{p} holds Python objects other than tensors, which are not loaded (unpickling can run "
+                            "code); save a dict of tensors: torch.save({'x': x, 'y': y}, path)") from None
         raise _corrupt(p, exc) from None
     if isinstance(obj, dict) and "x" in obj and "y" in obj:
         x, y = obj["x"], obj["y"]
@@ -178,9 +266,10 @@ def _read_table(p: Path):
     """Read a .csv/.parquet table; parser failures become DataError rather than tracebacks."""
     import pandas as pd
 
+    _check_column_names(p)
     try:
         if p.suffix.lower() == ".csv":
-            df = pd.read_csv(p)
+            df = pd.read_csv(p, encoding="utf-8")
         else:
             df = pd.read_parquet(p)
     except pd.errors.EmptyDataError:
@@ -190,6 +279,33 @@ def _read_table(p: Path):
     if len(df) == 0:
         raise DataError(f"{p} has a header but no records")
     return df
+
+
+def _check_column_names(p: Path) -> None:
+    """Duplicate column names are refused: pandas would rename the second `label` to `label.1` and use it as a
+    feature (or the first as the label), silently."""
+    try:
+        if p.suffix.lower() == ".csv":
+            with open(p, encoding="utf-8", newline="") as fh:
+                names = next(csv.reader(fh), [])
+        else:
+            import pyarrow.parquet as pq
+
+            names = pq.read_schema(p).names
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(p, exc) from None
+    except PermissionError as exc:
+        raise _corrupt(p, exc) from None
+    except Exception:  # noqa: BLE001 - the table reader reports a damaged file with its cause
+        return
+    seen: dict = {}
+    for i, n in enumerate(names):
+        seen.setdefault(n.strip(), []).append(i + 1)
+    dups = {n: pos for n, pos in seen.items() if len(pos) > 1}
+    if dups:
+        said = "; ".join(f"{n!r} (columns {', '.join(map(str, pos))})" for n, pos in list(dups.items())[:5])
+        raise DataError(f"{p}: duplicate column name(s) {said}; every column needs its own name, or one of them "
+                        "would be read as another (rename or drop the duplicates)")
 
 
 def _from_table(df, p: Path, label_column, group_column, site_column):
@@ -216,9 +332,14 @@ def _from_table(df, p: Path, label_column, group_column, site_column):
     if not pd.api.types.is_numeric_dtype(df[label_column]):
         raise DataError(f"{p}: label column {label_column!r} is not numeric (e.g. {y[0]!r}); labels must be "
                         "integers 0..K-1, so map class names to integers first")
+    holes = [str(c) for c in feats if df[c].isna().any()]
+    if holes:
+        rows = int(df[feats].isna().any(axis=1).sum())
+        raise DataError(f"{p}: column(s) {_cols(holes)} have empty or NaN cells ({rows} of {len(df)} rows); drop or "
+                        "impute those rows first")
     x = df[feats].to_numpy(dtype=np.float64, na_value=np.nan)
     pixels = all(_PIXEL_COLUMN.match(str(c)) for c in feats)
-    return x, y, ((0.0, 255.0) if pixels else None), p.stem, str(p)
+    return x, y, ((0.0, 255.0) if pixels else None), p.stem, str(p), not pixels
 
 
 def _cols(cols, limit: int = 20) -> str:
@@ -279,7 +400,14 @@ def _finish(x, y, groups, sites, value_range, name, source) -> Dataset:
         raise DataError(f"{source}: contains no records")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
         raise DataError(f"{source}: features must be numeric; got dtype {x.dtype}")
-    x = x.reshape(x.shape[0], -1).astype(np.float32)
+    x = x.reshape(x.shape[0], -1)
+    if x.dtype.itemsize > 4 and x.size and np.issubdtype(x.dtype, np.number):
+        big = float(np.finfo(np.float32).max)
+        over = int(np.count_nonzero(x > big) + np.count_nonzero(x < -big))
+        if over:
+            raise DataError(f"{source}: {over} feature values lie outside float32's range (magnitude above "
+                            f"{big:.1e}), in which the model computes; rescale the features first")
+    x = x.astype(np.float32)
     if x.shape[1] == 0:
         raise DataError(f"{source}: records have no features (shape {x.shape})")
     if len(y) != len(x):
@@ -319,4 +447,29 @@ def _labels(y: np.ndarray, source) -> np.ndarray:
         ex = np.unique(y[y < 0])[:3].tolist()
         raise DataError(f"{source}: {int((y < 0).sum())} labels are negative (e.g. {ex}); labels must be "
                         "class ids 0..K-1")
-    return y.astype(np.int64)
+    top = y.max()
+    if top >= len(y):  # K classes with a record each need K <= n records: ids this large leave gaps
+        shown = f"{float(top):g}" if np.issubdtype(y.dtype, np.floating) else str(int(top))
+        raise DataError(f"{source}: label {shown} is larger than any class id can be with {len(y)} records: labels "
+                        "must be class ids 0..K-1 with every id used (no gaps); renumber the classes")
+    y = y.astype(np.int64)
+    present = np.unique(y)
+    if len(present) != int(y.max()) + 1:
+        missing = np.setdiff1d(np.arange(int(y.max()) + 1), present)
+        raise DataError(f"{source}: label ids have gaps: {_ranges(missing)} ({len(missing)} ids) have no record, "
+                        f"among ids 0..{int(y.max())} (present: {_ranges(present)}). A class without records "
+                        "would still get synthetic records; renumber the classes 0..K-1")
+    return y
+
+
+def _ranges(ids, limit: int = 8) -> str:
+    """[2, 3, 4, 9] -> '2-4, 9'."""
+    ids = [int(i) for i in ids]
+    runs, start = [], None
+    for i, v in enumerate(ids):
+        if start is None:
+            start = v
+        if i + 1 == len(ids) or ids[i + 1] != v + 1:
+            runs.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(runs[:limit]) + (f", ... ({len(runs)} runs)" if len(runs) > limit else "")

@@ -3,7 +3,7 @@
 Multinomial logistic regression (scikit-learn, lbfgs) on standardized features. The
 standardization is fitted ONLY on the classifier's own training data (one client's real train
 split, plus the synthetic set where the protocol adds it): nothing is fitted on pooled data
-or on any test split (DESIGN §6, evaluation hygiene).
+or on any test split (docs/DESIGN.md §6, evaluation hygiene).
 """
 from __future__ import annotations
 

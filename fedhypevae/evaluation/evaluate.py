@@ -167,6 +167,9 @@ def load_synthetic(path) -> tuple[np.ndarray, np.ndarray]:
     if not p.is_file():
         raise FedHypeVAEError(f"{p} does not exist; `fedhypevae train --out DIR` writes DIR/synthetic.npz at the end "
                               "of a completed (not interrupted) run")
+    from ..data.loaders import _corrupt, npz_precheck
+
+    npz_precheck(p, ["x", "y"])
     try:
         with np.load(p, allow_pickle=False) as z:
             missing = [k for k in ("x", "y") if k not in z.files]
@@ -176,7 +179,7 @@ def load_synthetic(path) -> tuple[np.ndarray, np.ndarray]:
     except FedHypeVAEError:
         raise
     except Exception as exc:
-        raise DataError(f"{p} cannot be read as a synthetic set ({type(exc).__name__}: {exc})") from None
+        raise _corrupt(p, exc) from None
 
 
 def _atomic_write_json(path: Path, obj: dict) -> None:
@@ -252,6 +255,9 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
         x_raw, y_syn = load_synthetic(syn_file)
 
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
+    if x_raw is not None and (x_raw.ndim != 2 or x_raw.shape[1] != fed.dim):
+        raise DataError(f"{syn_file}: synthetic records of shape {x_raw.shape} do not match the run's data, which has "
+                        f"{fed.dim} features; give the synthetic set of this run")
     x_syn = None if x_raw is None else apply_transform(x_raw, fed.transform, fed.value_range)
     res = evaluate_federation(fed, x_syn if protocol != "local" else None, y_syn if protocol != "local" else None,
                               protocol=protocol, seed=seed)
@@ -271,6 +277,11 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
     for k in ("lambda_grid", "val_fraction"):
         if k in res:
             out[k] = res[k]
+    if protocol != "local":
+        # the same classifiers without the synthetic set: what the synthetic set adds (or costs) is the difference
+        local = evaluate_federation(fed, protocol="local", seed=seed)
+        out["reference_local"] = {"summary": local["summary"],
+                                  "what": "the same per-client classifiers trained on the real train split only"}
     if quality and x_syn is not None:
         out["quality"] = synthetic_quality(fed, x_syn, y_syn, seed=seed)
     try:

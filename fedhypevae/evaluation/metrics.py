@@ -1,6 +1,6 @@
 """Classification metrics, written out by hand so their definitions are explicit.
 
-``balanced_accuracy`` is the mean recall over the classes PRESENT in ``y_true`` (DESIGN §6: over
+``balanced_accuracy`` is the mean recall over the classes PRESENT in ``y_true`` (docs/DESIGN.md §6: over
 the classes present in that client's test split). A class that is predicted but absent from
 ``y_true`` contributes no recall term; predicting it is simply wrong for the records concerned.
 This is the same definition as ``sklearn.metrics.balanced_accuracy_score`` (adjusted=False).
