@@ -46,13 +46,10 @@ def saved(runs: dict, engine: str, mode: str, agg: str = "grad", lr: float | Non
     tr = Trainer(copy.deepcopy(cfg), run, resume=True, progress=False)
     tr.setup()
     if lr is not None:
-        for k in tr.clients:
-            for opt in (k.enc_opt, k.code_opt):
-                for group in opt.param_groups:
-                    group["lr"] = lr
+        for b in tr.blocks:
+            b.set_lr(encoder=lr, code=lr)
     c = tr.clients[0]
-    c.x = torch.cat([c.x, torch.ones(1, c.x.shape[1])])
-    c.y = torch.cat([c.y, torch.tensor([3])])
+    c.set_data(torch.cat([c.x, torch.ones(1, c.x.shape[1])]), torch.cat([c.y, torch.tensor([3])]))
     return tr, c
 
 

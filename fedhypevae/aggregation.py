@@ -101,17 +101,18 @@ class Aggregation:
     def begin_round(self, r: int) -> None:
         """Called at the start of round r (also when the round resumes mid-way)."""
 
-    def blocks(self, clients: list) -> list:
-        """The rank's clients grouped into the blocks the DP step runs on: one block per step class (a client with
-        its own stage overrides, such as the audit's canaries, gets its own block), in the clients' order."""
+    def blocks(self, members: list) -> list:
+        """The rank's clients grouped into the blocks the DP step runs on: `members` is [(client id, step class)];
+        returns [(client ids, step class)]: one block per step class (a client with its own stage overrides, such
+        as the audit's canaries, gets its own block), in the clients' order."""
         groups: dict = {}
-        for c in clients:
-            groups.setdefault(c.step_type, []).append(c)
-        return list(groups.values())
+        for cid, step_type in members:
+            groups.setdefault(step_type, []).append(cid)
+        return [(ids, t) for t, ids in groups.items()]
 
-    def release_weight(self, client: "Client") -> float:
+    def release_weight(self, client_id: int) -> float:
         """Client i's public weight w_i in its block's release sum_i w_i * (noisy Phi gradient of client i)."""
-        return self.tr.weights[client.id]
+        return self.tr.weights[client_id]
 
     def step_hyper(self, block: "ClientBlock") -> "HyperNetwork":
         """The Phi a block's step is computed on."""
@@ -176,11 +177,11 @@ class DeltaAggregation(Aggregation):
         if self.local is None:  # else restored from a checkpoint inside the round
             self.local = {c.id: copy.deepcopy(self.tr.hyper) for c in self.tr.clients}
 
-    def blocks(self, clients: list) -> list:
+    def blocks(self, members: list) -> list:
         """One block per client: each client's step runs on its own copy of Phi."""
-        return [[c] for c in clients]
+        return [([cid], step_type) for cid, step_type in members]
 
-    def release_weight(self, client: "Client") -> float:
+    def release_weight(self, client_id: int) -> float:
         return 1.0  # a block of one releases its client's own noisy gradient; the weights enter the round's delta
 
     def step_hyper(self, block: "ClientBlock") -> "HyperNetwork":

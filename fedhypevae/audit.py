@@ -15,9 +15,9 @@ eps, with that confidence. An audit can refute a privacy claim, never prove it.
 
 Two audits:
 
-* white-box (``audit_white_box``): gradient canaries. The audited client is a real
-  :class:`~fedhypevae.client.Client` (built by the trainer's ``client_factory``) inside a real
-  :class:`~fedhypevae.trainer.Trainer` run with the sigma planned for the config; only one stage of
+* white-box (``audit_white_box``): gradient canaries. The audited client is a real client inside a
+  real :class:`~fedhypevae.trainer.Trainer` run with the sigma planned for the config (the trainer's
+  ``step_type`` seam gives it its own step class, and so a block of its own); only one stage of
   its DP step is extended (:class:`CanaryStep`, a :class:`~fedhypevae.dp_step.DPStep` whose
   ``per_sample`` stage is overridden): every included canary, like any other record, joins each
   step's Poisson batch with probability q and contributes a "Dirac" per-sample gradient (sign * 2C on
@@ -48,7 +48,6 @@ import numpy as np
 import torch
 
 from .checkpoint import dumps_json
-from .client import Client
 from .config import Config, config_from_dict
 from .dp_step import DPStep
 from .errors import ConfigError
@@ -155,15 +154,55 @@ def score_guesses(scores: np.ndarray, included: np.ndarray, k_in: int, k_out: in
 # ------------------------------------------------------------------------------------------ white-box
 
 
+class Canaries:
+    """The white-box audit's gradient canaries of one client: each a Dirac gradient (sign * `scale` on one flat
+    coordinate of Phi, parameter order), included by a fair coin; their scores and how often each was sampled.
+
+    The auditor is white-box: it knows everything except which canaries were included. Before scoring it
+    subtracts from the released Phi gradient what it can compute without the canaries — the clipped sum of the
+    client's own records in this step's batch (the same clip stage) — so that a canary's score is its own
+    clipped contribution plus the noise (the post-noise terms, which the auditor can also compute, are added
+    after the scoring). DP must hold against exactly such an adversary (one who knows all other records), and
+    each step stays a subsampled Gaussian mechanism for every canary given that knowledge."""
+
+    def __init__(self, *, coords: torch.Tensor, signs: torch.Tensor, included: torch.Tensor, seed: int, scale: float,
+                 phi_numel: int, sample_rate: float):
+        self.coords, self.signs, self.included = coords.long(), signs.double(), included.bool()
+        self.seed, self.scale, self.phi_numel, self.sample_rate = int(seed), float(scale), int(phi_numel), sample_rate
+        self.scores = torch.zeros(len(coords), dtype=torch.float64)
+        self.appearances = torch.zeros(len(coords), dtype=torch.long)
+        self.key = (0, 0)  # (round, step) of the step being computed
+
+    def sampled(self) -> torch.Tensor:
+        """Included canaries in this step's Poisson batch: each with probability q, like every record (coins from
+        the audit's own generator: the client's sampling and noise streams are untouched)."""
+        g = torch.Generator().manual_seed(derive_seed(self.seed, _STREAM_SAMPLE, *self.key))
+        coins = torch.rand(len(self.coords), generator=g) < self.sample_rate
+        sampled = torch.nonzero(coins & self.included).flatten()
+        self.appearances[sampled] += 1
+        return sampled
+
+    def rows(self, sampled: torch.Tensor, device) -> torch.Tensor:
+        """(k, P): one Dirac gradient over Phi per sampled canary."""
+        rows = torch.zeros(len(sampled), self.phi_numel, dtype=torch.float32, device=device)
+        rows[torch.arange(len(sampled)), self.coords[sampled]] = (self.signs[sampled] * self.scale).float().to(device)
+        return rows
+
+    def score(self, released_minus_known: torch.Tensor) -> None:
+        self.scores += self.signs * released_minus_known.double()[self.coords]
+
+
 class CanaryStep(DPStep):
-    """The DP step with ONE stage extended: :meth:`per_sample` appends, after the records' rows, a "Dirac"
-    gradient row for every included canary in this step's Poisson batch, so that canaries go through
-    ``clip_and_accumulate``, ``add_noise`` (the planned sigma) and ``scale`` exactly like records, on either
-    form of the per-sample stage (ghost norms or torch.func). It also notes what the white-box auditor knows
-    without the canaries (the records' clipped sum, through the same clip stage) and scores every canary at
-    the ``released`` stage; those notes change nothing that is computed or released. Canary state lives on
-    the CanaryClient, the block's one client (the trainer gives a client with its own step class its own
-    block)."""
+    """The DP step with ONE stage extended, once given its `canaries`: :meth:`per_sample` appends, after the
+    records' rows, a "Dirac" gradient row for every included canary in this step's Poisson batch, so that
+    canaries go through ``clip_and_accumulate``, ``add_noise`` (the planned sigma) and ``scale`` exactly like
+    records, on either form of the per-sample stage (ghost norms or torch.func). It also notes what the
+    white-box auditor knows without the canaries (the records' clipped sum, through the same clip stage) and
+    scores every canary at the ``released`` stage; those notes change nothing that is computed or released.
+    The audited client has a block (and so a step object) of its own: the trainer groups clients by step class.
+    Without canaries it is the plain step."""
+
+    canaries: Optional[Canaries] = None
 
     def __init__(self, block, **kw):
         if block.M != 1:
@@ -171,24 +210,27 @@ class CanaryStep(DPStep):
         super().__init__(block, **kw)
 
     def prepare(self, hyper, round_, step, **kw):
-        self.block.clients[0]._key = (round_, step)  # the canary coins are keyed by the step (a note, not a stage)
+        if self.canaries is not None:
+            self.canaries.key = (round_, step)  # the canary coins are keyed by the step (a note, not a stage)
         return super().prepare(hyper, round_, step, **kw)
 
     def per_sample(self, hyper, batch):
         rows = super().per_sample(hyper, batch)
-        cc = self.block.clients[0]
+        if self.canaries is None:
+            return rows
         self.known = self.clip_and_accumulate(rows)[0]  # the client's own records: known to the auditor
-        sampled = cc._sampled_canaries()
+        sampled = self.canaries.sampled()
         if len(sampled):  # records and canaries: one Poisson batch
-            rows = ExtraRows(rows, torch.zeros(len(sampled), dtype=torch.long), cc._canary_rows(sampled))
+            rows = ExtraRows(rows, torch.zeros(len(sampled), dtype=torch.long), self.canaries.rows(sampled, self.block.device))
         return rows
 
     def released(self, pending, noisy):
         noisy = super().released(pending, noisy)
-        # score: <released noisy Phi gradient - what the auditor knows, canary direction>, in units of the
-        # client's own release (the block's release carries the client's public weight)
-        known = self.scale(self.known).phi
-        self.block.clients[0]._score((noisy.phi - known) / float(self.weights[0]))
+        if self.canaries is not None:
+            # score: <released noisy Phi gradient - what the auditor knows, canary direction>, in units of the
+            # client's own release (the block's release carries the client's public weight)
+            known = self.scale(self.known).phi
+            self.canaries.score((noisy.phi - known) / float(self.weights[0]))
         return noisy
 
 
@@ -211,59 +253,9 @@ class NoNoiseCanaryStep(CanaryStep):
 CANARY_STEPS = {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
 
 
-class CanaryClient(Client):
-    """A real client whose DP step, once armed, is a :class:`CanaryStep` (or one of its sabotaged
-    variants): the DP step with its per-sample stage extended by the gradient canaries that are in this
-    step's Poisson batch. Everything else is the client's step: sampling, clipping, the planned noise, the
-    public normalizer, the local update and what it releases (the noisy Phi gradient). Until :meth:`arm`
-    it is a plain Client (``step_type`` is DPStep).
-
-    The auditor is white-box: it knows everything except which canaries were included. Before
-    scoring it subtracts from the released Phi gradient what it can compute without the canaries —
-    the clipped sum of the client's own records in this step's batch (the same clip stage) — so that a
-    canary's score is its own clipped contribution plus the noise (the post-noise terms, which the auditor
-    can also compute, are added after the scoring). DP must hold against exactly such an adversary (one who
-    knows all other records), and each step stays a subsampled Gaussian mechanism for every canary given
-    that knowledge."""
-
-    def arm(self, *, phi_numel: int, coords: torch.Tensor, signs: torch.Tensor, included: torch.Tensor,
-            seed: int, sabotage: str) -> None:
-        if sabotage not in CANARY_STEPS:
-            raise ConfigError(f"--sabotage must be one of {', '.join(SABOTAGE)}; got {sabotage!r}")
-        self.audit_seed = int(seed)
-        self.sabotage = sabotage
-        self.step_type = CANARY_STEPS[sabotage]  # the sabotage is a stage override, not a flag
-        self.canary_coords = coords.long()
-        self.canary_signs = signs.double()
-        self.canary_included = included.bool()
-        self.canary_scale = (NO_CLIP_CANARY_NORM if sabotage == "no-clip" else CANARY_NORM) * self.cfg.privacy.clip_norm
-        self.phi_numel = int(phi_numel)  # canaries sit on flat coordinates of Phi (parameter order)
-        m = len(coords)
-        self.scores = torch.zeros(m, dtype=torch.float64)
-        self.appearances = torch.zeros(m, dtype=torch.long)
-        self._key = (0, 0)
-
-    def _armed(self) -> bool:
-        return issubclass(self.step_type, CanaryStep)
-
-    def _score(self, released_minus_known: torch.Tensor) -> None:
-        self.scores += self.canary_signs * released_minus_known.double()[self.canary_coords]
-
-    def _sampled_canaries(self) -> torch.Tensor:
-        """Included canaries in this step's Poisson batch: each with probability q, like every record
-        (coins from the audit's own generator: the client's sampling and noise streams are untouched)."""
-        g = torch.Generator().manual_seed(derive_seed(self.audit_seed, _STREAM_SAMPLE, *self._key))
-        coins = torch.rand(len(self.canary_coords), generator=g) < self.cfg.privacy.sample_rate
-        sampled = torch.nonzero(coins & self.canary_included).flatten()
-        self.appearances[sampled] += 1
-        return sampled
-
-    def _canary_rows(self, sampled: torch.Tensor) -> torch.Tensor:
-        """(k, P): one Dirac gradient over Phi per sampled canary (sign * length on its coordinate)."""
-        rows = torch.zeros(len(sampled), self.phi_numel, dtype=torch.float32, device=self.device)
-        rows[torch.arange(len(sampled)), self.canary_coords[sampled]] = (
-            self.canary_signs[sampled] * self.canary_scale).float().to(self.device)
-        return rows
+def canary_length(sabotage: str, clip_norm: float) -> float:
+    """A canary's length: 2 C (clipping brings it to exactly C); without clipping, 1000 C."""
+    return (NO_CLIP_CANARY_NORM if sabotage == "no-clip" else CANARY_NORM) * clip_norm
 
 
 @dataclass
@@ -285,38 +277,41 @@ def _coins(seed: int, m: int) -> torch.Tensor:
 def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
     from .trainer import Trainer
 
-    def client_factory(data, **kw):  # the audited client is built by the trainer like every other one
-        return (CanaryClient if data.client_id == setup.client else Client)(data, **kw)
-
-    tr = Trainer(cfg, run_dir, progress=progress, client_factory=client_factory)
+    if setup.sabotage not in CANARY_STEPS:
+        raise ConfigError(f"--sabotage must be one of {', '.join(SABOTAGE)}; got {setup.sabotage!r}")
+    # the audited client's step is a canary step (the sabotage is a stage override, not a flag): the trainer
+    # builds it, in a block of its own, like every other client's
+    audited = CANARY_STEPS[setup.sabotage]
+    tr = Trainer(cfg, run_dir, progress=progress,
+                 step_type=lambda cid: audited if cid == setup.client else DPStep)
     tr.setup()
     if setup.canaries > tr.phi_numel:
         raise ConfigError(f"--canaries {setup.canaries}: the white-box audit puts each canary on its own coordinate of "
                           f"Phi, which has only {tr.phi_numel}; use at most that many")
-    hosted = [c for c in tr.clients if c.id == setup.client]
-    if not hosted:
+    steps = [st for st in tr.steps if setup.client in st.block.ids]
+    if not steps:
         raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{tr.fed.num_clients - 1})")
-    cc = hosted[0]
     g = torch.Generator().manual_seed(derive_seed(setup.seed, _STREAM_LAYOUT))
     coords = torch.randperm(tr.phi_numel, generator=g)[:setup.canaries]
     signs = torch.where(torch.rand(setup.canaries, generator=g) < 0.5, -1.0, 1.0)
     included = _coins(setup.seed, setup.canaries)
-    cc.arm(phi_numel=tr.phi_numel, coords=coords, signs=signs,
-           included=included, seed=setup.seed, sabotage=setup.sabotage)
-    tr.rebuild_steps()  # the armed client's step class: its own block
+    canaries = steps[0].canaries = Canaries(coords=coords, signs=signs, included=included, seed=setup.seed,
+                                            scale=canary_length(setup.sabotage, cfg.privacy.clip_norm),
+                                            phi_numel=tr.phi_numel, sample_rate=cfg.privacy.sample_rate)
     tr.train()
     tr.writer.close()
-    return {"scores": cc.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
+    return {"scores": canaries.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
             "engine": f"{tr.engine} (the DP step with the canary stage, on the audited client's own block)",
             "sigma": tr.sigma, "plan": tr.plan,
             "stopped_early": tr.state.stopped, "ledger_epsilon": tr.ledger.epsilon(delta=cfg.privacy.delta,
                                                                                  accountant=cfg.privacy.accountant),
             "canary": {"kind": "gradient (Dirac: one coordinate of Phi each, random sign)",
-                       "length": f"{cc.canary_scale / cfg.privacy.clip_norm:g} C",
-                       "mean_appearances_included": float(cc.appearances[included].double().mean()) if included.any() else 0.0,
+                       "length": f"{canaries.scale / cfg.privacy.clip_norm:g} C",
+                       "mean_appearances_included": (float(canaries.appearances[included].double().mean())
+                                                     if included.any() else 0.0),
                        "score": "sum over steps of <released noisy Phi gradient minus what the white-box auditor "
-                                "knows without the canaries (the clipped sum of the client's own batch, the "
-                                "post-noise terms), canary direction>"}}
+                                "knows without the canaries (the clipped sum of the client's own batch), canary "
+                                "direction>, taken before the post-noise terms (which the auditor computes too)"}}
 
 
 # ------------------------------------------------------------------------------------------ black-box
@@ -344,8 +339,8 @@ def _elbo_scores(cfg: Config, run_dir: Path, fed, client_id: int, x: np.ndarray,
     hyper = HyperNetwork.from_config(fed.dim, fed.num_classes, mc)
     hyper.load_state_dict(torch.load(run_dir / "hypernetwork.pt", weights_only=True))
     last = ckpt.latest_complete(run_dir)
-    state = ckpt.load(ckpt.client_path(last, client_id), f"client {client_id} checkpoint")
     enc = Encoder.from_config(fed.dim, fed.num_classes, mc)
+    state = ckpt.client_state(last, client_id, [n for n, _ in enc.named_parameters()])
     enc.load_state_dict(state["encoder"])
     code = state["code"].float()
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)

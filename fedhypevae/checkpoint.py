@@ -1,12 +1,17 @@
-"""Checkpoints: shared state once (rank 0), private state per client (its own rank), atomically.
+"""Checkpoints: shared state once (rank 0), private state in one shard per rank, atomically.
 
 Layout under RUN/checkpoints/round_000010/ (after 10 rounds) or round_000010_step_00003/ (a stop in
 the middle of round 11, after 3 of its steps):
   shared.pt            Phi, its optimizer, position (round, step), resolved config, privacy plan
-  clients/client_00003.pt   psi_i, v_i, their optimizers, the client's DP releases
+  rank_00000.pt        the rank's clients' private state: per block, the client ids and the stacks of
+                       psi_i, v_i, their Adam moments and counts, the DP-MERF embeddings (shard format 2),
+                       plus the aggregation rule's per-client state (delta: the private copy of Phi)
   COMPLETE             written last, by rank 0 after every rank has saved
 Each file is written to a temporary name, flushed and renamed, so a crash leaves either the old
 file or the new one. A checkpoint without COMPLETE is ignored on resume. Names sort in training order.
+A resume reads its clients' rows from every shard (memory-mapped: only those rows are read), so it may
+run on another number of ranks. Checkpoints of shard format 1 (``clients/client_NNNNN.pt``, one file per
+client) are still read.
 The privacy ledger is not in checkpoints: it lives in append-only files that are written before each
 release, so that a resume never refunds epsilon (fedhypevae/privacy/ledger.py).
 """
@@ -105,7 +110,55 @@ def checkpoint_position(ckpt: Path) -> tuple[int, int]:
 
 
 def client_path(ckpt: Path, client_id: int) -> Path:
+    """A client's file in a checkpoint of shard format 1 (one file per client)."""
     return ckpt / "clients" / f"client_{client_id:05d}.pt"
+
+
+SHARD_FORMAT = 2  # one file per rank; 1: one file per client
+
+
+def shard_path(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rank_{rank:05d}.pt"
+
+
+def save_shard(ckpt: Path, rank: int, blocks: list, extra: dict) -> Path:
+    """The rank's shard: `blocks` = [(client ids, {name: (M, ...) stack})] written as they are (no copy),
+    `extra` = {"rule": {client id: {name: tensor}}}."""
+    path = shard_path(ckpt, rank)
+    atomic_torch_save({"format": SHARD_FORMAT, "rank": int(rank),
+                       "blocks": [{"ids": torch.as_tensor(list(ids), dtype=torch.long), "state": state}
+                                  for ids, state in blocks], "extra": extra}, path)
+    return path
+
+
+def shards(ckpt: Path) -> list:
+    """Every rank's shard of a checkpoint of shard format 2, memory-mapped (a tensor's bytes are read when used)."""
+    out = []
+    for path in sorted(Path(ckpt).glob("rank_*.pt")):
+        shard = load(path, f"checkpoint shard {path.name}", mmap=True)
+        if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
+            raise CheckpointError(f"{path} is not a checkpoint shard of format {SHARD_FORMAT} (format "
+                                  f"{shard.get('format') if isinstance(shard, dict) else '?'}); delete that "
+                                  "checkpoint directory to resume from an earlier one")
+        out.append((path, shard))
+    return out
+
+
+def client_state(ckpt: Path, client_id: int, enc_names: list) -> dict:
+    """One client's encoder and code from a checkpoint (either shard format): {"encoder": {name: tensor},
+    "code": tensor} (tools that look at one client, such as the black-box audit)."""
+    ckpt = Path(ckpt)
+    if (ckpt / "clients").is_dir():
+        state = load(client_path(ckpt, client_id), f"client {client_id} checkpoint")
+        return {"encoder": state["encoder"], "code": state["code"]}
+    for path, shard in shards(ckpt):
+        for entry in shard["blocks"]:
+            hit = (entry["ids"] == int(client_id)).nonzero().flatten()
+            if len(hit):
+                k = int(hit[0])
+                st = entry["state"]
+                return {"encoder": {n: st[f"enc.{n}"][k].clone() for n in enc_names}, "code": st["codes"][k].clone()}
+    raise CheckpointError(f"client {client_id} is in no shard of {ckpt}; the checkpoint is incomplete")
 
 
 def mark_complete(ckpt: Path) -> None:
@@ -128,8 +181,10 @@ def prune(run_dir: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def load(path: Path, what: str):
+def load(path: Path, what: str, *, mmap: bool = False):
     try:
+        if mmap:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise CheckpointError(f"{what} missing: {path}. The checkpoint is incomplete; delete it to resume from an earlier one.") from None

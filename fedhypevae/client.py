@@ -1,16 +1,16 @@
-"""One federated client: private data, encoder psi_i, code v_i, optimizers, generator.
+"""One federated client, as a view of its row in a block (`block.ClientBlock`), which owns the state.
 
 Everything here stays on the client's rank. What leaves is only what its DP step releases: the noisy Phi
 gradient (strict and paper modes) and, when `privacy.diagnostics` is on, loss sums that are labelled as
 diagnostics outside the guarantee.
 
-The DP step itself is `dp_step.DPStep`, which runs on a block of clients (`block.ClientBlock`: their state
-stacked, the client's tensors views of the stacks). The trainer puts every client of a rank in one block (or
-one block per client, when each steps its own copy of Phi). `Client.step` runs the client's step class
-(`step_type`: DPStep, or a subclass overriding stages) on a block of one: `prepare_step` computes everything
-up to the noise (Poisson batch, per-sample gradients, clipped sums: nothing is released, nothing changes),
-`release_step` adds the noise and the post-noise terms and applies the local update; `step` is the two in a
-row. The privacy ledger belongs to the rank (Trainer.ledger).
+A `Client` reads and writes its block's stacks: its data (`x`, `y`), encoder psi_i (`encoder`, a module whose
+parameters are views of the stacks), code v_i (`code`), Adam state, generators (`rng`) and DP-MERF mean
+embeddings. The trainer keeps one block per group of clients and never walks its clients on a hot path;
+`Client` is for code that works one client at a time (the statistics release, tests, tools). A client built
+on its own (`Client(data, cfg=..., ...)`) has a block of one: `step` runs its step class (`step_type`:
+DPStep, or a subclass overriding stages) on that block, `prepare_step` up to the noise (nothing released,
+nothing changed), `release_step` the rest. The privacy ledger belongs to the rank (Trainer.ledger).
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from .block import ClientBlock
 from .config import Config
 from .data import ClientData
 from .dp_step import DIAG_KEYS, PER_SAMPLE, DPStep, PendingBatch
-from .model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, ClientView, Encoder, HyperNetwork, project_codes
+from .model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, ClientView, Encoder, HyperNetwork
 from .privacy import RandomFeatures, mean_embedding_sums, noise_mean_embeddings
-from .rng import STREAM_INIT, STREAM_MMD_RELEASE, STREAM_STEP, ClientRNG, derive_seed
+from .rng import STREAM_MMD_RELEASE, STREAM_STEP, ClientRNG
 
 __all__ = ["DIAG_KEYS", "Client", "PendingStep", "StepOutput"]
 
@@ -92,73 +92,134 @@ def unflatten(vec: torch.Tensor, layout) -> dict:
     return out
 
 
-def _copied(obj):
-    """Deep copy of nested dicts/lists whose tensors get their own compact storage."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        out = type(obj)((k, _copied(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module state dict's version info
-            out._metadata = obj._metadata
-        return out
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copied(v) for v in obj)
-    return obj
-
-
 class Client:
+    """Client `index` of `block` (see the module docstring). `Client(data, cfg=..., num_classes=..., dim=...)`
+    makes a client with a block of its own; `Client.view(block, i)` looks at a row of an existing block."""
+
     step_type: type = DPStep  # the DP step's class: a subclass may name a DPStep subclass overriding stages
 
     def __init__(self, data: ClientData, *, cfg: Config, num_classes: int, dim: int,
-                 declared_size: Optional[int] = None, device: torch.device = torch.device("cpu")):
-        self.id = data.client_id
-        self.cfg = cfg
-        self.num_classes = num_classes
+                 declared_size: Optional[int] = None, device: torch.device | str = "cpu"):
         # the public size every DP normalizer uses: the federation's declared size (federation.declared_sizes,
         # rounding included) as the trainer resolved it; the shard's own only where no trainer is involved
-        self.declared_size = int(declared_size if declared_size is not None else data.declared_size)
-        self.device = device
-        self.x = torch.as_tensor(data.x_train, dtype=torch.float32, device=device)
-        self.y = torch.as_tensor(data.y_train, dtype=torch.long, device=device)
-        m = cfg.model
-        with torch.random.fork_rng(devices=[]):
-            # public initialization: seeded by (seed, client), never by the rank
-            torch.manual_seed(derive_seed(cfg.seed, STREAM_INIT, self.id))
-            self.encoder = Encoder.from_config(dim, num_classes, m)
-            self.code = nn.Parameter(torch.randn(m.code_dim))  # v_i ~ N(0, I) (Algorithm 1)
-        self.encoder.to(device)
-        self.code = nn.Parameter(self.code.detach().to(device))
-        project_codes(self.code, m.code_radius)
-        self.enc_opt = torch.optim.Adam(self.encoder.parameters(), lr=cfg.train.encoder_lr)
-        self.code_opt = torch.optim.Adam([self.code], lr=cfg.train.code_lr)
-        self.rng = ClientRNG(self.id, cfg.privacy.noise_seed)
-        # DP random-feature mean embeddings of this client's data (merf), set by release_mmd_embeddings
-        self.mmd_target: Optional[torch.Tensor] = None  # (K, F)
-        self.mmd_weights: Optional[torch.Tensor] = None  # (K,)
+        declared = int(declared_size if declared_size is not None else data.declared_size)
+        self._attach(ClientBlock.from_data([data], cfg, num_classes=num_classes, dim=dim, declared=[declared],
+                                           device=device), 0)
 
-    # -- state -------------------------------------------------------------------------------
+    @classmethod
+    def view(cls, block: ClientBlock, index: int) -> "Client":
+        c = cls.__new__(cls)
+        c._attach(block, index)
+        return c
+
+    def _attach(self, block: ClientBlock, index: int) -> None:
+        self.block, self.index = block, int(index)
+        self.id = block.ids[index]
+        self.cfg = block.cfg
+        self.num_classes = block.K
+        self.device = block.device
+        self._code = self._encoder = None
+
+    @property
+    def declared_size(self) -> int:
+        return self.block.declared[self.index]
+
+    # -- data ----------------------------------------------------------------------------------------
+    @property
+    def x(self) -> torch.Tensor:
+        return self.block.X[self.block.client_rows(self.index)]
+
+    @property
+    def y(self) -> torch.Tensor:
+        return self.block.Y[self.block.client_rows(self.index)]
+
+    def set_data(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Replace this client's training records (a neighbouring data set in the sensitivity tests)."""
+        b, i = self.block, self.index
+        Xs = [b.X[b.client_rows(k)] if k != i else x.to(b.X) for k in range(b.M)]
+        Ys = [b.Y[b.client_rows(k)] if k != i else y.to(b.Y) for k in range(b.M)]
+        b._set_data(torch.cat(Xs), torch.cat(Ys), [len(t) for t in Ys])
+
+    # -- private state (views of the block's stacks) ---------------------------------------------------
+    @property
+    def code(self) -> nn.Parameter:
+        """v_i as a parameter sharing the block's storage."""
+        if self._code is None or self._code.data_ptr() != self.block.codes[self.index].data_ptr():
+            self._code = nn.Parameter(self.block.codes[self.index], requires_grad=True)
+        return self._code
+
+    @property
+    def encoder(self) -> Encoder:
+        """psi_i as an Encoder module whose parameters share the block's storage."""
+        b, i = self.block, self.index
+        if self._encoder is None or next(self._encoder.parameters()).data_ptr() != b.enc_params[0][i].data_ptr():
+            with torch.random.fork_rng(devices=[]):
+                enc = Encoder.from_config(b.dim, b.K, b.cfg.model).to(b.device)
+            for p, stack in zip(enc.parameters(), b.enc_params):
+                p.data = stack[i]
+            self._encoder = enc
+        return self._encoder
+
+    @property
+    def rng(self) -> ClientRNG:
+        """The client's generators (keyed by the block's key: the noise seed, or the block's secret)."""
+        return ClientRNG(self.id, self.cfg.privacy.noise_seed, key=self.block.key)
+
+    @property
+    def mmd_target(self) -> Optional[torch.Tensor]:
+        return None if self.block.mmd_target is None else self.block.mmd_target[self.index]
+
+    @property
+    def mmd_weights(self) -> Optional[torch.Tensor]:
+        return None if self.block.mmd_weights is None else self.block.mmd_weights[self.index]
+
     def state_dict(self) -> dict:
-        """A copy of the client's private state. Copies, not references: under the batched engine
-        the client's tensors are views of stacks holding every client of the rank, and saving a
-        view would write the whole stack (other clients' private state) into this client's file."""
-        return _copied({
-            "id": self.id,
-            "encoder": self.encoder.state_dict(),
-            "code": self.code.detach(),
-            "enc_opt": self.enc_opt.state_dict(),
-            "code_opt": self.code_opt.state_dict(),
-            "mmd_target": self.mmd_target,
-            "mmd_weights": self.mmd_weights,
-        })
+        """A copy of the client's private state (never a view: a saved view would carry the whole stack, other
+        clients' state included)."""
+        b, i = self.block, self.index
+        return {"id": self.id,
+                "encoder": {n: t[i].detach().clone() for n, t in zip(b.enc_names, b.enc_params)},
+                "code": b.codes[i].detach().clone(),
+                "enc_adam": {"m": {n: t[i].clone() for n, t in zip(b.enc_names, b.enc_m)},
+                             "v": {n: t[i].clone() for n, t in zip(b.enc_names, b.enc_v)},
+                             "steps": b.enc_steps[i].clone()},
+                "code_adam": {"m": b.code_m[i].clone(), "v": b.code_v[i].clone(), "steps": b.code_steps[i].clone()},
+                "mmd_target": None if b.mmd_target is None else b.mmd_target[i].clone(),
+                "mmd_weights": None if b.mmd_weights is None else b.mmd_weights[i].clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.encoder.load_state_dict(state["encoder"])
+        """Write a `state_dict` (or a client file of the per-client checkpoint format 1) into the block's row."""
+        b, i = self.block, self.index
+        if "enc_opt" in state:  # format 1: torch.optim state dicts, parameters in the encoder's order
+            state = _from_format1(state, b.enc_names)
         with torch.no_grad():
-            self.code.copy_(state["code"])
-        self.enc_opt.load_state_dict(state["enc_opt"])
-        self.code_opt.load_state_dict(state["code_opt"])
-        self.mmd_target = None if state["mmd_target"] is None else state["mmd_target"].to(self.device)
-        self.mmd_weights = None if state["mmd_weights"] is None else state["mmd_weights"].to(self.device)
+            for n, t in zip(b.enc_names, b.enc_params):
+                t[i].copy_(state["encoder"][n])
+            b.codes[i].copy_(state["code"])
+            for n, m, v in zip(b.enc_names, b.enc_m, b.enc_v):
+                m[i].copy_(state["enc_adam"]["m"][n])
+                v[i].copy_(state["enc_adam"]["v"][n])
+            b.enc_steps[i].copy_(state["enc_adam"]["steps"])
+            b.code_m[i].copy_(state["code_adam"]["m"])
+            b.code_v[i].copy_(state["code_adam"]["v"])
+            b.code_steps[i].copy_(state["code_adam"]["steps"])
+        if state.get("mmd_target") is not None:
+            self._set_mmd(state["mmd_target"], state["mmd_weights"])
+
+    def _set_mmd(self, target: torch.Tensor, weights: torch.Tensor) -> None:
+        b = self.block
+        if b.mmd_target is None:
+            b.mmd_target = torch.zeros((b.M, *target.shape), dtype=torch.float32, device=b.device)
+            b.mmd_weights = torch.zeros((b.M, *weights.shape), dtype=torch.float32, device=b.device)
+        b.mmd_target[self.index] = target.to(b.device, torch.float32)
+        b.mmd_weights[self.index] = weights.to(b.device, torch.float32)
+
+    def standalone(self) -> "Client":
+        """A copy of this client with a block of its own (its data, state, embeddings and generator key)."""
+        c = type(self).view(ClientBlock.copy_of([self]), 0)
+        if type(self).step_type is not self.step_type:
+            c.step_type = self.step_type
+        return c
 
     # -- one-shot release for the MMD term ---------------------------------------------------------
     def mmd_sums(self, features: RandomFeatures) -> tuple:
@@ -171,19 +232,21 @@ class Client:
         g = self.rng.generator(STREAM_MMD_RELEASE, 0, 0, epoch)
         sums, counts = noise_mean_embeddings(*sums, noise_multiplier=noise_multiplier, generator=g)
         counts = counts.clamp(min=0.0)
-        self.mmd_target = (sums / counts.clamp(min=1.0)[:, None]).float().to(self.device)
         total = counts.sum()
-        self.mmd_weights = ((counts / total).float() if total > 0 else torch.full((self.num_classes,), 1.0 / self.num_classes)).to(self.device)
+        weights = (counts / total).float() if total > 0 else torch.full((self.num_classes,), 1.0 / self.num_classes)
+        self._set_mmd((sums / counts.clamp(min=1.0)[:, None]).float(), weights)
 
     # -- the DP step ---------------------------------------------------------------------------------
     @property
     def dp_step(self) -> DPStep:
-        """This client's DP step: an instance of ``step_type`` on a block of one (itself), weight 1. It holds no
-        state of its own; a copied client gets its own, on its own block."""
+        """This client's DP step: an instance of ``step_type`` on its block of one, weight 1. A client that is a
+        row of a block of many is stepped by its block's step (the trainer's): use `standalone()` for a copy."""
+        if self.block.M != 1:
+            raise ValueError(f"client {self.id} is a row of a block of {self.block.M} clients: its step is the "
+                             "block's (Trainer.steps); use client.standalone() for a copy with a block of its own")
         s = self.__dict__.get("_dp_step")
-        if s is None or s.block.clients[0] is not self or type(s) is not self.step_type:
-            block = ClientBlock([self], self.cfg, device=self.device)
-            s = self._dp_step = self.step_type(block, weights=[1.0], per_sample=PER_SAMPLE[self.cfg.train.engine])
+        if s is None or s.block is not self.block or type(s) is not self.step_type:
+            s = self._dp_step = self.step_type(self.block, weights=[1.0], per_sample=PER_SAMPLE[self.cfg.train.engine])
         return s
 
     def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma, features: Optional[RandomFeatures],
@@ -203,3 +266,20 @@ class Client:
         rel = pending.step.release(bp, sigma=sigma, features=features)
         layout = pending.batch_pending.sums.layout
         return StepOutput({n: t.float() for n, t in unflatten(rel.phi, layout).items()}, rel.diag)
+
+
+def _from_format1(state: dict, enc_names: list) -> dict:
+    """A client file of checkpoint format 1 (encoder/code plus torch.optim state dicts) in `state_dict`'s form."""
+    def adam(opt: dict, names: list, like: list):
+        st = opt.get("state", {})
+        m = {n: (st[k]["exp_avg"] if k in st else torch.zeros_like(t)) for k, (n, t) in enumerate(zip(names, like))}
+        v = {n: (st[k]["exp_avg_sq"] if k in st else torch.zeros_like(t)) for k, (n, t) in enumerate(zip(names, like))}
+        steps = torch.tensor([float(st[k]["step"]) if k in st else 0.0 for k in range(len(names))])
+        return m, v, steps
+
+    enc = [state["encoder"][n] for n in enc_names]
+    m, v, steps = adam(state["enc_opt"], enc_names, enc)
+    cm, cv, cs = adam(state["code_opt"], ["code"], [state["code"]])
+    return {"encoder": dict(state["encoder"]), "code": state["code"], "enc_adam": {"m": m, "v": v, "steps": steps},
+            "code_adam": {"m": cm["code"], "v": cv["code"], "steps": cs},
+            "mmd_target": state.get("mmd_target"), "mmd_weights": state.get("mmd_weights")}

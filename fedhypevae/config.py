@@ -191,6 +191,9 @@ class TrainConfig:
     # batched: ghost-norm clipping (fedhypevae/engine.py); reference: torch.func per-sample gradients. Same
     # release up to float rounding; the literal MMD term always uses torch.func
     engine: str = "batched"
+    # a rank's clients are stepped in chunks of at most this many (the working set of a step is one chunk's:
+    # its noise, sums and activations); 0: the whole block at once
+    chunk_clients: int = 1024
 
     def __post_init__(self):
         _check(self.rounds >= 1, f"train.rounds must be >= 1; got {self.rounds}")
@@ -201,6 +204,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.replica_check_every >= 0, "train.replica_check_every must be >= 0")
+        _check(self.chunk_clients >= 0, f"train.chunk_clients must be >= 0 (0: no chunks); got {self.chunk_clients}")
         _check(self.engine in ("batched", "reference"),
                f"train.engine must be batched (ghost-norm per-sample clipping) or reference "
                f"(torch.func per-sample gradients); got {self.engine!r}")

@@ -177,6 +177,33 @@ class StepRelease:
     diag: torch.Tensor  # len(DIAG_KEYS)
 
 
+NOISE_FORMAT = 2  # one flat draw per client per release (the row layout of DPStep._noise); 1: one per tensor
+
+
+class NoiseDraws:
+    """The scratch buffer the DP noise is drawn into (one chunk's worth: chunks of a trainer share it) and the
+    threads that draw it. `noise_threads` (default: the usable cores, at most 8) clients' rows are drawn in
+    parallel; each thread runs serial kernels only."""
+
+    def __init__(self, threads: Optional[int] = None):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.noise_threads = max(1, min(8, cores)) if threads is None else max(1, int(threads))
+        self._buf = torch.empty(0)
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def rows(self, M: int, D: int) -> torch.Tensor:
+        """An (M, D) fp32 view of the scratch (grown when needed, never shrunk)."""
+        if self._buf.numel() < M * D:
+            self._buf = torch.empty(M * D, dtype=torch.float32)
+        return self._buf[:M * D].view(M, D)
+
+    def workers(self, M: int) -> tuple:
+        workers = max(1, min(self.noise_threads, M))
+        if workers > 1 and (self._pool is None or self._pool._max_workers != workers):
+            self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedhypevae-noise")
+        return workers, self._pool
+
+
 # ------------------------------------------------------------------------------------------ the step
 
 
@@ -205,7 +232,7 @@ class DPStep:
     everything it reads and updates is the block's.
     """
 
-    def __init__(self, block: ClientBlock, *, weights, per_sample: str = "ghost"):
+    def __init__(self, block: ClientBlock, *, weights, per_sample: str = "ghost", draws: Optional["NoiseDraws"] = None):
         if per_sample not in ("ghost", "materialized"):
             raise ValueError(f"per_sample must be ghost or materialized; got {per_sample!r}")
         self.block, self.cfg = block, block.cfg
@@ -222,22 +249,13 @@ class DPStep:
             self.phi_coef, self.phi_divisor = self.weights / block.expected, 1.0
         self.timings = {k: 0.0 for k in PHASES}
         self.profile = False  # per-phase timings (synchronizes CUDA between phases when on)
-        # clients' noise is drawn by this many Python threads (serial kernels: no OpenMP oversubscription)
-        self.noise_threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                                        else (os.cpu_count() or 1)))
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._noise_key = None  # cached noise buffers and per-client views (see _noise)
-
-    @property
-    def clients(self) -> list:
-        return self.block.clients
+        self.draws = draws if draws is not None else NoiseDraws()  # the noise scratch (shared by a trainer's chunks)
 
     # -- drivers --------------------------------------------------------------------------------------
     def prepare(self, hyper, round_: int, step: int, *, epoch: int = 0, gens: Optional[list] = None) -> PendingBatch:
         """Every client's step up to the noise: coins, per-sample gradients, clipping, the sums. No state changes.
         `gens`: the clients' generators (default: their own streams for (round, step, epoch))."""
         block, p = self.block, self.cfg.privacy
-        block.ensure_bound()
         with self._phase("sample"):
             gens = gens if gens is not None else block.generators(round_, step, epoch)
             draws = self.sample(gens)
@@ -337,25 +355,24 @@ class DPStep:
     # -- release's stages ------------------------------------------------------------------------------
     def add_noise(self, sums: Sums, *, sigma, gens: list) -> Sums:
         """sum + N(0, sigma^2 C^2 I) on every privatized coordinate of every client (strict: psi_i, v_i and Phi;
-        paper: Phi), also for an empty batch: drawn from the client's own generator in sorted parameter order,
-        one `normal_` per tensor of its shape. `sigma` is one multiplier or one per block (`noise_blocks`: the
+        paper: Phi), also for an empty batch: drawn from the client's own generator, one `normal_` per client
+        over all its privatized coordinates (`_noise`). `sigma` is one multiplier or one per block (`noise_blocks`: the
         client's own coordinates and Phi's, as the aggregation rule places them). Override only to change the
         noise (the audit's no-noise sabotage)."""
         p = self.cfg.privacy
         blocks, C = noise_blocks(sigma), p.clip_norm
         std = blocks["private"] * C if p.mode == "strict" else 0.0
         std_phi = blocks["phi"] * C
-        names = [CODE_NAME] + [ENCODER_PREFIX + n for n in self.block.enc_names] if std > 0 else []
-        names += [PHI_PREFIX + n for n, _ in sums.layout] if std_phi > 0 else []
-        if not names:
+        if std == 0 and std_phi == 0:
             return sums
-        enc_noise, code_noise, phi_noise = self._noise(gens, names, self.phi_coef * std_phi, sums.layout)
+        enc_noise, code_noise, phi_noise = self._noise(gens, std > 0, std_phi > 0, self.phi_coef * std_phi, sums.layout)
         dev = self.block.device
         if std > 0:  # in place: a release consumes its pending sums (the guard digested them before)
-            for n, s in zip(self.block.enc_names, sums.enc):
-                s.add_(enc_noise[ENCODER_PREFIX + n].to(dev), alpha=std)
+            for s, z in zip(sums.enc, enc_noise):
+                s.add_(z.to(dev), alpha=std)
             sums.code.add_(code_noise.to(dev), alpha=std)
-        sums.phi.add_(phi_noise)
+        if std_phi > 0:
+            sums.phi.add_(phi_noise)
         return sums
 
     def scale(self, noisy: Sums) -> Sums:
@@ -416,73 +433,58 @@ class DPStep:
         b.adam([b.codes], [code_grad], [b.code_m], [b.code_v], b.code_steps, b.code_hp)
         project_codes(b.codes, self.cfg.model.code_radius)
 
-    def _noise(self, gens: list, names: list, phi_coef: torch.Tensor, layout: tuple):
-        """Every client's N(0, 1) draws for the privatized parameters `names`, in sorted-name order, one `normal_`
-        per tensor of that tensor's shape (`add_noise`'s calls), on the CPU. Returns the stacked encoder and code
-        noise (M, ...) and sum_i phi_coef_i * noise_i over Phi (fp64). Clients draw from their own generators, so
-        blocks of clients run in parallel threads (`noise_threads`); the fp64 partial sums are combined in a
-        fixed order. Buffers and the per-client views into them are kept between steps (for small models the
-        Python calls dominate)."""
+    def _noise(self, gens: list, private: bool, phi: bool, phi_coef: torch.Tensor, layout: tuple):
+        """Every client's N(0, 1) draws for its privatized coordinates: ONE `normal_` per client filling its row of
+        a flat (M, D) buffer, from the client's generator (noise format 2, `NOISE_FORMAT`): the row holds the
+        client's own coordinates (`private`: the code, then the encoder's parameters in sorted-name order) and then
+        Phi's (`phi`: in the hypernetwork's parameter order). Returns the encoder noise per parameter and the code
+        noise as (M, ...) views of the buffer, and sum_i phi_coef_i * (client i's Phi noise) in fp64. Blocks of
+        clients draw in parallel Python threads (the draws release the GIL); the fp64 partial sums are combined in
+        a fixed order."""
         b, M = self.block, self.block.M
-        offsets, P = {}, 0
-        for n, shape in layout:
-            offsets[n] = P
-            P += math.prod(shape)
-        workers = max(1, min(self.noise_threads, M))
-        key = (tuple(sorted(names)), layout, workers)
-        if self._noise_key != key:
-            self._noise_key = key
-            dt = torch.float32
-            enc_noise = {ENCODER_PREFIX + n: torch.empty(t.shape, dtype=dt) for n, t in zip(b.enc_names, b.enc_params)
-                         if ENCODER_PREFIX + n in names}
-            code_noise = torch.empty(tuple(b.codes.shape), dtype=dt) if CODE_NAME in names else None
-            shapes = dict(layout)
-            bounds = [round(k * M / workers) for k in range(workers + 1)]
-            rows = [torch.empty(P, dtype=dt) for _ in range(workers)]
-            views = []
-            for w in range(workers):
-                for i in range(bounds[w], bounds[w + 1]):
-                    vi = []
-                    for name in key[0]:
-                        if name.startswith(PHI_PREFIX):
-                            n = name[len(PHI_PREFIX):]
-                            vi.append(rows[w][offsets[n]:offsets[n] + math.prod(shapes[n])].view(shapes[n]))
-                        else:
-                            vi.append(code_noise[i] if name == CODE_NAME else enc_noise[name][i])
-                    views.append(vi)
-            accs = [torch.zeros(P, dtype=torch.float64) for _ in range(workers)]
-            wides = [torch.empty(min(P, _SERIAL), dtype=torch.float64) for _ in range(workers)]
-            self._noise_buf = (enc_noise, code_noise, bounds, rows, views, accs, wides)
-        enc_noise, code_noise, bounds, rows, views, accs, wides = self._noise_buf
+        P = sum(math.prod(shape) for _, shape in layout) if phi else 0
+        priv_shapes = [tuple(b.codes.shape[1:])] + [s for _, s in sorted(zip(b.enc_names, b.enc_shapes))] if private else []
+        D0 = sum(math.prod(s) for s in priv_shapes)
+        buf = self.draws.rows(M, D0 + P)
         coef = phi_coef.tolist()
-        with_phi = any(n.startswith(PHI_PREFIX) for n in key[0])  # else the rows are never drawn: nothing to add
+        workers, pool = self.draws.workers(M)
+        bounds = [round(k * M / workers) for k in range(workers + 1)]
+        rows = buf.unbind(0)
+        accs = [torch.zeros(P, dtype=torch.float64) for _ in range(workers)] if phi else []
 
         def block(w: int) -> None:
-            row, acc, wide = rows[w], accs[w], wides[w]
-            acc.zero_()
+            wide = torch.empty(min(P, _SERIAL), dtype=torch.float64) if phi else None
+            acc = accs[w] if phi else None
             for i in range(bounds[w], bounds[w + 1]):
-                g = gens[i]
-                for t in views[i]:
-                    t.normal_(generator=g)
-                if not with_phi:
-                    continue
-                # fp64 accumulation over clients, in pieces below ATen's parallel grain size: these
-                # threads must not each start an OpenMP team (oversubscription on few cores)
+                row = rows[i]
+                row.normal_(generator=gens[i])
+                # fp64 accumulation over clients, in pieces below ATen's parallel grain size: these threads must
+                # not each start an OpenMP team (oversubscription on few cores)
                 for lo in range(0, P, _SERIAL):
                     hi = min(P, lo + _SERIAL)
                     part = wide[:hi - lo]
-                    part.copy_(row[lo:hi])
+                    part.copy_(row[D0 + lo:D0 + hi])
                     acc[lo:hi].add_(part, alpha=coef[i])
 
         if workers == 1:
             block(0)
         else:
-            if self._pool is None or self._pool._max_workers != workers:
-                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedhypevae-noise")
-            list(self._pool.map(block, range(workers)))
-        total = accs[0].clone()
-        for part in accs[1:]:
-            total.add_(part)
+            list(pool.map(block, range(workers)))
+        enc_noise, code_noise = [], None
+        if private:
+            off, views = 0, []
+            for shape in priv_shapes:
+                k = math.prod(shape)
+                views.append(buf[:, off:off + k].view(M, *shape))
+                off += k
+            code_noise = views[0]
+            by_name = dict(zip(sorted(b.enc_names), views[1:]))
+            enc_noise = [by_name[n] for n in b.enc_names]
+        total = None
+        if phi:
+            total = accs[0]
+            for part in accs[1:]:
+                total.add_(part)
         return enc_noise, code_noise, total
 
     # -- helpers ----------------------------------------------------------------------------------------

@@ -161,9 +161,10 @@ class MaterializedRows(Rows):
         self.cidx = batch.cidx
         self.per_client = []  # (position, {ClientView name: (B_i, ...)}) for clients with rows
         nll = kl = 0.0
-        for i, c in enumerate(block.clients):
+        for i in range(block.M):
             if batch.counts[i] == 0:
                 continue
+            c = block.client(i)
             view = ClientView(c.encoder, c.code, hyper, literal_mmd=literal_mmd)
             names = [n for n, _ in view.named_parameters()]
             rows = batch.client_rows(i)

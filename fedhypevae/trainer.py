@@ -41,7 +41,7 @@ from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
 from .data import build_federation, is_shard_dir, read_manifest
 from .block import ClientBlock
-from .dp_step import BLOCKS, PER_SAMPLE, DPStep, noise_blocks
+from .dp_step import BLOCKS, NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork, mmd_bandwidths
@@ -49,7 +49,7 @@ from .privacy import (CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, PrivacyLed
                       epsilon_of, has_ledger, privacy_plan, run_shares)
 from .privacy.ledger import payload_digest
 from .provenance import provenance
-from .rng import derive_seed
+from .rng import derive_seed, secret_key
 from .validate import check_output_dir, validate_run
 
 # settings a resume may change: applied from the resume on and reported (results.json "resume", the
@@ -59,6 +59,7 @@ from .validate import check_output_dir, validate_run
 RESUME_MAY_CHANGE = (
     "train.lr", "train.encoder_lr", "train.code_lr", "train.local_lr", "train.optimizer", "federation.server_lr",
     "threads", "train.checkpoint_every", "train.keep_checkpoints", "train.replica_check_every", "train.engine",
+    "train.chunk_clients",
     "privacy.diagnostics", "stats.rank", "meta.*", "synth.*",
 )
 # the learning rates and optimizer: they shape the later releases, so a change is said at every resume
@@ -232,11 +233,13 @@ class TrainerHooks:
 class Trainer:
     def __init__(self, cfg: Config, out_dir: Path, comm: Optional[Communicator] = None, *,
                  resume: bool = False, progress: bool = True, launcher: str = "none", device: str = "cpu",
-                 client_factory: Optional[Callable[..., Client]] = None):
+                 step_type: "type | Callable[[int], type] | None" = None):
         self.cfg = cfg
-        # builds each hosted client: client_factory(data, cfg=, num_classes=, dim=, declared_size=, device=).
-        # The seam for a client with an extended DP step (the white-box audit's canaries); default Client
-        self.client_factory = client_factory or Client
+        # the DP step's class for every hosted client: one class, or a function of the client id (the seam for a
+        # client with an extended step: the white-box audit's canaries); default DPStep. Clients of different
+        # classes are in different blocks
+        self.step_type_of = (step_type if callable(step_type) and not isinstance(step_type, type)
+                             else (lambda cid, t=(step_type or DPStep): t))
         self.out = Path(out_dir)
         self.comm = comm or LocalCommunicator()
         self.resume = resume
@@ -303,18 +306,29 @@ class Trainer:
             self.features = RandomFeatures(bandwidths=bws, features_per_bandwidth=cfg.model.mmd_features,
                                            dim=fed.dim, seed=derive_seed(cfg.seed, 0xFEA7))
         by_id = {cd.client_id: cd for cd in fed.clients}
-        # the declared (public) size is the only size any DP computation uses
-        self.clients: list[Client] = [self.client_factory(by_id[i], cfg=cfg, num_classes=fed.num_classes, dim=fed.dim,
-                                             declared_size=declared[i], device=self.torch_device) for i in mine]
         # every later stage's settings and memory, before anything is written or released
         self.stats_clip = validate_run(cfg, transform=fed.transform, classes=fed.num_classes, dim=fed.dim,
-                                       clients_here=len(self.clients))
+                                       clients_here=len(mine))
+        # the rank's clients in blocks (the rule groups them; a client with its own step class gets its own), each
+        # block holding its clients' data and stacked private state. The declared (public) size is the only size
+        # any DP computation uses. One secret key for the rank's generators (secure noise; never stored)
+        key = secret_key()
+        self.blocks, self.block_types = [], []
+        for ids, step_type in self.aggregation.blocks([(i, self.step_type_of(i)) for i in mine]):
+            self.blocks.append(ClientBlock.from_data([by_id[i] for i in ids], cfg, num_classes=fed.num_classes,
+                                                     dim=fed.dim, declared=[declared[i] for i in ids],
+                                                     device=self.torch_device, key=key))
+            self.block_types.append(step_type)
+        views = {b.ids[k]: b.client(k) for b in self.blocks for k in range(b.M)}
+        self.clients: list[Client] = [views[i] for i in mine]  # views of the blocks' rows, placement order
 
         self.state = TrainState()
         start = ckpt.latest_complete(self.out) if self.resume else None
         # the rank's durable ledger; it reads every rank's file (the run may have had another world size)
         self.ledger = PrivacyLedger([c.id for c in self.clients], run_dir=self.out, rank=comm.rank,
                                     world_size=comm.world_size)
+        if self.resume and cfg.privacy.noise_seed is not None:
+            self._check_noise_format()
         comm.barrier()  # every rank has read the ledger before any rank appends to it
         if comm.is_root:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +351,21 @@ class Trainer:
         else:
             self._release_mmd_embeddings()
             self.save_checkpoint()  # round 0: the one-shot releases are never redone
-        self._steps: Optional[list] = None  # the DP step of every block of this rank (built at the first step)
+        self._steps: Optional[list] = None  # the DP steps of this rank's blocks, chunk by chunk (at the first step)
+
+    def _check_noise_format(self) -> None:
+        """A reproducible-noise resume needs the steps drawn as this version draws them: a replay is free only
+        when it releases the same value with the same noise, and noise drawn another way would release a
+        different value under a key already charged (it would be charged again: refused instead, said here)."""
+        prefix = f"noise{NOISE_FORMAT}:"
+        old = [r for r in self.ledger.records if r.mechanism == DP_SGD and r.digest and not r.digest.startswith(prefix)]
+        if old:
+            found = old[0].digest.split(":")[0] if ":" in old[0].digest else "noise1"
+            raise CheckpointError(
+                f"cannot resume {self.out} with privacy.noise_seed: its DP-SGD steps were drawn by an earlier version "
+                f"({found}: one draw per parameter tensor) and this version draws {prefix[:-1]} (one flat draw per "
+                "client), so a replayed step would release a different noisy value. Resume it with the version "
+                "that started it, or start a new run with another --out")
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         opt_cls = torch.optim.Adam if self.cfg.train.optimizer == "adam" else torch.optim.SGD
@@ -345,19 +373,19 @@ class Trainer:
 
     @property
     def steps(self) -> list:
-        """The DP step (`dp_step.DPStep`, the class each client names in `step_type`) of every block of this
-        rank's clients. The aggregation rule groups the clients into blocks (one block of all of them under
-        `grad`; one per client where each steps its own copy of Phi); clients whose step classes differ are in
-        different blocks. Built at the first step, after any restore, so that the blocks stack the restored
-        state; `rebuild_steps` after a client's step class changed."""
+        """The DP steps of this rank: for every block, its class's `DPStep` on each chunk of at most
+        `train.chunk_clients` of its clients (views sharing the block's storage: the working set of a step is one
+        chunk's, however many clients the rank hosts). Chunks share one noise scratch. Built at the first step."""
         if self._steps is None:
             per_sample = PER_SAMPLE[self.cfg.train.engine]
-            agg = self.aggregation
+            size = self.cfg.train.chunk_clients
+            draws = NoiseDraws()
             self._steps = []
-            for group in agg.blocks(self.clients):
-                block = ClientBlock(group, self.cfg, device=self.torch_device)
-                self._steps.append(group[0].step_type(block, weights=[agg.release_weight(c) for c in group],
-                                                      per_sample=per_sample))
+            for block, step_type in zip(self.blocks, self.block_types):
+                w = [self.aggregation.release_weight(i) for i in block.ids]
+                for sub in block.chunks(size if size > 0 else block.M):
+                    lo = block.ids.index(sub.ids[0]) if sub is not block else 0
+                    self._steps.append(step_type(sub, weights=w[lo:lo + sub.M], per_sample=per_sample, draws=draws))
         return self._steps
 
     def rebuild_steps(self) -> None:
@@ -414,14 +442,19 @@ class Trainer:
         return self.cfg.privacy.noise_seed is not None
 
     def guarded_release(self, mechanism: str, sigma: float, q: float, key: str, prepare: Callable[[int], object],
-                        payload: Callable[[object], list], *, stoppable: bool = False) -> Decision:
+                        payload: Callable[[object], list], *, stoppable: bool = False, lazy: bool = False,
+                        draws: str = "") -> Decision:
         """The one guard every release of this rank's clients goes through (collective: every rank calls it).
 
         1. `prepare(epoch)` computes the payload up to the noise. With reproducible noise, a key already in
            the ledger for exactly this block is tried under that release's epoch: if the pre-noise payload
            has the digest the ledger recorded, the release is an identical replay (same value, same noise)
            and costs nothing. Otherwise the payload is recomputed under a fresh epoch (fresh coins, fresh
-           noise: never the old noise on a new value) and charged. With secure noise every release is new.
+           noise: never the old noise on a new value) and charged. With secure noise every release is new,
+           and with `lazy` nothing is computed here: the caller prepares and releases chunk by chunk after
+           the charge (`Decision.pending` is None), so the payload of the whole rank is never held at once.
+           `draws` names how the noise is drawn (it prefixes the digest): a release drawn another way is never
+           an identical replay.
         2. The budget bit (and, when `stoppable`, the stop-signal bit) are combined across ranks by one
            max all-reduce, so every rank takes the same decision.
         3. The charge is appended to the ledger and fsync'd before the caller releases anything.
@@ -430,13 +463,13 @@ class Trainer:
         repro = private and self.reproducible
         candidate = led.latest(mechanism, key) if repro else None
         epoch = candidate.epoch if candidate is not None else led.fresh_epoch(mechanism, key)
-        pending = prepare(epoch)
-        digest = payload_digest(payload(pending)) if repro else None
+        pending = prepare(epoch) if (repro or not lazy) else None
+        digest = draws + payload_digest(payload(pending)) if repro else None
         free = led.identical(candidate, sigma, q, digest)
         if candidate is not None and not free:
             epoch = led.fresh_epoch(mechanism, key)
             pending = prepare(epoch)
-            digest = payload_digest(payload(pending))
+            digest = draws + payload_digest(payload(pending))
         if (not private) or free:
             fits = True
         else:
@@ -561,13 +594,17 @@ class Trainer:
         blocks, sigma = self.step_noise()
         d = self.guarded_release(DP_SGD, sigma, cfg.privacy.sample_rate, step_key(r, s),
                                  lambda epoch: self._prepare_step(r, s, epoch),
-                                 lambda pend: [t for p in pend for t in p.payload()], stoppable=True)
+                                 lambda pend: [t for p in pend for t in p.payload()], stoppable=True, lazy=True,
+                                 draws=f"noise{NOISE_FORMAT}:")
         if d.status != "released":
             return d.status
         buf = agg.new_step_buffer(len(DIAG_KEYS))  # [the rule's block | the diagnostics]
         W = agg.step_width
-        for st, pend in zip(self.steps, d.pending):
+        for k, st in enumerate(self.steps):  # chunk by chunk: prepared here unless the guard needed the payload
             with hooks.timed("engine"):
+                st.profile = hooks.timing
+                pend = (d.pending[k] if d.pending is not None
+                        else st.prepare(agg.step_hyper(st.block), r, s, epoch=d.epoch))
                 rel = st.release(pend, sigma=blocks, features=self.features)
             agg.add_release(buf, st.block, rel.phi)
             buf[W:] += rel.diag if self.send_diagnostics else st.block.M * self._public_diag
@@ -656,10 +693,13 @@ class Trainer:
         if self._saved_at == pos:  # nothing happened since the last checkpoint (e.g. a stop right after a resume)
             return d
         mid_round = self.state.step > 0
-        for c in self.clients:  # every rank saves its own clients' private state
-            state = c.state_dict()
-            state.update(self.aggregation.client_state(c, mid_round))  # e.g. delta: the private copy of Phi
-            ckpt.atomic_torch_save(state, ckpt.client_path(d, c.id))
+        # the rank's clients' private state: one shard, the blocks' stacks as they are (no copy)
+        rule = {}
+        for c in self.clients:
+            extra = self.aggregation.client_state(c, mid_round)  # e.g. delta inside a round: the private copy of Phi
+            if extra:
+                rule[c.id] = extra
+        ckpt.save_shard(d, self.comm.rank, [(b.ids, b.state()) for b in self.blocks], {"rule": rule})
         if self.comm.is_root:
             # shared outputs hold only public state and post-processing of DP releases: no diagnostics
             ckpt.atomic_torch_save({"hyper": self.hyper.state_dict(), "opt": self.opt.state_dict(),
@@ -686,17 +726,46 @@ class Trainer:
         # else: train.optimizer changed: Phi's new optimizer starts without state (reported as a change)
         self.state = TrainState(round=shared["round"], step=shared.get("step", 0), steps=shared["steps"],
                                 stopped=shared.get("stopped"), history=self.state.history)
-        states = {}
-        for c in self.clients:
-            state = ckpt.load(ckpt.client_path(d, c.id), f"client {c.id} checkpoint")
-            c.load_state_dict(state)
-            for g in c.enc_opt.param_groups:
-                g["lr"] = self.cfg.train.encoder_lr
-            for g in c.code_opt.param_groups:
-                g["lr"] = self.cfg.train.code_lr
-            states[c.id] = state
+        if (d / "clients").is_dir():  # shard format 1: one file per client
+            states = {}
+            for c in self.clients:
+                states[c.id] = state = ckpt.load(ckpt.client_path(d, c.id), f"client {c.id} checkpoint")
+                c.load_state_dict(state)
+        else:
+            states = self._restore_shards(d)
         self.aggregation.restore(states, self.state.step > 0, d)
         self._saved_at = (self.state.round, self.state.step)
+
+    def _restore_shards(self, d: Path) -> dict:
+        """This rank's clients' rows from every rank's shard of `d` (any world size wrote them); returns the rule's
+        per-client state."""
+        where = {cid: (b, k) for b in self.blocks for k, cid in enumerate(b.ids)}
+        found, rule = set(), {}
+        for path, shard in ckpt.shards(d):
+            for entry in shard["blocks"]:
+                ids = entry["ids"].tolist()
+                rows: dict = {}  # block -> (positions, rows)
+                for row, cid in enumerate(ids):
+                    if cid in where:
+                        if cid in found:
+                            raise CheckpointError(f"{d}: client {cid} is in two shards; the checkpoint is corrupt")
+                        b, k = where[cid]
+                        pos, src = rows.setdefault(id(b), (b, [], []))[1:]
+                        pos.append(k)
+                        src.append(row)
+                        found.add(cid)
+                for b, pos, src in rows.values():
+                    try:
+                        b.load_rows(pos, entry["state"], src)
+                    except (KeyError, RuntimeError) as exc:
+                        raise CheckpointError(f"{path}: its state does not fit this run's model ({type(exc).__name__}: "
+                                              f"{exc}); delete that checkpoint directory to resume from an earlier one") from None
+            rule.update({cid: st for cid, st in shard.get("extra", {}).get("rule", {}).items() if cid in where})
+        missing = sorted(set(where) - found)
+        if missing:
+            raise CheckpointError(f"{d}: no shard holds clients {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
+                                  "the checkpoint is incomplete: delete it to resume from an earlier one")
+        return rule
 
     # ---------------------------------------------------------------- results
     def finish(self, extra: dict, *, missing: Optional[list] = None) -> dict:

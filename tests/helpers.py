@@ -68,14 +68,14 @@ def rel_diff(a: dict, b: dict) -> float:
 def clipped_sums(clients, cfg, hyper, xs, ys, es, *, mode: str, clip_norm: float, per_sample: str = "ghost"):
     """Per client: the clipped, pre-noise sums {ClientView name: tensor} of the privatized parameters (strict:
     encoder, code and Phi; paper: Phi) of the given rows, and the per-sample norms, from the DP step's rows
-    (`per_sample`: ghost or materialized) on a block of `clients`."""
-    from fedhypevae.block import ClientBlock
+    (`per_sample`: ghost or materialized) on the block of `clients` (views of the rows of one block)."""
     from fedhypevae.dp_step import clip_factor
     from fedhypevae.engine import GhostRows
     from fedhypevae.model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX
     from fedhypevae.rows import Batch, MaterializedRows, NoRows
 
-    block = ClientBlock(clients, cfg)
+    block = clients[0].block
+    assert all(c.block is block for c in clients) and block.M == len(clients)
     counts = [len(y) for y in ys]
     b = Batch.build(torch.cat(xs), torch.cat(ys), torch.cat(es), counts, block.device)
     if sum(counts) == 0:

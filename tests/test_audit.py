@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedhypevae.audit import (AuditSetup, CanaryClient, CanaryStep, NoClipCanaryStep, NoNoiseCanaryStep, audit_p_value,
-                              audit_white_box, closed_form_max, epsilon_lower_bound, guess, max_epsilon_lower_bound,
-                              run_audit, score_guesses)
+from fedhypevae.audit import (CANARY_STEPS, AuditSetup, Canaries, CanaryStep, NoClipCanaryStep, NoNoiseCanaryStep,
+                              audit_p_value, audit_white_box, canary_length, closed_form_max, epsilon_lower_bound, guess,
+                              max_epsilon_lower_bound, run_audit, score_guesses)
 from fedhypevae.cli import main
-from fedhypevae.client import Client
 from fedhypevae.config import load_config
 from fedhypevae.dp_step import DPStep, per_sample_grads
 from fedhypevae.errors import ConfigError
@@ -75,20 +74,22 @@ def test_audit_config_has_the_power_to_refute_its_claim():
     assert (1 - cfg.privacy.sample_rate) ** steps < 1e-4
 
 
-def _twin(tr):
-    """A CanaryClient in the state of the trainer's first client (unarmed)."""
-    c = tr.clients[0]
-    twin = CanaryClient(tr.fed.client(c.id), cfg=tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-                        declared_size=c.declared_size)
-    twin.load_state_dict(copy.deepcopy(c.state_dict()))
-    return twin
+def _twin(tr, step_type=DPStep):
+    """A client with a block of its own in the state (and on the generator streams) of the trainer's first
+    client, stepping with `step_type`."""
+    c = tr.clients[0].standalone()
+    c.step_type = step_type
+    return c
 
 
 def _armed_twin(tr, sabotage, included):
-    twin = _twin(tr)
+    """Such a client whose step is the audit's canary step (its sabotaged variant), armed with canaries on the
+    first coordinates of Phi, sign +1."""
+    twin = _twin(tr, CANARY_STEPS[sabotage])
     m = len(included)
-    twin.arm(phi_numel=tr.phi_numel, coords=torch.arange(m), signs=torch.ones(m), included=included, seed=0,
-             sabotage=sabotage)
+    twin.dp_step.canaries = Canaries(coords=torch.arange(m), signs=torch.ones(m), included=included, seed=0,
+                                     scale=canary_length(sabotage, tr.cfg.privacy.clip_norm), phi_numel=tr.phi_numel,
+                                     sample_rate=tr.cfg.privacy.sample_rate)
     return twin
 
 
@@ -99,26 +100,25 @@ def test_canary_client_without_canaries_is_client_step(tmp_path, engine):
     cfg = load_config("audit", ["train.rounds=1", f"train.engine={engine}"])
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
-    c = tr.clients[0]
+    c = _twin(tr)
     twin = _armed_twin(tr, "none", torch.zeros(10, dtype=torch.bool))
-    twin.rng = c.rng
     h2 = copy.deepcopy(tr.hyper)
     a = c.step(tr.hyper, 0, 0, sigma=tr.sigma, features=tr.features)
     b = twin.step(h2, 0, 0, sigma=tr.sigma, features=tr.features)
     for n in a.phi_grad:
         torch.testing.assert_close(b.phi_grad[n], a.phi_grad[n], rtol=1e-6, atol=1e-7)
-    assert twin.appearances.sum() == 0
+    assert twin.dp_step.canaries.appearances.sum() == 0
 
 
 @pytest.mark.parametrize("engine", ["batched", "reference"])
 def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path, engine):
-    """Unarmed, a CanaryClient runs the plain step; armed, its step object is a CanaryStep whose per-sample
-    stage adds the canaries (on either form of that stage), and each sabotage overrides one more stage."""
+    """Unarmed, a canary step is the plain step; armed, its per-sample stage adds the canaries (on either form of
+    that stage), and each sabotage overrides one more stage."""
     cfg = load_config("audit", ["train.rounds=1", f"train.engine={engine}"])
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
     c = tr.clients[0]
-    assert type(_twin(tr).dp_step) is DPStep  # unarmed
+    assert _twin(tr, CanaryStep).dp_step.canaries is None  # unarmed
     kinds = {s: type(_armed_twin(tr, s, torch.zeros(4, dtype=torch.bool)).dp_step) for s in ("none", "no-clip", "no-noise")}
     assert kinds == {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
     assert NoClipCanaryStep.add_noise is DPStep.add_noise and NoNoiseCanaryStep.clip_and_accumulate is DPStep.clip_and_accumulate
@@ -127,8 +127,8 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path,
     full = _armed_twin(tr, "none", torch.ones(200, dtype=torch.bool))
     none = _armed_twin(tr, "none", torch.zeros(200, dtype=torch.bool))
     pf, pn = full.prepare_step(copy.deepcopy(tr.hyper), 0, 0), none.prepare_step(copy.deepcopy(tr.hyper), 0, 0)
-    k = int(full.appearances.sum())
-    assert k > 10 and none.appearances.sum() == 0
+    k = int(full.dp_step.canaries.appearances.sum())
+    assert k > 10 and none.dp_step.canaries.appearances.sum() == 0
     offsets, off = {}, 0
     for n, p in tr.hyper.named_parameters():
         offsets[n] = (off, off + p.numel())
@@ -138,7 +138,7 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path,
         if n.startswith("hyper."):
             a, b = offsets[n[len("hyper."):]]
             flat = want.view(-1)
-            for j in full.appearances.nonzero().flatten().tolist():  # canary j sits on flat coordinate j, sign +1
+            for j in full.dp_step.canaries.appearances.nonzero().flatten().tolist():  # canary j on coordinate j
                 if a <= j < b:
                     flat[j - a] += cfg.privacy.clip_norm * 2.0 / (2.0 + 1e-6)  # 2C long, clipped to C
         torch.testing.assert_close(pf.summed[n], want, rtol=1e-5, atol=1e-5)
@@ -146,14 +146,11 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path,
     # no-noise: the release is the scaled sum plus the post-noise terms, as a step without noise stage
     quiet = _armed_twin(tr, "no-noise", torch.zeros(4, dtype=torch.bool))
 
-    class Quiet(Client):
-        class step_type(DPStep):
-            def add_noise(self, sums, *, sigma, gens):
-                return sums
+    class Quiet(DPStep):
+        def add_noise(self, sums, *, sigma, gens):
+            return sums
 
-    ref = Quiet(tr.fed.client(c.id), cfg=cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-                declared_size=c.declared_size)
-    ref.load_state_dict(copy.deepcopy(c.state_dict()))
+    ref = _twin(tr, Quiet)
     a = quiet.step(copy.deepcopy(tr.hyper), 0, 1, sigma=tr.sigma, features=tr.features)
     b = ref.step(copy.deepcopy(tr.hyper), 0, 1, sigma=tr.sigma, features=tr.features)
     for n in a.phi_grad:
@@ -167,26 +164,26 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path,
         torch.testing.assert_close(pr.summed[n], grads[n].sum(0), rtol=1e-5, atol=1e-6)
 
 
-def test_the_white_box_audit_builds_the_canary_client_through_the_trainer(tmp_path, monkeypatch):
-    """No client is swapped after setup: the trainer's client_factory builds the audited client as a
-    CanaryClient (every other as a plain Client), and that very object is armed and trained."""
+def test_the_white_box_audit_builds_the_canary_step_through_the_trainer(tmp_path, monkeypatch):
+    """No client or step is swapped after setup: the trainer's step_type seam gives the audited client the
+    canary step, in a block of its own (every other client the plain step), and that very step is armed and
+    trained."""
     seen = {}
     orig = Trainer.train
 
     def train(self):
-        seen["clients"] = list(self.clients)
-        seen["before"] = {c.id: copy.deepcopy(c.state_dict()) for c in self.clients}
+        seen["steps"] = list(self.steps)
         return orig(self)
 
     monkeypatch.setattr(Trainer, "train", train)
     cfg = load_config("audit", ["train.rounds=1"])
     setup = AuditSetup(canaries=50, k_in=5, k_out=5, seed=3, client=1, sabotage="none", mode="white-box")
     raw = audit_white_box(cfg, tmp_path / "run", setup, progress=False)
-    types = {c.id: type(c) for c in seen["clients"]}
-    assert types == {0: Client, 1: CanaryClient}
-    cc = next(c for c in seen["clients"] if c.id == 1)
-    assert type(cc.dp_step) is CanaryStep and cc.appearances.sum() > 0
-    assert raw["steps"] == 2 and torch.equal(torch.as_tensor(raw["scores"]), cc.scores)
+    types = {tuple(st.block.ids): type(st) for st in seen["steps"]}
+    assert types == {(0,): DPStep, (1,): CanaryStep}
+    cs = next(st for st in seen["steps"] if st.block.ids == [1])
+    assert cs.canaries.appearances.sum() > 0
+    assert raw["steps"] == 2 and torch.equal(torch.as_tensor(raw["scores"]), cs.canaries.scores)
 
 
 # ------------------------------------------------------------------------------------------ white-box

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import free_port, launcher_free_env, load_phi, rel_diff
 from fedhypevae.hpc.placement import place_clients
@@ -357,8 +358,11 @@ def test_sigterm_checkpoints_collectively_and_resumes_on_one_process(launch, run
     rounds = [int(p.name.split("_")[1]) for p in complete]
     assert rounds[0] == 0 and len(rounds) == 2 and 2 <= rounds[1] < 40, rounds  # round 0 and the signal's
     last = complete[-1]
-    assert sorted(p.name for p in (last / "clients").iterdir()) == [f"client_{i:05d}.pt" for i in range(4)]
-    assert (last / "shared.pt").is_file()
+    # one shard per rank (its clients' stacked state), the shared state, the marker: no file per client
+    assert sorted(p.name for p in last.iterdir()) == ["COMPLETE", "rank_00000.pt", "rank_00001.pt", "shared.pt"]
+    held = sorted(i for r in range(2) for e in torch.load(last / f"rank_{r:05d}.pt", weights_only=True)["blocks"]
+                  for i in e["ids"].tolist())
+    assert held == list(range(4))
 
     # resume on ONE process (another world size), same overrides
     r = run(train_cmd(out, *RESUMABLE, "--resume"), timeout=120, name="resume")

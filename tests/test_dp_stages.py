@@ -49,10 +49,10 @@ def setup(tmp_path_factory):
     return tr
 
 
-def twin(tr, cls=Client, i=0):
-    """A client of class `cls` in exactly the state (and on the generator streams) of tr.clients[i]."""
+def twin(tr, cls=Client, i=0, cfg=None):
+    """A client of class `cls` in exactly the state (and on the generator streams) of tr.clients[i] (under `cfg`)."""
     c = tr.clients[i]
-    t = cls(tr.fed.client(c.id), cfg=tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
+    t = cls(tr.fed.client(c.id), cfg=cfg or tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
             declared_size=c.declared_size)
     t.load_state_dict(copy.deepcopy(c.state_dict()))
     return t
@@ -60,9 +60,9 @@ def twin(tr, cls=Client, i=0):
 
 def test_a_client_runs_its_own_step_object_and_a_copy_gets_its_own(setup):
     c = twin(setup)
-    assert type(c.dp_step) is DPStep and c.dp_step.block.clients == [c] and c.dp_step is c.dp_step
+    assert type(c.dp_step) is DPStep and c.dp_step.block is c.block and c.block.M == 1 and c.dp_step is c.dp_step
     d = copy.deepcopy(c)
-    assert d.dp_step.block.clients[0] is d
+    assert d.dp_step.block is d.block and d.block is not c.block
     assert type(twin(setup, make_client(NoNoise)).dp_step) is NoNoise
 
 
@@ -106,7 +106,7 @@ def test_the_sensitivity_trace_is_client_step_through_the_same_step_class(setup)
         c, t = twin(tr, cls), twin(tr, cls)
         hc, ht = copy.deepcopy(tr.hyper), copy.deepcopy(tr.hyper)
         step = probe(t.dp_step)
-        assert isinstance(step, type(t.dp_step)) and isinstance(step, SensitivityProbe) and step.block.clients[0] is t
+        assert isinstance(step, type(t.dp_step)) and isinstance(step, SensitivityProbe) and step.block is t.block
         for s in range(2):
             out = c.step(hc, 0, s, sigma=tr.sigma, features=tr.features)
             trace = trace_step(t, ht, t.rng.generator(STREAM_STEP, 0, s), sigma=tr.sigma, features=tr.features)
@@ -128,7 +128,7 @@ def test_the_sensitivity_check_sees_a_stage_override_of_the_client(setup, tmp_pa
     kw = {"remove": removals, "steps": 3, "seed": 2}
     ok = check_sensitivity(setup, setup.clients[0].id, **kw)
     assert ok.ok and any(r.in_batch for r in ok.rows)
-    raw = Trainer(setup.cfg, tmp_path / "unclipped", progress=False, client_factory=make_client(Unclipped))
+    raw = Trainer(setup.cfg, tmp_path / "unclipped", progress=False, step_type=Unclipped)
     raw.setup()
     assert type(raw.steps[0]) is Unclipped
     bad = check_sensitivity(raw, raw.clients[0].id, **kw)
@@ -141,11 +141,8 @@ def test_an_empty_poisson_batch_releases_only_noise(setup):
     tr = setup
     cfg = copy.deepcopy(tr.cfg)
     cfg.privacy.sample_rate = 1e-6
-    c = twin(tr)
-    c.cfg = cfg
-    q = make_client(NoNoise)
-    quiet = twin(tr, q)
-    quiet.cfg = cfg
+    c = twin(tr, cfg=cfg)
+    quiet = twin(tr, make_client(NoNoise), cfg=cfg)
     p, pq = c.prepare_step(copy.deepcopy(tr.hyper), 0, 0), quiet.prepare_step(copy.deepcopy(tr.hyper), 0, 0)
     assert len(p.idx) == 0 and all(torch.count_nonzero(t) == 0 for t in p.payload())
     out = c.release_step(p, sigma=tr.sigma, features=tr.features)
@@ -161,12 +158,8 @@ def test_a_client_with_its_own_step_gets_a_block_of_its_own_and_its_override_is_
         def add_noise(self, sums, *, sigma, gens):
             return super().add_noise(sums, sigma={k: 2 * v for k, v in noise_blocks(sigma).items()}, gens=gens)
 
-    class LoudClient(Client):
-        step_type = Louder
-
     cfg = load_config("tiny", ["train.rounds=1", "model.lambda_mmd=0", f"train.engine={engine}", "privacy.noise_seed=2"])
-    loud = Trainer(cfg, tmp_path / "loud", progress=False,
-                   client_factory=lambda data, **kw: (LoudClient if data.client_id == 1 else Client)(data, **kw))
+    loud = Trainer(cfg, tmp_path / "loud", progress=False, step_type=lambda cid: Louder if cid == 1 else DPStep)
     plain = Trainer(cfg, tmp_path / "plain", progress=False)
     for t in (loud, plain):
         t.setup()
@@ -177,7 +170,7 @@ def test_a_client_with_its_own_step_gets_a_block_of_its_own_and_its_override_is_
     pend = st.prepare(loud.hyper, 0, 0)  # the noise a release adds: release minus scaled payload (no MMD term)
     payload = pend.sums.phi.clone()  # (a release consumes its pending sums)
     twice = st.release(pend, sigma=sigma).phi - payload / st.phi_divisor
-    ref = DPStep(st.block, weights=st.weights.tolist(), per_sample=st.per_sample_kind)
+    ref = DPStep(st.block, weights=st.weights.tolist(), per_sample=st.per_sample_kind)  # the same block: same state
     pend = ref.prepare(plain.hyper, 0, 0)
     payload = pend.sums.phi.clone()
     once = ref.release(pend, sigma=sigma).phi - payload / ref.phi_divisor

@@ -16,7 +16,6 @@ import torch
 from helpers import clip_between, clipped_sums
 
 from fedhypevae.block import ClientBlock
-from fedhypevae.client import Client
 from fedhypevae.config import load_config
 from fedhypevae.data import ClientData
 from fedhypevae.dp_step import DPStep, NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads
@@ -36,12 +35,13 @@ def make(sizes, *, hidden=(8,), dim=6, K=3, seed=0, overrides=()):
                                "model.hyper_hidden=5", "model.label_embed_dim=2", "model.lambda_mmd=0", "privacy.noise_seed=1",
                                *overrides])
     g = torch.Generator().manual_seed(seed)
-    clients = []
+    datas = []
     for i, n in enumerate(sizes):
         x = (torch.randn(n, dim, generator=g) * 2).numpy()
         y = torch.randint(0, K, (n,), generator=g).numpy()
-        cd = ClientData(i, x, y, x[:1], y[:1], declared_size=max(n, 1))
-        clients.append(Client(cd, cfg=cfg, num_classes=K, dim=dim))
+        datas.append(ClientData(i, x, y, x[:1], y[:1], declared_size=max(n, 1)))
+    block = ClientBlock.from_data(datas, cfg, num_classes=K, dim=dim)
+    clients = [block.client(i) for i in range(block.M)]  # views of the block's rows
     torch.manual_seed(seed + 100)
     m = cfg.model
     hyper = HyperNetwork(dim, K, latent_dim=m.latent_dim, code_dim=m.code_dim, hidden=m.hidden,
@@ -114,28 +114,32 @@ def test_per_sample_norms_and_clipped_sums_match_the_torch_func_reference(case):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_engine_noise_is_the_reference_draw_per_client(threads):
-    """Same generator -> the same N(0, 1) numbers, parameter by parameter, as add_noise_and_scale."""
+def test_the_noise_of_a_client_is_one_flat_draw_from_its_own_generator(threads):
+    """Noise format 2: client i's noise is ONE normal_ call over its row (its code, its encoder's parameters in
+    sorted-name order, then Phi in parameter order) from its own generator, whatever the number of threads; the
+    Phi part enters the block's sum with the client's coefficient."""
     cfg, clients, hyper = make([10, 10, 10], seed=3)
-    st = DPStep(ClientBlock(clients, cfg), weights=[1.0, 1.0, 1.0])
-    st.noise_threads = threads
-    view = ClientView(clients[1].encoder, clients[1].code, hyper)
-    names = [n for n, _ in view.named_parameters()]
+    st = DPStep(clients[0].block, weights=[1.0, 1.0, 1.0])
+    st.draws.noise_threads = threads
     layout = tuple((n, tuple(p.shape)) for n, p in hyper.named_parameters())
     gens = [c.rng.generator(STREAM_STEP, 2, 1) for c in clients]
-    enc, code, phi = st._noise(gens, names, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), layout)
-    zeros = {n: torch.zeros_like(p) for n, p in view.named_parameters()}
-    want = add_noise_and_scale(zeros, spec=NoiseSpec(1.0, 1.0, 1.0), generator=clients[1].rng.generator(STREAM_STEP, 2, 1))
-    assert torch.equal(code[1], want["code"])
-    for n, _ in clients[1].encoder.named_parameters():
-        assert torch.equal(enc["encoder." + n][1], want["encoder." + n])
-    assert torch.equal(phi.float(), torch.cat([want["hyper." + n].reshape(-1) for n, _ in hyper.named_parameters()]))
+    enc, code, phi = st._noise(gens, True, True, torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), layout)
+    block = clients[0].block
+    sizes = [block.codes.shape[1]] + [int(np.prod(s)) for _, s in sorted(zip(block.enc_names, block.enc_shapes))]
+    P = sum(p.numel() for p in hyper.parameters())
+    row = torch.empty(sum(sizes) + P).normal_(generator=clients[1].rng.generator(STREAM_STEP, 2, 1))
+    parts = list(row.split(sizes + [P]))
+    assert torch.equal(code[1], parts[0])
+    by_name = dict(zip(sorted(block.enc_names), parts[1:-1]))
+    for n, e in zip(block.enc_names, enc):
+        assert torch.equal(e[1].reshape(-1), by_name[n]), n
+    assert torch.equal(phi.float(), parts[-1])
 
 
 def test_every_client_releases_calibrated_noise_when_all_batches_are_empty():
     cfg, clients, hyper = make([20, 40, 30], dim=40, hidden=(32,), overrides=["privacy.sample_rate=1e-6"], seed=5)
     w = [0.2, 0.5, 0.3]
-    st = DPStep(ClientBlock(clients, cfg), weights=w)
+    st = DPStep(clients[0].block, weights=w)
     before = [p.detach().clone() for p in clients[2].encoder.parameters()]
     sigma = 1.5
     rel = st.step(hyper, 0, 0, sigma=sigma, features=None)
@@ -149,22 +153,23 @@ def test_every_client_releases_calibrated_noise_when_all_batches_are_empty():
     assert all(not torch.equal(a, p.detach()) for a, p in zip(before, clients[2].encoder.parameters()))
 
 
-def test_client_state_dicts_are_per_client_copies_of_the_stacked_state():
+def test_client_state_dicts_are_per_client_copies_of_the_block_rows():
     cfg, clients, hyper = make([15, 15, 15], seed=7)
-    st = DPStep(ClientBlock(clients, cfg), weights=[1 / 3] * 3)
+    st = DPStep(clients[0].block, weights=[1 / 3] * 3)
     st.step(hyper, 0, 0, sigma=1.0, features=None)
     sd = clients[1].state_dict()
-    tensors = [sd["code"], *sd["encoder"].values()]
-    for state in sd["enc_opt"]["state"].values():
-        tensors += [state["exp_avg"], state["exp_avg_sq"], state["step"]]
-        assert float(state["step"]) == 1.0
-    for t in tensors:  # own storage: a checkpoint never carries another client's state
+    tensors = [sd["code"], *sd["encoder"].values(), *sd["enc_adam"]["m"].values(), *sd["enc_adam"]["v"].values(),
+               sd["enc_adam"]["steps"], sd["code_adam"]["m"], sd["code_adam"]["v"], sd["code_adam"]["steps"]]
+    assert sd["enc_adam"]["steps"].tolist() == [1.0] * len(sd["encoder"]) and float(sd["code_adam"]["steps"]) == 1.0
+    for t in tensors:  # own storage: a copy never carries another client's state
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
     torch.testing.assert_close(sd["code"], st.block.codes[1])
-    # a client loading a state rebinds into the stacks at the next step
+    # a client view reads and writes its block's row
+    assert clients[1].code.data_ptr() == st.block.codes[1].data_ptr()
     clients[0].load_state_dict(sd)
-    st.step(hyper, 0, 1, sigma=1.0, features=None)
-    assert clients[0].code.data_ptr() == st.block.codes[0].data_ptr()
+    torch.testing.assert_close(st.block.codes[0], st.block.codes[1], rtol=0, atol=0)
+    for stack in st.block.enc_params:
+        assert torch.equal(stack[0], stack[1])
 
 
 def phi_of(run: Path) -> torch.Tensor:
@@ -173,9 +178,13 @@ def phi_of(run: Path) -> torch.Tensor:
 
 
 def client_state(run: Path, cid: int) -> torch.Tensor:
+    from fedhypevae.checkpoint import client_state as saved
+
     last = sorted((run / "checkpoints").glob("round_*"))[-1]
-    sd = torch.load(last / "clients" / f"client_{cid:05d}.pt", weights_only=False)
-    return torch.cat([sd["code"].reshape(-1)] + [t.reshape(-1) for t in sd["encoder"].values()]).double()
+    names = sorted(torch.load(last / "rank_00000.pt", weights_only=True)["blocks"][0]["state"])
+    enc = [n[len("enc."):] for n in names if n.startswith("enc.")]
+    sd = saved(last, cid, enc)
+    return torch.cat([sd["code"].reshape(-1)] + [sd["encoder"][n].reshape(-1) for n in enc]).double()
 
 
 @pytest.mark.parametrize("extra", [

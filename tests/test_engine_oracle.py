@@ -21,7 +21,6 @@ from helpers import clip_between, clipped_sums
 
 from fedhypevae import engine as engine_mod
 from fedhypevae.block import ClientBlock
-from fedhypevae.client import Client
 from fedhypevae.config import load_config
 from fedhypevae.data import ClientData
 from fedhypevae.engine import LAYER_TYPES, RecordingOps
@@ -44,11 +43,13 @@ def build(hidden, hyper_layers, activation, *, sizes=(25, 9, 17), dim=5, K=3, se
                                "model.hyper_hidden=6", "model.label_embed_dim=2", "model.lambda_mmd=0",
                                "privacy.noise_seed=1"])
     g = torch.Generator().manual_seed(seed)
-    clients = []
+    datas = []
     for i, n in enumerate(sizes):
         x = (torch.randn(n, dim, generator=g) * 2).numpy()
         y = torch.randint(0, K, (n,), generator=g).numpy()
-        clients.append(Client(ClientData(i, x, y, x[:1], y[:1], declared_size=n), cfg=cfg, num_classes=K, dim=dim))
+        datas.append(ClientData(i, x, y, x[:1], y[:1], declared_size=n))
+    block = ClientBlock.from_data(datas, cfg, num_classes=K, dim=dim)
+    clients = [block.client(i) for i in range(block.M)]
     torch.manual_seed(seed + 7)
     hyper = HyperNetwork.from_config(dim, K, cfg.model)
     with torch.no_grad():  # away from the identity modulation and a zero output scale

@@ -151,8 +151,8 @@ def test_a_stop_between_two_steps_checkpoints_there_in_delta_mode_too(tmp_path):
         cut = run_training(load_config("tiny", base), tmp_path / "cut", progress=False, catch_signals=True)
     assert cut["interrupted"] and (cut["round"], cut["step"]) == (1, 1)
     assert Path(cut["checkpoint"]).name == "round_000001_step_00001"
-    client = torch.load(Path(cut["checkpoint"]) / "clients" / "client_00000.pt", weights_only=False)
-    assert "delta_local_phi" in client
+    shard = torch.load(Path(cut["checkpoint"]) / "rank_00000.pt", weights_only=True)
+    assert "delta_local_phi" in shard["extra"]["rule"][0]  # client 0's private copy of Phi, inside the round
     res = run_training(load_config("tiny", base), tmp_path / "cut", resume=True, progress=False)
     assert res["privacy"]["steps"] == full["privacy"]["steps"] == 9
     assert res["privacy"]["epsilon_spent"] == pytest.approx(full["privacy"]["epsilon_spent"], rel=1e-12)

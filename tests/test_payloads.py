@@ -82,7 +82,7 @@ def replay(cfg, hosted: list, scratch, world_size: int):
         ref.train.engine = "reference"
     tr = Trainer(ref, scratch, progress=False)  # public initialization (seeded) and the clients' MMD releases
     tr.setup()
-    clients = [c for c in tr.clients if c.id in hosted]
+    clients = [c.standalone() for c in tr.clients if c.id in hosted]  # each with a block of its own: Client.step
     hyper, plan, p = tr.hyper, tr.plan, cfg.privacy
     declared = tr.fed.declared_sizes
     m = tr.fed.num_clients
@@ -116,8 +116,7 @@ def replay(cfg, hosted: list, scratch, world_size: int):
             buf = torch.zeros(P + D, dtype=torch.float64)
             unnoised = torch.zeros(P, dtype=torch.float64)
             if not delta_mode:  # the un-noised release of the rank's block, in the block step's own arithmetic
-                twins = [copy.deepcopy(c) for c in clients]
-                quiet = DPStep(ClientBlock(twins, cfg), weights=[w[c.id] for c in clients],
+                quiet = DPStep(ClientBlock.copy_of(clients), weights=[w[c.id] for c in clients],
                                per_sample=PER_SAMPLE[cfg.train.engine])
                 private.append(quiet.step(copy.deepcopy(hyper), r, s, sigma=0.0, features=tr.features).phi)
             for c in clients:
@@ -225,15 +224,15 @@ def check_payloads(calls: list, expected: list, private: list, *, rtol: float = 
     return problems
 
 
-def _record(cfg, out, world_size=1, client_cls=None):
+def _record(cfg, out, world_size=1, step_type=None):
     comm = RecordingCommunicator(world_size=world_size)
-    if client_cls is None:
+    if step_type is None:
         run_training(cfg, out, comm, progress=False)
     else:
         import fedhypevae.trainer as trainer_mod
 
-        with pytest.MonkeyPatch.context() as mp:  # the deliberately leaking variant of the client
-            mp.setattr(trainer_mod, "Client", client_cls)
+        with pytest.MonkeyPatch.context() as mp:  # the deliberately leaking variant of the step, for every client
+            mp.setattr(trainer_mod, "DPStep", step_type)
             run_training(cfg, out, comm, progress=False)
     return comm
 
@@ -266,13 +265,9 @@ class LeakyStep(DPStep):
         return super().add_noise(sums, sigma=0.0, gens=gens)
 
 
-class LeakyClient(Client):
-    step_type = LeakyStep
-
-
 def test_a_client_releasing_its_unnoised_sum_fails_the_checker(tmp_path):
     cfg = config("federation.weights=uniform", engine="reference")
-    comm = _record(cfg, tmp_path / "run", client_cls=LeakyClient)
+    comm = _record(cfg, tmp_path / "run", step_type=LeakyStep)
     expected, private = replay(cfg, _hosted(cfg, 1), tmp_path / "replay", 1)
     problems = check_payloads(comm.calls, expected, private)
     assert any("differs from the declared release" in p for p in problems), problems

@@ -409,7 +409,7 @@ ALTERNATIVES = {
     "model.mmd_synthetic_per_class": "3",
     "train.rounds": "4", "train.local_steps": "3", "train.optimizer": "sgd", "train.lr": "0.01",
     "train.encoder_lr": "0.01", "train.code_lr": "0.05", "train.local_lr": "0.1", "train.checkpoint_every": "2",
-    "train.keep_checkpoints": "3", "train.replica_check_every": "1", "train.engine": "reference",
+    "train.keep_checkpoints": "3", "train.replica_check_every": "1", "train.engine": "reference", "train.chunk_clients": "1",
     "federation.aggregation": "delta", "federation.weights": "uniform", "federation.declared_sizes": "[100,100,100,100]",
     "federation.declared_size_rounding": "pow2", "federation.server_lr": "0.5",
     "privacy.enabled": "false", "privacy.mode": "paper", "privacy.target_epsilon": "4.0", "privacy.delta": "1e-5",

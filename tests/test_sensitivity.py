@@ -43,15 +43,12 @@ def saved_state(runs, mode="strict", lr=None, aggregation="grad"):
     tr = Trainer(copy.deepcopy(cfg), run, resume=True, progress=False)
     tr.setup()
     client = tr.clients[0]
-    if lr is not None:  # the restored optimizers carry the run's learning rates; override both (of every client:
-        for k in tr.clients:  # one block's clients share their Adam settings)
-            for opt in (k.enc_opt, k.code_opt):
-                for group in opt.param_groups:
-                    group["lr"] = lr
+    if lr is not None:  # the restored run's learning rates; override both (a block's clients share them)
+        for b in tr.blocks:
+            b.set_lr(encoder=lr, code=lr)
     # a neighbouring data set may hold any record: add one at the edge of the declared range (all
     # pixels white), whose removal is the interesting case for coupled losses
-    client.x = torch.cat([client.x, torch.ones(1, client.x.shape[1])])
-    client.y = torch.cat([client.y, torch.tensor([3])])
+    client.set_data(torch.cat([client.x, torch.ones(1, client.x.shape[1])]), torch.cat([client.y, torch.tensor([3])]))
     return tr, client
 
 
@@ -64,10 +61,10 @@ def test_the_check_runs_the_clients_own_step_object(runs, mode):
     """The check drives the client's own DP step object (its class, with the probe's stages mixed
     in), not a copy of the step: with the same generator it releases exactly what Client.step
     releases, and leaves the same private state behind."""
-    tr, c = saved_state(runs, mode)
-    twin, hyper2 = copy.deepcopy(c), copy.deepcopy(tr.hyper)
+    tr, client = saved_state(runs, mode)
+    c, twin, hyper2 = client.standalone(), client.standalone(), copy.deepcopy(tr.hyper)
     step = probe(twin.dp_step)
-    assert isinstance(step, type(twin.dp_step)) and isinstance(step, SensitivityProbe) and step.block.clients[0] is twin
+    assert isinstance(step, type(twin.dp_step)) and isinstance(step, SensitivityProbe) and step.block is twin.block
     for s in range(2):
         out = c.step(tr.hyper, 5, s, sigma=tr.sigma, features=tr.features)
         trace = trace_step(twin, hyper2, twin.rng.generator(STREAM_STEP, 5, s), sigma=tr.sigma, features=tr.features)
@@ -160,7 +157,7 @@ def test_the_batched_engine_moves_one_clients_payload_by_at_most_C_and_no_other_
     """The default path (ghost norms, one block of every client, fused Phi sum): one client's payload moves by at
     most C, and no other client's sums at all."""
     tr = engine_after_one_round(tmp_path, mode)
-    client = tr.steps[0].block.clients[1]
+    client = tr.steps[0].block.client(1)
     rep = check_sensitivity(tr, client.id, remove=list(range(0, len(client.y), 4)), steps=1, seed=5)
     assert rep.ok and rep.engine == "ghost", (rep.max_payload_diff, rep.max_buffer_ratio, rep.others_moved)
     inside = [r for r in rep.rows if r.in_batch]
@@ -175,7 +172,7 @@ def test_the_engine_check_catches_an_engine_that_does_not_clip(tmp_path, monkeyp
     """Negative control: the step with its clip factor forced to 1 moves the payload by more than C."""
     from fedhypevae import dp_step as dp_step_mod
     tr = engine_after_one_round(tmp_path, "strict", clip=0.01)
-    client = tr.steps[0].block.clients[0]
+    client = tr.steps[0].block.client(0)
     remove = list(range(0, len(client.y), 4))
     assert check_sensitivity(tr, client.id, remove=remove, steps=1, seed=5).ok
     monkeypatch.setattr(dp_step_mod, "clip_factor", lambda norms, clip_norm: torch.ones_like(norms))

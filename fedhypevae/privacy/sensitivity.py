@@ -251,16 +251,16 @@ def _block_of(tr, client: int):
 def _snapshot(tr, st) -> dict:
     rule = {k: v for k, v in tr.aggregation.__dict__.items() if k != "tr"}
     return {"hyper": copy.deepcopy(tr.hyper.state_dict()), "opt": copy.deepcopy(tr.opt.state_dict()),
-            "clients": [c.state_dict() for c in st.clients], "rule": copy.deepcopy(rule)}
+            "block": {k: t.detach().clone() for k, t in st.block.state().items()}, "rule": copy.deepcopy(rule)}
 
 
 def _restore(tr, st, snap: dict) -> None:
     tr.hyper.load_state_dict(snap["hyper"])
     tr.opt.load_state_dict(copy.deepcopy(snap["opt"]))
-    for c, state in zip(st.clients, snap["clients"]):
-        c.load_state_dict(copy.deepcopy(state))
+    with torch.no_grad():
+        for k, t in st.block.state().items():
+            t.copy_(snap["block"][k])
     tr.aggregation.__dict__.update(copy.deepcopy(snap["rule"]))
-    st.block.bind()
 
 
 def _through_the_rule(tr, st, phi: torch.Tensor) -> torch.Tensor:
