@@ -147,6 +147,11 @@ def format_summary(results: dict, wall: float) -> str:
     wall_text = "not recorded (privacy.diagnostics is false)" if wall is None else f"{wall:.1f} s"
     lines.append(f"  training     : {t['rounds']} rounds, wall time {wall_text}"
                  + (f"; stopped early: {t['stopped_early']}" if t["stopped_early"] else ""))
+    if t.get("ranks"):
+        rk = t["ranks"]
+        lines.append(f"  per rank     : peak memory {max(r['peak_rss_mb'] for r in rk) / 1024:.2f} GB (private state "
+                     f"{max(r['state_mb'] for r in rk) / 1024:.2f} GB), setup {max(r['setup_s'] for r in rk):.1f} s, "
+                     f"checkpoint {max(r['checkpoint_s'] for r in rk):.2f} s (the slowest of {len(rk)} rank(s))")
     res = results.get("resume")
     if res:
         where = f"round {res.get('round', 0)}" + (f", step {res['step']}" if res.get("step") else "")

@@ -253,6 +253,7 @@ class Trainer:
         self.resume_info: dict = {}  # what this resume continued from and changed
         self.replays = {"free": 0, "charged_again": 0}  # releases made again after a resume, this session
         self._saved_at: Optional[tuple] = None
+        self.costs: dict = {"setup_s": None, "checkpoint_s": []}  # this rank's (diagnostics: depend on data sizes)
         self.hooks = TrainerHooks()
         # federation.aggregation: the rule that turns the released steps into Phi's update
         self.aggregation = make_aggregation(cfg.federation.aggregation, self)
@@ -352,6 +353,7 @@ class Trainer:
             self._release_mmd_embeddings()
             self.save_checkpoint()  # round 0: the one-shot releases are never redone
         self._steps: Optional[list] = None  # the DP steps of this rank's blocks, chunk by chunk (at the first step)
+        self.costs["setup_s"] = time.perf_counter() - self.t0
 
     def _check_noise_format(self) -> None:
         """A reproducible-noise resume needs the steps drawn as this version draws them: a replay is free only
@@ -692,6 +694,7 @@ class Trainer:
         d = ckpt.checkpoint_dir(self.out, *pos)
         if self._saved_at == pos:  # nothing happened since the last checkpoint (e.g. a stop right after a resume)
             return d
+        t0 = time.perf_counter()
         mid_round = self.state.step > 0
         # the rank's clients' private state: one shard, the blocks' stacks as they are (no copy)
         rule = {}
@@ -700,6 +703,7 @@ class Trainer:
             if extra:
                 rule[c.id] = extra
         ckpt.save_shard(d, self.comm.rank, [(b.ids, b.state()) for b in self.blocks], {"rule": rule})
+        self.costs["checkpoint_s"].append(time.perf_counter() - t0)  # this rank's write (before the barrier)
         if self.comm.is_root:
             # shared outputs hold only public state and post-processing of DP releases: no diagnostics
             ckpt.atomic_torch_save({"hyper": self.hyper.state_dict(), "opt": self.opt.state_dict(),
@@ -767,6 +771,22 @@ class Trainer:
                                   "the checkpoint is incomplete: delete it to resume from an earlier one")
         return rule
 
+    def rank_costs(self) -> list:
+        """Every rank's setup time, median checkpoint write, peak resident memory and private state (one allgather:
+        collective; diagnostics, since they depend on data sizes)."""
+        import resource
+        import statistics
+
+        cps = self.costs["checkpoint_s"]
+        mine = torch.tensor([float(self.costs["setup_s"] or 0.0), statistics.median(cps) if cps else 0.0,
+                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                             sum(b.state_bytes() for b in self.blocks) / 2**20, float(len(self.clients))],
+                            dtype=torch.float64)
+        rows = self.comm.allgather(mine)
+        keys = ("setup_s", "checkpoint_s", "peak_rss_mb", "state_mb", "clients")
+        return [{"rank": r, **{k: (int(v) if k == "clients" else float(v)) for k, v in zip(keys, row.tolist())}}
+                for r, row in enumerate(rows)]
+
     # ---------------------------------------------------------------- results
     def finish(self, extra: dict, *, missing: Optional[list] = None) -> dict:
         cfg, p = self.cfg, self.cfg.privacy
@@ -799,7 +819,8 @@ class Trainer:
                     "engine_note": self.engine_note,
                     "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")}}
         if self.send_diagnostics:  # wall times depend on batch sizes: diagnostics
-            training.update({"wall_time_s": time.perf_counter() - self.t0, "comm_time_s": self.comm_seconds})
+            training.update({"wall_time_s": time.perf_counter() - self.t0, "comm_time_s": self.comm_seconds,
+                             "ranks": self.rank_costs()})
         results = {
             "status": "partial" if missing else "complete",
             "missing": list(missing or []),

@@ -1,0 +1,217 @@
+"""How training scales in the number of clients: round time, setup, checkpoint, resume, memory per rank, files.
+
+    python -m benchmarks.scale --out docs/performance [--clients 1000,10000,100000] [--ranks 1,2,4]
+                               [--mmd off,on] [--rounds 3] [--timeout 1800]
+
+The setting (issue-level targets are stated against it): d_x = 64, K = 10 classes, 20 training records per client
+(a seeded mixture of class Gaussians, generated here: no download), IID, model.hidden [64], latent_dim 8,
+hyper_hidden 32, 5 local steps, q = 0.25, epsilon = 1, grad aggregation, one torch thread per rank. The MMD term is
+off, or on with the dataclass defaults (8 synthetic records per class, 128 random features x 3 bandwidths).
+
+Every configuration is real runs of `fedhypevae train` (under `mpiexec -n R` for R > 1, the venv's MPICH), with
+privacy.diagnostics on so that results.json carries every rank's costs:
+  1. a run of ROUNDS + 1 rounds is stopped with SIGTERM once ROUNDS rounds are logged (it checkpoints there);
+  2. it is resumed on another number of ranks (R + 1, or 1 when R > 1) and finishes its last round.
+Reported per row (medians over the rounds of run 1): round_s; setup_s (process start to the first step, the slowest
+rank); checkpoint_s (the slowest rank's write of its shard); resume_s (setup of run 2, checkpoint read included);
+peak_rss_mb per rank (VmHWM of every rank process, polled); state_mb per rank (its clients' private state); files
+per checkpoint; the steps' own phase times are not split here (benchmarks.throughput does). Nothing here asserts
+anything about speed. Writes scale.json, scale.md and scale.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+D, K, PER_CLIENT = 64, 10, 20
+
+
+def log(msg: str) -> None:
+    print(f"[scale {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def venv_bin(name: str) -> str:
+    cand = Path(sys.executable).parent / name
+    return str(cand) if cand.exists() else name
+
+
+def make_data(path: Path, clients: int, seed: int = 0) -> Path:
+    """A seeded mixture of K class Gaussians in R^64, enough records for `clients` x 20 training records after the
+    per-client 80/20 split."""
+    rng = np.random.default_rng(seed)
+    n = int(math.ceil(clients * PER_CLIENT / 0.8))
+    y = rng.integers(0, K, n)
+    means = rng.normal(scale=2.0, size=(K, D)).astype(np.float32)
+    x = means[y] + rng.normal(size=(n, D)).astype(np.float32)
+    np.savez(path, x=x.astype(np.float32), y=y.astype(np.int64))
+    return path
+
+
+def write_config(path: Path, data: Path, clients: int, rounds: int, mmd: bool) -> Path:
+    path.write_text("\n".join([
+        "seed: 0", "threads: 1",
+        f"data: {{path: {data}, transform: none, test_fraction: 0.2}}",
+        f"partition: {{kind: iid, clients: {clients}, min_client_size: 2}}",
+        "model: {hidden: [64], latent_dim: 8, hyper_hidden: 32, " + ("lambda_mmd: 1.0, mmd_kind: merf}" if mmd
+                                                                     else "lambda_mmd: 0.0}"),
+        f"train: {{rounds: {rounds}, local_steps: 5, checkpoint_every: 1, keep_checkpoints: 2}}",
+        "privacy: {target_epsilon: 1.0, delta: 1.0e-5, sample_rate: 0.25, stats_clip_norm: 10.0, diagnostics: true}",
+        "meta: {steps: 5}", "synth: {samples_per_class: 5}", ""]))
+    return path
+
+
+def command(ranks: int, cfg: Path, out: Path, resume: bool = False) -> list:
+    train = [venv_bin("fedhypevae"), "train", "--config", str(cfg), "--out", str(out), "--no-progress"]
+    if resume:
+        train.append("--resume")
+    return train if ranks == 1 else [venv_bin("mpiexec"), "-n", str(ranks), *train]
+
+
+def descendants(pid: int) -> list:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        for k in kids:
+            out.append(int(k))
+            todo.append(int(k))
+    return out
+
+
+def rank_pids(pid: int) -> list:
+    """The training processes under a launcher (or the launched process itself)."""
+    pids = [pid] + descendants(pid)
+    out = []
+    for p in pids:
+        try:
+            argv = Path(f"/proc/{p}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(a.endswith(b"fedhypevae") for a in argv[:2]) and b"train" in argv:
+            out.append(p)
+    return out
+
+
+def vmhwm_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0
+
+
+def rounds_logged(out: Path) -> int:
+    try:
+        return sum(1 for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip())
+    except OSError:
+        return 0
+
+
+def run(cmd: list, *, out: Path, log_path: Path, timeout: float, stop_after: int | None = None) -> dict:
+    """Run `cmd`; poll every rank's peak resident memory; with `stop_after`, SIGTERM once that many rounds are
+    logged. Returns {"rc", "peak_rss_mb": {pid: MB}, "wall_s"}."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    t0 = time.perf_counter()
+    with open(log_path, "w") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        peaks: dict = {}
+        stopped = False
+        while proc.poll() is None:
+            for p in rank_pids(proc.pid):
+                peaks[p] = max(peaks.get(p, 0.0), vmhwm_mb(p))
+            if stop_after is not None and not stopped and rounds_logged(out) >= stop_after:
+                os.kill(proc.pid, signal.SIGTERM)  # mpiexec forwards it to every rank
+                stopped = True
+            if time.perf_counter() - t0 > timeout:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return {"rc": "timeout", "peak_rss_mb": peaks, "wall_s": time.perf_counter() - t0}
+            time.sleep(0.2)
+    return {"rc": proc.returncode, "peak_rss_mb": peaks, "wall_s": time.perf_counter() - t0}
+
+
+def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: Path, timeout: float) -> dict:
+    name = f"c{clients}_r{ranks}_{'mmd' if mmd else 'nommd'}"
+    work = tmp / name
+    work.mkdir(parents=True)
+    cfg = write_config(work / "config.yaml", data, clients, rounds + 1, mmd)
+    out = work / "run"
+    row = {"clients": clients, "ranks": ranks, "mmd": mmd, "loadavg_start": list(os.getloadavg())}
+    first = run(command(ranks, cfg, out), out=out, log_path=work / "first.log", timeout=timeout, stop_after=rounds)
+    if first["rc"] == "timeout":
+        return {**row, "error": f"timed out after {timeout:.0f} s (run 1)"}
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    round_s = [r["time/round(s)"] for r in rows]
+    ckpts = sorted((out / "checkpoints").glob("round_*"))
+    files = len([p for p in ckpts[-1].iterdir()]) if ckpts else 0
+    # every rank's setup and checkpoint times come with results.json, which the stopped run did not write: they are
+    # read from run 2, and run 1's from its log (the first step's metrics row is the end of setup)
+    resume_ranks = 1 if ranks > 1 else 2
+    second = run(command(resume_ranks, cfg, out, resume=True), out=out, log_path=work / "second.log", timeout=timeout)
+    if second["rc"] != 0:
+        return {**row, "error": f"resume on {resume_ranks} rank(s) ended with {second['rc']} (see {work / 'second.log'})"}
+    res = json.loads((out / "results.json").read_text())
+    rk = res["training"]["ranks"]
+    row.update({
+        "round_s": statistics.median(round_s[1:] if len(round_s) > 1 else round_s), "round_s_all": round_s,
+        "ms_per_client_round": 1e3 * statistics.median(round_s) / clients,
+        "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
+        "files_per_checkpoint": files, "ranks_resumed_on": resume_ranks,
+        "resume_s": max(r["setup_s"] for r in rk), "checkpoint_s": max(r["checkpoint_s"] for r in rk),
+        "resume_peak_rss_mb": sorted(second["peak_rss_mb"].values()),
+        "resume_state_mb": [r["state_mb"] for r in rk], "wall_run1_s": first["wall_s"], "wall_run2_s": second["wall_s"],
+        "loadavg_end": list(os.getloadavg()),
+    })
+    return row
+
+
+def main(argv: list | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for scale.json, scale.md, scale.png")
+    ap.add_argument("--clients", default="1000,10000,100000", help="client counts (comma-separated)")
+    ap.add_argument("--ranks", default="1,2,4", help="MPI ranks (comma-separated)")
+    ap.add_argument("--mmd", default="off,on", help="MMD term: off, on, or both")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds before the stop (median of these)")
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    res = {"argv": sys.argv, "setting": {"d_x": D, "classes": K, "records_per_client": PER_CLIENT, "hidden": [64],
+                                        "latent_dim": 8, "hyper_hidden": 32, "local_steps": 5, "sample_rate": 0.25,
+                                        "epsilon": 1.0, "aggregation": "grad", "threads_per_rank": 1},
+           "cpu_count": os.cpu_count(), "rows": []}
+    with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmpd:
+        tmp = Path(tmpd)
+        for clients in [int(c) for c in args.clients.split(",")]:
+            data = make_data(tmp / f"data_{clients}.npz", clients)
+            for mmd in [m == "on" for m in args.mmd.split(",")]:
+                for ranks in [int(r) for r in args.ranks.split(",")]:
+                    log(f"{clients} clients, {ranks} rank(s), MMD {'on' if mmd else 'off'}")
+                    row = measure(clients, ranks, mmd, args.rounds, tmp, data, args.timeout)
+                    res["rows"].append(row)
+                    log("  " + (row.get("error") or f"round {row['round_s']:.2f} s, resume {row['resume_s']:.1f} s, "
+                                f"checkpoint {row['checkpoint_s']:.2f} s, peak RSS {max(row['peak_rss_mb']):.0f} MB, "
+                                f"{row['files_per_checkpoint']} files"))
+                    (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
