@@ -220,6 +220,14 @@ class PrivacyConfig:
     stats_clip_norm: Optional[float] = None
     # a fixed noise multiplier instead of calibrating one from target_epsilon (the budget guard still applies)
     noise_multiplier: Optional[float] = None
+    # where the noise is added, hence whom the guarantee protects against (docs/PRIVACY.md): local (every client
+    # noises what it sends), distributed (secure-aggregation model, simulated: noise shares summing to the
+    # noise), central (a trusted aggregator on rank 0 adds one draw)
+    trust_model: str = "local"
+    # distributed: how many parties may pool their own noise shares (and the public aggregate)
+    collusion: int = 1
+    # distributed: a party is a client, or a rank (sites that each run one rank)
+    party: str = "client"
 
     def __post_init__(self):
         _one_of("privacy.mode", self.mode, ("strict", "paper"))
@@ -234,6 +242,9 @@ class PrivacyConfig:
         _check(self.stats_clip_norm is None or self.stats_clip_norm > 0, "privacy.stats_clip_norm must be > 0 or null")
         _check(self.noise_multiplier is None or self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0 or null")
         _check(self.noise_seed is None or isinstance(self.noise_seed, int), "privacy.noise_seed must be null or an integer")
+        from .privacy.trust import check_trust_settings
+
+        check_trust_settings(trust_model=self.trust_model, collusion=self.collusion, party=self.party)
 
 
 @dataclass
@@ -297,6 +308,13 @@ class Config:
     stats: StatsConfig = field(default_factory=StatsConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def __post_init__(self):
+        # a trust model other than local needs a rule whose release is one Gaussian mechanism per step
+        from .aggregation import trust_refusal
+
+        why = trust_refusal(self.federation.aggregation, self.privacy.trust_model)
+        _check(why is None, why or "")
 
     def to_dict(self) -> dict:
         return asdict(self)
