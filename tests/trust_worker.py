@@ -3,6 +3,8 @@ noise checks of tests/test_trust_models.py and the central payload check of test
 
     python tests/trust_worker.py OUT SCENARIO [SCENARIO ...]                 # one process (local back-end)
     mpiexec -n 3 python tests/trust_worker.py OUT SCENARIO [SCENARIO ...]    # MPI back-end
+    python tests/trust_worker.py --report OUT          # the measured noise variances against the claims
+    python tests/trust_worker.py --sensitivity OUT     # the sensitivity check per trust model (a table)
 
 A scenario is NAME=TRUST[,key=value...]: TRUST is local, distributed or central; keys: party, collusion,
 weights (declared|uniform), sabotage (skip-share: client 0 adds no Phi noise, its own block; no-draw: the central
@@ -154,7 +156,58 @@ def run(comm, out: Path, spec: str) -> None:
     comm.barrier()
 
 
+def report(out: Path) -> None:
+    """Print, per scenario recorded in OUT, the measured variance of the aggregate's noise against its claim and
+    what tests/test_trust_models.py's checker finds (the numbers in docs/PRIVACY.md)."""
+    from test_trust_models import _trust, claimed, noise_problems
+
+    from helpers import trust_ranks
+
+    print("| scenario | ranks | clients per rank | noise variance measured / claimed | checker |")
+    print("|---|---|---|---|---|")
+    for d in sorted(p for p in out.iterdir() if (p / "rank_0.pt").is_file()):
+        recs = trust_ranks(out, d.name)
+        noise = recs[0]["applied"] - sum(r["unnoised"] for r in recs)
+        ratio = float(noise.pow(2).mean()) / claimed(recs[0], _trust(d.name))["total"]
+        problems = noise_problems(recs, _trust(d.name))
+        print(f"| {d.name} | {len(recs)} | {[len(p) for p in recs[0]['placement']]} | {ratio:.4f} | "
+              + ("ok" if not problems else "CAUGHT: " + "; ".join(problems)) + " |")
+
+
+def sensitivity(out: Path) -> None:
+    """Print the sensitivity check (fedhypevae.privacy.sensitivity.check_sensitivity) per trust model and mode,
+    with the negative controls, from the tiny config trained one round (docs/PRIVACY.md 9.1)."""
+    import copy
+
+    from fedhypevae.privacy.sensitivity import BatchNormInputs, Unclipped, check_sensitivity
+    from fedhypevae.run import run_training
+    from fedhypevae.trainer import Trainer
+
+    print("| trust model | mode | control | max payload diff (C) | max buffer / bound | others moved | replay drift | ok |")
+    print("|---|---|---|---|---|---|---|---|")
+    for trust in ("local", "distributed", "central"):
+        for mode in ("strict", "paper"):
+            cfg = load_config("tiny", ["train.rounds=1", "privacy.noise_seed=3", "partition.clients=5",
+                                       f"privacy.trust_model={trust}", f"privacy.mode={mode}", "threads=1"])
+            run = out / f"sens-{trust}-{mode}"
+            run_training(cfg, run, progress=False)
+            for control in ((None, Unclipped, BatchNormInputs) if mode == "strict" else (None,)):
+                tr = Trainer(copy.deepcopy(cfg), run, resume=True, progress=False)
+                tr.setup()
+                c = tr.clients[0]
+                c.x = torch.cat([c.x, torch.ones(1, c.x.shape[1])])  # a record at the edge of the declared range
+                c.y = torch.cat([c.y, torch.tensor([3])])
+                rep = check_sensitivity(tr, c.id, remove=[len(c.y) - 1, 0, 7, 42], steps=8, seed=1, control=control)
+                print(f"| {trust} | {mode} | {control.__name__ if control else '-'} | {rep.max_payload_diff:.4f} | "
+                      f"{rep.max_buffer_ratio:.4f} | {rep.others_moved:g} | {rep.replay_drift:.3g} | {rep.ok} |")
+                tr.ledger.close()
+                tr.writer.close()
+
+
 def main(argv: list[str]) -> int:
+    if argv[0] in ("--report", "--sensitivity"):
+        (report if argv[0] == "--report" else sensitivity)(Path(argv[1]))
+        return 0
     out = Path(argv[0])
     info = detect_launcher()
     comm = make_communicator("auto", info, device=torch.device("cpu"))
