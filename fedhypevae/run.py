@@ -66,8 +66,10 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
     for c, s in zip(tr.clients, sums):
         # the trust model's share of the noise (local: sigma; distributed: calibrated to the clients of the
         # client's domain; central: none, the aggregator adds it)
-        rel = noise_class_stats(s, clip_norm=clip, noise_multiplier=tr.trust.stats_multiplier(sigma, c.id),
-                                covariance=cov, generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch))
+        share = tr.trust.stats_multiplier(sigma, c.id)
+        rel = s if share == 0 else noise_class_stats(  # central: the aggregator adds the noise
+            s, clip_norm=clip, noise_multiplier=share, covariance=cov,
+            generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch))
         vec, layout = _flatten(rel)
         if buf is None:
             buf = torch.zeros(codes, vec.numel(), dtype=torch.float64)

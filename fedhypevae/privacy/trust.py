@@ -100,7 +100,7 @@ class TrustModel:
         self.fed: Optional[Federation] = None
         self.world_size = 1
         self._rng = ClientRNG(AGGREGATOR_ID, noise_seed)  # only the central aggregator draws from it
-        self._next: Optional[torch.Generator] = None
+        self._next: Optional[tuple] = None  # the next aggregate release's key (and generator override)
 
     # ------------------------------------------------------------------ binding and refusals
     def bind(self, fed: Federation, *, world_size: int) -> "TrustModel":
@@ -151,7 +151,7 @@ class TrustModel:
         """The key of the next aggregate release (the aggregator's draw, in central): its generator, derived from
         (noise_seed, the aggregator, stream, round, step, epoch) when reproducible (an identical replay draws the
         same noise), else the aggregator's securely seeded one; `generator` overrides it (the sensitivity check)."""
-        self._next = generator if generator is not None else self._rng.generator(stream, round_, step, epoch)
+        self._next = (stream, round_, step, epoch, generator)  # the generator is made only where one is drawn
 
     def reduce_step(self, tr, buf: torch.Tensor, width: int) -> torch.Tensor:
         """The step's collective over the trainer's Communicator: every rank gets the sum (local: of noisy
@@ -294,11 +294,12 @@ class CentralTrust(TrustModel):
         return torch.randn(width, generator=generator, dtype=torch.float64) * std
 
     def _generator(self) -> torch.Generator:
-        g, self._next = self._next, None
-        if g is None:
+        key, self._next = self._next, None
+        if key is None:
             raise RuntimeError("trust_model=central: the aggregator's draw needs its release key first "
                                "(TrustModel.begin_release, set by Trainer._dp_step)")
-        return g
+        *k, g = key
+        return g if g is not None else self._rng.generator(*k)
 
     def _gather_sum(self, tr, buf: torch.Tensor) -> Optional[torch.Tensor]:
         """The sum of every rank's `buf`, on the root only (None elsewhere), in rank order: a gather, so that no
