@@ -313,7 +313,7 @@ class Config:
         # a trust model other than local needs a rule whose release is one Gaussian mechanism per step
         from .aggregation import trust_refusal
 
-        why = trust_refusal(self.federation.aggregation, self.privacy.trust_model)
+        why = trust_refusal(self.federation.aggregation, self.privacy.trust_model) if self.privacy.enabled else None
         _check(why is None, why or "")
 
     def to_dict(self) -> dict:

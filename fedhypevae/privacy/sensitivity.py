@@ -281,7 +281,8 @@ def check_sensitivity(tr, client: int, *, remove: Sequence[int], steps: int = 1,
                       control: Optional[type] = None) -> SensitivityReport:
     """Measure, for every j in `remove`, how far record j of `client` moves the pre-noise payload of each of
     `steps` steps of the trainer's real step (the block holding the client, its class and per-sample form, the
-    trainer's noise placement and aggregation rule; a single process: the rule's reduce is the trainer's).
+    trainer's noise placement and aggregation rule; a single process: the rule's reduce is the trainer's, through
+    its trust model: under central with the aggregator's draw keyed per step, the same in both passes).
 
     From the trainer's current state (restored before every pass and at the end), `steps` steps run on D with
     per-client generators seeded from (`seed`, step, client) — the same sampling coins, reparameterization
