@@ -121,7 +121,11 @@ def job(request, tmp_path_factory):
         pytest.skip(f"needs {MPIEXEC} (pip install -e '.[mpi]')")
     out = tmp_path_factory.mktemp(f"trust{n}")
     launch_trust_worker(out, n, SCENARIOS[n])
+    JOBS[n] = out
     return n, out
+
+
+JOBS: dict = {}  # world size -> the worker's output (the 1-process job is the reference of the others)
 
 
 def _trust(name: str) -> str:
@@ -387,3 +391,17 @@ def test_the_local_audit_catches_shares_of_sigma_over_m(tmp_path):
     a = _audit(tmp_path, "local", "share-over-m")
     assert a["scored_on"] == "the audited client's own release"
     assert a["violation"], a["verdict"]
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_aggregate_does_not_depend_on_the_world_size(job):
+    """Noise keyed by (client, round, step) and, central, the aggregator's by (round, step): 2 and 3 ranks apply
+    the aggregates 1 process applies, up to float summation order."""
+    n, out = job
+    if n == 1 or 1 not in JOBS:
+        pytest.skip("compared with the 1-process job")
+    for name in ("local", "distributed", "central"):
+        a, b = trust_ranks(JOBS[1], name)[0]["applied"], trust_ranks(out, name)[0]["applied"]
+        assert float((a - b).abs().max() / a.abs().max()) < 1e-5, name
