@@ -653,7 +653,7 @@ def format_audit(results: dict) -> str:
              f"C={a['clip_norm']}{' (SABOTAGED: clipping skipped)' if a['sabotage'] == 'no-clip' else ''}, "
              f"steps={a['steps']}, delta={a['delta']}"
              + (f" (SABOTAGED: {a['sabotaged']})" if a["sabotage"] in ("no-shares", "share-over-m") else ""),
-             f"  scored on : {a.get('scored_on')}",
+             *([f"  scored on : {a['scored_on']}"] if a.get("scored_on") else []),
              f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, audit seed {a['seeds']['audit_seed']}), "
              f"client {a['client']}",
              f"  guesses   : {a['guesses_in']} 'in' (top scores) + {a['guesses_out']} 'out' (bottom scores) = "
