@@ -248,22 +248,25 @@ class DistributedTrust(TrustModel):
     def stats_multiplier(self, sigma: float, client: int) -> float:
         return sigma / math.sqrt(self.stats_unknown[self.fed.domain(client)])
 
+    def _parties(self, n: int) -> str:
+        return f"{n} {self.party}" + ("s" if n != 1 else "")
+
     def protected(self) -> str:
-        who = "clients" if self.party == "client" else "ranks"
-        return (f"any coalition of at most {self.collusion} {who} that sees only the full sum of all clients' "
-                f"releases and pools its own shares (the secure-aggregation model), and whoever reads the outputs")
+        return (f"any coalition of at most {self._parties(self.collusion)} that sees only the full sum of all "
+                "clients' releases and pools its own shares (the secure-aggregation model), and whoever reads the "
+                "outputs")
 
     def not_protected(self) -> str:
-        return ("anyone who sees a partial sum or a single client's release. THIS RUN SIMULATES secure aggregation: "
+        return ("anyone who sees a partial sum or a single client's release: THIS RUN SIMULATES secure aggregation, "
                 "the sum is a plain floating-point all-reduce, so every rank sees partial sums of the other ranks' "
                 "releases (the ranks are one operator's simulation of the parties); a coalition of more than "
-                f"{self.collusion}; the rank hosting a client")
+                f"{self._parties(self.collusion)}; the rank hosting a client")
 
     def where(self) -> str:
         return (f"every client adds N(0, sigma^2 C^2) to its psi_i, v_i and a Gaussian share of multiplier "
                 f"sigma * {self.unit:.6g} to its Phi "
-                f"part, so that the shares unknown to any {self.collusion} {self.party}(s) (holding at most "
-                f"{self.coalition_clients} of {self.fed.M} clients) sum to N(0, sigma^2 Delta^2) at the largest "
+                f"part, so that the shares unknown to any {self._parties(self.collusion)} (holding at most "
+                f"{self.coalition_clients} of the {self.fed.M} clients) sum to N(0, sigma^2 Delta^2) at the largest "
                 "per-record sensitivity Delta")
 
     def guarantee(self) -> str:
