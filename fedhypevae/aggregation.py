@@ -59,6 +59,16 @@ def register_aggregation(name: str) -> Callable[[type], type]:
     return deco
 
 
+def trust_refusal(name: str, trust_model: str) -> Optional[str]:
+    """Why rule `name` cannot run under `trust_model` (None if it can, or if the rule is unknown: that is refused
+    by its own check)."""
+    cls = AGGREGATIONS.get(name)
+    if cls is None or trust_model in cls.trust_models:
+        return None
+    return (f"privacy.trust_model={trust_model} needs federation.aggregation=grad (or a rule that supports it); "
+            f"{name!r} supports {', '.join(cls.trust_models)}: {cls.trust_reason}")
+
+
 def make_aggregation(name: str, trainer: "Trainer") -> "Aggregation":
     try:
         cls = AGGREGATIONS[name]
@@ -78,6 +88,10 @@ class Aggregation:
     weights, clients and collectives); the rule keeps its own round state."""
 
     name: str = ""
+    # the trust models (privacy.trust_model) this rule's release is valid under, and why not the others
+    trust_models: tuple = ("local",)
+    trust_reason: str = ("a rule must say that each of its steps releases one Gaussian mechanism of the clients' "
+                         "clipped sums through the trust model's reduce (GradAggregation does)")
 
     def __init__(self, trainer: "Trainer"):
         self.tr = trainer
@@ -86,16 +100,14 @@ class Aggregation:
     def noise_multipliers(self, sigma: float) -> dict:
         """WHERE the DP-SGD noise goes and at what scale, per block of the clipped per-step gradient:
         ``"private"``: the client's own coordinates (psi_i, v_i), never sent; ``"phi"``: the Phi
-        coordinates, which leave the client. ``sigma`` is the plan's DP-SGD noise multiplier. Both the
-        reference step (DPStep.add_noise) and the batched engine noise each block at its own multiplier,
-        and the ledger charges the smallest multiplier of the privatized blocks (Trainer.step_noise), so a
-        rule that puts less noise somewhere spends more budget, never less than it uses. Today's rules
-        noise both blocks at sigma on the client (local DP of every release).
-
-        This is the seam the trust-model work uses (a trusted aggregator, secure aggregation: the Phi block
-        could be noised once on the sum, the private block differently); what such a rule may charge
-        against which adversary is that work's to decide."""
-        return {"private": sigma, "phi": sigma}
+        coordinates, which leave the client. ``sigma`` is the plan's DP-SGD noise multiplier. Both forms of
+        the per-sample stage noise each block at its own multiplier. The trust model places them
+        (``privacy.trust_model``, fedhypevae/privacy/trust.py): local, sigma on both; distributed, sigma on the
+        private block and a share on Phi; central, nothing on Phi (the aggregator adds one draw in the rule's
+        reduce). The ledger charges what the placed noise gives against that model's adversary
+        (Trainer.step_noise, TrustModel.charged_multiplier), so a rule that overrides this and puts less noise
+        somewhere spends more budget, never less than it uses."""
+        return self.tr.trust.noise_multipliers(sigma)
 
     # ------------------------------------------------------------------ one round
     def begin_round(self, r: int) -> None:
@@ -132,7 +144,8 @@ class Aggregation:
         raise NotImplementedError
 
     def reduce_step(self, buf: torch.Tensor) -> torch.Tensor:
-        """The step's collective (every rank); returns the reduced buffer."""
+        """The step's collective (every rank); returns the reduced buffer. A rule that overrides it keeps
+        ``trust_models`` to ("local",) unless its reduce goes through the trust model's."""
         return self.tr.allreduce(buf)
 
     def apply_step(self, reduced: torch.Tensor) -> None:
@@ -152,11 +165,17 @@ class Aggregation:
 
 @register_aggregation("grad")
 class GradAggregation(Aggregation):
-    """Noisy Phi gradients, all-reduced every step, one optimizer step on every replica."""
+    """Noisy Phi gradients, reduced every step by the trust model (local and distributed: an all-reduce;
+    central: a gather to the aggregator, its draw, a broadcast), one optimizer step on every replica."""
+
+    trust_models = ("local", "distributed", "central")
 
     @property
     def step_width(self) -> int:
         return self.tr.phi_numel
+
+    def reduce_step(self, buf: torch.Tensor) -> torch.Tensor:
+        return self.tr.trust.reduce_step(self.tr, buf, self.step_width)
 
     def add_release(self, buf: torch.Tensor, block: "ClientBlock", phi: torch.Tensor) -> None:
         buf[:self.step_width] += phi
@@ -168,6 +187,9 @@ class GradAggregation(Aggregation):
 @register_aggregation("delta")
 class DeltaAggregation(Aggregation):
     """Local steps on each hosted client's private copy of Phi; weighted deltas reduced per round."""
+
+    trust_reason = ("in delta a client's private copy of Phi is stepped with its own low-noise gradient over several "
+                    "local steps, so the round's delta is no longer one Gaussian mechanism")
 
     def __init__(self, trainer: "Trainer"):
         super().__init__(trainer)

@@ -49,13 +49,18 @@ import torch
 
 from .checkpoint import dumps_json
 from .config import Config, config_from_dict
-from .dp_step import DPStep
+from .dp_step import DPStep, noise_blocks
+from .privacy.trust import CentralTrust
 from .errors import ConfigError
 from .rng import derive_seed
 from .rows import ExtraRows
 
 LEVEL = 0.05  # 95 % confidence
-SABOTAGE = ("none", "no-clip", "no-noise")
+SABOTAGE = ("none", "no-clip", "no-noise", "no-shares", "share-over-m")
+# what each sabotage breaks, for the outputs (the ledger is charged the planned sigma in every case)
+SABOTAGE_TEXT = {"no-clip": "clipping skipped", "no-noise": "no noise added",
+                 "no-shares": "no Phi noise from any source (clients' shares, or the aggregator's draw)",
+                 "share-over-m": "every Phi noise source at sigma C / M (M clients) instead of its calibrated share"}
 MODES = ("white-box", "black-box")
 CANARY_NORM = 2.0  # white-box canary length in units of C (>= C: clipping brings it to exactly C)
 NO_CLIP_CANARY_NORM = 1000.0  # without clipping nothing bounds a record's gradient: a long canary
@@ -203,6 +208,7 @@ class CanaryStep(DPStep):
     Without canaries it is the plain step."""
 
     canaries: Optional[Canaries] = None
+    score_on = "own"  # own: the client's own release (local); aggregate: the aggregate the replicas apply
 
     def __init__(self, block, **kw):
         if block.M != 1:
@@ -227,10 +233,13 @@ class CanaryStep(DPStep):
     def released(self, pending, noisy):
         noisy = super().released(pending, noisy)
         if self.canaries is not None:
-            # score: <released noisy Phi gradient - what the auditor knows, canary direction>, in units of the
-            # client's own release (the block's release carries the client's public weight)
             known = self.scale(self.known).phi
-            self.canaries.score((noisy.phi - known) / float(self.weights[0]))
+            if self.score_on == "aggregate":  # scored on the aggregate by the observed rule (distributed, central)
+                self.known_scaled, self.noisy_phi = known, noisy.phi.clone()
+            else:
+                # score: <released noisy Phi gradient - what the auditor knows, canary direction>, in units of the
+                # client's own release (the block's release carries the client's public weight)
+                self.canaries.score((noisy.phi - known) / float(self.weights[0]))
         return noisy
 
 
@@ -250,7 +259,56 @@ class NoNoiseCanaryStep(CanaryStep):
         return sums
 
 
-CANARY_STEPS = {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
+class SharesSabotage:
+    """SABOTAGE mixin (``--sabotage no-shares`` / ``share-over-m``) over a DPStep class: the noise stage puts the
+    multiplier ``sabotage_phi`` (set by the audit on its own subclasses once sigma is known: 0, or sigma / M) on
+    the Phi part instead of the one the trust model prescribes, while the ledger is still charged the planned
+    sigma. The client's own psi_i, v_i block keeps its noise."""
+
+    sabotage_phi: Optional[float] = None
+
+    def add_noise(self, sums, *, sigma, gens):
+        if self.sabotage_phi is None:
+            raise RuntimeError("the shares sabotage needs its multiplier (set by audit_white_box after setup)")
+        blocks = dict(noise_blocks(sigma))
+        blocks["phi"] = float(self.sabotage_phi)
+        return super().add_noise(sums, sigma=blocks, gens=gens)
+
+
+class SharesCanaryStep(SharesSabotage, CanaryStep):
+    """The canary step whose Phi noise is sabotaged (SharesSabotage)."""
+
+
+CANARY_STEPS = {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep,
+                "no-shares": SharesCanaryStep, "share-over-m": SharesCanaryStep}
+
+
+class ObservedStep(DPStep):
+    """A non-audited client's own step in an aggregate audit (trust model distributed or central), observed: it
+    notes the block's pre-noise Phi sum (known to the white-box auditor, who knows every record) and its noisy
+    release at the ``released`` stage. It changes nothing that is computed or released."""
+
+    def add_noise(self, sums, *, sigma, gens):
+        self.pre = sums.phi.clone()
+        return super().add_noise(sums, sigma=sigma, gens=gens)
+
+    def released(self, pending, noisy):
+        noisy = super().released(pending, noisy)
+        self.known_scaled, self.noisy_phi = self.pre / self.phi_divisor, noisy.phi.clone()
+        return noisy
+
+
+class ColluderStep(ObservedStep):
+    """The step of the clients that pool their noise shares with the auditor (privacy.collusion of them): their
+    own block, so that the coalition's shares are known exactly."""
+
+
+class SharesObservedStep(SharesSabotage, ObservedStep):
+    pass
+
+
+class SharesColluderStep(SharesSabotage, ColluderStep):
+    pass
 
 
 def canary_length(sabotage: str, clip_norm: float) -> float:
@@ -274,16 +332,86 @@ def _coins(seed: int, m: int) -> torch.Tensor:
     return torch.rand(m, generator=g) < 0.5
 
 
+class SabotagedAggregator(CentralTrust):
+    """SABOTAGE (central, ``--sabotage no-shares`` / ``share-over-m``): the aggregator's draw at ``factor`` times
+    the calibrated standard deviation (0, or 1/(M sigma) of it: sigma C / M at the sensitivity), while the ledger
+    is still charged the planned sigma."""
+
+    factor = 1.0
+
+    def draw(self, width, std, generator):
+        return super().draw(width, std * self.factor, generator)
+
+
+def _colluders(tr, audited: int) -> list:
+    """The privacy.collusion clients (party = client) that pool their shares with the auditor: the non-audited
+    clients with the largest coefficients a_i (the most noise mass removed), ties by id."""
+    t = tr.trust.collusion if tr.trust.name == "distributed" else 0
+    coefs = tr.trust.fed.coefs
+    others = sorted((i for i in range(len(coefs)) if i != audited), key=lambda i: (-coefs[i], i))
+    return others[:t]
+
+
+def _observe_aggregate(tr, canaries: Canaries) -> None:
+    """Replace the trainer's rule by the same rule observed: every block's release is noted and, before the
+    reduced aggregate is applied, the canaries are scored on it: the aggregate minus what the white-box auditor
+    knows (every block's pre-noise sum of records and its post-noise terms, the coalition's noise shares), in
+    units of the audited client's release. What remains is the canaries' clipped contributions plus the noise the
+    trust model's adversary does not know (the other shares; the aggregator's draw)."""
+    base = type(tr.aggregation)
+
+    class Observed(base):
+        def add_release(self, buf, block, phi):
+            self._released[id(block)] = phi.clone()
+            super().add_release(buf, block, phi)
+
+        def apply_step(self, reduced):
+            resid = reduced[:self.step_width].clone()
+            w = None
+            for st in tr.steps:
+                rel = self._released.pop(id(st.block))
+                resid -= (rel - st.noisy_phi) + st.known_scaled  # post-noise terms and the records' sum
+                if isinstance(st, ColluderStep):
+                    resid -= st.noisy_phi - st.known_scaled  # the coalition's own shares
+                if isinstance(st, CanaryStep):
+                    w = float(st.weights[0])
+            canaries.score(resid / w)
+            super().apply_step(reduced)
+
+    obs = Observed.__new__(Observed)
+    obs.__dict__.update(tr.aggregation.__dict__)
+    obs._released = {}
+    tr.aggregation = obs
+
+
 def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
     from .trainer import Trainer
 
     if setup.sabotage not in CANARY_STEPS:
         raise ConfigError(f"--sabotage must be one of {', '.join(SABOTAGE)}; got {setup.sabotage!r}")
-    # the audited client's step is a canary step (the sabotage is a stage override, not a flag): the trainer
-    # builds it, in a block of its own, like every other client's
-    audited = CANARY_STEPS[setup.sabotage]
-    tr = Trainer(cfg, run_dir, progress=progress,
-                 step_type=lambda cid: audited if cid == setup.client else DPStep)
+    aggregate = cfg.privacy.trust_model != "local"
+    shares = setup.sabotage in ("no-shares", "share-over-m")
+    central = cfg.privacy.trust_model == "central"
+    # the step classes of this audit (the sabotage is a stage override, not a flag); subclasses of its own, so that
+    # the shares sabotage's multiplier, known once sigma is, is set on them and nowhere else
+    audited = type("AuditedStep", (CanaryStep if shares and central else CANARY_STEPS[setup.sabotage],), {})
+    observed = type("Observed", (SharesObservedStep if shares and not central else ObservedStep,), {})
+    colluding = type("Colluding", (SharesColluderStep if shares and not central else ColluderStep,), {})
+    tr, coalition = None, []
+
+    def step_type(cid: int):
+        """The trainer builds every client's step by its class, in blocks of one class: the audited client's
+        canary step (a block of its own); under distributed/central the other clients observed, the colluders in
+        a block of their own (their shares are known exactly). Called in setup, after the trust model is bound."""
+        if cid == setup.client:
+            return audited
+        if not aggregate:
+            return DPStep
+        if not coalition:
+            coalition.append(set(_colluders(tr, setup.client)))
+        return colluding if cid in coalition[0] else observed
+
+    tr = Trainer(cfg, run_dir, progress=progress, step_type=step_type)
     tr.setup()
     if setup.canaries > tr.phi_numel:
         raise ConfigError(f"--canaries {setup.canaries}: the white-box audit puts each canary on its own coordinate of "
@@ -298,20 +426,40 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     canaries = steps[0].canaries = Canaries(coords=coords, signs=signs, included=included, seed=setup.seed,
                                             scale=canary_length(setup.sabotage, cfg.privacy.clip_norm),
                                             phi_numel=tr.phi_numel, sample_rate=cfg.privacy.sample_rate)
+    M = tr.fed.num_clients
+    if shares:  # every Phi noise source at 0 or sigma / M; the ledger still charges the planned sigma
+        if central:
+            sab = SabotagedAggregator(noise_seed=cfg.privacy.noise_seed, backend=tr.comm.backend)
+            sab.factor = 0.0 if setup.sabotage == "no-shares" else 1.0 / M
+            tr.trust = sab.bind(tr.trust.fed, world_size=tr.trust.world_size)
+        else:
+            for cls in (audited, observed, colluding):
+                cls.sabotage_phi = 0.0 if setup.sabotage == "no-shares" else tr.sigma / M
+    colluders = _colluders(tr, setup.client) if aggregate else []
+    if aggregate:
+        steps[0].score_on = "aggregate"
+        _observe_aggregate(tr, canaries)
     tr.train()
     tr.writer.close()
     return {"scores": canaries.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
             "engine": f"{tr.engine} (the DP step with the canary stage, on the audited client's own block)",
-            "sigma": tr.sigma, "plan": tr.plan,
+            "sigma": tr.sigma, "plan": tr.plan, "colluders": colluders,
+            "scored_on": ("the aggregate every replica applies (what this trust model's adversary sees), minus the "
+                          f"shares of the {len(colluders)} colluding client(s) {colluders}" if aggregate
+                          else "the audited client's own release"),
             "stopped_early": tr.state.stopped, "ledger_epsilon": tr.ledger.epsilon(delta=cfg.privacy.delta,
                                                                                  accountant=cfg.privacy.accountant),
             "canary": {"kind": "gradient (Dirac: one coordinate of Phi each, random sign)",
                        "length": f"{canaries.scale / cfg.privacy.clip_norm:g} C",
                        "mean_appearances_included": (float(canaries.appearances[included].double().mean())
                                                      if included.any() else 0.0),
-                       "score": "sum over steps of <released noisy Phi gradient minus what the white-box auditor "
-                                "knows without the canaries (the clipped sum of the client's own batch), canary "
-                                "direction>, taken before the post-noise terms (which the auditor computes too)"}}
+                       "score": ("sum over steps of <released noisy Phi gradient minus what the white-box auditor "
+                                 "knows without the canaries (the clipped sum of the client's own batch, the "
+                                 "post-noise terms), canary direction>" if not aggregate else
+                                 "sum over steps of <the aggregate every replica applies minus what the white-box "
+                                 "auditor knows without the canaries (every client's clipped sum of its batch, the "
+                                 "post-noise terms, the colluding clients' noise shares), canary direction>, in units "
+                                 "of the audited client's release")}}
 
 
 # ------------------------------------------------------------------------------------------ black-box
@@ -459,6 +607,9 @@ def run_audit(cfg: Config, out: Path, *, mode: str = "white-box", canaries: Opti
     results = {"audit": {
         "method": "one-run audit (Steinke, Nasr & Jagielski 2023): exact binomial-tail test with the delta term",
         "mode": mode, "sabotage": sabotage, "privacy_mode": p.mode, "aggregation": cfg.federation.aggregation,
+        "trust_model": p.trust_model, "collusion": p.collusion if p.trust_model == "distributed" else None,
+        "sabotaged": SABOTAGE_TEXT.get(sabotage), "scored_on": raw.get("scored_on"),
+        "colluders": raw.get("colluders", []),
         "claimed_epsilon": claimed, "claimed_epsilon_source": "privacy.target_epsilon",
         "epsilon_lower_bound": eps_lb, "confidence": 1 - level, "delta": p.delta,
         "canaries": m, "included": int(included.sum()), "guesses_in": setup.k_in, "guesses_out": setup.k_out,
@@ -488,10 +639,16 @@ def format_audit(results: dict) -> str:
     desc = ("white-box gradient canaries through the client's real clip-and-noise step" if a["mode"] == "white-box"
             else "black-box canary records, final model only (a weaker test: expect a bound near 0)")
     lines = ["", f"FedHypeVAE privacy audit: {desc}",
-             f"  mechanism : {a['privacy_mode']} mode, {a['aggregation']} aggregation, sigma={a['planned_noise_multiplier']:.4f}"
+             f"  mechanism : {a['privacy_mode']} mode, {a['aggregation']} aggregation, trust model "
+             f"{a.get('trust_model', 'local')}"
+             + (f" (collusion {a['collusion']})" if a.get("collusion") else "")
+             + f", sigma={a['planned_noise_multiplier']:.4f}"
              f"{' (SABOTAGED: no noise added)' if a['sabotage'] == 'no-noise' else ''}, q={a['sample_rate']}, "
              f"C={a['clip_norm']}{' (SABOTAGED: clipping skipped)' if a['sabotage'] == 'no-clip' else ''}, "
-             f"steps={a['steps']}, delta={a['delta']}" + (f"\n  step      : {a['engine']}" if a.get("engine") else ""),
+             f"steps={a['steps']}, delta={a['delta']}"
+             + (f" (SABOTAGED: {a['sabotaged']})" if a["sabotage"] in ("no-shares", "share-over-m") else ""),
+             *([f"  step      : {a['engine']}"] if a.get("engine") else []),
+             *([f"  scored on : {a['scored_on']}"] if a.get("scored_on") else []),
              f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, audit seed {a['seeds']['audit_seed']}), "
              f"client {a['client']}",
              f"  guesses   : {a['guesses_in']} 'in' (top scores) + {a['guesses_out']} 'out' (bottom scores) = "

@@ -200,8 +200,10 @@ def _add_audit(sub) -> None:
     p.add_argument("--canaries", type=POSITIVE_INT, help="number of canaries M (default 1000 white-box, 200 black-box)")
     p.add_argument("--guesses", type=POSITIVE_INT, help="guesses per side: 'in' for the K highest scores, 'out' for the "
                                                         "K lowest (default M/10)")
-    p.add_argument("--sabotage", default="none", choices=["none", "no-clip", "no-noise"],
-                   help="white-box only: break the DP step on purpose (the audit must catch it)")
+    p.add_argument("--sabotage", default="none", choices=["none", "no-clip", "no-noise", "no-shares", "share-over-m"],
+                   help="white-box only: break the DP step on purpose (the audit must catch it): no-clip, no-noise, "
+                        "no-shares (no Phi noise from any source: clients' shares or the aggregator's draw), "
+                        "share-over-m (every Phi noise source at sigma C / M)")
     p.add_argument("--seed", type=NONNEG_INT, help="seed of the canary coins and layout (default: derived from the "
                                                    "config's seed)")
     p.add_argument("--client", type=NONNEG_INT, default=0, help="the audited client")

@@ -142,6 +142,11 @@ def format_summary(results: dict, wall: float) -> str:
                      f"steps={p['steps']}/{p['planned_steps']}; class-statistics sigma={_fmt(sigmas.get('class-stats'))}, "
                      f"mmd-embedding sigma={_fmt(sigmas.get('mmd-embeddings'))}")
         lines.append(f"  noise source : {p['noise']}")
+        tm = p.get("trust_model")
+        if tm:  # whom the guarantee protects, as results.json's privacy.trust_model says
+            lines.append(f"  trust model  : {tm['name']}" + (" (SIMULATED secure aggregation: ranks see partial sums)"
+                                                            if tm["simulated"] else "")
+                         + f"; protected against {tm['protected_against']}; NOT against {tm['not_protected_against']}")
     else:
         lines.append("  privacy      : DISABLED (privacy.enabled=false): no guarantee")
     wall_text = "not recorded (privacy.diagnostics is false)" if wall is None else f"{wall:.1f} s"

@@ -264,6 +264,14 @@ class PrivacyConfig:
     stats_clip_norm: Optional[float] = None
     # a fixed noise multiplier instead of calibrating one from target_epsilon (the budget guard still applies)
     noise_multiplier: Optional[float] = None
+    # where the noise is added, hence whom the guarantee protects against (docs/PRIVACY.md): local (every client
+    # noises what it sends), distributed (secure-aggregation model, simulated: noise shares summing to the
+    # noise), central (a trusted aggregator on rank 0 adds one draw)
+    trust_model: str = "local"
+    # distributed: how many parties may pool their own noise shares (and the public aggregate)
+    collusion: int = 1
+    # distributed: a party is a client, or a rank (sites that each run one rank)
+    party: str = "client"
 
     def __post_init__(self):
         _one_of("privacy.mode", self.mode, ("strict", "paper"))
@@ -280,6 +288,9 @@ class PrivacyConfig:
         _check(self.noise_seed is None or _is_int(self.noise_seed),
                f"privacy.noise_seed must be null or an integer; got {self.noise_seed!r}")
         _check(self.noise_seed is None or self.noise_seed >= 0, f"privacy.noise_seed must be >= 0; got {self.noise_seed}")
+        from .privacy.trust import check_trust_settings
+
+        check_trust_settings(trust_model=self.trust_model, collusion=self.collusion, party=self.party)
 
 
 @dataclass
@@ -348,6 +359,11 @@ class Config:
         _check(_is_int(self.seed) and 0 <= self.seed < 2 ** 63, f"seed must be an integer in [0, 2^63); got {self.seed!r}")
         _check(_is_int(self.threads) and self.threads >= 0,
                f"threads must be >= 0 (0 leaves torch's default); got {self.threads!r}")
+        # a trust model other than local needs a rule whose release is one Gaussian mechanism per step
+        from .aggregation import trust_refusal
+
+        why = trust_refusal(self.federation.aggregation, self.privacy.trust_model) if self.privacy.enabled else None
+        _check(why is None, why or "")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -74,15 +74,25 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
     layout, buf = None, None
     m = tr.fed.num_clients
     for c, s in zip(tr.clients, sums):
-        rel = noise_class_stats(s, clip_norm=clip, noise_multiplier=sigma, covariance=cov,
-                                generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch))
+        # the trust model's share of the noise (local: sigma; distributed: calibrated to the clients of the
+        # client's domain; central: none, the aggregator adds it)
+        share = tr.trust.stats_multiplier(sigma, c.id)
+        rel = s if share == 0 else noise_class_stats(  # central: the aggregator adds the noise
+            s, clip_norm=clip, noise_multiplier=share, covariance=cov,
+            generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch))
         vec, layout = _flatten(rel)
         if buf is None:
             buf = torch.zeros(codes, vec.numel(), dtype=torch.float64)
         buf[c.id * codes // m] += vec
     if buf is None:  # defensive: placement guarantees every rank hosts a client
         raise RuntimeError("no client on this rank")
-    tr.allreduce(buf.view(-1))
+
+    def aggregator_noise(k, vec, g):  # central: one draw per domain sum, sigma at the statistics' sensitivity
+        return _flatten(noise_class_stats(_unflatten(vec, layout), clip_norm=clip, noise_multiplier=sigma,
+                                          covariance=cov, generator=g))[0]
+
+    tr.trust.begin_release(STREAM_STATS_RELEASE, 0, 0, d.epoch)
+    tr.trust.reduce_stats(tr, buf, aggregator_noise)
     domains = [_unflatten(buf[k], layout) for k in range(codes)]
     pooled = _unflatten(buf.sum(0), layout)
     out = []

@@ -23,10 +23,23 @@ from .checkpoint import dumps_json
 from .config import load_config, resolve_config_path
 from .errors import ConfigError
 
-FEDHYPEVAE_METHODS = {"fedhypevae-strict": "strict", "fedhypevae-paper": "paper"}
+FEDHYPEVAE_METHODS = {"fedhypevae-strict": "strict", "fedhypevae-paper": "paper",
+                      "fedhypevae-distributed": "strict", "fedhypevae-central": "strict"}
+# the methods that run FedHypeVAE under another trust model than the base config's (privacy.trust_model)
+TRUST_METHODS = {"fedhypevae-distributed": "distributed", "fedhypevae-central": "central"}
 LABELS = {"local": "Local only", "fedavg": "FedAvg", "fedprox": "FedProx (mu=0.05)", "fedavg-dp": "FedAvg (DP-SGD)",
           "fedprox-dp": "FedProx (DP-SGD)", "dpcvae": "DP-CVAE", "fedhypevae-strict": "FedHypeVAE (strict)",
-          "fedhypevae-paper": "FedHypeVAE (paper mode*)", "pooled": "Pooled, non-private (upper bound)"}
+          "fedhypevae-paper": "FedHypeVAE (paper mode*)", "pooled": "Pooled, non-private (upper bound)",
+          "fedhypevae-distributed": "FedHypeVAE (strict, distributed noise, simulated)",
+          "fedhypevae-central": "FedHypeVAE (strict, central noise)"}
+
+
+def method_overrides(method: str) -> list:
+    """The privacy settings a FedHypeVAE method sets on its base config (mode; trust model where it has one)."""
+    ov = [f"privacy.mode={FEDHYPEVAE_METHODS[method]}"]
+    if method in TRUST_METHODS:
+        ov.append(f"privacy.trust_model={TRUST_METHODS[method]}")
+    return ov
 
 
 @dataclass
@@ -47,7 +60,7 @@ class TableConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     epsilon: float = 1.0
     delta: float = 1e-4
-    methods: list = field(default_factory=lambda: list(LABELS))
+    methods: list = field(default_factory=lambda: [m for m in LABELS if m not in TRUST_METHODS])
     # scoring of synthetic sets: augment (real train + synthetic) or lambda-mix
     protocol: str = "augment"
     # settings per baseline name, passed to fedhypevae.baselines.run_baseline
@@ -79,14 +92,18 @@ def load_table_config(path: str) -> TableConfig:
     return TableConfig(**tree)
 
 
-def cell_train_config(tc: TableConfig, partition: str, seed: int, mode: Optional[str] = None):
-    """The FedHypeVAE config of one cell; its data/partition/seed also define the splits every method uses."""
+def cell_train_config(tc: TableConfig, partition: str, seed: int, mode: Optional[str] = None, *,
+                      method: Optional[str] = None):
+    """The FedHypeVAE config of one cell; its data/partition/seed also define the splits every method uses.
+    `method`: a FedHypeVAE method, whose privacy settings (method_overrides) replace `mode`."""
     ov = [*tc.overrides, f"seed={seed}", f"partition.kind={partition}", f"partition.alpha={tc.alpha}",
           f"partition.clients={tc.clients}", f"partition.min_client_size={tc.min_client_size}",
           f"privacy.target_epsilon={tc.epsilon}", f"privacy.delta={tc.delta}"]
     for k, v in tc.data.items():
         ov.append(f"data.{k}={'null' if v is None else v}")
-    if mode:
+    if method in FEDHYPEVAE_METHODS:
+        ov += method_overrides(method)
+    elif mode:
         ov.append(f"privacy.mode={mode}")
     return load_config(tc.train_config, ov)
 
@@ -121,7 +138,7 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
     """One method on one (partition, seed): per-client rows scored on each client's own test split."""
     from .data import build_federation
 
-    cfg = cell_train_config(tc, partition, seed, FEDHYPEVAE_METHODS.get(method))
+    cfg = cell_train_config(tc, partition, seed, method=method)
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
     t0 = time.perf_counter()
     privacy = None

@@ -36,20 +36,21 @@ from fedhypevae.hpc.placement import PlacementError
 
 from . import checkpoint as ckpt
 from .aggregation import flat_phi as _flat_phi
-from .aggregation import make_aggregation
+from .aggregation import make_aggregation, trust_refusal
 from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
 from .data import build_federation, is_shard_dir, read_manifest
 from .block import ClientBlock
-from .dp_step import BLOCKS, NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks
+from .dp_step import NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork, mmd_bandwidths
 from .privacy import (CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, PrivacyLedger, PrivacyPlan, RandomFeatures,
                       epsilon_of, has_ledger, privacy_plan, run_shares)
 from .privacy.ledger import payload_digest
+from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
-from .rng import derive_seed, secret_key
+from .rng import STREAM_STEP, derive_seed, secret_key
 from .validate import check_output_dir, validate_run
 
 # settings a resume may change: applied from the resume on and reported (results.json "resume", the
@@ -257,6 +258,14 @@ class Trainer:
         self.hooks = TrainerHooks()
         # federation.aggregation: the rule that turns the released steps into Phi's update
         self.aggregation = make_aggregation(cfg.federation.aggregation, self)
+        # privacy.trust_model: where the noise is added (fedhypevae/privacy/trust.py); bound to the public
+        # federation in setup, before anything is written or released
+        p = cfg.privacy
+        why = trust_refusal(cfg.federation.aggregation, p.trust_model) if p.enabled else None
+        if why:
+            raise ConfigError(why)
+        self.trust = make_trust_model(p.trust_model if p.enabled else "local", collusion=p.collusion, party=p.party,
+                                      noise_seed=p.noise_seed, backend=self.comm.backend)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -282,6 +291,9 @@ class Trainer:
         total = float(sum(declared))
         m = fed.num_clients
         self.weights = {i: (declared[i] / total if cfg.federation.weights == "declared" else 1.0 / m) for i in range(m)}
+        q = cfg.privacy.sample_rate  # the trust model's refusals (collusion, party) on the public federation
+        self.trust.bind(Federation(tuple(self.weights[i] / (q * declared[i]) for i in range(m)),
+                                   tuple(tuple(p) for p in self.placement), cfg.meta.codes), world_size=comm.world_size)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, 0xF1))  # Phi: the same on every rank
@@ -538,6 +550,22 @@ class Trainer:
             self.comm_seconds += time.perf_counter() - t
         return out
 
+    def gather(self, buf: torch.Tensor, root: int = 0) -> Optional[torch.Tensor]:
+        """Every rank's `buf` stacked on `root` (None elsewhere): timed like `allreduce`."""
+        with self.hooks.timed("all_reduce"):
+            t = time.perf_counter()
+            out = self.comm.gather(buf, root)
+            self.comm_seconds += time.perf_counter() - t
+        return out
+
+    def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
+        """`root`'s `buf` on every rank, in place: timed like `allreduce`."""
+        with self.hooks.timed("all_reduce"):
+            t = time.perf_counter()
+            out = self.comm.broadcast(buf, root)
+            self.comm_seconds += time.perf_counter() - t
+        return out
+
     # ---------------------------------------------------------------- training
     def flat_phi(self, hyper: HyperNetwork) -> torch.Tensor:
         return _flat_phi(hyper)
@@ -578,17 +606,18 @@ class Trainer:
             return [st.prepare(agg.step_hyper(st.block), r, s, epoch=epoch) for st in steps]
 
     def step_noise(self) -> tuple:
-        """(the noise multiplier per block, the multiplier the ledger charges) for a DP-SGD step.
+        """(the noise multiplier per block each client applies, the multiplier the ledger charges) for a DP-SGD step.
 
         The aggregation rule places the noise (Aggregation.noise_multipliers: the client's own coordinates
-        psi_i, v_i and Phi's). The charge is the smallest multiplier over the privatized blocks (strict mode
-        both, paper mode Phi): with the joint clipping to C, a Gaussian mechanism whose blocks carry different
-        noise is at least as private as one with the smallest multiplier everywhere and, in the worst case,
-        no more, so the ledger never records less than is spent. Today's rules give both blocks the plan's
-        sigma."""
+        psi_i, v_i and Phi's; by default as the trust model prescribes). The charge is the smallest multiplier over
+        what is privatized (strict mode: the own block and the aggregate's Phi noise; paper mode: the latter), the
+        Phi noise counted as the trust model's adversary faces it on the aggregate (TrustModel.charged_multiplier):
+        local, each client's own; distributed, the shares unknown to a coalition, at the largest per-record
+        sensitivity; central, the aggregator's draw. With the joint clipping to C, a Gaussian mechanism whose
+        parts carry different noise is at least as private as one with the smallest multiplier everywhere, so the
+        ledger never records less than is spent. As prescribed, every trust model is charged the plan's sigma."""
         blocks = noise_blocks(self.aggregation.noise_multipliers(self.sigma))
-        privatized = BLOCKS if self.cfg.privacy.mode == "strict" else ("phi",)
-        return blocks, min(blocks[b] for b in privatized)
+        return blocks, self.trust.charged_multiplier(blocks, self.sigma, strict=self.cfg.privacy.mode == "strict")
 
     def _dp_step(self, r: int, s: int) -> Optional[str]:
         """One DP step of every hosted client, through the release guard. Returns None, or why it stopped."""
@@ -610,7 +639,9 @@ class Trainer:
                 rel = st.release(pend, sigma=blocks, features=self.features)
             agg.add_release(buf, st.block, rel.phi)
             buf[W:] += rel.diag if self.send_diagnostics else st.block.M * self._public_diag
-        reduced = agg.reduce_step(buf)  # the one collective of a step
+        # the one collective of a step (central: the aggregator's draw, keyed like the clients' noise)
+        self.trust.begin_release(STREAM_STEP, r, s, d.epoch)
+        reduced = agg.reduce_step(buf)
         with hooks.timed("phi_update"):
             agg.apply_step(reduced)
         self._round_diag += reduced[W:]
@@ -801,7 +832,8 @@ class Trainer:
             "steps": self.state.steps, "planned_steps": planned_steps(cfg), "accountant": p.accountant,
             "plan": self.plan.to_dict() if self.plan else None,
             "formal_guarantee": bool(p.enabled and p.mode == "strict" and noised and math.isfinite(eps)),
-            "guarantee": guarantee_text(cfg, self.plan, eps),
+            "guarantee": guarantee_text(cfg, self.plan, eps, trust=self.trust),
+            "trust_model": self.trust.describe(self.sigma, p.clip_norm) if p.enabled else None,
             "noise": ("reproducible from privacy.noise_seed: NOT suitable for a real release" if reproducible
                       else "securely seeded per client (operating-system entropy)"),
             "reproducible_noise": reproducible,
@@ -842,7 +874,10 @@ class Trainer:
         return results
 
 
-def guarantee_text(cfg: Config, plan: Optional[PrivacyPlan] = None, epsilon: Optional[float] = None) -> str:
+def guarantee_text(cfg: Config, plan: Optional[PrivacyPlan] = None, epsilon: Optional[float] = None, *,
+                   trust=None) -> str:
+    """results.json's privacy.guarantee: what is guaranteed, for which unit, and (with `trust`, the run's bound trust
+    model) against whom."""
     p = cfg.privacy
     if not p.enabled:
         return "none: privacy.enabled is false (non-private reference run)"
@@ -853,10 +888,14 @@ def guarantee_text(cfg: Config, plan: Optional[PrivacyPlan] = None, epsilon: Opt
     target = "infinite: the epsilon below is what the fixed noise gives" if math.isinf(p.target_epsilon) else p.target_epsilon
     eps = "" if epsilon is None or not math.isfinite(epsilon) else f", epsilon spent {epsilon:.4g}"
     unit = f"one record of one client's training split, (epsilon, delta) = ({target}, {p.delta}) per client{eps}"
+    where = f" {trust.guarantee()}" if trust is not None and trust.fed is not None else ""
     if p.mode == "strict":
-        return (f"formal: every value a client releases (noisy Phi gradients or deltas, DP statistics, DP mean "
-                f"embeddings) and everything derived from them (Phi, meta-code, synthetic set) is DP for {unit}. "
+        what = ("every value a client releases (noisy Phi gradients or deltas, DP statistics, DP mean embeddings) and "
+                "everything derived from them" if trust is None or trust.name == "local" else
+                "the aggregate of the clients' Phi gradients, the class statistics, each client's DP mean embeddings "
+                "(full local noise) and everything derived from them")
+        return (f"formal: {what} (Phi, meta-code, synthetic set) is DP for {unit}.{where} "
                 f"Training diagnostics, when enabled, are outside the guarantee.")
     return (f"NOT a formal guarantee (paper mode): only Phi-gradients are clipped and noised while the encoder and "
             f"client code are trained on the same data without noise, so the epsilon printed for {unit} does not bound "
-            f"what the released gradients reveal.")
+            f"what the released gradients reveal, whatever the trust model.{where}")

@@ -1,6 +1,6 @@
 """Collect a sweep into a table and a privacy-utility plot.
 
-    python -m fedhypevae.slurm.collect SWEEP [--out DIR]
+    python -m fedhypevae.slurm.collect SWEEP [--out DIR] [--rescore PROTOCOL]
 
 Reads SWEEP/points/*/result.json and writes summary.csv (one row per method, partition and epsilon:
 mean and std over seeds of the client-averaged accuracy and balanced accuracy), points.csv (one
@@ -10,6 +10,10 @@ depend on epsilon are horizontal bands). Points without a result are listed as m
 points (result.json "status": "partial": the run ended without its statistics release, so without
 a fitted meta-code, and was not scored) are listed in their own section with what they miss and
 the epsilon they spent; they are left out of the means, stds, CSV files and the plot.
+
+`--rescore PROTOCOL` scores every FedHypeVAE point's synthetic set (SWEEP/points/<id>/run/synthetic.npz) again
+under another evaluation protocol (e.g. synthetic-only, for a sweep scored with augment) and collects those
+scores instead; points without a synthetic set (the baselines) are left out. Nothing is trained again.
 """
 from __future__ import annotations
 
@@ -37,6 +41,26 @@ def load_points(sweep: Path) -> tuple[list[dict], list[dict], list[dict]]:
         else:
             missing.append(read_json(d / "spec.json"))
     return results, partial, missing
+
+
+def rescore(sweep: Path, results: list[dict], protocol: str) -> list[dict]:
+    """The complete FedHypeVAE points with their synthetic sets scored under `protocol` (rows and means replaced);
+    the splits are rebuilt from each run's own config.yaml."""
+    from fedhypevae.config import load_config
+    from fedhypevae.data import build_federation
+    from fedhypevae.table import FEDHYPEVAE_METHODS, run_rows
+
+    out = []
+    for r in results:
+        run = sweep / "points" / r["id"] / "run"
+        if r["method"] not in FEDHYPEVAE_METHODS or not (run / "synthetic.npz").is_file():
+            continue
+        cfg = load_config(str(run / "config.yaml"))
+        rows = run_rows(run, build_federation(cfg.data, cfg.partition, cfg.seed), protocol=protocol, seed=r["seed"])
+        out.append({**r, "rows": rows, "protocol": protocol,
+                    "accuracy": sum(c["accuracy"] for c in rows) / len(rows),
+                    "balanced_accuracy": sum(c["balanced_accuracy"] for c in rows) / len(rows)})
+    return out
 
 
 def _mean(xs):
@@ -70,8 +94,9 @@ def _eps(e) -> str:
     return "–" if e is None else ("∞" if math.isinf(e) else f"{e:g}")
 
 
-def markdown(rows: list[dict], missing: list[dict], sweep: Path, partial: list[dict] = ()) -> str:
-    lines = [f"# Sweep {sweep.name}", "",
+def markdown(rows: list[dict], missing: list[dict], sweep: Path, partial: list[dict] = (),
+             protocol: str | None = None) -> str:
+    lines = [f"# Sweep {sweep.name}" + (f" (synthetic sets re-scored with protocol {protocol})" if protocol else ""), "",
              "Mean ± std over seeds of the client-averaged metric (%). ε: the target of the point (– for methods "
              "that do not use one); ε spent: the largest over its seeds. *Paper mode is not a formal guarantee.", ""]
     for part in sorted({r["partition"] for r in rows}):
@@ -163,13 +188,15 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def collect(sweep: Path, out: Path | None = None) -> dict:
+def collect(sweep: Path, out: Path | None = None, *, rescore_protocol: str | None = None) -> dict:
     sweep = Path(sweep)
     if not (sweep / "points").is_dir():
         raise FileNotFoundError(f"{sweep} holds no sweep (no points/ directory); run python -m fedhypevae.slurm.sweep first")
     out = Path(out or sweep)
     out.mkdir(parents=True, exist_ok=True)
     results, partial, missing = load_points(sweep)
+    if rescore_protocol:
+        results = rescore(sweep, results, rescore_protocol)
     rows = summarize(results)
     fields = ["method", "partition", "epsilon", "seeds", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean",
               "balanced_accuracy_std", "epsilon_spent_max", "formal_guarantee", "resumed_points"]
@@ -187,13 +214,13 @@ def collect(sweep: Path, out: Path | None = None) -> dict:
                 w.writerow([r["id"], r["method"], r["partition"], "" if r["epsilon"] is None else r["epsilon"], r["seed"],
                             c["client"], c["accuracy"], c["balanced_accuracy"], r.get("epsilon_spent"), r["ranks"],
                             r.get("starts")])
-    (out / "summary.md").write_text(markdown(rows, missing, sweep, partial))
+    (out / "summary.md").write_text(markdown(rows, missing, sweep, partial, rescore_protocol))
     if rows:
         plot(rows, out / "privacy_utility.png")
     summary = {"sweep": str(sweep), "points": len(results) + len(partial) + len(missing), "finished": len(results),
                "partial": [{"id": r["id"], "missing": list(r.get("missing") or []),
                             "epsilon_spent": r.get("epsilon_spent")} for r in partial],
-               "missing": [m["id"] for m in missing], "summary": rows}
+               "missing": [m["id"] for m in missing], "summary": rows, "rescored_protocol": rescore_protocol}
     write_json(out / "summary.json", summary)
     return summary
 
@@ -202,9 +229,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fedhypevae.slurm.collect", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep", help="the sweep directory (--out of python -m fedhypevae.slurm.sweep)")
     ap.add_argument("--out", help="where to write the outputs (default: the sweep directory)")
+    ap.add_argument("--rescore", metavar="PROTOCOL", help="score the FedHypeVAE points' synthetic sets again under "
+                                                          "this evaluation protocol (e.g. synthetic-only)")
     args = ap.parse_args(argv)
     try:
-        s = collect(Path(args.sweep), Path(args.out) if args.out else None)
+        s = collect(Path(args.sweep), Path(args.out) if args.out else None, rescore_protocol=args.rescore)
     except FileNotFoundError as exc:
         print(f"fedhypevae.slurm.collect: error: {exc}", file=sys.stderr)
         return 2

@@ -47,7 +47,7 @@ from typing import Optional
 
 import yaml
 
-from fedhypevae.table import FEDHYPEVAE_METHODS
+from fedhypevae.table import FEDHYPEVAE_METHODS, method_overrides
 
 from .job import PointJob, SweepError, missing_text, read_events, read_json, result_status, write_json
 
@@ -151,8 +151,8 @@ def build_grid(sweep: dict) -> list[Point]:
                         ov.append(f"partition.alpha={alpha}")
                     if eps is not None:
                         ov.append(f"privacy.target_epsilon={eps}")
-                    if method in FEDHYPEVAE:
-                        ov.append(f"privacy.mode={FEDHYPEVAE_METHODS[method]}")
+                    if method in FEDHYPEVAE:  # mode, and the trust model of fedhypevae-distributed / -central
+                        ov += method_overrides(method)
                     ranks = sweep["ranks"] if method in FEDHYPEVAE else 1
                     pid = f"{method}__{part}__eps{_eps_name(eps)}__seed{seed}"
                     points.append(Point(pid, method, part, eps, seed, ranks, ov))

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -109,3 +112,33 @@ def clip_between(norms) -> float:
     s = torch.sort(torch.as_tensor(norms).flatten()).values
     k = max(1, len(s) // 2)
     return float(0.5 * (s[k - 1] + s[k])) if len(s) > 1 else float(s[0])
+
+
+REPO = Path(__file__).resolve().parents[1]
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+def launch_trust_worker(out: Path, n: int, scenarios: list, timeout: float = 420) -> None:
+    """tests/trust_worker.py on one process (n = 1) or under `mpiexec -n n`; fails the test with its output."""
+    import pytest
+
+    cmd = [sys.executable, str(REPO / "tests" / "trust_worker.py"), str(out), *scenarios]
+    if n > 1:
+        cmd = [str(MPIEXEC), "-n", str(n), *cmd]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                            env=launcher_free_env(Path(sys.executable).parent), cwd=REPO, start_new_session=True)
+    try:
+        so, se = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        so, se = proc.communicate()
+        pytest.fail(f"{cmd} did not finish within {timeout} s\n{so[-3000:]}\n{se[-3000:]}")
+    assert proc.returncode == 0 and "trust worker ok" in so, f"{cmd}\n{so[-3000:]}\n{se[-5000:]}"
+
+
+def trust_ranks(out: Path, name: str) -> list:
+    """Every rank's record of one trust_worker scenario, in rank order."""
+    files = sorted((out / name).glob("rank_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
+    recs = [torch.load(f, weights_only=False) for f in files]
+    assert recs and len(recs) == recs[0]["world_size"], f"{out / name}: {len(recs)} rank files"
+    return recs

@@ -66,7 +66,7 @@ def test_guesses_are_top_and_bottom_scores():
 def test_audit_config_has_the_power_to_refute_its_claim():
     cfg = load_config("audit")
     claimed = cfg.privacy.target_epsilon
-    assert claimed <= 2.0 and cfg.privacy.noise_seed is not None  # DESIGN §6: claimed eps <= 2, fixed seeds
+    assert claimed <= 2.0 and cfg.privacy.noise_seed is not None  # docs/PRIVACY.md: claimed eps <= 2, fixed seeds
     m, r = 1000, 200  # the defaults: 1000 canaries, 100 'in' + 100 'out' guesses
     assert max_epsilon_lower_bound(m, r, cfg.privacy.delta) > claimed + 1.5  # 4.17: sabotage can be caught
     # an included canary is in some batch with near certainty: 1 - (1 - q)^T

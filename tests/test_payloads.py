@@ -292,3 +292,108 @@ def test_a_trainer_sending_private_state_fails_the_checker(tmp_path):
     problems = check_payloads(comm.calls, expected, private)
     assert any("collectives recorded" in p for p in problems), problems
     assert any("private tensor" in p for p in problems), problems
+
+
+# ------------------------------------------------------------------------------------------ central: what non-root ranks see
+
+
+def central_payload_problems(recs: list, local_steps: int = 2) -> list:
+    """What a non-root rank received that it must not (empty: nothing). `recs`: every rank's trust_worker record of
+    a central run of the whole pipeline (run_training, diagnostics off), every collective recorded as
+    (name, arguments, buffer handed in, buffer received back).
+
+    * every sum goes to rank 0 by gather: no rank is handed a sum by an all-reduce (the all-reduces carry only
+      0/1 budget and stop bits, the spent epsilon and Phi checksums, reduced by max), and a non-root rank's gather
+      returns nothing;
+    * a non-root rank hands the broadcast nothing of its own (zeros) and receives rank 0's noisy value, the same
+      on every rank;
+    * each received step aggregate is the sum of the ranks' gathered buffers plus exactly the aggregator's draw
+      (regenerated from its key, std sigma * Delta): the root's draw is the only Phi noise (every rank sent its
+      un-noised clipped sum: `sent` == `unnoised`), and the class statistics differ from their un-noised sum in
+      every coordinate;
+    * no un-noised gathered buffer (a rank's, or their sum) appears, even half, among the values a non-root rank
+      received."""
+    from fedhypevae.privacy.trust import AGGREGATOR_ID
+    from fedhypevae.rng import STREAM_STEP, ClientRNG
+
+    problems = []
+    root = recs[0]
+    gathers = [c for c in root["calls"] if c[0] == "gather"]
+    W = root["unnoised"].shape[1]
+    n_steps = root["sent"].shape[0]
+    # the un-noised step sums (each rank's pre-noise contribution, as its step class noted it) and the
+    # statistics' un-noised sum (as rank 0 gathered the ranks' buffers)
+    unnoised = list(sum(r["unnoised"] for r in recs)) + [c[3].sum(0) for c in gathers[n_steps:]]
+    rows = [row for r in recs for row in r["unnoised"]] + [row for c in gathers[n_steps:] for row in c[3]]
+    a = max(w / (root["sample_rate"] * n) for w, n in zip(
+        [n / sum(root["declared"]) if root["weights"] == "declared" else 1 / len(root["declared"]) for n in root["declared"]],
+        root["declared"]))
+    rng = ClientRNG(AGGREGATOR_ID, root["noise_seed"])
+    for r in recs:
+        if not torch.equal(r["sent"], r["unnoised"]):
+            problems.append(f"rank {r['rank']} sent Phi noise: the aggregator's draw must be the only Phi noise")
+        if not torch.equal(r["applied"], root["applied"]):
+            problems.append(f"rank {r['rank']} applied another aggregate than rank 0")
+        bcasts = [c for c in r["calls"] if c[0] == "broadcast"]
+        if len(bcasts) != len(gathers) or len(gathers) != n_steps + 1:
+            problems.append(f"rank {r['rank']}: {len(gathers)} gathers and {len(bcasts)} broadcasts for {n_steps} "
+                            "steps and one statistics release")
+        for name, args, sent, got in r["calls"]:
+            if name in ("allreduce", "reduce", "allgather", "allreduce_int64"):
+                op = dict(a for a in args if isinstance(a, tuple)).get("op", args[0] if args else "sum")
+                if name != "allreduce" or op != "max":
+                    problems.append(f"rank {r['rank']}: a {name} ({op}) hands every rank a sum")
+        if r["rank"] == 0:
+            continue
+        for k, (name, args, sent, got) in enumerate(bcasts):
+            if float(sent.abs().max()) != 0.0:
+                problems.append(f"rank {r['rank']} handed broadcast {k} a buffer of its own")
+            if not torch.equal(got, [c for c in root["calls"] if c[0] == "broadcast"][k][3]):
+                problems.append(f"rank {r['rank']} received another broadcast {k} than rank 0 sent")
+            if k >= len(unnoised):
+                continue
+            if k < n_steps:
+                draw = torch.randn(W, generator=rng.generator(STREAM_STEP, *divmod(k, local_steps)), dtype=torch.float64)
+                draw *= root["sigma"] * a * root["clip"]
+                if not torch.allclose(got[:W] - unnoised[k][:W], draw, rtol=0, atol=1e-9):
+                    problems.append(f"step {k}: the aggregate rank {r['rank']} received is not the un-noised sum plus "
+                                    "the aggregator's draw")
+            elif bool((got == unnoised[k]).any()):
+                problems.append(f"rank {r['rank']}: statistics coordinates without noise in broadcast {k}")
+        for name, args, sent, got in r["calls"]:
+            if name == "gather" and got is not None:
+                problems.append(f"rank {r['rank']} received the gathered buffers")
+            if got is None:
+                continue
+            b = got.detach().double().reshape(-1)
+            for t in unnoised + rows:
+                u = t.reshape(-1).unique()
+                u = u[~torch.isin(u, torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))]
+                if u.numel() and u.numel() <= 2 * b.numel() and torch.isin(u, b).double().mean() >= 0.5:
+                    problems.append(f"rank {r['rank']} received an un-noised buffer in a {name}")
+                    break
+    return problems
+
+
+CENTRAL_PAYLOAD = "central-payload=central,payload=1"
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_central_no_buffer_reaching_a_non_root_rank_is_an_unnoised_function_of_the_data(tmp_path):
+    from helpers import MPIEXEC, launch_trust_worker, trust_ranks
+
+    if not MPIEXEC.is_file():
+        pytest.skip(f"needs {MPIEXEC}")
+    launch_trust_worker(tmp_path, 3, [CENTRAL_PAYLOAD, "central-payload-nodraw=central,payload=1,sabotage=no-draw",
+                                      "central-payload-allreduce=central,payload=1,sabotage=allreduce"])
+    recs = trust_ranks(tmp_path, "central-payload")
+    assert [len(p) for p in recs[0]["placement"]] == [2, 3, 2]  # uneven: rank 1 hosts three clients
+    assert central_payload_problems(recs) == []
+    # negative controls: an aggregator that skips its draw hands every rank the un-noised sum ...
+    bad = central_payload_problems(trust_ranks(tmp_path, "central-payload-nodraw"))
+    assert any("un-noised buffer" in p for p in bad) and any("aggregator's draw" in p for p in bad), bad
+    # ... and so does summing by an all-reduce instead of a gather, even though the root still adds its draw
+    bad = central_payload_problems(trust_ranks(tmp_path, "central-payload-allreduce"))
+    assert any("hands every rank a sum" in p for p in bad) and any("un-noised buffer" in p for p in bad), bad

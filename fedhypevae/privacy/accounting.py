@@ -1,7 +1,7 @@
 """Privacy accounting: composed epsilon, budget planning and the budget guard.
 
 Everything a client releases is one of three Gaussian mechanisms on the same private
-records, and all of them are composed in ONE accountant history (DESIGN §1, §6):
+records, and all of them are composed in ONE accountant history (docs/DESIGN.md §2, §3):
 
 * ``dp-sgd``         : Poisson-subsampled Gaussian, (sigma, q, T) — one entry per step;
 * ``class-stats``    : the class statistics for the meta-code, (sigma_s, q=1, steps=1);
@@ -270,7 +270,7 @@ class PrivacyPlan:
     """The planned history of one client, fixed before training.
 
     ``planned_epsilon`` is the composed epsilon of ``mechanisms`` (<= ``target_epsilon``).
-    Every client shares the same plan because q is the same for all (DESIGN §1).
+    Every client shares the same plan because q is the same for all (docs/DESIGN.md §1).
     """
 
     sigma: float  # DP-SGD's noise multiplier (the first mechanism's)
@@ -440,7 +440,7 @@ def plan_budget(*, target_epsilon: float, delta: float, sample_rate: float, step
                 noise_multiplier: Optional[float] = None) -> PrivacyPlan:
     """Calibrate the noise multipliers of a run so the composed epsilon meets the target.
 
-    Budget split (DESIGN §6): each one-shot release is first calibrated ALONE to spend its
+    Budget split (docs/DESIGN.md §3): each one-shot release is first calibrated ALONE to spend its
     fraction of the target; then the DP-SGD sigma is bisected so the epsilon of the WHOLE
     composed history (DP-SGD steps + the one-shot releases) equals the target from below.
     Composition is sub-additive, so DP-SGD ends up with slightly more than its nominal share.

@@ -47,7 +47,8 @@ from ..aggregation import flat_phi
 from ..dp_step import DIAG_KEYS, Draw, DPStep, Sums
 from ..errors import PrivacyError
 from ..model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX
-from ..rng import derive_seed
+from ..rng import STREAM_STEP, derive_seed
+from .trust import AGGREGATOR_ID
 
 
 @dataclass
@@ -204,6 +205,7 @@ class SensitivityReport:
     weight: float
     client: int = -1
     engine: str = ""
+    trust_model: str = "local"
     rows: list = field(default_factory=list)
     others_moved: float = 0.0  # the largest change of ANY other client's sums in the block (must be exactly 0)
     # how far the Phi the block steps on strayed, on D - j, from its trajectory on D when the D - j release went
@@ -234,7 +236,8 @@ class SensitivityReport:
                 and self.others_moved == 0.0)
 
     def to_dict(self) -> dict:
-        return {"clip_norm": self.clip_norm, "mode": self.mode, "aggregation": self.aggregation, "steps": self.steps,
+        return {"clip_norm": self.clip_norm, "mode": self.mode, "aggregation": self.aggregation,
+                "trust_model": self.trust_model, "steps": self.steps,
                 "weight": self.weight, "client": self.client, "engine": self.engine, "ok": self.ok,
                 "max_payload_diff": self.max_payload_diff, "max_phi_diff": self.max_phi_diff,
                 "max_buffer_ratio": self.max_buffer_ratio, "others_moved": self.others_moved,
@@ -263,12 +266,13 @@ def _restore(tr, st, snap: dict) -> None:
     tr.aggregation.__dict__.update(copy.deepcopy(snap["rule"]))
 
 
-def _through_the_rule(tr, st, phi: torch.Tensor) -> torch.Tensor:
-    """The block's release applied to Phi by the trainer's aggregation rule; returns the Phi the block steps on
-    next (flat)."""
+def _through_the_rule(tr, st, phi: torch.Tensor, aggregator: torch.Generator) -> torch.Tensor:
+    """The block's release applied to Phi by the trainer's aggregation rule and trust model (central: with the
+    aggregator's draw from `aggregator`, the same in both passes); returns the Phi the block steps on next (flat)."""
     agg = tr.aggregation
     buf = agg.new_step_buffer(len(DIAG_KEYS))
     agg.add_release(buf, st.block, phi)
+    tr.trust.begin_release(STREAM_STEP, 0, 0, 0, generator=aggregator)
     agg.apply_step(agg.reduce_step(buf))
     return flat_phi(agg.step_hyper(st.block))
 
@@ -277,7 +281,8 @@ def check_sensitivity(tr, client: int, *, remove: Sequence[int], steps: int = 1,
                       control: Optional[type] = None) -> SensitivityReport:
     """Measure, for every j in `remove`, how far record j of `client` moves the pre-noise payload of each of
     `steps` steps of the trainer's real step (the block holding the client, its class and per-sample form, the
-    trainer's noise placement and aggregation rule; a single process: the rule's reduce is the trainer's).
+    trainer's noise placement and aggregation rule; a single process: the rule's reduce is the trainer's, through
+    its trust model: under central with the aggregator's draw keyed per step, the same in both passes).
 
     From the trainer's current state (restored before every pass and at the end), `steps` steps run on D with
     per-client generators seeded from (`seed`, step, client) — the same sampling coins, reparameterization
@@ -301,7 +306,8 @@ def check_sensitivity(tr, client: int, *, remove: Sequence[int], steps: int = 1,
     coef, divisor = float(st.phi_coef[pos]), st.phi_divisor  # public: Phi sum = sum_i coef_i * clipped_i
     strict = cfg.privacy.mode == "strict"
     report = SensitivityReport(clip_norm=C, mode=cfg.privacy.mode, aggregation=cfg.federation.aggregation, steps=steps,
-                               weight=float(st.weights[pos]), client=client, engine=st.per_sample_kind)
+                               weight=float(st.weights[pos]), client=client, engine=st.per_sample_kind,
+                               trust_model=tr.trust.name)
 
     def gens(s):
         return [torch.Generator().manual_seed(derive_seed(seed, 0x5E45, s, cid)) for cid in st.block.ids]
@@ -311,7 +317,8 @@ def check_sensitivity(tr, client: int, *, remove: Sequence[int], steps: int = 1,
         pend = pr.prepare(agg.step_hyper(st.block), 0, s, gens=gens(s))
         before = pend.sums.clone()
         rel = pr.release(pend, sigma=sigma, features=tr.features)
-        return pr, pend, before, _through_the_rule(tr, st, rel.phi)
+        aggregator = torch.Generator().manual_seed(derive_seed(seed, 0x5E45, s, AGGREGATOR_ID))
+        return pr, pend, before, _through_the_rule(tr, st, rel.phi, aggregator)
 
     snap = _snapshot(tr, st)
     try:

@@ -1,0 +1,377 @@
+"""Trust models (``privacy.trust_model``): where the noise is added decides whom the guarantee protects against.
+
+Every client clips each record's gradient over everything that is trained on it to C (strict mode: psi_i, v_i
+and Phi jointly); what differs is where the Gaussian noise goes. With M clients, public weights w_i and public
+normalizers q * n~_i, the aggregate the replicas apply is sum_i a_i * (clipped Phi sum of client i) plus noise,
+a_i = w_i / (q n~_i) (`Federation.coefs`), so a record of client i moves it by at most a_i C; the largest
+per-record sensitivity is Delta = max_i a_i C (declared weights: every a_i = 1 / (q sum n~); uniform weights: the
+smallest declared size gives it).
+
+  local        every client adds N(0, sigma^2 C^2) to its whole clipped sum (the paper's Eq. 8-9): each release
+               alone is DP, against anyone who sees it. The aggregate carries sqrt(sum a_i^2) sigma C of noise per
+               coordinate: sqrt(M) times Delta * sigma with declared weights.
+  distributed  the model of secure aggregation: nobody sees less than the full sum. Each client adds to its Phi
+               part a Gaussian share of multiplier s (same for every client) such that the shares unknown to any
+               coalition of `privacy.collusion` = t parties carry N(0, sigma^2 Delta^2):
+               s^2 * (sum_i a_i^2 - K_t) = sigma^2 * max_i a_i^2, K_t the largest sum of a_i^2 over the clients t
+               parties hold. With declared weights s = sigma / sqrt(M - m_t), m_t the most clients t parties hold
+               (t with party = client). The client's own psi_i, v_i block keeps its full N(0, sigma^2 C^2): its state
+               must stay DP, so that the joint release (own block + aggregate) is one Gaussian mechanism of
+               sensitivity C with multiplier sigma. Simulated: the all-reduce is plain floating point.
+  central      a trusted aggregator (rank 0): the clients' clipped Phi sums go to rank 0 by the Communicator's
+               gather (point to point on the torch back-end; never an all-reduce, which hands every rank the
+               un-noised sum), rank 0 adds ONE draw N(0, sigma^2 Delta^2) from its own generator (securely seeded
+               unless privacy.noise_seed is set) and broadcasts the noisy aggregate every replica applies. The own
+               psi_i, v_i block keeps its full local noise.
+
+In every model the aggregate's mechanism against that model's adversary is the same subsampled Gaussian with
+multiplier sigma at sensitivity Delta: the accountant, the budget guard and the ledger are unchanged. The DP-MERF
+mean embeddings keep full local noise in every model (each is consumed by its own client's loss, never summed);
+the class statistics for the meta-code follow the model, with shares calibrated to the clients in each released
+partial sum (one per meta-code domain).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from ..errors import ConfigError
+from ..rng import ClientRNG
+
+TRUST_MODELS = ("local", "distributed", "central")
+PARTIES = ("client", "rank")
+AGGREGATOR_ID = -1  # the central aggregator's generator key: no client has this id
+ROOT = 0  # the central aggregator's rank
+
+
+def check_trust_settings(*, trust_model: str, collusion, party: str) -> None:
+    """ConfigError for a value of privacy.trust_model / collusion / party that cannot be used (one line each)."""
+    if trust_model not in TRUST_MODELS:
+        raise ConfigError(f"privacy.trust_model must be one of {', '.join(TRUST_MODELS)}; got {trust_model!r}")
+    if party not in PARTIES:
+        raise ConfigError(f"privacy.party must be one of {', '.join(PARTIES)}; got {party!r}")
+    if isinstance(collusion, bool) or not isinstance(collusion, int) or collusion < 1:
+        raise ConfigError(f"privacy.collusion must be an integer >= 1 (the number of parties that may pool their "
+                          f"shares); got {collusion!r}")
+    if trust_model != "distributed" and (collusion != 1 or party != "client"):
+        key = "privacy.collusion" if collusion != 1 else "privacy.party"
+        raise ConfigError(f"{key} applies to privacy.trust_model=distributed only (the parties that pool their noise "
+                          f"shares); it has no meaning with trust_model={trust_model}: remove it")
+
+
+@dataclass(frozen=True)
+class Federation:
+    """The public facts a trust model calibrates from: per client id, a_i = w_i / (q n~_i), the coefficient of its
+    clipped Phi sum in the aggregate; the clients of every rank; the number of meta-code domains (client i's
+    class statistics are summed into domain i * codes // M)."""
+
+    coefs: tuple
+    placement: tuple
+    codes: int = 1
+
+    @property
+    def M(self) -> int:
+        return len(self.coefs)
+
+    def domain(self, i: int) -> int:
+        return i * self.codes // self.M
+
+    def parties(self, party: str) -> list:
+        return [[i] for i in range(self.M)] if party == "client" else [list(p) for p in self.placement]
+
+
+def coalition(masses: Sequence[float], t: int) -> float:
+    """The largest total of `masses` t parties can pool: the sum of the t largest."""
+    return float(sum(sorted(masses, reverse=True)[:t]))
+
+
+class TrustModel:
+    """The base class and the `local` model: every client noises everything it sends at sigma."""
+
+    name = "local"
+    simulated = False
+
+    def __init__(self, *, collusion: int = 1, party: str = "client", noise_seed: Optional[int] = None,
+                 backend: str = "local"):
+        self.collusion, self.party, self.backend = int(collusion), party, backend
+        self.fed: Optional[Federation] = None
+        self.world_size = 1
+        self._rng = ClientRNG(AGGREGATOR_ID, noise_seed)  # only the central aggregator draws from it
+        self._next: Optional[tuple] = None  # the next aggregate release's key (and generator override)
+
+    # ------------------------------------------------------------------ binding and refusals
+    def bind(self, fed: Federation, *, world_size: int) -> "TrustModel":
+        """Fix the public federation (placement, weights, declared sizes); ConfigError for settings this model
+        refuses on it. Called by the trainer's setup before anything is written or released."""
+        self.fed, self.world_size = fed, int(world_size)
+        return self
+
+    @property
+    def delta_max(self) -> float:
+        """max_i a_i: the largest per-record sensitivity of the aggregate, in units of C."""
+        return max(self.fed.coefs)
+
+    # ------------------------------------------------------------------ DP-SGD
+    def noise_multipliers(self, sigma: float) -> dict:
+        """The noise multiplier each client applies per block of its clipped sum: "private" (its psi_i, v_i) and
+        "phi" (its Phi part). Local: sigma on both."""
+        return {"private": sigma, "phi": sigma}
+
+    def aggregate_multiplier(self, sigma: float) -> float:
+        """The multiplier of the aggregator's one draw (at the largest sensitivity Delta); 0 unless central."""
+        return 0.0
+
+    def phi_effective(self, phi: float, sigma: float) -> float:
+        """The noise multiplier the aggregate's Phi noise gives against this model's adversary, in units of that
+        adversary's largest per-record sensitivity, when every client applies `phi` to its Phi part. Local: the
+        adversary sees one client's release, noised at `phi` for that client's sensitivity."""
+        return phi
+
+    def charged_multiplier(self, blocks: dict, sigma: float, *, strict: bool) -> float:
+        """The multiplier the ledger charges for a step with these per-block multipliers: the smallest over what
+        is privatized (strict: the own block and the aggregate's Phi noise against this model's adversary; paper:
+        the latter). Jointly clipped to C, a Gaussian release whose parts carry different multipliers is at least
+        as private as one with the smallest everywhere, so the ledger never records less than is spent; a rule or
+        an override that places less noise is charged for it (and stopped by the budget guard)."""
+        eff = self.phi_effective(blocks["phi"], sigma)
+        return min(blocks["private"], eff) if strict else eff
+
+    def aggregate_std(self, sigma: float, clip: float) -> float:
+        """The standard deviation per coordinate of the Phi noise in the aggregate the replicas apply, as this model
+        places it for the plan's sigma (what tests measure)."""
+        s = self.noise_multipliers(sigma)["phi"]
+        shares = sum(a * a for a in self.fed.coefs) * s * s
+        return clip * math.sqrt(shares + (self.aggregate_multiplier(sigma) * self.delta_max) ** 2)
+
+    def begin_release(self, stream: int, round_: int, step: int, epoch: int = 0,
+                      generator: Optional[torch.Generator] = None) -> None:
+        """The key of the next aggregate release (the aggregator's draw, in central): its generator, derived from
+        (noise_seed, the aggregator, stream, round, step, epoch) when reproducible (an identical replay draws the
+        same noise), else the aggregator's securely seeded one; `generator` overrides it (the sensitivity check)."""
+        self._next = (stream, round_, step, epoch, generator)  # the generator is made only where one is drawn
+
+    def reduce_step(self, tr, buf: torch.Tensor, width: int) -> torch.Tensor:
+        """The step's collective over the trainer's Communicator: every rank gets the sum (local: of noisy
+        releases)."""
+        self._next = None
+        return tr.allreduce(buf)
+
+    # ------------------------------------------------------------------ class statistics
+    def stats_multiplier(self, sigma: float, client: int) -> float:
+        """The noise multiplier client `client` applies to its class statistics. Local: sigma."""
+        return sigma
+
+    def reduce_stats(self, tr, buf: torch.Tensor, noise) -> torch.Tensor:
+        """Sum the (codes, n) buffer of noisy per-domain statistics over ranks, in place. `noise(k, vec, gen)` adds
+        domain k's release noise to a flat un-noised domain sum (the aggregator's draw, central only)."""
+        self._next = None
+        tr.allreduce(buf.view(-1))
+        return buf
+
+    # ------------------------------------------------------------------ what it guarantees
+    def protected(self) -> str:
+        return ("anyone who sees any single client's release (the other clients, the other ranks, whoever reads "
+                "the all-reduce or the outputs)")
+
+    def not_protected(self) -> str:
+        return "the rank hosting the client (it holds the client's data)"
+
+    def where(self) -> str:
+        return "every client adds N(0, sigma^2 C^2) to its whole clipped sum (psi_i, v_i and its Phi part)"
+
+    def describe(self, sigma: float, clip: float) -> dict:
+        """results.json's privacy.trust_model section."""
+        out = {"name": self.name, "collusion": self.collusion if self.name == "distributed" else None,
+               "party": self.party if self.name == "distributed" else None,
+               "simulated": self.simulated, "noise": self.where(), "protected_against": self.protected(),
+               "not_protected_against": self.not_protected(),
+               "phi_noise_multiplier_per_client": self.noise_multipliers(sigma)["phi"],
+               "aggregator_noise_multiplier": self.aggregate_multiplier(sigma),
+               "aggregate_noise_std": self.aggregate_std(sigma, clip) if self.fed is not None else None,
+               "largest_record_sensitivity": self.delta_max * clip if self.fed is not None else None,
+               "mmd_embeddings": "full local noise (each client's embeddings are consumed by its own loss)"}
+        return out
+
+    def guarantee(self) -> str:
+        return f"Trust model local: {self.where()}; the guarantee holds against {self.protected()}."
+
+
+class DistributedTrust(TrustModel):
+    """Secure-aggregation model, simulated in floating point (module docstring)."""
+
+    name = "distributed"
+    simulated = True
+
+    def bind(self, fed: Federation, *, world_size: int) -> "TrustModel":
+        super().bind(fed, world_size=world_size)
+        t, party = self.collusion, self.party
+        if party == "rank" and world_size < 2:
+            raise ConfigError("privacy.party=rank needs at least 2 ranks: the one rank holds every client's share, "
+                              "so no share would be unknown to it (use privacy.party=client, or launch more ranks)")
+        parties = fed.parties(party)
+        a2 = [a * a for a in fed.coefs]
+        held = coalition([len(p) for p in parties], t)
+        self.coalition_clients = int(held)
+        self.unknown_mass = sum(a2) - coalition([sum(a2[i] for i in p) for p in parties], t)
+        if fed.M - held < 1 or not self.unknown_mass > 0:
+            raise ConfigError(f"privacy.collusion={t}: {t} {party}(s) can hold {int(held)} of the {fed.M} clients' "
+                              f"noise shares, which leaves fewer than one share unknown to them; lower "
+                              f"privacy.collusion below the number of {party}s, or use trust_model=central or local")
+        # the class statistics: per meta-code domain, the shares unknown to t parties must carry the full noise
+        self.stats_unknown = {}
+        for k in range(fed.codes):
+            members = [i for i in range(fed.M) if fed.domain(i) == k]
+            held_k = coalition([sum(1 for i in p if fed.domain(i) == k) for p in parties], t)
+            if len(members) - held_k < 1:
+                raise ConfigError(f"privacy.collusion={t} with meta.codes={fed.codes}: meta-code domain {k} sums the "
+                                  f"class statistics of {len(members)} client(s), and {t} {party}(s) can hold "
+                                  f"{int(held_k)} of them: no share would be unknown; lower meta.codes or "
+                                  "privacy.collusion")
+            self.stats_unknown[k] = len(members) - held_k
+        # the share unit u: share multiplier s = sigma * u gives the unknown shares sigma at the largest sensitivity
+        self.unit = self.delta_max / math.sqrt(self.unknown_mass)
+        return self
+
+    def noise_multipliers(self, sigma: float) -> dict:
+        return {"private": sigma, "phi": sigma * self.unit}
+
+    def phi_effective(self, phi: float, sigma: float) -> float:
+        # the unknown shares carry phi * sqrt(unknown mass) * C against a largest sensitivity delta_max * C; the
+        # prescribed share for sigma is charged as sigma itself (the same float computation, not its inverse)
+        if phi == sigma * self.unit:
+            return sigma
+        return phi / self.unit
+
+    def stats_multiplier(self, sigma: float, client: int) -> float:
+        return sigma / math.sqrt(self.stats_unknown[self.fed.domain(client)])
+
+    def _parties(self, n: int) -> str:
+        return f"{n} {self.party}" + ("s" if n != 1 else "")
+
+    def protected(self) -> str:
+        return (f"any coalition of at most {self._parties(self.collusion)} that sees only the full sum of all "
+                "clients' releases and pools its own shares (the secure-aggregation model), and whoever reads the "
+                "outputs")
+
+    def not_protected(self) -> str:
+        return ("anyone who sees a partial sum or a single client's release: THIS RUN SIMULATES secure aggregation, "
+                "the sum is a plain floating-point all-reduce, so every rank sees partial sums of the other ranks' "
+                "releases (the ranks are one operator's simulation of the parties); a coalition of more than "
+                f"{self._parties(self.collusion)}; the rank hosting a client")
+
+    def where(self) -> str:
+        return (f"every client adds N(0, sigma^2 C^2) to its psi_i, v_i and a Gaussian share of multiplier "
+                f"sigma * {self.unit:.6g} to its Phi "
+                f"part, so that the shares unknown to any {self._parties(self.collusion)} (holding at most "
+                f"{self.coalition_clients} of the {self.fed.M} clients) sum to N(0, sigma^2 Delta^2) at the largest "
+                "per-record sensitivity Delta")
+
+    def guarantee(self) -> str:
+        return (f"Trust model distributed (SIMULATED secure aggregation, floating point): {self.where()}; the "
+                f"guarantee holds against {self.protected()}; not against {self.not_protected()}.")
+
+
+class CentralTrust(TrustModel):
+    """A trusted aggregator on rank 0 (module docstring)."""
+
+    name = "central"
+
+    def noise_multipliers(self, sigma: float) -> dict:
+        return {"private": sigma, "phi": 0.0}
+
+    def aggregate_multiplier(self, sigma: float) -> float:
+        return sigma
+
+    def phi_effective(self, phi: float, sigma: float) -> float:
+        # the clients' own Phi noise (none as prescribed) is not counted: a non-root rank knows its clients'
+        return self.aggregate_multiplier(sigma)
+
+    def stats_multiplier(self, sigma: float, client: int) -> float:
+        return 0.0
+
+    def draw(self, width: int, std: float, generator: torch.Generator) -> torch.Tensor:
+        """The aggregator's draw: N(0, std^2) per coordinate (fp64). A stage an audit's sabotage may override."""
+        return torch.randn(width, generator=generator, dtype=torch.float64) * std
+
+    def _generator(self) -> torch.Generator:
+        key, self._next = self._next, None
+        if key is None:
+            raise RuntimeError("trust_model=central: the aggregator's draw needs its release key first "
+                               "(TrustModel.begin_release, set by Trainer._dp_step)")
+        *k, g = key
+        return g if g is not None else self._rng.generator(*k)
+
+    def _gather_sum(self, tr, buf: torch.Tensor) -> Optional[torch.Tensor]:
+        """The sum of every rank's `buf`, on the root only (None elsewhere), in rank order: a gather, so that no
+        rank but the root receives another rank's buffer or a partial sum."""
+        rows = tr.gather(buf.contiguous())
+        if rows is None:
+            return None
+        total = rows[0].clone()
+        for r in range(1, rows.shape[0]):
+            total += rows[r]
+        return total
+
+    def reduce_step(self, tr, buf: torch.Tensor, width: int) -> torch.Tensor:
+        g = self._generator()
+        total = self._gather_sum(tr, buf)
+        if total is not None:
+            std = self.aggregate_multiplier(tr.sigma) * self.delta_max * tr.cfg.privacy.clip_norm
+            if std > 0:
+                total[:width] += self.draw(width, std, g)
+            out = total
+        else:
+            out = torch.zeros_like(buf)  # what a non-root rank hands the broadcast: nothing of its own
+        return tr.broadcast(out)
+
+    def reduce_stats(self, tr, buf: torch.Tensor, noise) -> torch.Tensor:
+        g = self._generator()
+        total = self._gather_sum(tr, buf.view(-1))
+        if total is not None:
+            total = total.view(buf.shape)
+            for k in range(buf.shape[0]):
+                total[k] = noise(k, total[k], g)
+            out = total.reshape(-1)
+        else:
+            out = torch.zeros(buf.numel(), dtype=buf.dtype)
+        tr.broadcast(out)
+        buf.copy_(out.view(buf.shape))
+        return buf
+
+    def transport(self) -> str:
+        if self.backend == "mpi" and self.world_size >= 3:
+            return ("MPI_Gather (this MPI library picks the algorithm: MPICH's binomial tree relays ranks' buffers "
+                    "through intermediate ranks, which then see other ranks' un-noised clipped sums)")
+        return "the Communicator's gather to rank 0" + (" (gloo: point to point)" if self.backend.startswith("torch")
+                                                       else "")
+
+    def protected(self) -> str:
+        relay = (" other than the ranks MPI_Gather relays through" if self.backend == "mpi" and self.world_size >= 3
+                 else "")
+        return f"everyone but the aggregator (rank 0){relay}: the other ranks, the clients, whoever reads the outputs"
+
+    def not_protected(self) -> str:
+        return ("the aggregator (rank 0 receives the un-noised sum of the clipped Phi sums and the class statistics) "
+                "and the rank hosting each client")
+
+    def where(self) -> str:
+        return ("every client adds N(0, sigma^2 C^2) to its psi_i, v_i and nothing to its Phi part; the clipped Phi "
+                f"sums travel by {self.transport()}; rank 0 adds one draw N(0, sigma^2 Delta^2) at the largest "
+                "per-record sensitivity Delta and broadcasts the noisy aggregate every replica applies")
+
+    def guarantee(self) -> str:
+        return (f"Trust model central (trusted aggregator): {self.where()}; the guarantee holds against "
+                f"{self.protected()}; not against {self.not_protected()}.")
+
+
+TRUST = {"local": TrustModel, "distributed": DistributedTrust, "central": CentralTrust}
+
+
+def make_trust_model(name: str, **kw) -> TrustModel:
+    try:
+        return TRUST[name](**kw)
+    except KeyError:
+        raise ConfigError(f"privacy.trust_model must be one of {', '.join(TRUST_MODELS)}; got {name!r}") from None
