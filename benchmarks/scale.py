@@ -161,8 +161,13 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
     round_s = [r["time/round(s)"] for r in rows]
     ckpts = sorted((out / "checkpoints").glob("round_*"))
     files = len([p for p in ckpts[-1].iterdir()]) if ckpts else 0
-    # every rank's setup and checkpoint times come with results.json, which the stopped run did not write: they are
-    # read from run 2, and run 1's from its log (the first step's metrics row is the end of setup)
+    # every rank's setup and checkpoint times: run 1's from its "interrupted" event, run 2's from results.json
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
+    stop = [e for e in events if e.get("event") == "interrupted"]
+    if not stop or "ranks" not in stop[-1]:
+        return {**row, "error": f"run 1 was not stopped by its SIGTERM with costs (rc {first['rc']}; see "
+                                f"{work / 'first.log'})"}
+    rk1 = stop[-1]["ranks"]
     resume_ranks = 1 if ranks > 1 else 2
     second = run(command(resume_ranks, cfg, out, resume=True), out=out, log_path=work / "second.log", timeout=timeout)
     if second["rc"] != 0:
@@ -174,12 +179,58 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
         "ms_per_client_round": 1e3 * statistics.median(round_s) / clients,
         "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
         "files_per_checkpoint": files, "ranks_resumed_on": resume_ranks,
-        "resume_s": max(r["setup_s"] for r in rk), "checkpoint_s": max(r["checkpoint_s"] for r in rk),
+        "setup_s": max(r["setup_s"] for r in rk1), "checkpoint_s": max(r["checkpoint_s"] for r in rk1),
+        "state_mb": [r["state_mb"] for r in rk1], "clients_per_rank": [r["clients"] for r in rk1],
+        "resume_s": max(r["setup_s"] for r in rk), "resume_checkpoint_s": max(r["checkpoint_s"] for r in rk),
         "resume_peak_rss_mb": sorted(second["peak_rss_mb"].values()),
         "resume_state_mb": [r["state_mb"] for r in rk], "wall_run1_s": first["wall_s"], "wall_run2_s": second["wall_s"],
         "loadavg_end": list(os.getloadavg()),
     })
     return row
+
+
+def markdown(res: dict) -> str:
+    lines = ["| clients | ranks | MMD | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
+             "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        head = f"| {r['clients']:,} | {r['ranks']} | {'on' if r['mmd'] else 'off'} |"
+        if "error" in r:
+            lines.append(head + f" {r['error']} |" + " |" * 8)
+            continue
+        lines.append(head + f" {r['round_s']:.2f} | {r['ms_per_client_round']:.3f} | {r['setup_s']:.1f} | "
+                     f"{r['checkpoint_s']:.2f} | {r['files_per_checkpoint']} | {r['resume_s']:.1f} on "
+                     f"{r['ranks_resumed_on']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
+                     f"{', '.join(f'{m:.0f}' for m in r['state_mb'])} | {r['loadavg_start'][0]:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["rows"] if "error" not in r]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for (ranks, mmd) in sorted({(r["ranks"], r["mmd"]) for r in rows}):
+        rs = sorted((r for r in rows if r["ranks"] == ranks and r["mmd"] == mmd), key=lambda r: r["clients"])
+        label = f"{ranks} rank{'s' if ranks > 1 else ''}, MMD {'on' if mmd else 'off'}"
+        style = "-" if mmd else "--"
+        a.plot([r["clients"] for r in rs], [r["round_s"] for r in rs], style, marker="o", label=label)
+        b.plot([r["clients"] for r in rs], [max(r["peak_rss_mb"]) / 1024 for r in rs], style, marker="o", label=label)
+    for ax, title, unit in ((a, "seconds per round (median)", "s"), (b, "peak resident memory, largest rank", "GB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("clients")
+        ax.set_ylabel(unit)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    a.legend(fontsize=8)
+    fig.suptitle(f"FedHypeVAE training at scale ({res['cpu_count']}-core machine, 1 torch thread per rank)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv: list | None = None) -> int:
@@ -206,10 +257,15 @@ def main(argv: list | None = None) -> int:
                     log(f"{clients} clients, {ranks} rank(s), MMD {'on' if mmd else 'off'}")
                     row = measure(clients, ranks, mmd, args.rounds, tmp, data, args.timeout)
                     res["rows"].append(row)
-                    log("  " + (row.get("error") or f"round {row['round_s']:.2f} s, resume {row['resume_s']:.1f} s, "
+                    log("  " + (row.get("error") or f"round {row['round_s']:.2f} s, setup {row['setup_s']:.1f} s, "
+                                f"resume {row['resume_s']:.1f} s, "
                                 f"checkpoint {row['checkpoint_s']:.2f} s, peak RSS {max(row['peak_rss_mb']):.0f} MB, "
                                 f"{row['files_per_checkpoint']} files"))
                     (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
+                    (out / "scale.md").write_text(markdown(res))
+    if any("error" not in r for r in res["rows"]):
+        plot(res, out / "scale.png")
+    print(markdown(res))
     return 0
 
 

@@ -199,8 +199,19 @@ class DeltaAggregation(Aggregation):
         if self.local is None:  # else restored from a checkpoint inside the round
             self.local = {c.id: copy.deepcopy(self.tr.hyper) for c in self.tr.clients}
 
+    # a copy of Phi and a step object per hosted client, made every round: for small federations
+    max_clients_per_rank = 2000
+
     def blocks(self, members: list) -> list:
-        """One block per client: each client's step runs on its own copy of Phi."""
+        """One block per client: each client's step runs on its own copy of Phi. Refused beyond
+        `max_clients_per_rank` hosted clients (the copies and per-client steps grow with the clients, and the
+        round's delta is computed client by client): grad aggregation is the rule that scales."""
+        if len(members) > self.max_clients_per_rank:
+            mb = len(members) * self.tr.phi_numel * 4 / 2 ** 20
+            raise ConfigError(f"federation.aggregation=delta keeps a private copy of Phi and a DP step of its own per "
+                              f"client ({len(members)} clients on this rank: {mb:,.0f} MB of copies, remade every "
+                              f"round); it is for small federations, at most {self.max_clients_per_rank} clients per "
+                              f"rank: use federation.aggregation=grad, or more ranks")
         return [([cid], step_type) for cid, step_type in members]
 
     def release_weight(self, client_id: int) -> float:

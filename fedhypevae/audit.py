@@ -392,11 +392,15 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     aggregate = cfg.privacy.trust_model != "local"
     shares = setup.sabotage in ("no-shares", "share-over-m")
     central = cfg.privacy.trust_model == "central"
-    # the step classes of this audit (the sabotage is a stage override, not a flag); subclasses of its own, so that
-    # the shares sabotage's multiplier, known once sigma is, is set on them and nowhere else
-    audited = type("AuditedStep", (CanaryStep if shares and central else CANARY_STEPS[setup.sabotage],), {})
-    observed = type("Observed", (SharesObservedStep if shares and not central else ObservedStep,), {})
-    colluding = type("Colluding", (SharesColluderStep if shares and not central else ColluderStep,), {})
+    # the step classes of this audit (the sabotage is a stage override, not a flag); for the shares sabotage,
+    # subclasses of its own, so that its multiplier, known once sigma is, is set on them and nowhere else
+    audited, observed, colluding = CANARY_STEPS[setup.sabotage], ObservedStep, ColluderStep
+    if shares and central:  # the clients add no Phi noise: the aggregator's draw is sabotaged
+        audited = CanaryStep
+    elif shares:
+        audited = type("SharesCanaryStep", (SharesCanaryStep,), {})
+        observed = type("SharesObservedStep", (SharesObservedStep,), {})
+        colluding = type("SharesColluderStep", (SharesColluderStep,), {})
     tr, coalition = None, []
 
     def step_type(cid: int):
@@ -433,7 +437,7 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
             sab.factor = 0.0 if setup.sabotage == "no-shares" else 1.0 / M
             tr.trust = sab.bind(tr.trust.fed, world_size=tr.trust.world_size)
         else:
-            for cls in (audited, observed, colluding):
+            for cls in (audited, observed, colluding):  # this audit's own subclasses
                 cls.sabotage_phi = 0.0 if setup.sabotage == "no-shares" else tr.sigma / M
     colluders = _colluders(tr, setup.client) if aggregate else []
     if aggregate:

@@ -341,11 +341,13 @@ def _interrupted(tr: Trainer) -> dict:
     tr.writer.close()
     tr.ledger.close()
     last = ckpt.latest_complete(tr.out)
+    # every rank is here together (the stop is collective): the per-rank costs, with diagnostics as in results.json
+    costs = {"ranks": tr.rank_costs()} if tr.cfg.privacy.diagnostics else {}
     if tr.comm.is_root:
         from .metrics import append_event
 
         append_event(tr.out, {"event": "interrupted", "signal": tr.stop_signal, "round": tr.state.round,
-                              "step": tr.state.step, "checkpoint": str(last)})
+                              "step": tr.state.step, "checkpoint": str(last), **costs})
     return {"interrupted": True, "signal": tr.stop_signal, "round": tr.state.round, "step": tr.state.step,
             "epsilon_spent": tr.epsilon_spent(), "checkpoint": str(last), "out": str(tr.out)}
 

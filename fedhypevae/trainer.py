@@ -811,7 +811,7 @@ class Trainer:
         cps = self.costs["checkpoint_s"]
         mine = torch.tensor([float(self.costs["setup_s"] or 0.0), statistics.median(cps) if cps else 0.0,
                              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                             sum(b.state_bytes() for b in self.blocks) / 2**20, float(len(self.clients))],
+                             sum(b.state_bytes() for b in self.blocks) / 2**20, float(sum(b.M for b in self.blocks))],
                             dtype=torch.float64)
         rows = self.comm.allgather(mine)
         keys = ("setup_s", "checkpoint_s", "peak_rss_mb", "state_mb", "clients")

@@ -134,7 +134,7 @@ def partition_words(part: str) -> str:
     return part
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, protocol: str | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,8 +183,10 @@ def plot(rows: list[dict], path: Path) -> None:
         fig.legend(list(seen.values()), list(seen.keys()), loc="center left", bbox_to_anchor=(1 - width + 0.01, 0.5),
                    fontsize=8, frameon=False, title="method (ε-independent ones\nas horizontal bands ± std)",
                    title_fontsize=8)
+    if protocol:  # what the synthetic-data methods' points were scored by
+        fig.suptitle(f"synthetic sets scored by protocol {protocol}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - width, 1))
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # long method names: the legend column is kept whole
     plt.close(fig)
 
 
@@ -216,7 +218,8 @@ def collect(sweep: Path, out: Path | None = None, *, rescore_protocol: str | Non
                             r.get("starts")])
     (out / "summary.md").write_text(markdown(rows, missing, sweep, partial, rescore_protocol))
     if rows:
-        plot(rows, out / "privacy_utility.png")
+        sweep_protocol = (read_json(sweep / "sweep.json") if (sweep / "sweep.json").is_file() else {}).get("protocol")
+        plot(rows, out / "privacy_utility.png", rescore_protocol or sweep_protocol)
     summary = {"sweep": str(sweep), "points": len(results) + len(partial) + len(missing), "finished": len(results),
                "partial": [{"id": r["id"], "missing": list(r.get("missing") or []),
                             "epsilon_spent": r.get("epsilon_spent")} for r in partial],

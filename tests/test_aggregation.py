@@ -178,3 +178,13 @@ def test_no_timer_no_cost():
     h = TrainerHooks()
     assert h.timed("guard") is h.timed("ledger")  # one shared no-op context while nothing times
     assert not h.timing
+
+
+def test_delta_is_refused_beyond_its_size_with_the_memory_it_would_take(tmp_path, monkeypatch):
+    # delta copies Phi per client every round: for small federations (the limit, lowered here to 3 clients)
+    monkeypatch.setattr(DeltaAggregation, "max_clients_per_rank", 3)
+    cfg = load_config("tiny", ["federation.aggregation=delta", "partition.clients=5", "threads=1"])
+    with pytest.raises(ConfigError, match=r"delta keeps a private copy of Phi .* \(5 clients on this rank: .* MB"):
+        Trainer(cfg, tmp_path / "d", progress=False).setup()
+    cfg = load_config("tiny", ["federation.aggregation=delta", "partition.clients=3", "threads=1"])
+    Trainer(cfg, tmp_path / "ok", progress=False).setup()  # at the limit: built
