@@ -189,6 +189,39 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
     return row
 
 
+def noise_floor(cfg_path: Path, tmp: Path) -> dict:
+    """The physics of the noise: the draws per client per round (local steps x (its psi_i, v_i + Phi's
+    coordinates), what local noise draws) and this machine's ns per N(0, 1) draw of the generator the step uses
+    (torch's CPU generator, `normal_` into an fp32 row, one thread), from a 10-client trainer of the same model."""
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from fedhypevae.config import load_config
+    from fedhypevae.trainer import Trainer
+
+    torch.set_num_threads(1)
+    cfg = load_config(str(cfg_path), ["partition.clients=10", "train.rounds=1"])
+    tr = Trainer(cfg, tmp / "noise_probe", progress=False)
+    tr.setup()
+    b = tr.blocks[0]
+    private = b.codes[0].numel() + sum(math.prod(s) for s in b.enc_shapes)
+    row = private + tr.phi_numel
+    g = torch.Generator().manual_seed(1)
+    buf = torch.empty(row, dtype=torch.float32)
+    reps, times = 2000, []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(reps):
+            buf.normal_(generator=g)
+        times.append((time.perf_counter() - t) / (reps * row))
+    ns = 1e9 * statistics.median(times)
+    steps = cfg.train.local_steps
+    tr.ledger.close()
+    tr.writer.close()
+    return {"private_coords": private, "phi_coords": tr.phi_numel, "draws_per_client_round": steps * row,
+            "ns_per_draw": ns, "noise_ms_per_client_round": steps * row * ns * 1e-6}
+
+
 def markdown(res: dict) -> str:
     lines = ["| clients | ranks | MMD | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
              "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
@@ -250,6 +283,10 @@ def main(argv: list | None = None) -> int:
            "cpu_count": os.cpu_count(), "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmpd:
         tmp = Path(tmpd)
+        probe = make_data(tmp / "data_probe.npz", 10)
+        res["noise"] = noise_floor(write_config(tmp / "probe.yaml", probe, 10, 1, False), tmp)
+        log("noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
+            "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"]))
         for clients in [int(c) for c in args.clients.split(",")]:
             data = make_data(tmp / f"data_{clients}.npz", clients)
             for mmd in [m == "on" for m in args.mmd.split(",")]:
@@ -266,6 +303,8 @@ def main(argv: list | None = None) -> int:
     if any("error" not in r for r in res["rows"]):
         plot(res, out / "scale.png")
     print(markdown(res))
+    print("noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
+          "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"]))
     return 0
 
 
