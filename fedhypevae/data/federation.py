@@ -85,8 +85,10 @@ def _check_ids(client_ids: Optional[Sequence[int]], num_clients: int) -> list[in
     return ids
 
 
-def build_federation(data_cfg, partition_cfg, seed: int, client_ids: Optional[Sequence[int]] = None) -> Federation:
-    """From a shard directory (reads only ``client_ids``' files) or a raw data set (partition, split, transform)."""
+def build_federation(data_cfg, partition_cfg, seed: int, client_ids=None) -> Federation:
+    """From a shard directory (reads only ``client_ids``' files) or a raw data set (partition, split, transform).
+    ``client_ids``: the clients to build (default all), or, for a raw data set, a function of the public declared
+    sizes returning them (a rank's placement: the other clients' records are never copied or transformed)."""
     path = Path(str(data_cfg.path))
     if path.is_dir():
         if not is_shard_dir(path):
@@ -105,9 +107,10 @@ def build_federation(data_cfg, partition_cfg, seed: int, client_ids: Optional[Se
     return federation_from_dataset(ds, data_cfg, partition_cfg, seed, client_ids)
 
 
-def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int,
-                            client_ids: Optional[Sequence[int]] = None) -> Federation:
-    """Partition an already loaded data set; every client is split so that declared sizes cover all clients."""
+def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int, client_ids=None) -> Federation:
+    """Partition an already loaded data set; every client is split so that declared sizes cover all clients, and
+    the clients in ``client_ids`` (a list, or a function of the declared sizes returning one; default all) are
+    built: their records selected and transformed."""
     declared = getattr(data_cfg, "value_range", None)
     value_range = (float(declared[0]), float(declared[1])) if declared is not None else ds.value_range
     if data_cfg.transform == "auto" and value_range is None and ds.plain_table:
@@ -117,16 +120,25 @@ def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int,
                         "e.g. [0, 255] for 8-bit pixels; never measured on the data), or none (records as they are; "
                         "then choose privacy.clip_norm and privacy.stats_clip_norm for their scale)")
     transform = resolve_transform(data_cfg.transform, value_range)
-    ids = _check_ids(client_ids, partition_cfg.clients)
+    if not callable(client_ids):
+        ids = _check_ids(client_ids, partition_cfg.clients)
     parts = partition_indices(ds.y, kind=partition_cfg.kind, clients=partition_cfg.clients, alpha=partition_cfg.alpha,
                               seed=seed, min_client_size=partition_cfg.min_client_size, sites=ds.sites)
     splits = [split_client(p, ds.y, ds.groups, test_fraction=data_cfg.test_fraction, seed=_client_seed(seed, i),
                            client_id=i) for i, p in enumerate(parts)]
     declared_sizes = [int(len(tr)) for tr, _ in splits]
-    x = apply_transform(ds.x, transform, value_range)
-    clients = [ClientData(client_id=i, x_train=x[splits[i][0]], y_train=ds.y[splits[i][0]],
-                          x_test=x[splits[i][1]], y_test=ds.y[splits[i][1]], declared_size=declared_sizes[i])
-               for i in ids]
+    if callable(client_ids):
+        ids = _check_ids(client_ids(list(declared_sizes)), partition_cfg.clients)
+    # per record transforms: only the built clients' records are transformed (one pass over their rows)
+    rows = np.concatenate([np.concatenate([splits[i][0], splits[i][1]]) for i in ids]) if ids else np.zeros(0, int)
+    xt = apply_transform(ds.x[rows], transform, value_range)
+    clients, off = [], 0
+    for i in ids:
+        tr_, te_ = splits[i]
+        a, b = off, off + len(tr_)
+        off = b + len(te_)
+        clients.append(ClientData(client_id=i, x_train=xt[a:b], y_train=ds.y[tr_], x_test=xt[b:off], y_test=ds.y[te_],
+                                  declared_size=declared_sizes[i]))
     manifest = {
         "kind": partition_cfg.kind, "alpha": float(partition_cfg.alpha), "seed": int(seed),
         "clients": int(partition_cfg.clients), "min_client_size": int(partition_cfg.min_client_size),
