@@ -222,6 +222,18 @@ def noise_floor(cfg_path: Path, tmp: Path) -> dict:
             "ns_per_draw": ns, "noise_ms_per_client_round": steps * row * ns * 1e-6}
 
 
+def disk_write_rate(folder: Path, mb: int = 512) -> float:
+    """This disk's sequential write rate in MB/s: `dd` of `mb` MiB of zeros with fdatasync (the checkpoint target
+    is stated against it)."""
+    target = folder / "dd.bin"
+    t = time.perf_counter()
+    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fdatasync"],
+                   check=True, capture_output=True)
+    rate = mb * 1.048576 / (time.perf_counter() - t)
+    target.unlink()
+    return rate
+
+
 def markdown(res: dict) -> str:
     lines = ["| clients | ranks | MMD | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
              "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
@@ -235,6 +247,9 @@ def markdown(res: dict) -> str:
                      f"{r['checkpoint_s']:.2f} | {r['files_per_checkpoint']} | {r['resume_s']:.1f} on "
                      f"{r['ranks_resumed_on']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
                      f"{', '.join(f'{m:.0f}' for m in r['state_mb'])} | {r['loadavg_start'][0]:.2f} |")
+    if "disk_write_mb_s" in res:
+        lines.append(f"\nDisk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync); a checkpoint's floor "
+                     "is the largest rank's state / that rate.")
     return "\n".join(lines) + "\n"
 
 
@@ -283,6 +298,8 @@ def main(argv: list | None = None) -> int:
            "cpu_count": os.cpu_count(), "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmpd:
         tmp = Path(tmpd)
+        res["disk_write_mb_s"] = disk_write_rate(tmp)
+        log(f"disk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync)")
         probe = make_data(tmp / "data_probe.npz", 10)
         res["noise"] = noise_floor(write_config(tmp / "probe.yaml", probe, 10, 1, False), tmp)
         log("noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
