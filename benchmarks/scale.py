@@ -159,6 +159,7 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
         return {**row, "error": f"timed out after {timeout:.0f} s (run 1)"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     round_s = [r["time/round(s)"] for r in rows]
+    phases = {k: statistics.median(r[k] for r in rows if k in r) for k in rows[0] if k.startswith("time/")}
     ckpts = sorted((out / "checkpoints").glob("round_*"))
     files = len([p for p in ckpts[-1].iterdir()]) if ckpts else 0
     # every rank's setup and checkpoint times: run 1's from its "interrupted" event, run 2's from results.json
@@ -176,6 +177,7 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
     rk = res["training"]["ranks"]
     row.update({
         "round_s": statistics.median(round_s[1:] if len(round_s) > 1 else round_s), "round_s_all": round_s,
+        "phases_s": phases,
         "ms_per_client_round": 1e3 * statistics.median(round_s) / clients,
         "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
         "files_per_checkpoint": files, "ranks_resumed_on": resume_ranks,
