@@ -12,7 +12,7 @@ Every configuration is real runs of `fedhypevae train` (under `mpiexec -n R` for
 privacy.diagnostics on so that results.json carries every rank's costs:
   1. a run of ROUNDS + 1 rounds is stopped with SIGTERM once ROUNDS rounds are logged (it checkpoints there);
   2. it is resumed on another number of ranks (R + 1, or 1 when R > 1) and finishes its last round.
-Reported per row (medians over the rounds of run 1): round_s; setup_s (process start to the first step, the slowest
+Reported per row (medians over the rounds of run 1 after its first): round_s; setup_s (process start to the first step, the slowest
 rank); checkpoint_s (the slowest rank's write of its shard); resume_s (setup of run 2, checkpoint read included);
 peak_rss_mb per rank (VmHWM of every rank process, polled); state_mb per rank (its clients' private state); files
 per checkpoint; the steps' own phase times are not split here (benchmarks.throughput does). Nothing here asserts
@@ -178,7 +178,7 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
     row.update({
         "round_s": statistics.median(round_s[1:] if len(round_s) > 1 else round_s), "round_s_all": round_s,
         "phases_s": phases,
-        "ms_per_client_round": 1e3 * statistics.median(round_s) / clients,
+        "ms_per_client_round": 1e3 * statistics.median(round_s[1:] if len(round_s) > 1 else round_s) / clients,
         "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
         "files_per_checkpoint": files, "ranks_resumed_on": resume_ranks,
         "setup_s": max(r["setup_s"] for r in rk1), "checkpoint_s": max(r["checkpoint_s"] for r in rk1),
