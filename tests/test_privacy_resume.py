@@ -416,6 +416,7 @@ ALTERNATIVES = {
     "privacy.clip_norm": "2.0", "privacy.sample_rate": "0.3", "privacy.accountant": "prv", "privacy.noise_seed": "12",
     "privacy.diagnostics": "false", "privacy.stats_epsilon_fraction": "0.2", "privacy.mmd_epsilon_fraction": "0.2",
     "privacy.stats_clip_norm": "3.0", "privacy.noise_multiplier": "5.0",
+    "privacy.trust_model": "central", "privacy.collusion": "2", "privacy.party": "rank",
     "stats.covariance": "none", "stats.rank": "2",
     "meta.codes": "2", "meta.beta": "0.2", "meta.steps": "10", "meta.lr": "0.1", "meta.samples_per_class": "8",
     "synth.samples_per_class": "5", "synth.class_balance": "proportional", "synth.output_noise": "true",
