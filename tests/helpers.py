@@ -118,22 +118,32 @@ REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 
 
-def launch_trust_worker(out: Path, n: int, scenarios: list, timeout: float = 420) -> None:
-    """tests/trust_worker.py on one process (n = 1) or under `mpiexec -n n`; fails the test with its output."""
+def run_job(cmd: list, timeout: float, env: dict) -> tuple[int, str, str]:
+    """Run a job (a launcher and its ranks) in its own session from the repository root; on timeout kill the whole
+    job and fail the test with its output."""
     import pytest
 
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd} did not exit within {timeout} s\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out, err
+
+
+def launch_trust_worker(out: Path, n: int, scenarios: list, timeout: float = 420) -> None:
+    """tests/trust_worker.py on one process (n = 1) or under `mpiexec -n n`; fails the test with its output."""
     cmd = [sys.executable, str(REPO / "tests" / "trust_worker.py"), str(out), *scenarios]
     if n > 1:
         cmd = [str(MPIEXEC), "-n", str(n), *cmd]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-                            env=launcher_free_env(Path(sys.executable).parent), cwd=REPO, start_new_session=True)
-    try:
-        so, se = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        so, se = proc.communicate()
-        pytest.fail(f"{cmd} did not finish within {timeout} s\n{so[-3000:]}\n{se[-3000:]}")
-    assert proc.returncode == 0 and "trust worker ok" in so, f"{cmd}\n{so[-3000:]}\n{se[-5000:]}"
+    rc, so, se = run_job(cmd, timeout, launcher_free_env(Path(sys.executable).parent))
+    assert rc == 0 and "trust worker ok" in so, f"{cmd}\n{so[-3000:]}\n{se[-5000:]}"
 
 
 def trust_ranks(out: Path, name: str) -> list:

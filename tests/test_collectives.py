@@ -8,10 +8,7 @@ wrap: (2**63-1) + 5 == -(2**63) + 4) and exits non-zero on every rank if any che
 """
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import free_port, launcher_free_env
+from helpers import free_port, launcher_free_env, run_job
 from collectives_worker import I64_MAX, I64_MIN, int64_values, run_checks, wrap64
 from fedhypevae.hpc.comm import Communicator, LocalCommunicator
 
@@ -34,20 +31,10 @@ def clean_env(**extra: str) -> dict:
 
 def launch(cmd: list, timeout: float, **env: str) -> tuple[int, str, str]:
     """Run a launcher in its own session; on timeout kill the whole job and fail with its output."""
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, env=clean_env(**env), cwd=REPO, start_new_session=True)
     t0 = time.monotonic()
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{cmd} did not exit within {timeout} s\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+    rc, out, err = run_job(cmd, timeout, clean_env(**env))
     print(f"{cmd[0]} took {time.monotonic() - t0:.1f} s")
-    return proc.returncode, out, err
+    return rc, out, err
 
 
 def ok_lines(out: str, n: int, backend: str) -> list[str]:
