@@ -171,7 +171,7 @@ def test_collect_lists_partial_points_apart_and_leaves_them_out_of_means_and_plo
     _write_point(out, _spec("fedhypevae-strict__iid__eps4__seed0", eps=4.0), _partial())  # a group of its own
     _write_point(out, _spec("fedhypevae-strict__iid__epsinf__seed0", eps=float("inf")))  # no result yet
     plotted = []
-    monkeypatch.setattr(collect, "plot", lambda rows, path: plotted.append(rows))
+    monkeypatch.setattr(collect, "plot", lambda rows, path, protocol=None: plotted.append(rows))
 
     assert collect.main([str(out)]) == 0
     printed = capsys.readouterr().out
