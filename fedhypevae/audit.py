@@ -401,7 +401,7 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
         audited = type("SharesCanaryStep", (SharesCanaryStep,), {})
         observed = type("SharesObservedStep", (SharesObservedStep,), {})
         colluding = type("SharesColluderStep", (SharesColluderStep,), {})
-    tr, coalition = None, []
+    tr, colluders = None, None  # the colluding clients: from the trust model, bound in setup before the blocks
 
     def step_type(cid: int):
         """The trainer builds every client's step by its class, in blocks of one class: the audited client's
@@ -411,9 +411,10 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
             return audited
         if not aggregate:
             return DPStep
-        if not coalition:
-            coalition.append(set(_colluders(tr, setup.client)))
-        return colluding if cid in coalition[0] else observed
+        nonlocal colluders
+        if colluders is None:
+            colluders = _colluders(tr, setup.client)
+        return colluding if cid in colluders else observed
 
     tr = Trainer(cfg, run_dir, progress=progress, step_type=step_type)
     tr.setup()
@@ -439,7 +440,7 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
         else:
             for cls in (audited, observed, colluding):  # this audit's own subclasses
                 cls.sabotage_phi = 0.0 if setup.sabotage == "no-shares" else tr.sigma / M
-    colluders = _colluders(tr, setup.client) if aggregate else []
+    colluders = colluders or []  # computed while the trainer built its blocks (none under local)
     if aggregate:
         steps[0].score_on = "aggregate"
         _observe_aggregate(tr, canaries)

@@ -155,7 +155,7 @@ def format_summary(results: dict, wall: float) -> str:
     if t.get("ranks"):
         rk = t["ranks"]
         lines.append(f"  per rank     : peak memory {max(r['peak_rss_mb'] for r in rk) / 1024:.2f} GB (private state "
-                     f"{max(r['state_mb'] for r in rk) / 1024:.2f} GB), setup {max(r['setup_s'] for r in rk):.1f} s, "
+                     f"{max(r['state_mb'] for r in rk):.1f} MB), setup {max(r['setup_s'] for r in rk):.1f} s, "
                      f"checkpoint {max(r['checkpoint_s'] for r in rk):.2f} s (the slowest of {len(rk)} rank(s))")
     res = results.get("resume")
     if res:

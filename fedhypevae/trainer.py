@@ -284,12 +284,12 @@ class Trainer:
         else:
             # one source file: every rank partitions it identically (public seed), places the clients by their
             # public declared sizes and builds only its own (their records selected and transformed)
-            def mine(sizes: list) -> list:
+            def own(sizes: list) -> list:
                 self._place(self._declared_sizes_from(sizes))
                 return self.placement[comm.rank]
 
-            fed = build_federation(cfg.data, cfg.partition, cfg.seed, client_ids=mine)
-            declared = self._declared_sizes_from(fed.declared_sizes)
+            fed = build_federation(cfg.data, cfg.partition, cfg.seed, client_ids=own)
+            declared = self.declared  # set by _place
         self.fed = fed
         mine = self.placement[comm.rank]
         total = float(sum(declared))
