@@ -21,6 +21,7 @@
 Writes OUT/allreduce.{csv,md,png,json} and prints the Markdown. The machine may be shared: read ratios
 measured in one run, not absolute numbers across runs. Nothing here asserts anything about speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fedhypevae.checkpoint import dumps_json
 from fedhypevae.hpc.launcher import venv_tool
+
+from fedhypevae.checkpoint import dumps_json
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin/: mpiexec and the fedhypevae console script live here
@@ -52,7 +54,6 @@ FLAG_BYTES = 16  # Trainer.guarded_release: two float64 (budget bit, stop bit), 
 def worker(spec_path: str) -> int:
     """One rank of a micro-benchmark job; rank 0 writes the result file named in the spec."""
     import torch
-
     from fedhypevae.hpc.backend import make_communicator
 
     spec = json.loads(Path(spec_path).read_text())
@@ -77,12 +78,21 @@ def worker(spec_path: str) -> int:
             own[i] = time.perf_counter() - t
         slowest = comm.allreduce(own.clone(), op="max")  # per repetition: until the last rank is done
         comm.allreduce(bad, op="max")
-        rows.append({"elems": elems, "bytes": 8 * elems, "reps": reps, "correct": bad.item() == 0.0,
-                     "max_over_ranks_s": slowest.tolist(), "rank0_s": own.tolist()})
+        rows.append(
+            {
+                "elems": elems,
+                "bytes": 8 * elems,
+                "reps": reps,
+                "correct": bad.item() == 0.0,
+                "max_over_ranks_s": slowest.tolist(),
+                "rank0_s": own.tolist(),
+            }
+        )
     if comm.is_root:
         info = {**comm.describe(), "rows": rows}
         if spec["backend"] == "mpi":
             from mpi4py import MPI
+
             info["library"] = MPI.Get_library_version().splitlines()[0].strip()
         Path(spec["result"]).write_text(json.dumps(info) + "\n")
     comm.barrier()
@@ -97,7 +107,7 @@ def parse_sizes(text: str) -> list[int]:
     out = []
     for item in filter(None, (s.strip().upper() for s in text.split(","))):
         num = item.rstrip("KMIB")
-        unit = item[len(num):]
+        unit = item[len(num) :]
         if unit not in units or not num:
             raise SystemExit(f"--sizes: cannot read {item!r}; use bytes with an optional K or M, e.g. 1K,64K,1M")
         out.append(max(8, int(float(num) * units[unit]) // 8 * 8))
@@ -147,17 +157,49 @@ def run(cmd: list[str], timeout: float) -> float:
 def launch_cmd(backend: str, ranks: int, module_args: list[str]) -> list[str]:
     if backend == "mpi":
         # -m mpi4py: an exception on one rank aborts every rank instead of leaving them in a collective
-        return [tool("mpiexec"), "-n", str(ranks), sys.executable, "-m", "mpi4py", "-m", "benchmarks.allreduce", *module_args]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-            "-m", "benchmarks.allreduce", *module_args]
+        return [
+            tool("mpiexec"),
+            "-n",
+            str(ranks),
+            sys.executable,
+            "-m",
+            "mpi4py",
+            "-m",
+            "benchmarks.allreduce",
+            *module_args,
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        "-m",
+        "benchmarks.allreduce",
+        *module_args,
+    ]
 
 
 # ------------------------------------------------------------------------------------------ part 2
 def train_share(ranks: int, rounds: int, tmp: str) -> dict:
     out = Path(tmp) / f"train_{ranks}"
     exe = [tool("fedhypevae")] if (BIN / "fedhypevae").exists() else [sys.executable, "-m", "fedhypevae.cli"]
-    cmd = [tool("mpiexec"), "-n", str(ranks), *exe, "train", "--config", "default", "--out", str(out),
-           "--no-progress", "--quiet", "--set", f"train.rounds={rounds}"]
+    cmd = [
+        tool("mpiexec"),
+        "-n",
+        str(ranks),
+        *exe,
+        "train",
+        "--config",
+        "default",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--quiet",
+        "--set",
+        f"train.rounds={rounds}",
+    ]
     wall = run(cmd, timeout=900)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     round_s = [r["time/round(s)"] for r in rows]
@@ -169,18 +211,32 @@ def train_share(ranks: int, rounds: int, tmp: str) -> dict:
 
     steps = yaml.safe_load((out / "config.yaml").read_text())["train"]["local_steps"]
     phi = sum(v.numel() for v in torch.load(out / "hypernetwork.pt", weights_only=True).values())  # Phi's parameters
-    return {"ranks": ranks, "rounds": len(rows), "local_steps": steps, "command": shown(cmd, tmp), "wall_s": wall,
-            "round_s": round_s, "comm_ms": comm_ms, "share": sum(comm_ms) / 1e3 / sum(round_s),
-            "median_round_s": statistics.median(round_s), "median_comm_ms": statistics.median(comm_ms),
-            "step_payload_bytes": 8 * (phi + len(DIAG_KEYS))}
+    return {
+        "ranks": ranks,
+        "rounds": len(rows),
+        "local_steps": steps,
+        "command": shown(cmd, tmp),
+        "wall_s": wall,
+        "round_s": round_s,
+        "comm_ms": comm_ms,
+        "share": sum(comm_ms) / 1e3 / sum(round_s),
+        "median_round_s": statistics.median(round_s),
+        "median_comm_ms": statistics.median(comm_ms),
+        "step_payload_bytes": 8 * (phi + len(DIAG_KEYS)),
+    }
 
 
 # ------------------------------------------------------------------------------------------ part 1
 def micro(backend: str, ranks: int, sizes: list[int], *, quick: bool, reps: int | None, tmp: str) -> dict:
     small_reps, big_reps = (10, 5) if quick else (50, 20)
-    spec = {"backend": BACKENDS[backend], "elems": [b // 8 for b in sizes], "warmup": 2 if quick else 5,
-            "reps": [reps or (small_reps if b <= 1024**2 else big_reps) for b in sizes],
-            "result": str(Path(tmp) / f"micro_{backend}_{ranks}.json"), "timeout_s": 120.0}
+    spec = {
+        "backend": BACKENDS[backend],
+        "elems": [b // 8 for b in sizes],
+        "warmup": 2 if quick else 5,
+        "reps": [reps or (small_reps if b <= 1024**2 else big_reps) for b in sizes],
+        "result": str(Path(tmp) / f"micro_{backend}_{ranks}.json"),
+        "timeout_s": 120.0,
+    }
     spec_path = Path(tmp) / f"spec_{backend}_{ranks}.json"
     spec_path.write_text(json.dumps(spec))
     cmd = launch_cmd(backend, ranks, ["--worker", str(spec_path)])
@@ -191,12 +247,30 @@ def micro(backend: str, ranks: int, sizes: list[int], *, quick: bool, reps: int 
     rows = []
     for r in res["rows"]:
         mx, r0 = r["max_over_ranks_s"], r["rank0_s"]
-        rows.append({"backend": backend, "comm": res["backend"], "ranks": ranks, "bytes": r["bytes"], "elems": r["elems"],
-                     "reps": r["reps"], "correct": r["correct"], "median_ms": 1e3 * statistics.median(mx),
-                     "p90_ms": 1e3 * p90(mx), "min_ms": 1e3 * min(mx), "rank0_median_ms": 1e3 * statistics.median(r0),
-                     "max_over_ranks_ms": [1e3 * x for x in mx]})
-    return {"backend": backend, "ranks": ranks, "command": shown(cmd, tmp), "wall_s": wall,
-            "library": res.get("library"), "rows": rows}
+        rows.append(
+            {
+                "backend": backend,
+                "comm": res["backend"],
+                "ranks": ranks,
+                "bytes": r["bytes"],
+                "elems": r["elems"],
+                "reps": r["reps"],
+                "correct": r["correct"],
+                "median_ms": 1e3 * statistics.median(mx),
+                "p90_ms": 1e3 * p90(mx),
+                "min_ms": 1e3 * min(mx),
+                "rank0_median_ms": 1e3 * statistics.median(r0),
+                "max_over_ranks_ms": [1e3 * x for x in mx],
+            }
+        )
+    return {
+        "backend": backend,
+        "ranks": ranks,
+        "command": shown(cmd, tmp),
+        "wall_s": wall,
+        "library": res.get("library"),
+        "rows": rows,
+    }
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -206,10 +280,18 @@ def machine_info() -> dict:
             return md.version(name)
         except md.PackageNotFoundError:
             return None
-    return {"cpu_count": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "platform": platform.platform(), "python": platform.python_version(), "torch": ver("torch"),
-            "mpi4py": ver("mpi4py"), "mpich": ver("mpich"), "loadavg_start": list(os.getloadavg()),
-            "omp_num_threads": child_env()["OMP_NUM_THREADS"]}
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": ver("torch"),
+        "mpi4py": ver("mpi4py"),
+        "mpich": ver("mpich"),
+        "loadavg_start": list(os.getloadavg()),
+        "omp_num_threads": child_env()["OMP_NUM_THREADS"],
+    }
 
 
 def label(size: int, extras: dict) -> str:
@@ -218,19 +300,30 @@ def label(size: int, extras: dict) -> str:
 
 def markdown(res: dict) -> str:
     m, extras = res["machine"], {int(k): v for k, v in res["extra_sizes"].items()}
-    out = ["# All-reduce benchmark", "",
-           f"{m['usable_cores']} usable cores ({m['platform']}), Python {m['python']}, torch {m['torch']}, "
-           f"mpi4py {m['mpi4py']}, MPICH wheel {m['mpich']}; OMP_NUM_THREADS={m['omp_num_threads']}; "
-           f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
-           f"{'Quick mode. ' if res['quick'] else ''}Total wall time {res['wall_s']:.0f} s.", "",
-           "## 1. All-reduce latency against payload (float64, `Communicator.allreduce`)", "",
-           "Median (p90) in ms of each repetition's time **max over ranks** (a barrier before each repetition); "
-           "ratio columns compare medians measured in this run.", ""]
+    out = [
+        "# All-reduce benchmark",
+        "",
+        f"{m['usable_cores']} usable cores ({m['platform']}), Python {m['python']}, torch {m['torch']}, "
+        f"mpi4py {m['mpi4py']}, MPICH wheel {m['mpich']}; OMP_NUM_THREADS={m['omp_num_threads']}; "
+        f"load average {m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. "
+        f"{'Quick mode. ' if res['quick'] else ''}Total wall time {res['wall_s']:.0f} s.",
+        "",
+        "## 1. All-reduce latency against payload (float64, `Communicator.allreduce`)",
+        "",
+        "Median (p90) in ms of each repetition's time **max over ranks** (a barrier before each repetition); "
+        "ratio columns compare medians measured in this run.",
+        "",
+    ]
     jobs = res["micro"]
     ok = [j for j in jobs if "rows" in j]
     if ok:
         cols = [f"{j['backend']} x{j['ranks']}" for j in ok]
-        ratios = [(a, b) for a in ok for b in ok if a["backend"] == "gloo" and b["backend"] == "mpi" and a["ranks"] == b["ranks"]]
+        ratios = [
+            (a, b)
+            for a in ok
+            for b in ok
+            if a["backend"] == "gloo" and b["backend"] == "mpi" and a["ranks"] == b["ranks"]
+        ]
         head = ["payload", *cols, *[f"gloo/mpi x{a['ranks']}" for a, _ in ratios]]
         out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for i, row in enumerate(ok[0]["rows"]):
@@ -238,59 +331,89 @@ def markdown(res: dict) -> str:
             cells += [f"{j['rows'][i]['median_ms']:.3f} ({j['rows'][i]['p90_ms']:.3f})" for j in ok]
             cells += [f"{a['rows'][i]['median_ms'] / b['rows'][i]['median_ms']:.1f}" for a, b in ratios]
             out.append("| " + " | ".join(cells) + " |")
-        bad = [f"{j['backend']} x{j['ranks']} {fmt_bytes(r['bytes'])}" for j in ok for r in j["rows"] if not r["correct"]]
+        bad = [
+            f"{j['backend']} x{j['ranks']} {fmt_bytes(r['bytes'])}" for j in ok for r in j["rows"] if not r["correct"]
+        ]
         out += ["", "Every checked sum was correct." if not bad else "WRONG SUMS: " + ", ".join(bad)]
         over = sorted({j["ranks"] for j in ok if j["ranks"] > (m["usable_cores"] or 1)})
         if over:
-            out[-1] += (f" With {', '.join(map(str, over))} ranks on {m['usable_cores']} cores the ranks share cores: "
-                        "a waiting MPICH rank busy-polls, so those columns measure scheduling as much as the reduction.")
-        out += ["", "Rank 0's own median (ms), for comparison: " + "; ".join(
-            f"{j['backend']} x{j['ranks']}: " + ", ".join(f"{r['rank0_median_ms']:.3f}" for r in j["rows"]) for j in ok)]
+            out[-1] += (
+                f" With {', '.join(map(str, over))} ranks on {m['usable_cores']} cores the ranks share cores: "
+                "a waiting MPICH rank busy-polls, so those columns measure scheduling as much as the reduction."
+            )
+        out += [
+            "",
+            "Rank 0's own median (ms), for comparison: "
+            + "; ".join(
+                f"{j['backend']} x{j['ranks']}: " + ", ".join(f"{r['rank0_median_ms']:.3f}" for r in j["rows"])
+                for j in ok
+            ),
+        ]
     for j in jobs:
         if "error" in j:
             out.append(f"\n**{j['backend']} x{j['ranks']} FAILED**: {j['error'].splitlines()[0]}")
     tr = res["train"]
     if tr:
-        out += ["", "## 2. Share of a training round spent in all-reduce (default config, mpiexec, mpi back-end)", "",
-                "share = sum of `comm/all_reduce(ms)` / sum of `time/round(s)` over all rounds of metrics.jsonl. "
-                "The trainer times its calls on rank 0, so comm time **includes waiting for the slowest rank** "
-                "(load imbalance between ranks' clients, and ranks sharing cores), not only data movement. "
-                "The micro estimate is local_steps x (median all-reduce of the step payload + of the 16 B guard flags) "
-                "from part 1 at the same rank count: the part of comm that is the reduction itself.", "",
-                "| ranks | rounds | median round (s) | median comm / round (ms) | share | micro estimate (ms / round) | run wall (s) |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "## 2. Share of a training round spent in all-reduce (default config, mpiexec, mpi back-end)",
+            "",
+            "share = sum of `comm/all_reduce(ms)` / sum of `time/round(s)` over all rounds of metrics.jsonl. "
+            "The trainer times its calls on rank 0, so comm time **includes waiting for the slowest rank** "
+            "(load imbalance between ranks' clients, and ranks sharing cores), not only data movement. "
+            "The micro estimate is local_steps x (median all-reduce of the step payload + of the 16 B guard flags) "
+            "from part 1 at the same rank count: the part of comm that is the reduction itself.",
+            "",
+            "| ranks | rounds | median round (s) | median comm / round (ms) | share | micro estimate (ms / round) | run wall (s) |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for t in tr:
             if "error" in t:
                 out.append(f"| {t['ranks']} | FAILED: {t['error'].splitlines()[0]} | | | | | |")
                 continue
             est = t.get("micro_estimate_ms")
-            out.append(f"| {t['ranks']} | {t['rounds']} | {t['median_round_s']:.3f} | {t['median_comm_ms']:.1f} | "
-                       f"{100 * t['share']:.1f} % | {'-' if est is None else f'{est:.2f}'} | {t['wall_s']:.1f} |")
+            out.append(
+                f"| {t['ranks']} | {t['rounds']} | {t['median_round_s']:.3f} | {t['median_comm_ms']:.1f} | "
+                f"{100 * t['share']:.1f} % | {'-' if est is None else f'{est:.2f}'} | {t['wall_s']:.1f} |"
+            )
     out += ["", "## Commands", "", "```", f"python -m benchmarks.allreduce {' '.join(res['argv'])}"]
     out += [t["command"] for t in tr if "command" in t] + [j["command"] for j in jobs if "command" in j]
-    out += ["```", "", "TMP is a scratch folder; TMP/spec_*.json is written by the parent (sizes, repetitions, warm-up). "
-            "Micro runs: " + ", ".join(f"{j['backend']} x{j['ranks']} {j['wall_s']:.1f} s" for j in ok) + "."]
+    out += [
+        "```",
+        "",
+        "TMP is a scratch folder; TMP/spec_*.json is written by the parent (sizes, repetitions, warm-up). "
+        "Micro runs: " + ", ".join(f"{j['backend']} x{j['ranks']} {j['wall_s']:.1f} s" for j in ok) + ".",
+    ]
     return "\n".join(out) + "\n"
 
 
 def plot(res: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for j in res["micro"]:
         if "rows" not in j:
             continue
         rows = sorted(j["rows"], key=lambda r: r["bytes"])
         x = [r["bytes"] for r in rows]
-        line, = ax.plot(x, [r["median_ms"] for r in rows], marker="o", label=f"{j['backend']} x{j['ranks']} ranks")
-        ax.fill_between(x, [r["median_ms"] for r in rows], [r["p90_ms"] for r in rows], color=line.get_color(), alpha=0.15)
+        (line,) = ax.plot(x, [r["median_ms"] for r in rows], marker="o", label=f"{j['backend']} x{j['ranks']} ranks")
+        ax.fill_between(
+            x, [r["median_ms"] for r in rows], [r["p90_ms"] for r in rows], color=line.get_color(), alpha=0.15
+        )
     for b, what in res["extra_sizes"].items():
         if what.startswith("step"):
             ax.axvline(int(b), color="grey", ls=":", lw=1)
             ax.text(int(b), ax.get_ylim()[1], " training step", va="top", fontsize=8, color="grey")
-    ax.set(xscale="log", yscale="log", xlabel="payload (bytes, float64)", ylabel="all-reduce time (ms)",
-           title="Communicator.allreduce: median (band to p90), max over ranks")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="payload (bytes, float64)",
+        ylabel="all-reduce time (ms)",
+        title="Communicator.allreduce: median (band to p90), max over ranks",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -301,7 +424,20 @@ def plot(res: dict, path: Path) -> None:
 def write_outputs(res: dict, out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "allreduce.json").write_text(dumps_json(res, indent=2) + "\n")
-    fields = ["backend", "comm", "ranks", "bytes", "elems", "reps", "correct", "median_ms", "p90_ms", "min_ms", "rank0_median_ms", "note"]
+    fields = [
+        "backend",
+        "comm",
+        "ranks",
+        "bytes",
+        "elems",
+        "reps",
+        "correct",
+        "median_ms",
+        "p90_ms",
+        "min_ms",
+        "rank0_median_ms",
+        "note",
+    ]
     with open(out / "allreduce.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -338,12 +474,19 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.rounds if args.rounds is not None else (3 if args.quick else 8)
 
     t0 = time.perf_counter()
-    res = {"argv": argv, "quick": args.quick, "machine": machine_info(), "extra_sizes": {str(FLAG_BYTES): "flag"},
-           "micro": [], "train": [], "timing": "per repetition, the max over ranks of perf_counter around "
-                                              "Communicator.allreduce, after a barrier; medians and p90 over repetitions"}
+    res = {
+        "argv": argv,
+        "quick": args.quick,
+        "machine": machine_info(),
+        "extra_sizes": {str(FLAG_BYTES): "flag"},
+        "micro": [],
+        "train": [],
+        "timing": "per repetition, the max over ranks of perf_counter around "
+        "Communicator.allreduce, after a barrier; medians and p90 over repetitions",
+    }
     with tempfile.TemporaryDirectory(prefix="bench_allreduce_") as tmp:
         # part 2 first: the 1-rank run tells the real per-step payload, which part 1 then also measures
-        for r in ([1, *ranks] if rounds > 0 else []):
+        for r in [1, *ranks] if rounds > 0 else []:
             try:
                 res["train"].append(train_share(r, rounds, tmp))
             except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
@@ -359,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
                 except (RuntimeError, subprocess.TimeoutExpired, OSError) as exc:
                     res["micro"].append({"backend": b, "ranks": r, "error": str(exc)})
     for t in res["train"]:
-        job = next((j for j in res["micro"] if j["backend"] == "mpi" and j["ranks"] == t["ranks"] and "rows" in j), None)
+        job = next(
+            (j for j in res["micro"] if j["backend"] == "mpi" and j["ranks"] == t["ranks"] and "rows" in j), None
+        )
         if job and payload:
             med = {row["bytes"]: row["median_ms"] for row in job["rows"]}
             t["micro_estimate_ms"] = t["local_steps"] * (med[payload] + med[FLAG_BYTES])

@@ -18,6 +18,7 @@ peak_rss_mb per rank (VmHWM of every rank process, polled); state_mb per rank (i
 per checkpoint; the steps' own phase times are not split here (benchmarks.throughput does). Nothing here asserts
 anything about speed. Writes scale.json, scale.md and scale.png into --out.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,15 +61,23 @@ def make_data(path: Path, clients: int, seed: int = 0) -> Path:
 
 
 def write_config(path: Path, data: Path, clients: int, rounds: int, mmd: bool) -> Path:
-    path.write_text("\n".join([
-        "seed: 0", "threads: 1",
-        f"data: {{path: {data}, transform: none, test_fraction: 0.2}}",
-        f"partition: {{kind: iid, clients: {clients}, min_client_size: 2}}",
-        "model: {hidden: [64], latent_dim: 8, hyper_hidden: 32, " + ("lambda_mmd: 1.0, mmd_kind: merf}" if mmd
-                                                                     else "lambda_mmd: 0.0}"),
-        f"train: {{rounds: {rounds}, local_steps: 5, checkpoint_every: 1, keep_checkpoints: 2}}",
-        "privacy: {target_epsilon: 1.0, delta: 1.0e-5, sample_rate: 0.25, stats_clip_norm: 10.0, diagnostics: true}",
-        "meta: {steps: 5}", "synth: {samples_per_class: 5}", ""]))
+    path.write_text(
+        "\n".join(
+            [
+                "seed: 0",
+                "threads: 1",
+                f"data: {{path: {data}, transform: none, test_fraction: 0.2}}",
+                f"partition: {{kind: iid, clients: {clients}, min_client_size: 2}}",
+                "model: {hidden: [64], latent_dim: 8, hyper_hidden: 32, "
+                + ("lambda_mmd: 1.0, mmd_kind: merf}" if mmd else "lambda_mmd: 0.0}"),
+                f"train: {{rounds: {rounds}, local_steps: 5, checkpoint_every: 1, keep_checkpoints: 2}}",
+                "privacy: {target_epsilon: 1.0, delta: 1.0e-5, sample_rate: 0.25, stats_clip_norm: 10.0, diagnostics: true}",
+                "meta: {steps: 5}",
+                "synth: {samples_per_class: 5}",
+                "",
+            ]
+        )
+    )
     return path
 
 
@@ -166,28 +175,42 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines() if line.strip()]
     stop = [e for e in events if e.get("event") == "interrupted"]
     if not stop or "ranks" not in stop[-1]:
-        return {**row, "error": f"run 1 was not stopped by its SIGTERM with costs (rc {first['rc']}; see "
-                                f"{work / 'first.log'})"}
+        return {
+            **row,
+            "error": f"run 1 was not stopped by its SIGTERM with costs (rc {first['rc']}; see {work / 'first.log'})",
+        }
     rk1 = stop[-1]["ranks"]
     resume_ranks = 1 if ranks > 1 else 2
     second = run(command(resume_ranks, cfg, out, resume=True), out=out, log_path=work / "second.log", timeout=timeout)
     if second["rc"] != 0:
-        return {**row, "error": f"resume on {resume_ranks} rank(s) ended with {second['rc']} (see {work / 'second.log'})"}
+        return {
+            **row,
+            "error": f"resume on {resume_ranks} rank(s) ended with {second['rc']} (see {work / 'second.log'})",
+        }
     res = json.loads((out / "results.json").read_text())
     rk = res["training"]["ranks"]
-    row.update({
-        "round_s": statistics.median(round_s[1:] if len(round_s) > 1 else round_s), "round_s_all": round_s,
-        "phases_s": phases,
-        "ms_per_client_round": 1e3 * statistics.median(round_s[1:] if len(round_s) > 1 else round_s) / clients,
-        "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
-        "files_per_checkpoint": files, "ranks_resumed_on": resume_ranks,
-        "setup_s": max(r["setup_s"] for r in rk1), "checkpoint_s": max(r["checkpoint_s"] for r in rk1),
-        "state_mb": [r["state_mb"] for r in rk1], "clients_per_rank": [r["clients"] for r in rk1],
-        "resume_s": max(r["setup_s"] for r in rk), "resume_checkpoint_s": max(r["checkpoint_s"] for r in rk),
-        "resume_peak_rss_mb": sorted(second["peak_rss_mb"].values()),
-        "resume_state_mb": [r["state_mb"] for r in rk], "wall_run1_s": first["wall_s"], "wall_run2_s": second["wall_s"],
-        "loadavg_end": list(os.getloadavg()),
-    })
+    row.update(
+        {
+            "round_s": statistics.median(round_s[1:] if len(round_s) > 1 else round_s),
+            "round_s_all": round_s,
+            "phases_s": phases,
+            "ms_per_client_round": 1e3 * statistics.median(round_s[1:] if len(round_s) > 1 else round_s) / clients,
+            "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
+            "files_per_checkpoint": files,
+            "ranks_resumed_on": resume_ranks,
+            "setup_s": max(r["setup_s"] for r in rk1),
+            "checkpoint_s": max(r["checkpoint_s"] for r in rk1),
+            "state_mb": [r["state_mb"] for r in rk1],
+            "clients_per_rank": [r["clients"] for r in rk1],
+            "resume_s": max(r["setup_s"] for r in rk),
+            "resume_checkpoint_s": max(r["checkpoint_s"] for r in rk),
+            "resume_peak_rss_mb": sorted(second["peak_rss_mb"].values()),
+            "resume_state_mb": [r["state_mb"] for r in rk],
+            "wall_run1_s": first["wall_s"],
+            "wall_run2_s": second["wall_s"],
+            "loadavg_end": list(os.getloadavg()),
+        }
+    )
     return row
 
 
@@ -220,8 +243,13 @@ def noise_floor(cfg_path: Path, tmp: Path) -> dict:
     steps = cfg.train.local_steps
     tr.ledger.close()
     tr.writer.close()
-    return {"private_coords": private, "phi_coords": tr.phi_numel, "draws_per_client_round": steps * row,
-            "ns_per_draw": ns, "noise_ms_per_client_round": steps * row * ns * 1e-6}
+    return {
+        "private_coords": private,
+        "phi_coords": tr.phi_numel,
+        "draws_per_client_round": steps * row,
+        "ns_per_draw": ns,
+        "noise_ms_per_client_round": steps * row * ns * 1e-6,
+    }
 
 
 def disk_write_rate(folder: Path, mb: int = 512) -> float:
@@ -229,29 +257,38 @@ def disk_write_rate(folder: Path, mb: int = 512) -> float:
     is stated against it)."""
     target = folder / "dd.bin"
     t = time.perf_counter()
-    subprocess.run(["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fdatasync"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=1M", f"count={mb}", "conv=fdatasync"],
+        check=True,
+        capture_output=True,
+    )
     rate = mb * 1.048576 / (time.perf_counter() - t)
     target.unlink()
     return rate
 
 
 def markdown(res: dict) -> str:
-    lines = ["| clients | ranks | MMD | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
-             "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| clients | ranks | MMD | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
+        "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["rows"]:
         head = f"| {r['clients']:,} | {r['ranks']} | {'on' if r['mmd'] else 'off'} |"
         if "error" in r:
             lines.append(head + f" {r['error']} |" + " |" * 8)
             continue
-        lines.append(head + f" {r['round_s']:.2f} | {r['ms_per_client_round']:.3f} | {r['setup_s']:.1f} | "
-                     f"{r['checkpoint_s']:.2f} | {r['files_per_checkpoint']} | {r['resume_s']:.1f} on "
-                     f"{r['ranks_resumed_on']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
-                     f"{', '.join(f'{m:.0f}' for m in r['state_mb'])} | {r['loadavg_start'][0]:.2f} |")
+        lines.append(
+            head + f" {r['round_s']:.2f} | {r['ms_per_client_round']:.3f} | {r['setup_s']:.1f} | "
+            f"{r['checkpoint_s']:.2f} | {r['files_per_checkpoint']} | {r['resume_s']:.1f} on "
+            f"{r['ranks_resumed_on']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
+            f"{', '.join(f'{m:.0f}' for m in r['state_mb'])} | {r['loadavg_start'][0]:.2f} |"
+        )
     if "disk_write_mb_s" in res:
-        lines.append(f"\nDisk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync); a checkpoint's floor "
-                     "is the largest rank's state / that rate.")
+        lines.append(
+            f"\nDisk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync); a checkpoint's floor "
+            "is the largest rank's state / that rate."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -263,7 +300,7 @@ def plot(res: dict, path: Path) -> None:
 
     rows = [r for r in res["rows"] if "error" not in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for (ranks, mmd) in sorted({(r["ranks"], r["mmd"]) for r in rows}):
+    for ranks, mmd in sorted({(r["ranks"], r["mmd"]) for r in rows}):
         rs = sorted((r for r in rows if r["ranks"] == ranks and r["mmd"] == mmd), key=lambda r: r["clients"])
         label = f"{ranks} rank{'s' if ranks > 1 else ''}, MMD {'on' if mmd else 'off'}"
         style = "-" if mmd else "--"
@@ -277,7 +314,9 @@ def plot(res: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
     a.legend(fontsize=8)
-    fig.suptitle(f"FedHypeVAE training at scale ({res['cpu_count']}-core machine, 1 torch thread per rank)", fontsize=10)
+    fig.suptitle(
+        f"FedHypeVAE training at scale ({res['cpu_count']}-core machine, 1 torch thread per rank)", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -294,18 +333,34 @@ def main(argv: list | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {"argv": sys.argv, "setting": {"d_x": D, "classes": K, "records_per_client": PER_CLIENT, "hidden": [64],
-                                        "latent_dim": 8, "hyper_hidden": 32, "local_steps": 5, "sample_rate": 0.25,
-                                        "epsilon": 1.0, "aggregation": "grad", "threads_per_rank": 1},
-           "cpu_count": os.cpu_count(), "rows": []}
+    res = {
+        "argv": sys.argv,
+        "setting": {
+            "d_x": D,
+            "classes": K,
+            "records_per_client": PER_CLIENT,
+            "hidden": [64],
+            "latent_dim": 8,
+            "hyper_hidden": 32,
+            "local_steps": 5,
+            "sample_rate": 0.25,
+            "epsilon": 1.0,
+            "aggregation": "grad",
+            "threads_per_rank": 1,
+        },
+        "cpu_count": os.cpu_count(),
+        "rows": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmpd:
         tmp = Path(tmpd)
         res["disk_write_mb_s"] = disk_write_rate(tmp)
         log(f"disk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync)")
         probe = make_data(tmp / "data_probe.npz", 10)
         res["noise"] = noise_floor(write_config(tmp / "probe.yaml", probe, 10, 1, False), tmp)
-        log("noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
-            "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"]))
+        log(
+            "noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
+            "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"])
+        )
         for clients in [int(c) for c in args.clients.split(",")]:
             data = make_data(tmp / f"data_{clients}.npz", clients)
             for mmd in [m == "on" for m in args.mmd.split(",")]:
@@ -313,17 +368,25 @@ def main(argv: list | None = None) -> int:
                     log(f"{clients} clients, {ranks} rank(s), MMD {'on' if mmd else 'off'}")
                     row = measure(clients, ranks, mmd, args.rounds, tmp, data, args.timeout)
                     res["rows"].append(row)
-                    log("  " + (row.get("error") or f"round {row['round_s']:.2f} s, setup {row['setup_s']:.1f} s, "
-                                f"resume {row['resume_s']:.1f} s, "
-                                f"checkpoint {row['checkpoint_s']:.2f} s, peak RSS {max(row['peak_rss_mb']):.0f} MB, "
-                                f"{row['files_per_checkpoint']} files"))
+                    log(
+                        "  "
+                        + (
+                            row.get("error")
+                            or f"round {row['round_s']:.2f} s, setup {row['setup_s']:.1f} s, "
+                            f"resume {row['resume_s']:.1f} s, "
+                            f"checkpoint {row['checkpoint_s']:.2f} s, peak RSS {max(row['peak_rss_mb']):.0f} MB, "
+                            f"{row['files_per_checkpoint']} files"
+                        )
+                    )
                     (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
                     (out / "scale.md").write_text(markdown(res))
     if any("error" not in r for r in res["rows"]):
         plot(res, out / "scale.png")
     print(markdown(res))
-    print("noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
-          "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"]))
+    print(
+        "noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
+        "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"])
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ Every check starts from one round of `configs/tiny.yaml` trained, checkpointed a
 top of the declared range (every pixel white) added to client 0's data; it removes that edge record and records
 0, 7 and 42 (tests/test_sensitivity.py asserts on the same calls).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,16 @@ def train_runs(root: Path) -> dict:
     runs = {}
     for engine in ENGINES:
         for mode, agg in RUNS:
-            cfg = load_config("tiny", ["train.rounds=1", "privacy.noise_seed=3", f"train.engine={engine}",
-                                       f"privacy.mode={mode}", f"federation.aggregation={agg}"])
+            cfg = load_config(
+                "tiny",
+                [
+                    "train.rounds=1",
+                    "privacy.noise_seed=3",
+                    f"train.engine={engine}",
+                    f"privacy.mode={mode}",
+                    f"federation.aggregation={agg}",
+                ],
+            )
             out = root / f"{engine}-{mode}-{agg}" / "run"
             shutil.rmtree(out.parent, ignore_errors=True)
             run_training(cfg, out, progress=False)
@@ -64,27 +73,33 @@ def measure(runs: dict, engine: str) -> None:
         rep = check_sensitivity(tr, c.id, remove=removals(c), steps=8, seed=1)
         inside = [r.payload_diff for r in rep.rows if r.in_batch]
         outside = [r.payload_diff for r in rep.rows if not r.in_batch]
-        print(f"strict {agg}, 8 steps, seed 1: ok={rep.ok} max in batch {max(inside):.7f} C, max outside "
-              f"{max(outside):.3g} C, buffer ratio {rep.max_buffer_ratio:.4f}, others moved {rep.others_moved}, "
-              f"replay drift {rep.replay_drift}")
+        print(
+            f"strict {agg}, 8 steps, seed 1: ok={rep.ok} max in batch {max(inside):.7f} C, max outside "
+            f"{max(outside):.3g} C, buffer ratio {rep.max_buffer_ratio:.4f}, others moved {rep.others_moved}, "
+            f"replay drift {rep.replay_drift}"
+        )
     for seed in SEEDS:
         tr, c = saved(runs, engine, "paper")
         j = len(c.y) - 1
         rows = check_sensitivity(tr, c.id, remove=[j], steps=8, seed=seed).rows
         first = next((i for i, r in enumerate(rows) if r.in_batch), None)
-        later = [r.payload_diff for r in rows[first + 1:] if not r.in_batch] if first is not None else []
+        later = [r.payload_diff for r in rows[first + 1 :] if not r.in_batch] if first is not None else []
         tr, c = saved(runs, engine, "paper", lr=0.1)
         fast = check_sensitivity(tr, c.id, remove=[j], steps=6, seed=seed)
         tr, c = saved(runs, engine, "strict", lr=0.1)
         strict = check_sensitivity(tr, c.id, remove=[j], steps=6, seed=seed)
-        print(f"paper seed {seed}: later steps without j {min(later, default=0):.3g}-{max(later, default=0):.3g} C, "
-              f"max {max(r.payload_diff for r in rows):.4f} C | lr 0.1: paper max {fast.max_payload_diff:.2f} C, "
-              f"strict max {strict.max_payload_diff:.4f} C (ok={strict.ok})")
+        print(
+            f"paper seed {seed}: later steps without j {min(later, default=0):.3g}-{max(later, default=0):.3g} C, "
+            f"max {max(r.payload_diff for r in rows):.4f} C | lr 0.1: paper max {fast.max_payload_diff:.2f} C, "
+            f"strict max {strict.max_payload_diff:.4f} C (ok={strict.ok})"
+        )
     for control in (BatchNormInputs, Unclipped):
         tr, c = saved(runs, engine, "strict")
         rep = check_sensitivity(tr, c.id, remove=removals(c), steps=3, seed=3, control=control)
-        by = {j: max([r.payload_diff for r in rep.rows if r.record == j and r.in_batch], default=None)
-              for j in removals(c)}
+        by = {
+            j: max([r.payload_diff for r in rep.rows if r.record == j and r.in_batch], default=None)
+            for j in removals(c)
+        }
         print(f"{control.__name__}, 3 steps, seed 3: ok={rep.ok}, max per removed record (in batch) {by}")
 
 

@@ -13,6 +13,7 @@ runs on many ranks too):
 Errors a user can fix raise `fedhypevae.errors.FedHypeVAEError` with a one-line message. Importing this
 package is cheap: torch and the rest load on first use.
 """
+
 from __future__ import annotations
 
 __version__ = "0.1.0"
@@ -27,8 +28,9 @@ def load_config(path=None, overrides=None):
     return _load(None if path is None else str(path), list(overrides or []))
 
 
-def train(config="default", out=None, *, overrides=None, resume: bool = False, progress: bool = True,
-          log_level: str = "info") -> dict:
+def train(
+    config="default", out=None, *, overrides=None, resume: bool = False, progress: bool = True, log_level: str = "info"
+) -> dict:
     """Train in this process and return the results (what RUN/results.json holds; "status" is "complete" or
     "partial"). `config`: a Config, a YAML path or a shipped name. `out` holding a finished run with the same
     settings returns that run's results without training again (it would spend epsilon again on the same
@@ -69,11 +71,19 @@ def generate(run, samples: int, *, out=None, seed: int = 0):
     return x, y, info
 
 
-def evaluate(run, *, protocol: str = "augment", synthetic=None, seed=None, quality: bool = True, data_path=None,
-             json_path=None) -> dict:
+def evaluate(
+    run, *, protocol: str = "augment", synthetic=None, seed=None, quality: bool = True, data_path=None, json_path=None
+) -> dict:
     """Score a run's synthetic set with per-client linear classifiers (see `fedhypevae evaluate --help`); also
     writes RUN/evaluation.json (or `json_path`)."""
     from .evaluation import evaluate_run
 
-    return evaluate_run(run, protocol=protocol, synthetic_path=synthetic, seed=seed, quality=quality,
-                        data_path=data_path, json_path=json_path)
+    return evaluate_run(
+        run,
+        protocol=protocol,
+        synthetic_path=synthetic,
+        seed=seed,
+        quality=quality,
+        data_path=data_path,
+        json_path=json_path,
+    )

@@ -1,4 +1,5 @@
 """`python -m fedhypevae ...`: the same command line as `fedhypevae ...`."""
+
 import sys
 
 from .cli import main

@@ -30,10 +30,12 @@ Every collective a rule issues goes through ``Trainer.allreduce`` (timed, counte
 issued by every rank in the same order: the rules see only public values (weights, released noisy
 vectors, diagnostics the run may send).
 """
+
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -50,35 +52,40 @@ AGGREGATIONS: dict = {}
 
 def register_aggregation(name: str) -> Callable[[type], type]:
     """Class decorator: make the rule available as ``federation.aggregation: <name>``."""
+
     def deco(cls: type) -> type:
         if not (isinstance(cls, type) and issubclass(cls, Aggregation)):
             raise TypeError(f"register_aggregation({name!r}): {cls!r} is not an Aggregation subclass")
         cls.name = name
         AGGREGATIONS[name] = cls
         return cls
+
     return deco
 
 
-def trust_refusal(name: str, trust_model: str) -> Optional[str]:
+def trust_refusal(name: str, trust_model: str) -> str | None:
     """Why rule `name` cannot run under `trust_model` (None if it can, or if the rule is unknown: that is refused
     by its own check)."""
     cls = AGGREGATIONS.get(name)
     if cls is None or trust_model in cls.trust_models:
         return None
-    return (f"privacy.trust_model={trust_model} needs federation.aggregation=grad (or a rule that supports it); "
-            f"{name!r} supports {', '.join(cls.trust_models)}: {cls.trust_reason}")
+    return (
+        f"privacy.trust_model={trust_model} needs federation.aggregation=grad (or a rule that supports it); "
+        f"{name!r} supports {', '.join(cls.trust_models)}: {cls.trust_reason}"
+    )
 
 
-def make_aggregation(name: str, trainer: "Trainer") -> "Aggregation":
+def make_aggregation(name: str, trainer: Trainer) -> Aggregation:
     try:
         cls = AGGREGATIONS[name]
     except KeyError:
-        raise ConfigError(f"federation.aggregation={name!r} is not a known rule; known: "
-                          f"{', '.join(sorted(AGGREGATIONS))}") from None
+        raise ConfigError(
+            f"federation.aggregation={name!r} is not a known rule; known: {', '.join(sorted(AGGREGATIONS))}"
+        ) from None
     return cls(trainer)
 
 
-def flat_phi(hyper: "HyperNetwork") -> torch.Tensor:
+def flat_phi(hyper: HyperNetwork) -> torch.Tensor:
     """Phi's parameters as one float64 host vector (parameter order)."""
     return torch.cat([p.detach().reshape(-1).double() for p in hyper.parameters()]).cpu()
 
@@ -90,10 +97,12 @@ class Aggregation:
     name: str = ""
     # the trust models (privacy.trust_model) this rule's release is valid under, and why not the others
     trust_models: tuple = ("local",)
-    trust_reason: str = ("a rule must say that each of its steps releases one Gaussian mechanism of the clients' "
-                         "clipped sums through the trust model's reduce (GradAggregation does)")
+    trust_reason: str = (
+        "a rule must say that each of its steps releases one Gaussian mechanism of the clients' "
+        "clipped sums through the trust model's reduce (GradAggregation does)"
+    )
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: Trainer):
         self.tr = trainer
 
     # ------------------------------------------------------------------ noise
@@ -126,7 +135,7 @@ class Aggregation:
         """Client i's public weight w_i in its block's release sum_i w_i * (noisy Phi gradient of client i)."""
         return self.tr.weights[client_id]
 
-    def step_hyper(self, block: "ClientBlock") -> "HyperNetwork":
+    def step_hyper(self, block: ClientBlock) -> HyperNetwork:
         """The Phi a block's step is computed on."""
         return self.tr.hyper
 
@@ -138,7 +147,7 @@ class Aggregation:
     def new_step_buffer(self, diag_len: int) -> torch.Tensor:
         return torch.zeros(self.step_width + diag_len, dtype=torch.float64)
 
-    def add_release(self, buf: torch.Tensor, block: "ClientBlock", phi: torch.Tensor) -> None:
+    def add_release(self, buf: torch.Tensor, block: ClientBlock, phi: torch.Tensor) -> None:
         """What a block's released step contributes: ``phi`` is sum_i release_weight_i * (noisy Phi gradient of
         client i), flat (fp64, Phi's parameter order)."""
         raise NotImplementedError
@@ -155,7 +164,7 @@ class Aggregation:
         """The round's end (also after a budget stop): ``steps_done`` steps of the round were applied."""
 
     # ------------------------------------------------------------------ checkpoints
-    def client_state(self, client: "Client", mid_round: bool) -> dict:
+    def client_state(self, client: Client, mid_round: bool) -> dict:
         """Extra entries of the client's checkpoint (``mid_round``: a stop between two steps)."""
         return {}
 
@@ -177,23 +186,25 @@ class GradAggregation(Aggregation):
     def reduce_step(self, buf: torch.Tensor) -> torch.Tensor:
         return self.tr.trust.reduce_step(self.tr, buf, self.step_width)
 
-    def add_release(self, buf: torch.Tensor, block: "ClientBlock", phi: torch.Tensor) -> None:
-        buf[:self.step_width] += phi
+    def add_release(self, buf: torch.Tensor, block: ClientBlock, phi: torch.Tensor) -> None:
+        buf[: self.step_width] += phi
 
     def apply_step(self, reduced: torch.Tensor) -> None:
-        self.tr.apply_flat_grad(reduced[:self.step_width])
+        self.tr.apply_flat_grad(reduced[: self.step_width])
 
 
 @register_aggregation("delta")
 class DeltaAggregation(Aggregation):
     """Local steps on each hosted client's private copy of Phi; weighted deltas reduced per round."""
 
-    trust_reason = ("in delta a client's private copy of Phi is stepped with its own low-noise gradient over several "
-                    "local steps, so the round's delta is no longer one Gaussian mechanism")
+    trust_reason = (
+        "in delta a client's private copy of Phi is stepped with its own low-noise gradient over several "
+        "local steps, so the round's delta is no longer one Gaussian mechanism"
+    )
 
-    def __init__(self, trainer: "Trainer"):
+    def __init__(self, trainer: Trainer):
         super().__init__(trainer)
-        self.local: Optional[dict] = None  # {client id: its private copy of Phi}, inside a round
+        self.local: dict | None = None  # {client id: its private copy of Phi}, inside a round
 
     def begin_round(self, r: int) -> None:
         if self.local is None:  # else restored from a checkpoint inside the round
@@ -207,20 +218,22 @@ class DeltaAggregation(Aggregation):
         `max_clients_per_rank` hosted clients (the copies and per-client steps grow with the clients, and the
         round's delta is computed client by client): grad aggregation is the rule that scales."""
         if len(members) > self.max_clients_per_rank:
-            mb = len(members) * self.tr.phi_numel * 4 / 2 ** 20
-            raise ConfigError(f"federation.aggregation=delta keeps a private copy of Phi and a DP step of its own per "
-                              f"client ({len(members)} clients on this rank: {mb:,.0f} MB of copies, remade every "
-                              f"round); it is for small federations, at most {self.max_clients_per_rank} clients per "
-                              f"rank: use federation.aggregation=grad, or more ranks")
+            mb = len(members) * self.tr.phi_numel * 4 / 2**20
+            raise ConfigError(
+                f"federation.aggregation=delta keeps a private copy of Phi and a DP step of its own per "
+                f"client ({len(members)} clients on this rank: {mb:,.0f} MB of copies, remade every "
+                f"round); it is for small federations, at most {self.max_clients_per_rank} clients per "
+                f"rank: use federation.aggregation=grad, or more ranks"
+            )
         return [([cid], step_type) for cid, step_type in members]
 
     def release_weight(self, client_id: int) -> float:
         return 1.0  # a block of one releases its client's own noisy gradient; the weights enter the round's delta
 
-    def step_hyper(self, block: "ClientBlock") -> "HyperNetwork":
+    def step_hyper(self, block: ClientBlock) -> HyperNetwork:
         return self.local[block.ids[0]] if self.local is not None else self.tr.hyper
 
-    def add_release(self, buf: torch.Tensor, block: "ClientBlock", phi: torch.Tensor) -> None:
+    def add_release(self, buf: torch.Tensor, block: ClientBlock, phi: torch.Tensor) -> None:
         """The client's private copy of Phi takes a plain SGD step of train.local_lr, then the projection."""
         hyper = self.local[block.ids[0]]
         lr = self.tr.cfg.train.local_lr
@@ -228,7 +241,7 @@ class DeltaAggregation(Aggregation):
             off = 0
             for p in hyper.parameters():
                 n = p.numel()
-                p.sub_(lr * phi[off:off + n].view_as(p).to(device=p.device, dtype=p.dtype))
+                p.sub_(lr * phi[off : off + n].view_as(p).to(device=p.device, dtype=p.dtype))
                 off += n
         self.tr.project(hyper)
 
@@ -246,7 +259,7 @@ class DeltaAggregation(Aggregation):
                 tr.project(tr.hyper)
         self.local = None
 
-    def client_state(self, client: "Client", mid_round: bool) -> dict:
+    def client_state(self, client: Client, mid_round: bool) -> dict:
         if self.local is not None and mid_round:  # a stop inside a delta round: the private copy of Phi too
             return {"delta_local_phi": flat_phi(self.local[client.id])}
         return {}
@@ -257,8 +270,9 @@ class DeltaAggregation(Aggregation):
         for cid, state in states.items():
             if "delta_local_phi" in state:
                 h = copy.deepcopy(tr.hyper)
-                torch.nn.utils.vector_to_parameters(state["delta_local_phi"].float().to(tr.torch_device),
-                                                    h.parameters())
+                torch.nn.utils.vector_to_parameters(
+                    state["delta_local_phi"].float().to(tr.torch_device), h.parameters()
+                )
                 local[cid] = h
         if mid_round:
             if len(local) != len(tr.clients):

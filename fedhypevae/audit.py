@@ -36,13 +36,13 @@ Two audits:
   ``run_training`` runs, and each canary is scored by its ELBO (negative loss) under that client's
   final model. Only the final model is used, so this test is much weaker: expect a bound near 0.
 """
+
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -50,17 +50,20 @@ import torch
 from .checkpoint import dumps_json
 from .config import Config, config_from_dict
 from .dp_step import DPStep, noise_blocks
-from .privacy.trust import CentralTrust
 from .errors import ConfigError
+from .privacy.trust import CentralTrust
 from .rng import derive_seed
 from .rows import ExtraRows
 
 LEVEL = 0.05  # 95 % confidence
 SABOTAGE = ("none", "no-clip", "no-noise", "no-shares", "share-over-m")
 # what each sabotage breaks, for the outputs (the ledger is charged the planned sigma in every case)
-SABOTAGE_TEXT = {"no-clip": "clipping skipped", "no-noise": "no noise added",
-                 "no-shares": "no Phi noise from any source (clients' shares, or the aggregator's draw)",
-                 "share-over-m": "every Phi noise source at sigma C / M (M clients) instead of its calibrated share"}
+SABOTAGE_TEXT = {
+    "no-clip": "clipping skipped",
+    "no-noise": "no noise added",
+    "no-shares": "no Phi noise from any source (clients' shares, or the aggregator's draw)",
+    "share-over-m": "every Phi noise source at sigma C / M (M clients) instead of its calibrated share",
+}
 MODES = ("white-box", "black-box")
 CANARY_NORM = 2.0  # white-box canary length in units of C (>= C: clipping brings it to exactly C)
 NO_CLIP_CANARY_NORM = 1000.0  # without clipping nothing bounds a record's gradient: a long canary
@@ -73,8 +76,9 @@ _STREAM_COINS, _STREAM_LAYOUT, _STREAM_SAMPLE, _STREAM_SCORE = 0xC0, 0xC1, 0xC2,
 
 def _check_counts(m: int, r: int, v: int) -> None:
     if not (0 <= v <= r <= m):
-        raise ConfigError(f"audit counts must satisfy 0 <= correct <= guesses <= canaries; got correct={v}, "
-                          f"guesses={r}, canaries={m}")
+        raise ConfigError(
+            f"audit counts must satisfy 0 <= correct <= guesses <= canaries; got correct={v}, guesses={r}, canaries={m}"
+        )
 
 
 def audit_p_value(m: int, r: int, v: int, epsilon: float, delta: float) -> float:
@@ -144,7 +148,7 @@ def guess(scores: np.ndarray, k_in: int, k_out: int) -> np.ndarray:
     g = np.zeros(m, dtype=int)
     g[order[:k_in]] = 1
     if k_out:
-        g[order[m - k_out:]] = -1
+        g[order[m - k_out :]] = -1
     return g
 
 
@@ -152,8 +156,12 @@ def score_guesses(scores: np.ndarray, included: np.ndarray, k_in: int, k_out: in
     g = guess(scores, k_in, k_out)
     truth = np.where(np.asarray(included, dtype=bool), 1, -1)
     made = g != 0
-    return {"guesses": int(made.sum()), "correct": int((g[made] == truth[made]).sum()),
-            "correct_in": int(((g == 1) & (truth == 1)).sum()), "correct_out": int(((g == -1) & (truth == -1)).sum())}
+    return {
+        "guesses": int(made.sum()),
+        "correct": int((g[made] == truth[made]).sum()),
+        "correct_in": int(((g == 1) & (truth == 1)).sum()),
+        "correct_out": int(((g == -1) & (truth == -1)).sum()),
+    }
 
 
 # ------------------------------------------------------------------------------------------ white-box
@@ -170,8 +178,17 @@ class Canaries:
     after the scoring). DP must hold against exactly such an adversary (one who knows all other records), and
     each step stays a subsampled Gaussian mechanism for every canary given that knowledge."""
 
-    def __init__(self, *, coords: torch.Tensor, signs: torch.Tensor, included: torch.Tensor, seed: int, scale: float,
-                 phi_numel: int, sample_rate: float):
+    def __init__(
+        self,
+        *,
+        coords: torch.Tensor,
+        signs: torch.Tensor,
+        included: torch.Tensor,
+        seed: int,
+        scale: float,
+        phi_numel: int,
+        sample_rate: float,
+    ):
         self.coords, self.signs, self.included = coords.long(), signs.double(), included.bool()
         self.seed, self.scale, self.phi_numel, self.sample_rate = int(seed), float(scale), int(phi_numel), sample_rate
         self.scores = torch.zeros(len(coords), dtype=torch.float64)
@@ -207,7 +224,7 @@ class CanaryStep(DPStep):
     The audited client has a block (and so a step object) of its own: the trainer groups clients by step class.
     Without canaries it is the plain step."""
 
-    canaries: Optional[Canaries] = None
+    canaries: Canaries | None = None
     score_on = "own"  # own: the client's own release (local); aggregate: the aggregate the replicas apply
 
     def __init__(self, block, **kw):
@@ -227,7 +244,9 @@ class CanaryStep(DPStep):
         self.known = self.clip_and_accumulate(rows)[0]  # the client's own records: known to the auditor
         sampled = self.canaries.sampled()
         if len(sampled):  # records and canaries: one Poisson batch
-            rows = ExtraRows(rows, torch.zeros(len(sampled), dtype=torch.long), self.canaries.rows(sampled, self.block.device))
+            rows = ExtraRows(
+                rows, torch.zeros(len(sampled), dtype=torch.long), self.canaries.rows(sampled, self.block.device)
+            )
         return rows
 
     def released(self, pending, noisy):
@@ -265,7 +284,7 @@ class SharesSabotage:
     the Phi part instead of the one the trust model prescribes, while the ledger is still charged the planned
     sigma. The client's own psi_i, v_i block keeps its noise."""
 
-    sabotage_phi: Optional[float] = None
+    sabotage_phi: float | None = None
 
     def add_noise(self, sums, *, sigma, gens):
         if self.sabotage_phi is None:
@@ -279,8 +298,13 @@ class SharesCanaryStep(SharesSabotage, CanaryStep):
     """The canary step whose Phi noise is sabotaged (SharesSabotage)."""
 
 
-CANARY_STEPS = {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep,
-                "no-shares": SharesCanaryStep, "share-over-m": SharesCanaryStep}
+CANARY_STEPS = {
+    "none": CanaryStep,
+    "no-clip": NoClipCanaryStep,
+    "no-noise": NoNoiseCanaryStep,
+    "no-shares": SharesCanaryStep,
+    "share-over-m": SharesCanaryStep,
+}
 
 
 class ObservedStep(DPStep):
@@ -366,7 +390,7 @@ def _observe_aggregate(tr, canaries: Canaries) -> None:
             super().add_release(buf, block, phi)
 
         def apply_step(self, reduced):
-            resid = reduced[:self.step_width].clone()
+            resid = reduced[: self.step_width].clone()
             w = None
             for st in tr.steps:
                 rel = self._released.pop(id(st.block))
@@ -419,18 +443,26 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     tr = Trainer(cfg, run_dir, progress=progress, step_type=step_type)
     tr.setup()
     if setup.canaries > tr.phi_numel:
-        raise ConfigError(f"--canaries {setup.canaries}: the white-box audit puts each canary on its own coordinate of "
-                          f"Phi, which has only {tr.phi_numel}; use at most that many")
+        raise ConfigError(
+            f"--canaries {setup.canaries}: the white-box audit puts each canary on its own coordinate of "
+            f"Phi, which has only {tr.phi_numel}; use at most that many"
+        )
     steps = [st for st in tr.steps if setup.client in st.block.ids]
     if not steps:
         raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{tr.fed.num_clients - 1})")
     g = torch.Generator().manual_seed(derive_seed(setup.seed, _STREAM_LAYOUT))
-    coords = torch.randperm(tr.phi_numel, generator=g)[:setup.canaries]
+    coords = torch.randperm(tr.phi_numel, generator=g)[: setup.canaries]
     signs = torch.where(torch.rand(setup.canaries, generator=g) < 0.5, -1.0, 1.0)
     included = _coins(setup.seed, setup.canaries)
-    canaries = steps[0].canaries = Canaries(coords=coords, signs=signs, included=included, seed=setup.seed,
-                                            scale=canary_length(setup.sabotage, cfg.privacy.clip_norm),
-                                            phi_numel=tr.phi_numel, sample_rate=cfg.privacy.sample_rate)
+    canaries = steps[0].canaries = Canaries(
+        coords=coords,
+        signs=signs,
+        included=included,
+        seed=setup.seed,
+        scale=canary_length(setup.sabotage, cfg.privacy.clip_norm),
+        phi_numel=tr.phi_numel,
+        sample_rate=cfg.privacy.sample_rate,
+    )
     M = tr.fed.num_clients
     if shares:  # every Phi noise source at 0 or sigma / M; the ledger still charges the planned sigma
         if central:
@@ -446,25 +478,40 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
         _observe_aggregate(tr, canaries)
     tr.train()
     tr.writer.close()
-    return {"scores": canaries.scores.numpy(), "included": included.numpy(), "steps": tr.state.steps,
-            "engine": f"{tr.engine} (the DP step with the canary stage, on the audited client's own block)",
-            "sigma": tr.sigma, "plan": tr.plan, "colluders": colluders,
-            "scored_on": ("the aggregate every replica applies (what this trust model's adversary sees), minus the "
-                          f"shares of the {len(colluders)} colluding client(s) {colluders}" if aggregate
-                          else "the audited client's own release"),
-            "stopped_early": tr.state.stopped, "ledger_epsilon": tr.ledger.epsilon(delta=cfg.privacy.delta,
-                                                                                 accountant=cfg.privacy.accountant),
-            "canary": {"kind": "gradient (Dirac: one coordinate of Phi each, random sign)",
-                       "length": f"{canaries.scale / cfg.privacy.clip_norm:g} C",
-                       "mean_appearances_included": (float(canaries.appearances[included].double().mean())
-                                                     if included.any() else 0.0),
-                       "score": ("sum over steps of <released noisy Phi gradient minus what the white-box auditor "
-                                 "knows without the canaries (the clipped sum of the client's own batch, the "
-                                 "post-noise terms), canary direction>" if not aggregate else
-                                 "sum over steps of <the aggregate every replica applies minus what the white-box "
-                                 "auditor knows without the canaries (every client's clipped sum of its batch, the "
-                                 "post-noise terms, the colluding clients' noise shares), canary direction>, in units "
-                                 "of the audited client's release")}}
+    return {
+        "scores": canaries.scores.numpy(),
+        "included": included.numpy(),
+        "steps": tr.state.steps,
+        "engine": f"{tr.engine} (the DP step with the canary stage, on the audited client's own block)",
+        "sigma": tr.sigma,
+        "plan": tr.plan,
+        "colluders": colluders,
+        "scored_on": (
+            "the aggregate every replica applies (what this trust model's adversary sees), minus the "
+            f"shares of the {len(colluders)} colluding client(s) {colluders}"
+            if aggregate
+            else "the audited client's own release"
+        ),
+        "stopped_early": tr.state.stopped,
+        "ledger_epsilon": tr.ledger.epsilon(delta=cfg.privacy.delta, accountant=cfg.privacy.accountant),
+        "canary": {
+            "kind": "gradient (Dirac: one coordinate of Phi each, random sign)",
+            "length": f"{canaries.scale / cfg.privacy.clip_norm:g} C",
+            "mean_appearances_included": (
+                float(canaries.appearances[included].double().mean()) if included.any() else 0.0
+            ),
+            "score": (
+                "sum over steps of <released noisy Phi gradient minus what the white-box auditor "
+                "knows without the canaries (the clipped sum of the client's own batch, the "
+                "post-noise terms), canary direction>"
+                if not aggregate
+                else "sum over steps of <the aggregate every replica applies minus what the white-box "
+                "auditor knows without the canaries (every client's clipped sum of its batch, the "
+                "post-noise terms, the colluding clients' noise shares), canary direction>, in units "
+                "of the audited client's release"
+            ),
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------ black-box
@@ -483,8 +530,9 @@ def _canary_records(fed, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @torch.no_grad()
-def _elbo_scores(cfg: Config, run_dir: Path, fed, client_id: int, x: np.ndarray, y: np.ndarray, seed: int,
-                 draws: int = 16) -> np.ndarray:
+def _elbo_scores(
+    cfg: Config, run_dir: Path, fed, client_id: int, x: np.ndarray, y: np.ndarray, seed: int, draws: int = 16
+) -> np.ndarray:
     from . import checkpoint as ckpt
     from .model import Encoder, HyperNetwork, elbo_terms
 
@@ -524,20 +572,30 @@ def audit_black_box(cfg: Config, out: Path, setup: AuditSetup, *, progress: bool
     fed.declared_sizes[setup.client] = c.declared_size
     data_dir = write_shards(fed, out / "data")
     tree = cfg.to_dict()
-    tree["data"].update({"path": str(data_dir), "transform": "auto", "group_column": None, "site_column": None,
-                         "metadata_path": None})
+    tree["data"].update(
+        {"path": str(data_dir), "transform": "auto", "group_column": None, "site_column": None, "metadata_path": None}
+    )
     cfg2 = config_from_dict(tree)
     res = run_training(cfg2, out / "run", progress=progress)
     scores = _elbo_scores(cfg2, out / "run", fed, setup.client, x, y, setup.seed)
     plan = res["privacy"]["plan"]
     from .privacy import PrivacyPlan
-    return {"scores": scores, "included": included, "steps": res["privacy"]["steps"],
-            "sigma": res["privacy"]["noise_multiplier"], "plan": PrivacyPlan.from_dict(plan) if plan else None,
-            "stopped_early": res["training"]["stopped_early"], "ledger_epsilon": res["privacy"]["epsilon_spent"],
-            "engine": res["training"].get("engine", "reference"),
-            "canary": {"kind": "records: uniform out-of-distribution points with random labels, appended to the "
-                               "client's training split (shard directory " + str(data_dir) + ")",
-                       "score": "ELBO (negative loss) under the client's final encoder, code and Phi, mean of 16 draws"}}
+
+    return {
+        "scores": scores,
+        "included": included,
+        "steps": res["privacy"]["steps"],
+        "sigma": res["privacy"]["noise_multiplier"],
+        "plan": PrivacyPlan.from_dict(plan) if plan else None,
+        "stopped_early": res["training"]["stopped_early"],
+        "ledger_epsilon": res["privacy"]["epsilon_spent"],
+        "engine": res["training"].get("engine", "reference"),
+        "canary": {
+            "kind": "records: uniform out-of-distribution points with random labels, appended to the "
+            "client's training split (shard directory " + str(data_dir) + ")",
+            "score": "ELBO (negative loss) under the client's final encoder, code and Phi, mean of 16 draws",
+        },
+    }
 
 
 # ------------------------------------------------------------------------------------------ driver
@@ -550,26 +608,45 @@ def validate(cfg: Config, setup: AuditSetup) -> None:
     if setup.sabotage not in SABOTAGE:
         raise ConfigError(f"--sabotage must be one of {', '.join(SABOTAGE)}; got {setup.sabotage!r}")
     if not p.enabled:
-        raise ConfigError("privacy.enabled is false: there is no privacy claim to audit"
-                          + (" and nothing to sabotage" if setup.sabotage != "none" else "")
-                          + "; audit a private configuration")
+        raise ConfigError(
+            "privacy.enabled is false: there is no privacy claim to audit"
+            + (" and nothing to sabotage" if setup.sabotage != "none" else "")
+            + "; audit a private configuration"
+        )
     if math.isinf(p.target_epsilon):
-        raise ConfigError("privacy.target_epsilon is infinite: there is no claimed epsilon to audit; set a finite target")
+        raise ConfigError(
+            "privacy.target_epsilon is infinite: there is no claimed epsilon to audit; set a finite target"
+        )
     if setup.canaries < 2:
         raise ConfigError(f"--canaries must be >= 2 (each is included with probability 1/2); got {setup.canaries}")
     if setup.k_in < 0 or setup.k_out < 0 or setup.k_in + setup.k_out < 1 or setup.k_in + setup.k_out > setup.canaries:
-        raise ConfigError(f"guesses: need k_in, k_out >= 0, at least one guess and k_in + k_out <= canaries "
-                          f"({setup.canaries}); got k_in={setup.k_in}, k_out={setup.k_out}")
+        raise ConfigError(
+            f"guesses: need k_in, k_out >= 0, at least one guess and k_in + k_out <= canaries "
+            f"({setup.canaries}); got k_in={setup.k_in}, k_out={setup.k_out}"
+        )
     if not 0 <= setup.client < cfg.partition.clients:
         raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{cfg.partition.clients - 1})")
     if setup.mode == "black-box" and setup.sabotage != "none":
-        raise ConfigError("--sabotage applies to the white-box audit (it breaks the DP step the canaries go through); "
-                          "use --mode white-box")
+        raise ConfigError(
+            "--sabotage applies to the white-box audit (it breaks the DP step the canaries go through); "
+            "use --mode white-box"
+        )
 
 
-def run_audit(cfg: Config, out: Path, *, mode: str = "white-box", canaries: Optional[int] = None,
-              guesses: Optional[int] = None, sabotage: str = "none", seed: Optional[int] = None, client: int = 0,
-              progress: bool = True, level: float = LEVEL, command: str = "") -> dict:
+def run_audit(
+    cfg: Config,
+    out: Path,
+    *,
+    mode: str = "white-box",
+    canaries: int | None = None,
+    guesses: int | None = None,
+    sabotage: str = "none",
+    seed: int | None = None,
+    client: int = 0,
+    progress: bool = True,
+    level: float = LEVEL,
+    command: str = "",
+) -> dict:
     """Run the audit, write OUT/results.json and return the results."""
     from fedhypevae.hpc import LocalCommunicator
 
@@ -578,8 +655,15 @@ def run_audit(cfg: Config, out: Path, *, mode: str = "white-box", canaries: Opti
 
     m = int(canaries if canaries is not None else DEFAULT_CANARIES.get(mode, 1000))
     k = int(guesses if guesses is not None else max(1, m // 10))
-    setup = AuditSetup(canaries=m, k_in=k, k_out=k, seed=int(seed if seed is not None else derive_seed(cfg.seed, 0xA0D1)),
-                       client=int(client), sabotage=sabotage, mode=mode)
+    setup = AuditSetup(
+        canaries=m,
+        k_in=k,
+        k_out=k,
+        seed=int(seed if seed is not None else derive_seed(cfg.seed, 0xA0D1)),
+        client=int(client),
+        sabotage=sabotage,
+        mode=mode,
+    )
     validate(cfg, setup)
     out = Path(out)
     run_dir = out / "run"
@@ -588,83 +672,135 @@ def run_audit(cfg: Config, out: Path, *, mode: str = "white-box", canaries: Opti
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     p = cfg.privacy
-    raw = (audit_white_box(cfg, run_dir, setup, progress=progress) if mode == "white-box"
-           else audit_black_box(cfg, out, setup, progress=progress))
+    raw = (
+        audit_white_box(cfg, run_dir, setup, progress=progress)
+        if mode == "white-box"
+        else audit_black_box(cfg, out, setup, progress=progress)
+    )
     counts = score_guesses(raw["scores"], raw["included"], setup.k_in, setup.k_out)
     r, v = counts["guesses"], counts["correct"]
     eps_lb = epsilon_lower_bound(m, r, v, p.delta, level)
     eps_max = max_epsilon_lower_bound(m, r, p.delta, level)
     plan = raw["plan"]
-    dp_sgd_alone = epsilon_of([Mechanism(DP_SGD, plan.sigma, plan.sample_rate, raw["steps"])], delta=p.delta,
-                              accountant=p.accountant) if plan is not None else None
+    dp_sgd_alone = (
+        epsilon_of(
+            [Mechanism(DP_SGD, plan.sigma, plan.sample_rate, raw["steps"])], delta=p.delta, accountant=p.accountant
+        )
+        if plan is not None
+        else None
+    )
     claimed = float(p.target_epsilon)
     if eps_lb > claimed:
-        verdict = (f"VIOLATION: the empirical lower bound {eps_lb:.3f} exceeds the claimed epsilon {claimed:g} "
-                   f"at {100 * (1 - level):.0f}% confidence: this run is not ({claimed:g}, {p.delta:g})-DP")
+        verdict = (
+            f"VIOLATION: the empirical lower bound {eps_lb:.3f} exceeds the claimed epsilon {claimed:g} "
+            f"at {100 * (1 - level):.0f}% confidence: this run is not ({claimed:g}, {p.delta:g})-DP"
+        )
     elif eps_max <= claimed:
-        verdict = (f"INCONCLUSIVE: with {m} canaries and {r} guesses no audit can report more than {eps_max:.3f} "
-                   f"<= claimed {claimed:g}; use more canaries and guesses")
+        verdict = (
+            f"INCONCLUSIVE: with {m} canaries and {r} guesses no audit can report more than {eps_max:.3f} "
+            f"<= claimed {claimed:g}; use more canaries and guesses"
+        )
     else:
-        verdict = (f"consistent: the lower bound {eps_lb:.3f} does not exceed the claimed epsilon {claimed:g} "
-                   "(an audit can refute a privacy claim, never prove it)")
+        verdict = (
+            f"consistent: the lower bound {eps_lb:.3f} does not exceed the claimed epsilon {claimed:g} "
+            "(an audit can refute a privacy claim, never prove it)"
+        )
     included = np.asarray(raw["included"], dtype=bool)
     scores = np.asarray(raw["scores"], dtype=float)
-    results = {"audit": {
-        "method": "one-run audit (Steinke, Nasr & Jagielski 2023): exact binomial-tail test with the delta term",
-        "mode": mode, "sabotage": sabotage, "privacy_mode": p.mode, "aggregation": cfg.federation.aggregation,
-        "trust_model": p.trust_model, "collusion": p.collusion if p.trust_model == "distributed" else None,
-        "sabotaged": SABOTAGE_TEXT.get(sabotage), "scored_on": raw.get("scored_on"),
-        "colluders": raw.get("colluders", []),
-        "claimed_epsilon": claimed, "claimed_epsilon_source": "privacy.target_epsilon",
-        "epsilon_lower_bound": eps_lb, "confidence": 1 - level, "delta": p.delta,
-        "canaries": m, "included": int(included.sum()), "guesses_in": setup.k_in, "guesses_out": setup.k_out,
-        "guesses": r, "correct": v, "correct_in": counts["correct_in"], "correct_out": counts["correct_out"],
-        "max_epsilon_lower_bound": eps_max, "closed_form_max": closed_form_max(r, level),
-        "power_ok": eps_max > claimed,
-        "verdict": verdict, "violation": eps_lb > claimed,
-        "epsilon_dp_sgd_alone": dp_sgd_alone, "ledger_epsilon": raw["ledger_epsilon"],
-        "noise_multiplier": raw["sigma"] if sabotage != "no-noise" else 0.0, "planned_noise_multiplier": raw["sigma"],
-        "sample_rate": p.sample_rate, "clip_norm": p.clip_norm, "steps": raw["steps"],
-        "stopped_early": raw["stopped_early"], "client": setup.client, "canary": raw["canary"],
-        "engine": raw.get("engine"),
-        "mean_score_included": float(scores[included].mean()) if included.any() else None,
-        "mean_score_excluded": float(scores[~included].mean()) if (~included).any() else None,
-        "seeds": {"seed": cfg.seed, "audit_seed": setup.seed, "noise_seed": p.noise_seed},
-        "noise": ("reproducible from privacy.noise_seed" if p.noise_seed is not None
-                  else "securely seeded per client: this audit cannot be replayed exactly"),
-        "wall_time_s": time.perf_counter() - t0, "run_dir": str(run_dir),
-        "command": command,
-    }, "provenance": provenance(cfg, launcher="none", comm=LocalCommunicator(), device="cpu")}
+    results = {
+        "audit": {
+            "method": "one-run audit (Steinke, Nasr & Jagielski 2023): exact binomial-tail test with the delta term",
+            "mode": mode,
+            "sabotage": sabotage,
+            "privacy_mode": p.mode,
+            "aggregation": cfg.federation.aggregation,
+            "trust_model": p.trust_model,
+            "collusion": p.collusion if p.trust_model == "distributed" else None,
+            "sabotaged": SABOTAGE_TEXT.get(sabotage),
+            "scored_on": raw.get("scored_on"),
+            "colluders": raw.get("colluders", []),
+            "claimed_epsilon": claimed,
+            "claimed_epsilon_source": "privacy.target_epsilon",
+            "epsilon_lower_bound": eps_lb,
+            "confidence": 1 - level,
+            "delta": p.delta,
+            "canaries": m,
+            "included": int(included.sum()),
+            "guesses_in": setup.k_in,
+            "guesses_out": setup.k_out,
+            "guesses": r,
+            "correct": v,
+            "correct_in": counts["correct_in"],
+            "correct_out": counts["correct_out"],
+            "max_epsilon_lower_bound": eps_max,
+            "closed_form_max": closed_form_max(r, level),
+            "power_ok": eps_max > claimed,
+            "verdict": verdict,
+            "violation": eps_lb > claimed,
+            "epsilon_dp_sgd_alone": dp_sgd_alone,
+            "ledger_epsilon": raw["ledger_epsilon"],
+            "noise_multiplier": raw["sigma"] if sabotage != "no-noise" else 0.0,
+            "planned_noise_multiplier": raw["sigma"],
+            "sample_rate": p.sample_rate,
+            "clip_norm": p.clip_norm,
+            "steps": raw["steps"],
+            "stopped_early": raw["stopped_early"],
+            "client": setup.client,
+            "canary": raw["canary"],
+            "engine": raw.get("engine"),
+            "mean_score_included": float(scores[included].mean()) if included.any() else None,
+            "mean_score_excluded": float(scores[~included].mean()) if (~included).any() else None,
+            "seeds": {"seed": cfg.seed, "audit_seed": setup.seed, "noise_seed": p.noise_seed},
+            "noise": (
+                "reproducible from privacy.noise_seed"
+                if p.noise_seed is not None
+                else "securely seeded per client: this audit cannot be replayed exactly"
+            ),
+            "wall_time_s": time.perf_counter() - t0,
+            "run_dir": str(run_dir),
+            "command": command,
+        },
+        "provenance": provenance(cfg, launcher="none", comm=LocalCommunicator(), device="cpu"),
+    }
     (out / "results.json").write_text(dumps_json(results, indent=2) + "\n")
     return results
 
 
 def format_audit(results: dict) -> str:
     a = results["audit"]
-    desc = ("white-box gradient canaries through the client's real clip-and-noise step" if a["mode"] == "white-box"
-            else "black-box canary records, final model only (a weaker test: expect a bound near 0)")
-    lines = ["", f"FedHypeVAE privacy audit: {desc}",
-             f"  mechanism : {a['privacy_mode']} mode, {a['aggregation']} aggregation, trust model "
-             f"{a.get('trust_model', 'local')}"
-             + (f" (collusion {a['collusion']})" if a.get("collusion") else "")
-             + f", sigma={a['planned_noise_multiplier']:.4f}"
-             f"{' (SABOTAGED: no noise added)' if a['sabotage'] == 'no-noise' else ''}, q={a['sample_rate']}, "
-             f"C={a['clip_norm']}{' (SABOTAGED: clipping skipped)' if a['sabotage'] == 'no-clip' else ''}, "
-             f"steps={a['steps']}, delta={a['delta']}"
-             + (f" (SABOTAGED: {a['sabotaged']})" if a["sabotage"] in ("no-shares", "share-over-m") else ""),
-             *([f"  step      : {a['engine']}"] if a.get("engine") else []),
-             *([f"  scored on : {a['scored_on']}"] if a.get("scored_on") else []),
-             f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, audit seed {a['seeds']['audit_seed']}), "
-             f"client {a['client']}",
-             f"  guesses   : {a['guesses_in']} 'in' (top scores) + {a['guesses_out']} 'out' (bottom scores) = "
-             f"{a['guesses']}, correct {a['correct']}",
-             f"  epsilon   : claimed {a['claimed_epsilon']:g} (privacy.target_epsilon"
-             + (f"; DP-SGD alone {a['epsilon_dp_sgd_alone']:.3f}" if a["epsilon_dp_sgd_alone"] is not None else "")
-             + f"), empirical lower bound {a['epsilon_lower_bound']:.3f} at {100 * a['confidence']:.0f}% confidence",
-             f"  power     : the largest bound these settings can give (all {a['guesses']} guesses right) is "
-             f"{a['max_epsilon_lower_bound']:.3f} (closed form without delta: {a['closed_form_max']:.3f}); "
-             + ("above the claim, so a violation can be detected" if a["power_ok"]
-                else "NOT above the claim: this audit cannot refute it"),
-             f"  verdict   : {a['verdict']}",
-             f"  noise     : {a['noise']}"]
+    desc = (
+        "white-box gradient canaries through the client's real clip-and-noise step"
+        if a["mode"] == "white-box"
+        else "black-box canary records, final model only (a weaker test: expect a bound near 0)"
+    )
+    lines = [
+        "",
+        f"FedHypeVAE privacy audit: {desc}",
+        f"  mechanism : {a['privacy_mode']} mode, {a['aggregation']} aggregation, trust model "
+        f"{a.get('trust_model', 'local')}"
+        + (f" (collusion {a['collusion']})" if a.get("collusion") else "")
+        + f", sigma={a['planned_noise_multiplier']:.4f}"
+        f"{' (SABOTAGED: no noise added)' if a['sabotage'] == 'no-noise' else ''}, q={a['sample_rate']}, "
+        f"C={a['clip_norm']}{' (SABOTAGED: clipping skipped)' if a['sabotage'] == 'no-clip' else ''}, "
+        f"steps={a['steps']}, delta={a['delta']}"
+        + (f" (SABOTAGED: {a['sabotaged']})" if a["sabotage"] in ("no-shares", "share-over-m") else ""),
+        *([f"  step      : {a['engine']}"] if a.get("engine") else []),
+        *([f"  scored on : {a['scored_on']}"] if a.get("scored_on") else []),
+        f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, audit seed {a['seeds']['audit_seed']}), "
+        f"client {a['client']}",
+        f"  guesses   : {a['guesses_in']} 'in' (top scores) + {a['guesses_out']} 'out' (bottom scores) = "
+        f"{a['guesses']}, correct {a['correct']}",
+        f"  epsilon   : claimed {a['claimed_epsilon']:g} (privacy.target_epsilon"
+        + (f"; DP-SGD alone {a['epsilon_dp_sgd_alone']:.3f}" if a["epsilon_dp_sgd_alone"] is not None else "")
+        + f"), empirical lower bound {a['epsilon_lower_bound']:.3f} at {100 * a['confidence']:.0f}% confidence",
+        f"  power     : the largest bound these settings can give (all {a['guesses']} guesses right) is "
+        f"{a['max_epsilon_lower_bound']:.3f} (closed form without delta: {a['closed_form_max']:.3f}); "
+        + (
+            "above the claim, so a violation can be detected"
+            if a["power_ok"]
+            else "NOT above the claim: this audit cannot refute it"
+        ),
+        f"  verdict   : {a['verdict']}",
+        f"  noise     : {a['noise']}",
+    ]
     return "\n".join(lines)

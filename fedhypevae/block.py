@@ -22,10 +22,11 @@ Python: a block of 50,000 clients is a few dozen tensors.
 * **Per-client views.** `client(i)` is a `client.Client` looking at row i (its data, its state as views of
   the stacks): for code that works one client at a time (the statistics release, tests, tools).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -44,9 +45,21 @@ class ClientBlock:
     """The data and stacked private state of the clients `ids` (their training records `X`, `Y` client-major,
     `sizes` records each, `declared` public sizes). Build one with `from_data`; `rows(lo, hi)` is a view."""
 
-    def __init__(self, cfg: Config, ids: Sequence[int], X: torch.Tensor, Y: torch.Tensor, sizes: Sequence[int],
-                 declared: Sequence[int], *, num_classes: int, dim: int, device: torch.device | str = "cpu",
-                 key: Optional[int] = None, init: bool = True):
+    def __init__(
+        self,
+        cfg: Config,
+        ids: Sequence[int],
+        X: torch.Tensor,
+        Y: torch.Tensor,
+        sizes: Sequence[int],
+        declared: Sequence[int],
+        *,
+        num_classes: int,
+        dim: int,
+        device: torch.device | str = "cpu",
+        key: int | None = None,
+        init: bool = True,
+    ):
         if not len(ids):
             raise ValueError("a client block needs at least one client")
         self.cfg = cfg
@@ -70,32 +83,60 @@ class ClientBlock:
         self.enc_shapes = [tuple(t.shape) for _, t in self.encoder.named_parameters()]
         self.enc_hp = {"lr": float(cfg.train.encoder_lr), "betas": ADAM_BETAS, "eps": ADAM_EPS}
         self.code_hp = {"lr": float(cfg.train.code_lr), "betas": ADAM_BETAS, "eps": ADAM_EPS}
-        self.mmd_target: Optional[torch.Tensor] = None  # (M, K, F): the DP-MERF mean embeddings, once released
-        self.mmd_weights: Optional[torch.Tensor] = None  # (M, K)
+        self.mmd_target: torch.Tensor | None = None  # (M, K, F): the DP-MERF mean embeddings, once released
+        self.mmd_weights: torch.Tensor | None = None  # (M, K)
         if init:
             self._init_state()
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_data(cls, datas: list, cfg: Config, *, num_classes: int, dim: int, declared: Optional[Sequence[int]] = None,
-                  device: torch.device | str = "cpu", key: Optional[int] = None) -> "ClientBlock":
+    def from_data(
+        cls,
+        datas: list,
+        cfg: Config,
+        *,
+        num_classes: int,
+        dim: int,
+        declared: Sequence[int] | None = None,
+        device: torch.device | str = "cpu",
+        key: int | None = None,
+    ) -> ClientBlock:
         """A block of the clients in `datas` (`data.ClientData`, their training splits), freshly initialized."""
         xs = [np.asarray(d.x_train, dtype=np.float32).reshape(len(d.y_train), -1) for d in datas]
         ys = [np.asarray(d.y_train, dtype=np.int64).reshape(-1) for d in datas]
         X = torch.from_numpy(np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)).to(device)
         Y = torch.from_numpy(np.concatenate(ys) if ys else np.zeros(0, np.int64)).to(device)
         dec = list(declared) if declared is not None else [int(d.declared_size) for d in datas]
-        return cls(cfg, [d.client_id for d in datas], X, Y, [len(y) for y in ys], dec, num_classes=num_classes,
-                   dim=dim, device=device, key=key)
+        return cls(
+            cfg,
+            [d.client_id for d in datas],
+            X,
+            Y,
+            [len(y) for y in ys],
+            dec,
+            num_classes=num_classes,
+            dim=dim,
+            device=device,
+            key=key,
+        )
 
     @classmethod
-    def copy_of(cls, clients: list) -> "ClientBlock":
+    def copy_of(cls, clients: list) -> ClientBlock:
         """A new block holding copies of `clients`' data and private state, in this order (the first client's
         generator key: with `privacy.noise_seed`, every client's)."""
         b0 = clients[0].block
-        block = cls(b0.cfg, [c.id for c in clients], torch.cat([c.x for c in clients]), torch.cat([c.y for c in clients]),
-                    [len(c.y) for c in clients], [c.declared_size for c in clients], num_classes=b0.K, dim=b0.dim,
-                    device=b0.device, key=b0.key)
+        block = cls(
+            b0.cfg,
+            [c.id for c in clients],
+            torch.cat([c.x for c in clients]),
+            torch.cat([c.y for c in clients]),
+            [len(c.y) for c in clients],
+            [c.declared_size for c in clients],
+            num_classes=b0.K,
+            dim=b0.dim,
+            device=b0.device,
+            key=b0.key,
+        )
         for k, c in enumerate(clients):
             block.client(k).load_state_dict(c.state_dict())
         return block
@@ -136,11 +177,14 @@ class ClientBlock:
     def _layers(self) -> None:
         """The encoder's (weight, bias) stacks in layer order (the model's math takes them as `layers`)."""
         by_name = dict(zip(self.enc_names, self.enc_params))
-        self.enc_layers = [(by_name[f"{n}.weight"], by_name.get(f"{n}.bias")) for n, mod in self.encoder.named_modules()
-                           if isinstance(mod, torch.nn.Linear)]
+        self.enc_layers = [
+            (by_name[f"{n}.weight"], by_name.get(f"{n}.bias"))
+            for n, mod in self.encoder.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+        ]
 
     # ------------------------------------------------------------------ views
-    def rows(self, lo: int, hi: int) -> "ClientBlock":
+    def rows(self, lo: int, hi: int) -> ClientBlock:
         """Clients lo..hi-1 as a block that shares this one's storage (a chunk: what one pass of a step holds)."""
         if lo == 0 and hi == self.M:
             return self
@@ -199,8 +243,16 @@ class ClientBlock:
         the CPU) on the (M, ...) stacks: elementwise the same as one Adam per client. Every client steps at every
         step, so the step counts agree and one call per stack suffices; otherwise one call per client."""
         b1, b2 = hp["betas"]
-        kw = dict(foreach=False, amsgrad=False, beta1=b1, beta2=b2, lr=hp["lr"], weight_decay=0.0, eps=hp["eps"],
-                  maximize=False)
+        kw = dict(
+            foreach=False,
+            amsgrad=False,
+            beta1=b1,
+            beta2=b2,
+            lr=hp["lr"],
+            weight_decay=0.0,
+            eps=hp["eps"],
+            maximize=False,
+        )
         for k, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
             col = steps[:, k]
             if bool((col == col[0]).all()):
@@ -210,7 +262,7 @@ class ClientBlock:
             for i in range(len(col)):
                 adam([p[i]], [g[i]], [m[i]], [v[i]], [], [steps[i, k]], **kw)
 
-    def set_lr(self, *, encoder: Optional[float] = None, code: Optional[float] = None) -> None:
+    def set_lr(self, *, encoder: float | None = None, code: float | None = None) -> None:
         """Change the clients' local learning rates (a resume may; chunks share these settings)."""
         if encoder is not None:
             self.enc_hp["lr"] = float(encoder)

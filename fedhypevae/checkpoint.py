@@ -15,12 +15,12 @@ client) are still read.
 The privacy ledger is not in checkpoints: it lives in append-only files that are written before each
 release, so that a resume never refunds epsilon (fedhypevae/privacy/ledger.py).
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -125,9 +125,15 @@ def save_shard(ckpt: Path, rank: int, blocks: list, extra: dict) -> Path:
     """The rank's shard: `blocks` = [(client ids, {name: (M, ...) stack})] written as they are (no copy),
     `extra` = {"rule": {client id: {name: tensor}}}."""
     path = shard_path(ckpt, rank)
-    atomic_torch_save({"format": SHARD_FORMAT, "rank": int(rank),
-                       "blocks": [{"ids": torch.as_tensor(list(ids), dtype=torch.long), "state": state}
-                                  for ids, state in blocks], "extra": extra}, path)
+    atomic_torch_save(
+        {
+            "format": SHARD_FORMAT,
+            "rank": int(rank),
+            "blocks": [{"ids": torch.as_tensor(list(ids), dtype=torch.long), "state": state} for ids, state in blocks],
+            "extra": extra,
+        },
+        path,
+    )
     return path
 
 
@@ -137,9 +143,11 @@ def shards(ckpt: Path) -> list:
     for path in sorted(Path(ckpt).glob("rank_*.pt")):
         shard = load(path, f"checkpoint shard {path.name}", mmap=True)
         if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
-            raise CheckpointError(f"{path} is not a checkpoint shard of format {SHARD_FORMAT} (format "
-                                  f"{shard.get('format') if isinstance(shard, dict) else '?'}); delete that "
-                                  "checkpoint directory to resume from an earlier one")
+            raise CheckpointError(
+                f"{path} is not a checkpoint shard of format {SHARD_FORMAT} (format "
+                f"{shard.get('format') if isinstance(shard, dict) else '?'}); delete that "
+                "checkpoint directory to resume from an earlier one"
+            )
         out.append((path, shard))
     return out
 
@@ -165,7 +173,7 @@ def mark_complete(ckpt: Path) -> None:
     atomic_write_text(ckpt / MARKER, "ok\n")
 
 
-def latest_complete(run_dir: Path) -> Optional[Path]:
+def latest_complete(run_dir: Path) -> Path | None:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return None
@@ -187,7 +195,11 @@ def load(path: Path, what: str, *, mmap: bool = False):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"{what} missing: {path}. The checkpoint is incomplete; delete it to resume from an earlier one.") from None
+        raise CheckpointError(
+            f"{what} missing: {path}. The checkpoint is incomplete; delete it to resume from an earlier one."
+        ) from None
     except Exception as exc:  # truncated or corrupt pickle/zip
-        raise CheckpointError(f"{what} at {path} cannot be read ({type(exc).__name__}: {exc}); "
-                              "delete that checkpoint directory to resume from an earlier one.") from None
+        raise CheckpointError(
+            f"{what} at {path} cannot be read ({type(exc).__name__}: {exc}); "
+            "delete that checkpoint directory to resume from an earlier one."
+        ) from None

@@ -12,11 +12,11 @@ on its own (`Client(data, cfg=..., ...)`) has a block of one: `step` runs its st
 DPStep, or a subclass overriding stages) on that block, `prepare_step` up to the noise (nothing released,
 nothing changed), `release_step` the rest. The privacy ledger belongs to the rank (Trainer.ledger).
 """
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ __all__ = ["DIAG_KEYS", "Client", "PendingStep", "StepOutput"]
 @dataclass
 class StepOutput:
     """What one client's step released: its noisy Phi gradient (plus the post-noise terms) by name."""
+
     phi_grad: dict  # keyed by HyperNetwork parameter name
     diag: torch.Tensor  # len(DIAG_KEYS)
 
@@ -42,7 +43,7 @@ class StepOutput:
 class PendingStep:
     """One client's step computed up to the noise: the block-of-one PendingBatch, seen per client."""
 
-    def __init__(self, client: "Client", step: DPStep, pending: PendingBatch):
+    def __init__(self, client: Client, step: DPStep, pending: PendingBatch):
         self.client, self.step, self.batch_pending = client, step, pending
         d = pending.draws[0]
         self.idx, self.eps, self.syn = d.idx, d.eps, d.syn
@@ -87,7 +88,7 @@ def unflatten(vec: torch.Tensor, layout) -> dict:
         k = 1
         for d in shape:
             k *= d
-        out[n] = vec[off:off + k].view(shape)
+        out[n] = vec[off : off + k].view(shape)
         off += k
     return out
 
@@ -98,16 +99,25 @@ class Client:
 
     step_type: type = DPStep  # the DP step's class: a subclass may name a DPStep subclass overriding stages
 
-    def __init__(self, data: ClientData, *, cfg: Config, num_classes: int, dim: int,
-                 declared_size: Optional[int] = None, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        data: ClientData,
+        *,
+        cfg: Config,
+        num_classes: int,
+        dim: int,
+        declared_size: int | None = None,
+        device: torch.device | str = "cpu",
+    ):
         # the public size every DP normalizer uses: the federation's declared size (federation.declared_sizes,
         # rounding included) as the trainer resolved it; the shard's own only where no trainer is involved
         declared = int(declared_size if declared_size is not None else data.declared_size)
-        self._attach(ClientBlock.from_data([data], cfg, num_classes=num_classes, dim=dim, declared=[declared],
-                                           device=device), 0)
+        self._attach(
+            ClientBlock.from_data([data], cfg, num_classes=num_classes, dim=dim, declared=[declared], device=device), 0
+        )
 
     @classmethod
-    def view(cls, block: ClientBlock, index: int) -> "Client":
+    def view(cls, block: ClientBlock, index: int) -> Client:
         c = cls.__new__(cls)
         c._attach(block, index)
         return c
@@ -166,26 +176,30 @@ class Client:
         return ClientRNG(self.id, self.cfg.privacy.noise_seed, key=self.block.key)
 
     @property
-    def mmd_target(self) -> Optional[torch.Tensor]:
+    def mmd_target(self) -> torch.Tensor | None:
         return None if self.block.mmd_target is None else self.block.mmd_target[self.index]
 
     @property
-    def mmd_weights(self) -> Optional[torch.Tensor]:
+    def mmd_weights(self) -> torch.Tensor | None:
         return None if self.block.mmd_weights is None else self.block.mmd_weights[self.index]
 
     def state_dict(self) -> dict:
         """A copy of the client's private state (never a view: a saved view would carry the whole stack, other
         clients' state included)."""
         b, i = self.block, self.index
-        return {"id": self.id,
-                "encoder": {n: t[i].detach().clone() for n, t in zip(b.enc_names, b.enc_params)},
-                "code": b.codes[i].detach().clone(),
-                "enc_adam": {"m": {n: t[i].clone() for n, t in zip(b.enc_names, b.enc_m)},
-                             "v": {n: t[i].clone() for n, t in zip(b.enc_names, b.enc_v)},
-                             "steps": b.enc_steps[i].clone()},
-                "code_adam": {"m": b.code_m[i].clone(), "v": b.code_v[i].clone(), "steps": b.code_steps[i].clone()},
-                "mmd_target": None if b.mmd_target is None else b.mmd_target[i].clone(),
-                "mmd_weights": None if b.mmd_weights is None else b.mmd_weights[i].clone()}
+        return {
+            "id": self.id,
+            "encoder": {n: t[i].detach().clone() for n, t in zip(b.enc_names, b.enc_params)},
+            "code": b.codes[i].detach().clone(),
+            "enc_adam": {
+                "m": {n: t[i].clone() for n, t in zip(b.enc_names, b.enc_m)},
+                "v": {n: t[i].clone() for n, t in zip(b.enc_names, b.enc_v)},
+                "steps": b.enc_steps[i].clone(),
+            },
+            "code_adam": {"m": b.code_m[i].clone(), "v": b.code_v[i].clone(), "steps": b.code_steps[i].clone()},
+            "mmd_target": None if b.mmd_target is None else b.mmd_target[i].clone(),
+            "mmd_weights": None if b.mmd_weights is None else b.mmd_weights[i].clone(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Write a `state_dict` (or a client file of the per-client checkpoint format 1) into the block's row."""
@@ -214,7 +228,7 @@ class Client:
         b.mmd_target[self.index] = target.to(b.device, torch.float32)
         b.mmd_weights[self.index] = weights.to(b.device, torch.float32)
 
-    def standalone(self) -> "Client":
+    def standalone(self) -> Client:
         """A copy of this client with a block of its own (its data, state, embeddings and generator key)."""
         c = type(self).view(ClientBlock.copy_of([self]), 0)
         if type(self).step_type is not self.step_type:
@@ -242,24 +256,30 @@ class Client:
         """This client's DP step: an instance of ``step_type`` on its block of one, weight 1. A client that is a
         row of a block of many is stepped by its block's step (the trainer's): use `standalone()` for a copy."""
         if self.block.M != 1:
-            raise ValueError(f"client {self.id} is a row of a block of {self.block.M} clients: its step is the "
-                             "block's (Trainer.steps); use client.standalone() for a copy with a block of its own")
+            raise ValueError(
+                f"client {self.id} is a row of a block of {self.block.M} clients: its step is the "
+                "block's (Trainer.steps); use client.standalone() for a copy with a block of its own"
+            )
         s = self.__dict__.get("_dp_step")
         if s is None or s.block is not self.block or type(s) is not self.step_type:
             s = self._dp_step = self.step_type(self.block, weights=[1.0], per_sample=PER_SAMPLE[self.cfg.train.engine])
         return s
 
-    def step(self, hyper: HyperNetwork, round_: int, step: int, *, sigma, features: Optional[RandomFeatures],
-             epoch: int = 0) -> StepOutput:
+    def step(
+        self, hyper: HyperNetwork, round_: int, step: int, *, sigma, features: RandomFeatures | None, epoch: int = 0
+    ) -> StepOutput:
         return self.release_step(self.prepare_step(hyper, round_, step, epoch=epoch), sigma=sigma, features=features)
 
     def prepare_step(self, hyper: HyperNetwork, round_: int, step: int, *, epoch: int = 0) -> PendingStep:
         """Everything up to the noise on this step's generator stream. No state changes."""
         st = self.dp_step
-        return PendingStep(self, st, st.prepare(hyper, round_, step, epoch=epoch,
-                                                gens=[self.rng.generator(STREAM_STEP, round_, step, epoch)]))
+        return PendingStep(
+            self,
+            st,
+            st.prepare(hyper, round_, step, epoch=epoch, gens=[self.rng.generator(STREAM_STEP, round_, step, epoch)]),
+        )
 
-    def release_step(self, pending: PendingStep, *, sigma, features: Optional[RandomFeatures]) -> StepOutput:
+    def release_step(self, pending: PendingStep, *, sigma, features: RandomFeatures | None) -> StepOutput:
         """Noise, the post-noise terms and the local update of psi_i and v_i; returns what leaves the client."""
         # the step consumes the sums it releases: this client-level view keeps its pre-noise payload
         bp = dataclasses.replace(pending.batch_pending, sums=pending.batch_pending.sums.clone())
@@ -270,6 +290,7 @@ class Client:
 
 def _from_format1(state: dict, enc_names: list) -> dict:
     """A client file of checkpoint format 1 (encoder/code plus torch.optim state dicts) in `state_dict`'s form."""
+
     def adam(opt: dict, names: list, like: list):
         st = opt.get("state", {})
         m = {n: (st[k]["exp_avg"] if k in st else torch.zeros_like(t)) for k, (n, t) in enumerate(zip(names, like))}
@@ -280,6 +301,11 @@ def _from_format1(state: dict, enc_names: list) -> dict:
     enc = [state["encoder"][n] for n in enc_names]
     m, v, steps = adam(state["enc_opt"], enc_names, enc)
     cm, cv, cs = adam(state["code_opt"], ["code"], [state["code"]])
-    return {"encoder": dict(state["encoder"]), "code": state["code"], "enc_adam": {"m": m, "v": v, "steps": steps},
-            "code_adam": {"m": cm["code"], "v": cv["code"], "steps": cs},
-            "mmd_target": state.get("mmd_target"), "mmd_weights": state.get("mmd_weights")}
+    return {
+        "encoder": dict(state["encoder"]),
+        "code": state["code"],
+        "enc_adam": {"m": m, "v": v, "steps": steps},
+        "code_adam": {"m": cm["code"], "v": cv["code"], "steps": cs},
+        "mmd_target": state.get("mmd_target"),
+        "mmd_weights": state.get("mmd_weights"),
+    }

@@ -6,6 +6,7 @@ Every field carries a one-line docstring (the comment above it). Validation happ
 ``__post_init__`` with messages a user can act on; unknown keys are rejected with the list
 of valid ones. The resolved config is saved with every run and checkpoint.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,7 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -66,32 +67,38 @@ class DataConfig:
     # or a built-in name: digits, breast_cancer
     path: str = "digits"
     # label column for .csv/.parquet files (default: "label", else "y")
-    label_column: Optional[str] = None
+    label_column: str | None = None
     # column whose value must never be on both sides of a client's train/test split (e.g. lesion_id)
-    group_column: Optional[str] = None
+    group_column: str | None = None
     # column naming each record's site, for partition.kind=site
-    site_column: Optional[str] = None
+    site_column: str | None = None
     # optional row-aligned metadata table (.csv/.parquet) holding group/site columns
-    metadata_path: Optional[str] = None
+    metadata_path: str | None = None
     # per-record transform, public and fixed: auto (range when the format or data.value_range declares a range,
     # none for float arrays; a plain numeric table declares nothing and must choose), none, range, l2
     transform: str = "auto"
     # [low, high]: a range every feature lies in, declared from what you know about the format (e.g. [0, 255]
     # for 8-bit pixels), never measured on the private data; used by data.transform=range
-    value_range: Optional[list] = None
+    value_range: list | None = None
     # fraction of each client's records held out as its test split
     test_fraction: float = 0.2
 
     def __post_init__(self):
-        _check(isinstance(self.path, str) and self.path.strip() != "",
-               f"data.path must not be empty: give a data file, a shard directory or a built-in name "
-               f"(digits, breast_cancer); got {self.path!r}")
+        _check(
+            isinstance(self.path, str) and self.path.strip() != "",
+            f"data.path must not be empty: give a data file, a shard directory or a built-in name "
+            f"(digits, breast_cancer); got {self.path!r}",
+        )
         _one_of("data.transform", self.transform, ("auto", "none", "range", "l2"))
         if self.value_range is not None:
             vr = self.value_range
-            _check(isinstance(vr, list) and len(vr) == 2 and all(_is_number(v) and math.isfinite(v) for v in vr)
-                   and vr[0] < vr[1], f"data.value_range must be [low, high] with low < high (two finite numbers); "
-                                      f"got {vr!r}")
+            _check(
+                isinstance(vr, list)
+                and len(vr) == 2
+                and all(_is_number(v) and math.isfinite(v) for v in vr)
+                and vr[0] < vr[1],
+                f"data.value_range must be [low, high] with low < high (two finite numbers); got {vr!r}",
+            )
         # existing paths are stored absolute, so a saved config.yaml works from any directory
         for name in ("path", "metadata_path"):
             value = getattr(self, name)
@@ -115,7 +122,10 @@ class PartitionConfig:
         _one_of("partition.kind", self.kind, ("iid", "dirichlet", "site"))
         _check(self.alpha > 0, f"partition.alpha must be > 0; got {self.alpha}")
         _check(self.clients >= 1, f"partition.clients must be >= 1; got {self.clients}")
-        _check(self.min_client_size >= 2, f"partition.min_client_size must be >= 2 (a train and a test record); got {self.min_client_size}")
+        _check(
+            self.min_client_size >= 2,
+            f"partition.min_client_size must be >= 2 (a train and a test record); got {self.min_client_size}",
+        )
 
 
 @dataclass
@@ -137,7 +147,7 @@ class ModelConfig:
     # label embedding size for the prior generator g_omega
     label_embed_dim: int = 16
     # spectral-norm bound (Lipschitz constant) per hypernetwork layer; null disables the projection
-    lipschitz: Optional[float] = 1.0
+    lipschitz: float | None = 1.0
     # lambda_v: weight of ||v||^2
     lambda_v: float = 1e-3
     # lambda_MMD: weight of the MMD alignment term; 0 disables it
@@ -152,12 +162,21 @@ class ModelConfig:
     mmd_synthetic_per_class: int = 8
 
     def __post_init__(self):
-        for name in ("latent_dim", "code_dim", "hyper_hidden", "hyper_layers", "label_embed_dim", "mmd_features",
-                     "mmd_synthetic_per_class"):
+        for name in (
+            "latent_dim",
+            "code_dim",
+            "hyper_hidden",
+            "hyper_layers",
+            "label_embed_dim",
+            "mmd_features",
+            "mmd_synthetic_per_class",
+        ):
             _check(int(getattr(self, name)) >= 1, f"model.{name} must be >= 1; got {getattr(self, name)}")
         _int_list("model.hidden", self.hidden, minimum=1, what="positive integer widths")
         _check(self.code_radius > 0, f"model.code_radius must be > 0; got {self.code_radius}")
-        _check(self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}")
+        _check(
+            self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}"
+        )
         _check(self.lambda_v >= 0 and self.lambda_mmd >= 0, "model.lambda_v and model.lambda_mmd must be >= 0")
         _one_of("model.mmd_kind", self.mmd_kind, ("merf", "literal"))
         _one_of("model.activation", self.activation, ("silu", "tanh", "gelu"))
@@ -205,9 +224,11 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.replica_check_every >= 0, "train.replica_check_every must be >= 0")
         _check(self.chunk_clients >= 0, f"train.chunk_clients must be >= 0 (0: no chunks); got {self.chunk_clients}")
-        _check(self.engine in ("batched", "reference"),
-               f"train.engine must be batched (ghost-norm per-sample clipping) or reference "
-               f"(torch.func per-sample gradients); got {self.engine!r}")
+        _check(
+            self.engine in ("batched", "reference"),
+            f"train.engine must be batched (ghost-norm per-sample clipping) or reference "
+            f"(torch.func per-sample gradients); got {self.engine!r}",
+        )
 
 
 @dataclass
@@ -218,7 +239,7 @@ class FederationConfig:
     weights: str = "declared"
     # public declared sizes, one per client; null: the sizes fixed when the partition is made (the true
     # training sizes, public by assumption). Every DP normalizer, weight and output uses these
-    declared_sizes: Optional[list] = None
+    declared_sizes: list | None = None
     # none: declare the sizes as they are; pow2: round each declared size to the nearest power of two, so
     # that what is published about a client's size is only its order of magnitude
     declared_size_rounding: str = "none"
@@ -253,7 +274,7 @@ class PrivacyConfig:
     # rdp or prv (Opacus accountants)
     accountant: str = "rdp"
     # null: noise and sampling from securely seeded generators; an integer: reproducible (not for release)
-    noise_seed: Optional[int] = None
+    noise_seed: int | None = None
     # false: no training diagnostics (losses, clip fractions) leave the clients
     diagnostics: bool = True
     # share of the target epsilon spent on the class statistics for the meta-code (Eq. 11)
@@ -261,9 +282,9 @@ class PrivacyConfig:
     # share of the target epsilon spent on the DP random-feature embeddings for the MMD term (merf)
     mmd_epsilon_fraction: float = 0.1
     # L2 clip for embeddings in the statistics releases; null: sqrt(d_x) for range data, 1 for l2 data
-    stats_clip_norm: Optional[float] = None
+    stats_clip_norm: float | None = None
     # a fixed noise multiplier instead of calibrating one from target_epsilon (the budget guard still applies)
-    noise_multiplier: Optional[float] = None
+    noise_multiplier: float | None = None
     # where the noise is added, hence whom the guarantee protects against (docs/PRIVACY.md): local (every client
     # noises what it sends), distributed (secure-aggregation model, simulated: noise shares summing to the
     # noise), central (a trusted aggregator on rank 0 adds one draw)
@@ -280,14 +301,23 @@ class PrivacyConfig:
         _check(0 < self.delta < 1, f"privacy.delta must be in (0, 1); got {self.delta}")
         _check(self.clip_norm > 0, f"privacy.clip_norm must be > 0; got {self.clip_norm}")
         _check(0 < self.sample_rate <= 1, f"privacy.sample_rate must be in (0, 1]; got {self.sample_rate}")
-        _check(0 <= self.stats_epsilon_fraction < 1 and 0 <= self.mmd_epsilon_fraction < 1
-               and self.stats_epsilon_fraction + self.mmd_epsilon_fraction < 1,
-               "privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 (DP-SGD needs a share)")
+        _check(
+            0 <= self.stats_epsilon_fraction < 1
+            and 0 <= self.mmd_epsilon_fraction < 1
+            and self.stats_epsilon_fraction + self.mmd_epsilon_fraction < 1,
+            "privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 (DP-SGD needs a share)",
+        )
         _check(self.stats_clip_norm is None or self.stats_clip_norm > 0, "privacy.stats_clip_norm must be > 0 or null")
-        _check(self.noise_multiplier is None or self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0 or null")
-        _check(self.noise_seed is None or _is_int(self.noise_seed),
-               f"privacy.noise_seed must be null or an integer; got {self.noise_seed!r}")
-        _check(self.noise_seed is None or self.noise_seed >= 0, f"privacy.noise_seed must be >= 0; got {self.noise_seed}")
+        _check(
+            self.noise_multiplier is None or self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0 or null"
+        )
+        _check(
+            self.noise_seed is None or _is_int(self.noise_seed),
+            f"privacy.noise_seed must be null or an integer; got {self.noise_seed!r}",
+        )
+        _check(
+            self.noise_seed is None or self.noise_seed >= 0, f"privacy.noise_seed must be >= 0; got {self.noise_seed}"
+        )
         from .privacy.trust import check_trust_settings
 
         check_trust_settings(trust_model=self.trust_model, collusion=self.collusion, party=self.party)
@@ -320,7 +350,10 @@ class MetaConfig:
 
     def __post_init__(self):
         _check(self.codes >= 1, "meta.codes must be >= 1")
-        _check(self.steps >= 0 and self.lr > 0 and self.samples_per_class >= 2, "meta.steps >= 0, meta.lr > 0, meta.samples_per_class >= 2")
+        _check(
+            self.steps >= 0 and self.lr > 0 and self.samples_per_class >= 2,
+            "meta.steps >= 0, meta.lr > 0, meta.samples_per_class >= 2",
+        )
 
 
 @dataclass
@@ -356,9 +389,13 @@ class Config:
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def __post_init__(self):
-        _check(_is_int(self.seed) and 0 <= self.seed < 2 ** 63, f"seed must be an integer in [0, 2^63); got {self.seed!r}")
-        _check(_is_int(self.threads) and self.threads >= 0,
-               f"threads must be >= 0 (0 leaves torch's default); got {self.threads!r}")
+        _check(
+            _is_int(self.seed) and 0 <= self.seed < 2**63, f"seed must be an integer in [0, 2^63); got {self.seed!r}"
+        )
+        _check(
+            _is_int(self.threads) and self.threads >= 0,
+            f"threads must be >= 0 (0 leaves torch's default); got {self.threads!r}",
+        )
         # a trust model other than local needs a rule whose release is one Gaussian mechanism per step
         from .aggregation import trust_refusal
 
@@ -377,13 +414,17 @@ _SECTIONS = {f.name: f for f in fields(Config)}
 
 def _build(cls, values: dict, prefix: str):
     if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} must be a mapping (key: value lines); "
-                          f"got {type(values).__name__} {values!r}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'the config'} must be a mapping (key: value lines); "
+            f"got {type(values).__name__} {values!r}"
+        )
     valid = {f.name: f for f in fields(cls)}
     unknown = sorted(set(map(str, values)) - set(valid))
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                          f"valid keys here: {', '.join(prefix + k for k in valid)}")
+        raise ConfigError(
+            f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys here: {', '.join(prefix + k for k in valid)}"
+        )
     kwargs = {}
     for name, value in values.items():
         f = valid[name]
@@ -403,9 +444,9 @@ _INFINITE_OK = ("privacy.target_epsilon",)
 
 def _field_type(f: dataclasses.Field) -> tuple[str, bool]:
     """('int' | 'float' | 'bool' | 'str' | 'list', optional) from the annotation (a string here)."""
-    t = str(f.type).replace(" ", "")
-    optional = t.startswith("Optional[")
-    return (t[len("Optional["):-1] if optional else t), optional
+    parts = str(f.type).replace(" ", "").split("|")  # "float" or "float|None"
+    kinds = [p for p in parts if p != "None"]
+    return "|".join(kinds), len(kinds) < len(parts)
 
 
 _WHAT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string", "list": "a list"}
@@ -430,8 +471,10 @@ def _coerce(name: str, value: Any, f: dataclasses.Field):
     elif kind == "float":
         _check(_is_number(value), f"{name} must be a number{null}; got {value!r}")
         value = float(value)
-        _check(math.isfinite(value) or (name in _INFINITE_OK and value == math.inf),
-               f"{name} must be a finite number; got {value!r}")
+        _check(
+            math.isfinite(value) or (name in _INFINITE_OK and value == math.inf),
+            f"{name} must be a finite number; got {value!r}",
+        )
     elif kind == "int":
         _check(_is_int(value), f"{name} must be an integer{null}; got {value!r}")
     elif kind == "str":
@@ -449,8 +492,10 @@ def shipped_configs() -> list[str]:
 def resolve_config_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.is_dir():
-        raise ConfigError(f"config {name_or_path} is a directory; give a YAML file or the name of a shipped config "
-                          f"({', '.join(shipped_configs())})")
+        raise ConfigError(
+            f"config {name_or_path} is a directory; give a YAML file or the name of a shipped config "
+            f"({', '.join(shipped_configs())})"
+        )
     if p.is_file():
         return p
     q = CONFIG_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
@@ -466,8 +511,10 @@ def read_yaml(p: Path, what: str = "config file"):
     except PermissionError:
         raise ConfigError(f"{what} {p}: permission denied; make it readable (chmod u+r) or copy it") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{what} {p} is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
-                          f"{exc.start}); is it a YAML file?") from None
+        raise ConfigError(
+            f"{what} {p} is not UTF-8 text (byte {exc.object[exc.start : exc.start + 1]!r} at offset "
+            f"{exc.start}); is it a YAML file?"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"{what} {p} cannot be read: {exc.strerror or exc}") from None
     try:
@@ -491,7 +538,9 @@ def apply_override(tree: dict, override: str) -> None:
     node = tree
     for part in parts[:-1]:
         if part not in _SECTIONS and node is tree:
-            raise ConfigError(f"unknown config section {part!r} in override {override!r}; sections: {', '.join(s for s in _SECTIONS if dataclasses.is_dataclass(_SECTIONS[s].default_factory if _SECTIONS[s].default_factory is not dataclasses.MISSING else None))}")
+            raise ConfigError(
+                f"unknown config section {part!r} in override {override!r}; sections: {', '.join(s for s in _SECTIONS if dataclasses.is_dataclass(_SECTIONS[s].default_factory if _SECTIONS[s].default_factory is not dataclasses.MISSING else None))}"
+            )
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {part} is not a section")
@@ -502,7 +551,7 @@ def config_from_dict(tree: dict) -> Config:
     return _build(Config, tree or {}, "")
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """The resolved, validated config: a YAML file (or a shipped config's name), then the dotted overrides.
     An error in the file names the file; an error an override brought in names the key."""
     tree: dict = {}
@@ -513,8 +562,10 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         if tree is None:
             tree = {}
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {p} must be a mapping (key: value lines, one section per component); "
-                              f"its top level is a {type(tree).__name__}")
+            raise ConfigError(
+                f"config file {p} must be a mapping (key: value lines, one section per component); "
+                f"its top level is a {type(tree).__name__}"
+            )
     merged = copy.deepcopy(tree)
     for ov in overrides or []:
         apply_override(merged, ov)
@@ -531,7 +582,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         raise
 
 
-def _in_file(exc: ConfigError, p: Optional[Path]) -> ConfigError:
+def _in_file(exc: ConfigError, p: Path | None) -> ConfigError:
     return ConfigError(f"config file {p}: {exc}") if p is not None else exc
 
 

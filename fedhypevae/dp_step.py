@@ -26,6 +26,7 @@ aggregation rule's weight of client i: its Eq. 10 weight under `grad`, 1 for a b
 Phi). With M > 1 the weights and the normalizers are folded into the row weights, so no per-client Phi sum is
 ever formed; with M = 1 the client's sum is divided by q * n_declared as written.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,19 +35,42 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
 from .block import ClientBlock
 from .engine import GhostRows, ghost_refusal
-from .model import (CODE_NAME, ENCODER_PREFIX, PHI_PREFIX, merf_mmd, mmd_bandwidths, multi_kernel, project_codes,
-                    sample_synthetic)
+from .model import (
+    PHI_PREFIX,
+    merf_mmd,
+    mmd_bandwidths,
+    multi_kernel,
+    project_codes,
+    sample_synthetic,
+)
 from .rows import Batch, MaterializedRows, NoRows, Rows, per_sample_grads
 
-__all__ = ["DIAG_KEYS", "BLOCKS", "PER_SAMPLE", "DPStep", "Draw", "Sums", "PendingBatch", "StepRelease", "NoiseSpec",
-           "add_noise", "add_noise_and_scale", "block_of", "clip_and_sum", "clip_factor", "noise_blocks",
-           "per_sample_grads", "poisson_sample", "sample_norms", "scale"]
+__all__ = [
+    "DIAG_KEYS",
+    "BLOCKS",
+    "PER_SAMPLE",
+    "DPStep",
+    "Draw",
+    "Sums",
+    "PendingBatch",
+    "StepRelease",
+    "NoiseSpec",
+    "add_noise",
+    "add_noise_and_scale",
+    "block_of",
+    "clip_and_sum",
+    "clip_factor",
+    "noise_blocks",
+    "per_sample_grads",
+    "poisson_sample",
+    "sample_norms",
+    "scale",
+]
 
 # diagnostics carried per step: sums over the block's rows (outside the guarantee)
 DIAG_KEYS = ("nll_sum", "kl_sum", "batch", "clipped", "mmd", "clients")
@@ -126,7 +150,9 @@ def scale(noisy: dict[str, torch.Tensor], expected_batch: float) -> dict:
 
 def add_noise_and_scale(summed: dict[str, torch.Tensor], *, spec: NoiseSpec, generator: torch.Generator):
     """(sum + N(0, sigma^2 C^2 I)) / (q n_declared), in a fixed parameter order."""
-    return scale(add_noise(summed, std=spec.noise_multiplier * spec.clip_norm, generator=generator), spec.expected_batch)
+    return scale(
+        add_noise(summed, std=spec.noise_multiplier * spec.clip_norm, generator=generator), spec.expected_batch
+    )
 
 
 # ------------------------------------------------------------------------------------------ what a step holds
@@ -135,6 +161,7 @@ def add_noise_and_scale(summed: dict[str, torch.Tensor], *, spec: NoiseSpec, gen
 @dataclass
 class Draw:
     """One client's draws of one step before any record is used."""
+
     idx: torch.Tensor  # the realized Poisson batch: indices into the client's data
     eps: torch.Tensor  # (len(idx), d_z) reparameterization noise, one row per sampled record
     syn: tuple = ()  # literal MMD: the synthetic batch's (labels, latent noise, output noise); else ()
@@ -143,25 +170,28 @@ class Draw:
 @dataclass
 class Sums:
     """A block's sums of one step: every client's over its own coordinates, and the block's Phi sum."""
+
     enc: list  # (M, *shape) per encoder parameter
     code: torch.Tensor  # (M, d_v)
     phi: torch.Tensor  # (P,) fp64: sum_i a_i * (client i's sum over Phi), a_i the step's public coefficients
     layout: tuple  # ((Phi parameter name, shape), ...) in the order of `phi`: public
 
-    def clone(self) -> "Sums":
-        return Sums([t.detach().clone() for t in self.enc], self.code.detach().clone(), self.phi.detach().clone(),
-                    self.layout)
+    def clone(self) -> Sums:
+        return Sums(
+            [t.detach().clone() for t in self.enc], self.code.detach().clone(), self.phi.detach().clone(), self.layout
+        )
 
 
 @dataclass
 class PendingBatch:
     """The step of every client of a block computed up to the noise (`DPStep.prepare`). Nothing in it has been
     released."""
+
     hyper: object
     gens: list  # the clients' generators: they continue with the noise draws
     draws: list  # Draw per client
     sums: Sums  # privatized: clipped pre-noise sums; paper mode's psi_i, v_i and privacy off: plain sums
-    norms: Optional[torch.Tensor]  # per-row norms before clipping (None without privacy)
+    norms: torch.Tensor | None  # per-row norms before clipping (None without privacy)
     diag: torch.Tensor
     strict: bool
 
@@ -185,17 +215,17 @@ class NoiseDraws:
     threads that draw it. `noise_threads` (default: the usable cores, at most 8) clients' rows are drawn in
     parallel; each thread runs serial kernels only."""
 
-    def __init__(self, threads: Optional[int] = None):
+    def __init__(self, threads: int | None = None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.noise_threads = max(1, min(8, cores)) if threads is None else max(1, int(threads))
         self._buf = torch.empty(0)
-        self._pool: Optional[ThreadPoolExecutor] = None
+        self._pool: ThreadPoolExecutor | None = None
 
     def rows(self, M: int, D: int) -> torch.Tensor:
         """An (M, D) fp32 view of the scratch (grown when needed, never shrunk)."""
         if self._buf.numel() < M * D:
             self._buf = torch.empty(M * D, dtype=torch.float32)
-        return self._buf[:M * D].view(M, D)
+        return self._buf[: M * D].view(M, D)
 
     def workers(self, M: int) -> tuple:
         workers = max(1, min(self.noise_threads, M))
@@ -232,7 +262,7 @@ class DPStep:
     everything it reads and updates is the block's.
     """
 
-    def __init__(self, block: ClientBlock, *, weights, per_sample: str = "ghost", draws: Optional["NoiseDraws"] = None):
+    def __init__(self, block: ClientBlock, *, weights, per_sample: str = "ghost", draws: NoiseDraws | None = None):
         if per_sample not in ("ghost", "materialized"):
             raise ValueError(f"per_sample must be ghost or materialized; got {per_sample!r}")
         self.block, self.cfg = block, block.cfg
@@ -252,7 +282,7 @@ class DPStep:
         self.draws = draws if draws is not None else NoiseDraws()  # the noise scratch (shared by a trainer's chunks)
 
     # -- drivers --------------------------------------------------------------------------------------
-    def prepare(self, hyper, round_: int, step: int, *, epoch: int = 0, gens: Optional[list] = None) -> PendingBatch:
+    def prepare(self, hyper, round_: int, step: int, *, epoch: int = 0, gens: list | None = None) -> PendingBatch:
         """Every client's step up to the noise: coins, per-sample gradients, clipping, the sums. No state changes.
         `gens`: the clients' generators (default: their own streams for (round, step, epoch))."""
         block, p = self.block, self.cfg.privacy
@@ -268,7 +298,7 @@ class DPStep:
         diag[DIAG_KEYS.index("nll_sum")] = rows.nll_sum
         diag[DIAG_KEYS.index("kl_sum")] = rows.kl_sum
         if norms is not None and len(batch.y):
-            diag[DIAG_KEYS.index("clipped")] = float((norms[:len(batch.y)] > p.clip_norm).sum())
+            diag[DIAG_KEYS.index("clipped")] = float((norms[: len(batch.y)] > p.clip_norm).sum())
         return PendingBatch(hyper, gens, draws, sums, norms, diag, p.enabled and p.mode == "strict")
 
     def release(self, pending: PendingBatch, *, sigma, features=None) -> StepRelease:
@@ -316,8 +346,14 @@ class DPStep:
         ct = torch.tensor(counts, dtype=torch.long)
         gidx = (torch.cat([d.idx for d in draws]) + torch.repeat_interleave(b.offsets_t, ct)).to(b.device)
         syn = [tuple(t.to(b.device) for t in d.syn) for d in draws]
-        return Batch.build(b.X.index_select(0, gidx), b.Y.index_select(0, gidx),
-                           torch.cat([d.eps for d in draws]).to(b.device), counts, b.device, syn)
+        return Batch.build(
+            b.X.index_select(0, gidx),
+            b.Y.index_select(0, gidx),
+            torch.cat([d.eps for d in draws]).to(b.device),
+            counts,
+            b.device,
+            syn,
+        )
 
     def per_sample(self, hyper, batch: Batch) -> Rows:
         """The rows' per-sample gradients (`rows.Rows`): ghost norms or torch.func. Override to add rows that
@@ -331,7 +367,7 @@ class DPStep:
             literal = (self.cfg.model.lambda_mmd, self.bandwidths()) if self.literal_mmd() else None
             return MaterializedRows(self.block, hyper, batch, literal_mmd=literal)
 
-    def clip_and_accumulate(self, rows: Rows) -> tuple[Sums, Optional[torch.Tensor]]:
+    def clip_and_accumulate(self, rows: Rows) -> tuple[Sums, torch.Tensor | None]:
         """(sums, norms): every row clipped to its joint norm <= C over what is privatized and accumulated per
         client; norms before clipping. This is what bounds one record's influence by C."""
         p = self.cfg.privacy
@@ -341,7 +377,7 @@ class DPStep:
             norms = rows.norms(p.mode == "strict")
         return self.accumulate(rows, clip_factor(norms, p.clip_norm)), norms
 
-    def accumulate(self, rows: Rows, c: Optional[torch.Tensor]) -> Sums:
+    def accumulate(self, rows: Rows, c: torch.Tensor | None) -> Sums:
         """The sums of the rows weighted by the factors `c` (None: unweighted). Strict mode weights the client's
         own coordinates too; paper mode and privacy off sum them plainly. Bookkeeping of the clip stage."""
         p = self.cfg.privacy
@@ -405,8 +441,10 @@ class DPStep:
             return gv, None, 0.0
         literal = m.mmd_kind == "literal"
         if not literal and (features is None or block.mmd_target is None):
-            raise ValueError("model.lambda_mmd > 0 (merf) needs the random features and every client's released "
-                             "mean embeddings (Trainer._release_mmd_embeddings) before the first step")
+            raise ValueError(
+                "model.lambda_mmd > 0 (merf) needs the random features and every client's released "
+                "mean embeddings (Trainer._release_mmd_embeddings) before the first step"
+            )
         syn = [self.synthetic_noise(g) for g in gens]
         syn_y = syn[0][0].to(block.device)
         syn_z = torch.stack([s[1] for s in syn]).to(block.device)
@@ -421,7 +459,9 @@ class DPStep:
             mmd = merf_mmd(features, x_hat.reshape(block.M, block.K, spc, -1), block.mmd_target, block.mmd_weights)
         post = loss + m.lambda_mmd * mmd
         (gv,) = torch.autograd.grad(post.sum(), [V], retain_graph=True)
-        gphi = torch.autograd.grad((post * self.weights.to(post.dtype).to(post.device)).sum(), params, allow_unused=True)
+        gphi = torch.autograd.grad(
+            (post * self.weights.to(post.dtype).to(post.device)).sum(), params, allow_unused=True
+        )
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gphi, params)])
         return gv, flat.double().cpu(), float(mmd.detach().sum())
 
@@ -443,7 +483,9 @@ class DPStep:
         a fixed order."""
         b, M = self.block, self.block.M
         P = sum(math.prod(shape) for _, shape in layout) if phi else 0
-        priv_shapes = [tuple(b.codes.shape[1:])] + [s for _, s in sorted(zip(b.enc_names, b.enc_shapes))] if private else []
+        priv_shapes = (
+            [tuple(b.codes.shape[1:])] + [s for _, s in sorted(zip(b.enc_names, b.enc_shapes))] if private else []
+        )
         D0 = sum(math.prod(s) for s in priv_shapes)
         buf = self.draws.rows(M, D0 + P)
         coef = phi_coef.tolist()
@@ -462,8 +504,8 @@ class DPStep:
                 # not each start an OpenMP team (oversubscription on few cores)
                 for lo in range(0, P, _SERIAL):
                     hi = min(P, lo + _SERIAL)
-                    part = wide[:hi - lo]
-                    part.copy_(row[D0 + lo:D0 + hi])
+                    part = wide[: hi - lo]
+                    part.copy_(row[D0 + lo : D0 + hi])
                     acc[lo:hi].add_(part, alpha=coef[i])
 
         if workers == 1:
@@ -475,7 +517,7 @@ class DPStep:
             off, views = 0, []
             for shape in priv_shapes:
                 k = math.prod(shape)
-                views.append(buf[:, off:off + k].view(M, *shape))
+                views.append(buf[:, off : off + k].view(M, *shape))
                 off += k
             code_noise = views[0]
             by_name = dict(zip(sorted(b.enc_names), views[1:]))
@@ -500,7 +542,11 @@ class DPStep:
         m, K = self.cfg.model, self.block.K
         n = m.mmd_synthetic_per_class * K
         syn_y = torch.arange(K).repeat_interleave(m.mmd_synthetic_per_class)
-        return syn_y, torch.randn(n, m.latent_dim, generator=generator), torch.randn(n, self.block.X.shape[1], generator=generator)
+        return (
+            syn_y,
+            torch.randn(n, m.latent_dim, generator=generator),
+            torch.randn(n, self.block.X.shape[1], generator=generator),
+        )
 
     @contextmanager
     def _phase(self, name: str):

@@ -22,6 +22,7 @@ Offline clusters: fetch weights on a machine with network access, then pass ``--
 
     fedhypevae embed ../shared/data/medmnist/breastmnist.npz out/breast_dinov2.npz --model dinov2_vits14
 """
+
 from __future__ import annotations
 
 import json
@@ -31,9 +32,10 @@ import tempfile
 import time
 import warnings
 import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
@@ -63,7 +65,7 @@ class ModelLoadError(FedHypeVAEError):
 class Encoder(nn.Module):
     """A frozen backbone: (B, 3, H, W) ImageNet-normalised floats -> (B, D) float32 embeddings."""
 
-    def __init__(self, backbone: nn.Module, *, name: str, source: str, patch_size: Optional[int] = None):
+    def __init__(self, backbone: nn.Module, *, name: str, source: str, patch_size: int | None = None):
         super().__init__()
         self.backbone = backbone
         for p in backbone.parameters():  # a loop, not requires_grad_(): ScriptModules refuse the latter
@@ -71,7 +73,7 @@ class Encoder(nn.Module):
         self.name, self.source, self.patch_size = name, source, patch_size
         self.train(False)
 
-    def train(self, mode: bool = True) -> "Encoder":  # frozen: dropout / batch-norm stay in eval mode
+    def train(self, mode: bool = True) -> Encoder:  # frozen: dropout / batch-norm stay in eval mode
         return super().train(False)
 
     @torch.no_grad()
@@ -88,8 +90,10 @@ def pool_output(out) -> torch.Tensor:
             return out[:, 0]
         if out.ndim == 4:  # (B, C, h, w) feature map: global average pool
             return out.mean(dim=(2, 3))
-        raise ModelLoadError(f"the encoder returned a tensor of shape {tuple(out.shape)}; expected (B, D), "
-                             "(B, tokens, D) or (B, C, h, w)")
+        raise ModelLoadError(
+            f"the encoder returned a tensor of shape {tuple(out.shape)}; expected (B, D), "
+            "(B, tokens, D) or (B, C, h, w)"
+        )
     pooled = getattr(out, "pooler_output", None)  # transformers ModelOutput
     if isinstance(pooled, torch.Tensor):
         return pooled
@@ -120,9 +124,15 @@ def resolve_source(name: str, source: str = "auto") -> str:
     return "timm"
 
 
-def load_encoder(name: str, *, source: str = "auto", weights: Optional[PathLike] = None,
-                 device: Union[str, torch.device] = "cpu", hub_repo: str = DEFAULT_HUB_REPO,
-                 image_size: Optional[int] = None) -> Encoder:
+def load_encoder(
+    name: str,
+    *,
+    source: str = "auto",
+    weights: PathLike | None = None,
+    device: str | torch.device = "cpu",
+    hub_repo: str = DEFAULT_HUB_REPO,
+    image_size: int | None = None,
+) -> Encoder:
     """Build the frozen encoder ``name`` from ``source`` on ``device``; see the module docstring.
 
     ``weights`` is a local file/directory used instead of a download. ``image_size`` is passed to
@@ -142,12 +152,22 @@ def _offline_hint(src: str, name: str, exc: BaseException) -> ModelLoadError:
         return ModelLoadError(
             f"cannot fetch model {name!r} from {src} ({what}). With no network access to the model hub, download "
             "the weights on a machine with access and pass --weights PATH, or save the whole model with "
-            "torch.save / torch.jit and use --source local --model FILE")
+            "torch.save / torch.jit and use --source local --model FILE"
+        )
     return ModelLoadError(f"cannot load model {name!r} from {src} ({what}); check the model name and --weights")
 
 
-_OFFLINE_WORDS = ("internet connection", "network", "connect", "name or service not known", "resolve host",
-                  "getaddrinfo", "urlopen", "timed out", "offline")
+_OFFLINE_WORDS = (
+    "internet connection",
+    "network",
+    "connect",
+    "name or service not known",
+    "resolve host",
+    "getaddrinfo",
+    "urlopen",
+    "timed out",
+    "offline",
+)
 
 
 def _looks_offline(exc: BaseException) -> bool:
@@ -172,8 +192,10 @@ def _state_dict(path: PathLike, src: str, name: str) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read --weights {path} for {src} model {name!r} as a state dict "
-                             f"({type(exc).__name__}: {exc}); for a whole saved model use --source local") from None
+        raise ModelLoadError(
+            f"cannot read --weights {path} for {src} model {name!r} as a state dict "
+            f"({type(exc).__name__}: {exc}); for a whole saved model use --source local"
+        ) from None
     for key in ("model", "state_dict", "teacher"):  # common checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
@@ -192,12 +214,19 @@ def _load_sd_into(model: nn.Module, path: PathLike, src: str, name: str) -> None
 def _load_hub(name, *, weights, hub_repo, image_size):
     local_repo = Path(hub_repo).is_dir()
     try:
-        model = torch.hub.load(hub_repo, name, source="local" if local_repo else "github",
-                               pretrained=weights is None, **({} if local_repo else {"trust_repo": True}))
+        model = torch.hub.load(
+            hub_repo,
+            name,
+            source="local" if local_repo else "github",
+            pretrained=weights is None,
+            **({} if local_repo else {"trust_repo": True}),
+        )
     except Exception as exc:
         err = _offline_hint("torch hub", name, exc)
-        raise ModelLoadError(f"{err} (torch hub also needs the code of {hub_repo}: pass --hub-repo DIR, a clone "
-                             "of https://github.com/facebookresearch/dinov2, when offline)") from None
+        raise ModelLoadError(
+            f"{err} (torch hub also needs the code of {hub_repo}: pass --hub-repo DIR, a clone "
+            "of https://github.com/facebookresearch/dinov2, when offline)"
+        ) from None
     if weights is not None:
         _load_sd_into(model, weights, "torch hub", name)
     return model, 14
@@ -207,8 +236,10 @@ def _load_timm(name, *, weights, hub_repo, image_size):
     try:
         import timm
     except ImportError:
-        raise ModelLoadError(f"model {name!r} needs timm, which is not installed: pip install timm "
-                             "(or pip install 'fedhypevae-hpc[embed]')") from None
+        raise ModelLoadError(
+            f"model {name!r} needs timm, which is not installed: pip install timm "
+            "(or pip install 'fedhypevae-hpc[embed]')"
+        ) from None
     kwargs = {"num_classes": 0}  # num_classes=0: the pooled (CLS for DINOv2) features, no head
     if image_size is not None and "patch" in name:
         kwargs["img_size"] = image_size  # resample position embeddings to the input size
@@ -226,8 +257,10 @@ def _load_hf(name, *, weights, hub_repo, image_size):
     try:
         from transformers import AutoModel
     except ImportError:
-        raise ModelLoadError(f"model {name!r} needs transformers, which is not installed: pip install transformers "
-                             "(or pip install 'fedhypevae-hpc[embed]')") from None
+        raise ModelLoadError(
+            f"model {name!r} needs transformers, which is not installed: pip install transformers "
+            "(or pip install 'fedhypevae-hpc[embed]')"
+        ) from None
     where = str(weights) if weights is not None else name
     try:
         model = AutoModel.from_pretrained(where, local_files_only=weights is not None)
@@ -240,8 +273,9 @@ def _load_hf(name, *, weights, hub_repo, image_size):
 def _load_local(name, *, weights, hub_repo, image_size):
     path = Path(weights if weights is not None else name)
     if not path.is_file():
-        raise ModelLoadError(f"--source local needs a model file; {path} does not exist (pass it as --model FILE "
-                             "or --weights FILE)")
+        raise ModelLoadError(
+            f"--source local needs a model file; {path} does not exist (pass it as --model FILE or --weights FILE)"
+        )
     try:
         members = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
         with warnings.catch_warnings():  # torch.jit is deprecated but TorchScript files are still common
@@ -253,11 +287,15 @@ def _load_local(name, *, weights, hub_repo, image_size):
             else:  # a pickled nn.Module: runs code from the file, so trusted files only (documented)
                 model = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load local model {path} ({type(exc).__name__}: {exc}); expected TorchScript, "
-                             "a torch.export .pt2, or a torch.save'd nn.Module") from None
+        raise ModelLoadError(
+            f"cannot load local model {path} ({type(exc).__name__}: {exc}); expected TorchScript, "
+            "a torch.export .pt2, or a torch.save'd nn.Module"
+        ) from None
     if isinstance(model, dict):
-        raise ModelLoadError(f"{path} holds a state dict, not a model; pass it as --weights with --source "
-                             "hub/timm/hf and the architecture's --model name")
+        raise ModelLoadError(
+            f"{path} holds a state dict, not a model; pass it as --weights with --source "
+            "hub/timm/hf and the architecture's --model name"
+        )
     if not callable(model):
         raise ModelLoadError(f"{path} holds a {type(model).__name__}, not a callable model")
     if not isinstance(model, nn.Module):
@@ -316,7 +354,7 @@ def preprocess_array(arr: np.ndarray, image_size: int = 224) -> torch.Tensor:
     return normalize(t).contiguous()
 
 
-def preprocess_pil(img, image_size: int = 224, resize: Optional[int] = None) -> torch.Tensor:
+def preprocess_pil(img, image_size: int = 224, resize: int | None = None) -> torch.Tensor:
     """One PIL image -> (3, S, S): RGB, shorter side to ``resize`` (default S*256/224), centre crop S, normalise."""
     resize = resize or round(image_size * 256 / 224)
     t = _to_float_rgb(np.asarray(img.convert("RGB"))[None])
@@ -324,7 +362,7 @@ def preprocess_pil(img, image_size: int = 224, resize: Optional[int] = None) -> 
     nh, nw = (resize, max(resize, round(w * resize / h))) if h <= w else (max(resize, round(h * resize / w)), resize)
     t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=(nh < h or nw < w))
     top, left = (nh - image_size) // 2, (nw - image_size) // 2
-    return normalize(t[:, :, top:top + image_size, left:left + image_size])[0].contiguous()
+    return normalize(t[:, :, top : top + image_size, left : left + image_size])[0].contiguous()
 
 
 # ---------------------------------------------------------------------------------------- inputs
@@ -337,13 +375,13 @@ class Records:
     n: int
     y: np.ndarray
     split: np.ndarray
-    names: Optional[np.ndarray]  # file names for folders, None for arrays
-    classes: Optional[list]
+    names: np.ndarray | None  # file names for folders, None for arrays
+    classes: list | None
     kind: str
     batch: Callable[[Sequence[int]], torch.Tensor]
 
 
-def read_input(path: PathLike, *, image_size: int = 224, resize: Optional[int] = None) -> Records:
+def read_input(path: PathLike, *, image_size: int = 224, resize: int | None = None) -> Records:
     p = Path(path)
     if not p.exists():
         raise DataError(f"input {p} does not exist; give an image folder (one subfolder per class) or a MedMNIST .npz")
@@ -351,33 +389,38 @@ def read_input(path: PathLike, *, image_size: int = 224, resize: Optional[int] =
         return _folder(p, image_size, resize)
     if p.suffix.lower() == ".npz":
         return _medmnist(p, image_size)
-    raise DataError(f"input {p} is neither a folder nor a .npz; give an image folder (one subfolder per class) "
-                    "or a MedMNIST .npz")
+    raise DataError(
+        f"input {p} is neither a folder nor a .npz; give an image folder (one subfolder per class) or a MedMNIST .npz"
+    )
 
 
-def _folder(root: Path, image_size: int, resize: Optional[int]) -> Records:
+def _folder(root: Path, image_size: int, resize: int | None) -> Records:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"image folder {root} has no class subfolders; expected {root}/<class>/<image> "
-                        "(classes are numbered by sorted folder name)")
+        raise DataError(
+            f"image folder {root} has no class subfolders; expected {root}/<class>/<image> "
+            "(classes are numbered by sorted folder name)"
+        )
     files, labels = [], []
     for k, c in enumerate(classes):
         found = sorted(f for f in (root / c).rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
         files += found
         labels += [k] * len(found)
     if not files:
-        raise DataError(f"image folder {root} has class folders {classes[:10]} but no images "
-                        f"({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(
+            f"image folder {root} has class folders {classes[:10]} but no images ({', '.join(IMAGE_EXTENSIONS)})"
+        )
 
     def batch(idx: Sequence[int]) -> torch.Tensor:
         return torch.stack([_read_image(files[i], image_size, resize) for i in idx])
 
     names = np.array([str(f.relative_to(root)) for f in files])
-    return Records(len(files), np.asarray(labels, dtype=np.int64), np.full(len(files), "all"), names, classes,
-                   "folder", batch)
+    return Records(
+        len(files), np.asarray(labels, dtype=np.int64), np.full(len(files), "all"), names, classes, "folder", batch
+    )
 
 
-def _read_image(f: Path, image_size: int, resize: Optional[int]) -> torch.Tensor:
+def _read_image(f: Path, image_size: int, resize: int | None) -> torch.Tensor:
     from PIL import Image  # pillow comes with matplotlib, a required dependency
 
     try:
@@ -393,8 +436,9 @@ def _medmnist(p: Path, image_size: int) -> Records:
             keys = set(z.files)
             splits = [s for s in MEDMNIST_SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
             if not splits:
-                raise DataError(f"{p}: expected MedMNIST keys train_images/train_labels (and val_*, test_*); "
-                                f"found {sorted(keys)}")
+                raise DataError(
+                    f"{p}: expected MedMNIST keys train_images/train_labels (and val_*, test_*); found {sorted(keys)}"
+                )
             xs = [z[f"{s}_images"] for s in splits]
             ys = [z[f"{s}_labels"] for s in splits]
     except DataError:
@@ -403,8 +447,10 @@ def _medmnist(p: Path, image_size: int) -> Records:
         raise DataError(f"cannot read {p} ({type(exc).__name__}: {exc}); re-create or re-download it") from None
     for s, xi, yi in zip(splits, xs, ys):
         if yi.ndim == 2 and yi.shape[1] != 1:
-            raise DataError(f"{p}: {s}_labels has shape {yi.shape}: multi-label data sets (e.g. ChestMNIST) "
-                            "are not supported; labels must be one class id per image")
+            raise DataError(
+                f"{p}: {s}_labels has shape {yi.shape}: multi-label data sets (e.g. ChestMNIST) "
+                "are not supported; labels must be one class id per image"
+            )
         if len(xi) != len(yi):
             raise DataError(f"{p}: {s}_images has {len(xi)} rows but {s}_labels has {len(yi)}")
         if xi.ndim not in (3, 4) or (xi.ndim == 4 and xi.shape[-1] not in (1, 3)):
@@ -416,6 +462,7 @@ def _medmnist(p: Path, image_size: int) -> Records:
     split = np.concatenate([np.full(len(xi), s) for s, xi in zip(splits, xs)])
     if len(x) == 0:
         raise DataError(f"{p}: contains no images")
+
     def batch(idx: Sequence[int]) -> torch.Tensor:
         return preprocess_array(x[np.asarray(idx)], image_size)
 
@@ -425,8 +472,15 @@ def _medmnist(p: Path, image_size: int) -> Records:
 # ------------------------------------------------------------------------------------- extraction
 
 
-def extract(encoder: Callable[[torch.Tensor], torch.Tensor], records: Records, *, batch_size: int = 64,
-            device: Union[str, torch.device] = "cpu", progress: bool = True, desc: str = "embed") -> np.ndarray:
+def extract(
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    records: Records,
+    *,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "embed",
+) -> np.ndarray:
     """Run ``encoder`` over ``records`` in batches; returns float32 (N, D)."""
     from tqdm.auto import tqdm
 
@@ -441,8 +495,10 @@ def extract(encoder: Callable[[torch.Tensor], torch.Tensor], records: Records, *
             with torch.no_grad():
                 emb = pool_output(encoder(imgs))
             if emb.ndim != 2 or emb.shape[0] != len(idx):
-                raise ModelLoadError(f"the encoder mapped a batch of {len(idx)} images to shape {tuple(emb.shape)}; "
-                                     "expected (batch, dim)")
+                raise ModelLoadError(
+                    f"the encoder mapped a batch of {len(idx)} images to shape {tuple(emb.shape)}; "
+                    "expected (batch, dim)"
+                )
             out.append(emb.float().cpu().numpy())  # a device->host sync per batch; fine next to the forward pass
             bar.update(len(idx))
     x = np.concatenate(out).astype(np.float32, copy=False)
@@ -451,10 +507,21 @@ def extract(encoder: Callable[[torch.Tensor], torch.Tensor], records: Records, *
     return x
 
 
-def embed(input_path: PathLike, output_path: PathLike, *, model: str, source: str = "auto",
-          weights: Optional[PathLike] = None, batch_size: int = 64, image_size: int = 224,
-          resize: Optional[int] = None, device: str = "auto", limit: Optional[int] = None,
-          hub_repo: str = DEFAULT_HUB_REPO, progress: bool = True) -> dict:
+def embed(
+    input_path: PathLike,
+    output_path: PathLike,
+    *,
+    model: str,
+    source: str = "auto",
+    weights: PathLike | None = None,
+    batch_size: int = 64,
+    image_size: int = 224,
+    resize: int | None = None,
+    device: str = "auto",
+    limit: int | None = None,
+    hub_repo: str = DEFAULT_HUB_REPO,
+    progress: bool = True,
+) -> dict:
     """Embed every image under ``input_path`` with ``model``; write ``output_path`` (.npz) and a .json sidecar.
 
     ``limit`` keeps the first N records (in file order: class by class for folders, train/val/test
@@ -474,24 +541,40 @@ def embed(input_path: PathLike, output_path: PathLike, *, model: str, source: st
     encoder = load_encoder(model, source=source, weights=weights, device=dev, hub_repo=hub_repo, image_size=image_size)
     patch = encoder.patch_size
     if patch and image_size % patch:
-        raise FedHypeVAEError(f"--image-size {image_size} is not a multiple of the patch size {patch} of {model!r}; "
-                              f"use e.g. {max(image_size // patch, 1) * patch}")
+        raise FedHypeVAEError(
+            f"--image-size {image_size} is not a multiple of the patch size {patch} of {model!r}; "
+            f"use e.g. {max(image_size // patch, 1) * patch}"
+        )
     t0 = time.perf_counter()
     x = extract(encoder, records, batch_size=batch_size, device=dev, progress=progress)
     seconds = time.perf_counter() - t0
-    meta = {"model": model, "source": encoder.source, "weights": None if weights is None else str(weights),
-            "input": str(input_path), "input_kind": records.kind, "image_size": image_size,
-            "resize": (resize or round(image_size * 256 / 224)) if records.kind == "folder" else None,
-            "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}, "n": int(x.shape[0]), "dim": int(x.shape[1]),
-            "classes": records.classes, "num_classes": int(records.y.max()) + 1,
-            "splits": {str(s): int(c) for s, c in zip(*np.unique(records.split, return_counts=True))}}
+    meta = {
+        "model": model,
+        "source": encoder.source,
+        "weights": None if weights is None else str(weights),
+        "input": str(input_path),
+        "input_kind": records.kind,
+        "image_size": image_size,
+        "resize": (resize or round(image_size * 256 / 224)) if records.kind == "folder" else None,
+        "normalize": {"mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        "n": int(x.shape[0]),
+        "dim": int(x.shape[1]),
+        "classes": records.classes,
+        "num_classes": int(records.y.max()) + 1,
+        "splits": {str(s): int(c) for s, c in zip(*np.unique(records.split, return_counts=True))},
+    }
     arrays = {"x": x, "y": records.y, "split": records.split, "meta": np.array(json.dumps(meta))}
     if records.names is not None:
         arrays["path"] = records.names
     _atomic_savez(out, arrays)
     _atomic_text(out.with_suffix(".json"), dumps_json(meta, indent=2) + "\n")
-    return {**meta, "output": str(out), "device": str(dev), "seconds": round(seconds, 3),
-            "images_per_s": round(x.shape[0] / seconds, 1) if seconds > 0 else None}
+    return {
+        **meta,
+        "output": str(out),
+        "device": str(dev),
+        "seconds": round(seconds, 3),
+        "images_per_s": round(x.shape[0] / seconds, 1) if seconds > 0 else None,
+    }
 
 
 def _head(r: Records, n: int) -> Records:

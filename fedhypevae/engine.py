@@ -34,11 +34,11 @@ couples rows (`ghost_refusal`: the literal MMD cross term), for which the step m
 Precision: fp32 compute (as the reference); the weighted sum over a block's clients of the Phi sums happens
 inside one fp32 GEMM.
 """
+
 from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch.nn import functional as F
@@ -48,20 +48,20 @@ from .model import ELEMENTWISE, ENCODER_PREFIX, Ops, elbo_terms
 from .rows import Batch, Rows, _flat_phi
 
 
-def ghost_refusal(cfg: Config) -> Optional[str]:
+def ghost_refusal(cfg: Config) -> str | None:
     """Why the ghost-norm rows cannot compute this configuration's per-sample gradients (the step then
     materializes them), or None."""
     if cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "literal":
-        return ("model.mmd_kind=literal with lambda_mmd > 0: the per-sample MMD cross term couples each sample "
-                "with a synthetic batch")
+        return (
+            "model.mmd_kind=literal with lambda_mmd > 0: the per-sample MMD cross term couples each sample "
+            "with a synthetic batch"
+        )
     return None
 
 
 def _sq(t: torch.Tensor) -> torch.Tensor:
     """Squared L2 norm over the last dimension (a reduction: no temporary of t's size)."""
     return torch.linalg.vector_norm(t, dim=-1).square()
-
-
 
 
 def _tracked(t: torch.Tensor) -> torch.Tensor:
@@ -75,18 +75,20 @@ LAYER_TYPES = ("private_linear", "shared_linear", "add_bias", "embed", "per_row"
 @dataclass
 class _HeadLayer:
     """One linear layer of a hypernetwork head, evaluated once per client."""
+
     w: str  # the weight's name
-    b: Optional[str]  # the bias' name
+    b: str | None  # the bias' name
     s: torch.Tensor  # (M, in): its client-level input
     u: torch.Tensor  # (M, out): its output (before the activation that follows, if any)
     W: torch.Tensor  # the weight (detached)
     act: object = None  # the activation applied to u, or None
-    du: Optional[torch.Tensor] = None  # that activation's derivative at u
+    du: torch.Tensor | None = None  # that activation's derivative at u
 
 
 @dataclass
 class _Head:
     """A head's layers in order and its output handed to the rows in pieces (leaves of the row-level graph)."""
+
     layers: list
     leaves: list = None  # per piece: (B, width) rows
     widths: list = None
@@ -97,12 +99,12 @@ class _Head:
     g_last: list = None  # per piece, d(loss_j)/d(u_last) per row
     g_u: list = None  # per layer below the last, d(loss_j)/d(u_l) per row (with per-sample norms)
 
-    def down(self, pieces: list, cid: Optional[torch.Tensor]) -> torch.Tensor:
+    def down(self, pieces: list, cid: torch.Tensor | None) -> torch.Tensor:
         """The gradient at the last layer's output (in pieces) carried through its weight to its input, times the
         activation before it (rows, with cid; client-level sums, cid None)."""
         W, off, g = self.layers[-1].W, 0, None
         for gp, w in zip(pieces, self.widths):
-            part = gp @ W[off:off + w]
+            part = gp @ W[off : off + w]
             g = part if g is None else g.add_(part)
             off += w
         if len(self.layers) > 1 and self.layers[-2].du is not None:
@@ -110,7 +112,7 @@ class _Head:
             g = g * (du if cid is None else du.index_select(0, cid))
         return g
 
-    def below(self, pieces: list, cid: Optional[torch.Tensor]) -> list:
+    def below(self, pieces: list, cid: torch.Tensor | None) -> list:
         """d(loss)/d(u_l) for every layer below the last, from the last layer's output gradient (in pieces):
         per row with cid, or on client-level sums with cid None (the map is linear)."""
         out = []
@@ -141,26 +143,30 @@ class RecordingOps(Ops):
       biases added on their own and per-row vectors: ||g_j||^2; embedding rows: ||g_j||^2.
     Parameters are identified by the tensors the math passes in (`names`: id -> name), never by name here."""
 
-    def __init__(self, batch: "Batch", M: int, names: dict):
+    def __init__(self, batch: Batch, M: int, names: dict):
         self.b, self.M, self.names = batch, M, names
         self.used: set = set()  # the names recorded so far (each at most once)
         self.private, self.shared, self.biases, self.embeds, self.vectors, self.chains = [], [], [], [], [], []
         self._chain = None
         self.per_sample = False  # per-row head gradients formed (norms): set by `backward`
 
-    def _name(self, t: Optional[torch.Tensor]) -> Optional[str]:
+    def _name(self, t: torch.Tensor | None) -> str | None:
         if t is None:
             return None
         try:
             name = self.names[id(t)]
         except KeyError:
-            raise ValueError("the model's math used a tensor that is neither a client's private parameter nor a "
-                             "parameter of Phi (the batched engine cannot attribute its gradient)") from None
+            raise ValueError(
+                "the model's math used a tensor that is neither a client's private parameter nor a "
+                "parameter of Phi (the batched engine cannot attribute its gradient)"
+            ) from None
         if name in self.used:
             # the per-sample norm is summed per use: a parameter used twice (tied weights, a head run twice, a
             # vector used twice) would miss the cross term and be UNDER-clipped. Refused, never approximated.
-            raise ValueError(f"the model's math uses parameter {name!r} twice in one step; the batched engine "
-                             "computes per-sample norms per use and would under-clip it (use train.engine=reference)")
+            raise ValueError(
+                f"the model's math uses parameter {name!r} twice in one step; the batched engine "
+                "computes per-sample norms per use and would under-clip it (use train.engine=reference)"
+            )
         self.used.add(name)
         return name
 
@@ -169,9 +175,11 @@ class RecordingOps(Ops):
         not at all) would get no gradient here, silently."""
         missing = sorted(set(self.names.values()) - self.used)
         if missing:
-            raise ValueError(f"the batched engine saw no layer using {', '.join(missing)}: a parameter used outside "
-                             "model.Ops' layer types gets no per-sample gradient (use train.engine=reference, or "
-                             "write that use with an Ops method)")
+            raise ValueError(
+                f"the batched engine saw no layer using {', '.join(missing)}: a parameter used outside "
+                "model.Ops' layer types gets no per-sample gradient (use train.engine=reference, or "
+                "write that use with an Ops method)"
+            )
 
     # -- the layer types -------------------------------------------------------------------------
     def private_input(self, t):
@@ -199,8 +207,10 @@ class RecordingOps(Ops):
 
     def head_activation(self, act, u):
         if not isinstance(act, ELEMENTWISE):
-            raise ValueError(f"the batched engine carries head gradients through elementwise activations only "
-                             f"({', '.join(c.__name__ for c in ELEMENTWISE)}); got {type(act).__name__}")
+            raise ValueError(
+                f"the batched engine carries head gradients through elementwise activations only "
+                f"({', '.join(c.__name__ for c in ELEMENTWISE)}); got {type(act).__name__}"
+            )
         if self._chain.layers[-1].act is not None:
             raise ValueError("two activations after one head layer: the batched engine composes none")
         self._chain.layers[-1].act = act
@@ -217,8 +227,10 @@ class RecordingOps(Ops):
         chain.fns = [f for _, f in specs]
         chain.pieces = list(o.split(chain.widths, dim=-1))
         with torch.no_grad():
-            chain.leaves = [(t if f is None else f(t)).index_select(0, cid).requires_grad_(True)
-                            for t, f in zip(chain.pieces, chain.fns)]
+            chain.leaves = [
+                (t if f is None else f(t)).index_select(0, cid).requires_grad_(True)
+                for t, f in zip(chain.pieces, chain.fns)
+            ]
         self.chains.append(chain)
         self._chain = None
         return chain.leaves if parts is not None else chain.leaves[0]
@@ -251,9 +263,14 @@ class RecordingOps(Ops):
     def backward(self, loss: torch.Tensor, *, per_sample: bool) -> None:
         """ONE autograd pass to every recorded output (never to a weight); with `per_sample`, the per-row
         gradients through the heads too (what the norms and the clipped code sums need)."""
-        tensors = ([r[3] for r in self.private] + [r[3] for r in self.shared] + [r[1] for r in self.biases]
-                   + [r[2] for r in self.embeds] + [r[1] for r in self.vectors]
-                   + [leaf for c in self.chains for leaf in c.leaves])
+        tensors = (
+            [r[3] for r in self.private]
+            + [r[3] for r in self.shared]
+            + [r[1] for r in self.biases]
+            + [r[2] for r in self.embeds]
+            + [r[1] for r in self.vectors]
+            + [leaf for c in self.chains for leaf in c.leaves]
+        )
         # the client-level derivatives of every elementwise function (head activations, the pieces' functions,
         # per-row vectors' functions) come out of the SAME autograd call: their graphs are separate from the loss's
         derivs = [(layer.act, layer.u) for c in self.chains for layer in c.layers if layer.act is not None]
@@ -265,14 +282,16 @@ class RecordingOps(Ops):
             total = total + f(x).sum()
         grads = torch.autograd.grad(total, tensors + at, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for t, g in zip(tensors + at, grads)]
-        d_of = {id(x): g for (_, x), g in zip(derivs, grads[len(tensors):])}
-        it = iter(grads[:len(tensors)])
+        d_of = {id(x): g for (_, x), g in zip(derivs, grads[len(tensors) :])}
+        it = iter(grads[: len(tensors)])
         self.g_private = [next(it) for _ in self.private]
         self.g_shared = [next(it) for _ in self.shared]
         self.g_biases = [next(it) for _ in self.biases]
         self.g_embeds = [next(it) for _ in self.embeds]
-        self.g_vectors = [g if f is None else g * d_of[id(p)]
-                          for (_, _, f, p), g in zip(self.vectors, (next(it) for _ in self.vectors))]
+        self.g_vectors = [
+            g if f is None else g * d_of[id(p)]
+            for (_, _, f, p), g in zip(self.vectors, (next(it) for _ in self.vectors))
+        ]
         cid = self.b.cidx
         for chain in self.chains:
             layers = chain.layers
@@ -282,14 +301,15 @@ class RecordingOps(Ops):
             for w, f, t in zip(chain.widths, chain.fns, chain.pieces):
                 factor = None if f is None else d_of[id(t)]
                 if layers[-1].du is not None:  # the activation after the last layer
-                    du = layers[-1].du[:, off:off + w]
+                    du = layers[-1].du[:, off : off + w]
                     factor = du if factor is None else factor * du
                 chain.factors.append(factor)
                 off += w
             chain.g_leaves = [next(it) for _ in chain.leaves]
             if per_sample:  # d(loss_j)/d(u_l) per row, from the last layer back
-                chain.g_last = [g if fac is None else g * fac.index_select(0, cid)
-                                for g, fac in zip(chain.g_leaves, chain.factors)]
+                chain.g_last = [
+                    g if fac is None else g * fac.index_select(0, cid) for g, fac in zip(chain.g_leaves, chain.factors)
+                ]
                 chain.g_u = chain.below(chain.g_last, cid)
         self.per_sample = per_sample
         self.g_code = None
@@ -325,7 +345,7 @@ class RecordingOps(Ops):
         phi = p["shared_linear"] + p["add_bias"] + p["embed"] + p["per_row"] + p["head_linear"]
         return phi, p["private_linear"], p["code_rows"]
 
-    def private_sums(self, c: Optional[torch.Tensor]) -> dict:
+    def private_sums(self, c: torch.Tensor | None) -> dict:
         """Per client sum_j c_j * grad_j of every private parameter: {name: (M, *shape)} (c None: unclipped)."""
         b = self.b
         cp = None if c is None else c.new_zeros(self.M * b.bmax).index_copy_(0, b.pad_pos, c).view(self.M, b.bmax, 1)
@@ -337,20 +357,22 @@ class RecordingOps(Ops):
                 out[bn] = cg.sum(1)
         return out
 
-    def _seg(self, t: torch.Tensor, rho: Optional[torch.Tensor]) -> torch.Tensor:
+    def _seg(self, t: torch.Tensor, rho: torch.Tensor | None) -> torch.Tensor:
         """Per-client sums of (rho-weighted) rows: (M, k)."""
         return t.new_zeros(self.M, t.shape[1]).index_add_(0, self.b.cidx, t if rho is None else t * rho[:, None])
 
-    def _chain_sums(self, chain: "_Head", rho: Optional[torch.Tensor]) -> list:
+    def _chain_sums(self, chain: _Head, rho: torch.Tensor | None) -> list:
         """Per-client rho-weighted sums of d(loss)/d(u_l) for every layer of a head: [(M, out_l)]."""
         if self.per_sample:
             return [self._seg(g, rho) for g in chain.g_u] + [torch.cat([self._seg(g, rho) for g in chain.g_last], 1)]
         # linear in the output gradient: reduce per client first (M rows instead of B)
-        last = [self._seg(g, rho) if fac is None else self._seg(g, rho) * fac
-                for g, fac in zip(chain.g_leaves, chain.factors)]
+        last = [
+            self._seg(g, rho) if fac is None else self._seg(g, rho) * fac
+            for g, fac in zip(chain.g_leaves, chain.factors)
+        ]
         return chain.below(last, None) + [torch.cat(last, 1)]
 
-    def code_sums(self, c: Optional[torch.Tensor], shape) -> torch.Tensor:
+    def code_sums(self, c: torch.Tensor | None, shape) -> torch.Tensor:
         """Per client sum_j c_j * d(loss_j)/d(v_i): (M, d_v) (c None: unclipped)."""
         if self.per_sample:
             g = self.g_code if c is None else self.g_code * c[:, None]
@@ -394,7 +416,6 @@ def _wsum(g: torch.Tensor, a: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     return g.t() @ (a * rho[:, None])
 
 
-
 class GhostRows(Rows):
     """The rows of one step of a block with ghost norms (see the module docstring): the model's loss over all
     clients' rows, ONE autograd pass to the layers' outputs (parameters are used detached: autograd never forms
@@ -421,7 +442,10 @@ class GhostRows(Rows):
 
     def private_sums(self, c):
         sums = self.ops.private_sums(c)
-        enc = [sums.get(ENCODER_PREFIX + n, torch.zeros_like(t)) for n, t in zip(self.block.enc_names, self.block.enc_params)]
+        enc = [
+            sums.get(ENCODER_PREFIX + n, torch.zeros_like(t))
+            for n, t in zip(self.block.enc_names, self.block.enc_params)
+        ]
         return enc, self.ops.code_sums(c, self.block.codes.shape)
 
     def phi_sum(self, rho):

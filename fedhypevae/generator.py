@@ -14,13 +14,13 @@ Records come out in the input data's units where the transform can be inverted (
 range mapped back from [0, 1]; `none`: the data's own units). For `l2` each record's norm was divided
 out and cannot be recovered: the output is in model units (unit-norm records), and the summary says so.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -31,8 +31,9 @@ GENERATOR_FORMAT = 1
 OUTPUT_FORMATS = (".npz", ".csv", ".parquet")
 
 
-def generator_metadata(cfg, *, dim: int, num_classes: int, transform: str, value_range, dp_class_counts=None,
-                       fitted: bool = True) -> dict:
+def generator_metadata(
+    cfg, *, dim: int, num_classes: int, transform: str, value_range, dp_class_counts=None, fitted: bool = True
+) -> dict:
     """The public description `generate` rebuilds Phi from (written by `train` as RUN/generator.json)."""
     from dataclasses import asdict
 
@@ -41,7 +42,8 @@ def generator_metadata(cfg, *, dim: int, num_classes: int, transform: str, value
         counts = [float(v) for v in np.asarray(dp_class_counts, dtype=np.float64).reshape(-1)]
     return {
         "format": GENERATOR_FORMAT,
-        "dim": int(dim), "num_classes": int(num_classes),
+        "dim": int(dim),
+        "num_classes": int(num_classes),
         "model": asdict(cfg.model),
         "transform": transform,
         "value_range": None if value_range is None else [float(value_range[0]), float(value_range[1])],
@@ -57,8 +59,10 @@ def generator_metadata(cfg, *, dim: int, num_classes: int, transform: str, value
 def _run_file(run: Path, name: str, what: str) -> Path:
     p = run / name
     if not p.is_file():
-        raise FedHypeVAEError(f"{run} has no {name} ({what}); `fedhypevae generate` needs a finished run of "
-                              "`fedhypevae train` (an interrupted run finishes with --resume)")
+        raise FedHypeVAEError(
+            f"{run} has no {name} ({what}); `fedhypevae generate` needs a finished run of "
+            "`fedhypevae train` (an interrupted run finishes with --resume)"
+        )
     return p
 
 
@@ -74,8 +78,11 @@ def load_generator(run_dir):
         raise FedHypeVAEError(f"--run {run} is not a directory; give the --out directory of `fedhypevae train`")
     if not (run / "config.yaml").is_file() and not (run / GENERATOR_FILE).is_file():
         raise FedHypeVAEError(f"--run {run} is not a training run (no config.yaml, no {GENERATOR_FILE})")
-    meta_path = _run_file(run, GENERATOR_FILE, "the public metadata that rebuilds the hypernetwork; runs made "
-                                               "before it existed cannot be rebuilt")
+    meta_path = _run_file(
+        run,
+        GENERATOR_FILE,
+        "the public metadata that rebuilds the hypernetwork; runs made before it existed cannot be rebuilt",
+    )
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         model_cfg = ModelConfig(**meta["model"])
@@ -87,8 +94,10 @@ def load_generator(run_dir):
     if fmt > GENERATOR_FORMAT:
         raise FedHypeVAEError(f"{meta_path} has format {fmt}; this version reads format {GENERATOR_FORMAT} (upgrade)")
     if not meta.get("meta_code_fitted", True):
-        raise FedHypeVAEError(f"{run} is a PARTIAL run: its meta-code was never fitted (no class statistics were "
-                              "released), so it has nothing to generate from")
+        raise FedHypeVAEError(
+            f"{run} is a PARTIAL run: its meta-code was never fitted (no class statistics were "
+            "released), so it has nothing to generate from"
+        )
     phi_path = _run_file(run, "hypernetwork.pt", "Phi's state dict")
     codes_path = _run_file(run, "meta_codes.pt", "the fitted meta-code(s)")
     hyper = HyperNetwork.from_config(dim, classes, model_cfg)
@@ -98,13 +107,15 @@ def load_generator(run_dir):
         mc = torch.load(codes_path, map_location="cpu", weights_only=True)
         codes, weights = mc["codes"].float(), mc["weights"]
     except Exception as exc:  # noqa: BLE001 - a damaged or mismatched file, named with its cause
-        raise FedHypeVAEError(f"{run}: hypernetwork.pt / meta_codes.pt cannot be loaded into the model "
-                              f"{GENERATOR_FILE} describes ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+        raise FedHypeVAEError(
+            f"{run}: hypernetwork.pt / meta_codes.pt cannot be loaded into the model "
+            f"{GENERATOR_FILE} describes ({type(exc).__name__}: {str(exc).splitlines()[0]})"
+        ) from None
     hyper.eval()
     return hyper, codes, weights, meta
 
 
-def class_split(samples: int, num_classes: int, weights: Optional[list] = None) -> list[int]:
+def class_split(samples: int, num_classes: int, weights: list | None = None) -> list[int]:
     """`samples` records over the classes: equal shares (the remainder to the first classes), or proportional
     to `weights` (largest remainders), summing to `samples` exactly."""
     if weights is None:
@@ -133,19 +144,35 @@ def generate_from_run(run_dir, samples: int, *, seed: int = 0) -> tuple[np.ndarr
         raise FedHypeVAEError(f"--samples must be >= 1; got {samples}")
     hyper, codes, weights, meta = load_generator(run_dir)
     dim, classes = int(meta["dim"]), int(meta["num_classes"])
-    check_fits(samples * dim * 4 * 6, f"--samples {samples} ({dim} features each)", error=FedHypeVAEError,
-               advice="generate fewer records per call (the calls with different --seed values are independent)")
+    check_fits(
+        samples * dim * 4 * 6,
+        f"--samples {samples} ({dim} features each)",
+        error=FedHypeVAEError,
+        advice="generate fewer records per call (the calls with different --seed values are independent)",
+    )
     weights_by_class = meta.get("dp_class_counts") if meta.get("class_balance") == "proportional" else None
     counts = class_split(samples, classes, weights_by_class)
     with torch.no_grad():
-        x, y = generate(hyper, codes, weights, counts, output_noise=bool(meta.get("output_noise")),
-                        generator=public_generator(int(seed), 0x6E7))
+        x, y = generate(
+            hyper,
+            codes,
+            weights,
+            counts,
+            output_noise=bool(meta.get("output_noise")),
+            generator=public_generator(int(seed), 0x6E7),
+        )
     vr = meta.get("value_range")
     transform = meta["transform"]
     x_out = invert_transform(x.cpu().numpy(), transform, None if vr is None else tuple(vr)).astype(np.float32)
-    info = {"samples": int(samples), "per_class": counts, "dim": dim, "transform": transform,
-            "units": output_units(transform, None if vr is None else tuple(vr)),
-            "in_input_units": is_invertible(transform), "seed": int(seed)}
+    info = {
+        "samples": int(samples),
+        "per_class": counts,
+        "dim": dim,
+        "transform": transform,
+        "units": output_units(transform, None if vr is None else tuple(vr)),
+        "in_input_units": is_invertible(transform),
+        "seed": int(seed),
+    }
     return x_out, y.cpu().numpy().astype(np.int64), info
 
 

@@ -3,10 +3,10 @@
 All of this is post-processing on the server side: Phi is frozen and the only data-dependent
 inputs are the DP-noisy class statistics, so none of it costs privacy.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -19,8 +19,8 @@ class ClassMoments:
 
     means: torch.Tensor
     counts: torch.Tensor
-    cov: Optional[torch.Tensor] = None
-    var: Optional[torch.Tensor] = None
+    cov: torch.Tensor | None = None
+    var: torch.Tensor | None = None
 
     @property
     def valid(self) -> torch.Tensor:
@@ -47,16 +47,28 @@ def metacode_loss(hyper, code, target: ClassMoments, z_noise, *, beta: float, ou
     """Eq. 11: sum_y ||E[x(z,y)] - mu_y||^2 + beta ||Cov[x(z,y)] - Sigma_y||_F^2 over valid classes."""
     mean, cov = model_moments(hyper, code, z_noise, output_noise=output_noise)
     valid = target.valid.to(device=mean.device, dtype=mean.dtype)
-    loss = ((mean - target.means.to(device=mean.device, dtype=mean.dtype)).pow(2).sum(-1) * valid)
+    loss = (mean - target.means.to(device=mean.device, dtype=mean.dtype)).pow(2).sum(-1) * valid
     if target.cov is not None:
         loss = loss + beta * ((cov - target.cov.to(device=cov.device, dtype=cov.dtype)).pow(2).sum((-1, -2)) * valid)
     elif target.var is not None:
-        loss = loss + beta * ((cov.diagonal(dim1=-2, dim2=-1) - target.var.to(device=cov.device, dtype=cov.dtype)).pow(2).sum(-1) * valid)
+        loss = loss + beta * (
+            (cov.diagonal(dim1=-2, dim2=-1) - target.var.to(device=cov.device, dtype=cov.dtype)).pow(2).sum(-1) * valid
+        )
     return loss.sum() / valid.sum().clamp(min=1.0)
 
 
-def fit_metacode(hyper: HyperNetwork, target: ClassMoments, *, steps: int, lr: float, beta: float,
-                 samples_per_class: int, radius: float, output_noise: bool, generator: torch.Generator) -> tuple[torch.Tensor, list[float]]:
+def fit_metacode(
+    hyper: HyperNetwork,
+    target: ClassMoments,
+    *,
+    steps: int,
+    lr: float,
+    beta: float,
+    samples_per_class: int,
+    radius: float,
+    output_noise: bool,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, list[float]]:
     """Fit v_o (Phi frozen), starting from the neutral point 0, projected to ||v|| <= r."""
     K = hyper.num_classes
     dev = next(hyper.parameters()).device
@@ -94,8 +106,15 @@ def class_counts(total_counts: torch.Tensor, *, samples_per_class: int, balance:
 
 
 @torch.no_grad()
-def generate(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Tensor, counts: list[int], *,
-             output_noise: bool, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def generate(
+    hyper: HyperNetwork,
+    codes: torch.Tensor,
+    weights: torch.Tensor,
+    counts: list[int],
+    *,
+    output_noise: bool,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 12/13: z ~ p_omega_o(z | y), x ~ p_theta_o(x | z, y), with theta_o, omega_o from the
     meta-code or the pi-weighted mixture of meta-codes."""
     dev = codes.device

@@ -11,21 +11,28 @@ A resumed run continues `metrics.jsonl` after the checkpoint's round (later rows
 checkpoint by the interrupted attempt, are cut) and TensorBoard with `purge_step` (TensorBoard then
 hides the interrupted attempt's events from that step on), so no round appears twice.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import time
 from pathlib import Path
-from typing import Optional
 
 METRICS = "metrics.jsonl"
 EVENTS = "events.jsonl"
 
 
 class MetricWriter:
-    def __init__(self, out_dir: Path, *, enabled: bool = True, tensorboard: bool = True,
-                 purge_step: Optional[int] = None, fresh: bool = False):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+        fresh: bool = False,
+    ):
         self.enabled = enabled
         self._jsonl = None
         self._tb = None

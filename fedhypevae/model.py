@@ -10,10 +10,10 @@ The hypernetwork Phi = (Phi_theta, Phi_omega) holds
 Because diag(d) W h = d * (W h), a client's decoder is one matmul with the shared base weights
 followed by a per-row scale: clients never materialize their own weight matrices.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -86,13 +86,13 @@ class Ops:
     def private_input(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def private_linear(self, a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    def private_linear(self, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(a, w, b)
 
     def private_output(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
-    def head_linear(self, s: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+    def head_linear(self, s: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         return F.linear(s, w, b)
 
     def head_activation(self, act: nn.Module, u: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ class Ops:
         pieces = o.split([w for w, _ in parts], dim=-1)
         return [t if f is None else f(t) for t, (_, f) in zip(pieces, parts)]
 
-    def shared_linear(self, a: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def shared_linear(self, a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(a, w, b)
 
     def add_bias(self, t: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -163,7 +163,7 @@ class Encoder(nn.Module):
         self.net = mlp([dim + num_classes] + list(hidden) + [2 * latent_dim], activation)
 
     @classmethod
-    def from_config(cls, dim: int, num_classes: int, m) -> "Encoder":
+    def from_config(cls, dim: int, num_classes: int, m) -> Encoder:
         return cls(dim, num_classes, m.latent_dim, m.hidden, m.activation)
 
     def forward(self, x: torch.Tensor, y_onehot: torch.Tensor, ops: Ops = PLAIN, layers=None):
@@ -174,8 +174,19 @@ class Encoder(nn.Module):
 class HyperNetwork(nn.Module):
     """Phi: shared decoder base, h_theta (row scales + bias shifts), h_omega, e(y), g_omega."""
 
-    def __init__(self, dim: int, num_classes: int, *, latent_dim: int, code_dim: int, hidden: list[int],
-                 hyper_hidden: int, label_embed_dim: int, hyper_layers: int = 2, activation: str = "silu"):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        latent_dim: int,
+        code_dim: int,
+        hidden: list[int],
+        hyper_hidden: int,
+        label_embed_dim: int,
+        hyper_layers: int = 2,
+        activation: str = "silu",
+    ):
         super().__init__()
         self.dim, self.num_classes, self.latent_dim, self.code_dim = dim, num_classes, latent_dim, code_dim
         sizes = [latent_dim + num_classes] + list(reversed(hidden)) + [dim]
@@ -199,10 +210,18 @@ class HyperNetwork(nn.Module):
         self.x_logstd = nn.Parameter(torch.zeros(dim))
 
     @classmethod
-    def from_config(cls, dim: int, num_classes: int, m) -> "HyperNetwork":
-        return cls(dim, num_classes, latent_dim=m.latent_dim, code_dim=m.code_dim, hidden=m.hidden,
-                   hyper_hidden=m.hyper_hidden, label_embed_dim=m.label_embed_dim, hyper_layers=m.hyper_layers,
-                   activation=m.activation)
+    def from_config(cls, dim: int, num_classes: int, m) -> HyperNetwork:
+        return cls(
+            dim,
+            num_classes,
+            latent_dim=m.latent_dim,
+            code_dim=m.code_dim,
+            hidden=m.hidden,
+            hyper_hidden=m.hyper_hidden,
+            label_embed_dim=m.label_embed_dim,
+            hyper_layers=m.hyper_layers,
+            activation=m.activation,
+        )
 
     # -- Eq. 3 -------------------------------------------------------------------------------
     def decoder_modulation(self, v: torch.Tensor, ops: Ops = PLAIN) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -261,8 +280,14 @@ class ClientView(nn.Module):
     (Eq. 6) against a synthetic batch drawn from this client's decoder: -2 mean_j k(x, x_hat_j).
     """
 
-    def __init__(self, encoder: Encoder, code: nn.Parameter, hyper: HyperNetwork, *,
-                 literal_mmd: tuple[float, list[float]] | None = None):
+    def __init__(
+        self,
+        encoder: Encoder,
+        code: nn.Parameter,
+        hyper: HyperNetwork,
+        *,
+        literal_mmd: tuple[float, list[float]] | None = None,
+    ):
         super().__init__()
         self.encoder = encoder
         self.code = code
@@ -301,8 +326,9 @@ def gaussian_nll(x, mean, logstd) -> torch.Tensor:
     return 0.5 * r.pow(2).sum(-1) + logstd.expand_as(r).sum(-1) + 0.5 * LOG2PI * x.shape[-1]
 
 
-def elbo_terms(encoder: Encoder, code: torch.Tensor, hyper: HyperNetwork, x, y, eps, ops: Ops = PLAIN,
-               encoder_layers=None):
+def elbo_terms(
+    encoder: Encoder, code: torch.Tensor, hyper: HyperNetwork, x, y, eps, ops: Ops = PLAIN, encoder_layers=None
+):
     """Per-sample reconstruction NLL and KL(q || p_omega). `eps` is the reparameterization noise,
     drawn outside so that the loss is a deterministic function (vmap-able, reproducible).
     The one spelling of the model's loss: the batched engine evaluates it with its own `ops`
@@ -335,8 +361,9 @@ def generator_params(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Te
     return mods, hw
 
 
-def sample_synthetic(hyper: HyperNetwork, mods, hw, y: torch.Tensor, z_noise: torch.Tensor,
-                     x_noise: torch.Tensor | None) -> torch.Tensor:
+def sample_synthetic(
+    hyper: HyperNetwork, mods, hw, y: torch.Tensor, z_noise: torch.Tensor, x_noise: torch.Tensor | None
+) -> torch.Tensor:
     """Eq. 12 with z ~ p_omega(z | y) (the class prior, not N(0, I)): x = mean(z, y) [+ scale * noise].
     Noise is passed in so that callers control the generator (reproducible or differentiable).
     Batched over clients when `mods` and `hw` carry a client dimension in front of a row dimension

@@ -6,6 +6,7 @@ of steps, the budget split), so it is computed exactly as `train` computes it be
 shape, the partition, the statistics clip norm, the memory of the later stages); nothing is written and
 nothing is released.
 """
+
 from __future__ import annotations
 
 from .config import Config
@@ -26,22 +27,33 @@ def resolve_plan(cfg: Config, *, check_data: bool = True) -> dict:
     else:
         target = "infinite (no budget)" if plan.target_epsilon == float("inf") else f"{plan.target_epsilon:g}"
         planned = plan.planned_epsilon
-        lines.append(f"privacy      : {p.mode} mode, target epsilon {target}, delta {p.delta:g}, accountant "
-                     f"{p.accountant}; planned epsilon {planned:.4f} (all mechanisms composed)")
-        lines.append(f"DP-SGD       : sigma {plan.sigma:.4f}, clip norm C {p.clip_norm:g}, sample rate q "
-                     f"{plan.sample_rate:g}, {plan.steps} steps ({cfg.train.rounds} rounds x "
-                     f"{cfg.train.local_steps} local steps)")
+        lines.append(
+            f"privacy      : {p.mode} mode, target epsilon {target}, delta {p.delta:g}, accountant "
+            f"{p.accountant}; planned epsilon {planned:.4f} (all mechanisms composed)"
+        )
+        lines.append(
+            f"DP-SGD       : sigma {plan.sigma:.4f}, clip norm C {p.clip_norm:g}, sample rate q "
+            f"{plan.sample_rate:g}, {plan.steps} steps ({cfg.train.rounds} rounds x "
+            f"{cfg.train.local_steps} local steps)"
+        )
         # the budget split: each one-shot release is calibrated alone to its share of the target; DP-SGD's sigma
         # is then chosen so that the whole composed history meets the target (composition is sub-additive, so
         # the epsilons below do not add up to it)
-        shares = {DP_SGD: 1.0 - p.stats_epsilon_fraction - (p.mmd_epsilon_fraction if use_mmd else 0.0),
-                  CLASS_STATS: p.stats_epsilon_fraction, MMD_EMBEDDINGS: p.mmd_epsilon_fraction}
-        lines.append("epsilon split: share of the target per mechanism (privacy.stats_epsilon_fraction, "
-                     "privacy.mmd_epsilon_fraction; DP-SGD the rest), and the epsilon each spends alone")
+        shares = {
+            DP_SGD: 1.0 - p.stats_epsilon_fraction - (p.mmd_epsilon_fraction if use_mmd else 0.0),
+            CLASS_STATS: p.stats_epsilon_fraction,
+            MMD_EMBEDDINGS: p.mmd_epsilon_fraction,
+        }
+        lines.append(
+            "epsilon split: share of the target per mechanism (privacy.stats_epsilon_fraction, "
+            "privacy.mmd_epsilon_fraction; DP-SGD the rest), and the epsilon each spends alone"
+        )
         for m in plan.mechanisms:
             alone = epsilon_of([m], delta=p.delta, accountant=p.accountant) if m.noise_multiplier > 0 else float("inf")
-            lines.append(f"  {m.name:<15} {100 * shares.get(m.name, 0.0):>3.0f} %  sigma {m.noise_multiplier:.4f}, "
-                         f"q {m.sample_rate:g}, {m.steps} release(s), epsilon alone {alone:.4f}")
+            lines.append(
+                f"  {m.name:<15} {100 * shares.get(m.name, 0.0):>3.0f} %  sigma {m.noise_multiplier:.4f}, "
+                f"q {m.sample_rate:g}, {m.steps} release(s), epsilon alone {alone:.4f}"
+            )
         if p.noise_seed is not None:
             lines.append("noise        : reproducible from privacy.noise_seed: NOT suitable for a real release")
         if p.mode == "paper":
@@ -49,9 +61,11 @@ def resolve_plan(cfg: Config, *, check_data: bool = True) -> dict:
         assert plan.steps == planned_steps(cfg)
     data = _check_data(cfg) if check_data else None
     if data is not None:
-        lines.append(f"data         : {data['source']}: {data['clients']} clients, {data['classes']} classes, "
-                     f"{data['dim']} features, transform {data['transform']}; statistics clip norm C_x "
-                     f"{data['stats_clip_norm']:g}; memory of the later stages checked")
+        lines.append(
+            f"data         : {data['source']}: {data['clients']} clients, {data['classes']} classes, "
+            f"{data['dim']} features, transform {data['transform']}; statistics clip norm C_x "
+            f"{data['stats_clip_norm']:g}; memory of the later stages checked"
+        )
     elif check_data is False:
         lines.append("data         : not loaded (--no-data)")
     return {"plan": plan, "data": data, "lines": lines}
@@ -66,7 +80,14 @@ def _check_data(cfg: Config) -> dict:
     ds = cfg.federation.declared_sizes
     if ds is not None and len(ds) != fed.num_clients:
         raise ConfigError(f"federation.declared_sizes must list {fed.num_clients} positive integers; got {ds}")
-    clip = validate_run(cfg, transform=fed.transform, classes=fed.num_classes, dim=fed.dim,
-                        clients_here=fed.num_clients)
-    return {"source": fed.source, "clients": fed.num_clients, "classes": fed.num_classes, "dim": fed.dim,
-            "transform": fed.transform, "stats_clip_norm": float(clip)}
+    clip = validate_run(
+        cfg, transform=fed.transform, classes=fed.num_classes, dim=fed.dim, clients_here=fed.num_clients
+    )
+    return {
+        "source": fed.source,
+        "clients": fed.num_clients,
+        "classes": fed.num_classes,
+        "dim": fed.dim,
+        "transform": fed.transform,
+        "stats_clip_norm": float(clip),
+    }

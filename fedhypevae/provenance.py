@@ -1,4 +1,5 @@
 """Where a result came from: code version, packages, config, launcher, world, device."""
+
 from __future__ import annotations
 
 import platform
@@ -18,8 +19,13 @@ def git_commit() -> str:
         sha = out.stdout.strip()
         if out.returncode != 0 or not sha:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -36,6 +42,14 @@ def package_versions() -> dict:
 
 
 def provenance(cfg: Config, *, launcher: str, comm, device: str) -> dict:
-    return {"git_commit": git_commit(), "packages": package_versions(), "config_hash": cfg.hash(),
-            "launcher": launcher, "backend": comm.backend, "world_size": comm.world_size,
-            "clients": cfg.partition.clients, "device": device, "host": platform.node()}
+    return {
+        "git_commit": git_commit(),
+        "packages": package_versions(),
+        "config_hash": cfg.hash(),
+        "launcher": launcher,
+        "backend": comm.backend,
+        "world_size": comm.world_size,
+        "clients": cfg.partition.clients,
+        "device": device,
+        "host": platform.node(),
+    }

@@ -16,6 +16,7 @@ same noise_seed never share a draw. The epoch counts the releases made under one
 that is not bit-identical to an earlier one (a resume that computed a different value) is drawn
 under a fresh epoch, never under the noise of the release it differs from.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -74,8 +75,7 @@ METHOD_STREAMS = {"fedhypevae": 0xFE0, "fedavg": 0xFA1, "fedprox": 0xF9A, "dpcva
 class ClientRNG:
     """The private generators of one client: one per release key (see the module docstring)."""
 
-    def __init__(self, client_id: int, noise_seed: int | None, *, method: str = "fedhypevae",
-                 key: int | None = None):
+    def __init__(self, client_id: int, noise_seed: int | None, *, method: str = "fedhypevae", key: int | None = None):
         if method not in METHOD_STREAMS:
             raise ValueError(f"no noise stream namespace for method {method!r}; known: {', '.join(METHOD_STREAMS)}")
         self.client_id = client_id

@@ -14,10 +14,10 @@ and the only form for a per-sample loss that couples rows, the literal MMD cross
 step) and `ExtraRows` (rows with given Phi gradients appended to another `Rows`: the audit's canaries go
 through the same clip, noise and scale stages as records).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -51,6 +51,7 @@ def per_sample_grads(module: torch.nn.Module, names: list[str], inputs: tuple, s
 @dataclass
 class Batch:
     """All clients' rows of one step, concatenated client-major."""
+
     x: torch.Tensor  # (B, d_x)
     y: torch.Tensor  # (B,)
     eps: torch.Tensor  # (B, d_z) reparameterization noise
@@ -62,14 +63,23 @@ class Batch:
     starts: list  # per client: its first row
 
     @classmethod
-    def build(cls, x, y, eps, counts: list, device, syn: Optional[list] = None) -> "Batch":
+    def build(cls, x, y, eps, counts: list, device, syn: list | None = None) -> Batch:
         M, bmax = len(counts), max(counts, default=0)
         ct = torch.tensor(counts, dtype=torch.long)
         cidx = torch.repeat_interleave(torch.arange(M), ct)
         starts = torch.cumsum(ct, 0) - ct
         pos = torch.arange(len(cidx)) - starts[cidx]
-        return cls(x, y, eps, list(counts), cidx.to(device), (cidx * bmax + pos).to(device), bmax,
-                   list(syn) if syn is not None else [()] * M, starts.tolist())
+        return cls(
+            x,
+            y,
+            eps,
+            list(counts),
+            cidx.to(device),
+            (cidx * bmax + pos).to(device),
+            bmax,
+            list(syn) if syn is not None else [()] * M,
+            starts.tolist(),
+        )
 
     def client_rows(self, i: int) -> slice:
         return slice(self.starts[i], self.starts[i] + self.counts[i])
@@ -92,7 +102,7 @@ class Rows:
         phi, private = self.norms2()
         return (phi + private if strict else phi).clamp_min(0.0).sqrt()
 
-    def private_sums(self, c: Optional[torch.Tensor]) -> tuple[list, torch.Tensor]:
+    def private_sums(self, c: torch.Tensor | None) -> tuple[list, torch.Tensor]:
         """([(M, *shape) per encoder parameter], (M, d_v)): per client sum_j c_j grad_j (c None: unclipped)."""
         raise NotImplementedError
 
@@ -144,10 +154,10 @@ class ExtraRows(Rows):
         return torch.cat([phi, extra]), torch.cat([private, torch.zeros_like(extra)])
 
     def private_sums(self, c):
-        return self.base.private_sums(None if c is None else c[:self.B])
+        return self.base.private_sums(None if c is None else c[: self.B])
 
     def phi_sum(self, rho):
-        return self.base.phi_sum(rho[:self.B]) + rho[self.B:].to(self.phi_rows.dtype) @ self.phi_rows
+        return self.base.phi_sum(rho[: self.B]) + rho[self.B :].to(self.phi_rows.dtype) @ self.phi_rows
 
 
 class MaterializedRows(Rows):
@@ -168,8 +178,9 @@ class MaterializedRows(Rows):
             view = ClientView(c.encoder, c.code, hyper, literal_mmd=literal_mmd)
             names = [n for n, _ in view.named_parameters()]
             rows = batch.client_rows(i)
-            grads, (n_i, k_i) = per_sample_grads(view, names, (batch.x[rows], batch.y[rows], batch.eps[rows]),
-                                                 batch.syn[i])
+            grads, (n_i, k_i) = per_sample_grads(
+                view, names, (batch.x[rows], batch.y[rows], batch.eps[rows]), batch.syn[i]
+            )
             self.per_client.append((i, grads))
             nll += float(n_i.sum())
             kl += float(k_i.sum())
@@ -186,19 +197,22 @@ class MaterializedRows(Rows):
             return z, z
         return torch.cat(phi), torch.cat(private)
 
-    def _weighted(self, c: Optional[torch.Tensor]):
+    def _weighted(self, c: torch.Tensor | None):
         """Per client with rows: (position, its factors (B_i,) or None, its gradients)."""
         off = 0
         for i, g in self.per_client:
             b = next(iter(g.values())).shape[0]
-            yield i, (None if c is None else c[off:off + b]), g
+            yield i, (None if c is None else c[off : off + b]), g
             off += b
 
     def private_sums(self, c):
         enc, code = _zero_private(self.block)
         for i, f, g in self._weighted(c):
-            s = {n: (t.sum(0) if f is None else torch.einsum("b,b...->...", f, t)) for n, t in g.items()
-                 if not n.startswith(PHI_PREFIX)}
+            s = {
+                n: (t.sum(0) if f is None else torch.einsum("b,b...->...", f, t))
+                for n, t in g.items()
+                if not n.startswith(PHI_PREFIX)
+            }
             for k, name in enumerate(self.block.enc_names):
                 enc[k][i] = s[ENCODER_PREFIX + name]
             code[i] = s[CODE_NAME]
@@ -210,6 +224,6 @@ class MaterializedRows(Rows):
             for n, t in g.items():
                 if n.startswith(PHI_PREFIX):
                     s = torch.einsum("b,b...->...", f.to(t.dtype), t)
-                    key = n[len(PHI_PREFIX):]
+                    key = n[len(PHI_PREFIX) :]
                     sums[key] = s if key not in sums else sums[key] + s
         return _flat_phi(self.hyper, sums)

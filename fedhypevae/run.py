@@ -1,8 +1,9 @@
 """The main job end to end: train -> DP class statistics -> meta-code(s) -> synthetic set -> results.
 
-    from fedhypevae.run import run_training
-    results = run_training(load_config("configs/tiny.yaml"), Path("runs/tiny"))
+from fedhypevae.run import run_training
+results = run_training(load_config("configs/tiny.yaml"), Path("runs/tiny"))
 """
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -35,8 +35,22 @@ log = logging.getLogger("fedhypevae.run")
 FILE_ONLY = {"console": False}  # `extra` of a record the console handler skips (the CLI prints it itself)
 
 # what a training run writes into its directory (a directory holding anything else is not a run)
-RUN_ENTRIES = {"config.yaml", "results.json", "metrics.jsonl", "events.jsonl", "tb", "checkpoints", "ledger", "clients",
-               "hypernetwork.pt", "meta_codes.pt", "synthetic.npz", GENERATOR_FILE, LOG_FILE, "evaluation.json"}
+RUN_ENTRIES = {
+    "config.yaml",
+    "results.json",
+    "metrics.jsonl",
+    "events.jsonl",
+    "tb",
+    "checkpoints",
+    "ledger",
+    "clients",
+    "hypernetwork.pt",
+    "meta_codes.pt",
+    "synthetic.npz",
+    GENERATOR_FILE,
+    LOG_FILE,
+    "evaluation.json",
+}
 
 
 def _flatten(stats: dict) -> tuple[torch.Tensor, list]:
@@ -49,12 +63,12 @@ def _unflatten(vec: torch.Tensor, layout: list) -> dict:
     out, off = {}, 0
     for k, shape in layout:
         n = int(np.prod(shape)) if len(shape) else 1
-        out[k] = vec[off:off + n].reshape(shape)
+        out[k] = vec[off : off + n].reshape(shape)
         off += n
     return out
 
 
-def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMoments]], Optional[str]]:
+def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | None, str | None]:
     """Every client releases DP per-class statistics of its TRAIN split (through the release guard:
     charged first); one all-reduce sums them per meta-code domain. Returns (the finalized moments per
     domain, the last entry being the pooled federation; None and why, if nothing was released: no
@@ -64,11 +78,20 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
     sigma = tr.plan.noise_multiplier(CLASS_STATS) if tr.plan is not None else 0.0
     K, cov = tr.fed.num_classes, cfg.stats.covariance
     sums = [class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance=cov) for c in tr.clients]
-    d = tr.guarded_release(CLASS_STATS, sigma, 1.0, "stats", lambda epoch: sums,
-                           lambda pend: [t for s in pend for t in (s[k] for k in sorted(s))], stoppable=True)
+    d = tr.guarded_release(
+        CLASS_STATS,
+        sigma,
+        1.0,
+        "stats",
+        lambda epoch: sums,
+        lambda pend: [t for s in pend for t in (s[k] for k in sorted(s))],
+        stoppable=True,
+    )
     if d.status == "budget":
-        return None, ("class statistics: the budget has no room left for their release (epsilon spent "
-                      f"{tr.epsilon_spent():.4f} of {cfg.privacy.target_epsilon}), so the meta-code was not fitted")
+        return None, (
+            "class statistics: the budget has no room left for their release (epsilon spent "
+            f"{tr.epsilon_spent():.4f} of {cfg.privacy.target_epsilon}), so the meta-code was not fitted"
+        )
     if d.status == "signal":
         return None, "signal"
     layout, buf = None, None
@@ -77,9 +100,17 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
         # the trust model's share of the noise (local: sigma; distributed: calibrated to the clients of the
         # client's domain; central: none, the aggregator adds it)
         share = tr.trust.stats_multiplier(sigma, c.id)
-        rel = s if share == 0 else noise_class_stats(  # central: the aggregator adds the noise
-            s, clip_norm=clip, noise_multiplier=share, covariance=cov,
-            generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch))
+        rel = (
+            s
+            if share == 0
+            else noise_class_stats(  # central: the aggregator adds the noise
+                s,
+                clip_norm=clip,
+                noise_multiplier=share,
+                covariance=cov,
+                generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch),
+            )
+        )
         vec, layout = _flatten(rel)
         if buf is None:
             buf = torch.zeros(codes, vec.numel(), dtype=torch.float64)
@@ -88,8 +119,11 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
         raise RuntimeError("no client on this rank")
 
     def aggregator_noise(k, vec, g):  # central: one draw per domain sum, sigma at the statistics' sensitivity
-        return _flatten(noise_class_stats(_unflatten(vec, layout), clip_norm=clip, noise_multiplier=sigma,
-                                          covariance=cov, generator=g))[0]
+        return _flatten(
+            noise_class_stats(
+                _unflatten(vec, layout), clip_norm=clip, noise_multiplier=sigma, covariance=cov, generator=g
+            )
+        )[0]
 
     tr.trust.begin_release(STREAM_STATS_RELEASE, 0, 0, d.epoch)
     tr.trust.reduce_stats(tr, buf, aggregator_noise)
@@ -98,11 +132,13 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[Optional[list[ClassMom
     out = []
     for dom in domains + ([pooled] if codes > 1 else []):
         fin = finalize_class_stats(dom, covariance=cov, rank=cfg.stats.rank)
-        out.append(ClassMoments(means=fin["means"], counts=fin["counts"], cov=fin.get("covariances"), var=fin.get("variances")))
+        out.append(
+            ClassMoments(means=fin["means"], counts=fin["counts"], cov=fin.get("covariances"), var=fin.get("variances"))
+        )
     return out, None
 
 
-def synthesize(tr: Trainer, moments: Optional[list[ClassMoments]]) -> dict:
+def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
     """Rank 0: fit the meta-code(s) with Phi frozen, generate, write outputs. Post-processing only."""
     cfg, hyper = tr.cfg, tr.hyper
     K = cfg.meta.codes
@@ -113,16 +149,28 @@ def synthesize(tr: Trainer, moments: Optional[list[ClassMoments]]) -> dict:
         traces, total_counts = [], torch.ones(hyper.num_classes)
     else:
         domains = moments[:K]
-        fitted = [fit_metacode(hyper, d, steps=cfg.meta.steps, lr=cfg.meta.lr, beta=cfg.meta.beta,
-                               samples_per_class=cfg.meta.samples_per_class, radius=cfg.model.code_radius,
-                               output_noise=cfg.synth.output_noise, generator=g) for d in domains]
+        fitted = [
+            fit_metacode(
+                hyper,
+                d,
+                steps=cfg.meta.steps,
+                lr=cfg.meta.lr,
+                beta=cfg.meta.beta,
+                samples_per_class=cfg.meta.samples_per_class,
+                radius=cfg.model.code_radius,
+                output_noise=cfg.synth.output_noise,
+                generator=g,
+            )
+            for d in domains
+        ]
         codes = torch.stack([f[0] for f in fitted])
         traces = [f[1] for f in fitted]
         weights = mixture_weights(domains)
         total_counts = moments[-1].counts
     counts = class_counts(total_counts, samples_per_class=cfg.synth.samples_per_class, balance=cfg.synth.class_balance)
-    x, y = generate(hyper, codes, weights, counts, output_noise=cfg.synth.output_noise,
-                    generator=public_generator(cfg.seed, 0x5A7))
+    x, y = generate(
+        hyper, codes, weights, counts, output_noise=cfg.synth.output_noise, generator=public_generator(cfg.seed, 0x5A7)
+    )
     x, y = x.cpu(), y.cpu()
     x_out = invert_transform(x.numpy(), tr.fed.transform, tr.fed.value_range).astype(np.float32)
     _save_npz(tr.out / "synthetic.npz", x=x_out, y=y.numpy().astype(np.int64))
@@ -130,16 +178,37 @@ def synthesize(tr: Trainer, moments: Optional[list[ClassMoments]]) -> dict:
     ckpt.atomic_torch_save({"codes": codes, "weights": weights}, tr.out / "meta_codes.pt")
     # what `fedhypevae generate` needs to rebuild Phi: public metadata only (shapes, settings, the value range
     # the format or data.value_range declares, the DP class counts already released); no statistic of the data
-    ckpt.atomic_write_text(tr.out / GENERATOR_FILE, ckpt.dumps_json(generator_metadata(
-        cfg, dim=tr.fed.dim, num_classes=tr.fed.num_classes, transform=tr.fed.transform,
-        value_range=tr.fed.value_range, dp_class_counts=None if moments is None else moments[-1].counts,
-        fitted=moments is not None), indent=2) + "\n")
-    return {"meta": {"codes": K, "weights": weights.tolist(),
-                     "final_fit_loss": [t[-1] if t else None for t in traces],
-                     "fitted": moments is not None},
-            "synthetic": {"path": str(tr.out / "synthetic.npz"), "samples": int(len(y)), "per_class": counts,
-                          "units": output_units(tr.fed.transform, tr.fed.value_range),
-                          "in_input_units": is_invertible(tr.fed.transform)}}
+    ckpt.atomic_write_text(
+        tr.out / GENERATOR_FILE,
+        ckpt.dumps_json(
+            generator_metadata(
+                cfg,
+                dim=tr.fed.dim,
+                num_classes=tr.fed.num_classes,
+                transform=tr.fed.transform,
+                value_range=tr.fed.value_range,
+                dp_class_counts=None if moments is None else moments[-1].counts,
+                fitted=moments is not None,
+            ),
+            indent=2,
+        )
+        + "\n",
+    )
+    return {
+        "meta": {
+            "codes": K,
+            "weights": weights.tolist(),
+            "final_fit_loss": [t[-1] if t else None for t in traces],
+            "fitted": moments is not None,
+        },
+        "synthetic": {
+            "path": str(tr.out / "synthetic.npz"),
+            "samples": int(len(y)),
+            "per_class": counts,
+            "units": output_units(tr.fed.transform, tr.fed.value_range),
+            "in_input_units": is_invertible(tr.fed.transform),
+        },
+    }
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -172,8 +241,12 @@ def _catch_stop_signals(tr: Trainer):
             raise KeyboardInterrupt
         tr.stop_signal = signum  # acted on before the next release, on every rank together
         if tr.comm.is_root:
-            print(f"\nfedhypevae: {signal.Signals(signum).name} received: every rank checkpoints at the next step "
-                  "boundary, then the run stops (Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+            print(
+                f"\nfedhypevae: {signal.Signals(signum).name} received: every rank checkpoints at the next step "
+                "boundary, then the run stops (Ctrl-C again to abort at once)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     for sig in STOP_SIGNALS:
         previous[sig] = signal.signal(sig, handler)
@@ -181,6 +254,7 @@ def _catch_stop_signals(tr: Trainer):
     def restore():
         for sig, h in previous.items():
             signal.signal(sig, h)
+
     return restore
 
 
@@ -192,9 +266,11 @@ def spent_note(tr: Trainer) -> str:
         return ""
     if not tr.ledger.records:
         return ""
-    return (f" [{tr.out} has already spent epsilon {eps:.4f} of {tr.cfg.privacy.target_epsilon} on the releases in "
-            f"its ledger ({tr.out / 'ledger'}); those charges stay. Fix the cause and continue this run with "
-            f"`fedhypevae train --resume --out {tr.out}`]")
+    return (
+        f" [{tr.out} has already spent epsilon {eps:.4f} of {tr.cfg.privacy.target_epsilon} on the releases in "
+        f"its ledger ({tr.out / 'ledger'}); those charges stay. Fix the cause and continue this run with "
+        f"`fedhypevae train --resume --out {tr.out}`]"
+    )
 
 
 def foreign_entries(out: Path) -> list[str]:
@@ -213,11 +289,13 @@ def check_run_dir(out: Path, *, resume: bool) -> None:
     other = foreign_entries(out)
     if other:
         shown = ", ".join(other[:5]) + (f", ... ({len(other)} entries)" if len(other) > 5 else "")
-        raise ConfigError(f"--out {out} holds other files ({shown}), so it is not a run directory; a run goes to a new "
-                          "or empty directory: choose another --out")
+        raise ConfigError(
+            f"--out {out} holds other files ({shown}), so it is not a run directory; a run goes to a new "
+            "or empty directory: choose another --out"
+        )
 
 
-def finished_run(out: Path, cfg: Config) -> Optional[dict]:
+def finished_run(out: Path, cfg: Config) -> dict | None:
     """The results of the finished run in `out` when it was run with `cfg`'s settings (training it again would
     be a second release on the same data and spend epsilon again); ConfigError when it was run with other
     settings; None when `out` holds no finished run."""
@@ -243,12 +321,14 @@ def finished_run(out: Path, cfg: Config) -> Optional[dict]:
     if changed:
         said = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise ConfigError(f"--out {out} holds a finished run with other settings: {said}{more}; a new run goes to "
-                          "another --out (a second run on the same data spends epsilon again)")
+        raise ConfigError(
+            f"--out {out} holds a finished run with other settings: {said}{more}; a new run goes to "
+            "another --out (a second run on the same data spends epsilon again)"
+        )
     return results
 
 
-def attach_log_file(out: Path, level: str = "info") -> Optional[logging.Handler]:
+def attach_log_file(out: Path, level: str = "info") -> logging.Handler | None:
     """RUN/run.log: the run's log, one line per event (the console shows warnings; the progress bar stays)."""
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -271,9 +351,18 @@ def _detach_log_file(out: Path) -> None:
             h.close()
 
 
-def run_training(cfg: Config, out: Path, comm: Optional[Communicator] = None, *, resume: bool = False,
-                 progress: bool = True, launcher: str = "none", device: str = "cpu",
-                 catch_signals: bool = False, log_level: str = "info") -> dict:
+def run_training(
+    cfg: Config,
+    out: Path,
+    comm: Communicator | None = None,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    launcher: str = "none",
+    device: str = "cpu",
+    catch_signals: bool = False,
+    log_level: str = "info",
+) -> dict:
     """Train, release statistics, fit the meta-code and write the outputs. With `catch_signals`, the first
     SIGTERM/SIGUSR2/SIGINT makes every rank checkpoint together at the next step boundary and return
     {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. A run that could not
@@ -286,14 +375,20 @@ def run_training(cfg: Config, out: Path, comm: Optional[Communicator] = None, *,
     tr = Trainer(cfg, out, comm, resume=resume, progress=progress, launcher=launcher, device=device)
     restore = _catch_stop_signals(tr) if catch_signals else None
     if tr.comm.is_root:
-        tr.hooks.on("round_end", lambda r, metrics: log.info(
-            "round %d: %s", r + 1, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                                             if isinstance(v, (int, float)) and v is not None)))
+        tr.hooks.on(
+            "round_end",
+            lambda r, metrics: log.info(
+                "round %d: %s",
+                r + 1,
+                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and v is not None),
+            ),
+        )
     try:
         try:
             results = _run(tr, cfg, resume, log_level)
-            log.info("run %s: %s", "interrupted" if results.get("interrupted") else results.get("status", "complete"),
-                     out)
+            log.info(
+                "run %s: %s", "interrupted" if results.get("interrupted") else results.get("status", "complete"), out
+            )
             return results
         except FedHypeVAEError as exc:
             log.error("%s", exc, extra=FILE_ONLY)  # the command line prints it
@@ -346,20 +441,44 @@ def _interrupted(tr: Trainer) -> dict:
     if tr.comm.is_root:
         from .metrics import append_event
 
-        append_event(tr.out, {"event": "interrupted", "signal": tr.stop_signal, "round": tr.state.round,
-                              "step": tr.state.step, "checkpoint": str(last), **costs})
-    return {"interrupted": True, "signal": tr.stop_signal, "round": tr.state.round, "step": tr.state.step,
-            "epsilon_spent": tr.epsilon_spent(), "checkpoint": str(last), "out": str(tr.out)}
+        append_event(
+            tr.out,
+            {
+                "event": "interrupted",
+                "signal": tr.stop_signal,
+                "round": tr.state.round,
+                "step": tr.state.step,
+                "checkpoint": str(last),
+                **costs,
+            },
+        )
+    return {
+        "interrupted": True,
+        "signal": tr.stop_signal,
+        "round": tr.state.round,
+        "step": tr.state.step,
+        "epsilon_spent": tr.epsilon_spent(),
+        "checkpoint": str(last),
+        "out": str(tr.out),
+    }
 
 
 def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dict:
     tr.setup()
     if tr.comm.is_root:  # after setup: a run refused there leaves no file behind
         attach_log_file(tr.out, log_level)
-    log.info("%s %s: %d clients on %d rank(s), %d rounds x %d steps, privacy %s", "resumed" if resume else "started",
-             tr.out, cfg.partition.clients, tr.comm.world_size, cfg.train.rounds, cfg.train.local_steps,
-             f"{cfg.privacy.mode}, target epsilon {cfg.privacy.target_epsilon}, sigma {tr.sigma:.4g}"
-             if cfg.privacy.enabled else "disabled")
+    log.info(
+        "%s %s: %d clients on %d rank(s), %d rounds x %d steps, privacy %s",
+        "resumed" if resume else "started",
+        tr.out,
+        cfg.partition.clients,
+        tr.comm.world_size,
+        cfg.train.rounds,
+        cfg.train.local_steps,
+        f"{cfg.privacy.mode}, target epsilon {cfg.privacy.target_epsilon}, sigma {tr.sigma:.4g}"
+        if cfg.privacy.enabled
+        else "disabled",
+    )
     done = tr.out / "results.json"
     if resume and done.is_file() and (tr.state.round >= cfg.train.rounds or tr.state.stopped):
         previous = json.loads(done.read_text())
@@ -388,14 +507,30 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
     if tr.comm.is_root:
         extra = synthesize(tr, moments)
         if moments is None:
-            missing.append("meta-code: not fitted (no class statistics); synthetic.npz was generated from the "
-                           "untrained zero code and is not a result")
-        extra["outputs"] = {name: str(tr.out / name) for name in
-                            ("config.yaml", "results.json", "metrics.jsonl", "events.jsonl", "tb", "hypernetwork.pt",
-                             "synthetic.npz", "checkpoints", "ledger")}
-        extra["stats_release"] = {"clip_norm": clip, "covariance": cfg.stats.covariance,
-                                  "noise_multiplier": tr.plan.noise_multiplier(CLASS_STATS) if tr.plan else 0.0,
-                                  "released": moments is not None}
+            missing.append(
+                "meta-code: not fitted (no class statistics); synthetic.npz was generated from the "
+                "untrained zero code and is not a result"
+            )
+        extra["outputs"] = {
+            name: str(tr.out / name)
+            for name in (
+                "config.yaml",
+                "results.json",
+                "metrics.jsonl",
+                "events.jsonl",
+                "tb",
+                "hypernetwork.pt",
+                "synthetic.npz",
+                "checkpoints",
+                "ledger",
+            )
+        }
+        extra["stats_release"] = {
+            "clip_norm": clip,
+            "covariance": cfg.stats.covariance,
+            "noise_multiplier": tr.plan.noise_multiplier(CLASS_STATS) if tr.plan else 0.0,
+            "released": moments is not None,
+        }
     elif moments is None:
         missing.append("meta-code: not fitted (no class statistics)")
     tr.comm.barrier()  # other ranks wait while rank 0 fits the meta-code

@@ -7,6 +7,7 @@ each cell. Each finished cell is saved under OUT/cells/ and skipped when the com
 again, so an interrupted table continues where it stopped. Outputs: table.md, table.csv (one row
 per method, partition, seed and client), table.json and per_client_bacc.png.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import yaml
@@ -23,15 +23,27 @@ from .checkpoint import dumps_json
 from .config import load_config, resolve_config_path
 from .errors import ConfigError
 
-FEDHYPEVAE_METHODS = {"fedhypevae-strict": "strict", "fedhypevae-paper": "paper",
-                      "fedhypevae-distributed": "strict", "fedhypevae-central": "strict"}
+FEDHYPEVAE_METHODS = {
+    "fedhypevae-strict": "strict",
+    "fedhypevae-paper": "paper",
+    "fedhypevae-distributed": "strict",
+    "fedhypevae-central": "strict",
+}
 # the methods that run FedHypeVAE under another trust model than the base config's (privacy.trust_model)
 TRUST_METHODS = {"fedhypevae-distributed": "distributed", "fedhypevae-central": "central"}
-LABELS = {"local": "Local only", "fedavg": "FedAvg", "fedprox": "FedProx (mu=0.05)", "fedavg-dp": "FedAvg (DP-SGD)",
-          "fedprox-dp": "FedProx (DP-SGD)", "dpcvae": "DP-CVAE", "fedhypevae-strict": "FedHypeVAE (strict)",
-          "fedhypevae-paper": "FedHypeVAE (paper mode*)", "pooled": "Pooled, non-private (upper bound)",
-          "fedhypevae-distributed": "FedHypeVAE (strict, distributed noise, simulated)",
-          "fedhypevae-central": "FedHypeVAE (strict, central noise)"}
+LABELS = {
+    "local": "Local only",
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx (mu=0.05)",
+    "fedavg-dp": "FedAvg (DP-SGD)",
+    "fedprox-dp": "FedProx (DP-SGD)",
+    "dpcvae": "DP-CVAE",
+    "fedhypevae-strict": "FedHypeVAE (strict)",
+    "fedhypevae-paper": "FedHypeVAE (paper mode*)",
+    "pooled": "Pooled, non-private (upper bound)",
+    "fedhypevae-distributed": "FedHypeVAE (strict, distributed noise, simulated)",
+    "fedhypevae-central": "FedHypeVAE (strict, central noise)",
+}
 
 
 def method_overrides(method: str) -> list:
@@ -92,13 +104,21 @@ def load_table_config(path: str) -> TableConfig:
     return TableConfig(**tree)
 
 
-def cell_train_config(tc: TableConfig, partition: str, seed: int, mode: Optional[str] = None, *,
-                      method: Optional[str] = None):
+def cell_train_config(
+    tc: TableConfig, partition: str, seed: int, mode: str | None = None, *, method: str | None = None
+):
     """The FedHypeVAE config of one cell; its data/partition/seed also define the splits every method uses.
     `method`: a FedHypeVAE method, whose privacy settings (method_overrides) replace `mode`."""
-    ov = [*tc.overrides, f"seed={seed}", f"partition.kind={partition}", f"partition.alpha={tc.alpha}",
-          f"partition.clients={tc.clients}", f"partition.min_client_size={tc.min_client_size}",
-          f"privacy.target_epsilon={tc.epsilon}", f"privacy.delta={tc.delta}"]
+    ov = [
+        *tc.overrides,
+        f"seed={seed}",
+        f"partition.kind={partition}",
+        f"partition.alpha={tc.alpha}",
+        f"partition.clients={tc.clients}",
+        f"partition.min_client_size={tc.min_client_size}",
+        f"privacy.target_epsilon={tc.epsilon}",
+        f"privacy.delta={tc.delta}",
+    ]
     for k, v in tc.data.items():
         ov.append(f"data.{k}={'null' if v is None else v}")
     if method in FEDHYPEVAE_METHODS:
@@ -113,8 +133,10 @@ def score_synthetic(fed, x_syn, y_syn, *, protocol: str, seed: int) -> list[dict
     from .evaluation import evaluate_federation
 
     scored = evaluate_federation(fed, x_syn, y_syn, protocol=protocol, seed=seed)
-    return [{"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-            for r in scored["clients"]]
+    return [
+        {"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+        for r in scored["clients"]
+    ]
 
 
 def run_rows(run_dir: Path, fed, *, protocol: str, seed: int) -> list[dict]:
@@ -122,16 +144,19 @@ def run_rows(run_dir: Path, fed, *, protocol: str, seed: int) -> list[dict]:
     from .data import apply_transform
 
     syn = np.load(Path(run_dir) / "synthetic.npz")
-    return score_synthetic(fed, apply_transform(syn["x"], fed.transform, fed.value_range), syn["y"],
-                           protocol=protocol, seed=seed)
+    return score_synthetic(
+        fed, apply_transform(syn["x"], fed.transform, fed.value_range), syn["y"], protocol=protocol, seed=seed
+    )
 
 
 def baseline_rows(method: str, res: dict, fed, *, protocol: str, seed: int) -> list[dict]:
     """Per-client rows of a baseline's result (DP-CVAE's synthetic set is scored like FedHypeVAE's)."""
     if method == "dpcvae":
         return score_synthetic(fed, res["x_syn"], res["y_syn"], protocol=protocol, seed=seed)
-    return [{"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-            for r in res["clients"]]
+    return [
+        {"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
+        for r in res["clients"]
+    ]
 
 
 def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path) -> dict:
@@ -160,8 +185,15 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
         rows = baseline_rows(method, res, fed, protocol=tc.protocol, seed=seed)
     eps = None if not privacy else privacy.get("epsilon_spent")
     formal = None if not privacy else privacy.get("formal_guarantee")
-    return {"method": method, "partition": partition, "seed": seed, "rows": rows, "epsilon_spent": eps,
-            "formal_guarantee": formal, "seconds": time.perf_counter() - t0}
+    return {
+        "method": method,
+        "partition": partition,
+        "seed": seed,
+        "rows": rows,
+        "epsilon_spent": eps,
+        "formal_guarantee": formal,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _mean(xs):
@@ -185,11 +217,19 @@ def aggregate(cells: list[dict]) -> dict:
         d["bacc_all"] += [r["balanced_accuracy"] for r in c["rows"]]
         if c["epsilon_spent"] is not None:
             d["eps"].append(c["epsilon_spent"])
-    return {k: {"acc_mean": 100 * _mean(v["acc"]), "acc_std": 100 * _std(v["acc"]),
-                "bacc_mean": 100 * _mean(v["bacc"]), "bacc_std": 100 * _std(v["bacc"]),
-                "acc_client_std": 100 * _std(v["acc_all"]), "bacc_client_std": 100 * _std(v["bacc_all"]),
-                "seeds": len(v["acc"]), "epsilon_max": max(v["eps"]) if v["eps"] else None}
-            for k, v in out.items()}
+    return {
+        k: {
+            "acc_mean": 100 * _mean(v["acc"]),
+            "acc_std": 100 * _std(v["acc"]),
+            "bacc_mean": 100 * _mean(v["bacc"]),
+            "bacc_std": 100 * _std(v["bacc"]),
+            "acc_client_std": 100 * _std(v["acc_all"]),
+            "bacc_client_std": 100 * _std(v["bacc_all"]),
+            "seeds": len(v["acc"]),
+            "epsilon_max": max(v["eps"]) if v["eps"] else None,
+        }
+        for k, v in out.items()
+    }
 
 
 def _pm(mean: float, std: float, n: int) -> str:
@@ -199,12 +239,22 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 def markdown(tc: TableConfig, agg: dict, command: str) -> str:
     parts = [p for p in tc.partitions]
-    head = "| Method | " + " | ".join(f"{_pname(p, tc)} ACC (%) | {_pname(p, tc)} BACC (%)" for p in parts) + " | ε spent (max) |"
+    head = (
+        "| Method | "
+        + " | ".join(f"{_pname(p, tc)} ACC (%) | {_pname(p, tc)} BACC (%)" for p in parts)
+        + " | ε spent (max) |"
+    )
     sep = "|---" * (1 + 2 * len(parts)) + "|---|"
-    lines = [f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}, protocol `{tc.protocol}`",
-             "", head, sep]
-    best = {p: max((agg[(m, p)]["bacc_mean"] for m in tc.methods if (m, p) in agg and m != "pooled"), default=None)
-            for p in parts}
+    lines = [
+        f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}, protocol `{tc.protocol}`",
+        "",
+        head,
+        sep,
+    ]
+    best = {
+        p: max((agg[(m, p)]["bacc_mean"] for m in tc.methods if (m, p) in agg and m != "pooled"), default=None)
+        for p in parts
+    }
     for m in tc.methods:
         cells, eps = [], None
         for p in parts:
@@ -220,11 +270,18 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
                 eps = max(eps or 0.0, a["epsilon_max"])
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} |")
     lines += [""] + verdicts(tc, agg)
-    spread = ("Mean ± std over seeds of the client-averaged metric" if len(tc.seeds) > 1 else
-              "The client-averaged metric of one seed (no spread over seeds to show)")
-    lines += ["", spread + "; bold: best balanced accuracy among the "
-              "methods that do not pool data. *Paper mode: the encoder and client code train on private data "
-              "without noise, so its ε is not a formal guarantee.", ""]
+    spread = (
+        "Mean ± std over seeds of the client-averaged metric"
+        if len(tc.seeds) > 1
+        else "The client-averaged metric of one seed (no spread over seeds to show)"
+    )
+    lines += [
+        "",
+        spread + "; bold: best balanced accuracy among the "
+        "methods that do not pool data. *Paper mode: the encoder and client code train on private data "
+        "without noise, so its ε is not a formal guarantee.",
+        "",
+    ]
     if tc.notes:
         lines += [tc.notes.strip(), ""]
     lines += [f"Command: `{command}`", ""]
@@ -261,11 +318,22 @@ def _pname(p: str, tc: TableConfig) -> str:
 
 # how each method treats privacy, for the plot's colours: DP with a formal guarantee, DP-SGD on Phi only (paper
 # mode: not a formal guarantee), or no privacy at all
-PRIVACY_KIND = {"fedavg-dp": "dp", "fedprox-dp": "dp", "dpcvae": "dp", "fedhypevae-strict": "dp",
-                "fedhypevae-paper": "paper", "local": "none", "fedavg": "none", "fedprox": "none", "pooled": "none"}
-_KIND_STYLE = {"dp": ("#4c72b0", "private (DP, formal guarantee)"),
-               "paper": ("#8172b2", "paper mode (DP on Phi only, not formal)"),
-               "none": ("#c8c8c8", "non-private")}
+PRIVACY_KIND = {
+    "fedavg-dp": "dp",
+    "fedprox-dp": "dp",
+    "dpcvae": "dp",
+    "fedhypevae-strict": "dp",
+    "fedhypevae-paper": "paper",
+    "local": "none",
+    "fedavg": "none",
+    "fedprox": "none",
+    "pooled": "none",
+}
+_KIND_STYLE = {
+    "dp": ("#4c72b0", "private (DP, formal guarantee)"),
+    "paper": ("#8172b2", "paper mode (DP on Phi only, not formal)"),
+    "none": ("#c8c8c8", "non-private"),
+}
 
 
 def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
@@ -285,45 +353,73 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
     for ax, p in zip(axes[0], parts):
         data, labels, kinds = [], [], []
         for m in tc.methods:
-            vals = [100 * r["balanced_accuracy"] for c in cells if c["method"] == m and c["partition"] == p for r in c["rows"]]
+            vals = [
+                100 * r["balanced_accuracy"]
+                for c in cells
+                if c["method"] == m and c["partition"] == p
+                for r in c["rows"]
+            ]
             if vals:
                 data.append(vals)
                 labels.append(LABELS[m].replace(" (", "\n("))
                 kinds.append(PRIVACY_KIND.get(m, "none"))
         if data:
-            box = ax.boxplot(data, showmeans=True, showfliers=False, patch_artist=True, widths=0.6,
-                             medianprops={"color": "black", "linewidth": 1.5},
-                             meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black",
-                                        "markersize": 5})
+            box = ax.boxplot(
+                data,
+                showmeans=True,
+                showfliers=False,
+                patch_artist=True,
+                widths=0.6,
+                medianprops={"color": "black", "linewidth": 1.5},
+                meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black", "markersize": 5},
+            )
             for patch, kind in zip(box["boxes"], kinds):
                 patch.set_facecolor(_KIND_STYLE[kind][0])
                 patch.set_alpha(0.55)
             for i, vals in enumerate(data, start=1):
                 jitter = np.random.default_rng(i).uniform(-0.18, 0.18, len(vals))
-                ax.scatter(np.full(len(vals), i) + jitter, vals, s=9, color="#333333", alpha=0.55, zorder=3,
-                           linewidths=0)
+                ax.scatter(
+                    np.full(len(vals), i) + jitter, vals, s=9, color="#333333", alpha=0.55, zorder=3, linewidths=0
+                )
             ax.set_xticks(range(1, len(labels) + 1), labels, rotation=55, ha="right", fontsize=8)
             kinds_used += [k for k in kinds if k not in kinds_used]
         ax.set_title(f"{tc.name}, {'IID' if p == 'iid' else f'Dirichlet α = {tc.alpha}'}")
         ax.tick_params(axis="y", labelleft=True)  # every panel keeps its own scale labels
         ax.set_ylabel("balanced accuracy per client (%)")
         ax.grid(axis="y", alpha=0.3)
-    handles = [Patch(facecolor=_KIND_STYLE[k][0], alpha=0.55, label=_KIND_STYLE[k][1]) for k in ("dp", "paper", "none")
-               if k in kinds_used]
-    handles += [Line2D([], [], color="black", linewidth=1.5, label="median"),
-                Line2D([], [], marker="D", linestyle="none", markerfacecolor="white", markeredgecolor="black",
-                       label="mean"),
-                Patch(facecolor="white", edgecolor="black", label="box: middle half of clients; whiskers: 1.5 IQR"),
-                Line2D([], [], marker="o", linestyle="none", color="#333333", alpha=0.55, markersize=4,
-                       label="one client (every seed)")]
+    handles = [
+        Patch(facecolor=_KIND_STYLE[k][0], alpha=0.55, label=_KIND_STYLE[k][1])
+        for k in ("dp", "paper", "none")
+        if k in kinds_used
+    ]
+    handles += [
+        Line2D([], [], color="black", linewidth=1.5, label="median"),
+        Line2D([], [], marker="D", linestyle="none", markerfacecolor="white", markeredgecolor="black", label="mean"),
+        Patch(facecolor="white", edgecolor="black", label="box: middle half of clients; whiskers: 1.5 IQR"),
+        Line2D(
+            [],
+            [],
+            marker="o",
+            linestyle="none",
+            color="#333333",
+            alpha=0.55,
+            markersize=4,
+            label="one client (every seed)",
+        ),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.09, 1, 1))
     fig.savefig(path, dpi=120)
-    drawn = {"legend": [h.get_label() for h in handles],
-             "y_tick_labels": [any(lab.get_visible() and lab.get_text() for lab in ax.get_yticklabels())
-                               for ax in axes[0]],
-             "outlier_markers": sum(len(line.get_xdata()) for ax in axes[0] for line in ax.lines
-                                    if line.get_marker() not in ("None", "", None, "D"))}
+    drawn = {
+        "legend": [h.get_label() for h in handles],
+        "y_tick_labels": [any(lab.get_visible() and lab.get_text() for lab in ax.get_yticklabels()) for ax in axes[0]],
+        "outlier_markers": sum(
+            len(line.get_xdata())
+            for ax in axes[0]
+            for line in ax.lines
+            if line.get_marker() not in ("None", "", None, "D")
+        ),
+    }
     plt.close(fig)
     return drawn
 
@@ -358,12 +454,17 @@ def check_cached_cells(tc: TableConfig, out: Path) -> dict:
             a, b = flatten_config(old or {}), flatten_config(settings)
             diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             said = ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in diff[:4]) + (
-                f" and {len(diff) - 4} more" if len(diff) > 4 else "")
-            raise ConfigError(f"--out {out} holds cells computed with other settings: {said}; use another --out (or "
-                              f"delete {out / 'cells'} to recompute every cell)")
+                f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+            )
+            raise ConfigError(
+                f"--out {out} holds cells computed with other settings: {said}; use another --out (or "
+                f"delete {out / 'cells'} to recompute every cell)"
+            )
     elif cached:
-        raise ConfigError(f"--out {out} holds cells without a record of their settings ({f.name} is missing); use "
-                          f"another --out (or delete {out / 'cells'} to recompute every cell)")
+        raise ConfigError(
+            f"--out {out} holds cells without a record of their settings ({f.name} is missing); use "
+            f"another --out (or delete {out / 'cells'} to recompute every cell)"
+        )
     return settings
 
 
@@ -380,6 +481,7 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=len(todo), desc=f"table {tc.name}", unit="cell")
     for p, s, m in todo:
         f = out / "cells" / f"{p}_s{s}_{m}.json"
@@ -404,14 +506,30 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
 
     with open(out / "table.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["dataset", "method", "partition", "seed", "client", "accuracy", "balanced_accuracy", "epsilon_spent"])
+        w.writerow(
+            ["dataset", "method", "partition", "seed", "client", "accuracy", "balanced_accuracy", "epsilon_spent"]
+        )
         for c in cells:
             for r in c["rows"]:
-                w.writerow([tc.name, c["method"], c["partition"], c["seed"], r["client"], r["accuracy"],
-                            r["balanced_accuracy"], c["epsilon_spent"]])
+                w.writerow(
+                    [
+                        tc.name,
+                        c["method"],
+                        c["partition"],
+                        c["seed"],
+                        r["client"],
+                        r["accuracy"],
+                        r["balanced_accuracy"],
+                        c["epsilon_spent"],
+                    ]
+                )
     plot(tc, cells, out / "per_client_bacc.png")
-    summary = {"name": tc.name, "command": command, "config": tc.__dict__,
-               "table": [{"method": m, "partition": p, **v} for (m, p), v in agg.items()],
-               "seconds": {f"{c['partition']}_s{c['seed']}_{c['method']}": c["seconds"] for c in cells}}
+    summary = {
+        "name": tc.name,
+        "command": command,
+        "config": tc.__dict__,
+        "table": [{"method": m, "partition": p, **v} for (m, p), v in agg.items()],
+        "seconds": {f"{c['partition']}_s{c['seed']}_{c['method']}": c["seconds"] for c in cells},
+    }
     (out / "table.json").write_text(dumps_json(summary, indent=2))
     return {"markdown": md, **summary}

@@ -19,14 +19,15 @@ durable ledger, and only then noised and released.
 
 Single process:   fedhypevae train --config configs/default.yaml --out runs/default
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import yaml
@@ -37,16 +38,27 @@ from fedhypevae.hpc.placement import PlacementError
 from . import checkpoint as ckpt
 from .aggregation import flat_phi as _flat_phi
 from .aggregation import make_aggregation, trust_refusal
+from .block import ClientBlock
 from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
 from .data import build_federation, is_shard_dir, read_manifest
-from .block import ClientBlock
 from .dp_step import NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork, mmd_bandwidths
-from .privacy import (CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, PrivacyLedger, PrivacyPlan, RandomFeatures,
-                      epsilon_of, has_ledger, privacy_plan, run_shares)
+from .privacy import (
+    CLASS_STATS,
+    DP_SGD,
+    MMD_EMBEDDINGS,
+    Mechanism,
+    PrivacyLedger,
+    PrivacyPlan,
+    RandomFeatures,
+    epsilon_of,
+    has_ledger,
+    privacy_plan,
+    run_shares,
+)
 from .privacy.ledger import payload_digest
 from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
@@ -58,14 +70,32 @@ from .validate import check_output_dir, validate_run
 # plan and is refused. A wildcard covers a whole section. Whatever changes, the release guard's digest
 # comparison decides whether a replayed step is free: a different value is charged, never replayed free.
 RESUME_MAY_CHANGE = (
-    "train.lr", "train.encoder_lr", "train.code_lr", "train.local_lr", "train.optimizer", "federation.server_lr",
-    "threads", "train.checkpoint_every", "train.keep_checkpoints", "train.replica_check_every", "train.engine",
+    "train.lr",
+    "train.encoder_lr",
+    "train.code_lr",
+    "train.local_lr",
+    "train.optimizer",
+    "federation.server_lr",
+    "threads",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.replica_check_every",
+    "train.engine",
     "train.chunk_clients",
-    "privacy.diagnostics", "stats.rank", "meta.*", "synth.*",
+    "privacy.diagnostics",
+    "stats.rank",
+    "meta.*",
+    "synth.*",
 )
 # the learning rates and optimizer: they shape the later releases, so a change is said at every resume
-RESUME_APPLIED = ("train.lr", "train.encoder_lr", "train.code_lr", "train.local_lr", "train.optimizer",
-                  "federation.server_lr")
+RESUME_APPLIED = (
+    "train.lr",
+    "train.encoder_lr",
+    "train.code_lr",
+    "train.local_lr",
+    "train.optimizer",
+    "federation.server_lr",
+)
 
 
 class ReplicaDivergence(FedHypeVAEError):
@@ -77,7 +107,7 @@ class TrainState:
     round: int = 0  # rounds completed
     step: int = 0  # steps of the next round completed (> 0 only at a stop between two steps)
     steps: int = 0  # DP-SGD steps completed (applied to Phi)
-    stopped: Optional[str] = None
+    stopped: str | None = None
     interrupted: bool = False  # a stop signal arrived: checkpoint and exit, resumable
     history: list = field(default_factory=list)  # round metrics (in memory; metrics.jsonl is the record)
 
@@ -85,6 +115,7 @@ class TrainState:
 @dataclass
 class Decision:
     """What the release guard decided for one release of this rank's block of clients."""
+
     status: str  # released | budget | signal
     pending: object = None  # the payload, computed up to the noise
     epoch: int = 0
@@ -99,7 +130,7 @@ def step_key(r: int, s: int) -> str:
     return f"round={r}/step={s}"
 
 
-def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
+def make_plan(cfg: Config, *, use_mmd: bool) -> PrivacyPlan | None:
     """The run's privacy plan from its list of mechanisms with their budget proportions: DP-SGD first (calibrated
     against the composed history, it takes what the one-shot releases leave), then the class statistics and,
     with the merf MMD term, the mean embeddings. A new mechanism is one more entry in `one_shot`."""
@@ -115,11 +146,23 @@ def make_plan(cfg: Config, *, use_mmd: bool) -> Optional[PrivacyPlan]:
         # reference, with no guarantee); the run then reports the epsilon that noise gives
         sigma = p.noise_multiplier or 0.0
         mechs = [Mechanism(s.name, sigma, s.sample_rate, s.releases) for s in shares]
-        return PrivacyPlan(sigma=sigma, sample_rate=p.sample_rate, steps=planned_steps(cfg), delta=p.delta,
-                           accountant=p.accountant, target_epsilon=p.target_epsilon,
-                           planned_epsilon=epsilon_of(mechs, delta=p.delta, accountant=p.accountant), mechanisms=mechs)
-    return privacy_plan(shares, target_epsilon=p.target_epsilon, delta=p.delta, accountant=p.accountant,
-                        noise_multiplier=p.noise_multiplier)
+        return PrivacyPlan(
+            sigma=sigma,
+            sample_rate=p.sample_rate,
+            steps=planned_steps(cfg),
+            delta=p.delta,
+            accountant=p.accountant,
+            target_epsilon=p.target_epsilon,
+            planned_epsilon=epsilon_of(mechs, delta=p.delta, accountant=p.accountant),
+            mechanisms=mechs,
+        )
+    return privacy_plan(
+        shares,
+        target_epsilon=p.target_epsilon,
+        delta=p.delta,
+        accountant=p.accountant,
+        noise_multiplier=p.noise_multiplier,
+    )
 
 
 def round_pow2(n: int) -> int:
@@ -157,7 +200,8 @@ def resume_changes(saved: dict, now: dict) -> dict:
             "cannot resume: these settings differ from the interrupted run and cannot change in the middle of a run "
             "(they define the data, the partition, the model or the privacy plan): "
             + ", ".join(f"{k} ({changed[k][0]!r} -> {changed[k][1]!r})" for k in locked)
-            + ". Resume with the run's own config.yaml, or start a new --out.")
+            + ". Resume with the run's own config.yaml, or start a new --out."
+        )
     return changed
 
 
@@ -168,9 +212,10 @@ _NO_TIMER = nullcontext()
 
 class _Timed:
     """One timed phase: its EXCLUSIVE wall time (a phase timed inside it is not counted in it)."""
+
     __slots__ = ("hooks", "name", "t0")
 
-    def __init__(self, hooks: "TrainerHooks", name: str):
+    def __init__(self, hooks: TrainerHooks, name: str):
         self.hooks, self.name = hooks, name
 
     def __enter__(self):
@@ -232,15 +277,27 @@ class TrainerHooks:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, out_dir: Path, comm: Optional[Communicator] = None, *,
-                 resume: bool = False, progress: bool = True, launcher: str = "none", device: str = "cpu",
-                 step_type: "type | Callable[[int], type] | None" = None):
+    def __init__(
+        self,
+        cfg: Config,
+        out_dir: Path,
+        comm: Communicator | None = None,
+        *,
+        resume: bool = False,
+        progress: bool = True,
+        launcher: str = "none",
+        device: str = "cpu",
+        step_type: type | Callable[[int], type] | None = None,
+    ):
         self.cfg = cfg
         # the DP step's class for every hosted client: one class, or a function of the client id (the seam for a
         # client with an extended step: the white-box audit's canaries); default DPStep. Clients of different
         # classes are in different blocks
-        self.step_type_of = (step_type if callable(step_type) and not isinstance(step_type, type)
-                             else (lambda cid, t=(step_type or DPStep): t))
+        self.step_type_of = (
+            step_type
+            if callable(step_type) and not isinstance(step_type, type)
+            else (lambda cid, t=(step_type or DPStep): t)
+        )
         self.out = Path(out_dir)
         self.comm = comm or LocalCommunicator()
         self.resume = resume
@@ -250,10 +307,10 @@ class Trainer:
         self.torch_device = torch.device(device)  # GPU path untested here (no GPU on the development machine)
         self.t0 = time.perf_counter()
         self.comm_seconds = 0.0
-        self.stop_signal: Optional[int] = None  # set by a signal handler; acted on at the next step boundary
+        self.stop_signal: int | None = None  # set by a signal handler; acted on at the next step boundary
         self.resume_info: dict = {}  # what this resume continued from and changed
         self.replays = {"free": 0, "charged_again": 0}  # releases made again after a resume, this session
-        self._saved_at: Optional[tuple] = None
+        self._saved_at: tuple | None = None
         self.costs: dict = {"setup_s": None, "checkpoint_s": []}  # this rank's (diagnostics: depend on data sizes)
         self.hooks = TrainerHooks()
         # federation.aggregation: the rule that turns the released steps into Phi's update
@@ -264,8 +321,13 @@ class Trainer:
         why = trust_refusal(cfg.federation.aggregation, p.trust_model) if p.enabled else None
         if why:
             raise ConfigError(why)
-        self.trust = make_trust_model(p.trust_model if p.enabled else "local", collusion=p.collusion, party=p.party,
-                                      noise_seed=p.noise_seed, backend=self.comm.backend)
+        self.trust = make_trust_model(
+            p.trust_model if p.enabled else "local",
+            collusion=p.collusion,
+            party=p.party,
+            noise_seed=p.noise_seed,
+            backend=self.comm.backend,
+        )
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -296,8 +358,14 @@ class Trainer:
         m = fed.num_clients
         self.weights = {i: (declared[i] / total if cfg.federation.weights == "declared" else 1.0 / m) for i in range(m)}
         q = cfg.privacy.sample_rate  # the trust model's refusals (collusion, party) on the public federation
-        self.trust.bind(Federation(tuple(self.weights[i] / (q * declared[i]) for i in range(m)),
-                                   tuple(tuple(p) for p in self.placement), cfg.meta.codes), world_size=comm.world_size)
+        self.trust.bind(
+            Federation(
+                tuple(self.weights[i] / (q * declared[i]) for i in range(m)),
+                tuple(tuple(p) for p in self.placement),
+                cfg.meta.codes,
+            ),
+            world_size=comm.world_size,
+        )
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, 0xF1))  # Phi: the same on every rank
@@ -320,21 +388,34 @@ class Trainer:
         self.features = None
         if self.use_mmd_release:
             bws = mmd_bandwidths(cfg.model, fed.dim)
-            self.features = RandomFeatures(bandwidths=bws, features_per_bandwidth=cfg.model.mmd_features,
-                                           dim=fed.dim, seed=derive_seed(cfg.seed, 0xFEA7))
+            self.features = RandomFeatures(
+                bandwidths=bws,
+                features_per_bandwidth=cfg.model.mmd_features,
+                dim=fed.dim,
+                seed=derive_seed(cfg.seed, 0xFEA7),
+            )
         by_id = {cd.client_id: cd for cd in fed.clients}
         # every later stage's settings and memory, before anything is written or released
-        self.stats_clip = validate_run(cfg, transform=fed.transform, classes=fed.num_classes, dim=fed.dim,
-                                       clients_here=len(mine))
+        self.stats_clip = validate_run(
+            cfg, transform=fed.transform, classes=fed.num_classes, dim=fed.dim, clients_here=len(mine)
+        )
         # the rank's clients in blocks (the rule groups them; a client with its own step class gets its own), each
         # block holding its clients' data and stacked private state. The declared (public) size is the only size
         # any DP computation uses. One secret key for the rank's generators (secure noise; never stored)
         key = secret_key()
         self.blocks, self.block_types = [], []
         for ids, step_type in self.aggregation.blocks([(i, self.step_type_of(i)) for i in mine]):
-            self.blocks.append(ClientBlock.from_data([by_id[i] for i in ids], cfg, num_classes=fed.num_classes,
-                                                     dim=fed.dim, declared=[declared[i] for i in ids],
-                                                     device=self.torch_device, key=key))
+            self.blocks.append(
+                ClientBlock.from_data(
+                    [by_id[i] for i in ids],
+                    cfg,
+                    num_classes=fed.num_classes,
+                    dim=fed.dim,
+                    declared=[declared[i] for i in ids],
+                    device=self.torch_device,
+                    key=key,
+                )
+            )
             self.block_types.append(step_type)
         views = {b.ids[k]: b.client(k) for b in self.blocks for k in range(b.M)}
         self.clients: list[Client] = [views[i] for i in mine]  # views of the blocks' rows, placement order
@@ -342,8 +423,9 @@ class Trainer:
         self.state = TrainState()
         start = ckpt.latest_complete(self.out) if self.resume else None
         # the rank's durable ledger; it reads every rank's file (the run may have had another world size)
-        self.ledger = PrivacyLedger([c.id for c in self.clients], run_dir=self.out, rank=comm.rank,
-                                    world_size=comm.world_size)
+        self.ledger = PrivacyLedger(
+            [c.id for c in self.clients], run_dir=self.out, rank=comm.rank, world_size=comm.world_size
+        )
         if self.resume and cfg.privacy.noise_seed is not None:
             self._check_noise_format()
         comm.barrier()  # every rank has read the ledger before any rank appends to it
@@ -354,21 +436,35 @@ class Trainer:
         if comm.is_root:
             self.state.history, cut = cut_metrics(self.out, keep_through=position[0]) if self.resume else ([], [])
             if self.resume:
-                self.resume_info.update({"from_checkpoint": str(start) if start else None, "round": position[0],
-                                         "step": position[1], "cut_rounds": cut})
+                self.resume_info.update(
+                    {
+                        "from_checkpoint": str(start) if start else None,
+                        "round": position[0],
+                        "step": position[1],
+                        "cut_rounds": cut,
+                    }
+                )
         else:
             self.resume_info.update({"round": position[0], "step": position[1]})
-        self.writer = MetricWriter(self.out, enabled=comm.is_root, purge_step=position[0] + 1 if self.resume else None,
-                                   fresh=not self.resume)
+        self.writer = MetricWriter(
+            self.out, enabled=comm.is_root, purge_step=position[0] + 1 if self.resume else None, fresh=not self.resume
+        )
         if comm.is_root:
-            append_event(self.out, {"event": "resumed" if self.resume else "start", "world_size": comm.world_size,
-                                    "launcher": self.launcher, **self.resume_info})
+            append_event(
+                self.out,
+                {
+                    "event": "resumed" if self.resume else "start",
+                    "world_size": comm.world_size,
+                    "launcher": self.launcher,
+                    **self.resume_info,
+                },
+            )
         if start is not None:
             self._restore(start)
         else:
             self._release_mmd_embeddings()
             self.save_checkpoint()  # round 0: the one-shot releases are never redone
-        self._steps: Optional[list] = None  # the DP steps of this rank's blocks, chunk by chunk (at the first step)
+        self._steps: list | None = None  # the DP steps of this rank's blocks, chunk by chunk (at the first step)
         self.costs["setup_s"] = time.perf_counter() - self.t0
 
     def _check_noise_format(self) -> None:
@@ -383,7 +479,8 @@ class Trainer:
                 f"cannot resume {self.out} with privacy.noise_seed: its DP-SGD steps were drawn by an earlier version "
                 f"({found}: one draw per parameter tensor) and this version draws {prefix[:-1]} (one flat draw per "
                 "client), so a replayed step would release a different noisy value. Resume it with the version "
-                "that started it, or start a new run with another --out")
+                "that started it, or start a new run with another --out"
+            )
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         opt_cls = torch.optim.Adam if self.cfg.train.optimizer == "adam" else torch.optim.SGD
@@ -403,7 +500,7 @@ class Trainer:
                 w = [self.aggregation.release_weight(i) for i in block.ids]
                 for sub in block.chunks(size if size > 0 else block.M):
                     lo = block.ids.index(sub.ids[0]) if sub is not block else 0
-                    self._steps.append(step_type(sub, weights=w[lo:lo + sub.M], per_sample=per_sample, draws=draws))
+                    self._steps.append(step_type(sub, weights=w[lo : lo + sub.M], per_sample=per_sample, draws=draws))
         return self._steps
 
     def rebuild_steps(self) -> None:
@@ -416,10 +513,16 @@ class Trainer:
         return "batched" if forms == {"ghost"} else "reference"
 
     @property
-    def engine_note(self) -> Optional[str]:
+    def engine_note(self) -> str | None:
         notes = sorted({st.note for st in self.steps if st.note})
-        return ("train.engine=batched computes per-sample gradients with torch.func for this configuration: "
-                + "; ".join(notes)) if notes else None
+        return (
+            (
+                "train.engine=batched computes per-sample gradients with torch.func for this configuration: "
+                + "; ".join(notes)
+            )
+            if notes
+            else None
+        )
 
     def _check_out_dir(self) -> None:
         check_output_dir(self.out)
@@ -459,9 +562,19 @@ class Trainer:
     def reproducible(self) -> bool:
         return self.cfg.privacy.noise_seed is not None
 
-    def guarded_release(self, mechanism: str, sigma: float, q: float, key: str, prepare: Callable[[int], object],
-                        payload: Callable[[object], list], *, stoppable: bool = False, lazy: bool = False,
-                        draws: str = "") -> Decision:
+    def guarded_release(
+        self,
+        mechanism: str,
+        sigma: float,
+        q: float,
+        key: str,
+        prepare: Callable[[int], object],
+        payload: Callable[[object], list],
+        *,
+        stoppable: bool = False,
+        lazy: bool = False,
+        draws: str = "",
+    ) -> Decision:
         """The one guard every release of this rank's clients goes through (collective: every rank calls it).
 
         1. `prepare(epoch)` computes the payload up to the noise. With reproducible noise, a key already in
@@ -493,8 +606,9 @@ class Trainer:
         else:
             with self.hooks.timed("guard"):
                 fits = led.fits(mechanism, sigma, q, self.plan)
-        flags = torch.tensor([0.0 if fits else 1.0, 1.0 if (stoppable and self.stop_signal) else 0.0],
-                             dtype=torch.float64)
+        flags = torch.tensor(
+            [0.0 if fits else 1.0, 1.0 if (stoppable and self.stop_signal) else 0.0], dtype=torch.float64
+        )
         flags = self.allreduce(flags, op="max")
         if float(flags[1]) > 0:
             return Decision("signal")
@@ -514,14 +628,16 @@ class Trainer:
             return
         sigma = self.plan.noise_multiplier(MMD_EMBEDDINGS) if self.plan is not None else 0.0
         sums = [c.mmd_sums(self.features) for c in self.clients]  # pre-noise: no coins, the same on every epoch
-        d = self.guarded_release(MMD_EMBEDDINGS, sigma, 1.0, "mmd", lambda epoch: sums,
-                                 lambda pend: [t for pair in pend for t in pair])
+        d = self.guarded_release(
+            MMD_EMBEDDINGS, sigma, 1.0, "mmd", lambda epoch: sums, lambda pend: [t for pair in pend for t in pair]
+        )
         if d.status != "released":
             raise PrivacyError(
                 f"the DP mean embeddings of the MMD term cannot be released again within the budget: {self.out} "
                 f"already spent epsilon {self.epsilon_spent():.4f} of {self.cfg.privacy.target_epsilon} (an earlier "
                 "attempt released them and stopped before its first checkpoint; those charges stay). Start a new "
-                "run with another --out")
+                "run with another --out"
+            )
         for c, s in zip(self.clients, sums):
             c.release_mmd_embeddings(s, noise_multiplier=sigma, epoch=d.epoch)
 
@@ -542,9 +658,11 @@ class Trainer:
         c = torch.stack([v.sum(), (v * w).sum()])
         hi, lo = self.allreduce(c.clone(), op="max"), -self.allreduce(-c.clone(), op="max")
         if not torch.allclose(hi, lo, rtol=1e-9, atol=1e-9):
-            raise ReplicaDivergence(f"rank {self.comm.rank}: the replicas of Phi diverged after {self.state.steps} steps "
-                                    f"(checksums range {lo.tolist()} .. {hi.tolist()}); stopping. This points to a "
-                                    "non-deterministic kernel or a corrupted all-reduce; resume from the last checkpoint.")
+            raise ReplicaDivergence(
+                f"rank {self.comm.rank}: the replicas of Phi diverged after {self.state.steps} steps "
+                f"(checksums range {lo.tolist()} .. {hi.tolist()}); stopping. This points to a "
+                "non-deterministic kernel or a corrupted all-reduce; resume from the last checkpoint."
+            )
 
     def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Every collective of training goes through here: in place, timed (comm_seconds, hooks)."""
@@ -554,7 +672,7 @@ class Trainer:
             self.comm_seconds += time.perf_counter() - t
         return out
 
-    def gather(self, buf: torch.Tensor, root: int = 0) -> Optional[torch.Tensor]:
+    def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
         """Every rank's `buf` stacked on `root` (None elsewhere): timed like `allreduce`."""
         with self.hooks.timed("all_reduce"):
             t = time.perf_counter()
@@ -579,7 +697,7 @@ class Trainer:
         off = 0
         for p in self.hyper.parameters():
             n = p.numel()
-            p.grad = flat[off:off + n].view_as(p).to(device=p.device, dtype=p.dtype).clone()
+            p.grad = flat[off : off + n].view_as(p).to(device=p.device, dtype=p.dtype).clone()
             off += n
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -623,14 +741,21 @@ class Trainer:
         blocks = noise_blocks(self.aggregation.noise_multipliers(self.sigma))
         return blocks, self.trust.charged_multiplier(blocks, self.sigma, strict=self.cfg.privacy.mode == "strict")
 
-    def _dp_step(self, r: int, s: int) -> Optional[str]:
+    def _dp_step(self, r: int, s: int) -> str | None:
         """One DP step of every hosted client, through the release guard. Returns None, or why it stopped."""
         cfg, agg, hooks = self.cfg, self.aggregation, self.hooks
         blocks, sigma = self.step_noise()
-        d = self.guarded_release(DP_SGD, sigma, cfg.privacy.sample_rate, step_key(r, s),
-                                 lambda epoch: self._prepare_step(r, s, epoch),
-                                 lambda pend: [t for p in pend for t in p.payload()], stoppable=True, lazy=True,
-                                 draws=f"noise{NOISE_FORMAT}:")
+        d = self.guarded_release(
+            DP_SGD,
+            sigma,
+            cfg.privacy.sample_rate,
+            step_key(r, s),
+            lambda epoch: self._prepare_step(r, s, epoch),
+            lambda pend: [t for p in pend for t in p.payload()],
+            stoppable=True,
+            lazy=True,
+            draws=f"noise{NOISE_FORMAT}:",
+        )
         if d.status != "released":
             return d.status
         buf = agg.new_step_buffer(len(DIAG_KEYS))  # [the rule's block | the diagnostics]
@@ -638,8 +763,9 @@ class Trainer:
         for k, st in enumerate(self.steps):  # chunk by chunk: prepared here unless the guard needed the payload
             with hooks.timed("engine"):
                 st.profile = hooks.timing
-                pend = (d.pending[k] if d.pending is not None
-                        else st.prepare(agg.step_hyper(st.block), r, s, epoch=d.epoch))
+                pend = (
+                    d.pending[k] if d.pending is not None else st.prepare(agg.step_hyper(st.block), r, s, epoch=d.epoch)
+                )
                 rel = st.release(pend, sigma=blocks, features=self.features)
             agg.add_release(buf, st.block, rel.phi)
             buf[W:] += rel.diag if self.send_diagnostics else st.block.M * self._public_diag
@@ -655,7 +781,7 @@ class Trainer:
             self.check_replicas()
         return None
 
-    def run_round(self, r: int, start_step: int = 0) -> Optional[dict]:
+    def run_round(self, r: int, start_step: int = 0) -> dict | None:
         """Round r from step `start_step`. Returns its metrics, or None when a stop signal ended it between
         two steps (state.step then says how many of its steps are done)."""
         cfg, hooks = self.cfg, self.hooks
@@ -672,8 +798,10 @@ class Trainer:
                 self.state.interrupted, self.state.step = True, s
                 return None
             if why == "budget":
-                self.state.stopped = (f"budget guard: one more step would exceed epsilon={cfg.privacy.target_epsilon} "
-                                      f"(stopped at round {r}, step {s})")
+                self.state.stopped = (
+                    f"budget guard: one more step would exceed epsilon={cfg.privacy.target_epsilon} "
+                    f"(stopped at round {r}, step {s})"
+                )
                 break
             hooks.emit("step_end", r, s)
             steps_done += 1
@@ -681,14 +809,23 @@ class Trainer:
         metrics = {"privacy/epsilon": self.epsilon_spent(), "train/steps": float(self.state.steps)}
         if self.send_diagnostics:
             # timings depend on the realized batch sizes: a side channel, recorded with the diagnostics
-            metrics.update({"time/round(s)": time.perf_counter() - t_round,
-                            "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before)})
+            metrics.update(
+                {
+                    "time/round(s)": time.perf_counter() - t_round,
+                    "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before),
+                }
+            )
             d = dict(zip(DIAG_KEYS, self._round_diag.tolist()))
             n = max(d["batch"], 1.0)
-            metrics.update({"diagnostics/recon_nll": d["nll_sum"] / n, "diagnostics/kl": d["kl_sum"] / n,
-                            "diagnostics/loss": (d["nll_sum"] + d["kl_sum"]) / n,
-                            "diagnostics/clip_fraction": d["clipped"] / n,
-                            "diagnostics/batch_size": d["batch"] / max(d["clients"], 1.0)})
+            metrics.update(
+                {
+                    "diagnostics/recon_nll": d["nll_sum"] / n,
+                    "diagnostics/kl": d["kl_sum"] / n,
+                    "diagnostics/loss": (d["nll_sum"] + d["kl_sum"]) / n,
+                    "diagnostics/clip_fraction": d["clipped"] / n,
+                    "diagnostics/batch_size": d["batch"] / max(d["clients"], 1.0),
+                }
+            )
             if cfg.model.lambda_mmd > 0:
                 metrics["diagnostics/mmd"] = d["mmd"] / max(d["clients"], 1.0)
         hooks.emit("round_end", r, dict(metrics))  # a copy: observers cannot change what is written
@@ -699,7 +836,10 @@ class Trainer:
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=cfg.train.rounds, initial=self.state.round, desc="rounds", unit="round", dynamic_ncols=True)
+
+            bar = tqdm(
+                total=cfg.train.rounds, initial=self.state.round, desc="rounds", unit="round", dynamic_ncols=True
+            )
         try:
             while self.state.round < cfg.train.rounds and not self.state.stopped:
                 r = self.state.round
@@ -741,11 +881,20 @@ class Trainer:
         self.costs["checkpoint_s"].append(time.perf_counter() - t0)  # this rank's write (before the barrier)
         if self.comm.is_root:
             # shared outputs hold only public state and post-processing of DP releases: no diagnostics
-            ckpt.atomic_torch_save({"hyper": self.hyper.state_dict(), "opt": self.opt.state_dict(),
-                                    "optimizer": self.cfg.train.optimizer,
-                                    "round": self.state.round, "step": self.state.step, "steps": self.state.steps,
-                                    "stopped": self.state.stopped, "config": self.cfg.to_dict(),
-                                    "plan": self.plan.to_dict() if self.plan else None}, d / "shared.pt")
+            ckpt.atomic_torch_save(
+                {
+                    "hyper": self.hyper.state_dict(),
+                    "opt": self.opt.state_dict(),
+                    "optimizer": self.cfg.train.optimizer,
+                    "round": self.state.round,
+                    "step": self.state.step,
+                    "steps": self.state.steps,
+                    "stopped": self.state.stopped,
+                    "config": self.cfg.to_dict(),
+                    "plan": self.plan.to_dict() if self.plan else None,
+                },
+                d / "shared.pt",
+            )
         self.comm.barrier()  # COMPLETE only once every rank's files are in place
         if self.comm.is_root:
             ckpt.mark_complete(d)
@@ -763,8 +912,13 @@ class Trainer:
             for g in self.opt.param_groups:  # a changed learning rate applies from here on
                 g["lr"] = self.cfg.train.lr
         # else: train.optimizer changed: Phi's new optimizer starts without state (reported as a change)
-        self.state = TrainState(round=shared["round"], step=shared.get("step", 0), steps=shared["steps"],
-                                stopped=shared.get("stopped"), history=self.state.history)
+        self.state = TrainState(
+            round=shared["round"],
+            step=shared.get("step", 0),
+            steps=shared["steps"],
+            stopped=shared.get("stopped"),
+            history=self.state.history,
+        )
         if (d / "clients").is_dir():  # shard format 1: one file per client
             states = {}
             for c in self.clients:
@@ -797,13 +951,17 @@ class Trainer:
                     try:
                         b.load_rows(pos, entry["state"], src)
                     except (KeyError, RuntimeError) as exc:
-                        raise CheckpointError(f"{path}: its state does not fit this run's model ({type(exc).__name__}: "
-                                              f"{exc}); delete that checkpoint directory to resume from an earlier one") from None
+                        raise CheckpointError(
+                            f"{path}: its state does not fit this run's model ({type(exc).__name__}: "
+                            f"{exc}); delete that checkpoint directory to resume from an earlier one"
+                        ) from None
             rule.update({cid: st for cid, st in shard.get("extra", {}).get("rule", {}).items() if cid in where})
         missing = sorted(set(where) - found)
         if missing:
-            raise CheckpointError(f"{d}: no shard holds clients {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-                                  "the checkpoint is incomplete: delete it to resume from an earlier one")
+            raise CheckpointError(
+                f"{d}: no shard holds clients {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
+                "the checkpoint is incomplete: delete it to resume from an earlier one"
+            )
         return rule
 
     def rank_costs(self) -> list:
@@ -813,57 +971,94 @@ class Trainer:
         import statistics
 
         cps = self.costs["checkpoint_s"]
-        mine = torch.tensor([float(self.costs["setup_s"] or 0.0), statistics.median(cps) if cps else 0.0,
-                             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-                             sum(b.state_bytes() for b in self.blocks) / 2**20, float(sum(b.M for b in self.blocks))],
-                            dtype=torch.float64)
+        mine = torch.tensor(
+            [
+                float(self.costs["setup_s"] or 0.0),
+                statistics.median(cps) if cps else 0.0,
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+                sum(b.state_bytes() for b in self.blocks) / 2**20,
+                float(sum(b.M for b in self.blocks)),
+            ],
+            dtype=torch.float64,
+        )
         rows = self.comm.allgather(mine)
         keys = ("setup_s", "checkpoint_s", "peak_rss_mb", "state_mb", "clients")
-        return [{"rank": r, **{k: (int(v) if k == "clients" else float(v)) for k, v in zip(keys, row.tolist())}}
-                for r, row in enumerate(rows)]
+        return [
+            {"rank": r, **{k: (int(v) if k == "clients" else float(v)) for k, v in zip(keys, row.tolist())}}
+            for r, row in enumerate(rows)
+        ]
 
     # ---------------------------------------------------------------- results
-    def finish(self, extra: dict, *, missing: Optional[list] = None) -> dict:
+    def finish(self, extra: dict, *, missing: list | None = None) -> dict:
         cfg, p = self.cfg, self.cfg.privacy
         eps = self.epsilon_spent()
         reproducible = p.noise_seed is not None
         last = self.state.history[-1] if self.state.history else {}
         noised = self.plan is not None and all(m.noise_multiplier > 0 for m in self.plan.mechanisms)
         privacy = {
-            "enabled": p.enabled, "mode": p.mode if p.enabled else None,
-            "epsilon_spent": eps, "target_epsilon": p.target_epsilon if p.enabled else None, "delta": p.delta if p.enabled else None,
-            "noise_multiplier": self.sigma, "sample_rate": p.sample_rate, "clip_norm": p.clip_norm,
-            "steps": self.state.steps, "planned_steps": planned_steps(cfg), "accountant": p.accountant,
+            "enabled": p.enabled,
+            "mode": p.mode if p.enabled else None,
+            "epsilon_spent": eps,
+            "target_epsilon": p.target_epsilon if p.enabled else None,
+            "delta": p.delta if p.enabled else None,
+            "noise_multiplier": self.sigma,
+            "sample_rate": p.sample_rate,
+            "clip_norm": p.clip_norm,
+            "steps": self.state.steps,
+            "planned_steps": planned_steps(cfg),
+            "accountant": p.accountant,
             "plan": self.plan.to_dict() if self.plan else None,
             "formal_guarantee": bool(p.enabled and p.mode == "strict" and noised and math.isfinite(eps)),
             "guarantee": guarantee_text(cfg, self.plan, eps, trust=self.trust),
             "trust_model": self.trust.describe(self.sigma, p.clip_norm) if p.enabled else None,
-            "noise": ("reproducible from privacy.noise_seed: NOT suitable for a real release" if reproducible
-                      else "securely seeded per client (operating-system entropy)"),
+            "noise": (
+                "reproducible from privacy.noise_seed: NOT suitable for a real release"
+                if reproducible
+                else "securely seeded per client (operating-system entropy)"
+            ),
             "reproducible_noise": reproducible,
-            "weights": cfg.federation.weights + (" (declared public sizes)" if cfg.federation.weights == "declared" else ""),
-            "declared_sizes": ("rounded to powers of two" if cfg.federation.declared_size_rounding == "pow2" else
-                               "as given in federation.declared_sizes" if cfg.federation.declared_sizes is not None
-                               else "the training sizes fixed at partitioning (public by assumption)"),
+            "weights": cfg.federation.weights
+            + (" (declared public sizes)" if cfg.federation.weights == "declared" else ""),
+            "declared_sizes": (
+                "rounded to powers of two"
+                if cfg.federation.declared_size_rounding == "pow2"
+                else "as given in federation.declared_sizes"
+                if cfg.federation.declared_sizes is not None
+                else "the training sizes fixed at partitioning (public by assumption)"
+            ),
             "ledger": self.ledger.summary(delta=p.delta, accountant=p.accountant) if self.plan else [],
             "ledger_format": 2,
             "replays": dict(self.replays),
             "diagnostics_outside_guarantee": bool(p.diagnostics),
         }
-        training = {"rounds": self.state.round, "stopped_early": self.state.stopped,
-                    "engine": self.engine,
-                    "engine_note": self.engine_note,
-                    "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")}}
+        training = {
+            "rounds": self.state.round,
+            "stopped_early": self.state.stopped,
+            "engine": self.engine,
+            "engine_note": self.engine_note,
+            "final": {k: v for k, v in last.items() if k.startswith("diagnostics/")},
+        }
         if self.send_diagnostics:  # wall times depend on batch sizes: diagnostics
-            training.update({"wall_time_s": time.perf_counter() - self.t0, "comm_time_s": self.comm_seconds,
-                             "ranks": self.rank_costs()})
+            training.update(
+                {
+                    "wall_time_s": time.perf_counter() - self.t0,
+                    "comm_time_s": self.comm_seconds,
+                    "ranks": self.rank_costs(),
+                }
+            )
         results = {
             "status": "partial" if missing else "complete",
             "missing": list(missing or []),
             "privacy": privacy,
             "training": training,
-            "data": {"source": self.fed.source, "clients": self.fed.num_clients, "classes": self.fed.num_classes,
-                     "dim": self.fed.dim, "transform": self.fed.transform, "declared_sizes": self.declared},
+            "data": {
+                "source": self.fed.source,
+                "clients": self.fed.num_clients,
+                "classes": self.fed.num_classes,
+                "dim": self.fed.dim,
+                "transform": self.fed.transform,
+                "declared_sizes": self.declared,
+            },
             "provenance": provenance(self.cfg, launcher=self.launcher, comm=self.comm, device=self.device),
             **extra,
         }
@@ -871,15 +1066,16 @@ class Trainer:
             results["resume"] = {k: v for k, v in self.resume_info.items() if k != "from_checkpoint"}
         if self.comm.is_root:
             ckpt.atomic_write_text(self.out / "results.json", ckpt.dumps_json(results, indent=2) + "\n")
-            append_event(self.out, {"event": "partial" if missing else "finished", "missing": list(missing or []),
-                                    "epsilon_spent": eps})
+            append_event(
+                self.out,
+                {"event": "partial" if missing else "finished", "missing": list(missing or []), "epsilon_spent": eps},
+            )
         self.writer.close()
         self.ledger.close()
         return results
 
 
-def guarantee_text(cfg: Config, plan: Optional[PrivacyPlan] = None, epsilon: Optional[float] = None, *,
-                   trust=None) -> str:
+def guarantee_text(cfg: Config, plan: PrivacyPlan | None = None, epsilon: float | None = None, *, trust=None) -> str:
     """results.json's privacy.guarantee: what is guaranteed, for which unit, and (with `trust`, the run's bound trust
     model) against whom."""
     p = cfg.privacy
@@ -887,19 +1083,32 @@ def guarantee_text(cfg: Config, plan: Optional[PrivacyPlan] = None, epsilon: Opt
         return "none: privacy.enabled is false (non-private reference run)"
     if plan is not None and any(m.noise_multiplier == 0 for m in plan.mechanisms):
         zero = ", ".join(m.name for m in plan.mechanisms if m.noise_multiplier == 0)
-        return (f"none: no noise is added ({zero} at noise multiplier 0; privacy.target_epsilon is infinite and "
-                "privacy.noise_multiplier is 0 or unset), so nothing bounds what the outputs reveal")
-    target = "infinite: the epsilon below is what the fixed noise gives" if math.isinf(p.target_epsilon) else p.target_epsilon
+        return (
+            f"none: no noise is added ({zero} at noise multiplier 0; privacy.target_epsilon is infinite and "
+            "privacy.noise_multiplier is 0 or unset), so nothing bounds what the outputs reveal"
+        )
+    target = (
+        "infinite: the epsilon below is what the fixed noise gives"
+        if math.isinf(p.target_epsilon)
+        else p.target_epsilon
+    )
     eps = "" if epsilon is None or not math.isfinite(epsilon) else f", epsilon spent {epsilon:.4g}"
     unit = f"one record of one client's training split, (epsilon, delta) = ({target}, {p.delta}) per client{eps}"
     where = f" {trust.guarantee()}" if trust is not None and trust.fed is not None else ""
     if p.mode == "strict":
-        what = ("every value a client releases (noisy Phi gradients or deltas, DP statistics, DP mean embeddings) and "
-                "everything derived from them" if trust is None or trust.name == "local" else
-                "the aggregate of the clients' Phi gradients, the class statistics, each client's DP mean embeddings "
-                "(full local noise) and everything derived from them")
-        return (f"formal: {what} (Phi, meta-code, synthetic set) is DP for {unit}.{where} "
-                f"Training diagnostics, when enabled, are outside the guarantee.")
-    return (f"NOT a formal guarantee (paper mode): only Phi-gradients are clipped and noised while the encoder and "
-            f"client code are trained on the same data without noise, so the epsilon printed for {unit} does not bound "
-            f"what the released gradients reveal, whatever the trust model.{where}")
+        what = (
+            "every value a client releases (noisy Phi gradients or deltas, DP statistics, DP mean embeddings) and "
+            "everything derived from them"
+            if trust is None or trust.name == "local"
+            else "the aggregate of the clients' Phi gradients, the class statistics, each client's DP mean embeddings "
+            "(full local noise) and everything derived from them"
+        )
+        return (
+            f"formal: {what} (Phi, meta-code, synthetic set) is DP for {unit}.{where} "
+            f"Training diagnostics, when enabled, are outside the guarantee."
+        )
+    return (
+        f"NOT a formal guarantee (paper mode): only Phi-gradients are clipped and noised while the encoder and "
+        f"client code are trained on the same data without noise, so the epsilon printed for {unit} does not bound "
+        f"what the released gradients reveal, whatever the trust model.{where}"
+    )

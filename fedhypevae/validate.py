@@ -6,12 +6,12 @@ output directory are checked first: a mistake found after training (a missing st
 a covariance that cannot fit in memory) would otherwise cost epsilon and leave a directory that a
 corrected retry cannot reuse.
 """
+
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Optional
 
 from .config import Config
 from .errors import ConfigError
@@ -26,9 +26,11 @@ def stats_clip_norm(cfg: Config, transform: str, dim: int) -> float:
         return math.sqrt(dim)  # records lie in [0, 1]^d: nothing is clipped
     if transform == "l2":
         return 1.0
-    raise ConfigError("privacy.stats_clip_norm must be set when data.transform is none: the statistics release "
-                      "clips each embedding to this L2 norm (pick a bound from what you know about the embedding "
-                      "model, not from the private data), or use data.transform=l2")
+    raise ConfigError(
+        "privacy.stats_clip_norm must be set when data.transform is none: the statistics release "
+        "clips each embedding to this L2 norm (pick a bound from what you know about the embedding "
+        "model, not from the private data), or use data.transform=l2"
+    )
 
 
 def stage_memory(cfg: Config, *, classes: int, dim: int, clients_here: int) -> dict:
@@ -48,21 +50,24 @@ def stage_memory(cfg: Config, *, classes: int, dim: int, clients_here: int) -> d
     meta = 4 * 4 * (K * S * d + K * d * d)
     n_syn = cfg.synth.samples_per_class * K
     synth = 4 * 4 * n_syn * d
-    return {"class statistics release (stats.covariance=%s)" % cov: stats,
-            "meta-code fit (meta.samples_per_class=%d, a (%d, %d, %d) model covariance)" % (S, K, d, d): meta,
-            "synthetic set (synth.samples_per_class=%d)" % cfg.synth.samples_per_class: synth}
+    return {
+        "class statistics release (stats.covariance=%s)" % cov: stats,
+        "meta-code fit (meta.samples_per_class=%d, a (%d, %d, %d) model covariance)" % (S, K, d, d): meta,
+        "synthetic set (synth.samples_per_class=%d)" % cfg.synth.samples_per_class: synth,
+    }
 
 
-def check_stage_memory(cfg: Config, *, classes: int, dim: int, clients_here: int,
-                       available: Optional[int] = None) -> None:
+def check_stage_memory(cfg: Config, *, classes: int, dim: int, clients_here: int, available: int | None = None) -> None:
     avail = available if available is not None else available_memory()
     if avail is None:
         return
     for stage, need in stage_memory(cfg, classes=classes, dim=dim, clients_here=clients_here).items():
         if need > avail:
-            raise ConfigError(f"the {stage} would need about {need / GB:.1f} GB with {classes} classes and {dim} "
-                              f"features, more than the {avail / GB:.1f} GB this machine has available; lower that "
-                              "setting (or the embedding dimension) before training spends any privacy budget")
+            raise ConfigError(
+                f"the {stage} would need about {need / GB:.1f} GB with {classes} classes and {dim} "
+                f"features, more than the {avail / GB:.1f} GB this machine has available; lower that "
+                "setting (or the embedding dimension) before training spends any privacy budget"
+            )
 
 
 def check_output_path(path, flag: str, *, directory: bool) -> Path:
@@ -101,8 +106,10 @@ def check_new_output_dir(out: Path, flag: str = "--out", *, what: str = "output"
         entries = sorted(p.name for p in out.iterdir())
         if entries:
             shown = ", ".join(entries[:5]) + (f", ... ({len(entries)} entries)" if len(entries) > 5 else "")
-            raise ConfigError(f"{flag} {out} already exists and is not empty ({shown}); the {what} goes to a new or "
-                              "empty directory: choose another path or remove that one")
+            raise ConfigError(
+                f"{flag} {out} already exists and is not empty ({shown}); the {what} goes to a new or "
+                "empty directory: choose another path or remove that one"
+            )
 
 
 def validate_run(cfg: Config, *, transform: str, classes: int, dim: int, clients_here: int) -> float:

@@ -2,6 +2,7 @@
 
 Knows nothing about the model: `fedhypevae` talks to a `Communicator`.
 """
+
 from .comm import Communicator, LocalCommunicator
 from .placement import place_clients
 

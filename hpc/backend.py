@@ -1,4 +1,5 @@
 """Back-end registry and start-up checks: `make_communicator("auto" | "local" | "mpi" | "torch")`."""
+
 from __future__ import annotations
 
 import sys
@@ -22,27 +23,35 @@ def _auto(info: LaunchInfo) -> str:
     return "mpi"  # mpiexec and srun: MPI when mpi4py is present
 
 
-def make_communicator(name: str = "auto", info: LaunchInfo | None = None, *, device=None, timeout_s: float = 600.0) -> Communicator:
+def make_communicator(
+    name: str = "auto", info: LaunchInfo | None = None, *, device=None, timeout_s: float = 600.0
+) -> Communicator:
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; valid: {', '.join(BACKENDS)}")
     info = info or detect_launcher()
     chosen = _auto(info) if name == "auto" else name
     if chosen == "local":
         if info.distributed:
-            raise BackendError(f"--backend local under {info.launcher} with {info.world_size} ranks would run every "
-                               "client on every rank; use --backend auto, mpi or torch")
+            raise BackendError(
+                f"--backend local under {info.launcher} with {info.world_size} ranks would run every "
+                "client on every rank; use --backend auto, mpi or torch"
+            )
         return LocalCommunicator()
     if chosen == "mpi":
         try:
             from .mpi_comm import MPICommunicator
+
             comm = MPICommunicator(local_rank=info.local_rank)
         except ImportError as exc:
-            raise BackendError(f"--backend mpi needs mpi4py and an MPI library ({exc}); "
-                               "`pip install mpi4py mpich`, or use --backend torch") from None
+            raise BackendError(
+                f"--backend mpi needs mpi4py and an MPI library ({exc}); "
+                "`pip install mpi4py mpich`, or use --backend torch"
+            ) from None
     else:
         import torch
 
         from .torch_comm import TorchCommunicator
+
         comm = TorchCommunicator(info, device=device or torch.device("cpu"), timeout_s=timeout_s)
     check_world(comm, info)
     return comm
@@ -57,7 +66,8 @@ def check_world(comm: Communicator, info: LaunchInfo) -> None:
         raise BackendError(
             f"the launcher ({info.launcher}) started {want} ranks but the {comm.backend} back-end sees a world of "
             f"{comm.world_size}: every rank would run alone. With Open MPI under srun use --mpi=pmix; with MPICH "
-            "use --mpi=pmi2; or start with mpiexec.")
+            "use --mpi=pmi2; or start with mpiexec."
+        )
 
 
 def install_failfast(comm: Communicator) -> None:

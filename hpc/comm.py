@@ -27,6 +27,7 @@ root the same way). Results keep the input's dtype and device.
 collectives validate, answer world_size == 1 themselves, and otherwise call the back-end's hook
 (`_allreduce`, `_allreduce_int64`, `_reduce`, `_allgather`, `_gather`, `_broadcast`).
 """
+
 from __future__ import annotations
 
 import abc

@@ -2,6 +2,7 @@
 
 Untested on GPUs on the development machine (it has none): the code path is kept deliberately small.
 """
+
 from __future__ import annotations
 
 import torch

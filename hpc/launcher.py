@@ -8,13 +8,14 @@ Read from the launchers' own environment variables, most specific first:
                        a batch script's own environment also carries SLURM_PROCID=0)
   none                 one process
 """
+
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Optional
 
 
 @dataclass(frozen=True)
@@ -29,7 +30,7 @@ class LaunchInfo:
         return self.world_size > 1
 
 
-def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
+def _int(env: Mapping[str, str], *names: str) -> int | None:
     for n in names:
         try:
             return int(env[n])
@@ -38,35 +39,48 @@ def _int(env: Mapping[str, str], *names: str) -> Optional[int]:
     return None
 
 
-def detect_launcher(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
+def detect_launcher(env: Mapping[str, str] | None = None) -> LaunchInfo:
     env = os.environ if env is None else env
     if "OMPI_COMM_WORLD_RANK" in env:
-        return LaunchInfo("openmpi", _int(env, "OMPI_COMM_WORLD_RANK") or 0, _int(env, "OMPI_COMM_WORLD_SIZE") or 1,
-                          _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0)
+        return LaunchInfo(
+            "openmpi",
+            _int(env, "OMPI_COMM_WORLD_RANK") or 0,
+            _int(env, "OMPI_COMM_WORLD_SIZE") or 1,
+            _int(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,
+        )
     if "PMI_RANK" in env or "PMIX_RANK" in env:
         # MPICH's Hydra, or srun --mpi=pmi2 (which also sets SLURM_*)
         # srun's PMI plugins set no MPI_LOCALRANKID; Hydra does, also when it starts its proxies through
         # srun inside an allocation (mpiexec in an sbatch script), where SLURM_STEP_ID is set as well
         launcher = "srun" if "SLURM_STEP_ID" in env and "MPI_LOCALRANKID" not in env else "mpich"
-        return LaunchInfo(launcher, _int(env, "PMI_RANK", "PMIX_RANK") or 0,
-                          _int(env, "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1,
-                          _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID") or 0)
+        return LaunchInfo(
+            launcher,
+            _int(env, "PMI_RANK", "PMIX_RANK") or 0,
+            _int(env, "PMI_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1,
+            _int(env, "MPI_LOCALRANKID", "SLURM_LOCALID") or 0,
+        )
     if "TORCHELASTIC_RUN_ID" in env:
-        return LaunchInfo("torchrun", _int(env, "RANK") or 0, _int(env, "WORLD_SIZE") or 1, _int(env, "LOCAL_RANK") or 0)
+        return LaunchInfo(
+            "torchrun", _int(env, "RANK") or 0, _int(env, "WORLD_SIZE") or 1, _int(env, "LOCAL_RANK") or 0
+        )
     if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:
-        return LaunchInfo("srun", _int(env, "SLURM_PROCID") or 0, _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1,
-                          _int(env, "SLURM_LOCALID") or 0)
+        return LaunchInfo(
+            "srun",
+            _int(env, "SLURM_PROCID") or 0,
+            _int(env, "SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1,
+            _int(env, "SLURM_LOCALID") or 0,
+        )
     return LaunchInfo("none", 0, 1, 0)
 
 
-def expected_world_size(env: Optional[Mapping[str, str]] = None) -> Optional[int]:
+def expected_world_size(env: Mapping[str, str] | None = None) -> int | None:
     """What the launcher asked for, independent of what MPI reports: used to catch an MPI library
     that gives every rank a world of one (Open MPI under srun --mpi=none/pmi2)."""
     env = os.environ if env is None else env
     return _int(env, "SLURM_STEP_NUM_TASKS") if "SLURM_STEP_ID" in env else None
 
 
-def venv_tool(name: str) -> Optional[str]:
+def venv_tool(name: str) -> str | None:
     """This Python environment's own executable (its mpiexec matches its mpi4py), else the PATH's, else None."""
     here = os.path.join(os.path.dirname(sys.executable), name)
     return here if os.path.exists(here) else shutil.which(name)

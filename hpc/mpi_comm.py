@@ -8,6 +8,7 @@ int64 sums (allreduce_int64, reduce with op "sum") are reduced as MPI_UINT64_T o
 the same bytes: unsigned overflow is defined modulo 2**64, and two's-complement addition is the same
 bit operation, so the wrap-around is exact by the standard (MPI_INT64_T overflow is undefined).
 """
+
 from __future__ import annotations
 
 import sys

@@ -1,4 +1,5 @@
 """Client -> rank placement: balance declared (public) sizes across ranks."""
+
 from __future__ import annotations
 
 
@@ -18,7 +19,8 @@ def place_clients(declared_sizes: list[int], world_size: int) -> list[list[int]]
     if m < world_size:
         raise PlacementError(
             f"{m} clients cannot fill {world_size} ranks: every rank must host at least one client. "
-            f"Launch at most {m} ranks or raise partition.clients to at least {world_size}.")
+            f"Launch at most {m} ranks or raise partition.clients to at least {world_size}."
+        )
     loads = [0] * world_size
     placement: list[list[int]] = [[] for _ in range(world_size)]
     order = sorted(range(m), key=lambda i: (-declared_sizes[i], i))

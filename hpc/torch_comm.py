@@ -11,6 +11,7 @@ with C integer addition: it wraps modulo 2**64 in practice (tested on gloo with 
 the NCCL paths are written for NCCL -- device tensors, all_gather instead of gather -- but have not
 been run on a GPU here).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -40,7 +41,12 @@ def _first_slurm_host() -> str | None:
 
 
 def default_port() -> int:
-    job = os.environ.get("SLURM_ARRAY_JOB_ID", "") + "_" + os.environ.get("SLURM_ARRAY_TASK_ID", "") + os.environ.get("SLURM_JOB_ID", "")
+    job = (
+        os.environ.get("SLURM_ARRAY_JOB_ID", "")
+        + "_"
+        + os.environ.get("SLURM_ARRAY_TASK_ID", "")
+        + os.environ.get("SLURM_JOB_ID", "")
+    )
     if job.strip("_"):
         return 20000 + zlib.crc32(job.encode()) % 20000
     return 29500

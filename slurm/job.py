@@ -38,6 +38,7 @@ Every JSON file written here is strict JSON (fedhypevae.checkpoint.dumps_json: n
 tokens; other non-finite numbers become null). A target epsilon of infinity ("epsilon", and the
 sweep's "epsilons") is written as the string "inf", which `read_json` reads back as float("inf").
 """
+
 from __future__ import annotations
 
 import json
@@ -50,15 +51,18 @@ import time
 from pathlib import Path
 
 import submitit
+from fedhypevae.hpc.launcher import venv_tool
 
 from fedhypevae.checkpoint import atomic_write_text, dumps_json
 from fedhypevae.metrics import append_event as append_run_event
 from fedhypevae.metrics import read_events  # noqa: F401  (re-exported: a point's events)
 from fedhypevae.table import FEDHYPEVAE_METHODS
-from fedhypevae.hpc.launcher import venv_tool
 
-EXIT_INTERRUPTED = {signal.SIGUSR2: 128 + signal.SIGUSR2, signal.SIGTERM: 128 + signal.SIGTERM,
-                    signal.SIGINT: 128 + signal.SIGINT}
+EXIT_INTERRUPTED = {
+    signal.SIGUSR2: 128 + signal.SIGUSR2,
+    signal.SIGTERM: 128 + signal.SIGTERM,
+    signal.SIGINT: 128 + signal.SIGINT,
+}
 EXIT_PARTIAL = 3  # = fedhypevae.run.EXIT_PARTIAL (not imported: that pulls in torch; a test keeps them equal)
 EPSILON_KEYS = ("epsilon", "epsilons")  # target epsilons: infinity written as "inf", read back as inf
 
@@ -109,7 +113,7 @@ def append_event(point: Path, event: dict) -> None:
 
 
 def result_status(result: dict) -> str:
-    """"complete" or "partial" (a result.json written before statuses existed is complete)."""
+    """ "complete" or "partial" (a result.json written before statuses existed is complete)."""
     return result.get("status", "complete")
 
 
@@ -132,10 +136,11 @@ def existing_result(point: Path):
 
 def run_point_here(point: Path) -> dict:
     """Run the point in this process, which is one rank of the job (or the only one)."""
-    from fedhypevae.errors import FedHypeVAEError
     from fedhypevae.hpc.backend import BackendError, install_failfast, make_communicator
     from fedhypevae.hpc.device import choose_device
     from fedhypevae.hpc.launcher import detect_launcher
+
+    from fedhypevae.errors import FedHypeVAEError
 
     point = Path(point)
     spec = read_json(point / "spec.json")
@@ -147,8 +152,12 @@ def run_point_here(point: Path) -> dict:
         status = result_status(done)
         if info.rank == 0:
             why = f": {missing_text(done)}" if status == "partial" else ""
-            print(f"fedhypevae.slurm.job: point {spec['id']} already has a {status} result ({point / 'result.json'}){why}; "
-                  "not run again (delete result.json to run it again)", file=sys.stderr, flush=True)
+            print(
+                f"fedhypevae.slurm.job: point {spec['id']} already has a {status} result ({point / 'result.json'}){why}; "
+                "not run again (delete result.json to run it again)",
+                file=sys.stderr,
+                flush=True,
+            )
         return _outcome(spec, status, done.get("missing", []))
     try:
         device = choose_device(info.local_rank, spec.get("device", "auto"))  # cuda:LOCAL_RANK on GPU nodes
@@ -157,9 +166,11 @@ def run_point_here(point: Path) -> dict:
         raise SweepError(f"point {spec['id']}: {exc}") from None
     # the job asked for `ranks` tasks: a launcher that gives every task a world of one must fail the job
     if comm.world_size != spec["ranks"]:
-        raise SweepError(f"point {spec['id']} asked for {spec['ranks']} ranks but this task sees a world of "
-                         f"{comm.world_size} (launcher {info.launcher}): with MPICH use srun --mpi=pmi2, with Open MPI "
-                         "srun --mpi=pmix, or start the ranks with mpiexec")
+        raise SweepError(
+            f"point {spec['id']} asked for {spec['ranks']} ranks but this task sees a world of "
+            f"{comm.world_size} (launcher {info.launcher}): with MPICH use srun --mpi=pmi2, with Open MPI "
+            "srun --mpi=pmix, or start the ranks with mpiexec"
+        )
     install_failfast(comm)
     try:
         if spec["method"] in FEDHYPEVAE_METHODS:
@@ -167,7 +178,9 @@ def run_point_here(point: Path) -> dict:
         return _run_baseline(point, spec, comm)
     except FedHypeVAEError as exc:
         if comm.world_size > 1:
-            print(f"fedhypevae.slurm.job: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True)
+            print(
+                f"fedhypevae.slurm.job: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True
+            )
             comm.abort(2)
         raise
 
@@ -194,16 +207,34 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
         if latest is not None:  # round_RRRRRR or round_RRRRRR_step_SSSSS (a stop between two steps)
             start_round, start_step = ckpt.checkpoint_position(latest)
     if comm.is_root:
-        append_event(point, {"event": "start", "resume": resume, "resume_from_round": start_round,
-                             "resume_from_step": start_step, "world_size": comm.world_size, "launcher": info.launcher})
+        append_event(
+            point,
+            {
+                "event": "start",
+                "resume": resume,
+                "resume_from_round": start_round,
+                "resume_from_step": start_step,
+                "world_size": comm.world_size,
+                "launcher": info.launcher,
+            },
+        )
     t0 = time.perf_counter()
-    results = run_training(cfg, run_dir, comm, resume=resume, progress=False, launcher=info.launcher,
-                           device=device, catch_signals=True)
+    results = run_training(
+        cfg, run_dir, comm, resume=resume, progress=False, launcher=info.launcher, device=device, catch_signals=True
+    )
     if results.get("interrupted"):
         if comm.is_root:
-            append_event(point, {"event": "interrupted", "signal": int(results["signal"]), "round": results["round"],
-                                 "step": results.get("step", 0), "epsilon_spent": results["epsilon_spent"],
-                                 "checkpoint": results["checkpoint"]})
+            append_event(
+                point,
+                {
+                    "event": "interrupted",
+                    "signal": int(results["signal"]),
+                    "round": results["round"],
+                    "step": results.get("step", 0),
+                    "epsilon_spent": results["epsilon_spent"],
+                    "checkpoint": results["checkpoint"],
+                },
+            )
         _end_collectively(comm)
         return results
     p = results.get("privacy") or {}
@@ -212,11 +243,21 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
         # no statistics release, no fitted meta-code: the synthetic set is not a result and is not scored
         missing = list(results.get("missing") or [])
         if comm.is_root:
-            _finish(point, spec, None, epsilon_spent=p.get("epsilon_spent"), formal=p.get("formal_guarantee"),
-                    seconds=time.perf_counter() - t0, missing=missing,
-                    extra={**extra, "run_results": str(run_dir / "results.json")})
-            print(f"fedhypevae.slurm.job: point {spec['id']} is PARTIAL (not retried): {'; '.join(missing)}", file=sys.stderr,
-                  flush=True)
+            _finish(
+                point,
+                spec,
+                None,
+                epsilon_spent=p.get("epsilon_spent"),
+                formal=p.get("formal_guarantee"),
+                seconds=time.perf_counter() - t0,
+                missing=missing,
+                extra={**extra, "run_results": str(run_dir / "results.json")},
+            )
+            print(
+                f"fedhypevae.slurm.job: point {spec['id']} is PARTIAL (not retried): {'; '.join(missing)}",
+                file=sys.stderr,
+                flush=True,
+            )
         comm.barrier()
         comm.close()
         return _outcome(spec, "partial", missing)
@@ -226,8 +267,15 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
 
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
         rows = run_rows(run_dir, fed, protocol=spec["protocol"], seed=spec["seed"])
-        _finish(point, spec, rows, epsilon_spent=p.get("epsilon_spent"), formal=p.get("formal_guarantee"),
-                seconds=time.perf_counter() - t0, extra=extra)
+        _finish(
+            point,
+            spec,
+            rows,
+            epsilon_spent=p.get("epsilon_spent"),
+            formal=p.get("formal_guarantee"),
+            seconds=time.perf_counter() - t0,
+            extra=extra,
+        )
     comm.barrier()
     comm.close()
     return _outcome(spec, "complete")
@@ -252,23 +300,42 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
 
         cfg = load_config(spec["config"], spec["overrides"])
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
-        append_event(point, {"event": "start", "resume": False, "resume_from_round": 0, "resume_from_step": 0,
-                             "world_size": comm.world_size})
+        append_event(
+            point,
+            {
+                "event": "start",
+                "resume": False,
+                "resume_from_round": 0,
+                "resume_from_step": 0,
+                "world_size": comm.world_size,
+            },
+        )
         t0 = time.perf_counter()
         eps = spec["epsilon"] if spec["epsilon"] is not None else 1.0
-        res = run_baseline(spec["method"], fed, seed=spec["seed"], epsilon=eps, delta=cfg.privacy.delta,
-                           **spec.get("baseline_settings", {}))
+        res = run_baseline(
+            spec["method"],
+            fed,
+            seed=spec["seed"],
+            epsilon=eps,
+            delta=cfg.privacy.delta,
+            **spec.get("baseline_settings", {}),
+        )
         rows = baseline_rows(spec["method"], res, fed, protocol=spec["protocol"], seed=spec["seed"])
         priv = res.get("privacy") or {}
-        _finish(point, spec, rows, epsilon_spent=priv.get("epsilon_spent"), formal=priv.get("formal_guarantee"),
-                seconds=time.perf_counter() - t0)
+        _finish(
+            point,
+            spec,
+            rows,
+            epsilon_spent=priv.get("epsilon_spent"),
+            formal=priv.get("formal_guarantee"),
+            seconds=time.perf_counter() - t0,
+        )
     comm.barrier()
     comm.close()
     return _outcome(spec, "complete")
 
 
-def _finish(point: Path, spec: dict, rows, *, epsilon_spent, formal, seconds: float, missing=None,
-            extra=None) -> None:
+def _finish(point: Path, spec: dict, rows, *, epsilon_spent, formal, seconds: float, missing=None, extra=None) -> None:
     """result.json: complete (rows = the per-client scores, and their means) or partial (`missing` given:
     rows [] and no accuracy; an unfitted synthetic set is not scored)."""
     events = read_events(point)
@@ -277,15 +344,23 @@ def _finish(point: Path, spec: dict, rows, *, epsilon_spent, formal, seconds: fl
     result.update({"status": "partial" if missing else "complete", "missing": list(missing or [])})
     result["rows"] = list(rows or [])
     if not missing:
-        result.update({"accuracy": sum(r["accuracy"] for r in rows) / len(rows),
-                       "balanced_accuracy": sum(r["balanced_accuracy"] for r in rows) / len(rows)})
-    result.update({
-        "epsilon_spent": epsilon_spent, "formal_guarantee": formal, "seconds": seconds,
-        "starts": len(starts),
-        "resumed_from_rounds": [e["resume_from_round"] for e in starts if e.get("resume")],
-        "resumed_from_steps": [e.get("resume_from_step", 0) for e in starts if e.get("resume")],
-        **(extra or {}),
-    })
+        result.update(
+            {
+                "accuracy": sum(r["accuracy"] for r in rows) / len(rows),
+                "balanced_accuracy": sum(r["balanced_accuracy"] for r in rows) / len(rows),
+            }
+        )
+    result.update(
+        {
+            "epsilon_spent": epsilon_spent,
+            "formal_guarantee": formal,
+            "seconds": seconds,
+            "starts": len(starts),
+            "resumed_from_rounds": [e["resume_from_round"] for e in starts if e.get("resume")],
+            "resumed_from_steps": [e.get("resume_from_step", 0) for e in starts if e.get("resume")],
+            **(extra or {}),
+        }
+    )
     if missing:
         append_event(point, {"event": "partial", "missing": list(missing), "epsilon_spent": epsilon_spent})
     else:
@@ -330,8 +405,10 @@ def _is_rank0() -> bool:
 def mpiexec_path() -> str:
     found = venv_tool("mpiexec")
     if not found:
-        raise SweepError("a point with more than one rank needs mpiexec on the local and debug clusters: "
-                         "pip install mpich (or use --ranks 1)")
+        raise SweepError(
+            "a point with more than one rank needs mpiexec on the local and debug clusters: "
+            "pip install mpich (or use --ranks 1)"
+        )
     return found
 
 
@@ -362,21 +439,28 @@ def run_with_mpiexec(point: Path) -> dict:
         done = existing_result(point)
         if done is not None and result_status(done) == "partial":
             return _outcome(spec, "partial", done.get("missing", []))
-        raise SweepError(f"point {spec['id']}: mpiexec exited with status {rc} (partial) but {point / 'result.json'} "
-                         "does not say partial (see the log above)")
+        raise SweepError(
+            f"point {spec['id']}: mpiexec exited with status {rc} (partial) but {point / 'result.json'} "
+            "does not say partial (see the log above)"
+        )
     if rc != 0:
         raise SweepError(f"point {spec['id']}: mpiexec exited with status {rc} (see the log above)")
     done = existing_result(point)
-    return _outcome(spec, result_status(done), done.get("missing", [])) if done is not None else \
-        {"interrupted": False, "point": spec["id"]}
+    return (
+        _outcome(spec, result_status(done), done.get("missing", []))
+        if done is not None
+        else {"interrupted": False, "point": spec["id"]}
+    )
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python -m fedhypevae.slurm.job POINT_DIR   (one rank of a sweep point; see python -m fedhypevae.slurm.sweep --help)\n"
-              "exit status: 0 complete, 3 partial (result.json says what is missing; not retried), 2 error, "
-              "128+N stopped by signal N after a checkpoint (140 USR2 and 143 TERM: the sbatch script requeues)")
+        print(
+            "usage: python -m fedhypevae.slurm.job POINT_DIR   (one rank of a sweep point; see python -m fedhypevae.slurm.sweep --help)\n"
+            "exit status: 0 complete, 3 partial (result.json says what is missing; not retried), 2 error, "
+            "128+N stopped by signal N after a checkpoint (140 USR2 and 143 TERM: the sbatch script requeues)"
+        )
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     from fedhypevae.errors import FedHypeVAEError
 

@@ -29,6 +29,7 @@ Cluster parameters use submitit's names (`timeout_min`, `nodes`, `tasks_per_node
 `gpus_per_node`, `mem_gb`, `slurm_partition`, `slurm_account`, `slurm_qos`, ...), given as
 `--param NAME=VALUE` or in a YAML file (`--cluster-config`); an unknown name fails with the list.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import yaml
 
@@ -56,8 +56,21 @@ PRIVATE_BASELINES = ("fedavg-dp", "fedprox-dp", "dpcvae")
 PUBLIC_BASELINES = ("local", "fedavg", "fedprox", "pooled")  # do not depend on epsilon: run once per (partition, seed)
 METHODS = FEDHYPEVAE + PRIVATE_BASELINES + PUBLIC_BASELINES
 CLUSTERS = ("auto", "slurm", "local", "debug")
-ACTIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-                 "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
+ACTIVE_STATES = {
+    "PENDING",
+    "RUNNING",
+    "REQUEUED",
+    "REQUEUE_HOLD",
+    "REQUEUE_FED",
+    "CONFIGURING",
+    "COMPLETING",
+    "SUSPENDED",
+    "RESIZING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESV_DEL_HOLD",
+    "STOPPED",
+}
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -100,13 +113,13 @@ def parse_list(text: str, kind, what: str) -> list:
         raise SweepError(f"--{what}: cannot read {text!r} as a list of {kind.__name__}") from None
 
 
-def parse_partition(name: str) -> tuple[str, Optional[float]]:
+def parse_partition(name: str) -> tuple[str, float | None]:
     """iid | site | dirichlet (the config's alpha) | dirichlet<alpha>, e.g. dirichlet0.3."""
     if name in ("iid", "site", "dirichlet"):
         return name, None
     if name.startswith("dirichlet"):
         try:
-            alpha = float(name[len("dirichlet"):])
+            alpha = float(name[len("dirichlet") :])
         except ValueError:
             alpha = -1.0
         if alpha > 0:
@@ -120,19 +133,29 @@ class Point:
     id: str
     method: str
     partition: str
-    epsilon: Optional[float]
+    epsilon: float | None
     seed: int
     ranks: int
     overrides: list
 
     def spec(self, sweep: dict) -> dict:
-        return {"id": self.id, "method": self.method, "partition": self.partition, "epsilon": self.epsilon,
-                "seed": self.seed, "ranks": self.ranks, "config": sweep["config"], "overrides": self.overrides,
-                "protocol": sweep["protocol"], "comm_timeout_s": sweep["comm_timeout_s"], "device": sweep["device"],
-                "baseline_settings": sweep["baselines"].get(self.method, {})}
+        return {
+            "id": self.id,
+            "method": self.method,
+            "partition": self.partition,
+            "epsilon": self.epsilon,
+            "seed": self.seed,
+            "ranks": self.ranks,
+            "config": sweep["config"],
+            "overrides": self.overrides,
+            "protocol": sweep["protocol"],
+            "comm_timeout_s": sweep["comm_timeout_s"],
+            "device": sweep["device"],
+            "baseline_settings": sweep["baselines"].get(self.method, {}),
+        }
 
 
-def _eps_name(eps: Optional[float]) -> str:
+def _eps_name(eps: float | None) -> str:
     return "none" if eps is None else ("inf" if math.isinf(eps) else f"{eps:g}")
 
 
@@ -160,7 +183,7 @@ def build_grid(sweep: dict) -> list[Point]:
 
 
 # ------------------------------------------------------------------------------------------ state of points
-def job_record(point_dir: Path) -> Optional[dict]:
+def job_record(point_dir: Path) -> dict | None:
     f = point_dir / "job.json"
     return read_json(f) if f.is_file() else None
 
@@ -170,8 +193,9 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     if not job_ids:
         return {}
     try:
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            ["squeue", "-h", "-r", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.TimeoutExpired):
         return {}
     states = {}
@@ -182,7 +206,7 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
-def slurm_state(job_id: str) -> Optional[str]:
+def slurm_state(job_id: str) -> str | None:
     """The job's state while SLURM still knows it (squeue, then scontrol), else None."""
     state = slurm_states([job_id]).get(job_id)
     if state:
@@ -197,7 +221,7 @@ def slurm_state(job_id: str) -> Optional[str]:
     return None
 
 
-def point_status(point_dir: Path, states: Optional[dict] = None) -> tuple[str, Optional[dict]]:
+def point_status(point_dir: Path, states: dict | None = None) -> tuple[str, dict | None]:
     """finished | partial (ended without its statistics release / meta-code fit: final, not retried) |
     active (queued or running) | failed (a job ended without a result) | interrupted | new.
     The second item: the point's result.json for a partial point, else its last submission (or None).
@@ -232,7 +256,11 @@ def _slurm_job_ids(out: Path, points) -> list[str]:
     ids = []
     for pt in points:
         rec = job_record(out / "points" / pt.id)
-        if rec and rec["submissions"][-1]["cluster"] == "slurm" and not (out / "points" / pt.id / "result.json").is_file():
+        if (
+            rec
+            and rec["submissions"][-1]["cluster"] == "slurm"
+            and not (out / "points" / pt.id / "result.json").is_file()
+        ):
             ids.append(rec["submissions"][-1]["job_id"])
     return ids
 
@@ -249,13 +277,18 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def log_tail(path: Optional[str], lines: int = 3) -> str:
+def log_tail(path: str | None, lines: int = 3) -> str:
     """The error lines of a job's log (ours name the rank and what to change), else its last lines."""
     if not path or not Path(path).is_file():
         return ""
     text = Path(path).read_text(errors="replace").splitlines()
-    ours = [t for t in text if t.startswith(("fedhypevae.slurm.job: error:", "fedhypevae: error:"))
-            or "Error:" in t and not t.startswith(" ")]
+    ours = [
+        t
+        for t in text
+        if t.startswith(("fedhypevae.slurm.job: error:", "fedhypevae: error:"))
+        or "Error:" in t
+        and not t.startswith(" ")
+    ]
     picked = list(dict.fromkeys(ours))[-lines:] if ours else text[-lines:]
     return "\n".join("      " + t for t in picked)
 
@@ -331,8 +364,22 @@ def load_sweep(args) -> dict:
     tree = {}
     if args.sweep_config:
         tree = yaml.safe_load(Path(args.sweep_config).read_text()) or {}
-        valid = {"config", "set", "epsilons", "seeds", "partitions", "methods", "ranks", "cluster", "mpi", "protocol",
-                 "params", "baselines", "comm_timeout_s", "device"}
+        valid = {
+            "config",
+            "set",
+            "epsilons",
+            "seeds",
+            "partitions",
+            "methods",
+            "ranks",
+            "cluster",
+            "mpi",
+            "protocol",
+            "params",
+            "baselines",
+            "comm_timeout_s",
+            "device",
+        }
         unknown = sorted(set(tree) - valid)
         if unknown:
             raise SweepError(f"{args.sweep_config}: unknown key(s) {unknown}; valid: {', '.join(sorted(valid))}")
@@ -371,15 +418,24 @@ def load_sweep(args) -> dict:
         raise SweepError("--mpi must be mpich or openmpi")
     ranks = pick("ranks", None)
     sweep = {
-        "config": cfg_path, "overrides": overrides, "epsilons": eps,
+        "config": cfg_path,
+        "overrides": overrides,
+        "epsilons": eps,
         "seeds": parse_list(as_text(seeds), int, "seeds"),
         "partitions": parse_list(as_text(partitions), str, "partitions"),
         "methods": parse_list(as_text(methods), str, "methods"),
-        "ranks": int(ranks) if ranks is not None else int(cluster_params.get("tasks_per_node", 1)) * int(cluster_params.get("nodes", 1)),
+        "ranks": int(ranks)
+        if ranks is not None
+        else int(cluster_params.get("tasks_per_node", 1)) * int(cluster_params.get("nodes", 1)),
         "ranks_given": ranks is not None,
-        "cluster": pick("cluster", "auto"), "mpi": mpi, "mpi_plugin": {"mpich": "pmi2", "openmpi": "pmix"}[mpi],
-        "protocol": pick("protocol", "augment"), "params": cluster_params, "device": pick("device", "auto"),
-        "baselines": dict(tree.get("baselines") or {}), "comm_timeout_s": float(tree.get("comm_timeout_s", 600)),
+        "cluster": pick("cluster", "auto"),
+        "mpi": mpi,
+        "mpi_plugin": {"mpich": "pmi2", "openmpi": "pmix"}[mpi],
+        "protocol": pick("protocol", "augment"),
+        "params": cluster_params,
+        "device": pick("device", "auto"),
+        "baselines": dict(tree.get("baselines") or {}),
+        "comm_timeout_s": float(tree.get("comm_timeout_s", 600)),
         "out": str(Path(args.out).resolve()),
     }
     if sweep["ranks"] < 1:
@@ -400,8 +456,10 @@ def prepare_points(sweep: dict, points: list[Point]) -> None:
             keys = ("config", "overrides", "ranks", "protocol", "baseline_settings")
             changed = [k for k in keys if old.get(k) != spec.get(k)]
             if changed:
-                raise SweepError(f"point {pt.id} exists in {sweep['out']} with different {', '.join(changed)}; "
-                                 "use another --out for a different sweep")
+                raise SweepError(
+                    f"point {pt.id} exists in {sweep['out']} with different {', '.join(changed)}; "
+                    "use another --out for a different sweep"
+                )
             continue
         d.mkdir(parents=True, exist_ok=True)
         write_json(f, spec)
@@ -425,12 +483,16 @@ def run_sweep(args) -> int:
     for s, _ in status.values():
         counts[s] = counts.get(s, 0) + 1
     todo = [pt for pt in points if status[pt.id][0] in ("new", "failed", "interrupted")]
-    print(f"sweep {out}: {len(points)} points ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
-          f"cluster {cluster}, {sweep['ranks']} rank(s) per FedHypeVAE point")
+    print(
+        f"sweep {out}: {len(points)} points ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}); "
+        f"cluster {cluster}, {sweep['ranks']} rank(s) per FedHypeVAE point"
+    )
     failed = [(pt, status[pt.id][1]) for pt in points if status[pt.id][0] == "failed"]
     if failed:
-        print(f"{len(failed)} point(s) whose last job ended without a result (they are resubmitted and resume "
-              "from their checkpoints):")
+        print(
+            f"{len(failed)} point(s) whose last job ended without a result (they are resubmitted and resume "
+            "from their checkpoints):"
+        )
         for pt, last in failed:
             print(f"  {pt.id}  job {last.get('job_id')}  stderr: {last.get('stderr')}")
             tail = log_tail(last.get("stderr"))
@@ -438,7 +500,9 @@ def run_sweep(args) -> int:
                 print(tail)
     active = [pt.id for pt in points if status[pt.id][0] == "active"]
     if active:
-        print(f"{len(active)} point(s) queued or running, not resubmitted: {', '.join(active[:5])}{' ...' if len(active) > 5 else ''}")
+        print(
+            f"{len(active)} point(s) queued or running, not resubmitted: {', '.join(active[:5])}{' ...' if len(active) > 5 else ''}"
+        )
     partial = [(pt, status[pt.id][1]) for pt in points if status[pt.id][0] == "partial"]
     if partial and not args.dry_run:  # the dry run lists them with its actions
         print(f"{len(partial)} point(s) ended partial, without a result (not resubmitted):")
@@ -451,8 +515,16 @@ def run_sweep(args) -> int:
         print("nothing to submit" + ("" if active else f"; collect with: python -m fedhypevae.slurm.collect {out}"))
         return 0
     prepare_points(sweep, points)
-    write_json(out / "sweep.json", {**sweep, "cluster_resolved": cluster, "executor_params": params,
-                                    "command": " ".join(map(shlex.quote, sys.argv)), "points": [p.id for p in points]})
+    write_json(
+        out / "sweep.json",
+        {
+            **sweep,
+            "cluster_resolved": cluster,
+            "executor_params": params,
+            "command": " ".join(map(shlex.quote, sys.argv)),
+            "points": [p.id for p in points],
+        },
+    )
     return _submit(sweep, cluster, params, todo, wait=args.wait or cluster in ("local", "debug"))
 
 
@@ -465,8 +537,13 @@ def _dry_run(sweep, cluster, params, points, todo, status) -> int:
 
     for pt in points:
         state, info = status[pt.id]
-        action = {"new": "submit", "failed": "resubmit (resume)", "interrupted": "resubmit (resume)",
-                  "finished": "skip (finished)", "active": "skip (queued or running)"}.get(state)
+        action = {
+            "new": "submit",
+            "failed": "resubmit (resume)",
+            "interrupted": "resubmit (resume)",
+            "finished": "skip (finished)",
+            "active": "skip (queued or running)",
+        }.get(state)
         if state == "partial":
             action = "skip: " + partial_note(info)
         print(f"  {pt.id:<55s} ranks={pt.ranks}  {action}")
@@ -474,9 +551,13 @@ def _dry_run(sweep, cluster, params, points, todo, status) -> int:
     prepare_points(sweep, points)
     for pt in todo:
         d = out / "points" / pt.id
-        script = point_script(d, python=sys.executable, mpi=sweep["mpi"],
-                              params={**params, **task_layout(params, pt.ranks)},
-                              job_name=f"fhv-{pt.id}"[:64])
+        script = point_script(
+            d,
+            python=sys.executable,
+            mpi=sweep["mpi"],
+            params={**params, **task_layout(params, pt.ranks)},
+            job_name=f"fhv-{pt.id}"[:64],
+        )
         (d / "job.sbatch").write_text(script)
     if todo:
         print(f"plain sbatch scripts (no submitit): {out}/points/<point>/job.sbatch")
@@ -511,11 +592,15 @@ def _submit(sweep, cluster, params, todo: list[Point], *, wait: bool) -> int:
             rec["submissions"].append(entry)
             write_json(out / "points" / pt.id / "job.json", rec)
             jobs.append((pt, job))
-        print(f"submitted {len(group)} point(s) with {ranks} rank(s) each: job ids "
-              f"{', '.join(str(j.job_id) for _, j in jobs[-len(group):][:4])}{' ...' if len(group) > 4 else ''}")
+        print(
+            f"submitted {len(group)} point(s) with {ranks} rank(s) each: job ids "
+            f"{', '.join(str(j.job_id) for _, j in jobs[-len(group) :][:4])}{' ...' if len(group) > 4 else ''}"
+        )
     if not wait:
-        print(f"follow with: squeue --me; re-run this command to resubmit unfinished points; "
-              f"collect with: python -m fedhypevae.slurm.collect {out}")
+        print(
+            f"follow with: squeue --me; re-run this command to resubmit unfinished points; "
+            f"collect with: python -m fedhypevae.slurm.collect {out}"
+        )
         return 0
     return _wait(out, jobs, cluster)
 
@@ -569,30 +654,62 @@ def _wait(out: Path, jobs, cluster: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m fedhypevae.slurm.sweep", description=__doc__.split("\n\n")[0],
-                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m fedhypevae.slurm.sweep",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--config", help="training config (a file, or a shipped name such as default)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a training config key for every point (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training config key for every point (repeatable)",
+    )
     ap.add_argument("--epsilons", help="comma-separated target epsilons, e.g. 0.5,1,2,4,8 (default 1)")
     ap.add_argument("--seeds", help="comma-separated seeds (default 0)")
     ap.add_argument("--partitions", help="comma-separated: iid, site, dirichlet, dirichlet<alpha> (default dirichlet)")
     ap.add_argument("--methods", help=f"comma-separated, from: {', '.join(METHODS)} (default fedhypevae-strict)")
-    ap.add_argument("--ranks", type=int, help="MPI ranks per FedHypeVAE point (= nodes x tasks_per_node; baselines use 1)")
+    ap.add_argument(
+        "--ranks", type=int, help="MPI ranks per FedHypeVAE point (= nodes x tasks_per_node; baselines use 1)"
+    )
     ap.add_argument("--out", required=True, help="sweep directory (re-running with the same --out continues it)")
-    ap.add_argument("--cluster", choices=CLUSTERS, help="slurm, local or debug (default auto: slurm where sbatch exists)")
-    ap.add_argument("--mpi", choices=("mpich", "openmpi"), help="MPI library of the jobs: srun --mpi=pmi2 (mpich, "
-                    "default) or --mpi=pmix (openmpi)")
-    ap.add_argument("--device", choices=("auto", "cpu", "cuda"),
-                    help="device of every rank: cuda:LOCAL_RANK where CUDA is present (auto, default), or cpu")
-    ap.add_argument("--protocol", help="how synthetic sets are scored (augment, lambda-mix, synthetic-only; default augment)")
-    ap.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                    help="a submitit cluster parameter (timeout_min, nodes, tasks_per_node, cpus_per_task, gpus_per_node, "
-                         "mem_gb, slurm_partition, slurm_account, slurm_qos, ...); repeatable")
+    ap.add_argument(
+        "--cluster", choices=CLUSTERS, help="slurm, local or debug (default auto: slurm where sbatch exists)"
+    )
+    ap.add_argument(
+        "--mpi",
+        choices=("mpich", "openmpi"),
+        help="MPI library of the jobs: srun --mpi=pmi2 (mpich, default) or --mpi=pmix (openmpi)",
+    )
+    ap.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        help="device of every rank: cuda:LOCAL_RANK where CUDA is present (auto, default), or cpu",
+    )
+    ap.add_argument(
+        "--protocol", help="how synthetic sets are scored (augment, lambda-mix, synthetic-only; default augment)"
+    )
+    ap.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a submitit cluster parameter (timeout_min, nodes, tasks_per_node, cpus_per_task, gpus_per_node, "
+        "mem_gb, slurm_partition, slurm_account, slurm_qos, ...); repeatable",
+    )
     ap.add_argument("--cluster-config", help="YAML mapping of submitit cluster parameters")
-    ap.add_argument("--sweep-config", help="YAML with any of: config, set, epsilons, seeds, partitions, methods, ranks, "
-                    "cluster, mpi, protocol, params, baselines (the command line wins)")
-    ap.add_argument("--dry-run", action="store_true", help="show what would be submitted and write plain sbatch scripts")
+    ap.add_argument(
+        "--sweep-config",
+        help="YAML with any of: config, set, epsilons, seeds, partitions, methods, ranks, "
+        "cluster, mpi, protocol, params, baselines (the command line wins)",
+    )
+    ap.add_argument(
+        "--dry-run", action="store_true", help="show what would be submitted and write plain sbatch scripts"
+    )
     ap.add_argument("--wait", action="store_true", help="on SLURM, wait until every submitted point has ended")
     return ap
 
@@ -607,9 +724,12 @@ def main(argv=None) -> int:
         print(f"fedhypevae.slurm.sweep: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nslurm.sweep: interrupted. Submitted points keep running (SLURM jobs, and local points in the "
-              "background); run the same command again to follow them. A point that was stopped resumes from its "
-              "last checkpoint, its epsilon still charged.", file=sys.stderr)
+        print(
+            "\nslurm.sweep: interrupted. Submitted points keep running (SLURM jobs, and local points in the "
+            "background); run the same command again to follow them. A point that was stopped resumes from its "
+            "last checkpoint, its epsilon still charged.",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -9,6 +9,7 @@ in a collective). As a script it prints one `collectives ok rank R/N backend B c
 rank, or `FAIL rank R: ...` lines, and exits 1 on every rank if any rank failed. Also usable in
 process with a LocalCommunicator (world size 1).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,11 +32,11 @@ def int64_values(rank: int) -> list[int]:
     """This rank's int64 test vector: sums near and across both ends of the int64 range."""
     return [
         I64_MAX if rank == 0 else 5 if rank == 1 else 0,  # 2 ranks: wraps to -(2**63) + 4
-        -7 if rank % 2 == 0 else 3 * 10**18,              # negative + positive mix
-        I64_MIN,                                           # 2 ranks: -2**64 wraps to 0
-        -(10**18) * (rank + 1),                            # all negative, no wrap on small worlds
-        rank + 1,                                          # plain small values
-        I64_MIN + rank if rank % 2 else I64_MAX - rank,    # extremes of both signs
+        -7 if rank % 2 == 0 else 3 * 10**18,  # negative + positive mix
+        I64_MIN,  # 2 ranks: -2**64 wraps to 0
+        -(10**18) * (rank + 1),  # all negative, no wrap on small worlds
+        rank + 1,  # plain small values
+        I64_MIN + rank if rank % 2 else I64_MAX - rank,  # extremes of both signs
     ]
 
 
@@ -52,8 +53,12 @@ class Checker:
         """Exact equality of tensors (dtype and shape included) or of plain values."""
         self.count += 1
         if isinstance(want, torch.Tensor):
-            ok = (isinstance(got, torch.Tensor) and got.dtype == want.dtype and got.shape == want.shape
-                  and torch.equal(got, want))
+            ok = (
+                isinstance(got, torch.Tensor)
+                and got.dtype == want.dtype
+                and got.shape == want.shape
+                and torch.equal(got, want)
+            )
         else:
             ok = got == want
         if not ok:
@@ -105,8 +110,11 @@ def run_checks(comm) -> tuple[list[str], int]:
     sq = i64(int64_values(r)).reshape(2, 3)
     comm.allreduce_int64(sq)
     c.eq("allreduce_int64 2-D", sq, int_sums.reshape(2, 3))
-    c.eq("allreduce_int64 empty", comm.allreduce_int64(torch.zeros(0, dtype=torch.int64)),
-         torch.zeros(0, dtype=torch.int64))
+    c.eq(
+        "allreduce_int64 empty",
+        comm.allreduce_int64(torch.zeros(0, dtype=torch.int64)),
+        torch.zeros(0, dtype=torch.int64),
+    )
 
     # --- reduce to a root: float64 and int64, sum and max, root 0 and the last rank
     for root in sorted({0, n - 1}):
@@ -150,7 +158,9 @@ def run_checks(comm) -> tuple[list[str], int]:
 
     # --- argument errors: raised before any communication, on every rank
     c.raises("allreduce_int64 float64", lambda: comm.allreduce_int64(f64([1.0])), "buf", "torch.int64", "torch.float64")
-    c.raises("allreduce_int64 int32", lambda: comm.allreduce_int64(torch.ones(2, dtype=torch.int32)), "buf", "torch.int32")
+    c.raises(
+        "allreduce_int64 int32", lambda: comm.allreduce_int64(torch.ones(2, dtype=torch.int32)), "buf", "torch.int32"
+    )
     c.raises("reduce op", lambda: comm.reduce(f64([1.0]), op="min"), "op", "'min'")
     c.raises("reduce dtype", lambda: comm.reduce(torch.ones(2, dtype=torch.float32)), "buf", "torch.float32")
     c.raises("reduce root", lambda: comm.reduce(f64([1.0]), root=n), "root", str(n))
@@ -171,6 +181,7 @@ def main() -> int:
         def lossy(buf):
             buf.copy_(comm.allreduce(buf.to(torch.float64)).to(torch.int64))
             return buf
+
         comm.allreduce_int64 = lossy
     failures, count = run_checks(comm)
     say = lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush())  # noqa: E731 - one write per line

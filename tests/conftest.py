@@ -22,16 +22,19 @@ def shared_data() -> Path:
 # One policy for the tests that change the machine (install slurm-wlm and munge with apt-get and start
 # slurmctld/slurmd as root): `make test` runs them, as CI does; FHV_SLURM=0 skips them, saying why.
 SLURM_OFF = os.environ.get("FHV_SLURM", "1").strip() == "0"
-SLURM_SKIP_REASON = ("FHV_SLURM=0: skipped a test that installs SLURM (apt-get slurm-wlm, munge) and starts its "
-                     "daemons as root")
+SLURM_SKIP_REASON = (
+    "FHV_SLURM=0: skipped a test that installs SLURM (apt-get slurm-wlm, munge) and starts its daemons as root"
+)
 
 
 def pytest_report_header(config):
     if SLURM_OFF:
         return SLURM_SKIP_REASON.replace("skipped a test", "skipping every test")
     if os.geteuid() == 0:
-        return ("running as root: tests marked `slurm` install slurm-wlm and munge and start slurmctld/slurmd on this "
-                "machine (FHV_SLURM=0 skips them)")
+        return (
+            "running as root: tests marked `slurm` install slurm-wlm and munge and start slurmctld/slurmd on this "
+            "machine (FHV_SLURM=0 skips them)"
+        )
     return None
 
 

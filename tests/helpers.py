@@ -1,4 +1,5 @@
 """Helpers several test modules share (pytest puts tests/ on sys.path: `from helpers import ...`)."""
+
 from __future__ import annotations
 
 import os
@@ -12,8 +13,18 @@ import torch
 
 # variables a surrounding launcher (a CI job under srun, a debugging mpiexec) would leak into a test's processes
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "TORCHELASTIC_", "HYDRA_", "MPIR_", "MPICH_")
-LAUNCHER_NAMES = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                  "MASTER_ADDR", "MASTER_PORT", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"}
+LAUNCHER_NAMES = {
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "MPI_LOCALRANKID",
+    "MPI_LOCALNRANKS",
+}
 
 
 def launcher_free_env(bin_dir: Path | None = None, **extra: str) -> dict:
@@ -95,7 +106,7 @@ def clipped_sums(clients, cfg, hyper, xs, ys, es, *, mode: str, clip_norm: float
         flat = rows.phi_sum(c * (b.cidx == i).to(c.dtype))
         d, off = {}, 0
         for n, p in hyper.named_parameters():
-            d[PHI_PREFIX + n] = flat[off:off + p.numel()].view_as(p)
+            d[PHI_PREFIX + n] = flat[off : off + p.numel()].view_as(p)
             off += p.numel()
         assert list(d) == [PHI_PREFIX + n for n in names]
         if strict:
@@ -123,14 +134,24 @@ def run_job(cmd: list, timeout: float, env: dict) -> tuple[int, str, str]:
     job and fail the test with its output."""
     import pytest
 
-    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(c) for c in cmd],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"{cmd} did not exit within {timeout} s\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}")
+        pytest.fail(
+            f"{cmd} did not exit within {timeout} s\n--- stdout ---\n{out[-3000:]}\n--- stderr ---\n{err[-3000:]}"
+        )
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

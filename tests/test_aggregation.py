@@ -1,5 +1,6 @@
 """The aggregation rule is an object chosen by name (fedhypevae/aggregation.py), and the trainer's hooks
 (Trainer.hooks) let an observer follow the loop and time its phases without patching the trainer."""
+
 import pytest
 import torch
 
@@ -10,8 +11,18 @@ from fedhypevae.trainer import TIMED_PHASES, Trainer
 
 
 def tiny(*overrides):
-    return load_config("tiny", ["train.checkpoint_every=0", "privacy.noise_seed=5", "train.optimizer=sgd",
-                                "model.lambda_mmd=0", "train.rounds=2", "threads=1", *overrides])
+    return load_config(
+        "tiny",
+        [
+            "train.checkpoint_every=0",
+            "privacy.noise_seed=5",
+            "train.optimizer=sgd",
+            "model.lambda_mmd=0",
+            "train.rounds=2",
+            "threads=1",
+            *overrides,
+        ],
+    )
 
 
 def trained(cfg, out) -> Trainer:
@@ -26,6 +37,7 @@ def trained(cfg, out) -> Trainer:
 @pytest.fixture
 def doubled():
     """A new rule, defined and registered here only: grad aggregation whose server step is doubled."""
+
     @register_aggregation("test-grad-x2")
     class DoubledGrad(GradAggregation):
         def apply_step(self, reduced):
@@ -37,7 +49,9 @@ def doubled():
 
 @pytest.mark.parametrize("engine", ["batched", "reference"])
 def test_a_rule_registered_outside_the_trainer_is_the_one_it_uses(tmp_path, doubled, engine):
-    tr = trained(tiny("train.lr=0.01", f"train.engine={engine}", "federation.aggregation=test-grad-x2"), tmp_path / "x2")
+    tr = trained(
+        tiny("train.lr=0.01", f"train.engine={engine}", "federation.aggregation=test-grad-x2"), tmp_path / "x2"
+    )
     assert isinstance(tr.aggregation, doubled)
     assert tr.engine == engine
     # SGD: a doubled gradient is a doubled learning rate, bit for bit (scaling by 2 is exact)
@@ -104,12 +118,15 @@ def dp_sgd_sigmas(tr) -> set:
 
 @pytest.mark.parametrize("private,phi", [(2.0, 1.0), (1.0, 0.5)], ids=["private-x2", "phi-half"])
 def test_per_block_noise_is_placed_by_the_rule_on_both_engines_and_the_smaller_multiplier_is_charged(
-        tmp_path, per_block, private, phi):
+    tmp_path, per_block, private, phi
+):
     name = per_block(private, phi)
     fixed = ("privacy.target_epsilon=.inf", "privacy.noise_multiplier=1.5")  # no budget: every step runs
     plain = {e: trained(tiny(*fixed, f"train.engine={e}"), tmp_path / f"plain-{e}") for e in ("batched", "reference")}
-    runs = {e: trained(tiny(*fixed, f"train.engine={e}", f"federation.aggregation={name}"), tmp_path / f"{name}-{e}")
-            for e in ("batched", "reference")}
+    runs = {
+        e: trained(tiny(*fixed, f"train.engine={e}", f"federation.aggregation={name}"), tmp_path / f"{name}-{e}")
+        for e in ("batched", "reference")
+    }
     sigma = plain["batched"].sigma
     for e, tr in runs.items():
         assert tr.engine == e
@@ -168,8 +185,15 @@ def test_a_step_the_budget_guard_stops_begins_and_never_ends(tmp_path):
     tr.hooks.on("step_end", lambda r, s: events.append(("end", r, s)))
     tr.train()
     assert tr.state.stopped and tr.state.steps == 3
-    assert events == [("begin", 0, 0), ("end", 0, 0), ("begin", 0, 1), ("end", 0, 1), ("begin", 1, 0),
-                      ("end", 1, 0), ("begin", 1, 1)]
+    assert events == [
+        ("begin", 0, 0),
+        ("end", 0, 0),
+        ("begin", 0, 1),
+        ("end", 0, 1),
+        ("begin", 1, 0),
+        ("end", 1, 0),
+        ("begin", 1, 1),
+    ]
 
 
 def test_no_timer_no_cost():

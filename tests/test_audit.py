@@ -1,5 +1,6 @@
 """The one-run privacy audit (Steinke, Nasr & Jagielski 2023): the bound, its power, and the audit of
 the real DP step — a correct run stays below the claimed epsilon, a sabotaged one is caught."""
+
 import copy
 import json
 import math
@@ -8,9 +9,23 @@ import numpy as np
 import pytest
 import torch
 
-from fedhypevae.audit import (CANARY_STEPS, AuditSetup, Canaries, CanaryStep, NoClipCanaryStep, NoNoiseCanaryStep,
-                              audit_p_value, audit_white_box, canary_length, closed_form_max, epsilon_lower_bound, guess,
-                              max_epsilon_lower_bound, run_audit, score_guesses)
+from fedhypevae.audit import (
+    CANARY_STEPS,
+    AuditSetup,
+    Canaries,
+    CanaryStep,
+    NoClipCanaryStep,
+    NoNoiseCanaryStep,
+    audit_p_value,
+    audit_white_box,
+    canary_length,
+    closed_form_max,
+    epsilon_lower_bound,
+    guess,
+    max_epsilon_lower_bound,
+    run_audit,
+    score_guesses,
+)
 from fedhypevae.cli import main
 from fedhypevae.config import load_config
 from fedhypevae.dp_step import DPStep, per_sample_grads
@@ -87,9 +102,15 @@ def _armed_twin(tr, sabotage, included):
     first coordinates of Phi, sign +1."""
     twin = _twin(tr, CANARY_STEPS[sabotage])
     m = len(included)
-    twin.dp_step.canaries = Canaries(coords=torch.arange(m), signs=torch.ones(m), included=included, seed=0,
-                                     scale=canary_length(sabotage, tr.cfg.privacy.clip_norm), phi_numel=tr.phi_numel,
-                                     sample_rate=tr.cfg.privacy.sample_rate)
+    twin.dp_step.canaries = Canaries(
+        coords=torch.arange(m),
+        signs=torch.ones(m),
+        included=included,
+        seed=0,
+        scale=canary_length(sabotage, tr.cfg.privacy.clip_norm),
+        phi_numel=tr.phi_numel,
+        sample_rate=tr.cfg.privacy.sample_rate,
+    )
     return twin
 
 
@@ -119,9 +140,14 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path,
     tr.setup()
     c = tr.clients[0]
     assert _twin(tr, CanaryStep).dp_step.canaries is None  # unarmed
-    kinds = {s: type(_armed_twin(tr, s, torch.zeros(4, dtype=torch.bool)).dp_step) for s in ("none", "no-clip", "no-noise")}
+    kinds = {
+        s: type(_armed_twin(tr, s, torch.zeros(4, dtype=torch.bool)).dp_step) for s in ("none", "no-clip", "no-noise")
+    }
     assert kinds == {"none": CanaryStep, "no-clip": NoClipCanaryStep, "no-noise": NoNoiseCanaryStep}
-    assert NoClipCanaryStep.add_noise is DPStep.add_noise and NoNoiseCanaryStep.clip_and_accumulate is DPStep.clip_and_accumulate
+    assert (
+        NoClipCanaryStep.add_noise is DPStep.add_noise
+        and NoNoiseCanaryStep.clip_and_accumulate is DPStep.clip_and_accumulate
+    )
 
     # every canary included: the sampled ones enter the clipped sum, each one clipped to exactly C
     full = _armed_twin(tr, "none", torch.ones(200, dtype=torch.bool))
@@ -136,7 +162,7 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path,
     for n in pn.summed:
         want = pn.summed[n].clone()
         if n.startswith("hyper."):
-            a, b = offsets[n[len("hyper."):]]
+            a, b = offsets[n[len("hyper.") :]]
             flat = want.view(-1)
             for j in full.dp_step.canaries.appearances.nonzero().flatten().tolist():  # canary j on coordinate j
                 if a <= j < b:
@@ -190,8 +216,9 @@ def test_the_white_box_audit_builds_the_canary_step_through_the_trainer(tmp_path
 
 
 def _audit(tmp_path, sabotage, engine="batched"):
-    a = run_audit(load_config("audit", [f"train.engine={engine}"]), tmp_path / sabotage, sabotage=sabotage,
-                  progress=False)["audit"]
+    a = run_audit(
+        load_config("audit", [f"train.engine={engine}"]), tmp_path / sabotage, sabotage=sabotage, progress=False
+    )["audit"]
     assert a["engine"].startswith(engine)  # the audited step ran on this form of the per-sample stage
     return a
 
@@ -202,7 +229,10 @@ def test_white_box_audit_of_the_correct_step_stays_below_the_claim(tmp_path, eng
     cfg = load_config("audit")
     plan = make_plan(cfg, use_mmd=False)
     # the audited mechanism is the real one: the sigma planned for the config's (eps, delta, q, steps)
-    assert a["planned_noise_multiplier"] == pytest.approx(plan.sigma, rel=1e-12) and a["noise_multiplier"] == a["planned_noise_multiplier"]
+    assert (
+        a["planned_noise_multiplier"] == pytest.approx(plan.sigma, rel=1e-12)
+        and a["noise_multiplier"] == a["planned_noise_multiplier"]
+    )
     assert a["steps"] == 50 and a["sample_rate"] == 0.2 and a["clip_norm"] == 1.0
     assert a["ledger_epsilon"] <= a["claimed_epsilon"] + 1e-9
     assert 8 < a["canary"]["mean_appearances_included"] < 12  # q T = 10: the canaries went through the step
@@ -222,8 +252,20 @@ def test_white_box_audit_catches_a_step_without_clipping(tmp_path, engine):
 
 def test_white_box_audit_catches_a_step_without_noise_through_the_cli(tmp_path, capsys):
     js = tmp_path / "audit.json"
-    code = main(["audit", "--config", "audit", "--sabotage", "no-noise", "--out", str(tmp_path / "nn"),
-                 "--json", str(js), "--no-progress"])
+    code = main(
+        [
+            "audit",
+            "--config",
+            "audit",
+            "--sabotage",
+            "no-noise",
+            "--out",
+            str(tmp_path / "nn"),
+            "--json",
+            str(js),
+            "--no-progress",
+        ]
+    )
     assert code == 0  # the sabotage was caught: the audit did what it must
     out = capsys.readouterr().out
     assert "VIOLATION" in out and "largest bound these settings can give" in out
@@ -237,8 +279,9 @@ def test_white_box_audit_catches_a_step_without_noise_through_the_cli(tmp_path, 
 
 
 def test_black_box_audit_runs_the_real_pipeline_and_stays_below_the_claim(tmp_path):
-    res = run_audit(load_config("audit", ["train.rounds=10"]), tmp_path / "bb", mode="black-box", canaries=100,
-                    progress=False)
+    res = run_audit(
+        load_config("audit", ["train.rounds=10"]), tmp_path / "bb", mode="black-box", canaries=100, progress=False
+    )
     a = res["audit"]
     assert a["mode"] == "black-box" and a["canaries"] == 100 and a["guesses"] == 20
     assert a["epsilon_lower_bound"] <= a["claimed_epsilon"]
@@ -250,8 +293,22 @@ def test_black_box_audit_runs_the_real_pipeline_and_stays_below_the_claim(tmp_pa
 def test_an_audit_without_the_power_to_refute_the_claim_says_so(tmp_path, capsys):
     """100 canaries, 20 guesses: at most 1.82 can be shown, so a claim of 5 can be neither refuted nor
     supported; the verdict and the exit status say so instead of reporting 'consistent'."""
-    code = main(["audit", "--set", "privacy.target_epsilon=5", "--set", "train.rounds=2", "--canaries", "100",
-                 "--sabotage", "no-noise", "--out", str(tmp_path / "a"), "--no-progress"])
+    code = main(
+        [
+            "audit",
+            "--set",
+            "privacy.target_epsilon=5",
+            "--set",
+            "train.rounds=2",
+            "--canaries",
+            "100",
+            "--sabotage",
+            "no-noise",
+            "--out",
+            str(tmp_path / "a"),
+            "--no-progress",
+        ]
+    )
     out = capsys.readouterr().out
     a = json.loads((tmp_path / "a" / "results.json").read_text())["audit"]
     assert a["max_epsilon_lower_bound"] == pytest.approx(max_epsilon_lower_bound(100, 20, 1e-5))

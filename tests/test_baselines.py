@@ -1,13 +1,21 @@
 """Baselines on the federation's own splits: local-only, FedAvg/FedProx (non-private and DP-SGD),
 DP-CVAE and the pooled upper bound."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from fedhypevae.baselines import (BASELINES, DPSpec, balanced_accuracy, fit_federated_linear, get_baseline,
-                                  run_baseline, train_dpcvae)
+from fedhypevae.baselines import (
+    BASELINES,
+    DPSpec,
+    balanced_accuracy,
+    fit_federated_linear,
+    get_baseline,
+    run_baseline,
+    train_dpcvae,
+)
 from fedhypevae.baselines.linear import steps_per_epoch
 from fedhypevae.config import DataConfig, PartitionConfig
 from fedhypevae.data import build_federation
@@ -27,7 +35,9 @@ FAST = {
 
 @pytest.fixture(scope="module")
 def fed():
-    return build_federation(DataConfig(path="digits"), PartitionConfig(kind="iid", clients=3, min_client_size=20), seed=0)
+    return build_federation(
+        DataConfig(path="digits"), PartitionConfig(kind="iid", clients=3, min_client_size=20), seed=0
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
 """The all-reduce benchmark runs end to end at 2 ranks and writes its four files. Nothing about speed."""
+
 import csv
 import json
 import math
@@ -22,8 +23,20 @@ def test_quick_benchmark_writes_files_with_finite_timings(tmp_path):
     if not (MPIEXEC.exists() or shutil.which("mpiexec")):
         pytest.skip("no mpiexec")
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "benchmarks.allreduce", "--out", str(out), "--quick", "--ranks", "2",
-           "--sizes", "1K,16K", "--rounds", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.allreduce",
+        "--out",
+        str(out),
+        "--quick",
+        "--ranks",
+        "2",
+        "--sizes",
+        "1K,16K",
+        "--rounds",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("allreduce.csv", "allreduce.md", "allreduce.json", "allreduce.png"):

@@ -1,5 +1,6 @@
 """The throughput benchmark runs end to end on a very small configuration and writes its four files
 with every headline key. Nothing about speed: only that the numbers exist, are finite and positive."""
+
 import csv
 import json
 import math
@@ -12,8 +13,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
-HEADLINE = ("dp_over_nonprivate_step_time", "speedup_vs_opacus_loop", "per_client_overhead_ms",
-            "per_client_overhead_noise_ms", "sigma_calibration_s")
+HEADLINE = (
+    "dp_over_nonprivate_step_time",
+    "speedup_vs_opacus_loop",
+    "per_client_overhead_ms",
+    "per_client_overhead_noise_ms",
+    "sigma_calibration_s",
+)
 
 
 def positive(x) -> bool:
@@ -24,10 +30,39 @@ def positive(x) -> bool:
 def test_small_benchmark_writes_files_and_positive_figures(tmp_path):
     out = tmp_path / "bench"
     mpi = MPIEXEC.exists() or shutil.which("mpiexec")
-    cmd = [sys.executable, "-m", "benchmarks.throughput", "--out", str(out), "--dims", "12", "--hidden", "8",
-           "--latent", "3", "--clients", "3", "--per-client", "40", "--reps", "2", "--clients-sweep", "3,6",
-           "--sweep-records", "120", "--ranks", "2" if mpi else "none", "--opacus-rounds", "1", "--peers", "off",
-           "--calibration-steps", "200", "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.throughput",
+        "--out",
+        str(out),
+        "--dims",
+        "12",
+        "--hidden",
+        "8",
+        "--latent",
+        "3",
+        "--clients",
+        "3",
+        "--per-client",
+        "40",
+        "--reps",
+        "2",
+        "--clients-sweep",
+        "3,6",
+        "--sweep-records",
+        "120",
+        "--ranks",
+        "2" if mpi else "none",
+        "--opacus-rounds",
+        "1",
+        "--peers",
+        "off",
+        "--calibration-steps",
+        "200",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=220)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "part 1: engine d_x=12" in proc.stderr  # progress goes to stderr
@@ -38,11 +73,16 @@ def test_small_benchmark_writes_files_and_positive_figures(tmp_path):
     res = json.loads((out / "throughput.json").read_text())
     for key in HEADLINE:
         assert key in res, key
-    assert all(positive(res[k]) for k in ("dp_over_nonprivate_step_time", "speedup_vs_opacus_loop",
-                                           "sigma_calibration_s"))
+    assert all(
+        positive(res[k]) for k in ("dp_over_nonprivate_step_time", "speedup_vs_opacus_loop", "sigma_calibration_s")
+    )
     assert math.isfinite(res["per_client_overhead_ms"]) and math.isfinite(res["per_client_overhead_noise_ms"])
-    assert set(res["headline"]["targets"]) == {"dp_over_nonprivate_step_time", "speedup_vs_opacus_loop",
-                                               "per_client_overhead_ms", "sigma_calibration_s"}
+    assert set(res["headline"]["targets"]) == {
+        "dp_over_nonprivate_step_time",
+        "speedup_vs_opacus_loop",
+        "per_client_overhead_ms",
+        "sigma_calibration_s",
+    }
     (eng,) = res["engine"]
     for variant in ("dp", "nonprivate"):
         s = eng[variant]
@@ -75,8 +115,15 @@ def test_the_benchmark_times_through_the_trainers_hooks_and_patches_nothing(tmp_
     from benchmarks.throughput import PHASE_KEYS, build_trainer, make_config, make_data, timed_round
 
     data = make_data(tmp_path / "d.npz", 12, 120, 3)
-    cfg = make_config(data, clients=3, enabled=True, rounds=2, local_steps=1,
-                      model=["model.hidden=[8]", "model.latent_dim=3"], extra=["privacy.diagnostics=true"])
+    cfg = make_config(
+        data,
+        clients=3,
+        enabled=True,
+        rounds=2,
+        local_steps=1,
+        model=["model.hidden=[8]", "model.latent_dim=3"],
+        extra=["privacy.diagnostics=true"],
+    )
     from fedhypevae.trainer import Trainer
 
     tr, tm = build_trainer(cfg, tmp_path / "run", "cpu")
@@ -84,7 +131,16 @@ def test_the_benchmark_times_through_the_trainers_hooks_and_patches_nothing(tmp_
     own = {name: dict(vars(obj)) for name, obj in (("trainer", tr), ("ledger", tr.ledger))}
     row = timed_round(tr, tm, 0)
     for name, obj in (("trainer", tr), ("ledger", tr.ledger)):
-        for k in ("fits", "charge", "_allreduce", "allreduce", "_apply_flat_grad", "epsilon_spent", "prepare", "release"):
+        for k in (
+            "fits",
+            "charge",
+            "_allreduce",
+            "allreduce",
+            "_apply_flat_grad",
+            "epsilon_spent",
+            "prepare",
+            "release",
+        ):
             assert k not in vars(obj), (name, k)  # methods stay the class's
         assert set(own[name]) <= set(vars(obj))
     assert all("prepare" not in vars(st) and "release" not in vars(st) for st in tr.steps)

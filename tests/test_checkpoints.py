@@ -1,6 +1,7 @@
 """Checkpoints in shards (one file per rank, however many clients), read back onto any placement; a torn shard is
 refused by name; checkpoints of the per-client format 1 still resume; a reproducible-noise resume of steps drawn
 by another noise format is refused."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,8 +17,9 @@ from fedhypevae.trainer import Trainer
 
 
 def tiny(*overrides):
-    return load_config("tiny", ["privacy.noise_seed=7", "train.checkpoint_every=1", "train.keep_checkpoints=5",
-                                *overrides])
+    return load_config(
+        "tiny", ["privacy.noise_seed=7", "train.checkpoint_every=1", "train.keep_checkpoints=5", *overrides]
+    )
 
 
 def phi(run: Path) -> torch.Tensor:
@@ -63,8 +65,17 @@ def test_a_torn_shard_is_refused_by_name(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a copy cut short
     with pytest.raises(CheckpointError, match=r"rank_00000\.pt.*cannot be read.*delete that checkpoint"):
         run_training(tiny(), tmp_path / "run", resume=True, progress=False)
-    code = main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "--out", str(tmp_path / "run"),
-                 "--resume", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tmp_path / "run" / "config.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "rank_00000.pt" in err and "Traceback" not in err
 
@@ -88,20 +99,36 @@ def test_a_checkpoint_of_format_1_still_resumes(tmp_path):
     shard = torch.load(last / "rank_00000.pt", weights_only=True)
     entry = shard["blocks"][0]
     st = entry["state"]
-    enc = sorted(k[len("enc."):] for k in st if k.startswith("enc."))
+    enc = sorted(k[len("enc.") :] for k in st if k.startswith("enc."))
     order = [n for n in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias") if n in enc]
     assert sorted(order) == enc
     (last / "clients").mkdir()
     for row, cid in enumerate(entry["ids"].tolist()):
-        opt = lambda ms, vs, steps: {"state": {k: {"step": torch.tensor(float(steps[k])), "exp_avg": m[row],  # noqa
-                                                   "exp_avg_sq": v[row]} for k, (m, v) in enumerate(zip(ms, vs))},
-                                     "param_groups": [{"params": list(range(len(ms)))}]}
-        torch.save({"id": cid, "encoder": {n: st[f"enc.{n}"][row] for n in order}, "code": st["codes"][row],
-                    "enc_opt": opt([st[f"enc_m.{n}"] for n in order], [st[f"enc_v.{n}"] for n in order],
-                                   st["enc_steps"][row]),
-                    "code_opt": opt([st["code_m"]], [st["code_v"]], st["code_steps"][row]),
-                    "mmd_target": st["mmd_target"][row], "mmd_weights": st["mmd_weights"][row]},
-                   last / "clients" / f"client_{cid:05d}.pt")
+        opt = lambda ms, vs, steps: {
+            "state": {
+                k: {
+                    "step": torch.tensor(float(steps[k])),
+                    "exp_avg": m[row],  # noqa
+                    "exp_avg_sq": v[row],
+                }
+                for k, (m, v) in enumerate(zip(ms, vs))
+            },
+            "param_groups": [{"params": list(range(len(ms)))}],
+        }
+        torch.save(
+            {
+                "id": cid,
+                "encoder": {n: st[f"enc.{n}"][row] for n in order},
+                "code": st["codes"][row],
+                "enc_opt": opt(
+                    [st[f"enc_m.{n}"] for n in order], [st[f"enc_v.{n}"] for n in order], st["enc_steps"][row]
+                ),
+                "code_opt": opt([st["code_m"]], [st["code_v"]], st["code_steps"][row]),
+                "mmd_target": st["mmd_target"][row],
+                "mmd_weights": st["mmd_weights"][row],
+            },
+            last / "clients" / f"client_{cid:05d}.pt",
+        )
     (last / "rank_00000.pt").unlink()
     tr = Trainer(cfg, tmp_path / "run", resume=True, progress=False)
     tr.setup()
@@ -120,7 +147,16 @@ def test_a_reproducible_resume_of_steps_drawn_another_way_is_refused(tmp_path, c
     led.write_text(text.replace('"digest":"noise2:', '"digest":"'))  # as an earlier version wrote them
     with pytest.raises(CheckpointError, match=r"drawn by an earlier version \(noise1.*this version draws noise2"):
         run_training(tiny(), tmp_path / "run", resume=True, progress=False)
-    code = main(["train", "--config", str(tmp_path / "run" / "config.yaml"), "--out", str(tmp_path / "run"),
-                 "--resume", "--no-progress"])
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tmp_path / "run" / "config.yaml"),
+            "--out",
+            str(tmp_path / "run"),
+            "--resume",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "noise_seed" in err.splitlines()[0] and "Traceback" not in err

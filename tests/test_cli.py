@@ -1,4 +1,5 @@
 """The CLI: help, and every bad input gets a one-line message and a non-zero exit, no traceback."""
+
 import subprocess
 import sys
 
@@ -31,8 +32,10 @@ def _bad_inputs(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5)).astype(np.float32)
     y = rng.integers(0, 3, size=200)
-    x_nan = x.copy(); x_nan[3, 1] = np.nan
-    x_inf = x.copy(); x_inf[7, 0] = np.inf
+    x_nan = x.copy()
+    x_nan[3, 1] = np.nan
+    x_inf = x.copy()
+    x_inf[7, 0] = np.inf
     trunc = tmp_path / "trunc.npz"
     np.savez(trunc, x=x, y=y)
     trunc.write_bytes(trunc.read_bytes()[:300])
@@ -41,14 +44,24 @@ def _bad_inputs(tmp_path):
         "missing file": (["--set", f"data.path={tmp_path / 'nope.npz'}"], "does not exist"),
         "NaN": (["--set", f"data.path={_npz(tmp_path, 'nan.npz', x=x_nan, y=y)}"], "nan"),
         "inf": (["--set", f"data.path={_npz(tmp_path, 'inf.npz', x=x_inf, y=y)}"], "inf"),
-        "negative label": (["--set", f"data.path={_npz(tmp_path, 'neg.npz', x=x, y=np.where(y == 0, -1, y))}"], "label"),
+        "negative label": (
+            ["--set", f"data.path={_npz(tmp_path, 'neg.npz', x=x, y=np.where(y == 0, -1, y))}"],
+            "label",
+        ),
         "non-integer label": (["--set", f"data.path={_npz(tmp_path, 'frac.npz', x=x, y=y + 0.5)}"], "label"),
         "mismatched lengths": (["--set", f"data.path={_npz(tmp_path, 'len.npz', x=x, y=y[:-3])}"], "197 labels"),
         "wrong dims": (["--set", f"data.path={_npz(tmp_path, 'dims.npz', x=x[:, 0], y=y)}"], "dim"),
         "truncated": (["--set", f"data.path={trunc}"], "trunc"),
         "empty": (["--set", f"data.path={tmp_path / 'empty.csv'}"], "empty"),
-        "fewer samples than clients": (["--set", f"data.path={_npz(tmp_path, 'few.npz', x=x[:6], y=np.arange(6) % 3)}",
-                                        "--set", "partition.clients=4"], "client"),
+        "fewer samples than clients": (
+            [
+                "--set",
+                f"data.path={_npz(tmp_path, 'few.npz', x=x[:6], y=np.arange(6) % 3)}",
+                "--set",
+                "partition.clients=4",
+            ],
+            "client",
+        ),
         "unknown key": (["--set", "privacy.epsilon=3"], "unknown config key"),
         "bad mode": (["--set", "privacy.mode=loose"], "privacy.mode"),
         "bad sample rate": (["--set", "privacy.sample_rate=1.5"], "sample_rate"),
@@ -58,15 +71,30 @@ def _bad_inputs(tmp_path):
 
 
 BAD_CASES = [
-    "missing file", "NaN", "inf", "negative label", "non-integer label", "mismatched lengths", "wrong dims",
-    "truncated", "empty", "fewer samples than clients", "unknown key", "bad mode", "bad sample rate",
-    "impossible epsilon", "too many ranks' worth of clients"]
+    "missing file",
+    "NaN",
+    "inf",
+    "negative label",
+    "non-integer label",
+    "mismatched lengths",
+    "wrong dims",
+    "truncated",
+    "empty",
+    "fewer samples than clients",
+    "unknown key",
+    "bad mode",
+    "bad sample rate",
+    "impossible epsilon",
+    "too many ranks' worth of clients",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_gets_a_clear_error(tmp_path, capsys, case):
     extra, needle = _bad_inputs(tmp_path)[case]
-    code, out, err = run_cli(capsys, "train", "--config", "tiny", "--out", str(tmp_path / "run"), "--no-progress", *extra)
+    code, out, err = run_cli(
+        capsys, "train", "--config", "tiny", "--out", str(tmp_path / "run"), "--no-progress", *extra
+    )
     assert code == 2, (case, out, err)
     assert err.startswith("fedhypevae: error:"), err
     assert needle.lower() in err.lower(), (case, err)
@@ -74,8 +102,22 @@ def test_bad_input_gets_a_clear_error(tmp_path, capsys, case):
 
 
 def test_bad_input_exit_code_through_the_console_script(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fedhypevae.cli", "train", "--config", "tiny", "--out", str(tmp_path / "r"),
-                        "--set", f"data.path={tmp_path / 'missing.csv'}"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedhypevae.cli",
+            "train",
+            "--config",
+            "tiny",
+            "--out",
+            str(tmp_path / "r"),
+            "--set",
+            f"data.path={tmp_path / 'missing.csv'}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr.lower()
 
 

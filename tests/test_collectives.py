@@ -6,6 +6,7 @@ reduce / gather to a root, allgather, broadcast of float64 and int64.
 tests/collectives_worker.py, which checks exact values on every rank (including int64 sums that
 wrap: (2**63-1) + 5 == -(2**63) + 4) and exits non-zero on every rank if any check failed.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,15 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import free_port, launcher_free_env, run_job
 from collectives_worker import I64_MAX, I64_MIN, int64_values, run_checks, wrap64
 from fedhypevae.hpc.comm import Communicator, LocalCommunicator
+from helpers import free_port, launcher_free_env, run_job
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "collectives_worker.py"
 BIN = Path(sys.executable).parent
 MPIEXEC, TORCHRUN = BIN / "mpiexec", BIN / "torchrun"
+
 
 def clean_env(**extra: str) -> dict:
     return launcher_free_env(BIN, **extra)
@@ -80,18 +81,31 @@ def test_local_collectives_are_exact_identities():
     assert got.data_ptr() != f.data_ptr()
 
 
-@pytest.mark.parametrize("call,needles", [
-    (lambda c: c.allreduce_int64(torch.ones(2, dtype=torch.float64)), ["allreduce_int64", "buf", "torch.float64"]),
-    (lambda c: c.allreduce_int64(torch.ones(2, dtype=torch.uint8)), ["buf", "torch.uint8"]),
-    (lambda c: c.reduce(torch.ones(2, dtype=torch.float64), op="prod"), ["reduce", "op", "'prod'", "sum, max"]),
-    (lambda c: c.reduce(torch.ones(2, dtype=torch.float16)), ["reduce", "buf", "torch.float16"]),
-    (lambda c: c.reduce(torch.ones(2, dtype=torch.float64), root=1), ["reduce", "root", "[0, 1)", "1"]),
-    (lambda c: c.allgather(torch.ones(2, dtype=torch.bool)), ["allgather", "buf", "torch.bool"]),
-    (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=3), ["gather", "root", "3"]),
-    (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=True), ["gather", "root", "True"]),
-    (lambda c: c.allgather([1, 2]), ["allgather", "buf", "list"]),
-], ids=["i64-float", "i64-uint8", "reduce-op", "reduce-dtype", "reduce-root", "allgather-dtype", "gather-root",
-        "gather-root-bool", "allgather-list"])
+@pytest.mark.parametrize(
+    "call,needles",
+    [
+        (lambda c: c.allreduce_int64(torch.ones(2, dtype=torch.float64)), ["allreduce_int64", "buf", "torch.float64"]),
+        (lambda c: c.allreduce_int64(torch.ones(2, dtype=torch.uint8)), ["buf", "torch.uint8"]),
+        (lambda c: c.reduce(torch.ones(2, dtype=torch.float64), op="prod"), ["reduce", "op", "'prod'", "sum, max"]),
+        (lambda c: c.reduce(torch.ones(2, dtype=torch.float16)), ["reduce", "buf", "torch.float16"]),
+        (lambda c: c.reduce(torch.ones(2, dtype=torch.float64), root=1), ["reduce", "root", "[0, 1)", "1"]),
+        (lambda c: c.allgather(torch.ones(2, dtype=torch.bool)), ["allgather", "buf", "torch.bool"]),
+        (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=3), ["gather", "root", "3"]),
+        (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=True), ["gather", "root", "True"]),
+        (lambda c: c.allgather([1, 2]), ["allgather", "buf", "list"]),
+    ],
+    ids=[
+        "i64-float",
+        "i64-uint8",
+        "reduce-op",
+        "reduce-dtype",
+        "reduce-root",
+        "allgather-dtype",
+        "gather-root",
+        "gather-root-bool",
+        "allgather-list",
+    ],
+)
 def test_wrong_arguments_raise_value_error_naming_them(call, needles):
     with pytest.raises(ValueError) as exc:
         call(LocalCommunicator())
@@ -123,8 +137,14 @@ class _Broken(LocalCommunicator):
 def test_worker_checks_detect_wrong_results():
     failures, _ = run_checks(_Broken())
     text = "\n".join(failures)
-    for what in ("allgather float64", "allgather int64", "reduce float64 sum root 0", "reduce int64 max root 0",
-                 "gather float64 root 0", "gather int64 2-D root 0"):
+    for what in (
+        "allgather float64",
+        "allgather int64",
+        "reduce float64 sum root 0",
+        "reduce int64 max root 0",
+        "gather float64 root 0",
+        "gather int64 2-D root 0",
+    ):
         assert what + ":" in text, (what, text)
     assert not any(f.startswith(("allreduce_int64", "broadcast")) for f in failures), text
 
@@ -181,20 +201,35 @@ class _Hooked(Communicator):
         self.calls.append(("barrier",))
 
 
-@pytest.mark.parametrize("call,needles", [
-    (lambda c: c.allreduce(torch.ones(2, dtype=torch.float64), op="min"), ["unknown reduction 'min'", "sum, max"]),
-    (lambda c: c.allreduce_int64(torch.ones(2, dtype=torch.float64)), ["allreduce_int64", "buf", "torch.float64"]),
-    (lambda c: c.allreduce_int64([1, 2]), ["allreduce_int64", "buf", "list"]),
-    (lambda c: c.reduce(torch.ones(2, dtype=torch.float64), op="prod"), ["reduce", "op", "'prod'"]),
-    (lambda c: c.reduce(torch.ones(2, dtype=torch.float32)), ["reduce", "buf", "torch.float32"]),
-    (lambda c: c.reduce(torch.ones(2, dtype=torch.int64), root=3), ["reduce", "root", "[0, 3)", "3"]),
-    (lambda c: c.allgather(torch.ones(2, dtype=torch.bool)), ["allgather", "buf", "torch.bool"]),
-    (lambda c: c.gather(torch.ones(2, dtype=torch.float16)), ["gather", "buf", "torch.float16"]),
-    (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=-1), ["gather", "root", "-1"]),
-    (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=True), ["gather", "root", "True"]),
-    (lambda c: c.broadcast(torch.ones(2, dtype=torch.float64), root=3), ["broadcast", "root", "[0, 3)", "3"]),
-], ids=["allreduce-op", "i64-float", "i64-list", "reduce-op", "reduce-dtype", "reduce-root", "allgather-dtype",
-        "gather-dtype", "gather-root", "gather-root-bool", "broadcast-root"])
+@pytest.mark.parametrize(
+    "call,needles",
+    [
+        (lambda c: c.allreduce(torch.ones(2, dtype=torch.float64), op="min"), ["unknown reduction 'min'", "sum, max"]),
+        (lambda c: c.allreduce_int64(torch.ones(2, dtype=torch.float64)), ["allreduce_int64", "buf", "torch.float64"]),
+        (lambda c: c.allreduce_int64([1, 2]), ["allreduce_int64", "buf", "list"]),
+        (lambda c: c.reduce(torch.ones(2, dtype=torch.float64), op="prod"), ["reduce", "op", "'prod'"]),
+        (lambda c: c.reduce(torch.ones(2, dtype=torch.float32)), ["reduce", "buf", "torch.float32"]),
+        (lambda c: c.reduce(torch.ones(2, dtype=torch.int64), root=3), ["reduce", "root", "[0, 3)", "3"]),
+        (lambda c: c.allgather(torch.ones(2, dtype=torch.bool)), ["allgather", "buf", "torch.bool"]),
+        (lambda c: c.gather(torch.ones(2, dtype=torch.float16)), ["gather", "buf", "torch.float16"]),
+        (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=-1), ["gather", "root", "-1"]),
+        (lambda c: c.gather(torch.ones(2, dtype=torch.int64), root=True), ["gather", "root", "True"]),
+        (lambda c: c.broadcast(torch.ones(2, dtype=torch.float64), root=3), ["broadcast", "root", "[0, 3)", "3"]),
+    ],
+    ids=[
+        "allreduce-op",
+        "i64-float",
+        "i64-list",
+        "reduce-op",
+        "reduce-dtype",
+        "reduce-root",
+        "allgather-dtype",
+        "gather-dtype",
+        "gather-root",
+        "gather-root-bool",
+        "broadcast-root",
+    ],
+)
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_a_new_backend_gets_the_argument_checks_before_any_hook(call, needles, world_size):
     comm = _Hooked(world_size)
@@ -232,9 +267,19 @@ def test_a_new_backend_hooks_get_every_multi_rank_call_with_its_arguments():
     assert comm.allgather(f).shape == (2, 2)
     assert comm.gather(i) is None and comm.gather(i, root=1).shape == (2, 2)
     assert comm.broadcast(f) is f and comm.broadcast(i, root=1) is i
-    assert comm.calls == [("allreduce", "sum"), ("allreduce", "max"), ("allreduce", "sum"), ("allreduce_int64",),
-                          ("reduce", 0, "sum"), ("reduce", 1, "max"), ("allgather",), ("gather", 0), ("gather", 1),
-                          ("broadcast", 0), ("broadcast", 1)]
+    assert comm.calls == [
+        ("allreduce", "sum"),
+        ("allreduce", "max"),
+        ("allreduce", "sum"),
+        ("allreduce_int64",),
+        ("reduce", 0, "sum"),
+        ("reduce", 1, "max"),
+        ("allgather",),
+        ("gather", 0),
+        ("gather", 1),
+        ("broadcast", 0),
+        ("broadcast", 1),
+    ]
 
 
 def test_backends_implement_only_the_hooks():
@@ -272,7 +317,9 @@ def test_mpi_worker_fails_on_a_lossy_int64_sum():
     rc, out, err = launch([MPIEXEC, "-n", 2, sys.executable, WORKER], timeout=45, COLLECTIVES_WORKER_SABOTAGE="1")
     assert rc != 0, out
     for r in (0, 1):
-        assert f"FAIL rank {r}: allreduce_int64 (2**63-1)+5: got -9223372036854775808, want -9223372036854775804" in out, out
+        assert (
+            f"FAIL rank {r}: allreduce_int64 (2**63-1)+5: got -9223372036854775808, want -9223372036854775804" in out
+        ), out
     assert "collectives ok" not in out, out
     assert "FAIL rank 0: allgather" not in out and "FAIL rank 0: reduce" not in out, out  # only what was broken
 

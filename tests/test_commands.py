@@ -1,24 +1,41 @@
 """`fedhypevae account`, `fedhypevae data ...`, and packaging consistency."""
+
 import json
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 from fedhypevae.cli import main
+from fedhypevae.config import load_config
 from fedhypevae.privacy import Mechanism, epsilon_of
 from fedhypevae.run import run_training
-from fedhypevae.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_account_calibrates_sigma_and_inverts(tmp_path, capsys):
     js = tmp_path / "a.json"
-    assert main(["account", "--epsilon", "1", "--delta", "1e-4", "--sample-rate", "0.1", "--steps", "200",
-                 "--json", str(js)]) == 0
+    assert (
+        main(
+            [
+                "account",
+                "--epsilon",
+                "1",
+                "--delta",
+                "1e-4",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "200",
+                "--json",
+                str(js),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(js.read_text())["results"]
     assert {r["accountant"] for r in rows} == {"rdp", "prv"}
     for r in rows:
@@ -26,8 +43,26 @@ def test_account_calibrates_sigma_and_inverts(tmp_path, capsys):
         assert 0.99 <= eps <= 1.0 + 1e-9
     sigma = rows[0]["sigma"]
     js2 = tmp_path / "b.json"
-    assert main(["account", "--sigma", str(sigma), "--delta", "1e-4", "--sample-rate", "0.1", "--steps", "200",
-                 "--accountant", "rdp", "--json", str(js2)]) == 0
+    assert (
+        main(
+            [
+                "account",
+                "--sigma",
+                str(sigma),
+                "--delta",
+                "1e-4",
+                "--sample-rate",
+                "0.1",
+                "--steps",
+                "200",
+                "--accountant",
+                "rdp",
+                "--json",
+                str(js2),
+            ]
+        )
+        == 0
+    )
     assert json.loads(js2.read_text())["results"][0]["epsilon"] == pytest.approx(rows[0]["epsilon"], rel=1e-9)
     out = capsys.readouterr().out
     assert "sigma" in out and "epsilon" in out
@@ -91,9 +126,26 @@ def test_data_inspect_and_partition(tmp_path, capsys, shared_data):
     info = json.loads(js.read_text())
     assert info["dim"] == 784 and info["classes"] == 2
     out = tmp_path / "shards"
-    assert main(["data", "partition", str(shared_data / "ham10000" / "hmnist_8_8_L.csv"),
-                 "--metadata", str(shared_data / "ham10000" / "HAM10000_metadata.csv"), "--group-column", "lesion_id",
-                 "--clients", "5", "--alpha", "0.3", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "partition",
+                str(shared_data / "ham10000" / "hmnist_8_8_L.csv"),
+                "--metadata",
+                str(shared_data / "ham10000" / "HAM10000_metadata.csv"),
+                "--group-column",
+                "lesion_id",
+                "--clients",
+                "5",
+                "--alpha",
+                "0.3",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["clients"] == 5 and len(list(out.glob("client_*.npz"))) == 5
 
@@ -114,7 +166,11 @@ def test_environment_yml_is_consistent_with_pyproject():
     pip = next(d["pip"] for d in env if isinstance(d, dict))
     conda_names = _names(conda) | _names(p for p in pip if not p.startswith("-e"))
     conda_names = {"torch" if n == "pytorch" else n for n in conda_names}
-    wanted = _names(py["dependencies"]) | _names(py["optional-dependencies"]["test"]) | _names(py["optional-dependencies"]["mpi"])
+    wanted = (
+        _names(py["dependencies"])
+        | _names(py["optional-dependencies"]["test"])
+        | _names(py["optional-dependencies"]["mpi"])
+    )
     assert wanted <= conda_names, f"missing from environment.yml: {sorted(wanted - conda_names)}"
     assert any(p.startswith("-e") for p in pip), "environment.yml must install the project itself"
 
@@ -131,6 +187,19 @@ def test_evaluate_command_prints_scores_and_quality(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "balanced accuracy" in out and "C2ST" in out and "coverage" in out
     assert (tmp_path / "run" / "evaluation.json").is_file()
-    assert main(["evaluate", "--run", str(tmp_path / "run"), "--protocol", "lambda-mix", "--no-quality",
-                 "--json", str(tmp_path / "lm.json")]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(tmp_path / "run"),
+                "--protocol",
+                "lambda-mix",
+                "--no-quality",
+                "--json",
+                str(tmp_path / "lm.json"),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "lm.json").read_text())["protocol"] == "lambda-mix"

@@ -1,4 +1,5 @@
 """Data layer: every loader format, every validation error, partitions, splits, shards, transforms."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,18 @@ import pytest
 import torch
 
 from fedhypevae.config import DataConfig, PartitionConfig
-from fedhypevae.data import (apply_transform, build_federation, describe_dataset, invert_transform, load_dataset,
-                             load_shards, partition_indices, resolve_transform, split_client, write_shards)
+from fedhypevae.data import (
+    apply_transform,
+    build_federation,
+    describe_dataset,
+    invert_transform,
+    load_dataset,
+    load_shards,
+    partition_indices,
+    resolve_transform,
+    split_client,
+    write_shards,
+)
 from fedhypevae.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -88,7 +99,9 @@ def test_npy_last_column_is_label(tmp_path):
 @pytest.mark.parametrize("as_tuple", [False, True])
 def test_pt(tmp_path, as_tuple):
     x, y = _xy()
-    obj = (torch.from_numpy(x), torch.from_numpy(y)) if as_tuple else {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
+    obj = (
+        (torch.from_numpy(x), torch.from_numpy(y)) if as_tuple else {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
+    )
     torch.save(obj, tmp_path / "a.pt")
     _assert_same(load_dataset(tmp_path / "a.pt"), x, y)
 

@@ -12,6 +12,7 @@ what a user would see (exit status, wall time, stderr, the files in --out):
 The machine running CI has 2 cores: tiny config, one thread per process, a pytest timeout on
 every test. `-m "not mpi"` skips them all; `-m "not slow"` keeps the quick ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,9 +26,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from helpers import free_port, launcher_free_env, load_phi, rel_diff
 from fedhypevae.hpc.placement import place_clients
+from helpers import free_port, launcher_free_env, load_phi, rel_diff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,13 +48,23 @@ QUIET = ["--config", "tiny", "--no-progress", "--quiet"]
 # 7 clients: uneven blocks on 2, 3 and 4 ranks
 EQUALITY = ["--set", "privacy.noise_seed=3", "--set", "partition.clients=7", "--set", "partition.min_client_size=10"]
 # a run long enough to be interrupted; checkpoint_every large: only round 0, the signal's and the end's
-RESUMABLE = ["--set", "partition.clients=4", "--set", "train.rounds=40", "--set", "train.checkpoint_every=100",
-             "--set", "privacy.noise_seed=5"]
+RESUMABLE = [
+    "--set",
+    "partition.clients=4",
+    "--set",
+    "train.rounds=40",
+    "--set",
+    "train.checkpoint_every=100",
+    "--set",
+    "privacy.noise_seed=5",
+]
 FAIL_FAST_S = 60.0  # a failing rank must end the job within this
 
 
-pytestmark = pytest.mark.skipif(not (Path(MPIEXEC).is_file() and Path(FEDHYPEVAE).is_file()),
-                                reason=f"needs mpiexec and the fedhypevae console script in {BIN} (pip install -e '.[mpi]')")
+pytestmark = pytest.mark.skipif(
+    not (Path(MPIEXEC).is_file() and Path(FEDHYPEVAE).is_file()),
+    reason=f"needs mpiexec and the fedhypevae console script in {BIN} (pip install -e '.[mpi]')",
+)
 
 
 def clean_env(**extra: str) -> dict:
@@ -73,8 +83,10 @@ class Result:
         return iter((self.returncode, self.stdout, self.stderr, self.seconds))
 
     def show(self) -> str:
-        return (f"exit {self.returncode} after {self.seconds:.1f} s\n--- stdout ---\n{self.stdout[-4000:]}"
-                f"\n--- stderr ---\n{self.stderr[-4000:]}")
+        return (
+            f"exit {self.returncode} after {self.seconds:.1f} s\n--- stdout ---\n{self.stdout[-4000:]}"
+            f"\n--- stderr ---\n{self.stderr[-4000:]}"
+        )
 
 
 class Launch:
@@ -86,8 +98,15 @@ class Launch:
         self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
         self._out, self._err = open(self.out_path, "w"), open(self.err_path, "w")
         self.t0 = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
-                                     env=env or clean_env(), cwd=cwd or log_dir, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self._out,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+            env=env or clean_env(),
+            cwd=cwd or log_dir,
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -155,8 +174,17 @@ def mpi(n: int, cmd: list[str]) -> list[str]:
 
 
 def torchrun(n: int, cmd: list[str]) -> list[str]:
-    return [TORCHRUN, "--nproc_per_node", str(n), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-            "--no-python", *cmd]
+    return [
+        TORCHRUN,
+        "--nproc_per_node",
+        str(n),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        "--no-python",
+        *cmd,
+    ]
 
 
 def wait_for(predicate, timeout: float, job: Launch | None = None, what: str = "condition") -> float:
@@ -181,7 +209,7 @@ def _ppid(pid: int) -> int | None:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat[stat.rindex(")") + 2:].split()[1])  # comm may hold spaces: fields follow the last ')'
+    return int(stat[stat.rindex(")") + 2 :].split()[1])  # comm may hold spaces: fields follow the last ')'
 
 
 def descendants(pid: int) -> list[int]:
@@ -239,8 +267,11 @@ def reference_1proc(tmp_path_factory):
 @pytest.mark.mpi
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("launcher,n", [("mpiexec", 2), ("mpiexec", 3), ("mpiexec", 4), ("torchrun", 2)],
-                         ids=["mpi2", "mpi3", "mpi4", "torchrun2"])
+@pytest.mark.parametrize(
+    "launcher,n",
+    [("mpiexec", 2), ("mpiexec", 3), ("mpiexec", 4), ("torchrun", 2)],
+    ids=["mpi2", "mpi3", "mpi4", "torchrun2"],
+)
 def test_same_hypernetwork_and_epsilon_on_every_world_size(run, tmp_path, reference_1proc, launcher, n):
     out = tmp_path / "run"
     cmd = train_cmd(out, *EQUALITY)
@@ -263,7 +294,8 @@ def test_same_hypernetwork_and_epsilon_on_every_world_size(run, tmp_path, refere
     led = PrivacyLedger(None, run_dir=out)
     assert led.ids.tolist() == list(range(7))
     assert led.epsilon(delta=got["privacy"]["delta"], accountant=got["privacy"]["accountant"]) == pytest.approx(
-        got["privacy"]["epsilon_spent"], rel=1e-12)
+        got["privacy"]["epsilon_spent"], rel=1e-12
+    )
     assert rel_diff(load_phi(reference_1proc), load_phi(out)) <= 1e-5
 
 
@@ -271,7 +303,9 @@ def test_same_hypernetwork_and_epsilon_on_every_world_size(run, tmp_path, refere
 @pytest.mark.mpi
 @pytest.mark.timeout(90)
 def test_more_ranks_than_clients_is_refused_with_one_line(run, tmp_path):
-    rc, out, err, seconds = run(mpi(3, train_cmd(tmp_path / "run", "--set", "partition.clients=2")), timeout=FAIL_FAST_S)
+    rc, out, err, seconds = run(
+        mpi(3, train_cmd(tmp_path / "run", "--set", "partition.clients=2")), timeout=FAIL_FAST_S
+    )
     assert rc != 0
     assert seconds < FAIL_FAST_S
     assert "ranks" in err and "2 clients" in err, err
@@ -284,8 +318,24 @@ def test_more_ranks_than_clients_is_refused_with_one_line(run, tmp_path):
 @pytest.mark.timeout(120)
 def test_corrupt_shard_read_by_one_rank_ends_the_job(run, tmp_path):
     shards = tmp_path / "shards"
-    r = run([FEDHYPEVAE, "data", "partition", "digits", "--clients", "4", "--alpha", "0.5",
-             "--min-client-size", "20", "--out", str(shards)], timeout=60, name="partition")
+    r = run(
+        [
+            FEDHYPEVAE,
+            "data",
+            "partition",
+            "digits",
+            "--clients",
+            "4",
+            "--alpha",
+            "0.5",
+            "--min-client-size",
+            "20",
+            "--out",
+            str(shards),
+        ],
+        timeout=60,
+        name="partition",
+    )
     assert r.returncode == 0, r.show()
     manifest = json.loads((shards / "manifest.json").read_text())
     placement = place_clients(manifest["declared_sizes"], 2)  # what every rank computes
@@ -293,13 +343,14 @@ def test_corrupt_shard_read_by_one_rank_ends_the_job(run, tmp_path):
     shard = shards / manifest["files"][victim]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
 
-    rc, out, err, seconds = run(mpi(2, train_cmd(tmp_path / "run", "--set", f"data.path={shards}")),
-                                timeout=FAIL_FAST_S, name="train")
+    rc, out, err, seconds = run(
+        mpi(2, train_cmd(tmp_path / "run", "--set", f"data.path={shards}")), timeout=FAIL_FAST_S, name="train"
+    )
     assert rc != 0, err
     assert seconds < FAIL_FAST_S
-    assert "rank 1/2" in err, err           # names the rank ...
+    assert "rank 1/2" in err, err  # names the rank ...
     assert shard.name in err and ("truncated" in err or "corrupt" in err), err  # ... and the cause
-    assert "rank 0/2" not in err, err       # rank 0 never read that shard
+    assert "rank 0/2" not in err, err  # rank 0 never read that shard
     assert "Traceback" not in err, err
 
 
@@ -325,8 +376,9 @@ def test_sigkill_of_one_rank_ends_the_job(launch, tmp_path, launcher, victim):
     assert not (out / "results.json").exists()
     time.sleep(0.5)
     for rank, pid in ranks.items():  # no orphaned rank keeps running
-        assert not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z", \
-            f"rank {rank} (pid {pid}) still alive after the job ended"
+        assert (
+            not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+        ), f"rank {rank} (pid {pid}) still alive after the job ended"
 
 
 # ------------------------------------------------------------------------------- 4. signal + resume
@@ -360,8 +412,12 @@ def test_sigterm_checkpoints_collectively_and_resumes_on_one_process(launch, run
     last = complete[-1]
     # one shard per rank (its clients' stacked state), the shared state, the marker: no file per client
     assert sorted(p.name for p in last.iterdir()) == ["COMPLETE", "rank_00000.pt", "rank_00001.pt", "shared.pt"]
-    held = sorted(i for r in range(2) for e in torch.load(last / f"rank_{r:05d}.pt", weights_only=True)["blocks"]
-                  for i in e["ids"].tolist())
+    held = sorted(
+        i
+        for r in range(2)
+        for e in torch.load(last / f"rank_{r:05d}.pt", weights_only=True)["blocks"]
+        for i in e["ids"].tolist()
+    )
     assert held == list(range(4))
 
     # resume on ONE process (another world size), same overrides

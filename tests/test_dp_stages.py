@@ -4,6 +4,7 @@ A stage override on a client's `step_type` is honoured by Client.step (what leav
 trainer on either form of the per-sample stage (the client gets a block of its own) and by the sensitivity
 check, which drives the trainer's own step objects rather than a copy of the step.
 """
+
 import copy
 import dataclasses
 
@@ -42,8 +43,11 @@ def make_client(step_type):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     # no MMD term: then nothing is added to Phi after the noise, and phi_grad is the scaled noisy sum
-    cfg = load_config("tiny", ["train.rounds=1", "privacy.noise_seed=3", "model.lambda_mmd=0"]
-                      + (["train.engine=reference"] if HAS_ENGINE else []))
+    cfg = load_config(
+        "tiny",
+        ["train.rounds=1", "privacy.noise_seed=3", "model.lambda_mmd=0"]
+        + (["train.engine=reference"] if HAS_ENGINE else []),
+    )
     tr = Trainer(cfg, tmp_path_factory.mktemp("stages") / "run", progress=False)
     tr.setup()
     return tr
@@ -52,8 +56,13 @@ def setup(tmp_path_factory):
 def twin(tr, cls=Client, i=0, cfg=None):
     """A client of class `cls` in exactly the state (and on the generator streams) of tr.clients[i] (under `cfg`)."""
     c = tr.clients[i]
-    t = cls(tr.fed.client(c.id), cfg=cfg or tr.cfg, num_classes=tr.fed.num_classes, dim=tr.fed.dim,
-            declared_size=c.declared_size)
+    t = cls(
+        tr.fed.client(c.id),
+        cfg=cfg or tr.cfg,
+        num_classes=tr.fed.num_classes,
+        dim=tr.fed.dim,
+        declared_size=c.declared_size,
+    )
     t.load_state_dict(copy.deepcopy(c.state_dict()))
     return t
 
@@ -154,11 +163,14 @@ def test_an_empty_poisson_batch_releases_only_noise(setup):
 @pytest.mark.parametrize("engine", ["batched", "reference"])
 def test_a_client_with_its_own_step_gets_a_block_of_its_own_and_its_override_is_honoured(tmp_path, engine):
     """Either form of the per-sample stage runs the client's own step class: nothing is bypassed."""
+
     class Louder(DPStep):
         def add_noise(self, sums, *, sigma, gens):
             return super().add_noise(sums, sigma={k: 2 * v for k, v in noise_blocks(sigma).items()}, gens=gens)
 
-    cfg = load_config("tiny", ["train.rounds=1", "model.lambda_mmd=0", f"train.engine={engine}", "privacy.noise_seed=2"])
+    cfg = load_config(
+        "tiny", ["train.rounds=1", "model.lambda_mmd=0", f"train.engine={engine}", "privacy.noise_seed=2"]
+    )
     loud = Trainer(cfg, tmp_path / "loud", progress=False, step_type=lambda cid: Louder if cid == 1 else DPStep)
     plain = Trainer(cfg, tmp_path / "plain", progress=False)
     for t in (loud, plain):

@@ -1,7 +1,15 @@
 """The DP step's stages: per-sample gradients, clipping, noise, normalization."""
+
 import torch
 
-from fedhypevae.dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample, sample_norms
+from fedhypevae.dp_step import (
+    NoiseSpec,
+    add_noise_and_scale,
+    clip_and_sum,
+    per_sample_grads,
+    poisson_sample,
+    sample_norms,
+)
 from fedhypevae.model import ClientView, Encoder, HyperNetwork
 
 
@@ -24,7 +32,7 @@ def test_per_sample_grads_equal_a_loop_of_single_backward_passes():
     grads, (nll, kl) = per_sample_grads(view, names, (x, y, eps))
     params = dict(view.named_parameters())
     for j in range(len(x)):
-        loss, _ = view(x[j:j + 1], y[j:j + 1], eps[j:j + 1])
+        loss, _ = view(x[j : j + 1], y[j : j + 1], eps[j : j + 1])
         ref = torch.autograd.grad(loss.sum(), [params[n] for n in names])
         for n, r in zip(names, ref):
             torch.testing.assert_close(grads[n][j], r, rtol=1e-4, atol=1e-5)
@@ -41,7 +49,7 @@ def test_clipping_leaves_small_gradients_and_bounds_large_ones():
     small, large = norms < C, norms > C
     assert small.any() and large.any()
     for j in range(len(x)):
-        one = {n: g[j:j + 1] for n, g in grads.items()}
+        one = {n: g[j : j + 1] for n, g in grads.items()}
         clipped, _ = clip_and_sum(one, C)
         cn = sample_norms({n: c.unsqueeze(0) for n, c in clipped.items()})[0]
         if small[j]:

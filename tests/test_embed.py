@@ -1,4 +1,5 @@
 """`fedhypevae embed` offline: a tiny locally built encoder stands in for DINOv2 (no model hub here)."""
+
 import builtins
 import json
 import sys
@@ -12,8 +13,19 @@ import torch
 from torch import nn
 
 from fedhypevae.data import load_dataset
-from fedhypevae.embed import (IMAGENET_MEAN, IMAGENET_STD, Encoder, ModelLoadError, embed, load_encoder,
-                              pool_output, preprocess_array, preprocess_pil, read_input, resolve_source)
+from fedhypevae.embed import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    ModelLoadError,
+    embed,
+    load_encoder,
+    pool_output,
+    preprocess_array,
+    preprocess_pil,
+    read_input,
+    resolve_source,
+)
 from fedhypevae.errors import DataError, FedHypeVAEError
 
 Image = pytest.importorskip("PIL.Image")
@@ -68,10 +80,15 @@ def image_folder(tmp_path):
 def medmnist_npz(tmp_path):
     rng = np.random.default_rng(1)
     p = tmp_path / "tinymnist.npz"
-    np.savez(p, train_images=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
-             train_labels=np.array([[0], [1], [0], [1], [1]]),
-             val_images=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8), val_labels=np.array([[1], [0]]),
-             test_images=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8), test_labels=np.array([[0], [1], [1]]))
+    np.savez(
+        p,
+        train_images=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8),
+        train_labels=np.array([[0], [1], [0], [1], [1]]),
+        val_images=rng.integers(0, 256, (2, 28, 28), dtype=np.uint8),
+        val_labels=np.array([[1], [0]]),
+        test_images=rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+        test_labels=np.array([[0], [1], [1]]),
+    )
     return p
 
 
@@ -94,7 +111,7 @@ def test_preprocess_constant_colour_matches_imagenet_normalisation():
 
 def test_pool_output_shapes():
     assert pool_output(torch.ones(2, 5)).shape == (2, 5)
-    assert torch.equal(pool_output(torch.arange(24.).view(2, 3, 4)), torch.arange(24.).view(2, 3, 4)[:, 0])
+    assert torch.equal(pool_output(torch.arange(24.0).view(2, 3, 4)), torch.arange(24.0).view(2, 3, 4)[:, 0])
     assert pool_output(torch.ones(2, 6, 3, 3)).shape == (2, 6)
     assert pool_output({"x_norm_clstoken": torch.ones(2, 4)}).shape == (2, 4)
     assert pool_output((torch.ones(2, 4), None)).shape == (2, 4)
@@ -106,8 +123,9 @@ def test_pool_output_shapes():
 def test_folder_embed_matches_manual_forward_and_loads(tmp_path, model_file, image_folder):
     path, module = model_file
     out = tmp_path / "out" / "emb.npz"
-    s = embed(image_folder, out, model=str(path), source="local", batch_size=4, image_size=SIZE,
-              device="cpu", progress=False)
+    s = embed(
+        image_folder, out, model=str(path), source="local", batch_size=4, image_size=SIZE, device="cpu", progress=False
+    )
     assert s["n"] == 6 and s["dim"] == 8 and s["classes"] == ["benign", "malignant"] and s["splits"] == {"all": 6}
     with np.load(out, allow_pickle=False) as z:
         x, y, split = z["x"], z["y"], z["split"]
@@ -122,8 +140,17 @@ def test_folder_embed_matches_manual_forward_and_loads(tmp_path, model_file, ima
     sidecar = json.loads(out.with_suffix(".json").read_text())
     assert sidecar["model"] == str(path) and sidecar["image_size"] == SIZE
     out2 = tmp_path / "emb2.npz"  # deterministic, and independent of the batch size
-    embed(image_folder, out2, model="ignored", source="local", weights=path, batch_size=1, image_size=SIZE,
-          device="cpu", progress=False)
+    embed(
+        image_folder,
+        out2,
+        model="ignored",
+        source="local",
+        weights=path,
+        batch_size=1,
+        image_size=SIZE,
+        device="cpu",
+        progress=False,
+    )
     np.testing.assert_allclose(np.load(out2)["x"], x, rtol=1e-5, atol=1e-6)
     ds = load_dataset(out)
     assert ds.x.shape == (6, 8) and ds.num_classes == 2 and ds.y.tolist() == y.tolist()
@@ -148,8 +175,9 @@ def test_medmnist_embed_torchscript_splits_in_loader_order(tmp_path, medmnist_np
     with torch.no_grad():
         by_hand = scripted(preprocess_array(raw["val_images"], SIZE)).numpy()
     np.testing.assert_allclose(z["x"][5:7], by_hand, rtol=1e-5, atol=1e-6)
-    limited = embed(medmnist_npz, tmp_path / "lim.npz", model=str(path), image_size=SIZE, device="cpu",
-                    progress=False, limit=4)
+    limited = embed(
+        medmnist_npz, tmp_path / "lim.npz", model=str(path), image_size=SIZE, device="cpu", progress=False, limit=4
+    )
     assert limited["n"] == 4 and np.load(tmp_path / "lim.npz")["x"].shape == (4, 4)
 
 
@@ -207,10 +235,13 @@ def test_resolve_source(tmp_path):
     assert resolve_source("vit_small_patch14_dinov2.lvd142m") == "timm"
 
 
-@pytest.mark.parametrize("exc", [
-    urllib.error.URLError(OSError(101, "Network is unreachable")),  # the weights download
-    RuntimeError("It looks like there is no internet connection and the repo could not be found in the cache"),
-])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        urllib.error.URLError(OSError(101, "Network is unreachable")),  # the weights download
+        RuntimeError("It looks like there is no internet connection and the repo could not be found in the cache"),
+    ],
+)
 def test_hub_offline_gives_clear_error(monkeypatch, exc):
     calls = []
 
@@ -224,8 +255,10 @@ def test_hub_offline_gives_clear_error(monkeypatch, exc):
     assert calls[0][0][:2] == ("facebookresearch/dinov2", "dinov2_vits14") and calls[0][1]["pretrained"] is True
 
 
-@pytest.mark.parametrize("name,source,package", [("vit_small_patch14_dinov2.lvd142m", "timm", "timm"),
-                                                 ("facebook/dinov2-small", "hf", "transformers")])
+@pytest.mark.parametrize(
+    "name,source,package",
+    [("vit_small_patch14_dinov2.lvd142m", "timm", "timm"), ("facebook/dinov2-small", "hf", "transformers")],
+)
 def test_missing_optional_package_says_pip_install(monkeypatch, name, source, package):
     real_import = builtins.__import__
 
@@ -256,7 +289,8 @@ def test_hub_local_repo_with_state_dict_weights(tmp_path):
         "import torch.nn as nn\n"
         "def dinov2_vits14(pretrained=True):\n"
         "    assert not pretrained, 'would download'\n"
-        "    return nn.Sequential(nn.Conv2d(3, 5, 14, stride=14), nn.Flatten(2), nn.Linear(4, 1), nn.Flatten())\n")
+        "    return nn.Sequential(nn.Conv2d(3, 5, 14, stride=14), nn.Flatten(2), nn.Linear(4, 1), nn.Flatten())\n"
+    )
     torch.manual_seed(3)
     ref = nn.Sequential(nn.Conv2d(3, 5, 14, stride=14), nn.Flatten(2), nn.Linear(4, 1), nn.Flatten()).eval()
     torch.save(ref.state_dict(), tmp_path / "w.pth")
@@ -292,7 +326,8 @@ def test_timm_and_hf_paths_with_stand_in_packages(monkeypatch, tmp_path):
 
     fake_tf = types.ModuleType("transformers")
     fake_tf.AutoModel = types.SimpleNamespace(
-        from_pretrained=lambda where, **kw: seen.setdefault("hf", (where, kw)) and FakeHFModel())
+        from_pretrained=lambda where, **kw: seen.setdefault("hf", (where, kw)) and FakeHFModel()
+    )
     monkeypatch.setitem(sys.modules, "timm", FakeTimm("timm"))
     monkeypatch.setitem(sys.modules, "transformers", fake_tf)
     enc = load_encoder("vit_small_patch14_dinov2.lvd142m", image_size=224, device="cpu")

@@ -4,6 +4,7 @@ clipped sums, noise, training.
 The reference is `dp_step.per_sample_grads` + `clip_and_sum` on one client's `ClientView`, and training with
 train.engine=reference (the same DP step with torch.func per-sample gradients).
 """
+
 from __future__ import annotations
 
 import json
@@ -12,13 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from helpers import clip_between, clipped_sums
 
 from fedhypevae.block import ClientBlock
 from fedhypevae.config import load_config
 from fedhypevae.data import ClientData
-from fedhypevae.dp_step import DPStep, NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads
+from fedhypevae.dp_step import DPStep, clip_and_sum, per_sample_grads
 from fedhypevae.engine import ghost_refusal
 from fedhypevae.errors import ConfigError
 from fedhypevae.model import ClientView, HyperNetwork
@@ -31,9 +31,19 @@ REL = 1e-5
 
 def make(sizes, *, hidden=(8,), dim=6, K=3, seed=0, overrides=()):
     """Clients of the given sizes with random data and a randomized (non-trivial) hypernetwork."""
-    cfg = load_config("tiny", [f"model.hidden={list(hidden)}", "model.latent_dim=3", "model.code_dim=4",
-                               "model.hyper_hidden=5", "model.label_embed_dim=2", "model.lambda_mmd=0", "privacy.noise_seed=1",
-                               *overrides])
+    cfg = load_config(
+        "tiny",
+        [
+            f"model.hidden={list(hidden)}",
+            "model.latent_dim=3",
+            "model.code_dim=4",
+            "model.hyper_hidden=5",
+            "model.label_embed_dim=2",
+            "model.lambda_mmd=0",
+            "privacy.noise_seed=1",
+            *overrides,
+        ],
+    )
     g = torch.Generator().manual_seed(seed)
     datas = []
     for i, n in enumerate(sizes):
@@ -44,8 +54,15 @@ def make(sizes, *, hidden=(8,), dim=6, K=3, seed=0, overrides=()):
     clients = [block.client(i) for i in range(block.M)]  # views of the block's rows
     torch.manual_seed(seed + 100)
     m = cfg.model
-    hyper = HyperNetwork(dim, K, latent_dim=m.latent_dim, code_dim=m.code_dim, hidden=m.hidden,
-                         hyper_hidden=m.hyper_hidden, label_embed_dim=m.label_embed_dim)
+    hyper = HyperNetwork(
+        dim,
+        K,
+        latent_dim=m.latent_dim,
+        code_dim=m.code_dim,
+        hidden=m.hidden,
+        hyper_hidden=m.hyper_hidden,
+        label_embed_dim=m.label_embed_dim,
+    )
     with torch.no_grad():  # away from the identity modulation (d = 1, db = 0) and from zero x_logstd
         torch.nn.init.normal_(hyper.h_theta[-1].weight, std=0.4)
         torch.nn.init.normal_(hyper.h_theta[-1].bias, std=0.2)
@@ -158,8 +175,16 @@ def test_client_state_dicts_are_per_client_copies_of_the_block_rows():
     st = DPStep(clients[0].block, weights=[1 / 3] * 3)
     st.step(hyper, 0, 0, sigma=1.0, features=None)
     sd = clients[1].state_dict()
-    tensors = [sd["code"], *sd["encoder"].values(), *sd["enc_adam"]["m"].values(), *sd["enc_adam"]["v"].values(),
-               sd["enc_adam"]["steps"], sd["code_adam"]["m"], sd["code_adam"]["v"], sd["code_adam"]["steps"]]
+    tensors = [
+        sd["code"],
+        *sd["encoder"].values(),
+        *sd["enc_adam"]["m"].values(),
+        *sd["enc_adam"]["v"].values(),
+        sd["enc_adam"]["steps"],
+        sd["code_adam"]["m"],
+        sd["code_adam"]["v"],
+        sd["code_adam"]["steps"],
+    ]
     assert sd["enc_adam"]["steps"].tolist() == [1.0] * len(sd["encoder"]) and float(sd["code_adam"]["steps"]) == 1.0
     for t in tensors:  # own storage: a copy never carries another client's state
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
@@ -182,17 +207,21 @@ def client_state(run: Path, cid: int) -> torch.Tensor:
 
     last = sorted((run / "checkpoints").glob("round_*"))[-1]
     names = sorted(torch.load(last / "rank_00000.pt", weights_only=True)["blocks"][0]["state"])
-    enc = [n[len("enc."):] for n in names if n.startswith("enc.")]
+    enc = [n[len("enc.") :] for n in names if n.startswith("enc.")]
     sd = saved(last, cid, enc)
     return torch.cat([sd["code"].reshape(-1)] + [sd["encoder"][n].reshape(-1) for n in enc]).double()
 
 
-@pytest.mark.parametrize("extra", [
-    ["privacy.mode=strict"],
-    ["privacy.mode=paper", "model.lambda_mmd=0"],
-    ["privacy.enabled=false"],
-    ["privacy.sample_rate=0.02", "model.hidden=[16,8]"],  # many empty Poisson batches
-], ids=["strict-merf", "paper", "non-private", "empty-batches"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["privacy.mode=strict"],
+        ["privacy.mode=paper", "model.lambda_mmd=0"],
+        ["privacy.enabled=false"],
+        ["privacy.sample_rate=0.02", "model.hidden=[16,8]"],  # many empty Poisson batches
+    ],
+    ids=["strict-merf", "paper", "non-private", "empty-batches"],
+)
 def test_training_with_the_batched_engine_equals_the_reference(tmp_path, extra):
     common = ["privacy.noise_seed=4", "train.rounds=2", *extra]
     got = run_training(load_config("tiny", [*common, "train.engine=batched"]), tmp_path / "b", progress=False)
@@ -217,8 +246,9 @@ def test_resume_with_the_other_engine_matches_an_uninterrupted_run(tmp_path):
     tr.run_round(0)
     tr.state.round = 1
     tr.save_checkpoint()
-    res = run_training(load_config("tiny", [*common, "train.engine=batched"]), tmp_path / "cut", resume=True,
-                       progress=False)
+    res = run_training(
+        load_config("tiny", [*common, "train.engine=batched"]), tmp_path / "cut", resume=True, progress=False
+    )
     assert res["training"]["engine"] == "batched"
     assert rel(phi_of(tmp_path / "cut"), phi_of(tmp_path / "full")) <= REL
 
@@ -231,8 +261,9 @@ def test_engine_setting_is_validated_and_only_a_coupled_loss_needs_torch_func(tm
     assert ghost_refusal(load_config("tiny")) is None
     assert ghost_refusal(load_config("tiny", ["federation.aggregation=delta"])) is None
     assert "literal" in ghost_refusal(load_config("tiny", ["model.mmd_kind=literal"]))
-    tr = Trainer(load_config("tiny", ["federation.aggregation=delta", "train.rounds=1"]), tmp_path / "delta",
-                 progress=False)
+    tr = Trainer(
+        load_config("tiny", ["federation.aggregation=delta", "train.rounds=1"]), tmp_path / "delta", progress=False
+    )
     tr.setup()
     assert tr.engine == "batched" and tr.engine_note is None
     assert [st.block.M for st in tr.steps] == [1] * len(tr.clients)  # each client steps its own copy of Phi
@@ -244,4 +275,6 @@ def test_engine_setting_is_validated_and_only_a_coupled_loss_needs_torch_func(tm
     assert tr.engine == "reference" and "torch.func" in tr.engine_note and "literal" in tr.engine_note
     res = tr.finish({})
     assert json.loads((tmp_path / "run" / "results.json").read_text())["training"]["engine"] == "reference"
-    assert res["training"]["engine_note"].startswith("train.engine=batched computes per-sample gradients with torch.func")
+    assert res["training"]["engine_note"].startswith(
+        "train.engine=batched computes per-sample gradients with torch.func"
+    )

@@ -7,6 +7,7 @@ several widths, three activations): engine == oracle for every shape is the exec
 change touches model.py alone". A mutation check breaks the ghost norm of one layer type at a time and
 the comparison must catch it; a source check keeps parameter names out of the engine.
 """
+
 from __future__ import annotations
 
 import ast
@@ -15,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.func import functional_call, grad, vmap
-
 from helpers import clip_between, clipped_sums
+from torch.func import functional_call, grad, vmap
 
 from fedhypevae import engine as engine_mod
 from fedhypevae.block import ClientBlock
@@ -38,10 +38,20 @@ SHAPES = {
 
 
 def build(hidden, hyper_layers, activation, *, sizes=(25, 9, 17), dim=5, K=3, seed=0):
-    cfg = load_config("tiny", [f"model.hidden={list(hidden)}", f"model.hyper_layers={hyper_layers}",
-                               f"model.activation={activation}", "model.latent_dim=3", "model.code_dim=4",
-                               "model.hyper_hidden=6", "model.label_embed_dim=2", "model.lambda_mmd=0",
-                               "privacy.noise_seed=1"])
+    cfg = load_config(
+        "tiny",
+        [
+            f"model.hidden={list(hidden)}",
+            f"model.hyper_layers={hyper_layers}",
+            f"model.activation={activation}",
+            "model.latent_dim=3",
+            "model.code_dim=4",
+            "model.hyper_hidden=6",
+            "model.label_embed_dim=2",
+            "model.lambda_mmd=0",
+            "privacy.noise_seed=1",
+        ],
+    )
     g = torch.Generator().manual_seed(seed)
     datas = []
     for i, n in enumerate(sizes):
@@ -144,14 +154,25 @@ def test_the_engine_names_no_parameter():
     """The engine finds the model's parameters through the math it runs, never by name: no string literal in
     engine.py (outside docstrings and messages) is, or has a dotted part that is, a parameter name."""
     tree = ast.parse(Path(engine_mod.__file__).read_text())
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
-                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     words = _parameter_name_words()
     assert {"weight", "bias", "code", "x_logstd", "h_theta", "base_weight"} <= words
-    found = [c.value for c in ast.walk(tree) if isinstance(c, ast.Constant) and isinstance(c.value, str)
-             and id(c) not in docstrings and not re.search(r"\s", c.value)
-             and any(part in words for part in c.value.split("."))]
+    found = [
+        c.value
+        for c in ast.walk(tree)
+        if isinstance(c, ast.Constant)
+        and isinstance(c.value, str)
+        and id(c) not in docstrings
+        and not re.search(r"\s", c.value)
+        and any(part in words for part in c.value.split("."))
+    ]
     assert not found, f"parameter names spelled in engine.py: {found}"
 
 
@@ -167,8 +188,11 @@ def test_stacked_adam_is_each_clients_torch_adam(steps):
     for i in range(3):
         p = torch.nn.Parameter(params[0][i].clone())
         opt = torch.optim.Adam([p], lr=0.01, betas=(0.8, 0.95), eps=1e-7)
-        opt.state[p] = {"step": torch.tensor(float(steps[i])), "exp_avg": ms[0][i].clone(),
-                        "exp_avg_sq": vs[0][i].clone()}
+        opt.state[p] = {
+            "step": torch.tensor(float(steps[i])),
+            "exp_avg": ms[0][i].clone(),
+            "exp_avg_sq": vs[0][i].clone(),
+        }
         p.grad = grads[0][i].clone()
         opt.step()
         want.append(p.detach())
@@ -186,9 +210,14 @@ def _clipped(shape=((8,), 2, "silu")):
 def test_a_parameter_used_twice_is_refused_not_under_clipped(monkeypatch):
     """Per-use ghost norms miss the cross term of a parameter used twice (tied weights): the engine refuses."""
     from fedhypevae import model
-    monkeypatch.setattr(model.HyperNetwork, "output_logstd",
-                        lambda self, ops=model.PLAIN: 0.5 * (ops.per_row(self.x_logstd, model._clamp5)
-                                                             + ops.per_row(self.x_logstd, model._clamp5)))
+
+    monkeypatch.setattr(
+        model.HyperNetwork,
+        "output_logstd",
+        lambda self, ops=model.PLAIN: (
+            0.5 * (ops.per_row(self.x_logstd, model._clamp5) + ops.per_row(self.x_logstd, model._clamp5))
+        ),
+    )
     with pytest.raises(ValueError, match="x_logstd.*twice"):
         _clipped()
 
@@ -196,7 +225,10 @@ def test_a_parameter_used_twice_is_refused_not_under_clipped(monkeypatch):
 def test_a_parameter_used_outside_the_layer_types_is_refused(monkeypatch):
     """A Phi parameter used in plain torch would get no per-sample gradient in the engine: refused, named."""
     from fedhypevae import model
-    monkeypatch.setattr(model.HyperNetwork, "output_logstd", lambda self, ops=model.PLAIN: model.soft_clamp(self.x_logstd, 5.0))
+
+    monkeypatch.setattr(
+        model.HyperNetwork, "output_logstd", lambda self, ops=model.PLAIN: model.soft_clamp(self.x_logstd, 5.0)
+    )
     with pytest.raises(ValueError, match="saw no layer using x_logstd"):
         _clipped()
 

@@ -1,5 +1,6 @@
 """Evaluation layer: metrics, the linear classifier, per-client protocols, synthetic-set quality,
 evaluate_run on a real run directory, and the split invariants evaluation relies on."""
+
 import json
 from pathlib import Path
 
@@ -9,8 +10,20 @@ import pytest
 from fedhypevae.config import load_config, save_config
 from fedhypevae.data import ClientData, Federation
 from fedhypevae.errors import FedHypeVAEError
-from fedhypevae.evaluation import (LAMBDA_GRID, accuracy, balanced_accuracy, c2st, coverage_density, evaluate_federation,
-                                   evaluate_run, mmd2, summarize, synthetic_quality, train_linear, validation_split)
+from fedhypevae.evaluation import (
+    LAMBDA_GRID,
+    accuracy,
+    balanced_accuracy,
+    c2st,
+    coverage_density,
+    evaluate_federation,
+    evaluate_run,
+    mmd2,
+    summarize,
+    synthetic_quality,
+    train_linear,
+    validation_split,
+)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -25,8 +38,10 @@ def test_balanced_accuracy_matches_a_hand_computation_with_an_absent_class():
     # recalls: class 0 -> 3/4, class 1 -> 1/2, class 3 -> 2/4; class 2 has no recall term
     assert balanced_accuracy(y_true, y_pred) == pytest.approx((0.75 + 0.5 + 0.5) / 3)
     assert accuracy(y_true, y_pred) == pytest.approx(6 / 10)
-    from sklearn.metrics import balanced_accuracy_score
     import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns about the predicted-but-absent class
         assert balanced_accuracy(y_true, y_pred) == pytest.approx(balanced_accuracy_score(y_true, y_pred))
@@ -91,8 +106,16 @@ def _federation(seed=0, clients=3, n_train=60, n_test=30, dim=5, classes=3):
         xtr, ytr = _blobs(n_train, rng, centers)
         xte, yte = _blobs(n_test, rng, centers)
         cs.append(ClientData(client_id=i, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, declared_size=n_train))
-    fed = Federation(clients=cs, num_clients=clients, num_classes=classes, dim=dim, declared_sizes=[n_train] * clients,
-                     transform="none", value_range=None, source="blobs")
+    fed = Federation(
+        clients=cs,
+        num_clients=clients,
+        num_classes=classes,
+        dim=dim,
+        declared_sizes=[n_train] * clients,
+        transform="none",
+        value_range=None,
+        source="blobs",
+    )
     return fed, centers
 
 
@@ -112,7 +135,10 @@ def test_evaluate_federation_on_a_copy_of_real_data_is_sane_and_beats_random_lab
             assert 0.0 <= row["balanced_accuracy"] <= 1.0 and row["n_test"] == 30
     y_rand = np.random.default_rng(5).permutation(y)
     bad = evaluate_federation(fed, x, y_rand, protocol="synthetic-only", seed=0)
-    assert bad["summary"]["balanced_accuracy"]["mean"] < res["synthetic-only"]["summary"]["balanced_accuracy"]["mean"] - 0.3
+    assert (
+        bad["summary"]["balanced_accuracy"]["mean"]
+        < res["synthetic-only"]["summary"]["balanced_accuracy"]["mean"] - 0.3
+    )
     assert res["local"]["n_synthetic"] is None and res["augment"]["n_synthetic"] == len(y)
 
 
@@ -185,6 +211,7 @@ def test_coverage_of_an_identical_set_is_one_and_of_nothing_is_zero():
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     from fedhypevae.run import run_training
+
     out = tmp_path_factory.mktemp("eval") / "run"
     run_training(load_config("tiny", ["train.rounds=1"]), out, progress=False)
     return out
@@ -230,14 +257,23 @@ def test_ham10000_lesion_split_invariants():
     from fedhypevae.data import federation_from_dataset, load_dataset, partition_indices, split_client
     from fedhypevae.data.federation import _client_seed
 
-    cfg = load_config(None, [f"data.path={ham / 'hmnist_8_8_L.csv'}", f"data.metadata_path={ham / 'HAM10000_metadata.csv'}",
-                             "data.group_column=lesion_id", "partition.clients=10", "partition.kind=dirichlet",
-                             "partition.alpha=0.3"])
+    cfg = load_config(
+        None,
+        [
+            f"data.path={ham / 'hmnist_8_8_L.csv'}",
+            f"data.metadata_path={ham / 'HAM10000_metadata.csv'}",
+            "data.group_column=lesion_id",
+            "partition.clients=10",
+            "partition.kind=dirichlet",
+            "partition.alpha=0.3",
+        ],
+    )
     ds = load_dataset(cfg.data.path, group_column="lesion_id", metadata_path=cfg.data.metadata_path)
     assert ds.groups is not None
     fed = federation_from_dataset(ds, cfg.data, cfg.partition, cfg.seed)  # what build_federation does after loading
-    parts = partition_indices(ds.y, kind="dirichlet", clients=10, alpha=0.3, seed=cfg.seed,
-                              min_client_size=cfg.partition.min_client_size)
+    parts = partition_indices(
+        ds.y, kind="dirichlet", clients=10, alpha=0.3, seed=cfg.seed, min_client_size=cfg.partition.min_client_size
+    )
     for i, p in enumerate(parts):
         tr, te = split_client(p, ds.y, ds.groups, test_fraction=cfg.data.test_fraction, seed=_client_seed(cfg.seed, i))
         assert len(te) > 0 and len(tr) > 0

@@ -1,6 +1,7 @@
 """Ctrl-C and stop signals: the first one checkpoints every rank at the next step boundary (plain runs and
 mpiexec), a second one aborts at once; a resume then continues without losing work, without charging a
 release twice, and metrics.jsonl and TensorBoard continue without duplicated rounds."""
+
 import json
 import os
 import signal
@@ -20,7 +21,16 @@ from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
 
 BIN = Path(sys.executable).parent
-ARGS = ["--config", "tiny", "--no-progress", "--quiet", "--set", "train.checkpoint_every=0", "--set", "privacy.noise_seed=3"]
+ARGS = [
+    "--config",
+    "tiny",
+    "--no-progress",
+    "--quiet",
+    "--set",
+    "train.checkpoint_every=0",
+    "--set",
+    "privacy.noise_seed=3",
+]
 
 
 def env():
@@ -33,8 +43,9 @@ def start(out: Path, *extra, ranks: int = 0):
     cmd = [str(BIN / "fedhypevae"), "train", "--out", str(out), *ARGS, *extra]
     if ranks:
         cmd = [str(BIN / "mpiexec"), "-n", str(ranks), *cmd]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(),
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(), start_new_session=True
+    )
 
 
 def wait_rounds(p, out: Path, n: int, timeout: float = 120) -> None:
@@ -61,8 +72,13 @@ def dp_keys(out: Path, cid: int = 0) -> list:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "run"
-    r = subprocess.run([str(BIN / "fedhypevae"), "train", "--out", str(out), *ARGS, "--set", "train.rounds=40"],
-                       capture_output=True, text=True, env=env(), timeout=300)
+    r = subprocess.run(
+        [str(BIN / "fedhypevae"), "train", "--out", str(out), *ARGS, "--set", "train.rounds=40"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return out
 
@@ -112,8 +128,17 @@ def test_a_second_ctrl_c_aborts_at_once_a_sigterm_after_it_does_not(tmp_path, se
     KillWait) may follow a Ctrl-C: that TERM changes nothing, the run still checkpoints and exits 130."""
     out = tmp_path / "run"
     # many clients: a step and a checkpoint take long enough for the second signal to arrive first
-    p = start(out, "--set", "train.rounds=50", "--set", "partition.clients=150", "--set", "partition.kind=iid",
-              "--set", "partition.min_client_size=4")
+    p = start(
+        out,
+        "--set",
+        "train.rounds=50",
+        "--set",
+        "partition.clients=150",
+        "--set",
+        "partition.kind=iid",
+        "--set",
+        "partition.min_client_size=4",
+    )
     wait_rounds(p, out, 1, timeout=200)
     os.kill(p.pid, signal.SIGINT)
     time.sleep(0.05)
@@ -134,8 +159,13 @@ def test_a_second_ctrl_c_aborts_at_once_a_sigterm_after_it_does_not(tmp_path, se
 def test_a_stop_between_two_steps_checkpoints_there_in_delta_mode_too(tmp_path):
     """SIGTERM inside a round (delta aggregation: the clients' private copies of Phi are checkpointed too):
     the resume continues from that step and ends where an uninterrupted run ends."""
-    base = ["train.rounds=3", "train.local_steps=3", "federation.aggregation=delta", "privacy.noise_seed=6",
-            "train.checkpoint_every=0"]
+    base = [
+        "train.rounds=3",
+        "train.local_steps=3",
+        "federation.aggregation=delta",
+        "privacy.noise_seed=6",
+        "train.checkpoint_every=0",
+    ]
     full = run_training(load_config("tiny", base), tmp_path / "full", progress=False)
 
     class StopInside(Trainer):

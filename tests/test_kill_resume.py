@@ -1,4 +1,5 @@
 """A real process killed with SIGKILL at a random point resumes without losing work or refunding epsilon."""
+
 import json
 import random
 import signal
@@ -17,8 +18,13 @@ ARGS = ["--config", "tiny", "--no-progress", "--quiet", "--set", "train.rounds=1
 
 
 def train(out, *extra, **kw):
-    return subprocess.Popen([str(BIN / "fedhypevae"), "train", "--out", str(out), *ARGS, *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [str(BIN / "fedhypevae"), "train", "--out", str(out), *ARGS, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def rounds_logged(out: Path) -> int:
@@ -67,7 +73,7 @@ def test_sigkill_then_resume_with_secure_noise_never_refunds(tmp_path):
     r = train(tmp_path / "cut", "--resume")
     assert r.wait(180) == 0, r.stderr.read()
     after = read_client_releases(tmp_path / "cut", 0)
-    assert after[:len(before)] == before  # the ledger only grows
+    assert after[: len(before)] == before  # the ledger only grows
     res = json.loads((tmp_path / "cut" / "results.json").read_text())
     assert res["privacy"]["epsilon_spent"] <= 2.0 + 1e-9
     steps_charged = sum(1 for e in after if e.get("mechanism") == "dp-sgd")

@@ -4,6 +4,7 @@
 Hydra, torchrun and SLURM); the world-of-one guard runs in a real subprocess with the
 variables srun sets when the MPI library cannot talk to it (no PMI).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -14,42 +15,102 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from helpers import launcher_free_env
 from fedhypevae.hpc.launcher import LaunchInfo, detect_launcher, expected_world_size
 from fedhypevae.hpc.placement import PlacementError, place_clients
+from helpers import launcher_free_env
 
 REPO = Path(__file__).resolve().parents[1]
+
 
 def clean_env(**extra: str) -> dict:
     return launcher_free_env(**extra)
 
 
 # ------------------------------------------------------------------------------- detect_launcher
-SBATCH_SCRIPT = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_LOCALID": "0",
-                 "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node01"}  # a batch script's own environment
-SRUN_STEP = {**SBATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1", "SLURM_LOCALID": "1"}
+SBATCH_SCRIPT = {
+    "SLURM_JOB_ID": "77",
+    "SLURM_PROCID": "0",
+    "SLURM_NTASKS": "4",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_JOB_NODELIST": "node01",
+}  # a batch script's own environment
+SRUN_STEP = {
+    **SBATCH_SCRIPT,
+    "SLURM_STEP_ID": "0",
+    "SLURM_STEP_NUM_TASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "1",
+}
 
 CASES = {
     "nothing": ({}, LaunchInfo("none", 0, 1, 0)),
-    "openmpi": ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
-                 "OMPI_COMM_WORLD_LOCAL_SIZE": "2", "PMIX_RANK": "3"}, LaunchInfo("openmpi", 3, 4, 1)),
-    "mpich-hydra": ({"PMI_RANK": "2", "PMI_SIZE": "3", "MPI_LOCALRANKID": "2", "MPI_LOCALNRANKS": "3",
-                     "PMI_FD": "5", "PMI_PORT": "vm:4000"}, LaunchInfo("mpich", 2, 3, 2)),
-    "torchrun": ({"TORCHELASTIC_RUN_ID": "none", "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
-                  "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
-                 LaunchInfo("torchrun", 1, 2, 1)),
+    "openmpi": (
+        {
+            "OMPI_COMM_WORLD_RANK": "3",
+            "OMPI_COMM_WORLD_SIZE": "4",
+            "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+            "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+            "PMIX_RANK": "3",
+        },
+        LaunchInfo("openmpi", 3, 4, 1),
+    ),
+    "mpich-hydra": (
+        {
+            "PMI_RANK": "2",
+            "PMI_SIZE": "3",
+            "MPI_LOCALRANKID": "2",
+            "MPI_LOCALNRANKS": "3",
+            "PMI_FD": "5",
+            "PMI_PORT": "vm:4000",
+        },
+        LaunchInfo("mpich", 2, 3, 2),
+    ),
+    "torchrun": (
+        {
+            "TORCHELASTIC_RUN_ID": "none",
+            "RANK": "1",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500",
+        },
+        LaunchInfo("torchrun", 1, 2, 1),
+    ),
     "srun-no-pmi": (SRUN_STEP, LaunchInfo("srun", 1, 2, 1)),  # step size wins over the job's SLURM_NTASKS
     "srun-pmi2": ({**SRUN_STEP, "PMI_RANK": "1", "PMI_SIZE": "2", "PMI_FD": "7"}, LaunchInfo("srun", 1, 2, 1)),
     "srun-pmix": ({**SRUN_STEP, "PMIX_RANK": "1"}, LaunchInfo("srun", 1, 2, 1)),
     # mpiexec (Hydra) in an sbatch script starts its proxies with srun: one proxy step per node
-    "mpiexec-inside-sbatch": ({**SRUN_STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "PMI_RANK": "3",
-                               "PMI_SIZE": "4", "PMI_FD": "7", "MPI_LOCALRANKID": "3"}, LaunchInfo("mpich", 3, 4, 3)),
+    "mpiexec-inside-sbatch": (
+        {
+            **SRUN_STEP,
+            "SLURM_STEP_NUM_TASKS": "1",
+            "SLURM_PROCID": "0",
+            "PMI_RANK": "3",
+            "PMI_SIZE": "4",
+            "PMI_FD": "7",
+            "MPI_LOCALRANKID": "3",
+        },
+        LaunchInfo("mpich", 3, 4, 3),
+    ),
     "sbatch-without-srun": (SBATCH_SCRIPT, LaunchInfo("none", 0, 1, 0)),
-    "torchrun-inside-srun": ({**SRUN_STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "TORCHELASTIC_RUN_ID": "j",
-                              "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "3"}, LaunchInfo("torchrun", 3, 4, 3)),
-    "openmpi-inside-sbatch": ({**SBATCH_SCRIPT, "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2",
-                               "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, LaunchInfo("openmpi", 1, 2, 1)),
+    "torchrun-inside-srun": (
+        {
+            **SRUN_STEP,
+            "SLURM_STEP_NUM_TASKS": "1",
+            "SLURM_PROCID": "0",
+            "TORCHELASTIC_RUN_ID": "j",
+            "RANK": "3",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "3",
+        },
+        LaunchInfo("torchrun", 3, 4, 3),
+    ),
+    "openmpi-inside-sbatch": (
+        {**SBATCH_SCRIPT, "OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+        LaunchInfo("openmpi", 1, 2, 1),
+    ),
 }
 
 
@@ -88,8 +149,14 @@ SRUN_WITHOUT_PMI = {"SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PR
 @pytest.mark.timeout(90)
 def test_world_of_one_under_srun_is_refused_by_make_communicator():
     """srun started 2 tasks but MPI (no PMI variables) sees a world of 1: refuse, don't run 2 copies."""
-    r = subprocess.run([sys.executable, "-c", "from fedhypevae.hpc.backend import make_communicator; make_communicator('mpi')"],
-                       env=clean_env(**SRUN_WITHOUT_PMI), cwd=REPO, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-c", "from fedhypevae.hpc.backend import make_communicator; make_communicator('mpi')"],
+        env=clean_env(**SRUN_WITHOUT_PMI),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0, r.stdout + r.stderr
     assert "BackendError" in r.stderr
     assert "world of 1" in r.stderr and "--mpi=pmix" in r.stderr, r.stderr
@@ -101,8 +168,14 @@ def test_world_of_one_under_srun_is_a_one_line_cli_error(tmp_path):
     exe = Path(sys.executable).parent / "fedhypevae"
     if not exe.is_file():
         pytest.skip(f"no console script at {exe}")
-    r = subprocess.run([str(exe), "train", "--config", "tiny", "--no-progress", "--quiet", "--out", str(tmp_path / "run")],
-                       env=clean_env(**SRUN_WITHOUT_PMI), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [str(exe), "train", "--config", "tiny", "--no-progress", "--quiet", "--out", str(tmp_path / "run")],
+        env=clean_env(**SRUN_WITHOUT_PMI),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2, r.stdout + r.stderr
     assert "world of 1" in r.stderr and "--mpi=pmix" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr, r.stderr

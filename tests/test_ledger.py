@@ -1,6 +1,7 @@
 """The durable per-rank privacy ledger (format 2): one file per rank, one fsync'd record per release for the
 block of clients, re-shardable onto another world size, every client's history reconstructible; older
 per-client ledgers are read."""
+
 import json
 import os
 import subprocess
@@ -78,23 +79,41 @@ def test_reshard_account_client_and_format_1(tmp_path, capsys):
     one.charge(DP_SGD, 1.5, 0.2, "round=0/step=3", epoch=1)
     one.close()
     keys = [(r["key"], r["epoch"]) for r in read_client_releases(run, 3)]
-    assert keys == [("round=0/step=0", 0), ("round=0/step=1", 0), ("round=0/step=2", 0), ("round=0/step=3", 0),
-                    ("round=0/step=3", 1)]
+    assert keys == [
+        ("round=0/step=0", 0),
+        ("round=0/step=1", 0),
+        ("round=0/step=2", 0),
+        ("round=0/step=3", 0),
+        ("round=0/step=3", 1),
+    ]
     assert [k for k, _ in map(lambda r: (r["key"], r["epoch"]), read_client_releases(run, 0))][-1] == "round=0/step=3"
     # a format-1 ledger of a client 4 from an older run
     v1 = run / "clients" / "client_00004" / "ledger.jsonl"
     v1.parent.mkdir(parents=True)
-    v1.write_text("".join(json.dumps({"mechanism": DP_SGD, "sigma": 1.5, "q": 0.2, "key": k}) + "\n"
-                          for k in ("round=0/step=0", "round=0/step=0", "round=0/step=1")))
+    v1.write_text(
+        "".join(
+            json.dumps({"mechanism": DP_SGD, "sigma": 1.5, "q": 0.2, "key": k}) + "\n"
+            for k in ("round=0/step=0", "round=0/step=0", "round=0/step=1")
+        )
+    )
     led = PrivacyLedger(None, run_dir=run)
     assert led.ids.tolist() == [0, 1, 2, 3, 4]
     assert [(r["key"], r["epoch"]) for r in read_client_releases(run, 4)] == [
-        ("round=0/step=0", 0), ("round=0/step=0", 1), ("round=0/step=1", 0)]
+        ("round=0/step=0", 0),
+        ("round=0/step=0", 1),
+        ("round=0/step=1", 0),
+    ]
     assert main(["account", "--run", str(run), "--client", "3", "--json", str(tmp_path / "c3.json")]) == 0
     out = capsys.readouterr().out
     assert "client 3: 5 release(s)" in out and "round=0/step=3" in out
     got = json.loads((tmp_path / "c3.json").read_text())["client"]
-    assert [r["epoch"] for r in got["releases"]] == [0, 0, 0, 0, 1] and [r["session"] for r in got["releases"]] == [1, 1, 1, 2, 3]
+    assert [r["epoch"] for r in got["releases"]] == [0, 0, 0, 0, 1] and [r["session"] for r in got["releases"]] == [
+        1,
+        1,
+        1,
+        2,
+        3,
+    ]
     with pytest.raises(PrivacyError, match="not in this ledger"):
         led.client_records(9)
     assert main(["account", "--run", str(run)]) == 0
@@ -103,8 +122,9 @@ def test_reshard_account_client_and_format_1(tmp_path, capsys):
 
 def test_a_ledger_of_another_format_is_refused_clearly(tmp_path):
     (tmp_path / "ledger").mkdir()
-    (tmp_path / "ledger" / "rank_00000.jsonl").write_text(json.dumps({"format": 3, "block": "x", "clients": [[0, 0]],
-                                                                      "session": 1}) + "\n")
+    (tmp_path / "ledger" / "rank_00000.jsonl").write_text(
+        json.dumps({"format": 3, "block": "x", "clients": [[0, 0]], "session": 1}) + "\n"
+    )
     with pytest.raises(PrivacyError, match="format 3"):
         PrivacyLedger([0], run_dir=tmp_path)
     assert client_ranges([5, 1, 2, 3, 9]) == [[1, 3], [5, 5], [9, 9]]
@@ -130,8 +150,24 @@ def test_a_crash_on_one_rank_resumed_on_two_ranks_charges_the_replay(tmp_path):
     tr.ledger.close()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "MPI_", "HYDRA_", "SLURM_"))}
     env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([str(BIN / "mpiexec"), "-n", "2", str(BIN / "fedhypevae"), "train", "--resume", "--out", str(out),
-                        "--no-progress", "--quiet"], capture_output=True, text=True, timeout=240, env=env)
+    r = subprocess.run(
+        [
+            str(BIN / "mpiexec"),
+            "-n",
+            "2",
+            str(BIN / "fedhypevae"),
+            "train",
+            "--resume",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert len(list((out / "ledger").glob("rank_*.jsonl"))) == 2
     res = json.loads((out / "results.json").read_text())

@@ -1,12 +1,21 @@
 """The model's pieces against independent references."""
+
 import math
 
 import numpy as np
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from fedhypevae.model import (ClientView, Encoder, HyperNetwork, elbo_terms, gaussian_nll, generator_params,
-                              kl_diag_gaussians, multi_kernel)
+from fedhypevae.model import (
+    ClientView,
+    Encoder,
+    HyperNetwork,
+    elbo_terms,
+    gaussian_nll,
+    generator_params,
+    kl_diag_gaussians,
+    multi_kernel,
+)
 
 
 def _hyper(dim=6, K=3, **kw):

@@ -6,6 +6,7 @@ entry, so nothing is downloaded and torch is not installed twice); the project i
 wheel. `pip install` of the wheel resolves its requirements against that path, so a missing or wrong
 requirement still fails here.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,12 @@ pytestmark = pytest.mark.slow
 
 def _tracked_tree(dst: Path) -> None:
     """The files git would put in a fresh clone (tracked, plus new files not ignored), copied to dst."""
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO,
-                         capture_output=True, check=True).stdout.decode()
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
     for rel in filter(None, out.split("\0")):
         src = REPO / rel
         if src.is_file():
@@ -39,8 +44,11 @@ def wheel(tmp_path_factory) -> Path:
     src = tmp_path_factory.mktemp("src")
     _tracked_tree(src)
     dist = tmp_path_factory.mktemp("dist")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", str(dist)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", str(src), "-w", str(dist)],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = dist.glob("fedhypevae_hpc-*.whl")
     return whl
@@ -51,13 +59,18 @@ def installed(wheel, tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("venv")
     venv.create(env_dir, with_pip=False)
     py = env_dir / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # the dependencies: this environment's site-packages as a plain path entry (its .pth files, among them
     # the editable install of this checkout, are not processed from there)
     Path(site, "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-index", str(wheel)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [str(py), "-m", "pip", "install", "-q", "--no-index", str(wheel)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return env_dir
 
@@ -86,10 +99,18 @@ def _run(env_dir: Path, *args, cwd: Path, **kw):
 
 def test_installed_package_trains_a_shipped_config_outside_the_checkout(installed, tmp_path):
     py, exe = installed / "bin" / "python", installed / "bin" / "fedhypevae"
-    where = _run(installed, str(py), "-c", "import fedhypevae, fedhypevae.hpc, fedhypevae.slurm.sweep; "
-                 "print(fedhypevae.__file__); print(fedhypevae.hpc.__file__)", cwd=tmp_path)
+    where = _run(
+        installed,
+        str(py),
+        "-c",
+        "import fedhypevae, fedhypevae.hpc, fedhypevae.slurm.sweep; "
+        "print(fedhypevae.__file__); print(fedhypevae.hpc.__file__)",
+        cwd=tmp_path,
+    )
     assert where.returncode == 0, where.stderr
-    assert all(str(installed) in line for line in where.stdout.split()), where.stdout  # from the wheel, not the checkout
+    assert all(str(installed) in line for line in where.stdout.split()), (
+        where.stdout
+    )  # from the wheel, not the checkout
     # (opacus itself installs a top-level `benchmarks` package: ours, with its throughput module, must not be there)
     for name in ("hpc", "slurm", "benchmarks.throughput"):
         r = _run(installed, str(py), "-c", f"import {name}", cwd=tmp_path)
@@ -100,8 +121,9 @@ def test_installed_package_trains_a_shipped_config_outside_the_checkout(installe
     assert m.returncode == 0 and "default" in m.stdout and "tiny" in m.stdout, m.stdout  # shipped configs listed
     s = _run(installed, str(py), "-m", "fedhypevae.slurm.sweep", "--help", cwd=tmp_path)
     assert s.returncode == 0, s.stderr
-    r = _run(installed, str(exe), "train", "--config", "tiny", "--out", "run", "--no-progress", cwd=tmp_path,
-             timeout=600)
+    r = _run(
+        installed, str(exe), "train", "--config", "tiny", "--out", "run", "--no-progress", cwd=tmp_path, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "run" / "synthetic.npz").is_file() and (tmp_path / "run" / "generator.json").is_file()
     res = (tmp_path / "run" / "results.json").read_text()

@@ -9,23 +9,24 @@ buffer is searched for exact float matches of private values: encoder weights, c
 rows, per-client sizes (uniform weights), and the un-noised clipped sums. Negative controls: a client
 that releases its un-noised sum, and a trainer that sends a private code along, must fail.
 """
+
 import copy
 import dataclasses
 from dataclasses import dataclass
 
 import pytest
 import torch
+from fedhypevae.hpc import LocalCommunicator
 
-from fedhypevae.client import DIAG_KEYS, Client
-from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.block import ClientBlock
+from fedhypevae.client import DIAG_KEYS
+from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.dp_step import PER_SAMPLE, DPStep
 from fedhypevae.privacy import CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, epsilon_of, release_class_stats
 from fedhypevae.privacy.sensitivity import trace_step
 from fedhypevae.rng import STREAM_STATS_RELEASE, STREAM_STEP
 from fedhypevae.run import _flatten, run_training, stats_clip_norm
 from fedhypevae.trainer import Trainer
-from fedhypevae.hpc import LocalCommunicator
 
 HAS_ENGINE = any(f.name == "engine" for f in dataclasses.fields(TrainConfig))
 D = len(DIAG_KEYS)
@@ -50,8 +51,17 @@ class RecordingCommunicator(LocalCommunicator):
 
 def config(*overrides, engine: str | None = None):
     extra = [f"train.engine={engine}"] if (engine and HAS_ENGINE) else []
-    return load_config("tiny", ["train.rounds=2", "privacy.noise_seed=5", "privacy.diagnostics=false",
-                                "train.checkpoint_every=0", *extra, *overrides])
+    return load_config(
+        "tiny",
+        [
+            "train.rounds=2",
+            "privacy.noise_seed=5",
+            "privacy.diagnostics=false",
+            "train.checkpoint_every=0",
+            *extra,
+            *overrides,
+        ],
+    )
 
 
 # ------------------------------------------------------------------------------------------ replay
@@ -91,7 +101,11 @@ def replay(cfg, hosted: list, scratch, world_size: int):
     P = sum(t.numel() for t in hyper.parameters())
     delta_mode = cfg.federation.aggregation == "delta"
     out, private = [], []
-    one_shot = [Mechanism(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, 1)] if plan.noise_multiplier(MMD_EMBEDDINGS) is not None else []
+    one_shot = (
+        [Mechanism(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, 1)]
+        if plan.noise_multiplier(MMD_EMBEDDINGS) is not None
+        else []
+    )
     if one_shot:  # the release guard's bits (budget, stop signal) before the MMD embeddings' release
         out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))
     steps = 0
@@ -116,11 +130,15 @@ def replay(cfg, hosted: list, scratch, world_size: int):
             buf = torch.zeros(P + D, dtype=torch.float64)
             unnoised = torch.zeros(P, dtype=torch.float64)
             if not delta_mode:  # the un-noised release of the rank's block, in the block step's own arithmetic
-                quiet = DPStep(ClientBlock.copy_of(clients), weights=[w[c.id] for c in clients],
-                               per_sample=PER_SAMPLE[cfg.train.engine])
+                quiet = DPStep(
+                    ClientBlock.copy_of(clients),
+                    weights=[w[c.id] for c in clients],
+                    per_sample=PER_SAMPLE[cfg.train.engine],
+                )
                 private.append(quiet.step(copy.deepcopy(hyper), r, s, sigma=0.0, features=tr.features).phi)
             for c in clients:
                 h = local[c.id] if delta_mode else hyper
+
                 def g(c=c, r=r, s=s):
                     return c.rng.generator(STREAM_STEP, r, s)
 
@@ -129,7 +147,10 @@ def replay(cfg, hosted: list, scratch, world_size: int):
                 pre = trace_step(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=plan.sigma, features=tr.features)
                 zero = trace_step(copy.deepcopy(c), copy.deepcopy(h), g(), sigma=0.0, features=tr.features)
                 names = sorted(pre.payload)
-                private += [flat(pre.payload[n] for n in names), flat(pre.payload[n] / pre.expected_batch for n in names)]
+                private += [
+                    flat(pre.payload[n] for n in names),
+                    flat(pre.payload[n] / pre.expected_batch for n in names),
+                ]
                 private.append(_phi_vector(h, zero.phi))
                 unnoised += w[c.id] * _phi_vector(h, zero.phi)
                 rel = c.step(h, r, s, sigma=plan.sigma, features=tr.features)  # the declared release
@@ -149,7 +170,7 @@ def replay(cfg, hosted: list, scratch, world_size: int):
                 out.append(Expect("grad", "sum", buf.clone()))
                 off = 0
                 for t in hyper.parameters():
-                    t.grad = buf[off:off + t.numel()].view_as(t).float().clone()
+                    t.grad = buf[off : off + t.numel()].view_as(t).float().clone()
                     off += t.numel()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
@@ -163,25 +184,40 @@ def replay(cfg, hosted: list, scratch, world_size: int):
         if delta_mode:
             dbuf = torch.zeros(P, dtype=torch.float64)
             for c in clients:
-                dbuf += w[c.id] * (torch.cat([t.detach().reshape(-1).double() for t in local[c.id].parameters()]) - start)
+                dbuf += w[c.id] * (
+                    torch.cat([t.detach().reshape(-1).double() for t in local[c.id].parameters()]) - start
+                )
             out.append(Expect("delta", "sum", dbuf))
             torch.nn.utils.vector_to_parameters((start + cfg.federation.server_lr * dbuf).float(), hyper.parameters())
             project(hyper)
-        eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot, delta=p.delta,
-                         accountant=p.accountant)
+        eps = epsilon_of(
+            [Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot, delta=p.delta, accountant=p.accountant
+        )
         out.append(Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)))
     # the DP class statistics for the meta-code (after the release guard's bits), then the final epsilon
     out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))
     clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)
     sbuf = None
     for c in clients:
-        rel = release_class_stats(c.x, c.y, num_classes=tr.fed.num_classes, clip_norm=clip, noise_multiplier=plan.noise_multiplier(CLASS_STATS),
-                                  covariance=cfg.stats.covariance, generator=c.rng.generator(STREAM_STATS_RELEASE))
+        rel = release_class_stats(
+            c.x,
+            c.y,
+            num_classes=tr.fed.num_classes,
+            clip_norm=clip,
+            noise_multiplier=plan.noise_multiplier(CLASS_STATS),
+            covariance=cfg.stats.covariance,
+            generator=c.rng.generator(STREAM_STATS_RELEASE),
+        )
         vec, _ = _flatten(rel)
         sbuf = vec.clone() if sbuf is None else sbuf + vec
     out.append(Expect("stats", "sum", sbuf))
-    eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot
-                     + [Mechanism("class-stats", plan.noise_multiplier(CLASS_STATS), 1.0, 1)], delta=p.delta, accountant=p.accountant)
+    eps = epsilon_of(
+        [Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)]
+        + one_shot
+        + [Mechanism("class-stats", plan.noise_multiplier(CLASS_STATS), 1.0, 1)],
+        delta=p.delta,
+        accountant=p.accountant,
+    )
     out.append(Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)))
     return out, private
 
@@ -197,16 +233,22 @@ def check_payloads(calls: list, expected: list, private: list, *, rtol: float = 
     for i, (call, exp) in enumerate(zip(calls, expected)):
         kind, op, buf = call
         if kind != "allreduce" or op != exp.op or buf.shape != exp.value.shape:
-            problems.append(f"collective {i}: {kind}/{op} of shape {tuple(buf.shape)} where a {exp.kind} "
-                            f"({exp.op}, {tuple(exp.value.shape)}) was declared")
+            problems.append(
+                f"collective {i}: {kind}/{op} of shape {tuple(buf.shape)} where a {exp.kind} "
+                f"({exp.op}, {tuple(exp.value.shape)}) was declared"
+            )
             continue
         if exp.kind in ("flag", "epsilon"):
-            ok = torch.equal(buf, exp.value) if exp.kind == "flag" else torch.allclose(buf, exp.value, rtol=1e-9, atol=0)
+            ok = (
+                torch.equal(buf, exp.value) if exp.kind == "flag" else torch.allclose(buf, exp.value, rtol=1e-9, atol=0)
+            )
         else:
             ok = torch.allclose(buf, exp.value, rtol=rtol, atol=atol)
         if not ok:
-            problems.append(f"collective {i} ({exp.kind}) differs from the declared release by "
-                            f"{(buf - exp.value).abs().max().item():.3g}")
+            problems.append(
+                f"collective {i} ({exp.kind}) differs from the declared release by "
+                f"{(buf - exp.value).abs().max().item():.3g}"
+            )
     # a private tensor "appears" in a buffer when most of its distinctive values are found there exactly
     # (single coincidences between two large sets of float32-valued numbers do happen and mean nothing)
     public = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
@@ -218,8 +260,10 @@ def check_payloads(calls: list, expected: list, private: list, *, rtol: float = 
             if u.numel() == 0 or u.numel() > 2 * b.numel():  # cannot be half present
                 continue
             if torch.isin(u, b).double().mean() >= 0.5:
-                problems.append(f"collective {i} ({kind}/{op}) carries a private tensor of {u.numel()} value(s) "
-                                f"exactly, e.g. {u[:3].tolist()}")
+                problems.append(
+                    f"collective {i} ({kind}/{op}) carries a private tensor of {u.numel()} value(s) "
+                    f"exactly, e.g. {u[:3].tolist()}"
+                )
                 break
     return problems
 
@@ -238,18 +282,23 @@ def _record(cfg, out, world_size=1, step_type=None):
 
 
 def _hosted(cfg, world_size):
-    from fedhypevae.data import build_federation
     from fedhypevae.hpc import place_clients
+
+    from fedhypevae.data import build_federation
 
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
     return place_clients(fed.declared_sizes, world_size)[0]
 
 
-@pytest.mark.parametrize("world_size,overrides,engine", [
-    (1, ["federation.weights=uniform"], None),  # the default engine
-    (2, ["train.replica_check_every=2"], "reference"),
-    (1, ["federation.aggregation=delta", "federation.weights=uniform"], None),  # delta: always the reference step
-], ids=["1rank-uniform-default-engine", "rank0of2-declared-reference", "1rank-delta"])
+@pytest.mark.parametrize(
+    "world_size,overrides,engine",
+    [
+        (1, ["federation.weights=uniform"], None),  # the default engine
+        (2, ["train.replica_check_every=2"], "reference"),
+        (1, ["federation.aggregation=delta", "federation.weights=uniform"], None),  # delta: always the reference step
+    ],
+    ids=["1rank-uniform-default-engine", "rank0of2-declared-reference", "1rank-delta"],
+)
 def test_every_buffer_is_a_declared_release_and_carries_no_private_value(tmp_path, world_size, overrides, engine):
     cfg = config(*overrides, engine=engine)
     comm = _record(cfg, tmp_path / "run", world_size)
@@ -325,9 +374,16 @@ def central_payload_problems(recs: list, local_steps: int = 2) -> list:
     # statistics' un-noised sum (as rank 0 gathered the ranks' buffers)
     unnoised = list(sum(r["unnoised"] for r in recs)) + [c[3].sum(0) for c in gathers[n_steps:]]
     rows = [row for r in recs for row in r["unnoised"]] + [row for c in gathers[n_steps:] for row in c[3]]
-    a = max(w / (root["sample_rate"] * n) for w, n in zip(
-        [n / sum(root["declared"]) if root["weights"] == "declared" else 1 / len(root["declared"]) for n in root["declared"]],
-        root["declared"]))
+    a = max(
+        w / (root["sample_rate"] * n)
+        for w, n in zip(
+            [
+                n / sum(root["declared"]) if root["weights"] == "declared" else 1 / len(root["declared"])
+                for n in root["declared"]
+            ],
+            root["declared"],
+        )
+    )
     rng = ClientRNG(AGGREGATOR_ID, root["noise_seed"])
     for r in recs:
         if not torch.equal(r["sent"], r["unnoised"]):
@@ -336,8 +392,10 @@ def central_payload_problems(recs: list, local_steps: int = 2) -> list:
             problems.append(f"rank {r['rank']} applied another aggregate than rank 0")
         bcasts = [c for c in r["calls"] if c[0] == "broadcast"]
         if len(bcasts) != len(gathers) or len(gathers) != n_steps + 1:
-            problems.append(f"rank {r['rank']}: {len(gathers)} gathers and {len(bcasts)} broadcasts for {n_steps} "
-                            "steps and one statistics release")
+            problems.append(
+                f"rank {r['rank']}: {len(gathers)} gathers and {len(bcasts)} broadcasts for {n_steps} "
+                "steps and one statistics release"
+            )
         for name, args, sent, got in r["calls"]:
             if name in ("allreduce", "reduce", "allgather", "allreduce_int64"):
                 op = dict(a for a in args if isinstance(a, tuple)).get("op", args[0] if args else "sum")
@@ -353,11 +411,15 @@ def central_payload_problems(recs: list, local_steps: int = 2) -> list:
             if k >= len(unnoised):
                 continue
             if k < n_steps:
-                draw = torch.randn(W, generator=rng.generator(STREAM_STEP, *divmod(k, local_steps)), dtype=torch.float64)
+                draw = torch.randn(
+                    W, generator=rng.generator(STREAM_STEP, *divmod(k, local_steps)), dtype=torch.float64
+                )
                 draw *= root["sigma"] * a * root["clip"]
                 if not torch.allclose(got[:W] - unnoised[k][:W], draw, rtol=0, atol=1e-9):
-                    problems.append(f"step {k}: the aggregate rank {r['rank']} received is not the un-noised sum plus "
-                                    "the aggregator's draw")
+                    problems.append(
+                        f"step {k}: the aggregate rank {r['rank']} received is not the un-noised sum plus "
+                        "the aggregator's draw"
+                    )
             elif bool((got == unnoised[k]).any()):
                 problems.append(f"rank {r['rank']}: statistics coordinates without noise in broadcast {k}")
         for name, args, sent, got in r["calls"]:
@@ -386,8 +448,15 @@ def test_central_no_buffer_reaching_a_non_root_rank_is_an_unnoised_function_of_t
 
     if not MPIEXEC.is_file():
         pytest.skip(f"needs {MPIEXEC}")
-    launch_trust_worker(tmp_path, 3, [CENTRAL_PAYLOAD, "central-payload-nodraw=central,payload=1,sabotage=no-draw",
-                                      "central-payload-allreduce=central,payload=1,sabotage=allreduce"])
+    launch_trust_worker(
+        tmp_path,
+        3,
+        [
+            CENTRAL_PAYLOAD,
+            "central-payload-nodraw=central,payload=1,sabotage=no-draw",
+            "central-payload-allreduce=central,payload=1,sabotage=allreduce",
+        ],
+    )
     recs = trust_ranks(tmp_path, "central-payload")
     assert [len(p) for p in recs[0]["placement"]] == [2, 3, 2]  # uneven: rank 1 hosts three clients
     assert central_payload_problems(recs) == []

@@ -1,4 +1,5 @@
 """Accounting, budget planning and the privacy ledger."""
+
 import json
 import math
 import time
@@ -9,8 +10,8 @@ from fedhypevae.errors import PrivacyError
 from fedhypevae.privacy import (
     CLASS_STATS,
     DP_SGD,
-    BudgetShare,
     MMD_EMBEDDINGS,
+    BudgetShare,
     Mechanism,
     PrivacyLedger,
     calibrate_one_shot,
@@ -25,8 +26,17 @@ DELTA = 1e-4
 
 
 def _plan(**kw):
-    args = dict(target_epsilon=1.0, delta=DELTA, sample_rate=0.05, steps=200, accountant="rdp",
-                stats_fraction=0.1, mmd_fraction=0.1, use_stats=True, use_mmd=True)
+    args = dict(
+        target_epsilon=1.0,
+        delta=DELTA,
+        sample_rate=0.05,
+        steps=200,
+        accountant="rdp",
+        stats_fraction=0.1,
+        mmd_fraction=0.1,
+        use_stats=True,
+        use_mmd=True,
+    )
     args.update(kw)
     return plan_budget(**args)
 
@@ -78,8 +88,9 @@ def test_epsilon_edge_cases():
 
 def test_epsilon_composition_is_monotone():
     a = epsilon_of([Mechanism(DP_SGD, 1.0, 0.05, 100)], delta=DELTA, accountant="rdp")
-    b = epsilon_of([Mechanism(DP_SGD, 1.0, 0.05, 100), Mechanism(CLASS_STATS, 20.0, 1.0, 1)],
-                   delta=DELTA, accountant="rdp")
+    b = epsilon_of(
+        [Mechanism(DP_SGD, 1.0, 0.05, 100), Mechanism(CLASS_STATS, 20.0, 1.0, 1)], delta=DELTA, accountant="rdp"
+    )
     c = epsilon_of([Mechanism(DP_SGD, 1.0, 0.05, 200)], delta=DELTA, accountant="rdp")
     assert a < b and a < c
 
@@ -102,7 +113,9 @@ def test_the_list_form_gives_plan_budgets_plan(use_mmd, noise_multiplier):
     shares = [BudgetShare(DP_SGD, 0.05, 200, 0.7 if use_mmd else 0.9), BudgetShare(CLASS_STATS, 1.0, 1, 0.1)]
     if use_mmd:
         shares.append(BudgetShare(MMD_EMBEDDINGS, 1.0, 1, 0.2))
-    joint = plan_mechanisms(shares, target_epsilon=1.0, delta=DELTA, accountant="rdp", noise_multiplier=noise_multiplier)
+    joint = plan_mechanisms(
+        shares, target_epsilon=1.0, delta=DELTA, accountant="rdp", noise_multiplier=noise_multiplier
+    )
     assert joint.mechanisms == old.mechanisms and joint.planned_epsilon == old.planned_epsilon
     assert joint.noise_multipliers == {m.name: m.noise_multiplier for m in old.mechanisms}
     new = privacy_plan(shares, target_epsilon=1.0, delta=DELTA, accountant="rdp", noise_multiplier=noise_multiplier)
@@ -119,24 +132,36 @@ def test_make_plan_builds_the_list_for_the_runs_config():
     for use_mmd in (True, False):
         cfg = load_config("tiny", ["privacy.mmd_epsilon_fraction=0.15"])
         p = cfg.privacy
-        old = plan_budget(target_epsilon=p.target_epsilon, delta=p.delta, sample_rate=p.sample_rate,
-                          steps=planned_steps(cfg), accountant=p.accountant, stats_fraction=p.stats_epsilon_fraction,
-                          mmd_fraction=p.mmd_epsilon_fraction, use_stats=True, use_mmd=use_mmd,
-                          noise_multiplier=p.noise_multiplier)
+        old = plan_budget(
+            target_epsilon=p.target_epsilon,
+            delta=p.delta,
+            sample_rate=p.sample_rate,
+            steps=planned_steps(cfg),
+            accountant=p.accountant,
+            stats_fraction=p.stats_epsilon_fraction,
+            mmd_fraction=p.mmd_epsilon_fraction,
+            use_stats=True,
+            use_mmd=use_mmd,
+            noise_multiplier=p.noise_multiplier,
+        )
         assert make_plan(cfg, use_mmd=use_mmd).to_dict() == old.to_dict()
         # an infinite target plans the same list of mechanisms, each at the fixed noise multiplier
         free = load_config("tiny", ["privacy.target_epsilon=.inf", "privacy.noise_multiplier=1.5"])
         plan = make_plan(free, use_mmd=use_mmd)
         assert [(m.name, m.sample_rate, m.steps) for m in plan.mechanisms] == [
-            (m.name, m.sample_rate, m.steps) for m in make_plan(load_config("tiny"), use_mmd=use_mmd).mechanisms]
+            (m.name, m.sample_rate, m.steps) for m in make_plan(load_config("tiny"), use_mmd=use_mmd).mechanisms
+        ]
         assert {m.noise_multiplier for m in plan.mechanisms} == {1.5} and plan.sigma == 1.5
         assert plan.planned_epsilon == epsilon_of(plan.mechanisms, delta=p.delta, accountant=p.accountant)
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])
 def test_a_three_mechanism_plan_spends_at_most_the_target(accountant):
-    shares = [BudgetShare(DP_SGD, 0.05, 100, 0.6), BudgetShare(CLASS_STATS, 1.0, 1, 0.1),
-              BudgetShare("extra-sgd", 0.1, 20, 0.3)]  # a second subsampled mechanism with many releases
+    shares = [
+        BudgetShare(DP_SGD, 0.05, 100, 0.6),
+        BudgetShare(CLASS_STATS, 1.0, 1, 0.1),
+        BudgetShare("extra-sgd", 0.1, 20, 0.3),
+    ]  # a second subsampled mechanism with many releases
     joint = plan_mechanisms(shares, target_epsilon=1.0, delta=DELTA, accountant=accountant)
     assert [m.name for m in joint.mechanisms] == [DP_SGD, CLASS_STATS, "extra-sgd"]
     assert [(m.sample_rate, m.steps) for m in joint.mechanisms] == [(0.05, 100), (1.0, 1), (0.1, 20)]
@@ -147,15 +172,24 @@ def test_a_three_mechanism_plan_spends_at_most_the_target(accountant):
         alone = epsilon_of([m], delta=DELTA, accountant=accountant)
         assert share * (1 - 2e-2) <= alone <= share
     # the first entry takes what is left of the composition: more noise than with the whole budget alone
-    alone = plan_mechanisms([BudgetShare(DP_SGD, 0.05, 100, 1.0)], target_epsilon=1.0, delta=DELTA, accountant=accountant)
+    alone = plan_mechanisms(
+        [BudgetShare(DP_SGD, 0.05, 100, 1.0)], target_epsilon=1.0, delta=DELTA, accountant=accountant
+    )
     assert joint.noise_multipliers[DP_SGD] > alone.noise_multipliers[DP_SGD]
 
 
 def test_budget_proportions_are_checked():
     def plan(*proportions):
         names = [DP_SGD, CLASS_STATS, MMD_EMBEDDINGS]
-        return plan_mechanisms([BudgetShare(n, 0.05 if n == DP_SGD else 1.0, 100 if n == DP_SGD else 1, p)
-                                for n, p in zip(names, proportions)], target_epsilon=1.0, delta=DELTA, accountant="rdp")
+        return plan_mechanisms(
+            [
+                BudgetShare(n, 0.05 if n == DP_SGD else 1.0, 100 if n == DP_SGD else 1, p)
+                for n, p in zip(names, proportions)
+            ],
+            target_epsilon=1.0,
+            delta=DELTA,
+            accountant="rdp",
+        )
 
     with pytest.raises(PrivacyError, match="must sum to 1"):
         plan(0.6, 0.1, 0.2)
@@ -175,13 +209,21 @@ def test_budget_proportions_are_checked():
         privacy_plan([BudgetShare(CLASS_STATS, 1.0, 1, 1.0)], target_epsilon=1.0, delta=DELTA, accountant="rdp")
 
 
-@pytest.mark.parametrize("accountant,q,steps,target", [
-    ("rdp", 0.1, 150, 1.0), ("rdp", 0.01, 2000, 1.0), ("rdp", 0.2, 30, 0.5), ("rdp", 0.01, 500, 8.0),
-    ("prv", 0.1, 100, 1.0), ("prv", 0.02, 300, 2.0),
-])
+@pytest.mark.parametrize(
+    "accountant,q,steps,target",
+    [
+        ("rdp", 0.1, 150, 1.0),
+        ("rdp", 0.01, 2000, 1.0),
+        ("rdp", 0.2, 30, 0.5),
+        ("rdp", 0.01, 500, 8.0),
+        ("prv", 0.1, 100, 1.0),
+        ("prv", 0.02, 300, 2.0),
+    ],
+)
 def test_calibrated_sigma_reaches_target(accountant, q, steps, target):
-    plan = _plan(target_epsilon=target, sample_rate=q, steps=steps, accountant=accountant,
-                 use_stats=False, use_mmd=False)
+    plan = _plan(
+        target_epsilon=target, sample_rate=q, steps=steps, accountant=accountant, use_stats=False, use_mmd=False
+    )
     eps = epsilon_of([Mechanism(DP_SGD, plan.sigma, q, steps)], delta=DELTA, accountant=accountant)
     assert eps == pytest.approx(plan.planned_epsilon, rel=1e-9)
     assert target * (1 - 2e-3) <= eps <= target
@@ -195,8 +237,12 @@ def test_composed_plan_meets_target_and_split(accountant):
     eps = epsilon_of(plan.mechanisms, delta=DELTA, accountant=accountant)
     assert 1.0 * (1 - 2e-3) <= eps <= 1.0
     assert {m.name for m in plan.mechanisms} == {DP_SGD, CLASS_STATS, MMD_EMBEDDINGS}
-    alone_stats = epsilon_of([Mechanism(CLASS_STATS, plan.noise_multiplier(CLASS_STATS), 1.0, 1)], delta=DELTA, accountant=accountant)
-    alone_mmd = epsilon_of([Mechanism(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, 1)], delta=DELTA, accountant=accountant)
+    alone_stats = epsilon_of(
+        [Mechanism(CLASS_STATS, plan.noise_multiplier(CLASS_STATS), 1.0, 1)], delta=DELTA, accountant=accountant
+    )
+    alone_mmd = epsilon_of(
+        [Mechanism(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, 1)], delta=DELTA, accountant=accountant
+    )
     assert alone_stats == pytest.approx(0.1, rel=2e-2) and alone_stats <= 0.1
     assert alone_mmd == pytest.approx(0.2, rel=2e-2) and alone_mmd <= 0.2
     assert plan.noise_multiplier(MMD_EMBEDDINGS) < plan.noise_multiplier(CLASS_STATS)

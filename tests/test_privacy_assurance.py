@@ -1,4 +1,5 @@
 """Resume never refunds epsilon (the ledger continues), and noise is secure unless a seed is asked for."""
+
 import json
 import os
 import signal
@@ -58,7 +59,7 @@ def test_a_stopped_run_resumes_with_a_continuing_ledger(tmp_path, monkeypatch, n
 
     res = run_training(tiny(*extra), out, resume=True, progress=False)
     after = ledger(out)
-    assert after[:len(before)] == before  # a continuation: nothing reset, nothing rewritten
+    assert after[: len(before)] == before  # a continuation: nothing reset, nothing rewritten
     keys = [e["key"] for e in after if e["mechanism"] == "dp-sgd"]
     assert keys == [f"round={r}/step={s}" for r in range(4) for s in range(2)]  # stopped at a round end: no replay
     assert res["privacy"]["epsilon_spent"] >= cut["epsilon_spent"]
@@ -84,7 +85,7 @@ def test_a_crash_mid_round_with_secure_noise_charges_the_rereleased_steps_again(
     eps_before = tr.epsilon_spent()
     res = run_training(tiny("train.rounds=2"), out, resume=True, progress=False)
     after = ledger(out)
-    assert after[:len(before)] == before
+    assert after[: len(before)] == before
     keys = [e["key"] for e in after if e["mechanism"] == "dp-sgd"]
     # the lost step is released again with fresh secure noise and paid for again; the guard then
     # stops one step early so the total stays within the plan
@@ -99,8 +100,23 @@ def test_noise_is_secure_by_default_and_reproducible_only_when_asked(tmp_path, c
     assert a["privacy"]["reproducible_noise"] is False and "secure" in a["privacy"]["noise"]
     assert not torch.allclose(phi(tmp_path / "a"), phi(tmp_path / "b"))  # same config and seed, fresh noise
     for name in ("c", "d"):
-        assert main(["train", "--config", "tiny", "--set", "train.rounds=1", "--set", "privacy.noise_seed=4",
-                     "--out", str(tmp_path / name), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--config",
+                    "tiny",
+                    "--set",
+                    "train.rounds=1",
+                    "--set",
+                    "privacy.noise_seed=4",
+                    "--out",
+                    str(tmp_path / name),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     out = capsys.readouterr().out
     assert "noise source : reproducible from privacy.noise_seed: NOT suitable for a real release" in out  # logged
     c = json.loads((tmp_path / "c" / "results.json").read_text())["privacy"]

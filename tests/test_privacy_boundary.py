@@ -1,12 +1,13 @@
 """What crosses the rank boundary: with privacy.diagnostics off, nothing but noisy releases and public counts."""
+
 import json
 
 import torch
+from fedhypevae.hpc import LocalCommunicator
 
 from fedhypevae.client import DIAG_KEYS
 from fedhypevae.config import load_config
 from fedhypevae.run import run_training
-from fedhypevae.hpc import LocalCommunicator
 
 
 class RecordingCommunicator(LocalCommunicator):

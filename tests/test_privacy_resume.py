@@ -9,6 +9,7 @@
 5. shared outputs hold nothing outside the guarantee when privacy.diagnostics is false;
 and: different methods never share noise streams; a failed run says what it spent and how to go on.
 """
+
 import json
 import math
 from pathlib import Path
@@ -16,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedhypevae.hpc import LocalCommunicator
+from helpers import interrupt_after
 
 import fedhypevae.run as run_mod
 from fedhypevae.cli import main
@@ -26,8 +29,6 @@ from fedhypevae.privacy.ledger import read_client_releases
 from fedhypevae.rng import STREAM_STEP, ClientRNG
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
-from helpers import interrupt_after
-from fedhypevae.hpc import LocalCommunicator
 
 
 class Recorder(LocalCommunicator):
@@ -47,8 +48,10 @@ def tiny(*overrides):
 
 def strict_load(path: Path):
     """json.loads that rejects Infinity/NaN (what most JSON parsers do)."""
+
     def bad(token):
         raise ValueError(f"{path}: non-standard JSON token {token}")
+
     return json.loads(Path(path).read_text(), parse_constant=bad)
 
 
@@ -66,8 +69,15 @@ def test_declared_sizes_are_the_dp_normalizer(tmp_path, engine):
     bufs = {}
     for declared in (1000, 2000):
         comm = Recorder()
-        cfg = tiny("partition.clients=1", "partition.kind=iid", f"federation.declared_sizes=[{declared}]",
-                   "model.lambda_mmd=0", "privacy.noise_seed=3", "train.rounds=1", f"train.engine={engine}")
+        cfg = tiny(
+            "partition.clients=1",
+            "partition.kind=iid",
+            f"federation.declared_sizes=[{declared}]",
+            "model.lambda_mmd=0",
+            "privacy.noise_seed=3",
+            "train.rounds=1",
+            f"train.engine={engine}",
+        )
         tr = Trainer(cfg, tmp_path / f"d{declared}", comm, progress=False)
         tr.setup()
         true_size = len(tr.clients[0].y)
@@ -84,8 +94,11 @@ def test_declared_sizes_are_the_dp_normalizer(tmp_path, engine):
 
 
 def test_declared_sizes_rounded_to_powers_of_two(tmp_path):
-    res = run_training(tiny("train.rounds=1", "federation.declared_size_rounding=pow2", "model.lambda_mmd=0"),
-                       tmp_path / "run", progress=False)
+    res = run_training(
+        tiny("train.rounds=1", "federation.declared_size_rounding=pow2", "model.lambda_mmd=0"),
+        tmp_path / "run",
+        progress=False,
+    )
     sizes = res["data"]["declared_sizes"]
     assert all(s & (s - 1) == 0 for s in sizes), sizes  # powers of two
     assert "powers of two" in res["privacy"]["declared_sizes"]
@@ -108,7 +121,7 @@ def test_identical_replay_is_free_and_bit_identical(tmp_path):
     res = run_training(tiny("privacy.noise_seed=11"), tmp_path / "cut", again, resume=True, progress=False)
     assert res["privacy"]["replays"] == {"free": 1, "charged_again": 0}
     after = read_client_releases(tmp_path / "cut", 0)
-    assert after[:len(before)] == before and [e["key"] for e in after].count("round=1/step=0") == 1
+    assert after[: len(before)] == before and [e["key"] for e in after].count("round=1/step=0") == 1
     old, new = grad_buffers(cut, tr.phi_numel)[-1], grad_buffers(again, tr.phi_numel)[0]
     assert torch.equal(old, new)  # the same released value, bit for bit
 
@@ -118,8 +131,9 @@ def test_a_changed_learning_rate_is_applied_and_the_different_replay_is_charged_
     cut = Recorder()
     tr = interrupt_after(tiny("privacy.noise_seed=11"), tmp_path / "cut", rounds=1, extra_steps=2, comm=cut)
     again = Recorder()
-    res = run_training(tiny("privacy.noise_seed=11", f"{key}={value}"), tmp_path / "cut", again, resume=True,
-                       progress=False)
+    res = run_training(
+        tiny("privacy.noise_seed=11", f"{key}={value}"), tmp_path / "cut", again, resume=True, progress=False
+    )
     assert res["resume"]["changed"] == {key: [tiny().to_dict()["train"][key.split(".")[1]], value]}
     # step 0 after the checkpoint precedes any update with the new rate: identical, free. Step 1 follows
     # one: a different payload, so charged again under a fresh epoch, never released under the old noise
@@ -150,9 +164,12 @@ def test_a_changed_local_lr_in_delta_mode_is_charged_not_replayed_free(tmp_path)
 def test_locked_settings_are_refused_with_their_values(tmp_path):
     interrupt_after(tiny("privacy.noise_seed=11"), tmp_path / "run", rounds=1, extra_steps=1)
     before = (tmp_path / "run" / "ledger" / "rank_00000.jsonl").read_bytes()
-    for override, name in [("stats.covariance=full", "stats.covariance"), ("privacy.target_epsilon=4", "privacy.target_epsilon"),
-                           ("model.hidden=[16]", "model.hidden"), ("federation.declared_sizes=[50,50,50,50]",
-                                                                    "federation.declared_sizes")]:
+    for override, name in [
+        ("stats.covariance=full", "stats.covariance"),
+        ("privacy.target_epsilon=4", "privacy.target_epsilon"),
+        ("model.hidden=[16]", "model.hidden"),
+        ("federation.declared_sizes=[50,50,50,50]", "federation.declared_sizes"),
+    ]:
         with pytest.raises(CheckpointError, match=name.replace(".", r"\.")) as exc:
             run_training(tiny("privacy.noise_seed=11", override), tmp_path / "run", resume=True, progress=False)
         assert "->" in str(exc.value)
@@ -170,16 +187,35 @@ def test_a_run_saved_before_a_key_existed_resumes_with_that_keys_default(tmp_pat
     del saved["model"]["hyper_layers"], saved["model"]["activation"]
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(CheckpointError, match=r"model.activation \('silu' -> 'tanh'\)"):
-        Trainer(tiny("train.rounds=2", "model.lambda_mmd=0", "model.activation=tanh"), out, resume=True,
-                progress=False).setup()
+        Trainer(
+            tiny("train.rounds=2", "model.lambda_mmd=0", "model.activation=tanh"), out, resume=True, progress=False
+        ).setup()
     res = run_training(tiny("train.rounds=2", "model.lambda_mmd=0"), out, resume=True, progress=False)
     assert res["status"] == "complete" and res["training"]["rounds"] == 2 and res["resume"]["changed"] == {}
 
 
 def test_a_changed_optimizer_is_applied_not_a_crash(tmp_path, capsys):
     interrupt_after(tiny(), tmp_path / "run", rounds=1)
-    assert main(["train", "--config", "tiny", "--set", "train.checkpoint_every=1", "--set", "train.optimizer=sgd",
-                 "--set", "train.lr=0.05", "--resume", "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--set",
+                "train.checkpoint_every=1",
+                "--set",
+                "train.optimizer=sgd",
+                "--set",
+                "train.lr=0.05",
+                "--resume",
+                "--out",
+                str(tmp_path / "run"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "changed      : train.optimizer 'adam' -> 'sgd' (applied from the resume on)" in out
     assert "changed      : train.lr 0.001 -> 0.05" in out
@@ -234,8 +270,23 @@ def test_an_identical_mmd_replay_is_free(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------- 4. no noise, strict JSON
 def test_no_noise_is_no_guarantee_and_results_are_strict_json(tmp_path, capsys):
-    assert main(["train", "--config", "tiny", "--set", "train.rounds=1", "--set", "privacy.target_epsilon=.inf",
-                 "--out", str(tmp_path / "zero"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--set",
+                "train.rounds=1",
+                "--set",
+                "privacy.target_epsilon=.inf",
+                "--out",
+                str(tmp_path / "zero"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "formal guarantee" not in out.replace("NO formal guarantee", "")
     assert "NO formal guarantee: none: no noise is added" in out
@@ -251,15 +302,20 @@ def test_no_noise_is_no_guarantee_and_results_are_strict_json(tmp_path, capsys):
 
 
 def test_a_fixed_noise_with_infinite_target_reports_its_finite_epsilon(tmp_path):
-    res = run_training(tiny("train.rounds=1", "privacy.target_epsilon=.inf", "privacy.noise_multiplier=2.0"),
-                       tmp_path / "run", progress=False)
+    res = run_training(
+        tiny("train.rounds=1", "privacy.target_epsilon=.inf", "privacy.noise_multiplier=2.0"),
+        tmp_path / "run",
+        progress=False,
+    )
     p = strict_load(tmp_path / "run" / "results.json")["privacy"]
     mechs = [m for m in res["privacy"]["plan"]["mechanisms"]]
     assert all(m["noise_multiplier"] == 2.0 for m in mechs)
     assert math.isfinite(p["epsilon_spent"]) and p["epsilon_spent"] > 0
     want = epsilon_of(PrivacyLedger(None, run_dir=tmp_path / "run").histories()[0][1], delta=1e-4, accountant="rdp")
     assert p["epsilon_spent"] == pytest.approx(want, rel=1e-12)
-    assert p["formal_guarantee"] is True and "infinite: the epsilon below is what the fixed noise gives" in p["guarantee"]
+    assert (
+        p["formal_guarantee"] is True and "infinite: the epsilon below is what the fixed noise gives" in p["guarantee"]
+    )
 
 
 # ------------------------------------------------------------------------------- 5. shared outputs
@@ -268,8 +324,9 @@ def test_shared_outputs_hold_nothing_outside_the_guarantee_without_diagnostics(t
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    res = run_training(tiny("train.rounds=2", "privacy.diagnostics=false", f"train.engine={engine}"), out,
-                       progress=False)
+    res = run_training(
+        tiny("train.rounds=2", "privacy.diagnostics=false", f"train.engine={engine}"), out, progress=False
+    )
     allowed_metrics = {"round", "privacy/epsilon", "train/steps"}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         assert set(json.loads(line)) == allowed_metrics
@@ -321,6 +378,7 @@ def test_a_baseline_and_fedhypevae_with_one_noise_seed_draw_different_coins():
     fed_rng = ClientRNG(0, 9).generator(STREAM_STEP, 0, 0)
     mine = torch.rand(8, generator=fed_rng)
     from fedhypevae.data import build_federation
+
     cfg = tiny("partition.clients=2", "partition.kind=iid")
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
     with pytest.MonkeyPatch.context() as mp:
@@ -334,13 +392,47 @@ def test_validation_happens_before_anything_is_written_or_released(tmp_path, cap
     and the directory written, so the corrected retry was refused. Now nothing is written, and the
     corrected command runs in the same --out."""
     out = tmp_path / "run"
-    assert main(["train", "--config", "tiny", "--set", "data.transform=none", "--set", "train.rounds=1",
-                 "--out", str(out), "--no-progress", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--set",
+                "data.transform=none",
+                "--set",
+                "train.rounds=1",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "privacy.stats_clip_norm must be set" in err and "Traceback" not in err
     assert not out.exists()
-    assert main(["train", "--config", "tiny", "--set", "data.transform=none", "--set", "privacy.stats_clip_norm=40",
-                 "--set", "train.rounds=1", "--out", str(out), "--no-progress", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--set",
+                "data.transform=none",
+                "--set",
+                "privacy.stats_clip_norm=40",
+                "--set",
+                "train.rounds=1",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
 
 
 def test_memory_a_later_stage_needs_is_checked_first(tmp_path, capsys):
@@ -348,8 +440,26 @@ def test_memory_a_later_stage_needs_is_checked_first(tmp_path, capsys):
     d = 20000
     np.savez(tmp_path / "wide.npz", x=rng.normal(size=(240, d)).astype(np.float32), y=np.repeat(np.arange(4), 60))
     out = tmp_path / "run"
-    assert main(["train", "--config", "tiny", "--set", f"data.path={tmp_path / 'wide.npz'}", "--set", "data.transform=l2",
-                 "--set", "stats.covariance=full", "--out", str(out), "--no-progress", "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                "tiny",
+                "--set",
+                f"data.path={tmp_path / 'wide.npz'}",
+                "--set",
+                "data.transform=l2",
+                "--set",
+                "stats.covariance=full",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "stats.covariance=full" in err and "GB" in err and "before training spends any privacy budget" in err
     assert not out.exists()
@@ -363,8 +473,19 @@ def test_a_failure_after_a_release_says_what_was_spent_and_how_to_continue(tmp_p
         raise FedHypeVAEError("the meta-code fit ran out of memory")
 
     monkeypatch.setattr(run_mod, "synthesize", broken)
-    args = ["train", "--config", "tiny", "--set", "train.rounds=1", "--set", "privacy.noise_seed=5", "--out", str(out),
-            "--no-progress", "--quiet"]
+    args = [
+        "train",
+        "--config",
+        "tiny",
+        "--set",
+        "train.rounds=1",
+        "--set",
+        "privacy.noise_seed=5",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--quiet",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "ran out of memory" in err[0]
@@ -398,28 +519,78 @@ def test_a_run_without_its_statistics_is_partial_and_exits_3(tmp_path, capsys, m
 # ------------------------------------------------------------------------------- every key
 # a valid value different from tiny's for EVERY config key (a new key must be added here)
 ALTERNATIVES = {
-    "seed": "1", "threads": "1",
-    "data.path": "breast_cancer", "data.label_column": "label", "data.group_column": "g", "data.site_column": "s",
-    "data.metadata_path": "/nonexistent/meta.csv", "data.transform": "l2", "data.value_range": "[0,32]",
+    "seed": "1",
+    "threads": "1",
+    "data.path": "breast_cancer",
+    "data.label_column": "label",
+    "data.group_column": "g",
+    "data.site_column": "s",
+    "data.metadata_path": "/nonexistent/meta.csv",
+    "data.transform": "l2",
+    "data.value_range": "[0,32]",
     "data.test_fraction": "0.3",
-    "partition.kind": "iid", "partition.alpha": "1.0", "partition.clients": "3", "partition.min_client_size": "10",
-    "model.latent_dim": "5", "model.code_dim": "3", "model.code_radius": "2.0", "model.hidden": "[16]",
-    "model.hyper_hidden": "8", "model.hyper_layers": "3", "model.activation": "tanh", "model.label_embed_dim": "3", "model.lipschitz": "null", "model.lambda_v": "0.01",
-    "model.lambda_mmd": "0.0", "model.mmd_kind": "literal", "model.mmd_bandwidths": "[0.5]", "model.mmd_features": "8",
+    "partition.kind": "iid",
+    "partition.alpha": "1.0",
+    "partition.clients": "3",
+    "partition.min_client_size": "10",
+    "model.latent_dim": "5",
+    "model.code_dim": "3",
+    "model.code_radius": "2.0",
+    "model.hidden": "[16]",
+    "model.hyper_hidden": "8",
+    "model.hyper_layers": "3",
+    "model.activation": "tanh",
+    "model.label_embed_dim": "3",
+    "model.lipschitz": "null",
+    "model.lambda_v": "0.01",
+    "model.lambda_mmd": "0.0",
+    "model.mmd_kind": "literal",
+    "model.mmd_bandwidths": "[0.5]",
+    "model.mmd_features": "8",
     "model.mmd_synthetic_per_class": "3",
-    "train.rounds": "4", "train.local_steps": "3", "train.optimizer": "sgd", "train.lr": "0.01",
-    "train.encoder_lr": "0.01", "train.code_lr": "0.05", "train.local_lr": "0.1", "train.checkpoint_every": "2",
-    "train.keep_checkpoints": "3", "train.replica_check_every": "1", "train.engine": "reference", "train.chunk_clients": "1",
-    "federation.aggregation": "delta", "federation.weights": "uniform", "federation.declared_sizes": "[100,100,100,100]",
-    "federation.declared_size_rounding": "pow2", "federation.server_lr": "0.5",
-    "privacy.enabled": "false", "privacy.mode": "paper", "privacy.target_epsilon": "4.0", "privacy.delta": "1e-5",
-    "privacy.clip_norm": "2.0", "privacy.sample_rate": "0.3", "privacy.accountant": "prv", "privacy.noise_seed": "12",
-    "privacy.diagnostics": "false", "privacy.stats_epsilon_fraction": "0.2", "privacy.mmd_epsilon_fraction": "0.2",
-    "privacy.stats_clip_norm": "3.0", "privacy.noise_multiplier": "5.0",
-    "privacy.trust_model": "central", "privacy.collusion": "2", "privacy.party": "rank",
-    "stats.covariance": "none", "stats.rank": "2",
-    "meta.codes": "2", "meta.beta": "0.2", "meta.steps": "10", "meta.lr": "0.1", "meta.samples_per_class": "8",
-    "synth.samples_per_class": "5", "synth.class_balance": "proportional", "synth.output_noise": "true",
+    "train.rounds": "4",
+    "train.local_steps": "3",
+    "train.optimizer": "sgd",
+    "train.lr": "0.01",
+    "train.encoder_lr": "0.01",
+    "train.code_lr": "0.05",
+    "train.local_lr": "0.1",
+    "train.checkpoint_every": "2",
+    "train.keep_checkpoints": "3",
+    "train.replica_check_every": "1",
+    "train.engine": "reference",
+    "train.chunk_clients": "1",
+    "federation.aggregation": "delta",
+    "federation.weights": "uniform",
+    "federation.declared_sizes": "[100,100,100,100]",
+    "federation.declared_size_rounding": "pow2",
+    "federation.server_lr": "0.5",
+    "privacy.enabled": "false",
+    "privacy.mode": "paper",
+    "privacy.target_epsilon": "4.0",
+    "privacy.delta": "1e-5",
+    "privacy.clip_norm": "2.0",
+    "privacy.sample_rate": "0.3",
+    "privacy.accountant": "prv",
+    "privacy.noise_seed": "12",
+    "privacy.diagnostics": "false",
+    "privacy.stats_epsilon_fraction": "0.2",
+    "privacy.mmd_epsilon_fraction": "0.2",
+    "privacy.stats_clip_norm": "3.0",
+    "privacy.noise_multiplier": "5.0",
+    "privacy.trust_model": "central",
+    "privacy.collusion": "2",
+    "privacy.party": "rank",
+    "stats.covariance": "none",
+    "stats.rank": "2",
+    "meta.codes": "2",
+    "meta.beta": "0.2",
+    "meta.steps": "10",
+    "meta.lr": "0.1",
+    "meta.samples_per_class": "8",
+    "synth.samples_per_class": "5",
+    "synth.class_balance": "proportional",
+    "synth.output_noise": "true",
 }
 
 

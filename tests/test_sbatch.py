@@ -1,20 +1,33 @@
 """Golden files for the generated sbatch scripts (plain sbatch, no submitit), and the shipped templates."""
+
 import subprocess
 from pathlib import Path
 
 import pytest
-
 from fedhypevae.slurm.sbatch import MPI_FLAVOURS, TEMPLATES, point_script, render, train_template
 
 GOLDEN = Path(__file__).parent / "golden"
-PARAMS = {"nodes": 2, "tasks_per_node": 4, "cpus_per_task": 2, "timeout_min": 125, "gpus_per_node": 4, "mem_gb": 32,
-          "slurm_partition": "gpu", "slurm_account": "proj42", "slurm_signal_delay_s": 120}
+PARAMS = {
+    "nodes": 2,
+    "tasks_per_node": 4,
+    "cpus_per_task": 2,
+    "timeout_min": 125,
+    "gpus_per_node": 4,
+    "mem_gb": 32,
+    "slurm_partition": "gpu",
+    "slurm_account": "proj42",
+    "slurm_signal_delay_s": 120,
+}
 
 
 def _point(mpi: str) -> str:
-    return point_script(Path("/scratch/sweeps/eps/points/fedhypevae-strict__dirichlet0.3__eps1__seed0"),
-                        python="/opt/venv/bin/python", mpi=mpi, params=PARAMS,
-                        job_name="fhv-fedhypevae-strict__dirichlet0.3__eps1__seed0")
+    return point_script(
+        Path("/scratch/sweeps/eps/points/fedhypevae-strict__dirichlet0.3__eps1__seed0"),
+        python="/opt/venv/bin/python",
+        mpi=mpi,
+        params=PARAMS,
+        job_name="fhv-fedhypevae-strict__dirichlet0.3__eps1__seed0",
+    )
 
 
 @pytest.mark.parametrize("mpi", sorted(MPI_FLAVOURS))

@@ -7,6 +7,7 @@ in the communicator's buffer (scaled by w_i / (q n_declared)) — and no other c
 itself (`fedhypevae.privacy.sensitivity.check_sensitivity`) runs the trainer's step objects on either form of
 the per-sample stage and its aggregation rule, and must catch a loss that couples the samples.
 """
+
 import copy
 import dataclasses
 
@@ -14,8 +15,14 @@ import pytest
 import torch
 
 from fedhypevae.config import TrainConfig, load_config
-from fedhypevae.privacy.sensitivity import (BatchNormInputs, SensitivityProbe, Unclipped, check_sensitivity, probe,
-                                            trace_step)
+from fedhypevae.privacy.sensitivity import (
+    BatchNormInputs,
+    SensitivityProbe,
+    Unclipped,
+    check_sensitivity,
+    probe,
+    trace_step,
+)
 from fedhypevae.rng import STREAM_STEP
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
@@ -113,7 +120,7 @@ def test_paper_mode_payload_depends_on_the_record_through_the_unnoised_local_sta
     rows = check_sensitivity(tr, c.id, remove=[j], steps=8, seed=3).rows
     first = next(i for i, r in enumerate(rows) if r.in_batch)
     assert rows[first].payload_diff <= C * (1 + 1e-4)  # until j is used, the states agree
-    later_outside = [r.payload_diff for r in rows[first + 1:] if not r.in_batch]
+    later_outside = [r.payload_diff for r in rows[first + 1 :] if not r.in_batch]
     assert later_outside and min(later_outside) > 1e-3 * C
 
     tr, c = saved_state(runs, "paper", lr=0.1)
@@ -143,8 +150,17 @@ def test_negative_control_missing_clipping_is_caught(runs):
 
 
 def engine_after_one_round(tmp_path, mode, clip=0.5):
-    cfg = load_config("tiny", ["train.rounds=1", "privacy.noise_seed=3", "train.engine=batched", f"privacy.mode={mode}",
-                               f"privacy.clip_norm={clip}", "model.lambda_mmd=0"])
+    cfg = load_config(
+        "tiny",
+        [
+            "train.rounds=1",
+            "privacy.noise_seed=3",
+            "train.engine=batched",
+            f"privacy.mode={mode}",
+            f"privacy.clip_norm={clip}",
+            "model.lambda_mmd=0",
+        ],
+    )
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
     tr.train()
@@ -171,6 +187,7 @@ def test_the_batched_engine_moves_one_clients_payload_by_at_most_C_and_no_other_
 def test_the_engine_check_catches_an_engine_that_does_not_clip(tmp_path, monkeypatch):
     """Negative control: the step with its clip factor forced to 1 moves the payload by more than C."""
     from fedhypevae import dp_step as dp_step_mod
+
     tr = engine_after_one_round(tmp_path, "strict", clip=0.01)
     client = tr.steps[0].block.client(0)
     remove = list(range(0, len(client.y), 4))

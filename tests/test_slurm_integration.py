@@ -4,6 +4,7 @@ with apt-get when they are missing): a sweep of 2 epsilons x 1 seed, 2 MPI ranks
 preemption send), requeued, resumed from its checkpoint with its privacy ledger continuing, and
 the sweep collected. Skips, saying why, when SLURM cannot be installed or started here.
 """
+
 import csv
 import json
 import os
@@ -15,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from fedhypevae.slurm.job import read_events
+from helpers import rel_diff
 
 from fedhypevae.privacy import PrivacyLedger
 from fedhypevae.privacy.ledger import read_client_releases
-from helpers import rel_diff
-from fedhypevae.slurm.job import read_events
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.mpi]
 
@@ -79,9 +80,33 @@ def logs(sweep_dir: Path) -> str:
 def test_sweep_on_real_slurm_interrupt_resume_and_collect(slurm_env, tmp_path):
     env = slurm_env
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "train.rounds=30", "--epsilons", "1,4",
-           "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict", "--ranks", "2", "--cluster", "slurm",
-           "--param", "timeout_min=30", "--param", "slurm_max_num_timeout=3", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedhypevae.slurm.sweep",
+        "--config",
+        "tiny",
+        "--set",
+        "train.rounds=30",
+        "--epsilons",
+        "1,4",
+        "--seeds",
+        "0",
+        "--partitions",
+        "iid",
+        "--methods",
+        "fedhypevae-strict",
+        "--ranks",
+        "2",
+        "--cluster",
+        "slurm",
+        "--param",
+        "timeout_min=30",
+        "--param",
+        "slurm_max_num_timeout=3",
+        "--out",
+        str(out),
+    ]
     r = sh(cmd, env)
     assert "submitted 2 point(s) with 2 rank(s) each" in r.stdout, r.stdout
     target = out / "points" / "fedhypevae-strict__iid__eps1__seed0"
@@ -95,17 +120,27 @@ def test_sweep_on_real_slurm_interrupt_resume_and_collect(slurm_env, tmp_path):
 
     wait_for(trained_a_round, 180, "the first checkpoint after a trained round of the running job", lambda: logs(out))
     sh(["scancel", "--signal=USR2", job_id], env)
-    wait_for(lambda: any(e["event"] == "interrupted" for e in read_events(target)), 60, "the collective checkpoint",
-             lambda: logs(out))
+    wait_for(
+        lambda: any(e["event"] == "interrupted" for e in read_events(target)),
+        60,
+        "the collective checkpoint",
+        lambda: logs(out),
+    )
 
     # re-running the sweep while the jobs are queued or running submits nothing
     again = sh(cmd, env)
     assert "nothing to submit" in again.stdout and "queued or running, not resubmitted" in again.stdout, again.stdout
     assert "submitted 1 point" not in again.stdout and "submitted 2 point" not in again.stdout
 
-    wait_for(lambda: all((out / "points" / p / "result.json").is_file()
-                         for p in ("fedhypevae-strict__iid__eps1__seed0", "fedhypevae-strict__iid__eps4__seed0")),
-             300, "both points to finish", lambda: logs(out) + sh(["squeue"], env, check=False).stdout)
+    wait_for(
+        lambda: all(
+            (out / "points" / p / "result.json").is_file()
+            for p in ("fedhypevae-strict__iid__eps1__seed0", "fedhypevae-strict__iid__eps4__seed0")
+        ),
+        300,
+        "both points to finish",
+        lambda: logs(out) + sh(["squeue"], env, check=False).stdout,
+    )
 
     events = read_events(target)
     kinds = [e["event"] for e in events]
@@ -146,11 +181,46 @@ def test_a_job_whose_ranks_each_see_a_world_of_one_fails(slurm_env, tmp_path):
     """srun without a PMI plugin: MPICH gives every task a world of one. The job must fail, not run twice."""
     env = slurm_env
     out = tmp_path / "sweep"
-    sh([sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--seeds", "0", "--partitions", "iid", "--epsilons", "1",
-        "--ranks", "2", "--cluster", "slurm", "--out", str(out), "--dry-run"], env)
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "fedhypevae.slurm.sweep",
+            "--config",
+            "tiny",
+            "--seeds",
+            "0",
+            "--partitions",
+            "iid",
+            "--epsilons",
+            "1",
+            "--ranks",
+            "2",
+            "--cluster",
+            "slurm",
+            "--out",
+            str(out),
+            "--dry-run",
+        ],
+        env,
+    )
     point = out / "points" / "fedhypevae-strict__iid__eps1__seed0"
-    r = sh(["srun", "-n", "2", "--mpi=none", "--kill-on-bad-exit=1", sys.executable, "-m", "fedhypevae.slurm.job", str(point)], env,
-           timeout=180, check=False)
+    r = sh(
+        [
+            "srun",
+            "-n",
+            "2",
+            "--mpi=none",
+            "--kill-on-bad-exit=1",
+            sys.executable,
+            "-m",
+            "fedhypevae.slurm.job",
+            str(point),
+        ],
+        env,
+        timeout=180,
+        check=False,
+    )
     assert r.returncode != 0
     assert "world of 1" in r.stderr, r.stderr[-2000:]
     assert not (point / "result.json").exists() and not (point / "run" / "checkpoints").exists()
@@ -160,13 +230,40 @@ def test_plain_sbatch_script_of_a_point_runs(slurm_env, tmp_path):
     """The script written by --dry-run, for people who do not use submitit, runs the point under sbatch."""
     env = slurm_env
     out = tmp_path / "sweep"
-    sh([sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--seeds", "0", "--partitions", "iid", "--epsilons", "2",
-        "--ranks", "2", "--cluster", "slurm", "--param", "timeout_min=10", "--out", str(out), "--dry-run"], env)
+    sh(
+        [
+            sys.executable,
+            "-m",
+            "fedhypevae.slurm.sweep",
+            "--config",
+            "tiny",
+            "--seeds",
+            "0",
+            "--partitions",
+            "iid",
+            "--epsilons",
+            "2",
+            "--ranks",
+            "2",
+            "--cluster",
+            "slurm",
+            "--param",
+            "timeout_min=10",
+            "--out",
+            str(out),
+            "--dry-run",
+        ],
+        env,
+    )
     point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
     r = sh(["sbatch", "--parsable", str(point / "job.sbatch")], env)
     job_id = r.stdout.strip().split(";")[0]
-    wait_for(lambda: (point / "result.json").is_file() or job_state(job_id, env) == "", 240, "the sbatch job",
-             lambda: "\n".join(p.read_text()[-2000:] for p in point.glob("slurm-*.out")))
+    wait_for(
+        lambda: (point / "result.json").is_file() or job_state(job_id, env) == "",
+        240,
+        "the sbatch job",
+        lambda: "\n".join(p.read_text()[-2000:] for p in point.glob("slurm-*.out")),
+    )
     assert (point / "result.json").is_file(), "\n".join(p.read_text()[-2000:] for p in point.glob("slurm-*.out"))
     starts = [e for e in read_events(point) if e["event"] == "start"]
     assert starts[0]["world_size"] == 2 and starts[0]["launcher"] == "srun"
@@ -174,8 +271,18 @@ def test_plain_sbatch_script_of_a_point_runs(slurm_env, tmp_path):
 
 # ------------------------------------------------------------------------------- Ctrl-C under srun
 CTRL_C_ROUNDS = 40
-CTRL_C_TRAIN = ["--config", "tiny", "--no-progress", "--quiet", "--set", f"train.rounds={CTRL_C_ROUNDS}",
-                "--set", "train.checkpoint_every=0", "--set", "privacy.noise_seed=3"]
+CTRL_C_TRAIN = [
+    "--config",
+    "tiny",
+    "--no-progress",
+    "--quiet",
+    "--set",
+    f"train.rounds={CTRL_C_ROUNDS}",
+    "--set",
+    "train.checkpoint_every=0",
+    "--set",
+    "privacy.noise_seed=3",
+]
 FEDHYPEVAE = BIN / "fedhypevae"
 
 # one SIGINT handler per task: how many SIGINTs reached it (a duplicate would arrive within the 2 s grace)
@@ -204,15 +311,24 @@ class BatchJob:
         self.out, self.err, self.rc_file = d / f"{name}.out", d / f"{name}.err", d / f"{name}.rc"
         self.shell_signals = d / f"{name}.shell_signals"
         script = d / f"{name}.sbatch"
-        script.write_text("\n".join([
-            "#!/bin/bash",
-            f"#SBATCH --job-name={name}", "#SBATCH --nodes=1", "#SBATCH --ntasks=2",
-            f"#SBATCH --output={self.out}", f"#SBATCH --error={self.err}",
-            f"trap 'echo INT >> {self.shell_signals}' INT",
-            f"trap 'echo TERM >> {self.shell_signals}' TERM",
-            f"cd {shlex.quote(str(REPO))}",
-            f"srun --nodes=1 --ntasks=2 --mpi={mpi} {shlex.join(str(a) for a in step)}",
-            f"echo $? > {self.rc_file}", ""]))
+        script.write_text(
+            "\n".join(
+                [
+                    "#!/bin/bash",
+                    f"#SBATCH --job-name={name}",
+                    "#SBATCH --nodes=1",
+                    "#SBATCH --ntasks=2",
+                    f"#SBATCH --output={self.out}",
+                    f"#SBATCH --error={self.err}",
+                    f"trap 'echo INT >> {self.shell_signals}' INT",
+                    f"trap 'echo TERM >> {self.shell_signals}' TERM",
+                    f"cd {shlex.quote(str(REPO))}",
+                    f"srun --nodes=1 --ntasks=2 --mpi={mpi} {shlex.join(str(a) for a in step)}",
+                    f"echo $? > {self.rc_file}",
+                    "",
+                ]
+            )
+        )
         r = sh(["sbatch", "--parsable", str(script)], env)
         self.job_id = r.stdout.strip().split(";")[0]
         assert self.job_id.isdigit(), r.stdout
@@ -235,8 +351,12 @@ class BatchJob:
 
     def wait(self, timeout: float) -> int:
         wait_for(self.finished, timeout, f"job {self.job_id} ({self.name}) to end", self.logs)
-        wait_for(lambda: self.rc_file.is_file() and self.rc_file.read_text().strip(), 10,
-                 f"the exit status of job {self.job_id}'s srun", self.logs)
+        wait_for(
+            lambda: self.rc_file.is_file() and self.rc_file.read_text().strip(),
+            10,
+            f"the exit status of job {self.job_id}'s srun",
+            self.logs,
+        )
         return int(self.rc_file.read_text())
 
     def task_exits(self) -> dict:
@@ -283,8 +403,12 @@ def test_sigint_to_srun_tasks_checkpoints_and_resumes_without_double_charging(sl
         (probe_dir / "probe.py").write_text(SIGINT_PROBE)
         probe = BatchJob(probe_dir, "probe", [sys.executable, probe_dir / "probe.py", probe_dir], env, mpi="none")
         jobs.append(probe)
-        wait_for(lambda: all((probe_dir / f"ready_{t}").is_file() for t in (0, 1)), 180,
-                 "both probe tasks to start", probe.logs)
+        wait_for(
+            lambda: all((probe_dir / f"ready_{t}").is_file() for t in (0, 1)),
+            180,
+            "both probe tasks to start",
+            probe.logs,
+        )
         sh(["scancel", "--signal=INT", probe.job_id], env)
         assert probe.wait(60) == 130, probe.logs()
         got = {t: (probe_dir / f"sigint_{t}").read_text() for t in (0, 1) if (probe_dir / f"sigint_{t}").is_file()}
@@ -313,16 +437,19 @@ def test_sigint_to_srun_tasks_checkpoints_and_resumes_without_double_charging(sl
             if not ended and time.time() - last_squeue > 1:
                 ended, last_squeue = train.finished(), time.time()
             if ended or time.time() - t0 > 240:
-                raise AssertionError(f"the training job did not reach round 3 while running "
-                                     f"({len(metric_rows(out))} rounds logged)\n{train.logs()}")
+                raise AssertionError(
+                    f"the training job did not reach round 3 while running "
+                    f"({len(metric_rows(out))} rounds logged)\n{train.logs()}"
+                )
             time.sleep(0.05)
         assert job_state(train.job_id, env) == "RUNNING", train.logs()
         sh(["scancel", "--signal=INT", train.job_id], env)
         signalled_after = len(metric_rows(out))
         rc = train.wait(180)
         err = train.err.read_text(errors="replace")
-        assert not (out / "results.json").exists(), \
+        assert not (out / "results.json").exists(), (
             f"the run finished before the SIGINT took effect (signalled after {signalled_after} rounds)\n{train.logs()}"
+        )
         assert rc == 130, f"srun exited {rc}, not 130\n{train.logs()}"
         assert train.task_exits() == {0: 130, 1: 130}, train.logs()
         assert "SIGINT received" in err and "stopped by signal 2" in err, train.logs()
@@ -351,8 +478,9 @@ def test_sigint_to_srun_tasks_checkpoints_and_resumes_without_double_charging(sl
         steps_done = stop_round * local_steps + stop_step
         assert [k for k in keys if k.startswith("round=")] == all_steps[:steps_done], keys
         assert all(x["epoch"] == 0 for x in rel), rel
-        eps_at_stop = PrivacyLedger(None, run_dir=out).epsilon(delta=want["privacy"]["delta"],
-                                                               accountant=want["privacy"]["accountant"])
+        eps_at_stop = PrivacyLedger(None, run_dir=out).epsilon(
+            delta=want["privacy"]["delta"], accountant=want["privacy"]["accountant"]
+        )
         printed = float(re.search(r"epsilon spent so far ([0-9]+\.[0-9]+)", err).group(1))
         assert eps_at_stop > 0 and abs(eps_at_stop - printed) < 1e-4, (eps_at_stop, printed)
         assert eps_at_stop < want["privacy"]["epsilon_spent"]

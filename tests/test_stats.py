@@ -1,4 +1,5 @@
 """DP class statistics, random features and the multi-kernel MMD."""
+
 import math
 
 import numpy as np
@@ -36,8 +37,9 @@ def _clip_np(x, c):
 def test_sigma_zero_gives_exact_clipped_moments(covariance):
     x, y = _data()
     c = 3.0
-    rel = release_class_stats(x, y, num_classes=3, clip_norm=c, noise_multiplier=0.0,
-                              covariance=covariance, generator=_gen())
+    rel = release_class_stats(
+        x, y, num_classes=3, clip_norm=c, noise_multiplier=0.0, covariance=covariance, generator=_gen()
+    )
     assert rel["sum"].dtype == torch.float64 and rel["count"].dtype == torch.float64
     out = finalize_class_stats(rel, covariance=covariance)
     xc = _clip_np(x.double().numpy(), c)
@@ -54,8 +56,9 @@ def test_sigma_zero_gives_exact_clipped_moments(covariance):
 
 def test_noisy_full_covariance_is_psd_and_rank_option():
     x, y = _data(n=30, d=8)
-    rel = release_class_stats(x, y, num_classes=3, clip_norm=1.0, noise_multiplier=2.0,
-                              covariance="full", generator=_gen())
+    rel = release_class_stats(
+        x, y, num_classes=3, clip_norm=1.0, noise_multiplier=2.0, covariance="full", generator=_gen()
+    )
     q = rel["second_moment"]
     assert torch.equal(q, q.transpose(1, 2))
     out = finalize_class_stats(rel, covariance="full")
@@ -65,17 +68,21 @@ def test_noisy_full_covariance_is_psd_and_rank_option():
     evals = torch.linalg.eigvalsh(low["covariances"])
     assert evals.min() >= -1e-10
     assert ((evals > 1e-9).sum(-1) <= 2).all()
-    diag = finalize_class_stats(release_class_stats(x, y, num_classes=3, clip_norm=1.0, noise_multiplier=2.0,
-                                                    covariance="diag", generator=_gen()), covariance="diag")
+    diag = finalize_class_stats(
+        release_class_stats(
+            x, y, num_classes=3, clip_norm=1.0, noise_multiplier=2.0, covariance="diag", generator=_gen()
+        ),
+        covariance="diag",
+    )
     assert (diag["variances"] > 0).all() and (diag["counts"] >= 0).all()
 
 
 def _scaled_joint(rel, c, covariance):
     parts = [rel["sum"].flatten() / c, rel["count"].flatten()]
     if covariance == "full":
-        parts.append(torch.triu(rel["second_moment"]).flatten() / c ** 2)
+        parts.append(torch.triu(rel["second_moment"]).flatten() / c**2)
     elif covariance == "diag":
-        parts.append(rel["second_moment"].flatten() / c ** 2)
+        parts.append(rel["second_moment"].flatten() / c**2)
     return torch.cat(parts)
 
 
@@ -98,11 +105,12 @@ def test_noise_scale_matches_documented_std():
     x = torch.zeros(0, 4)
     y = torch.zeros(0, dtype=torch.long)
     sigma, c = 0.7, 2.0
-    rel = release_class_stats(x, y, num_classes=2000, clip_norm=c, noise_multiplier=sigma,
-                              covariance="diag", generator=_gen())
+    rel = release_class_stats(
+        x, y, num_classes=2000, clip_norm=c, noise_multiplier=sigma, covariance="diag", generator=_gen()
+    )
     assert rel["sum"].std().item() == pytest.approx(sigma * math.sqrt(3) * c, rel=0.05)
     assert rel["count"].std().item() == pytest.approx(sigma * math.sqrt(3), rel=0.05)
-    assert rel["second_moment"].std().item() == pytest.approx(sigma * math.sqrt(3) * c ** 2, rel=0.05)
+    assert rel["second_moment"].std().item() == pytest.approx(sigma * math.sqrt(3) * c**2, rel=0.05)
 
 
 def test_release_is_reproducible_and_validated():
@@ -112,11 +120,13 @@ def test_release_is_reproducible_and_validated():
     b = release_class_stats(x, y, generator=_gen(5), **kw)
     assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(PrivacyError, match="covariance"):
-        release_class_stats(x, y, num_classes=3, clip_norm=1.0, noise_multiplier=1.0, covariance="low",
-                            generator=_gen())
+        release_class_stats(
+            x, y, num_classes=3, clip_norm=1.0, noise_multiplier=1.0, covariance="low", generator=_gen()
+        )
     with pytest.raises(PrivacyError, match="labels"):
-        release_class_stats(x, y, num_classes=2, clip_norm=1.0, noise_multiplier=1.0, covariance="diag",
-                            generator=_gen())
+        release_class_stats(
+            x, y, num_classes=2, clip_norm=1.0, noise_multiplier=1.0, covariance="diag", generator=_gen()
+        )
 
 
 # ----------------------------------------------------------------------------- DP-MERF
@@ -141,8 +151,9 @@ def test_mean_embedding_mmd_approximates_kernel_mmd():
     bw = [0.5, 1.0, 2.0]
     exact = gaussian_kernel_mmd2(a, b, bw).item()
     rf = RandomFeatures(dim=3, bandwidths=bw, features_per_bandwidth=8192, seed=1)
-    sums, counts = release_mean_embeddings(a, torch.zeros(200, dtype=torch.long), features=rf, num_classes=1,
-                                           noise_multiplier=0.0, generator=_gen())
+    sums, counts = release_mean_embeddings(
+        a, torch.zeros(200, dtype=torch.long), features=rf, num_classes=1, noise_multiplier=0.0, generator=_gen()
+    )
     assert counts.item() == 200
     approx = mean_embedding_mmd2(sums[0] / counts[0], b, rf).item()
     assert exact > 0.05
@@ -157,8 +168,14 @@ def test_mean_embedding_sensitivity_and_noise():
     s2, n2 = release_mean_embeddings(x[1:], y[1:], **kw)
     joint = torch.cat([(s - s2).flatten(), (n - n2).flatten()]).norm().item()
     assert joint == pytest.approx(math.sqrt(2), abs=1e-9)
-    s, n = release_mean_embeddings(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), features=rf,
-                                   num_classes=500, noise_multiplier=0.5, generator=_gen())
+    s, n = release_mean_embeddings(
+        torch.zeros(0, 4),
+        torch.zeros(0, dtype=torch.long),
+        features=rf,
+        num_classes=500,
+        noise_multiplier=0.5,
+        generator=_gen(),
+    )
     assert s.dtype == torch.float64 and s.shape == (500, 16)
     assert s.std().item() == pytest.approx(0.5 * math.sqrt(2), rel=0.05)
 

@@ -1,4 +1,5 @@
 """Sweeps without SLURM: the grid, parameter checks, dry runs, the debug and local clusters, collection."""
+
 import csv
 import json
 import os
@@ -7,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fedhypevae.slurm import collect, job, sweep
 from fedhypevae.slurm.job import read_events
 
@@ -18,13 +18,25 @@ TINY = ["--config", "tiny", "--seeds", "0", "--partitions", "iid"]
 
 def run_sweep(*args, timeout=240):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "MPI_", "HYDRA_"))}
-    return subprocess.run([sys.executable, "-m", "fedhypevae.slurm.sweep", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "fedhypevae.slurm.sweep", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_grid_runs_epsilon_free_methods_once_per_seed_and_partition():
-    s = {"methods": ["fedhypevae-strict", "local", "dpcvae"], "partitions": ["iid", "dirichlet0.3"], "seeds": [0, 1],
-         "epsilons": [1.0, 4.0], "overrides": [], "ranks": 2}
+    s = {
+        "methods": ["fedhypevae-strict", "local", "dpcvae"],
+        "partitions": ["iid", "dirichlet0.3"],
+        "seeds": [0, 1],
+        "epsilons": [1.0, 4.0],
+        "overrides": [],
+        "ranks": 2,
+    }
     pts = sweep.build_grid(s)
     ids = {p.id for p in pts}
     assert len(pts) == 2 * 2 * 2 + 2 * 2 * 1 + 2 * 2 * 2
@@ -55,8 +67,24 @@ def test_dry_run_lists_points_and_writes_plain_sbatch_scripts(tmp_path):
     out = tmp_path / "s"
     cfg = tmp_path / "cluster.yaml"
     cfg.write_text("slurm_partition: gpu\ntimeout_min: 30\n")
-    r = run_sweep(*TINY, "--epsilons", "1,2", "--methods", "fedhypevae-strict,local", "--ranks", "2", "--cluster", "slurm",
-                  "--cluster-config", str(cfg), "--param", "mem_gb=4", "--out", str(out), "--dry-run")
+    r = run_sweep(
+        *TINY,
+        "--epsilons",
+        "1,2",
+        "--methods",
+        "fedhypevae-strict,local",
+        "--ranks",
+        "2",
+        "--cluster",
+        "slurm",
+        "--cluster-config",
+        str(cfg),
+        "--param",
+        "mem_gb=4",
+        "--out",
+        str(out),
+        "--dry-run",
+    )
     assert r.returncode == 0, r.stderr
     assert "would submit 3 of 3" in r.stdout and "slurm_partition = gpu" in r.stdout
     script = (out / "points" / "fedhypevae-strict__iid__eps2__seed0" / "job.sbatch").read_text()
@@ -108,8 +136,21 @@ def test_local_cluster_runs_multi_rank_points_with_mpiexec_and_lists_failures(tm
 
     # a point that cannot run (1 client on 2 ranks) fails; the sweep says which, with its log file
     bad = tmp_path / "bad"
-    args = [*TINY, "--set", "partition.clients=1", "--set", "partition.kind=iid", "--epsilons", "2", "--ranks", "2",
-            "--cluster", "local", "--out", str(bad)]
+    args = [
+        *TINY,
+        "--set",
+        "partition.clients=1",
+        "--set",
+        "partition.kind=iid",
+        "--epsilons",
+        "2",
+        "--ranks",
+        "2",
+        "--cluster",
+        "local",
+        "--out",
+        str(bad),
+    ]
     r = run_sweep(*args)
     assert r.returncode == 1
     assert "FAILED fedhypevae-strict__iid__eps2__seed0" in r.stdout and "_log.err" in r.stdout
@@ -119,26 +160,42 @@ def test_local_cluster_runs_multi_rank_points_with_mpiexec_and_lists_failures(tm
 
 
 def test_example_sweep_config_and_help(tmp_path):
-    r = run_sweep("--sweep-config", "slurm/sweep_example.yaml", "--cluster", "local", "--out", str(tmp_path / "s"), "--dry-run")
+    r = run_sweep(
+        "--sweep-config", "slurm/sweep_example.yaml", "--cluster", "local", "--out", str(tmp_path / "s"), "--dry-run"
+    )
     assert r.returncode == 0, r.stderr
     assert "96 points" in r.stdout and "ranks=4" in r.stdout
     h = run_sweep("--help")
     assert h.returncode == 0 and "--epsilons" in h.stdout and "submitit's names" in h.stdout
-    c = subprocess.run([sys.executable, "-m", "fedhypevae.slurm.collect", str(tmp_path / "none")], capture_output=True, text=True)
+    c = subprocess.run(
+        [sys.executable, "-m", "fedhypevae.slurm.collect", str(tmp_path / "none")], capture_output=True, text=True
+    )
     assert c.returncode == 2 and "holds no sweep" in c.stderr
 
 
 # ------------------------------------------------------------------------------------ partial points
-WHY = ("class statistics: the budget has no room left for their release (epsilon spent 1.9999 of 2.0), so the "
-       "meta-code was not fitted")
+WHY = (
+    "class statistics: the budget has no room left for their release (epsilon spent 1.9999 of 2.0), so the "
+    "meta-code was not fitted"
+)
 NOT_FITTED = "meta-code: not fitted (no class statistics); synthetic.npz was generated from the untrained zero code"
 
 
 def _spec(pid, method="fedhypevae-strict", eps=1.0, seed=0, ranks=1):
-    return {"id": pid, "method": method, "partition": "iid", "epsilon": eps, "seed": seed, "ranks": ranks,
-            "config": str(REPO / "configs" / "tiny.yaml"),
-            "overrides": [f"seed={seed}", "partition.kind=iid", f"privacy.target_epsilon={eps}", "privacy.mode=strict"],
-            "protocol": "augment", "comm_timeout_s": 60.0, "device": "cpu", "baseline_settings": {}}
+    return {
+        "id": pid,
+        "method": method,
+        "partition": "iid",
+        "epsilon": eps,
+        "seed": seed,
+        "ranks": ranks,
+        "config": str(REPO / "configs" / "tiny.yaml"),
+        "overrides": [f"seed={seed}", "partition.kind=iid", f"privacy.target_epsilon={eps}", "privacy.mode=strict"],
+        "protocol": "augment",
+        "comm_timeout_s": 60.0,
+        "device": "cpu",
+        "baseline_settings": {},
+    }
 
 
 def _write_point(out, spec, result=None):
@@ -147,21 +204,42 @@ def _write_point(out, spec, result=None):
     d.mkdir(parents=True, exist_ok=True)
     job.write_json(d / "spec.json", spec)
     if result is not None:
-        job.write_json(d / "result.json", {**{k: spec[k] for k in ("id", "method", "partition", "epsilon", "seed",
-                                                                     "ranks")}, **result})
+        job.write_json(
+            d / "result.json",
+            {**{k: spec[k] for k in ("id", "method", "partition", "epsilon", "seed", "ranks")}, **result},
+        )
     return d
 
 
 def _complete(acc):
     rows = [{"client": c, "accuracy": acc, "balanced_accuracy": acc - 0.1} for c in range(2)]
-    return {"status": "complete", "missing": [], "rows": rows, "accuracy": acc, "balanced_accuracy": acc - 0.1,
-            "epsilon_spent": 0.99, "formal_guarantee": True, "seconds": 1.0, "starts": 1, "resumed_from_rounds": [],
-            "resumed_from_steps": []}
+    return {
+        "status": "complete",
+        "missing": [],
+        "rows": rows,
+        "accuracy": acc,
+        "balanced_accuracy": acc - 0.1,
+        "epsilon_spent": 0.99,
+        "formal_guarantee": True,
+        "seconds": 1.0,
+        "starts": 1,
+        "resumed_from_rounds": [],
+        "resumed_from_steps": [],
+    }
 
 
 def _partial():
-    return {"status": "partial", "missing": [WHY, NOT_FITTED], "rows": [], "epsilon_spent": 1.9999,
-            "formal_guarantee": True, "seconds": 1.0, "starts": 2, "resumed_from_rounds": [3], "resumed_from_steps": [0]}
+    return {
+        "status": "partial",
+        "missing": [WHY, NOT_FITTED],
+        "rows": [],
+        "epsilon_spent": 1.9999,
+        "formal_guarantee": True,
+        "seconds": 1.0,
+        "starts": 2,
+        "resumed_from_rounds": [3],
+        "resumed_from_steps": [0],
+    }
 
 
 def test_collect_lists_partial_points_apart_and_leaves_them_out_of_means_and_plot(tmp_path, monkeypatch, capsys):
@@ -179,7 +257,10 @@ def test_collect_lists_partial_points_apart_and_leaves_them_out_of_means_and_plo
 
     s = json.loads((out / "summary.json").read_text())
     assert s["finished"] == 1 and s["points"] == 4
-    assert [p["id"] for p in s["partial"]] == ["fedhypevae-strict__iid__eps1__seed1", "fedhypevae-strict__iid__eps4__seed0"]
+    assert [p["id"] for p in s["partial"]] == [
+        "fedhypevae-strict__iid__eps1__seed1",
+        "fedhypevae-strict__iid__eps4__seed0",
+    ]
     assert s["partial"][0]["missing"] == [WHY, NOT_FITTED]
     assert s["missing"] == ["fedhypevae-strict__iid__epsinf__seed0"]  # points without a result: as before
     (row,) = s["summary"]  # the partial seed is not averaged in; the eps=4 group (only partial) is absent
@@ -220,8 +301,15 @@ def test_point_status_says_partial_and_the_dry_run_does_not_resubmit_it(tmp_path
 
 def test_json_files_are_strict_and_keep_an_infinite_target_epsilon(tmp_path):
     f = tmp_path / "x.json"
-    job.write_json(f, {"epsilon": float("inf"), "epsilons": [1.0, float("inf")], "epsilon_spent": float("nan"),
-                       "summary": [{"epsilon": float("inf"), "accuracy_std": float("nan")}]})
+    job.write_json(
+        f,
+        {
+            "epsilon": float("inf"),
+            "epsilons": [1.0, float("inf")],
+            "epsilon_spent": float("nan"),
+            "summary": [{"epsilon": float("inf"), "accuracy_std": float("nan")}],
+        },
+    )
     text = f.read_text()
     assert "Infinity" not in text and "NaN" not in text
     back = job.read_json(f)
@@ -248,8 +336,13 @@ def test_job_writes_a_partial_result_unscored_exits_3_and_is_not_run_again(tmp_p
 
     def partial_run(cfg, out, comm, **kw):
         calls.append(kw)
-        return {"status": "partial", "missing": [WHY, NOT_FITTED], "training": {"rounds": 3}, "provenance": {},
-                "privacy": {"epsilon_spent": 1.9999, "formal_guarantee": True}}
+        return {
+            "status": "partial",
+            "missing": [WHY, NOT_FITTED],
+            "training": {"rounds": 3},
+            "provenance": {},
+            "privacy": {"epsilon_spent": 1.9999, "formal_guarantee": True},
+        }
 
     monkeypatch.setattr(fedhypevae.run, "run_training", partial_run)
     assert job.main([str(point)]) == job.EXIT_PARTIAL
@@ -280,8 +373,12 @@ def test_start_event_after_a_stop_between_steps_records_round_and_step(tmp_path,
     point = _write_point(tmp_path / "s", _spec("fedhypevae-strict__iid__eps1__seed0"))
     (point / "run").mkdir()
     (point / "run" / "config.yaml").write_text("seed: 0\n")  # a run to resume
-    for name, complete in (("round_000001", True), ("round_000002", True), ("round_000002_step_00001", True),
-                           ("round_000002_step_00003", False)):  # the last one was being written: ignored
+    for name, complete in (
+        ("round_000001", True),
+        ("round_000002", True),
+        ("round_000002_step_00001", True),
+        ("round_000002_step_00003", False),
+    ):  # the last one was being written: ignored
         d = point / "run" / "checkpoints" / name
         d.mkdir(parents=True)
         if complete:
@@ -290,8 +387,15 @@ def test_start_event_after_a_stop_between_steps_records_round_and_step(tmp_path,
 
     def stopped(cfg, out, comm, *, resume, **kw):
         seen["resume"] = resume
-        return {"interrupted": True, "signal": 15, "round": 2, "step": 3, "epsilon_spent": 0.5,
-                "checkpoint": str(out / "checkpoints" / "round_000002_step_00003"), "out": str(out)}
+        return {
+            "interrupted": True,
+            "signal": 15,
+            "round": 2,
+            "step": 3,
+            "epsilon_spent": 0.5,
+            "checkpoint": str(out / "checkpoints" / "round_000002_step_00003"),
+            "out": str(out),
+        }
 
     monkeypatch.setattr(fedhypevae.run, "run_training", stopped)
     assert job.main([str(point)]) == 143
@@ -306,9 +410,11 @@ def test_run_with_mpiexec_takes_the_ranks_status_3_as_partial(tmp_path, monkeypa
     point = _write_point(tmp_path / "s", _spec("p", ranks=2), _partial())
     fake = tmp_path / "mpiexec"
     monkeypatch.setattr(job, "mpiexec_path", lambda: str(fake))
-    for rc, expect in ((3, {"interrupted": False, "point": "p", "status": "partial", "missing": [WHY, NOT_FITTED]}),
-                       (143, {"interrupted": True, "signal": 15, "point": "p"}),
-                       (130, {"interrupted": True, "signal": 2, "point": "p"})):
+    for rc, expect in (
+        (3, {"interrupted": False, "point": "p", "status": "partial", "missing": [WHY, NOT_FITTED]}),
+        (143, {"interrupted": True, "signal": 15, "point": "p"}),
+        (130, {"interrupted": True, "signal": 2, "point": "p"}),
+    ):
         fake.write_text(f"#!/bin/sh\nexit {rc}\n")
         fake.chmod(0o755)
         assert job.run_with_mpiexec(point) == expect
@@ -329,8 +435,12 @@ def _crash_after_the_statistics_charge(point):
 
 
 def _stats_charges(run_dir):
-    return sum(json.loads(t).get("key") == "stats" for f in sorted((run_dir / "ledger").glob("rank_*.jsonl"))
-               for t in f.read_text().splitlines() if t.strip())
+    return sum(
+        json.loads(t).get("key") == "stats"
+        for f in sorted((run_dir / "ledger").glob("rank_*.jsonl"))
+        for t in f.read_text().splitlines()
+        if t.strip()
+    )
 
 
 @pytest.mark.slow
@@ -366,7 +476,9 @@ def test_debug_cluster_point_made_partial_for_real_is_reported_not_retried_and_c
     assert f"{point.name}  partial (not retried: {WHY}" in again.stdout and "submitted 1 point" not in again.stdout
     assert [e["event"] for e in read_events(point)] == ["start", "start", "partial"]
 
-    c = subprocess.run([sys.executable, "-m", "fedhypevae.slurm.collect", str(out)], cwd=REPO, capture_output=True, text=True)
+    c = subprocess.run(
+        [sys.executable, "-m", "fedhypevae.slurm.collect", str(out)], cwd=REPO, capture_output=True, text=True
+    )
     assert c.returncode == 0 and "1 of 2 point(s) collected, 1 partial" in c.stdout, c.stdout + c.stderr
     s = json.loads((out / "summary.json").read_text())
     assert [p["id"] for p in s["partial"]] == [point.name] and s["missing"] == []
@@ -393,6 +505,12 @@ def test_local_cluster_multi_rank_partial_point_exits_3_on_every_rank_and_is_not
     assert _stats_charges(point / "run") == 2  # one charge per rank's clients, made once, not again
     # the ranks themselves: status 3 from mpiexec (the point already has its partial result: not run again)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_", "OMPI_", "MPI_", "HYDRA_"))}
-    m = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "fedhypevae.slurm.job", str(point)], cwd=REPO,
-                       capture_output=True, text=True, timeout=120, env=env)
+    m = subprocess.run(
+        [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m", "fedhypevae.slurm.job", str(point)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert m.returncode == 3 and "already has a partial result" in m.stderr, m.stdout + m.stderr

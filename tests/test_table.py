@@ -1,4 +1,5 @@
 """`fedhypevae table`: identical splits for every method, resumable cells, Markdown/CSV/PNG outputs."""
+
 import csv
 
 import pytest
@@ -8,11 +9,23 @@ from fedhypevae.table import TableConfig, load_table_config, run_table
 
 
 def small_table(**kw):
-    args = dict(name="t", train_config="tiny", overrides=["train.rounds=1"], data={"path": "digits"},
-                partitions=["iid", "dirichlet"], alpha=0.5, clients=3, min_client_size=20, seeds=[0], epsilon=2.0,
-                methods=["local", "fedavg-dp", "dpcvae", "fedhypevae-strict", "pooled"],
-                baselines={"fedavg-dp": {"rounds": 2}, "dpcvae": {"rounds": 1, "hidden": 16, "latent_dim": 4,
-                                                                  "samples_per_class": 5}})
+    args = dict(
+        name="t",
+        train_config="tiny",
+        overrides=["train.rounds=1"],
+        data={"path": "digits"},
+        partitions=["iid", "dirichlet"],
+        alpha=0.5,
+        clients=3,
+        min_client_size=20,
+        seeds=[0],
+        epsilon=2.0,
+        methods=["local", "fedavg-dp", "dpcvae", "fedhypevae-strict", "pooled"],
+        baselines={
+            "fedavg-dp": {"rounds": 2},
+            "dpcvae": {"rounds": 1, "hidden": 16, "latent_dim": 4, "samples_per_class": 5},
+        },
+    )
     args.update(kw)
     return TableConfig(**args)
 
@@ -32,7 +45,12 @@ def test_table_runs_every_method_on_the_same_splits_and_resumes(tmp_path):
     eps = {r["method"]: r["epsilon_spent"] for r in rows}
     assert float(eps["fedhypevae-strict"]) <= 2.0 + 1e-9 and float(eps["fedavg-dp"]) <= 2.0 + 1e-9
     # every method scored the same clients' test splits
-    clients = {(r["method"], r["partition"]): sorted(r2["client"] for r2 in rows if (r2["method"], r2["partition"]) == (r["method"], r["partition"])) for r in rows}
+    clients = {
+        (r["method"], r["partition"]): sorted(
+            r2["client"] for r2 in rows if (r2["method"], r2["partition"]) == (r["method"], r["partition"])
+        )
+        for r in rows
+    }
     assert len({tuple(v) for v in clients.values()}) == 1
     # a second run reuses the finished cells
     before = {p.name: p.stat().st_mtime for p in (tmp_path / "cells").iterdir()}
@@ -52,4 +70,9 @@ def test_table_config_rejects_unknown_methods_and_keys(tmp_path):
 def test_shipped_table_configs_load():
     for name in ("table1_digits", "table1_ham10000", "table1_pneumoniamnist"):
         tc = load_table_config(name)
-        assert tc.clients == 10 and tc.epsilon == 1.0 and tc.seeds == [0, 1, 2] and set(tc.partitions) == {"iid", "dirichlet"}
+        assert (
+            tc.clients == 10
+            and tc.epsilon == 1.0
+            and tc.seeds == [0, 1, 2]
+            and set(tc.partitions) == {"iid", "dirichlet"}
+        )

@@ -1,10 +1,12 @@
 """End to end on one process: outputs, privacy accounting, the budget guard, resume, modes."""
+
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import interrupt_after
 
 from fedhypevae.config import load_config
 from fedhypevae.errors import CheckpointError, ConfigError
@@ -12,7 +14,6 @@ from fedhypevae.model import HyperNetwork
 from fedhypevae.privacy import PrivacyLedger
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
-from helpers import interrupt_after
 
 
 def tiny(*overrides):
@@ -56,8 +57,11 @@ def test_tiny_run_writes_every_output(tmp_path):
 def test_sigma_zero_with_huge_clip_equals_non_private(tmp_path):
     common = ["privacy.noise_seed=7", "train.rounds=2"]
     run_training(tiny(*common, "privacy.enabled=false"), tmp_path / "np", progress=False)
-    run_training(tiny(*common, "privacy.target_epsilon=.inf", "privacy.noise_multiplier=0.0", "privacy.clip_norm=1e9"),
-                 tmp_path / "dp0", progress=False)
+    run_training(
+        tiny(*common, "privacy.target_epsilon=.inf", "privacy.noise_multiplier=0.0", "privacy.clip_norm=1e9"),
+        tmp_path / "dp0",
+        progress=False,
+    )
     a, b = phi(tmp_path / "np"), phi(tmp_path / "dp0")
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     # and real noise really changes the result
@@ -119,13 +123,16 @@ def test_a_second_run_into_the_same_directory_is_refused(tmp_path):
         run_training(tiny("train.rounds=1"), tmp_path / "run", progress=False)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["federation.aggregation=delta"],
-    ["privacy.mode=paper"],
-    ["meta.codes=2", "stats.covariance=full", "synth.class_balance=proportional"],
-    ["model.mmd_kind=literal", "privacy.mmd_epsilon_fraction=0.0", "federation.weights=uniform"],
-    ["privacy.accountant=prv", "train.optimizer=sgd"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["federation.aggregation=delta"],
+        ["privacy.mode=paper"],
+        ["meta.codes=2", "stats.covariance=full", "synth.class_balance=proportional"],
+        ["model.mmd_kind=literal", "privacy.mmd_epsilon_fraction=0.0", "federation.weights=uniform"],
+        ["privacy.accountant=prv", "train.optimizer=sgd"],
+    ],
+)
 def test_variants_run_and_report(tmp_path, overrides):
     res = run_training(tiny("train.rounds=2", *overrides), tmp_path / "run", progress=False)
     p = res["privacy"]
@@ -138,8 +145,24 @@ def test_variants_run_and_report(tmp_path, overrides):
 def test_training_reads_a_shard_directory(tmp_path):
     from fedhypevae.cli import main
 
-    assert main(["data", "partition", "digits", "--clients", "4", "--alpha", "0.5", "--min-client-size", "20",
-                 "--out", str(tmp_path / "shards")]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "partition",
+                "digits",
+                "--clients",
+                "4",
+                "--alpha",
+                "0.5",
+                "--min-client-size",
+                "20",
+                "--out",
+                str(tmp_path / "shards"),
+            ]
+        )
+        == 0
+    )
     res = run_training(tiny("train.rounds=1", f"data.path={tmp_path / 'shards'}"), tmp_path / "run", progress=False)
     assert res["data"]["clients"] == 4
 

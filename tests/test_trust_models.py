@@ -14,6 +14,7 @@
 * the sensitivity check and the white-box audit (scored on the aggregate in distributed and central, sabotages
   no-shares and share-over-m) in each model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import MPIEXEC, launch_trust_worker, trust_ranks
+
 from fedhypevae.audit import run_audit
 from fedhypevae.config import load_config
 from fedhypevae.errors import ConfigError
@@ -53,13 +54,13 @@ def claimed(rec, trust: str) -> dict:
     a2 = [x * x for x in a]
     need = (sigma * max(a) * C) ** 2
     if trust == "local":
-        return {"total": sigma ** 2 * C ** 2 * sum(a2), "need": need}
+        return {"total": sigma**2 * C**2 * sum(a2), "need": need}
     if trust == "central":
         return {"total": need, "need": need}
     parties = [[i] for i in range(len(a))] if rec["party"] == "client" else rec["placement"]
-    known = sum(sorted((sum(a2[i] for i in p) for p in parties), reverse=True)[:rec["collusion"]])
-    share2 = sigma ** 2 * max(a2) / (sum(a2) - known)  # s^2: the unknown shares sum to exactly `need`
-    return {"total": share2 * C ** 2 * sum(a2), "need": need, "share2": share2}
+    known = sum(sorted((sum(a2[i] for i in p) for p in parties), reverse=True)[: rec["collusion"]])
+    share2 = sigma**2 * max(a2) / (sum(a2) - known)  # s^2: the unknown shares sum to exactly `need`
+    return {"total": share2 * C**2 * sum(a2), "need": need, "share2": share2}
 
 
 def noise_problems(recs: list, trust: str, tol: float = TOL) -> list:
@@ -73,28 +74,40 @@ def noise_problems(recs: list, trust: str, tol: float = TOL) -> list:
     want = claimed(recs[0], trust)
     got = float(noise.pow(2).mean())
     if abs(got / want["total"] - 1) > tol:
-        problems.append(f"aggregate noise variance {got:.4g}, claimed {want['total']:.4g} (ratio {got / want['total']:.4f})")
+        problems.append(
+            f"aggregate noise variance {got:.4g}, claimed {want['total']:.4g} (ratio {got / want['total']:.4f})"
+        )
     partial = [r["sent"] - r["unnoised"] for r in recs]  # each rank's own noise in what it sent
     a = coefs(recs[0])
     sigma, C = recs[0]["sigma"], recs[0]["clip"]
     if trust == "local":  # every client's release carries sigma at its own sensitivity
         for r, p in zip(recs, partial):
-            mine = sigma ** 2 * C ** 2 * sum(a[i] ** 2 for i in r["placement"][r["rank"]])
+            mine = sigma**2 * C**2 * sum(a[i] ** 2 for i in r["placement"][r["rank"]])
             if abs(float(p.pow(2).mean()) / mine - 1) > tol:
-                problems.append(f"rank {r['rank']}: its clients' releases carry {float(p.pow(2).mean()):.4g}, not {mine:.4g}")
+                problems.append(
+                    f"rank {r['rank']}: its clients' releases carry {float(p.pow(2).mean()):.4g}, not {mine:.4g}"
+                )
     if trust == "distributed" and recs[0]["party"] == "rank":  # the worst coalition of t ranks pools its shares
-        worst = sorted(range(len(recs)), key=lambda k: -float(partial[k].pow(2).mean()))[:recs[0]["collusion"]]
+        worst = sorted(range(len(recs)), key=lambda k: -float(partial[k].pow(2).mean()))[: recs[0]["collusion"]]
         unknown = noise - sum(partial[k] for k in worst)
         if float(unknown.pow(2).mean()) < want["need"] * (1 - tol):
-            problems.append(f"the shares unknown to ranks {worst} carry {float(unknown.pow(2).mean()):.4g} < "
-                            f"{want['need']:.4g} (sigma at the largest sensitivity)")
+            problems.append(
+                f"the shares unknown to ranks {worst} carry {float(unknown.pow(2).mean()):.4g} < "
+                f"{want['need']:.4g} (sigma at the largest sensitivity)"
+            )
     if trust == "central":
         for r, p in zip(recs, partial):
             if float(p.abs().max()) != 0.0:
                 problems.append(f"rank {r['rank']} sent Phi noise (central: the aggregator's draw is the only one)")
         rng = ClientRNG(AGGREGATOR_ID, recs[0]["noise_seed"])
-        draws = torch.stack([torch.randn(noise.shape[1], generator=rng.generator(STREAM_STEP, *divmod(k, LOCAL_STEPS)),
-                                         dtype=torch.float64) for k in range(noise.shape[0])])
+        draws = torch.stack(
+            [
+                torch.randn(
+                    noise.shape[1], generator=rng.generator(STREAM_STEP, *divmod(k, LOCAL_STEPS)), dtype=torch.float64
+                )
+                for k in range(noise.shape[0])
+            ]
+        )
         draws *= sigma * max(a) * C
         if not torch.allclose(noise, draws, rtol=0, atol=1e-9):
             problems.append("the aggregate's noise is not the aggregator's draw from its key")
@@ -104,13 +117,26 @@ def noise_problems(recs: list, trust: str, tol: float = TOL) -> list:
 # ------------------------------------------------------------------------------------------ 1, 2 and 3 ranks
 
 SCENARIOS = {
-    1: ["local=local", "distributed=distributed", "distributed-uniform=distributed,weights=uniform",
-        "central=central", "local-skip=local,sabotage=skip-share", "distributed-skip=distributed,sabotage=skip-share"],
+    1: [
+        "local=local",
+        "distributed=distributed",
+        "distributed-uniform=distributed,weights=uniform",
+        "central=central",
+        "local-skip=local,sabotage=skip-share",
+        "distributed-skip=distributed,sabotage=skip-share",
+    ],
     2: ["local=local", "distributed=distributed", "distributed-rank=distributed,party=rank", "central=central"],
-    3: ["local=local", "distributed=distributed", "distributed-rank=distributed,party=rank",
-        "distributed-uniform=distributed,weights=uniform", "central=central",
-        "local-skip=local,sabotage=skip-share", "distributed-skip=distributed,sabotage=skip-share",
-        "distributed-rank-skip=distributed,party=rank,sabotage=skip-share", "central-nodraw=central,sabotage=no-draw"],
+    3: [
+        "local=local",
+        "distributed=distributed",
+        "distributed-rank=distributed,party=rank",
+        "distributed-uniform=distributed,weights=uniform",
+        "central=central",
+        "local-skip=local,sabotage=skip-share",
+        "distributed-skip=distributed,sabotage=skip-share",
+        "distributed-rank-skip=distributed,party=rank,sabotage=skip-share",
+        "central-nodraw=central,sabotage=no-draw",
+    ],
 }
 
 
@@ -188,7 +214,7 @@ def test_shares_are_calibrated_to_the_unknown_clients_and_charged_as_sigma():
     # uniform weights: coefficients differ; the unknown shares (worst client known) carry sigma at the largest
     u = make_trust_model("distributed").bind(Federation(coefs=(1.0, 2.0, 4.0), placement=((0, 1, 2),)), world_size=1)
     s = u.noise_multipliers(1.0)["phi"]
-    assert s ** 2 * (1 + 4) == pytest.approx(16.0)  # the client with a = 4 known: 1^2 + 2^2 unknown
+    assert s**2 * (1 + 4) == pytest.approx(16.0)  # the client with a = 4 known: 1^2 + 2^2 unknown
 
 
 def test_the_statistics_shares_follow_each_domain():
@@ -203,21 +229,35 @@ def test_the_statistics_shares_follow_each_domain():
 
 
 def tiny(*overrides):
-    return load_config("tiny", ["train.checkpoint_every=0", "privacy.noise_seed=5", "train.rounds=2", "threads=1",
-                                *overrides])
+    return load_config(
+        "tiny", ["train.checkpoint_every=0", "privacy.noise_seed=5", "train.rounds=2", "threads=1", *overrides]
+    )
 
 
-@pytest.mark.parametrize("overrides,needles", [
-    (["federation.aggregation=delta", "privacy.trust_model=distributed"], ["privacy.trust_model=distributed", "grad",
-                                                                           "no longer one Gaussian mechanism"]),
-    (["federation.aggregation=delta", "privacy.trust_model=central"], ["privacy.trust_model=central", "delta"]),
-    (["privacy.trust_model=local", "privacy.collusion=2"], ["privacy.collusion", "distributed only"]),
-    (["privacy.trust_model=central", "privacy.party=rank"], ["privacy.party", "distributed only"]),
-    (["privacy.trust_model=distributed", "privacy.collusion=0"], ["privacy.collusion", ">= 1"]),
-    (["privacy.trust_model=trusted"], ["privacy.trust_model", "local, distributed, central"]),
-    (["privacy.trust_model=distributed", "privacy.party=site"], ["privacy.party", "client, rank"]),
-], ids=["delta-distributed", "delta-central", "collusion-local", "party-central", "collusion-0", "unknown",
-        "party-unknown"])
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (
+            ["federation.aggregation=delta", "privacy.trust_model=distributed"],
+            ["privacy.trust_model=distributed", "grad", "no longer one Gaussian mechanism"],
+        ),
+        (["federation.aggregation=delta", "privacy.trust_model=central"], ["privacy.trust_model=central", "delta"]),
+        (["privacy.trust_model=local", "privacy.collusion=2"], ["privacy.collusion", "distributed only"]),
+        (["privacy.trust_model=central", "privacy.party=rank"], ["privacy.party", "distributed only"]),
+        (["privacy.trust_model=distributed", "privacy.collusion=0"], ["privacy.collusion", ">= 1"]),
+        (["privacy.trust_model=trusted"], ["privacy.trust_model", "local, distributed, central"]),
+        (["privacy.trust_model=distributed", "privacy.party=site"], ["privacy.party", "client, rank"]),
+    ],
+    ids=[
+        "delta-distributed",
+        "delta-central",
+        "collusion-local",
+        "party-central",
+        "collusion-0",
+        "unknown",
+        "party-unknown",
+    ],
+)
 def test_bad_trust_settings_are_refused_with_one_line(overrides, needles):
     with pytest.raises(ConfigError) as exc:
         tiny(*overrides)
@@ -225,12 +265,21 @@ def test_bad_trust_settings_are_refused_with_one_line(overrides, needles):
     assert "\n" not in msg and all(n in msg for n in needles), msg
 
 
-@pytest.mark.parametrize("overrides,needles", [
-    (["privacy.trust_model=distributed", "privacy.collusion=4"], ["privacy.collusion=4", "4 of the 4",
-                                                                  "fewer than one share unknown"]),
-    (["privacy.trust_model=distributed", "privacy.party=rank"], ["privacy.party=rank", "at least 2 ranks"]),
-    (["privacy.trust_model=distributed", "meta.codes=4"], ["meta.codes=4", "domain 0", "no share would be unknown"]),
-], ids=["collusion-all", "rank-on-one-rank", "one-client-domains"])
+@pytest.mark.parametrize(
+    "overrides,needles",
+    [
+        (
+            ["privacy.trust_model=distributed", "privacy.collusion=4"],
+            ["privacy.collusion=4", "4 of the 4", "fewer than one share unknown"],
+        ),
+        (["privacy.trust_model=distributed", "privacy.party=rank"], ["privacy.party=rank", "at least 2 ranks"]),
+        (
+            ["privacy.trust_model=distributed", "meta.codes=4"],
+            ["meta.codes=4", "domain 0", "no share would be unknown"],
+        ),
+    ],
+    ids=["collusion-all", "rank-on-one-rank", "one-client-domains"],
+)
 def test_refusals_that_need_the_placement_come_before_anything_is_written(tmp_path, overrides, needles):
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as exc:
@@ -256,8 +305,14 @@ def trained(tmp_path_factory):
     out = {}
     for trust in ("local", "distributed", "central"):
         for mode in ("strict", "paper"):
-            cfg = tiny("partition.clients=7", "partition.min_client_size=10", f"privacy.trust_model={trust}",
-                       f"privacy.mode={mode}", "model.lambda_mmd=1", "privacy.mmd_epsilon_fraction=0.1")
+            cfg = tiny(
+                "partition.clients=7",
+                "partition.min_client_size=10",
+                f"privacy.trust_model={trust}",
+                f"privacy.mode={mode}",
+                "model.lambda_mmd=1",
+                "privacy.mmd_epsilon_fraction=0.1",
+            )
             d = tmp_path_factory.mktemp(f"{trust}-{mode}") / "run"
             out[trust, mode] = (run_training(cfg, d, progress=False), cfg, d)
     return out
@@ -273,7 +328,9 @@ def test_results_state_each_models_guarantee_and_paper_mode_is_never_formal(trai
         if trust == "distributed":
             assert "SIMULATES secure aggregation" in tm["not_protected_against"] and "SIMULATED" in p["guarantee"]
         if trust == "central":
-            assert "rank 0" in tm["not_protected_against"] and tm["aggregator_noise_multiplier"] == p["noise_multiplier"]
+            assert (
+                "rank 0" in tm["not_protected_against"] and tm["aggregator_noise_multiplier"] == p["noise_multiplier"]
+            )
         assert p["formal_guarantee"] is (mode == "strict")
         if mode == "paper":
             assert p["guarantee"].startswith("NOT a formal guarantee") and "whatever the trust model" in p["guarantee"]
@@ -320,8 +377,13 @@ def test_the_class_statistics_follow_the_trust_model(tmp_path, trust):
     from fedhypevae.privacy import CLASS_STATS, class_stat_sums
     from fedhypevae.run import _flatten, release_statistics
 
-    cfg = tiny("partition.clients=7", "partition.min_client_size=10", f"privacy.trust_model={trust}",
-               "model.lambda_mmd=0", "stats.covariance=none")
+    cfg = tiny(
+        "partition.clients=7",
+        "partition.min_client_size=10",
+        f"privacy.trust_model={trust}",
+        "model.lambda_mmd=0",
+        "stats.covariance=none",
+    )
     tr = Trainer(cfg, tmp_path / "r", progress=False)
     tr.setup()
     rec = _StatsRecorder(tr.trust)
@@ -329,12 +391,14 @@ def test_the_class_statistics_follow_the_trust_model(tmp_path, trust):
     clip = tr.stats_clip
     release_statistics(tr, clip)
     K = tr.fed.num_classes
-    raw = sum(_flatten(class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance="none"))[0] for c in tr.clients)
+    raw = sum(
+        _flatten(class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance="none"))[0] for c in tr.clients
+    )
     noise = (rec.out.view(-1) - raw).clone()
     # in units of each component's sensitivity ("count": 1; "sum": C_x), keys in sorted order: count, sum
     noise[K:] /= clip
     sigma = tr.plan.noise_multiplier(CLASS_STATS) * math.sqrt(2)  # two components: sigma sqrt(m) per coordinate
-    ratio = float(noise.pow(2).mean()) / sigma ** 2
+    ratio = float(noise.pow(2).mean()) / sigma**2
     want = {"local": 7.0, "distributed": 7.0 / 6.0, "central": 1.0}[trust]
     assert abs(ratio / want - 1) < 0.25, (trust, ratio)
     tr.ledger.close()

@@ -1,5 +1,6 @@
 """The commands a new user reaches for: --version, python -m fedhypevae, help on every flag, config show,
 train twice into the same directory, generate, the run's log file, the Python API."""
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _cli(*args, cwd=None, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "fedhypevae", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedhypevae", *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout
+    )
 
 
 def _parsers(parser, name="fedhypevae"):
@@ -54,8 +56,9 @@ def test_every_flag_has_help_and_shows_its_default():
                 assert shown in text, f"{name} {action.option_strings[0]}: {shown} missing from its help"
                 checked += 1
     assert checked >= 20, checked
-    assert "(default: None)" not in " ".join(_Formatter("x")._get_help_string(a) for _, p in _parsers(build_parser())
-                                              for a in p._actions)
+    assert "(default: None)" not in " ".join(
+        _Formatter("x")._get_help_string(a) for _, p in _parsers(build_parser()) for a in p._actions
+    )
 
 
 def test_usage_errors_are_one_line_naming_the_flag():
@@ -104,15 +107,18 @@ def test_train_twice_prints_the_finished_run_and_never_trains_again(finished):
     assert _snapshot(finished) == before  # nothing trained, nothing released, nothing rewritten
     other = _cli("train", "--config", "tiny", "--set", "privacy.target_epsilon=4", "--out", str(finished))
     assert other.returncode == 2
-    assert re.search(r"--out .* holds a finished run with other settings: privacy\.target_epsilon \(2\.0 -> 4\.0\)",
-                     other.stderr.splitlines()[0]), other.stderr
+    assert re.search(
+        r"--out .* holds a finished run with other settings: privacy\.target_epsilon \(2\.0 -> 4\.0\)",
+        other.stderr.splitlines()[0],
+    ), other.stderr
     assert _snapshot(finished) == before
 
 
 def test_makefile_run_is_the_train_command():
     text = (REPO / "Makefile").read_text()
-    assert re.search(r"^run: setup\n\t\.venv/bin/fedhypevae train --config configs/default\.yaml --out \$\(OUT\)", text,
-                     re.M), text
+    assert re.search(
+        r"^run: setup\n\t\.venv/bin/fedhypevae train --config configs/default\.yaml --out \$\(OUT\)", text, re.M
+    ), text
 
 
 @pytest.mark.slow
@@ -125,8 +131,20 @@ def test_run_log_records_the_run(finished):
 @pytest.mark.slow
 def test_generator_json_holds_public_metadata_only(finished):
     meta = json.loads((finished / "generator.json").read_text())
-    assert set(meta) == {"format", "dim", "num_classes", "model", "transform", "value_range", "value_range_is",
-                         "class_balance", "dp_class_counts", "output_noise", "meta_code_fitted", "files"}
+    assert set(meta) == {
+        "format",
+        "dim",
+        "num_classes",
+        "model",
+        "transform",
+        "value_range",
+        "value_range_is",
+        "class_balance",
+        "dp_class_counts",
+        "output_noise",
+        "meta_code_fitted",
+        "files",
+    }
     assert meta["value_range"] == [0.0, 16.0]  # what the digits format declares, not what the data holds
     assert meta["dp_class_counts"] is None  # balanced classes: no released count is needed
     res = json.loads((finished / "results.json").read_text())
@@ -158,10 +176,10 @@ def test_generate_is_the_runs_generator(finished):
     import torch
 
     from fedhypevae import generate
+    from fedhypevae.config import load_config
     from fedhypevae.data import invert_transform
     from fedhypevae.metacode import generate as draw
     from fedhypevae.model import HyperNetwork
-    from fedhypevae.config import load_config
     from fedhypevae.rng import public_generator
 
     x, y, info = generate(finished, 20, seed=5)
@@ -171,8 +189,7 @@ def test_generate_is_the_runs_generator(finished):
     hyper = HyperNetwork.from_config(64, 10, cfg.model)
     hyper.load_state_dict(torch.load(finished / "hypernetwork.pt", weights_only=True))
     mc = torch.load(finished / "meta_codes.pt", weights_only=True)
-    xr, yr = draw(hyper, mc["codes"], mc["weights"], [2] * 10, output_noise=False,
-                  generator=public_generator(5, 0x6E7))
+    xr, yr = draw(hyper, mc["codes"], mc["weights"], [2] * 10, output_noise=False, generator=public_generator(5, 0x6E7))
     assert np.allclose(x, invert_transform(xr.numpy(), "range", (0.0, 16.0)), atol=1e-5)
     assert np.array_equal(y, yr.numpy())
     x3, _, _ = generate(finished, 20, seed=6)
@@ -182,8 +199,18 @@ def test_generate_is_the_runs_generator(finished):
 @pytest.mark.slow
 def test_l2_runs_say_their_output_is_in_model_units(tmp_path):
     out = tmp_path / "l2"
-    r = _cli("train", "--config", "tiny", "--set", "data.transform=l2", "--set", "train.rounds=1", "--out", str(out),
-             "--no-progress")
+    r = _cli(
+        "train",
+        "--config",
+        "tiny",
+        "--set",
+        "data.transform=l2",
+        "--set",
+        "train.rounds=1",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "results.json").read_text())
     assert res["synthetic"]["in_input_units"] is False and "model units" in res["synthetic"]["units"]
@@ -216,9 +243,16 @@ def test_table_text_one_seed_has_no_plus_minus_and_verdicts_read_as_sentences():
     from fedhypevae.table import TableConfig, aggregate, markdown
 
     tc = TableConfig(name="t", partitions=["iid"], seeds=[0], methods=["local", "fedavg-dp", "fedhypevae-strict"])
-    cells = [{"method": m, "partition": "iid", "seed": 0, "epsilon_spent": None if m == "local" else 1.0,
-              "rows": [{"accuracy": a, "balanced_accuracy": a}]}
-             for m, a in (("local", 0.90), ("fedavg-dp", 0.70), ("fedhypevae-strict", 0.876))]
+    cells = [
+        {
+            "method": m,
+            "partition": "iid",
+            "seed": 0,
+            "epsilon_spent": None if m == "local" else 1.0,
+            "rows": [{"accuracy": a, "balanced_accuracy": a}],
+        }
+        for m, a in (("local", 0.90), ("fedavg-dp", 0.70), ("fedhypevae-strict", 0.876))
+    ]
     md = markdown(tc, aggregate(cells), "cmd")
     assert "±" not in md.split("Command:")[0].replace("Mean ± std", "")
     assert "| 90.00 |" in md and "no spread over seeds" in md
@@ -232,16 +266,24 @@ def test_table_text_one_seed_has_no_plus_minus_and_verdicts_read_as_sentences():
 def test_summaries_say_what_the_numbers_mean():
     from fedhypevae.commands import evaluation_hints, format_summary
 
-    res = {"summary": {"balanced_accuracy": {"mean": 0.818}},
-           "reference_local": {"summary": {"balanced_accuracy": {"mean": 0.953}}},
-           "quality": {"c2st": {"accuracy": 0.99}}}
+    res = {
+        "summary": {"balanced_accuracy": {"mean": 0.818}},
+        "reference_local": {"summary": {"balanced_accuracy": {"mean": 0.953}}},
+        "quality": {"c2st": {"accuracy": 0.99}},
+    }
     hints = evaluation_hints(res)
     assert "WORSE" in hints[0] and "-13.50 points" in hints[0] and "far from the real distribution" in hints[1]
     res["summary"]["balanced_accuracy"]["mean"] = 0.97
     assert "improves" in evaluation_hints(res)[0]
-    results = {"privacy": {"enabled": False, "clip_norm": 1.0}, "training": {
-        "rounds": 3, "stopped_early": None, "final": {"diagnostics/clip_fraction": 1.0, "diagnostics/loss": 2.0}},
-        "synthetic": {"samples": 10, "path": "/r/synthetic.npz", "units": "model units"}}
+    results = {
+        "privacy": {"enabled": False, "clip_norm": 1.0},
+        "training": {
+            "rounds": 3,
+            "stopped_early": None,
+            "final": {"diagnostics/clip_fraction": 1.0, "diagnostics/loss": 2.0},
+        },
+        "synthetic": {"samples": 10, "path": "/r/synthetic.npz", "units": "model units"},
+    }
     text = format_summary(results, 1.0)
     assert "clip_fraction=1.000: every per-record gradient was clipped" in text
     assert "fedhypevae evaluate --run /r" in text and "units        : model units" in text
@@ -252,13 +294,25 @@ def test_per_client_plot_has_a_legend_labels_every_panel_and_draws_each_client_o
 
     tc = TableConfig(name="t", seeds=[0], methods=["local", "fedhypevae-strict", "fedhypevae-paper"])
     rng = np.random.default_rng(0)
-    cells = [{"method": m, "partition": p, "seed": 0,
-              "rows": [{"balanced_accuracy": float(v)} for v in np.r_[rng.uniform(0.6, 0.7, 9), 0.05]]}
-             for m in tc.methods for p in tc.partitions]  # one far outlier per box
+    cells = [
+        {
+            "method": m,
+            "partition": p,
+            "seed": 0,
+            "rows": [{"balanced_accuracy": float(v)} for v in np.r_[rng.uniform(0.6, 0.7, 9), 0.05]],
+        }
+        for m in tc.methods
+        for p in tc.partitions
+    ]  # one far outlier per box
     drawn = plot(tc, cells, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 10_000
-    assert {"median", "mean", "private (DP, formal guarantee)", "non-private",
-            "paper mode (DP on Phi only, not formal)"} <= set(drawn["legend"])
+    assert {
+        "median",
+        "mean",
+        "private (DP, formal guarantee)",
+        "non-private",
+        "paper mode (DP on Phi only, not formal)",
+    } <= set(drawn["legend"])
     assert drawn["y_tick_labels"] == [True, True]
     assert drawn["outlier_markers"] == 0  # outliers are the clients' own dots, not a second marker
 

@@ -17,6 +17,7 @@ the noise stage, then noises as the trainer asks); `sent`, the rank's buffer han
 `applied`, what the reduce returned (what the replica applies). With payload=1, `calls`: every collective of the
 rank as (name, its other arguments, buffer handed in, buffer received back). Nothing is checked here: the tests read the files.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,15 +27,26 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fedhypevae.config import load_config  # noqa: E402
-from fedhypevae.dp_step import DPStep, noise_blocks  # noqa: E402
 from fedhypevae.hpc.backend import install_failfast, make_communicator  # noqa: E402
 from fedhypevae.hpc.launcher import detect_launcher  # noqa: E402
 
+from fedhypevae.config import load_config  # noqa: E402
+from fedhypevae.dp_step import DPStep, noise_blocks  # noqa: E402
+
 # 7 clients (uneven blocks on 2 and 3 ranks), 30 steps each its own draw, no MMD term (no post-noise Phi terms)
-BASE = ["partition.clients=7", "partition.min_client_size=10", "privacy.noise_seed=11", "privacy.target_epsilon=.inf",
-        "privacy.noise_multiplier=1.3", "model.lambda_mmd=0", "privacy.diagnostics=false", "train.rounds=15",
-        "train.local_steps=2", "train.checkpoint_every=0", "threads=1"]
+BASE = [
+    "partition.clients=7",
+    "partition.min_client_size=10",
+    "privacy.noise_seed=11",
+    "privacy.target_epsilon=.inf",
+    "privacy.noise_multiplier=1.3",
+    "model.lambda_mmd=0",
+    "privacy.diagnostics=false",
+    "train.rounds=15",
+    "train.local_steps=2",
+    "train.checkpoint_every=0",
+    "threads=1",
+]
 NOTES: list = []  # per step: this rank's pre-noise contributions (one per block)
 
 
@@ -63,15 +75,18 @@ def scenario(spec: str) -> tuple[str, str, dict]:
 
 def recording(comm, calls: list):
     """Wrap the communicator's collectives on this instance: every call recorded as (name, in, out)."""
+
     def wrap(name):
         inner = getattr(comm, name)
 
         def call(buf, *args, **kw):
             before = buf.detach().clone()
             out = inner(buf, *args, **kw)
-            calls.append((name, tuple(args) + tuple(sorted(kw.items())), before,
-                          None if out is None else out.detach().clone()))
+            calls.append(
+                (name, tuple(args) + tuple(sorted(kw.items())), before, None if out is None else out.detach().clone())
+            )
             return out
+
         return call
 
     for name in ("allreduce", "allreduce_int64", "reduce", "allgather", "gather", "broadcast"):
@@ -110,15 +125,17 @@ def run(comm, out: Path, spec: str) -> None:
             tr.trust = sab.bind(tr.trust.fed, world_size=comm.world_size)
         if sabotage == "allreduce":  # central's sums by an all-reduce: every rank receives the un-noised sum
             tr.trust._gather_sum = lambda tr_, buf: (lambda tot: tot if tr_.comm.is_root else None)(
-                tr_.allreduce(buf.clone()))
+                tr_.allreduce(buf.clone())
+            )
         rule = tr.aggregation
         reduce = rule.reduce_step
 
         def observed(buf):
-            sent.append(buf[:rule.step_width].clone())
+            sent.append(buf[: rule.step_width].clone())
             res = reduce(buf)
-            applied.append(res[:rule.step_width].clone())
+            applied.append(res[: rule.step_width].clone())
             return res
+
         rule.reduce_step = observed
         if opts.get("payload") == "1":
             recording(comm, calls)
@@ -138,23 +155,38 @@ def run(comm, out: Path, spec: str) -> None:
         tr.train()
         tr.ledger.close()
         tr.writer.close()
-    unnoised = [torch.stack(n).sum(0) for n in NOTES[:len(sent)]]
-    torch.save({"spec": spec, "rank": comm.rank, "world_size": comm.world_size, "backend": comm.backend,
-                "placement": tr.placement, "declared": list(tr.declared), "weights": cfg.federation.weights,
-                "sample_rate": cfg.privacy.sample_rate, "sigma": tr.sigma, "clip": cfg.privacy.clip_norm,
-                "collusion": cfg.privacy.collusion, "party": cfg.privacy.party, "noise_seed": cfg.privacy.noise_seed,
-                "charged": sorted({m.noise_multiplier for _, h in tr.ledger.histories() for m in h if m.name == "dp-sgd"}),
-                "unnoised": torch.stack(unnoised), "sent": torch.stack(sent), "applied": torch.stack(applied),
-                "calls": calls}, out / name / f"rank_{comm.rank}.pt")
+    unnoised = [torch.stack(n).sum(0) for n in NOTES[: len(sent)]]
+    torch.save(
+        {
+            "spec": spec,
+            "rank": comm.rank,
+            "world_size": comm.world_size,
+            "backend": comm.backend,
+            "placement": tr.placement,
+            "declared": list(tr.declared),
+            "weights": cfg.federation.weights,
+            "sample_rate": cfg.privacy.sample_rate,
+            "sigma": tr.sigma,
+            "clip": cfg.privacy.clip_norm,
+            "collusion": cfg.privacy.collusion,
+            "party": cfg.privacy.party,
+            "noise_seed": cfg.privacy.noise_seed,
+            "charged": sorted({m.noise_multiplier for _, h in tr.ledger.histories() for m in h if m.name == "dp-sgd"}),
+            "unnoised": torch.stack(unnoised),
+            "sent": torch.stack(sent),
+            "applied": torch.stack(applied),
+            "calls": calls,
+        },
+        out / name / f"rank_{comm.rank}.pt",
+    )
     comm.barrier()
 
 
 def report(out: Path) -> None:
     """Print, per scenario recorded in OUT, the measured variance of the aggregate's noise against its claim and
     what tests/test_trust_models.py's checker finds (the numbers in docs/PRIVACY.md)."""
-    from test_trust_models import _trust, claimed, noise_problems
-
     from helpers import trust_ranks
+    from test_trust_models import _trust, claimed, noise_problems
 
     print("| scenario | ranks | clients per rank | noise variance measured / claimed | checker |")
     print("|---|---|---|---|---|")
@@ -163,8 +195,11 @@ def report(out: Path) -> None:
         noise = recs[0]["applied"] - sum(r["unnoised"] for r in recs)
         ratio = float(noise.pow(2).mean()) / claimed(recs[0], _trust(d.name))["total"]
         problems = noise_problems(recs, _trust(d.name))
-        print(f"| {d.name} | {len(recs)} | {[len(p) for p in recs[0]['placement']]} | {ratio:.4f} | "
-              + ("ok" if not problems else "CAUGHT: " + "; ".join(problems)) + " |")
+        print(
+            f"| {d.name} | {len(recs)} | {[len(p) for p in recs[0]['placement']]} | {ratio:.4f} | "
+            + ("ok" if not problems else "CAUGHT: " + "; ".join(problems))
+            + " |"
+        )
 
 
 def sensitivity(out: Path) -> None:
@@ -176,23 +211,36 @@ def sensitivity(out: Path) -> None:
     from fedhypevae.run import run_training
     from fedhypevae.trainer import Trainer
 
-    print("| trust model | mode | control | max payload diff (C) | max buffer / bound | others moved | replay drift | ok |")
+    print(
+        "| trust model | mode | control | max payload diff (C) | max buffer / bound | others moved | replay drift | ok |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for trust in ("local", "distributed", "central"):
         for mode in ("strict", "paper"):
-            cfg = load_config("tiny", ["train.rounds=1", "privacy.noise_seed=3", "partition.clients=5",
-                                       f"privacy.trust_model={trust}", f"privacy.mode={mode}", "threads=1"])
+            cfg = load_config(
+                "tiny",
+                [
+                    "train.rounds=1",
+                    "privacy.noise_seed=3",
+                    "partition.clients=5",
+                    f"privacy.trust_model={trust}",
+                    f"privacy.mode={mode}",
+                    "threads=1",
+                ],
+            )
             run = out / f"sens-{trust}-{mode}"
             run_training(cfg, run, progress=False)
-            for control in ((None, Unclipped, BatchNormInputs) if mode == "strict" else (None,)):
+            for control in (None, Unclipped, BatchNormInputs) if mode == "strict" else (None,):
                 tr = Trainer(copy.deepcopy(cfg), run, resume=True, progress=False)
                 tr.setup()
                 c = tr.clients[0]
                 # a record at the edge of the declared range
                 c.set_data(torch.cat([c.x, torch.ones(1, c.x.shape[1])]), torch.cat([c.y, torch.tensor([3])]))
                 rep = check_sensitivity(tr, c.id, remove=[len(c.y) - 1, 0, 7, 42], steps=8, seed=1, control=control)
-                print(f"| {trust} | {mode} | {control.__name__ if control else '-'} | {rep.max_payload_diff:.4f} | "
-                      f"{rep.max_buffer_ratio:.4f} | {rep.others_moved:g} | {rep.replay_drift:.3g} | {rep.ok} |")
+                print(
+                    f"| {trust} | {mode} | {control.__name__ if control else '-'} | {rep.max_payload_diff:.4f} | "
+                    f"{rep.max_buffer_ratio:.4f} | {rep.others_moved:g} | {rep.replay_drift:.3g} | {rep.ok} |"
+                )
                 tr.ledger.close()
                 tr.writer.close()
 

@@ -15,11 +15,11 @@ before every step. Everything released (decoders, the synthetic set) is covered.
 After training, the global decoder generates a class-balanced synthetic set with z ~ N(0, I), in the
 federation's feature space (the same space as ``ClientData.x_train``).
 """
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -39,8 +39,16 @@ STREAM_SYNTH = 202
 class CVAE(nn.Module):
     """Di Salvo et al.'s conditional VAE; ``forward`` returns the per-sample loss and (mse, kl)."""
 
-    def __init__(self, dim: int, num_classes: int, *, hidden: int = 256, latent_dim: int = 100, layers: int = 3,
-                 beta: float = 1.0):
+    def __init__(
+        self,
+        dim: int,
+        num_classes: int,
+        *,
+        hidden: int = 256,
+        latent_dim: int = 100,
+        layers: int = 3,
+        beta: float = 1.0,
+    ):
         super().__init__()
         self.num_classes, self.latent_dim, self.beta = num_classes, latent_dim, beta
         self.encoder = mlp([dim + num_classes] + [hidden] * layers + [2 * latent_dim], act=nn.ReLU)
@@ -64,11 +72,28 @@ def decoder_names(model: CVAE) -> list:
     return [n for n, _ in model.named_parameters() if n.startswith("decoder.")]
 
 
-def train_dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-4, private: bool = True,
-                 rounds: int = 20, local_steps: Optional[int] = None, hidden: int = 256, latent_dim: int = 100,
-                 layers: int = 3, beta: float = 1.0, lr: float = 1e-3, clip_norm: float = 1.0,
-                 sample_rate: float = 0.1, accountant: str = "rdp", noise_seed: Optional[int] = None,
-                 noise_multiplier: Optional[float] = None, weights: str = "declared", samples_per_class: int = 200) -> dict:
+def train_dpcvae(
+    fed,
+    *,
+    seed: int = 0,
+    epsilon: float = 1.0,
+    delta: float = 1e-4,
+    private: bool = True,
+    rounds: int = 20,
+    local_steps: int | None = None,
+    hidden: int = 256,
+    latent_dim: int = 100,
+    layers: int = 3,
+    beta: float = 1.0,
+    lr: float = 1e-3,
+    clip_norm: float = 1.0,
+    sample_rate: float = 0.1,
+    accountant: str = "rdp",
+    noise_seed: int | None = None,
+    noise_multiplier: float | None = None,
+    weights: str = "declared",
+    samples_per_class: int = 200,
+) -> dict:
     """Train the federated DP-CVAE and draw a class-balanced synthetic set from the global decoder.
 
     ``local_steps``: DP-SGD steps per client per round; None = ceil(1/q) (one expected epoch).
@@ -82,18 +107,31 @@ def train_dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-
     if local_steps is None:
         local_steps = int(math.ceil(1.0 / sample_rate - 1e-12))
     if rounds < 1 or local_steps < 1 or samples_per_class < 1 or hidden < 1 or latent_dim < 1 or layers < 1:
-        raise ConfigError(f"dpcvae needs rounds, local_steps, samples_per_class, hidden, latent_dim, layers >= 1; got "
-                          f"rounds={rounds}, local_steps={local_steps}, samples_per_class={samples_per_class}, "
-                          f"hidden={hidden}, latent_dim={latent_dim}, layers={layers}")
+        raise ConfigError(
+            f"dpcvae needs rounds, local_steps, samples_per_class, hidden, latent_dim, layers >= 1; got "
+            f"rounds={rounds}, local_steps={local_steps}, samples_per_class={samples_per_class}, "
+            f"hidden={hidden}, latent_dim={latent_dim}, layers={layers}"
+        )
     if not (0 < sample_rate <= 1) or clip_norm <= 0 or lr <= 0:
-        raise ConfigError(f"dpcvae needs 0 < sample_rate <= 1, clip_norm > 0, lr > 0; got {sample_rate}, {clip_norm}, {lr}")
+        raise ConfigError(
+            f"dpcvae needs 0 < sample_rate <= 1, clip_norm > 0, lr > 0; got {sample_rate}, {clip_norm}, {lr}"
+        )
     K, d = fed.num_classes, fed.dim
     steps = rounds * local_steps
     plan = None
     if private:
-        plan = plan_budget(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-                           accountant=accountant, stats_fraction=0.0, mmd_fraction=0.0, use_stats=False,
-                           use_mmd=False, noise_multiplier=noise_multiplier)
+        plan = plan_budget(
+            target_epsilon=epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            stats_fraction=0.0,
+            mmd_fraction=0.0,
+            use_stats=False,
+            use_mmd=False,
+            noise_multiplier=noise_multiplier,
+        )
     w_agg = aggregation_weights(fed, weights)
     clients = sorted(fed.clients, key=lambda c: c.client_id)
 
@@ -112,7 +150,10 @@ def train_dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-
         opts[cid] = torch.optim.Adam(models[cid].parameters(), lr=lr)
         rngs[cid] = ClientRNG(cid, noise_seed if (private or noise_seed is not None) else seed, method="dpcvae")
         ledgers[cid] = PrivacyLedger([cid])  # in memory: the baseline does not resume
-        data[cid] = (torch.as_tensor(np.asarray(c.x_train, np.float32)), torch.as_tensor(np.asarray(c.y_train, np.int64)))
+        data[cid] = (
+            torch.as_tensor(np.asarray(c.x_train, np.float32)),
+            torch.as_tensor(np.asarray(c.y_train, np.int64)),
+        )
     history = []
 
     for r in range(rounds):
@@ -131,7 +172,9 @@ def train_dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-
             for s in range(local_steps):
                 if plan is not None:
                     if not ledgers[cid].fits(DP_SGD, plan.sigma, sample_rate, plan):
-                        raise PrivacyError(f"dpcvae client {cid}: step {s} of round {r} would exceed epsilon={epsilon:g}")
+                        raise PrivacyError(
+                            f"dpcvae client {cid}: step {s} of round {r} would exceed epsilon={epsilon:g}"
+                        )
                     ledgers[cid].charge(DP_SGD, plan.sigma, sample_rate, f"r{r}s{s}")
                 gen = rngs[cid].generator(STREAM_STEP, r, s)
                 idx = poisson_sample(len(y), sample_rate, gen)
@@ -173,10 +216,29 @@ def train_dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-
         z = torch.randn(len(y_syn), latent_dim, generator=gen)
         x_syn = template.decode(z, y_syn)
     privacy = ledger_summary(ledgers, plan, clip_norm=clip_norm, noise_seed=noise_seed) if plan is not None else None
-    settings = {"seed": seed, "rounds": rounds, "local_steps": local_steps, "hidden": hidden, "latent_dim": latent_dim,
-                "layers": layers, "beta": beta, "lr": lr, "optimizer": "adam", "sample_rate": sample_rate,
-                "clip_norm": clip_norm if private else None, "weights": weights, "samples_per_class": samples_per_class,
-                "prior": "N(0, I)", "feature_space": f"federation ({fed.transform})"}
-    return {"x_syn": x_syn.numpy().astype(np.float32), "y_syn": y_syn.numpy().astype(np.int64), "privacy": privacy,
-            "settings": settings, "diagnostics": {"train_loss_per_round": history, "note": "outside the guarantee"},
-            "decoder": {n: t.clone() for n, t in global_dec.items()}, "wall_s": time.perf_counter() - t0}
+    settings = {
+        "seed": seed,
+        "rounds": rounds,
+        "local_steps": local_steps,
+        "hidden": hidden,
+        "latent_dim": latent_dim,
+        "layers": layers,
+        "beta": beta,
+        "lr": lr,
+        "optimizer": "adam",
+        "sample_rate": sample_rate,
+        "clip_norm": clip_norm if private else None,
+        "weights": weights,
+        "samples_per_class": samples_per_class,
+        "prior": "N(0, I)",
+        "feature_space": f"federation ({fed.transform})",
+    }
+    return {
+        "x_syn": x_syn.numpy().astype(np.float32),
+        "y_syn": y_syn.numpy().astype(np.int64),
+        "privacy": privacy,
+        "settings": settings,
+        "diagnostics": {"train_loss_per_round": history, "note": "outside the guarantee"},
+        "decoder": {n: t.clone() for n, t in global_dec.items()},
+        "wall_s": time.perf_counter() - t0,
+    }

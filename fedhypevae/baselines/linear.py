@@ -22,13 +22,14 @@ charges its ``PrivacyLedger`` before each step. The FedProx proximal term mu (w 
 touch private data and is added after the noise (post-processing). Aggregation weights are the
 declared (public) sizes, or uniform.
 """
+
 from __future__ import annotations
 
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -77,20 +78,35 @@ def score_clients(fed, predict: Callable[[object, np.ndarray], np.ndarray]) -> l
     rows = []
     for c in sorted(fed.clients, key=lambda c: c.client_id):
         pred = np.asarray(predict(c, np.asarray(c.x_test, np.float32)))
-        rows.append({"client": int(c.client_id), "n_test": int(len(c.y_test)),
-                     "accuracy": accuracy(c.y_test, pred), "balanced_accuracy": balanced_accuracy(c.y_test, pred)})
+        rows.append(
+            {
+                "client": int(c.client_id),
+                "n_test": int(len(c.y_test)),
+                "accuracy": accuracy(c.y_test, pred),
+                "balanced_accuracy": balanced_accuracy(c.y_test, pred),
+            }
+        )
     return rows
 
 
 def _require_all_clients(fed, what: str) -> None:
     if len(fed.clients) != fed.num_clients:
-        raise DataError(f"the {what} baseline needs every client of the federation in this process; only "
-                        f"{len(fed.clients)} of {fed.num_clients} are loaded (build the federation without client_ids)")
+        raise DataError(
+            f"the {what} baseline needs every client of the federation in this process; only "
+            f"{len(fed.clients)} of {fed.num_clients} are loaded (build the federation without client_ids)"
+        )
 
 
-def _result(name: str, rows: list, *, privacy: Optional[dict], settings: dict, started: float, **extra) -> dict:
-    out = {"baseline": name, "private": privacy is not None, "clients": rows, "summary": summarize(rows),
-           "privacy": privacy, "settings": settings, "wall_s": time.perf_counter() - started}
+def _result(name: str, rows: list, *, privacy: dict | None, settings: dict, started: float, **extra) -> dict:
+    out = {
+        "baseline": name,
+        "private": privacy is not None,
+        "clients": rows,
+        "summary": summarize(rows),
+        "privacy": privacy,
+        "settings": settings,
+        "wall_s": time.perf_counter() - started,
+    }
     out.update(extra)
     return out
 
@@ -131,12 +147,23 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, *, standardize: bool = True, seed: 
 def local_only(fed, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000) -> dict:
     """Each client alone: its own classifier on its own train split, scored on its own test split."""
     t0 = time.perf_counter()
-    models = {c.client_id: fit_logreg(c.x_train, c.y_train, standardize=standardize, seed=seed, max_iter=max_iter)
-              for c in fed.clients}
+    models = {
+        c.client_id: fit_logreg(c.x_train, c.y_train, standardize=standardize, seed=seed, max_iter=max_iter)
+        for c in fed.clients
+    }
     rows = score_clients(fed, lambda c, x: models[c.client_id].predict(x))
-    return _result("local", rows, privacy=None, started=t0,
-                   settings={"seed": seed, "standardize": standardize, "max_iter": max_iter,
-                             "classifier": "sklearn LogisticRegression(class_weight=balanced)"})
+    return _result(
+        "local",
+        rows,
+        privacy=None,
+        started=t0,
+        settings={
+            "seed": seed,
+            "standardize": standardize,
+            "max_iter": max_iter,
+            "classifier": "sklearn LogisticRegression(class_weight=balanced)",
+        },
+    )
 
 
 def pooled(fed, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000) -> dict:
@@ -147,13 +174,23 @@ def pooled(fed, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000
     y = np.concatenate([c.y_train for c in fed.clients])
     model = fit_logreg(x, y, standardize=standardize, seed=seed, max_iter=max_iter)
     rows = score_clients(fed, lambda c, xt: model.predict(xt))
-    return _result("pooled", rows, privacy=None, started=t0,
-                   settings={"seed": seed, "standardize": standardize, "max_iter": max_iter,
-                             "classifier": "sklearn LogisticRegression(class_weight=balanced)"})
+    return _result(
+        "pooled",
+        rows,
+        privacy=None,
+        started=t0,
+        settings={
+            "seed": seed,
+            "standardize": standardize,
+            "max_iter": max_iter,
+            "classifier": "sklearn LogisticRegression(class_weight=balanced)",
+        },
+    )
 
 
-def augment_scores(fed, x_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0, standardize: bool = True,
-                   max_iter: int = 2000) -> list:
+def augment_scores(
+    fed, x_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000
+) -> list:
     """Per client: class-balanced logistic regression on its real train split plus the synthetic set
     (standardization fitted on the client's real train split only), scored on its own test split."""
     from sklearn.preprocessing import StandardScaler
@@ -163,7 +200,11 @@ def augment_scores(fed, x_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0, 
     models = {}
     for c in fed.clients:
         scaler = StandardScaler().fit(np.asarray(c.x_train, np.float64)) if standardize else None
-        tf = (lambda a, s=scaler: s.transform(np.asarray(a, np.float64))) if standardize else (lambda a: np.asarray(a, np.float64))
+        tf = (
+            (lambda a, s=scaler: s.transform(np.asarray(a, np.float64)))
+            if standardize
+            else (lambda a: np.asarray(a, np.float64))
+        )
         x = np.concatenate([tf(c.x_train), tf(x_syn)])
         y = np.concatenate([np.asarray(c.y_train), y_syn])
         models[c.client_id] = (tf, fit_logreg(x, y, standardize=False, seed=seed, max_iter=max_iter))
@@ -216,11 +257,24 @@ def steps_per_epoch(sample_rate: float) -> int:
     return int(math.ceil(1.0 / sample_rate - 1e-12))
 
 
-def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: float = 0.0, batch_size: int = 32,
-                         sampling: str = "shuffle", sample_rate: float = 0.1, dp: Optional[DPSpec] = None,
-                         seed: int = 0, noise_seed: Optional[int] = None, weights: str = "declared",
-                         ledgers: Optional[dict] = None, on_step: Optional[Callable] = None,
-                         method: str = "fedavg") -> dict:
+def fit_federated_linear(
+    fed,
+    *,
+    rounds: int,
+    local_epochs: int,
+    lr: float,
+    mu: float = 0.0,
+    batch_size: int = 32,
+    sampling: str = "shuffle",
+    sample_rate: float = 0.1,
+    dp: DPSpec | None = None,
+    seed: int = 0,
+    noise_seed: int | None = None,
+    weights: str = "declared",
+    ledgers: dict | None = None,
+    on_step: Callable | None = None,
+    method: str = "fedavg",
+) -> dict:
     """Train a global linear model with FedAvg (mu = 0) or FedProx (mu > 0); no accounting here.
 
     ``sampling``: ``shuffle`` (non-private only: minibatches of ``batch_size`` over a public
@@ -238,9 +292,11 @@ def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: 
     if dp is not None:
         sampling, sample_rate = "poisson", dp.sample_rate
     if rounds < 1 or local_epochs < 1 or lr <= 0 or mu < 0 or batch_size < 1 or not (0 < sample_rate <= 1):
-        raise ConfigError(f"need rounds >= 1, local_epochs >= 1, lr > 0, mu >= 0, batch_size >= 1, 0 < q <= 1; got "
-                          f"rounds={rounds}, local_epochs={local_epochs}, lr={lr}, mu={mu}, batch_size={batch_size}, "
-                          f"q={sample_rate}")
+        raise ConfigError(
+            f"need rounds >= 1, local_epochs >= 1, lr > 0, mu >= 0, batch_size >= 1, 0 < q <= 1; got "
+            f"rounds={rounds}, local_epochs={local_epochs}, lr={lr}, mu={mu}, batch_size={batch_size}, "
+            f"q={sample_rate}"
+        )
     _require_all_clients(fed, "federated linear")
     K, d = fed.num_classes, fed.dim
     w_agg = aggregation_weights(fed, weights)
@@ -249,8 +305,13 @@ def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: 
         model.linear.weight.zero_()
         model.linear.bias.zero_()
     global_state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    data = {c.client_id: (torch.as_tensor(np.asarray(c.x_train, np.float32)), torch.as_tensor(np.asarray(c.y_train, np.int64)))
-            for c in fed.clients}
+    data = {
+        c.client_id: (
+            torch.as_tensor(np.asarray(c.x_train, np.float32)),
+            torch.as_tensor(np.asarray(c.y_train, np.int64)),
+        )
+        for c in fed.clients
+    }
     rngs = {}
     for c in fed.clients:
         if dp is not None:
@@ -273,7 +334,7 @@ def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: 
             for e in range(local_epochs):
                 if sampling == "shuffle":
                     perm = torch.randperm(len(y), generator=public_generator(seed, 101, cid, r, e))
-                    batches = [perm[i:i + batch_size] for i in range(0, len(y), batch_size)]
+                    batches = [perm[i : i + batch_size] for i in range(0, len(y), batch_size)]
                 else:
                     batches = [None] * spe
                 for idx in batches:
@@ -294,8 +355,9 @@ def fit_federated_linear(fed, *, rounds: int, local_epochs: int, lr: float, mu: 
                             else:
                                 psg, _ = per_sample_grads(model, PARAM_NAMES, (xb, yb))
                                 summed, _ = clip_and_sum(psg, dp.clip_norm)
-                            g = add_noise_and_scale(summed, spec=NoiseSpec(dp.noise_multiplier, dp.clip_norm, expected),
-                                                    generator=gen)
+                            g = add_noise_and_scale(
+                                summed, spec=NoiseSpec(dp.noise_multiplier, dp.clip_norm, expected), generator=gen
+                            )
                         elif len(idx) == 0:
                             g = {n: torch.zeros_like(params[n]) for n in PARAM_NAMES}
                         else:
@@ -321,11 +383,27 @@ def predict_linear(state: dict, x: np.ndarray) -> np.ndarray:
     return logits.argmax(-1).numpy()
 
 
-def federated_linear(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-4, private: bool = False,
-                     mu: float = 0.0, rounds: int = 20, local_epochs: int = 1, lr: float = 0.5, batch_size: int = 32,
-                     sampling: str = "shuffle", clip_norm: float = 1.0, sample_rate: float = 0.1,
-                     accountant: str = "rdp", noise_seed: Optional[int] = None,
-                     noise_multiplier: Optional[float] = None, weights: str = "declared", name: Optional[str] = None) -> dict:
+def federated_linear(
+    fed,
+    *,
+    seed: int = 0,
+    epsilon: float = 1.0,
+    delta: float = 1e-4,
+    private: bool = False,
+    mu: float = 0.0,
+    rounds: int = 20,
+    local_epochs: int = 1,
+    lr: float = 0.5,
+    batch_size: int = 32,
+    sampling: str = "shuffle",
+    clip_norm: float = 1.0,
+    sample_rate: float = 0.1,
+    accountant: str = "rdp",
+    noise_seed: int | None = None,
+    noise_multiplier: float | None = None,
+    weights: str = "declared",
+    name: str | None = None,
+) -> dict:
     """FedAvg (mu = 0) / FedProx (mu > 0) logistic regression on the real embeddings.
 
     ``private``: DP-SGD at (epsilon, delta); sigma calibrated by ``plan_budget`` over all
@@ -335,14 +413,31 @@ def federated_linear(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float =
     """
     t0 = time.perf_counter()
     name = name or ("fedprox" if mu > 0 else "fedavg") + ("-dp" if private else "")
-    settings = {"seed": seed, "mu": mu, "rounds": rounds, "local_epochs": local_epochs, "lr": lr, "weights": weights,
-                "init": "zeros", "features": "as in the federation (no standardization)"}
+    settings = {
+        "seed": seed,
+        "mu": mu,
+        "rounds": rounds,
+        "local_epochs": local_epochs,
+        "lr": lr,
+        "weights": weights,
+        "init": "zeros",
+        "features": "as in the federation (no standardization)",
+    }
     privacy = None
     if private:
         steps = rounds * local_epochs * steps_per_epoch(sample_rate)
-        plan = plan_budget(target_epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
-                           accountant=accountant, stats_fraction=0.0, mmd_fraction=0.0, use_stats=False,
-                           use_mmd=False, noise_multiplier=noise_multiplier)
+        plan = plan_budget(
+            target_epsilon=epsilon,
+            delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            stats_fraction=0.0,
+            mmd_fraction=0.0,
+            use_stats=False,
+            use_mmd=False,
+            noise_multiplier=noise_multiplier,
+        )
         ledgers = {c.client_id: PrivacyLedger([c.client_id]) for c in fed.clients}  # in memory: no resume
 
         def charge(cid, r, s):
@@ -351,35 +446,78 @@ def federated_linear(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float =
                 raise PrivacyError(f"client {cid}: step {s} of round {r} would exceed the budget epsilon={epsilon:g}")
             led.charge(DP_SGD, plan.sigma, plan.sample_rate, f"r{r}s{s}")
 
-        state = fit_federated_linear(fed, rounds=rounds, local_epochs=local_epochs, lr=lr, mu=mu,
-                                     dp=DPSpec(plan.sigma, clip_norm, sample_rate), seed=seed,
-                                     noise_seed=noise_seed, weights=weights, on_step=charge,
-                                     method="fedprox" if mu > 0 else "fedavg")
+        state = fit_federated_linear(
+            fed,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            lr=lr,
+            mu=mu,
+            dp=DPSpec(plan.sigma, clip_norm, sample_rate),
+            seed=seed,
+            noise_seed=noise_seed,
+            weights=weights,
+            on_step=charge,
+            method="fedprox" if mu > 0 else "fedavg",
+        )
         privacy = ledger_summary(ledgers, plan, clip_norm=clip_norm, noise_seed=noise_seed)
-        settings.update({"sampling": "poisson", "sample_rate": sample_rate, "clip_norm": clip_norm,
-                         "steps_per_epoch": steps_per_epoch(sample_rate)})
+        settings.update(
+            {
+                "sampling": "poisson",
+                "sample_rate": sample_rate,
+                "clip_norm": clip_norm,
+                "steps_per_epoch": steps_per_epoch(sample_rate),
+            }
+        )
     else:
-        state = fit_federated_linear(fed, rounds=rounds, local_epochs=local_epochs, lr=lr, mu=mu,
-                                     batch_size=batch_size, sampling=sampling, sample_rate=sample_rate, seed=seed,
-                                     noise_seed=noise_seed, weights=weights, method="fedprox" if mu > 0 else "fedavg")
+        state = fit_federated_linear(
+            fed,
+            rounds=rounds,
+            local_epochs=local_epochs,
+            lr=lr,
+            mu=mu,
+            batch_size=batch_size,
+            sampling=sampling,
+            sample_rate=sample_rate,
+            seed=seed,
+            noise_seed=noise_seed,
+            weights=weights,
+            method="fedprox" if mu > 0 else "fedavg",
+        )
         settings.update({"sampling": sampling})
-        settings.update({"batch_size": batch_size} if sampling == "shuffle" else
-                        {"sample_rate": sample_rate, "steps_per_epoch": steps_per_epoch(sample_rate)})
+        settings.update(
+            {"batch_size": batch_size}
+            if sampling == "shuffle"
+            else {"sample_rate": sample_rate, "steps_per_epoch": steps_per_epoch(sample_rate)}
+        )
     rows = score_clients(fed, lambda c, x: predict_linear(state, x))
-    return _result(name, rows, privacy=privacy, settings=settings, started=t0,
-                   model={"weight": state["weight"].numpy(), "bias": state["bias"].numpy()})
+    return _result(
+        name,
+        rows,
+        privacy=privacy,
+        settings=settings,
+        started=t0,
+        model={"weight": state["weight"].numpy(), "bias": state["bias"].numpy()},
+    )
 
 
-def ledger_summary(ledgers: dict, plan, *, clip_norm: float, noise_seed: Optional[int]) -> dict:
+def ledger_summary(ledgers: dict, plan, *, clip_norm: float, noise_seed: int | None) -> dict:
     """Privacy facts of a DP baseline from the clients' ledgers (all clients share q, so one epsilon)."""
     eps = {cid: led.epsilon(delta=plan.delta, accountant=plan.accountant) for cid, led in ledgers.items()}
     steps = {cid: led.steps() for cid, led in ledgers.items()}
     return {
-        "epsilon_spent": max(eps.values()), "target_epsilon": plan.target_epsilon,
-        "planned_epsilon": plan.planned_epsilon, "delta": plan.delta, "sigma": plan.sigma,
-        "sample_rate": plan.sample_rate, "steps": max(steps.values()), "planned_steps": plan.steps,
-        "accountant": plan.accountant, "clip_norm": clip_norm, "unit": "one record of one client's train split",
-        "weights_and_normalizers": "declared sizes (public)", "formal_guarantee": True,
+        "epsilon_spent": max(eps.values()),
+        "target_epsilon": plan.target_epsilon,
+        "planned_epsilon": plan.planned_epsilon,
+        "delta": plan.delta,
+        "sigma": plan.sigma,
+        "sample_rate": plan.sample_rate,
+        "steps": max(steps.values()),
+        "planned_steps": plan.steps,
+        "accountant": plan.accountant,
+        "clip_norm": clip_norm,
+        "unit": "one record of one client's train split",
+        "weights_and_normalizers": "declared sizes (public)",
+        "formal_guarantee": True,
         "noise": "reproducible (noise_seed set): not for release" if noise_seed is not None else "secure",
         "noise_seed": noise_seed,
     }

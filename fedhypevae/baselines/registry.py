@@ -9,11 +9,12 @@ feature space); its ``clients`` rows are scored with this module's augment helpe
 (``linear.augment_scores``) unless ``score=False``.
 Non-private baselines accept and ignore epsilon / delta.
 """
+
 from __future__ import annotations
 
 import inspect
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import ConfigError
 from .dpcvae import train_dpcvae
@@ -34,18 +35,23 @@ def _federated(name: str, *, private: bool, mu: float) -> Callable:
     def run(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-4, **settings) -> dict:
         settings.setdefault("mu", mu)
         return federated_linear(fed, seed=seed, epsilon=epsilon, delta=delta, private=private, name=name, **settings)
+
     run.__name__ = name.replace("-", "_")
     run.__doc__ = f"{name}: federated logistic regression (mu={mu}), {'DP-SGD' if private else 'non-private'}."
     return run
 
 
-def _dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-4, score: bool = True,
-            **settings) -> dict:
+def _dpcvae(fed, *, seed: int = 0, epsilon: float = 1.0, delta: float = 1e-4, score: bool = True, **settings) -> dict:
     t0 = time.perf_counter()
     out = train_dpcvae(fed, seed=seed, epsilon=epsilon, delta=delta, **settings)
     rows = augment_scores(fed, out["x_syn"], out["y_syn"], seed=seed) if score else []
-    res = {"baseline": "dpcvae", "private": out["privacy"] is not None, "clients": rows,
-           "summary": summarize(rows), "protocol": "augment (baselines.linear.augment_scores)" if score else None}
+    res = {
+        "baseline": "dpcvae",
+        "private": out["privacy"] is not None,
+        "clients": rows,
+        "summary": summarize(rows),
+        "protocol": "augment (baselines.linear.augment_scores)" if score else None,
+    }
     res.update(out)
     res["wall_s"] = time.perf_counter() - t0
     return res
@@ -62,8 +68,15 @@ BASELINES: dict = {
 }
 
 #: the function whose keyword arguments each baseline's **settings are forwarded to
-_TARGETS = {"local": local_only, "pooled": pooled, "fedavg": federated_linear, "fedprox": federated_linear,
-            "fedavg-dp": federated_linear, "fedprox-dp": federated_linear, "dpcvae": train_dpcvae}
+_TARGETS = {
+    "local": local_only,
+    "pooled": pooled,
+    "fedavg": federated_linear,
+    "fedprox": federated_linear,
+    "fedavg-dp": federated_linear,
+    "fedprox-dp": federated_linear,
+    "dpcvae": train_dpcvae,
+}
 _RESERVED = {"fed", "seed", "epsilon", "delta", "private", "name"}
 
 

@@ -4,15 +4,16 @@ A shard directory holds one ``client_NNNNN.npz`` per client plus ``manifest.json
 public description (sizes, transform, seed) and a sha256 per file. An HPC job that hosts a
 few clients reads only its own shard files; checksums catch truncated copies early.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +49,7 @@ class Federation:
     dim: int
     declared_sizes: list  # for ALL clients (public)
     transform: str  # resolved transform already applied to x
-    value_range: Optional[tuple]  # the raw data's declared range (for invert_transform)
+    value_range: tuple | None  # the raw data's declared range (for invert_transform)
     source: str
     manifest: dict = field(default_factory=dict)
 
@@ -73,7 +74,7 @@ def _client_seed(seed: int, client_id: int) -> int:
     return int(np.random.SeedSequence([int(seed) % (2**63), int(client_id)]).generate_state(1)[0])
 
 
-def _check_ids(client_ids: Optional[Sequence[int]], num_clients: int) -> list[int]:
+def _check_ids(client_ids: Sequence[int] | None, num_clients: int) -> list[int]:
     if client_ids is None:
         return list(range(num_clients))
     ids = [int(i) for i in client_ids]
@@ -92,18 +93,29 @@ def build_federation(data_cfg, partition_cfg, seed: int, client_ids=None) -> Fed
     path = Path(str(data_cfg.path))
     if path.is_dir():
         if not is_shard_dir(path):
-            raise DataError(f"{path} is a directory without {MANIFEST}; give a data file, a built-in name, or a shard "
-                            "directory made by `fedhypevae data partition`")
+            raise DataError(
+                f"{path} is a directory without {MANIFEST}; give a data file, a built-in name, or a shard "
+                "directory made by `fedhypevae data partition`"
+            )
         fed = load_shards(path, client_ids)
         if partition_cfg.clients != fed.num_clients:
-            raise DataError(f"partition.clients={partition_cfg.clients} but the shard directory {path} holds "
-                            f"{fed.num_clients} clients; set partition.clients={fed.num_clients}")
+            raise DataError(
+                f"partition.clients={partition_cfg.clients} but the shard directory {path} holds "
+                f"{fed.num_clients} clients; set partition.clients={fed.num_clients}"
+            )
         if data_cfg.transform not in ("auto", fed.transform):
-            raise DataError(f"data.transform={data_cfg.transform} but the shards in {path} were written with "
-                            f"transform {fed.transform}; set data.transform to auto or {fed.transform}")
+            raise DataError(
+                f"data.transform={data_cfg.transform} but the shards in {path} were written with "
+                f"transform {fed.transform}; set data.transform to auto or {fed.transform}"
+            )
         return fed
-    ds = load_dataset(data_cfg.path, label_column=data_cfg.label_column, group_column=data_cfg.group_column,
-                      site_column=data_cfg.site_column, metadata_path=data_cfg.metadata_path)
+    ds = load_dataset(
+        data_cfg.path,
+        label_column=data_cfg.label_column,
+        group_column=data_cfg.group_column,
+        site_column=data_cfg.site_column,
+        metadata_path=data_cfg.metadata_path,
+    )
     return federation_from_dataset(ds, data_cfg, partition_cfg, seed, client_ids)
 
 
@@ -114,18 +126,29 @@ def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int, cli
     declared = getattr(data_cfg, "value_range", None)
     value_range = (float(declared[0]), float(declared[1])) if declared is not None else ds.value_range
     if data_cfg.transform == "auto" and value_range is None and ds.plain_table:
-        raise DataError(f"{ds.source}: a plain numeric table declares no value range, so data.transform=auto cannot "
-                        "choose a transform for features on an unknown scale. Set data.transform: l2 (unit-norm "
-                        "records), or range with data.value_range: [low, high] (a bound you know from the format, "
-                        "e.g. [0, 255] for 8-bit pixels; never measured on the data), or none (records as they are; "
-                        "then choose privacy.clip_norm and privacy.stats_clip_norm for their scale)")
+        raise DataError(
+            f"{ds.source}: a plain numeric table declares no value range, so data.transform=auto cannot "
+            "choose a transform for features on an unknown scale. Set data.transform: l2 (unit-norm "
+            "records), or range with data.value_range: [low, high] (a bound you know from the format, "
+            "e.g. [0, 255] for 8-bit pixels; never measured on the data), or none (records as they are; "
+            "then choose privacy.clip_norm and privacy.stats_clip_norm for their scale)"
+        )
     transform = resolve_transform(data_cfg.transform, value_range)
     if not callable(client_ids):
         ids = _check_ids(client_ids, partition_cfg.clients)
-    parts = partition_indices(ds.y, kind=partition_cfg.kind, clients=partition_cfg.clients, alpha=partition_cfg.alpha,
-                              seed=seed, min_client_size=partition_cfg.min_client_size, sites=ds.sites)
-    splits = [split_client(p, ds.y, ds.groups, test_fraction=data_cfg.test_fraction, seed=_client_seed(seed, i),
-                           client_id=i) for i, p in enumerate(parts)]
+    parts = partition_indices(
+        ds.y,
+        kind=partition_cfg.kind,
+        clients=partition_cfg.clients,
+        alpha=partition_cfg.alpha,
+        seed=seed,
+        min_client_size=partition_cfg.min_client_size,
+        sites=ds.sites,
+    )
+    splits = [
+        split_client(p, ds.y, ds.groups, test_fraction=data_cfg.test_fraction, seed=_client_seed(seed, i), client_id=i)
+        for i, p in enumerate(parts)
+    ]
     declared_sizes = [int(len(tr)) for tr, _ in splits]
     if callable(client_ids):
         ids = _check_ids(client_ids(list(declared_sizes)), partition_cfg.clients)
@@ -137,18 +160,40 @@ def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int, cli
         tr_, te_ = splits[i]
         a, b = off, off + len(tr_)
         off = b + len(te_)
-        clients.append(ClientData(client_id=i, x_train=xt[a:b], y_train=ds.y[tr_], x_test=xt[b:off], y_test=ds.y[te_],
-                                  declared_size=declared_sizes[i]))
+        clients.append(
+            ClientData(
+                client_id=i,
+                x_train=xt[a:b],
+                y_train=ds.y[tr_],
+                x_test=xt[b:off],
+                y_test=ds.y[te_],
+                declared_size=declared_sizes[i],
+            )
+        )
     manifest = {
-        "kind": partition_cfg.kind, "alpha": float(partition_cfg.alpha), "seed": int(seed),
-        "clients": int(partition_cfg.clients), "min_client_size": int(partition_cfg.min_client_size),
-        "test_fraction": float(data_cfg.test_fraction), "group_column": data_cfg.group_column,
-        "site_column": data_cfg.site_column, "name": ds.name,
-        "train_sizes": declared_sizes, "test_sizes": [int(len(te)) for _, te in splits],
+        "kind": partition_cfg.kind,
+        "alpha": float(partition_cfg.alpha),
+        "seed": int(seed),
+        "clients": int(partition_cfg.clients),
+        "min_client_size": int(partition_cfg.min_client_size),
+        "test_fraction": float(data_cfg.test_fraction),
+        "group_column": data_cfg.group_column,
+        "site_column": data_cfg.site_column,
+        "name": ds.name,
+        "train_sizes": declared_sizes,
+        "test_sizes": [int(len(te)) for _, te in splits],
     }
-    return Federation(clients=clients, num_clients=int(partition_cfg.clients), num_classes=ds.num_classes,
-                      dim=int(ds.x.shape[1]), declared_sizes=declared_sizes, transform=transform,
-                      value_range=value_range, source=ds.source, manifest=manifest)
+    return Federation(
+        clients=clients,
+        num_clients=int(partition_cfg.clients),
+        num_classes=ds.num_classes,
+        dim=int(ds.x.shape[1]),
+        declared_sizes=declared_sizes,
+        transform=transform,
+        value_range=value_range,
+        source=ds.source,
+        manifest=manifest,
+    )
 
 
 # --------------------------------------------------------------------------- shards
@@ -211,19 +256,31 @@ def _write_shard_files(fed: Federation, out: Path) -> None:
     files, digests = [], {}
     for c in sorted(fed.clients, key=lambda c: c.client_id):
         name = shard_name(c.client_id)
-        arrays = dict(x_train=np.asarray(c.x_train, np.float32), y_train=np.asarray(c.y_train, np.int64),
-                      x_test=np.asarray(c.x_test, np.float32), y_test=np.asarray(c.y_test, np.int64),
-                      declared_size=np.int64(c.declared_size))
+        arrays = dict(
+            x_train=np.asarray(c.x_train, np.float32),
+            y_train=np.asarray(c.y_train, np.int64),
+            x_test=np.asarray(c.x_test, np.float32),
+            y_test=np.asarray(c.y_test, np.int64),
+            declared_size=np.int64(c.declared_size),
+        )
         _atomic_write(out / name, lambda f, a=arrays: np.savez(f, **a))
         files.append(name)
         digests[name] = _sha256(out / name)
     manifest = dict(fed.manifest)
-    manifest.update({
-        "format": SHARD_FORMAT, "clients": int(fed.num_clients), "num_classes": int(fed.num_classes),
-        "dim": int(fed.dim), "declared_sizes": [int(s) for s in fed.declared_sizes], "transform": fed.transform,
-        "value_range": None if fed.value_range is None else [float(v) for v in fed.value_range],
-        "source": str(fed.source), "files": files, "sha256": digests,
-    })
+    manifest.update(
+        {
+            "format": SHARD_FORMAT,
+            "clients": int(fed.num_clients),
+            "num_classes": int(fed.num_classes),
+            "dim": int(fed.dim),
+            "declared_sizes": [int(s) for s in fed.declared_sizes],
+            "transform": fed.transform,
+            "value_range": None if fed.value_range is None else [float(v) for v in fed.value_range],
+            "source": str(fed.source),
+            "files": files,
+            "sha256": digests,
+        }
+    )
     text = json.dumps(manifest, indent=2, sort_keys=True).encode()
     _atomic_write(out / MANIFEST, lambda f: f.write(text))
 
@@ -233,7 +290,9 @@ def read_manifest(shard_dir) -> dict:
     d = Path(str(shard_dir))
     mp = d / MANIFEST
     if not mp.is_file():
-        raise DataError(f"{d} is not a shard directory: {MANIFEST} is missing; create one with `fedhypevae data partition`")
+        raise DataError(
+            f"{d} is not a shard directory: {MANIFEST} is missing; create one with `fedhypevae data partition`"
+        )
     try:
         m = json.loads(mp.read_text(encoding="utf-8"))
     except PermissionError:
@@ -241,25 +300,39 @@ def read_manifest(shard_dir) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{mp} is corrupt ({exc}); re-create the shards with `fedhypevae data partition`") from None
     if not isinstance(m, dict):
-        raise DataError(f"{mp} is not a JSON object (its top level is a {type(m).__name__}); re-create the shards "
-                        "with `fedhypevae data partition`")
+        raise DataError(
+            f"{mp} is not a JSON object (its top level is a {type(m).__name__}); re-create the shards "
+            "with `fedhypevae data partition`"
+        )
     need = ("clients", "num_classes", "dim", "declared_sizes", "transform", "files", "sha256")
     missing = [k for k in need if k not in m]
     if missing:
         raise DataError(f"{mp} lacks keys {missing}; re-create the shards with `fedhypevae data partition`")
-    kinds = {"clients": int, "num_classes": int, "dim": int, "declared_sizes": list, "transform": str, "files": list,
-             "sha256": dict}
-    wrong = [f"{k} ({type(m[k]).__name__})" for k, kind in kinds.items()
-             if not isinstance(m[k], kind) or isinstance(m[k], bool)]
+    kinds = {
+        "clients": int,
+        "num_classes": int,
+        "dim": int,
+        "declared_sizes": list,
+        "transform": str,
+        "files": list,
+        "sha256": dict,
+    }
+    wrong = [
+        f"{k} ({type(m[k]).__name__})"
+        for k, kind in kinds.items()
+        if not isinstance(m[k], kind) or isinstance(m[k], bool)
+    ]
     if wrong:
         raise DataError(f"{mp} has values of the wrong type: {', '.join(wrong)}; re-create the shards")
     if len(m["files"]) != m["clients"] or len(m["declared_sizes"]) != m["clients"]:
-        raise DataError(f"{mp} is inconsistent: {m['clients']} clients but {len(m['files'])} files and "
-                        f"{len(m['declared_sizes'])} declared sizes; re-create the shards")
+        raise DataError(
+            f"{mp} is inconsistent: {m['clients']} clients but {len(m['files'])} files and "
+            f"{len(m['declared_sizes'])} declared sizes; re-create the shards"
+        )
     return m
 
 
-def load_shards(shard_dir, client_ids: Optional[Sequence[int]] = None) -> Federation:
+def load_shards(shard_dir, client_ids: Sequence[int] | None = None) -> Federation:
     """Read the requested clients' shard files, verifying each one's sha256 against the manifest."""
     d = Path(str(shard_dir))
     m = read_manifest(d)
@@ -267,10 +340,17 @@ def load_shards(shard_dir, client_ids: Optional[Sequence[int]] = None) -> Federa
     clients = [_load_shard(d, m, i) for i in ids]
     vr = m.get("value_range")
     public = {k: v for k, v in m.items() if k not in ("files", "sha256")}
-    return Federation(clients=clients, num_clients=int(m["clients"]), num_classes=int(m["num_classes"]),
-                      dim=int(m["dim"]), declared_sizes=[int(s) for s in m["declared_sizes"]],
-                      transform=str(m["transform"]), value_range=None if vr is None else (float(vr[0]), float(vr[1])),
-                      source=str(m.get("source", d)), manifest=public)
+    return Federation(
+        clients=clients,
+        num_clients=int(m["clients"]),
+        num_classes=int(m["num_classes"]),
+        dim=int(m["dim"]),
+        declared_sizes=[int(s) for s in m["declared_sizes"]],
+        transform=str(m["transform"]),
+        value_range=None if vr is None else (float(vr[0]), float(vr[1])),
+        source=str(m.get("source", d)),
+        manifest=public,
+    )
 
 
 def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
@@ -281,8 +361,9 @@ def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
         raise DataError(f"shard {p} for client {client_id} is missing; {redo}")
     digest = _sha256(p)
     if digest != m["sha256"].get(name):
-        raise DataError(f"shard {p} for client {client_id} is truncated or corrupt (sha256 does not match the "
-                        f"manifest); {redo}")
+        raise DataError(
+            f"shard {p} for client {client_id} is truncated or corrupt (sha256 does not match the manifest); {redo}"
+        )
     try:
         with np.load(p, allow_pickle=False) as z:
             missing = [k for k in _SHARD_KEYS if k not in z.files]
@@ -292,10 +373,17 @@ def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"shard {p} for client {client_id} cannot be read ({type(exc).__name__}: {exc}); {redo}") from None
-    c = ClientData(client_id=client_id, x_train=arr["x_train"].astype(np.float32), y_train=arr["y_train"].astype(np.int64),
-                   x_test=arr["x_test"].astype(np.float32), y_test=arr["y_test"].astype(np.int64),
-                   declared_size=int(arr["declared_size"]))
+        raise DataError(
+            f"shard {p} for client {client_id} cannot be read ({type(exc).__name__}: {exc}); {redo}"
+        ) from None
+    c = ClientData(
+        client_id=client_id,
+        x_train=arr["x_train"].astype(np.float32),
+        y_train=arr["y_train"].astype(np.int64),
+        x_test=arr["x_test"].astype(np.float32),
+        y_test=arr["y_test"].astype(np.int64),
+        declared_size=int(arr["declared_size"]),
+    )
     if c.x_train.shape[1:] != (m["dim"],) or c.x_test.shape[1:] != (m["dim"],):
         raise DataError(f"shard {p}: feature dimension {c.x_train.shape[1:]} does not match the manifest's {m['dim']}")
     return c
@@ -305,22 +393,41 @@ def describe_shards(shard_dir) -> dict:
     """The public description of a shard directory (its manifest), for `fedhypevae data inspect`."""
     m = read_manifest(shard_dir)
     vr = m.get("value_range")
-    return {"shard directory": str(shard_dir), "source": m.get("source"), "name": m.get("name"),
-            "clients": int(m["clients"]), "classes": int(m["num_classes"]), "dim": int(m["dim"]),
-            "transform": m["transform"], "value_range": vr, "partition": m.get("kind"), "alpha": m.get("alpha"),
-            "seed": m.get("seed"), "test_fraction": m.get("test_fraction"),
-            "declared_sizes": [int(s) for s in m["declared_sizes"]], "test_sizes": m.get("test_sizes")}
+    return {
+        "shard directory": str(shard_dir),
+        "source": m.get("source"),
+        "name": m.get("name"),
+        "clients": int(m["clients"]),
+        "classes": int(m["num_classes"]),
+        "dim": int(m["dim"]),
+        "transform": m["transform"],
+        "value_range": vr,
+        "partition": m.get("kind"),
+        "alpha": m.get("alpha"),
+        "seed": m.get("seed"),
+        "test_fraction": m.get("test_fraction"),
+        "declared_sizes": [int(s) for s in m["declared_sizes"]],
+        "test_sizes": m.get("test_sizes"),
+    }
 
 
 def describe_dataset(ds: Dataset) -> dict:
     """A summary for the CLI (`fedhypevae data describe`); local only, it is not a private release."""
     counts = np.bincount(ds.y, minlength=ds.num_classes)
     return {
-        "name": ds.name, "source": ds.source, "n": int(len(ds.x)), "dim": int(ds.x.shape[1]),
-        "classes": int(ds.num_classes), "class_counts": [int(c) for c in counts],
+        "name": ds.name,
+        "source": ds.source,
+        "n": int(len(ds.x)),
+        "dim": int(ds.x.shape[1]),
+        "classes": int(ds.num_classes),
+        "class_counts": [int(c) for c in counts],
         "value_range": None if ds.value_range is None else list(ds.value_range),
-        "has_groups": ds.groups is not None, "groups": None if ds.groups is None else int(len(np.unique(ds.groups))),
-        "has_sites": ds.sites is not None, "sites": None if ds.sites is None else int(len(np.unique(ds.sites))),
-        "x_min": float(ds.x.min()), "x_max": float(ds.x.max()), "x_mean": float(ds.x.mean()),
+        "has_groups": ds.groups is not None,
+        "groups": None if ds.groups is None else int(len(np.unique(ds.groups))),
+        "has_sites": ds.sites is not None,
+        "sites": None if ds.sites is None else int(len(np.unique(ds.sites))),
+        "x_min": float(ds.x.min()),
+        "x_max": float(ds.x.max()),
+        "x_mean": float(ds.x.mean()),
         "nan_count": int(np.isnan(ds.x).sum()),
     }

@@ -5,6 +5,7 @@ values, integer labels, row alignment) and the same error messages. ``value_rang
 range the *format* declares (uint8 images, pixel columns, the digits data set); it is never
 computed from the data, because a data-derived bound would itself leak private information.
 """
+
 from __future__ import annotations
 
 import csv
@@ -13,7 +14,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -33,9 +34,9 @@ class Dataset:
     x: np.ndarray  # float32 (n, d), images flattened
     y: np.ndarray  # int64 (n,), labels 0..K-1
     num_classes: int
-    groups: Optional[np.ndarray]  # (n,) grouping key (e.g. lesion_id) or None
-    sites: Optional[np.ndarray]  # (n,) site key or None
-    value_range: Optional[tuple]  # public range declared by the format; None if unknown
+    groups: np.ndarray | None  # (n,) grouping key (e.g. lesion_id) or None
+    sites: np.ndarray | None  # (n,) site key or None
+    value_range: tuple | None  # public range declared by the format; None if unknown
     name: str
     source: str  # path or builtin name
     # a plain numeric table (.csv/.parquet without pixelNNN columns): it declares no value range, and its
@@ -46,8 +47,14 @@ class Dataset:
         return int(self.x.shape[0])
 
 
-def load_dataset(path, *, label_column: Optional[str] = None, group_column: Optional[str] = None,
-                 site_column: Optional[str] = None, metadata_path=None) -> Dataset:
+def load_dataset(
+    path,
+    *,
+    label_column: str | None = None,
+    group_column: str | None = None,
+    site_column: str | None = None,
+    metadata_path=None,
+) -> Dataset:
     """Load ``path`` (a built-in name or a .npz/.npy/.pt/.csv/.parquet file) and validate it.
 
     group_column / site_column are read from ``metadata_path`` when given (a row-aligned
@@ -80,13 +87,17 @@ def load_dataset(path, *, label_column: Optional[str] = None, group_column: Opti
 def _check_file(p: Path, what: str) -> Path:
     """Fail early, with the supported formats listed, before any parser sees the file."""
     if p.is_dir():
-        raise DataError(f"{what} {p} is a directory; give a file ({', '.join(EXTENSIONS)}), a shard "
-                        f"directory containing manifest.json, or a built-in name ({', '.join(BUILTINS)})")
+        raise DataError(
+            f"{what} {p} is a directory; give a file ({', '.join(EXTENSIONS)}), a shard "
+            f"directory containing manifest.json, or a built-in name ({', '.join(BUILTINS)})"
+        )
     if not p.exists():
         raise DataError(f"{what} {p} does not exist; check the path (built-in data sets: {', '.join(BUILTINS)})")
     if p.suffix.lower() not in EXTENSIONS:
-        raise DataError(f"{what} {p} has unsupported extension {p.suffix!r}; supported: {', '.join(EXTENSIONS)} "
-                        f"or a built-in name ({', '.join(BUILTINS)})")
+        raise DataError(
+            f"{what} {p} has unsupported extension {p.suffix!r}; supported: {', '.join(EXTENSIONS)} "
+            f"or a built-in name ({', '.join(BUILTINS)})"
+        )
     if not os.access(p, os.R_OK):
         raise DataError(f"{what} {p}: permission denied; make it readable for this user (chmod u+r) or copy it")
     if p.stat().st_size == 0:
@@ -101,23 +112,29 @@ def _corrupt(p: Path, exc: BaseException) -> DataError:
     if isinstance(exc, UnicodeDecodeError):
         return _not_utf8(p, exc)
     if isinstance(exc, MemoryError):
-        return DataError(f"cannot read {p}: not enough memory to load it; use a machine with more memory or a "
-                         "smaller file")
+        return DataError(
+            f"cannot read {p}: not enough memory to load it; use a machine with more memory or a smaller file"
+        )
     if isinstance(exc, ValueError) and ("allow_pickle" in str(exc) or "Object arrays" in str(exc)):
         return _object_arrays(p)
-    return DataError(f"cannot read {p}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); "
-                     "re-create or re-download it")
+    return DataError(
+        f"cannot read {p}: the file is truncated or corrupt ({type(exc).__name__}: {exc}); re-create or re-download it"
+    )
 
 
 def _not_utf8(p: Path, exc: UnicodeDecodeError) -> DataError:
-    bad = exc.object[exc.start:exc.start + 1]
-    return DataError(f"{p} is not UTF-8 text (byte {bad!r} at offset {exc.start}); re-save it as UTF-8 "
-                     "(e.g. `iconv -f latin1 -t utf-8`)")
+    bad = exc.object[exc.start : exc.start + 1]
+    return DataError(
+        f"{p} is not UTF-8 text (byte {bad!r} at offset {exc.start}); re-save it as UTF-8 "
+        "(e.g. `iconv -f latin1 -t utf-8`)"
+    )
 
 
 def _object_arrays(p: Path) -> DataError:
-    return DataError(f"{p} holds object arrays (pickled Python objects), which are not loaded: unpickling can run "
-                     "code. Save numeric arrays instead (np.savez(path, x=x.astype('float32'), y=y.astype('int64')))")
+    return DataError(
+        f"{p} holds object arrays (pickled Python objects), which are not loaded: unpickling can run "
+        "code. Save numeric arrays instead (np.savez(path, x=x.astype('float32'), y=y.astype('int64')))"
+    )
 
 
 def _npy_header(f, p: Path, key: str):
@@ -148,8 +165,12 @@ def _check_declared_size(p: Path, key: str, header, *, copy_itemsize: int = 4) -
     shape, dtype = header
     n = int(np.prod(shape, dtype=np.float64)) if shape else 1
     need = n * (dtype.itemsize + copy_itemsize)
-    check_fits(need, f"{p}: array {key!r} of shape {shape} ({dtype})", error=DataError,
-               advice="use a machine with more memory, or a file with fewer records or features")
+    check_fits(
+        need,
+        f"{p}: array {key!r} of shape {shape} ({dtype})",
+        error=DataError,
+        advice="use a machine with more memory, or a file with fewer records or features",
+    )
 
 
 def npz_precheck(p: Path, keys) -> None:
@@ -160,8 +181,12 @@ def npz_precheck(p: Path, keys) -> None:
             for key in keys:
                 if key + ".npy" in names:
                     with zf.open(key + ".npy") as f:
-                        _check_declared_size(p, key, _npy_header(f, p, key),
-                                             copy_itemsize=8 if key == "y" or key.endswith("labels") else 4)
+                        _check_declared_size(
+                            p,
+                            key,
+                            _npy_header(f, p, key),
+                            copy_itemsize=8 if key == "y" or key.endswith("labels") else 4,
+                        )
     except DataError:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
@@ -182,7 +207,7 @@ def _load_builtin(name: str):
     return b.data, b.target, None, "breast_cancer", "breast_cancer"
 
 
-def _uint8_range(arr) -> Optional[tuple]:
+def _uint8_range(arr) -> tuple | None:
     """uint8 storage is a declaration that values are 0..255 (images)."""
     return (0.0, 255.0) if np.asarray(arr).dtype == np.uint8 else None
 
@@ -198,14 +223,18 @@ def _load_npz(p: Path):
             else:
                 splits = [s for s in _MEDMNIST_SPLITS if f"{s}_images" in keys and f"{s}_labels" in keys]
                 if not splits:
-                    raise DataError(f"{p}: expected keys 'x' and 'y', or MedMNIST keys train_images/train_labels "
-                                    f"(and val_*, test_*); found {sorted(keys)}")
+                    raise DataError(
+                        f"{p}: expected keys 'x' and 'y', or MedMNIST keys train_images/train_labels "
+                        f"(and val_*, test_*); found {sorted(keys)}"
+                    )
                 xs = [z[f"{s}_images"] for s in splits]
                 ys = [_as_label_vector(z[f"{s}_labels"], p, f"{s}_labels") for s in splits]
                 for s, xi, yi in zip(splits, xs, ys):
                     if len(xi) != len(yi):
-                        raise DataError(f"{p}: {s}_images has {len(xi)} rows but {s}_labels has {len(yi)}; "
-                                        "every image needs exactly one label")
+                        raise DataError(
+                            f"{p}: {s}_images has {len(xi)} rows but {s}_labels has {len(yi)}; "
+                            "every image needs exactly one label"
+                        )
                 if len({xi.shape[1:] for xi in xs}) > 1:
                     raise DataError(f"{p}: image shapes differ across splits {[xi.shape for xi in xs]}")
                 x, y = np.concatenate(xs), np.concatenate(ys)
@@ -229,14 +258,18 @@ def _load_npy(p: Path):
         arr = np.load(p, allow_pickle=False)
     except ValueError as exc:
         if "pickle" in str(exc):
-            raise DataError(f"{p}: object/pickled arrays are not accepted (unsafe); save a 2-D numeric array "
-                            "whose last column is the label, or use .npz with keys 'x' and 'y'") from None
+            raise DataError(
+                f"{p}: object/pickled arrays are not accepted (unsafe); save a 2-D numeric array "
+                "whose last column is the label, or use .npz with keys 'x' and 'y'"
+            ) from None
         raise _corrupt(p, exc) from None
     except Exception as exc:
         raise _corrupt(p, exc) from None
     if arr.ndim != 2 or arr.shape[1] < 2:
-        raise DataError(f"{p}: a .npy file must be a 2-D array (records x (features + label)) whose last column "
-                        f"is the label; got shape {arr.shape}. For images use .npz with keys 'x' and 'y'")
+        raise DataError(
+            f"{p}: a .npy file must be a 2-D array (records x (features + label)) whose last column "
+            f"is the label; got shape {arr.shape}. For images use .npz with keys 'x' and 'y'"
+        )
     return arr[:, :-1], arr[:, -1], _uint8_range(arr), p.stem, str(p)
 
 
@@ -248,8 +281,10 @@ def _load_pt(p: Path):
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
         if "Unsupported global" in str(exc):  # a pickled Python object (not random bytes: "Unsupported operand")
-            raise DataError(f"{p} holds Python objects other than tensors, which are not loaded (unpickling can run "
-                            "code); save a dict of tensors: torch.save({'x': x, 'y': y}, path)") from None
+            raise DataError(
+                f"{p} holds Python objects other than tensors, which are not loaded (unpickling can run "
+                "code); save a dict of tensors: torch.save({'x': x, 'y': y}, path)"
+            ) from None
         raise _corrupt(p, exc) from None
     if isinstance(obj, dict) and "x" in obj and "y" in obj:
         x, y = obj["x"], obj["y"]
@@ -304,8 +339,10 @@ def _check_column_names(p: Path) -> None:
     dups = {n: pos for n, pos in seen.items() if len(pos) > 1}
     if dups:
         said = "; ".join(f"{n!r} (columns {', '.join(map(str, pos))})" for n, pos in list(dups.items())[:5])
-        raise DataError(f"{p}: duplicate column name(s) {said}; every column needs its own name, or one of them "
-                        "would be read as another (rename or drop the duplicates)")
+        raise DataError(
+            f"{p}: duplicate column name(s) {said}; every column needs its own name, or one of them "
+            "would be read as another (rename or drop the duplicates)"
+        )
 
 
 def _from_table(df, p: Path, label_column, group_column, site_column):
@@ -316,27 +353,36 @@ def _from_table(df, p: Path, label_column, group_column, site_column):
     if label_column is None:
         label_column = next((c for c in ("label", "y") if c in df.columns), None)
         if label_column is None:
-            raise DataError(f"{p}: no label column; looked for 'label' and 'y' among columns {_cols(cols)}. "
-                            "Set data.label_column")
+            raise DataError(
+                f"{p}: no label column; looked for 'label' and 'y' among columns {_cols(cols)}. Set data.label_column"
+            )
     elif label_column not in df.columns:
         raise DataError(f"{p}: label column {label_column!r} not found; columns are {_cols(cols)}")
     drop = {label_column} | {c for c in (group_column, site_column) if c is not None}
     feats = [c for c in df.columns if c not in drop]
     if not feats:
         raise DataError(f"{p}: no feature columns besides the label; columns are {_cols(cols)}")
-    bad = [str(c) for c in feats if not (pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]))]
+    bad = [
+        str(c) for c in feats if not (pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c]))
+    ]
     if bad:
-        raise DataError(f"{p}: feature columns must be numeric, but {_cols(bad)} are not; drop them, or name them "
-                        "as data.group_column / data.site_column / data.label_column")
+        raise DataError(
+            f"{p}: feature columns must be numeric, but {_cols(bad)} are not; drop them, or name them "
+            "as data.group_column / data.site_column / data.label_column"
+        )
     y = df[label_column].to_numpy()
     if not pd.api.types.is_numeric_dtype(df[label_column]):
-        raise DataError(f"{p}: label column {label_column!r} is not numeric (e.g. {y[0]!r}); labels must be "
-                        "integers 0..K-1, so map class names to integers first")
+        raise DataError(
+            f"{p}: label column {label_column!r} is not numeric (e.g. {y[0]!r}); labels must be "
+            "integers 0..K-1, so map class names to integers first"
+        )
     holes = [str(c) for c in feats if df[c].isna().any()]
     if holes:
         rows = int(df[feats].isna().any(axis=1).sum())
-        raise DataError(f"{p}: column(s) {_cols(holes)} have empty or NaN cells ({rows} of {len(df)} rows); drop or "
-                        "impute those rows first")
+        raise DataError(
+            f"{p}: column(s) {_cols(holes)} have empty or NaN cells ({rows} of {len(df)} rows); drop or "
+            "impute those rows first"
+        )
     x = df[feats].to_numpy(dtype=np.float64, na_value=np.nan)
     pixels = all(_PIXEL_COLUMN.match(str(c)) for c in feats)
     return x, y, ((0.0, 255.0) if pixels else None), p.stem, str(p), not pixels
@@ -361,11 +407,15 @@ def _keys(table, group_column, site_column, metadata_path, n):
         source = _read_table(mp)
         where = str(mp)
         if n is not None and len(source) != n:
-            raise DataError(f"metadata file {mp} has {len(source)} rows but the data has {n} records; "
-                            "the metadata must be row-aligned with the data (same rows, same order)")
+            raise DataError(
+                f"metadata file {mp} has {len(source)} rows but the data has {n} records; "
+                "the metadata must be row-aligned with the data (same rows, same order)"
+            )
     elif table is None:
-        raise DataError("data.group_column / data.site_column need a table: set data.metadata_path to a row-aligned "
-                        ".csv/.parquet file, or use a .csv/.parquet data file that holds those columns")
+        raise DataError(
+            "data.group_column / data.site_column need a table: set data.metadata_path to a row-aligned "
+            ".csv/.parquet file, or use a .csv/.parquet data file that holds those columns"
+        )
     out = []
     for col, what in ((group_column, "group_column"), (site_column, "site_column")):
         if col is None:
@@ -394,8 +444,9 @@ def _finish(x, y, groups, sites, value_range, name, source) -> Dataset:
     x = np.asarray(x)
     y = _as_label_vector(y, source, "labels")
     if x.ndim < 2:
-        raise DataError(f"{source}: features must have one row per record (at least 2-D after flattening); "
-                        f"got shape {x.shape}")
+        raise DataError(
+            f"{source}: features must have one row per record (at least 2-D after flattening); got shape {x.shape}"
+        )
     if x.shape[0] == 0:
         raise DataError(f"{source}: contains no records")
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
@@ -405,8 +456,10 @@ def _finish(x, y, groups, sites, value_range, name, source) -> Dataset:
         big = float(np.finfo(np.float32).max)
         over = int(np.count_nonzero(x > big) + np.count_nonzero(x < -big))
         if over:
-            raise DataError(f"{source}: {over} feature values lie outside float32's range (magnitude above "
-                            f"{big:.1e}), in which the model computes; rescale the features first")
+            raise DataError(
+                f"{source}: {over} feature values lie outside float32's range (magnitude above "
+                f"{big:.1e}), in which the model computes; rescale the features first"
+            )
     x = x.astype(np.float32)
     if x.shape[1] == 0:
         raise DataError(f"{source}: records have no features (shape {x.shape})")
@@ -419,15 +472,24 @@ def _finish(x, y, groups, sites, value_range, name, source) -> Dataset:
     if bad_rows.any():
         n_nan = int(np.isnan(x).any(axis=1).sum())
         n_inf = int(np.isinf(x).any(axis=1).sum())
-        raise DataError(f"{source}: {int(bad_rows.sum())} of {len(x)} rows have non-finite features "
-                        f"({n_nan} with NaN, {n_inf} with inf); drop or impute those rows first")
+        raise DataError(
+            f"{source}: {int(bad_rows.sum())} of {len(x)} rows have non-finite features "
+            f"({n_nan} with NaN, {n_inf} with inf); drop or impute those rows first"
+        )
     y = _labels(y, source)
     num_classes = int(y.max()) + 1
     if len(np.unique(y)) < 2:
         raise DataError(f"{source}: only one class ({int(y[0])}) present; a conditional generator needs >= 2 classes")
-    return Dataset(x=x, y=y, num_classes=num_classes, groups=groups, sites=sites,
-                   value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
-                   name=name, source=source)
+    return Dataset(
+        x=x,
+        y=y,
+        num_classes=num_classes,
+        groups=groups,
+        sites=sites,
+        value_range=None if value_range is None else (float(value_range[0]), float(value_range[1])),
+        name=name,
+        source=source,
+    )
 
 
 def _labels(y: np.ndarray, source) -> np.ndarray:
@@ -435,30 +497,39 @@ def _labels(y: np.ndarray, source) -> np.ndarray:
     if y.dtype == np.bool_:
         return y.astype(np.int64)
     if not np.issubdtype(y.dtype, np.number):
-        raise DataError(f"{source}: labels must be integers 0..K-1; got dtype {y.dtype} (e.g. {y[0]!r}); "
-                        "map class names to integers first")
+        raise DataError(
+            f"{source}: labels must be integers 0..K-1; got dtype {y.dtype} (e.g. {y[0]!r}); "
+            "map class names to integers first"
+        )
     if np.issubdtype(y.dtype, np.floating):
         bad = ~np.isfinite(y) | (y != np.round(y))
         if bad.any():
             ex = y[bad][:3].tolist()
-            raise DataError(f"{source}: {int(bad.sum())} labels are not integers (e.g. {ex}); labels must be "
-                            "integer class ids 0..K-1")
+            raise DataError(
+                f"{source}: {int(bad.sum())} labels are not integers (e.g. {ex}); labels must be "
+                "integer class ids 0..K-1"
+            )
     if (y < 0).any():
         ex = np.unique(y[y < 0])[:3].tolist()
-        raise DataError(f"{source}: {int((y < 0).sum())} labels are negative (e.g. {ex}); labels must be "
-                        "class ids 0..K-1")
+        raise DataError(
+            f"{source}: {int((y < 0).sum())} labels are negative (e.g. {ex}); labels must be class ids 0..K-1"
+        )
     top = y.max()
     if top >= len(y):  # K classes with a record each need K <= n records: ids this large leave gaps
         shown = f"{float(top):g}" if np.issubdtype(y.dtype, np.floating) else str(int(top))
-        raise DataError(f"{source}: label {shown} is larger than any class id can be with {len(y)} records: labels "
-                        "must be class ids 0..K-1 with every id used (no gaps); renumber the classes")
+        raise DataError(
+            f"{source}: label {shown} is larger than any class id can be with {len(y)} records: labels "
+            "must be class ids 0..K-1 with every id used (no gaps); renumber the classes"
+        )
     y = y.astype(np.int64)
     present = np.unique(y)
     if len(present) != int(y.max()) + 1:
         missing = np.setdiff1d(np.arange(int(y.max()) + 1), present)
-        raise DataError(f"{source}: label ids have gaps: {_ranges(missing)} ({len(missing)} ids) have no record, "
-                        f"among ids 0..{int(y.max())} (present: {_ranges(present)}). A class without records "
-                        "would still get synthetic records; renumber the classes 0..K-1")
+        raise DataError(
+            f"{source}: label ids have gaps: {_ranges(missing)} ({len(missing)} ids) have no record, "
+            f"among ids 0..{int(y.max())} (present: {_ranges(present)}). A class without records "
+            "would still get synthetic records; renumber the classes 0..K-1"
+        )
     return y
 
 

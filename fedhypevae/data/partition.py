@@ -3,10 +3,10 @@
 Everything is deterministic given the public seed, so a partition can be rebuilt exactly
 (the partition is public; the records inside it are not).
 """
+
 from __future__ import annotations
 
 import warnings
-from typing import Optional
 
 import numpy as np
 
@@ -15,17 +15,20 @@ from ..errors import DataError
 MAX_DIRICHLET_TRIES = 1000
 
 
-def partition_indices(y, *, kind: str, clients: int, alpha: float, seed: int, min_client_size: int,
-                      sites: Optional[np.ndarray] = None) -> list[np.ndarray]:
+def partition_indices(
+    y, *, kind: str, clients: int, alpha: float, seed: int, min_client_size: int, sites: np.ndarray | None = None
+) -> list[np.ndarray]:
     """Return one sorted int64 index array per client (disjoint, covering every record)."""
     y = np.asarray(y)
     n = len(y)
     if clients < 1:
         raise DataError(f"partition.clients must be >= 1; got {clients}")
     if n < clients * min_client_size:
-        raise DataError(f"{n} records are fewer than partition.clients ({clients}) x partition.min_client_size "
-                        f"({min_client_size}) = {clients * min_client_size}; use fewer clients or a smaller "
-                        "min_client_size")
+        raise DataError(
+            f"{n} records are fewer than partition.clients ({clients}) x partition.min_client_size "
+            f"({min_client_size}) = {clients * min_client_size}; use fewer clients or a smaller "
+            "min_client_size"
+        )
     rng = np.random.default_rng(seed)
     if kind == "iid":
         parts = np.array_split(rng.permutation(n), clients)
@@ -55,31 +58,40 @@ def _dirichlet(y, clients, alpha, min_client_size, rng) -> list[np.ndarray]:
         smallest = min(sizes)
         if smallest >= min_client_size:
             return [np.concatenate(p) for p in parts]
-    raise DataError(f"dirichlet partition: after {MAX_DIRICHLET_TRIES} draws some client still had fewer than "
-                    f"partition.min_client_size={min_client_size} records (last smallest: {smallest}); use a larger "
-                    "partition.alpha, fewer partition.clients or a smaller partition.min_client_size")
+    raise DataError(
+        f"dirichlet partition: after {MAX_DIRICHLET_TRIES} draws some client still had fewer than "
+        f"partition.min_client_size={min_client_size} records (last smallest: {smallest}); use a larger "
+        "partition.alpha, fewer partition.clients or a smaller partition.min_client_size"
+    )
 
 
 def _by_site(sites, clients, min_client_size) -> list[np.ndarray]:
     """One client per distinct site value, in sorted site order."""
     if sites is None:
-        raise DataError("partition.kind=site needs a site for every record; set data.site_column "
-                        "(and data.metadata_path if the column lives in a separate table)")
+        raise DataError(
+            "partition.kind=site needs a site for every record; set data.site_column "
+            "(and data.metadata_path if the column lives in a separate table)"
+        )
     sites = np.asarray(sites)
     names = np.unique(sites)
     if len(names) != clients:
-        raise DataError(f"partition.kind=site makes one client per site, and the data has {len(names)} sites "
-                        f"({', '.join(map(str, names[:20]))}); set partition.clients={len(names)}")
+        raise DataError(
+            f"partition.kind=site makes one client per site, and the data has {len(names)} sites "
+            f"({', '.join(map(str, names[:20]))}); set partition.clients={len(names)}"
+        )
     parts = [np.flatnonzero(sites == s) for s in names]
     small = [(str(s), len(p)) for s, p in zip(names, parts) if len(p) < min_client_size]
     if small:
-        raise DataError(f"sites with fewer than partition.min_client_size={min_client_size} records: "
-                        f"{', '.join(f'{s} ({k})' for s, k in small)}; merge them or lower min_client_size")
+        raise DataError(
+            f"sites with fewer than partition.min_client_size={min_client_size} records: "
+            f"{', '.join(f'{s} ({k})' for s, k in small)}; merge them or lower min_client_size"
+        )
     return parts
 
 
-def split_client(indices, y, groups, *, test_fraction: float, seed: int,
-                 client_id: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def split_client(
+    indices, y, groups, *, test_fraction: float, seed: int, client_id: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/test split of one client's records (global indices in, global indices out).
 
     With ``groups`` no group lands on both sides (images of one lesion must not leak across the
@@ -91,8 +103,10 @@ def split_client(indices, y, groups, *, test_fraction: float, seed: int,
     if not 0.0 < test_fraction < 1.0:
         raise DataError(f"data.test_fraction must be in (0, 1); got {test_fraction}")
     if len(indices) < 2:
-        raise DataError(f"{who} has {len(indices)} record(s); it needs at least 2 (one train, one test). "
-                        "Raise partition.min_client_size or use fewer clients")
+        raise DataError(
+            f"{who} has {len(indices)} record(s); it needs at least 2 (one train, one test). "
+            "Raise partition.min_client_size or use fewer clients"
+        )
     y_loc = np.asarray(y)[indices]
     rng = np.random.default_rng(seed)
     if groups is None:
@@ -101,8 +115,10 @@ def split_client(indices, y, groups, *, test_fraction: float, seed: int,
         test_mask = _grouped_mask(y_loc, np.asarray(groups)[indices], test_fraction, seed, who, len(indices))
     train, test = np.sort(indices[~test_mask]), np.sort(indices[test_mask])
     if len(train) == 0 or len(test) == 0:
-        raise DataError(f"{who} ({len(indices)} records) ended with {len(train)} train and {len(test)} test records; "
-                        "both need >= 1. Raise partition.min_client_size, use fewer clients or change data.test_fraction")
+        raise DataError(
+            f"{who} ({len(indices)} records) ended with {len(train)} train and {len(test)} test records; "
+            "both need >= 1. Raise partition.min_client_size, use fewer clients or change data.test_fraction"
+        )
     return train, test
 
 
@@ -126,8 +142,10 @@ def _grouped_mask(y_loc, g_loc, test_fraction, seed, who, n) -> np.ndarray:
 
     n_groups = len(np.unique(g_loc))
     if n_groups < 2:
-        raise DataError(f"{who} ({n} records) holds a single group, so it cannot be split by group into train and "
-                        "test; use fewer clients or a larger partition.min_client_size")
+        raise DataError(
+            f"{who} ({n} records) holds a single group, so it cannot be split by group into train and "
+            "test; use fewer clients or a larger partition.min_client_size"
+        )
     k = int(min(max(2, round(1.0 / test_fraction)), n_groups))
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=int(seed) % (2**32))
     with warnings.catch_warnings():
@@ -137,5 +155,7 @@ def _grouped_mask(y_loc, g_loc, test_fraction, seed, who, n) -> np.ndarray:
                 mask = np.zeros(n, dtype=bool)
                 mask[test_idx] = True
                 return mask
-    raise DataError(f"{who} ({n} records, {n_groups} groups) could not be split by group into non-empty train "
-                    "and test sides; use fewer clients or a larger partition.min_client_size")
+    raise DataError(
+        f"{who} ({n} records, {n_groups} groups) could not be split by group into non-empty train "
+        "and test sides; use fewer clients or a larger partition.min_client_size"
+    )

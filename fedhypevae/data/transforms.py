@@ -4,9 +4,8 @@ Nothing here is fitted on the data (no mean, no std, no observed min/max): a fit
 would be a non-private release. ``range`` uses the range the file format declares; ``l2`` puts
 every record on the unit sphere; ``none`` leaves records as they are.
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import numpy as np
 
@@ -15,17 +14,19 @@ from ..errors import DataError
 TRANSFORMS = ("auto", "none", "range", "l2")
 
 
-def resolve_transform(kind: str, value_range: Optional[tuple]) -> str:
+def resolve_transform(kind: str, value_range: tuple | None) -> str:
     """Turn ``auto`` into a concrete transform: ``range`` when the format declares one, else ``none``."""
     if kind not in TRANSFORMS:
         raise DataError(f"data.transform must be one of {', '.join(TRANSFORMS)}; got {kind!r}")
     if kind == "auto":
         return "range" if value_range is not None else "none"
     if kind == "range" and value_range is None:
-        raise DataError("data.transform=range needs a value range declared by the data format (uint8 images, "
-                        "pixelNNNN columns, digits) or by data.value_range, and this data declares none; set "
-                        "data.value_range: [low, high] (a bound you know from the format, never measured on the "
-                        "data), or data.transform to none or l2")
+        raise DataError(
+            "data.transform=range needs a value range declared by the data format (uint8 images, "
+            "pixelNNNN columns, digits) or by data.value_range, and this data declares none; set "
+            "data.value_range: [low, high] (a bound you know from the format, never measured on the "
+            "data), or data.transform to none or l2"
+        )
     return kind
 
 
@@ -36,7 +37,7 @@ def _bounds(value_range) -> tuple[float, float]:
     return lo, hi
 
 
-def apply_transform(x: np.ndarray, kind: str, value_range: Optional[tuple]) -> np.ndarray:
+def apply_transform(x: np.ndarray, kind: str, value_range: tuple | None) -> np.ndarray:
     """Map records into the model's input space; float32 out.
 
     range: [lo, hi] -> [0, 1], clipped so the public bound stays true even for stray values;
@@ -64,18 +65,20 @@ def is_invertible(kind: str) -> bool:
     return kind in ("range", "none")
 
 
-def output_units(kind: str, value_range: Optional[tuple]) -> str:
+def output_units(kind: str, value_range: tuple | None) -> str:
     """What the numbers of a synthetic set mean, in words (results.json, generate's summary)."""
     if kind == "range":
         lo, hi = _bounds(value_range)
         return f"the input data's units (the declared range [{lo:g}, {hi:g}] mapped back from [0, 1])"
     if kind == "l2":
-        return ("model units: unit-norm records (data.transform=l2 divides each record by its norm, which cannot "
-                "be recovered); compare them with L2-normalized real records")
+        return (
+            "model units: unit-norm records (data.transform=l2 divides each record by its norm, which cannot "
+            "be recovered); compare them with L2-normalized real records"
+        )
     return "the input data's units (data.transform=none: the model works on the records as they are)"
 
 
-def invert_transform(x: np.ndarray, kind: str, value_range: Optional[tuple]) -> np.ndarray:
+def invert_transform(x: np.ndarray, kind: str, value_range: tuple | None) -> np.ndarray:
     """Map model outputs back to the data's units (range only; l2 and none are returned unchanged: see
     `output_units` for what that means)."""
     kind = resolve_transform(kind, value_range)

@@ -5,11 +5,11 @@ standardization is fitted ONLY on the classifier's own training data (one client
 split, plus the synthetic set where the protocol adds it): nothing is fitted on pooled data
 or on any test split (docs/DESIGN.md §6, evaluation hygiene).
 """
+
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -25,7 +25,7 @@ class LinearClassifier:
     classes: np.ndarray  # classes seen in training (sorted)
     mean: np.ndarray
     scale: np.ndarray
-    model: Optional[object] = None  # sklearn LogisticRegression; None when training saw one class
+    model: object | None = None  # sklearn LogisticRegression; None when training saw one class
     converged: bool = True
     info: dict = field(default_factory=dict)
 
@@ -49,8 +49,17 @@ class LinearClassifier:
         return self.predict_proba(x).argmax(axis=1).astype(np.int64)
 
 
-def train_linear(x, y, num_classes: int, *, seed: int = 0, sample_weight=None, class_weight: Optional[str] = "balanced",
-                 C: float = DEFAULT_C, max_iter: int = DEFAULT_MAX_ITER) -> LinearClassifier:
+def train_linear(
+    x,
+    y,
+    num_classes: int,
+    *,
+    seed: int = 0,
+    sample_weight=None,
+    class_weight: str | None = "balanced",
+    C: float = DEFAULT_C,
+    max_iter: int = DEFAULT_MAX_ITER,
+) -> LinearClassifier:
     """Fit standardization + multinomial logistic regression on (x, y) alone.
 
     ``class_weight="balanced"`` (default) reweights classes inversely to their frequency in THIS
@@ -82,8 +91,9 @@ def train_linear(x, y, num_classes: int, *, seed: int = 0, sample_weight=None, c
     classes = np.unique(y)
     if classes.size == 1:
         return LinearClassifier(num_classes, classes, mean, scale, None, True, {"single_class": int(classes[0])})
-    model = LogisticRegression(C=C, solver="lbfgs", max_iter=max_iter, class_weight=class_weight,
-                               random_state=int(seed) % (2**32))
+    model = LogisticRegression(
+        C=C, solver="lbfgs", max_iter=max_iter, class_weight=class_weight, random_state=int(seed) % (2**32)
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model.fit((x - mean) / scale, y, sample_weight=sw)

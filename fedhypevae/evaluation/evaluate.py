@@ -14,13 +14,14 @@ that test split), then mean ± std (ddof=0) over clients. Protocols:
 
 Test splits are touched only for the final score; nothing is fitted on pooled data.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -71,9 +72,17 @@ def _client_seed(seed: int, client_id: int) -> int:
     return int(np.random.SeedSequence([int(seed) % (2**63), 0xE7A1, int(client_id)]).generate_state(1)[0])
 
 
-def evaluate_federation(fed, x_syn=None, y_syn=None, *, protocol: str = "augment", seed: int = 0,
-                        lambda_grid: Sequence[float] = LAMBDA_GRID, val_fraction: float = VAL_FRACTION,
-                        class_weight: Optional[str] = "balanced") -> dict:
+def evaluate_federation(
+    fed,
+    x_syn=None,
+    y_syn=None,
+    *,
+    protocol: str = "augment",
+    seed: int = 0,
+    lambda_grid: Sequence[float] = LAMBDA_GRID,
+    val_fraction: float = VAL_FRACTION,
+    class_weight: str | None = "balanced",
+) -> dict:
     """Score every loaded client of ``fed`` under ``protocol``.
 
     ``x_syn``/``y_syn`` must already be in the federation's (transformed) space; they may be None
@@ -93,7 +102,9 @@ def evaluate_federation(fed, x_syn=None, y_syn=None, *, protocol: str = "augment
         if len(x_syn) != len(y_syn) or len(x_syn) == 0:
             raise DataError(f"synthetic set has {len(x_syn)} records and {len(y_syn)} labels; need the same, > 0")
         if y_syn.min() < 0 or y_syn.max() >= K:
-            raise DataError(f"synthetic labels span {y_syn.min()}..{y_syn.max()}; the federation has classes 0..{K - 1}")
+            raise DataError(
+                f"synthetic labels span {y_syn.min()}..{y_syn.max()}; the federation has classes 0..{K - 1}"
+            )
         if not np.isfinite(x_syn).all():
             raise DataError("the synthetic set contains NaN or infinite values")
     if not fed.clients:
@@ -107,22 +118,29 @@ def evaluate_federation(fed, x_syn=None, y_syn=None, *, protocol: str = "augment
     for c in sorted(fed.clients, key=lambda c: c.client_id):
         who = f"client {c.client_id}"
         if len(c.y_test) == 0:
-            raise DataError(f"{who} has an empty test split; it cannot be evaluated (raise partition.min_client_size "
-                            "or data.test_fraction)")
+            raise DataError(
+                f"{who} has an empty test split; it cannot be evaluated (raise partition.min_client_size "
+                "or data.test_fraction)"
+            )
         if len(c.y_train) == 0 and protocol != "synthetic-only":
             raise DataError(f"{who} has an empty train split; protocol {protocol!r} needs one")
         x_tr, y_tr = np.asarray(c.x_train, np.float32), np.asarray(c.y_train).reshape(-1).astype(np.int64)
         x_te, y_te = np.asarray(c.x_test, np.float32), np.asarray(c.y_test).reshape(-1).astype(np.int64)
         cseed = _client_seed(seed, c.client_id)
-        row = {"client_id": int(c.client_id), "n_train": int(len(y_tr)), "n_test": int(len(y_te)),
-               "test_classes": [int(v) for v in np.unique(y_te)]}
+        row = {
+            "client_id": int(c.client_id),
+            "n_train": int(len(y_tr)),
+            "n_test": int(len(y_te)),
+            "test_classes": [int(v) for v in np.unique(y_te)],
+        }
         converged = True
         if protocol == "local":
             clf = train_linear(x_tr, y_tr, K, seed=cseed, class_weight=class_weight)
             pred, converged = clf.predict(x_te), clf.converged
         elif protocol == "augment":
-            clf = train_linear(np.concatenate([x_tr, x_syn]), np.concatenate([y_tr, y_syn]), K, seed=cseed,
-                               class_weight=class_weight)
+            clf = train_linear(
+                np.concatenate([x_tr, x_syn]), np.concatenate([y_tr, y_syn]), K, seed=cseed, class_weight=class_weight
+            )
             pred, converged = clf.predict(x_te), clf.converged
         elif protocol == "synthetic-only":
             pred, converged = syn_clf.predict(x_te), syn_clf.converged
@@ -130,28 +148,45 @@ def evaluate_federation(fed, x_syn=None, y_syn=None, *, protocol: str = "augment
             val = validation_split(y_tr, val_fraction, cseed)
             if val.any() and (~val).any():
                 loc = train_linear(x_tr[~val], y_tr[~val], K, seed=cseed, class_weight=class_weight)
-                lam, val_bacc = _choose_lambda(loc.predict_proba(x_tr[val]), syn_clf.predict_proba(x_tr[val]),
-                                               y_tr[val], lambda_grid)
+                lam, val_bacc = _choose_lambda(
+                    loc.predict_proba(x_tr[val]), syn_clf.predict_proba(x_tr[val]), y_tr[val], lambda_grid
+                )
             else:
                 lam, val_bacc = 0.5, None  # one training record: nothing to validate on
             loc = train_linear(x_tr, y_tr, K, seed=cseed, class_weight=class_weight)  # refit on the full train split
             pred = (lam * loc.predict_proba(x_te) + (1.0 - lam) * syn_clf.predict_proba(x_te)).argmax(1)
             converged = loc.converged and syn_clf.converged
             row.update({"lambda": lam, "n_val": int(val.sum()), "val_balanced_accuracy": val_bacc})
-        row.update({"accuracy": accuracy(y_te, pred), "balanced_accuracy": balanced_accuracy(y_te, pred),
-                    "converged": bool(converged)})
+        row.update(
+            {
+                "accuracy": accuracy(y_te, pred),
+                "balanced_accuracy": balanced_accuracy(y_te, pred),
+                "converged": bool(converged),
+            }
+        )
         rows.append(row)
 
-    summary = {"accuracy": summarize(r["accuracy"] for r in rows),
-               "balanced_accuracy": summarize(r["balanced_accuracy"] for r in rows)}
+    summary = {
+        "accuracy": summarize(r["accuracy"] for r in rows),
+        "balanced_accuracy": summarize(r["balanced_accuracy"] for r in rows),
+    }
     if protocol == "lambda-mix":
         summary["lambda"] = summarize(r["lambda"] for r in rows)
     summary["all_converged"] = all(r["converged"] for r in rows)
-    out = {"protocol": protocol, "seed": int(seed), "num_classes": K, "clients": rows, "summary": summary,
-           "std": "population std (ddof=0) over clients",
-           "classifier": {"kind": "multinomial logistic regression (lbfgs) on features standardized on the "
-                                  "classifier's own training data", "class_weight": class_weight},
-           "n_synthetic": None if not needs_syn else int(len(y_syn))}
+    out = {
+        "protocol": protocol,
+        "seed": int(seed),
+        "num_classes": K,
+        "clients": rows,
+        "summary": summary,
+        "std": "population std (ddof=0) over clients",
+        "classifier": {
+            "kind": "multinomial logistic regression (lbfgs) on features standardized on the "
+            "classifier's own training data",
+            "class_weight": class_weight,
+        },
+        "n_synthetic": None if not needs_syn else int(len(y_syn)),
+    }
     if protocol == "lambda-mix":
         out["lambda_grid"] = [float(v) for v in lambda_grid]
         out["val_fraction"] = float(val_fraction)
@@ -165,8 +200,10 @@ def load_synthetic(path) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) from a synthetic.npz (x in the input data's units)."""
     p = Path(str(path))
     if not p.is_file():
-        raise FedHypeVAEError(f"{p} does not exist; `fedhypevae train --out DIR` writes DIR/synthetic.npz at the end "
-                              "of a completed (not interrupted) run")
+        raise FedHypeVAEError(
+            f"{p} does not exist; `fedhypevae train --out DIR` writes DIR/synthetic.npz at the end "
+            "of a completed (not interrupted) run"
+        )
     from ..data.loaders import _corrupt, npz_precheck
 
     npz_precheck(p, ["x", "y"])
@@ -196,7 +233,7 @@ def _atomic_write_json(path: Path, obj: dict) -> None:
         raise
 
 
-def _run_summary(run_dir: Path) -> Optional[dict]:
+def _run_summary(run_dir: Path) -> dict | None:
     p = run_dir / "results.json"
     if not p.is_file():
         return None
@@ -205,11 +242,12 @@ def _run_summary(run_dir: Path) -> Optional[dict]:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return {"results_json": "unreadable"}
     priv = res.get("privacy", {}) or {}
-    return {k: priv.get(k) for k in ("enabled", "mode", "epsilon_spent", "target_epsilon", "delta", "formal_guarantee")
-            } | {"config_hash": (res.get("provenance") or {}).get("config_hash")}
+    return {
+        k: priv.get(k) for k in ("enabled", "mode", "epsilon_spent", "target_epsilon", "delta", "formal_guarantee")
+    } | {"config_hash": (res.get("provenance") or {}).get("config_hash")}
 
 
-def _clipped_fraction(x_raw: np.ndarray, fed) -> Optional[float]:
+def _clipped_fraction(x_raw: np.ndarray, fed) -> float | None:
     """Share of synthetic values outside the declared value range (``range`` clips them on the way in)."""
     if fed.transform != "range" or fed.value_range is None:
         return None
@@ -217,8 +255,16 @@ def _clipped_fraction(x_raw: np.ndarray, fed) -> Optional[float]:
     return float(np.mean((x_raw < lo) | (x_raw > hi)))
 
 
-def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, seed: Optional[int] = None,
-                 quality: bool = True, data_path: Optional[str] = None, json_path=None) -> dict:
+def evaluate_run(
+    run_dir,
+    *,
+    protocol: str = "augment",
+    synthetic_path=None,
+    seed: int | None = None,
+    quality: bool = True,
+    data_path: str | None = None,
+    json_path=None,
+) -> dict:
     """Evaluate a training run directory; writes ``json_path`` (default RUN_DIR/evaluation.json) and returns it.
 
     Rebuilds the federation from RUN_DIR/config.yaml (same data, partition and seed, hence the same
@@ -237,7 +283,9 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
         raise FedHypeVAEError(f"{run} is not a directory; give the --out directory of `fedhypevae train`")
     cfg_path = run / "config.yaml"
     if not cfg_path.is_file():
-        raise FedHypeVAEError(f"{run} has no config.yaml; `fedhypevae train --out {run}` writes it (is this a run directory?)")
+        raise FedHypeVAEError(
+            f"{run} has no config.yaml; `fedhypevae train --out {run}` writes it (is this a run directory?)"
+        )
     cfg = load_config(str(cfg_path))
     if data_path is not None:
         cfg.data.path = str(data_path)
@@ -249,44 +297,77 @@ def evaluate_run(run_dir, *, protocol: str = "augment", synthetic_path=None, see
         x_raw, y_syn = load_synthetic(syn_file)  # only for the quality section
     if need_syn:
         if not syn_file.is_file():
-            hint = ("`fedhypevae train --out DIR` writes DIR/synthetic.npz when training completes (an interrupted "
-                    "run has none: finish it with `fedhypevae train --resume --out DIR`)")
+            hint = (
+                "`fedhypevae train --out DIR` writes DIR/synthetic.npz when training completes (an interrupted "
+                "run has none: finish it with `fedhypevae train --resume --out DIR`)"
+            )
             raise FedHypeVAEError(f"no synthetic set at {syn_file}; {hint}. Protocol 'local' needs none")
         x_raw, y_syn = load_synthetic(syn_file)
 
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
     if x_raw is not None and (x_raw.ndim != 2 or x_raw.shape[1] != fed.dim):
-        raise DataError(f"{syn_file}: synthetic records of shape {x_raw.shape} do not match the run's data, which has "
-                        f"{fed.dim} features; give the synthetic set of this run")
+        raise DataError(
+            f"{syn_file}: synthetic records of shape {x_raw.shape} do not match the run's data, which has "
+            f"{fed.dim} features; give the synthetic set of this run"
+        )
     x_syn = None if x_raw is None else apply_transform(x_raw, fed.transform, fed.value_range)
-    res = evaluate_federation(fed, x_syn if protocol != "local" else None, y_syn if protocol != "local" else None,
-                              protocol=protocol, seed=seed)
-    out = {"run_dir": str(run), "protocol": protocol, "seed": seed, "summary": res["summary"], "clients": res["clients"],
-           "std": res["std"], "classifier": res["classifier"],
-           "synthetic": None if x_raw is None else {
-               "path": str(syn_file.resolve()), "samples": int(len(y_syn)),
-               "class_counts": [int(v) for v in np.bincount(y_syn, minlength=fed.num_classes)],
-               "mapped_with": {"transform": fed.transform,
-                               "value_range": None if fed.value_range is None else list(fed.value_range)},
-               "clipped_fraction": _clipped_fraction(x_raw, fed)},
-           "data": {"source": str(fed.source), "clients": int(fed.num_clients), "classes": int(fed.num_classes),
-                    "dim": int(fed.dim), "partition": cfg.partition.kind, "alpha": float(cfg.partition.alpha),
-                    "split_seed": int(cfg.seed), "test_fraction": float(cfg.data.test_fraction),
-                    "group_column": cfg.data.group_column},
-           "run": _run_summary(run)}
+    res = evaluate_federation(
+        fed,
+        x_syn if protocol != "local" else None,
+        y_syn if protocol != "local" else None,
+        protocol=protocol,
+        seed=seed,
+    )
+    out = {
+        "run_dir": str(run),
+        "protocol": protocol,
+        "seed": seed,
+        "summary": res["summary"],
+        "clients": res["clients"],
+        "std": res["std"],
+        "classifier": res["classifier"],
+        "synthetic": None
+        if x_raw is None
+        else {
+            "path": str(syn_file.resolve()),
+            "samples": int(len(y_syn)),
+            "class_counts": [int(v) for v in np.bincount(y_syn, minlength=fed.num_classes)],
+            "mapped_with": {
+                "transform": fed.transform,
+                "value_range": None if fed.value_range is None else list(fed.value_range),
+            },
+            "clipped_fraction": _clipped_fraction(x_raw, fed),
+        },
+        "data": {
+            "source": str(fed.source),
+            "clients": int(fed.num_clients),
+            "classes": int(fed.num_classes),
+            "dim": int(fed.dim),
+            "partition": cfg.partition.kind,
+            "alpha": float(cfg.partition.alpha),
+            "split_seed": int(cfg.seed),
+            "test_fraction": float(cfg.data.test_fraction),
+            "group_column": cfg.data.group_column,
+        },
+        "run": _run_summary(run),
+    }
     for k in ("lambda_grid", "val_fraction"):
         if k in res:
             out[k] = res[k]
     if protocol != "local":
         # the same classifiers without the synthetic set: what the synthetic set adds (or costs) is the difference
         local = evaluate_federation(fed, protocol="local", seed=seed)
-        out["reference_local"] = {"summary": local["summary"],
-                                  "what": "the same per-client classifiers trained on the real train split only"}
+        out["reference_local"] = {
+            "summary": local["summary"],
+            "what": "the same per-client classifiers trained on the real train split only",
+        }
     if quality and x_syn is not None:
         out["quality"] = synthetic_quality(fed, x_syn, y_syn, seed=seed)
     try:
-        from ..provenance import git_commit, package_versions
         from importlib import metadata
+
+        from ..provenance import git_commit, package_versions
+
         packages = package_versions()
         packages["scikit-learn"] = metadata.version("scikit-learn")
         out["provenance"] = {"git_commit": git_commit(), "packages": packages, "config_hash": cfg.hash()}

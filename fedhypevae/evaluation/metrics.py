@@ -5,10 +5,11 @@ the classes present in that client's test split). A class that is predicted but 
 ``y_true`` contributes no recall term; predicting it is simply wrong for the records concerned.
 This is the same definition as ``sklearn.metrics.balanced_accuracy_score`` (adjusted=False).
 """
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -20,11 +20,12 @@ the synthetic set. All comparisons happen in the federation's (transformed) spac
   distributions match). Per class (real and synthetic records of that class) and overall
   (labels ignored).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -34,15 +35,16 @@ DEFAULT_K = 5
 DEFAULT_FOLDS = 5
 
 
-def _subsample(x: np.ndarray, n: int, rng: np.random.Generator, y: Optional[np.ndarray] = None):
+def _subsample(x: np.ndarray, n: int, rng: np.random.Generator, y: np.ndarray | None = None):
     if len(x) <= n:
         return (x, y) if y is not None else x
     idx = np.sort(rng.choice(len(x), size=n, replace=False))
     return (x[idx], y[idx]) if y is not None else x[idx]
 
 
-def mmd2(x, y, *, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, max_samples: int = DEFAULT_MAX_SAMPLES,
-         seed: int = 0) -> float:
+def mmd2(
+    x, y, *, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS, max_samples: int = DEFAULT_MAX_SAMPLES, seed: int = 0
+) -> float:
     """Multi-kernel Gaussian MMD^2 (biased) between x and y, kernel bandwidths ``b * sqrt(d)``;
     each side is subsampled to at most ``max_samples`` records."""
     import torch
@@ -75,8 +77,13 @@ def c2st(x_real, x_syn, *, seed: int = 0, folds: int = DEFAULT_FOLDS, max_sample
     rng = np.random.default_rng(seed)
     n = int(min(len(x_real), len(x_syn), max_samples))
     if n < folds:
-        return {"accuracy": None, "std": None, "n_per_side": n, "folds": folds,
-                "note": f"too few records for {folds}-fold cross-validation"}
+        return {
+            "accuracy": None,
+            "std": None,
+            "n_per_side": n,
+            "folds": folds,
+            "note": f"too few records for {folds}-fold cross-validation",
+        }
     a, b = _subsample(x_real, n, rng), _subsample(x_syn, n, rng)
     x = np.concatenate([a, b])
     lab = np.concatenate([np.zeros(n, np.int64), np.ones(n, np.int64)])
@@ -111,8 +118,13 @@ def coverage_density(x_real, x_syn, *, k: int = DEFAULT_K) -> dict:
         return {"coverage": 0.0, "density": 0.0, "k": k_eff, "n_real": n, "n_synthetic": 0}
     drs = _pairwise(r, s)  # (n_real, n_syn)
     inside = drs <= radii[:, None]
-    return {"coverage": float(inside.any(axis=1).mean()), "density": float(inside.sum() / (k_eff * len(s))),
-            "k": k_eff, "n_real": n, "n_synthetic": int(len(s))}
+    return {
+        "coverage": float(inside.any(axis=1).mean()),
+        "density": float(inside.sum() / (k_eff * len(s))),
+        "k": k_eff,
+        "n_real": n,
+        "n_synthetic": int(len(s)),
+    }
 
 
 def real_reference(fed) -> tuple[np.ndarray, np.ndarray]:
@@ -122,8 +134,17 @@ def real_reference(fed) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def synthetic_quality(fed, x_syn, y_syn, *, seed: int = 0, bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
-                      max_samples: int = DEFAULT_MAX_SAMPLES, k: int = DEFAULT_K, folds: int = DEFAULT_FOLDS) -> dict:
+def synthetic_quality(
+    fed,
+    x_syn,
+    y_syn,
+    *,
+    seed: int = 0,
+    bandwidths: Sequence[float] = DEFAULT_BANDWIDTHS,
+    max_samples: int = DEFAULT_MAX_SAMPLES,
+    k: int = DEFAULT_K,
+    folds: int = DEFAULT_FOLDS,
+) -> dict:
     """MMD^2, C2ST and per-class coverage/density of (x_syn, y_syn) against the pooled real test splits.
 
     ``x_syn`` must already be in the federation's space (see ``apply_transform``).
@@ -140,8 +161,12 @@ def synthetic_quality(fed, x_syn, y_syn, *, seed: int = 0, bandwidths: Sequence[
     half = len(x_real) // 2
     a, b = x_real[perm[:half]], x_real[perm[half:]]
     m = int(min(len(b), len(x_syn), max_samples))
-    mmd = {"bandwidths_sqrt_d": [float(h) for h in bandwidths], "estimator": "biased (V-statistic), kernels summed",
-           "n_real": int(min(len(a), max_samples)), "n_other": m}
+    mmd = {
+        "bandwidths_sqrt_d": [float(h) for h in bandwidths],
+        "estimator": "biased (V-statistic), kernels summed",
+        "n_real": int(min(len(a), max_samples)),
+        "n_other": m,
+    }
     if half >= 1 and m >= 1:
         s_idx = rng.choice(len(x_syn), size=m, replace=False)
         mmd["real_vs_synthetic"] = mmd2(a, x_syn[s_idx], bandwidths=bandwidths, max_samples=max_samples, seed=seed)
@@ -162,13 +187,19 @@ def synthetic_quality(fed, x_syn, y_syn, *, seed: int = 0, bandwidths: Sequence[
     syn_counts = np.bincount(y_syn, minlength=fed.num_classes) if len(y_syn) else np.zeros(fed.num_classes, np.int64)
     return {
         "reference": f"pooled test splits of the {len(fed.clients)} loaded clients (never training data), "
-                     "in the federation's transformed space",
-        "n_real": int(len(x_real)), "n_synthetic": int(len(x_syn)),
-        "real_class_counts": [int(v) for v in real_counts], "synthetic_class_counts": [int(v) for v in syn_counts],
+        "in the federation's transformed space",
+        "n_real": int(len(x_real)),
+        "n_synthetic": int(len(x_syn)),
+        "real_class_counts": [int(v) for v in real_counts],
+        "synthetic_class_counts": [int(v) for v in syn_counts],
         "classes_missing_from_synthetic": [int(c) for c in np.flatnonzero((real_counts > 0) & (syn_counts == 0))],
         "mmd2": mmd,
         "c2st": c2st(x_real, x_syn, seed=seed, folds=folds, max_samples=max_samples),
-        "coverage": {"k": k, "overall": overall["coverage"], "density_overall": overall["density"],
-                     "mean_over_classes": float(np.mean(cov_vals)) if cov_vals else None,
-                     "per_class": per_class},
+        "coverage": {
+            "k": k,
+            "overall": overall["coverage"],
+            "density_overall": overall["density"],
+            "mean_over_classes": float(np.mean(cov_vals)) if cov_vals else None,
+            "per_class": per_class,
+        },
     }

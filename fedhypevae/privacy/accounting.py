@@ -12,12 +12,13 @@ records, and all of them are composed in ONE accountant history (docs/DESIGN.md 
 training, and ``history_fits`` is the budget guard's test. What a client actually released
 is recorded in the privacy ledger (``ledger.py``).
 """
+
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable, Iterable, Optional
 
 from ..errors import PrivacyError
 
@@ -68,8 +69,7 @@ def validate_mechanism(m: Mechanism) -> None:
 # Opacus' default orders stop at 63. A single release at small epsilon (large sigma) is
 # optimal near alpha ~ sigma*sqrt(2 log(1/delta)), i.e. in the hundreds or thousands, so
 # the RDP bound would be loose without the larger orders below.
-_EXTRA_ORDERS = [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048,
-                 3072, 4096, 6144, 8192, 10000]
+_EXTRA_ORDERS = [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 10000]
 
 
 def _rdp_orders() -> list:
@@ -92,11 +92,14 @@ def _rdp_of(m: Mechanism, orders: list):
 
     n_default = len(orders) - len(_EXTRA_ORDERS)
     if m.sample_rate >= 1.0:
-        return np.asarray(rdp_analysis.compute_rdp(q=1.0, noise_multiplier=m.noise_multiplier,
-                                                   steps=m.steps, orders=orders), dtype=float)
-    low = rdp_analysis.compute_rdp(q=m.sample_rate, noise_multiplier=m.noise_multiplier,
-                                   steps=m.steps, orders=orders[:n_default])
-    high = m.steps * np.asarray(orders[n_default:], dtype=float) / (2 * m.noise_multiplier ** 2)
+        return np.asarray(
+            rdp_analysis.compute_rdp(q=1.0, noise_multiplier=m.noise_multiplier, steps=m.steps, orders=orders),
+            dtype=float,
+        )
+    low = rdp_analysis.compute_rdp(
+        q=m.sample_rate, noise_multiplier=m.noise_multiplier, steps=m.steps, orders=orders[:n_default]
+    )
+    high = m.steps * np.asarray(orders[n_default:], dtype=float) / (2 * m.noise_multiplier**2)
     return np.concatenate([np.asarray(low, dtype=float), high])
 
 
@@ -186,8 +189,15 @@ class _numpy_quiet:
 # --------------------------------------------------------------------------- calibration
 
 
-def _solve_sigma(eps_fn: Callable[[float], float], target: float, *, lo: float, hi: float,
-                 rtol: float = CALIBRATION_RTOL, max_iter: int = 100) -> float:
+def _solve_sigma(
+    eps_fn: Callable[[float], float],
+    target: float,
+    *,
+    lo: float,
+    hi: float,
+    rtol: float = CALIBRATION_RTOL,
+    max_iter: int = 100,
+) -> float:
     """Smallest-noise sigma in [lo, hi] with target*(1-rtol) <= eps_fn(sigma) <= target.
 
     eps_fn decreases in sigma. Requires eps_fn(hi) <= target. Works on log sigma /
@@ -195,6 +205,7 @@ def _solve_sigma(eps_fn: Callable[[float], float], target: float, *, lo: float, 
     where eps is infinite; always returns a point from below (eps <= target).
     If even ``lo`` spends less than the target, ``lo`` is returned.
     """
+
     def f(s: float) -> float:
         e = eps_fn(s)
         return math.log(e) - math.log(target) if e > 0 else -math.inf
@@ -232,11 +243,11 @@ def _too_small(what: str, target: float) -> PrivacyError:
     return PrivacyError(
         f"{what}: target epsilon {target:g} would need a noise multiplier above {MAX_SIGMA:g}; "
         "raise privacy.target_epsilon, lower privacy.sample_rate or the number of steps "
-        "(train.rounds x train.local_steps), or give this release a larger epsilon fraction")
+        "(train.rounds x train.local_steps), or give this release a larger epsilon fraction"
+    )
 
 
-def _calibrate(history: Callable[[float], list], target: float, *, delta: float, accountant: str,
-               what: str) -> float:
+def _calibrate(history: Callable[[float], list], target: float, *, delta: float, accountant: str, what: str) -> float:
     """Sigma such that the composed epsilon of ``history(sigma)`` is the target, from below.
 
     RDP: search [0.05, MAX_SIGMA] directly (an evaluation costs ~10 ms, whatever the steps).
@@ -286,7 +297,7 @@ class PrivacyPlan:
         """The planned one-shot releases (class statistics, mean embeddings)."""
         return [m for m in self.mechanisms if m.name != DP_SGD]
 
-    def noise_multiplier(self, name: str) -> Optional[float]:
+    def noise_multiplier(self, name: str) -> float | None:
         """The planned noise multiplier of mechanism `name`, or None if the plan releases nothing of it."""
         for m in self.mechanisms:
             if m.name == name:
@@ -300,7 +311,7 @@ class PrivacyPlan:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PrivacyPlan":
+    def from_dict(cls, d: dict) -> PrivacyPlan:
         d = {k: v for k, v in d.items() if k in {f.name for f in fields(cls)}}  # derived or older keys dropped
         d["mechanisms"] = [Mechanism(**m) for m in d.get("mechanisms", [])]
         return cls(**d)
@@ -338,21 +349,34 @@ def _check_shares(shares: list) -> None:
         raise PrivacyError(f"a budget plan names each mechanism once; got {names}")
     for s in shares:
         if not (isinstance(s.proportion, (int, float)) and math.isfinite(s.proportion) and s.proportion >= 0):
-            raise PrivacyError(f"{s.name}: its budget proportion must be a number >= 0 (a share of the target "
-                               f"epsilon); got {s.proportion!r}")
+            raise PrivacyError(
+                f"{s.name}: its budget proportion must be a number >= 0 (a share of the target "
+                f"epsilon); got {s.proportion!r}"
+            )
         if not (0 < s.sample_rate <= 1):
             raise PrivacyError(f"{s.name}: sample rate q must be in (0, 1]; got {s.sample_rate}")
         if int(s.releases) != s.releases or s.releases < 1:
-            raise PrivacyError(f"{s.name}: the number of releases must be an integer >= 1; got {s.releases} "
-                               "(leave a mechanism that releases nothing out of the plan)")
+            raise PrivacyError(
+                f"{s.name}: the number of releases must be an integer >= 1; got {s.releases} "
+                "(leave a mechanism that releases nothing out of the plan)"
+            )
     total = sum(s.proportion for s in shares)
     if abs(total - 1.0) > PROPORTION_ATOL:
-        raise PrivacyError("the budget proportions must sum to 1; got "
-                           + " + ".join(f"{s.proportion:g} ({s.name})" for s in shares) + f" = {total:.12g}")
+        raise PrivacyError(
+            "the budget proportions must sum to 1; got "
+            + " + ".join(f"{s.proportion:g} ({s.name})" for s in shares)
+            + f" = {total:.12g}"
+        )
 
 
-def plan_mechanisms(shares: Iterable[BudgetShare], *, target_epsilon: float, delta: float, accountant: str,
-                    noise_multiplier: Optional[float] = None) -> JointPlan:
+def plan_mechanisms(
+    shares: Iterable[BudgetShare],
+    *,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    noise_multiplier: float | None = None,
+) -> JointPlan:
     """Calibrate one noise multiplier per mechanism of ``shares`` so the composed epsilon meets the target.
 
     Every entry after the first is calibrated ALONE to spend ``proportion * target_epsilon``; then the
@@ -371,19 +395,27 @@ def plan_mechanisms(shares: Iterable[BudgetShare], *, target_epsilon: float, del
     _check_shares(shares)
     first, rest = shares[0], shares[1:]
     if not first.proportion > 0:
-        raise PrivacyError(f"{first.name}: the first mechanism of a plan needs a share > 0 of the budget; "
-                           f"got {first.proportion:g}")
+        raise PrivacyError(
+            f"{first.name}: the first mechanism of a plan needs a share > 0 of the budget; got {first.proportion:g}"
+        )
     others = []
     for s in rest:
         if s.releases == 1 and s.sample_rate >= 1.0:
-            sigma_s = calibrate_one_shot(epsilon=s.proportion * target_epsilon, delta=delta, accountant=accountant,
-                                         name=s.name)
+            sigma_s = calibrate_one_shot(
+                epsilon=s.proportion * target_epsilon, delta=delta, accountant=accountant, name=s.name
+            )
         else:
             if not s.proportion > 0:
-                raise PrivacyError(f"{s.name}: its epsilon share must be > 0 when it is released; got "
-                                   f"{s.proportion * target_epsilon}")
-            sigma_s = _calibrate(lambda x, s=s: [Mechanism(s.name, x, s.sample_rate, int(s.releases))],
-                                 s.proportion * target_epsilon, delta=delta, accountant=accountant, what=s.name)
+                raise PrivacyError(
+                    f"{s.name}: its epsilon share must be > 0 when it is released; got {s.proportion * target_epsilon}"
+                )
+            sigma_s = _calibrate(
+                lambda x, s=s: [Mechanism(s.name, x, s.sample_rate, int(s.releases))],
+                s.proportion * target_epsilon,
+                delta=delta,
+                accountant=accountant,
+                what=s.name,
+            )
         others.append(Mechanism(s.name, sigma_s, s.sample_rate, int(s.releases)))
 
     steps = int(first.releases)
@@ -399,25 +431,40 @@ def plan_mechanisms(shares: Iterable[BudgetShare], *, target_epsilon: float, del
             f"the fixed noise multiplier {sigma:g} spends epsilon {eps:.4g} over {steps} steps at "
             f"q={first.sample_rate:g}, above the target {target_epsilon:g}; raise privacy.noise_multiplier or "
             "privacy.target_epsilon, or lower the sample rate or the number of steps (or set "
-            "privacy.noise_multiplier: null to calibrate)")
+            "privacy.noise_multiplier: null to calibrate)"
+        )
     mechanisms = history(sigma)
-    return JointPlan(noise_multipliers={m.name: m.noise_multiplier for m in mechanisms}, mechanisms=mechanisms,
-                     planned_epsilon=eps)
+    return JointPlan(
+        noise_multipliers={m.name: m.noise_multiplier for m in mechanisms}, mechanisms=mechanisms, planned_epsilon=eps
+    )
 
 
-def privacy_plan(shares: Iterable[BudgetShare], *, target_epsilon: float, delta: float, accountant: str,
-                 noise_multiplier: Optional[float] = None) -> PrivacyPlan:
+def privacy_plan(
+    shares: Iterable[BudgetShare],
+    *,
+    target_epsilon: float,
+    delta: float,
+    accountant: str,
+    noise_multiplier: float | None = None,
+) -> PrivacyPlan:
     """The run's PrivacyPlan from a list of shares whose first entry is DP-SGD (``plan_mechanisms``)."""
     shares = list(shares)
     if not shares or shares[0].name != DP_SGD:
-        raise PrivacyError(f"a run's budget plan starts with its {DP_SGD} entry; got "
-                           f"{[s.name for s in shares]}")
-    joint = plan_mechanisms(shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
-                            noise_multiplier=noise_multiplier)
+        raise PrivacyError(f"a run's budget plan starts with its {DP_SGD} entry; got {[s.name for s in shares]}")
+    joint = plan_mechanisms(
+        shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant, noise_multiplier=noise_multiplier
+    )
     nm = joint.noise_multipliers
-    return PrivacyPlan(sigma=nm[DP_SGD], sample_rate=shares[0].sample_rate, steps=int(shares[0].releases), delta=delta,
-                       accountant=accountant, target_epsilon=target_epsilon, planned_epsilon=joint.planned_epsilon,
-                       mechanisms=joint.mechanisms)
+    return PrivacyPlan(
+        sigma=nm[DP_SGD],
+        sample_rate=shares[0].sample_rate,
+        steps=int(shares[0].releases),
+        delta=delta,
+        accountant=accountant,
+        target_epsilon=target_epsilon,
+        planned_epsilon=joint.planned_epsilon,
+        mechanisms=joint.mechanisms,
+    )
 
 
 def run_shares(*, sample_rate: float, steps: int, one_shot: Iterable[tuple]) -> list:
@@ -430,14 +477,26 @@ def run_shares(*, sample_rate: float, steps: int, one_shot: Iterable[tuple]) -> 
     one_shot = [BudgetShare(name, 1.0, 1, fraction) for name, fraction in one_shot]
     fractions = sum(s.proportion for s in one_shot)
     if fractions >= 1:
-        raise PrivacyError("privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 "
-                           f"(DP-SGD needs a share); got {fractions:g}")
+        raise PrivacyError(
+            "privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 "
+            f"(DP-SGD needs a share); got {fractions:g}"
+        )
     return [BudgetShare(DP_SGD, sample_rate, int(steps), 1.0 - fractions)] + one_shot
 
 
-def plan_budget(*, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
-                stats_fraction: float, mmd_fraction: float, use_stats: bool, use_mmd: bool,
-                noise_multiplier: Optional[float] = None) -> PrivacyPlan:
+def plan_budget(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    stats_fraction: float,
+    mmd_fraction: float,
+    use_stats: bool,
+    use_mmd: bool,
+    noise_multiplier: float | None = None,
+) -> PrivacyPlan:
     """Calibrate the noise multipliers of a run so the composed epsilon meets the target.
 
     Budget split (docs/DESIGN.md §3): each one-shot release is first calibrated ALONE to spend its
@@ -452,10 +511,13 @@ def plan_budget(*, target_epsilon: float, delta: float, sample_rate: float, step
         raise PrivacyError(f"target epsilon must be > 0; got {target_epsilon}")
     if not (0 < delta < 1):
         raise PrivacyError(f"delta must be in (0, 1); got {delta}")
-    one_shot = ([(CLASS_STATS, stats_fraction)] if use_stats else []) + ([(MMD_EMBEDDINGS, mmd_fraction)] if use_mmd else [])
+    one_shot = ([(CLASS_STATS, stats_fraction)] if use_stats else []) + (
+        [(MMD_EMBEDDINGS, mmd_fraction)] if use_mmd else []
+    )
     shares = run_shares(sample_rate=sample_rate, steps=steps, one_shot=one_shot)
-    return privacy_plan(shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant,
-                        noise_multiplier=noise_multiplier)
+    return privacy_plan(
+        shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant, noise_multiplier=noise_multiplier
+    )
 
 
 # --------------------------------------------------------------------------- the budget guard
@@ -486,8 +548,10 @@ def _is_subplan(history: list, plan: PrivacyPlan) -> bool:
     used: dict = {}
     for h in history:
         p = planned.get(h.name)
-        if p is None or not (math.isclose(h.noise_multiplier, p.noise_multiplier, rel_tol=1e-12)
-                             and math.isclose(h.sample_rate, p.sample_rate, rel_tol=1e-12)):
+        if p is None or not (
+            math.isclose(h.noise_multiplier, p.noise_multiplier, rel_tol=1e-12)
+            and math.isclose(h.sample_rate, p.sample_rate, rel_tol=1e-12)
+        ):
             return False
         used[h.name] = used.get(h.name, 0) + h.steps
         if used[h.name] > p.steps:

@@ -33,15 +33,16 @@ every file and appends to its own. Ledgers written before format 2 (one ``ledger
 under ``RUN/clients/client_NNNNN/``) are read as blocks of one client, epochs counted per key, no
 digests (a replay of them is never free).
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -64,11 +65,18 @@ class Release:
     epoch: int
     block: str
     session: int
-    digest: Optional[str] = None  # private: digest of the block's pre-noise payload (reproducible noise)
+    digest: str | None = None  # private: digest of the block's pre-noise payload (reproducible noise)
 
     def public(self) -> dict:
-        return {"mechanism": self.mechanism, "sigma": self.sigma, "q": self.q, "key": self.key, "epoch": self.epoch,
-                "block": self.block, "session": self.session}
+        return {
+            "mechanism": self.mechanism,
+            "sigma": self.sigma,
+            "q": self.q,
+            "key": self.key,
+            "epoch": self.epoch,
+            "block": self.block,
+            "session": self.session,
+        }
 
 
 def client_ranges(ids: Sequence[int]) -> list:
@@ -112,8 +120,15 @@ class PrivacyLedger:
     tests). Every client of this process is charged by every record this process writes.
     """
 
-    def __init__(self, clients: Optional[Sequence[int]] = None, *, run_dir=None, rank: int = 0, world_size: int = 1,
-                 fsync: bool = True):
+    def __init__(
+        self,
+        clients: Sequence[int] | None = None,
+        *,
+        run_dir=None,
+        rank: int = 0,
+        world_size: int = 1,
+        fsync: bool = True,
+    ):
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.rank, self.world_size, self.fsync = int(rank), int(world_size), fsync
         self.read_only = clients is None
@@ -122,7 +137,7 @@ class PrivacyLedger:
         self._by_key: dict = {}  # (mechanism, key) -> [Release]
         self._counts: dict = {}  # block -> {(mechanism, sigma, q): releases}
         self._groups: list = []  # (mechanism, sigma, q) in order of first appearance
-        self._fd: Optional[int] = None
+        self._fd: int | None = None
         self._patterns = None
         self.session = 1
         self.fsync_seconds = 0.0  # time spent in fsync (reported by the benchmarks and docs)
@@ -168,11 +183,22 @@ class PrivacyLedger:
                     sessions.append(current)
                 else:
                     if obj["block"] not in blocks:
-                        raise PrivacyError(f"privacy ledger {path}: a record names block {obj['block']!r} that no "
-                                           "earlier line defines; the file is corrupt and cannot be trusted")
-                    records.append(Release(obj["mechanism"], float(obj["sigma"]), float(obj["q"]), str(obj["key"]),
-                                           int(obj["epoch"]), obj["block"], int(current),
-                                           (obj.get("private") or {}).get("digest")))
+                        raise PrivacyError(
+                            f"privacy ledger {path}: a record names block {obj['block']!r} that no "
+                            "earlier line defines; the file is corrupt and cannot be trusted"
+                        )
+                    records.append(
+                        Release(
+                            obj["mechanism"],
+                            float(obj["sigma"]),
+                            float(obj["q"]),
+                            str(obj["key"]),
+                            int(obj["epoch"]),
+                            obj["block"],
+                            int(current),
+                            (obj.get("private") or {}).get("digest"),
+                        )
+                    )
         for path in sorted(self.run_dir.glob(V1_GLOB)):
             cid = _v1_client(path)
             bid = f"v1-client-{cid:05d}"
@@ -266,8 +292,9 @@ class PrivacyLedger:
 
     def steps(self, mechanism: str = DP_SGD) -> int:
         """The most releases of `mechanism` any hosted client has made."""
-        return max((sum(m.steps for m in self._history(b) if m.name == mechanism) for _, b in self._pattern_list()),
-                   default=0)
+        return max(
+            (sum(m.steps for m in self._history(b) if m.name == mechanism) for _, b in self._pattern_list()), default=0
+        )
 
     def summary(self, *, delta: float, accountant: str) -> list:
         """One row per mechanism group of the worst-off client's history, with the epsilon it spends alone."""
@@ -277,12 +304,20 @@ class PrivacyLedger:
             eps = epsilon_of(hist, delta=delta, accountant=accountant)
             if eps > worst:
                 worst = eps
-                rows = [{"mechanism": m.name, "sigma": m.noise_multiplier, "q": m.sample_rate, "steps": m.steps,
-                         "epsilon_alone": epsilon_of([m], delta=delta, accountant=accountant)} for m in hist]
+                rows = [
+                    {
+                        "mechanism": m.name,
+                        "sigma": m.noise_multiplier,
+                        "q": m.sample_rate,
+                        "steps": m.steps,
+                        "epsilon_alone": epsilon_of([m], delta=delta, accountant=accountant),
+                    }
+                    for m in hist
+                ]
         return rows
 
     # ------------------------------------------------------------------ the guard's questions
-    def latest(self, mechanism: str, key: str) -> Optional[Release]:
+    def latest(self, mechanism: str, key: str) -> Release | None:
         """The last release under `key` made by exactly this block of clients: the one a replay can match."""
         for rec in reversed(self._by_key.get((mechanism, key), [])):
             if rec.block == self.block:
@@ -297,10 +332,15 @@ class PrivacyLedger:
         return bool(self._by_key.get((mechanism, key)))
 
     @staticmethod
-    def identical(candidate: Optional[Release], sigma: float, q: float, digest: Optional[str]) -> bool:
+    def identical(candidate: Release | None, sigma: float, q: float, digest: str | None) -> bool:
         """Whether a release would re-release exactly what `candidate` released (then it costs nothing)."""
-        return (candidate is not None and digest is not None and candidate.digest == digest
-                and candidate.sigma == float(sigma) and candidate.q == float(q))
+        return (
+            candidate is not None
+            and digest is not None
+            and candidate.digest == digest
+            and candidate.sigma == float(sigma)
+            and candidate.q == float(q)
+        )
 
     def fits(self, mechanism: str, sigma: float, q: float, plan: PrivacyPlan) -> bool:
         """Budget guard: would every hosted client stay within the plan's target after one more release
@@ -309,19 +349,34 @@ class PrivacyLedger:
         return all(history_fits(self._history(blocks), extra, plan) for _, blocks in self._pattern_list())
 
     # ------------------------------------------------------------------ charging
-    def charge(self, mechanism: str, sigma: float, q: float, key: str, *, epoch: int = 0,
-               digest: Optional[str] = None) -> Release:
+    def charge(
+        self, mechanism: str, sigma: float, q: float, key: str, *, epoch: int = 0, digest: str | None = None
+    ) -> Release:
         """Record one release of every hosted client BEFORE it is made: written and fsync'd when file-backed."""
         if self.read_only:
             raise PrivacyError("this ledger was opened read only")
         if mechanism not in MECHANISM_NAMES:
             raise PrivacyError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISM_NAMES)}")
         validate_mechanism(Mechanism(mechanism, float(sigma), float(q), 1))
-        rec = Release(mechanism, float(sigma), float(q), str(key), int(epoch), self.block, self.session,
-                      None if digest is None else str(digest))
+        rec = Release(
+            mechanism,
+            float(sigma),
+            float(q),
+            str(key),
+            int(epoch),
+            self.block,
+            self.session,
+            None if digest is None else str(digest),
+        )
         if self.run_dir is not None:
-            line = {"block": rec.block, "mechanism": rec.mechanism, "sigma": rec.sigma, "q": rec.q, "key": rec.key,
-                    "epoch": rec.epoch}
+            line = {
+                "block": rec.block,
+                "mechanism": rec.mechanism,
+                "sigma": rec.sigma,
+                "q": rec.q,
+                "key": rec.key,
+                "epoch": rec.epoch,
+            }
             if rec.digest is not None:
                 line["private"] = {"digest": rec.digest}
             self._write(line)
@@ -337,8 +392,14 @@ class PrivacyLedger:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         data = b""
         if not self._own_block_written:
-            head = {"format": LEDGER_FORMAT, "block": self.block, "clients": client_ranges(self.ids.tolist()),
-                    "session": self.session, "rank": self.rank, "world_size": self.world_size}
+            head = {
+                "format": LEDGER_FORMAT,
+                "block": self.block,
+                "clients": client_ranges(self.ids.tolist()),
+                "session": self.session,
+                "rank": self.rank,
+                "world_size": self.world_size,
+            }
             data += (json.dumps(head, separators=(",", ":")) + "\n").encode()
         data += (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
         os.write(self._fd, data)  # one O_APPEND write: a crash leaves a whole line or a truncated last one
@@ -387,8 +448,10 @@ def _read_lines(path: Path, *, repair: bool):
                 obj = json.loads(line)
                 if "clients" in obj:
                     if obj.get("format") != LEDGER_FORMAT:
-                        raise PrivacyError(f"privacy ledger {path} has format {obj.get('format')!r}; this version "
-                                           f"reads format {LEDGER_FORMAT} (and the per-client format 1)")
+                        raise PrivacyError(
+                            f"privacy ledger {path} has format {obj.get('format')!r}; this version "
+                            f"reads format {LEDGER_FORMAT} (and the per-client format 1)"
+                        )
                     obj["session"] = int(obj["session"])
                     out.append(("block", obj))
                     seen_block = True
@@ -404,8 +467,10 @@ def _read_lines(path: Path, *, repair: bool):
                 raise
             except (ValueError, KeyError, TypeError):
                 if not last:
-                    raise PrivacyError(f"privacy ledger {path} is corrupt at line {i + 1}; it cannot be trusted "
-                                       "(restore it from a copy of the run directory or start a new run)") from None
+                    raise PrivacyError(
+                        f"privacy ledger {path} is corrupt at line {i + 1}; it cannot be trusted "
+                        "(restore it from a copy of the run directory or start a new run)"
+                    ) from None
                 if repair:
                     with open(path, "r+b") as fh:
                         fh.truncate(offset)
@@ -440,8 +505,9 @@ def _read_v1(path: Path) -> list:
         except (ValueError, KeyError, TypeError):
             if i == len(lines) - 1:
                 break
-            raise PrivacyError(f"privacy ledger {path} (per-client format 1) is corrupt at line {i + 1}; it cannot "
-                               "be trusted") from None
+            raise PrivacyError(
+                f"privacy ledger {path} (per-client format 1) is corrupt at line {i + 1}; it cannot be trusted"
+            ) from None
     return out
 
 

@@ -33,18 +33,19 @@ records the released history, replays it on D minus record j and compares, step 
 A negative control is a stage override mixed into the step (:class:`BatchNormInputs`: a batch-normalized
 loss, which couples the samples, must be reported as a violation).
 """
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
 
 import torch
 
 from ..aggregation import flat_phi
-from ..dp_step import DIAG_KEYS, Draw, DPStep, Sums
+from ..dp_step import DIAG_KEYS, DPStep, Draw, Sums
 from ..errors import PrivacyError
 from ..model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX
 from ..rng import STREAM_STEP, derive_seed
@@ -67,10 +68,10 @@ class SensitivityProbe:
     """Mixin over a :class:`~fedhypevae.dp_step.DPStep` class (put first in the bases): the stage overrides
     the sensitivity check needs. Settings are instance attributes set by :func:`probe`."""
 
-    drop: Optional[tuple] = None  # (client position in the block, record index): D minus one record
-    history: Optional[Sums] = None  # a released history entry to continue from instead of the own release
+    drop: tuple | None = None  # (client position in the block, record index): D minus one record
+    history: Sums | None = None  # a released history entry to continue from instead of the own release
     update: bool = True  # apply the local update of psi_i and v_i
-    own: Optional[Sums] = None  # set by `released`: this step's own noisy release
+    own: Sums | None = None  # set by `released`: this step's own noisy release
 
     def sample(self, gens):
         draws = super().sample(gens)  # every coin and noise row drawn as on D
@@ -127,8 +128,14 @@ class Unclipped:
 _PROBES: dict = {}
 
 
-def probe(step: DPStep, *, drop: Optional[tuple] = None, released: Optional[Sums] = None,
-          update: bool = True, control: Optional[type] = None) -> DPStep:
+def probe(
+    step: DPStep,
+    *,
+    drop: tuple | None = None,
+    released: Sums | None = None,
+    update: bool = True,
+    control: type | None = None,
+) -> DPStep:
     """`step`'s own class with the :class:`SensitivityProbe` stages (and a negative `control` mixin), on the same
     block with the same weights and per-sample form."""
     base = type(step)
@@ -153,13 +160,23 @@ def _client_dict(sums: Sums, pos: int, strict: bool, enc_names: list) -> dict:
     off = 0
     for n, shape in sums.layout:
         k = math.prod(shape)
-        out[PHI_PREFIX + n] = sums.phi[off:off + k].view(shape)
+        out[PHI_PREFIX + n] = sums.phi[off : off + k].view(shape)
         off += k
     return out
 
 
-def trace_step(client, hyper, generator: torch.Generator, *, sigma, features=None, drop: Optional[int] = None,
-               released: Optional[Sums] = None, control: Optional[type] = None, update: bool = True) -> StepTrace:
+def trace_step(
+    client,
+    hyper,
+    generator: torch.Generator,
+    *,
+    sigma,
+    features=None,
+    drop: int | None = None,
+    released: Sums | None = None,
+    control: type | None = None,
+    update: bool = True,
+) -> StepTrace:
     """One DP step of `client` (its own step class, on a block of one) on `hyper` with the probe's stages and
     the given generator.
 
@@ -179,10 +196,18 @@ def trace_step(client, hyper, generator: torch.Generator, *, sigma, features=Non
     payload = _client_dict(pending.sums.clone(), 0, pending.strict, names)
     out = step.release(pending, sigma=sigma, features=features)
     history = step.own if released is None else released
-    phi = {n[len(PHI_PREFIX):]: t.float() for n, t in _client_dict(
-        Sums([], None, out.phi, pending.sums.layout), 0, False, []).items()}
-    return StepTrace(idx=pending.draws[0].idx, payload=payload, released=_client_dict(history, 0, pending.strict, names),
-                     phi=phi, expected_batch=float(own.block.expected[0]), history=history)
+    phi = {
+        n[len(PHI_PREFIX) :]: t.float()
+        for n, t in _client_dict(Sums([], None, out.phi, pending.sums.layout), 0, False, []).items()
+    }
+    return StepTrace(
+        idx=pending.draws[0].idx,
+        payload=payload,
+        released=_client_dict(history, 0, pending.strict, names),
+        phi=phi,
+        expected_batch=float(own.block.expected[0]),
+        history=history,
+    )
 
 
 @dataclass
@@ -232,16 +257,31 @@ class SensitivityReport:
         """Every step's pre-noise payload moved by at most C (and the buffer by at most its bound), and no other
         client's moved."""
         c = self.clip_norm * (1 + self.tolerance)
-        return (self.max_payload_diff <= c and self.max_phi_diff <= c and self.max_buffer_ratio <= 1 + self.tolerance
-                and self.others_moved == 0.0)
+        return (
+            self.max_payload_diff <= c
+            and self.max_phi_diff <= c
+            and self.max_buffer_ratio <= 1 + self.tolerance
+            and self.others_moved == 0.0
+        )
 
     def to_dict(self) -> dict:
-        return {"clip_norm": self.clip_norm, "mode": self.mode, "aggregation": self.aggregation,
-                "trust_model": self.trust_model, "steps": self.steps,
-                "weight": self.weight, "client": self.client, "engine": self.engine, "ok": self.ok,
-                "max_payload_diff": self.max_payload_diff, "max_phi_diff": self.max_phi_diff,
-                "max_buffer_ratio": self.max_buffer_ratio, "others_moved": self.others_moved,
-                "replay_drift": self.replay_drift, "rows": [asdict(r) for r in self.rows]}
+        return {
+            "clip_norm": self.clip_norm,
+            "mode": self.mode,
+            "aggregation": self.aggregation,
+            "trust_model": self.trust_model,
+            "steps": self.steps,
+            "weight": self.weight,
+            "client": self.client,
+            "engine": self.engine,
+            "ok": self.ok,
+            "max_payload_diff": self.max_payload_diff,
+            "max_phi_diff": self.max_phi_diff,
+            "max_buffer_ratio": self.max_buffer_ratio,
+            "others_moved": self.others_moved,
+            "replay_drift": self.replay_drift,
+            "rows": [asdict(r) for r in self.rows],
+        }
 
 
 def _block_of(tr, client: int):
@@ -253,8 +293,12 @@ def _block_of(tr, client: int):
 
 def _snapshot(tr, st) -> dict:
     rule = {k: v for k, v in tr.aggregation.__dict__.items() if k != "tr"}
-    return {"hyper": copy.deepcopy(tr.hyper.state_dict()), "opt": copy.deepcopy(tr.opt.state_dict()),
-            "block": {k: t.detach().clone() for k, t in st.block.state().items()}, "rule": copy.deepcopy(rule)}
+    return {
+        "hyper": copy.deepcopy(tr.hyper.state_dict()),
+        "opt": copy.deepcopy(tr.opt.state_dict()),
+        "block": {k: t.detach().clone() for k, t in st.block.state().items()},
+        "rule": copy.deepcopy(rule),
+    }
 
 
 def _restore(tr, st, snap: dict) -> None:
@@ -277,8 +321,9 @@ def _through_the_rule(tr, st, phi: torch.Tensor, aggregator: torch.Generator) ->
     return flat_phi(agg.step_hyper(st.block))
 
 
-def check_sensitivity(tr, client: int, *, remove: Sequence[int], steps: int = 1, seed: int = 0,
-                      control: Optional[type] = None) -> SensitivityReport:
+def check_sensitivity(
+    tr, client: int, *, remove: Sequence[int], steps: int = 1, seed: int = 0, control: type | None = None
+) -> SensitivityReport:
     """Measure, for every j in `remove`, how far record j of `client` moves the pre-noise payload of each of
     `steps` steps of the trainer's real step (the block holding the client, its class and per-sample form, the
     trainer's noise placement and aggregation rule; a single process: the rule's reduce is the trainer's, through
@@ -305,9 +350,16 @@ def check_sensitivity(tr, client: int, *, remove: Sequence[int], steps: int = 1,
     agg, C = tr.aggregation, cfg.privacy.clip_norm
     coef, divisor = float(st.phi_coef[pos]), st.phi_divisor  # public: Phi sum = sum_i coef_i * clipped_i
     strict = cfg.privacy.mode == "strict"
-    report = SensitivityReport(clip_norm=C, mode=cfg.privacy.mode, aggregation=cfg.federation.aggregation, steps=steps,
-                               weight=float(st.weights[pos]), client=client, engine=st.per_sample_kind,
-                               trust_model=tr.trust.name)
+    report = SensitivityReport(
+        clip_norm=C,
+        mode=cfg.privacy.mode,
+        aggregation=cfg.federation.aggregation,
+        steps=steps,
+        weight=float(st.weights[pos]),
+        client=client,
+        engine=st.per_sample_kind,
+        trust_model=tr.trust.name,
+    )
 
     def gens(s):
         return [torch.Generator().manual_seed(derive_seed(seed, 0x5E45, s, cid)) for cid in st.block.ids]
@@ -345,11 +397,19 @@ def check_sensitivity(tr, client: int, *, remove: Sequence[int], steps: int = 1,
                     diff = (a - b).reshape(a.shape[0], -1).double()
                     if strict:
                         own2 += float(diff[pos].pow(2).sum())
-                    rest = torch.cat([diff[:pos], diff[pos + 1:]])
+                    rest = torch.cat([diff[:pos], diff[pos + 1 :]])
                     report.others_moved = max(report.others_moved, float(rest.abs().max()) if rest.numel() else 0.0)
-                report.rows.append(StepDifference(
-                    record=int(j), step=s, in_batch=bool((d_idx == int(j)).any()), payload_diff=own2 ** 0.5,
-                    phi_diff=dphi / coef, buffer_diff=dphi / divisor, buffer_bound=coef * C / divisor))
+                report.rows.append(
+                    StepDifference(
+                        record=int(j),
+                        step=s,
+                        in_batch=bool((d_idx == int(j)).any()),
+                        payload_diff=own2**0.5,
+                        phi_diff=dphi / coef,
+                        buffer_diff=dphi / divisor,
+                        buffer_bound=coef * C / divisor,
+                    )
+                )
     finally:
         _restore(tr, st, snap)
     return report

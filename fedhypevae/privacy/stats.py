@@ -13,10 +13,11 @@ at most 1 and the joint scaled vector of m components by at most sqrt(m). Adding
 of std sigma*sqrt(m) to every scaled coordinate is then the Gaussian mechanism with
 noise multiplier sigma; in original units component k gets std sigma*sqrt(m)*Delta_k.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -56,8 +57,7 @@ def _one_hot(y: torch.Tensor, num_classes: int, device) -> torch.Tensor:
 # --------------------------------------------------------------------------- class statistics
 
 
-def class_stat_sums(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_norm: float,
-                    covariance: str) -> dict:
+def class_stat_sums(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_norm: float, covariance: str) -> dict:
     """The pre-noise payload of ``release_class_stats``: per-class sums of the clipped rows, counts and
     (for "diag"/"full") second moments, float64. Stays on the client."""
     if covariance not in COVARIANCE_KINDS:
@@ -75,8 +75,9 @@ def class_stat_sums(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_
     return out
 
 
-def noise_class_stats(sums: dict, *, clip_norm: float, noise_multiplier: float, covariance: str,
-                      generator: torch.Generator) -> dict:
+def noise_class_stats(
+    sums: dict, *, clip_norm: float, noise_multiplier: float, covariance: str, generator: torch.Generator
+) -> dict:
     """``sums`` (from ``class_stat_sums``) plus the Gaussian noise of the release (see release_class_stats)."""
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise PrivacyError(f"noise multiplier must be a finite number >= 0; got {noise_multiplier}")
@@ -84,19 +85,28 @@ def noise_class_stats(sums: dict, *, clip_norm: float, noise_multiplier: float, 
     m = 2 if covariance == "none" else 3
     std = noise_multiplier * math.sqrt(m)
     k, d = sums["sum"].shape
-    out = {"sum": sums["sum"] + _gaussian((k, d), std * clip_norm, generator, device),
-           "count": sums["count"] + _gaussian((k,), std, generator, device)}
+    out = {
+        "sum": sums["sum"] + _gaussian((k, d), std * clip_norm, generator, device),
+        "count": sums["count"] + _gaussian((k,), std, generator, device),
+    }
     if covariance == "diag":
-        out["second_moment"] = sums["second_moment"] + _gaussian((k, d), std * clip_norm ** 2, generator, device)
+        out["second_moment"] = sums["second_moment"] + _gaussian((k, d), std * clip_norm**2, generator, device)
     elif covariance == "full":
-        noise = torch.triu(_gaussian((k, d, d), std * clip_norm ** 2, generator, device))
+        noise = torch.triu(_gaussian((k, d, d), std * clip_norm**2, generator, device))
         out["second_moment"] = sums["second_moment"] + noise + torch.triu(noise, diagonal=1).transpose(1, 2)
     return out
 
 
-def release_class_stats(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_norm: float,
-                        noise_multiplier: float, covariance: str,
-                        generator: torch.Generator) -> dict:
+def release_class_stats(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    num_classes: int,
+    clip_norm: float,
+    noise_multiplier: float,
+    covariance: str,
+    generator: torch.Generator,
+) -> dict:
     """Noisy per-class sums of one client: {"sum" (K,d), "count" (K,), ["second_moment"]}.
 
     ``second_moment`` is sum x x^T (K,d,d) for ``covariance="full"``, sum x**2 (K,d) for
@@ -110,12 +120,14 @@ def release_class_stats(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, c
     """
     _check_release(num_classes, noise_multiplier, y)
     sums = class_stat_sums(x, y, num_classes=num_classes, clip_norm=clip_norm, covariance=covariance)
-    return noise_class_stats(sums, clip_norm=clip_norm, noise_multiplier=noise_multiplier, covariance=covariance,
-                             generator=generator)
+    return noise_class_stats(
+        sums, clip_norm=clip_norm, noise_multiplier=noise_multiplier, covariance=covariance, generator=generator
+    )
 
 
-def finalize_class_stats(summed: dict, *, covariance: str, rank: int = 0, min_count: float = 1.0,
-                         var_floor: float = 1e-6) -> dict:
+def finalize_class_stats(
+    summed: dict, *, covariance: str, rank: int = 0, min_count: float = 1.0, var_floor: float = 1e-6
+) -> dict:
     """Global class means / covariances from the summed noisy releases (post-processing).
 
     Returns {"means" (K,d), "counts" (K,) clipped at 0, and "covariances" (K,d,d) for full
@@ -167,8 +179,10 @@ class RandomFeatures:
 
     def __init__(self, *, dim: int, bandwidths: Sequence[float], features_per_bandwidth: int, seed: int):
         if dim < 1 or features_per_bandwidth < 2 or features_per_bandwidth % 2:
-            raise PrivacyError("RandomFeatures needs dim >= 1 and an even features_per_bandwidth >= 2; "
-                               f"got dim={dim}, features_per_bandwidth={features_per_bandwidth}")
+            raise PrivacyError(
+                "RandomFeatures needs dim >= 1 and an even features_per_bandwidth >= 2; "
+                f"got dim={dim}, features_per_bandwidth={features_per_bandwidth}"
+            )
         if not bandwidths or any(h <= 0 for h in bandwidths):
             raise PrivacyError(f"bandwidths must be positive numbers; got {list(bandwidths)}")
         gen = torch.Generator().manual_seed(int(seed))
@@ -195,18 +209,28 @@ def mean_embedding_sums(x: torch.Tensor, y: torch.Tensor, *, features: RandomFea
     return onehot.T @ phi, onehot.sum(0)
 
 
-def noise_mean_embeddings(sums: torch.Tensor, counts: torch.Tensor, *, noise_multiplier: float,
-                          generator: torch.Generator) -> tuple:
+def noise_mean_embeddings(
+    sums: torch.Tensor, counts: torch.Tensor, *, noise_multiplier: float, generator: torch.Generator
+) -> tuple:
     """(sums, counts) from ``mean_embedding_sums`` plus the noise of the release (see release_mean_embeddings)."""
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise PrivacyError(f"noise multiplier must be a finite number >= 0; got {noise_multiplier}")
     std = noise_multiplier * math.sqrt(2.0)
-    return (sums + _gaussian(tuple(sums.shape), std, generator, sums.device),
-            counts + _gaussian(tuple(counts.shape), std, generator, counts.device))
+    return (
+        sums + _gaussian(tuple(sums.shape), std, generator, sums.device),
+        counts + _gaussian(tuple(counts.shape), std, generator, counts.device),
+    )
 
 
-def release_mean_embeddings(x: torch.Tensor, y: torch.Tensor, *, features: RandomFeatures, num_classes: int,
-                            noise_multiplier: float, generator: torch.Generator) -> tuple:
+def release_mean_embeddings(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    features: RandomFeatures,
+    num_classes: int,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> tuple:
     """Noisy per-class (sum of phi(x) (K,F), count (K,)) of one client, float64.
 
     phi rows have norm exactly 1 and a record adds 1 to one count, so both components have
@@ -234,6 +258,7 @@ def gaussian_kernel_mmd2(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[
     """Biased (V-statistic) multi-kernel MMD^2, Eq. 6: mean k(x,x') + mean k(y,y') - 2 mean k(x,y),
     k(a,b) = sum_h exp(-||a-b||^2 / (2 h^2)). Differentiable (squared distances computed
     without sqrt, so no NaN gradient at zero distance)."""
+
     def kmean(a, b):
         d2 = (a.pow(2).sum(1)[:, None] + b.pow(2).sum(1)[None, :] - 2 * a @ b.T).clamp_min(0.0)
         return sum(torch.exp(-d2 / (2 * float(h) ** 2)) for h in bandwidths).mean()

@@ -30,11 +30,12 @@ mean embeddings keep full local noise in every model (each is consumed by its ow
 the class statistics for the meta-code follow the model, with shares calibrated to the clients in each released
 partial sum (one per meta-code domain).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -54,12 +55,16 @@ def check_trust_settings(*, trust_model: str, collusion, party: str) -> None:
     if party not in PARTIES:
         raise ConfigError(f"privacy.party must be one of {', '.join(PARTIES)}; got {party!r}")
     if isinstance(collusion, bool) or not isinstance(collusion, int) or collusion < 1:
-        raise ConfigError(f"privacy.collusion must be an integer >= 1 (the number of parties that may pool their "
-                          f"shares); got {collusion!r}")
+        raise ConfigError(
+            f"privacy.collusion must be an integer >= 1 (the number of parties that may pool their "
+            f"shares); got {collusion!r}"
+        )
     if trust_model != "distributed" and (collusion != 1 or party != "client"):
         key = "privacy.collusion" if collusion != 1 else "privacy.party"
-        raise ConfigError(f"{key} applies to privacy.trust_model=distributed only (the parties that pool their noise "
-                          f"shares); it has no meaning with trust_model={trust_model}: remove it")
+        raise ConfigError(
+            f"{key} applies to privacy.trust_model=distributed only (the parties that pool their noise "
+            f"shares); it has no meaning with trust_model={trust_model}: remove it"
+        )
 
 
 @dataclass(frozen=True)
@@ -94,16 +99,17 @@ class TrustModel:
     name = "local"
     simulated = False
 
-    def __init__(self, *, collusion: int = 1, party: str = "client", noise_seed: Optional[int] = None,
-                 backend: str = "local"):
+    def __init__(
+        self, *, collusion: int = 1, party: str = "client", noise_seed: int | None = None, backend: str = "local"
+    ):
         self.collusion, self.party, self.backend = int(collusion), party, backend
-        self.fed: Optional[Federation] = None
+        self.fed: Federation | None = None
         self.world_size = 1
         self._rng = ClientRNG(AGGREGATOR_ID, noise_seed)  # only the central aggregator draws from it
-        self._next: Optional[tuple] = None  # the next aggregate release's key (and generator override)
+        self._next: tuple | None = None  # the next aggregate release's key (and generator override)
 
     # ------------------------------------------------------------------ binding and refusals
-    def bind(self, fed: Federation, *, world_size: int) -> "TrustModel":
+    def bind(self, fed: Federation, *, world_size: int) -> TrustModel:
         """Fix the public federation (placement, weights, declared sizes); ConfigError for settings this model
         refuses on it. Called by the trainer's setup before anything is written or released."""
         self.fed, self.world_size = fed, int(world_size)
@@ -146,8 +152,9 @@ class TrustModel:
         shares = sum(a * a for a in self.fed.coefs) * s * s
         return clip * math.sqrt(shares + (self.aggregate_multiplier(sigma) * self.delta_max) ** 2)
 
-    def begin_release(self, stream: int, round_: int, step: int, epoch: int = 0,
-                      generator: Optional[torch.Generator] = None) -> None:
+    def begin_release(
+        self, stream: int, round_: int, step: int, epoch: int = 0, generator: torch.Generator | None = None
+    ) -> None:
         """The key of the next aggregate release (the aggregator's draw, in central): its generator, derived from
         (noise_seed, the aggregator, stream, round, step, epoch) when reproducible (an identical replay draws the
         same noise), else the aggregator's securely seeded one; `generator` overrides it (the sensitivity check)."""
@@ -173,8 +180,10 @@ class TrustModel:
 
     # ------------------------------------------------------------------ what it guarantees
     def protected(self) -> str:
-        return ("anyone who sees any single client's release (the other clients, the other ranks, whoever reads "
-                "the all-reduce or the outputs)")
+        return (
+            "anyone who sees any single client's release (the other clients, the other ranks, whoever reads "
+            "the all-reduce or the outputs)"
+        )
 
     def not_protected(self) -> str:
         return "the rank hosting the client (it holds the client's data)"
@@ -184,15 +193,20 @@ class TrustModel:
 
     def describe(self, sigma: float, clip: float) -> dict:
         """results.json's privacy.trust_model section."""
-        out = {"name": self.name, "collusion": self.collusion if self.name == "distributed" else None,
-               "party": self.party if self.name == "distributed" else None,
-               "simulated": self.simulated, "noise": self.where(), "protected_against": self.protected(),
-               "not_protected_against": self.not_protected(),
-               "phi_noise_multiplier_per_client": self.noise_multipliers(sigma)["phi"],
-               "aggregator_noise_multiplier": self.aggregate_multiplier(sigma),
-               "aggregate_noise_std": self.aggregate_std(sigma, clip) if self.fed is not None else None,
-               "largest_record_sensitivity": self.delta_max * clip if self.fed is not None else None,
-               "mmd_embeddings": "full local noise (each client's embeddings are consumed by its own loss)"}
+        out = {
+            "name": self.name,
+            "collusion": self.collusion if self.name == "distributed" else None,
+            "party": self.party if self.name == "distributed" else None,
+            "simulated": self.simulated,
+            "noise": self.where(),
+            "protected_against": self.protected(),
+            "not_protected_against": self.not_protected(),
+            "phi_noise_multiplier_per_client": self.noise_multipliers(sigma)["phi"],
+            "aggregator_noise_multiplier": self.aggregate_multiplier(sigma),
+            "aggregate_noise_std": self.aggregate_std(sigma, clip) if self.fed is not None else None,
+            "largest_record_sensitivity": self.delta_max * clip if self.fed is not None else None,
+            "mmd_embeddings": "full local noise (each client's embeddings are consumed by its own loss)",
+        }
         return out
 
     def guarantee(self) -> str:
@@ -205,31 +219,37 @@ class DistributedTrust(TrustModel):
     name = "distributed"
     simulated = True
 
-    def bind(self, fed: Federation, *, world_size: int) -> "TrustModel":
+    def bind(self, fed: Federation, *, world_size: int) -> TrustModel:
         super().bind(fed, world_size=world_size)
         t, party = self.collusion, self.party
         if party == "rank" and world_size < 2:
-            raise ConfigError("privacy.party=rank needs at least 2 ranks: the one rank holds every client's share, "
-                              "so no share would be unknown to it (use privacy.party=client, or launch more ranks)")
+            raise ConfigError(
+                "privacy.party=rank needs at least 2 ranks: the one rank holds every client's share, "
+                "so no share would be unknown to it (use privacy.party=client, or launch more ranks)"
+            )
         parties = fed.parties(party)
         a2 = [a * a for a in fed.coefs]
         held = coalition([len(p) for p in parties], t)
         self.coalition_clients = int(held)
         self.unknown_mass = sum(a2) - coalition([sum(a2[i] for i in p) for p in parties], t)
         if fed.M - held < 1 or not self.unknown_mass > 0:
-            raise ConfigError(f"privacy.collusion={t}: {t} {party}(s) can hold {int(held)} of the {fed.M} clients' "
-                              f"noise shares, which leaves fewer than one share unknown to them; lower "
-                              f"privacy.collusion below the number of {party}s, or use trust_model=central or local")
+            raise ConfigError(
+                f"privacy.collusion={t}: {t} {party}(s) can hold {int(held)} of the {fed.M} clients' "
+                f"noise shares, which leaves fewer than one share unknown to them; lower "
+                f"privacy.collusion below the number of {party}s, or use trust_model=central or local"
+            )
         # the class statistics: per meta-code domain, the shares unknown to t parties must carry the full noise
         self.stats_unknown = {}
         for k in range(fed.codes):
             members = [i for i in range(fed.M) if fed.domain(i) == k]
             held_k = coalition([sum(1 for i in p if fed.domain(i) == k) for p in parties], t)
             if len(members) - held_k < 1:
-                raise ConfigError(f"privacy.collusion={t} with meta.codes={fed.codes}: meta-code domain {k} sums the "
-                                  f"class statistics of {len(members)} client(s), and {t} {party}(s) can hold "
-                                  f"{int(held_k)} of them: no share would be unknown; lower meta.codes or "
-                                  "privacy.collusion")
+                raise ConfigError(
+                    f"privacy.collusion={t} with meta.codes={fed.codes}: meta-code domain {k} sums the "
+                    f"class statistics of {len(members)} client(s), and {t} {party}(s) can hold "
+                    f"{int(held_k)} of them: no share would be unknown; lower meta.codes or "
+                    "privacy.collusion"
+                )
             self.stats_unknown[k] = len(members) - held_k
         # the share unit u: share multiplier s = sigma * u gives the unknown shares sigma at the largest sensitivity
         self.unit = self.delta_max / math.sqrt(self.unknown_mass)
@@ -252,26 +272,34 @@ class DistributedTrust(TrustModel):
         return f"{n} {self.party}" + ("s" if n != 1 else "")
 
     def protected(self) -> str:
-        return (f"any coalition of at most {self._parties(self.collusion)} that sees only the full sum of all "
-                "clients' releases and pools its own shares (the secure-aggregation model), and whoever reads the "
-                "outputs")
+        return (
+            f"any coalition of at most {self._parties(self.collusion)} that sees only the full sum of all "
+            "clients' releases and pools its own shares (the secure-aggregation model), and whoever reads the "
+            "outputs"
+        )
 
     def not_protected(self) -> str:
-        return ("anyone who sees a partial sum or a single client's release: THIS RUN SIMULATES secure aggregation, "
-                "the sum is a plain floating-point all-reduce, so every rank sees partial sums of the other ranks' "
-                "releases (the ranks are one operator's simulation of the parties); a coalition of more than "
-                f"{self._parties(self.collusion)}; the rank hosting a client")
+        return (
+            "anyone who sees a partial sum or a single client's release: THIS RUN SIMULATES secure aggregation, "
+            "the sum is a plain floating-point all-reduce, so every rank sees partial sums of the other ranks' "
+            "releases (the ranks are one operator's simulation of the parties); a coalition of more than "
+            f"{self._parties(self.collusion)}; the rank hosting a client"
+        )
 
     def where(self) -> str:
-        return (f"every client adds N(0, sigma^2 C^2) to its psi_i, v_i and a Gaussian share of multiplier "
-                f"sigma * {self.unit:.6g} to its Phi "
-                f"part, so that the shares unknown to any {self._parties(self.collusion)} (holding at most "
-                f"{self.coalition_clients} of the {self.fed.M} clients) sum to N(0, sigma^2 Delta^2) at the largest "
-                "per-record sensitivity Delta")
+        return (
+            f"every client adds N(0, sigma^2 C^2) to its psi_i, v_i and a Gaussian share of multiplier "
+            f"sigma * {self.unit:.6g} to its Phi "
+            f"part, so that the shares unknown to any {self._parties(self.collusion)} (holding at most "
+            f"{self.coalition_clients} of the {self.fed.M} clients) sum to N(0, sigma^2 Delta^2) at the largest "
+            "per-record sensitivity Delta"
+        )
 
     def guarantee(self) -> str:
-        return (f"Trust model distributed (SIMULATED secure aggregation, floating point): {self.where()}; the "
-                f"guarantee holds against {self.protected()}; not against {self.not_protected()}.")
+        return (
+            f"Trust model distributed (SIMULATED secure aggregation, floating point): {self.where()}; the "
+            f"guarantee holds against {self.protected()}; not against {self.not_protected()}."
+        )
 
 
 class CentralTrust(TrustModel):
@@ -299,12 +327,14 @@ class CentralTrust(TrustModel):
     def _generator(self) -> torch.Generator:
         key, self._next = self._next, None
         if key is None:
-            raise RuntimeError("trust_model=central: the aggregator's draw needs its release key first "
-                               "(TrustModel.begin_release, set by Trainer._dp_step)")
+            raise RuntimeError(
+                "trust_model=central: the aggregator's draw needs its release key first "
+                "(TrustModel.begin_release, set by Trainer._dp_step)"
+            )
         *k, g = key
         return g if g is not None else self._rng.generator(*k)
 
-    def _gather_sum(self, tr, buf: torch.Tensor) -> Optional[torch.Tensor]:
+    def _gather_sum(self, tr, buf: torch.Tensor) -> torch.Tensor | None:
         """The sum of every rank's `buf`, on the root only (None elsewhere), in rank order: a gather, so that no
         rank but the root receives another rank's buffer or a partial sum."""
         rows = tr.gather(buf.contiguous())
@@ -343,28 +373,38 @@ class CentralTrust(TrustModel):
 
     def transport(self) -> str:
         if self.backend == "mpi" and self.world_size >= 3:
-            return ("MPI_Gather (this MPI library picks the algorithm: MPICH's binomial tree relays ranks' buffers "
-                    "through intermediate ranks, which then see other ranks' un-noised clipped sums)")
-        return "the Communicator's gather to rank 0" + (" (gloo: point to point)" if self.backend.startswith("torch")
-                                                       else "")
+            return (
+                "MPI_Gather (this MPI library picks the algorithm: MPICH's binomial tree relays ranks' buffers "
+                "through intermediate ranks, which then see other ranks' un-noised clipped sums)"
+            )
+        return "the Communicator's gather to rank 0" + (
+            " (gloo: point to point)" if self.backend.startswith("torch") else ""
+        )
 
     def protected(self) -> str:
-        relay = (" other than the ranks MPI_Gather relays through" if self.backend == "mpi" and self.world_size >= 3
-                 else "")
+        relay = (
+            " other than the ranks MPI_Gather relays through" if self.backend == "mpi" and self.world_size >= 3 else ""
+        )
         return f"everyone but the aggregator (rank 0){relay}: the other ranks, the clients, whoever reads the outputs"
 
     def not_protected(self) -> str:
-        return ("the aggregator (rank 0 receives the un-noised sum of the clipped Phi sums and the class statistics) "
-                "and the rank hosting each client")
+        return (
+            "the aggregator (rank 0 receives the un-noised sum of the clipped Phi sums and the class statistics) "
+            "and the rank hosting each client"
+        )
 
     def where(self) -> str:
-        return ("every client adds N(0, sigma^2 C^2) to its psi_i, v_i and nothing to its Phi part; the clipped Phi "
-                f"sums travel by {self.transport()}; rank 0 adds one draw N(0, sigma^2 Delta^2) at the largest "
-                "per-record sensitivity Delta and broadcasts the noisy aggregate every replica applies")
+        return (
+            "every client adds N(0, sigma^2 C^2) to its psi_i, v_i and nothing to its Phi part; the clipped Phi "
+            f"sums travel by {self.transport()}; rank 0 adds one draw N(0, sigma^2 Delta^2) at the largest "
+            "per-record sensitivity Delta and broadcasts the noisy aggregate every replica applies"
+        )
 
     def guarantee(self) -> str:
-        return (f"Trust model central (trusted aggregator): {self.where()}; the guarantee holds against "
-                f"{self.protected()}; not against {self.not_protected()}.")
+        return (
+            f"Trust model central (trusted aggregator): {self.where()}; the guarantee holds against "
+            f"{self.protected()}; not against {self.not_protected()}."
+        )
 
 
 TRUST = {"local": TrustModel, "distributed": DistributedTrust, "central": CentralTrust}
