@@ -364,7 +364,8 @@ def markdown(res: dict) -> str:
             "The micro estimate is local_steps x (median all-reduce of the step payload + of the 16 B guard flags) "
             "from part 1 at the same rank count: the part of comm that is the reduction itself.",
             "",
-            "| ranks | rounds | median round (s) | median comm / round (ms) | share | micro estimate (ms / round) | run wall (s) |",
+            "| ranks | rounds | median round (s) | median comm / round (ms) | share "
+            "| micro estimate (ms / round) | run wall (s) |",
             "|---|---|---|---|---|---|---|",
         ]
         for t in tr:

@@ -12,8 +12,9 @@ Every configuration is real runs of `fedhypevae train` (under `mpiexec -n R` for
 privacy.diagnostics on so that results.json carries every rank's costs:
   1. a run of ROUNDS + 1 rounds is stopped with SIGTERM once ROUNDS rounds are logged (it checkpoints there);
   2. it is resumed on another number of ranks (R + 1, or 1 when R > 1) and finishes its last round.
-Reported per row (medians over the rounds of run 1 after its first): round_s; setup_s (process start to the first step, the slowest
-rank); checkpoint_s (the slowest rank's write of its shard); resume_s (setup of run 2, checkpoint read included);
+Reported per row (medians over the rounds of run 1 after its first): round_s; setup_s (process start to the first
+step, the slowest rank); checkpoint_s (the slowest rank's write of its shard); resume_s (setup of run 2, checkpoint
+read included);
 peak_rss_mb per rank (VmHWM of every rank process, polled); state_mb per rank (its clients' private state); files
 per checkpoint; the steps' own phase times are not split here (benchmarks.throughput does). Nothing here asserts
 anything about speed. Writes scale.json, scale.md and scale.png into --out.
@@ -71,7 +72,8 @@ def write_config(path: Path, data: Path, clients: int, rounds: int, mmd: bool) -
                 "model: {hidden: [64], latent_dim: 8, hyper_hidden: 32, "
                 + ("lambda_mmd: 1.0, mmd_kind: merf}" if mmd else "lambda_mmd: 0.0}"),
                 f"train: {{rounds: {rounds}, local_steps: 5, checkpoint_every: 1, keep_checkpoints: 2}}",
-                "privacy: {target_epsilon: 1.0, delta: 1.0e-5, sample_rate: 0.25, stats_clip_norm: 10.0, diagnostics: true}",
+                "privacy: {target_epsilon: 1.0, delta: 1.0e-5, sample_rate: 0.25, stats_clip_norm: 10.0, "
+                "diagnostics: true}",
                 "meta: {steps: 5}",
                 "synth: {samples_per_class: 5}",
                 "",

@@ -913,7 +913,8 @@ def markdown(res: dict) -> str:
     ]
     for r in res["clients"]:
         out.append(
-            f"| {r['clients']} | {r['records']} | {r['round_s']:.3f} | {r['samples_per_round'] / r['local_steps']:.0f} | "
+            f"| {r['clients']} | {r['records']} | {r['round_s']:.3f} | "
+            f"{r['samples_per_round'] / r['local_steps']:.0f} | "
             f"{1e3 * r['accounting_s']:.1f} | "
             + " | ".join(f"{1e3 * r['breakdown_s'][k]:.1f}" for k in PHASE_KEYS)
             + " |"

@@ -106,7 +106,10 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, level: float = LEV
     _check_counts(m, r, v)
     if not 0 < level < 1:
         raise ConfigError(f"level must be in (0, 1); got {level}")
-    p = lambda e: audit_p_value(m, r, v, e, delta)
+
+    def p(e):
+        return audit_p_value(m, r, v, e, delta)
+
     if r == 0 or p(0.0) >= level:
         return 0.0
     lo, hi = 0.0, 1.0
@@ -786,7 +789,8 @@ def format_audit(results: dict) -> str:
         + (f" (SABOTAGED: {a['sabotaged']})" if a["sabotage"] in ("no-shares", "share-over-m") else ""),
         *([f"  step      : {a['engine']}"] if a.get("engine") else []),
         *([f"  scored on : {a['scored_on']}"] if a.get("scored_on") else []),
-        f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, audit seed {a['seeds']['audit_seed']}), "
+        f"  canaries  : M={a['canaries']} ({a['included']} included by fair coins, "
+        f"audit seed {a['seeds']['audit_seed']}), "
         f"client {a['client']}",
         f"  guesses   : {a['guesses_in']} 'in' (top scores) + {a['guesses_out']} 'out' (bottom scores) = "
         f"{a['guesses']}, correct {a['correct']}",

@@ -159,7 +159,7 @@ def client_state(ckpt: Path, client_id: int, enc_names: list) -> dict:
     if (ckpt / "clients").is_dir():
         state = load(client_path(ckpt, client_id), f"client {client_id} checkpoint")
         return {"encoder": state["encoder"], "code": state["code"]}
-    for path, shard in shards(ckpt):
+    for _path, shard in shards(ckpt):
         for entry in shard["blocks"]:
             hit = (entry["ids"] == int(client_id)).nonzero().flatten()
             if len(hit):

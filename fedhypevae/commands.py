@@ -382,7 +382,8 @@ def _account_run(args) -> int:
         ids = [int(i) for i in ids]
         out["groups"].append({"clients": ids, "epsilon": total, "mechanisms": rows})
         print(
-            f"  {len(ids)} client(s) [{_client_list(ids)}]: epsilon spent = {total:.4f} (all mechanisms below, composed)"
+            f"  {len(ids)} client(s) [{_client_list(ids)}]: epsilon spent = {total:.4f} "
+            "(all mechanisms below, composed)"
         )
         print(f"    {'mechanism':<16} {'sigma':>10} {'q':>8} {'steps':>6} {'eps alone':>10} {'eps added':>10}")
         for m in rows:

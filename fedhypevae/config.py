@@ -538,8 +538,9 @@ def apply_override(tree: dict, override: str) -> None:
     node = tree
     for part in parts[:-1]:
         if part not in _SECTIONS and node is tree:
+            sections = [s for s, f in _SECTIONS.items() if dataclasses.is_dataclass(f.default_factory)]
             raise ConfigError(
-                f"unknown config section {part!r} in override {override!r}; sections: {', '.join(s for s in _SECTIONS if dataclasses.is_dataclass(_SECTIONS[s].default_factory if _SECTIONS[s].default_factory is not dataclasses.MISSING else None))}"
+                f"unknown config section {part!r} in override {override!r}; sections: {', '.join(sections)}"
             )
         node = node.setdefault(part, {})
         if not isinstance(node, dict):

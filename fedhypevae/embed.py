@@ -35,7 +35,6 @@ import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -52,7 +51,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
 MEDMNIST_SPLITS = ("train", "val", "test")  # the order load_dataset concatenates them in
 DEFAULT_HUB_REPO = "facebookresearch/dinov2"
 _HUB_NAME = re.compile(r"^dinov2_vit[sblg]14(_reg)?(_lc)?$")
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class ModelLoadError(FedHypeVAEError):

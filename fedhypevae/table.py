@@ -246,7 +246,8 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
     )
     sep = "|---" * (1 + 2 * len(parts)) + "|---|"
     lines = [
-        f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}, protocol `{tc.protocol}`",
+        f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}, "
+        f"protocol `{tc.protocol}`",
         "",
         head,
         sep,

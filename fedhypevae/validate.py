@@ -51,9 +51,9 @@ def stage_memory(cfg: Config, *, classes: int, dim: int, clients_here: int) -> d
     n_syn = cfg.synth.samples_per_class * K
     synth = 4 * 4 * n_syn * d
     return {
-        "class statistics release (stats.covariance=%s)" % cov: stats,
-        "meta-code fit (meta.samples_per_class=%d, a (%d, %d, %d) model covariance)" % (S, K, d, d): meta,
-        "synthetic set (synth.samples_per_class=%d)" % cfg.synth.samples_per_class: synth,
+        f"class statistics release (stats.covariance={cov})": stats,
+        f"meta-code fit (meta.samples_per_class={S}, a ({K}, {d}, {d}) model covariance)": meta,
+        f"synthetic set (synth.samples_per_class={cfg.synth.samples_per_class})": synth,
     }
 
 

@@ -165,7 +165,7 @@ class Communicator(abc.ABC):
         """End every rank of the job now (a failing rank must not leave the others hanging)."""
         raise SystemExit(code)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook: most back-ends hold nothing to release)
         """Release the back-end's resources."""
 
     def describe(self) -> dict:

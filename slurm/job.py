@@ -153,7 +153,8 @@ def run_point_here(point: Path) -> dict:
         if info.rank == 0:
             why = f": {missing_text(done)}" if status == "partial" else ""
             print(
-                f"fedhypevae.slurm.job: point {spec['id']} already has a {status} result ({point / 'result.json'}){why}; "
+                f"fedhypevae.slurm.job: point {spec['id']} already has a {status} result "
+                f"({point / 'result.json'}){why}; "
                 "not run again (delete result.json to run it again)",
                 file=sys.stderr,
                 flush=True,
@@ -457,7 +458,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
         print(
-            "usage: python -m fedhypevae.slurm.job POINT_DIR   (one rank of a sweep point; see python -m fedhypevae.slurm.sweep --help)\n"
+            "usage: python -m fedhypevae.slurm.job POINT_DIR   "
+            "(one rank of a sweep point; see python -m fedhypevae.slurm.sweep --help)\n"
             "exit status: 0 complete, 3 partial (result.json says what is missing; not retried), 2 error, "
             "128+N stopped by signal N after a checkpoint (140 USR2 and 143 TERM: the sbatch script requeues)"
         )

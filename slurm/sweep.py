@@ -501,7 +501,8 @@ def run_sweep(args) -> int:
     active = [pt.id for pt in points if status[pt.id][0] == "active"]
     if active:
         print(
-            f"{len(active)} point(s) queued or running, not resubmitted: {', '.join(active[:5])}{' ...' if len(active) > 5 else ''}"
+            f"{len(active)} point(s) queued or running, not resubmitted: "
+            f"{', '.join(active[:5])}{' ...' if len(active) > 5 else ''}"
         )
     partial = [(pt, status[pt.id][1]) for pt in points if status[pt.id][0] == "partial"]
     if partial and not args.dry_run:  # the dry run lists them with its actions

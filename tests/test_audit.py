@@ -138,7 +138,6 @@ def test_canaries_and_sabotages_are_stage_overrides_of_the_step_object(tmp_path,
     cfg = load_config("audit", ["train.rounds=1", f"train.engine={engine}"])
     tr = Trainer(cfg, tmp_path / "run", progress=False)
     tr.setup()
-    c = tr.clients[0]
     assert _twin(tr, CanaryStep).dp_step.canaries is None  # unarmed
     kinds = {
         s: type(_armed_twin(tr, s, torch.zeros(4, dtype=torch.bool)).dp_step) for s in ("none", "no-clip", "no-noise")

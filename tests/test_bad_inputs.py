@@ -71,7 +71,7 @@ def _csv(path: Path, header: list, rows) -> None:
 def _npy_header(shape, dtype="<f4") -> bytes:
     """An .npy header declaring `shape` (the data itself is not written: a check of the declared size
     must come before any allocation or read)."""
-    d = "{'descr': '%s', 'fortran_order': False, 'shape': %s, }" % (dtype, repr(tuple(shape)))
+    d = f"{{'descr': '{dtype}', 'fortran_order': False, 'shape': {tuple(shape)!r}, }}"
     pad = 64 - (10 + len(d) + 1) % 64
     h = (d + " " * pad + "\n").encode()
     return b"\x93NUMPY\x01\x00" + len(h).to_bytes(2, "little") + h

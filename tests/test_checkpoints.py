@@ -103,27 +103,26 @@ def test_a_checkpoint_of_format_1_still_resumes(tmp_path):
     order = [n for n in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias") if n in enc]
     assert sorted(order) == enc
     (last / "clients").mkdir()
-    for row, cid in enumerate(entry["ids"].tolist()):
-        opt = lambda ms, vs, steps: {
+
+    def opt(ms, vs, steps, row):
+        return {
             "state": {
-                k: {
-                    "step": torch.tensor(float(steps[k])),
-                    "exp_avg": m[row],  # noqa
-                    "exp_avg_sq": v[row],
-                }
+                k: {"step": torch.tensor(float(steps[k])), "exp_avg": m[row], "exp_avg_sq": v[row]}
                 for k, (m, v) in enumerate(zip(ms, vs))
             },
             "param_groups": [{"params": list(range(len(ms)))}],
         }
+
+    for row, cid in enumerate(entry["ids"].tolist()):
         torch.save(
             {
                 "id": cid,
                 "encoder": {n: st[f"enc.{n}"][row] for n in order},
                 "code": st["codes"][row],
                 "enc_opt": opt(
-                    [st[f"enc_m.{n}"] for n in order], [st[f"enc_v.{n}"] for n in order], st["enc_steps"][row]
+                    [st[f"enc_m.{n}"] for n in order], [st[f"enc_v.{n}"] for n in order], st["enc_steps"][row], row
                 ),
-                "code_opt": opt([st["code_m"]], [st["code_v"]], st["code_steps"][row]),
+                "code_opt": opt([st["code_m"]], [st["code_v"]], st["code_steps"][row], row),
                 "mmd_target": st["mmd_target"][row],
                 "mmd_weights": st["mmd_weights"][row],
             },

@@ -343,7 +343,7 @@ def test_a_trainer_sending_private_state_fails_the_checker(tmp_path):
     assert any("private tensor" in p for p in problems), problems
 
 
-# ------------------------------------------------------------------------------------------ central: what non-root ranks see
+# ------------------------------------------------------------------------------ central: what non-root ranks see
 
 
 def central_payload_problems(recs: list, local_steps: int = 2) -> list:
@@ -396,14 +396,14 @@ def central_payload_problems(recs: list, local_steps: int = 2) -> list:
                 f"rank {r['rank']}: {len(gathers)} gathers and {len(bcasts)} broadcasts for {n_steps} "
                 "steps and one statistics release"
             )
-        for name, args, sent, got in r["calls"]:
+        for name, args, _sent, _got in r["calls"]:
             if name in ("allreduce", "reduce", "allgather", "allreduce_int64"):
                 op = dict(a for a in args if isinstance(a, tuple)).get("op", args[0] if args else "sum")
                 if name != "allreduce" or op != "max":
                     problems.append(f"rank {r['rank']}: a {name} ({op}) hands every rank a sum")
         if r["rank"] == 0:
             continue
-        for k, (name, args, sent, got) in enumerate(bcasts):
+        for k, (_name, _args, sent, got) in enumerate(bcasts):
             if float(sent.abs().max()) != 0.0:
                 problems.append(f"rank {r['rank']} handed broadcast {k} a buffer of its own")
             if not torch.equal(got, [c for c in root["calls"] if c[0] == "broadcast"][k][3]):
@@ -422,7 +422,7 @@ def central_payload_problems(recs: list, local_steps: int = 2) -> list:
                     )
             elif bool((got == unnoised[k]).any()):
                 problems.append(f"rank {r['rank']}: statistics coordinates without noise in broadcast {k}")
-        for name, args, sent, got in r["calls"]:
+        for name, _args, _sent, got in r["calls"]:
             if name == "gather" and got is not None:
                 problems.append(f"rank {r['rank']} received the gathered buffers")
             if got is None:

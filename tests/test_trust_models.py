@@ -319,7 +319,7 @@ def trained(tmp_path_factory):
 
 
 def test_results_state_each_models_guarantee_and_paper_mode_is_never_formal(trained):
-    for (trust, mode), (res, cfg, _) in trained.items():
+    for (trust, mode), (res, _cfg, _) in trained.items():
         p = res["privacy"]
         tm = p["trust_model"]
         assert tm["name"] == trust and tm["protected_against"] and tm["not_protected_against"]

@@ -8,14 +8,16 @@ noise checks of tests/test_trust_models.py and the central payload check of test
 
 A scenario is NAME=TRUST[,key=value...]: TRUST is local, distributed or central; keys: party, collusion,
 weights (declared|uniform), sabotage (skip-share: client 0 adds no Phi noise, its own block; no-draw: the central
-aggregator adds nothing; allreduce: central's sums by an all-reduce instead of a gather), payload (1: run the whole pipeline, statistics included, recording every collective).
+aggregator adds nothing; allreduce: central's sums by an all-reduce instead of a gather), payload (1: run the whole
+pipeline, statistics included, recording every collective).
 
 Each rank writes OUT/NAME/rank_R.pt: the public facts (placement, declared sizes, weights, sigma, C), and per
 DP-SGD step (the steps of the run, each its own noise draw from privacy.noise_seed): `unnoised`, this rank's
 pre-noise contribution to the step's buffer (recorded by a step class that notes the block's pre-noise Phi sum at
 the noise stage, then noises as the trainer asks); `sent`, the rank's buffer handed to the trust model's reduce;
 `applied`, what the reduce returned (what the replica applies). With payload=1, `calls`: every collective of the
-rank as (name, its other arguments, buffer handed in, buffer received back). Nothing is checked here: the tests read the files.
+rank as (name, its other arguments, buffer handed in, buffer received back). Nothing is checked here: the tests read
+the files.
 """
 
 from __future__ import annotations
@@ -212,7 +214,8 @@ def sensitivity(out: Path) -> None:
     from fedhypevae.trainer import Trainer
 
     print(
-        "| trust model | mode | control | max payload diff (C) | max buffer / bound | others moved | replay drift | ok |"
+        "| trust model | mode | control | max payload diff (C) | max buffer / bound | others moved "
+        "| replay drift | ok |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for trust in ("local", "distributed", "central"):

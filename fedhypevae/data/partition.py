@@ -42,7 +42,8 @@ def partition_indices(
 
 
 def _dirichlet(y, clients, alpha, min_client_size, rng) -> list[np.ndarray]:
-    """Label skew: each class is spread over clients with proportions ~ Dir(alpha); resample until all are big enough."""
+    """Label skew: each class is spread over clients with proportions ~ Dir(alpha); resampled until all are big
+    enough."""
     classes = np.unique(y)
     by_class = [np.flatnonzero(y == c) for c in classes]
     smallest = 0
