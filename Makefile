@@ -14,7 +14,10 @@ run: setup
 test: setup
 	@if [ "$${FHV_SLURM:-1}" = "0" ]; then echo "FHV_SLURM=0: the SLURM integration tests are skipped"; \
 	elif [ "$$(id -u)" = "0" ]; then echo "as root: the SLURM integration tests install and start SLURM daemons (FHV_SLURM=0 skips them)"; fi
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
 	.venv/bin/python -m pytest -q
 
 quick-test: setup
+	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -q -m "not slow"
