@@ -445,10 +445,7 @@ class DPStep:
                 "model.lambda_mmd > 0 (merf) needs the random features and every client's released "
                 "mean embeddings (Trainer._release_mmd_embeddings) before the first step"
             )
-        syn = [self.synthetic_noise(g) for g in gens]
-        syn_y = syn[0][0].to(block.device)
-        syn_z = torch.stack([s[1] for s in syn]).to(block.device)
-        syn_x = torch.stack([s[2] for s in syn]).to(block.device)
+        syn_y, syn_z, syn_x = (t.to(block.device) for t in self.synthetic_batch(gens))
         params = [p for _, p in hyper.named_parameters()]
         mods = [(d[:, None], db[:, None]) for d, db in hyper.decoder_modulation(V)]  # (M, 1, r): one row per client
         x_hat = sample_synthetic(hyper, mods, hyper.prior_features(V)[:, None], syn_y, syn_z, syn_x)  # (M, n, d_x)
@@ -458,10 +455,15 @@ class DPStep:
             spc = m.mmd_synthetic_per_class
             mmd = merf_mmd(features, x_hat.reshape(block.M, block.K, spc, -1), block.mmd_target, block.mmd_weights)
         post = loss + m.lambda_mmd * mmd
-        (gv,) = torch.autograd.grad(post.sum(), [V], retain_graph=True)
-        gphi = torch.autograd.grad(
-            (post * self.weights.to(post.dtype).to(post.device)).sum(), params, allow_unused=True
-        )
+        w = self.weights.to(post.dtype).to(post.device)
+        if bool((w > 0).all()):
+            # ONE backward pass for both: client i's term depends on Phi and on its own v_i only, so the gradient of
+            # sum_i w_i post_i in v_i is w_i d post_i / d v_i
+            gv, *gphi = torch.autograd.grad((post * w).sum(), [V, *params], allow_unused=True)
+            gv = gv / w[:, None]
+        else:  # a client of weight 0 still steps its code: its own pass
+            (gv,) = torch.autograd.grad(post.sum(), [V], retain_graph=True)
+            gphi = torch.autograd.grad((post * w).sum(), params, allow_unused=True)
         flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gphi, params)])
         return gv, flat.double().cpu(), float(mmd.detach().sum())
 
@@ -536,6 +538,18 @@ class DPStep:
 
     def bandwidths(self) -> list[float]:
         return mmd_bandwidths(self.cfg.model, self.block.X.shape[1])
+
+    def synthetic_batch(self, gens: list) -> tuple:
+        """`synthetic_noise` of every client, stacked: (labels (n,), latent noise (M, n, l), output noise (M, n, d_x)),
+        each client's rows drawn in place from its generator (the same numbers as `synthetic_noise`)."""
+        m, K = self.cfg.model, self.block.K
+        n = m.mmd_synthetic_per_class * K
+        z = torch.empty(len(gens), n, m.latent_dim)
+        x = torch.empty(len(gens), n, self.block.X.shape[1])
+        for k, g in enumerate(gens):
+            z[k].normal_(generator=g)
+            x[k].normal_(generator=g)
+        return torch.arange(K).repeat_interleave(m.mmd_synthetic_per_class), z, x
 
     def synthetic_noise(self, generator: torch.Generator) -> tuple:
         """(labels, latent noise, output noise) of one client's synthetic batch, from its generator (CPU)."""

@@ -385,7 +385,7 @@ def mmd_bandwidths(m, dim: int) -> list[float]:
 def merf_mmd(features, x_hat: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The DP-MERF MMD^2 estimate between synthetic samples and released mean embeddings.
     x_hat: (..., K, n_per_class, d_x); target: (..., K, F); weights: (..., K). Returns (...)."""
-    phi = features(x_hat.reshape(-1, x_hat.shape[-1])).reshape(*x_hat.shape[:-1], -1).mean(-2)
+    phi = features.mean(x_hat)
     # kernel_scale turns feature inner products back into kernel values: the term is an MMD^2 estimate
     return features.kernel_scale * (weights * (phi - target).pow(2).sum(-1)).sum(-1)
 

@@ -200,6 +200,31 @@ class RandomFeatures:
         scale = 1.0 / math.sqrt(self.num_features / 2)
         return torch.cat([torch.cos(proj), torch.sin(proj)], dim=1) * scale
 
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., n, dim) -> (..., F): the mean of the n rows' features, equal to ``self(x).mean(-2)`` and
+        differentiable in x, without forming the (..., n, F) features: one matmul, one cos and one sin per
+        projection, and a backward that reuses them (autograd's own backward of cos and sin evaluates both again)."""
+        proj = x @ self.omega.to(device=x.device, dtype=x.dtype).T
+        return _CosSinMean.apply(proj) * (1.0 / math.sqrt(self.num_features / 2))
+
+
+class _CosSinMean(torch.autograd.Function):
+    """(..., n, h) -> (..., 2h): [mean over n of cos, mean over n of sin]; the backward is
+    d/dp = (g_sin cos - g_cos sin) / n from the forward's saved cos and sin."""
+
+    @staticmethod
+    def forward(ctx, proj: torch.Tensor) -> torch.Tensor:
+        c, s = torch.cos(proj), torch.sin(proj)
+        ctx.save_for_backward(c, s)
+        return torch.cat([c.mean(-2), s.mean(-2)], dim=-1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        c, s = ctx.saved_tensors
+        h, n = c.shape[-1], c.shape[-2]
+        g = (g / n).unsqueeze(-2)
+        return torch.addcmul(g[..., h:] * c, g[..., :h], s, value=-1.0)
+
 
 def mean_embedding_sums(x: torch.Tensor, y: torch.Tensor, *, features: RandomFeatures, num_classes: int) -> tuple:
     """The pre-noise payload of ``release_mean_embeddings``: per-class (sum of phi(x) (K,F), count (K,)), float64."""
@@ -249,7 +274,7 @@ def mean_embedding_mmd2(real_embedding: torch.Tensor, x_synth: torch.Tensor, fea
     """MMD^2 between a released mean embedding (F,) and synthetic samples, in the kernel of
     ``gaussian_kernel_mmd2``: kernel_scale * ||mu_real - mean phi(x_synth)||^2.
     Post-processing of the DP release; differentiable in x_synth."""
-    mu = features(x_synth).mean(0)
+    mu = features.mean(x_synth)
     diff = real_embedding.to(dtype=mu.dtype, device=mu.device) - mu
     return features.kernel_scale * diff.pow(2).sum()
 
