@@ -352,3 +352,54 @@ def test_an_exception_on_one_real_rank_ends_the_other_one(tmp_path):
     assert time.monotonic() - t0 < 60
     assert "[rank 1/2] fatal ZeroDivisionError: rank 1 fails; aborting all ranks" in r.stderr, r.stderr
     assert "left the barrier" not in r.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(240)
+def test_a_corrupt_shard_on_one_rank_of_a_sweep_point_ends_the_job_with_one_line(tmp_path):
+    """The job's entry point: rank 1's user error is one line naming the rank, and rank 0 does not wait."""
+    import json
+
+    from fedhypevae.hpc.placement import place_clients
+    from fedhypevae.slurm import job
+
+    if not MPIEXEC.is_file():
+        pytest.skip(f"no mpiexec in {BIN} (pip install mpich)")
+    env = launcher_free_env(BIN)
+    shards = tmp_path / "shards"
+    cmd = [str(BIN / "fedhypevae"), "data", "partition", "digits", "--clients", "4", "--alpha", "0.5"]
+    r = subprocess.run([*cmd, "--min-client-size", "20", "--out", str(shards)], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((shards / "manifest.json").read_text())
+    shard = shards / manifest["files"][place_clients(manifest["declared_sizes"], 2)[1][0]]  # only rank 1 reads it
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    point = tmp_path / "points" / "p"
+    point.mkdir(parents=True)
+    spec = {
+        "id": "p",
+        "method": "fedhypevae-strict",
+        "partition": "dirichlet0.5",
+        "epsilon": 1.0,
+        "seed": 0,
+        "ranks": 2,
+        "config": str(REPO / "configs" / "tiny.yaml"),
+        "overrides": [f"data.path={shards}", "privacy.mode=strict"],
+        "protocol": "augment",
+        "comm_timeout_s": 60.0,
+        "device": "cpu",
+        "baseline_settings": {},
+    }
+    job.write_json(point / "spec.json", spec)
+    t0 = time.monotonic()
+    r = subprocess.run(
+        [str(MPIEXEC), "-n", "2", sys.executable, "-m", "fedhypevae.slurm.job", str(point)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=200,
+    )
+    assert r.returncode != 0, r.stdout + r.stderr
+    assert time.monotonic() - t0 < 120
+    assert "fedhypevae.slurm.job: error: [rank 1/2]" in r.stderr and shard.name in r.stderr, r.stderr
+    assert "rank 0/2" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (point / "result.json").exists()
