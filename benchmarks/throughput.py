@@ -380,42 +380,40 @@ def part_clients(m: int, *, total: int, reps: int, warmup: int, device: str, tmp
 def worker(spec_path: str) -> int:
     """One rank of an MPI job: the engine config on this rank's clients; rank 0 writes the result."""
     import torch
-    from fedhypevae.hpc.backend import make_communicator
-    from fedhypevae.hpc.device import choose_device
-    from fedhypevae.hpc.launcher import detect_launcher
+    from fedhypevae.hpc.launch import Launch
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(spec["threads"])
-    comm = make_communicator("mpi", timeout_s=600)
-    device = str(choose_device(detect_launcher().local_rank, spec["device"]))
-    cfg = make_config(
-        Path(spec["data"]),
-        clients=spec["clients"],
-        enabled=True,
-        rounds=spec["reps"] + spec["warmup"],
-        local_steps=1,
-        model=spec["model"],
-    )
-    tr, tm = build_trainer(cfg, Path(spec["out"]), device, comm)
-    rows = []
-    for r in range(spec["reps"] + spec["warmup"]):
-        comm.barrier()
-        row = timed_round(tr, tm, r)
-        if r >= spec["warmup"]:
-            rows.append(row)
-    if comm.is_root:
-        s = summarize(rows, 1)
-        s.update(
-            {
-                "ranks": comm.world_size,
-                "threads_per_rank": spec["threads"],
-                "device": device,
-                "clients_on_rank0": len(tr.clients),
-            }
+    # the one launch bootstrap: device per local rank, communicator, fail-fast; it closes the back-end
+    with Launch(backend="mpi", device=spec["device"], timeout_s=600, prog="benchmarks.throughput") as ranks:
+        comm, device = ranks.comm, str(ranks.device)
+        cfg = make_config(
+            Path(spec["data"]),
+            clients=spec["clients"],
+            enabled=True,
+            rounds=spec["reps"] + spec["warmup"],
+            local_steps=1,
+            model=spec["model"],
         )
-        Path(spec["result"]).write_text(json.dumps(s) + "\n")
-    comm.barrier()
-    comm.close()
+        tr, tm = build_trainer(cfg, Path(spec["out"]), device, comm)
+        rows = []
+        for r in range(spec["reps"] + spec["warmup"]):
+            comm.barrier()
+            row = timed_round(tr, tm, r)
+            if r >= spec["warmup"]:
+                rows.append(row)
+        if comm.is_root:
+            s = summarize(rows, 1)
+            s.update(
+                {
+                    "ranks": comm.world_size,
+                    "threads_per_rank": spec["threads"],
+                    "device": device,
+                    "clients_on_rank0": len(tr.clients),
+                }
+            )
+            Path(spec["result"]).write_text(json.dumps(s) + "\n")
+        comm.barrier()
     return 0
 
 

@@ -13,8 +13,10 @@ import argparse
 import math
 import sys
 
+from fedhypevae.hpc.backend import BACKENDS
+
 from . import __version__
-from .config import shipped_configs
+from .config import PARTITION_KINDS, TRANSFORMS, DataConfig, PartitionConfig, shipped_configs
 from .errors import FedHypeVAEError
 
 EXIT_IO = 1
@@ -153,7 +155,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--backend",
         default="auto",
-        choices=["auto", "local", "mpi", "torch"],
+        choices=BACKENDS,
         help="auto reads the launcher's environment: none -> local, mpiexec/srun -> mpi, torchrun -> torch",
     )
     p.add_argument(
@@ -321,16 +323,21 @@ def _add_data(sub) -> None:
         "transform and write one shard per client plus manifest.json into a new (or empty) "
         "directory.",
     )
+    part, data = PartitionConfig(), DataConfig()  # the config's defaults are the command's
     q.add_argument("--clients", type=POSITIVE_INT, required=True, help="number of clients")
-    q.add_argument("--alpha", type=POSITIVE, default=0.3, help="Dirichlet concentration (--kind dirichlet)")
-    q.add_argument("--kind", default="dirichlet", choices=["iid", "dirichlet", "site"], help="partition kind")
+    q.add_argument("--alpha", type=POSITIVE, default=part.alpha, help="Dirichlet concentration (--kind dirichlet)")
+    q.add_argument("--kind", default=part.kind, choices=PARTITION_KINDS, help="partition kind")
     q.add_argument("--seed", type=NONNEG_INT, default=0, help="public seed of the partition and the splits")
-    q.add_argument("--min-client-size", type=_number(int, low=2), default=10, help="smallest client (records)")
-    q.add_argument("--test-fraction", type=FRACTION, default=0.2, help="share of each client's records held out")
+    q.add_argument(
+        "--min-client-size", type=_number(int, low=2), default=part.min_client_size, help="smallest client (records)"
+    )
+    q.add_argument(
+        "--test-fraction", type=FRACTION, default=data.test_fraction, help="share of each client's records held out"
+    )
     q.add_argument(
         "--transform",
-        default="auto",
-        choices=["auto", "none", "range", "l2"],
+        default=data.transform,
+        choices=TRANSFORMS,
         help="per-record transform (auto: range where a value range is declared)",
     )
     q.add_argument(

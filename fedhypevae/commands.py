@@ -59,48 +59,38 @@ def cmd_train(args) -> int:
             )
             return 0
         check_run_dir(Path(args.out), resume=False)
-    from fedhypevae.hpc.backend import BackendError, install_failfast, make_communicator
-    from fedhypevae.hpc.device import choose_device
-    from fedhypevae.hpc.launcher import detect_launcher
+    from fedhypevae.hpc.launch import Launch
 
     from .run import run_training
 
-    info = detect_launcher()
-    try:
-        device = choose_device(info.local_rank, args.device)
-        comm = make_communicator(args.backend, info, device=device, timeout_s=args.timeout)
-    except (BackendError, RuntimeError) as exc:
-        raise ConfigError(str(exc)) from None
-    install_failfast(comm)
-    t0 = time.perf_counter()
-    try:
+    ranks = Launch(
+        backend=args.backend,
+        device=args.device,
+        timeout_s=args.timeout,
+        prog="fedhypevae",
+        user_errors=(FedHypeVAEError,),  # one rank's error ends every rank, not leave them in a collective
+        setup_error=ConfigError,
+        interrupt_message=(  # a second stop signal: abort at once, every rank
+            f"aborted by a second interrupt; `fedhypevae train --resume --out {args.out}` continues from the last "
+            "complete checkpoint (the ledger keeps every charge)"
+        ),
+    )
+    with ranks:
+        t0 = time.perf_counter()
         results = run_training(
             cfg,
             Path(args.out),
-            comm,
+            ranks.comm,
             resume=args.resume,
             progress=not args.no_progress,
-            launcher=info.launcher,
-            device=str(device),
+            launcher=ranks.info.launcher,
+            device=str(ranks.device),
             catch_signals=True,
             log_level=args.log_level,
         )
-    except FedHypeVAEError as exc:
-        if comm.world_size > 1:  # one rank's error must end every rank, not leave them in a collective
-            print(f"fedhypevae: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True)
-            comm.abort(2)
-        raise
-    except KeyboardInterrupt:  # a second stop signal: abort at once, every rank
-        if comm.is_root or comm.world_size == 1:
-            print(
-                f"fedhypevae: aborted by a second interrupt; `fedhypevae train --resume --out {args.out}` continues "
-                "from the last complete checkpoint (the ledger keeps every charge)",
-                file=sys.stderr,
-                flush=True,
-            )
-        if comm.world_size > 1:
-            comm.abort(130)
-        return 130
+    if ranks.exit_status is not None:
+        return ranks.exit_status
+    comm = ranks.comm
     if results.get("interrupted"):
         if comm.is_root:
             where = f"round {results['round']}" + (f", step {results['step']}" if results.get("step") else "")
@@ -110,11 +100,9 @@ def cmd_train(args) -> int:
                 f"fedhypevae train --resume --out {args.out}",
                 file=sys.stderr,
             )
-        comm.close()
         return 128 + int(results["signal"])
     if comm.is_root and not args.quiet:
         print(format_summary(results, time.perf_counter() - t0))
-    comm.close()
     if results.get("status") == "partial":
         if comm.is_root:
             print("fedhypevae: the run is PARTIAL: " + "; ".join(results.get("missing", [])), file=sys.stderr)

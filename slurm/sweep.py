@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from fedhypevae.hpc.launcher import MPI_FLAVOURS, mpi_flavour
 
 from fedhypevae.table import FEDHYPEVAE_METHODS, method_overrides
 
@@ -344,8 +345,7 @@ def make_executor(sweep: dict, cluster: str, params: dict, *, ranks: int):
         p["slurm_srun_args"] = srun
         setup = list(p.pop("slurm_setup", []) or [])
         setup.insert(0, "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}")
-        if sweep["mpi"] == "openmpi":
-            setup.insert(0, "export PMIX_MCA_psec=native")
+        setup[:0] = [f"export {k}={v}" for k, v in mpi_flavour(sweep["mpi"]).env.items()]
         p["slurm_setup"] = setup
         p.update(task_layout(params, ranks))
     else:
@@ -414,8 +414,8 @@ def load_sweep(args) -> dict:
     if any(e <= 0 for e in eps):
         raise SweepError("--epsilons must be positive (inf for no budget)")
     mpi = pick("mpi", "mpich")
-    if mpi not in ("mpich", "openmpi"):
-        raise SweepError("--mpi must be mpich or openmpi")
+    if mpi not in MPI_FLAVOURS:
+        raise SweepError(f"--mpi must be {' or '.join(MPI_FLAVOURS)}")
     ranks = pick("ranks", None)
     sweep = {
         "config": cfg_path,
@@ -430,7 +430,7 @@ def load_sweep(args) -> dict:
         "ranks_given": ranks is not None,
         "cluster": pick("cluster", "auto"),
         "mpi": mpi,
-        "mpi_plugin": {"mpich": "pmi2", "openmpi": "pmix"}[mpi],
+        "mpi_plugin": mpi_flavour(mpi).srun_plugin,
         "protocol": pick("protocol", "augment"),
         "params": cluster_params,
         "device": pick("device", "auto"),
@@ -683,8 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--mpi",
-        choices=("mpich", "openmpi"),
-        help="MPI library of the jobs: srun --mpi=pmi2 (mpich, default) or --mpi=pmix (openmpi)",
+        choices=tuple(MPI_FLAVOURS),
+        help="MPI library of the jobs: "
+        + " or ".join(f"srun --mpi={f.srun_plugin} ({name})" for name, f in MPI_FLAVOURS.items())
+        + "; default mpich",
     )
     ap.add_argument(
         "--device",
