@@ -22,7 +22,6 @@ from ..errors import DataError
 from ..memory import check_fits
 
 BUILTINS = ("digits", "breast_cancer")
-EXTENSIONS = (".npz", ".npy", ".pt", ".csv", ".parquet")
 _PIXEL_COLUMN = re.compile(r"^pixel\d+$")
 _MEDMNIST_SPLITS = ("train", "val", "test")
 
@@ -67,13 +66,12 @@ def load_dataset(
     else:
         p = _check_file(Path(spec), what="data file")
         ext = p.suffix.lower()
-        if ext in (".csv", ".parquet"):
+        if ext in TABLE_EXTENSIONS:
             table = _read_table(p)
             ds_parts = _from_table(table, p, label_column, group_column, site_column)
         else:
             table = None
-            loader = {".npz": _load_npz, ".npy": _load_npy, ".pt": _load_pt}[ext]
-            ds_parts = loader(p)
+            ds_parts = ARRAY_LOADERS[ext](p)
     x, y, value_range, name, source = ds_parts[:5]
     groups, sites = _keys(table, group_column, site_column, metadata_path, len(x) if hasattr(x, "__len__") else None)
     ds = _finish(x, y, groups, sites, value_range, name, source)
@@ -295,6 +293,12 @@ def _load_pt(p: Path):
         raise DataError(f"{p}: expected a dict with tensors 'x' and 'y' or a tuple (x, y); found {found}")
     x, y = (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for v in (x, y))
     return x, y, _uint8_range(x), p.stem, str(p)
+
+
+# A new file format: its loader above, `(path) -> (x, y, value_range, name, source)`, and its row here.
+ARRAY_LOADERS = {".npz": _load_npz, ".npy": _load_npy, ".pt": _load_pt}
+TABLE_EXTENSIONS = (".csv", ".parquet")  # columns by name (label, group and site columns), through _read_table
+EXTENSIONS = (*ARRAY_LOADERS, *TABLE_EXTENSIONS)
 
 
 def _read_table(p: Path):
