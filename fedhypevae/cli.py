@@ -14,6 +14,7 @@ import math
 import sys
 
 from fedhypevae.hpc.backend import BACKENDS
+from fedhypevae.hpc.device import DEVICES
 
 from . import __version__
 from .config import PARTITION_KINDS, TRANSFORMS, DataConfig, PartitionConfig, shipped_configs
@@ -161,7 +162,7 @@ def _add_train(sub) -> None:
     p.add_argument(
         "--device",
         default="auto",
-        choices=["auto", "cpu", "cuda"],
+        choices=DEVICES,
         help="auto: cuda:LOCAL_RANK when CUDA is present, else cpu; torch.distributed uses NCCL on cuda, "
         "gloo on cpu (the CUDA path is untested: the development machine has no GPU)",
     )

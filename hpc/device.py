@@ -5,10 +5,13 @@ Untested on GPUs on the development machine (it has none): the code path is kept
 
 from __future__ import annotations
 
-import torch
+DEVICES = ("auto", "cpu", "cuda")  # the --device choices of `fedhypevae train` and the sweep
 
 
-def choose_device(local_rank: int, requested: str = "auto") -> torch.device:
+def choose_device(local_rank: int, requested: str = "auto"):
+    """The torch.device of this rank (torch is imported here: the command lines read DEVICES without it)."""
+    import torch
+
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

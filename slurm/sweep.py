@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from fedhypevae.hpc.device import DEVICES
 from fedhypevae.hpc.launcher import MPI_FLAVOURS, mpi_flavour
 
 from fedhypevae.table import FEDHYPEVAE_METHODS, method_overrides
@@ -690,7 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--device",
-        choices=("auto", "cpu", "cuda"),
+        choices=DEVICES,
         help="device of every rank: cuda:LOCAL_RANK where CUDA is present (auto, default), or cpu",
     )
     ap.add_argument(
