@@ -138,7 +138,7 @@ def generate_from_run(run_dir, samples: int, *, seed: int = 0) -> tuple[np.ndarr
     from .data import invert_transform, is_invertible, output_units
     from .memory import check_fits
     from .metacode import generate
-    from .rng import public_generator
+    from .rng import SeedTag, public_generator
 
     if samples < 1:
         raise FedHypeVAEError(f"--samples must be >= 1; got {samples}")
@@ -159,7 +159,7 @@ def generate_from_run(run_dir, samples: int, *, seed: int = 0) -> tuple[np.ndarr
             weights,
             counts,
             output_noise=bool(meta.get("output_noise")),
-            generator=public_generator(int(seed), 0x6E7),
+            generator=public_generator(int(seed), SeedTag.GENERATE),
         )
     vr = meta.get("value_range")
     transform = meta["transform"]

@@ -25,7 +25,7 @@ from .errors import ConfigError, FedHypeVAEError
 from .generator import GENERATOR_FILE, generator_metadata
 from .metacode import ClassMoments, class_counts, fit_metacode, generate, mixture_weights
 from .privacy import CLASS_STATS, class_stat_sums, finalize_class_stats, noise_class_stats
-from .rng import STREAM_STATS_RELEASE, public_generator
+from .rng import STREAM_STATS_RELEASE, SeedTag, public_generator
 from .trainer import Trainer
 from .validate import stats_clip_norm  # noqa: F401  (re-exported: C_x of the statistics release)
 
@@ -142,7 +142,7 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
     """Rank 0: fit the meta-code(s) with Phi frozen, generate, write outputs. Post-processing only."""
     cfg, hyper = tr.cfg, tr.hyper
     K = cfg.meta.codes
-    g = public_generator(cfg.seed, 0x3E7A)
+    g = public_generator(cfg.seed, SeedTag.METACODE_FIT)
     if moments is None:
         codes = torch.zeros(1, hyper.code_dim, device=tr.torch_device)
         weights = torch.ones(1, dtype=torch.float64)
@@ -169,7 +169,12 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
         total_counts = moments[-1].counts
     counts = class_counts(total_counts, samples_per_class=cfg.synth.samples_per_class, balance=cfg.synth.class_balance)
     x, y = generate(
-        hyper, codes, weights, counts, output_noise=cfg.synth.output_noise, generator=public_generator(cfg.seed, 0x5A7)
+        hyper,
+        codes,
+        weights,
+        counts,
+        output_noise=cfg.synth.output_noise,
+        generator=public_generator(cfg.seed, SeedTag.SYNTH_DRAW),
     )
     x, y = x.cpu(), y.cpu()
     x_out = invert_transform(x.numpy(), tr.fed.transform, tr.fed.value_range).astype(np.float32)

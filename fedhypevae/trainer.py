@@ -62,7 +62,7 @@ from .privacy import (
 from .privacy.ledger import payload_digest
 from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
-from .rng import STREAM_STEP, derive_seed, secret_key
+from .rng import STREAM_STEP, SeedTag, derive_seed, secret_key
 from .validate import check_output_dir, validate_run
 
 # settings a resume may change: applied from the resume on and reported (results.json "resume", the
@@ -368,7 +368,7 @@ class Trainer:
         )
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.seed, 0xF1))  # Phi: the same on every rank
+            torch.manual_seed(derive_seed(cfg.seed, SeedTag.PHI_INIT))  # Phi: the same on every rank
             mc = cfg.model
             self.hyper = HyperNetwork.from_config(fed.dim, fed.num_classes, mc)
         self.hyper.to(self.torch_device)
@@ -392,7 +392,7 @@ class Trainer:
                 bandwidths=bws,
                 features_per_bandwidth=cfg.model.mmd_features,
                 dim=fed.dim,
-                seed=derive_seed(cfg.seed, 0xFEA7),
+                seed=derive_seed(cfg.seed, SeedTag.MERF_FEATURES),
             )
         by_id = {cd.client_id: cd for cd in fed.clients}
         # every later stage's settings and memory, before anything is written or released

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..checkpoint import dumps_json
 from ..errors import DataError, FedHypeVAEError
+from ..rng import SeedTag
 from .classifiers import train_linear
 from .metrics import accuracy, balanced_accuracy, summarize
 
@@ -69,7 +70,9 @@ def _choose_lambda(p_local: np.ndarray, p_syn: np.ndarray, y_val: np.ndarray, gr
 
 
 def _client_seed(seed: int, client_id: int) -> int:
-    return int(np.random.SeedSequence([int(seed) % (2**63), 0xE7A1, int(client_id)]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([int(seed) % (2**63), int(SeedTag.EVAL_CLIENT), int(client_id)]).generate_state(1)[0]
+    )
 
 
 def evaluate_federation(

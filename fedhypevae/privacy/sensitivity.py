@@ -48,7 +48,7 @@ from ..aggregation import flat_phi
 from ..dp_step import DIAG_KEYS, DPStep, Draw, Sums
 from ..errors import PrivacyError
 from ..model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX
-from ..rng import STREAM_STEP, derive_seed
+from ..rng import STREAM_STEP, SeedTag, derive_seed
 from .trust import AGGREGATOR_ID
 
 
@@ -362,14 +362,16 @@ def check_sensitivity(
     )
 
     def gens(s):
-        return [torch.Generator().manual_seed(derive_seed(seed, 0x5E45, s, cid)) for cid in st.block.ids]
+        return [
+            torch.Generator().manual_seed(derive_seed(seed, SeedTag.SENSITIVITY_PROBE, s, cid)) for cid in st.block.ids
+        ]
 
     def run(s, **kw):
         pr = probe(st, control=control, **kw)
         pend = pr.prepare(agg.step_hyper(st.block), 0, s, gens=gens(s))
         before = pend.sums.clone()
         rel = pr.release(pend, sigma=sigma, features=tr.features)
-        aggregator = torch.Generator().manual_seed(derive_seed(seed, 0x5E45, s, AGGREGATOR_ID))
+        aggregator = torch.Generator().manual_seed(derive_seed(seed, SeedTag.SENSITIVITY_PROBE, s, AGGREGATOR_ID))
         return pr, pend, before, _through_the_rule(tr, st, rel.phi, aggregator)
 
     snap = _snapshot(tr, st)
