@@ -19,6 +19,7 @@ import torch
 from fedhypevae.hpc import Communicator
 
 from . import checkpoint as ckpt
+from .atomic import atomic_savez, atomic_torch_save, atomic_write_text
 from .config import Config
 from .data import invert_transform, is_invertible, output_units
 from .errors import ConfigError, FedHypeVAEError
@@ -178,12 +179,12 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
     )
     x, y = x.cpu(), y.cpu()
     x_out = invert_transform(x.numpy(), tr.fed.transform, tr.fed.value_range).astype(np.float32)
-    _save_npz(tr.out / "synthetic.npz", x=x_out, y=y.numpy().astype(np.int64))
-    ckpt.atomic_torch_save(hyper.state_dict(), tr.out / "hypernetwork.pt")
-    ckpt.atomic_torch_save({"codes": codes, "weights": weights}, tr.out / "meta_codes.pt")
+    atomic_savez(tr.out / "synthetic.npz", {"x": x_out, "y": y.numpy().astype(np.int64)})
+    atomic_torch_save(hyper.state_dict(), tr.out / "hypernetwork.pt", fsync=True)
+    atomic_torch_save({"codes": codes, "weights": weights}, tr.out / "meta_codes.pt", fsync=True)
     # what `fedhypevae generate` needs to rebuild Phi: public metadata only (shapes, settings, the value range
     # the format or data.value_range declares, the DP class counts already released); no statistic of the data
-    ckpt.atomic_write_text(
+    atomic_write_text(
         tr.out / GENERATOR_FILE,
         ckpt.dumps_json(
             generator_metadata(
@@ -214,16 +215,6 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
             "in_input_units": is_invertible(tr.fed.transform),
         },
     }
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)

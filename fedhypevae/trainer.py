@@ -38,6 +38,7 @@ from fedhypevae.hpc.placement import PlacementError
 from . import checkpoint as ckpt
 from .aggregation import flat_phi as _flat_phi
 from .aggregation import make_aggregation, trust_refusal
+from .atomic import atomic_torch_save, atomic_write_text
 from .block import ClientBlock
 from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
@@ -881,7 +882,7 @@ class Trainer:
         self.costs["checkpoint_s"].append(time.perf_counter() - t0)  # this rank's write (before the barrier)
         if self.comm.is_root:
             # shared outputs hold only public state and post-processing of DP releases: no diagnostics
-            ckpt.atomic_torch_save(
+            atomic_torch_save(
                 {
                     "hyper": self.hyper.state_dict(),
                     "opt": self.opt.state_dict(),
@@ -894,6 +895,7 @@ class Trainer:
                     "plan": self.plan.to_dict() if self.plan else None,
                 },
                 d / "shared.pt",
+                fsync=True,
             )
         self.comm.barrier()  # COMPLETE only once every rank's files are in place
         if self.comm.is_root:
@@ -1065,7 +1067,7 @@ class Trainer:
         if self.resume:
             results["resume"] = {k: v for k, v in self.resume_info.items() if k != "from_checkpoint"}
         if self.comm.is_root:
-            ckpt.atomic_write_text(self.out / "results.json", ckpt.dumps_json(results, indent=2) + "\n")
+            atomic_write_text(self.out / "results.json", ckpt.dumps_json(results, indent=2) + "\n")
             append_event(
                 self.out,
                 {"event": "partial" if missing else "finished", "missing": list(missing or []), "epsilon_spent": eps},
