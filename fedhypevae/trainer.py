@@ -504,9 +504,6 @@ class Trainer:
                     self._steps.append(step_type(sub, weights=w[lo : lo + sub.M], per_sample=per_sample, draws=draws))
         return self._steps
 
-    def rebuild_steps(self) -> None:
-        self._steps = None
-
     @property
     def engine(self) -> str:
         """The per-sample form the steps run: batched (ghost norms) or reference (torch.func)."""
@@ -715,10 +712,6 @@ class Trainer:
                 hyper.project_spectral(self.cfg.model.lipschitz)
             finally:
                 torch.set_num_threads(n)
-
-    def phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A Phi gradient by parameter name as one float64 host vector (parameter order)."""
-        return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names]).cpu()  # host buffer
 
     def _prepare_step(self, r: int, s: int, epoch: int) -> list:
         """Every block's step up to the noise (one PendingBatch per block)."""

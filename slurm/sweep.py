@@ -33,8 +33,6 @@ Cluster parameters use submitit's names (`timeout_min`, `nodes`, `tasks_per_node
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import shlex
@@ -463,10 +461,6 @@ def prepare_points(sweep: dict, points: list[Point]) -> None:
             continue
         d.mkdir(parents=True, exist_ok=True)
         write_json(f, spec)
-
-
-def _config_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def run_sweep(args) -> int:
