@@ -387,15 +387,19 @@ def _observe_aggregate(tr, canaries: Canaries) -> None:
     base = type(tr.aggregation)
 
     class Observed(base):
+        def __init__(self, rule):  # the rule as it is (its state, not a fresh one), plus this step's releases
+            self.__dict__.update(rule.__dict__)
+            self.released = {}
+
         def add_release(self, buf, block, phi):
-            self._released[id(block)] = phi.clone()
+            self.released[id(block)] = phi.clone()
             super().add_release(buf, block, phi)
 
         def apply_step(self, reduced):
             resid = reduced[: self.step_width].clone()
             w = None
             for st in tr.steps:
-                rel = self._released.pop(id(st.block))
+                rel = self.released.pop(id(st.block))
                 resid -= (rel - st.noisy_phi) + st.known_scaled  # post-noise terms and the records' sum
                 if isinstance(st, ColluderStep):
                     resid -= st.noisy_phi - st.known_scaled  # the coalition's own shares
@@ -404,10 +408,7 @@ def _observe_aggregate(tr, canaries: Canaries) -> None:
             canaries.score(resid / w)
             super().apply_step(reduced)
 
-    obs = Observed.__new__(Observed)
-    obs.__dict__.update(tr.aggregation.__dict__)
-    obs._released = {}
-    tr.aggregation = obs
+    tr.aggregation = Observed(tr.aggregation)
 
 
 def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
