@@ -46,7 +46,8 @@ import time
 import traceback
 from pathlib import Path
 
-from benchmarks.allreduce import tool
+from fedhypevae.hpc.launcher import venv_tool
+
 from fedhypevae.checkpoint import dumps_json
 
 REPO = Path(__file__).resolve().parents[1]
@@ -270,10 +271,11 @@ def part_opacus(d: int, *, rounds: int, clients: int, per_client: int, sigma: fl
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     q = min(1.0, 256 / per_client)
-    models, opts, data = [], [], []
+    models, opts, data, plain = [], [], [], []  # plain: the CVAEs themselves (opacus wraps them, same parameters)
     for i in range(clients):
         torch.manual_seed(i)
         m = CVAE(d, K).to(dev)
+        plain.append(m)
         x = torch.randn(per_client, d, generator=g).to(dev)
         y = torch.randint(0, K, (per_client,), generator=g).to(dev)
         if dp:
@@ -295,9 +297,6 @@ def part_opacus(d: int, *, rounds: int, clients: int, per_client: int, sigma: fl
         data.append((x, y))
     dec = decoder_names(CVAE(d, K))
 
-    def params(m):
-        return dict((m._module if hasattr(m, "_module") else m).named_parameters())
-
     def client_step(i):
         x, y = data[i]
         idx = torch.nonzero(torch.rand(per_client, generator=g) < q).flatten().to(dev)
@@ -317,10 +316,11 @@ def part_opacus(d: int, *, rounds: int, clients: int, per_client: int, sigma: fl
         for i in range(clients):
             samples += client_step(i)
         with torch.no_grad():  # FedAvg of the decoders (equal weights)
-            avg = {n: sum(params(m)[n] for m in models) / clients for n in dec}
-            for m in models:
+            params = [dict(m.named_parameters()) for m in plain]
+            avg = {n: sum(p[n] for p in params) / clients for n in dec}
+            for p in params:
                 for n in dec:
-                    params(m)[n].copy_(avg[n])
+                    p[n].copy_(avg[n])
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         per_round.append(time.perf_counter() - tr)
@@ -456,7 +456,7 @@ def part_ranks(
     spec_path = tmp / f"ranks_{ranks}_spec.json"
     spec_path.write_text(json.dumps(spec))
     cmd = [
-        tool("mpiexec"),
+        venv_tool("mpiexec") or "mpiexec",
         "-n",
         str(ranks),
         sys.executable,

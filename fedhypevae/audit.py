@@ -52,7 +52,7 @@ from .config import Config, config_from_dict
 from .dp_step import DPStep, noise_blocks
 from .errors import ConfigError
 from .privacy.trust import CentralTrust
-from .rng import derive_seed
+from .rng import SeedTag, derive_seed
 from .rows import ExtraRows
 
 LEVEL = 0.05  # 95 % confidence
@@ -68,7 +68,6 @@ MODES = ("white-box", "black-box")
 CANARY_NORM = 2.0  # white-box canary length in units of C (>= C: clipping brings it to exactly C)
 NO_CLIP_CANARY_NORM = 1000.0  # without clipping nothing bounds a record's gradient: a long canary
 DEFAULT_CANARIES = {"white-box": 1000, "black-box": 200}
-_STREAM_COINS, _STREAM_LAYOUT, _STREAM_SAMPLE, _STREAM_SCORE = 0xC0, 0xC1, 0xC2, 0xC3
 
 
 # ------------------------------------------------------------------------------------------ the bound
@@ -201,7 +200,7 @@ class Canaries:
     def sampled(self) -> torch.Tensor:
         """Included canaries in this step's Poisson batch: each with probability q, like every record (coins from
         the audit's own generator: the client's sampling and noise streams are untouched)."""
-        g = torch.Generator().manual_seed(derive_seed(self.seed, _STREAM_SAMPLE, *self.key))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, SeedTag.AUDIT_SAMPLE, *self.key))
         coins = torch.rand(len(self.coords), generator=g) < self.sample_rate
         sampled = torch.nonzero(coins & self.included).flatten()
         self.appearances[sampled] += 1
@@ -355,7 +354,7 @@ class AuditSetup:
 
 
 def _coins(seed: int, m: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_COINS))
+    g = torch.Generator().manual_seed(derive_seed(seed, SeedTag.AUDIT_COINS))
     return torch.rand(m, generator=g) < 0.5
 
 
@@ -388,15 +387,19 @@ def _observe_aggregate(tr, canaries: Canaries) -> None:
     base = type(tr.aggregation)
 
     class Observed(base):
+        def __init__(self, rule):  # the rule as it is (its state, not a fresh one), plus this step's releases
+            self.__dict__.update(rule.__dict__)
+            self.released = {}
+
         def add_release(self, buf, block, phi):
-            self._released[id(block)] = phi.clone()
+            self.released[id(block)] = phi.clone()
             super().add_release(buf, block, phi)
 
         def apply_step(self, reduced):
             resid = reduced[: self.step_width].clone()
             w = None
             for st in tr.steps:
-                rel = self._released.pop(id(st.block))
+                rel = self.released.pop(id(st.block))
                 resid -= (rel - st.noisy_phi) + st.known_scaled  # post-noise terms and the records' sum
                 if isinstance(st, ColluderStep):
                     resid -= st.noisy_phi - st.known_scaled  # the coalition's own shares
@@ -405,10 +408,7 @@ def _observe_aggregate(tr, canaries: Canaries) -> None:
             canaries.score(resid / w)
             super().apply_step(reduced)
 
-    obs = Observed.__new__(Observed)
-    obs.__dict__.update(tr.aggregation.__dict__)
-    obs._released = {}
-    tr.aggregation = obs
+    tr.aggregation = Observed(tr.aggregation)
 
 
 def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
@@ -453,7 +453,7 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     steps = [st for st in tr.steps if setup.client in st.block.ids]
     if not steps:
         raise ConfigError(f"--client {setup.client} is not in the federation (clients 0..{tr.fed.num_clients - 1})")
-    g = torch.Generator().manual_seed(derive_seed(setup.seed, _STREAM_LAYOUT))
+    g = torch.Generator().manual_seed(derive_seed(setup.seed, SeedTag.AUDIT_LAYOUT))
     coords = torch.randperm(tr.phi_numel, generator=g)[: setup.canaries]
     signs = torch.where(torch.rand(setup.canaries, generator=g) < 0.5, -1.0, 1.0)
     included = _coins(setup.seed, setup.canaries)
@@ -524,7 +524,7 @@ def _canary_records(fed, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-distribution records: uniform in the box of the (transformed) feature range, random labels."""
     xs = np.concatenate([c.x_train for c in fed.clients])
     lo, hi = (0.0, 1.0) if fed.transform == "range" else (float(xs.min()), float(xs.max()))
-    rng = np.random.default_rng(derive_seed(seed, _STREAM_LAYOUT))
+    rng = np.random.default_rng(derive_seed(seed, SeedTag.AUDIT_LAYOUT))
     x = rng.uniform(lo, hi, size=(m, fed.dim)).astype(np.float32)
     if fed.transform == "l2":
         x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -548,7 +548,7 @@ def _elbo_scores(
     enc.load_state_dict(state["encoder"])
     code = state["code"].float()
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-    g = torch.Generator().manual_seed(derive_seed(seed, _STREAM_SCORE))
+    g = torch.Generator().manual_seed(derive_seed(seed, SeedTag.AUDIT_SCORE))
     total = torch.zeros(len(xt), dtype=torch.float64)
     for _ in range(draws):
         eps = torch.randn(len(xt), mc.latent_dim, generator=g)
@@ -662,7 +662,7 @@ def run_audit(
         canaries=m,
         k_in=k,
         k_out=k,
-        seed=int(seed if seed is not None else derive_seed(cfg.seed, 0xA0D1)),
+        seed=int(seed if seed is not None else derive_seed(cfg.seed, SeedTag.AUDIT)),
         client=int(client),
         sabotage=sabotage,
         mode=mode,

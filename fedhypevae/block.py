@@ -34,7 +34,7 @@ from torch.optim.adam import adam
 
 from .config import Config
 from .model import Encoder, project_codes
-from .rng import METHOD_STREAMS, STREAM_INIT, STREAM_STEP, client_seeds, generators, secret_key
+from .rng import METHOD_STREAMS, STREAM_STEP, SeedTag, client_seeds, generators, secret_key
 
 # the stacks of a block's private state, in the order a checkpoint shard stores them
 STATE_KEYS = ("codes", "code_m", "code_v", "code_steps", "enc_steps")  # + enc_params/enc_m/enc_v per parameter
@@ -156,7 +156,7 @@ class ClientBlock:
         by_name = dict(zip(self.enc_names, self.enc_params))
         linears = [(n, mod) for n, mod in self.encoder.named_modules() if isinstance(mod, torch.nn.Linear)]
         pairs = [(by_name[f"{n}.weight"], by_name.get(f"{n}.bias"), mod.in_features) for n, mod in linears]
-        gens = generators(client_seeds(self.cfg.seed, STREAM_INIT, self.ids))
+        gens = generators(client_seeds(self.cfg.seed, SeedTag.MODEL_INIT, self.ids))
         for i, g in enumerate(gens):
             for w, b, fan_in in pairs:
                 torch.nn.init.kaiming_uniform_(w[i], a=math.sqrt(5), generator=g)

@@ -7,8 +7,9 @@ the middle of round 11, after 3 of its steps):
                        psi_i, v_i, their Adam moments and counts, the DP-MERF embeddings (shard format 2),
                        plus the aggregation rule's per-client state (delta: the private copy of Phi)
   COMPLETE             written last, by rank 0 after every rank has saved
-Each file is written to a temporary name, flushed and renamed, so a crash leaves either the old
-file or the new one. A checkpoint without COMPLETE is ignored on resume. Names sort in training order.
+Each file is written to a temporary name and renamed (fedhypevae/atomic.py; the .pt files flushed to disk first),
+so a crash leaves either the old file or the new one. A checkpoint without COMPLETE is ignored on resume. Names
+sort in training order.
 A resume reads its clients' rows from every shard (memory-mapped: only those rows are read), so it may
 run on another number of ranks. Checkpoints of shard format 1 (``clients/client_NNNNN.pt``, one file per
 client) are still read.
@@ -18,41 +19,15 @@ release, so that a resume never refunds epsilon (fedhypevae/privacy/ledger.py).
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
+from .atomic import atomic_torch_save, atomic_write_text
 from .errors import CheckpointError
 
 MARKER = "COMPLETE"
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk: no half-written temporary file is left behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def strict_json(obj):
@@ -133,6 +108,7 @@ def save_shard(ckpt: Path, rank: int, blocks: list, extra: dict) -> Path:
             "extra": extra,
         },
         path,
+        fsync=True,
     )
     return path
 

@@ -23,7 +23,8 @@ def _check_json(path: str | None) -> None:
 
 def _write_json(path: str | None, obj: dict) -> None:
     if path:
-        from .checkpoint import atomic_write_text, dumps_json
+        from .atomic import atomic_write_text
+        from .checkpoint import dumps_json
 
         atomic_write_text(Path(path), dumps_json(obj, indent=2) + "\n")
 

@@ -577,6 +577,3 @@ class DPStep:
             if cuda:
                 torch.cuda.synchronize(self.block.device)
             self.timings[name] += time.perf_counter() - t
-
-    def reset_timings(self) -> None:
-        self.timings = {k: 0.0 for k in PHASES}

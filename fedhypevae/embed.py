@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 import warnings
 import zipfile
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .atomic import atomic_savez, atomic_write_text
 from .checkpoint import dumps_json
 from .errors import DataError, FedHypeVAEError
 
@@ -565,8 +565,8 @@ def embed(
     arrays = {"x": x, "y": records.y, "split": records.split, "meta": np.array(json.dumps(meta))}
     if records.names is not None:
         arrays["path"] = records.names
-    _atomic_savez(out, arrays)
-    _atomic_text(out.with_suffix(".json"), dumps_json(meta, indent=2) + "\n")
+    atomic_savez(out, arrays, owner_only=True)
+    atomic_write_text(out.with_suffix(".json"), dumps_json(meta, indent=2) + "\n", owner_only=True)
     return {
         **meta,
         "output": str(out),
@@ -579,27 +579,3 @@ def embed(
 def _head(r: Records, n: int) -> Records:
     n = min(n, r.n)
     return Records(n, r.y[:n], r.split[:n], None if r.names is None else r.names[:n], r.classes, r.kind, r.batch)
-
-
-def _atomic_savez(path: Path, arrays: dict) -> None:
-    """Temp file in the same directory, then os.replace: readers never see half an archive."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

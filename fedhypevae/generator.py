@@ -18,12 +18,11 @@ out and cannot be recovered: the output is in model units (unit-norm records), a
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_path, atomic_savez
 from .errors import DataError, FedHypeVAEError
 
 GENERATOR_FILE = "generator.json"
@@ -138,7 +137,7 @@ def generate_from_run(run_dir, samples: int, *, seed: int = 0) -> tuple[np.ndarr
     from .data import invert_transform, is_invertible, output_units
     from .memory import check_fits
     from .metacode import generate
-    from .rng import public_generator
+    from .rng import SeedTag, public_generator
 
     if samples < 1:
         raise FedHypeVAEError(f"--samples must be >= 1; got {samples}")
@@ -159,7 +158,7 @@ def generate_from_run(run_dir, samples: int, *, seed: int = 0) -> tuple[np.ndarr
             weights,
             counts,
             output_noise=bool(meta.get("output_noise")),
-            generator=public_generator(int(seed), 0x6E7),
+            generator=public_generator(int(seed), SeedTag.GENERATE),
         )
     vr = meta.get("value_range")
     transform = meta["transform"]
@@ -195,24 +194,15 @@ def write_samples(out, x: np.ndarray, y: np.ndarray) -> Path:
     ext = p.suffix.lower()
     if ext not in OUTPUT_FORMATS:
         raise DataError(f"{p}: unsupported extension {p.suffix!r}; write {', '.join(OUTPUT_FORMATS)}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp" + ext)
-    os.close(fd)
-    try:
-        if ext == ".npz":
-            np.savez(tmp, x=x, y=y)
-        else:
-            import pandas as pd
+    if ext == ".npz":
+        return atomic_savez(p, {"x": x, "y": y}, owner_only=True)
+    import pandas as pd
 
-            df = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
-            df["label"] = y
-            if ext == ".csv":
-                df.to_csv(tmp, index=False)
-            else:
-                df.to_parquet(tmp, index=False)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    df = pd.DataFrame(x, columns=[f"x{i}" for i in range(x.shape[1])])
+    df["label"] = y
+    with atomic_path(p, owner_only=True) as tmp:
+        if ext == ".csv":
+            df.to_csv(tmp, index=False)
+        else:
+            df.to_parquet(tmp, index=False)
     return p

@@ -67,7 +67,7 @@ class MetricWriter:
 def cut_metrics(out_dir: Path, *, keep_through: int) -> tuple[list, list]:
     """Drop the rows of metrics.jsonl after round `keep_through` (a resume restarts there), and rows half
     written when a process died; rewritten atomically. Returns (the rows kept, the rounds cut)."""
-    from .checkpoint import atomic_write_text
+    from .atomic import atomic_write_text
 
     f = Path(out_dir) / METRICS
     if not f.is_file():

@@ -343,11 +343,6 @@ def elbo_terms(
     return nll, kl
 
 
-def negative_elbo(encoder, code, hyper, x, y, eps) -> torch.Tensor:
-    nll, kl = elbo_terms(encoder, code, hyper, x, y, eps)
-    return nll + kl
-
-
 def generator_params(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Tensor | None = None):
     """(theta, omega) outputs for one code, or the pi-weighted mixture of K codes (Eq. 13):
     theta_mix = sum_k pi_k h_theta(v_k), omega_mix = sum_k pi_k h_omega(v_k)."""

@@ -15,10 +15,15 @@ Every method has its own stream namespace (METHOD_STREAMS): FedHypeVAE and the D
 same noise_seed never share a draw. The epoch counts the releases made under one key: a re-release
 that is not bit-identical to an earlier one (a resume that computed a different value) is drawn
 under a fresh epoch, never under the noise of the release it differs from.
+
+Public randomness (initialization, the DP-MERF features, the meta-code fit, synthetic draws, the audit's
+canaries) is derived from the public seed and one tag of the table `SeedTag`: every public use has its
+own tag, so that no two uses share numbers. A tag's value is part of every result: never change one.
 """
 
 from __future__ import annotations
 
+import enum
 import secrets
 
 import numpy as np
@@ -66,7 +71,7 @@ def secret_key() -> int:
 
 
 # stream ids so that different uses of one (client, round, step) never share numbers
-STREAM_STEP, STREAM_MMD_RELEASE, STREAM_STATS_RELEASE, STREAM_INIT = 1, 2, 3, 4
+STREAM_STEP, STREAM_MMD_RELEASE, STREAM_STATS_RELEASE = 1, 2, 3
 
 # one namespace per method that draws private noise from privacy.noise_seed
 METHOD_STREAMS = {"fedhypevae": 0xFE0, "fedavg": 0xFA1, "fedprox": 0xF9A, "dpcvae": 0xDC1}
@@ -93,5 +98,37 @@ class ClientRNG:
         return generators(client_seeds(self.key, self.namespace, [self.client_id], stream, round_, step, epoch))[0]
 
 
+@enum.unique
+class SeedTag(enum.IntEnum):
+    """The public seed tags: the key that follows the public seed in `derive_seed` / `public_generator` (or
+    the namespace of `client_seeds` under the public seed), one per public use. `SeedTag.X.meaning` says
+    what it seeds. The values are those every earlier run used: changing one changes every result."""
+
+    meaning: str
+
+    def __new__(cls, value: int, meaning: str):
+        tag = int.__new__(cls, value)
+        tag._value_ = value
+        tag.meaning = meaning
+        return tag
+
+    MODEL_INIT = 4, "initial weights: every client's encoder and code (client_seeds namespace), the DP-CVAE's models"
+    BASELINE_SHUFFLE = 101, "the minibatch order of the linear baselines' shuffle sampling (per client, round, epoch)"
+    DPCVAE_SYNTH = 202, "the DP-CVAE baseline's synthetic draw (post-processing)"
+    PHI_INIT = 0xF1, "the hypernetwork Phi's initial weights (the same on every rank)"
+    MERF_FEATURES = 0xFEA7, "the DP-MERF random features (public, the same for every client)"
+    METACODE_FIT = 0x3E7A, "the meta-code fit's samples (post-processing of Phi and the released statistics)"
+    SYNTH_DRAW = 0x5A7, "the synthetic records a training run writes (synthetic.npz)"
+    GENERATE = 0x6E7, "the records `fedhypevae generate` draws (with its --seed)"
+    EVAL_CLIENT = 0xE7A1, "a client's evaluation classifiers (per client)"
+    SENSITIVITY_PROBE = 0x5E45, "the sensitivity probe's sampling coins and noise (per step, client)"
+    AUDIT = 0xA0D1, "the privacy audit's seed when none is given (from the run's seed)"
+    AUDIT_COINS = 0xC0, "the audit's in/out coin of every canary (under the audit seed)"
+    AUDIT_LAYOUT = 0xC1, "the audit's canaries: coordinates and signs (white-box), records (black-box)"
+    AUDIT_SAMPLE = 0xC2, "the audit's canary Poisson sampling per (round, step) (under the audit seed)"
+    AUDIT_SCORE = 0xC3, "the reparameterization noise of the black-box audit's ELBO scores"
+
+
 def public_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator derived from a public seed and keys (the first one a `SeedTag`)."""
     return torch.Generator().manual_seed(derive_seed(seed, *keys))

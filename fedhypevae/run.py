@@ -19,13 +19,14 @@ import torch
 from fedhypevae.hpc import Communicator
 
 from . import checkpoint as ckpt
+from .atomic import atomic_savez, atomic_torch_save, atomic_write_text
 from .config import Config
 from .data import invert_transform, is_invertible, output_units
 from .errors import ConfigError, FedHypeVAEError
 from .generator import GENERATOR_FILE, generator_metadata
 from .metacode import ClassMoments, class_counts, fit_metacode, generate, mixture_weights
 from .privacy import CLASS_STATS, class_stat_sums, finalize_class_stats, noise_class_stats
-from .rng import STREAM_STATS_RELEASE, public_generator
+from .rng import STREAM_STATS_RELEASE, SeedTag, public_generator
 from .trainer import Trainer
 from .validate import stats_clip_norm  # noqa: F401  (re-exported: C_x of the statistics release)
 
@@ -142,7 +143,7 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
     """Rank 0: fit the meta-code(s) with Phi frozen, generate, write outputs. Post-processing only."""
     cfg, hyper = tr.cfg, tr.hyper
     K = cfg.meta.codes
-    g = public_generator(cfg.seed, 0x3E7A)
+    g = public_generator(cfg.seed, SeedTag.METACODE_FIT)
     if moments is None:
         codes = torch.zeros(1, hyper.code_dim, device=tr.torch_device)
         weights = torch.ones(1, dtype=torch.float64)
@@ -169,16 +170,21 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
         total_counts = moments[-1].counts
     counts = class_counts(total_counts, samples_per_class=cfg.synth.samples_per_class, balance=cfg.synth.class_balance)
     x, y = generate(
-        hyper, codes, weights, counts, output_noise=cfg.synth.output_noise, generator=public_generator(cfg.seed, 0x5A7)
+        hyper,
+        codes,
+        weights,
+        counts,
+        output_noise=cfg.synth.output_noise,
+        generator=public_generator(cfg.seed, SeedTag.SYNTH_DRAW),
     )
     x, y = x.cpu(), y.cpu()
     x_out = invert_transform(x.numpy(), tr.fed.transform, tr.fed.value_range).astype(np.float32)
-    _save_npz(tr.out / "synthetic.npz", x=x_out, y=y.numpy().astype(np.int64))
-    ckpt.atomic_torch_save(hyper.state_dict(), tr.out / "hypernetwork.pt")
-    ckpt.atomic_torch_save({"codes": codes, "weights": weights}, tr.out / "meta_codes.pt")
+    atomic_savez(tr.out / "synthetic.npz", {"x": x_out, "y": y.numpy().astype(np.int64)})
+    atomic_torch_save(hyper.state_dict(), tr.out / "hypernetwork.pt", fsync=True)
+    atomic_torch_save({"codes": codes, "weights": weights}, tr.out / "meta_codes.pt", fsync=True)
     # what `fedhypevae generate` needs to rebuild Phi: public metadata only (shapes, settings, the value range
     # the format or data.value_range declares, the DP class counts already released); no statistic of the data
-    ckpt.atomic_write_text(
+    atomic_write_text(
         tr.out / GENERATOR_FILE,
         ckpt.dumps_json(
             generator_metadata(
@@ -209,16 +215,6 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
             "in_input_units": is_invertible(tr.fed.transform),
         },
     }
-
-
-def _save_npz(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.npz")
-    try:
-        np.savez(tmp, **arrays)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)

@@ -474,7 +474,7 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)
     if not (out / "cells" / SETTINGS_FILE).is_file():
-        from .checkpoint import atomic_write_text
+        from .atomic import atomic_write_text
 
         atomic_write_text(out / "cells" / SETTINGS_FILE, dumps_json(settings, indent=1) + "\n")
     todo = [(p, s, m) for p in tc.partitions for s in tc.seeds for m in tc.methods]
@@ -492,7 +492,7 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
             cell = json.loads(f.read_text())
         else:
             cell = run_cell(tc, m, p, s, out)
-            from .checkpoint import atomic_write_text
+            from .atomic import atomic_write_text
 
             atomic_write_text(f, dumps_json(cell, indent=1))
         cells.append(cell)

@@ -38,6 +38,7 @@ from fedhypevae.hpc.placement import PlacementError
 from . import checkpoint as ckpt
 from .aggregation import flat_phi as _flat_phi
 from .aggregation import make_aggregation, trust_refusal
+from .atomic import atomic_torch_save, atomic_write_text
 from .block import ClientBlock
 from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
@@ -62,7 +63,7 @@ from .privacy import (
 from .privacy.ledger import payload_digest
 from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
-from .rng import STREAM_STEP, derive_seed, secret_key
+from .rng import STREAM_STEP, SeedTag, derive_seed, secret_key
 from .validate import check_output_dir, validate_run
 
 # settings a resume may change: applied from the resume on and reported (results.json "resume", the
@@ -368,7 +369,7 @@ class Trainer:
         )
 
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.seed, 0xF1))  # Phi: the same on every rank
+            torch.manual_seed(derive_seed(cfg.seed, SeedTag.PHI_INIT))  # Phi: the same on every rank
             mc = cfg.model
             self.hyper = HyperNetwork.from_config(fed.dim, fed.num_classes, mc)
         self.hyper.to(self.torch_device)
@@ -392,7 +393,7 @@ class Trainer:
                 bandwidths=bws,
                 features_per_bandwidth=cfg.model.mmd_features,
                 dim=fed.dim,
-                seed=derive_seed(cfg.seed, 0xFEA7),
+                seed=derive_seed(cfg.seed, SeedTag.MERF_FEATURES),
             )
         by_id = {cd.client_id: cd for cd in fed.clients}
         # every later stage's settings and memory, before anything is written or released
@@ -502,9 +503,6 @@ class Trainer:
                     lo = block.ids.index(sub.ids[0]) if sub is not block else 0
                     self._steps.append(step_type(sub, weights=w[lo : lo + sub.M], per_sample=per_sample, draws=draws))
         return self._steps
-
-    def rebuild_steps(self) -> None:
-        self._steps = None
 
     @property
     def engine(self) -> str:
@@ -715,10 +713,6 @@ class Trainer:
             finally:
                 torch.set_num_threads(n)
 
-    def phi_vector(self, grads: dict[str, torch.Tensor]) -> torch.Tensor:
-        """A Phi gradient by parameter name as one float64 host vector (parameter order)."""
-        return torch.cat([grads[n].reshape(-1).double() for n in self.phi_names]).cpu()  # host buffer
-
     def _prepare_step(self, r: int, s: int, epoch: int) -> list:
         """Every block's step up to the noise (one PendingBatch per block)."""
         agg, steps = self.aggregation, self.steps
@@ -881,7 +875,7 @@ class Trainer:
         self.costs["checkpoint_s"].append(time.perf_counter() - t0)  # this rank's write (before the barrier)
         if self.comm.is_root:
             # shared outputs hold only public state and post-processing of DP releases: no diagnostics
-            ckpt.atomic_torch_save(
+            atomic_torch_save(
                 {
                     "hyper": self.hyper.state_dict(),
                     "opt": self.opt.state_dict(),
@@ -894,6 +888,7 @@ class Trainer:
                     "plan": self.plan.to_dict() if self.plan else None,
                 },
                 d / "shared.pt",
+                fsync=True,
             )
         self.comm.barrier()  # COMPLETE only once every rank's files are in place
         if self.comm.is_root:
@@ -1065,7 +1060,7 @@ class Trainer:
         if self.resume:
             results["resume"] = {k: v for k, v in self.resume_info.items() if k != "from_checkpoint"}
         if self.comm.is_root:
-            ckpt.atomic_write_text(self.out / "results.json", ckpt.dumps_json(results, indent=2) + "\n")
+            atomic_write_text(self.out / "results.json", ckpt.dumps_json(results, indent=2) + "\n")
             append_event(
                 self.out,
                 {"event": "partial" if missing else "finished", "missing": list(missing or []), "epsilon_spent": eps},

@@ -53,7 +53,8 @@ from pathlib import Path
 import submitit
 from fedhypevae.hpc.launcher import venv_tool
 
-from fedhypevae.checkpoint import atomic_write_text, dumps_json
+from fedhypevae.atomic import atomic_write_text
+from fedhypevae.checkpoint import dumps_json
 from fedhypevae.metrics import append_event as append_run_event
 from fedhypevae.metrics import read_events  # noqa: F401  (re-exported: a point's events)
 from fedhypevae.table import FEDHYPEVAE_METHODS

@@ -33,8 +33,6 @@ Cluster parameters use submitit's names (`timeout_min`, `nodes`, `tasks_per_node
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import shlex
@@ -77,14 +75,19 @@ ACTIVE_STATES = {
 
 # ------------------------------------------------------------------------------------------ parameters
 def valid_parameters() -> dict[str, str]:
-    """submitit's parameter names for AutoExecutor: generic ones, `slurm_*` and `local_*`."""
-    from submitit.auto.auto import AutoExecutor
-    from submitit.local.local import LocalExecutor
-    from submitit.slurm.slurm import SlurmExecutor
+    """submitit's parameter names for AutoExecutor: generic ones, `slurm_*` and `local_*`.
 
-    out = {name: "generic" for name in AutoExecutor._valid_parameters()}
-    out.update({f"slurm_{n}": "slurm" for n in SlurmExecutor._valid_parameters()})
-    out.update({f"local_{n}": "local" for n in LocalExecutor._valid_parameters()})
+    submitit has no public list of them: its executors' `_valid_parameters` classmethods are what its own
+    `update_parameters` checks names against. pyproject.toml pins submitit's minor version, and
+    tests/test_sweep.py checks that the names read here are those the public `update_parameters` accepts."""
+    from submitit import AutoExecutor, LocalExecutor, SlurmExecutor
+
+    groups = (("", "generic", AutoExecutor), ("slurm_", "slurm", SlurmExecutor), ("local_", "local", LocalExecutor))
+    out = {
+        f"{prefix}{name}": group
+        for prefix, group, executor in groups
+        for name in executor._valid_parameters()  # noqa: SLF001 - submitit lists the names nowhere public
+    }
     out["slurm_max_num_timeout"] = "slurm"  # submitit's requeue budget for time-outs (AutoExecutor keyword)
     return out
 
@@ -279,6 +282,11 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+def local_pid(job) -> int:
+    """The process of a job of submitit's local executor: its job id is the pid of the job's controller."""
+    return int(job.job_id)
+
+
 def log_tail(path: str | None, lines: int = 3) -> str:
     """The error lines of a job's log (ours name the rank and what to change), else its last lines."""
     if not path or not Path(path).is_file():
@@ -466,10 +474,6 @@ def prepare_points(sweep: dict, points: list[Point]) -> None:
         write_json(f, spec)
 
 
-def _config_hash(spec: dict) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-
-
 def run_sweep(args) -> int:
     sweep = load_sweep(args)
     cluster = resolve_cluster(sweep["cluster"])
@@ -589,8 +593,7 @@ def _submit(sweep, cluster, params, todo: list[Point], *, wait: bool) -> int:
             if cluster != "debug":  # debug jobs run in this process: their output is this terminal's
                 entry.update({"stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr)})
             if cluster == "local":
-                proc = getattr(job, "_process", None)
-                entry["pid"] = getattr(proc, "pid", None)
+                entry["pid"] = local_pid(job)
             rec["submissions"].append(entry)
             write_json(out / "points" / pt.id / "job.json", rec)
             jobs.append((pt, job))

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from fedhypevae.dp_step import Sums
 
 # variables a surrounding launcher (a CI job under srun, a debugging mpiexec) would leak into a test's processes
 LAUNCHER_PREFIXES = ("PMI_", "PMIX_", "OMPI_", "SLURM_", "TORCHELASTIC_", "HYDRA_", "MPIR_", "MPICH_")
@@ -127,6 +133,85 @@ def clip_between(norms) -> float:
 
 REPO = Path(__file__).resolve().parents[1]
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@dataclass
+class StepTrace:
+    """What one client's DP step computed: the batch, the pre-noise payload and what was released."""
+
+    idx: torch.Tensor  # indices (into the client's data) of the realized Poisson batch, after any drop
+    payload: dict  # clipped pre-noise sum over the privatized parameters (ClientView names; Phi's in fp64)
+    released: dict  # (payload + noise) / (q n_declared): the noisy release, the same names
+    phi: dict  # what Client.step returns as phi_grad: released Phi part + post-noise terms (HyperNetwork names)
+    expected_batch: float  # q * n_declared (public)
+    history: Sums  # the release the step continued from (pass it as `released=` to replay it)
+
+
+def _client_dict(sums: Sums, pos: int, strict: bool, enc_names: list) -> dict:
+    """One client's sums by ClientView name: its own coordinates (strict) and Phi's (fp64, the block's Phi
+    sum: with one client, that client's)."""
+    from fedhypevae.model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX
+
+    out = {}
+    if strict:
+        out.update({ENCODER_PREFIX + n: t[pos] for n, t in zip(enc_names, sums.enc)})
+        out[CODE_NAME] = sums.code[pos]
+    off = 0
+    for n, shape in sums.layout:
+        k = math.prod(shape)
+        out[PHI_PREFIX + n] = sums.phi[off : off + k].view(shape)
+        off += k
+    return out
+
+
+def trace_step(
+    client,
+    hyper,
+    generator: torch.Generator,
+    *,
+    sigma,
+    features=None,
+    drop: int | None = None,
+    released: Sums | None = None,
+    control: type | None = None,
+    update: bool = True,
+) -> StepTrace:
+    """One DP step of `client` (its own step class, on a block of one) on `hyper` with the probe's stages and
+    the given generator.
+
+    drop:      a record index of the client's data left out of the realized batch (the same coins as on D,
+               minus that record: D minus one record).
+    released:  a released history entry (a previous trace's ``released``) to continue from instead of this
+               step's own noisy values; the noise is still drawn so the generator stays in step.
+    update:    apply the local update of psi_i and v_i (as Client.step does).
+    With the client's own step generator and none of these, it releases exactly what Client.step does.
+    """
+    from fedhypevae.dp_step import Sums
+    from fedhypevae.errors import PrivacyError
+    from fedhypevae.model import PHI_PREFIX
+    from fedhypevae.privacy.sensitivity import probe
+
+    if not client.cfg.privacy.enabled:
+        raise PrivacyError("the sensitivity check needs privacy.enabled: true (there is no clipped payload otherwise)")
+    own = client.dp_step
+    step = probe(own, drop=None if drop is None else (0, drop), released=released, update=update, control=control)
+    pending = step.prepare(hyper, 0, 0, gens=[generator])
+    names = own.block.enc_names
+    payload = _client_dict(pending.sums.clone(), 0, pending.strict, names)
+    out = step.release(pending, sigma=sigma, features=features)
+    history = step.own if released is None else released
+    phi = {
+        n[len(PHI_PREFIX) :]: t.float()
+        for n, t in _client_dict(Sums([], None, out.phi, pending.sums.layout), 0, False, []).items()
+    }
+    return StepTrace(
+        idx=pending.draws[0].idx,
+        payload=payload,
+        released=_client_dict(history, 0, pending.strict, names),
+        phi=phi,
+        expected_batch=float(own.block.expected[0]),
+        history=history,
+    )
 
 
 def run_job(cmd: list, timeout: float, env: dict) -> tuple[int, str, str]:

@@ -10,11 +10,12 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import trace_step
 
 from fedhypevae.client import Client
 from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.dp_step import DPStep, noise_blocks, per_sample_grads
-from fedhypevae.privacy.sensitivity import SensitivityProbe, check_sensitivity, probe, trace_step
+from fedhypevae.privacy.sensitivity import SensitivityProbe, check_sensitivity, probe
 from fedhypevae.rng import STREAM_STEP
 from fedhypevae.trainer import Trainer
 

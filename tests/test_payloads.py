@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 from fedhypevae.hpc import LocalCommunicator
+from helpers import trace_step
 
 from fedhypevae.block import ClientBlock
 from fedhypevae.client import DIAG_KEYS
 from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.dp_step import PER_SAMPLE, DPStep
 from fedhypevae.privacy import CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, epsilon_of, release_class_stats
-from fedhypevae.privacy.sensitivity import trace_step
 from fedhypevae.rng import STREAM_STATS_RELEASE, STREAM_STEP
 from fedhypevae.run import _flatten, run_training, stats_clip_norm
 from fedhypevae.trainer import Trainer

@@ -13,6 +13,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import trace_step
 
 from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.privacy.sensitivity import (
@@ -21,7 +22,6 @@ from fedhypevae.privacy.sensitivity import (
     Unclipped,
     check_sensitivity,
     probe,
-    trace_step,
 )
 from fedhypevae.rng import STREAM_STEP
 from fedhypevae.run import run_training

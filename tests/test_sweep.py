@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,52 @@ def test_a_wrong_cluster_parameter_fails_listing_submitits_names(tmp_path):
     assert r.returncode == 2 and "positive" in r.stderr
     r = run_sweep("--config", "nope.yaml", "--out", str(tmp_path / "s"))
     assert r.returncode == 2 and "not found" in r.stderr
+
+
+def test_submitits_parameter_names_are_the_ones_its_public_update_parameters_accepts(tmp_path):
+    """valid_parameters reads submitit's private per-executor name lists (submitit has no public one): this
+    fails when a submitit release moves or renames them, before a sweep refuses good names or lets wrong ones by."""
+    import inspect
+
+    import submitit
+
+    valid = sweep.valid_parameters()
+    assert {
+        "name",
+        "timeout_min",
+        "nodes",
+        "tasks_per_node",
+        "cpus_per_task",
+        "gpus_per_node",
+        "mem_gb",
+        "slurm_partition",
+        "slurm_srun_args",
+        "slurm_setup",
+        "slurm_additional_parameters",
+        "local_setup",
+    } <= set(valid)
+    typed = {"name": "x", "mem_gb": 1.0, "stderr_to_stdout": False}  # the other generic ones are ints
+    ex = submitit.AutoExecutor(folder=tmp_path, cluster="debug")  # checks every executor's names, applies none
+    for name, group in valid.items():
+        if name == "slurm_max_num_timeout":  # a keyword of the executor, not of update_parameters
+            assert "max_num_timeout" in inspect.signature(submitit.SlurmExecutor).parameters
+            continue
+        ex.update_parameters(**{name: typed.get(name, 1) if group == "generic" else "x"})
+    with pytest.raises(NameError, match="partiton"):
+        ex.update_parameters(slurm_partiton="gpu")
+    assert "slurm_partiton" not in valid
+
+
+def test_a_local_jobs_id_is_the_process_the_sweep_follows(tmp_path):
+    import submitit
+
+    ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local")
+    ex.update_parameters(timeout_min=1)
+    j = ex.submit(time.sleep, 2)
+    pid = sweep.local_pid(j)
+    assert sweep._pid_alive(pid)  # running, and a submitit process
+    j.result()
+    assert j.state == "FINISHED" and not sweep._pid_alive(pid)
 
 
 def test_dry_run_lists_points_and_writes_plain_sbatch_scripts(tmp_path):

@@ -180,7 +180,7 @@ def test_generate_is_the_runs_generator(finished):
     from fedhypevae.data import invert_transform
     from fedhypevae.metacode import generate as draw
     from fedhypevae.model import HyperNetwork
-    from fedhypevae.rng import public_generator
+    from fedhypevae.rng import SeedTag, public_generator
 
     x, y, info = generate(finished, 20, seed=5)
     x2, y2, _ = generate(finished, 20, seed=5)
@@ -189,7 +189,9 @@ def test_generate_is_the_runs_generator(finished):
     hyper = HyperNetwork.from_config(64, 10, cfg.model)
     hyper.load_state_dict(torch.load(finished / "hypernetwork.pt", weights_only=True))
     mc = torch.load(finished / "meta_codes.pt", weights_only=True)
-    xr, yr = draw(hyper, mc["codes"], mc["weights"], [2] * 10, output_noise=False, generator=public_generator(5, 0x6E7))
+    xr, yr = draw(
+        hyper, mc["codes"], mc["weights"], [2] * 10, output_noise=False, generator=public_generator(5, SeedTag.GENERATE)
+    )
     assert np.allclose(x, invert_transform(xr.numpy(), "range", (0.0, 16.0)), atol=1e-5)
     assert np.array_equal(y, yr.numpy())
     x3, _, _ = generate(finished, 20, seed=6)

@@ -29,11 +29,8 @@ from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_g
 from ..errors import ConfigError, PrivacyError
 from ..model import mlp, one_hot, soft_clamp
 from ..privacy import DP_SGD, PrivacyLedger, plan_budget
-from ..rng import STREAM_INIT, STREAM_STEP, ClientRNG, public_generator
+from ..rng import STREAM_STEP, ClientRNG, SeedTag, public_generator
 from .linear import _require_all_clients, aggregation_weights, ledger_summary
-
-#: public-generator stream for the synthetic draw (post-processing; not a private stream)
-STREAM_SYNTH = 202
 
 
 class CVAE(nn.Module):
@@ -138,7 +135,7 @@ def train_dpcvae(
     # public initialization from the seed: the global decoder, and one encoder per client
     models, opts, rngs, ledgers, data = {}, {}, {}, {}, {}
     with torch.random.fork_rng():  # leaves the caller's global RNG state untouched
-        torch.manual_seed(int(public_generator(seed, STREAM_INIT).initial_seed()))
+        torch.manual_seed(int(public_generator(seed, SeedTag.MODEL_INIT).initial_seed()))
         template = CVAE(d, K, hidden=hidden, latent_dim=latent_dim, layers=layers, beta=beta)
         for c in clients:
             m = CVAE(d, K, hidden=hidden, latent_dim=latent_dim, layers=layers, beta=beta)
@@ -211,7 +208,7 @@ def train_dpcvae(
         tparams = dict(template.named_parameters())
         for n in dec:
             tparams[n].copy_(global_dec[n])
-        gen = public_generator(seed, STREAM_SYNTH)
+        gen = public_generator(seed, SeedTag.DPCVAE_SYNTH)
         y_syn = torch.arange(K).repeat_interleave(samples_per_class)
         z = torch.randn(len(y_syn), latent_dim, generator=gen)
         x_syn = template.decode(z, y_syn)

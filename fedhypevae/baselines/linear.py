@@ -40,7 +40,7 @@ from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_g
 from ..errors import ConfigError, DataError, PrivacyError
 from ..model import one_hot
 from ..privacy import DP_SGD, PrivacyLedger, plan_budget
-from ..rng import STREAM_STEP, ClientRNG, public_generator
+from ..rng import STREAM_STEP, ClientRNG, SeedTag, public_generator
 
 SAMPLINGS = ("shuffle", "poisson")
 WEIGHTS = ("declared", "uniform")
@@ -333,7 +333,7 @@ def fit_federated_linear(
             step = 0
             for e in range(local_epochs):
                 if sampling == "shuffle":
-                    perm = torch.randperm(len(y), generator=public_generator(seed, 101, cid, r, e))
+                    perm = torch.randperm(len(y), generator=public_generator(seed, SeedTag.BASELINE_SHUFFLE, cid, r, e))
                     batches = [perm[i : i + batch_size] for i in range(0, len(y), batch_size)]
                 else:
                     batches = [None] * spe

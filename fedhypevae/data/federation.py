@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_savez, atomic_write_bytes
 from ..errors import DataError
 from .loaders import Dataset, load_dataset
 from .partition import partition_indices, split_client
@@ -207,21 +208,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory, then os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_shards(fed: Federation, out_dir) -> Path:
     """One npz per loaded client plus manifest.json. Everything is written into a staging directory beside
     `out_dir`, which is renamed to `out_dir` at the end: a failure (a full disk) leaves nothing behind, and
@@ -263,7 +249,7 @@ def _write_shard_files(fed: Federation, out: Path) -> None:
             y_test=np.asarray(c.y_test, np.int64),
             declared_size=np.int64(c.declared_size),
         )
-        _atomic_write(out / name, lambda f, a=arrays: np.savez(f, **a))
+        atomic_savez(out / name, arrays, fsync=True, owner_only=True)
         files.append(name)
         digests[name] = _sha256(out / name)
     manifest = dict(fed.manifest)
@@ -282,7 +268,7 @@ def _write_shard_files(fed: Federation, out: Path) -> None:
         }
     )
     text = json.dumps(manifest, indent=2, sort_keys=True).encode()
-    _atomic_write(out / MANIFEST, lambda f: f.write(text))
+    atomic_write_bytes(out / MANIFEST, text, fsync=True, owner_only=True)
 
 
 def read_manifest(shard_dir) -> dict:

@@ -18,15 +18,15 @@ Test splits are touched only for the final score; nothing is fitted on pooled da
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from ..checkpoint import dumps_json
 from ..errors import DataError, FedHypeVAEError
+from ..rng import SeedTag
 from .classifiers import train_linear
 from .metrics import accuracy, balanced_accuracy, summarize
 
@@ -69,7 +69,9 @@ def _choose_lambda(p_local: np.ndarray, p_syn: np.ndarray, y_val: np.ndarray, gr
 
 
 def _client_seed(seed: int, client_id: int) -> int:
-    return int(np.random.SeedSequence([int(seed) % (2**63), 0xE7A1, int(client_id)]).generate_state(1)[0])
+    return int(
+        np.random.SeedSequence([int(seed) % (2**63), int(SeedTag.EVAL_CLIENT), int(client_id)]).generate_state(1)[0]
+    )
 
 
 def evaluate_federation(
@@ -219,20 +221,6 @@ def load_synthetic(path) -> tuple[np.ndarray, np.ndarray]:
         raise _corrupt(p, exc) from None
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(dumps_json(obj, indent=2))
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _run_summary(run_dir: Path) -> dict | None:
     p = run_dir / "results.json"
     if not p.is_file():
@@ -374,6 +362,6 @@ def evaluate_run(
     except Exception:  # provenance is best effort; never fail an evaluation on it
         pass
     target = Path(str(json_path)) if json_path is not None else run / EVALUATION_FILE
-    _atomic_write_json(target, out)
+    atomic_write_text(target, dumps_json(out, indent=2) + "\n", owner_only=True)
     out["json_path"] = str(target)
     return out

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -47,21 +46,8 @@ import torch
 from ..aggregation import flat_phi
 from ..dp_step import DIAG_KEYS, DPStep, Draw, Sums
 from ..errors import PrivacyError
-from ..model import CODE_NAME, ENCODER_PREFIX, PHI_PREFIX
-from ..rng import STREAM_STEP, derive_seed
+from ..rng import STREAM_STEP, SeedTag, derive_seed
 from .trust import AGGREGATOR_ID
-
-
-@dataclass
-class StepTrace:
-    """What one client's DP step computed: the batch, the pre-noise payload and what was released."""
-
-    idx: torch.Tensor  # indices (into the client's data) of the realized Poisson batch, after any drop
-    payload: dict  # clipped pre-noise sum over the privatized parameters (ClientView names; Phi's in fp64)
-    released: dict  # (payload + noise) / (q n_declared): the noisy release, the same names
-    phi: dict  # what Client.step returns as phi_grad: released Phi part + post-noise terms (HyperNetwork names)
-    expected_batch: float  # q * n_declared (public)
-    history: Sums  # the release the step continued from (pass it as `released=` to replay it)
 
 
 class SensitivityProbe:
@@ -148,66 +134,6 @@ def probe(
     out.__dict__.update(step.__dict__)  # the same block, weights, per-sample form (and the noise buffers)
     out.drop, out.history, out.update = drop, released, update
     return out
-
-
-def _client_dict(sums: Sums, pos: int, strict: bool, enc_names: list) -> dict:
-    """One client's sums by ClientView name: its own coordinates (strict) and Phi's (fp64, the block's Phi
-    sum: with one client, that client's)."""
-    out = {}
-    if strict:
-        out.update({ENCODER_PREFIX + n: t[pos] for n, t in zip(enc_names, sums.enc)})
-        out[CODE_NAME] = sums.code[pos]
-    off = 0
-    for n, shape in sums.layout:
-        k = math.prod(shape)
-        out[PHI_PREFIX + n] = sums.phi[off : off + k].view(shape)
-        off += k
-    return out
-
-
-def trace_step(
-    client,
-    hyper,
-    generator: torch.Generator,
-    *,
-    sigma,
-    features=None,
-    drop: int | None = None,
-    released: Sums | None = None,
-    control: type | None = None,
-    update: bool = True,
-) -> StepTrace:
-    """One DP step of `client` (its own step class, on a block of one) on `hyper` with the probe's stages and
-    the given generator.
-
-    drop:      a record index of the client's data left out of the realized batch (the same coins as on D,
-               minus that record: D minus one record).
-    released:  a released history entry (a previous trace's ``released``) to continue from instead of this
-               step's own noisy values; the noise is still drawn so the generator stays in step.
-    update:    apply the local update of psi_i and v_i (as Client.step does).
-    With the client's own step generator and none of these, it releases exactly what Client.step does.
-    """
-    if not client.cfg.privacy.enabled:
-        raise PrivacyError("the sensitivity check needs privacy.enabled: true (there is no clipped payload otherwise)")
-    own = client.dp_step
-    step = probe(own, drop=None if drop is None else (0, drop), released=released, update=update, control=control)
-    pending = step.prepare(hyper, 0, 0, gens=[generator])
-    names = own.block.enc_names
-    payload = _client_dict(pending.sums.clone(), 0, pending.strict, names)
-    out = step.release(pending, sigma=sigma, features=features)
-    history = step.own if released is None else released
-    phi = {
-        n[len(PHI_PREFIX) :]: t.float()
-        for n, t in _client_dict(Sums([], None, out.phi, pending.sums.layout), 0, False, []).items()
-    }
-    return StepTrace(
-        idx=pending.draws[0].idx,
-        payload=payload,
-        released=_client_dict(history, 0, pending.strict, names),
-        phi=phi,
-        expected_batch=float(own.block.expected[0]),
-        history=history,
-    )
 
 
 @dataclass
@@ -362,14 +288,16 @@ def check_sensitivity(
     )
 
     def gens(s):
-        return [torch.Generator().manual_seed(derive_seed(seed, 0x5E45, s, cid)) for cid in st.block.ids]
+        return [
+            torch.Generator().manual_seed(derive_seed(seed, SeedTag.SENSITIVITY_PROBE, s, cid)) for cid in st.block.ids
+        ]
 
     def run(s, **kw):
         pr = probe(st, control=control, **kw)
         pend = pr.prepare(agg.step_hyper(st.block), 0, s, gens=gens(s))
         before = pend.sums.clone()
         rel = pr.release(pend, sigma=sigma, features=tr.features)
-        aggregator = torch.Generator().manual_seed(derive_seed(seed, 0x5E45, s, AGGREGATOR_ID))
+        aggregator = torch.Generator().manual_seed(derive_seed(seed, SeedTag.SENSITIVITY_PROBE, s, AGGREGATOR_ID))
         return pr, pend, before, _through_the_rule(tr, st, rel.phi, aggregator)
 
     snap = _snapshot(tr, st)
