@@ -54,9 +54,9 @@ import submitit
 from fedhypevae.hpc.launcher import venv_tool
 
 from fedhypevae.checkpoint import atomic_write_text, dumps_json
+from fedhypevae.methods import METHODS
 from fedhypevae.metrics import append_event as append_run_event
 from fedhypevae.metrics import read_events  # noqa: F401  (re-exported: a point's events)
-from fedhypevae.table import FEDHYPEVAE_METHODS
 
 EXIT_INTERRUPTED = {
     signal.SIGUSR2: 128 + signal.SIGUSR2,
@@ -174,7 +174,7 @@ def run_point_here(point: Path) -> dict:
         )
     install_failfast(comm)
     try:
-        if spec["method"] in FEDHYPEVAE_METHODS:
+        if METHODS[spec["method"]].trains_fedhypevae:
             return _run_fedhypevae(point, spec, comm, info, str(device))
         return _run_baseline(point, spec, comm)
     except FedHypeVAEError as exc:
@@ -264,10 +264,10 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
         return _outcome(spec, "partial", missing)
     if comm.is_root:
         from fedhypevae.data import build_federation
-        from fedhypevae.table import run_rows
+        from fedhypevae.methods import score_run
 
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
-        rows = run_rows(run_dir, fed, protocol=spec["protocol"], seed=spec["seed"])
+        rows = score_run(run_dir, fed, protocol=spec["protocol"], seed=spec["seed"])
         _finish(
             point,
             spec,
@@ -294,10 +294,9 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
     """Baselines run on rank 0 (the sweep gives them one rank); a re-run repeats them with the same seed.
     They release nothing in stages, so they always end complete."""
     if comm.is_root:
-        from fedhypevae.baselines import run_baseline
         from fedhypevae.config import load_config
         from fedhypevae.data import build_federation
-        from fedhypevae.table import baseline_rows
+        from fedhypevae.methods import result_rows, run_baseline
 
         cfg = load_config(spec["config"], spec["overrides"])
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
@@ -319,9 +318,10 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
             seed=spec["seed"],
             epsilon=eps,
             delta=cfg.privacy.delta,
+            protocol=spec["protocol"],
             **spec.get("baseline_settings", {}),
         )
-        rows = baseline_rows(spec["method"], res, fed, protocol=spec["protocol"], seed=spec["seed"])
+        rows = result_rows(res)
         priv = res.get("privacy") or {}
         _finish(
             point,
