@@ -258,6 +258,8 @@ def run_baseline(
     if unknown:
         raise ConfigError(f"baseline {name!r} does not take setting(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
     params = inspect.signature(fn).parameters
+    if m.uses_epsilon and not {"epsilon", "delta"} <= set(params):
+        raise ConfigError(f"baseline {name!r} is registered as using epsilon, but {m.run} takes no epsilon and delta")
     given = {"seed": seed, "epsilon": epsilon, "delta": delta}
     kwargs = {k: v for k, v in given.items() if k in params}
     kwargs.update(m.fixed)

@@ -3,6 +3,7 @@ entries agree with the baselines and the configs, and a newly registered method 
 sweep, the SLURM job and the collector with nothing else changed."""
 
 import csv
+import inspect
 import json
 import os
 import subprocess
@@ -64,6 +65,8 @@ def test_registry_entries_agree_with_the_baselines_and_the_train_config():
         else:
             assert callable(m.function())
             assert set(m.settings()).isdisjoint({"fed", "seed", "epsilon", "delta", *m.fixed})
+            takes = set(inspect.signature(m.function()).parameters)
+            assert "seed" in takes and ({"epsilon", "delta"} <= takes if m.uses_epsilon else True)
             with pytest.raises(ConfigError, match="baseline"):
                 methods.method_overrides(name)
         assert m.uses_epsilon == m.private  # a private method spends the target epsilon; a non-private one has none
@@ -74,6 +77,17 @@ def test_registry_entries_agree_with_the_baselines_and_the_train_config():
         Method("bad", "Bad", privacy="none", uses_epsilon=True, output="predictions", run="x:y")
     with pytest.raises(ValueError, match="overrides"):
         Method("bad", "Bad", privacy="dp", uses_epsilon=True, output="synthetic")
+
+
+def test_a_private_baseline_whose_function_takes_no_epsilon_is_refused(monkeypatch):
+    m = Method("noeps", "No epsilon", privacy="dp", uses_epsilon=True, output="predictions", run=_majority)
+    monkeypatch.setitem(METHODS, m.name, m)
+    with pytest.raises(ConfigError, match="takes no epsilon"):
+        methods.run_baseline("noeps", None, epsilon=1.0)
+    with pytest.raises(ConfigError, match="does not take setting"):
+        methods.run_baseline("local", None, max_iter=10)  # one classifier: no per-baseline max_iter
+    with pytest.raises(ConfigError, match="FedHypeVAE training"):
+        methods.run_baseline("fedhypevae-strict", None)
 
 
 # a trivial baseline, registered only in the next test: every client predicts its own most frequent train label
