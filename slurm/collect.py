@@ -241,7 +241,7 @@ def plot(rows: list[dict], path: Path, protocol: str | None = None) -> None:
             bbox_to_anchor=(1 - width + 0.01, 0.5),
             fontsize=8,
             frameon=False,
-            title="method (ε-independent ones\nas horizontal bands ± std)",
+            title="method (ε-independent ones\nas horizontal bands ± population std)",
             title_fontsize=8,
         )
     if protocol:  # what the synthetic-data methods' points were scored by
