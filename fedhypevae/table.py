@@ -6,6 +6,9 @@ Every method sees identical splits: the federation is rebuilt from (data, partit
 each cell. Each finished cell is saved under OUT/cells/ and skipped when the command is run
 again, so an interrupted table continues where it stopped. Outputs: table.md, table.csv (one row
 per method, partition, seed and client), table.json and per_client_bacc.png.
+
+The methods, their labels, how each runs and how it is scored come from the registry
+(fedhypevae.methods); this module only lays the cells out and writes the outputs.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ import submitit
 from fedhypevae.hpc.launcher import venv_tool
 
 from fedhypevae.checkpoint import atomic_write_text, dumps_json
-from fedhypevae.methods import METHODS
+from fedhypevae.methods import get_method
 from fedhypevae.metrics import append_event as append_run_event
 from fedhypevae.metrics import read_events  # noqa: F401  (re-exported: a point's events)
 
@@ -174,7 +174,7 @@ def run_point_here(point: Path) -> dict:
         )
     install_failfast(comm)
     try:
-        if METHODS[spec["method"]].trains_fedhypevae:
+        if get_method(spec["method"]).trains_fedhypevae:  # ConfigError for a method no longer registered
             return _run_fedhypevae(point, spec, comm, info, str(device))
         return _run_baseline(point, spec, comm)
     except FedHypeVAEError as exc:
