@@ -526,7 +526,10 @@ def cmd_evaluate(args) -> int:
     n_syn = (res.get("synthetic") or {}).get("samples", 0)
     print(f"protocol {res['protocol']}: {len(res['clients'])} clients, {n_syn} synthetic samples")
     print(f"  accuracy          {100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %")
-    print(f"  balanced accuracy {100 * bacc['mean']:.2f} +- {100 * bacc['std']:.2f} %   (mean +- std over clients)")
+    print(
+        f"  balanced accuracy {100 * bacc['mean']:.2f} +- {100 * bacc['std']:.2f} %   "
+        "(mean +- population std over clients)"
+    )
     ref = res.get("reference_local")
     if ref:
         lb = ref["summary"]["balanced_accuracy"]

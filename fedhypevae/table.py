@@ -6,6 +6,9 @@ Every method sees identical splits: the federation is rebuilt from (data, partit
 each cell. Each finished cell is saved under OUT/cells/ and skipped when the command is run
 again, so an interrupted table continues where it stopped. Outputs: table.md, table.csv (one row
 per method, partition, seed and client), table.json and per_client_bacc.png.
+
+The methods, their labels, how each runs and how it is scored come from the registry
+(fedhypevae.methods); this module only lays the cells out and writes the outputs.
 """
 
 from __future__ import annotations
@@ -22,36 +25,8 @@ import yaml
 from .checkpoint import dumps_json
 from .config import load_config, resolve_config_path
 from .errors import ConfigError
-
-FEDHYPEVAE_METHODS = {
-    "fedhypevae-strict": "strict",
-    "fedhypevae-paper": "paper",
-    "fedhypevae-distributed": "strict",
-    "fedhypevae-central": "strict",
-}
-# the methods that run FedHypeVAE under another trust model than the base config's (privacy.trust_model)
-TRUST_METHODS = {"fedhypevae-distributed": "distributed", "fedhypevae-central": "central"}
-LABELS = {
-    "local": "Local only",
-    "fedavg": "FedAvg",
-    "fedprox": "FedProx (mu=0.05)",
-    "fedavg-dp": "FedAvg (DP-SGD)",
-    "fedprox-dp": "FedProx (DP-SGD)",
-    "dpcvae": "DP-CVAE",
-    "fedhypevae-strict": "FedHypeVAE (strict)",
-    "fedhypevae-paper": "FedHypeVAE (paper mode*)",
-    "pooled": "Pooled, non-private (upper bound)",
-    "fedhypevae-distributed": "FedHypeVAE (strict, distributed noise, simulated)",
-    "fedhypevae-central": "FedHypeVAE (strict, central noise)",
-}
-
-
-def method_overrides(method: str) -> list:
-    """The privacy settings a FedHypeVAE method sets on its base config (mode; trust model where it has one)."""
-    ov = [f"privacy.mode={FEDHYPEVAE_METHODS[method]}"]
-    if method in TRUST_METHODS:
-        ov.append(f"privacy.trust_model={TRUST_METHODS[method]}")
-    return ov
+from .evaluation.metrics import population_std
+from .methods import METHODS, check_methods, method_overrides, result_rows, run_baseline, score_run
 
 
 @dataclass
@@ -72,18 +47,17 @@ class TableConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     epsilon: float = 1.0
     delta: float = 1e-4
-    methods: list = field(default_factory=lambda: [m for m in LABELS if m not in TRUST_METHODS])
+    # method names of fedhypevae.methods.METHODS (default: those it lists for a table)
+    methods: list = field(default_factory=lambda: [n for n, m in METHODS.items() if m.in_default_table])
     # scoring of synthetic sets: augment (real train + synthetic) or lambda-mix
     protocol: str = "augment"
-    # settings per baseline name, passed to fedhypevae.baselines.run_baseline
+    # settings per baseline name, passed to fedhypevae.methods.run_baseline
     baselines: dict = field(default_factory=dict)
     # free text printed beside the table (e.g. what was reduced and why)
     notes: str = ""
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in LABELS]
-        if unknown:
-            raise ConfigError(f"unknown method(s) {unknown}; valid: {', '.join(LABELS)}")
+        check_methods(self.methods)
         bad = [p for p in self.partitions if p not in ("iid", "dirichlet")]
         if bad:
             raise ConfigError(f"partitions must be iid or dirichlet; got {bad}")
@@ -121,42 +95,11 @@ def cell_train_config(
     ]
     for k, v in tc.data.items():
         ov.append(f"data.{k}={'null' if v is None else v}")
-    if method in FEDHYPEVAE_METHODS:
+    if method is not None and METHODS[method].trains_fedhypevae:
         ov += method_overrides(method)
     elif mode:
         ov.append(f"privacy.mode={mode}")
     return load_config(tc.train_config, ov)
-
-
-def score_synthetic(fed, x_syn, y_syn, *, protocol: str, seed: int) -> list[dict]:
-    """Per-client rows for a synthetic set, scored the same way for every generative method."""
-    from .evaluation import evaluate_federation
-
-    scored = evaluate_federation(fed, x_syn, y_syn, protocol=protocol, seed=seed)
-    return [
-        {"client": r["client_id"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-        for r in scored["clients"]
-    ]
-
-
-def run_rows(run_dir: Path, fed, *, protocol: str, seed: int) -> list[dict]:
-    """Per-client rows for a finished FedHypeVAE run: its synthetic set, in the model's units, scored."""
-    from .data import apply_transform
-
-    syn = np.load(Path(run_dir) / "synthetic.npz")
-    return score_synthetic(
-        fed, apply_transform(syn["x"], fed.transform, fed.value_range), syn["y"], protocol=protocol, seed=seed
-    )
-
-
-def baseline_rows(method: str, res: dict, fed, *, protocol: str, seed: int) -> list[dict]:
-    """Per-client rows of a baseline's result (DP-CVAE's synthetic set is scored like FedHypeVAE's)."""
-    if method == "dpcvae":
-        return score_synthetic(fed, res["x_syn"], res["y_syn"], protocol=protocol, seed=seed)
-    return [
-        {"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-        for r in res["clients"]
-    ]
 
 
 def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path) -> dict:
@@ -167,7 +110,7 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
     t0 = time.perf_counter()
     privacy = None
-    if method in FEDHYPEVAE_METHODS:
+    if METHODS[method].trains_fedhypevae:
         from .run import run_training
 
         run_dir = out / "runs" / f"{partition}_s{seed}_{method}"
@@ -176,13 +119,12 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
             run_training(cfg, run_dir, resume=resume, progress=False)
         results = json.loads((run_dir / "results.json").read_text())
         privacy = results["privacy"]
-        rows = run_rows(run_dir, fed, protocol=tc.protocol, seed=seed)
+        rows = score_run(run_dir, fed, protocol=tc.protocol, seed=seed)
     else:
-        from .baselines import run_baseline
-
-        res = run_baseline(method, fed, seed=seed, epsilon=tc.epsilon, delta=tc.delta, **tc.baselines.get(method, {}))
+        settings = tc.baselines.get(method, {})
+        res = run_baseline(method, fed, seed=seed, epsilon=tc.epsilon, delta=tc.delta, protocol=tc.protocol, **settings)
         privacy = res.get("privacy")
-        rows = baseline_rows(method, res, fed, protocol=tc.protocol, seed=seed)
+        rows = result_rows(res)
     eps = None if not privacy else privacy.get("epsilon_spent")
     formal = None if not privacy else privacy.get("formal_guarantee")
     return {
@@ -201,12 +143,12 @@ def _mean(xs):
 
 
 def _std(xs):
-    return statistics.pstdev(xs) if len(xs) > 1 else 0.0
+    return population_std(xs) if xs else 0.0
 
 
 def aggregate(cells: list[dict]) -> dict:
-    """Per (method, partition): the client-mean per seed, then mean and std over seeds (in %), plus
-    the std over all (seed, client) pairs."""
+    """Per (method, partition): the client-mean per seed, then mean and population std (ddof=0) over seeds
+    (in %), plus the population std over all (seed, client) pairs."""
     out: dict = {}
     for c in cells:
         key = (c["method"], c["partition"])
@@ -269,10 +211,10 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
             cells += [_pm(a["acc_mean"], a["acc_std"], a["seeds"]), b]
             if a["epsilon_max"] is not None:
                 eps = max(eps or 0.0, a["epsilon_max"])
-        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} |")
+        lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} |")
     lines += [""] + verdicts(tc, agg)
     spread = (
-        "Mean ± std over seeds of the client-averaged metric"
+        "Mean ± population std (ddof=0) over seeds of the client-averaged metric"
         if len(tc.seeds) > 1
         else "The client-averaged metric of one seed (no spread over seeds to show)"
     )
@@ -293,13 +235,14 @@ def verdicts(tc: TableConfig, agg: dict) -> list[str]:
     """Plain statements of where FedHypeVAE (strict) stands against each comparison (balanced accuracy)."""
     out = []
     m = "fedhypevae-strict"
-    private = [k for k in ("fedavg-dp", "fedprox-dp", "dpcvae") if k in tc.methods]
+    # the private baselines (a formal guarantee at the same epsilon), in registry order
+    private = [k for k, v in METHODS.items() if v.privacy == "dp" and not v.trains_fedhypevae and k in tc.methods]
     for p in tc.partitions:
         a = agg.get((m, p))
         if a is None:
             continue
         said = []
-        for other, what in [(o, f"{LABELS[o]} (same ε)") for o in private] + [("local", "local-only training")]:
+        for other, what in [(o, f"{METHODS[o].label} (same ε)") for o in private] + [("local", "local-only training")]:
             b = agg.get((other, p))
             if b is None:
                 continue
@@ -317,19 +260,7 @@ def _pname(p: str, tc: TableConfig) -> str:
     return "IID" if p == "iid" else f"α={tc.alpha}"
 
 
-# how each method treats privacy, for the plot's colours: DP with a formal guarantee, DP-SGD on Phi only (paper
-# mode: not a formal guarantee), or no privacy at all
-PRIVACY_KIND = {
-    "fedavg-dp": "dp",
-    "fedprox-dp": "dp",
-    "dpcvae": "dp",
-    "fedhypevae-strict": "dp",
-    "fedhypevae-paper": "paper",
-    "local": "none",
-    "fedavg": "none",
-    "fedprox": "none",
-    "pooled": "none",
-}
+# how each method treats privacy (fedhypevae.methods.Method.privacy), for the plot's colours
 _KIND_STYLE = {
     "dp": ("#4c72b0", "private (DP, formal guarantee)"),
     "paper": ("#8172b2", "paper mode (DP on Phi only, not formal)"),
@@ -362,8 +293,8 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
             ]
             if vals:
                 data.append(vals)
-                labels.append(LABELS[m].replace(" (", "\n("))
-                kinds.append(PRIVACY_KIND.get(m, "none"))
+                labels.append(METHODS[m].label.replace(" (", "\n("))
+                kinds.append(METHODS[m].privacy)
         if data:
             box = ax.boxplot(
                 data,

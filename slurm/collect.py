@@ -3,8 +3,8 @@
     python -m fedhypevae.slurm.collect SWEEP [--out DIR] [--rescore PROTOCOL]
 
 Reads SWEEP/points/*/result.json and writes summary.csv (one row per method, partition and epsilon:
-mean and std over seeds of the client-averaged accuracy and balanced accuracy), points.csv (one
-row per point and client), summary.md, summary.json and privacy_utility.png (accuracy and balanced
+mean and population std (ddof=0) over seeds of the client-averaged accuracy and balanced accuracy),
+points.csv (one row per point and client), summary.md, summary.json and privacy_utility.png (accuracy and balanced
 accuracy against epsilon, log x axis, one line per method with error bars; methods that do not
 depend on epsilon are horizontal bands). Points without a result are listed as missing. Partial
 points (result.json "status": "partial": the run ended without its statistics release, so without
@@ -25,7 +25,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from fedhypevae.table import LABELS
+from fedhypevae.evaluation.metrics import population_std
+from fedhypevae.methods import METHODS
 
 from .job import missing_text, read_json, result_status, write_json
 
@@ -49,15 +50,16 @@ def rescore(sweep: Path, results: list[dict], protocol: str) -> list[dict]:
     the splits are rebuilt from each run's own config.yaml."""
     from fedhypevae.config import load_config
     from fedhypevae.data import build_federation
-    from fedhypevae.table import FEDHYPEVAE_METHODS, run_rows
+    from fedhypevae.methods import score_run
 
     out = []
     for r in results:
         run = sweep / "points" / r["id"] / "run"
-        if r["method"] not in FEDHYPEVAE_METHODS or not (run / "synthetic.npz").is_file():
+        m = METHODS.get(r["method"])
+        if m is None or not m.trains_fedhypevae or not (run / "synthetic.npz").is_file():
             continue
         cfg = load_config(str(run / "config.yaml"))
-        rows = run_rows(run, build_federation(cfg.data, cfg.partition, cfg.seed), protocol=protocol, seed=r["seed"])
+        rows = score_run(run, build_federation(cfg.data, cfg.partition, cfg.seed), protocol=protocol, seed=r["seed"])
         out.append(
             {
                 **r,
@@ -75,7 +77,14 @@ def _mean(xs):
 
 
 def _std(xs):
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+    """The package's std convention: population std (ddof=0) over seeds, 0 for one seed."""
+    return population_std(xs) if xs else 0.0
+
+
+def _label_of(method: str) -> str | None:
+    """The registry's label of a point's method (None for a name the registry no longer has)."""
+    m = METHODS.get(method)
+    return None if m is None else m.label
 
 
 def summarize(results: list[dict]) -> list[dict]:
@@ -116,8 +125,9 @@ def markdown(
     lines = [
         f"# Sweep {sweep.name}" + (f" (synthetic sets re-scored with protocol {protocol})" if protocol else ""),
         "",
-        "Mean ± std over seeds of the client-averaged metric (%). ε: the target of the point (– for methods "
-        "that do not use one); ε spent: the largest over its seeds. *Paper mode is not a formal guarantee.",
+        "Mean ± population std (ddof=0) over seeds of the client-averaged metric (%). ε: the target of the "
+        "point (– for methods that do not use one); ε spent: the largest over its seeds. *Paper mode is not a "
+        "formal guarantee.",
         "",
     ]
     for part in sorted({r["partition"] for r in rows}):
@@ -130,7 +140,7 @@ def markdown(
         for r in (r for r in rows if r["partition"] == part):
             spent = "–" if r["epsilon_spent_max"] is None else f"{r['epsilon_spent_max']:.3f}"
             lines.append(
-                f"| {LABELS.get(r['method'], r['method'])} | {_eps(r['epsilon'])} | {r['seeds']} | "
+                f"| {_label_of(r['method']) or r['method']} | {_eps(r['epsilon'])} | {r['seeds']} | "
                 f"{r['accuracy_mean']:.2f} ± {r['accuracy_std']:.2f} | "
                 f"{r['balanced_accuracy_mean']:.2f} ± {r['balanced_accuracy_std']:.2f} | {spent} | "
                 f"{r['resumed_points']} |"
@@ -181,7 +191,7 @@ def plot(rows: list[dict], path: Path, protocol: str | None = None) -> None:
             bands = iter([("0.25", "--"), ("0.45", ":"), ("0.6", "-."), ("0.1", (0, (1, 1)))] * 3)
             for method in sorted({r["method"] for r in rows if r["partition"] == part}):
                 rs = [r for r in rows if r["partition"] == part and r["method"] == method]
-                label = LABELS.get(method, method)
+                label = _label_of(method) or method
                 finite = sorted(
                     (r for r in rs if r["epsilon"] is not None and not math.isinf(r["epsilon"])),
                     key=lambda r: r["epsilon"],
@@ -231,7 +241,7 @@ def plot(rows: list[dict], path: Path, protocol: str | None = None) -> None:
             bbox_to_anchor=(1 - width + 0.01, 0.5),
             fontsize=8,
             frameon=False,
-            title="method (ε-independent ones\nas horizontal bands ± std)",
+            title="method (ε-independent ones\nas horizontal bands ± population std)",
             title_fontsize=8,
         )
     if protocol:  # what the synthetic-data methods' points were scored by

@@ -55,9 +55,9 @@ from fedhypevae.hpc.launcher import venv_tool
 
 from fedhypevae.atomic import atomic_write_text
 from fedhypevae.checkpoint import dumps_json
+from fedhypevae.methods import get_method
 from fedhypevae.metrics import append_event as append_run_event
 from fedhypevae.metrics import read_events  # noqa: F401  (re-exported: a point's events)
-from fedhypevae.table import FEDHYPEVAE_METHODS
 
 EXIT_INTERRUPTED = {
     signal.SIGUSR2: 128 + signal.SIGUSR2,
@@ -172,7 +172,7 @@ def run_point_here(point: Path) -> dict:
     )
     with ranks:
         comm, device = ranks.comm, str(ranks.device)
-        if spec["method"] in FEDHYPEVAE_METHODS:
+        if get_method(spec["method"]).trains_fedhypevae:  # ConfigError for a method no longer registered
             return _run_fedhypevae(point, spec, comm, info, device)
         return _run_baseline(point, spec, comm)
 
@@ -254,10 +254,10 @@ def _run_fedhypevae(point: Path, spec: dict, comm, info, device: str) -> dict:
         return _outcome(spec, "partial", missing)
     if comm.is_root:
         from fedhypevae.data import build_federation
-        from fedhypevae.table import run_rows
+        from fedhypevae.methods import score_run
 
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
-        rows = run_rows(run_dir, fed, protocol=spec["protocol"], seed=spec["seed"])
+        rows = score_run(run_dir, fed, protocol=spec["protocol"], seed=spec["seed"])
         _finish(
             point,
             spec,
@@ -283,10 +283,9 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
     """Baselines run on rank 0 (the sweep gives them one rank); a re-run repeats them with the same seed.
     They release nothing in stages, so they always end complete."""
     if comm.is_root:
-        from fedhypevae.baselines import run_baseline
         from fedhypevae.config import load_config
         from fedhypevae.data import build_federation
-        from fedhypevae.table import baseline_rows
+        from fedhypevae.methods import result_rows, run_baseline
 
         cfg = load_config(spec["config"], spec["overrides"])
         fed = build_federation(cfg.data, cfg.partition, cfg.seed)
@@ -308,9 +307,10 @@ def _run_baseline(point: Path, spec: dict, comm) -> dict:
             seed=spec["seed"],
             epsilon=eps,
             delta=cfg.privacy.delta,
+            protocol=spec["protocol"],
             **spec.get("baseline_settings", {}),
         )
-        rows = baseline_rows(spec["method"], res, fed, protocol=spec["protocol"], seed=spec["seed"])
+        rows = result_rows(res)
         priv = res.get("privacy") or {}
         _finish(
             point,

@@ -47,14 +47,10 @@ import yaml
 from fedhypevae.hpc.device import DEVICES
 from fedhypevae.hpc.launcher import MPI_FLAVOURS, mpi_flavour
 
-from fedhypevae.table import FEDHYPEVAE_METHODS, method_overrides
+from fedhypevae.methods import METHODS, method_overrides
 
 from .job import PointJob, SweepError, missing_text, read_events, read_json, result_status, write_json
 
-FEDHYPEVAE = tuple(FEDHYPEVAE_METHODS)
-PRIVATE_BASELINES = ("fedavg-dp", "fedprox-dp", "dpcvae")
-PUBLIC_BASELINES = ("local", "fedavg", "fedprox", "pooled")  # do not depend on epsilon: run once per (partition, seed)
-METHODS = FEDHYPEVAE + PRIVATE_BASELINES + PUBLIC_BASELINES
 CLUSTERS = ("auto", "slurm", "local", "debug")
 ACTIVE_STATES = {
     "PENDING",
@@ -169,19 +165,21 @@ def build_grid(sweep: dict) -> list[Point]:
     for method in sweep["methods"]:
         if method not in METHODS:
             raise SweepError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
+        m = METHODS[method]
         for part in sweep["partitions"]:
             kind, alpha = parse_partition(part)
             for seed in sweep["seeds"]:
-                epsilons = [None] if method in PUBLIC_BASELINES else sweep["epsilons"]
+                # a method that does not use epsilon runs once per (partition, seed)
+                epsilons = sweep["epsilons"] if m.uses_epsilon else [None]
                 for eps in epsilons:
                     ov = list(sweep["overrides"]) + [f"seed={seed}", f"partition.kind={kind}"]
                     if alpha is not None:
                         ov.append(f"partition.alpha={alpha}")
                     if eps is not None:
                         ov.append(f"privacy.target_epsilon={eps}")
-                    if method in FEDHYPEVAE:  # mode, and the trust model of fedhypevae-distributed / -central
+                    if m.trains_fedhypevae:  # mode, and the trust model of fedhypevae-distributed / -central
                         ov += method_overrides(method)
-                    ranks = sweep["ranks"] if method in FEDHYPEVAE else 1
+                    ranks = sweep["ranks"] if m.trains_fedhypevae else 1  # a baseline runs on one rank
                     pid = f"{method}__{part}__eps{_eps_name(eps)}__seed{seed}"
                     points.append(Point(pid, method, part, eps, seed, ranks, ov))
     return points

@@ -1,17 +1,19 @@
 """Linear-classifier baselines on real embeddings: local-only, FedAvg / FedProx (non-private and
 DP-SGD), and the pooled non-private upper bound.
 
-Every baseline is scored the same way: per client, on that client's own test split, accuracy and
-balanced accuracy (mean recall over the classes present in that client's test split), plus
-mean / std over clients. Test splits never touch training.
+Every baseline is scored by the evaluation's own code (``fedhypevae.evaluation.score_clients``): per
+client, on that client's own test split, accuracy and balanced accuracy (mean recall over the classes
+present in that client's test split), plus mean / population std over clients
+(``evaluation.summarize_clients``). Test splits never touch training.
 
-Preprocessing:
+Classifiers:
+  * local-only and pooled train the evaluation's classifier (``evaluation.train_linear``: one max_iter, one
+    seeding rule), standardized on its own training data: local-only is the evaluation protocol ``local``
+    (each client's own train split), pooled (the non-private upper bound, where pooling is the point) the
+    union of the train splits;
   * federated models (FedAvg, FedProx) use the features exactly as they are in the federation
     (already in the public, fixed per-record transform): nothing is fitted on pooled data, and a
-    shared model cannot use client-local standardization;
-  * local-only: each client standardizes with statistics of its own train split only;
-  * pooled (the non-private upper bound, where pooling is the point): standardization fitted on
-    the union of the train splits.
+    shared model cannot use client-local standardization.
 
 DP variant (DP-SGD, docs/DESIGN.md §1): per local step, a Poisson batch at rate q from the client's
 private generator, per-sample gradients over (W, b) clipped jointly to C, summed, N(0, sigma^2 C^2)
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,55 +39,17 @@ from torch.nn import functional as F
 
 from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample
 from ..errors import ConfigError, DataError, PrivacyError
+from ..evaluation import classifier_seed, evaluate_federation, score_clients, summarize_clients, train_linear
 from ..model import one_hot
 from ..privacy import DP_SGD, PrivacyLedger, plan_budget
 from ..rng import STREAM_STEP, ClientRNG, SeedTag, public_generator
 
 SAMPLINGS = ("shuffle", "poisson")
+CLASSIFIER = "fedhypevae.evaluation.train_linear (class-balanced multinomial logistic regression, lbfgs)"
 WEIGHTS = ("declared", "uniform")
 
 
-# --------------------------------------------------------------------------- metrics and scoring
-
-
-def accuracy(y_true, y_pred) -> float:
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    return float((y_true == y_pred).mean()) if len(y_true) else float("nan")
-
-
-def balanced_accuracy(y_true, y_pred) -> float:
-    """Mean recall over the classes present in ``y_true``."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    classes = np.unique(y_true)
-    if len(classes) == 0:
-        return float("nan")
-    return float(np.mean([(y_pred[y_true == k] == k).mean() for k in classes]))
-
-
-def summarize(rows: list) -> dict:
-    """Mean and (population, ddof=0) std over clients of accuracy and balanced accuracy."""
-    out = {"clients": len(rows)}
-    for key in ("accuracy", "balanced_accuracy"):
-        v = np.array([r[key] for r in rows], dtype=float)
-        out[f"{key}_mean"] = float(v.mean()) if len(v) else float("nan")
-        out[f"{key}_std"] = float(v.std()) if len(v) else float("nan")
-    return out
-
-
-def score_clients(fed, predict: Callable[[object, np.ndarray], np.ndarray]) -> list:
-    """One row per client: ``predict(client, x_test)`` scored on that client's own test split."""
-    rows = []
-    for c in sorted(fed.clients, key=lambda c: c.client_id):
-        pred = np.asarray(predict(c, np.asarray(c.x_test, np.float32)))
-        rows.append(
-            {
-                "client": int(c.client_id),
-                "n_test": int(len(c.y_test)),
-                "accuracy": accuracy(c.y_test, pred),
-                "balanced_accuracy": balanced_accuracy(c.y_test, pred),
-            }
-        )
-    return rows
+# --------------------------------------------------------------------------- results
 
 
 def _require_all_clients(fed, what: str) -> None:
@@ -102,7 +65,7 @@ def _result(name: str, rows: list, *, privacy: dict | None, settings: dict, star
         "baseline": name,
         "private": privacy is not None,
         "clients": rows,
-        "summary": summarize(rows),
+        "summary": summarize_clients(rows),
         "privacy": privacy,
         "settings": settings,
         "wall_s": time.perf_counter() - started,
@@ -111,104 +74,50 @@ def _result(name: str, rows: list, *, privacy: dict | None, settings: dict, star
     return out
 
 
-# --------------------------------------------------------------------------- sklearn classifiers
+# --------------------------------------------------------------------------- the evaluation's classifier
 
 
-class _Constant:
-    """Stand-in for a client whose train split holds one class only."""
-
-    def __init__(self, label: int):
-        self.label = int(label)
-
-    def predict(self, x):
-        return np.full(len(x), self.label, dtype=np.int64)
-
-
-def fit_logreg(x: np.ndarray, y: np.ndarray, *, standardize: bool = True, seed: int = 0, max_iter: int = 2000):
-    """Class-balanced multinomial logistic regression; standardization fitted on (x, y) only."""
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-
-    x, y = np.asarray(x, np.float64), np.asarray(y)
-    if len(np.unique(y)) < 2:
-        return _Constant(y[0])
-    clf = LogisticRegression(class_weight="balanced", max_iter=max_iter, random_state=seed)
-    model = make_pipeline(StandardScaler(), clf) if standardize else clf
-    # small problems: BLAS threads only oversubscribe the cores (5-20x slower on 2 cores)
-    with warnings.catch_warnings(), threadpool_limits(1):
-        warnings.filterwarnings("ignore", category=ConvergenceWarning)
-        model.fit(x, y)
-    return model
-
-
-def local_only(fed, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000) -> dict:
-    """Each client alone: its own classifier on its own train split, scored on its own test split."""
+def local_only(fed, *, seed: int = 0) -> dict:
+    """Each client alone: the evaluation's classifier on its own train split (standardized on that split),
+    scored on its own test split: exactly the evaluation protocol ``local``."""
     t0 = time.perf_counter()
-    models = {
-        c.client_id: fit_logreg(c.x_train, c.y_train, standardize=standardize, seed=seed, max_iter=max_iter)
-        for c in fed.clients
-    }
-    rows = score_clients(fed, lambda c, x: models[c.client_id].predict(x))
+    scored = evaluate_federation(fed, protocol="local", seed=seed)
+    rows = [
+        {
+            "client": r["client_id"],
+            "n_test": r["n_test"],
+            "accuracy": r["accuracy"],
+            "balanced_accuracy": r["balanced_accuracy"],
+        }
+        for r in scored["clients"]
+    ]
     return _result(
         "local",
         rows,
         privacy=None,
         started=t0,
-        settings={
-            "seed": seed,
-            "standardize": standardize,
-            "max_iter": max_iter,
-            "classifier": "sklearn LogisticRegression(class_weight=balanced)",
-        },
+        settings={"seed": seed, "classifier": CLASSIFIER, "protocol": "local (fedhypevae.evaluation)"},
+        all_converged=scored["summary"]["all_converged"],
     )
 
 
-def pooled(fed, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000) -> dict:
-    """Non-private upper bound: one classifier on the union of all train splits, scored per client."""
+def pooled(fed, *, seed: int = 0) -> dict:
+    """Non-private upper bound: the evaluation's classifier on the union of all train splits (standardized on
+    that union), scored per client."""
     t0 = time.perf_counter()
     _require_all_clients(fed, "pooled")
     x = np.concatenate([c.x_train for c in fed.clients])
     y = np.concatenate([c.y_train for c in fed.clients])
-    model = fit_logreg(x, y, standardize=standardize, seed=seed, max_iter=max_iter)
+    model = train_linear(x, y, fed.num_classes, seed=classifier_seed(seed))
     rows = score_clients(fed, lambda c, xt: model.predict(xt))
     return _result(
         "pooled",
         rows,
         privacy=None,
         started=t0,
-        settings={
-            "seed": seed,
-            "standardize": standardize,
-            "max_iter": max_iter,
-            "classifier": "sklearn LogisticRegression(class_weight=balanced)",
-        },
+        settings={"seed": seed, "classifier": CLASSIFIER},
+        all_converged=model.converged,
     )
-
-
-def augment_scores(
-    fed, x_syn: np.ndarray, y_syn: np.ndarray, *, seed: int = 0, standardize: bool = True, max_iter: int = 2000
-) -> list:
-    """Per client: class-balanced logistic regression on its real train split plus the synthetic set
-    (standardization fitted on the client's real train split only), scored on its own test split."""
-    from sklearn.preprocessing import StandardScaler
-
-    x_syn = np.asarray(x_syn, np.float64)
-    y_syn = np.asarray(y_syn)
-    models = {}
-    for c in fed.clients:
-        scaler = StandardScaler().fit(np.asarray(c.x_train, np.float64)) if standardize else None
-        tf = (
-            (lambda a, s=scaler: s.transform(np.asarray(a, np.float64)))
-            if standardize
-            else (lambda a: np.asarray(a, np.float64))
-        )
-        x = np.concatenate([tf(c.x_train), tf(x_syn)])
-        y = np.concatenate([np.asarray(c.y_train), y_syn])
-        models[c.client_id] = (tf, fit_logreg(x, y, standardize=False, seed=seed, max_iter=max_iter))
-    return score_clients(fed, lambda c, x: models[c.client_id][1].predict(models[c.client_id][0](x)))
 
 
 # --------------------------------------------------------------------------- federated linear models

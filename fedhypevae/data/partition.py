@@ -111,7 +111,7 @@ def split_client(
     y_loc = np.asarray(y)[indices]
     rng = np.random.default_rng(seed)
     if groups is None:
-        test_mask = _stratified_mask(y_loc, test_fraction, rng)
+        test_mask = stratified_mask(y_loc, test_fraction, rng)
     else:
         test_mask = _grouped_mask(y_loc, np.asarray(groups)[indices], test_fraction, seed, who, len(indices))
     train, test = np.sort(indices[~test_mask]), np.sort(indices[test_mask])
@@ -123,17 +123,20 @@ def split_client(
     return train, test
 
 
-def _stratified_mask(y_loc, test_fraction, rng) -> np.ndarray:
-    """Per class round(f * n_c) to test, keeping >= 1 train record per class; then ensure >= 1 test overall."""
-    mask = np.zeros(len(y_loc), dtype=bool)
-    for c in np.unique(y_loc):
-        idx = rng.permutation(np.flatnonzero(y_loc == c))
-        k = min(int(round(test_fraction * len(idx))), len(idx) - 1)
+def stratified_mask(y, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of a stratified split of the labels ``y``: per class round(fraction * n_c) records, keeping
+    >= 1 record per class on the other side; when that selects nothing and there are >= 2 records, one record of
+    the largest class. The one stratified split of the package: a client's train/test split (``split_client``)
+    and the validation split the evaluation carves from a train split (``evaluation.validation_split``)."""
+    y = np.asarray(y).reshape(-1)
+    mask = np.zeros(len(y), dtype=bool)
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        k = min(int(round(fraction * len(idx))), len(idx) - 1)
         mask[idx[:k]] = True
-    if not mask.any():
-        counts = np.bincount(y_loc)
-        biggest = np.flatnonzero(y_loc == counts.argmax())
-        mask[rng.choice(biggest)] = True
+    if not mask.any() and len(y) >= 2:
+        counts = np.bincount(y)
+        mask[rng.choice(np.flatnonzero(y == counts.argmax()))] = True
     return mask
 
 

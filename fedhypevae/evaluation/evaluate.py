@@ -18,16 +18,16 @@ Test splits are touched only for the final score; nothing is fitted on pooled da
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from ..atomic import atomic_write_text
 from ..checkpoint import dumps_json
+from ..data.partition import stratified_mask
 from ..errors import DataError, FedHypeVAEError
-from ..rng import SeedTag
-from .classifiers import train_linear
+from .classifiers import classifier_seed, train_linear
 from .metrics import accuracy, balanced_accuracy, summarize
 
 PROTOCOLS = ("augment", "local", "synthetic-only", "lambda-mix")
@@ -42,19 +42,10 @@ def _check_protocol(protocol: str) -> None:
 
 
 def validation_split(y, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of a stratified validation split: per class round(fraction * n_c) records,
-    keeping >= 1 training record per class; at least one validation record when there are >= 2 records."""
-    y = np.asarray(y).reshape(-1)
-    rng = np.random.default_rng(seed)
-    mask = np.zeros(len(y), dtype=bool)
-    for c in np.unique(y):
-        idx = rng.permutation(np.flatnonzero(y == c))
-        k = min(int(round(fraction * len(idx))), len(idx) - 1)
-        mask[idx[:k]] = True
-    if not mask.any() and len(y) >= 2:
-        counts = np.bincount(y)
-        mask[rng.choice(np.flatnonzero(y == counts.argmax()))] = True
-    return mask
+    """Boolean mask of a stratified validation split (``data.partition.stratified_mask``, the split a client's
+    train/test split uses): per class round(fraction * n_c) records, keeping >= 1 training record per class; at
+    least one validation record when there are >= 2 records."""
+    return stratified_mask(y, fraction, np.random.default_rng(seed))
 
 
 def _choose_lambda(p_local: np.ndarray, p_syn: np.ndarray, y_val: np.ndarray, grid: Sequence[float]) -> tuple:
@@ -68,10 +59,32 @@ def _choose_lambda(p_local: np.ndarray, p_syn: np.ndarray, y_val: np.ndarray, gr
     return best, best_key[0]
 
 
-def _client_seed(seed: int, client_id: int) -> int:
-    return int(
-        np.random.SeedSequence([int(seed) % (2**63), int(SeedTag.EVAL_CLIENT), int(client_id)]).generate_state(1)[0]
-    )
+def _test_split(c) -> tuple[np.ndarray, np.ndarray]:
+    """A client's test split, refused when empty (no score can be given to it)."""
+    if len(c.y_test) == 0:
+        raise DataError(
+            f"client {c.client_id} has an empty test split; it cannot be evaluated (raise partition.min_client_size "
+            "or data.test_fraction)"
+        )
+    return np.asarray(c.x_test, np.float32), np.asarray(c.y_test).reshape(-1).astype(np.int64)
+
+
+def score_clients(fed, predict: Callable[[object, np.ndarray], np.ndarray]) -> list[dict]:
+    """One row per loaded client (by client id): ``predict(client, x_test)`` scored on that client's own test
+    split: {"client", "n_test", "accuracy", "balanced_accuracy"}. How every classifier baseline is scored."""
+    rows = []
+    for c in sorted(fed.clients, key=lambda c: c.client_id):
+        x_te, y_te = _test_split(c)
+        pred = np.asarray(predict(c, x_te)).reshape(-1)
+        rows.append(
+            {
+                "client": int(c.client_id),
+                "n_test": int(len(y_te)),
+                "accuracy": accuracy(y_te, pred),
+                "balanced_accuracy": balanced_accuracy(y_te, pred),
+            }
+        )
+    return rows
 
 
 def evaluate_federation(
@@ -114,21 +127,17 @@ def evaluate_federation(
 
     syn_clf = None
     if protocol in ("synthetic-only", "lambda-mix"):
-        syn_clf = train_linear(x_syn, y_syn, K, seed=seed, class_weight=class_weight)  # global: same for every client
+        # global: the same classifier for every client
+        syn_clf = train_linear(x_syn, y_syn, K, seed=classifier_seed(seed), class_weight=class_weight)
 
     rows = []
     for c in sorted(fed.clients, key=lambda c: c.client_id):
         who = f"client {c.client_id}"
-        if len(c.y_test) == 0:
-            raise DataError(
-                f"{who} has an empty test split; it cannot be evaluated (raise partition.min_client_size "
-                "or data.test_fraction)"
-            )
+        x_te, y_te = _test_split(c)
         if len(c.y_train) == 0 and protocol != "synthetic-only":
             raise DataError(f"{who} has an empty train split; protocol {protocol!r} needs one")
         x_tr, y_tr = np.asarray(c.x_train, np.float32), np.asarray(c.y_train).reshape(-1).astype(np.int64)
-        x_te, y_te = np.asarray(c.x_test, np.float32), np.asarray(c.y_test).reshape(-1).astype(np.int64)
-        cseed = _client_seed(seed, c.client_id)
+        cseed = classifier_seed(seed, c.client_id)
         row = {
             "client_id": int(c.client_id),
             "n_train": int(len(y_tr)),

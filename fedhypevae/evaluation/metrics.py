@@ -4,6 +4,11 @@
 the classes present in that client's test split). A class that is predicted but absent from
 ``y_true`` contributes no recall term; predicting it is simply wrong for the records concerned.
 This is the same definition as ``sklearn.metrics.balanced_accuracy_score`` (adjusted=False).
+
+These are the package's only accuracy, balanced accuracy and summary: the evaluation protocols, the
+baselines and the tables all score with them. Empty input is refused (ValueError): a client without a
+test split cannot be scored, and a NaN would travel silently into the means. Every std in the package,
+over clients or over seeds, is the population std (ddof=0; ``population_std``).
 """
 
 from __future__ import annotations
@@ -42,6 +47,14 @@ def balanced_accuracy(y_true, y_pred) -> float:
     return float(sum(recalls.values()) / len(recalls))
 
 
+def population_std(values) -> float:
+    """The package's one std convention: the population standard deviation (ddof=0); 0.0 for one value."""
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("cannot take the std of no values")
+    return float(np.asarray(vals, dtype=np.float64).std(ddof=0))
+
+
 def summarize(values: Iterable) -> dict:
     """{"mean", "std", "n"} over the given per-client (or per-seed) values.
 
@@ -52,4 +65,14 @@ def summarize(values: Iterable) -> dict:
     if not vals:
         return {"mean": None, "std": None, "n": 0}
     a = np.asarray(vals, dtype=np.float64)
-    return {"mean": float(a.mean()), "std": float(a.std(ddof=0)), "n": int(a.size)}
+    return {"mean": float(a.mean()), "std": population_std(a), "n": int(a.size)}
+
+
+def summarize_clients(rows: list) -> dict:
+    """{"clients", "accuracy_mean", "accuracy_std", "balanced_accuracy_mean", "balanced_accuracy_std"} over
+    per-client rows (``summarize``: population std over clients; mean and std None without rows)."""
+    out = {"clients": len(rows)}
+    for key in ("accuracy", "balanced_accuracy"):
+        s = summarize(r[key] for r in rows)
+        out[f"{key}_mean"], out[f"{key}_std"] = s["mean"], s["std"]
+    return out

@@ -10,7 +10,7 @@ the synthetic set. All comparisons happen in the federation's (transformed) spac
   subsamples of at most ``max_samples`` per side. It is reported beside the same statistic
   between two disjoint halves of the real reference at the same sample sizes (the floor a
   perfect generator would reach; the V-statistic is biased upwards at small n).
-- ``c2st``: classifier two-sample test: standardized logistic regression, real vs synthetic on
+- ``c2st``: classifier two-sample test: the evaluation's classifier (``train_linear``), real vs synthetic on
   equal-sized subsamples, stratified k-fold cross-validated accuracy. 0.5 = indistinguishable,
   1.0 = perfectly separable (by a linear classifier: a weak but cheap critic).
 - ``coverage`` / ``density`` (Naeem et al. 2020, "Reliable fidelity and diversity metrics for
@@ -24,10 +24,12 @@ the synthetic set. All comparisons happen in the federation's (transformed) spac
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
+
+from .classifiers import classifier_seed, train_linear
+from .metrics import accuracy, population_std
 
 DEFAULT_BANDWIDTHS = (0.25, 0.5, 1.0)  # in units of sqrt(d)
 DEFAULT_MAX_SAMPLES = 1000
@@ -66,11 +68,10 @@ def mmd2(
 
 
 def c2st(x_real, x_syn, *, seed: int = 0, folds: int = DEFAULT_FOLDS, max_samples: int = DEFAULT_MAX_SAMPLES) -> dict:
-    """Classifier two-sample test accuracy (real = 0, synthetic = 1) on equal-sized subsamples."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    """Classifier two-sample test accuracy (real = 0, synthetic = 1) on equal-sized subsamples: the evaluation's
+    classifier (``classifiers.train_linear``, standardized on each fold's training part) scored by ``accuracy``
+    on the held-out fold, mean and population std over stratified folds."""
+    from sklearn.model_selection import StratifiedKFold
 
     x_real = np.asarray(x_real, dtype=np.float64)
     x_syn = np.asarray(x_syn, dtype=np.float64)
@@ -87,12 +88,12 @@ def c2st(x_real, x_syn, *, seed: int = 0, folds: int = DEFAULT_FOLDS, max_sample
     a, b = _subsample(x_real, n, rng), _subsample(x_syn, n, rng)
     x = np.concatenate([a, b])
     lab = np.concatenate([np.zeros(n, np.int64), np.ones(n, np.int64)])
-    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(seed) % (2**32))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        scores = cross_val_score(clf, x, lab, cv=cv, scoring="accuracy")
-    return {"accuracy": float(scores.mean()), "std": float(scores.std(ddof=0)), "n_per_side": n, "folds": folds}
+    scores = []
+    for tr, te in cv.split(x, lab):
+        clf = train_linear(x[tr], lab[tr], 2, seed=classifier_seed(seed))
+        scores.append(accuracy(lab[te], clf.predict(x[te])))
+    return {"accuracy": float(np.mean(scores)), "std": population_std(scores), "n_per_side": n, "folds": folds}
 
 
 def _pairwise(a: np.ndarray, b: np.ndarray) -> np.ndarray:
