@@ -88,6 +88,7 @@ def cmd_train(args) -> int:
             device=str(ranks.device),
             catch_signals=True,
             log_level=args.log_level,
+            process_exits=True,
         )
     if ranks.exit_status is not None:
         return ranks.exit_status

@@ -220,7 +220,7 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
-def _catch_stop_signals(tr: Trainer):
+def _catch_stop_signals(tr: Trainer, *, process_exits: bool = False):
     """The first SIGTERM, SIGUSR2 or SIGINT (Ctrl-C; mpiexec forwards it to every rank) asks every rank to
     checkpoint together at the next step boundary; a second SIGINT (Ctrl-C pressed again) aborts at once
     (KeyboardInterrupt). A TERM or USR2 while a stop is already on its way changes nothing: srun's double
@@ -248,8 +248,12 @@ def _catch_stop_signals(tr: Trainer):
         previous[sig] = signal.signal(sig, handler)
 
     def restore():
+        # `process_exits`: after a stop the run has checkpointed and the process is on its way out with the
+        # stop's status; a signal that arrives now (Ctrl-C pressed again, SLURM's SIGTERM) has nothing left to
+        # abort, and the default handlers would end the interpreter's shutdown with a traceback or another status
+        ignore = process_exits and tr.stop_signal is not None
         for sig, h in previous.items():
-            signal.signal(sig, h)
+            signal.signal(sig, signal.SIG_IGN if ignore else h)
 
     return restore
 
@@ -358,10 +362,13 @@ def run_training(
     device: str = "cpu",
     catch_signals: bool = False,
     log_level: str = "info",
+    process_exits: bool = False,
 ) -> dict:
     """Train, release statistics, fit the meta-code and write the outputs. With `catch_signals`, the first
     SIGTERM/SIGUSR2/SIGINT makes every rank checkpoint together at the next step boundary and return
-    {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. A run that could not
+    {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. `process_exits` (a command
+    line's own process, which exits after the run): after such a stop, further stop signals are ignored rather
+    than handed back to the default handlers. A run that could not
     release its statistics (no budget left) returns results with "status": "partial" (exit code 3).
     A run that fails before its first release leaves no directory behind (when it created it); after a
     release everything stays (the ledger keeps every charge) and --resume continues."""
@@ -369,7 +376,7 @@ def run_training(
     check_run_dir(out, resume=resume)
     existed = out.exists()
     tr = Trainer(cfg, out, comm, resume=resume, progress=progress, launcher=launcher, device=device)
-    restore = _catch_stop_signals(tr) if catch_signals else None
+    restore = _catch_stop_signals(tr, process_exits=process_exits) if catch_signals else None
     if tr.comm.is_root:
         tr.hooks.on(
             "round_end",

@@ -103,9 +103,13 @@ def test_a_local_jobs_id_is_the_process_the_sweep_follows(tmp_path):
 
     ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="local")
     ex.update_parameters(timeout_min=1)
-    j = ex.submit(time.sleep, 2)
+    j = ex.submit(time.sleep, 5)
     pid = sweep.local_pid(j)
-    assert sweep._pid_alive(pid)  # running, and a submitit process
+    # running, and a submitit process (once exec'd: between fork and exec its command line is the parent's)
+    deadline = time.monotonic() + 4
+    while not sweep._pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sweep._pid_alive(pid)
     j.result()
     assert j.state == "FINISHED" and not sweep._pid_alive(pid)
 
