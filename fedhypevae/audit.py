@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from .checkpoint import dumps_json
-from .config import Config, config_from_dict
+from .config import AUDIT_MODES, AUDIT_SABOTAGE, Config, config_from_dict
 from .dp_step import DPStep, noise_blocks
 from .errors import ConfigError
 from .privacy.trust import CentralTrust
@@ -56,15 +56,10 @@ from .rng import SeedTag, derive_seed
 from .rows import ExtraRows
 
 LEVEL = 0.05  # 95 % confidence
-SABOTAGE = ("none", "no-clip", "no-noise", "no-shares", "share-over-m")
+SABOTAGE = tuple(AUDIT_SABOTAGE)
 # what each sabotage breaks, for the outputs (the ledger is charged the planned sigma in every case)
-SABOTAGE_TEXT = {
-    "no-clip": "clipping skipped",
-    "no-noise": "no noise added",
-    "no-shares": "no Phi noise from any source (clients' shares, or the aggregator's draw)",
-    "share-over-m": "every Phi noise source at sigma C / M (M clients) instead of its calibrated share",
-}
-MODES = ("white-box", "black-box")
+SABOTAGE_TEXT = {k: v for k, v in AUDIT_SABOTAGE.items() if k != "none"}
+MODES = AUDIT_MODES
 CANARY_NORM = 2.0  # white-box canary length in units of C (>= C: clipping brings it to exactly C)
 NO_CLIP_CANARY_NORM = 1000.0  # without clipping nothing bounds a record's gradient: a long canary
 DEFAULT_CANARIES = {"white-box": 1000, "black-box": 200}

@@ -17,8 +17,17 @@ from fedhypevae.hpc.backend import BACKENDS
 from fedhypevae.hpc.device import DEVICES
 
 from . import __version__
-from .config import PARTITION_KINDS, TRANSFORMS, DataConfig, PartitionConfig, shipped_configs
+from .config import (
+    AUDIT_MODES,
+    AUDIT_SABOTAGE,
+    PARTITION_KINDS,
+    TRANSFORMS,
+    DataConfig,
+    PartitionConfig,
+    shipped_configs,
+)
 from .errors import FedHypeVAEError
+from .methods import PROTOCOLS
 
 EXIT_IO = 1
 
@@ -255,7 +264,7 @@ def _add_audit(sub) -> None:
         help="one-run privacy audit: an empirical lower bound on epsilon beside the claimed one",
         description="One-run privacy audit (Steinke, Nasr & Jagielski 2023): M canaries, each included "
         "with probability 1/2, one training run, guesses on the top/bottom scores, and a "
-        "95%%-confidence lower bound on epsilon printed beside the claimed epsilon "
+        "95 %-confidence lower bound on epsilon printed beside the claimed epsilon "
         "(privacy.target_epsilon). white-box: gradient canaries through the client's real "
         "clip-and-noise step; black-box: canary records scored by the final model's ELBO "
         "(weaker; expect a bound near 0). Exit status 1 when the audit's expectation fails: a "
@@ -265,7 +274,7 @@ def _add_audit(sub) -> None:
     )
     p.add_argument("--config", default="audit", help="YAML config file, or the name of a shipped config")
     _add_overrides(p)
-    p.add_argument("--mode", default="white-box", choices=["white-box", "black-box"], help="what the auditor sees")
+    p.add_argument("--mode", default="white-box", choices=AUDIT_MODES, help="what the auditor sees")
     p.add_argument("--canaries", type=POSITIVE_INT, help="number of canaries M (default 1000 white-box, 200 black-box)")
     p.add_argument(
         "--guesses",
@@ -275,10 +284,9 @@ def _add_audit(sub) -> None:
     p.add_argument(
         "--sabotage",
         default="none",
-        choices=["none", "no-clip", "no-noise", "no-shares", "share-over-m"],
-        help="white-box only: break the DP step on purpose (the audit must catch it): no-clip, no-noise, "
-        "no-shares (no Phi noise from any source: clients' shares or the aggregator's draw), "
-        "share-over-m (every Phi noise source at sigma C / M)",
+        choices=tuple(AUDIT_SABOTAGE),
+        help="white-box only: break the DP step on purpose (the audit must catch it): "
+        + "; ".join(f"{k}: {v}" for k, v in AUDIT_SABOTAGE.items() if k != "none"),
     )
     p.add_argument(
         "--seed", type=NONNEG_INT, help="seed of the canary coins and layout (default: derived from the config's seed)"
@@ -361,7 +369,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument(
         "--protocol",
         default="augment",
-        choices=["augment", "local", "synthetic-only", "lambda-mix"],
+        choices=PROTOCOLS,
         help="what each client's classifier trains on",
     )
     p.add_argument("--synthetic", help="another synthetic .npz (x, y in the data's units) instead of RUN/synthetic.npz")

@@ -35,6 +35,15 @@ def _check(cond: bool, msg: str) -> None:
 
 TRANSFORMS = ("auto", "none", "range", "l2")  # data.transform (and `fedhypevae data partition --transform`)
 PARTITION_KINDS = ("iid", "dirichlet", "site")  # partition.kind (and `fedhypevae data partition --kind`)
+# `fedhypevae audit`: its modes, and each sabotage with what it breaks (for --help and the audit's outputs)
+AUDIT_MODES = ("white-box", "black-box")
+AUDIT_SABOTAGE = {
+    "none": "nothing",
+    "no-clip": "clipping skipped",
+    "no-noise": "no noise added",
+    "no-shares": "no Phi noise from any source (clients' shares, or the aggregator's draw)",
+    "share-over-m": "every Phi noise source at sigma C / M (M clients) instead of its calibrated share",
+}
 
 
 def _one_of(name: str, value: Any, choices: tuple) -> None:

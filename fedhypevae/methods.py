@@ -38,6 +38,8 @@ from types import MappingProxyType
 from .errors import ConfigError
 
 PRIVACY_KINDS = ("dp", "paper", "none")
+# how a synthetic set is scored (fedhypevae.evaluation.evaluate_federation; `fedhypevae evaluate --protocol`)
+PROTOCOLS = ("augment", "local", "synthetic-only", "lambda-mix")
 OUTPUTS = ("predictions", "synthetic")
 FEDPROX_MU = 0.05
 #: keyword arguments ``run_baseline`` passes itself; never settings

@@ -27,10 +27,10 @@ from ..atomic import atomic_write_text
 from ..checkpoint import dumps_json
 from ..data.partition import stratified_mask
 from ..errors import DataError, FedHypeVAEError
+from ..methods import PROTOCOLS
 from .classifiers import classifier_seed, train_linear
 from .metrics import accuracy, balanced_accuracy, summarize
 
-PROTOCOLS = ("augment", "local", "synthetic-only", "lambda-mix")
 LAMBDA_GRID = tuple(round(0.1 * i, 1) for i in range(11))
 VAL_FRACTION = 0.25
 EVALUATION_FILE = "evaluation.json"
