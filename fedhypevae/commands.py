@@ -224,7 +224,7 @@ def format_summary(results: dict, wall: float) -> str:
 
 # ---------------------------------------------------------------------------------------- account
 def cmd_account(args) -> int:
-    from .privacy import Mechanism, epsilon_of, plan_budget
+    from .privacy import Mechanism, epsilon_of, plan_dp_sgd
 
     _check_json(args.json_path)
     if args.run:
@@ -240,16 +240,12 @@ def cmd_account(args) -> int:
     for acc in accountants:
         t = time.perf_counter()
         if args.epsilon is not None:
-            plan = plan_budget(
+            plan = plan_dp_sgd(
                 target_epsilon=args.epsilon,
                 delta=args.delta,
                 sample_rate=args.sample_rate,
                 steps=args.steps,
                 accountant=acc,
-                stats_fraction=0.0,
-                mmd_fraction=0.0,
-                use_stats=False,
-                use_mmd=False,
             )
             rows.append(
                 {

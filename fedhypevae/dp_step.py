@@ -540,8 +540,8 @@ class DPStep:
         return mmd_bandwidths(self.cfg.model, self.block.X.shape[1])
 
     def synthetic_batch(self, gens: list) -> tuple:
-        """`synthetic_noise` of every client, stacked: (labels (n,), latent noise (M, n, l), output noise (M, n, d_x)),
-        each client's rows drawn in place from its generator (the same numbers as `synthetic_noise`)."""
+        """Every client's synthetic batch, stacked: (labels (n,), latent noise (M, n, l), output noise (M, n, d_x)),
+        each client's rows drawn in place from its generator: its latent noise, then its output noise."""
         m, K = self.cfg.model, self.block.K
         n = m.mmd_synthetic_per_class * K
         z = torch.empty(len(gens), n, m.latent_dim)
@@ -553,14 +553,8 @@ class DPStep:
 
     def synthetic_noise(self, generator: torch.Generator) -> tuple:
         """(labels, latent noise, output noise) of one client's synthetic batch, from its generator (CPU)."""
-        m, K = self.cfg.model, self.block.K
-        n = m.mmd_synthetic_per_class * K
-        syn_y = torch.arange(K).repeat_interleave(m.mmd_synthetic_per_class)
-        return (
-            syn_y,
-            torch.randn(n, m.latent_dim, generator=generator),
-            torch.randn(n, self.block.X.shape[1], generator=generator),
-        )
+        syn_y, z, x = self.synthetic_batch([generator])
+        return syn_y, z[0], x[0]
 
     @contextmanager
     def _phase(self, name: str):

@@ -368,8 +368,8 @@ def run_training(
     SIGTERM/SIGUSR2/SIGINT makes every rank checkpoint together at the next step boundary and return
     {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. `process_exits` (a command
     line's own process, which exits after the run): after such a stop, further stop signals are ignored rather
-    than handed back to the default handlers. A run that could not
-    release its statistics (no budget left) returns results with "status": "partial" (exit code 3).
+    than handed back to the default handlers. A run that could not release its statistics (no budget left)
+    returns results with "status": "partial" (exit code 3).
     A run that fails before its first release leaves no directory behind (when it created it); after a
     release everything stays (the ledger keeps every charge) and --resume continues."""
     out = Path(out)

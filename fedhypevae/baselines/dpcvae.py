@@ -9,7 +9,7 @@ from a copy of the global decoder; it runs ``local_steps`` DP-SGD steps over the
 (encoder and decoder jointly: one per-sample gradient clipped to C, summed, N(0, sigma^2 C^2)
 added, divided by the public q * declared size; Adam on the noisy gradient), then the server
 averages the clients' decoders weighted by declared (public) sizes. sigma is calibrated before
-training with ``plan_budget`` over all rounds * local_steps steps; each client charges its ledger
+training with ``plan_dp_sgd`` over all rounds * local_steps steps; each client charges its ledger
 before every step. Everything released (decoders, the synthetic set) is covered.
 
 After training, the global decoder generates a class-balanced synthetic set with z ~ N(0, I), in the
@@ -28,7 +28,7 @@ from torch import nn
 from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_grads, poisson_sample
 from ..errors import ConfigError, PrivacyError
 from ..model import mlp, one_hot, soft_clamp
-from ..privacy import DP_SGD, PrivacyLedger, plan_budget
+from ..privacy import DP_SGD, PrivacyLedger, plan_dp_sgd
 from ..rng import STREAM_STEP, ClientRNG, SeedTag, public_generator
 from .linear import _require_all_clients, aggregation_weights, ledger_summary
 
@@ -117,16 +117,12 @@ def train_dpcvae(
     steps = rounds * local_steps
     plan = None
     if private:
-        plan = plan_budget(
+        plan = plan_dp_sgd(
             target_epsilon=epsilon,
             delta=delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
-            stats_fraction=0.0,
-            mmd_fraction=0.0,
-            use_stats=False,
-            use_mmd=False,
             noise_multiplier=noise_multiplier,
         )
     w_agg = aggregation_weights(fed, weights)

@@ -19,7 +19,7 @@ DP variant (DP-SGD, docs/DESIGN.md §1): per local step, a Poisson batch at rate
 private generator, per-sample gradients over (W, b) clipped jointly to C, summed, N(0, sigma^2 C^2)
 added (also for an empty batch, which still counts as a step), divided by the public expected batch
 q * declared size. One local epoch is ceil(1/q) such steps. sigma is calibrated before training with
-``plan_budget`` over every step that will run (rounds x local epochs x ceil(1/q)); each client
+``plan_dp_sgd`` over every step that will run (rounds x local epochs x ceil(1/q)); each client
 charges its ``PrivacyLedger`` before each step. The FedProx proximal term mu (w - w_global) does not
 touch private data and is added after the noise (post-processing). Aggregation weights are the
 declared (public) sizes, or uniform.
@@ -41,7 +41,7 @@ from ..dp_step import NoiseSpec, add_noise_and_scale, clip_and_sum, per_sample_g
 from ..errors import ConfigError, DataError, PrivacyError
 from ..evaluation import classifier_seed, evaluate_federation, score_clients, summarize_clients, train_linear
 from ..model import one_hot
-from ..privacy import DP_SGD, PrivacyLedger, plan_budget
+from ..privacy import DP_SGD, PrivacyLedger, plan_dp_sgd
 from ..rng import STREAM_STEP, ClientRNG, SeedTag, public_generator
 
 SAMPLINGS = ("shuffle", "poisson")
@@ -315,7 +315,7 @@ def federated_linear(
 ) -> dict:
     """FedAvg (mu = 0) / FedProx (mu > 0) logistic regression on the real embeddings.
 
-    ``private``: DP-SGD at (epsilon, delta); sigma calibrated by ``plan_budget`` over all
+    ``private``: DP-SGD at (epsilon, delta); sigma calibrated by ``plan_dp_sgd`` over all
     rounds * local_epochs * ceil(1/q) steps before training (or ``noise_multiplier`` checked
     against the budget), every step charged to each client's ledger first. Non-private runs
     ignore epsilon/delta; they use ``sampling`` (shuffle minibatches by default, or poisson).
@@ -335,16 +335,12 @@ def federated_linear(
     privacy = None
     if private:
         steps = rounds * local_epochs * steps_per_epoch(sample_rate)
-        plan = plan_budget(
+        plan = plan_dp_sgd(
             target_epsilon=epsilon,
             delta=delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
-            stats_fraction=0.0,
-            mmd_fraction=0.0,
-            use_stats=False,
-            use_mmd=False,
             noise_multiplier=noise_multiplier,
         )
         ledgers = {c.client_id: PrivacyLedger([c.client_id]) for c in fed.clients}  # in memory: no resume

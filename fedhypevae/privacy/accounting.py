@@ -520,6 +520,30 @@ def plan_budget(
     )
 
 
+def plan_dp_sgd(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    noise_multiplier: float | None = None,
+) -> PrivacyPlan:
+    """``plan_budget`` of DP-SGD alone (no one-shot release): the baselines and `fedhypevae privacy plan`."""
+    return plan_budget(
+        target_epsilon=target_epsilon,
+        delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        stats_fraction=0.0,
+        mmd_fraction=0.0,
+        use_stats=False,
+        use_mmd=False,
+        noise_multiplier=noise_multiplier,
+    )
+
+
 # --------------------------------------------------------------------------- the budget guard
 
 

@@ -193,19 +193,21 @@ class RandomFeatures:
         self.bandwidths = [float(h) for h in bandwidths]
         self.num_features = 2 * self.omega.shape[0]
         self.kernel_scale = float(len(self.bandwidths))
+        self.scale = 1.0 / math.sqrt(self.num_features / 2)  # every feature row then has L2 norm 1
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.omega.to(device=x.device, dtype=x.dtype).T
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """(n, dim) -> (n, F), rows of unit L2 norm; differentiable in x, in x's dtype/device."""
-        proj = x @ self.omega.to(device=x.device, dtype=x.dtype).T
-        scale = 1.0 / math.sqrt(self.num_features / 2)
-        return torch.cat([torch.cos(proj), torch.sin(proj)], dim=1) * scale
+        proj = self._project(x)
+        return torch.cat([torch.cos(proj), torch.sin(proj)], dim=1) * self.scale
 
     def mean(self, x: torch.Tensor) -> torch.Tensor:
         """(..., n, dim) -> (..., F): the mean of the n rows' features, equal to ``self(x).mean(-2)`` and
         differentiable in x, without forming the (..., n, F) features: one matmul, one cos and one sin per
         projection, and a backward that reuses them (autograd's own backward of cos and sin evaluates both again)."""
-        proj = x @ self.omega.to(device=x.device, dtype=x.dtype).T
-        return _CosSinMean.apply(proj) * (1.0 / math.sqrt(self.num_features / 2))
+        return _CosSinMean.apply(self._project(x)) * self.scale
 
 
 class _CosSinMean(torch.autograd.Function):
