@@ -64,6 +64,10 @@ def cmd_train(args) -> int:
 
     from .run import run_training
 
+    aborted = (  # a second stop signal: abort at once, every rank
+        f"aborted by a second interrupt; `fedhypevae train --resume --out {args.out}` continues from the last "
+        "complete checkpoint (the ledger keeps every charge)"
+    )
     ranks = Launch(
         backend=args.backend,
         device=args.device,
@@ -71,10 +75,7 @@ def cmd_train(args) -> int:
         prog="fedhypevae",
         user_errors=(FedHypeVAEError,),  # one rank's error ends every rank, not leave them in a collective
         setup_error=ConfigError,
-        interrupt_message=(  # a second stop signal: abort at once, every rank
-            f"aborted by a second interrupt; `fedhypevae train --resume --out {args.out}` continues from the last "
-            "complete checkpoint (the ledger keeps every charge)"
-        ),
+        interrupt_message=aborted,
     )
     with ranks:
         t0 = time.perf_counter()
@@ -88,7 +89,7 @@ def cmd_train(args) -> int:
             device=str(ranks.device),
             catch_signals=True,
             log_level=args.log_level,
-            process_exits=True,
+            second_interrupt=aborted,
         )
     if ranks.exit_status is not None:
         return ranks.exit_status

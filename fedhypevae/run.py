@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -220,7 +221,7 @@ def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
 
 
-def _catch_stop_signals(tr: Trainer, *, process_exits: bool = False):
+def _catch_stop_signals(tr: Trainer, *, second_interrupt: str | None = None):
     """The first SIGTERM, SIGUSR2 or SIGINT (Ctrl-C; mpiexec forwards it to every rank) asks every rank to
     checkpoint together at the next step boundary; a second SIGINT (Ctrl-C pressed again) aborts at once
     (KeyboardInterrupt). A TERM or USR2 while a stop is already on its way changes nothing: srun's double
@@ -247,13 +248,22 @@ def _catch_stop_signals(tr: Trainer, *, process_exits: bool = False):
     for sig in STOP_SIGNALS:
         previous[sig] = signal.signal(sig, handler)
 
+    def abort_now(signum, frame):
+        # Ctrl-C again once the stop has checkpointed: the process is on its way out, so end it now, as a second
+        # Ctrl-C during the stop does (the default handler would end the interpreter's shutdown with a traceback)
+        if tr.comm.is_root:
+            print(f"fedhypevae: {second_interrupt}", file=sys.stderr, flush=True)
+        os._exit(130)
+
     def restore():
-        # `process_exits`: after a stop the run has checkpointed and the process is on its way out with the
-        # stop's status; a signal that arrives now (Ctrl-C pressed again, SLURM's SIGTERM) has nothing left to
-        # abort, and the default handlers would end the interpreter's shutdown with a traceback or another status
-        ignore = process_exits and tr.stop_signal is not None
+        # `second_interrupt` (a command line's own process, which exits after the run): after a stop, a further
+        # SIGINT ends the process with that message and status 130; a TERM or USR2 (SLURM's sequence) changes
+        # nothing, as during the stop
+        after_stop = second_interrupt is not None and tr.stop_signal is not None
         for sig, h in previous.items():
-            signal.signal(sig, signal.SIG_IGN if ignore else h)
+            if after_stop:
+                h = abort_now if sig == signal.SIGINT else signal.SIG_IGN
+            signal.signal(sig, h)
 
     return restore
 
@@ -362,21 +372,21 @@ def run_training(
     device: str = "cpu",
     catch_signals: bool = False,
     log_level: str = "info",
-    process_exits: bool = False,
+    second_interrupt: str | None = None,
 ) -> dict:
     """Train, release statistics, fit the meta-code and write the outputs. With `catch_signals`, the first
     SIGTERM/SIGUSR2/SIGINT makes every rank checkpoint together at the next step boundary and return
-    {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. `process_exits` (a command
-    line's own process, which exits after the run): after such a stop, further stop signals are ignored rather
-    than handed back to the default handlers. A run that could not release its statistics (no budget left)
-    returns results with "status": "partial" (exit code 3).
+    {"interrupted": True, ...}; `resume=True` then continues from that checkpoint. `second_interrupt` (a command
+    line's own process, which exits after the run): after such a stop, a further SIGINT writes this message
+    and ends the process with status 130, and SIGTERM/SIGUSR2 are ignored. A run that could not release its
+    statistics (no budget left) returns results with "status": "partial" (exit code 3).
     A run that fails before its first release leaves no directory behind (when it created it); after a
     release everything stays (the ledger keeps every charge) and --resume continues."""
     out = Path(out)
     check_run_dir(out, resume=resume)
     existed = out.exists()
     tr = Trainer(cfg, out, comm, resume=resume, progress=progress, launcher=launcher, device=device)
-    restore = _catch_stop_signals(tr, process_exits=process_exits) if catch_signals else None
+    restore = _catch_stop_signals(tr, second_interrupt=second_interrupt) if catch_signals else None
     if tr.comm.is_root:
         tr.hooks.on(
             "round_end",
