@@ -128,14 +128,32 @@ def _federated(name: str, label: str, *, private: bool, mu: float) -> Method:
 
 
 def _fedhypevae(name: str, label: str, *, mode: str, trust: str | None = None, default: bool = True) -> Method:
-    overrides = (f"privacy.mode={mode}",) + ((f"privacy.trust_model={trust}",) if trust else ())
+    """FedHypeVAE training in privacy mode ``mode`` (strict, paper; none: ``privacy.enabled=false``)."""
+    if mode == "none":
+        overrides, privacy = ("privacy.enabled=false",), "none"
+    else:
+        overrides = (f"privacy.mode={mode}",) + ((f"privacy.trust_model={trust}",) if trust else ())
+        privacy = "dp" if mode == "strict" else "paper"
     return Method(
         name,
         label,
-        privacy="dp" if mode == "strict" else "paper",
-        uses_epsilon=True,
+        privacy=privacy,
+        uses_epsilon=privacy != "none",
         output="synthetic",
         overrides=overrides,
+        in_default_table=default,
+    )
+
+
+def _gaussian(name: str, label: str, *, trust: str, default: bool = True) -> Method:
+    return Method(
+        name,
+        label,
+        privacy="dp",
+        uses_epsilon=True,
+        output="synthetic",
+        run="fedhypevae.baselines.gaussian:dp_gaussian_sampler",
+        fixed={"private": True, "trust_model": trust},
         in_default_table=default,
     )
 
@@ -165,8 +183,12 @@ METHODS: dict[str, Method] = {
             run="fedhypevae.baselines.dpcvae:train_dpcvae",
             fixed={"private": True},
         ),
+        # per-class noisy sums, counts and squared norms (one release, the whole epsilon), then N(mu_y, s^2 I)
+        _gaussian("gaussian", "DP Gaussian sampler", trust="local"),
         _fedhypevae("fedhypevae-strict", "FedHypeVAE (strict)", mode="strict"),
         _fedhypevae("fedhypevae-paper", "FedHypeVAE (paper mode*)", mode="paper"),
+        # the generator's ceiling: the same training without clipping, noise or budget
+        _fedhypevae("fedhypevae-nonprivate", "FedHypeVAE, no privacy (generator ceiling)", mode="none"),
         Method(
             "pooled",
             "Pooled, non-private (upper bound)",
@@ -190,6 +212,13 @@ METHODS: dict[str, Method] = {
             trust="central",
             default=False,
         ),
+        _gaussian(
+            "gaussian-distributed",
+            "DP Gaussian sampler (distributed noise, simulated)",
+            trust="distributed",
+            default=False,
+        ),
+        _gaussian("gaussian-central", "DP Gaussian sampler (central noise)", trust="central", default=False),
     )
 }
 
@@ -288,6 +317,8 @@ def score_synthetic(fed, x_syn, y_syn, *, protocol: str, seed: int, n_test: bool
 
     scored = evaluate_federation(fed, x_syn, y_syn, protocol=protocol, seed=seed)
     keep = ("n_test", "accuracy", "balanced_accuracy") if n_test else ("accuracy", "balanced_accuracy")
+    if protocol == "lambda-mix":
+        keep += ("lambda",)  # the mixing weight each client chose on its validation split
     return [{"client": r["client_id"], **{k: r[k] for k in keep}} for r in scored["clients"]]
 
 
@@ -306,8 +337,6 @@ def score_run(run_dir, fed, *, protocol: str, seed: int) -> list[dict]:
 
 def result_rows(result: dict) -> list[dict]:
     """The per-client rows a table cell or a sweep point keeps of a baseline's result: client, accuracy,
-    balanced accuracy."""
-    return [
-        {"client": r["client"], "accuracy": r["accuracy"], "balanced_accuracy": r["balanced_accuracy"]}
-        for r in result["clients"]
-    ]
+    balanced accuracy (and the chosen lambda under lambda-mix)."""
+    keep = ("client", "accuracy", "balanced_accuracy", "lambda")
+    return [{k: r[k] for k in keep if k in r} for r in result["clients"]]

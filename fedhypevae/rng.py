@@ -74,7 +74,7 @@ def secret_key() -> int:
 STREAM_STEP, STREAM_MMD_RELEASE, STREAM_STATS_RELEASE = 1, 2, 3
 
 # one namespace per method that draws private noise from privacy.noise_seed
-METHOD_STREAMS = {"fedhypevae": 0xFE0, "fedavg": 0xFA1, "fedprox": 0xF9A, "dpcvae": 0xDC1}
+METHOD_STREAMS = {"fedhypevae": 0xFE0, "fedavg": 0xFA1, "fedprox": 0xF9A, "dpcvae": 0xDC1, "gaussian": 0x6A5}
 
 
 class ClientRNG:
@@ -115,6 +115,7 @@ class SeedTag(enum.IntEnum):
     MODEL_INIT = 4, "initial weights: every client's encoder and code (client_seeds namespace), the DP-CVAE's models"
     BASELINE_SHUFFLE = 101, "the minibatch order of the linear baselines' shuffle sampling (per client, round, epoch)"
     DPCVAE_SYNTH = 202, "the DP-CVAE baseline's synthetic draw (post-processing)"
+    GAUSSIAN_SYNTH = 0x6A55, "the DP Gaussian sampler baseline's synthetic draw (post-processing)"
     PHI_INIT = 0xF1, "the hypernetwork Phi's initial weights (the same on every rank)"
     MERF_FEATURES = 0xFEA7, "the DP-MERF random features (public, the same for every client)"
     METACODE_FIT = 0x3E7A, "the meta-code fit's samples (post-processing of Phi and the released statistics)"

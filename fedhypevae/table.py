@@ -26,7 +26,16 @@ from .checkpoint import dumps_json
 from .config import load_config, resolve_config_path
 from .errors import ConfigError
 from .evaluation.metrics import population_std
-from .methods import METHODS, check_methods, method_overrides, result_rows, run_baseline, score_run
+from .methods import (
+    METHODS,
+    PROTOCOLS,
+    check_methods,
+    method_overrides,
+    result_rows,
+    run_baseline,
+    score_run,
+    score_synthetic,
+)
 
 
 @dataclass
@@ -49,8 +58,10 @@ class TableConfig:
     delta: float = 1e-4
     # method names of fedhypevae.methods.METHODS (default: those it lists for a table)
     methods: list = field(default_factory=lambda: [n for n, m in METHODS.items() if m.in_default_table])
-    # scoring of synthetic sets: augment (real train + synthetic) or lambda-mix
-    protocol: str = "augment"
+    # how a synthetic set is scored (fedhypevae.methods.PROTOCOLS), one table row per protocol for every method
+    # with a synthetic output: synthetic-only (the synthetic set alone), augment (real train + synthetic),
+    # lambda-mix (local and synthetic classifiers mixed, lambda chosen on a validation split of the train split)
+    protocols: list = field(default_factory=lambda: ["augment", "lambda-mix"])
     # settings per baseline name, passed to fedhypevae.methods.run_baseline
     baselines: dict = field(default_factory=dict)
     # free text printed beside the table (e.g. what was reduced and why)
@@ -58,6 +69,14 @@ class TableConfig:
 
     def __post_init__(self):
         check_methods(self.methods)
+        bad = (
+            [p for p in self.protocols if p not in PROTOCOLS or p == "local"] if isinstance(self.protocols, list) else 0
+        )
+        if bad or not self.protocols or not isinstance(self.protocols, list):
+            raise ConfigError(
+                f"protocols must be a non-empty list of {', '.join(p for p in PROTOCOLS if p != 'local')} (local-only "
+                f"is the method `local`); got {self.protocols!r}"
+            )
         bad = [p for p in self.partitions if p not in ("iid", "dirichlet")]
         if bad:
             raise ConfigError(f"partitions must be iid or dirichlet; got {bad}")
@@ -103,39 +122,75 @@ def cell_train_config(
 
 
 def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path) -> dict:
-    """One method on one (partition, seed): per-client rows scored on each client's own test split."""
+    """One method on one (partition, seed): per-client rows scored on each client's own test split; a method
+    with a synthetic output is scored once per protocol of the table ("scores": protocol -> rows)."""
     from .data import build_federation
 
     cfg = cell_train_config(tc, partition, seed, method=method)
     fed = build_federation(cfg.data, cfg.partition, cfg.seed)
     t0 = time.perf_counter()
     privacy = None
-    if METHODS[method].trains_fedhypevae:
+    m = METHODS[method]
+    scores = None
+    if m.trains_fedhypevae:
         from .run import run_training
 
         run_dir = out / "runs" / f"{partition}_s{seed}_{method}"
         resume = (run_dir / "config.yaml").is_file()
         if not (run_dir / "results.json").is_file():
             run_training(cfg, run_dir, resume=resume, progress=False)
+        trained = time.perf_counter()
         results = json.loads((run_dir / "results.json").read_text())
         privacy = results["privacy"]
-        rows = score_run(run_dir, fed, protocol=tc.protocol, seed=seed)
+        scores = {p: score_run(run_dir, fed, protocol=p, seed=seed) for p in tc.protocols}
     else:
         settings = tc.baselines.get(method, {})
-        res = run_baseline(method, fed, seed=seed, epsilon=tc.epsilon, delta=tc.delta, protocol=tc.protocol, **settings)
+        first = tc.protocols[0]
+        res = run_baseline(method, fed, seed=seed, epsilon=tc.epsilon, delta=tc.delta, protocol=first, **settings)
+        trained = t0 + res["wall_s"]
         privacy = res.get("privacy")
-        rows = result_rows(res)
+        if m.output == "synthetic":
+            scores = {first: result_rows(res)}
+            for p in tc.protocols[1:]:
+                scores[p] = score_synthetic(fed, res["x_syn"], res["y_syn"], protocol=p, seed=seed)
     eps = None if not privacy else privacy.get("epsilon_spent")
     formal = None if not privacy else privacy.get("formal_guarantee")
-    return {
+    cell = {
         "method": method,
         "partition": partition,
         "seed": seed,
-        "rows": rows,
         "epsilon_spent": eps,
         "formal_guarantee": formal,
+        # the method's own time (training, or the baseline's run and its first scoring), then all of it
+        "train_seconds": trained - t0,
         "seconds": time.perf_counter() - t0,
     }
+    if scores is None:
+        cell["rows"] = result_rows(res)
+    else:
+        cell["scores"] = scores
+    return cell
+
+
+def cell_entries(cell: dict) -> list:
+    """A cell's table rows: [((method, protocol), per-client rows)]; protocol None for a method that predicts
+    itself (one row), one entry per protocol for a method with a synthetic output."""
+    if "scores" in cell:
+        return [((cell["method"], p), rows) for p, rows in cell["scores"].items()]
+    return [((cell["method"], None), cell["rows"])]
+
+
+def row_keys(tc: TableConfig) -> list:
+    """The table's rows in order: (method, protocol) as ``cell_entries`` names them."""
+    return [(m, p) for m in tc.methods for p in ((None,) if METHODS[m].output == "predictions" else tc.protocols)]
+
+
+_PROTOCOL_LABEL = {"synthetic-only": "synthetic only", "augment": "augment", "lambda-mix": "λ-mix"}
+
+
+def row_label(key: tuple) -> str:
+    m, p = key
+    return METHODS[m].label if p is None else f"{METHODS[m].label} · {_PROTOCOL_LABEL.get(p, p)}"
 
 
 def _mean(xs):
@@ -147,18 +202,23 @@ def _std(xs):
 
 
 def aggregate(cells: list[dict]) -> dict:
-    """Per (method, partition): the client-mean per seed, then mean and population std (ddof=0) over seeds
-    (in %), plus the population std over all (seed, client) pairs."""
+    """Per (row key, partition) (row key: (method, protocol), ``cell_entries``): the client-mean per seed, then
+    mean and population std (ddof=0) over seeds (in %), the population std over all (seed, client) pairs, the
+    mean chosen lambda (lambda-mix) and the method's median seconds per cell."""
     out: dict = {}
     for c in cells:
-        key = (c["method"], c["partition"])
-        d = out.setdefault(key, {"acc": [], "bacc": [], "acc_all": [], "bacc_all": [], "eps": []})
-        d["acc"].append(_mean([r["accuracy"] for r in c["rows"]]))
-        d["bacc"].append(_mean([r["balanced_accuracy"] for r in c["rows"]]))
-        d["acc_all"] += [r["accuracy"] for r in c["rows"]]
-        d["bacc_all"] += [r["balanced_accuracy"] for r in c["rows"]]
-        if c["epsilon_spent"] is not None:
-            d["eps"].append(c["epsilon_spent"])
+        for key, rows in cell_entries(c):
+            d = out.setdefault(
+                (key, c["partition"]), {"acc": [], "bacc": [], "acc_all": [], "bacc_all": [], "eps": [], "lam": []}
+            )
+            d["acc"].append(_mean([r["accuracy"] for r in rows]))
+            d["bacc"].append(_mean([r["balanced_accuracy"] for r in rows]))
+            d["acc_all"] += [r["accuracy"] for r in rows]
+            d["bacc_all"] += [r["balanced_accuracy"] for r in rows]
+            d["lam"] += [r["lambda"] for r in rows if r.get("lambda") is not None]
+            d.setdefault("seconds", []).append(c.get("train_seconds", c["seconds"]))
+            if c["epsilon_spent"] is not None:
+                d["eps"].append(c["epsilon_spent"])
     return {
         k: {
             "acc_mean": 100 * _mean(v["acc"]),
@@ -169,6 +229,8 @@ def aggregate(cells: list[dict]) -> dict:
             "bacc_client_std": 100 * _std(v["bacc_all"]),
             "seeds": len(v["acc"]),
             "epsilon_max": max(v["eps"]) if v["eps"] else None,
+            "lambda_mean": _mean(v["lam"]) if v["lam"] else None,
+            "seconds_median": statistics.median(v["seconds"]),
         }
         for k, v in out.items()
     }
@@ -180,38 +242,44 @@ def _pm(mean: float, std: float, n: int) -> str:
 
 
 def markdown(tc: TableConfig, agg: dict, command: str) -> str:
-    parts = [p for p in tc.partitions]
+    parts = list(tc.partitions)
     head = (
         "| Method | "
         + " | ".join(f"{_pname(p, tc)} ACC (%) | {_pname(p, tc)} BACC (%)" for p in parts)
-        + " | ε spent (max) |"
+        + " | ε spent (max) | s / cell (median) |"
     )
-    sep = "|---" * (1 + 2 * len(parts)) + "|---|"
+    sep = "|---" * (1 + 2 * len(parts)) + "|---|---|"
     lines = [
-        f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}, "
-        f"protocol `{tc.protocol}`",
+        f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}",
         "",
         head,
         sep,
     ]
+    keys = row_keys(tc)
     best = {
-        p: max((agg[(m, p)]["bacc_mean"] for m in tc.methods if (m, p) in agg and m != "pooled"), default=None)
+        p: max((agg[(k, p)]["bacc_mean"] for k in keys if (k, p) in agg and k[0] != "pooled"), default=None)
         for p in parts
     }
-    for m in tc.methods:
-        cells, eps = [], None
+    for k in keys:
+        cells, eps, secs = [], None, []
         for p in parts:
-            a = agg.get((m, p))
+            a = agg.get((k, p))
             if a is None:
                 cells += ["–", "–"]
                 continue
             b = _pm(a["bacc_mean"], a["bacc_std"], a["seeds"])
-            if best[p] is not None and m != "pooled" and abs(a["bacc_mean"] - best[p]) < 1e-9:
+            if best[p] is not None and k[0] != "pooled" and abs(a["bacc_mean"] - best[p]) < 1e-9:
                 b = f"**{b}**"
+            if a["lambda_mean"] is not None:
+                b += f" (λ̄ {a['lambda_mean']:.2f})"
             cells += [_pm(a["acc_mean"], a["acc_std"], a["seeds"]), b]
             if a["epsilon_max"] is not None:
                 eps = max(eps or 0.0, a["epsilon_max"])
-        lines.append(f"| {METHODS[m].label} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} |")
+            secs.append(a["seconds_median"])
+        sec = f"{statistics.median(secs):.1f}" if secs else "–"
+        lines.append(
+            f"| {row_label(k)} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} | {sec} |"
+        )
     lines += [""] + verdicts(tc, agg)
     spread = (
         "Mean ± population std (ddof=0) over seeds of the client-averaged metric"
@@ -220,9 +288,13 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
     )
     lines += [
         "",
-        spread + "; bold: best balanced accuracy among the "
-        "methods that do not pool data. *Paper mode: the encoder and client code train on private data "
-        "without noise, so its ε is not a formal guarantee.",
+        spread + "; bold: best balanced accuracy among the methods that do not pool data. A generative method has "
+        "one row per way its synthetic set is scored: synthetic only (a classifier on the synthetic set alone), "
+        "augment (each client's train split plus the synthetic set), λ-mix (a local and a synthetic classifier "
+        "mixed, λ chosen per client on a validation split of its train split; λ̄ is the mean chosen λ, and λ = 1 "
+        "is local-only). Seconds: the method's own run per cell (training or the baseline), median over cells. "
+        "*Paper mode: the encoder and client code train on private data without noise, so its ε is not a formal "
+        "guarantee.",
         "",
     ]
     if tc.notes:
@@ -232,27 +304,37 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
 
 
 def verdicts(tc: TableConfig, agg: dict) -> list[str]:
-    """Plain statements of where FedHypeVAE (strict) stands against each comparison (balanced accuracy)."""
+    """Plain statements of where FedHypeVAE (strict) stands against each comparison (balanced accuracy), under
+    each protocol: against the private baselines scored the same way (or predicting themselves) and local-only."""
     out = []
     m = "fedhypevae-strict"
     # the private baselines (a formal guarantee at the same epsilon), in registry order
     private = [k for k, v in METHODS.items() if v.privacy == "dp" and not v.trains_fedhypevae and k in tc.methods]
     for p in tc.partitions:
-        a = agg.get((m, p))
-        if a is None:
-            continue
-        said = []
-        for other, what in [(o, f"{METHODS[o].label} (same ε)") for o in private] + [("local", "local-only training")]:
-            b = agg.get((other, p))
-            if b is None:
+        for proto in tc.protocols:
+            a = agg.get(((m, proto), p))
+            if a is None:
                 continue
-            diff = a["bacc_mean"] - b["bacc_mean"]
-            if abs(diff) < 0.005:
-                said.append(f"ties with {what}")
-            else:
-                said.append(f"is {abs(diff):.2f} points {'above' if diff > 0 else 'BELOW'} {what}")
-        if said:
-            out.append(f"- {_pname(p, tc)}: FedHypeVAE (strict) " + "; ".join(said) + ".")
+            said = []
+            others = [
+                ((o, None if METHODS[o].output == "predictions" else proto), f"{row_label((o, None))} (same ε)")
+                for o in private
+            ]
+            for key, what in others + [(("local", None), "local-only training")]:
+                b = agg.get((key, p))
+                if b is None:
+                    continue
+                diff = a["bacc_mean"] - b["bacc_mean"]
+                if abs(diff) < 0.005:
+                    said.append(f"ties with {what}")
+                else:
+                    said.append(f"is {abs(diff):.2f} points {'above' if diff > 0 else 'BELOW'} {what}")
+            if said:
+                out.append(
+                    f"- {_pname(p, tc)}, {_PROTOCOL_LABEL.get(proto, proto)}: FedHypeVAE (strict) "
+                    + "; ".join(said)
+                    + "."
+                )
     return out
 
 
@@ -284,17 +366,19 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
     kinds_used = []
     for ax, p in zip(axes[0], parts):
         data, labels, kinds = [], [], []
-        for m in tc.methods:
+        for k in row_keys(tc):
             vals = [
                 100 * r["balanced_accuracy"]
                 for c in cells
-                if c["method"] == m and c["partition"] == p
-                for r in c["rows"]
+                if c["partition"] == p
+                for key, rows in cell_entries(c)
+                if key == k
+                for r in rows
             ]
             if vals:
                 data.append(vals)
-                labels.append(METHODS[m].label.replace(" (", "\n("))
-                kinds.append(METHODS[m].privacy)
+                labels.append(row_label(k).replace(" (", "\n(").replace(" · ", "\n· "))
+                kinds.append(METHODS[k[0]].privacy)
         if data:
             box = ax.boxplot(
                 data,
@@ -439,28 +523,42 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
     with open(out / "table.csv", "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
-            ["dataset", "method", "partition", "seed", "client", "accuracy", "balanced_accuracy", "epsilon_spent"]
+            [
+                "dataset",
+                "method",
+                "protocol",
+                "partition",
+                "seed",
+                "client",
+                "accuracy",
+                "balanced_accuracy",
+                "lambda",
+                "epsilon_spent",
+            ]
         )
         for c in cells:
-            for r in c["rows"]:
-                w.writerow(
-                    [
-                        tc.name,
-                        c["method"],
-                        c["partition"],
-                        c["seed"],
-                        r["client"],
-                        r["accuracy"],
-                        r["balanced_accuracy"],
-                        c["epsilon_spent"],
-                    ]
-                )
+            for (m, proto), rows in cell_entries(c):
+                for r in rows:
+                    w.writerow(
+                        [
+                            tc.name,
+                            m,
+                            proto or "",
+                            c["partition"],
+                            c["seed"],
+                            r["client"],
+                            r["accuracy"],
+                            r["balanced_accuracy"],
+                            "" if r.get("lambda") is None else r["lambda"],
+                            c["epsilon_spent"],
+                        ]
+                    )
     plot(tc, cells, out / "per_client_bacc.png")
     summary = {
         "name": tc.name,
         "command": command,
         "config": tc.__dict__,
-        "table": [{"method": m, "partition": p, **v} for (m, p), v in agg.items()],
+        "table": [{"method": m, "protocol": proto, "partition": p, **v} for ((m, proto), p), v in agg.items()],
         "seconds": {f"{c['partition']}_s{c['seed']}_{c['method']}": c["seconds"] for c in cells},
     }
     (out / "table.json").write_text(dumps_json(summary, indent=2))

@@ -28,6 +28,9 @@ FAST = {
     "fedavg-dp": {"rounds": 3, "sample_rate": 0.2},
     "fedprox-dp": {"rounds": 3, "sample_rate": 0.2},
     "dpcvae": {"rounds": 2, "local_steps": 3, "hidden": 32, "latent_dim": 8, "samples_per_class": 4},
+    "gaussian": {"samples_per_class": 20},
+    "gaussian-distributed": {"samples_per_class": 20},
+    "gaussian-central": {"samples_per_class": 20},
 }
 
 
@@ -44,7 +47,18 @@ def results(fed):
 
 
 def test_registry_names():
-    assert set(BASELINES) == {"local", "fedavg", "fedprox", "fedavg-dp", "fedprox-dp", "dpcvae", "pooled"}
+    assert set(BASELINES) == {
+        "local",
+        "fedavg",
+        "fedprox",
+        "fedavg-dp",
+        "fedprox-dp",
+        "dpcvae",
+        "pooled",
+        "gaussian",
+        "gaussian-distributed",
+        "gaussian-central",
+    }
     assert set(FAST) == set(BASELINES)
 
 
@@ -60,7 +74,7 @@ def test_every_baseline_returns_per_client_rows(results, fed, name):
     s = res["summary"]
     assert s["clients"] == len(fed.clients)
     assert s["balanced_accuracy_mean"] == pytest.approx(np.mean([r["balanced_accuracy"] for r in rows]))
-    assert res["private"] == (name.endswith("-dp") or name == "dpcvae")
+    assert res["private"] == (name.endswith("-dp") or name == "dpcvae" or name.startswith("gaussian"))
     assert (res["privacy"] is None) == (not res["private"])
 
 

@@ -36,22 +36,37 @@ def test_table_runs_every_method_on_the_same_splits_and_resumes(tmp_path):
     for name in ("table.md", "table.csv", "table.json", "per_client_bacc.png"):
         assert (tmp_path / name).is_file()
     md = res["markdown"]
-    for label in ("Local only", "FedAvg (DP-SGD)", "DP-CVAE", "FedHypeVAE (strict)", "Pooled"):
-        assert label in md
+    for label in ("Local only", "FedAvg (DP-SGD)", "Pooled"):
+        assert f"| {label}" in md
+    for label in ("DP-CVAE", "FedHypeVAE (strict)"):  # a generative method: one row per protocol
+        assert f"| {label} · augment |" in md and f"| {label} · λ-mix |" in md
     rows = list(csv.DictReader(open(tmp_path / "table.csv")))
-    assert len(rows) == 5 * 2 * 3  # methods x partitions x clients
+    assert (
+        len(rows) == (3 + 2 * 2) * 2 * 3
+    )  # (predicting methods + generative methods x protocols) x partitions x clients
     for r in rows:
         assert 0.0 <= float(r["balanced_accuracy"]) <= 1.0
+        assert (r["protocol"] == "") == (r["method"] in ("local", "fedavg-dp", "pooled"))
+        assert (r["lambda"] != "") == (r["protocol"] == "lambda-mix")
     eps = {r["method"]: r["epsilon_spent"] for r in rows}
     assert float(eps["fedhypevae-strict"]) <= 2.0 + 1e-9 and float(eps["fedavg-dp"]) <= 2.0 + 1e-9
     # every method scored the same clients' test splits
     clients = {
-        (r["method"], r["partition"]): sorted(
-            r2["client"] for r2 in rows if (r2["method"], r2["partition"]) == (r["method"], r["partition"])
+        (r["method"], r["protocol"], r["partition"]): sorted(
+            r2["client"]
+            for r2 in rows
+            if (r2["method"], r2["protocol"], r2["partition"]) == (r["method"], r["protocol"], r["partition"])
         )
         for r in rows
     }
     assert len({tuple(v) for v in clients.values()}) == 1
+    # the same synthetic set scored two ways: augment and lambda-mix differ somewhere
+    by = {(r["method"], r["protocol"], r["partition"], r["client"]): float(r["balanced_accuracy"]) for r in rows}
+    assert any(
+        by[("fedhypevae-strict", "augment", p, c)] != by[("fedhypevae-strict", "lambda-mix", p, c)]
+        for (m, pr, p, c) in by
+        if m == "fedhypevae-strict" and pr == "augment"
+    )
     # a second run reuses the finished cells
     before = {p.name: p.stat().st_mtime for p in (tmp_path / "cells").iterdir()}
     run_table(small_table(), tmp_path, command="test", progress=False)
@@ -61,6 +76,10 @@ def test_table_runs_every_method_on_the_same_splits_and_resumes(tmp_path):
 def test_table_config_rejects_unknown_methods_and_keys(tmp_path):
     with pytest.raises(ConfigError, match="valid"):
         small_table(methods=["local", "gan"])
+    with pytest.raises(ConfigError, match="protocols"):
+        small_table(protocols=["augment", "local"])
+    with pytest.raises(ConfigError, match="protocols"):
+        small_table(protocols="augment")
     p = tmp_path / "t.yaml"
     p.write_text("name: x\nbogus: 1\n")
     with pytest.raises(ConfigError, match="bogus"):
