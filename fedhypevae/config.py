@@ -35,6 +35,7 @@ def _check(cond: bool, msg: str) -> None:
 
 TRANSFORMS = ("auto", "none", "range", "l2")  # data.transform (and `fedhypevae data partition --transform`)
 PARTITION_KINDS = ("iid", "dirichlet", "site")  # partition.kind (and `fedhypevae data partition --kind`)
+HOLDOUTS = ("test", "validation")  # data.holdout
 # `fedhypevae audit`: its modes, and each sabotage with what it breaks (for --help and the audit's outputs)
 AUDIT_MODES = ("white-box", "black-box")
 AUDIT_SABOTAGE = {
@@ -95,6 +96,10 @@ class DataConfig:
     value_range: list | None = None
     # fraction of each client's records held out as its test split
     test_fraction: float = 0.2
+    # which held-out split every score is on: test (each client's test split), or validation (for choosing
+    # settings: each client's train split is split again, stratified with the same test_fraction, into a smaller
+    # train split and a validation split that takes the test split's place everywhere; test records are never used)
+    holdout: str = "test"
 
     def __post_init__(self):
         _check(
@@ -118,6 +123,11 @@ class DataConfig:
             if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_absolute():
                 setattr(self, name, str(Path(value).resolve()))
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
+        _check(
+            self.holdout in HOLDOUTS,
+            f"data.holdout must be test (score on each client's test split) or validation (score on a validation "
+            f"split carved from each client's train split, for choosing settings); got {self.holdout!r}",
+        )
 
 
 @dataclass
