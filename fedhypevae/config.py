@@ -171,6 +171,10 @@ class ModelConfig:
     label_embed_dim: int = 16
     # spectral-norm bound (Lipschitz constant) per hypernetwork layer; null disables the projection
     lipschitz: float | None = 1.0
+    # the decoder's output scale sigma (p_theta(x | z, y) = N(mean, sigma^2), per dimension, in the transformed
+    # data's units): null learns it (Phi's x_logstd); a number fixes it (a learned scale can grow to explain the
+    # data as noise, and the latent then carries nothing: posterior collapse)
+    output_std: float | None = None
     # lambda_v: weight of ||v||^2
     lambda_v: float = 1e-3
     # lambda_MMD: weight of the MMD alignment term; 0 disables it
@@ -197,6 +201,11 @@ class ModelConfig:
             _check(int(getattr(self, name)) >= 1, f"model.{name} must be >= 1; got {getattr(self, name)}")
         _int_list("model.hidden", self.hidden, minimum=1, what="positive integer widths")
         _check(self.code_radius > 0, f"model.code_radius must be > 0; got {self.code_radius}")
+        _check(
+            self.output_std is None
+            or (_is_number(self.output_std) and math.isfinite(self.output_std) and 0.0 < self.output_std < 100.0),
+            f"model.output_std must be null (learned) or a fixed decoder scale in (0, 100); got {self.output_std!r}",
+        )
         _check(
             self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}"
         )
