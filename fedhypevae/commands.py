@@ -522,7 +522,9 @@ def cmd_evaluate(args) -> int:
     s = res["summary"]
     acc, bacc = s["accuracy"], s["balanced_accuracy"]
     n_syn = (res.get("synthetic") or {}).get("samples", 0)
-    print(f"protocol {res['protocol']}: {len(res['clients'])} clients, {n_syn} synthetic samples")
+    validation = res["data"].get("holdout") == "validation"
+    split = "VALIDATION splits (data.holdout=validation)" if validation else "test splits"
+    print(f"protocol {res['protocol']}: {len(res['clients'])} clients, {n_syn} synthetic samples; scored on {split}")
     print(f"  accuracy          {100 * acc['mean']:.2f} +- {100 * acc['std']:.2f} %")
     print(
         f"  balanced accuracy {100 * bacc['mean']:.2f} +- {100 * bacc['std']:.2f} %   "

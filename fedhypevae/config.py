@@ -35,6 +35,7 @@ def _check(cond: bool, msg: str) -> None:
 
 TRANSFORMS = ("auto", "none", "range", "l2")  # data.transform (and `fedhypevae data partition --transform`)
 PARTITION_KINDS = ("iid", "dirichlet", "site")  # partition.kind (and `fedhypevae data partition --kind`)
+HOLDOUTS = ("test", "validation")  # data.holdout
 # `fedhypevae audit`: its modes, and each sabotage with what it breaks (for --help and the audit's outputs)
 AUDIT_MODES = ("white-box", "black-box")
 AUDIT_SABOTAGE = {
@@ -95,6 +96,10 @@ class DataConfig:
     value_range: list | None = None
     # fraction of each client's records held out as its test split
     test_fraction: float = 0.2
+    # which held-out split every score is on: test (each client's test split), or validation (for choosing
+    # settings: each client's train split is split again, stratified with the same test_fraction, into a smaller
+    # train split and a validation split that takes the test split's place everywhere; test records are never used)
+    holdout: str = "test"
 
     def __post_init__(self):
         _check(
@@ -118,6 +123,11 @@ class DataConfig:
             if isinstance(value, str) and value and Path(value).exists() and not Path(value).is_absolute():
                 setattr(self, name, str(Path(value).resolve()))
         _check(0.0 < self.test_fraction < 1.0, f"data.test_fraction must be in (0, 1); got {self.test_fraction}")
+        _check(
+            self.holdout in HOLDOUTS,
+            f"data.holdout must be test (score on each client's test split) or validation (score on a validation "
+            f"split carved from each client's train split, for choosing settings); got {self.holdout!r}",
+        )
 
 
 @dataclass
@@ -161,6 +171,10 @@ class ModelConfig:
     label_embed_dim: int = 16
     # spectral-norm bound (Lipschitz constant) per hypernetwork layer; null disables the projection
     lipschitz: float | None = 1.0
+    # the decoder's output scale sigma (p_theta(x | z, y) = N(mean, sigma^2), per dimension, in the transformed
+    # data's units): null learns it (Phi's x_logstd); a number fixes it (a learned scale can grow to explain the
+    # data as noise, and the latent then carries nothing: posterior collapse)
+    output_std: float | None = None
     # lambda_v: weight of ||v||^2
     lambda_v: float = 1e-3
     # lambda_MMD: weight of the MMD alignment term; 0 disables it
@@ -187,6 +201,11 @@ class ModelConfig:
             _check(int(getattr(self, name)) >= 1, f"model.{name} must be >= 1; got {getattr(self, name)}")
         _int_list("model.hidden", self.hidden, minimum=1, what="positive integer widths")
         _check(self.code_radius > 0, f"model.code_radius must be > 0; got {self.code_radius}")
+        _check(
+            self.output_std is None
+            or (_is_number(self.output_std) and math.isfinite(self.output_std) and 0.0 < self.output_std < 100.0),
+            f"model.output_std must be null (learned) or a fixed decoder scale in (0, 100); got {self.output_std!r}",
+        )
         _check(
             self.lipschitz is None or self.lipschitz > 0, f"model.lipschitz must be > 0 or null; got {self.lipschitz}"
         )

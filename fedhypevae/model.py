@@ -56,6 +56,18 @@ def _clamp5(t: torch.Tensor) -> torch.Tensor:
     return soft_clamp(t, 5.0)
 
 
+class FixedLogstd:
+    """An elementwise function of x_logstd that ignores it: the decoder's output log-scale fixed at log(std).
+    x_logstd still enters the math through `per_row` (its gradient is then zero), so every form of the DP step
+    sees the same parameters."""
+
+    def __init__(self, std: float):
+        self.logstd = math.log(float(std))
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return t * 0.0 + self.logstd
+
+
 def _row_scale(t: torch.Tensor) -> torch.Tensor:
     return 1.0 + torch.tanh(t)
 
@@ -186,8 +198,11 @@ class HyperNetwork(nn.Module):
         label_embed_dim: int,
         hyper_layers: int = 2,
         activation: str = "silu",
+        output_std: float | None = None,
     ):
         super().__init__()
+        # None: the output log-scale is learned (soft-clamped to (-5, 5)); a number: fixed at log(output_std)
+        self._logstd_fn = _clamp5 if output_std is None else FixedLogstd(output_std)
         self.dim, self.num_classes, self.latent_dim, self.code_dim = dim, num_classes, latent_dim, code_dim
         sizes = [latent_dim + num_classes] + list(reversed(hidden)) + [dim]
         self.out_sizes = sizes[1:]
@@ -221,6 +236,7 @@ class HyperNetwork(nn.Module):
             label_embed_dim=m.label_embed_dim,
             hyper_layers=m.hyper_layers,
             activation=m.activation,
+            output_std=m.output_std,
         )
 
     # -- Eq. 3 -------------------------------------------------------------------------------
@@ -242,7 +258,7 @@ class HyperNetwork(nn.Module):
         return h
 
     def output_logstd(self, ops: Ops = PLAIN) -> torch.Tensor:
-        return ops.per_row(self.x_logstd, _clamp5)
+        return ops.per_row(self.x_logstd, self._logstd_fn)
 
     # -- Eq. 4 -------------------------------------------------------------------------------
     def prior_features(self, v: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:

@@ -408,3 +408,62 @@ def test_transforms_resolve_and_invert():
     np.testing.assert_array_equal(invert_transform(y, "l2", None), y)
     np.testing.assert_array_equal(apply_transform(y, "none", None), y)
     np.testing.assert_array_equal(invert_transform(y, "none", None), y)
+
+
+def test_holdout_validation_never_uses_test_records():
+    """data.holdout=validation: each client's validation split is carved from its train split; no validation record
+    is a test or a train record, and no test record is in the federation at all (records carry their index)."""
+    from fedhypevae.data import federation_from_dataset
+    from fedhypevae.data.loaders import Dataset
+    from fedhypevae.errors import ConfigError
+
+    base = load_dataset("digits")
+    ids = np.arange(len(base.y), dtype=np.float32)[:, None]
+    ds = Dataset(
+        x=np.concatenate([ids, base.x], axis=1),
+        y=base.y,
+        num_classes=base.num_classes,
+        groups=None,
+        sites=None,
+        value_range=None,
+        name="digits+id",
+        source="test",
+    )
+    part = PartitionConfig(kind="dirichlet", alpha=0.3, clients=10, min_client_size=20)
+
+    def fed_of(holdout):
+        return federation_from_dataset(ds, DataConfig(transform="none", holdout=holdout), part, 0)
+
+    test_fed, val_fed = fed_of("test"), fed_of("validation")
+    assert test_fed.manifest["holdout"] == "test" and val_fed.manifest["holdout"] == "validation"
+    all_test = set()
+    for t in test_fed.clients:
+        all_test |= set(t.x_test[:, 0].astype(int).tolist())
+    for t, v in zip(test_fed.clients, val_fed.clients):
+        tr, te = set(t.x_train[:, 0].astype(int)), set(t.x_test[:, 0].astype(int))
+        vtr, vval = set(v.x_train[:, 0].astype(int)), set(v.x_test[:, 0].astype(int))
+        assert len(vtr) == len(v.x_train) and len(vval) == len(v.x_test)  # no record twice
+        assert vval and vtr  # both sides non-empty
+        assert not vval & vtr, "a validation record is also a train record"
+        assert not vval & all_test and not vtr & all_test, "a test record is in the validation federation"
+        assert vtr | vval == tr  # the validation split is carved from this client's train split
+        assert v.declared_size == len(v.x_train) == val_fed.declared_sizes[v.client_id]
+        np.testing.assert_array_equal(v.y_test, base.y[sorted(vval)])
+        # stratified with the same fraction: round(0.2 n_c) of each class of the train split
+        counts = np.bincount(t.y_train, minlength=10)
+        want = np.minimum(np.round(0.2 * counts), np.maximum(counts - 1, 0))
+        assert np.array_equal(np.bincount(v.y_test, minlength=10), want.astype(int)) or len(vval) == 1
+        assert te  # the test federation's own split is untouched
+    again = fed_of("validation")  # deterministic
+    for a, b in zip(val_fed.clients, again.clients):
+        np.testing.assert_array_equal(a.x_test, b.x_test)
+    with pytest.raises(ConfigError, match="data.holdout must be test .* or validation"):
+        DataConfig(holdout="val")
+
+
+def test_holdout_validation_refuses_shard_directories(tmp_path):
+    from fedhypevae.errors import ConfigError
+
+    out = write_shards(_digits_fed(), tmp_path / "shards")
+    with pytest.raises(ConfigError, match="data.holdout=validation is not supported with a shard directory"):
+        build_federation(DataConfig(path=str(out), holdout="validation"), PartitionConfig(clients=5), seed=0)

@@ -37,7 +37,7 @@ SHAPES = {
 }
 
 
-def build(hidden, hyper_layers, activation, *, sizes=(25, 9, 17), dim=5, K=3, seed=0):
+def build(hidden, hyper_layers, activation, *, sizes=(25, 9, 17), dim=5, K=3, seed=0, extra=()):
     cfg = load_config(
         "tiny",
         [
@@ -50,6 +50,7 @@ def build(hidden, hyper_layers, activation, *, sizes=(25, 9, 17), dim=5, K=3, se
             "model.label_embed_dim=2",
             "model.lambda_mmd=0",
             "privacy.noise_seed=1",
+            *extra,
         ],
     )
     g = torch.Generator().manual_seed(seed)
@@ -95,9 +96,9 @@ def oracle(client, hyper, x, y, eps, mode: str, C: float):
     return {n: torch.einsum("b,b...->...", factor, t) for n, t in g.items()}, norms
 
 
-def worst_mismatch(shape, mode: str, per_sample: str = "ghost") -> float:
+def worst_mismatch(shape, mode: str, per_sample: str = "ghost", extra=()) -> float:
     """max over clients and parameters of the relative difference engine vs oracle (norms and clipped sums)."""
-    cfg, clients, hyper = build(*shape)
+    cfg, clients, hyper = build(*shape, extra=extra)
     batches = draws(clients, [11, 4, 0], cfg.model.latent_dim)
     xs, ys, es = (list(t) for t in zip(*batches))
     _, norms = clipped_sums(clients, cfg, hyper, xs, ys, es, mode=mode, clip_norm=1.0, per_sample=per_sample)
@@ -122,6 +123,13 @@ def worst_mismatch(shape, mode: str, per_sample: str = "ghost") -> float:
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_engine_equals_the_torch_func_oracle_for_every_model_shape(shape, mode):
     assert worst_mismatch(SHAPES[shape], mode) <= REL
+
+
+@pytest.mark.parametrize("per_sample", ["ghost", "materialized"])
+@pytest.mark.parametrize("mode", ["strict", "paper"])
+def test_a_fixed_decoder_output_scale_equals_the_oracle(mode, per_sample):
+    # model.output_std fixes the output log-scale: x_logstd still enters through per_row, with zero gradient
+    assert worst_mismatch(SHAPES["depth2-tanh-heads2"], mode, per_sample, extra=["model.output_std=0.2"]) < REL
 
 
 @pytest.mark.parametrize("mode", ["strict", "paper"])

@@ -140,3 +140,21 @@ def test_client_view_loss_is_negative_elbo():
     x, y, eps = torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0]), torch.randn(5, 4)
     loss, (nll, kl) = view(x, y, eps)
     torch.testing.assert_close(loss, nll + kl)
+
+
+def test_fixed_output_scale():
+    """model.output_std fixes the decoder's scale: N(mean, std^2) whatever x_logstd holds, and x_logstd gets no
+    gradient; by default the scale is the learned, soft-clamped x_logstd."""
+    h = _hyper(output_std=0.1)
+    with torch.no_grad():
+        h.x_logstd.add_(torch.randn(6))
+    torch.testing.assert_close(h.output_logstd(), torch.full((6,), math.log(0.1)))
+    enc = Encoder(6, 3, 4, [8])
+    x, y, eps = torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0]), torch.randn(5, 4)
+    nll, kl = elbo_terms(enc, torch.randn(3), h, x, y, eps)
+    (nll + kl).sum().backward()
+    assert float(h.x_logstd.grad.abs().max()) == 0.0
+    learned = _hyper()
+    with torch.no_grad():
+        learned.x_logstd.fill_(0.7)
+    torch.testing.assert_close(learned.output_logstd(), 5.0 * torch.tanh(torch.full((6,), 0.7) / 5.0))

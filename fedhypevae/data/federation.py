@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_savez, atomic_write_bytes
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from .loaders import Dataset, load_dataset
 from .partition import partition_indices, split_client
 from .transforms import apply_transform, resolve_transform
@@ -75,6 +75,11 @@ def _client_seed(seed: int, client_id: int) -> int:
     return int(np.random.SeedSequence([int(seed) % (2**63), int(client_id)]).generate_state(1)[0])
 
 
+def _validation_seed(seed: int, client_id: int) -> int:
+    """The seed of a client's train/validation split (data.holdout=validation), derived from its split seed."""
+    return int(np.random.SeedSequence([_client_seed(seed, client_id), 1]).generate_state(1)[0])
+
+
 def _check_ids(client_ids: Sequence[int] | None, num_clients: int) -> list[int]:
     if client_ids is None:
         return list(range(num_clients))
@@ -97,6 +102,12 @@ def build_federation(data_cfg, partition_cfg, seed: int, client_ids=None) -> Fed
             raise DataError(
                 f"{path} is a directory without {MANIFEST}; give a data file, a built-in name, or a shard "
                 "directory made by `fedhypevae data partition`"
+            )
+        if getattr(data_cfg, "holdout", "test") != "test":
+            raise ConfigError(
+                f"data.holdout={data_cfg.holdout} is not supported with a shard directory ({path}): its shards hold "
+                "the test splits already; give the raw data set as data.path (digits, a file) to score on "
+                "validation splits, or set data.holdout: test"
             )
         fed = load_shards(path, client_ids)
         if partition_cfg.clients != fed.num_clients:
@@ -150,6 +161,22 @@ def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int, cli
         split_client(p, ds.y, ds.groups, test_fraction=data_cfg.test_fraction, seed=_client_seed(seed, i), client_id=i)
         for i, p in enumerate(parts)
     ]
+    holdout = getattr(data_cfg, "holdout", "test")
+    if holdout == "validation":
+        # the test splits are dropped here, before any record is selected or transformed: each train split is
+        # split again (same stratified rule and fraction, its own seed) and the validation side takes the test
+        # split's place
+        splits = [
+            split_client(
+                tr,
+                ds.y,
+                ds.groups,
+                test_fraction=data_cfg.test_fraction,
+                seed=_validation_seed(seed, i),
+                client_id=i,
+            )
+            for i, (tr, _) in enumerate(splits)
+        ]
     declared_sizes = [int(len(tr)) for tr, _ in splits]
     if callable(client_ids):
         ids = _check_ids(client_ids(list(declared_sizes)), partition_cfg.clients)
@@ -178,6 +205,9 @@ def federation_from_dataset(ds: Dataset, data_cfg, partition_cfg, seed: int, cli
         "clients": int(partition_cfg.clients),
         "min_client_size": int(partition_cfg.min_client_size),
         "test_fraction": float(data_cfg.test_fraction),
+        # which split x_test/y_test hold: the clients' test splits, or validation splits carved from their train
+        # splits (then no test record is in this federation)
+        "holdout": holdout,
         "group_column": data_cfg.group_column,
         "site_column": data_cfg.site_column,
         "name": ds.name,

@@ -344,6 +344,9 @@ def evaluate_run(
             "alpha": float(cfg.partition.alpha),
             "split_seed": int(cfg.seed),
             "test_fraction": float(cfg.data.test_fraction),
+            # test: scores on the clients' test splits; validation: on validation splits carved from their train
+            # splits (for choosing settings; no test record was used)
+            "holdout": cfg.data.holdout,
             "group_column": cfg.data.group_column,
         },
         "run": _run_summary(run),
