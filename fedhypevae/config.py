@@ -165,8 +165,13 @@ class ModelConfig:
     hyper_hidden: int = 64
     # linear layers in each of h_theta, h_omega and g_omega (2: one hidden layer)
     hyper_layers: int = 2
-    # activation between the linear layers of every network: silu, tanh or gelu
+    # activation between the linear layers of every network: silu, tanh, gelu or relu
     activation: str = "silu"
+    # true: h_theta modulates the shared decoder per client (Eq. 3); false: one shared decoder, no h_theta (a
+    # plain federated conditional VAE, e.g. the DP-CVAE baseline on this engine)
+    modulation: bool = True
+    # the latent prior: learned (p_omega(z | y) from the code, Eq. 4) or standard (N(0, I) for every class)
+    prior: str = "learned"
     # label embedding size for the prior generator g_omega
     label_embed_dim: int = 16
     # spectral-norm bound (Lipschitz constant) per hypernetwork layer; null disables the projection
@@ -211,7 +216,15 @@ class ModelConfig:
         )
         _check(self.lambda_v >= 0 and self.lambda_mmd >= 0, "model.lambda_v and model.lambda_mmd must be >= 0")
         _one_of("model.mmd_kind", self.mmd_kind, ("merf", "literal"))
-        _one_of("model.activation", self.activation, ("silu", "tanh", "gelu"))
+        _one_of("model.activation", self.activation, ("silu", "tanh", "gelu", "relu"))
+        _check(isinstance(self.modulation, bool), f"model.modulation must be true or false; got {self.modulation!r}")
+        _one_of("model.prior", self.prior, ("learned", "standard"))
+
+    @property
+    def uses_code(self) -> bool:
+        """Whether a client code changes what the model generates (it feeds h_theta or h_omega): without either,
+        the class statistics and the meta-code fit serve nothing."""
+        return self.modulation or self.prior == "learned"
         _check(self.mmd_features % 2 == 0, f"model.mmd_features must be even (cos/sin pairs); got {self.mmd_features}")
         _number_list("model.mmd_bandwidths", self.mmd_bandwidths, what="positive bandwidths")
 
@@ -433,6 +446,11 @@ class Config:
 
         why = trust_refusal(self.federation.aggregation, self.privacy.trust_model) if self.privacy.enabled else None
         _check(why is None, why or "")
+        _check(
+            self.model.uses_code or not self.privacy.enabled or self.privacy.stats_epsilon_fraction == 0,
+            "privacy.stats_epsilon_fraction must be 0 when model.modulation is false and model.prior is standard: "
+            "the model has no heads, so the class statistics would spend budget on a meta-code that changes nothing",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

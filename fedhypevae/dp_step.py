@@ -447,8 +447,10 @@ class DPStep:
             )
         syn_y, syn_z, syn_x = (t.to(block.device) for t in self.synthetic_batch(gens))
         params = [p for _, p in hyper.named_parameters()]
-        mods = [(d[:, None], db[:, None]) for d, db in hyper.decoder_modulation(V)]  # (M, 1, r): one row per client
-        x_hat = sample_synthetic(hyper, mods, hyper.prior_features(V)[:, None], syn_y, syn_z, syn_x)  # (M, n, d_x)
+        # (M, 1, r): one row per client (None: a decoder without modulation, a prior without the code)
+        mods = [(None, None) if d is None else (d[:, None], db[:, None]) for d, db in hyper.decoder_modulation(V)]
+        hw = hyper.prior_features(V)
+        x_hat = sample_synthetic(hyper, mods, None if hw is None else hw[:, None], syn_y, syn_z, syn_x)  # (M, n, d_x)
         if literal:
             mmd = multi_kernel(x_hat, x_hat, self.bandwidths()).mean((-2, -1))
         else:

@@ -375,9 +375,9 @@ class RecordingOps(Ops):
     def code_sums(self, c: torch.Tensor | None, shape) -> torch.Tensor:
         """Per client sum_j c_j * d(loss_j)/d(v_i): (M, d_v) (c None: unclipped)."""
         if self.per_sample:
-            g = self.g_code if c is None else self.g_code * c[:, None]
-            if g is None:  # a model without heads: the code gets no gradient from the loss
+            if self.g_code is None:  # a model without heads: the code gets no gradient from the loss
                 return torch.zeros(shape, dtype=self.b.x.dtype, device=self.b.x.device)
+            g = self.g_code if c is None else self.g_code * c[:, None]
             return g.new_zeros(shape).index_add_(0, self.b.cidx, g)
         if c is not None:
             raise ValueError("clipped code sums need the per-sample head gradients (backward(per_sample=True))")

@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 LOG2PI = math.log(2 * math.pi)
-ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh, "gelu": nn.GELU, "relu": nn.ReLU}
+PRIORS = ("learned", "standard")  # p_omega(z | y) from the code (Eq. 4), or N(0, I) for every class
 # activations applied elementwise (what the batched engine may carry a per-row gradient through)
 ELEMENTWISE = (nn.SiLU, nn.Tanh, nn.GELU, nn.ReLU, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.Softplus)
 
@@ -199,8 +200,13 @@ class HyperNetwork(nn.Module):
         hyper_layers: int = 2,
         activation: str = "silu",
         output_std: float | None = None,
+        modulation: bool = True,
+        prior: str = "learned",
     ):
         super().__init__()
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}; got {prior!r}")
+        self.modulation, self.prior_kind = bool(modulation), prior
         # None: the output log-scale is learned (soft-clamped to (-5, 5)); a number: fixed at log(output_std)
         self._logstd_fn = _clamp5 if output_std is None else FixedLogstd(output_std)
         self.dim, self.num_classes, self.latent_dim, self.code_dim = dim, num_classes, latent_dim, code_dim
@@ -216,12 +222,18 @@ class HyperNetwork(nn.Module):
         mid = [hyper_hidden] * (hyper_layers - 1)
         # h_theta: v -> (d_l, db_l) for every layer. The last layer starts at zero so that every
         # client begins with the shared decoder (d = 1, db = 0).
-        self.h_theta = mlp([code_dim, *mid, 2 * sum(self.out_sizes)], activation)
-        nn.init.zeros_(self.h_theta[-1].weight)
-        nn.init.zeros_(self.h_theta[-1].bias)
-        self.h_omega = mlp([code_dim, *mid, hyper_hidden], activation)
-        self.label_embed = nn.Embedding(num_classes, label_embed_dim)
-        self.g_omega = mlp([hyper_hidden + label_embed_dim, *mid, 2 * latent_dim], activation)
+        # Without modulation (a plain conditional VAE's decoder, shared by every client) there is no h_theta.
+        self.h_theta = None
+        if self.modulation:
+            self.h_theta = mlp([code_dim, *mid, 2 * sum(self.out_sizes)], activation)
+            nn.init.zeros_(self.h_theta[-1].weight)
+            nn.init.zeros_(self.h_theta[-1].bias)
+        # The standard prior N(0, I) for every class (a plain conditional VAE's) has no h_omega, e(y), g_omega.
+        self.h_omega = self.label_embed = self.g_omega = None
+        if prior == "learned":
+            self.h_omega = mlp([code_dim, *mid, hyper_hidden], activation)
+            self.label_embed = nn.Embedding(num_classes, label_embed_dim)
+            self.g_omega = mlp([hyper_hidden + label_embed_dim, *mid, 2 * latent_dim], activation)
         self.x_logstd = nn.Parameter(torch.zeros(dim))
 
     @classmethod
@@ -237,12 +249,16 @@ class HyperNetwork(nn.Module):
             hyper_layers=m.hyper_layers,
             activation=m.activation,
             output_std=m.output_std,
+            modulation=m.modulation,
+            prior=m.prior,
         )
 
     # -- Eq. 3 -------------------------------------------------------------------------------
     def decoder_modulation(self, v: torch.Tensor, ops: Ops = PLAIN) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(d_l(v), db_l(v)) per layer from h_theta's output; v is (d_v,), or (M, d_v) for one code per client
-        or row. d_l = 1 + tanh(.) keeps scales in (0, 2)."""
+        or row. d_l = 1 + tanh(.) keeps scales in (0, 2). Without modulation: (None, None) per layer (no change)."""
+        if self.h_theta is None:
+            return [(None, None)] * len(self.out_sizes)
         parts = [(r, f) for r in self.out_sizes for f in (_row_scale, None)]
         out = run_head(ops, self.h_theta, v, parts)
         return [(out[2 * i], out[2 * i + 1]) for i in range(len(self.out_sizes))]
@@ -252,7 +268,10 @@ class HyperNetwork(nn.Module):
         h = cat_last(z, y_onehot)
         n = len(self.base_weight)
         for i, (w, b, (d, db)) in enumerate(zip(self.base_weight, self.base_bias, mods)):
-            h = ops.add_bias(ops.shared_linear(h, w) * d, b) + db  # diag(d) W h + b + db, without building diag(d) W
+            t = ops.shared_linear(h, w)
+            h = ops.add_bias(t if d is None else t * d, b)  # diag(d) W h + b + db, without building diag(d) W
+            if db is not None:
+                h = h + db
             if i < n - 1:
                 h = self.act(h)
         return h
@@ -261,17 +280,23 @@ class HyperNetwork(nn.Module):
         return ops.per_row(self.x_logstd, self._logstd_fn)
 
     # -- Eq. 4 -------------------------------------------------------------------------------
-    def prior_features(self, v: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor:
-        return run_head(ops, self.h_omega, v)
+    def prior_features(self, v: torch.Tensor, ops: Ops = PLAIN) -> torch.Tensor | None:
+        """h_omega(v); None with the standard prior (it does not depend on the code)."""
+        return None if self.h_omega is None else run_head(ops, self.h_omega, v)
 
-    def prior(self, hw: torch.Tensor, y: torch.Tensor, ops: Ops = PLAIN):
-        """(mu, log sigma) of p_omega(z | y) given h_omega(v) (broadcast over the batch)."""
+    def prior(self, hw: torch.Tensor | None, y: torch.Tensor, ops: Ops = PLAIN):
+        """(mu, log sigma) of p_omega(z | y) given h_omega(v) (broadcast over the batch); the standard prior:
+        zeros (N(0, I) for every class and client)."""
+        if self.g_omega is None:
+            zero = torch.zeros((), dtype=self.x_logstd.dtype, device=y.device)
+            return zero, zero
         mu, logstd = run_shared(ops, self.g_omega, cat_last(hw, ops.embed(y, self.label_embed.weight))).chunk(2, dim=-1)
         return mu, soft_clamp(logstd, 5.0)
 
     def spectral_layers(self) -> list[nn.Linear]:
         """The layers of h_theta, h_omega and g_omega whose spectral norms are bounded (Eq. 5)."""
-        return [m for m in (*self.h_theta, *self.h_omega, *self.g_omega) if isinstance(m, nn.Linear)]
+        heads = [h for h in (self.h_theta, self.h_omega, self.g_omega) if h is not None]
+        return [m for h in heads for m in h if isinstance(m, nn.Linear)]
 
     @torch.no_grad()
     def project_spectral(self, bound: float) -> None:
@@ -367,8 +392,9 @@ def generator_params(hyper: HyperNetwork, codes: torch.Tensor, weights: torch.Te
         weights = torch.full((codes.shape[0],), 1.0 / codes.shape[0], dtype=codes.dtype, device=codes.device)
     per_code = hyper.decoder_modulation(codes)  # [(d_l (K, r_l), db_l (K, r_l))] per layer
     w = weights[:, None]
-    mods = [((w * d).sum(0), (w * db).sum(0)) for d, db in per_code]  # mix the generated parameters
-    hw = (weights[:, None] * hyper.prior_features(codes)).sum(0)
+    mods = [(None, None) if d is None else ((w * d).sum(0), (w * db).sum(0)) for d, db in per_code]  # mixed
+    feats = hyper.prior_features(codes)
+    hw = None if feats is None else (w * feats).sum(0)
     return mods, hw
 
 

@@ -507,7 +507,15 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
         return _interrupted(tr)
     # (epsilon_spent() is not called here: it is a collective, and every collective is a declared release)
     log.info("training done: %d rounds, %d DP-SGD steps", tr.state.round, tr.state.steps)
-    moments, why = release_statistics(tr, clip)
+    needs_code = cfg.model.uses_code  # a model without heads generates the same records from any code
+    if not needs_code:
+        moments, why = None, None
+        log.info("class statistics: not released (the model has no heads, so a meta-code would change nothing)")
+    elif cfg.privacy.enabled and cfg.privacy.stats_epsilon_fraction == 0:
+        why = "class statistics: not released (privacy.stats_epsilon_fraction is 0), so the meta-code was not fitted"
+        moments = None
+    else:
+        moments, why = release_statistics(tr, clip)
     if why and why != "signal":
         log.warning("%s", why)
     elif not why:
@@ -519,7 +527,7 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
     extra = {}
     if tr.comm.is_root:
         extra = synthesize(tr, moments)
-        if moments is None:
+        if moments is None and needs_code:
             missing.append(
                 "meta-code: not fitted (no class statistics); synthetic.npz was generated from the "
                 "untrained zero code and is not a result"
@@ -541,10 +549,10 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
         extra["stats_release"] = {
             "clip_norm": clip,
             "covariance": cfg.stats.covariance,
-            "noise_multiplier": tr.plan.noise_multiplier(CLASS_STATS) if tr.plan else 0.0,
+            "noise_multiplier": (tr.plan.noise_multiplier(CLASS_STATS) or 0.0) if tr.plan else 0.0,
             "released": moments is not None,
         }
-    elif moments is None:
+    elif moments is None and needs_code:
         missing.append("meta-code: not fitted (no class statistics)")
     tr.comm.barrier()  # other ranks wait while rank 0 fits the meta-code
     return tr.finish(extra, missing=missing)

@@ -72,6 +72,12 @@ class TableConfig:
         bad = (
             [p for p in self.protocols if p not in PROTOCOLS or p == "local"] if isinstance(self.protocols, list) else 0
         )
+        trained = sorted(k for k in self.baselines if k in METHODS and METHODS[k].trains_fedhypevae)
+        if trained:
+            raise ConfigError(
+                f"baselines: {', '.join(trained)} train(s) on the FedHypeVAE engine and take(s) the train config "
+                "(train_config, overrides), not baseline settings"
+            )
         if bad or not self.protocols or not isinstance(self.protocols, list):
             raise ConfigError(
                 f"protocols must be a non-empty list of {', '.join(p for p in PROTOCOLS if p != 'local')} (local-only "
@@ -153,6 +159,8 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
             scores = {first: result_rows(res)}
             for p in tc.protocols[1:]:
                 scores[p] = score_synthetic(fed, res["x_syn"], res["y_syn"], protocol=p, seed=seed)
+    if privacy and privacy.get("enabled") is False:  # a non-private FedHypeVAE run spends nothing
+        privacy = None
     eps = None if not privacy else privacy.get("epsilon_spent")
     formal = None if not privacy else privacy.get("formal_guarantee")
     cell = {

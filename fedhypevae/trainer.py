@@ -138,7 +138,8 @@ def make_plan(cfg: Config, *, use_mmd: bool) -> PrivacyPlan | None:
     p = cfg.privacy
     if not p.enabled:
         return None
-    one_shot = [(CLASS_STATS, p.stats_epsilon_fraction)]
+    # a zero share: the class statistics are not released at all (no meta-code fit; e.g. a model without heads)
+    one_shot = [(CLASS_STATS, p.stats_epsilon_fraction)] if p.stats_epsilon_fraction > 0 else []
     if use_mmd:
         one_shot.append((MMD_EMBEDDINGS, p.mmd_epsilon_fraction))
     shares = run_shares(sample_rate=p.sample_rate, steps=planned_steps(cfg), one_shot=one_shot)

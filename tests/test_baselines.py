@@ -27,7 +27,7 @@ FAST = {
     "fedprox": {"rounds": 5},
     "fedavg-dp": {"rounds": 3, "sample_rate": 0.2},
     "fedprox-dp": {"rounds": 3, "sample_rate": 0.2},
-    "dpcvae": {"rounds": 2, "local_steps": 3, "hidden": 32, "latent_dim": 8, "samples_per_class": 4},
+    "dpcvae-loop": {"rounds": 2, "local_steps": 3, "hidden": 32, "latent_dim": 8, "samples_per_class": 4},
     "gaussian": {"samples_per_class": 20},
     "gaussian-distributed": {"samples_per_class": 20},
     "gaussian-central": {"samples_per_class": 20},
@@ -53,7 +53,7 @@ def test_registry_names():
         "fedprox",
         "fedavg-dp",
         "fedprox-dp",
-        "dpcvae",
+        "dpcvae-loop",
         "pooled",
         "gaussian",
         "gaussian-distributed",
@@ -74,7 +74,7 @@ def test_every_baseline_returns_per_client_rows(results, fed, name):
     s = res["summary"]
     assert s["clients"] == len(fed.clients)
     assert s["balanced_accuracy_mean"] == pytest.approx(np.mean([r["balanced_accuracy"] for r in rows]))
-    assert res["private"] == (name.endswith("-dp") or name == "dpcvae" or name.startswith("gaussian"))
+    assert res["private"] == (name.endswith("-dp") or name == "dpcvae-loop" or name.startswith("gaussian"))
     assert (res["privacy"] is None) == (not res["private"])
 
 
@@ -86,14 +86,14 @@ def test_fedavg_non_private_learns(results):
     assert results["fedavg"]["summary"]["balanced_accuracy_mean"] > 0.6
 
 
-@pytest.mark.parametrize("name", ["fedavg-dp", "fedprox-dp", "dpcvae"])
+@pytest.mark.parametrize("name", ["fedavg-dp", "fedprox-dp", "dpcvae-loop"])
 def test_dp_variants_report_their_budget(results, fed, name):
     p = results[name]["privacy"]
     assert p["epsilon_spent"] <= EPS * (1 + 1e-9)
     assert p["epsilon_spent"] > 0.9 * EPS  # calibrated, not wildly over-noised
     assert p["sigma"] > 0 and p["delta"] == DELTA and p["accountant"] == "rdp"
     assert p["steps"] == p["planned_steps"]
-    if name != "dpcvae":
+    if name != "dpcvae-loop":
         q = FAST[name]["sample_rate"]
         assert p["sample_rate"] == q
         assert p["steps"] == FAST[name]["rounds"] * 1 * steps_per_epoch(q)
@@ -101,12 +101,12 @@ def test_dp_variants_report_their_budget(results, fed, name):
 
 
 def test_dpcvae_synthetic_set_and_steps(results, fed):
-    res = results["dpcvae"]
-    n, K = FAST["dpcvae"]["samples_per_class"], fed.num_classes
+    res = results["dpcvae-loop"]
+    n, K = FAST["dpcvae-loop"]["samples_per_class"], fed.num_classes
     x, y = res["x_syn"], res["y_syn"]
     assert x.shape == (n * K, fed.dim) and np.isfinite(x).all()
     assert np.bincount(y, minlength=K).tolist() == [n] * K
-    assert res["privacy"]["steps"] == FAST["dpcvae"]["rounds"] * FAST["dpcvae"]["local_steps"]
+    assert res["privacy"]["steps"] == FAST["dpcvae-loop"]["rounds"] * FAST["dpcvae-loop"]["local_steps"]
 
 
 def test_dpcvae_reproducible_with_noise_seed_and_non_private_mode(fed):

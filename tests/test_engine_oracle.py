@@ -132,6 +132,16 @@ def test_a_fixed_decoder_output_scale_equals_the_oracle(mode, per_sample):
     assert worst_mismatch(SHAPES["depth2-tanh-heads2"], mode, per_sample, extra=["model.output_std=0.2"]) < REL
 
 
+@pytest.mark.parametrize("per_sample", ["ghost", "materialized"])
+@pytest.mark.parametrize("mode", ["strict", "paper"])
+def test_a_plain_cvae_without_modulation_or_learned_prior_equals_the_oracle(mode, per_sample):
+    # model.modulation false, model.prior standard (the DP-CVAE baseline on this engine): no heads at all, the code
+    # gets no gradient; relu between the layers and a fixed output scale, as that baseline has
+    extra = ["model.modulation=false", "model.prior=standard", "model.activation=relu", "model.output_std=0.7071"]
+    extra += ["privacy.stats_epsilon_fraction=0"]
+    assert worst_mismatch(SHAPES["depth2-tanh-heads2"], mode, per_sample, extra=extra) < REL
+
+
 @pytest.mark.parametrize("mode", ["strict", "paper"])
 def test_the_materialized_rows_equal_the_oracle_too(mode):
     """The DP step's other form of the per-sample stage (train.engine=reference) against the same oracle."""

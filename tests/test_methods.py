@@ -162,3 +162,23 @@ def test_a_registered_method_flows_through_table_sweep_job_and_collect(tmp_path,
     summary = collect.collect(out)
     assert summary["finished"] == 1
     assert "| Majority label (test) | – | 1 |" in (out / "summary.md").read_text()
+
+
+def test_dpcvae_trains_on_the_engine_strict_and_releases_no_class_statistics(tmp_path):
+    """DP-CVAE as FedHypeVAE training without heads: a complete run whose only release is DP-SGD, over every
+    parameter it trains; spending budget on class statistics no head would use is refused."""
+    from fedhypevae.model import HyperNetwork
+    from fedhypevae.run import run_training
+
+    cfg = load_config("tiny", [*METHODS["dpcvae"].overrides, "train.rounds=1", "model.hidden=[16,16,16]"])
+    assert not cfg.model.uses_code
+    hyper = HyperNetwork.from_config(64, 10, cfg.model)
+    assert hyper.h_theta is None and hyper.g_omega is None and hyper.spectral_layers() == []
+    res = run_training(cfg, tmp_path / "run", progress=False)
+    out = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert out["status"] == "complete" and out["missing"] == []
+    assert [m["mechanism"] for m in out["privacy"]["ledger"]] == ["dp-sgd"]
+    assert out["privacy"]["mode"] == "strict" and out["privacy"]["formal_guarantee"]
+    assert out["stats_release"]["released"] is False and res is not None
+    with pytest.raises(ConfigError, match="stats_epsilon_fraction must be 0"):
+        load_config("tiny", [*METHODS["dpcvae"].overrides, "privacy.stats_epsilon_fraction=0.1"])

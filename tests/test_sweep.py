@@ -31,7 +31,7 @@ def run_sweep(*args, timeout=240):
 
 def test_grid_runs_epsilon_free_methods_once_per_seed_and_partition():
     s = {
-        "methods": ["fedhypevae-strict", "local", "dpcvae"],
+        "methods": ["fedhypevae-strict", "local", "dpcvae-loop"],
         "partitions": ["iid", "dirichlet0.3"],
         "seeds": [0, 1],
         "epsilons": [1.0, 4.0],
@@ -44,7 +44,7 @@ def test_grid_runs_epsilon_free_methods_once_per_seed_and_partition():
     assert "local__dirichlet0.3__epsnone__seed1" in ids and "fedhypevae-strict__iid__eps4__seed0" in ids
     strict = next(p for p in pts if p.id == "fedhypevae-strict__dirichlet0.3__eps1__seed1")
     assert strict.ranks == 2 and "partition.alpha=0.3" in strict.overrides and "privacy.mode=strict" in strict.overrides
-    assert all(p.ranks == 1 for p in pts if p.method in ("local", "dpcvae"))  # baselines run on one rank
+    assert all(p.ranks == 1 for p in pts if p.method in ("local", "dpcvae-loop"))  # baselines run on one rank
     with pytest.raises(sweep.SweepError, match="dirichlet<alpha>"):
         sweep.parse_partition("dirichletX")
     with pytest.raises(sweep.SweepError, match="unknown method"):
