@@ -160,3 +160,20 @@ def test_balanced_accuracy_uses_classes_present_in_truth():
     assert balanced_accuracy([2, 2], [2, 0]) == pytest.approx(0.5)
     with pytest.raises(ValueError):  # the package's one treatment of empty input (fedhypevae.evaluation.metrics)
         balanced_accuracy([], [])
+
+
+@pytest.mark.parametrize("clip", [0.05, 1.0, 100.0])
+def test_closed_form_clipped_linear_sums_equal_per_sample_gradients(fed, clip):
+    """The DP linear baselines' clipped sums in closed form equal torch.func's per-sample gradients, clipped."""
+    from fedhypevae.baselines.linear import PARAM_NAMES, LinearCE, clipped_linear_sums
+    from fedhypevae.dp_step import clip_and_sum, per_sample_grads
+
+    torch.manual_seed(0)
+    model = LinearCE(fed.dim, fed.num_classes)
+    c = fed.clients[0]
+    x = torch.as_tensor(np.asarray(c.x_train[:40], np.float32))
+    y = torch.as_tensor(np.asarray(c.y_train[:40], np.int64)).reshape(-1)
+    want, _ = clip_and_sum(per_sample_grads(model, PARAM_NAMES, (x, y))[0], clip)
+    got = clipped_linear_sums(model, x, y, clip)
+    for n in PARAM_NAMES:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
