@@ -177,3 +177,10 @@ def test_closed_form_clipped_linear_sums_equal_per_sample_gradients(fed, clip):
     got = clipped_linear_sums(model, x, y, clip)
     for n in PARAM_NAMES:
         torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+    # unclipped: the gradient of the summed loss, as autograd gives it
+    loss, _ = model(x, y)
+    auto = dict(
+        zip(PARAM_NAMES, torch.autograd.grad(loss.sum(), [dict(model.named_parameters())[n] for n in PARAM_NAMES]))
+    )
+    for n, t in clipped_linear_sums(model, x, y, None).items():
+        torch.testing.assert_close(t, auto[n], rtol=1e-5, atol=1e-6)

@@ -140,16 +140,18 @@ class LinearCE(nn.Module):
 PARAM_NAMES = ["linear.bias", "linear.weight"]
 
 
-def clipped_linear_sums(model: LinearCE, x: torch.Tensor, y: torch.Tensor, clip_norm: float) -> dict:
-    """The clipped per-sample gradient sums of the cross-entropy of a linear model, in closed form (what
-    ``clip_and_sum(per_sample_grads(...))`` computes, without materializing a gradient per sample): sample j's
-    gradient is r_j x_j^T for the weight and r_j for the bias, r_j = softmax(W x_j + b) - onehot(y_j), so its
-    squared norm is ||r_j||^2 (||x_j||^2 + 1) and the clipped sums are (c * r)^T X and sum_j c_j r_j."""
+def clipped_linear_sums(model: LinearCE, x: torch.Tensor, y: torch.Tensor, clip_norm: float | None) -> dict:
+    """The per-sample gradient sums of the cross-entropy of a linear model, each sample's gradient clipped to
+    ``clip_norm`` (None: unclipped), in closed form (what ``clip_and_sum(per_sample_grads(...))`` computes,
+    without materializing a gradient per sample): sample j's gradient is r_j x_j^T for the weight and r_j for the
+    bias, r_j = softmax(W x_j + b) - onehot(y_j), so its squared norm is ||r_j||^2 (||x_j||^2 + 1) and the
+    clipped sums are (c * r)^T X and sum_j c_j r_j."""
     with torch.no_grad():
         r = torch.softmax(model.linear(x), dim=-1) - one_hot(y, model.num_classes, x.dtype)
-        norms = (r.pow(2).sum(1) * (x.pow(2).sum(1) + 1.0)).sqrt()
-        rc = r * clip_factor(norms, clip_norm)[:, None]
-        return {"linear.bias": rc.sum(0), "linear.weight": rc.t() @ x}
+        if clip_norm is not None:
+            norms = (r.pow(2).sum(1) * (x.pow(2).sum(1) + 1.0)).sqrt()
+            r = r * clip_factor(norms, clip_norm)[:, None]
+        return {"linear.bias": r.sum(0), "linear.weight": r.t() @ x}
 
 
 @dataclass
@@ -260,10 +262,7 @@ def fit_federated_linear(
                     batches = [None] * spe
                 for idx in batches:
                     if sampling == "shuffle":
-                        xb, yb = x[idx], y[idx]
-                        loss, _ = model(xb, yb)
-                        grads = torch.autograd.grad(loss.mean(), [params[n] for n in PARAM_NAMES])
-                        g = dict(zip(PARAM_NAMES, grads))
+                        g = {n: t / len(idx) for n, t in clipped_linear_sums(model, x[idx], y[idx], None).items()}
                     else:
                         gen = rngs[cid].generator(STREAM_STEP, r, step)
                         if dp is not None and on_step is not None:
@@ -281,9 +280,7 @@ def fit_federated_linear(
                         elif len(idx) == 0:
                             g = {n: torch.zeros_like(params[n]) for n in PARAM_NAMES}
                         else:
-                            loss, _ = model(xb, yb)
-                            grads = torch.autograd.grad(loss.sum() / expected, [params[n] for n in PARAM_NAMES])
-                            g = dict(zip(PARAM_NAMES, grads))
+                            g = {n: t / expected for n, t in clipped_linear_sums(model, xb, yb, None).items()}
                     with torch.no_grad():
                         for n in PARAM_NAMES:
                             upd = g[n]
