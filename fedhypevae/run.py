@@ -518,7 +518,7 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
         moments, why = release_statistics(tr, clip)
     if why and why != "signal":
         log.warning("%s", why)
-    elif not why:
+    elif moments is not None:
         log.info("class statistics released (stats.covariance=%s)", cfg.stats.covariance)
     if why == "signal":
         tr.state.interrupted = True
