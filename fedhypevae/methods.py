@@ -43,8 +43,8 @@ PROTOCOLS = ("augment", "local", "synthetic-only", "lambda-mix")
 OUTPUTS = ("predictions", "synthetic")
 FEDPROX_MU = 0.05
 #: DP-CVAE as FedHypeVAE training: no h_theta, the standard prior, Di Salvo et al.'s sizes, squared error (a fixed
-#: output scale 1/sqrt(2) makes the Gaussian NLL the squared error plus a constant), no MMD term and no class
-#: statistics (no head would use a meta-code)
+#: output scale 1/sqrt(2) makes the Gaussian NLL the squared error plus a constant; records released as the decoder
+#: mean), no MMD term and no class statistics (no head would use a meta-code)
 DPCVAE_OVERRIDES = (
     "privacy.mode=strict",
     "model.modulation=false",
@@ -53,6 +53,7 @@ DPCVAE_OVERRIDES = (
     "model.latent_dim=100",
     "model.activation=relu",
     "model.output_std=0.7071067811865476",
+    "synth.output_noise=false",  # its synthetic records are the decoder's mean, as in Di Salvo et al.
     "model.lambda_mmd=0",
     "privacy.stats_epsilon_fraction=0",
     "privacy.mmd_epsilon_fraction=0",
