@@ -44,7 +44,7 @@ class TableConfig:
     name: str
     # FedHypeVAE base config (a shipped name or a path); data/partition/seed/privacy are set per cell
     train_config: str = "default"
-    # dotted overrides applied to every FedHypeVAE run (e.g. a reduced protocol)
+    # dotted overrides applied to every FedHypeVAE run (e.g. a data set's public statistics clip)
     overrides: list = field(default_factory=list)
     # data section (as in a train config)
     data: dict = field(default_factory=lambda: {"path": "digits"})
@@ -257,8 +257,13 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
         + " | ε spent (max) | s / cell (median) |"
     )
     sep = "|---" * (1 + 2 * len(parts)) + "|---|---|"
+    where = (
+        ", scored on VALIDATION splits carved from each client's train split (data.holdout: validation)"
+        if (tc.data or {}).get("holdout") == "validation"
+        else ""
+    )
     lines = [
-        f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}",
+        f"### {tc.name}: {tc.clients} clients, ε = {tc.epsilon}, δ = {tc.delta}, seeds {tc.seeds}{where}",
         "",
         head,
         sep,

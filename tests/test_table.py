@@ -66,6 +66,7 @@ def test_table_runs_every_method_on_the_same_splits_and_resumes(tmp_path):
         for (m, pr, p, c) in by
         if m == "fedhypevae-strict" and pr == "augment"
     )
+    assert "VALIDATION" not in md
     # a second run reuses the finished cells
     before = {p.name: p.stat().st_mtime for p in (tmp_path / "cells").iterdir()}
     run_table(small_table(), tmp_path, command="test", progress=False)
@@ -94,3 +95,12 @@ def test_shipped_table_configs_load():
             and tc.seeds == [0, 1, 2]
             and set(tc.partitions) == {"iid", "dirichlet"}
         )
+
+
+def test_a_table_on_validation_splits_says_so(tmp_path):
+    from fedhypevae.table import aggregate, markdown
+
+    tc = small_table(data={"path": "digits", "holdout": "validation"}, methods=["local"], partitions=["iid"])
+    res = run_table(tc, tmp_path, command="test", progress=False)
+    assert "scored on VALIDATION splits" in res["markdown"]
+    assert "VALIDATION" not in markdown(small_table(), aggregate([]), "test")
