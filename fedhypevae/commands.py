@@ -557,10 +557,15 @@ def evaluation_hints(res: dict) -> list[str]:
     if ref:
         diff = 100 * (res["summary"]["balanced_accuracy"]["mean"] - ref["summary"]["balanced_accuracy"]["mean"])
         if diff < -0.5:
+            private = ((res.get("run") or {}).get("enabled")) is not False
+            why = (
+                "at this privacy budget it carries more noise than signal for them"
+                if private
+                else "without privacy, it is a coarser picture of the data than a client's own records"
+            )
             out.append(
                 f"the synthetic set makes these classifiers WORSE than training on each client's real data "
-                f"alone ({diff:+.2f} points of balanced accuracy): at this privacy budget it carries more noise "
-                "than signal for them. See docs/RESULTS.md ('What the tables say') for when it helps"
+                f"alone ({diff:+.2f} points of balanced accuracy): {why}. See docs/RESULTS.md for when it helps"
             )
         elif diff > 0.5:
             out.append(

@@ -275,6 +275,8 @@ def test_summaries_say_what_the_numbers_mean():
     }
     hints = evaluation_hints(res)
     assert "WORSE" in hints[0] and "-13.50 points" in hints[0] and "far from the real distribution" in hints[1]
+    assert "privacy budget" in hints[0]
+    assert "without privacy" in evaluation_hints({**res, "run": {"enabled": False}})[0]  # not blamed on a budget
     res["summary"]["balanced_accuracy"]["mean"] = 0.97
     assert "improves" in evaluation_hints(res)[0]
     results = {
