@@ -364,9 +364,11 @@ _KIND_STYLE = {
 
 
 def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
-    """One panel per partition: a box per method over every (seed, client) balanced accuracy, each client a
-    dot (so no outlier marker is drawn twice), boxes coloured by how the method treats privacy. Returns what
-    was drawn (legend labels, whether each panel labels its y axis, outlier markers) for the tests."""
+    """One panel per partition: a horizontal box per table row (a method, or a generative method under one
+    protocol) over every (seed, client) balanced accuracy, each client a dot (so no outlier marker is drawn
+    twice), boxes coloured by how the method treats privacy; rows read top to bottom in the table's order.
+    Returns what was drawn (legend labels, whether each panel labels its accuracy axis, outlier markers) for the
+    tests."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,11 +377,14 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
     from matplotlib.patches import Patch
 
     parts = tc.partitions
-    fig, axes = plt.subplots(1, len(parts), figsize=(5.5 * len(parts) + 1.5, 5.2), squeeze=False, sharey=True)
+    keys = row_keys(tc)
+    fig, axes = plt.subplots(
+        1, len(parts), figsize=(4.2 * len(parts) + 4.0, 0.32 * len(keys) + 2.2), squeeze=False, sharey=True
+    )
     kinds_used = []
-    for ax, p in zip(axes[0], parts):
+    for j, (ax, p) in enumerate(zip(axes[0], parts)):
         data, labels, kinds = [], [], []
-        for k in row_keys(tc):
+        for k in keys:
             vals = [
                 100 * r["balanced_accuracy"]
                 for c in cells
@@ -388,13 +393,16 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
                 if key == k
                 for r in rows
             ]
-            if vals:
-                data.append(vals)
-                labels.append(row_label(k).replace(" (", "\n(").replace(" · ", "\n· "))
-                kinds.append(METHODS[k[0]].privacy)
-        if data:
+            data.append(vals)
+            labels.append(row_label(k))
+            kinds.append(METHODS[k[0]].privacy)
+        pos = np.arange(len(keys), 0, -1)  # the table's first row on top
+        shown = [i for i, v in enumerate(data) if v]
+        if shown:
             box = ax.boxplot(
-                data,
+                [data[i] for i in shown],
+                positions=pos[shown],
+                vert=False,
                 showmeans=True,
                 showfliers=False,
                 patch_artist=True,
@@ -402,20 +410,20 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
                 medianprops={"color": "black", "linewidth": 1.5},
                 meanprops={"marker": "D", "markerfacecolor": "white", "markeredgecolor": "black", "markersize": 5},
             )
-            for patch, kind in zip(box["boxes"], kinds):
-                patch.set_facecolor(_KIND_STYLE[kind][0])
+            for patch, i in zip(box["boxes"], shown):
+                patch.set_facecolor(_KIND_STYLE[kinds[i]][0])
                 patch.set_alpha(0.55)
-            for i, vals in enumerate(data, start=1):
-                jitter = np.random.default_rng(i).uniform(-0.18, 0.18, len(vals))
-                ax.scatter(
-                    np.full(len(vals), i) + jitter, vals, s=9, color="#333333", alpha=0.55, zorder=3, linewidths=0
-                )
-            ax.set_xticks(range(1, len(labels) + 1), labels, rotation=55, ha="right", fontsize=8)
-            kinds_used += [k for k in kinds if k not in kinds_used]
+            for i in shown:
+                jitter = np.random.default_rng(i).uniform(-0.18, 0.18, len(data[i]))
+                ax.scatter(data[i], pos[i] + jitter, s=9, color="#333333", alpha=0.55, zorder=3, linewidths=0)
+            kinds_used += [kinds[i] for i in shown if kinds[i] not in kinds_used]
+        ax.set_yticks(pos, labels, fontsize=8)
+        ax.set_ylim(0.4, len(keys) + 0.6)
         ax.set_title(f"{tc.name}, {'IID' if p == 'iid' else f'Dirichlet α = {tc.alpha}'}")
-        ax.tick_params(axis="y", labelleft=True)  # every panel keeps its own scale labels
-        ax.set_ylabel("balanced accuracy per client (%)")
-        ax.grid(axis="y", alpha=0.3)
+        ax.tick_params(axis="x", labelbottom=True)  # every panel keeps its own scale labels
+        ax.tick_params(axis="y", labelleft=j == 0)
+        ax.set_xlabel("balanced accuracy per client (%)")
+        ax.grid(axis="x", alpha=0.3)
     handles = [
         Patch(facecolor=_KIND_STYLE[k][0], alpha=0.55, label=_KIND_STYLE[k][1])
         for k in ("dp", "paper", "none")
@@ -437,11 +445,12 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
         ),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.tight_layout(rect=(0, 0.75 / (0.32 * len(keys) + 2.2), 1, 1))  # room for the legend (about 0.6 inch)
     fig.savefig(path, dpi=120)
     drawn = {
         "legend": [h.get_label() for h in handles],
-        "y_tick_labels": [any(lab.get_visible() and lab.get_text() for lab in ax.get_yticklabels()) for ax in axes[0]],
+        "y_tick_labels": [any(lab.get_visible() and lab.get_text() for lab in ax.get_xticklabels()) for ax in axes[0]],
+        "row_labels": [lab.get_text() for lab in axes[0][0].get_yticklabels()],
         "outlier_markers": sum(
             len(line.get_xdata())
             for ax in axes[0]

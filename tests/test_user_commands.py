@@ -298,17 +298,22 @@ def test_per_client_plot_has_a_legend_labels_every_panel_and_draws_each_client_o
 
     tc = TableConfig(name="t", seeds=[0], methods=["local", "fedhypevae-strict", "fedhypevae-paper"])
     rng = np.random.default_rng(0)
+
+    def rows():
+        return [{"balanced_accuracy": float(v)} for v in np.r_[rng.uniform(0.6, 0.7, 9), 0.05]]  # one far outlier
+
     cells = [
-        {
-            "method": m,
-            "partition": p,
-            "seed": 0,
-            "rows": [{"balanced_accuracy": float(v)} for v in np.r_[rng.uniform(0.6, 0.7, 9), 0.05]],
-        }
+        {"method": m, "partition": p, "seed": 0, "rows": rows()}
+        if m == "local"
+        else {"method": m, "partition": p, "seed": 0, "scores": {proto: rows() for proto in tc.protocols}}
         for m in tc.methods
         for p in tc.partitions
-    ]  # one far outlier per box
+    ]
     drawn = plot(tc, cells, tmp_path / "p.png")
+    # one row per method, and per protocol for a generative one, in the table's order (top to bottom)
+    assert drawn["row_labels"] == ["Local only"] + [
+        f"{lab} · {p}" for lab in ("FedHypeVAE (strict)", "FedHypeVAE (paper mode*)") for p in ("augment", "λ-mix")
+    ]
     assert (tmp_path / "p.png").stat().st_size > 10_000
     assert {
         "median",
