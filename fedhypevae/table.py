@@ -224,7 +224,8 @@ def aggregate(cells: list[dict]) -> dict:
             d["acc_all"] += [r["accuracy"] for r in rows]
             d["bacc_all"] += [r["balanced_accuracy"] for r in rows]
             d["lam"] += [r["lambda"] for r in rows if r.get("lambda") is not None]
-            d.setdefault("seconds", []).append(c.get("train_seconds", c["seconds"]))
+            sec = c.get("train_seconds", c.get("seconds"))  # cells written by older code may have neither
+            d.setdefault("seconds", []).extend([] if sec is None else [sec])
             if c["epsilon_spent"] is not None:
                 d["eps"].append(c["epsilon_spent"])
     return {
@@ -238,7 +239,7 @@ def aggregate(cells: list[dict]) -> dict:
             "seeds": len(v["acc"]),
             "epsilon_max": max(v["eps"]) if v["eps"] else None,
             "lambda_mean": _mean(v["lam"]) if v["lam"] else None,
-            "seconds_median": statistics.median(v["seconds"]),
+            "seconds_median": statistics.median(v["seconds"]) if v["seconds"] else None,
         }
         for k, v in out.items()
     }
@@ -288,7 +289,8 @@ def markdown(tc: TableConfig, agg: dict, command: str) -> str:
             cells += [_pm(a["acc_mean"], a["acc_std"], a["seeds"]), b]
             if a["epsilon_max"] is not None:
                 eps = max(eps or 0.0, a["epsilon_max"])
-            secs.append(a["seconds_median"])
+            if a["seconds_median"] is not None:
+                secs.append(a["seconds_median"])
         sec = f"{statistics.median(secs):.1f}" if secs else "–"
         lines.append(
             f"| {row_label(k)} | " + " | ".join(cells) + f" | {'–' if eps is None else f'{eps:.3f}'} | {sec} |"

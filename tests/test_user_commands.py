@@ -245,17 +245,15 @@ def test_table_text_one_seed_has_no_plus_minus_and_verdicts_read_as_sentences():
     from fedhypevae.table import TableConfig, aggregate, markdown
 
     tc = TableConfig(name="t", partitions=["iid"], seeds=[0], methods=["local", "fedavg-dp", "fedhypevae-strict"])
-    cells = [
-        {
-            "method": m,
-            "partition": "iid",
-            "seed": 0,
-            "epsilon_spent": None if m == "local" else 1.0,
-            "rows": [{"accuracy": a, "balanced_accuracy": a}],
-        }
-        for m, a in (("local", 0.90), ("fedavg-dp", 0.70), ("fedhypevae-strict", 0.876))
-    ]
+
+    def cell(m, a):
+        rows = [{"accuracy": a, "balanced_accuracy": a}]
+        c = {"method": m, "partition": "iid", "seed": 0, "epsilon_spent": None if m == "local" else 1.0}
+        return {**c, "scores": {p: rows for p in tc.protocols}} if m.startswith("fedhypevae") else {**c, "rows": rows}
+
+    cells = [cell(m, a) for m, a in (("local", 0.90), ("fedavg-dp", 0.70), ("fedhypevae-strict", 0.876))]
     md = markdown(tc, aggregate(cells), "cmd")
+    assert "- IID, augment: FedHypeVAE (strict) is 17.60" in md and "- IID, λ-mix: FedHypeVAE (strict) is 17.60" in md
     assert "±" not in md.split("Command:")[0].replace("Mean ± std", "")
     assert "| 90.00 |" in md and "no spread over seeds" in md
     assert "is 17.60 points above FedAvg (DP-SGD) (same ε)" in md
