@@ -30,7 +30,7 @@ from ..errors import ConfigError, PrivacyError
 from ..model import mlp, one_hot, soft_clamp
 from ..privacy import DP_SGD, PrivacyLedger, plan_dp_sgd
 from ..rng import STREAM_STEP, ClientRNG, SeedTag, public_generator
-from .linear import _require_all_clients, aggregation_weights, ledger_summary
+from .linear import _require_all_clients, aggregation_weights, ledger_summary, synthetic_result
 
 
 class CVAE(nn.Module):
@@ -226,12 +226,12 @@ def train_dpcvae(
         "prior": "N(0, I)",
         "feature_space": f"federation ({fed.transform})",
     }
-    return {
-        "x_syn": x_syn.numpy().astype(np.float32),
-        "y_syn": y_syn.numpy().astype(np.int64),
-        "privacy": privacy,
-        "settings": settings,
-        "diagnostics": {"train_loss_per_round": history, "note": "outside the guarantee"},
-        "decoder": {n: t.clone() for n, t in global_dec.items()},
-        "wall_s": time.perf_counter() - t0,
-    }
+    return synthetic_result(
+        x_syn.numpy(),
+        y_syn.numpy(),
+        privacy=privacy,
+        settings=settings,
+        started=t0,
+        diagnostics={"train_loss_per_round": history, "note": "outside the guarantee"},
+        decoder={n: t.clone() for n, t in global_dec.items()},
+    )

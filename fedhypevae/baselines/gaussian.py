@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..privacy import CLASS_STATS, PrivacyLedger, calibrate_one_shot
 from ..privacy.stats import clip_rows
 from ..rng import STREAM_STATS_RELEASE, ClientRNG, SeedTag, public_generator
-from .linear import _require_all_clients
+from .linear import _require_all_clients, synthetic_result
 
 TRUST_MODELS = ("local", "distributed", "central")
 COMPONENTS = 3  # per class: sum, count, sum of squared norms
@@ -180,13 +180,13 @@ def dp_gaussian_sampler(
         "variance": "pooled isotropic",
         "feature_space": f"federation ({fed.transform})",
     }
-    return {
-        "x_syn": x_syn.numpy().astype(np.float32),
-        "y_syn": y_syn.numpy().astype(np.int64),
-        "privacy": privacy,
-        "settings": settings,
+    return synthetic_result(
+        x_syn.numpy(),
+        y_syn.numpy(),
+        privacy=privacy,
+        settings=settings,
+        started=t0,
         # the summed release itself (K, d + 2: sums, count, squared norms per class): DP, like the synthetic set
-        "release": total.numpy(),
-        "diagnostics": {"pooled_variance": var, "note": "post-processing of the release"},
-        "wall_s": time.perf_counter() - t0,
-    }
+        release=total.numpy(),
+        diagnostics={"pooled_variance": var, "note": "post-processing of the release"},
+    )

@@ -74,6 +74,20 @@ def _result(name: str, rows: list, *, privacy: dict | None, settings: dict, star
     return out
 
 
+def synthetic_result(x_syn, y_syn, *, privacy: dict | None, settings: dict, started: float, **extra) -> dict:
+    """The result of a baseline that generates (``methods.Method.output == "synthetic"``): its synthetic set in the
+    federation's feature space (float32 records, int64 labels), privacy facts, settings and wall time."""
+    out = {
+        "x_syn": np.asarray(x_syn, dtype=np.float32),
+        "y_syn": np.asarray(y_syn, dtype=np.int64),
+        "privacy": privacy,
+        "settings": settings,
+        "wall_s": time.perf_counter() - started,
+    }
+    out.update(extra)
+    return out
+
+
 # --------------------------------------------------------------------------- the evaluation's classifier
 
 
