@@ -424,6 +424,7 @@ def plot(tc: TableConfig, cells: list[dict], path: Path) -> dict:
         ax.set_title(f"{tc.name}, {'IID' if p == 'iid' else f'Dirichlet α = {tc.alpha}'}")
         ax.tick_params(axis="x", labelbottom=True)  # every panel keeps its own scale labels
         ax.tick_params(axis="y", labelleft=j == 0)
+        ax.set_xlim(-2, 102)  # the same scale in every panel
         ax.set_xlabel("balanced accuracy per client (%)")
         ax.grid(axis="x", alpha=0.3)
     handles = [
