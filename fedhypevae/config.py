@@ -219,14 +219,14 @@ class ModelConfig:
         _one_of("model.activation", self.activation, ("silu", "tanh", "gelu", "relu"))
         _check(isinstance(self.modulation, bool), f"model.modulation must be true or false; got {self.modulation!r}")
         _one_of("model.prior", self.prior, ("learned", "standard"))
+        _check(self.mmd_features % 2 == 0, f"model.mmd_features must be even (cos/sin pairs); got {self.mmd_features}")
+        _number_list("model.mmd_bandwidths", self.mmd_bandwidths, what="positive bandwidths")
 
     @property
     def uses_code(self) -> bool:
         """Whether a client code changes what the model generates (it feeds h_theta or h_omega): without either,
         the class statistics and the meta-code fit serve nothing."""
         return self.modulation or self.prior == "learned"
-        _check(self.mmd_features % 2 == 0, f"model.mmd_features must be even (cos/sin pairs); got {self.mmd_features}")
-        _number_list("model.mmd_bandwidths", self.mmd_bandwidths, what="positive bandwidths")
 
 
 @dataclass
