@@ -421,6 +421,13 @@ def _add_table(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (table.md, table.csv, table.json, plots, cells/)")
     p.add_argument("--seeds", type=_int_list, help="comma-separated seeds instead of the config's")
     p.add_argument("--methods", type=_names, help="comma-separated methods instead of the config's")
+    p.add_argument(
+        "--jobs",
+        type=POSITIVE_INT,
+        default=1,
+        help="cells computed at once, each in its own process with (cores / jobs) torch threads; the numbers "
+        "do not depend on it (default: 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

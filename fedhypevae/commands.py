@@ -627,7 +627,7 @@ def cmd_table(args) -> int:
         if sys.argv[1:2] == ["table"]
         else f"fedhypevae table --config {args.config} --out {args.out}"
     )
-    res = run_table(tc, Path(args.out), command=command, progress=not args.no_progress)
+    res = run_table(tc, Path(args.out), command=command, progress=not args.no_progress, jobs=args.jobs)
     print(res["markdown"])
     print(f"written: {args.out}/table.md, table.csv, table.json, per_client_bacc.png")
     return 0

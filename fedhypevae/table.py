@@ -14,6 +14,7 @@ The methods, their labels, how each runs and how it is scored come from the regi
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -509,7 +510,35 @@ def check_cached_cells(tc: TableConfig, out: Path) -> dict:
     return settings
 
 
-def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True) -> dict:
+def _cell_worker_init(threads: int) -> None:
+    """A `--jobs` worker: its share of the cores, so that N cells side by side do not oversubscribe them."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run_cell_job(tc: TableConfig, m: str, p: str, s: int, out: Path) -> dict:
+    """One cell in a worker process; its file is written there, so a finished cell survives the parent."""
+    from .atomic import atomic_write_text
+
+    cell = run_cell(tc, m, p, s, out)
+    atomic_write_text(out / "cells" / f"{p}_s{s}_{m}.json", dumps_json(cell, indent=1))
+    return cell
+
+
+def job_threads(jobs: int) -> int:
+    """Torch threads per `--jobs` worker: the cores this process may use, shared out (at least 1)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // jobs)
+
+
+def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True, jobs: int = 1) -> dict:
+    """Every cell of the table (cached ones are read back), then table.md/.csv/.json and the plot. `jobs` > 1
+    runs that many cells at once, each in its own process with cores // jobs torch threads; the cells' numbers
+    do not depend on it (each cell is seeded by itself)."""
     settings = check_cached_cells(tc, out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cells").mkdir(exist_ok=True)
@@ -518,28 +547,49 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
 
         atomic_write_text(out / "cells" / SETTINGS_FILE, dumps_json(settings, indent=1) + "\n")
     todo = [(p, s, m) for p in tc.partitions for s in tc.seeds for m in tc.methods]
-    cells = []
+    files = {key: out / "cells" / f"{key[0]}_s{key[1]}_{key[2]}.json" for key in todo}
+    done = {key: json.loads(f.read_text()) for key, f in files.items() if f.is_file()}
+    missing = [key for key in todo if key not in done]
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"table {tc.name}", unit="cell")
-    for p, s, m in todo:
-        f = out / "cells" / f"{p}_s{s}_{m}.json"
-        if bar is not None:  # the cell being computed now (or read back)
-            bar.set_postfix_str(f"{m} {p} seed {s}" + (" (cached)" if f.is_file() else ""))
-        if f.is_file():
-            cell = json.loads(f.read_text())
-        else:
-            cell = run_cell(tc, m, p, s, out)
-            from .atomic import atomic_write_text
+        bar = tqdm(total=len(todo), initial=len(done), desc=f"table {tc.name}", unit="cell")
+    if jobs <= 1 or len(missing) <= 1:
+        for p, s, m in missing:
+            if bar is not None:  # the cell being computed now
+                bar.set_postfix_str(f"{m} {p} seed {s}")
+            done[(p, s, m)] = _run_cell_job(tc, m, p, s, out)
+            if bar is not None:
+                bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-            atomic_write_text(f, dumps_json(cell, indent=1))
-        cells.append(cell)
-        if bar is not None:
-            bar.update(1)
+        # spawn: a forked worker would inherit torch's thread pool and this process' state
+        with ProcessPoolExecutor(
+            max_workers=min(jobs, len(missing)),
+            mp_context=mp.get_context("spawn"),
+            initializer=_cell_worker_init,
+            initargs=(job_threads(jobs),),
+        ) as pool:
+            running = {pool.submit(_run_cell_job, tc, m, p, s, out): (p, s, m) for p, s, m in missing}
+            try:
+                while running:
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for fut in finished:
+                        p, s, m = running.pop(fut)
+                        done[(p, s, m)] = fut.result()
+                        if bar is not None:
+                            bar.set_postfix_str(f"done: {m} {p} seed {s}")
+                            bar.update(1)
+            except BaseException:
+                for fut in running:
+                    fut.cancel()
+                raise
     if bar is not None:
         bar.close()
+    cells = [done[key] for key in todo]
     agg = aggregate(cells)
     md = markdown(tc, agg, command)
     (out / "table.md").write_text(md)
