@@ -28,32 +28,41 @@ class ClassMoments:
         return self.counts >= 1.0
 
 
-def model_moments(hyper: HyperNetwork, code: torch.Tensor, z_noise: torch.Tensor, *, output_noise: bool):
-    """Monte-Carlo mean and covariance of x(z, y), z ~ p_omega(z | y), per class, for one code.
-    z_noise is (K, M, d_z), fixed across optimizer steps (common random numbers)."""
+def model_moments(
+    hyper: HyperNetwork, code: torch.Tensor, z_noise: torch.Tensor, *, output_noise: bool, second: str = "cov"
+):
+    """Monte-Carlo mean and second moment of x(z, y), z ~ p_omega(z | y), per class, for one code.
+    z_noise is (K, M, d_z), fixed across optimizer steps (common random numbers). `second`: "cov" (K, d, d),
+    "var" (K, d: the covariance's diagonal, without the d x d product) or "none" (None: the means alone)."""
     K, M, _ = z_noise.shape
     mods, hw = generator_params(hyper, code)
     y = torch.arange(K, device=z_noise.device).repeat_interleave(M)
     x = sample_synthetic(hyper, mods, hw, y, z_noise.reshape(K * M, -1), None).reshape(K, M, -1)
     mean = x.mean(1)
+    if second == "none":
+        return mean, None
     centered = x - mean[:, None, :]
+    noise_var = hyper.output_logstd().exp().pow(2) if output_noise else None
+    if second == "var":
+        var = centered.pow(2).sum(1) / (M - 1)
+        return mean, var if noise_var is None else var + noise_var
     cov = centered.transpose(1, 2) @ centered / (M - 1)
-    if output_noise:  # Cov[x] = Cov_z[E[x|z]] + diag(sigma_x^2) when x is drawn from p_theta(x | z, y)
-        cov = cov + torch.diag_embed(hyper.output_logstd().exp().pow(2)).expand_as(cov)
+    if noise_var is not None:  # Cov[x] = Cov_z[E[x|z]] + diag(sigma_x^2) when x is drawn from p_theta(x | z, y)
+        cov = cov + torch.diag_embed(noise_var).expand_as(cov)
     return mean, cov
 
 
 def metacode_loss(hyper, code, target: ClassMoments, z_noise, *, beta: float, output_noise: bool) -> torch.Tensor:
-    """Eq. 11: sum_y ||E[x(z,y)] - mu_y||^2 + beta ||Cov[x(z,y)] - Sigma_y||_F^2 over valid classes."""
-    mean, cov = model_moments(hyper, code, z_noise, output_noise=output_noise)
+    """Eq. 11: sum_y ||E[x(z,y)] - mu_y||^2 + beta ||Cov[x(z,y)] - Sigma_y||_F^2 over valid classes (the
+    diagonal alone with variances as the target; the means alone without a second moment)."""
+    second = "cov" if target.cov is not None else "var" if target.var is not None else "none"
+    mean, mom = model_moments(hyper, code, z_noise, output_noise=output_noise, second=second)
     valid = target.valid.to(device=mean.device, dtype=mean.dtype)
     loss = (mean - target.means.to(device=mean.device, dtype=mean.dtype)).pow(2).sum(-1) * valid
     if target.cov is not None:
-        loss = loss + beta * ((cov - target.cov.to(device=cov.device, dtype=cov.dtype)).pow(2).sum((-1, -2)) * valid)
+        loss = loss + beta * ((mom - target.cov.to(device=mom.device, dtype=mom.dtype)).pow(2).sum((-1, -2)) * valid)
     elif target.var is not None:
-        loss = loss + beta * (
-            (cov.diagonal(dim1=-2, dim2=-1) - target.var.to(device=cov.device, dtype=cov.dtype)).pow(2).sum(-1) * valid
-        )
+        loss = loss + beta * ((mom - target.var.to(device=mom.device, dtype=mom.dtype)).pow(2).sum(-1) * valid)
     return loss.sum() / valid.sum().clamp(min=1.0)
 
 

@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
@@ -158,3 +159,17 @@ def test_fixed_output_scale():
     with torch.no_grad():
         learned.x_logstd.fill_(0.7)
     torch.testing.assert_close(learned.output_logstd(), 5.0 * torch.tanh(torch.full((6,), 0.7) / 5.0))
+
+
+@pytest.mark.parametrize("output_noise", [False, True])
+def test_metacode_moments_var_and_none_agree_with_the_covariance(output_noise):
+    from fedhypevae.metacode import model_moments
+
+    torch.manual_seed(0)
+    h = HyperNetwork(6, 3, latent_dim=4, code_dim=3, hidden=[8], hyper_hidden=5, label_embed_dim=2)
+    code, z = torch.randn(3), torch.randn(3, 50, 4)
+    mean, cov = model_moments(h, code, z, output_noise=output_noise, second="cov")
+    mean_v, var = model_moments(h, code, z, output_noise=output_noise, second="var")
+    mean_n, none = model_moments(h, code, z, output_noise=output_noise, second="none")
+    assert none is None and torch.equal(mean, mean_v) and torch.equal(mean, mean_n)
+    torch.testing.assert_close(var, cov.diagonal(dim1=-2, dim2=-1), rtol=1e-5, atol=1e-7)

@@ -15,6 +15,7 @@ is recorded in the privacy ledger (``ledger.py``).
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -79,7 +80,8 @@ def _rdp_orders() -> list:
 
 
 def _rdp_of(m: Mechanism, orders: list):
-    """RDP curve of one mechanism at ``orders`` (numpy array).
+    """RDP curve of one mechanism at ``orders`` (numpy array): ``steps`` times the curve of one step
+    (`_rdp_per_step`, cached: a run asks for the same (q, sigma) every round).
 
     Opacus' exact subsampled-Gaussian RDP at orders in the thousands costs ~0.1 s per call,
     which would make calibration slow. For q < 1 and the extra (> 63) orders we use the
@@ -87,20 +89,26 @@ def _rdp_of(m: Mechanism, orders: list):
     increases Renyi divergence (joint quasi-convexity), so this is a valid upper bound, and
     those orders are only optimal for few, very noisy releases where q = 1 anyway.
     """
+    return _rdp_per_step(float(m.sample_rate), float(m.noise_multiplier), tuple(orders)) * m.steps
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(q: float, sigma: float, orders: tuple):
+    """One step's RDP curve; Opacus' `compute_rdp(steps=s)` is this curve times s (so the cache changes no
+    number). Read-only: callers multiply, which makes a new array."""
     import numpy as np
     from opacus.accountants.analysis import rdp as rdp_analysis
 
+    orders = list(orders)
     n_default = len(orders) - len(_EXTRA_ORDERS)
-    if m.sample_rate >= 1.0:
-        return np.asarray(
-            rdp_analysis.compute_rdp(q=1.0, noise_multiplier=m.noise_multiplier, steps=m.steps, orders=orders),
-            dtype=float,
-        )
-    low = rdp_analysis.compute_rdp(
-        q=m.sample_rate, noise_multiplier=m.noise_multiplier, steps=m.steps, orders=orders[:n_default]
-    )
-    high = m.steps * np.asarray(orders[n_default:], dtype=float) / (2 * m.noise_multiplier**2)
-    return np.concatenate([np.asarray(low, dtype=float), high])
+    if q >= 1.0:
+        curve = np.asarray(rdp_analysis.compute_rdp(q=1.0, noise_multiplier=sigma, steps=1, orders=orders), dtype=float)
+    else:
+        low = rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=orders[:n_default])
+        high = np.asarray(orders[n_default:], dtype=float) / (2 * sigma**2)
+        curve = np.concatenate([np.asarray(low, dtype=float), high])
+    curve.setflags(write=False)
+    return curve
 
 
 def _rdp_epsilon(mechanisms: list, delta: float) -> float:
