@@ -172,6 +172,10 @@ class ModelConfig:
     modulation: bool = True
     # the latent prior: learned (p_omega(z | y) from the code, Eq. 4) or standard (N(0, I) for every class)
     prior: str = "learned"
+    # true: the decoder's mean is a_y + its output, a_y the pooled class means of the DP class-statistics release,
+    # which then happens BEFORE training (post-processing of that release: no budget of its own); DP-SGD learns
+    # the variation around the class means instead of the means themselves
+    class_anchor: bool = False
     # label embedding size for the prior generator g_omega
     label_embed_dim: int = 16
     # spectral-norm bound (Lipschitz constant) per hypernetwork layer; null disables the projection
@@ -219,6 +223,9 @@ class ModelConfig:
         _one_of("model.activation", self.activation, ("silu", "tanh", "gelu", "relu"))
         _check(isinstance(self.modulation, bool), f"model.modulation must be true or false; got {self.modulation!r}")
         _one_of("model.prior", self.prior, ("learned", "standard"))
+        _check(
+            isinstance(self.class_anchor, bool), f"model.class_anchor must be true or false; got {self.class_anchor!r}"
+        )
         _check(self.mmd_features % 2 == 0, f"model.mmd_features must be even (cos/sin pairs); got {self.mmd_features}")
         _number_list("model.mmd_bandwidths", self.mmd_bandwidths, what="positive bandwidths")
 
@@ -227,6 +234,11 @@ class ModelConfig:
         """Whether a client code changes what the model generates (it feeds h_theta or h_omega): without either,
         the class statistics and the meta-code fit serve nothing."""
         return self.modulation or self.prior == "learned"
+
+    @property
+    def releases_stats(self) -> bool:
+        """Whether a run releases class statistics: for the meta-code fit (`uses_code`) or the anchor."""
+        return self.uses_code or self.class_anchor
 
 
 @dataclass
@@ -447,9 +459,13 @@ class Config:
         why = trust_refusal(self.federation.aggregation, self.privacy.trust_model) if self.privacy.enabled else None
         _check(why is None, why or "")
         _check(
-            self.model.uses_code or not self.privacy.enabled or self.privacy.stats_epsilon_fraction == 0,
+            self.model.releases_stats or not self.privacy.enabled or self.privacy.stats_epsilon_fraction == 0,
             "privacy.stats_epsilon_fraction must be 0 when model.modulation is false and model.prior is standard: "
             "the model has no heads, so the class statistics would spend budget on a meta-code that changes nothing",
+        )
+        _check(
+            not (self.model.class_anchor and self.privacy.enabled and self.privacy.stats_epsilon_fraction == 0),
+            "model.class_anchor needs the class-statistics release: set privacy.stats_epsilon_fraction > 0",
         )
 
     def to_dict(self) -> dict:

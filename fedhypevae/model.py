@@ -202,6 +202,7 @@ class HyperNetwork(nn.Module):
         output_std: float | None = None,
         modulation: bool = True,
         prior: str = "learned",
+        class_anchor: bool = False,
     ):
         super().__init__()
         if prior not in PRIORS:
@@ -235,6 +236,9 @@ class HyperNetwork(nn.Module):
             self.label_embed = nn.Embedding(num_classes, label_embed_dim)
             self.g_omega = mlp([hyper_hidden + label_embed_dim, *mid, 2 * latent_dim], activation)
         self.x_logstd = nn.Parameter(torch.zeros(dim))
+        # a_y (K, d_x), added to the decoder's mean: public (released class means), not trained, saved with Phi
+        # (a None buffer without the anchor: absent from the state dict)
+        self.register_buffer("class_anchor", torch.zeros(num_classes, dim) if class_anchor else None)
 
     @classmethod
     def from_config(cls, dim: int, num_classes: int, m) -> HyperNetwork:
@@ -251,6 +255,7 @@ class HyperNetwork(nn.Module):
             output_std=m.output_std,
             modulation=m.modulation,
             prior=m.prior,
+            class_anchor=m.class_anchor,
         )
 
     # -- Eq. 3 -------------------------------------------------------------------------------
@@ -274,6 +279,8 @@ class HyperNetwork(nn.Module):
                 h = h + db
             if i < n - 1:
                 h = self.act(h)
+        if self.class_anchor is not None:  # a_y: a constant per class (no parameter, so no gradient to clip)
+            h = h + y_onehot @ self.class_anchor.to(h.dtype)
         return h
 
     def output_logstd(self, ops: Ops = PLAIN) -> torch.Tensor:

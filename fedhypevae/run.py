@@ -140,6 +140,39 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
     return out, None
 
 
+ANCHOR_STATS_FILE = "class_stats.pt"
+
+
+def anchor_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | None, str | None]:
+    """model.class_anchor: the class statistics released BEFORE training (`release_statistics`; read back from
+    OUT/class_stats.pt on resume: never released twice), and the decoder's anchor a_y set to their pooled means
+    (classes whose noisy count is below one record: the count-weighted mean of the others). Returns what
+    `release_statistics` returns; the meta-code fit after training reuses these moments."""
+    f = tr.out / ANCHOR_STATS_FILE
+    if f.is_file():
+        moments = [ClassMoments(**d) for d in torch.load(f, weights_only=True)]
+    else:
+        moments, why = release_statistics(tr, clip)
+        if moments is None:
+            return None, why
+        if tr.comm.is_root:
+            atomic_torch_save([dict(vars(m)) for m in moments], f, fsync=True)
+        tr.comm.barrier()  # every rank reads the same file on a resume
+    pooled = moments[-1]
+    valid = pooled.valid
+    means = pooled.means.double()
+    if bool(valid.any()):
+        w = pooled.counts.double().clamp(min=0) * valid
+        fill = (means * w[:, None]).sum(0) / w.sum().clamp(min=1e-12)
+        means = torch.where(valid[:, None], means, fill)
+    else:
+        means = torch.zeros_like(means)
+    with torch.no_grad():
+        tr.hyper.class_anchor.copy_(means.to(tr.hyper.class_anchor.dtype))
+    log.info("decoder anchored to the released class means (model.class_anchor)")
+    return moments, None
+
+
 def synthesize(tr: Trainer, moments: list[ClassMoments] | None) -> dict:
     """Rank 0: fit the meta-code(s) with Phi frozen, generate, write outputs. Post-processing only."""
     cfg, hyper = tr.cfg, tr.hyper
@@ -501,6 +534,14 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
             tr.ledger.close()
             return previous
     clip = tr.stats_clip  # checked in setup, before anything was written or released
+    anchored = None
+    if cfg.model.class_anchor:
+        anchored, why = anchor_statistics(tr, clip)
+        if why == "signal":
+            tr.state.interrupted = True
+            return _interrupted(tr)
+        if anchored is None:
+            raise ConfigError(f"model.class_anchor: {why}")
     tr.train()
     if tr.state.interrupted:
         log.warning("stopped by signal %s at round %d; checkpointed", tr.stop_signal, tr.state.round)
@@ -508,7 +549,9 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
     # (epsilon_spent() is not called here: it is a collective, and every collective is a declared release)
     log.info("training done: %d rounds, %d DP-SGD steps", tr.state.round, tr.state.steps)
     needs_code = cfg.model.uses_code  # a model without heads generates the same records from any code
-    if not needs_code:
+    if anchored is not None:  # released before training: reused, not released again
+        moments, why = (anchored if needs_code else None), None
+    elif not needs_code:
         moments, why = None, None
         log.info("class statistics: not released (the model has no heads, so a meta-code would change nothing)")
     elif cfg.privacy.enabled and cfg.privacy.stats_epsilon_fraction == 0:
@@ -518,7 +561,7 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
         moments, why = release_statistics(tr, clip)
     if why and why != "signal":
         log.warning("%s", why)
-    elif moments is not None:
+    elif moments is not None and anchored is None:
         log.info("class statistics released (stats.covariance=%s)", cfg.stats.covariance)
     if why == "signal":
         tr.state.interrupted = True
@@ -550,7 +593,8 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
             "clip_norm": clip,
             "covariance": cfg.stats.covariance,
             "noise_multiplier": (tr.plan.noise_multiplier(CLASS_STATS) or 0.0) if tr.plan else 0.0,
-            "released": moments is not None,
+            "released": moments is not None or anchored is not None,
+            "when": "before training (model.class_anchor)" if anchored is not None else "after training",
         }
     elif moments is None and needs_code:
         missing.append("meta-code: not fitted (no class statistics)")
