@@ -143,6 +143,17 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
 ANCHOR_STATS_FILE = "class_stats.pt"
 
 
+def anchor_means(pooled: ClassMoments) -> torch.Tensor:
+    """a_y: the released class means; a class whose noisy count is below one record gets the count-weighted mean
+    of the others (zeros if no class has one). Post-processing of the release."""
+    valid, means = pooled.valid, pooled.means.double()
+    if not bool(valid.any()):
+        return torch.zeros_like(means)
+    w = pooled.counts.double().clamp(min=0) * valid
+    fill = (means * w[:, None]).sum(0) / w.sum().clamp(min=1e-12)
+    return torch.where(valid[:, None], means, fill)
+
+
 def anchor_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | None, str | None]:
     """model.class_anchor: the class statistics released BEFORE training (`release_statistics`; read back from
     OUT/class_stats.pt on resume: never released twice), and the decoder's anchor a_y set to their pooled means
@@ -158,17 +169,8 @@ def anchor_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | No
         if tr.comm.is_root:
             atomic_torch_save([dict(vars(m)) for m in moments], f, fsync=True)
         tr.comm.barrier()  # every rank reads the same file on a resume
-    pooled = moments[-1]
-    valid = pooled.valid
-    means = pooled.means.double()
-    if bool(valid.any()):
-        w = pooled.counts.double().clamp(min=0) * valid
-        fill = (means * w[:, None]).sum(0) / w.sum().clamp(min=1e-12)
-        means = torch.where(valid[:, None], means, fill)
-    else:
-        means = torch.zeros_like(means)
     with torch.no_grad():
-        tr.hyper.class_anchor.copy_(means.to(tr.hyper.class_anchor.dtype))
+        tr.hyper.class_anchor.copy_(anchor_means(moments[-1]).to(tr.hyper.class_anchor.dtype))
     log.info("decoder anchored to the released class means (model.class_anchor)")
     return moments, None
 

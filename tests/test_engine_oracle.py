@@ -68,6 +68,8 @@ def build(hidden, hyper_layers, activation, *, sizes=(25, 9, 17), dim=5, K=3, se
             p.add_(0.3 * torch.randn(p.shape))
         for c in clients:
             c.code.normal_()
+        if hyper.class_anchor is not None:  # model.class_anchor: a released a_y per class (a buffer)
+            hyper.class_anchor.copy_(torch.randn(hyper.class_anchor.shape))
     return cfg, clients, hyper
 
 
@@ -140,6 +142,20 @@ def test_a_plain_cvae_without_modulation_or_learned_prior_equals_the_oracle(mode
     extra = ["model.modulation=false", "model.prior=standard", "model.activation=relu", "model.output_std=0.7071"]
     extra += ["privacy.stats_epsilon_fraction=0"]
     assert worst_mismatch(SHAPES["depth2-tanh-heads2"], mode, per_sample, extra=extra) < REL
+
+
+@pytest.mark.parametrize("per_sample", ["ghost", "materialized"])
+@pytest.mark.parametrize("mode", ["strict", "paper"])
+def test_a_class_anchored_decoder_equals_the_oracle(mode, per_sample):
+    # model.class_anchor: the decoder's mean is a_y + its output (a_y a buffer: it shifts every gradient, it has none)
+    extra = ["model.class_anchor=true", "model.output_std=0.5"]
+    assert worst_mismatch(SHAPES["depth2-tanh-heads2"], mode, per_sample, extra=extra) < REL
+    cfg, clients, hyper = build(*SHAPES["depth2-tanh-heads2"], extra=extra)
+    (x, y, e), *_ = draws(clients, [11, 4, 0], cfg.model.latent_dim)
+    with_anchor = oracle(clients[0], hyper, x, y, e, mode, 1.0)[1]
+    with torch.no_grad():
+        hyper.class_anchor.zero_()
+    assert not torch.allclose(with_anchor, oracle(clients[0], hyper, x, y, e, mode, 1.0)[1])
 
 
 @pytest.mark.parametrize("mode", ["strict", "paper"])

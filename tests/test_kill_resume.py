@@ -79,3 +79,25 @@ def test_sigkill_then_resume_with_secure_noise_never_refunds(tmp_path):
     steps_charged = sum(1 for e in after if e.get("mechanism") == "dp-sgd")
     assert steps_charged == 20  # every planned step is paid for exactly once in the ledger ...
     assert res["privacy"]["steps"] <= 20  # ... and the ones lost in the crash are not run again for free
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_class_anchored_run_killed_and_resumed_releases_its_statistics_once(tmp_path):
+    # model.class_anchor releases the class statistics before training: a resume reads them back
+    # (OUT/class_stats.pt) and reaches the uninterrupted run's Phi and anchor, never charging them twice
+    extra = ["--set", "privacy.noise_seed=21", "--set", "model.class_anchor=true"]
+    full = train(tmp_path / "full", *extra)
+    assert full.wait(180) == 0, full.stderr.read()
+    kill_at(tmp_path / "cut", extra, random.Random().randint(1, 8))
+    r = train(tmp_path / "cut", "--resume", *extra)
+    assert r.wait(180) == 0, r.stderr.read()
+    torch.testing.assert_close(phi(tmp_path / "cut"), phi(tmp_path / "full"), rtol=1e-5, atol=1e-7)
+    anchor = torch.load(tmp_path / "cut" / "hypernetwork.pt", weights_only=True)["class_anchor"]
+    assert float(anchor.abs().sum()) > 0  # the released means, not the zeros the model starts from
+    for run in ("full", "cut"):
+        releases = read_client_releases(tmp_path / run, 0)
+        assert sum(1 for e in releases if e.get("mechanism") == "class-stats") == 1, run
+    a = json.loads((tmp_path / "full" / "results.json").read_text())["privacy"]
+    b = json.loads((tmp_path / "cut" / "results.json").read_text())["privacy"]
+    assert b["epsilon_spent"] == pytest.approx(a["epsilon_spent"], rel=1e-9)

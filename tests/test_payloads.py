@@ -23,9 +23,18 @@ from fedhypevae.block import ClientBlock
 from fedhypevae.client import DIAG_KEYS
 from fedhypevae.config import TrainConfig, load_config
 from fedhypevae.dp_step import PER_SAMPLE, DPStep
-from fedhypevae.privacy import CLASS_STATS, DP_SGD, MMD_EMBEDDINGS, Mechanism, epsilon_of, release_class_stats
+from fedhypevae.metacode import ClassMoments
+from fedhypevae.privacy import (
+    CLASS_STATS,
+    DP_SGD,
+    MMD_EMBEDDINGS,
+    Mechanism,
+    epsilon_of,
+    finalize_class_stats,
+    release_class_stats,
+)
 from fedhypevae.rng import STREAM_STATS_RELEASE, STREAM_STEP
-from fedhypevae.run import _flatten, run_training, stats_clip_norm
+from fedhypevae.run import _flatten, _unflatten, anchor_means, run_training, stats_clip_norm
 from fedhypevae.trainer import Trainer
 
 HAS_ENGINE = any(f.name == "engine" for f in dataclasses.fields(TrainConfig))
@@ -117,6 +126,34 @@ def replay(cfg, hosted: list, scratch, world_size: int):
     def flat(ts):
         return torch.cat([t.detach().reshape(-1).double().cpu() for t in ts])
 
+    def stats_release() -> None:
+        """The guard's bits, then the sum of the hosted clients' DP class statistics."""
+        out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))
+        clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)
+        sbuf, layout = None, None
+        for c in clients:
+            rel = release_class_stats(
+                c.x,
+                c.y,
+                num_classes=tr.fed.num_classes,
+                clip_norm=clip,
+                noise_multiplier=plan.noise_multiplier(CLASS_STATS),
+                covariance=cfg.stats.covariance,
+                generator=c.rng.generator(STREAM_STATS_RELEASE),
+            )
+            vec, layout = _flatten(rel)
+            sbuf = vec.clone() if sbuf is None else sbuf + vec
+        out.append(Expect("stats", "sum", sbuf))
+        return sbuf, layout
+
+    stats_mech = [Mechanism("class-stats", plan.noise_multiplier(CLASS_STATS), 1.0, 1)]
+    anchored = cfg.model.class_anchor
+    if anchored:  # released before training; the decoder's anchor is their pooled means (post-processing)
+        sbuf, layout = stats_release()
+        fin = finalize_class_stats(_unflatten(sbuf, layout), covariance=cfg.stats.covariance, rank=cfg.stats.rank)
+        with torch.no_grad():
+            hyper.class_anchor.copy_(anchor_means(ClassMoments(means=fin["means"], counts=fin["counts"])).float())
+        one_shot = one_shot + stats_mech
     for c in clients:
         private += [c.x.reshape(-1), c.code.detach().reshape(-1), flat(c.encoder.parameters())]
         if cfg.federation.weights == "uniform":  # then sizes and size-proportional weights are private
@@ -194,27 +231,13 @@ def replay(cfg, hosted: list, scratch, world_size: int):
             [Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot, delta=p.delta, accountant=p.accountant
         )
         out.append(Expect("epsilon", "max", torch.tensor([eps], dtype=torch.float64)))
-    # the DP class statistics for the meta-code (after the release guard's bits), then the final epsilon
-    out.append(Expect("flag", "max", torch.zeros(2, dtype=torch.float64)))
-    clip = stats_clip_norm(cfg, tr.fed.transform, tr.fed.dim)
-    sbuf = None
-    for c in clients:
-        rel = release_class_stats(
-            c.x,
-            c.y,
-            num_classes=tr.fed.num_classes,
-            clip_norm=clip,
-            noise_multiplier=plan.noise_multiplier(CLASS_STATS),
-            covariance=cfg.stats.covariance,
-            generator=c.rng.generator(STREAM_STATS_RELEASE),
-        )
-        vec, _ = _flatten(rel)
-        sbuf = vec.clone() if sbuf is None else sbuf + vec
-    out.append(Expect("stats", "sum", sbuf))
+    # the DP class statistics for the meta-code (after the release guard's bits), then the final epsilon; with the
+    # anchor nothing is released (the meta-code fit reuses the statistics released before training)
+    if not anchored:
+        stats_release()
+        one_shot = one_shot + stats_mech
     eps = epsilon_of(
-        [Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)]
-        + one_shot
-        + [Mechanism("class-stats", plan.noise_multiplier(CLASS_STATS), 1.0, 1)],
+        [Mechanism(DP_SGD, plan.sigma, p.sample_rate, steps)] + one_shot,
         delta=p.delta,
         accountant=p.accountant,
     )
@@ -296,8 +319,9 @@ def _hosted(cfg, world_size):
         (1, ["federation.weights=uniform"], None),  # the default engine
         (2, ["train.replica_check_every=2"], "reference"),
         (1, ["federation.aggregation=delta", "federation.weights=uniform"], None),  # delta: always the reference step
+        (1, ["model.class_anchor=true"], None),  # the statistics released before training, nothing after it
     ],
-    ids=["1rank-uniform-default-engine", "rank0of2-declared-reference", "1rank-delta"],
+    ids=["1rank-uniform-default-engine", "rank0of2-declared-reference", "1rank-delta", "1rank-class-anchor"],
 )
 def test_every_buffer_is_a_declared_release_and_carries_no_private_value(tmp_path, world_size, overrides, engine):
     cfg = config(*overrides, engine=engine)

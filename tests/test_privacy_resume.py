@@ -543,6 +543,7 @@ ALTERNATIVES = {
     "model.activation": "tanh",
     "model.modulation": "false",
     "model.prior": "standard",
+    "model.class_anchor": "true",
     "model.output_std": "0.2",
     "model.label_embed_dim": "3",
     "model.lipschitz": "null",
