@@ -486,7 +486,9 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         opt_cls = torch.optim.Adam if self.cfg.train.optimizer == "adam" else torch.optim.SGD
-        return opt_cls(self.hyper.parameters(), lr=self.cfg.train.lr)
+        # foreach: one kernel per operation over all of Phi's tensors (bit-identical to the per-tensor loop, which
+        # is torch's default on the CPU and took 3-5 ms a step for Phi's ~20 tensors)
+        return opt_cls(self.hyper.parameters(), lr=self.cfg.train.lr, foreach=True)
 
     @property
     def steps(self) -> list:
