@@ -140,7 +140,23 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
     return out, None
 
 
-ANCHOR_STATS_FILE = "class_stats.pt"
+STATS_FILE = "class_stats.pt"
+
+
+def class_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | None, str | None]:
+    """The run's DP class statistics: released once (`release_statistics`) and kept in OUT/class_stats.pt at once,
+    so that a run interrupted after the release reads them back on resume instead of paying for them again (with
+    secure noise a second release would be charged anew, and the plan leaves no room for it). Returns what
+    `release_statistics` returns."""
+    f = tr.out / STATS_FILE
+    if f.is_file():
+        return [ClassMoments(**d) for d in torch.load(f, weights_only=True)], None
+    moments, why = release_statistics(tr, clip)
+    if moments is not None:
+        if tr.comm.is_root:
+            atomic_torch_save([dict(vars(m)) for m in moments], f, fsync=True)
+        tr.comm.barrier()  # every rank reads the same file on a resume
+    return moments, why
 
 
 def anchor_means(pooled: ClassMoments) -> torch.Tensor:
@@ -155,20 +171,12 @@ def anchor_means(pooled: ClassMoments) -> torch.Tensor:
 
 
 def anchor_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | None, str | None]:
-    """model.class_anchor: the class statistics released BEFORE training (`release_statistics`; read back from
-    OUT/class_stats.pt on resume: never released twice), and the decoder's anchor a_y set to their pooled means
-    (classes whose noisy count is below one record: the count-weighted mean of the others). Returns what
-    `release_statistics` returns; the meta-code fit after training reuses these moments."""
-    f = tr.out / ANCHOR_STATS_FILE
-    if f.is_file():
-        moments = [ClassMoments(**d) for d in torch.load(f, weights_only=True)]
-    else:
-        moments, why = release_statistics(tr, clip)
-        if moments is None:
-            return None, why
-        if tr.comm.is_root:
-            atomic_torch_save([dict(vars(m)) for m in moments], f, fsync=True)
-        tr.comm.barrier()  # every rank reads the same file on a resume
+    """model.class_anchor: the class statistics released BEFORE training (`class_statistics`: read back on resume,
+    never released twice), and the decoder's anchor a_y set to their pooled means. The meta-code fit after training
+    reuses these moments."""
+    moments, why = class_statistics(tr, clip)
+    if moments is None:
+        return None, why
     with torch.no_grad():
         tr.hyper.class_anchor.copy_(anchor_means(moments[-1]).to(tr.hyper.class_anchor.dtype))
     log.info("decoder anchored to the released class means (model.class_anchor)")
@@ -560,7 +568,7 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
         why = "class statistics: not released (privacy.stats_epsilon_fraction is 0), so the meta-code was not fitted"
         moments = None
     else:
-        moments, why = release_statistics(tr, clip)
+        moments, why = class_statistics(tr, clip)
     if why and why != "signal":
         log.warning("%s", why)
     elif moments is not None and anchored is None:
@@ -591,6 +599,8 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
                 "ledger",
             )
         }
+        if (tr.out / STATS_FILE).is_file():  # the released class statistics (absent when none were released)
+            extra["outputs"][STATS_FILE] = str(tr.out / STATS_FILE)
         extra["stats_release"] = {
             "clip_norm": clip,
             "covariance": cfg.stats.covariance,

@@ -497,15 +497,47 @@ def test_a_failure_after_a_release_says_what_was_spent_and_how_to_continue(tmp_p
     assert strict_load(out / "results.json")["status"] == "complete"
 
 
+def test_a_crash_after_the_statistics_release_with_secure_noise_resumes_without_paying_again(
+    tmp_path, capsys, monkeypatch
+):
+    # with secure noise a second release of the statistics would be charged anew, and the plan leaves no room for
+    # it: the released statistics are kept in OUT/class_stats.pt at once and read back on resume
+    out = tmp_path / "run"
+    real = run_mod.synthesize
+
+    def broken(tr, moments):
+        raise FedHypeVAEError("the node went down")
+
+    monkeypatch.setattr(run_mod, "synthesize", broken)
+    args = ["train", "--config", "tiny", "--set", "train.rounds=1", "--out", str(out), "--no-progress", "--quiet"]
+    assert main(args) == 2
+    assert (out / "class_stats.pt").is_file()
+    capsys.readouterr()
+    monkeypatch.setattr(run_mod, "synthesize", real)
+    before = PrivacyLedger(None, run_dir=out).records
+    assert sum(1 for r in before if r.mechanism == "class-stats") > 0
+    assert main([*args, "--resume"]) == 0, capsys.readouterr().err
+    assert PrivacyLedger(None, run_dir=out).records == before  # nothing charged again
+    assert strict_load(out / "results.json")["status"] == "complete"
+
+
 def test_a_run_without_its_statistics_is_partial_and_exits_3(tmp_path, capsys, monkeypatch):
-    """Secure noise, a crash after the statistics were released: the resume cannot release them again
-    within the budget, so the run is partial (exit 3), says what is missing, and spends nothing more."""
+    """Secure noise, a crash after the statistics were released and before they were kept (OUT/class_stats.pt):
+    the resume cannot release them again within the budget, so the run is partial (exit 3), says what is
+    missing, and spends nothing more."""
     out = tmp_path / "run"
     args = ["train", "--config", "tiny", "--set", "train.rounds=1", "--out", str(out), "--no-progress", "--quiet"]
-    monkeypatch.setattr(run_mod, "synthesize", lambda tr, m: (_ for _ in ()).throw(RuntimeError("killed")))
+    real = run_mod.release_statistics
+
+    def released_then_killed(tr, clip):
+        real(tr, clip)
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(run_mod, "release_statistics", released_then_killed)
     with pytest.raises(RuntimeError):
         main(args)
     monkeypatch.undo()
+    assert not (out / "class_stats.pt").exists()
     eps = PrivacyLedger(None, run_dir=out).epsilon(delta=1e-4, accountant="rdp")
     capsys.readouterr()
     assert main([*args, "--resume"]) == 3
