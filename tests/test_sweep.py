@@ -476,9 +476,11 @@ def test_run_with_mpiexec_takes_the_ranks_status_3_as_partial(tmp_path, monkeypa
 
 
 def _crash_after_the_statistics_charge(point):
-    """What a job killed after charging its statistics release, before writing any result, leaves: the ledger
-    holds the charge; results, synthetic set and the 'finished' events are not there."""
-    for name in ("result.json", "run/results.json", "run/synthetic.npz", "run/meta_codes.pt", "run/hypernetwork.pt"):
+    """What a job killed after charging its statistics release, before keeping the released statistics
+    (run/class_stats.pt) or writing any result, leaves: the ledger holds the charge; the statistics, results,
+    synthetic set and the 'finished' events are not there."""
+    names = ("result.json", "run/results.json", "run/synthetic.npz", "run/meta_codes.pt", "run/hypernetwork.pt")
+    for name in (*names, "run/class_stats.pt"):
         (point / name).unlink()
     for f in (point / "events.jsonl", point / "run" / "events.jsonl"):
         lines = [t for t in f.read_text().splitlines() if json.loads(t)["event"] != "finished"]
