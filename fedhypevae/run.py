@@ -36,6 +36,9 @@ LOG_FILE = "run.log"
 log = logging.getLogger("fedhypevae.run")
 FILE_ONLY = {"console": False}  # `extra` of a record the console handler skips (the CLI prints it itself)
 
+# the released class statistics, kept as soon as they arrive (a resume reads them back)
+STATS_FILE = "class_stats.pt"
+
 # what a training run writes into its directory (a directory holding anything else is not a run)
 RUN_ENTRIES = {
     "config.yaml",
@@ -49,6 +52,7 @@ RUN_ENTRIES = {
     "hypernetwork.pt",
     "meta_codes.pt",
     "synthetic.npz",
+    STATS_FILE,
     GENERATOR_FILE,
     LOG_FILE,
     "evaluation.json",
@@ -138,9 +142,6 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
             ClassMoments(means=fin["means"], counts=fin["counts"], cov=fin.get("covariances"), var=fin.get("variances"))
         )
     return out, None
-
-
-STATS_FILE = "class_stats.pt"
 
 
 def class_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | None, str | None]:
