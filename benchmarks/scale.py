@@ -1,12 +1,14 @@
 """How training scales in the number of clients: round time, setup, checkpoint, resume, memory per rank, files.
 
     python -m benchmarks.scale --out docs/performance [--clients 1000,10000,100000] [--ranks 1,2,4]
-                               [--mmd off,on] [--rounds 3] [--timeout 1800]
+                               [--mmd off,on] [--trust local] [--rounds 3] [--timeout 1800] [--no-resume]
 
 The setting (issue-level targets are stated against it): d_x = 64, K = 10 classes, 20 training records per client
 (a seeded mixture of class Gaussians, generated here: no download), IID, model.hidden [64], latent_dim 8,
 hyper_hidden 32, 5 local steps, q = 0.25, epsilon = 1, grad aggregation, one torch thread per rank. The MMD term is
-off, or on with the dataclass defaults (8 synthetic records per class, 128 random features x 3 bandwidths).
+off, or on with the dataclass defaults (8 synthetic records per class, 128 random features x 3 bandwidths). --trust:
+local (the default), distributed (the floating-point simulation) or secure (distributed with
+privacy.secure_aggregation: rounded sums, Skellam shares, masked integer all-reduce).
 
 Every configuration is real runs of `fedhypevae train` (under `mpiexec -n R` for R > 1, the venv's MPICH), with
 privacy.diagnostics on so that results.json carries every rank's costs:
@@ -61,7 +63,14 @@ def make_data(path: Path, clients: int, seed: int = 0) -> Path:
     return path
 
 
-def write_config(path: Path, data: Path, clients: int, rounds: int, mmd: bool) -> Path:
+TRUST = {
+    "local": "",
+    "distributed": ", trust_model: distributed",
+    "secure": ", trust_model: distributed, secure_aggregation: true",
+}
+
+
+def write_config(path: Path, data: Path, clients: int, rounds: int, mmd: bool, trust: str = "local") -> Path:
     path.write_text(
         "\n".join(
             [
@@ -73,7 +82,7 @@ def write_config(path: Path, data: Path, clients: int, rounds: int, mmd: bool) -
                 + ("lambda_mmd: 1.0, mmd_kind: merf}" if mmd else "lambda_mmd: 0.0}"),
                 f"train: {{rounds: {rounds}, local_steps: 5, checkpoint_every: 1, keep_checkpoints: 2}}",
                 "privacy: {target_epsilon: 1.0, delta: 1.0e-5, sample_rate: 0.25, stats_clip_norm: 10.0, "
-                "diagnostics: true}",
+                f"diagnostics: true{TRUST[trust]}}}",
                 "meta: {steps: 5}",
                 "synth: {samples_per_class: 5}",
                 "",
@@ -158,13 +167,23 @@ def run(cmd: list, *, out: Path, log_path: Path, timeout: float, stop_after: int
     return {"rc": proc.returncode, "peak_rss_mb": peaks, "wall_s": time.perf_counter() - t0}
 
 
-def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: Path, timeout: float) -> dict:
-    name = f"c{clients}_r{ranks}_{'mmd' if mmd else 'nommd'}"
+def measure(
+    clients: int,
+    ranks: int,
+    mmd: bool,
+    rounds: int,
+    tmp: Path,
+    data: Path,
+    timeout: float,
+    trust: str = "local",
+    resume: bool = True,
+) -> dict:
+    name = f"c{clients}_r{ranks}_{'mmd' if mmd else 'nommd'}_{trust}"
     work = tmp / name
     work.mkdir(parents=True)
-    cfg = write_config(work / "config.yaml", data, clients, rounds + 1, mmd)
+    cfg = write_config(work / "config.yaml", data, clients, rounds + 1, mmd, trust)
     out = work / "run"
-    row = {"clients": clients, "ranks": ranks, "mmd": mmd, "loadavg_start": list(os.getloadavg())}
+    row = {"clients": clients, "ranks": ranks, "mmd": mmd, "trust": trust, "loadavg_start": list(os.getloadavg())}
     first = run(command(ranks, cfg, out), out=out, log_path=work / "first.log", timeout=timeout, stop_after=rounds)
     if first["rc"] == "timeout":
         return {**row, "error": f"timed out after {timeout:.0f} s (run 1)"}
@@ -183,6 +202,9 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
         }
     rk1 = stop[-1]["ranks"]
     resume_ranks = 1 if ranks > 1 else 2
+    if not resume:  # run 1 only (the rows' resume columns stay empty)
+        row.update(_run1_row(round_s, phases, first, files, rk1, clients))
+        return row
     second = run(command(resume_ranks, cfg, out, resume=True), out=out, log_path=work / "second.log", timeout=timeout)
     if second["rc"] != 0:
         return {
@@ -214,6 +236,24 @@ def measure(clients: int, ranks: int, mmd: bool, rounds: int, tmp: Path, data: P
         }
     )
     return row
+
+
+def _run1_row(round_s: list, phases: dict, first: dict, files: int, rk1: list, clients: int) -> dict:
+    rs = statistics.median(round_s[1:] if len(round_s) > 1 else round_s)
+    return {
+        "round_s": rs,
+        "round_s_all": round_s,
+        "phases_s": phases,
+        "ms_per_client_round": 1e3 * rs / clients,
+        "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
+        "files_per_checkpoint": files,
+        "setup_s": max(r["setup_s"] for r in rk1),
+        "checkpoint_s": max(r["checkpoint_s"] for r in rk1),
+        "state_mb": [r["state_mb"] for r in rk1],
+        "clients_per_rank": [r["clients"] for r in rk1],
+        "wall_run1_s": first["wall_s"],
+        "loadavg_end": list(os.getloadavg()),
+    }
 
 
 def noise_floor(cfg_path: Path, tmp: Path) -> dict:
@@ -271,19 +311,20 @@ def disk_write_rate(folder: Path, mb: int = 512) -> float:
 
 def markdown(res: dict) -> str:
     lines = [
-        "| clients | ranks | MMD | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
+        "| clients | ranks | MMD | trust | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
         "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["rows"]:
-        head = f"| {r['clients']:,} | {r['ranks']} | {'on' if r['mmd'] else 'off'} |"
+        head = f"| {r['clients']:,} | {r['ranks']} | {'on' if r['mmd'] else 'off'} | {r.get('trust', 'local')} |"
         if "error" in r:
             lines.append(head + f" {r['error']} |" + " |" * 8)
             continue
         lines.append(
             head + f" {r['round_s']:.2f} | {r['ms_per_client_round']:.3f} | {r['setup_s']:.1f} | "
-            f"{r['checkpoint_s']:.2f} | {r['files_per_checkpoint']} | {r['resume_s']:.1f} on "
-            f"{r['ranks_resumed_on']} | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
+            f"{r['checkpoint_s']:.2f} | {r['files_per_checkpoint']} | "
+            + (f"{r['resume_s']:.1f} on {r['ranks_resumed_on']}" if "resume_s" in r else "not run")
+            + f" | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
             f"{', '.join(f'{m:.0f}' for m in r['state_mb'])} | {r['loadavg_start'][0]:.2f} |"
         )
     if "disk_write_mb_s" in res:
@@ -302,9 +343,14 @@ def plot(res: dict, path: Path) -> None:
 
     rows = [r for r in res["rows"] if "error" not in r]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ranks, mmd in sorted({(r["ranks"], r["mmd"]) for r in rows}):
-        rs = sorted((r for r in rows if r["ranks"] == ranks and r["mmd"] == mmd), key=lambda r: r["clients"])
-        label = f"{ranks} rank{'s' if ranks > 1 else ''}, MMD {'on' if mmd else 'off'}"
+    for ranks, mmd, trust in sorted({(r["ranks"], r["mmd"], r.get("trust", "local")) for r in rows}):
+        rs = sorted(
+            (r for r in rows if (r["ranks"], r["mmd"], r.get("trust", "local")) == (ranks, mmd, trust)),
+            key=lambda r: r["clients"],
+        )
+        label = f"{ranks} rank{'s' if ranks > 1 else ''}, MMD {'on' if mmd else 'off'}" + (
+            f", {trust}" if trust != "local" else ""
+        )
         style = "-" if mmd else "--"
         a.plot([r["clients"] for r in rs], [r["round_s"] for r in rs], style, marker="o", label=label)
         b.plot([r["clients"] for r in rs], [max(r["peak_rss_mb"]) / 1024 for r in rs], style, marker="o", label=label)
@@ -330,6 +376,8 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--clients", default="1000,10000,100000", help="client counts (comma-separated)")
     ap.add_argument("--ranks", default="1,2,4", help="MPI ranks (comma-separated)")
     ap.add_argument("--mmd", default="off,on", help="MMD term: off, on, or both")
+    ap.add_argument("--trust", default="local", help="trust models: local, distributed, secure (comma-separated)")
+    ap.add_argument("--no-resume", action="store_true", help="measure run 1 only (no resume on another world size)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds before the stop (median of these)")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
@@ -365,23 +413,29 @@ def main(argv: list | None = None) -> int:
         )
         for clients in [int(c) for c in args.clients.split(",")]:
             data = make_data(tmp / f"data_{clients}.npz", clients)
-            for mmd in [m == "on" for m in args.mmd.split(",")]:
-                for ranks in [int(r) for r in args.ranks.split(",")]:
-                    log(f"{clients} clients, {ranks} rank(s), MMD {'on' if mmd else 'off'}")
-                    row = measure(clients, ranks, mmd, args.rounds, tmp, data, args.timeout)
-                    res["rows"].append(row)
-                    log(
-                        "  "
-                        + (
-                            row.get("error")
-                            or f"round {row['round_s']:.2f} s, setup {row['setup_s']:.1f} s, "
-                            f"resume {row['resume_s']:.1f} s, "
-                            f"checkpoint {row['checkpoint_s']:.2f} s, peak RSS {max(row['peak_rss_mb']):.0f} MB, "
-                            f"{row['files_per_checkpoint']} files"
-                        )
+            for mmd, ranks, trust in [
+                (m == "on", int(r), t)
+                for m in args.mmd.split(",")
+                for r in args.ranks.split(",")
+                for t in args.trust.split(",")
+            ]:
+                if trust not in TRUST:
+                    ap.error(f"--trust: {trust!r} is not one of {', '.join(TRUST)}")
+                log(f"{clients} clients, {ranks} rank(s), MMD {'on' if mmd else 'off'}, trust {trust}")
+                row = measure(clients, ranks, mmd, args.rounds, tmp, data, args.timeout, trust, not args.no_resume)
+                res["rows"].append(row)
+                log(
+                    "  "
+                    + (
+                        row.get("error")
+                        or f"round {row['round_s']:.2f} s, setup {row['setup_s']:.1f} s, "
+                        + (f"resume {row['resume_s']:.1f} s, " if "resume_s" in row else "")
+                        + f"checkpoint {row['checkpoint_s']:.2f} s, peak RSS {max(row['peak_rss_mb']):.0f} MB, "
+                        f"{row['files_per_checkpoint']} files"
                     )
-                    (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
-                    (out / "scale.md").write_text(markdown(res))
+                )
+                (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
+                (out / "scale.md").write_text(markdown(res))
     if any("error" not in r for r in res["rows"]):
         plot(res, out / "scale.png")
     print(markdown(res))

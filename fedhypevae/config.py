@@ -350,6 +350,14 @@ class PrivacyConfig:
     collusion: int = 1
     # distributed: a party is a client, or a rank (sites that each run one rank)
     party: str = "client"
+    # distributed: real secure aggregation between ranks instead of the floating-point simulation: every rank rounds
+    # its partial Phi sum to a grid, adds an integer Skellam share and sends it masked (pairwise X25519 keys,
+    # ChaCha20 masks) modulo 2**secure_bits; accounted as the Skellam mechanism (docs/PRIVACY.md section 11)
+    secure_aggregation: bool = False
+    # secure aggregation: the modulus 2**bits of the masked sums (8..64), checked against wrap-around
+    secure_bits: int = 64
+    # secure aggregation: the grid as a ratio: the rounding adds at most 1/ratio to the sensitivity
+    secure_grid_ratio: float = 100.0
 
     def __post_init__(self):
         _one_of("privacy.mode", self.mode, ("strict", "paper"))
@@ -378,6 +386,35 @@ class PrivacyConfig:
         from .privacy.trust import check_trust_settings
 
         check_trust_settings(trust_model=self.trust_model, collusion=self.collusion, party=self.party)
+        _check(
+            _is_int(self.secure_bits) and 8 <= self.secure_bits <= 64,
+            f"privacy.secure_bits must be an integer in [8, 64]; got {self.secure_bits!r}",
+        )
+        _check(
+            self.secure_grid_ratio > 0 and math.isfinite(self.secure_grid_ratio),
+            f"privacy.secure_grid_ratio must be a positive number; got {self.secure_grid_ratio!r}",
+        )
+        if self.secure_aggregation and self.enabled:
+            _check(
+                self.trust_model == "distributed",
+                "privacy.secure_aggregation makes the distributed trust model real: it needs "
+                f"privacy.trust_model=distributed (got {self.trust_model})",
+            )
+            _check(
+                self.accountant == "rdp",
+                "privacy.secure_aggregation is accounted as the Skellam mechanism under RDP: set "
+                f"privacy.accountant=rdp (got {self.accountant})",
+            )
+
+    @property
+    def accounting_delta(self) -> float:
+        """The delta the accountant composes at: delta itself, or with secure aggregation delta less the share
+        given to a wrap-around of the integer sum (privacy/integer.py), so that the run's delta holds it."""
+        if self.enabled and self.secure_aggregation:
+            from .privacy.integer import OVERFLOW_SHARE
+
+            return self.delta * (1.0 - OVERFLOW_SHARE)
+        return self.delta
 
 
 @dataclass

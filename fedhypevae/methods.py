@@ -143,12 +143,16 @@ def _federated(name: str, label: str, *, private: bool, mu: float) -> Method:
     )
 
 
-def _fedhypevae(name: str, label: str, *, mode: str, trust: str | None = None, default: bool = True) -> Method:
-    """FedHypeVAE training in privacy mode ``mode`` (strict, paper; none: ``privacy.enabled=false``)."""
+def _fedhypevae(
+    name: str, label: str, *, mode: str, trust: str | None = None, default: bool = True, secure: bool = False
+) -> Method:
+    """FedHypeVAE training in privacy mode ``mode`` (strict, paper; none: ``privacy.enabled=false``); ``secure``:
+    ``privacy.secure_aggregation`` (with trust distributed)."""
     if mode == "none":
         overrides, privacy = ("privacy.enabled=false",), "none"
     else:
         overrides = (f"privacy.mode={mode}",) + ((f"privacy.trust_model={trust}",) if trust else ())
+        overrides += ("privacy.secure_aggregation=true",) if secure else ()
         privacy = "dp" if mode == "strict" else "paper"
     return Method(
         name,
@@ -222,6 +226,14 @@ METHODS: dict[str, Method] = {
             mode="strict",
             trust="distributed",
             default=False,
+        ),
+        _fedhypevae(
+            "fedhypevae-secure",
+            "FedHypeVAE (strict, distributed noise, secure aggregation)",
+            mode="strict",
+            trust="distributed",
+            default=False,
+            secure=True,
         ),
         _fedhypevae(
             "fedhypevae-central",

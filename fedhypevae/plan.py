@@ -20,7 +20,14 @@ def resolve_plan(cfg: Config, *, check_data: bool = True) -> dict:
 
     p = cfg.privacy
     use_mmd = cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf"
-    plan = make_plan(cfg, use_mmd=use_mmd)
+    secure = p.enabled and p.secure_aggregation
+    data = _check_data(cfg) if check_data else None
+    if secure and data is None:
+        raise ConfigError(
+            "privacy.secure_aggregation: the plan depends on the model's size (the integer path's sensitivity in "
+            "grid units), which needs the data's shape: run without --no-data"
+        )
+    plan = make_plan(cfg, use_mmd=use_mmd, integer=_integer(cfg, data) if secure else None)
     lines = []
     if plan is None:
         lines.append("privacy      : DISABLED (privacy.enabled=false): no clipping, no noise, no guarantee")
@@ -59,7 +66,11 @@ def resolve_plan(cfg: Config, *, check_data: bool = True) -> dict:
         if p.mode == "paper":
             lines.append("guarantee    : NOT formal (paper mode: the encoder and client code train without noise)")
         assert plan.steps == planned_steps(cfg)
-    data = _check_data(cfg) if check_data else None
+    if secure:
+        lines.append(
+            f"secure agg.  : masked integer sums modulo 2**{p.secure_bits} between ranks, Skellam noise; DP-SGD and "
+            f"the class statistics accounted as the Skellam mechanism (grid ratio {p.secure_grid_ratio:g})"
+        )
     if data is not None:
         lines.append(
             f"data         : {data['source']}: {data['clients']} clients, {data['classes']} classes, "
@@ -69,6 +80,18 @@ def resolve_plan(cfg: Config, *, check_data: bool = True) -> dict:
     elif check_data is False:
         lines.append("data         : not loaded (--no-data)")
     return {"plan": plan, "data": data, "lines": lines}
+
+
+def _integer(cfg: Config, data: dict) -> dict:
+    """The integer path's accounting parameters from the data's shape: Phi's size and the statistics' length."""
+    from .model import HyperNetwork
+    from .privacy.integer import integer_params
+    from .trainer import stats_flat_size
+
+    hyper = HyperNetwork.from_config(data["dim"], data["classes"], cfg.model)
+    phi = sum(q.numel() for q in hyper.parameters())
+    stats = stats_flat_size(data["classes"], data["dim"], cfg)
+    return integer_params(phi_dim=phi, stats_dim=stats, grid_ratio=cfg.privacy.secure_grid_ratio)
 
 
 def _check_data(cfg: Config) -> dict:

@@ -132,7 +132,13 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
         )[0]
 
     tr.trust.begin_release(STREAM_STATS_RELEASE, 0, 0, d.epoch)
-    tr.trust.reduce_stats(tr, buf, aggregator_noise)
+    if tr.integer:  # secure aggregation: every coordinate divided by its component's sensitivity (stats.py)
+        per = {"count": 1.0, "sum": clip, "second_moment": clip * clip}
+        scales = torch.cat([torch.full((int(np.prod(shape)),), per[k], dtype=torch.float64) for k, shape in layout])
+        tr.stats_components = len(layout)
+        tr.trust.reduce_stats(tr, buf, aggregator_noise, scales)
+    else:
+        tr.trust.reduce_stats(tr, buf, aggregator_noise)
     domains = [_unflatten(buf[k], layout) for k in range(codes)]
     pooled = _unflatten(buf.sum(0), layout)
     out = []
@@ -315,7 +321,7 @@ def _catch_stop_signals(tr: Trainer, *, second_interrupt: str | None = None):
 def spent_note(tr: Trainer) -> str:
     """What a failed run already spent (charges stay) and how to continue the same directory."""
     try:
-        eps = tr.ledger.epsilon(delta=tr.cfg.privacy.delta, accountant=tr.cfg.privacy.accountant)
+        eps = tr.ledger.epsilon(delta=tr.cfg.privacy.accounting_delta, accountant=tr.cfg.privacy.accountant)
     except Exception:  # noqa: BLE001 - the note must not hide the original error
         return ""
     if not tr.ledger.records:

@@ -123,6 +123,12 @@ class Decision:
     free: bool = False  # an identical replay: nothing new released, nothing charged
 
 
+def stats_flat_size(num_classes: int, dim: int, cfg: Config) -> int:
+    """Length of one meta-code domain's flat class statistics (count, second moment, sum; privacy/stats.py)."""
+    second = {"none": 0, "diag": num_classes * dim, "full": num_classes * dim * dim}[cfg.stats.covariance]
+    return num_classes + second + num_classes * dim
+
+
 def planned_steps(cfg: Config) -> int:
     return cfg.train.rounds * cfg.train.local_steps
 
@@ -131,7 +137,7 @@ def step_key(r: int, s: int) -> str:
     return f"round={r}/step={s}"
 
 
-def make_plan(cfg: Config, *, use_mmd: bool) -> PrivacyPlan | None:
+def make_plan(cfg: Config, *, use_mmd: bool, integer: dict | None = None) -> PrivacyPlan | None:
     """The run's privacy plan from its list of mechanisms with their budget proportions: DP-SGD first (calibrated
     against the composed history, it takes what the one-shot releases leave), then the class statistics and,
     with the merf MMD term, the mean embeddings. A new mechanism is one more entry in `one_shot`."""
@@ -139,29 +145,34 @@ def make_plan(cfg: Config, *, use_mmd: bool) -> PrivacyPlan | None:
     if not p.enabled:
         return None
     # a zero share: the class statistics are not released at all (no meta-code fit; e.g. a model without heads)
-    one_shot = [(CLASS_STATS, p.stats_epsilon_fraction)] if p.stats_epsilon_fraction > 0 else []
+    integer = integer or {}  # {mechanism: Mechanism.integer} with secure aggregation
+    one_shot = (
+        [(CLASS_STATS, p.stats_epsilon_fraction, integer.get(CLASS_STATS, ()))] if p.stats_epsilon_fraction > 0 else []
+    )
     if use_mmd:
         one_shot.append((MMD_EMBEDDINGS, p.mmd_epsilon_fraction))
-    shares = run_shares(sample_rate=p.sample_rate, steps=planned_steps(cfg), one_shot=one_shot)
+    shares = run_shares(
+        sample_rate=p.sample_rate, steps=planned_steps(cfg), one_shot=one_shot, integer=integer.get(DP_SGD, ())
+    )
     if math.isinf(p.target_epsilon):
         # no budget: every mechanism gets the fixed noise multiplier (0: no noise anywhere, the "sigma = 0"
         # reference, with no guarantee); the run then reports the epsilon that noise gives
         sigma = p.noise_multiplier or 0.0
-        mechs = [Mechanism(s.name, sigma, s.sample_rate, s.releases) for s in shares]
+        mechs = [Mechanism(s.name, sigma, s.sample_rate, s.releases, s.integer) for s in shares]
         return PrivacyPlan(
             sigma=sigma,
             sample_rate=p.sample_rate,
             steps=planned_steps(cfg),
-            delta=p.delta,
+            delta=p.accounting_delta,
             accountant=p.accountant,
             target_epsilon=p.target_epsilon,
-            planned_epsilon=epsilon_of(mechs, delta=p.delta, accountant=p.accountant),
+            planned_epsilon=epsilon_of(mechs, delta=p.accounting_delta, accountant=p.accountant),
             mechanisms=mechs,
         )
     return privacy_plan(
         shares,
         target_epsilon=p.target_epsilon,
-        delta=p.delta,
+        delta=p.accounting_delta,
         accountant=p.accountant,
         noise_multiplier=p.noise_multiplier,
     )
@@ -323,13 +334,16 @@ class Trainer:
         why = trust_refusal(cfg.federation.aggregation, p.trust_model) if p.enabled else None
         if why:
             raise ConfigError(why)
+        secure = p.enabled and p.secure_aggregation
         self.trust = make_trust_model(
-            p.trust_model if p.enabled else "local",
+            "secure" if secure else (p.trust_model if p.enabled else "local"),
             collusion=p.collusion,
             party=p.party,
             noise_seed=p.noise_seed,
             backend=self.comm.backend,
+            **({"bits": p.secure_bits, "grid_ratio": p.secure_grid_ratio} if secure else {}),
         )
+        self.integer: dict = {}  # {mechanism: Mechanism.integer (A, dim)} of the releases on secure aggregation's path
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -386,7 +400,12 @@ class Trainer:
         self._public_diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
         self._public_diag[DIAG_KEYS.index("clients")] = 1.0
         self.use_mmd_release = cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf"
-        self.plan = make_plan(cfg, use_mmd=self.use_mmd_release)
+        if cfg.privacy.enabled and cfg.privacy.secure_aggregation:
+            self.trust.start(self)  # the encoding and the key agreement between ranks (a collective)
+            self.integer = self.trust.integer_params(stats_dim=stats_flat_size(fed.num_classes, fed.dim, cfg))
+        self.plan = make_plan(cfg, use_mmd=self.use_mmd_release, integer=self.integer)
+        if self.integer and self.plan is not None:
+            self.trust.check_overflow(self.sigma, planned_steps(cfg), cfg.privacy.delta)
         self.features = None
         if self.use_mmd_release:
             bws = mmd_bandwidths(cfg.model, fed.dim)
@@ -597,7 +616,8 @@ class Trainer:
         epoch = candidate.epoch if candidate is not None else led.fresh_epoch(mechanism, key)
         pending = prepare(epoch) if (repro or not lazy) else None
         digest = draws + payload_digest(payload(pending)) if repro else None
-        free = led.identical(candidate, sigma, q, digest)
+        integer = self.integer.get(mechanism, ())
+        free = led.identical(candidate, sigma, q, digest, integer)
         if candidate is not None and not free:
             epoch = led.fresh_epoch(mechanism, key)
             pending = prepare(epoch)
@@ -606,7 +626,7 @@ class Trainer:
             fits = True
         else:
             with self.hooks.timed("guard"):
-                fits = led.fits(mechanism, sigma, q, self.plan)
+                fits = led.fits(mechanism, sigma, q, self.plan, integer)
         flags = torch.tensor(
             [0.0 if fits else 1.0, 1.0 if (stoppable and self.stop_signal) else 0.0], dtype=torch.float64
         )
@@ -619,7 +639,7 @@ class Trainer:
             if led.released(mechanism, key):
                 self.replays["charged_again"] += 1
             with self.hooks.timed("ledger"):
-                led.charge(mechanism, sigma, q, key, epoch=epoch, digest=digest)
+                led.charge(mechanism, sigma, q, key, epoch=epoch, digest=digest, integer=integer)
         elif free:
             self.replays["free"] += 1
         return Decision("released", pending, epoch, free)
@@ -646,7 +666,7 @@ class Trainer:
         if self.plan is None:
             return 0.0
         with self.hooks.timed("accounting"):
-            worst = self.ledger.epsilon(delta=self.cfg.privacy.delta, accountant=self.cfg.privacy.accountant)
+            worst = self.ledger.epsilon(delta=self.cfg.privacy.accounting_delta, accountant=self.cfg.privacy.accountant)
             buf = torch.tensor([worst], dtype=torch.float64)
             return float(self.allreduce(buf, op="max")[0])
 
@@ -932,7 +952,9 @@ class Trainer:
         per-client state."""
         where = {cid: (b, k) for b in self.blocks for k, cid in enumerate(b.ids)}
         found, rule = set(), {}
-        for path, shard in ckpt.shards(d):
+        all_shards = ckpt.shards(d)
+        self._check_parties_stay(d, all_shards)
+        for path, shard in all_shards:
             for entry in shard["blocks"]:
                 ids = entry["ids"].tolist()
                 rows: dict = {}  # block -> (positions, rows)
@@ -961,6 +983,22 @@ class Trainer:
                 "the checkpoint is incomplete: delete it to resume from an earlier one"
             )
         return rule
+
+    def _check_parties_stay(self, d: Path, shards: list) -> None:
+        """Secure aggregation with `privacy.party: rank`: the ranks are the parties (sites), so a resume that places
+        clients on other ranks would move their private state to another party. CheckpointError unless every rank
+        hosts exactly the clients its shard of `d` holds."""
+        p = self.cfg.privacy
+        if not (p.enabled and p.secure_aggregation and p.party == "rank"):
+            return
+        saved = {int(sh["rank"]): sorted(int(i) for e in sh["blocks"] for i in e["ids"].tolist()) for _, sh in shards}
+        now = {r: sorted(int(i) for i in ids) for r, ids in enumerate(self.placement)}
+        if saved != now:
+            raise CheckpointError(
+                f"{d}: privacy.party=rank with privacy.secure_aggregation: this checkpoint was written by "
+                f"{len(saved)} rank(s) placing the clients otherwise than this run's {len(now)}; resuming would move "
+                "clients' private state to another party (rank). Resume with the same number of ranks and placement"
+            )
 
     def rank_costs(self) -> list:
         """Every rank's setup time, median checkpoint write, peak resident memory and private state (one allgather:
@@ -1024,7 +1062,7 @@ class Trainer:
                 if cfg.federation.declared_sizes is not None
                 else "the training sizes fixed at partitioning (public by assumption)"
             ),
-            "ledger": self.ledger.summary(delta=p.delta, accountant=p.accountant) if self.plan else [],
+            "ledger": self.ledger.summary(delta=p.accounting_delta, accountant=p.accountant) if self.plan else [],
             "ledger_format": 2,
             "replays": dict(self.replays),
             "diagnostics_outside_guarantee": bool(p.diagnostics),

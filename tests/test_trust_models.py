@@ -52,7 +52,8 @@ def claimed(rec, trust: str) -> dict:
     coordinate of the aggregate's noise, and what the adversary must face (sigma at the largest sensitivity)."""
     a, sigma, C = coefs(rec), rec["sigma"], rec["clip"]
     a2 = [x * x for x in a]
-    need = (sigma * max(a) * C) ** 2
+    # secure aggregation: sensitivity and noise both (Delta2 / A)^2 times the Gaussian's (the rounding's sqrt(d))
+    need = (sigma * max(a) * C) ** 2 * rec.get("secure_scale", 1.0)
     if trust == "local":
         return {"total": sigma**2 * C**2 * sum(a2), "need": need}
     if trust == "central":
@@ -60,7 +61,7 @@ def claimed(rec, trust: str) -> dict:
     parties = [[i] for i in range(len(a))] if rec["party"] == "client" else rec["placement"]
     known = sum(sorted((sum(a2[i] for i in p) for p in parties), reverse=True)[: rec["collusion"]])
     share2 = sigma**2 * max(a2) / (sum(a2) - known)  # s^2: the unknown shares sum to exactly `need`
-    return {"total": share2 * C**2 * sum(a2), "need": need, "share2": share2}
+    return {"total": share2 * C**2 * sum(a2) * rec.get("secure_scale", 1.0), "need": need, "share2": share2}
 
 
 def noise_problems(recs: list, trust: str, tol: float = TOL) -> list:
@@ -124,8 +125,15 @@ SCENARIOS = {
         "central=central",
         "local-skip=local,sabotage=skip-share",
         "distributed-skip=distributed,sabotage=skip-share",
+        "distributed-secure=distributed,secure=1",
     ],
-    2: ["local=local", "distributed=distributed", "distributed-rank=distributed,party=rank", "central=central"],
+    2: [
+        "local=local",
+        "distributed=distributed",
+        "distributed-rank=distributed,party=rank",
+        "central=central",
+        "distributed-secure=distributed,secure=1",
+    ],
     3: [
         "local=local",
         "distributed=distributed",
@@ -136,6 +144,8 @@ SCENARIOS = {
         "distributed-skip=distributed,sabotage=skip-share",
         "distributed-rank-skip=distributed,party=rank,sabotage=skip-share",
         "central-nodraw=central,sabotage=no-draw",
+        "distributed-secure=distributed,secure=1",
+        "distributed-rank-secure=distributed,party=rank,secure=1",
     ],
 }
 

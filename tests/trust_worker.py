@@ -7,7 +7,8 @@ noise checks of tests/test_trust_models.py and the central payload check of test
     python tests/trust_worker.py --sensitivity OUT     # the sensitivity check per trust model (a table)
 
 A scenario is NAME=TRUST[,key=value...]: TRUST is local, distributed or central; keys: party, collusion,
-weights (declared|uniform), sabotage (skip-share: client 0 adds no Phi noise, its own block; no-draw: the central
+weights (declared|uniform), secure (1: privacy.secure_aggregation),
+sabotage (skip-share: client 0 adds no Phi noise, its own block; no-draw: the central
 aggregator adds nothing; allreduce: central's sums by an all-reduce instead of a gather), payload (1: run the whole
 pipeline, statistics included, recording every collective).
 
@@ -106,6 +107,8 @@ def run(comm, out: Path, spec: str) -> None:
         overrides.append(f"privacy.party={opts['party']}")
     if "collusion" in opts:
         overrides.append(f"privacy.collusion={opts['collusion']}")
+    if opts.get("secure") == "1":  # secure aggregation: the integer path (rounded sums, Skellam shares, masks)
+        overrides.append("privacy.secure_aggregation=true")
     cfg = load_config("tiny", overrides)
     sabotage = opts.get("sabotage")
 
@@ -174,6 +177,8 @@ def run(comm, out: Path, spec: str) -> None:
             "party": cfg.privacy.party,
             "noise_seed": cfg.privacy.noise_seed,
             "charged": sorted({m.noise_multiplier for _, h in tr.ledger.histories() for m in h if m.name == "dp-sgd"}),
+            # the integer path: its noise and sensitivity are the Gaussian's times (Delta2 / A) (rounding's part)
+            "secure_scale": (tr.trust.enc.l2 / tr.trust.enc.A) ** 2 if cfg.privacy.secure_aggregation else 1.0,
             "unnoised": torch.stack(unnoised),
             "sent": torch.stack(sent),
             "applied": torch.stack(applied),

@@ -50,9 +50,20 @@ class Mechanism:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    # () for the Gaussian; (A, dim) for DP-SGD on the integer path of secure aggregation (privacy/integer.py): Skellam
+    # noise of variance sigma^2 (A + sqrt(dim))^2 on the rounded aggregate, A its un-rounded sensitivity in grid units
+    integer: tuple = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "integer", tuple(float(x) for x in self.integer))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if not self.integer:
+            del d["integer"]  # the Gaussian's record as before
+        else:
+            d["integer"] = list(self.integer)
+        return d
 
 
 def validate_mechanism(m: Mechanism) -> None:
@@ -63,6 +74,10 @@ def validate_mechanism(m: Mechanism) -> None:
         raise PrivacyError(f"{m.name}: sample rate must be in (0, 1]; got {m.sample_rate}")
     if int(m.steps) != m.steps or m.steps < 0:
         raise PrivacyError(f"{m.name}: steps must be an integer >= 0; got {m.steps}")
+    if m.integer and not (
+        len(m.integer) == 2 and m.integer[0] > 0 and m.integer[1] >= 1 and all(map(math.isfinite, m.integer))
+    ):
+        raise PrivacyError(f"{m.name}: the integer path's parameters must be (A > 0, dim >= 1); got {m.integer}")
 
 
 # --------------------------------------------------------------------------- accountants
@@ -89,6 +104,11 @@ def _rdp_of(m: Mechanism, orders: list):
     increases Renyi divergence (joint quasi-convexity), so this is a valid upper bound, and
     those orders are only optimal for few, very noisy releases where q = 1 anyway.
     """
+    if m.integer:
+        from .integer import integer_rdp
+
+        A, dim = m.integer
+        return integer_rdp(float(m.sample_rate), float(m.noise_multiplier), A, int(dim), tuple(orders)) * m.steps
     return _rdp_per_step(float(m.sample_rate), float(m.noise_multiplier), tuple(orders)) * m.steps
 
 
@@ -131,6 +151,11 @@ def _prv_epsilon(mechanisms: list, delta: float) -> float:
     """
     from opacus.accountants import PRVAccountant
 
+    if any(m.integer for m in mechanisms):
+        raise PrivacyError(
+            "the prv accountant cannot account the integer (Skellam) mechanism of secure aggregation: use "
+            "privacy.accountant=rdp"
+        )
     acc = PRVAccountant()
     acc.history = [(m.noise_multiplier, m.sample_rate, int(m.steps)) for m in mechanisms]
     try:
@@ -277,11 +302,16 @@ def _calibrate(history: Callable[[float], list], target: float, *, delta: float,
     return _solve_sigma(eps, target, lo=lo, hi=hi)
 
 
-def calibrate_one_shot(*, epsilon: float, delta: float, accountant: str, name: str = CLASS_STATS) -> float:
-    """Noise multiplier of a single full-data Gaussian release (q=1, steps=1) spending ``epsilon`` alone."""
+def calibrate_one_shot(
+    *, epsilon: float, delta: float, accountant: str, name: str = CLASS_STATS, integer: tuple = ()
+) -> float:
+    """Noise multiplier of a single full-data release (q=1, steps=1; Gaussian, or Skellam with `integer`) spending
+    ``epsilon`` alone."""
     if not epsilon > 0:
         raise PrivacyError(f"{name}: its epsilon share must be > 0 when it is released; got {epsilon}")
-    return _calibrate(lambda s: [Mechanism(name, s, 1.0, 1)], epsilon, delta=delta, accountant=accountant, what=name)
+    return _calibrate(
+        lambda s: [Mechanism(name, s, 1.0, 1, integer)], epsilon, delta=delta, accountant=accountant, what=name
+    )
 
 
 @dataclass
@@ -334,6 +364,7 @@ class BudgetShare:
     sample_rate: float
     releases: int
     proportion: float
+    integer: tuple = ()  # Mechanism.integer of the entry (DP-SGD on the integer path)
 
 
 @dataclass
@@ -410,7 +441,11 @@ def plan_mechanisms(
     for s in rest:
         if s.releases == 1 and s.sample_rate >= 1.0:
             sigma_s = calibrate_one_shot(
-                epsilon=s.proportion * target_epsilon, delta=delta, accountant=accountant, name=s.name
+                epsilon=s.proportion * target_epsilon,
+                delta=delta,
+                accountant=accountant,
+                name=s.name,
+                integer=s.integer,
             )
         else:
             if not s.proportion > 0:
@@ -418,16 +453,16 @@ def plan_mechanisms(
                     f"{s.name}: its epsilon share must be > 0 when it is released; got {s.proportion * target_epsilon}"
                 )
             sigma_s = _calibrate(
-                lambda x, s=s: [Mechanism(s.name, x, s.sample_rate, int(s.releases))],
+                lambda x, s=s: [Mechanism(s.name, x, s.sample_rate, int(s.releases), s.integer)],
                 s.proportion * target_epsilon,
                 delta=delta,
                 accountant=accountant,
                 what=s.name,
             )
-        others.append(Mechanism(s.name, sigma_s, s.sample_rate, int(s.releases)))
+        others.append(Mechanism(s.name, sigma_s, s.sample_rate, int(s.releases), s.integer))
 
     steps = int(first.releases)
-    history = lambda x: [Mechanism(first.name, x, first.sample_rate, steps)] + others  # noqa: E731
+    history = lambda x: [Mechanism(first.name, x, first.sample_rate, steps, first.integer)] + others  # noqa: E731
     what = "DP-SGD" if first.name == DP_SGD else first.name
     if noise_multiplier is None:
         sigma = _calibrate(history, target_epsilon, delta=delta, accountant=accountant, what=what)
@@ -475,21 +510,21 @@ def privacy_plan(
     )
 
 
-def run_shares(*, sample_rate: float, steps: int, one_shot: Iterable[tuple]) -> list:
+def run_shares(*, sample_rate: float, steps: int, one_shot: Iterable[tuple], integer: tuple = ()) -> list:
     """A run's shares: DP-SGD (``steps`` at ``sample_rate``) first, taking what the one-shot releases
-    ``[(name, fraction)]`` (q = 1, one release each) leave of the budget."""
+    ``[(name, fraction)]`` or ``[(name, fraction, integer)]`` (q = 1, one release each) leave of the budget."""
     if not (0 < sample_rate <= 1):
         raise PrivacyError(f"sample rate q must be in (0, 1]; got {sample_rate}")
     if int(steps) != steps or steps < 1:
         raise PrivacyError(f"the run must have at least one DP-SGD step; got steps={steps}")
-    one_shot = [BudgetShare(name, 1.0, 1, fraction) for name, fraction in one_shot]
+    one_shot = [BudgetShare(e[0], 1.0, 1, e[1], tuple(e[2]) if len(e) > 2 else ()) for e in one_shot]
     fractions = sum(s.proportion for s in one_shot)
     if fractions >= 1:
         raise PrivacyError(
             "privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 "
             f"(DP-SGD needs a share); got {fractions:g}"
         )
-    return [BudgetShare(DP_SGD, sample_rate, int(steps), 1.0 - fractions)] + one_shot
+    return [BudgetShare(DP_SGD, sample_rate, int(steps), 1.0 - fractions, tuple(integer))] + one_shot
 
 
 def plan_budget(
@@ -567,7 +602,7 @@ def history_fits(history: list, extra: list, plan: PrivacyPlan) -> bool:
     for m in plan.one_shot():
         used = sum(h.steps for h in history if h.name == m.name)
         if m.steps - used > 0:
-            remaining.append(Mechanism(m.name, m.noise_multiplier, m.sample_rate, m.steps - used))
+            remaining.append(Mechanism(m.name, m.noise_multiplier, m.sample_rate, m.steps - used, m.integer))
     if _is_subplan(history, plan):
         return True
     eps = epsilon_of(history + remaining, delta=plan.delta, accountant=plan.accountant)
@@ -583,6 +618,7 @@ def _is_subplan(history: list, plan: PrivacyPlan) -> bool:
         if p is None or not (
             math.isclose(h.noise_multiplier, p.noise_multiplier, rel_tol=1e-12)
             and math.isclose(h.sample_rate, p.sample_rate, rel_tol=1e-12)
+            and h.integer == p.integer
         ):
             return False
         used[h.name] = used.get(h.name, 0) + h.steps

@@ -17,7 +17,9 @@ Layout: ``RUN/ledger/rank_00000.jsonl``, one JSON object per line, two kinds of 
       {"block": "9f2c41d07a3be511", "mechanism": "dp-sgd", "sigma": 1.4977, "q": 0.2,
        "key": "round=3/step=1", "epoch": 0, "private": {"digest": "5b0e..."}}
 
-  Every client of the block is charged one (mechanism, sigma, q) release. ``key`` names the release
+  Every client of the block is charged one (mechanism, sigma, q) release; with secure aggregation a
+  DP-SGD or class-statistics record also carries ``"integer": [A, d]`` (the Skellam mechanism of
+  ``privacy/integer.py``, accounted as such; absent for the Gaussian). ``key`` names the release
   (the step, or ``mmd`` / ``stats`` for the one-shot releases); ``epoch`` counts the releases made
   under one key (an epoch > 0 is a re-release after a resume that was not bit-identical, drawn under
   fresh noise). ``private.digest`` (reproducible noise only) is a digest of the pre-noise payload of
@@ -66,9 +68,10 @@ class Release:
     block: str
     session: int
     digest: str | None = None  # private: digest of the block's pre-noise payload (reproducible noise)
+    integer: tuple = ()  # Mechanism.integer: (A, dim) of DP-SGD on the integer path of secure aggregation
 
     def public(self) -> dict:
-        return {
+        out = {
             "mechanism": self.mechanism,
             "sigma": self.sigma,
             "q": self.q,
@@ -77,6 +80,9 @@ class Release:
             "block": self.block,
             "session": self.session,
         }
+        if self.integer:
+            out["integer"] = list(self.integer)
+        return out
 
 
 def client_ranges(ids: Sequence[int]) -> list:
@@ -197,6 +203,7 @@ class PrivacyLedger:
                             obj["block"],
                             int(current),
                             (obj.get("private") or {}).get("digest"),
+                            tuple(float(x) for x in obj.get("integer", ())),
                         )
                     )
         for path in sorted(self.run_dir.glob(V1_GLOB)):
@@ -218,7 +225,7 @@ class PrivacyLedger:
         if rec.block not in self._counts:
             self._patterns = None  # a block's first record: the grouping of clients by blocks changes
         counts = self._counts.setdefault(rec.block, {})
-        g = (rec.mechanism, rec.sigma, rec.q)
+        g = (rec.mechanism, rec.sigma, rec.q, rec.integer)
         if g not in self._groups:
             self._groups.append(g)
         counts[g] = counts.get(g, 0) + 1
@@ -252,10 +259,10 @@ class PrivacyLedger:
             for g, n in self._counts.get(b, {}).items():
                 total[g] = total.get(g, 0) + n
         for m in extra:
-            g = (m.name, m.noise_multiplier, m.sample_rate)
+            g = (m.name, m.noise_multiplier, m.sample_rate, m.integer)
             total[g] = total.get(g, 0) + m.steps
         order = self._groups + [g for g in total if g not in self._groups]
-        return [Mechanism(g[0], g[1], g[2], total[g]) for g in order if total.get(g, 0) > 0]
+        return [Mechanism(g[0], g[1], g[2], total[g], g[3]) for g in order if total.get(g, 0) > 0]
 
     def histories(self) -> list:
         """[(client ids, [Mechanism])]: the clients that share one history, with that history."""
@@ -311,6 +318,7 @@ class PrivacyLedger:
                         "q": m.sample_rate,
                         "steps": m.steps,
                         "epsilon_alone": epsilon_of([m], delta=delta, accountant=accountant),
+                        **({"integer": list(m.integer)} if m.integer else {}),
                     }
                     for m in hist
                 ]
@@ -332,7 +340,7 @@ class PrivacyLedger:
         return bool(self._by_key.get((mechanism, key)))
 
     @staticmethod
-    def identical(candidate: Release | None, sigma: float, q: float, digest: str | None) -> bool:
+    def identical(candidate: Release | None, sigma: float, q: float, digest: str | None, integer: tuple = ()) -> bool:
         """Whether a release would re-release exactly what `candidate` released (then it costs nothing)."""
         return (
             candidate is not None
@@ -340,24 +348,33 @@ class PrivacyLedger:
             and candidate.digest == digest
             and candidate.sigma == float(sigma)
             and candidate.q == float(q)
+            and candidate.integer == tuple(float(x) for x in integer)
         )
 
-    def fits(self, mechanism: str, sigma: float, q: float, plan: PrivacyPlan) -> bool:
+    def fits(self, mechanism: str, sigma: float, q: float, plan: PrivacyPlan, integer: tuple = ()) -> bool:
         """Budget guard: would every hosted client stay within the plan's target after one more release
         (with the plan's not-yet-released one-shot releases still to come)?"""
-        extra = [Mechanism(mechanism, float(sigma), float(q), 1)]
+        extra = [Mechanism(mechanism, float(sigma), float(q), 1, integer)]
         return all(history_fits(self._history(blocks), extra, plan) for _, blocks in self._pattern_list())
 
     # ------------------------------------------------------------------ charging
     def charge(
-        self, mechanism: str, sigma: float, q: float, key: str, *, epoch: int = 0, digest: str | None = None
+        self,
+        mechanism: str,
+        sigma: float,
+        q: float,
+        key: str,
+        *,
+        epoch: int = 0,
+        digest: str | None = None,
+        integer: tuple = (),
     ) -> Release:
         """Record one release of every hosted client BEFORE it is made: written and fsync'd when file-backed."""
         if self.read_only:
             raise PrivacyError("this ledger was opened read only")
         if mechanism not in MECHANISM_NAMES:
             raise PrivacyError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISM_NAMES)}")
-        validate_mechanism(Mechanism(mechanism, float(sigma), float(q), 1))
+        validate_mechanism(Mechanism(mechanism, float(sigma), float(q), 1, integer))
         rec = Release(
             mechanism,
             float(sigma),
@@ -367,6 +384,7 @@ class PrivacyLedger:
             self.block,
             self.session,
             None if digest is None else str(digest),
+            tuple(float(x) for x in integer),
         )
         if self.run_dir is not None:
             line = {
@@ -377,6 +395,8 @@ class PrivacyLedger:
                 "key": rec.key,
                 "epoch": rec.epoch,
             }
+            if rec.integer:
+                line["integer"] = list(rec.integer)
             if rec.digest is not None:
                 line["private"] = {"digest": rec.digest}
             self._write(line)

@@ -302,6 +302,173 @@ class DistributedTrust(TrustModel):
         )
 
 
+_CLASS_STATS = "class-stats"  # accounting.CLASS_STATS (not imported at module level: no cycle)
+SECURE_SHARE_ID = -2  # the secure-aggregation shares' generator keys: -2 - (the rank's first client id)
+DIAG_SCALE = 2**20  # the diagnostics' fixed point in the masked sum (they are not noised: masked only)
+
+
+class SecureDistributedTrust(DistributedTrust):
+    """`distributed` made real between ranks (`privacy.secure_aggregation`): every rank rounds its partial Phi sum to
+    the grid, adds its Skellam share (the sum of its clients' shares in distribution) and sends it masked by
+    pairwise masks that cancel only in the complete sum (`fedhypevae.hpc.secagg`, `fedhypevae.privacy.integer`).
+    The own psi_i, v_i block keeps its full Gaussian noise, as in the simulation."""
+
+    simulated = False
+
+    def __init__(self, *, bits: int = 64, grid_ratio: float = 100.0, **kw):
+        super().__init__(**kw)
+        self.bits, self.grid_ratio = int(bits), float(grid_ratio)
+        self.enc = None
+        self.secagg = None
+        self.rank_variance = 0.0
+        self.overflow_p = None
+
+    def integer_params(self, *, stats_dim: int) -> dict:
+        """{mechanism: Mechanism.integer (A, dim)} of the releases on the integer path: the DP-SGD steps and the class
+        statistics (one domain's flat vector, each component divided by its sensitivity: L2 sensitivity sqrt(m))."""
+        from .integer import integer_params
+
+        out = integer_params(phi_dim=self.enc.dim, stats_dim=stats_dim, grid_ratio=self.grid_ratio)
+        assert math.isclose(out["dp-sgd"][0], self.enc.A, rel_tol=1e-12)  # the encoding's own grid
+        return out
+
+    def start(self, tr) -> None:
+        """After the model is built (Phi's size) and before anything is released: the encoding, the key agreement
+        between ranks (a collective), this rank's Skellam share variance and the static overflow check."""
+        from ..hpc.secagg import SecureAggregator
+        from .integer import make_encoding
+
+        p, fed = tr.cfg.privacy, self.fed
+        dim = int(tr.phi_numel)
+        grid = self.delta_max * p.clip_norm / (self.grid_ratio * math.sqrt(dim))
+        self.enc = make_encoding(delta_max=self.delta_max, clip=p.clip_norm, dim=dim, bits=self.bits, grid=grid)
+        self.secagg = SecureAggregator(tr.comm, bits=self.bits)
+        self.rank = tr.comm.rank
+        mine = list(fed.placement[self.rank]) if self.world_size > 1 else list(range(fed.M))
+        self.first_client = min(mine) if mine else 0
+        self._share_rng = ClientRNG(SECURE_SHARE_ID - self.first_client, p.noise_seed)
+        self.clip = p.clip_norm
+
+    def share_variance(self, sigma: float, clients) -> float:
+        """The Skellam variance (grid units) of the share of `clients`: the sum of their Gaussian shares' variances,
+        scaled by Delta2 / A for the rounding."""
+        s = sigma * self.unit
+        float_var = sum((s * self.fed.coefs[i] * self.clip) ** 2 for i in clients)
+        return float_var / self.enc.grid**2 * (self.enc.l2 / self.enc.A) ** 2
+
+    def check_overflow(self, sigma: float, releases: int, delta: float) -> float:
+        """The static check: the total Skellam noise stays within half the range with probability >= 1 - overflow
+        share of delta over `releases` steps (the signal gets the other half: checked at every step)."""
+        from .integer import check_bits
+
+        total = self.share_variance(sigma, range(self.fed.M))
+        self.overflow_p = check_bits(
+            self.enc, signal=0.0, ranks=0, variance=total, releases=releases, delta=delta, headroom=1
+        )
+        return self.overflow_p
+
+    def noise_multipliers(self, sigma: float) -> dict:
+        return {"private": sigma, "phi": 0.0}  # Phi's noise: the rank's integer share in reduce_step
+
+    def charged_multiplier(self, blocks: dict, sigma: float, *, strict: bool) -> float:
+        # the Skellam shares unknown to the coalition carry sigma at the integer sensitivity (integer_rdp accounts it)
+        return min(blocks["private"], sigma) if strict else sigma
+
+    def aggregate_std(self, sigma: float, clip: float) -> float:
+        if self.enc is None:
+            return super().aggregate_std(sigma, clip)
+        return self.enc.grid * math.sqrt(self.share_variance(sigma, range(self.fed.M)))
+
+    def reduce_step(self, tr, buf: torch.Tensor, width: int) -> torch.Tensor:
+        from .integer import skellam
+
+        key, self._next = self._next, None
+        if key is None:
+            raise RuntimeError("secure aggregation: the step's share needs its release key (begin_release) first")
+        *k, g = key
+        gen = g if g is not None else self._share_rng.generator(*k)
+        z = self.enc.encode(buf[:width])
+        limit = 2 ** (self.bits - 2) // max(1, self.world_size)
+        if width and int(z.abs().max()) > limit:
+            from ..errors import PrivacyError
+
+            raise PrivacyError(
+                f"secure aggregation: rank {self.rank}'s encoded partial sum exceeds its share of the "
+                f"{self.bits}-bit range (|value| {int(z.abs().max())} > {limit}); the integer sum could wrap "
+                "around. Raise privacy.secure_bits or lower privacy.secure_grid_ratio"
+            )
+        mine = list(self.fed.placement[self.rank]) if self.world_size > 1 else list(range(self.fed.M))
+        z += skellam(self.share_variance(tr.sigma, mine), width, gen)
+        diag = torch.round(buf[width:] * DIAG_SCALE).to(torch.int64)
+        total = self.secagg.sum(torch.cat([z, diag]), tag=("step", *k))
+        out = torch.empty_like(buf)
+        out[:width] = self.enc.decode(total[:width])
+        out[width:] = total[width:].double() / DIAG_SCALE
+        return out
+
+    def stats_multiplier(self, sigma: float, client: int) -> float:
+        return 0.0  # the clients send un-noised sums to their rank; the rank adds the domain's integer share
+
+    def reduce_stats(self, tr, buf: torch.Tensor, noise, scales: torch.Tensor | None = None) -> torch.Tensor:
+        """The (codes, n) per-domain sums of the clipped statistics, each coordinate divided by its component's
+        sensitivity (`scales`; m components: joint L2 sensitivity sqrt(m) = `stats_l2`), rounded to the grid
+        sqrt(m) / (ratio sqrt(n)); this rank's Skellam share per domain; one masked sum."""
+        from .integer import skellam
+
+        key, self._next = self._next, None
+        *k, g = key
+        gen = g if g is not None else self._share_rng.generator(*k)
+        codes, n = buf.shape
+        m = tr.stats_components
+        grid = math.sqrt(m) / (self.grid_ratio * math.sqrt(n))
+        l2_over_A = (self.grid_ratio * math.sqrt(n) + math.sqrt(n)) / (self.grid_ratio * math.sqrt(n))
+        z = torch.round(buf / scales / grid).to(torch.int64)
+        mine = list(self.fed.placement[self.rank]) if self.world_size > 1 else list(range(self.fed.M))
+        sigma = tr.plan.noise_multiplier(_CLASS_STATS)
+        for d in range(codes):
+            unknown = self.stats_unknown[d]
+            held = sum(1 for i in mine if self.fed.domain(i) == d)
+            # a client's float share: std sigma / sqrt(unknown) * sqrt(m) per scaled coordinate
+            var = held * (sigma * math.sqrt(m) / math.sqrt(unknown) / grid * l2_over_A) ** 2
+            z[d] += skellam(var, n, gen)
+        total = self.secagg.sum(z.reshape(-1), tag=("stats", *k)).view(codes, n)
+        buf.copy_(total.double() * grid * scales)
+        return buf
+
+    def not_protected(self) -> str:
+        return (
+            "the rank hosting a client; a coalition of more than "
+            f"{self._parties(self.collusion)}; the coalition of all other ranks (they know the total); a rank that "
+            "sends garbage (no integrity) or impersonates another in the unauthenticated key exchange; the "
+            "diagnostics' sum (masked, not noised: privacy.diagnostics=false keeps them home)"
+        )
+
+    def where(self) -> str:
+        return (
+            "every client adds N(0, sigma^2 C^2) to its psi_i, v_i; every rank rounds its partial Phi sum to the grid "
+            "and adds a Skellam share (the sum of its clients' shares), so that the shares unknown to any "
+            f"{self._parties(self.collusion)} sum to a Skellam of variance sigma^2 Delta2^2 at the integer "
+            "sensitivity Delta2; the ranks' contributions are masked modulo 2**bits (secure aggregation)"
+        )
+
+    def guarantee(self) -> str:
+        return (
+            f"Trust model distributed with secure aggregation (masked integer sums, Skellam noise): {self.where()}; "
+            f"the guarantee holds against {self.protected()}; not against {self.not_protected()}."
+        )
+
+    def describe(self, sigma: float, clip: float) -> dict:
+        out = super().describe(sigma, clip)
+        if self.enc is not None:
+            out["secure_aggregation"] = {
+                **self.enc.describe(),
+                **self.secagg.describe(),
+                "noise": "Skellam shares, one per rank per step",
+                "overflow_probability_bound": self.overflow_p,
+            }
+        return out
+
+
 class CentralTrust(TrustModel):
     """A trusted aggregator on rank 0 (module docstring)."""
 
@@ -408,10 +575,12 @@ class CentralTrust(TrustModel):
 
 
 TRUST = {"local": TrustModel, "distributed": DistributedTrust, "central": CentralTrust}
+#: make_trust_model's name of `distributed` with privacy.secure_aggregation (not a privacy.trust_model value)
+SECURE = {"secure": SecureDistributedTrust}
 
 
 def make_trust_model(name: str, **kw) -> TrustModel:
     try:
-        return TRUST[name](**kw)
+        return {**TRUST, **SECURE}[name](**kw)
     except KeyError:
         raise ConfigError(f"privacy.trust_model must be one of {', '.join(TRUST_MODELS)}; got {name!r}") from None
