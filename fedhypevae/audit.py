@@ -406,6 +406,11 @@ def _observe_aggregate(tr, canaries: Canaries) -> None:
     tr.aggregation = Observed(tr.aggregation)
 
 
+def _dp_sgd_integer(plan) -> tuple:
+    """The plan's DP-SGD Mechanism.integer: () for the Gaussian, (A, d) on secure aggregation's integer path."""
+    return next((m.integer for m in plan.mechanisms if m.name == "dp-sgd"), ())
+
+
 def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
     from .trainer import Trainer
 
@@ -414,10 +419,11 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     aggregate = cfg.privacy.trust_model != "local"
     shares = setup.sabotage in ("no-shares", "share-over-m")
     central = cfg.privacy.trust_model == "central"
+    secure = cfg.privacy.enabled and cfg.privacy.secure_aggregation  # the Phi noise: one Skellam share per rank
     # the step classes of this audit (the sabotage is a stage override, not a flag); for the shares sabotage,
     # subclasses of its own, so that its multiplier, known once sigma is, is set on them and nowhere else
     audited, observed, colluding = CANARY_STEPS[setup.sabotage], ObservedStep, ColluderStep
-    if shares and central:  # the clients add no Phi noise: the aggregator's draw is sabotaged
+    if shares and (central or secure):  # the clients add no Phi noise: the aggregator's draw / rank's share is
         audited = CanaryStep
     elif shares:
         audited = type("SharesCanaryStep", (SharesCanaryStep,), {})
@@ -463,7 +469,9 @@ def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: 
     )
     M = tr.fed.num_clients
     if shares:  # every Phi noise source at 0 or sigma / M; the ledger still charges the planned sigma
-        if central:
+        if secure:  # the rank's Skellam share (the sum of its clients' shares) scaled alike
+            tr.trust.share_factor = 0.0 if setup.sabotage == "no-shares" else 1.0 / M
+        elif central:
             sab = SabotagedAggregator(noise_seed=cfg.privacy.noise_seed, backend=tr.comm.backend)
             sab.factor = 0.0 if setup.sabotage == "no-shares" else 1.0 / M
             tr.trust = sab.bind(tr.trust.fed, world_size=tr.trust.world_size)
@@ -682,7 +690,9 @@ def run_audit(
     plan = raw["plan"]
     dp_sgd_alone = (
         epsilon_of(
-            [Mechanism(DP_SGD, plan.sigma, plan.sample_rate, raw["steps"])], delta=p.delta, accountant=p.accountant
+            [Mechanism(DP_SGD, plan.sigma, plan.sample_rate, raw["steps"], _dp_sgd_integer(plan))],
+            delta=p.accounting_delta,
+            accountant=p.accountant,
         )
         if plan is not None
         else None

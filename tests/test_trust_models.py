@@ -373,24 +373,26 @@ class _StatsRecorder:
     def __getattr__(self, name):
         return getattr(self.trust, name)
 
-    def reduce_stats(self, tr, buf, noise):
-        res = self.trust.reduce_stats(tr, buf, noise)
+    def reduce_stats(self, tr, buf, noise, *scales):
+        res = self.trust.reduce_stats(tr, buf, noise, *scales)
         self.out = res.clone()
         return res
 
 
-@pytest.mark.parametrize("trust", ["local", "distributed", "central"])
+@pytest.mark.parametrize("trust", ["local", "distributed", "central", "secure"])
 def test_the_class_statistics_follow_the_trust_model(tmp_path, trust):
     """The released per-domain sums minus the un-noised ones: local, each of the 7 clients' full noise (variance
     7 sigma_s^2 per sensitivity unit); distributed, shares of 1/6 of it whose unknown part carries sigma_s^2 (total
-    7/6); central, the aggregator's one draw (1). One release of ~650 coordinates: the three are 6x apart."""
+    7/6); central, the aggregator's one draw (1); secure (distributed with secure aggregation), the integer shares:
+    7/6 times (Delta2/A)^2 = 1.0201 for the rounding. One release of ~650 coordinates: the three are 6x apart."""
     from fedhypevae.privacy import CLASS_STATS, class_stat_sums
     from fedhypevae.run import _flatten, release_statistics
 
     cfg = tiny(
         "partition.clients=7",
         "partition.min_client_size=10",
-        f"privacy.trust_model={trust}",
+        f"privacy.trust_model={'distributed' if trust == 'secure' else trust}",
+        f"privacy.secure_aggregation={'true' if trust == 'secure' else 'false'}",
         "model.lambda_mmd=0",
         "stats.covariance=none",
     )
@@ -409,7 +411,7 @@ def test_the_class_statistics_follow_the_trust_model(tmp_path, trust):
     noise[K:] /= clip
     sigma = tr.plan.noise_multiplier(CLASS_STATS) * math.sqrt(2)  # two components: sigma sqrt(m) per coordinate
     ratio = float(noise.pow(2).mean()) / sigma**2
-    want = {"local": 7.0, "distributed": 7.0 / 6.0, "central": 1.0}[trust]
+    want = {"local": 7.0, "distributed": 7.0 / 6.0, "central": 1.0, "secure": 7.0 / 6.0 * 1.01**2}[trust]
     assert abs(ratio / want - 1) < 0.25, (trust, ratio)
     tr.ledger.close()
     tr.writer.close()
@@ -435,23 +437,28 @@ def test_the_sensitivity_check_runs_in_each_model(tmp_path, trust):
     tr.writer.close()
 
 
-AUDIT_CLIENTS = {"local": 10, "distributed": 16, "central": 10}
+AUDIT_CLIENTS = {"local": 10, "distributed": 16, "central": 10, "secure": 16}
 
 
 def _audit(tmp_path, trust, sabotage):
-    cfg = load_config("audit", [f"partition.clients={AUDIT_CLIENTS[trust]}", f"privacy.trust_model={trust}"])
-    return run_audit(cfg, tmp_path / f"{trust}-{sabotage}", sabotage=sabotage, progress=False)["audit"]
+    model = "distributed" if trust == "secure" else trust
+    sets = [f"partition.clients={AUDIT_CLIENTS[trust]}", f"privacy.trust_model={model}"]
+    sets += ["privacy.secure_aggregation=true"] if trust == "secure" else []
+    return run_audit(load_config("audit", sets), tmp_path / f"{trust}-{sabotage}", sabotage=sabotage, progress=False)[
+        "audit"
+    ]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("trust", ["distributed", "central"])
+@pytest.mark.parametrize("trust", ["distributed", "central", "secure"])
 def test_the_white_box_audit_sees_the_aggregates_noise(tmp_path, trust):
     """Scored on the aggregate (minus the colluders' shares): the correct run stays below its claim; no shares at
     all and shares of sigma C / M (the aggregator's draw, in central) are caught."""
     ok = _audit(tmp_path, trust, "none")
-    assert ok["trust_model"] == trust and ok["scored_on"].startswith("the aggregate")
-    assert len(ok["colluders"]) == (1 if trust == "distributed" else 0) and 0 not in ok["colluders"]
+    assert ok["trust_model"] == ("distributed" if trust == "secure" else trust)
+    assert ok["scored_on"].startswith("the aggregate")
+    assert len(ok["colluders"]) == (0 if trust == "central" else 1) and 0 not in ok["colluders"]
     assert ok["power_ok"] and not ok["violation"], ok["verdict"]
     for sabotage in ("no-shares", "share-over-m"):
         a = _audit(tmp_path, trust, sabotage)

@@ -320,8 +320,8 @@ class SecureDistributedTrust(DistributedTrust):
         self.bits, self.grid_ratio = int(bits), float(grid_ratio)
         self.enc = None
         self.secagg = None
-        self.rank_variance = 0.0
         self.overflow_p = None
+        self.share_factor = 1.0  # the shares' std relative to the rule: 1 (what an audit's sabotage overrides)
 
     def integer_params(self, *, stats_dim: int) -> dict:
         """{mechanism: Mechanism.integer (A, dim)} of the releases on the integer path: the DP-SGD steps and the class
@@ -354,7 +354,7 @@ class SecureDistributedTrust(DistributedTrust):
         scaled by Delta2 / A for the rounding."""
         s = sigma * self.unit
         float_var = sum((s * self.fed.coefs[i] * self.clip) ** 2 for i in clients)
-        return float_var / self.enc.grid**2 * (self.enc.l2 / self.enc.A) ** 2
+        return self.share_factor**2 * float_var / self.enc.grid**2 * (self.enc.l2 / self.enc.A) ** 2
 
     def check_overflow(self, sigma: float, releases: int, delta: float) -> float:
         """The static check: the total Skellam noise stays within half the range with probability >= 1 - overflow
