@@ -177,13 +177,24 @@ def test_bad_secure_settings_are_refused(overrides, needles):
         assert n in str(e.value), str(e.value)
 
 
-def test_a_refusal_on_the_command_line_is_one_line(tmp_path):
-    args = [a for s in SECURE + ["privacy.trust_model=central"] for a in ("--set", s)]
+@pytest.mark.parametrize(
+    "extra,needles",
+    [
+        (["privacy.trust_model=central"], ["privacy.secure_aggregation"]),
+        # at 16 bits the noise alone could wrap the sum: refused at setup, naming the bits it needs
+        (["privacy.secure_bits=16"], ["privacy.secure_bits=16", "could wrap around", "use at least"]),
+    ],
+    ids=["central", "bits-too-small"],
+)
+def test_a_refusal_on_the_command_line_is_one_line(tmp_path, extra, needles):
+    args = [a for s in SECURE + extra for a in ("--set", s)]
     r = subprocess.run(
-        [BIN / "fedhypevae", "train", "--config", "tiny", "--out", tmp_path / "run", *args],
+        [BIN / "fedhypevae", "train", "--config", "tiny", "--out", tmp_path / "run", "--no-progress", *args],
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert "privacy.secure_aggregation" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), r.stderr
+    assert not (tmp_path / "run" / "ledger").exists() or not any((tmp_path / "run" / "ledger").iterdir())
