@@ -68,8 +68,8 @@ def test_a_secure_run_on_one_process_completes_and_charges_the_integer_mechanism
     check_results(tmp_path / "run", 1)
     plan = res["privacy"]["plan"]
     gaussian = make_plan(cfg, use_mmd=cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf")
-    # the Skellam curve under the general subsampling bound needs at least the Gaussian's noise for the same target
-    assert plan["sigma"] >= gaussian.sigma
+    # the rounding's sqrt(d) and the Skellam's extra term: a little more noise than the Gaussian for the same target
+    assert gaussian.sigma <= plan["sigma"] <= 1.01 * gaussian.sigma
     assert any(m.get("integer") for m in plan["mechanisms"])
     phi = torch.load(tmp_path / "run" / "hypernetwork.pt", weights_only=True)
     assert all(bool(torch.isfinite(v).all()) for v in phi.values())

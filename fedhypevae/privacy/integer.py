@@ -22,9 +22,21 @@ aggregate is an integer vector:
   In strict mode the same record also moves the client's own psi_i, v_i (Gaussian at sigma, jointly clipped to C
   with its Phi part); the joint step's leading term is alpha f / (2 sigma^2) with f >= 1 the largest over the split
   of C between the two parts (`rounding_excess`: the sqrt(d) of the rounding does not shrink with the Phi part's
-  share). Poisson subsampling at rate q: the general upper bound for Poisson-subsampled RDP of Zhu and Wang (2019,
-  Thm 6) at integer orders, never above the unsubsampled curve. Fractional orders take the curve at ceil(alpha)
-  (RDP is non-decreasing in alpha), so the curve composes with the Gaussian ones on the accountant's orders.
+  share). Poisson subsampling at rate q (`subsampled_rdp`): for integer alpha, the "add" direction is exactly
+      E_Q[(1 - q + q L)^alpha] = sum_k C(alpha, k) (1-q)^(alpha-k) q^k exp((k-1) D_k(P||Q)),   L = dP/dQ,
+  bounded term by term with eps(k); the "remove" direction E_Q[(1 - q + q L)^(1-alpha)] is never larger because the
+  pair is SYMMETRIC (`symmetric_dominates`): the noise (Skellam, Gaussian) is symmetric, so the reflection about the
+  midpoint of the two means swaps P and Q and turns L into 1/L. The law of log L under Q is then a mixture of
+  two-point laws {+a with mass 1/(1+e^a), -a with mass e^a/(1+e^a)} (and an atom at 0), both directions are linear
+  in it, and for one such pair, with u = 1 + q(e^a - 1) and w = 1 - q(1 - e^-a),
+      add    (1 + e^a) E = u^alpha + e^a w^alpha,       remove (1 + e^a) E = u^(1-alpha) + e^a w^(1-alpha),
+  and add - remove = (u - 1)(h(u) - h(1/w)) with h(t) = (t^alpha - t^(1-alpha)) / (t - 1) = sum_{|j| < alpha} t^j,
+  which increases on [1, inf), h(w) = h(1/w), and u w = 1 + q (1-q) (e^a - 1)(1 - e^-a) >= 1. This is the formula
+  Mironov, Talwar and Zhang (2019) give for the Gaussian, here for any symmetric pair; with eps(k) = k/(2 sigma^2)
+  it reproduces Opacus' sampled-Gaussian RDP (tests/test_integer.py). The general bound of Zhu and Wang (2019,
+  Thm 6), with weight 3 on the terms k >= 3, needs no symmetry (`symmetric=False`). Never above the unsubsampled
+  curve. Fractional orders take the curve at ceil(alpha) (RDP is non-decreasing in alpha), so the curve composes
+  with the Gaussian ones on the accountant's orders.
 * **Overflow** (`overflow_probability`, `check_bits`). The true sum is lifted from modulo 2**bits correctly while
   every coordinate stays within 2**(bits-1): the signal is at most sum_i a_i n_i C / gamma + ranks/2 (every record
   of every client in the batch, clipped), the noise a Skellam of the total variance with Bennett's tail
@@ -82,9 +94,23 @@ def _log_comb(n: int, k: np.ndarray) -> np.ndarray:
     return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
 
 
-def subsampled_rdp(alpha: int, q: float, eps: np.ndarray) -> float:
-    """Zhu and Wang (2019), Thm 6: an upper bound on the RDP at integer order `alpha` >= 2 of the Poisson-subsampled
-    (rate q) mechanism whose RDP at orders 2..alpha is eps[2..alpha] (eps indexed by order), never above eps[alpha]."""
+def symmetric_dominates(a: float, q: float, alpha: float) -> tuple:
+    """(log add, log remove): the logs of E_Q[(1-q+qL)^alpha] and E_Q[(1-q+qL)^(1-alpha)] for the two-point
+    symmetric privacy loss +-a (module docstring); remove <= add is the lemma the symmetric bound rests on (checked
+    by the tests)."""
+    lu = math.log1p(q * math.expm1(a))  # log u, u = 1 + q (e^a - 1)
+    lw = math.log1p(-q * -math.expm1(-a))  # log w, w = 1 - q (1 - e^-a)
+    norm = math.log1p(math.exp(a)) if a < 700 else a
+    add = float(np.logaddexp(alpha * lu, a + alpha * lw)) - norm
+    remove = float(np.logaddexp((1 - alpha) * lu, a + (1 - alpha) * lw)) - norm
+    return add, remove
+
+
+def subsampled_rdp(alpha: int, q: float, eps: np.ndarray, *, symmetric: bool = True) -> float:
+    """An upper bound on the RDP at integer order `alpha` >= 2 of the Poisson-subsampled (rate q) mechanism whose RDP
+    at orders 2..alpha is eps[2..alpha] (eps indexed by order), never above eps[alpha]. `symmetric`: the mechanism's
+    neighbouring pairs are symmetric (module docstring): the add direction's exact expansion bounds both directions.
+    Otherwise Zhu and Wang (2019), Thm 6 (weight 3 on the terms of order >= 3)."""
     from scipy.special import logsumexp
 
     if q >= 1.0:
@@ -94,7 +120,7 @@ def subsampled_rdp(alpha: int, q: float, eps: np.ndarray) -> float:
     lq, l1q = math.log(q), math.log1p(-q)
     ls = np.arange(2, alpha + 1, dtype=float)
     terms = _log_comb(alpha, ls) + ls * lq + (alpha - ls) * l1q + (ls - 1) * eps[2 : alpha + 1]
-    weights = np.where(ls == 2, 1.0, 3.0)
+    weights = np.ones_like(ls) if symmetric else np.where(ls == 2, 1.0, 3.0)
     terms = np.concatenate([[(alpha - 1) * l1q + math.log(alpha * q - q + 1)], terms])
     weights = np.concatenate([[1.0], weights])
     bound = float(logsumexp(terms, b=weights)) / (alpha - 1)
@@ -105,7 +131,8 @@ def subsampled_rdp(alpha: int, q: float, eps: np.ndarray) -> float:
 def integer_rdp(q: float, sigma: float, A: float, dim: int, orders: tuple) -> np.ndarray:
     """One step's RDP curve on the integer path at the accountant's `orders` (fractional orders at their ceiling):
     Skellam of variance sigma^2 Delta2^2 on the rounded Phi aggregate (Delta2 = A + sqrt(dim)), the own block's
-    Gaussian folded in through `rounding_excess`, Poisson-subsampled at q. Read-only array."""
+    Gaussian folded in through `rounding_excess`, Poisson-subsampled at q (a symmetric pair: Skellam and Gaussian
+    noise, a shift between neighbours). Read-only array."""
     r = math.sqrt(dim)
     l2 = A + r
     l1 = l2 * min(r, l2)
