@@ -104,9 +104,9 @@ def test_a_secure_run_under_torchrun_gloo(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_an_identical_replay_after_a_crash_is_free_under_new_keys(tmp_path):
-    """A crash one step after the last checkpoint: the resumed process agrees on new keys (its masks are fresh), yet
-    the replayed step's pre-noise payload and keyed Skellam share are the same, so the release is identical and
-    costs nothing."""
+    """A crash one step after the last checkpoint: the replayed step's pre-noise payload and its keyed Skellam share
+    are the same, so the release is identical and costs nothing (on one process nothing is masked; under several
+    ranks the resumed processes agree on new keys, which changes what each rank sends but not the sum)."""
     interrupt_after(tiny(), tmp_path / "run", rounds=1, extra_steps=1)
     before = read_client_releases(tmp_path / "run", 0)
     res = run_training(tiny(), tmp_path / "run", resume=True, progress=False)

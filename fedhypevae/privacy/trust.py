@@ -17,7 +17,9 @@ smallest declared size gives it).
                parties hold. With declared weights s = sigma / sqrt(M - m_t), m_t the most clients t parties hold
                (t with party = client). The client's own psi_i, v_i block keeps its full N(0, sigma^2 C^2): its state
                must stay DP, so that the joint release (own block + aggregate) is one Gaussian mechanism of
-               sensitivity C with multiplier sigma. Simulated: the all-reduce is plain floating point.
+               sensitivity C with multiplier sigma. Simulated: the all-reduce is plain floating point; with
+               privacy.secure_aggregation real (SecureDistributedTrust: rounded rank sums, Skellam shares, pairwise
+               masks; accounted as the Skellam mechanism, privacy/integer.py).
   central      a trusted aggregator (rank 0): the clients' clipped Phi sums go to rank 0 by the Communicator's
                gather (point to point on the torch back-end; never an all-reduce, which hands every rank the
                un-noised sum), rank 0 adds ONE draw N(0, sigma^2 Delta^2) from its own generator (securely seeded
@@ -25,10 +27,11 @@ smallest declared size gives it).
                psi_i, v_i block keeps its full local noise.
 
 In every model the aggregate's mechanism against that model's adversary is the same subsampled Gaussian with
-multiplier sigma at sensitivity Delta: the accountant, the budget guard and the ledger are unchanged. The DP-MERF
-mean embeddings keep full local noise in every model (each is consumed by its own client's loss, never summed);
-the class statistics for the meta-code follow the model, with shares calibrated to the clients in each released
-partial sum (one per meta-code domain).
+multiplier sigma at sensitivity Delta (on secure aggregation's integer path, the subsampled Skellam mechanism of the
+same variance at the integer sensitivity: Mechanism.integer in the accountant, the budget guard and the ledger).
+The DP-MERF mean embeddings keep full local noise in every model (each is consumed by its own client's loss, never
+summed); the class statistics for the meta-code follow the model, with shares calibrated to the clients in each
+released partial sum (one per meta-code domain).
 """
 
 from __future__ import annotations
