@@ -490,3 +490,65 @@ def test_central_no_buffer_reaching_a_non_root_rank_is_an_unnoised_function_of_t
     # ... and so does summing by an all-reduce instead of a gather, even though the root still adds its draw
     bad = central_payload_problems(trust_ranks(tmp_path, "central-payload-allreduce"))
     assert any("hands every rank a sum" in p for p in bad) and any("un-noised buffer" in p for p in bad), bad
+
+
+def secure_payload_problems(recs: list) -> list:
+    """What a secure-aggregation job let cross a rank boundary that it must not: a masked collective whose bytes are
+    not uniform (a chi-square over the 256 byte values far beyond chance: 400 at 255 degrees of freedom, p ~ 1e-8), a
+    float all-reduce of Phi's size (the simulated path), or a received float buffer that carries the un-noised sums."""
+    import numpy as np
+
+    problems = []
+    width = recs[0]["unnoised"].shape[1]
+    unnoised = [u for r in recs for u in r["unnoised"]]
+    for r in recs:
+        masked = [sent for name, _a, sent, _g in r["calls"] if name == "allreduce_int64"]
+        if not masked:
+            problems.append(f"rank {r['rank']}: no masked collective")
+        for k, sent in enumerate(masked):
+            b = np.frombuffer(sent.numpy().astype("<i8").tobytes(), dtype=np.uint8)
+            counts = np.bincount(b, minlength=256).astype(float)
+            stat = float(((counts - len(b) / 256) ** 2 / (len(b) / 256)).sum())
+            if stat > 400:
+                problems.append(f"rank {r['rank']}: masked collective {k} is not uniform (chi2 {stat:.0f})")
+        for name, _args, sent, got in r["calls"]:
+            if name == "allreduce" and sent.dtype == torch.float64 and sent.numel() >= width:
+                problems.append(f"rank {r['rank']}: a float all-reduce of Phi's size ({sent.numel()})")
+            if got is None or got.dtype != torch.float64:
+                continue
+            g = got.detach().reshape(-1)
+            for t in unnoised:
+                u = t.reshape(-1).unique()
+                u = u[~torch.isin(u, torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64))]
+                if u.numel() and torch.isin(u, g).double().mean() >= 0.5:
+                    problems.append(f"rank {r['rank']} received an un-noised buffer in a {name}")
+                    break
+    return problems
+
+
+@pytest.mark.mpi
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_secure_aggregation_sends_only_masked_integers(tmp_path):
+    """The whole pipeline (DP-SGD steps and the class statistics) under secure aggregation on 3 ranks: every
+    collective that carries Phi or the statistics is a masked int64 sum whose bytes are uniform; no float all-reduce
+    of Phi's size; nothing received carries the un-noised sums. Negative control: the same job without masks."""
+    from helpers import MPIEXEC, launch_trust_worker, trust_ranks
+
+    if not MPIEXEC.is_file():
+        pytest.skip(f"needs {MPIEXEC}")
+    launch_trust_worker(
+        tmp_path,
+        3,
+        [
+            "secure-payload=distributed,secure=1,payload=1",
+            "secure-payload-nomask=distributed,secure=1,payload=1,sabotage=nomask",
+        ],
+    )
+    recs = trust_ranks(tmp_path, "secure-payload")
+    assert [len(p) for p in recs[0]["placement"]] == [2, 3, 2]
+    assert secure_payload_problems(recs) == []
+    n_masked = [sum(1 for c in r["calls"] if c[0] == "allreduce_int64") for r in recs]
+    assert len(set(n_masked)) == 1 and n_masked[0] >= 30  # the 30 steps and the statistics, on every rank
+    bad = secure_payload_problems(trust_ranks(tmp_path, "secure-payload-nomask"))
+    assert any("is not uniform" in p for p in bad), bad

@@ -9,7 +9,8 @@ noise checks of tests/test_trust_models.py and the central payload check of test
 A scenario is NAME=TRUST[,key=value...]: TRUST is local, distributed or central; keys: party, collusion,
 weights (declared|uniform), secure (1: privacy.secure_aggregation),
 sabotage (skip-share: client 0 adds no Phi noise, its own block; no-draw: the central
-aggregator adds nothing; allreduce: central's sums by an all-reduce instead of a gather), payload (1: run the whole
+aggregator adds nothing; allreduce: central's sums by an all-reduce instead of a gather; nomask: secure aggregation
+without its masks), payload (1: run the whole
 pipeline, statistics included, recording every collective).
 
 Each rank writes OUT/NAME/rank_R.pt: the public facts (placement, declared sizes, weights, sigma, C), and per
@@ -128,6 +129,8 @@ def run(comm, out: Path, spec: str) -> None:
             sab = SabotagedAggregator(noise_seed=cfg.privacy.noise_seed, backend=comm.backend)
             sab.factor = 0.0
             tr.trust = sab.bind(tr.trust.fed, world_size=comm.world_size)
+        if sabotage == "nomask":  # secure aggregation without its masks: every rank sends its plain integers
+            tr.trust.secagg.pair_keys = {}
         if sabotage == "allreduce":  # central's sums by an all-reduce: every rank receives the un-noised sum
             tr.trust._gather_sum = lambda tr_, buf: (lambda tot: tot if tr_.comm.is_root else None)(
                 tr_.allreduce(buf.clone())
