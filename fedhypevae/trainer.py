@@ -405,7 +405,10 @@ class Trainer:
             self.integer = self.trust.integer_params(stats_dim=stats_flat_size(fed.num_classes, fed.dim, cfg))
         self.plan = make_plan(cfg, use_mmd=self.use_mmd_release, integer=self.integer)
         if self.integer and self.plan is not None:
-            self.trust.check_overflow(self.sigma, planned_steps(cfg), cfg.privacy.delta)
+            sigma_s = self.plan.noise_multiplier(CLASS_STATS)
+            m = 2 if cfg.stats.covariance == "none" else 3  # count, sums (and second moments): privacy/stats.py
+            stats = (sigma_s, m, int(self.integer[CLASS_STATS][1])) if sigma_s else None
+            self.trust.check_overflow(self.sigma, planned_steps(cfg), cfg.privacy.delta, stats)
         self.features = None
         if self.use_mmd_release:
             bws = mmd_bandwidths(cfg.model, fed.dim)

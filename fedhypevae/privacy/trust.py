@@ -359,16 +359,48 @@ class SecureDistributedTrust(DistributedTrust):
         float_var = sum((s * self.fed.coefs[i] * self.clip) ** 2 for i in clients)
         return self.share_factor**2 * float_var / self.enc.grid**2 * (self.enc.l2 / self.enc.A) ** 2
 
-    def check_overflow(self, sigma: float, releases: int, delta: float) -> float:
+    def stats_grid(self, m: int, n: int) -> tuple:
+        """(grid, Delta2 / A) of the class statistics' integer path: m components over n coordinates per domain."""
+        return math.sqrt(m) / (self.grid_ratio * math.sqrt(n)), 1.0 + 1.0 / self.grid_ratio
+
+    def stats_share_variance(self, sigma_s: float, m: int, n: int, domain: int, clients) -> float:
+        """The Skellam variance (grid units) of the statistics share of `clients` in `domain`: each client's float
+        share has std sigma_s / sqrt(unknown) * sqrt(m) per scaled coordinate (the Gaussian rule), scaled for the
+        rounding."""
+        grid, ratio = self.stats_grid(m, n)
+        held = sum(1 for i in clients if self.fed.domain(i) == domain)
+        return held * (sigma_s * math.sqrt(m) / math.sqrt(self.stats_unknown[domain]) / grid * ratio) ** 2
+
+    def check_overflow(self, sigma: float, releases: int, delta: float, stats: tuple | None = None) -> float:
         """The static check: the total Skellam noise stays within half the range with probability >= 1 - overflow
-        share of delta over `releases` steps (the signal gets the other half: checked at every step)."""
-        from .integer import check_bits
+        share of delta over `releases` steps and, with `stats` = (sigma_s, m, n), the one statistics release (the
+        signal gets the other half: checked at every release). Returns the bound on the probability of a wrap."""
+        from .integer import IntegerEncoding, check_bits
 
         total = self.share_variance(sigma, range(self.fed.M))
-        self.overflow_p = check_bits(
-            self.enc, signal=0.0, ranks=0, variance=total, releases=releases, delta=delta, headroom=1
-        )
-        return self.overflow_p
+        p = check_bits(self.enc, signal=0.0, ranks=0, variance=total, releases=releases, delta=delta, headroom=1)
+        if stats is not None:
+            sigma_s, m, n = stats
+            grid, ratio = self.stats_grid(m, n)
+            enc = IntegerEncoding(grid, self.bits, int(n), self.grid_ratio * math.sqrt(n))
+            worst = max(self.stats_share_variance(sigma_s, m, n, d, range(self.fed.M)) for d in range(self.fed.codes))
+            p += check_bits(enc, signal=0.0, ranks=0, variance=worst, releases=self.fed.codes, delta=delta, headroom=1)
+        self.overflow_p = p
+        return p
+
+    def _check_signal(self, z: torch.Tensor, what: str) -> None:
+        """The signal's half of the range (module docstring of privacy/integer.py): this rank's encoded partial sum
+        within 2**(bits-2) / R, else the run stops here, before anything is sent."""
+        limit = 2 ** (self.bits - 2) // max(1, self.world_size)
+        top = int(z.abs().max()) if z.numel() else 0
+        if top > limit:
+            from ..errors import PrivacyError
+
+            raise PrivacyError(
+                f"secure aggregation: rank {self.rank}'s encoded {what} exceeds its share of the {self.bits}-bit range "
+                f"(|value| {top} > {limit}); the integer sum could wrap around. Raise privacy.secure_bits or lower "
+                "privacy.secure_grid_ratio"
+            )
 
     def noise_multipliers(self, sigma: float) -> dict:
         return {"private": sigma, "phi": 0.0}  # Phi's noise: the rank's integer share in reduce_step
@@ -391,15 +423,7 @@ class SecureDistributedTrust(DistributedTrust):
         *k, g = key
         gen = g if g is not None else self._share_rng.generator(*k)
         z = self.enc.encode(buf[:width])
-        limit = 2 ** (self.bits - 2) // max(1, self.world_size)
-        if width and int(z.abs().max()) > limit:
-            from ..errors import PrivacyError
-
-            raise PrivacyError(
-                f"secure aggregation: rank {self.rank}'s encoded partial sum exceeds its share of the "
-                f"{self.bits}-bit range (|value| {int(z.abs().max())} > {limit}); the integer sum could wrap "
-                "around. Raise privacy.secure_bits or lower privacy.secure_grid_ratio"
-            )
+        self._check_signal(z, "partial Phi sum")
         mine = list(self.fed.placement[self.rank]) if self.world_size > 1 else list(range(self.fed.M))
         z += skellam(self.share_variance(tr.sigma, mine), width, gen)
         diag = torch.round(buf[width:] * DIAG_SCALE).to(torch.int64)
@@ -423,17 +447,13 @@ class SecureDistributedTrust(DistributedTrust):
         gen = g if g is not None else self._share_rng.generator(*k)
         codes, n = buf.shape
         m = tr.stats_components
-        grid = math.sqrt(m) / (self.grid_ratio * math.sqrt(n))
-        l2_over_A = (self.grid_ratio * math.sqrt(n) + math.sqrt(n)) / (self.grid_ratio * math.sqrt(n))
+        grid, _ = self.stats_grid(m, n)
         z = torch.round(buf / scales / grid).to(torch.int64)
+        self._check_signal(z, "class statistics")
         mine = list(self.fed.placement[self.rank]) if self.world_size > 1 else list(range(self.fed.M))
         sigma = tr.plan.noise_multiplier(_CLASS_STATS)
         for d in range(codes):
-            unknown = self.stats_unknown[d]
-            held = sum(1 for i in mine if self.fed.domain(i) == d)
-            # a client's float share: std sigma / sqrt(unknown) * sqrt(m) per scaled coordinate
-            var = held * (sigma * math.sqrt(m) / math.sqrt(unknown) / grid * l2_over_A) ** 2
-            z[d] += skellam(var, n, gen)
+            z[d] += skellam(self.stats_share_variance(sigma, m, n, d, mine), n, gen)
         total = self.secagg.sum(z.reshape(-1), tag=("stats", *k)).view(codes, n)
         buf.copy_(total.double() * grid * scales)
         return buf
