@@ -41,7 +41,7 @@ def _slowest(comm, fn, reps: int) -> float:
 def measure(comm, agg, d: int, reps: int) -> dict:
     from fedhypevae.privacy.integer import make_encoding, skellam
 
-    enc = make_encoding(delta_max=1e-6, clip=1.0, dim=d, bits=64, grid=None)
+    enc = make_encoding(sensitivity=1e-6, dim=d, bits=64)
     g = torch.Generator().manual_seed(comm.rank)
     x = torch.randn(d, dtype=torch.float64, generator=g) * 1e-3
     var = (1.5 * enc.l2) ** 2 / comm.world_size  # sigma 1.5: this rank's part of the unknown variance

@@ -39,6 +39,7 @@ Two audits:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -406,11 +407,6 @@ def _observe_aggregate(tr, canaries: Canaries) -> None:
     tr.aggregation = Observed(tr.aggregation)
 
 
-def _dp_sgd_integer(plan) -> tuple:
-    """The plan's DP-SGD Mechanism.integer: () for the Gaussian, (A, d) on secure aggregation's integer path."""
-    return next((m.integer for m in plan.mechanisms if m.name == "dp-sgd"), ())
-
-
 def audit_white_box(cfg: Config, run_dir: Path, setup: AuditSetup, *, progress: bool = True) -> dict:
     from .trainer import Trainer
 
@@ -656,7 +652,7 @@ def run_audit(
     """Run the audit, write OUT/results.json and return the results."""
     from fedhypevae.hpc import LocalCommunicator
 
-    from .privacy import DP_SGD, Mechanism, epsilon_of
+    from .privacy import DP_SGD, epsilon_of
     from .provenance import provenance
 
     m = int(canaries if canaries is not None else DEFAULT_CANARIES.get(mode, 1000))
@@ -690,7 +686,8 @@ def run_audit(
     plan = raw["plan"]
     dp_sgd_alone = (
         epsilon_of(
-            [Mechanism(DP_SGD, plan.sigma, plan.sample_rate, raw["steps"], _dp_sgd_integer(plan))],
+            # the plan's DP-SGD mechanism (Gaussian, or Skellam on secure aggregation's path) over the steps run
+            [dataclasses.replace(next(m for m in plan.mechanisms if m.name == DP_SGD), steps=raw["steps"])],
             delta=p.accounting_delta,
             accountant=p.accountant,
         )

@@ -86,11 +86,11 @@ def _integer(cfg: Config, data: dict) -> dict:
     """The integer path's accounting parameters from the data's shape: Phi's size and the statistics' length."""
     from .model import HyperNetwork
     from .privacy.integer import integer_params
-    from .trainer import stats_flat_size
+    from .privacy.stats import stats_flat_size
 
     hyper = HyperNetwork.from_config(data["dim"], data["classes"], cfg.model)
     phi = sum(q.numel() for q in hyper.parameters())
-    stats = stats_flat_size(data["classes"], data["dim"], cfg)
+    stats = stats_flat_size(data["classes"], data["dim"], cfg.stats.covariance)
     return integer_params(phi_dim=phi, stats_dim=stats, grid_ratio=cfg.privacy.secure_grid_ratio)
 
 

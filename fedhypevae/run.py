@@ -27,6 +27,7 @@ from .errors import ConfigError, FedHypeVAEError
 from .generator import GENERATOR_FILE, generator_metadata
 from .metacode import ClassMoments, class_counts, fit_metacode, generate, mixture_weights
 from .privacy import CLASS_STATS, class_stat_sums, finalize_class_stats, noise_class_stats
+from .privacy.stats import stats_scales
 from .rng import STREAM_STATS_RELEASE, SeedTag, public_generator
 from .trainer import Trainer
 from .validate import stats_clip_norm  # noqa: F401  (re-exported: C_x of the statistics release)
@@ -132,13 +133,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
         )[0]
 
     tr.trust.begin_release(STREAM_STATS_RELEASE, 0, 0, d.epoch)
-    if tr.integer:  # secure aggregation: every coordinate divided by its component's sensitivity (stats.py)
-        per = {"count": 1.0, "sum": clip, "second_moment": clip * clip}
-        scales = torch.cat([torch.full((int(np.prod(shape)),), per[k], dtype=torch.float64) for k, shape in layout])
-        tr.stats_components = len(layout)
-        tr.trust.reduce_stats(tr, buf, aggregator_noise, scales)
-    else:
-        tr.trust.reduce_stats(tr, buf, aggregator_noise)
+    tr.trust.reduce_stats(tr, buf, aggregator_noise, stats_scales(layout, clip))
     domains = [_unflatten(buf[k], layout) for k in range(codes)]
     pooled = _unflatten(buf.sum(0), layout)
     out = []

@@ -60,7 +60,9 @@ from .privacy import (
     privacy_plan,
     run_shares,
 )
+from .privacy.integer import integer_params
 from .privacy.ledger import payload_digest
+from .privacy.stats import stats_components, stats_flat_size
 from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
 from .rng import STREAM_STEP, SeedTag, derive_seed, secret_key
@@ -121,12 +123,6 @@ class Decision:
     pending: object = None  # the payload, computed up to the noise
     epoch: int = 0
     free: bool = False  # an identical replay: nothing new released, nothing charged
-
-
-def stats_flat_size(num_classes: int, dim: int, cfg: Config) -> int:
-    """Length of one meta-code domain's flat class statistics (count, second moment, sum; privacy/stats.py)."""
-    second = {"none": 0, "diag": num_classes * dim, "full": num_classes * dim * dim}[cfg.stats.covariance]
-    return num_classes + second + num_classes * dim
 
 
 def planned_steps(cfg: Config) -> int:
@@ -402,11 +398,15 @@ class Trainer:
         self.use_mmd_release = cfg.model.lambda_mmd > 0 and cfg.model.mmd_kind == "merf"
         if cfg.privacy.enabled and cfg.privacy.secure_aggregation:
             self.trust.start(self)  # the encoding and the key agreement between ranks (a collective)
-            self.integer = self.trust.integer_params(stats_dim=stats_flat_size(fed.num_classes, fed.dim, cfg))
+            self.integer = integer_params(
+                phi_dim=self.phi_numel,
+                stats_dim=stats_flat_size(fed.num_classes, fed.dim, cfg.stats.covariance),
+                grid_ratio=cfg.privacy.secure_grid_ratio,
+            )
         self.plan = make_plan(cfg, use_mmd=self.use_mmd_release, integer=self.integer)
         if self.integer and self.plan is not None:
             sigma_s = self.plan.noise_multiplier(CLASS_STATS)
-            m = 2 if cfg.stats.covariance == "none" else 3  # count, sums (and second moments): privacy/stats.py
+            m = stats_components(cfg.stats.covariance)
             stats = (sigma_s, m, int(self.integer[CLASS_STATS][1])) if sigma_s else None
             self.trust.check_overflow(self.sigma, planned_steps(cfg), cfg.privacy.delta, stats)
         self.features = None

@@ -183,13 +183,18 @@ def main() -> int:
             return buf
 
         comm.allreduce_int64 = lossy
-    failures, count = run_checks(comm)
+    return report(comm, *run_checks(comm), "collectives")
+
+
+def report(comm, failures: list, count: int, label: str) -> int:
+    """Every rank prints its failures ("FAIL rank R: ..."), or, when no rank failed, "LABEL ok rank R/N backend B
+    checks K"; closes the communicator and returns the exit status (0 only when no rank failed)."""
     say = lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush())  # noqa: E731 - one write per line
     for f in failures:
         say(f"FAIL rank {comm.rank}: {f}")
     total = comm.allreduce(torch.tensor([float(len(failures))], dtype=torch.float64))
     if total.item() == 0:
-        say(f"collectives ok rank {comm.rank}/{comm.world_size} backend {comm.backend} checks {count}")
+        say(f"{label} ok rank {comm.rank}/{comm.world_size} backend {comm.backend} checks {count}")
     comm.barrier()
     comm.close()
     return 0 if total.item() == 0 else 1

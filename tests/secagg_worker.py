@@ -94,16 +94,9 @@ def main() -> int:
     torch.set_num_threads(1)
     comm = make_communicator("auto", timeout_s=60)
     install_failfast(comm)
-    fails, count = run_checks(comm)
-    say = lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush())  # noqa: E731 - one write per line
-    for f in fails:
-        say(f"FAIL rank {comm.rank}: {f}")
-    total = comm.allreduce(torch.tensor([float(len(fails))], dtype=torch.float64))
-    if total.item() == 0:
-        say(f"secagg ok rank {comm.rank}/{comm.world_size} backend {comm.backend} checks {count}")
-    comm.barrier()
-    comm.close()
-    return 0 if total.item() == 0 else 1
+    from collectives_worker import report  # tests/ is the script's directory
+
+    return report(comm, *run_checks(comm), "secagg")
 
 
 if __name__ == "__main__":

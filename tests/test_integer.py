@@ -137,7 +137,7 @@ def test_integer_epsilon_beside_the_gaussian():
 
 def test_encoding_sensitivity_is_a_plus_sqrt_d():
     g = torch.Generator().manual_seed(0)
-    enc = make_encoding(delta_max=0.01, clip=1.0, dim=500, bits=64, grid=None)
+    enc = make_encoding(sensitivity=0.01, dim=500, bits=64)
     assert enc.A == pytest.approx(GRID_RATIO * math.sqrt(500))
     worst = 0.0
     for _ in range(200):

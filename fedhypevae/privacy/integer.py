@@ -191,22 +191,23 @@ class IntegerEncoding:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return z.double() * self.grid
 
-    def share_variance(self, multiplier: float, clip: float) -> float:
-        """The Skellam variance, in grid units, of a share whose float counterpart has std multiplier * clip (a rank's
-        sum of its clients' Gaussian shares), scaled by Delta2 / A for the rounding's part of the sensitivity."""
-        return (multiplier * clip / self.grid * self.l2 / self.A) ** 2
+    def grid_variance(self, float_variance: float) -> float:
+        """The Skellam variance, in grid units, of a share whose Gaussian counterpart (the simulation's rule) has
+        `float_variance`, scaled by (Delta2 / A)^2 for the rounding's part of the sensitivity."""
+        return float_variance / self.grid**2 * (self.l2 / self.A) ** 2
 
     def describe(self) -> dict:
         return {"grid": self.grid, "bits": self.bits, "dim": self.dim, "l2_sensitivity": self.l2, "A": self.A}
 
 
-def make_encoding(*, delta_max: float, clip: float, dim: int, bits: int, grid: float | None) -> IntegerEncoding:
-    """The encoding of a run: `grid` given, or GRID_RATIO's default (A = GRID_RATIO * sqrt(dim))."""
-    if grid is None:
-        grid = delta_max * clip / (GRID_RATIO * math.sqrt(dim))
+def make_encoding(*, sensitivity: float, dim: int, bits: int, grid_ratio: float = GRID_RATIO) -> IntegerEncoding:
+    """The encoding of a release of `dim` coordinates whose L2 sensitivity (before rounding) is `sensitivity`: the
+    grid sensitivity / (ratio sqrt(dim)), so that A = ratio sqrt(dim) and the rounding adds 1/ratio to it (the Phi
+    aggregate: max_i a_i C; the class statistics, each component over its own: sqrt(m))."""
+    grid = sensitivity / (grid_ratio * math.sqrt(dim))
     if not (grid > 0 and math.isfinite(grid)):
         raise ConfigError(f"secure aggregation: the grid must be a positive number; got {grid}")
-    return IntegerEncoding(float(grid), int(bits), int(dim), delta_max * clip / float(grid))
+    return IntegerEncoding(float(grid), int(bits), int(dim), sensitivity / float(grid))
 
 
 def skellam(variance: float, n: int, generator: torch.Generator) -> torch.Tensor:

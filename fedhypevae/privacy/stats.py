@@ -29,6 +29,24 @@ COVARIANCE_KINDS = ("full", "diag", "none")
 # --------------------------------------------------------------------------- helpers
 
 
+def stats_components(covariance: str) -> int:
+    """m: the components of a class-statistics release (sums and counts, and second moments unless "none")."""
+    return 2 if covariance == "none" else 3
+
+
+def stats_flat_size(num_classes: int, dim: int, covariance: str) -> int:
+    """The length of one release's flat vector (count, second moment, sum: the keys in sorted order)."""
+    second = {"none": 0, "diag": num_classes * dim, "full": num_classes * dim * dim}[covariance]
+    return num_classes + second + num_classes * dim
+
+
+def stats_scales(layout: list, clip_norm: float) -> torch.Tensor:
+    """Per coordinate of a flat release with `layout` [(key, shape)]: its component's sensitivity (count 1, sums C,
+    second moments C^2; see release_class_stats), float64."""
+    per = {"count": 1.0, "sum": clip_norm, "second_moment": clip_norm * clip_norm}
+    return torch.cat([torch.full((math.prod(shape),), per[k], dtype=torch.float64) for k, shape in layout])
+
+
 def clip_rows(x: torch.Tensor, clip_norm: float) -> torch.Tensor:
     """Scale each row to L2 norm <= clip_norm (rows already inside are unchanged)."""
     norms = x.norm(dim=1, keepdim=True)
@@ -82,8 +100,7 @@ def noise_class_stats(
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise PrivacyError(f"noise multiplier must be a finite number >= 0; got {noise_multiplier}")
     device = sums["sum"].device
-    m = 2 if covariance == "none" else 3
-    std = noise_multiplier * math.sqrt(m)
+    std = noise_multiplier * math.sqrt(stats_components(covariance))
     k, d = sums["sum"].shape
     out = {
         "sum": sums["sum"] + _gaussian((k, d), std * clip_norm, generator, device),

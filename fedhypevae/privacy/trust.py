@@ -163,6 +163,15 @@ class TrustModel:
         same noise), else the aggregator's securely seeded one; `generator` overrides it (the sensitivity check)."""
         self._next = (stream, round_, step, epoch, generator)  # the generator is made only where one is drawn
 
+    def _take_release(self, rng: ClientRNG, what: str) -> tuple:
+        """(the release's key (stream, round, step, epoch), its generator from `rng` or the override), consumed:
+        RuntimeError when begin_release did not set one."""
+        key, self._next = self._next, None
+        if key is None:
+            raise RuntimeError(f"{what} needs its release key first (TrustModel.begin_release, set by the trainer)")
+        *k, g = key
+        return tuple(k), (g if g is not None else rng.generator(*k))
+
     def reduce_step(self, tr, buf: torch.Tensor, width: int) -> torch.Tensor:
         """The step's collective over the trainer's Communicator: every rank gets the sum (local: of noisy
         releases)."""
@@ -174,9 +183,10 @@ class TrustModel:
         """The noise multiplier client `client` applies to its class statistics. Local: sigma."""
         return sigma
 
-    def reduce_stats(self, tr, buf: torch.Tensor, noise) -> torch.Tensor:
+    def reduce_stats(self, tr, buf: torch.Tensor, noise, scales: torch.Tensor | None = None) -> torch.Tensor:
         """Sum the (codes, n) buffer of noisy per-domain statistics over ranks, in place. `noise(k, vec, gen)` adds
-        domain k's release noise to a flat un-noised domain sum (the aggregator's draw, central only)."""
+        domain k's release noise to a flat un-noised domain sum (the aggregator's draw, central only); `scales`, each
+        coordinate's sensitivity (privacy.stats.stats_scales), is what the integer path divides by."""
         self._next = None
         tr.allreduce(buf.view(-1))
         return buf
@@ -326,64 +336,56 @@ class SecureDistributedTrust(DistributedTrust):
         self.overflow_p = None
         self.share_factor = 1.0  # the shares' std relative to the rule: 1 (what an audit's sabotage overrides)
 
-    def integer_params(self, *, stats_dim: int) -> dict:
-        """{mechanism: Mechanism.integer (A, dim)} of the releases on the integer path: the DP-SGD steps and the class
-        statistics (one domain's flat vector, each component divided by its sensitivity: L2 sensitivity sqrt(m))."""
-        from .integer import integer_params
-
-        out = integer_params(phi_dim=self.enc.dim, stats_dim=stats_dim, grid_ratio=self.grid_ratio)
-        assert math.isclose(out["dp-sgd"][0], self.enc.A, rel_tol=1e-12)  # the encoding's own grid
-        return out
-
     def start(self, tr) -> None:
         """After the model is built (Phi's size) and before anything is released: the encoding, the key agreement
-        between ranks (a collective), this rank's Skellam share variance and the static overflow check."""
+        between ranks (a collective) and this rank's share generator."""
         from ..hpc.secagg import SecureAggregator
         from .integer import make_encoding
 
         p, fed = tr.cfg.privacy, self.fed
-        dim = int(tr.phi_numel)
-        grid = self.delta_max * p.clip_norm / (self.grid_ratio * math.sqrt(dim))
-        self.enc = make_encoding(delta_max=self.delta_max, clip=p.clip_norm, dim=dim, bits=self.bits, grid=grid)
+        self.clip = p.clip_norm
+        self.enc = make_encoding(
+            sensitivity=self.delta_max * p.clip_norm, dim=int(tr.phi_numel), bits=self.bits, grid_ratio=self.grid_ratio
+        )
         self.secagg = SecureAggregator(tr.comm, bits=self.bits)
         self.rank = tr.comm.rank
-        mine = list(fed.placement[self.rank]) if self.world_size > 1 else list(range(fed.M))
-        self.first_client = min(mine) if mine else 0
-        self._share_rng = ClientRNG(SECURE_SHARE_ID - self.first_client, p.noise_seed)
-        self.clip = p.clip_norm
+        self.mine = list(fed.placement[self.rank]) if self.world_size > 1 else list(range(fed.M))  # the rank's clients
+        self._share_rng = ClientRNG(SECURE_SHARE_ID - (min(self.mine) if self.mine else 0), p.noise_seed)
 
     def share_variance(self, sigma: float, clients) -> float:
-        """The Skellam variance (grid units) of the share of `clients`: the sum of their Gaussian shares' variances,
-        scaled by Delta2 / A for the rounding."""
+        """The Skellam variance (grid units) of the share of `clients`: the sum of their Gaussian shares' variances
+        under the simulation's rule, scaled for the rounding."""
         s = sigma * self.unit
-        float_var = sum((s * self.fed.coefs[i] * self.clip) ** 2 for i in clients)
-        return self.share_factor**2 * float_var / self.enc.grid**2 * (self.enc.l2 / self.enc.A) ** 2
+        return self.share_factor**2 * self.enc.grid_variance(
+            sum((s * self.fed.coefs[i] * self.clip) ** 2 for i in clients)
+        )
 
-    def stats_grid(self, m: int, n: int) -> tuple:
-        """(grid, Delta2 / A) of the class statistics' integer path: m components over n coordinates per domain."""
-        return math.sqrt(m) / (self.grid_ratio * math.sqrt(n)), 1.0 + 1.0 / self.grid_ratio
+    def stats_encoding(self, m: int, n: int):
+        """The class statistics' encoding: one domain's n coordinates, each divided by its component's sensitivity
+        (m components: L2 sensitivity sqrt(m))."""
+        from .integer import make_encoding
 
-    def stats_share_variance(self, sigma_s: float, m: int, n: int, domain: int, clients) -> float:
-        """The Skellam variance (grid units) of the statistics share of `clients` in `domain`: each client's float
-        share has std sigma_s / sqrt(unknown) * sqrt(m) per scaled coordinate (the Gaussian rule), scaled for the
-        rounding."""
-        grid, ratio = self.stats_grid(m, n)
+        return make_encoding(sensitivity=math.sqrt(m), dim=n, bits=self.bits, grid_ratio=self.grid_ratio)
+
+    def stats_share_variance(self, sigma_s: float, m: int, enc, domain: int, clients) -> float:
+        """The Skellam variance (grid units of `enc`) of the statistics share of `clients` in `domain`: each client's
+        Gaussian share under the simulation's rule has std sigma_s / sqrt(unknown) * sqrt(m) per scaled coordinate."""
         held = sum(1 for i in clients if self.fed.domain(i) == domain)
-        return held * (sigma_s * math.sqrt(m) / math.sqrt(self.stats_unknown[domain]) / grid * ratio) ** 2
+        return enc.grid_variance(held * sigma_s**2 * m / self.stats_unknown[domain])
 
     def check_overflow(self, sigma: float, releases: int, delta: float, stats: tuple | None = None) -> float:
         """The static check: the total Skellam noise stays within half the range with probability >= 1 - overflow
         share of delta over `releases` steps and, with `stats` = (sigma_s, m, n), the one statistics release (the
         signal gets the other half: checked at every release). Returns the bound on the probability of a wrap."""
-        from .integer import IntegerEncoding, check_bits
+        from .integer import check_bits
 
         total = self.share_variance(sigma, range(self.fed.M))
         p = check_bits(self.enc, signal=0.0, ranks=0, variance=total, releases=releases, delta=delta, headroom=1)
         if stats is not None:
             sigma_s, m, n = stats
-            grid, ratio = self.stats_grid(m, n)
-            enc = IntegerEncoding(grid, self.bits, int(n), self.grid_ratio * math.sqrt(n))
-            worst = max(self.stats_share_variance(sigma_s, m, n, d, range(self.fed.M)) for d in range(self.fed.codes))
+            enc = self.stats_encoding(m, n)
+            everyone = range(self.fed.M)
+            worst = max(self.stats_share_variance(sigma_s, m, enc, d, everyone) for d in range(self.fed.codes))
             p += check_bits(enc, signal=0.0, ranks=0, variance=worst, releases=self.fed.codes, delta=delta, headroom=1)
         self.overflow_p = p
         return p
@@ -417,15 +419,10 @@ class SecureDistributedTrust(DistributedTrust):
     def reduce_step(self, tr, buf: torch.Tensor, width: int) -> torch.Tensor:
         from .integer import skellam
 
-        key, self._next = self._next, None
-        if key is None:
-            raise RuntimeError("secure aggregation: the step's share needs its release key (begin_release) first")
-        *k, g = key
-        gen = g if g is not None else self._share_rng.generator(*k)
+        k, gen = self._take_release(self._share_rng, "secure aggregation: the step's share")
         z = self.enc.encode(buf[:width])
         self._check_signal(z, "partial Phi sum")
-        mine = list(self.fed.placement[self.rank]) if self.world_size > 1 else list(range(self.fed.M))
-        z += skellam(self.share_variance(tr.sigma, mine), width, gen)
+        z += skellam(self.share_variance(tr.sigma, self.mine), width, gen)
         diag = torch.round(buf[width:] * DIAG_SCALE).to(torch.int64)
         total = self.secagg.sum(torch.cat([z, diag]), tag=("step", *k))
         out = torch.empty_like(buf)
@@ -441,21 +438,19 @@ class SecureDistributedTrust(DistributedTrust):
         sensitivity (`scales`; m components: joint L2 sensitivity sqrt(m) = `stats_l2`), rounded to the grid
         sqrt(m) / (ratio sqrt(n)); this rank's Skellam share per domain; one masked sum."""
         from .integer import skellam
+        from .stats import stats_components
 
-        key, self._next = self._next, None
-        *k, g = key
-        gen = g if g is not None else self._share_rng.generator(*k)
+        k, gen = self._take_release(self._share_rng, "secure aggregation: the statistics' share")
         codes, n = buf.shape
-        m = tr.stats_components
-        grid, _ = self.stats_grid(m, n)
-        z = torch.round(buf / scales / grid).to(torch.int64)
+        m = stats_components(tr.cfg.stats.covariance)
+        enc = self.stats_encoding(m, n)
+        z = enc.encode(buf / scales)
         self._check_signal(z, "class statistics")
-        mine = list(self.fed.placement[self.rank]) if self.world_size > 1 else list(range(self.fed.M))
         sigma = tr.plan.noise_multiplier(_CLASS_STATS)
         for d in range(codes):
-            z[d] += skellam(self.stats_share_variance(sigma, m, n, d, mine), n, gen)
+            z[d] += skellam(self.stats_share_variance(sigma, m, enc, d, self.mine), n, gen)
         total = self.secagg.sum(z.reshape(-1), tag=("stats", *k)).view(codes, n)
-        buf.copy_(total.double() * grid * scales)
+        buf.copy_(enc.decode(total) * scales)
         return buf
 
     def not_protected(self) -> str:
@@ -515,14 +510,7 @@ class CentralTrust(TrustModel):
         return torch.randn(width, generator=generator, dtype=torch.float64) * std
 
     def _generator(self) -> torch.Generator:
-        key, self._next = self._next, None
-        if key is None:
-            raise RuntimeError(
-                "trust_model=central: the aggregator's draw needs its release key first "
-                "(TrustModel.begin_release, set by Trainer._dp_step)"
-            )
-        *k, g = key
-        return g if g is not None else self._rng.generator(*k)
+        return self._take_release(self._rng, "trust_model=central: the aggregator's draw")[1]
 
     def _gather_sum(self, tr, buf: torch.Tensor) -> torch.Tensor | None:
         """The sum of every rank's `buf`, on the root only (None elsewhere), in rank order: a gather, so that no
@@ -547,7 +535,7 @@ class CentralTrust(TrustModel):
             out = torch.zeros_like(buf)  # what a non-root rank hands the broadcast: nothing of its own
         return tr.broadcast(out)
 
-    def reduce_stats(self, tr, buf: torch.Tensor, noise) -> torch.Tensor:
+    def reduce_stats(self, tr, buf: torch.Tensor, noise, scales: torch.Tensor | None = None) -> torch.Tensor:
         g = self._generator()
         total = self._gather_sum(tr, buf.view(-1))
         if total is not None:
