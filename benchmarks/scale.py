@@ -200,11 +200,10 @@ def measure(
             **row,
             "error": f"run 1 was not stopped by its SIGTERM with costs (rc {first['rc']}; see {work / 'first.log'})",
         }
-    rk1 = stop[-1]["ranks"]
-    resume_ranks = 1 if ranks > 1 else 2
+    row.update(_run1_row(round_s, phases, first, files, stop[-1]["ranks"], clients))
     if not resume:  # run 1 only (the rows' resume columns stay empty)
-        row.update(_run1_row(round_s, phases, first, files, rk1, clients))
         return row
+    resume_ranks = 1 if ranks > 1 else 2
     second = run(command(resume_ranks, cfg, out, resume=True), out=out, log_path=work / "second.log", timeout=timeout)
     if second["rc"] != 0:
         return {
@@ -215,22 +214,11 @@ def measure(
     rk = res["training"]["ranks"]
     row.update(
         {
-            "round_s": statistics.median(round_s[1:] if len(round_s) > 1 else round_s),
-            "round_s_all": round_s,
-            "phases_s": phases,
-            "ms_per_client_round": 1e3 * statistics.median(round_s[1:] if len(round_s) > 1 else round_s) / clients,
-            "peak_rss_mb": sorted(first["peak_rss_mb"].values()),
-            "files_per_checkpoint": files,
             "ranks_resumed_on": resume_ranks,
-            "setup_s": max(r["setup_s"] for r in rk1),
-            "checkpoint_s": max(r["checkpoint_s"] for r in rk1),
-            "state_mb": [r["state_mb"] for r in rk1],
-            "clients_per_rank": [r["clients"] for r in rk1],
             "resume_s": max(r["setup_s"] for r in rk),
             "resume_checkpoint_s": max(r["checkpoint_s"] for r in rk),
             "resume_peak_rss_mb": sorted(second["peak_rss_mb"].values()),
             "resume_state_mb": [r["state_mb"] for r in rk],
-            "wall_run1_s": first["wall_s"],
             "wall_run2_s": second["wall_s"],
             "loadavg_end": list(os.getloadavg()),
         }
@@ -239,6 +227,7 @@ def measure(
 
 
 def _run1_row(round_s: list, phases: dict, first: dict, files: int, rk1: list, clients: int) -> dict:
+    """A row's figures from run 1 (the stopped one): its rounds after the first, its ranks' costs."""
     rs = statistics.median(round_s[1:] if len(round_s) > 1 else round_s)
     return {
         "round_s": rs,
