@@ -70,6 +70,9 @@ class Release:
     digest: str | None = None  # private: digest of the block's pre-noise payload (reproducible noise)
     integer: tuple = ()  # Mechanism.integer: (A, dim) of DP-SGD on the integer path of secure aggregation
 
+    def __post_init__(self):
+        object.__setattr__(self, "integer", tuple(float(x) for x in self.integer))  # as Mechanism keeps it
+
     def public(self) -> dict:
         out = {
             "mechanism": self.mechanism,
@@ -203,7 +206,7 @@ class PrivacyLedger:
                             obj["block"],
                             int(current),
                             (obj.get("private") or {}).get("digest"),
-                            tuple(float(x) for x in obj.get("integer", ())),
+                            obj.get("integer", ()),
                         )
                     )
         for path in sorted(self.run_dir.glob(V1_GLOB)):
@@ -348,7 +351,7 @@ class PrivacyLedger:
             and candidate.digest == digest
             and candidate.sigma == float(sigma)
             and candidate.q == float(q)
-            and candidate.integer == tuple(float(x) for x in integer)
+            and candidate.integer == tuple(map(float, integer))
         )
 
     def fits(self, mechanism: str, sigma: float, q: float, plan: PrivacyPlan, integer: tuple = ()) -> bool:
@@ -384,7 +387,7 @@ class PrivacyLedger:
             self.block,
             self.session,
             None if digest is None else str(digest),
-            tuple(float(x) for x in integer),
+            integer,
         )
         if self.run_dir is not None:
             line = {
