@@ -351,14 +351,15 @@ class SecureDistributedTrust(DistributedTrust):
         self.rank = tr.comm.rank
         self.mine = list(fed.placement[self.rank]) if self.world_size > 1 else list(range(fed.M))  # the rank's clients
         self._share_rng = ClientRNG(SECURE_SHARE_ID - (min(self.mine) if self.mine else 0), p.noise_seed)
+        # sum of a_i^2 over the rank's clients and over all: fixed for the run (no per-client loop in a step)
+        self.rank_mass = sum(fed.coefs[i] ** 2 for i in self.mine)
+        self.total_mass = sum(a * a for a in fed.coefs)
 
-    def share_variance(self, sigma: float, clients) -> float:
-        """The Skellam variance (grid units) of the share of `clients`: the sum of their Gaussian shares' variances
-        under the simulation's rule, scaled for the rounding."""
-        s = sigma * self.unit
-        return self.share_factor**2 * self.enc.grid_variance(
-            sum((s * self.fed.coefs[i] * self.clip) ** 2 for i in clients)
-        )
+    def share_variance(self, sigma: float, mass: float) -> float:
+        """The Skellam variance (grid units) of the share of clients whose a_i^2 sum to `mass` (`rank_mass`: this
+        rank's; `total_mass`: everyone's): the sum of their Gaussian shares' variances under the simulation's rule,
+        (sigma * unit * a_i * C)^2, scaled for the rounding."""
+        return self.share_factor**2 * self.enc.grid_variance((sigma * self.unit * self.clip) ** 2 * mass)
 
     def stats_encoding(self, m: int, n: int):
         """The class statistics' encoding: one domain's n coordinates, each divided by its component's sensitivity
@@ -379,7 +380,7 @@ class SecureDistributedTrust(DistributedTrust):
         signal gets the other half: checked at every release). Returns the bound on the probability of a wrap."""
         from .integer import check_bits
 
-        total = self.share_variance(sigma, range(self.fed.M))
+        total = self.share_variance(sigma, self.total_mass)
         p = check_bits(self.enc, signal=0.0, ranks=0, variance=total, releases=releases, delta=delta, headroom=1)
         if stats is not None:
             sigma_s, m, n = stats
@@ -414,7 +415,7 @@ class SecureDistributedTrust(DistributedTrust):
     def aggregate_std(self, sigma: float, clip: float) -> float:
         if self.enc is None:
             return super().aggregate_std(sigma, clip)
-        return self.enc.grid * math.sqrt(self.share_variance(sigma, range(self.fed.M)))
+        return self.enc.grid * math.sqrt(self.share_variance(sigma, self.total_mass))
 
     def reduce_step(self, tr, buf: torch.Tensor, width: int) -> torch.Tensor:
         from .integer import skellam
@@ -422,7 +423,7 @@ class SecureDistributedTrust(DistributedTrust):
         k, gen = self._take_release(self._share_rng, "secure aggregation: the step's share")
         z = self.enc.encode(buf[:width])
         self._check_signal(z, "partial Phi sum")
-        z += skellam(self.share_variance(tr.sigma, self.mine), width, gen)
+        z += skellam(self.share_variance(tr.sigma, self.rank_mass), width, gen)
         diag = torch.round(buf[width:] * DIAG_SCALE).to(torch.int64)
         total = self.secagg.sum(torch.cat([z, diag]), tag=("step", *k))
         out = torch.empty_like(buf)
