@@ -19,6 +19,19 @@ from fedhypevae.hpc.launcher import MPI_FLAVOURS, mpi_flavour
 TEMPLATES = Path(__file__).parent / "templates"
 
 
+def node_range(nodes: int | str) -> tuple[int, int]:
+    """(min, max) of a node count (4) or range ("2-4"); ValueError with the accepted forms otherwise."""
+    text = str(nodes)
+    lo, _, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi or lo)
+    except ValueError:
+        raise ValueError(f"nodes must be a count (4) or a range (2-4); got {nodes!r}") from None
+    if not 1 <= a <= b:
+        raise ValueError(f"nodes must be a count >= 1 or a range MIN-MAX with 1 <= MIN <= MAX; got {nodes!r}")
+    return a, b
+
+
 def _time(minutes: int) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
@@ -28,7 +41,7 @@ def render(
     command: str,
     job_name: str,
     mpi: str = "mpich",
-    nodes: int = 1,
+    nodes: int | str = 1,
     tasks_per_node: int = 4,
     cpus_per_task: int = 1,
     timeout_min: int = 60,
@@ -41,16 +54,24 @@ def render(
     header: str = "",
     setup: list[str] | None = None,
 ) -> str:
-    """One sbatch script running `command` on every task (each task an MPI rank)."""
+    """One sbatch script running `command` on every task (each task an MPI rank).
+
+    `nodes` is a count or a range "MIN-MAX": a job given a range takes whole nodes (--exclusive) and counts its
+    ranks at every start (--ntasks-per-node on the srun line, not on an #SBATCH line: sbatch would fix the task
+    count at the first start, and a job requeued after a node failure would then wait for the lost node)."""
     flavour = mpi_flavour(mpi)  # ValueError naming the flavours of the table
     plugin, env, what = flavour.srun_plugin, flavour.env, flavour.description
+    ranged = node_range(nodes)[0] != node_range(nodes)[1]
     lines = ["#!/bin/bash"]
     lines += [f"# {h}" if h else "#" for h in header.strip().splitlines()] if header else []
     lines += [f"# {t}" for t in f"MPI: {what}; every task is one rank (srun --mpi={plugin}).".splitlines()]
+    lines += [f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}"]
+    if ranged:
+        lines.append("# a node range: whole nodes, and as many ranks as the nodes SLURM gives this start")
+        lines.append("#SBATCH --exclusive")
+    else:
+        lines.append(f"#SBATCH --ntasks-per-node={tasks_per_node}")
     lines += [
-        f"#SBATCH --job-name={job_name}",
-        f"#SBATCH --nodes={nodes}",
-        f"#SBATCH --ntasks-per-node={tasks_per_node}",
         f"#SBATCH --cpus-per-task={cpus_per_task}",
         f"#SBATCH --time={_time(timeout_min)}",
     ]
@@ -72,12 +93,20 @@ def render(
     ]
     lines += [f"export {k}={v}" for k, v in env.items()]
     lines += list(setup or [])
+    placement = f' --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node={tasks_per_node}' if ranged else ""
     lines += [
         "# --kill-on-bad-exit: one failing rank ends the step instead of leaving the others in a collective",
-        f"srun --mpi={plugin} --kill-on-bad-exit=1 {command}",
+        f"srun --mpi={plugin} --kill-on-bad-exit=1{placement} {command}",
         "status=$?",
         "# 140/143: every rank checkpointed after USR2/TERM: requeue, the job resumes from its checkpoint",
         'if [ "$status" = 140 ] || [ "$status" = 143 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
+        "# a failed step with a node that no longer answers (it died or left the network): stay until slurmctld",
+        "# declares it down and requeues this job (--requeue) on the nodes left, which resume from the last checkpoint",
+        'if [ "$status" != 0 ] && ! timeout 60 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 true; then',
+        '  echo "a node of job $SLURM_JOB_ID does not answer: waiting for SLURM to requeue the job" >&2',
+        "  t=$(scontrol show config | awk '/^SlurmdTimeout/{print $3}')",
+        '  sleep $(( ${t:-300} + 60 ))',
+        "fi",
         'exit "$status"',
         "",
     ]
