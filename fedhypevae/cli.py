@@ -4,7 +4,9 @@ Subcommands: train, generate, config show, account, audit, data (inspect, partit
 Exit statuses: 0 done; 1 an I/O failure while writing (a full disk: the message names the path); 2 a bad
 input (one line naming the file, key or flag and the cause; checked before anything is written or
 released); 3 `train` ended PARTIAL (no statistics release or meta-code fit: results.json says what is
-missing); 128 + N `train` stopped by signal N (it checkpointed first; --resume continues).
+missing); 124 `train` on several ranks: a rank made no progress for train.step_timeout_s (a peer unreachable or
+stuck) and ended the job (--resume continues from the last complete checkpoint); 128 + N `train` stopped by
+signal N (it checkpointed first; --resume continues).
 """
 
 from __future__ import annotations
@@ -175,7 +177,14 @@ def _add_train(sub) -> None:
         help="auto: cuda:LOCAL_RANK when CUDA is present, else cpu; torch.distributed uses NCCL on cuda, "
         "gloo on cpu (the CUDA path is untested: the development machine has no GPU)",
     )
-    p.add_argument("--timeout", type=POSITIVE, default=600.0, help="collective timeout in seconds (torch back-end)")
+    p.add_argument(
+        "--timeout",
+        type=POSITIVE,
+        default=600.0,
+        help="collective timeout in seconds of the torch back-end outside the training steps (start-up, the wait "
+        "while rank 0 fits the meta-code); during training a rank that makes no progress for train.step_timeout_s "
+        "ends the job, whatever the back-end",
+    )
     p.add_argument(
         "--log-level",
         default="info",

@@ -270,6 +270,11 @@ class TrainConfig:
     # a rank's clients are stepped in chunks of at most this many (the working set of a step is one chunk's:
     # its noise, sums and activations); 0: the whole block at once
     chunk_clients: int = 1024
+    # seconds a rank of a run of several ranks may go without progress (a DP step, the collective after it, a
+    # checkpoint write) before it ends itself with status 124, which ends the job: a peer that vanished from the
+    # network leaves the others waiting in a collective for ever otherwise. Also the torch back-end's collective
+    # timeout during training. Longer than any rank's slowest step or checkpoint write; 0: no watchdog
+    step_timeout_s: float = 600.0
 
     def __post_init__(self):
         _check(self.rounds >= 1, f"train.rounds must be >= 1; got {self.rounds}")
@@ -281,6 +286,10 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _check(self.replica_check_every >= 0, "train.replica_check_every must be >= 0")
         _check(self.chunk_clients >= 0, f"train.chunk_clients must be >= 0 (0: no chunks); got {self.chunk_clients}")
+        _check(
+            self.step_timeout_s >= 0,
+            f"train.step_timeout_s must be > 0 seconds (0: no step watchdog); got {self.step_timeout_s}",
+        )
         _check(
             self.engine in ("batched", "reference"),
             f"train.engine must be batched (ghost-norm per-sample clipping) or reference "

@@ -11,13 +11,16 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from fedhypevae.hpc import Communicator
+from fedhypevae.hpc.watchdog import EXIT_STEP_TIMEOUT, Watchdog
 
 from . import checkpoint as ckpt
 from .atomic import atomic_savez, atomic_torch_save, atomic_write_text
@@ -29,7 +32,7 @@ from .metacode import ClassMoments, class_counts, fit_metacode, generate, mixtur
 from .privacy import CLASS_STATS, class_stat_sums, finalize_class_stats, noise_class_stats
 from .privacy.stats import stats_scales
 from .rng import STREAM_STATS_RELEASE, SeedTag, public_generator
-from .trainer import Trainer
+from .trainer import Trainer, no_heartbeat
 from .validate import stats_clip_norm  # noqa: F401  (re-exported: C_x of the statistics release)
 
 EXIT_PARTIAL = 3  # the run ended without its statistics release or meta-code fit (results.json says what)
@@ -81,6 +84,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
     domain, the last entry being the pooled federation; None and why, if nothing was released: no
     budget left, or a stop signal)."""
     cfg = tr.cfg
+    tr.hooks.heartbeat("the class-statistics release")
     codes = cfg.meta.codes
     sigma = tr.plan.noise_multiplier(CLASS_STATS) if tr.plan is not None else 0.0
     K, cov = tr.fed.num_classes, cfg.stats.covariance
@@ -157,7 +161,7 @@ def class_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | Non
     if moments is not None:
         if tr.comm.is_root:
             atomic_torch_save([dict(vars(m)) for m in moments], f, fsync=True)
-        tr.comm.barrier()  # every rank reads the same file on a resume
+        tr.barrier()  # every rank reads the same file on a resume
     return moments, why
 
 
@@ -521,6 +525,72 @@ def _interrupted(tr: Trainer) -> dict:
     }
 
 
+class StepWatch:
+    """The step watchdog of a run of several ranks (hpc/watchdog.py), armed while the ranks work in step.
+
+        with StepWatch(tr) as watch:   # armed: the statistics releases, training, checkpoints, the results
+            ...
+            with watch.paused():       # rank 0's own work (meta-code fit, synthesis) and the barrier around it
+                ...
+
+    The trainer beats it (TrainerHooks.heartbeat) at every DP step, checkpoint and collective. A rank that gets
+    no beat for train.step_timeout_s writes one line naming its rank, host and step and ends itself with status
+    EXIT_STEP_TIMEOUT (124), which ends the job (a peer cut off from the network would leave it waiting for
+    ever). While armed the torch back-end's collectives time out a little after the watchdog would fire (it
+    reports); paused, and outside the block, they have the communicator's own long timeout again (`--timeout`,
+    a sweep's comm_timeout_s), so a meta-code fit longer than the step timeout does not trip the barrier the
+    other ranks wait in. One process, or train.step_timeout_s 0: no watchdog, nothing changed."""
+
+    def __init__(self, tr: Trainer):
+        self.tr = tr
+        t = tr.cfg.train.step_timeout_s
+        self.dog = Watchdog(t, self._line) if t > 0 and tr.comm.world_size > 1 else None
+
+    def _line(self, where: str, silent: float) -> str:
+        tr = self.tr
+        return (
+            f"fedhypevae: error: [rank {tr.comm.rank}/{tr.comm.world_size} on host {socket.gethostname()}] "
+            f"{where} did not finish within train.step_timeout_s={tr.cfg.train.step_timeout_s:g} s (no progress for "
+            f"{silent:.1f} s): a peer rank is unreachable or stuck; ending this rank (exit status {EXIT_STEP_TIMEOUT}) "
+            f"so that the job ends; `fedhypevae train --resume --out {tr.out}` continues from the last complete "
+            "checkpoint"
+        )
+
+    def _step_timeouts(self) -> None:
+        self.tr.comm.set_timeout(self.dog.timeout_s + self.dog.grace_s)
+
+    def __enter__(self) -> StepWatch:
+        if self.dog is not None:
+            self.tr.hooks.heartbeat = self.dog.beat
+            self._step_timeouts()
+            self.dog.arm("the first collective after set-up")
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if self.dog is not None:
+            self.dog.close()
+            self.tr.hooks.heartbeat = no_heartbeat
+            try:
+                self.tr.comm.set_timeout(None)
+            except Exception:  # noqa: BLE001 - a failed back-end must not hide the exception on its way out
+                if exc_type is None:
+                    raise
+        return False
+
+    @contextmanager
+    def paused(self):
+        """Not watched inside the block, and the collectives' long timeout; armed again after it."""
+        if self.dog is None:
+            yield
+            return
+        with self.dog.paused():
+            self.tr.comm.set_timeout(None)
+            try:
+                yield
+            finally:
+                self._step_timeouts()
+
+
 def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dict:
     tr.setup()
     if tr.comm.is_root:  # after setup: a run refused there leaves no file behind
@@ -545,6 +615,11 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
             tr.writer.close()
             tr.ledger.close()
             return previous
+    with StepWatch(tr) as watch:  # from here to the end every rank works in step, but for rank 0's own work
+        return _release_train_synthesize(tr, cfg, watch)
+
+
+def _release_train_synthesize(tr: Trainer, cfg: Config, watch: StepWatch) -> dict:
     clip = tr.stats_clip  # checked in setup, before anything was written or released
     anchored = None
     if cfg.model.class_anchor:
@@ -581,7 +656,8 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
     missing = [why] if why else []
     extra = {}
     if tr.comm.is_root:
-        extra = synthesize(tr, moments)
+        with watch.paused():  # rank 0's own work (the meta-code fit, synthesis): not watched
+            extra = synthesize(tr, moments)
         if moments is None and needs_code:
             missing.append(
                 "meta-code: not fitted (no class statistics); synthetic.npz was generated from the "
@@ -612,5 +688,7 @@ def _run(tr: Trainer, cfg: Config, resume: bool, log_level: str = "info") -> dic
         }
     elif moments is None and needs_code:
         missing.append("meta-code: not fitted (no class statistics)")
-    tr.comm.barrier()  # other ranks wait while rank 0 fits the meta-code
+    with watch.paused():  # not watched, and with the long collective timeout (a barrier under gloo would trip)
+        tr.comm.barrier()  # other ranks wait while rank 0 fits the meta-code
+    tr.hooks.heartbeat("the run's final collectives (results)")
     return tr.finish(extra, missing=missing)

@@ -8,8 +8,10 @@ applies the identical optimizer step to its replica of Phi, then the spectral-no
 is an object (fedhypevae/aggregation.py, a registry by name): the trainer calls it and has no branch on it.
 
 Observers hook into the loop through `Trainer.hooks` (TrainerHooks): the events round_begin(r),
-step_begin(r, s), step_end(r, s), round_end(r, metrics), and the phase timers the trainer wraps around
-its own phases (guard, ledger, all_reduce, phi_update, engine, accounting); free when nothing listens.
+step_begin(r, s), step_end(r, s), round_end(r, metrics), the phase timers the trainer wraps around
+its own phases (guard, ledger, all_reduce, phi_update, engine, accounting), and the heartbeat it gives at
+every step boundary and around every collective (the step watchdog's, hpc/watchdog.py, armed by run.py);
+free when nothing listens.
 
 Every release of every kind (the MMD embeddings, each DP-SGD step, the class statistics) goes
 through ONE guard, `Trainer.guarded_release`: the payload is computed up to the noise, compared with
@@ -23,6 +25,7 @@ Single process:   fedhypevae train --config configs/default.yaml --out runs/defa
 from __future__ import annotations
 
 import math
+import platform
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -33,6 +36,7 @@ import torch
 import yaml
 
 from fedhypevae.hpc import Communicator, LocalCommunicator, place_clients
+from fedhypevae.hpc.comm import decode_name, encode_name
 from fedhypevae.hpc.placement import PlacementError
 
 from . import checkpoint as ckpt
@@ -85,6 +89,7 @@ RESUME_MAY_CHANGE = (
     "train.replica_check_every",
     "train.engine",
     "train.chunk_clients",
+    "train.step_timeout_s",
     "privacy.diagnostics",
     "stats.rank",
     "meta.*",
@@ -219,6 +224,10 @@ TIMED_PHASES = ("guard", "ledger", "all_reduce", "phi_update", "engine", "accoun
 _NO_TIMER = nullcontext()
 
 
+def no_heartbeat(where: str | None = None) -> None:
+    """TrainerHooks.heartbeat when no step watchdog listens."""
+
+
 class _Timed:
     """One timed phase: its EXCLUSIVE wall time (a phase timed inside it is not counted in it)."""
 
@@ -256,12 +265,19 @@ class TrainerHooks:
     charge), all_reduce (every collective), phi_update (applying the reduced release to Phi), engine
     (the batched engine's prepare and release), accounting (epsilon_spent). With no timer registered
     `timed` is a shared no-op context and an event with no listener costs one empty loop. Observers only
-    observe: they must issue no collective and change no state (every rank must stay in step)."""
+    observe: they must issue no collective and change no state (every rank must stay in step).
+
+    `heartbeat(where=None)` is called at the start of every DP step and checkpoint, and before and after every
+    collective of the trainer; `where` says what the rank does from then on ("DP step round=R/step=S", ...),
+    given where that changes. run.py sets it to its step watchdog's `beat` while the watchdog is armed
+    (hpc/watchdog.py: a rank that gets no heartbeat for train.step_timeout_s ends itself); `no_heartbeat`
+    otherwise. It must stay cheap: it runs on the hot path."""
 
     def __init__(self):
         self._on: dict = {e: [] for e in HOOK_EVENTS}
         self._timers: list = []
         self._stack: list = []
+        self.heartbeat: Callable[..., None] = no_heartbeat
 
     def on(self, event: str, fn: Callable) -> Callable:
         if event not in self._on:
@@ -689,28 +705,45 @@ class Trainer:
             )
 
     def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Every collective of training goes through here: in place, timed (comm_seconds, hooks)."""
+        """Every collective of training goes through here: in place, timed (comm_seconds, hooks), with a heartbeat
+        before and after it (the step watchdog's)."""
+        beat = self.hooks.heartbeat
         with self.hooks.timed("all_reduce"):
+            beat()
             t = time.perf_counter()
             out = self.comm.allreduce(buf, op=op)
             self.comm_seconds += time.perf_counter() - t
+            beat()
         return out
 
     def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
         """Every rank's `buf` stacked on `root` (None elsewhere): timed like `allreduce`."""
+        beat = self.hooks.heartbeat
         with self.hooks.timed("all_reduce"):
+            beat()
             t = time.perf_counter()
             out = self.comm.gather(buf, root)
             self.comm_seconds += time.perf_counter() - t
+            beat()
         return out
 
     def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
         """`root`'s `buf` on every rank, in place: timed like `allreduce`."""
+        beat = self.hooks.heartbeat
         with self.hooks.timed("all_reduce"):
+            beat()
             t = time.perf_counter()
             out = self.comm.broadcast(buf, root)
             self.comm_seconds += time.perf_counter() - t
+            beat()
         return out
+
+    def barrier(self) -> None:
+        """Wait for every rank, with a heartbeat before and after (not timed: a barrier waits for work, not data)."""
+        beat = self.hooks.heartbeat
+        beat()
+        self.comm.barrier()
+        beat()
 
     # ---------------------------------------------------------------- training
     def flat_phi(self, hyper: HyperNetwork) -> torch.Tensor:
@@ -812,6 +845,7 @@ class Trainer:
         self.aggregation.begin_round(r)
         steps_done = start_step
         for s in range(start_step, cfg.train.local_steps):
+            hooks.heartbeat(f"DP step {step_key(r, s)}")
             hooks.emit("step_begin", r, s)
             why = self._dp_step(r, s)
             if why == "signal":
@@ -826,6 +860,7 @@ class Trainer:
             hooks.emit("step_end", r, s)
             steps_done += 1
         self.aggregation.end_round(r, steps_done)
+        hooks.heartbeat(f"the end of round={r}")
         metrics = {"privacy/epsilon": self.epsilon_spent(), "train/steps": float(self.state.steps)}
         if self.send_diagnostics:
             # timings depend on the realized batch sizes: a side channel, recorded with the diagnostics
@@ -889,6 +924,7 @@ class Trainer:
         d = ckpt.checkpoint_dir(self.out, *pos)
         if self._saved_at == pos:  # nothing happened since the last checkpoint (e.g. a stop right after a resume)
             return d
+        self.hooks.heartbeat(f"the checkpoint at round={pos[0]}/step={pos[1]}")
         t0 = time.perf_counter()
         mid_round = self.state.step > 0
         # the rank's clients' private state: one shard, the blocks' stacks as they are (no copy)
@@ -916,11 +952,11 @@ class Trainer:
                 d / "shared.pt",
                 fsync=True,
             )
-        self.comm.barrier()  # COMPLETE only once every rank's files are in place
+        self.barrier()  # COMPLETE only once every rank's files are in place
         if self.comm.is_root:
             ckpt.mark_complete(d)
             ckpt.prune(self.out, self.cfg.train.keep_checkpoints)
-        self.comm.barrier()
+        self.barrier()
         self._saved_at = pos
         return d
 
@@ -1004,8 +1040,9 @@ class Trainer:
             )
 
     def rank_costs(self) -> list:
-        """Every rank's setup time, median checkpoint write, peak resident memory and private state (one allgather:
-        collective; diagnostics, since they depend on data sizes)."""
+        """Every rank's host and local rank (where the launcher placed it), the stop signal it received, setup time,
+        median checkpoint write, peak resident memory and private state (allgathers: collective; diagnostics, since
+        the costs depend on data sizes)."""
         import resource
         import statistics
 
@@ -1021,9 +1058,17 @@ class Trainer:
             dtype=torch.float64,
         )
         rows = self.comm.allgather(mine)
+        hosts = self.comm.allgather(encode_name(platform.node()))
+        local = self.comm.allgather(torch.tensor([self.comm.local_rank, self.stop_signal or 0], dtype=torch.int64))
         keys = ("setup_s", "checkpoint_s", "peak_rss_mb", "state_mb", "clients")
         return [
-            {"rank": r, **{k: (int(v) if k == "clients" else float(v)) for k, v in zip(keys, row.tolist())}}
+            {
+                "rank": r,
+                "host": decode_name(hosts[r]),
+                "local_rank": int(local[r, 0]),
+                "stop_signal": int(local[r, 1]),  # the stop signal this rank received (0: none; the stop is collective)
+                **{k: (int(v) if k == "clients" else float(v)) for k, v in zip(keys, row.tolist())},
+            }
             for r, row in enumerate(rows)
         ]
 

@@ -55,6 +55,21 @@ def check_root(method: str, root: int, world_size: int) -> None:
         raise ValueError(f"{method}: root must be a rank in [0, {world_size}); got {root!r}")
 
 
+NAME_BYTES = 64
+
+
+def encode_name(name: str) -> torch.Tensor:
+    """A short public string (a host name) as a fixed-width int64 tensor, for `allgather`: UTF-8 bytes, zero-padded,
+    cut at NAME_BYTES."""
+    raw = name.encode()[:NAME_BYTES]
+    return torch.tensor(list(raw) + [0] * (NAME_BYTES - len(raw)), dtype=torch.int64)
+
+
+def decode_name(row: torch.Tensor) -> str:
+    """The string `encode_name` wrote into `row`."""
+    return bytes(int(b) for b in row.tolist() if b).decode(errors="replace")
+
+
 def one_rank_stack(buf: torch.Tensor) -> torch.Tensor:
     """What allgather (and gather, on root) return on one rank: a new (1, *buf.shape) tensor."""
     return buf.unsqueeze(0).clone(memory_format=torch.contiguous_format)
@@ -164,6 +179,11 @@ class Communicator(abc.ABC):
     def abort(self, code: int = 1) -> None:
         """End every rank of the job now (a failing rank must not leave the others hanging)."""
         raise SystemExit(code)
+
+    def set_timeout(self, seconds: float | None) -> None:  # noqa: B027 (optional hook: only torch has a timeout)
+        """From now on a collective that waits longer than `seconds` fails (None: the timeout the communicator was
+        built with). Only the torch back-end has such a timeout; MPI's collectives wait for ever (a run's step
+        watchdog, hpc/watchdog.py, bounds them) and a one-rank world never waits."""
 
     def close(self) -> None:  # noqa: B027 (optional hook: most back-ends hold nothing to release)
         """Release the back-end's resources."""

@@ -35,10 +35,13 @@ from .backend import BackendError, install_failfast, make_communicator, report_f
 from .comm import Communicator
 from .device import choose_device
 from .launcher import LaunchInfo, detect_launcher, srun_mpi_hint
+from .watchdog import EXIT_STEP_TIMEOUT  # noqa: F401 (re-exported: one place lists every exit status)
 
 EXIT_USER_ERROR = 2  # a rank's user error ends the job with this status (the CLI's status for a bad input)
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: 128 + SIGINT
 EXIT_FATAL = 1  # an unexpected exception on one rank
+# EXIT_STEP_TIMEOUT (124, defined in hpc/watchdog.py): a rank's step watchdog saw no progress for the step
+# timeout (a peer unreachable or stuck) and ended that rank with os._exit, which ends the job
 
 
 class Launch:
@@ -47,7 +50,8 @@ class Launch:
 
     backend      "auto", "local", "mpi" or "torch" (`BACKENDS`)
     device       "auto", "cpu" or "cuda"
-    timeout_s    collective timeout of the torch back-end
+    timeout_s    collective timeout of the torch back-end (its rendezvous too); a run narrows it to its step
+                 timeout while its step watchdog is armed (`Communicator.set_timeout`)
     prog         the prefix of the error line a rank writes before it aborts the job
     user_errors  exception types whose message is for the user (one line, status 2, no traceback)
     setup_error  makes the exception raised when the ranks cannot start (from a one-line message)

@@ -61,6 +61,7 @@ class TorchCommunicator(Communicator):
         os.environ.setdefault("MASTER_PORT", str(default_port()))
         self.device = device
         self.backend = "nccl" if device.type == "cuda" else "gloo"
+        self.timeout_s = float(timeout_s)  # the rendezvous's and, outside a run's steps, every collective's
         if not dist.is_initialized():
             # a finite collective timeout: a dead peer ends the job instead of hanging it for 30 min
             dist.init_process_group(self.backend, timeout=datetime.timedelta(seconds=timeout_s))
@@ -126,6 +127,20 @@ class TorchCommunicator(Communicator):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """The default group's collective timeout from now on (None: the one it was built with). A run sets its
+        step timeout while its steps run and puts the long one back around set-up and rank 0's own work (the
+        other ranks wait for it in a barrier). gloo applies it to every later collective, barriers included."""
+        if not dist.is_initialized():
+            return
+        t = datetime.timedelta(seconds=self.timeout_s if seconds is None else float(seconds))
+        # torch.distributed.set_timeout where torch has it (newer releases; it supersedes the private _set_pg_timeout,
+        # used with torch 2.13); neither: the group keeps the timeout it was built with, and the step watchdog
+        # alone bounds a stuck step
+        setter = getattr(dist, "set_timeout", None) or getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+        if setter is not None:
+            setter(t)
 
     def abort(self, code: int = 1) -> None:
         # no collective abort in gloo: exiting non-zero makes torchrun's agent stop the other workers,

@@ -22,9 +22,9 @@ TEMPLATES = Path(__file__).parent / "templates"
 def node_range(nodes: int | str) -> tuple[int, int]:
     """(min, max) of a node count (4) or range ("2-4"); ValueError with the accepted forms otherwise."""
     text = str(nodes)
-    lo, _, hi = text.partition("-")
+    lo, dash, hi = text.partition("-")
     try:
-        a, b = int(lo), int(hi or lo)
+        a, b = int(lo), int(hi if dash else lo)
     except ValueError:
         raise ValueError(f"nodes must be a count (4) or a range (2-4); got {nodes!r}") from None
     if not 1 <= a <= b:
@@ -53,18 +53,34 @@ def render(
     output: str = "%x-%j.out",
     header: str = "",
     setup: list[str] | None = None,
+    launch: str = "srun",
+    iface: str | None = None,
 ) -> str:
     """One sbatch script running `command` on every task (each task an MPI rank).
+
+    `launch` starts the ranks: "srun" (the tasks are the ranks; USR2 reaches them from SLURM: `--signal=USR2@T`, or by
+    hand `scancel --signal=USR2 JOB`) or "mpiexec" (MPICH's Hydra, which starts one proxy per node with srun and
+    forwards TERM, INT and USR1 to the ranks but not USR2, which would kill its proxies: USR2 goes to the batch shell
+    only, `--signal=B:USR2@T` or by hand `scancel --batch --signal=USR2 JOB`, which hands it to the ranks as TERM).
+
+    `iface` names the network interface the torch back-ends bind between nodes (GLOO_SOCKET_IFNAME, and
+    NCCL_SOCKET_IFNAME with GPUs); None leaves their own choice. With `gpus_per_node`, every rank sees its node's
+    GPUs (--gpu-bind=none) and takes cuda:LOCAL_RANK (SLURM_LOCALID under srun, MPI_LOCALRANKID under mpiexec).
 
     `nodes` is a count or a range "MIN-MAX": a job given a range takes whole nodes (--exclusive) and counts its
     ranks at every start (--ntasks-per-node on the srun line, not on an #SBATCH line: sbatch would fix the task
     count at the first start, and a job requeued after a node failure would then wait for the lost node)."""
     flavour = mpi_flavour(mpi)  # ValueError naming the flavours of the table
     plugin, env, what = flavour.srun_plugin, flavour.env, flavour.description
+    if launch not in ("srun", "mpiexec"):
+        raise ValueError(f"launch must be srun or mpiexec; got {launch!r}")
+    if launch == "mpiexec" and mpi != "mpich":
+        raise ValueError("launch=mpiexec is written for MPICH's Hydra (-ppn, its signal forwarding); use srun")
     ranged = node_range(nodes)[0] != node_range(nodes)[1]
     lines = ["#!/bin/bash"]
     lines += [f"# {h}" if h else "#" for h in header.strip().splitlines()] if header else []
-    lines += [f"# {t}" for t in f"MPI: {what}; every task is one rank (srun --mpi={plugin}).".splitlines()]
+    starter = f"srun --mpi={plugin}" if launch == "srun" else "mpiexec (Hydra), whose proxies srun starts"
+    lines += [f"# {t}" for t in f"MPI: {what}; every task is one rank ({starter}).".splitlines()]
     lines += [f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}"]
     if ranged:
         lines.append("# a node range: whole nodes, and as many ranks as the nodes SLURM gives this start")
@@ -77,27 +93,59 @@ def render(
     ]
     if gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={gpus_per_node}")
+        if gpus_per_node != tasks_per_node:
+            lines.append(
+                f"# {tasks_per_node} ranks per node share {gpus_per_node} GPUs: local rank r takes "
+                f"cuda:(r mod {gpus_per_node})"
+            )
     if mem_gb:
         lines.append(f"#SBATCH --mem={int(mem_gb * 1024)}M")
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     if account:
         lines.append(f"#SBATCH --account={account}")
+    to = "B:" if launch == "mpiexec" else ""
     lines += [
         f"# USR2 {signal_delay_s} s before the time limit: every rank finishes its round and checkpoints",
-        f"#SBATCH --signal=USR2@{signal_delay_s}",
+        f"#SBATCH --signal={to}USR2@{signal_delay_s}",
         "#SBATCH --requeue",
         f"#SBATCH --output={output}",
+        "# a requeued start appends to the log: what ended the start before it (a node failure, the watchdog) stays",
+        "#SBATCH --open-mode=append",
         "set -uo pipefail",
         "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}",
     ]
     lines += [f"export {k}={v}" for k, v in env.items()]
+    if iface:
+        lines.append(
+            "# the interface the ranks' collectives use between nodes (the torch back-ends: "
+            f"gloo{', NCCL' * bool(gpus_per_node)})"
+        )
+        lines.append(f"export GLOO_SOCKET_IFNAME={iface}")
+        if gpus_per_node:
+            lines.append(f"export NCCL_SOCKET_IFNAME={iface}")
     lines += list(setup or [])
-    placement = f' --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node={tasks_per_node}' if ranged else ""
+    if launch == "srun":
+        placement = f' --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node={tasks_per_node}' if ranged else ""
+        if gpus_per_node:  # every task sees the node's GPUs and picks cuda:SLURM_LOCALID itself
+            placement += " --gpu-bind=none"
+        lines += [
+            "# --kill-on-bad-exit: one failing rank ends the step instead of leaving the others in a collective",
+            f"srun --mpi={plugin} --kill-on-bad-exit=1{placement} {command}",
+            "status=$?",
+        ]
+    else:
+        lines += [
+            "# Hydra forwards TERM to the ranks but not USR2 (it would kill its srun-started proxies): this shell",
+            "# takes USR2 (--signal=B:USR2, scancel --batch --signal=USR2) and TERM, and hands them on as TERM",
+            "trap 'kill -TERM \"$pid\" 2>/dev/null' USR2 TERM",
+            f"mpiexec -n $(( SLURM_JOB_NUM_NODES * {tasks_per_node} )) -ppn {tasks_per_node} {command} &",
+            "pid=$!",
+            'wait "$pid"; status=$?',
+            "# a trapped signal ends `wait`, not mpiexec: wait again until mpiexec has ended",
+            'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; status=$?; done',
+        ]
     lines += [
-        "# --kill-on-bad-exit: one failing rank ends the step instead of leaving the others in a collective",
-        f"srun --mpi={plugin} --kill-on-bad-exit=1{placement} {command}",
-        "status=$?",
         "# 140/143: every rank checkpointed after USR2/TERM: requeue, the job resumes from its checkpoint",
         'if [ "$status" = 140 ] || [ "$status" = 143 ]; then scontrol requeue "$SLURM_JOB_ID"; exit 0; fi',
         "# a failed step with a node that no longer answers (it died or left the network): stay until slurmctld",
@@ -105,7 +153,7 @@ def render(
         'if [ "$status" != 0 ] && ! timeout 60 srun --nodes="$SLURM_JOB_NUM_NODES" --ntasks-per-node=1 true; then',
         '  echo "a node of job $SLURM_JOB_ID does not answer: waiting for SLURM to requeue the job" >&2',
         "  t=$(scontrol show config | awk '/^SlurmdTimeout/{print $3}')",
-        '  sleep $(( ${t:-300} + 60 ))',
+        "  sleep $(( ${t:-300} + 60 ))",
         "fi",
         'exit "$status"',
         "",

@@ -544,6 +544,9 @@ def config_rows() -> list[Row]:
         Row("config: text in the bandwidths", s("model.mmd_bandwidths=[wide]"), 2, r"model\.mmd_bandwidths.*'wide'"),
         Row("config: float for an integer key", s("train.rounds=2.5"), 2, r"train\.rounds.*integer.*2\.5"),
         Row("config: delta 0", s("privacy.delta=0"), 2, r"privacy\.delta.*\(0, 1\)"),
+        Row("config: negative step timeout", s("train.step_timeout_s=-5"), 2, r"train\.step_timeout_s.*> 0.*-5"),
+        Row("config: step timeout text", s("train.step_timeout_s=soon"), 2, r"train\.step_timeout_s.*number.*soon"),
+        Row("config: infinite step timeout", s("train.step_timeout_s=.inf"), 2, r"train\.step_timeout_s.*finite"),
         Row("config: empty data path", s("data.path="), 2, r"data\.path.*empty"),
         Row(
             "config: declared sizes of the wrong length",

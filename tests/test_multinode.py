@@ -16,11 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from fedhypevae.slurm.sbatch import render
 from helpers import launcher_free_env, load_phi, rel_diff
 
 from fedhypevae.privacy.ledger import read_client_releases
-from fedhypevae.slurm.sbatch import render
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.slow, pytest.mark.mpi]
 
@@ -114,6 +113,12 @@ def placement(run: Path) -> list:
     return json.loads((run / "results.json").read_text())["training"]["ranks"]
 
 
+def step_of(key: str) -> tuple:
+    """(round, step) of a DP-SGD ledger key "round=R/step=S"."""
+    r, s = key.split("/")
+    return int(r.split("=")[1]), int(s.split("=")[1])
+
+
 def check_ledgers(run: Path, steps: int) -> dict:
     """Every client's DP-SGD charges: no (round, step) missing; returns {client: keys charged more than once}."""
     from fedhypevae.privacy import PrivacyLedger
@@ -160,3 +165,320 @@ def test_ranks_on_three_nodes_train_the_one_process_hypernetwork(cluster, refere
     diff = rel_diff(load_phi(ref), load_phi(out))
     print(f"max relative difference to the one-process hypernetwork: {diff:.2e}")
     assert diff < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- 4 and 5
+def job_field(job_id: str, env: dict, field: str) -> str:
+    r = sh(["scontrol", "-o", "show", "job", job_id], env, check=False)
+    for tok in r.stdout.split():
+        if tok.startswith(field + "="):
+            return tok.split("=", 1)[1]
+    return ""
+
+
+def _is_rank(pid: str) -> bool:
+    """A running (not zombie) fedhypevae process: the console script, or Python running it (not the srun that
+    names it on its command line)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    python = Path(argv[0]).name.startswith("python")
+    job = python and any("submitit" in a or "fedhypevae" in a for a in argv[1:4])  # a sweep point's rank
+    return state != "Z" and (job or any(a.endswith("/fedhypevae") for a in argv[:2]))
+
+
+def rank_pids(node: str) -> set:
+    """The ranks living in a node's network namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True).stdout.split()
+    return {p for p in pids if _is_rank(p)}
+
+
+def alive(pids: set) -> set:
+    return {p for p in pids if _is_rank(p)}
+
+
+def submit_range_job(env: dict, tmp_path: Path, out: Path, rounds: int, *extra: str) -> str:
+    """The plain sbatch script (fedhypevae.slurm.sbatch.render) with --nodes=2-3 and two ranks per node."""
+    cmd = (
+        f"{BIN / 'fedhypevae'} train --out {out} {' '.join(TINY)} --set train.rounds={rounds} "
+        f"--set train.checkpoint_every=1 {' '.join(extra)} $RESUME"
+    )
+    script = render(
+        command=cmd,
+        job_name="fhv-multinode",
+        nodes="2-3",
+        tasks_per_node=2,
+        timeout_min=15,
+        output=str(tmp_path / "slurm-%j.out"),
+        setup=[f'RESUME=""; [ -d {out}/checkpoints ] && RESUME="--resume"'],
+    )
+    f = tmp_path / "job.sbatch"
+    f.write_text(script)
+    return sh(["sbatch", "--parsable", str(f)], env).stdout.strip().split(";")[0]
+
+
+def checkpointed_round(out: Path) -> int:
+    done = [int(d.parent.name.split("_")[1]) for d in (out / "checkpoints").glob("round_*/COMPLETE")]
+    return max(done, default=-1)
+
+
+def revive(env: dict, node: str) -> None:
+    subprocess.run(["bash", str(CLUSTER), "revive-node", node], capture_output=True, env=env)
+    wait_for(
+        lambda: sh(["sinfo", "-h", "-N", "-n", node, "-o", "%T"], env, check=False).stdout.strip() == "idle",
+        60,
+        f"{node} back to idle",
+    )
+
+
+def lose_a_node(env: dict, tmp_path: Path, how: str, rounds: int, *extra: str) -> dict:
+    """Run the node-range job, make fhvn3 fail (`how`: kill-node or cut-node) once a round after the first is
+    checkpointed, and follow the job until it is requeued and finishes on the nodes left. Returns what it saw."""
+    out = tmp_path / "run"
+    job = submit_range_job(env, tmp_path, out, rounds, *extra)
+
+    def logs() -> str:
+        return "\n".join(f.read_text(errors="replace")[-3000:] for f in tmp_path.glob("slurm-*.out"))
+
+    wait_for(lambda: checkpointed_round(out) >= 3, 240, "a checkpoint after round 3", logs)
+    assert job_field(job, env, "NodeList") == "fhvn[1-3]", job_field(job, env, "NodeList")
+    at = checkpointed_round(out)
+    eps_before = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["privacy/epsilon"]
+    try:
+        first = {n: rank_pids(n) for n in NODES}
+        assert all(len(p) >= 2 for p in first.values()), first
+        sh(["bash", str(CLUSTER), how, "fhvn3"], env)
+        t0 = time.time()
+        # every rank of the first start has ended on the nodes left (and on the lost one: killed, or ended by the
+        # watchdog behind its cut link)
+        ended = wait_for(
+            lambda: not alive(first["fhvn1"] | first["fhvn2"]), 120, "the ranks of the first start to end", logs
+        )
+        wait_for(lambda: not alive(first["fhvn3"]), 120, "the lost node's ranks to end", logs)
+        lost_ended = time.time() - t0
+        wait_for(lambda: job_field(job, env, "Restarts") == "1", 120, "SLURM to requeue the job", logs)
+        requeued = time.time() - t0
+        wait_for(
+            lambda: (out / "results.json").is_file() and not sh(["squeue", "-h", "-j", job], env).stdout.strip(),
+            300,
+            "the requeued job to finish",
+            logs,
+        )
+    finally:
+        if how == "cut-node":
+            subprocess.run(["bash", str(CLUSTER), "kill-node", "fhvn3"], capture_output=True, env=env)
+        revive(env, "fhvn3")
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    return {
+        "out": out,
+        "ended_s": ended,
+        "requeued_s": requeued,
+        "lost_node_ended_s": lost_ended,
+        "checkpointed_round": at,
+        "eps_before": eps_before,
+        "events": events,
+        "results": json.loads((out / "results.json").read_text()),
+        "logs": logs(),
+    }
+
+
+def test_a_node_that_dies_ends_the_job_which_slurm_requeues_on_the_nodes_left(cluster, tmp_path):
+    """SIGKILL of one node's slurmd and of every process on it, mid-run: the job ends on every node within 60 s, SLURM
+    requeues it (--requeue, --nodes=2-3) and it resumes on the two nodes left (4 ranks instead of 6) from its last
+    complete checkpoint; epsilon continues, and no client's ledger has a gap."""
+    rounds = 40
+    seen = lose_a_node(cluster, tmp_path, "kill-node", rounds, "--set", "privacy.noise_seed=5")
+    res, events = seen["results"], seen["events"]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    print(
+        f"node killed after the checkpoint of round {seen['checkpointed_round']} (epsilon {seen['eps_before']:.4f}); "
+        f"every rank ended {seen['ended_s']:.1f} s after the kill, the job was requeued after "
+        f"{seen['requeued_s']:.1f} s; resumed at round {resumed[0].get('round')} on {resumed[0]['world_size']} ranks; "
+        f"final epsilon {res['privacy']['epsilon_spent']:.4f} of {res['privacy']['target_epsilon']}"
+    )
+    assert seen["ended_s"] < 60
+    assert [e["world_size"] for e in events if e["event"] in ("start", "resumed")] == [6, 4]
+    assert resumed[0]["round"] >= seen["checkpointed_round"] >= 2
+    assert {r["host"] for r in res["training"]["ranks"]} == {"fhvn1", "fhvn2"}
+    assert res["privacy"]["epsilon_spent"] >= seen["eps_before"]
+    assert res["privacy"]["epsilon_spent"] <= res["privacy"]["target_epsilon"] + 1e-9
+    twice = check_ledgers(seen["out"], res["privacy"]["steps"])
+    # a resume on another world size regroups the clients: a lost step's replay is charged again, never free
+    # (docs/PRIVACY.md 8.2); only steps after the checkpoint the job resumed from can appear twice
+    first_lost = (resumed[0]["round"], resumed[0].get("step", 0))
+    for cid, keys in twice.items():
+        assert all(step_of(k) >= first_lost for k in keys), (cid, keys, first_lost)
+    print(f"steps charged twice: {sum(map(len, twice.values()))} (client, step) pairs over {len(twice)} clients")
+
+
+def test_a_node_that_vanishes_is_caught_by_the_step_watchdog_and_the_job_resumes(cluster, tmp_path):
+    """fhvn3's link goes down mid-run, its processes alive (a partition: no socket closes). The ranks waiting for it
+    end through the step watchdog (train.step_timeout_s) within 60 s + the watchdog, so do the cut-off node's own
+    ranks, SLURM requeues the job on the two nodes left, and it resumes from its last complete checkpoint. With
+    secure noise (no noise_seed): the steps released after that checkpoint are charged again on resume (never free,
+    never missing), and the budget guard keeps epsilon within the target."""
+    timeout_s = 10
+    seen = lose_a_node(cluster, tmp_path, "cut-node", 40, "--set", f"train.step_timeout_s={timeout_s}")
+    res, events = seen["results"], seen["events"]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    fired = [line for line in seen["logs"].splitlines() if "train.step_timeout_s" in line]
+    print(
+        f"link of fhvn3 down after the checkpoint of round {seen['checkpointed_round']} (epsilon "
+        f"{seen['eps_before']:.4f}); the ranks left ended {seen['ended_s']:.1f} s later, the cut-off node's "
+        f"{seen['lost_node_ended_s']:.1f} s after the cut; requeued after {seen['requeued_s']:.1f} s; resumed at round "
+        f"{resumed[0]['round']} step {resumed[0]['step']} on {resumed[0]['world_size']} ranks; final epsilon "
+        f"{res['privacy']['epsilon_spent']:.4f} of {res['privacy']['target_epsilon']}"
+    )
+    print("watchdog:", fired[:1])
+    assert seen["ended_s"] < 60 + timeout_s and seen["lost_node_ended_s"] < 60 + timeout_s
+    assert fired, seen["logs"]
+    assert [e["world_size"] for e in events if e["event"] in ("start", "resumed")] == [6, 4]
+    assert resumed[0]["round"] >= seen["checkpointed_round"]
+    assert {r["host"] for r in res["training"]["ranks"]} == {"fhvn1", "fhvn2"}
+    assert seen["eps_before"] <= res["privacy"]["epsilon_spent"] <= res["privacy"]["target_epsilon"] + 1e-9
+    twice = check_ledgers(seen["out"], res["privacy"]["steps"])
+    first_lost = (resumed[0]["round"], resumed[0]["step"])
+    for cid, keys in twice.items():
+        assert all(step_of(k) >= first_lost for k in keys), (cid, keys, first_lost)
+    print(f"steps charged twice: {sum(map(len, twice.values()))} (client, step) pairs over {len(twice)} clients")
+
+
+# --------------------------------------------------------------------------------------------- 6
+@pytest.mark.parametrize("launch", ["srun", "mpiexec"])
+def test_a_preemption_signal_reaches_every_node_and_the_requeued_job_resumes(cluster, reference, tmp_path, launch):
+    """USR2 as SLURM sends it before a time limit or a preemption, with the flags of each launch path (srun: to the
+    job's steps, `scancel --signal=USR2`; mpiexec: to the batch shell, `scancel --batch --signal=USR2`, which hands
+    it to Hydra as TERM): every rank on every node receives it, they checkpoint together, the script requeues the
+    job, and the requeued job resumes from that step on the same six ranks and ends with the one-process run's
+    hypernetwork (nothing was lost, so nothing is charged twice)."""
+    env, rounds = cluster, 40
+    ref = reference(rounds, "--set", "privacy.noise_seed=5")
+    out = tmp_path / "run"
+    cmd = (
+        f"{BIN / 'fedhypevae'} train --out {out} {' '.join(TINY)} --set train.rounds={rounds} "
+        "--set train.checkpoint_every=10 --set privacy.noise_seed=5 $RESUME"
+    )
+    script = render(
+        command=cmd,
+        job_name="fhv-preempt",
+        nodes=3,
+        tasks_per_node=2,
+        timeout_min=15,
+        output=str(tmp_path / "slurm-%j.out"),
+        setup=[f'RESUME=""; [ -d {out}/checkpoints ] && RESUME="--resume"'],
+        launch=launch,
+    )
+    (tmp_path / "job.sbatch").write_text(script)
+    job = sh(["sbatch", "--parsable", str(tmp_path / "job.sbatch")], env).stdout.strip().split(";")[0]
+
+    def logs() -> str:
+        return "\n".join(f.read_text(errors="replace")[-3000:] for f in tmp_path.glob("slurm-*.out"))
+
+    def events() -> list:
+        f = out / "events.jsonl"
+        return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+    wait_for(
+        lambda: (
+            len((out / "metrics.jsonl").read_text().splitlines()) >= 2 if (out / "metrics.jsonl").is_file() else False
+        ),
+        240,
+        "two trained rounds",
+        logs,
+    )
+    flags = ["--signal=USR2"] if launch == "srun" else ["--batch", "--signal=USR2"]
+    sh(["scancel", *flags, job], env)
+    t0 = time.time()
+    wait_for(lambda: any(e["event"] == "interrupted" for e in events()), 60, "the collective checkpoint", logs)
+    stopped = time.time() - t0
+    wait_for(lambda: any(e["event"] == "finished" for e in events()), 300, "the requeued job to finish", logs)
+    ev = events()
+    kinds = [e["event"] for e in ev]
+    assert kinds == ["start", "interrupted", "resumed", "finished"], (kinds, logs())
+    stop, resumed = ev[1], ev[2]
+    got = {(r["host"], r["local_rank"]): r["stop_signal"] for r in stop["ranks"]}
+    expected = signal.SIGUSR2 if launch == "srun" else signal.SIGTERM
+    print(
+        f"{launch}: checkpointed {stopped:.1f} s after scancel at round {stop['round']} step {stop['step']}; "
+        f"signals received {got}; resumed at round {resumed['round']} step {resumed['step']} on "
+        f"{resumed['world_size']} ranks; restarts {job_field(job, env, 'Restarts')}"
+    )
+    assert got == {(n, i): int(expected) for n in NODES for i in (0, 1)}
+    assert (resumed["round"], resumed["step"]) == (stop["round"], stop["step"])
+    assert ev[0]["world_size"] == resumed["world_size"] == 6
+    res = json.loads((out / "results.json").read_text())
+    assert not any(check_ledgers(out, res["privacy"]["steps"]).values())  # nothing lost: nothing charged twice
+    assert res["privacy"]["replays"] == {"free": 0, "charged_again": 0}
+    diff = rel_diff(load_phi(ref), load_phi(out))
+    print(f"max relative difference to the one-process hypernetwork: {diff:.2e}")
+    assert diff < 1e-5
+
+
+# --------------------------------------------------------------------------------------------- 3
+def test_a_sweep_point_on_three_nodes_is_run_and_collected(cluster, tmp_path):
+    """The submitit sweep with nodes=3: one FedHypeVAE point of six ranks, two per node, collected into the
+    summary."""
+    env, out = cluster, tmp_path / "sweep"
+    sweep = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "partition.clients=7"]
+    sweep += ["--epsilons", "2", "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict"]
+    sweep += ["--ranks", "6", "--param", "nodes=3", "--param", "timeout_min=15"]
+    sweep += ["--cluster", "slurm", "--out", str(out)]
+    r = sh(sweep, env)
+    assert "submitted 1 point(s) with 6 rank(s) each" in r.stdout, r.stdout
+    point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
+
+    def logs() -> str:
+        return "\n".join(f.read_text(errors="replace")[-2000:] for f in (out / "submitit").glob("*/*_log.err"))
+
+    wait_for(lambda: (point / "result.json").is_file(), 300, "the point to finish", logs)
+    ranks = json.loads((point / "run" / "results.json").read_text())["training"]["ranks"]
+    print("sweep point placement:", [(r["rank"], r["host"], r["local_rank"]) for r in ranks])
+    assert [(r["host"], r["local_rank"]) for r in ranks] == [(n, i) for n in NODES for i in (0, 1)]
+    col = sh([sys.executable, "-m", "fedhypevae.slurm.collect", str(out)], env)
+    assert "1 of 1 point(s) collected" in col.stdout, col.stdout
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 2 and "fedhypevae-strict" in rows[1], rows
+
+
+def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_path):
+    """A sweep point on three nodes loses one (SIGKILL): the job ends, the node comes back, and running the sweep
+    command again (it resubmits the point, or finds SLURM's own requeue of it) resumes the point from its checkpoint
+    on the same placement. With privacy.noise_seed the lost steps are replayed bit-identically: free, so every
+    client's ledger has every step exactly once."""
+    env, out = cluster, tmp_path / "sweep"
+    sweep = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "partition.clients=7"]
+    sweep += ["--set", "train.rounds=40", "--set", "train.checkpoint_every=1", "--set", "privacy.noise_seed=5"]
+    sweep += ["--epsilons", "2", "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict"]
+    sweep += ["--ranks", "6", "--param", "nodes=3", "--param", "timeout_min=15", "--cluster", "slurm"]
+    sweep += ["--out", str(out)]
+    sh(sweep, env)
+    point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
+    run = point / "run"
+
+    def logs() -> str:
+        return "\n".join(f.read_text(errors="replace")[-2000:] for f in (out / "submitit").glob("*/*_log.err"))
+
+    wait_for(lambda: checkpointed_round(run) >= 3, 240, "a checkpoint after round 3", logs)
+    first = {n: rank_pids(n) for n in NODES}
+    assert all(len(p) >= 2 for p in first.values()), first
+    try:
+        sh(["bash", str(CLUSTER), "kill-node", "fhvn3"], env)
+        t0 = time.time()
+        ended = wait_for(lambda: not alive(first["fhvn1"] | first["fhvn2"]), 120, "the point's ranks to end", logs)
+    finally:
+        revive(env, "fhvn3")
+    again = sh(sweep, env)
+    print(f"ranks ended {ended:.1f} s after the kill; the sweep again:\n{again.stdout.strip()}")
+    wait_for(lambda: (point / "result.json").is_file(), 300, "the point to finish", logs)
+    print(f"finished {time.time() - t0:.1f} s after the kill")
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    starts = [e for e in events if e["event"] in ("start", "resumed")]
+    assert [e["world_size"] for e in starts] == [6, 6], events
+    res = json.loads((run / "results.json").read_text())
+    print(f"resumed at round {starts[1]['round']}; replays {res['privacy']['replays']}")
+    assert starts[1]["round"] >= 3
+    assert not any(check_ledgers(run, res["privacy"]["steps"]).values())  # no gap, no double charge
+    assert res["privacy"]["replays"]["charged_again"] == 0
+    assert res["privacy"]["epsilon_spent"] <= 2.0 + 1e-9

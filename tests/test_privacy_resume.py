@@ -597,6 +597,7 @@ ALTERNATIVES = {
     "train.replica_check_every": "1",
     "train.engine": "reference",
     "train.chunk_clients": "1",
+    "train.step_timeout_s": "30",
     "federation.aggregation": "delta",
     "federation.weights": "uniform",
     "federation.declared_sizes": "[100,100,100,100]",

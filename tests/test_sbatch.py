@@ -1,5 +1,6 @@
 """Golden files for the generated sbatch scripts (plain sbatch, no submitit), and the shipped templates."""
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -62,3 +63,58 @@ def test_generated_scripts_are_valid_bash_and_carry_the_checkpoint_contract(mpi,
 def test_render_rejects_an_unknown_mpi():
     with pytest.raises(ValueError, match="mpich, openmpi"):
         render(command="true", job_name="x", mpi="mvapich")
+
+
+MULTINODE = {
+    # a node range: whole nodes, the ranks counted at every start, requeued on the nodes left after a node failure
+    "range_mpich": dict(nodes="2-3", tasks_per_node=2),
+    # MPICH's Hydra inside the allocation: USR2 to the batch shell, handed to the ranks as TERM
+    "mpiexec_mpich": dict(nodes=3, tasks_per_node=2, launch="mpiexec"),
+    # GPU nodes (cannot run here): every rank sees its node's GPUs and takes cuda:LOCAL_RANK; NCCL and gloo on ib0
+    "gpu_mpich": dict(nodes=4, tasks_per_node=4, gpus_per_node=4, iface="ib0"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MULTINODE))
+def test_multinode_scripts_match_golden_files(name, tmp_path):
+    text = render(command='fedhypevae train --config "$CONFIG" --out "$OUT" $RESUME', job_name="fhv", **MULTINODE[name])
+    golden = GOLDEN / f"multinode_{name}.sbatch"
+    if os.environ.get("FHV_REGENERATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"regenerate {golden} (FHV_REGENERATE_GOLDEN=1) if the change is intended"
+    f = tmp_path / "job.sbatch"
+    f.write_text(text)
+    assert subprocess.run(["bash", "-n", str(f)]).returncode == 0
+
+
+def test_render_refuses_a_bad_node_range_and_mpiexec_without_hydra():
+    for bad in ("3-2", "0", "two", "2-"):
+        with pytest.raises(ValueError, match="nodes must be"):
+            render(command="true", job_name="x", nodes=bad)
+    with pytest.raises(ValueError, match="Hydra"):
+        render(command="true", job_name="x", mpi="openmpi", launch="mpiexec")
+    with pytest.raises(ValueError, match="launch must be"):
+        render(command="true", job_name="x", launch="torchrun")
+
+
+@pytest.mark.parametrize(
+    "env, count, expected",
+    [
+        ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "7", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "3"}, 4, 3),
+        ({"PMI_RANK": "5", "PMI_SIZE": "8", "MPI_LOCALRANKID": "1", "SLURM_STEP_ID": "0"}, 4, 1),
+        ({"SLURM_STEP_ID": "0", "SLURM_PROCID": "2", "SLURM_STEP_NUM_TASKS": "8", "SLURM_LOCALID": "2"}, 1, 0),
+    ],
+)
+def test_the_local_rank_chooses_the_gpu(monkeypatch, env, count, expected):
+    """SLURM_LOCALID (srun) or MPI_LOCALRANKID (Hydra) -> cuda:LOCAL_RANK, modulo the GPUs the task sees (one, when
+    SLURM binds a GPU per task). CUDA is faked: this machine has none."""
+    import torch
+    from fedhypevae.hpc.device import choose_device
+    from fedhypevae.hpc.launcher import detect_launcher
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    dev = choose_device(detect_launcher(env).local_rank)
+    assert dev == torch.device("cuda", expected) and chosen == [dev]

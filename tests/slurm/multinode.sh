@@ -74,9 +74,8 @@ start_slurmd() {  # in the node's network namespace, with its own hostname
 
 case "${1:-start}" in
   stop) teardown; echo "multinode cluster stopped"; exit 0 ;;
-  kill-node)
-    n=$2; stop_pid "$RUN/slurmd-$n.pid" 2>/dev/null || true
-    kill_netns_procs "$n"; rm -f "$RUN/slurmd-$n.pid"; echo "killed $n"; exit 0 ;;
+  kill-node)  # SIGKILL, all at once: slurmd, slurmstepd and the job's processes in the node's namespace
+    kill_netns_procs "$2"; rm -f "$RUN/slurmd-$2.pid"; echo "killed $2"; exit 0 ;;
   cut-node) ip netns exec "$2" ip link set fhv0 down; echo "cut $2 off the network"; exit 0 ;;
   revive-node)
     ip netns exec "$2" ip link set fhv0 up
