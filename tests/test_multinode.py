@@ -200,7 +200,7 @@ def alive(pids: set) -> set:
 
 
 def submit_range_job(env: dict, tmp_path: Path, out: Path, rounds: int, *extra: str) -> str:
-    """The plain sbatch script (fedhypevae.slurm.sbatch.render) with --nodes=2-3 and two ranks per node."""
+    """The plain sbatch script (fedhypevae.slurm.sbatch.render) with --nodes=2-3 and one rank per node."""
     cmd = (
         f"{BIN / 'fedhypevae'} train --out {out} {' '.join(TINY)} --set train.rounds={rounds} "
         f"--set train.checkpoint_every=1 {' '.join(extra)} $RESUME"
@@ -209,7 +209,7 @@ def submit_range_job(env: dict, tmp_path: Path, out: Path, rounds: int, *extra: 
         command=cmd,
         job_name="fhv-multinode",
         nodes="2-3",
-        tasks_per_node=2,
+        tasks_per_node=1,
         timeout_min=15,
         output=str(tmp_path / "slurm-%j.out"),
         setup=[f'RESUME=""; [ -d {out}/checkpoints ] && RESUME="--resume"'],
@@ -248,7 +248,7 @@ def lose_a_node(env: dict, tmp_path: Path, how: str, rounds: int, *extra: str) -
     eps_before = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["privacy/epsilon"]
     try:
         first = {n: rank_pids(n) for n in NODES}
-        assert all(len(p) >= 2 for p in first.values()), first
+        assert all(first.values()), first
         sh(["bash", str(CLUSTER), how, "fhvn3"], env)
         t0 = time.time()
         # every rank of the first start has ended on the nodes left (and on the lost one: killed, or ended by the
@@ -286,7 +286,7 @@ def lose_a_node(env: dict, tmp_path: Path, how: str, rounds: int, *extra: str) -
 
 def test_a_node_that_dies_ends_the_job_which_slurm_requeues_on_the_nodes_left(cluster, tmp_path):
     """SIGKILL of one node's slurmd and of every process on it, mid-run: the job ends on every node within 60 s, SLURM
-    requeues it (--requeue, --nodes=2-3) and it resumes on the two nodes left (4 ranks instead of 6) from its last
+    requeues it (--requeue, --nodes=2-3) and it resumes on the two nodes left (2 ranks instead of 3) from its last
     complete checkpoint; epsilon continues, and no client's ledger has a gap."""
     rounds = 40
     seen = lose_a_node(cluster, tmp_path, "kill-node", rounds, "--set", "privacy.noise_seed=5")
@@ -299,7 +299,7 @@ def test_a_node_that_dies_ends_the_job_which_slurm_requeues_on_the_nodes_left(cl
         f"final epsilon {res['privacy']['epsilon_spent']:.4f} of {res['privacy']['target_epsilon']}"
     )
     assert seen["ended_s"] < 60
-    assert [e["world_size"] for e in events if e["event"] in ("start", "resumed")] == [6, 4]
+    assert [e["world_size"] for e in events if e["event"] in ("start", "resumed")] == [3, 2]
     assert resumed[0]["round"] >= seen["checkpointed_round"] >= 2
     assert {r["host"] for r in res["training"]["ranks"]} == {"fhvn1", "fhvn2"}
     assert res["privacy"]["epsilon_spent"] >= seen["eps_before"]
@@ -334,7 +334,7 @@ def test_a_node_that_vanishes_is_caught_by_the_step_watchdog_and_the_job_resumes
     print("watchdog:", fired[:1])
     assert seen["ended_s"] < 60 + timeout_s and seen["lost_node_ended_s"] < 60 + timeout_s
     assert fired, seen["logs"]
-    assert [e["world_size"] for e in events if e["event"] in ("start", "resumed")] == [6, 4]
+    assert [e["world_size"] for e in events if e["event"] in ("start", "resumed")] == [3, 2]
     assert resumed[0]["round"] >= seen["checkpointed_round"]
     assert {r["host"] for r in res["training"]["ranks"]} == {"fhvn1", "fhvn2"}
     assert seen["eps_before"] <= res["privacy"]["epsilon_spent"] <= res["privacy"]["target_epsilon"] + 1e-9
@@ -451,7 +451,7 @@ def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_pa
     sweep = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "partition.clients=7"]
     sweep += ["--set", "train.rounds=40", "--set", "train.checkpoint_every=1", "--set", "privacy.noise_seed=5"]
     sweep += ["--epsilons", "2", "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict"]
-    sweep += ["--ranks", "6", "--param", "nodes=3", "--param", "timeout_min=15", "--cluster", "slurm"]
+    sweep += ["--ranks", "3", "--param", "nodes=3", "--param", "timeout_min=15", "--cluster", "slurm"]
     sweep += ["--out", str(out)]
     sh(sweep, env)
     point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
@@ -462,7 +462,7 @@ def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_pa
 
     wait_for(lambda: checkpointed_round(run) >= 3, 240, "a checkpoint after round 3", logs)
     first = {n: rank_pids(n) for n in NODES}
-    assert all(len(p) >= 2 for p in first.values()), first
+    assert all(first.values()), first
     try:
         sh(["bash", str(CLUSTER), "kill-node", "fhvn3"], env)
         t0 = time.time()
@@ -475,10 +475,29 @@ def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_pa
     print(f"finished {time.time() - t0:.1f} s after the kill")
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     starts = [e for e in events if e["event"] in ("start", "resumed")]
-    assert [e["world_size"] for e in starts] == [6, 6], events
+    assert [e["world_size"] for e in starts] == [3, 3], events
     res = json.loads((run / "results.json").read_text())
     print(f"resumed at round {starts[1]['round']}; replays {res['privacy']['replays']}")
     assert starts[1]["round"] >= 3
     assert not any(check_ledgers(run, res["privacy"]["steps"]).values())  # no gap, no double charge
     assert res["privacy"]["replays"]["charged_again"] == 0
     assert res["privacy"]["epsilon_spent"] <= 2.0 + 1e-9
+
+
+def test_the_cluster_refuses_a_subnet_that_overlaps_a_route(tmp_path):
+    """Network safety: the simulated nodes' subnet must not overlap any route of this machine (checked before
+    anything is created)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the script refuses to run otherwise)")
+    import ipaddress
+
+    routes = subprocess.run(["ip", "-4", "-o", "route"], capture_output=True, text=True).stdout.splitlines()
+    nets = [ipaddress.ip_network(r.split()[0]) for r in routes if r.split()[0] != "default" and "/" in r.split()[0]]
+    nets = [n for n in nets if n.prefixlen <= 24]
+    if not nets:
+        pytest.skip("no route of prefix length <= 24 to collide with on this machine")
+    taken = next(nets[0].subnets(new_prefix=24))
+    env = {**os.environ, "FHV_MN_SUBNET": str(taken), "FHV_MN_STATE": str(tmp_path / "state")}
+    r = subprocess.run(["bash", str(CLUSTER), "--nodes", "2"], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 4 and "overlaps a route" in r.stdout, r.stdout + r.stderr
+    assert not (tmp_path / "state").exists()  # refused before anything was made

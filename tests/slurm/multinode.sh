@@ -8,6 +8,9 @@
 #   bash tests/slurm/multinode.sh [--nodes N]      start (installs slurm-wlm and munge first if needed); the last
 #                                                  line printed is SLURM_CONF=... to export
 #   bash tests/slurm/multinode.sh stop             stop the daemons, remove namespaces, bridge and /etc/hosts lines
+#   bash tests/slurm/multinode.sh run [--nodes N] -- CMD ...
+#                                                  start, run CMD with SLURM_CONF set, and tear everything down
+#                                                  on any exit of this script (a trap on EXIT, INT and TERM)
 #   bash tests/slurm/multinode.sh kill-node NAME   SIGKILL the node's slurmd and every process in its namespace
 #   bash tests/slurm/multinode.sh cut-node NAME    the node vanishes: its link goes down, its processes stay alive
 #   bash tests/slurm/multinode.sh revive-node NAME link up again, slurmd restarted, node resumed
@@ -58,6 +61,7 @@ teardown() {
     ip link del "v$n" 2>/dev/null || true
   done
   stop_pid "$RUN/slurmctld.pid"
+  stop_pid "$RUN/munged.pid"  # only when this script started it
   ip link del "$BR" 2>/dev/null || true
   if grep -q "$MARK" /etc/hosts 2>/dev/null; then
     grep -v "$MARK" /etc/hosts > /etc/hosts.fhv-new || true
@@ -81,8 +85,19 @@ case "${1:-start}" in
     ip netns exec "$2" ip link set fhv0 up
     start_slurmd "$2"; scontrol update NodeName="$2" State=RESUME 2>/dev/null || true
     echo "revived $2"; exit 0 ;;
+  run)
+    shift; args=()
+    while [ $# -gt 0 ] && [ "$1" != -- ]; do args+=("$1"); shift; done
+    [ "${1:-}" = -- ] && shift
+    [ $# -gt 0 ] || { echo "usage: $0 run [--nodes N] -- CMD ..."; exit 2; }
+    trap 'bash "$0" stop >/dev/null 2>&1' EXIT
+    trap 'exit 130' INT TERM
+    bash "$0" "${args[@]}" | tail -n 1
+    "$@"
+    exit $? ;;
   start|--nodes) ;;
-  *) echo "usage: $0 [--nodes N] | stop | kill-node NAME | cut-node NAME | revive-node NAME"; exit 2 ;;
+  *) echo "usage: $0 [--nodes N] | run [--nodes N] -- CMD | stop | kill-node NAME | cut-node NAME | revive-node NAME"
+     exit 2 ;;
 esac
 N=3
 while [ $# -gt 0 ]; do
@@ -100,7 +115,7 @@ command -v ip >/dev/null && command -v unshare >/dev/null && command -v nsenter 
 
 # 0. the subnet must be ours alone: no route (other than our bridge's) that covers it or lies inside it
 others=$( { ip -o route show match "$SUBNET"; ip -o route show root "$SUBNET"; } 2>/dev/null \
-  | grep -v '^default' | grep -v " dev $BR " || true)
+  | grep -v '^default' | grep -v " dev $BR " | sort -u | tr -s ' \n' ' ' || true)
 if [ -n "$others" ]; then
   echo "subnet $SUBNET overlaps a route of this machine: $others (set FHV_MN_SUBNET)"; exit 4
 fi
@@ -128,6 +143,7 @@ if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   rm -f /run/munge/munged.pid
   runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid --log-file=/var/log/munge/munged.log
   for _ in $(seq 50); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
+  cp /run/munge/munged.pid "$RUN/munged.pid"  # ours: stop ends it
 fi
 munge -n | unmunge >/dev/null
 
@@ -167,7 +183,7 @@ SlurmctldHost=$(hostname -s)($CTL_ADDR)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=5
 CryptoType=crypto/munge
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
