@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,24 @@ def launcher_free_env(bin_dir: Path | None = None, **extra: str) -> dict:
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.update(extra)
     return env
+
+
+def sh(cmd, env: dict, timeout: float = 120, check: bool = True, cwd: Path | None = None):
+    """Run `cmd` (captured, text); with `check`, an AssertionError carrying its output when it fails."""
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+    return r
+
+
+def wait_for(pred, timeout: float, what: str, on_fail=lambda: "", poll_s: float = 0.25) -> float:
+    """Seconds until `pred()` held; an AssertionError (with `on_fail()`'s text) after `timeout` seconds."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return time.time() - t0
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{on_fail()}")
 
 
 def free_port() -> int:

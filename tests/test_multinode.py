@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fedhypevae.slurm.sbatch import render
-from helpers import launcher_free_env, load_phi, rel_diff
+from helpers import launcher_free_env, load_phi, rel_diff, sh, wait_for
 
 from fedhypevae.privacy.ledger import read_client_releases
 
@@ -37,22 +37,6 @@ NETWORK_ENV = {
     "GLOO_SOCKET_IFNAME": "fhv0",
 }
 TINY = ["--config", "tiny", "--no-progress", "--set", "partition.clients=7"]
-
-
-def sh(cmd, env, timeout=120, check=True):
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return r
-
-
-def wait_for(pred, timeout, what, on_fail=lambda: ""):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return time.time() - t0
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{on_fail()}")
 
 
 @pytest.fixture(scope="module")

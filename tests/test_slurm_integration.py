@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fedhypevae.slurm.job import read_events
-from helpers import rel_diff
+from helpers import rel_diff, sh, wait_for
 
 from fedhypevae.privacy import PrivacyLedger
 from fedhypevae.privacy.ledger import read_client_releases
@@ -48,22 +48,6 @@ def slurm_env():
     yield env
     subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True)
     subprocess.run(["bash", str(CLUSTER), "stop"], capture_output=True)
-
-
-def sh(cmd, env, timeout=120, check=True):
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
-    if check and r.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
-    return r
-
-
-def wait_for(pred, timeout, what, on_fail=lambda: ""):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return time.time() - t0
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{on_fail()}")
 
 
 def job_state(job_id, env):

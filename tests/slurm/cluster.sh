@@ -19,69 +19,29 @@ CPUS=${FHV_SLURM_CPUS:-4}
 PMIX=${FHV_SLURM_PMIX:-0}
 export SLURM_CONF=$CONF DEBIAN_FRONTEND=noninteractive
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-stop_one() {
-  local pidfile=$1 pid
-  if running "$pidfile"; then
-    pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || true
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true   # a wedged slurmstepd can keep slurmd from exiting
-  fi
-  rm -f "$pidfile"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ "${1:-}" = stop ]; then
-  for d in slurmd slurmctld munged; do stop_one "$RUN/$d.pid"; done
+  for d in slurmd slurmctld munged; do stop_pid "$RUN/$d.pid"; done
   echo "slurm stopped"; exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "needs root (installs packages and runs the daemons as root)"; exit 3; }
 
 # 1. packages
-need=()
-for c in slurmctld slurmd sbatch; do command -v $c >/dev/null || { need+=(slurm-wlm); break; }; done
-command -v munged >/dev/null || need+=(munge)
-[ "$PMIX" = 1 ] && [ ! -e /usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so ] && need+=(libpmix-dev)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]} ..."
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+pkgs=()
+[ "$PMIX" = 1 ] && [ ! -e /usr/lib/x86_64-linux-gnu/pmix2/lib/libpmix.so ] && pkgs+=(libpmix-dev)
+install_slurm "${pkgs[@]}"
 mkdir -p "$STATE/etc" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool"
 
-# 2. munge: clients use the compiled-in socket under /run/munge
-[ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key --force
-chown munge:munge /etc/munge /etc/munge/munge.key; chmod 700 /etc/munge; chmod 400 /etc/munge/munge.key
-install -d -o munge -g munge -m 755 /run/munge
-install -d -o munge -g munge -m 700 /var/lib/munge /var/log/munge
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-  rm -f /run/munge/munged.pid
-  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid --log-file=/var/log/munge/munged.log
-  for _ in $(seq 50); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
-  cp /run/munge/munged.pid "$RUN/munged.pid"
-fi
-munge -n | unmunge >/dev/null
+# 2. munge
+start_munge "$RUN"
 
 # 3. slurm.conf: one node, no cgroups, requeue allowed, short credential expiry so requeued jobs start soon
 MEM=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 ))
 EXTRA=""; [ "$CPUS" -gt "$(nproc)" ] && EXTRA="SlurmdParameters=config_overrides"
-cat > "$CONF.new" <<EOF
+{ common_conf; cat <<EOF
 ClusterName=fedhypevae-ci
 SlurmctldHost=$NODE(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
 AuthInfo=cred_expire=10
-CryptoType=crypto/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2
-ReturnToService=2
 SlurmctldPort=6817
 SlurmdPort=6818
 StateSaveLocation=$STATE/ctld
@@ -90,20 +50,17 @@ SlurmctldPidFile=$RUN/slurmctld.pid
 SlurmdPidFile=$RUN/slurmd.pid
 SlurmctldLogFile=$LOG/slurmctld.log
 SlurmdLogFile=$LOG/slurmd.log
-MinJobAge=300
 KillWait=5
-InactiveLimit=0
 MessageTimeout=10
-Waittime=0
 MaxArraySize=1001
-JobRequeue=1
 $EXTRA
 NodeName=$NODE NodeAddr=127.0.0.1 NodeHostname=$NODE CPUs=$CPUS RealMemory=$MEM State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
+} > "$CONF.new"
 [ -f "$STATE/etc/cgroup.conf" ] || echo "CgroupPlugin=autodetect" > "$STATE/etc/cgroup.conf"
 if cmp -s "$CONF.new" "$CONF"; then rm -f "$CONF.new"; else
-  mv "$CONF.new" "$CONF"; stop_one "$RUN/slurmd.pid"; stop_one "$RUN/slurmctld.pid"
+  mv "$CONF.new" "$CONF"; stop_pid "$RUN/slurmd.pid"; stop_pid "$RUN/slurmctld.pid"
 fi
 
 # 4. daemons (both fork and write their pid files)

@@ -36,16 +36,7 @@ PREFIX=${SUBNET%.*}           # 10.213.7
 CTL_ADDR=$PREFIX.1
 node_addr() { echo "$PREFIX.$((10 + ${1#fhvn}))"; }
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
-stop_pid() {
-  local pidfile=$1 pid
-  if running "$pidfile"; then
-    pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  fi
-  rm -f "$pidfile"
-}
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 nodes_made() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^fhvn[0-9]+$' || true; }
 kill_netns_procs() {  # every process living in the node's network namespace (slurmd, slurmstepd, ranks)
   local pids; pids=$(ip netns pids "$1" 2>/dev/null || true)
@@ -125,27 +116,11 @@ if [ "$have" -ne 0 ] && [ "$have" -ne "$N" ]; then teardown; fi
 trap 'status=$?; if [ $status -ne 0 ]; then echo "start failed ($status): tearing down"; teardown; fi' EXIT
 
 # 1. packages
-need=()
-for c in slurmctld slurmd sbatch; do command -v $c >/dev/null || { need+=(slurm-wlm); break; }; done
-command -v munged >/dev/null || need+=(munge)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]} ..."
-  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+install_slurm
 mkdir -p "$STATE/etc" "$RUN" "$LOG" "$STATE/ctld"
 
 # 2. munge (a Unix socket under /run/munge: every namespace reaches it)
-[ -s /etc/munge/munge.key ] || mungekey --create --keyfile=/etc/munge/munge.key --force
-chown munge:munge /etc/munge /etc/munge/munge.key; chmod 700 /etc/munge; chmod 400 /etc/munge/munge.key
-install -d -o munge -g munge -m 755 /run/munge
-install -d -o munge -g munge -m 700 /var/lib/munge /var/log/munge
-if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-  rm -f /run/munge/munged.pid
-  runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid --log-file=/var/log/munge/munged.log
-  for _ in $(seq 50); do [ -s /run/munge/munged.pid ] && break; sleep 0.1; done
-  cp /run/munge/munged.pid "$RUN/munged.pid"  # ours: stop ends it
-fi
-munge -n | unmunge >/dev/null
+start_munge "$RUN"
 
 # 3. the network: a bridge with the controller's address, one namespace + veth pair per node
 if ! ip link show "$BR" >/dev/null 2>&1; then
@@ -177,26 +152,10 @@ cat /etc/hosts.fhv-new > /etc/hosts; rm -f /etc/hosts.fhv-new
 
 # 4. slurm.conf: one slurmd per node (spool, pid and log per node via %n), failures noticed in seconds
 NODELIST="fhvn[1-$N]"; [ "$N" = 1 ] && NODELIST=fhvn1
-cat > "$CONF.new" <<EOF
+{ common_conf; cat <<EOF
 ClusterName=fedhypevae-multinode
 SlurmctldHost=$(hostname -s)($CTL_ADDR)
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
 AuthInfo=cred_expire=5
-CryptoType=crypto/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-SwitchType=switch/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2
-ReturnToService=2
 SlurmctldPort=6917
 SlurmdPort=6918
 StateSaveLocation=$STATE/ctld
@@ -209,14 +168,11 @@ SlurmdTimeout=10
 MessageTimeout=5
 TCPTimeout=3
 KillWait=3
-InactiveLimit=0
-Waittime=0
-MinJobAge=300
-JobRequeue=1
 SlurmdParameters=config_overrides
 NodeName=fhvn[1-$N] NodeAddr=$PREFIX.[$((10 + 1))-$((10 + N))] CPUs=$CPUS RealMemory=2000 State=UNKNOWN
 PartitionName=mn Nodes=$NODELIST Default=YES MaxTime=INFINITE State=UP
 EOF
+} > "$CONF.new"
 if [ "$N" = 1 ]; then sed -i "s/^NodeName=.*/NodeName=fhvn1 NodeAddr=$PREFIX.11 CPUs=$CPUS RealMemory=2000 State=UNKNOWN/" "$CONF.new"; fi
 if cmp -s "$CONF.new" "$CONF"; then rm -f "$CONF.new"; else
   mv "$CONF.new" "$CONF"
