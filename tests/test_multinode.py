@@ -427,15 +427,17 @@ def test_a_sweep_point_on_three_nodes_is_run_and_collected(cluster, tmp_path):
 
 
 def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_path):
-    """A sweep point on three nodes loses one (SIGKILL): the job ends, the node comes back, and running the sweep
-    command again (it resubmits the point, or finds SLURM's own requeue of it) resumes the point from its checkpoint
-    on the same placement. With privacy.noise_seed the lost steps are replayed bit-identically: free, so every
-    client's ledger has every step exactly once."""
+    """A sweep point on three nodes loses one (SIGKILL). Its job asks SLURM not to requeue it (--no-requeue, so that
+    the sweep's own resubmission is what is tested; SLURM's requeue is the tests above): the job ends, the node comes
+    back, and running the sweep command again resubmits the point, which resumes from its checkpoint on the same
+    placement. With privacy.noise_seed the lost steps are replayed bit-identically: free, so every client's ledger
+    has every step exactly once."""
     env, out = cluster, tmp_path / "sweep"
     sweep = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "partition.clients=7"]
     sweep += ["--set", "train.rounds=40", "--set", "train.checkpoint_every=1", "--set", "privacy.noise_seed=5"]
     sweep += ["--epsilons", "2", "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict"]
     sweep += ["--ranks", "3", "--param", "nodes=3", "--param", "timeout_min=15", "--cluster", "slurm"]
+    sweep += ["--param", "slurm_additional_parameters={no-requeue: true}"]
     sweep += ["--out", str(out)]
     sh(sweep, env)
     point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
@@ -451,9 +453,13 @@ def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_pa
         sh(["bash", str(CLUSTER), "kill-node", "fhvn3"], env)
         t0 = time.time()
         ended = wait_for(lambda: not alive(first["fhvn1"] | first["fhvn2"]), 120, "the point's ranks to end", logs)
+        job = json.loads((point / "job.json").read_text())["submissions"][-1]["job_id"]
+        wait_for(lambda: not sh(["squeue", "-h", "-j", job], env, check=False).stdout.strip(), 60, "the job to end")
     finally:
         revive(env, "fhvn3")
     again = sh(sweep, env)
+    assert "1 point(s) whose last job ended without a result" in again.stdout, again.stdout
+    assert "submitted 1 point(s)" in again.stdout, again.stdout
     print(f"ranks ended {ended:.1f} s after the kill; the sweep again:\n{again.stdout.strip()}")
     wait_for(lambda: (point / "result.json").is_file(), 300, "the point to finish", logs)
     print(f"finished {time.time() - t0:.1f} s after the kill")
