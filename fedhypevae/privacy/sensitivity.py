@@ -158,7 +158,12 @@ class SensitivityReport:
     engine: str = ""
     trust_model: str = "local"
     rows: list = field(default_factory=list)
-    others_moved: float = 0.0  # the largest change of ANY other client's sums in the block (must be exactly 0)
+    # the largest change of ANY other client's sums in the block, and the largest of those sums: the change must
+    # stay within float32 rounding of them (`others_bound`). The batched per-sample kernels may round a row
+    # differently when the rows before it change (another client's realized batch: measured up to 1.5e-8 on an
+    # AVX-512 machine, seed-dependent, in every trust model); anything larger is a real dependence
+    others_moved: float = 0.0
+    others_scale: float = 0.0
     # how far the Phi the block steps on strayed, on D - j, from its trajectory on D when the D - j release went
     # through the rule: 0 when everything released is a function of the released history (strict mode); the
     # replay then continues from the D trajectory of the shared Phi (the public history) in any case
@@ -179,15 +184,20 @@ class SensitivityReport:
         return max((r.buffer_diff / r.buffer_bound for r in self.rows), default=0.0)
 
     @property
+    def others_bound(self) -> float:
+        """What float32 rounding can move another client's sums by: 16 ulps of the largest of them."""
+        return 16 * 2.0**-24 * self.others_scale
+
+    @property
     def ok(self) -> bool:
         """Every step's pre-noise payload moved by at most C (and the buffer by at most its bound), and no other
-        client's moved."""
+        client's moved beyond float32 rounding."""
         c = self.clip_norm * (1 + self.tolerance)
         return (
             self.max_payload_diff <= c
             and self.max_phi_diff <= c
             and self.max_buffer_ratio <= 1 + self.tolerance
-            and self.others_moved == 0.0
+            and self.others_moved <= self.others_bound
         )
 
     def to_dict(self) -> dict:
@@ -205,6 +215,7 @@ class SensitivityReport:
             "max_phi_diff": self.max_phi_diff,
             "max_buffer_ratio": self.max_buffer_ratio,
             "others_moved": self.others_moved,
+            "others_bound": self.others_bound,
             "replay_drift": self.replay_drift,
             "rows": [asdict(r) for r in self.rows],
         }
@@ -326,7 +337,10 @@ def check_sensitivity(
                     if strict:
                         own2 += float(diff[pos].pow(2).sum())
                     rest = torch.cat([diff[:pos], diff[pos + 1 :]])
-                    report.others_moved = max(report.others_moved, float(rest.abs().max()) if rest.numel() else 0.0)
+                    if rest.numel():
+                        report.others_moved = max(report.others_moved, float(rest.abs().max()))
+                        others = torch.cat([a.reshape(a.shape[0], -1)[:pos], a.reshape(a.shape[0], -1)[pos + 1 :]])
+                        report.others_scale = max(report.others_scale, float(others.abs().max()))
                 report.rows.append(
                     StepDifference(
                         record=int(j),
