@@ -704,39 +704,29 @@ class Trainer:
                 "non-deterministic kernel or a corrupted all-reduce; resume from the last checkpoint."
             )
 
-    def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        """Every collective of training goes through here: in place, timed (comm_seconds, hooks), with a heartbeat
-        before and after it (the step watchdog's)."""
+    def _collective(self, collective: Callable, *args) -> torch.Tensor | None:
+        """`collective(*args)` of the communicator: timed (comm_seconds, the hooks' all_reduce phase), with a
+        heartbeat before and after it (the step watchdog's)."""
         beat = self.hooks.heartbeat
         with self.hooks.timed("all_reduce"):
             beat()
             t = time.perf_counter()
-            out = self.comm.allreduce(buf, op=op)
+            out = collective(*args)
             self.comm_seconds += time.perf_counter() - t
             beat()
         return out
+
+    def allreduce(self, buf: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Every collective of training goes through here (or `gather`, `broadcast`): in place, timed, beaten."""
+        return self._collective(self.comm.allreduce, buf, op)
 
     def gather(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor | None:
         """Every rank's `buf` stacked on `root` (None elsewhere): timed like `allreduce`."""
-        beat = self.hooks.heartbeat
-        with self.hooks.timed("all_reduce"):
-            beat()
-            t = time.perf_counter()
-            out = self.comm.gather(buf, root)
-            self.comm_seconds += time.perf_counter() - t
-            beat()
-        return out
+        return self._collective(self.comm.gather, buf, root)
 
     def broadcast(self, buf: torch.Tensor, root: int = 0) -> torch.Tensor:
         """`root`'s `buf` on every rank, in place: timed like `allreduce`."""
-        beat = self.hooks.heartbeat
-        with self.hooks.timed("all_reduce"):
-            beat()
-            t = time.perf_counter()
-            out = self.comm.broadcast(buf, root)
-            self.comm_seconds += time.perf_counter() - t
-            beat()
-        return out
+        return self._collective(self.comm.broadcast, buf, root)
 
     def barrier(self) -> None:
         """Wait for every rank, with a heartbeat before and after (not timed: a barrier waits for work, not data)."""
@@ -1058,15 +1048,16 @@ class Trainer:
             dtype=torch.float64,
         )
         rows = self.comm.allgather(mine)
-        hosts = self.comm.allgather(encode_name(platform.node()))
-        local = self.comm.allgather(torch.tensor([self.comm.local_rank, self.stop_signal or 0], dtype=torch.int64))
+        # where the rank runs: its local rank, the stop signal it received, its host name (one int64 allgather)
+        place = torch.tensor([self.comm.local_rank, self.stop_signal or 0], dtype=torch.int64)
+        where = self.comm.allgather(torch.cat([place, encode_name(platform.node())]))
         keys = ("setup_s", "checkpoint_s", "peak_rss_mb", "state_mb", "clients")
         return [
             {
                 "rank": r,
-                "host": decode_name(hosts[r]),
-                "local_rank": int(local[r, 0]),
-                "stop_signal": int(local[r, 1]),  # the stop signal this rank received (0: none; the stop is collective)
+                "host": decode_name(where[r, 2:]),
+                "local_rank": int(where[r, 0]),
+                "stop_signal": int(where[r, 1]),  # the stop signal this rank received (0: none; the stop is collective)
                 **{k: (int(v) if k == "clients" else float(v)) for k, v in zip(keys, row.tolist())},
             }
             for r, row in enumerate(rows)

@@ -1,8 +1,9 @@
 """A step watchdog: ends this rank when the job makes no progress for too long.
 
-A peer killed outright is noticed at once (its sockets close), a peer cut off from the network is not: a
-node whose link went down keeps its processes alive and their sockets open, and the ranks waiting for it
-sit in a collective for ever (MPI has no collective timeout). The trainer beats the watchdog at every step
+A peer killed outright is noticed at once when its launcher sees it die; a peer cut off from the network is
+not: a node whose link went down keeps its processes alive and their sockets open, and the ranks waiting for
+it sit in a collective for ever (MPI has no collective timeout; MPICH over TCP did not notice even a node that
+died whole, tests/test_multinode.py, until SLURM declared it down). The trainer beats the watchdog at every step
 boundary and around every collective; if no beat arrives for `timeout_s` while the watchdog is armed, a
 daemon thread writes ONE line to stderr (what `describe(where, silent_s)` returns) and ends the process
 with `os._exit(status)` (EXIT_STEP_TIMEOUT, 124): not MPI_Abort, which may itself hang over a partitioned

@@ -76,7 +76,8 @@ def render(
         raise ValueError(f"launch must be srun or mpiexec; got {launch!r}")
     if launch == "mpiexec" and mpi != "mpich":
         raise ValueError("launch=mpiexec is written for MPICH's Hydra (-ppn, its signal forwarding); use srun")
-    ranged = node_range(nodes)[0] != node_range(nodes)[1]
+    lo, hi = node_range(nodes)
+    ranged = lo != hi
     lines = ["#!/bin/bash"]
     lines += [f"# {h}" if h else "#" for h in header.strip().splitlines()] if header else []
     starter = f"srun --mpi={plugin}" if launch == "srun" else "mpiexec (Hydra), whose proxies srun starts"

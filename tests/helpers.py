@@ -63,6 +63,20 @@ def wait_for(pred, timeout: float, what: str, on_fail=lambda: "", poll_s: float 
     raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{on_fail()}")
 
 
+def process_running(pid: int | str) -> bool:
+    """The process exists and is not a zombie (the state after the last ')' of /proc/PID/stat: comm may hold one)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def metric_rows(out: Path) -> int:
+    """Rounds a run has logged so far (lines of OUT/metrics.jsonl)."""
+    m = Path(out) / "metrics.jsonl"
+    return len(m.read_text().splitlines()) if m.is_file() else 0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

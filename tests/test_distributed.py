@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 from fedhypevae.hpc.placement import place_clients
-from helpers import free_port, launcher_free_env, load_phi, rel_diff
+from helpers import free_port, launcher_free_env, load_phi, metric_rows, process_running, rel_diff
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -196,11 +196,6 @@ def wait_for(predicate, timeout: float, job: Launch | None = None, what: str = "
             pytest.fail(f"no {what} within {timeout} s")
         time.sleep(0.1)
     return time.monotonic() - t0
-
-
-def metric_rows(out: Path) -> int:
-    p = out / "metrics.jsonl"
-    return len(p.read_text().splitlines()) if p.is_file() else 0
 
 
 # ------------------------------------------------------------------------------- /proc
@@ -376,9 +371,7 @@ def test_sigkill_of_one_rank_ends_the_job(launch, tmp_path, launcher, victim):
     assert not (out / "results.json").exists()
     time.sleep(0.5)
     for rank, pid in ranks.items():  # no orphaned rank keeps running
-        assert (
-            not Path(f"/proc/{pid}").exists() or Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-        ), f"rank {rank} (pid {pid}) still alive after the job ended"
+        assert not process_running(pid), f"rank {rank} (pid {pid}) still alive after the job ended"
 
 
 # ------------------------------------------------------------------------------- 4. signal + resume

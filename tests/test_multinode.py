@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fedhypevae.slurm.sbatch import render
-from helpers import launcher_free_env, load_phi, rel_diff, sh, wait_for
+from helpers import launcher_free_env, load_phi, process_running, rel_diff, sh, wait_for
 
 from fedhypevae.privacy.ledger import read_client_releases
 
@@ -165,12 +165,11 @@ def _is_rank(pid: str) -> bool:
     names it on its command line)."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
+    except OSError:
         return False
     python = Path(argv[0]).name.startswith("python")
     job = python and any("submitit" in a or "fedhypevae" in a for a in argv[1:4])  # a sweep point's rank
-    return state != "Z" and (job or any(a.endswith("/fedhypevae") for a in argv[:2]))
+    return process_running(pid) and (job or any(a.endswith("/fedhypevae") for a in argv[:2]))
 
 
 def rank_pids(node: str) -> set:
@@ -183,24 +182,32 @@ def alive(pids: set) -> set:
     return {p for p in pids if _is_rank(p)}
 
 
-def submit_range_job(env: dict, tmp_path: Path, out: Path, rounds: int, *extra: str) -> str:
-    """The plain sbatch script (fedhypevae.slurm.sbatch.render) with --nodes=2-3 and one rank per node."""
-    cmd = (
-        f"{BIN / 'fedhypevae'} train --out {out} {' '.join(TINY)} --set train.rounds={rounds} "
-        f"--set train.checkpoint_every=1 {' '.join(extra)} $RESUME"
-    )
+def submit_train_job(env: dict, tmp_path: Path, out: Path, rounds: int, extra: list, **layout) -> str:
+    """`fedhypevae train` of the tiny config in a plain sbatch script (fedhypevae.slurm.sbatch.render, with `layout`:
+    nodes, tasks_per_node, launch) that resumes a requeued start; its job id."""
+    args = [*TINY, "--set", f"train.rounds={rounds}", *extra]
+    cmd = f"{BIN / 'fedhypevae'} train --out {out} {' '.join(args)} $RESUME"
     script = render(
         command=cmd,
         job_name="fhv-multinode",
-        nodes="2-3",
-        tasks_per_node=1,
         timeout_min=15,
         output=str(tmp_path / "slurm-%j.out"),
         setup=[f'RESUME=""; [ -d {out}/checkpoints ] && RESUME="--resume"'],
+        **layout,
     )
     f = tmp_path / "job.sbatch"
     f.write_text(script)
     return sh(["sbatch", "--parsable", str(f)], env).stdout.strip().split(";")[0]
+
+
+def job_logs(tmp_path: Path) -> str:
+    """The tail of every slurm-JOB.out under `tmp_path` (for a failure's message)."""
+    return "\n".join(f.read_text(errors="replace")[-3000:] for f in tmp_path.glob("slurm-*.out"))
+
+
+def sweep_logs(out: Path) -> str:
+    """The tail of every submitit job's stderr of the sweep in `out`."""
+    return "\n".join(f.read_text(errors="replace")[-2000:] for f in (out / "submitit").glob("*/*_log.err"))
 
 
 def checkpointed_round(out: Path) -> int:
@@ -221,10 +228,12 @@ def lose_a_node(env: dict, tmp_path: Path, how: str, rounds: int, *extra: str) -
     """Run the node-range job, make fhvn3 fail (`how`: kill-node or cut-node) once a round after the first is
     checkpointed, and follow the job until it is requeued and finishes on the nodes left. Returns what it saw."""
     out = tmp_path / "run"
-    job = submit_range_job(env, tmp_path, out, rounds, *extra)
+    # --nodes=2-3, one rank per node: requeued on the nodes left
+    extra = ["--set", "train.checkpoint_every=1", *extra]
+    job = submit_train_job(env, tmp_path, out, rounds, extra, nodes="2-3", tasks_per_node=1)
 
     def logs() -> str:
-        return "\n".join(f.read_text(errors="replace")[-3000:] for f in tmp_path.glob("slurm-*.out"))
+        return job_logs(tmp_path)
 
     wait_for(lambda: checkpointed_round(out) >= 3, 240, "a checkpoint after round 3", logs)
     assert job_field(job, env, "NodeList") == "fhvn[1-3]", job_field(job, env, "NodeList")
@@ -340,25 +349,11 @@ def test_a_preemption_signal_reaches_every_node_and_the_requeued_job_resumes(clu
     env, rounds = cluster, 40
     ref = reference(rounds, "--set", "privacy.noise_seed=5")
     out = tmp_path / "run"
-    cmd = (
-        f"{BIN / 'fedhypevae'} train --out {out} {' '.join(TINY)} --set train.rounds={rounds} "
-        "--set train.checkpoint_every=10 --set privacy.noise_seed=5 $RESUME"
-    )
-    script = render(
-        command=cmd,
-        job_name="fhv-preempt",
-        nodes=3,
-        tasks_per_node=2,
-        timeout_min=15,
-        output=str(tmp_path / "slurm-%j.out"),
-        setup=[f'RESUME=""; [ -d {out}/checkpoints ] && RESUME="--resume"'],
-        launch=launch,
-    )
-    (tmp_path / "job.sbatch").write_text(script)
-    job = sh(["sbatch", "--parsable", str(tmp_path / "job.sbatch")], env).stdout.strip().split(";")[0]
+    extra = ["--set", "train.checkpoint_every=10", "--set", "privacy.noise_seed=5"]
+    job = submit_train_job(env, tmp_path, out, rounds, extra, nodes=3, tasks_per_node=2, launch=launch)
 
     def logs() -> str:
-        return "\n".join(f.read_text(errors="replace")[-3000:] for f in tmp_path.glob("slurm-*.out"))
+        return job_logs(tmp_path)
 
     def events() -> list:
         f = out / "events.jsonl"
@@ -414,7 +409,7 @@ def test_a_sweep_point_on_three_nodes_is_run_and_collected(cluster, tmp_path):
     point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
 
     def logs() -> str:
-        return "\n".join(f.read_text(errors="replace")[-2000:] for f in (out / "submitit").glob("*/*_log.err"))
+        return sweep_logs(out)
 
     wait_for(lambda: (point / "result.json").is_file(), 300, "the point to finish", logs)
     ranks = json.loads((point / "run" / "results.json").read_text())["training"]["ranks"]
@@ -444,7 +439,7 @@ def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_pa
     run = point / "run"
 
     def logs() -> str:
-        return "\n".join(f.read_text(errors="replace")[-2000:] for f in (out / "submitit").glob("*/*_log.err"))
+        return sweep_logs(out)
 
     wait_for(lambda: checkpointed_round(run) >= 3, 240, "a checkpoint after round 3", logs)
     first = {n: rank_pids(n) for n in NODES}

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, launcher_free_env
+from helpers import free_port, launcher_free_env, metric_rows, process_running
 
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
@@ -283,18 +283,6 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return rank_processes(launcher, "PMI_RANK")
 
 
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def metric_rows(out: Path) -> int:
-    m = out / "metrics.jsonl"
-    return len(m.read_text().splitlines()) if m.is_file() else 0
-
-
 @pytest.mark.mpi
 @pytest.mark.slow
 @needs_mpiexec
@@ -321,7 +309,7 @@ def test_a_stalled_rank_ends_the_job_within_the_step_timeout_and_resume_finishes
         victim = ranks[1]
         t0 = time.monotonic()
         os.kill(victim, signal.SIGSTOP)  # sockets open, no progress: a partitioned node as its peers see it
-        while alive(ranks[0]) and time.monotonic() - t0 < 30:
+        while process_running(ranks[0]) and time.monotonic() - t0 < 30:
             time.sleep(0.05)
         rank0_s = time.monotonic() - t0
         if backend == "torch":
@@ -335,7 +323,7 @@ def test_a_stalled_rank_ends_the_job_within_the_step_timeout_and_resume_finishes
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.wait(10)
-        if victim is not None and alive(victim):
+        if victim is not None and process_running(victim):
             os.kill(victim, signal.SIGKILL)
     err = (logs / "err").read_text()
     print(f"{backend}: rank 0 ended {rank0_s:.1f} s after rank 1 stopped, the job {job_s:.1f} s after")

@@ -338,9 +338,11 @@ def check_sensitivity(
                         own2 += float(diff[pos].pow(2).sum())
                     rest = torch.cat([diff[:pos], diff[pos + 1 :]])
                     if rest.numel():
+                        flat = a.reshape(a.shape[0], -1)
                         report.others_moved = max(report.others_moved, float(rest.abs().max()))
-                        others = torch.cat([a.reshape(a.shape[0], -1)[:pos], a.reshape(a.shape[0], -1)[pos + 1 :]])
-                        report.others_scale = max(report.others_scale, float(others.abs().max()))
+                        report.others_scale = max(
+                            report.others_scale, float(torch.cat([flat[:pos], flat[pos + 1 :]]).abs().max())
+                        )
                 report.rows.append(
                     StepDifference(
                         record=int(j),
