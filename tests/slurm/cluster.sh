@@ -22,6 +22,7 @@ export SLURM_CONF=$CONF DEBIAN_FRONTEND=noninteractive
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [ "${1:-}" = stop ]; then
   for d in slurmd slurmctld munged; do stop_pid "$RUN/$d.pid"; done
+  clean_stale_shm
   echo "slurm stopped"; exit 0
 fi
 [ "$(id -u)" = 0 ] || { echo "needs root (installs packages and runs the daemons as root)"; exit 3; }
@@ -34,6 +35,7 @@ mkdir -p "$STATE/etc" "$RUN" "$LOG" "$STATE/ctld" "$STATE/spool"
 
 # 2. munge
 start_munge "$RUN"
+clean_stale_shm
 
 # 3. slurm.conf: one node, no cgroups, requeue allowed, short credential expiry so requeued jobs start soon
 MEM=$(( $(awk '/MemTotal/{print $2}' /proc/meminfo) / 1024 - 1024 ))

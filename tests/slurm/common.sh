@@ -5,6 +5,7 @@
 #   start_munge RUN            munged as user munge unless one answers; its pid in RUN/munged.pid when started here
 #   common_conf                the slurm.conf lines both clusters share (root daemons, munge, no cgroups or
 #                              accounting, cons_tres by CPU, backfill every 2 s, requeue allowed)
+#   clean_stale_shm            removes MPICH shared-memory segments that no process maps (see below)
 
 running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
@@ -67,4 +68,22 @@ Waittime=0
 MinJobAge=300
 JobRequeue=1
 CONF
+}
+
+# MPICH names a node's shared-memory segment after its PMI job (/dev/shm/mpich_shm_<hash of the job id>_<n>) and
+# unlinks it only in MPI_Finalize, so a job killed on the node leaves it behind; a later job whose id hashes the
+# same - a fresh test cluster numbers jobs from 1 again - attaches to the stale segment and dies in MPI_Init
+# ("Message from rank 1 and tag 7 truncated", "UCX ERROR failed to unpack address"). Both clusters call this when
+# they start and stop: it removes the segments no live process maps that are older than 5 s (one being created
+# right now is left alone). A real cluster's job ids do not repeat, and its epilog usually empties /dev/shm.
+clean_stale_shm() {
+  local mapped f n=0
+  mapped=$(cat /proc/[0-9]*/maps 2>/dev/null | grep -o '/dev/shm/mpich_shm_[0-9a-f]*_[0-9]*' | sort -u || true)
+  for f in /dev/shm/mpich_shm_*; do
+    [ -e "$f" ] || continue
+    grep -qxF "$f" <<<"$mapped" && continue
+    [ $(( $(date +%s) - $(stat -c %Y "$f" 2>/dev/null || date +%s) )) -gt 5 ] || continue
+    rm -f "$f" && n=$((n + 1))
+  done
+  [ "$n" = 0 ] || echo "removed $n stale MPICH shared-memory segment(s) from /dev/shm"
 }

@@ -58,6 +58,7 @@ teardown() {
     grep -v "$MARK" /etc/hosts > /etc/hosts.fhv-new || true
     cat /etc/hosts.fhv-new > /etc/hosts; rm -f /etc/hosts.fhv-new  # in place: /etc/hosts may be a bind mount
   fi
+  clean_stale_shm
 }
 
 start_slurmd() {  # in the node's network namespace, with its own hostname
@@ -121,6 +122,7 @@ mkdir -p "$STATE/etc" "$RUN" "$LOG" "$STATE/ctld"
 
 # 2. munge (a Unix socket under /run/munge: every namespace reaches it)
 start_munge "$RUN"
+clean_stale_shm
 
 # 3. the network: a bridge with the controller's address, one namespace + veth pair per node
 if ! ip link show "$BR" >/dev/null 2>&1; then
