@@ -54,6 +54,36 @@ def test_builtins():
     assert b.x.shape == (569, 30) and b.num_classes == 2 and b.value_range is None
 
 
+@pytest.mark.parametrize("name", ["digits", "breast_cancer"])
+def test_builtins_read_without_sklearn_equal_sklearns_loaders(name, monkeypatch):
+    """The built-in sets are read from scikit-learn's files without importing it (a faster start); they must be
+    exactly what scikit-learn's loaders return, and a missing file falls back to those loaders."""
+    import subprocess
+    import sys
+
+    from sklearn import datasets
+
+    from fedhypevae.data import loaders
+
+    b = datasets.load_digits() if name == "digits" else datasets.load_breast_cancer()
+    arr = loaders._builtin_file(name)
+    assert arr is not None, "scikit-learn's file was not found: the fast path is not taken"
+    x, y = arr[:, :-1], arr[:, -1].astype(int)
+    assert np.array_equal(x, b.data) and np.array_equal(y, b.target)
+    d = load_dataset(name)
+    np.testing.assert_array_equal(d.x, b.data.astype(np.float32))
+    np.testing.assert_array_equal(d.y, b.target)
+    # a fresh process reading the set does not import scikit-learn (nor SciPy through it)
+    code = (
+        f"import sys; from fedhypevae.data import load_dataset; load_dataset('{name}'); print('sklearn' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    # the file not where scikit-learn keeps it: scikit-learn's loader, the same data
+    monkeypatch.setitem(loaders._BUILTIN_FILES, name, ("missing.csv", 0, (1, 1)))
+    assert loaders._builtin_file(name) is None
+    np.testing.assert_array_equal(load_dataset(name).x, d.x)
+
+
 def test_npz_xy(tmp_path):
     x, y = _xy()
     np.savez(tmp_path / "a.npz", x=x, y=y)

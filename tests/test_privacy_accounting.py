@@ -62,6 +62,45 @@ def test_epsilon_matches_opacus_pinned():
     assert prv < rdp
 
 
+def test_opacus_rdp_read_without_its_package_is_opacus_rdp():
+    """The accountant executes Opacus' RDP module file by itself (importing the package costs ~3 s of every rank's
+    start): its orders and functions must be Opacus' own, and a fresh process must not import the package."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as package_rdp
+
+    from fedhypevae.privacy import accounting
+
+    assert accounting._OPACUS_ORDERS == list(RDPAccountant.DEFAULT_ALPHAS)
+    code = (
+        "import sys; from fedhypevae.privacy.accounting import opacus_rdp, epsilon_of, Mechanism, DP_SGD; "
+        "m = opacus_rdp(); e = epsilon_of([Mechanism(DP_SGD, 1.0, 0.01, 1000)], delta=1e-4, accountant='rdp'); "
+        "print(m.__name__, 'opacus' in sys.modules, repr(e))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["fedhypevae._opacus_rdp", "False"], out
+    assert float(out[2]) == pytest.approx(1.7550571595045694, rel=1e-6)  # pinned, as above
+    accounting.opacus_rdp.cache_clear()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delitem(sys.modules, "opacus.accountants.analysis.rdp")
+            standalone = accounting.opacus_rdp()
+        assert standalone is not package_rdp and standalone.__file__ == package_rdp.__file__
+        orders = accounting._rdp_orders()[:150]
+        for q, sigma in [(0.01, 1.0), (0.25, 3.6), (1.0, 14.9)]:
+            a = standalone.compute_rdp(q=q, noise_multiplier=sigma, steps=7, orders=orders)
+            b = package_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=7, orders=orders)
+            assert np.array_equal(a, b)
+            assert standalone.get_privacy_spent(orders=orders, rdp=a, delta=DELTA) == package_rdp.get_privacy_spent(
+                orders=orders, rdp=b, delta=DELTA
+            )
+    finally:
+        accounting.opacus_rdp.cache_clear()
+
+
 @pytest.mark.filterwarnings("ignore:Optimal order")
 def test_extended_orders_tighten_one_shot_release():
     from opacus.accountants import RDPAccountant

@@ -88,10 +88,44 @@ def validate_mechanism(m: Mechanism) -> None:
 _EXTRA_ORDERS = [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 10000]
 
 
-def _rdp_orders() -> list:
-    from opacus.accountants import RDPAccountant
+# Opacus' RDPAccountant.DEFAULT_ALPHAS (tests/test_privacy_accounting.py compares them), written here because importing
+# `opacus.accountants` costs ~3 s (below)
+_OPACUS_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
 
-    return list(RDPAccountant.DEFAULT_ALPHAS) + _EXTRA_ORDERS
+
+def _rdp_orders() -> list:
+    return _OPACUS_ORDERS + _EXTRA_ORDERS
+
+
+@functools.lru_cache(maxsize=1)
+def opacus_rdp():
+    """Opacus' RDP analysis, the module `opacus.accountants.analysis.rdp` (compute_rdp, get_privacy_spent).
+
+    Imported through its package, it runs `opacus/__init__`, which imports the privacy engine, its optimizers
+    (torch.distributed.tensor, sympy) and every accountant (scipy.stats): ~3 s of every rank's start on a 2-core
+    machine, for a module that itself needs only numpy and scipy.special. So unless opacus is imported already, the
+    module's own file is executed by itself: the same file, the same functions (tests/test_privacy_accounting.py
+    compares them with the package's). Should that file be missing or fail, the package import is used."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    name = "opacus.accountants.analysis.rdp"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec("opacus")  # finds the package without importing it
+        if spec is not None and spec.submodule_search_locations:
+            path = Path(list(spec.submodule_search_locations)[0]) / "accountants" / "analysis" / "rdp.py"
+            file_spec = importlib.util.spec_from_file_location("fedhypevae._opacus_rdp", path)
+            if path.is_file() and file_spec is not None and file_spec.loader is not None:
+                module = importlib.util.module_from_spec(file_spec)
+                try:
+                    file_spec.loader.exec_module(module)
+                    return module
+                except Exception:  # noqa: BLE001 - any failure: the regular import below
+                    pass
+    from opacus.accountants.analysis import rdp
+
+    return rdp
 
 
 def _rdp_of(m: Mechanism, orders: list):
@@ -117,8 +151,8 @@ def _rdp_per_step(q: float, sigma: float, orders: tuple):
     """One step's RDP curve; Opacus' `compute_rdp(steps=s)` is this curve times s (so the cache changes no
     number). Read-only: callers multiply, which makes a new array."""
     import numpy as np
-    from opacus.accountants.analysis import rdp as rdp_analysis
 
+    rdp_analysis = opacus_rdp()
     orders = list(orders)
     n_default = len(orders) - len(_EXTRA_ORDERS)
     if q >= 1.0:
@@ -133,8 +167,7 @@ def _rdp_per_step(q: float, sigma: float, orders: tuple):
 
 def _rdp_epsilon(mechanisms: list, delta: float) -> float:
     """Composed epsilon under RDP: sum of RDP curves, Opacus' RDP -> (eps, delta) conversion."""
-    from opacus.accountants.analysis import rdp as rdp_analysis
-
+    rdp_analysis = opacus_rdp()
     orders = _rdp_orders()
     rdp = sum(_rdp_of(m, orders) for m in mechanisms)
     eps, _ = rdp_analysis.get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
