@@ -395,46 +395,23 @@ def test_a_preemption_signal_reaches_every_node_and_the_requeued_job_resumes(clu
     assert diff < 1e-5
 
 
-# --------------------------------------------------------------------------------------------- 3
-def test_a_sweep_point_on_three_nodes_is_run_and_collected(cluster, tmp_path):
-    """The submitit sweep with nodes=3: one FedHypeVAE point of six ranks, two per node, collected into the
+# --------------------------------------------------------------------------------------------- 3 and 4
+def test_a_sweep_point_on_three_nodes_resumes_through_the_sweep_after_a_node_death_and_is_collected(cluster, tmp_path):
+    """The submitit sweep with nodes=3: one FedHypeVAE point of six ranks, two per node. It loses a node (SIGKILL). Its
+    job asks SLURM not to requeue it (--no-requeue, so that the sweep's own resubmission is what is tested; SLURM's
+    requeue is the tests above): the job ends, the node comes back, and running the sweep command again resubmits the
+    point, which resumes from its checkpoint on the same placement. With privacy.noise_seed the lost steps are replayed
+    bit-identically: free, so every client's ledger has every step exactly once. The point is collected into the
     summary."""
-    env, out = cluster, tmp_path / "sweep"
-    sweep = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "partition.clients=7"]
-    sweep += ["--epsilons", "2", "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict"]
-    sweep += ["--ranks", "6", "--param", "nodes=3", "--param", "timeout_min=15"]
-    sweep += ["--cluster", "slurm", "--out", str(out)]
-    r = sh(sweep, env)
-    assert "submitted 1 point(s) with 6 rank(s) each" in r.stdout, r.stdout
-    point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
-
-    def logs() -> str:
-        return sweep_logs(out)
-
-    wait_for(lambda: (point / "result.json").is_file(), 300, "the point to finish", logs)
-    ranks = json.loads((point / "run" / "results.json").read_text())["training"]["ranks"]
-    print("sweep point placement:", [(r["rank"], r["host"], r["local_rank"]) for r in ranks])
-    assert [(r["host"], r["local_rank"]) for r in ranks] == [(n, i) for n in NODES for i in (0, 1)]
-    col = sh([sys.executable, "-m", "fedhypevae.slurm.collect", str(out)], env)
-    assert "1 of 1 point(s) collected" in col.stdout, col.stdout
-    rows = (out / "summary.csv").read_text().splitlines()
-    assert len(rows) == 2 and "fedhypevae-strict" in rows[1], rows
-
-
-def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_path):
-    """A sweep point on three nodes loses one (SIGKILL). Its job asks SLURM not to requeue it (--no-requeue, so that
-    the sweep's own resubmission is what is tested; SLURM's requeue is the tests above): the job ends, the node comes
-    back, and running the sweep command again resubmits the point, which resumes from its checkpoint on the same
-    placement. With privacy.noise_seed the lost steps are replayed bit-identically: free, so every client's ledger
-    has every step exactly once."""
     env, out = cluster, tmp_path / "sweep"
     sweep = [sys.executable, "-m", "fedhypevae.slurm.sweep", "--config", "tiny", "--set", "partition.clients=7"]
     sweep += ["--set", "train.rounds=40", "--set", "train.checkpoint_every=1", "--set", "privacy.noise_seed=5"]
     sweep += ["--epsilons", "2", "--seeds", "0", "--partitions", "iid", "--methods", "fedhypevae-strict"]
-    sweep += ["--ranks", "3", "--param", "nodes=3", "--param", "timeout_min=15", "--cluster", "slurm"]
+    sweep += ["--ranks", "6", "--param", "nodes=3", "--param", "timeout_min=15", "--cluster", "slurm"]
     sweep += ["--param", "slurm_additional_parameters={no-requeue: true}"]
     sweep += ["--out", str(out)]
-    sh(sweep, env)
+    r = sh(sweep, env)
+    assert "submitted 1 point(s) with 6 rank(s) each" in r.stdout, r.stdout
     point = out / "points" / "fedhypevae-strict__iid__eps2__seed0"
     run = point / "run"
 
@@ -460,13 +437,20 @@ def test_a_sweep_point_whose_node_dies_resumes_through_the_sweep(cluster, tmp_pa
     print(f"finished {time.time() - t0:.1f} s after the kill")
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     starts = [e for e in events if e["event"] in ("start", "resumed")]
-    assert [e["world_size"] for e in starts] == [3, 3], events
+    assert [e["world_size"] for e in starts] == [6, 6], events
     res = json.loads((run / "results.json").read_text())
     print(f"resumed at round {starts[1]['round']}; replays {res['privacy']['replays']}")
     assert starts[1]["round"] >= 3
     assert not any(check_ledgers(run, res["privacy"]["steps"]).values())  # no gap, no double charge
     assert res["privacy"]["replays"]["charged_again"] == 0
     assert res["privacy"]["epsilon_spent"] <= 2.0 + 1e-9
+    ranks = res["training"]["ranks"]
+    print("sweep point placement:", [(r["rank"], r["host"], r["local_rank"]) for r in ranks])
+    assert [(r["host"], r["local_rank"]) for r in ranks] == [(n, i) for n in NODES for i in (0, 1)]
+    col = sh([sys.executable, "-m", "fedhypevae.slurm.collect", str(out)], env)
+    assert "1 of 1 point(s) collected" in col.stdout, col.stdout
+    rows = (out / "summary.csv").read_text().splitlines()
+    assert len(rows) == 2 and "fedhypevae-strict" in rows[1], rows
 
 
 def test_the_cluster_refuses_a_subnet_that_overlaps_a_route(tmp_path):

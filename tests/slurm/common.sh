@@ -1,5 +1,5 @@
 # Shared by cluster.sh (one node) and multinode.sh (simulated nodes): sourced, not run.
-#   running PIDFILE            the pid file names a live process
+#   alive PID / running PIDFILE  the process (named by the pid file) lives and is not a zombie
 #   stop_pid PIDFILE           TERM, up to 3 s, then KILL; removes the pid file
 #   install_slurm [PKG ...]    slurm-wlm and munge (and PKG) with apt-get where missing
 #   start_munge RUN            munged as user munge unless one answers; its pid in RUN/munged.pid when started here
@@ -7,13 +7,15 @@
 #                              accounting, cons_tres by CPU, backfill every 2 s, requeue allowed)
 #   clean_stale_shm            removes MPICH shared-memory segments that no process maps (see below)
 
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# a zombie is not running: a killed daemon whose parent was init stays one where init does not reap (a container)
+alive() { local st; st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) && [ -n "$st" ] && [ "$st" != Z ]; }
+running() { [ -s "$1" ] && alive "$(cat "$1")"; }
 
 stop_pid() {
   local pidfile=$1 pid
   if running "$pidfile"; then
     pid=$(cat "$pidfile"); kill "$pid" 2>/dev/null || true
-    for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 30); do alive "$pid" || break; sleep 0.1; done
     kill -9 "$pid" 2>/dev/null || true  # a wedged slurmstepd can keep slurmd from exiting
   fi
   rm -f "$pidfile"

@@ -46,8 +46,8 @@ kill_netns_procs() {  # every process living in the node's network namespace (sl
 teardown() {
   local n
   for n in $(nodes_made); do
+    kill_netns_procs "$n"  # slurmd with the rest, at once (a TERM'd slurmd takes seconds to exit)
     stop_pid "$RUN/slurmd-$n.pid"
-    kill_netns_procs "$n"
     ip netns del "$n" 2>/dev/null || true
     ip link del "v$n" 2>/dev/null || true
   done
