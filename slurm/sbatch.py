@@ -13,6 +13,7 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from fedhypevae.hpc.launcher import MPI_FLAVOURS, mpi_flavour
 
@@ -36,10 +37,16 @@ def _time(minutes: int) -> str:
     return f"{minutes // 60:02d}:{minutes % 60:02d}:00"
 
 
-# launch="mpiexec": per MPI flavour, what starts the ranks (for the script's header), how the batch shell hands on the
-# signals it takes (USR2 from --signal=B:USR2 or scancel --batch, TERM) and the command ({n} ranks, {k} per node)
+class Launcher(NamedTuple):
+    """launch="mpiexec" for one MPI flavour: the library's own launcher inside the allocation."""
+
+    what: str  # what starts the ranks (the script's header)
+    traps: list  # how the batch shell hands on what it takes (USR2: --signal=B:USR2 or scancel --batch; TERM)
+    start: str  # the command, with {n} ranks and {k} per node
+
+
 LAUNCHERS = {
-    "mpich": (
+    "mpich": Launcher(
         "mpiexec (Hydra), whose proxies srun starts",
         [
             "# Hydra forwards TERM to the ranks but not USR2 (it would kill its srun-started proxies): this shell",
@@ -48,7 +55,7 @@ LAUNCHERS = {
         ],
         "mpiexec -n {n} -ppn {k}",
     ),
-    "openmpi": (
+    "openmpi": Launcher(
         "Open MPI's mpirun, whose daemons srun starts",
         [
             "# mpirun forwards USR2 and TERM to every rank: this shell takes them (--signal=B:USR2, scancel --batch",
@@ -105,7 +112,7 @@ def render(
     ranged = lo != hi
     lines = ["#!/bin/bash"]
     lines += [f"# {h}" if h else "#" for h in header.strip().splitlines()] if header else []
-    starter = {"srun": f"srun --mpi={plugin}", "mpiexec": LAUNCHERS[mpi][0]}[launch]
+    starter = f"srun --mpi={plugin}" if launch == "srun" else LAUNCHERS[mpi].what
     what = what if launch == "srun" else flavour.library  # the description is about srun's plugin
     lines += [f"# {t}" for t in f"MPI: {what}; every task is one rank ({starter}).".splitlines()]
     lines += [f"#SBATCH --job-name={job_name}", f"#SBATCH --nodes={nodes}"]
@@ -162,11 +169,9 @@ def render(
             "status=$?",
         ]
     else:
-        _, forward, start = LAUNCHERS[mpi]
-        lines += [
-            *forward,
-            f"{start.format(n=f'$(( SLURM_JOB_NUM_NODES * {tasks_per_node} ))', k=tasks_per_node)} {command} &",
-        ]
+        launcher = LAUNCHERS[mpi]
+        start = launcher.start.format(n=f"$(( SLURM_JOB_NUM_NODES * {tasks_per_node} ))", k=tasks_per_node)
+        lines += [*launcher.traps, f"{start} {command} &"]
         lines += [
             "pid=$!",
             'wait "$pid"; status=$?',

