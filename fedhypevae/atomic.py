@@ -87,11 +87,18 @@ def atomic_write_bytes(path, data: bytes, *, fsync: bool = False, owner_only: bo
     return Path(path)
 
 
-def atomic_torch_save(obj, path, *, fsync: bool = False, owner_only: bool = False) -> Path:
+def atomic_torch_save(obj, path, *, fsync: bool = False, owner_only: bool = False, crc32: bool = True) -> Path:
+    """``torch.save(obj)`` to `path`, atomically. ``crc32=False`` skips the zip records' CRC-32 (torch.load never
+    checks it; only unzip tools would warn): for large files, where computing it costs more than writing them."""
     import torch
 
     with atomic_open(path, "wb", fsync=fsync, owner_only=owner_only) as f:
-        torch.save(obj, f)
+        before = torch.serialization.get_crc32_options()
+        torch.serialization.set_crc32_options(crc32 and before)
+        try:
+            torch.save(obj, f)
+        finally:
+            torch.serialization.set_crc32_options(before)
     return Path(path)
 
 

@@ -78,7 +78,7 @@ BLOCKS = ("private", "phi")  # the client's own coordinates (psi_i, v_i) and Phi
 # train.engine -> the form of the per-sample stage
 PER_SAMPLE = {"batched": "ghost", "reference": "materialized"}
 PHASES = ("sample", "forward", "backward", "norms", "clip", "noise", "post", "optimizer")
-_SERIAL = 32768  # at::internal::GRAIN_SIZE: elementwise ops on fewer elements run on the calling thread
+_PHI_GROUP = 64  # clients whose Phi noise is summed in fp32 (one matrix-vector product) before the fp64 total
 
 
 # ------------------------------------------------------------------------------------------ the arithmetic
@@ -492,8 +492,10 @@ class DPStep:
         client's own coordinates (`private`: the code, then the encoder's parameters in sorted-name order) and then
         Phi's (`phi`: in the hypernetwork's parameter order). Returns the encoder noise per parameter and the code
         noise as (M, ...) views of the buffer, and sum_i phi_coef_i * (client i's Phi noise) in fp64. Blocks of
-        clients draw in parallel Python threads (the draws release the GIL); the fp64 partial sums are combined in
-        a fixed order."""
+        clients draw in parallel Python threads (the draws release the GIL); then the calling thread sums Phi's
+        rows, `_PHI_GROUP` clients at a time, with one fp32 matrix-vector product per group (BLAS: one pass over the
+        rows; relative rounding ~1e-7 of the noise) added into the fp64 total in a fixed order. (Summing in the
+        drawing threads would start a BLAS thread team per thread; one fp64 add per client cost 3x more.)"""
         b, M = self.block, self.block.M
         P = sum(math.prod(shape) for _, shape in layout) if phi else 0
         priv_shapes = (
@@ -501,25 +503,13 @@ class DPStep:
         )
         D0 = sum(math.prod(s) for s in priv_shapes)
         buf = self.draws.rows(M, D0 + P)
-        coef = phi_coef.tolist()
         workers, pool = self.draws.workers(M)
         bounds = [round(k * M / workers) for k in range(workers + 1)]
         rows = buf.unbind(0)
-        accs = [torch.zeros(P, dtype=torch.float64) for _ in range(workers)] if phi else []
 
         def block(w: int) -> None:
-            wide = torch.empty(min(P, _SERIAL), dtype=torch.float64) if phi else None
-            acc = accs[w] if phi else None
             for i in range(bounds[w], bounds[w + 1]):
-                row = rows[i]
-                row.normal_(generator=gens[i])
-                # fp64 accumulation over clients, in pieces below ATen's parallel grain size: these threads must
-                # not each start an OpenMP team (oversubscription on few cores)
-                for lo in range(0, P, _SERIAL):
-                    hi = min(P, lo + _SERIAL)
-                    part = wide[: hi - lo]
-                    part.copy_(row[D0 + lo : D0 + hi])
-                    acc[lo:hi].add_(part, alpha=coef[i])
+                rows[i].normal_(generator=gens[i])
 
         if workers == 1:
             block(0)
@@ -537,9 +527,11 @@ class DPStep:
             enc_noise = [by_name[n] for n in b.enc_names]
         total = None
         if phi:
-            total = accs[0]
-            for part in accs[1:]:
-                total.add_(part)
+            total = torch.zeros(P, dtype=torch.float64)
+            c32 = phi_coef.to(torch.float32)
+            for g in range(0, M, _PHI_GROUP):
+                h = min(M, g + _PHI_GROUP)
+                total.add_(torch.mv(buf[g:h, D0:].t(), c32[g:h]))
         return enc_noise, code_noise, total
 
     # -- helpers ----------------------------------------------------------------------------------------

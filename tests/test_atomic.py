@@ -95,3 +95,19 @@ def test_atomic_open_only_writes_new_files(tmp_path):
     with pytest.raises(ValueError, match="mode"), atomic_open(tmp_path / "log", "a"):
         pass
     assert _entries(tmp_path) == []
+
+
+def test_a_save_without_crc32_loads_whole_and_leaves_the_global_option_as_it_was(tmp_path):
+    """Checkpoint shards skip the zip records' CRC-32 (the write's largest cost at hundreds of MB); torch.load reads
+    them back exactly, the file really carries no CRC, and other saves keep computing it."""
+    import zipfile
+
+    t = torch.randn(1000, 17)
+    atomic_torch_save({"t": t}, tmp_path / "a.pt", crc32=False)
+    atomic_torch_save({"t": t}, tmp_path / "b.pt")
+    assert torch.serialization.get_crc32_options() is True
+    assert torch.equal(torch.load(tmp_path / "a.pt", weights_only=True)["t"], t)
+    with zipfile.ZipFile(tmp_path / "a.pt") as z, zipfile.ZipFile(tmp_path / "b.pt") as zb:
+        data = [i for i in z.infolist() if i.filename.endswith("/data/0")]
+        data_b = [i for i in zb.infolist() if i.filename.endswith("/data/0")]
+        assert data and data[0].CRC == 0 and data_b[0].CRC != 0

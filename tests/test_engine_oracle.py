@@ -212,16 +212,16 @@ def test_the_engine_names_no_parameter():
 
 @pytest.mark.parametrize("steps", [[0, 0, 0], [3, 0, 7]], ids=["equal-steps", "unequal-steps"])
 def test_stacked_adam_is_each_clients_torch_adam(steps):
-    """The block's optimizer on (M, ...) stacks is torch.optim.Adam per client, also with unequal step counts."""
+    """The block's optimizer on (M, ...) stacks is torch.optim.Adam (fused) per client, also with unequal step counts."""
     g = torch.Generator().manual_seed(5)
-    params = [torch.randn(3, 4, 2, generator=g)]
-    grads = [torch.randn(3, 4, 2, generator=g)]
-    ms, vs = [torch.randn(3, 4, 2, generator=g) * 0.1], [torch.rand(3, 4, 2, generator=g) * 0.1]
+    params = [torch.randn(3, 40, 50, generator=g)]
+    grads = [torch.randn(3, 40, 50, generator=g)]
+    ms, vs = [torch.randn(3, 40, 50, generator=g) * 0.1], [torch.rand(3, 40, 50, generator=g) * 0.1]
     counts = torch.tensor(steps, dtype=torch.float32)[:, None].clone()
     want = []
     for i in range(3):
         p = torch.nn.Parameter(params[0][i].clone())
-        opt = torch.optim.Adam([p], lr=0.01, betas=(0.8, 0.95), eps=1e-7)
+        opt = torch.optim.Adam([p], lr=0.01, betas=(0.8, 0.95), eps=1e-7, fused=True)
         opt.state[p] = {
             "step": torch.tensor(float(steps[i])),
             "exp_avg": ms[0][i].clone(),
