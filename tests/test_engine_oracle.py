@@ -212,7 +212,7 @@ def test_the_engine_names_no_parameter():
 
 @pytest.mark.parametrize("steps", [[0, 0, 0], [3, 0, 7]], ids=["equal-steps", "unequal-steps"])
 def test_stacked_adam_is_each_clients_torch_adam(steps):
-    """The block's optimizer on (M, ...) stacks is torch.optim.Adam (fused) per client, also with unequal step counts."""
+    """The block's optimizer on (M, ...) stacks is torch.optim.Adam (fused) per client, also with unequal steps."""
     g = torch.Generator().manual_seed(5)
     params = [torch.randn(3, 40, 50, generator=g)]
     grads = [torch.randn(3, 40, 50, generator=g)]
