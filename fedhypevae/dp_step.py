@@ -79,6 +79,7 @@ BLOCKS = ("private", "phi")  # the client's own coordinates (psi_i, v_i) and Phi
 PER_SAMPLE = {"batched": "ghost", "reference": "materialized"}
 PHASES = ("sample", "forward", "backward", "norms", "clip", "noise", "post", "optimizer")
 _PHI_GROUP = 64  # clients whose Phi noise is summed in fp32 (one matrix-vector product) before the fp64 total
+_POST_GROUP = 128  # clients whose post-noise MMD term is one forward and one backward pass
 
 
 # ------------------------------------------------------------------------------------------ the arithmetic
@@ -439,34 +440,48 @@ class DPStep:
     def post_noise(self, hyper, gens: list, features):
         """(d/dv_i, sum_i w_i d/dPhi, summed value of the MMD term) of lambda_v ||v_i||^2 plus the data-free part
         of the MMD term (literal: the synthetic-synthetic kernel mean; merf: the distance to the client's DP mean
-        embeddings), batched over clients with the model's own `sample_synthetic` and `merf_mmd`.
-        Post-processing: no private record enters; the synthetic noise comes from each client's generator
-        after the DP noise."""
+        embeddings), batched over clients with the model's own `sample_synthetic` and `merf_mmd`, `_POST_GROUP`
+        clients at a time (one forward and one backward pass per group: the synthetic batch's activations of a
+        group stay in cache, those of a whole chunk would not). Post-processing: no private record enters; the
+        synthetic noise comes from each client's generator after the DP noise."""
         m, block = self.cfg.model, self.block
-        V = block.codes.detach().clone().requires_grad_(True)
-        loss = m.lambda_v * V.pow(2).sum(1)
         if m.lambda_mmd <= 0:
-            (gv,) = torch.autograd.grad(loss.sum(), [V])
+            V = block.codes.detach().clone().requires_grad_(True)
+            (gv,) = torch.autograd.grad((m.lambda_v * V.pow(2).sum(1)).sum(), [V])
             return gv, None, 0.0
-        literal = m.mmd_kind == "literal"
-        if not literal and (features is None or block.mmd_target is None):
+        if m.mmd_kind != "literal" and (features is None or block.mmd_target is None):
             raise ValueError(
                 "model.lambda_mmd > 0 (merf) needs the random features and every client's released "
                 "mean embeddings (Trainer._release_mmd_embeddings) before the first step"
             )
-        syn_y, syn_z, syn_x = (t.to(block.device) for t in self.synthetic_batch(gens))
         params = [p for _, p in hyper.named_parameters()]
-        # (M, 1, r): one row per client (None: a decoder without modulation, a prior without the code)
+        gvs, gphi, total = [], None, 0.0
+        for lo in range(0, block.M, _POST_GROUP):
+            hi = min(block.M, lo + _POST_GROUP)
+            gv, flat, mmd = self._post_group(hyper, params, gens[lo:hi], features, lo, hi)
+            gvs.append(gv)
+            gphi = flat if gphi is None else gphi.add_(flat)
+            total += mmd
+        return torch.cat(gvs), gphi, total
+
+    def _post_group(self, hyper, params: list, gens: list, features, lo: int, hi: int):
+        """post_noise for the block's clients lo..hi-1: (their d/dv_i, sum_i w_i d/dPhi in fp64, their MMD sum)."""
+        m, block = self.cfg.model, self.block
+        V = block.codes[lo:hi].detach().clone().requires_grad_(True)
+        loss = m.lambda_v * V.pow(2).sum(1)
+        syn_y, syn_z, syn_x = (t.to(block.device) for t in self.synthetic_batch(gens))
+        # (G, 1, r): one row per client (None: a decoder without modulation, a prior without the code)
         mods = [(None, None) if d is None else (d[:, None], db[:, None]) for d, db in hyper.decoder_modulation(V)]
         hw = hyper.prior_features(V)
-        x_hat = sample_synthetic(hyper, mods, None if hw is None else hw[:, None], syn_y, syn_z, syn_x)  # (M, n, d_x)
-        if literal:
+        x_hat = sample_synthetic(hyper, mods, None if hw is None else hw[:, None], syn_y, syn_z, syn_x)  # (G, n, d_x)
+        if m.mmd_kind == "literal":
             mmd = multi_kernel(x_hat, x_hat, self.bandwidths()).mean((-2, -1))
         else:
             spc = m.mmd_synthetic_per_class
-            mmd = merf_mmd(features, x_hat.reshape(block.M, block.K, spc, -1), block.mmd_target, block.mmd_weights)
+            x_hat = x_hat.reshape(hi - lo, block.K, spc, -1)
+            mmd = merf_mmd(features, x_hat, block.mmd_target[lo:hi], block.mmd_weights[lo:hi])
         post = loss + m.lambda_mmd * mmd
-        w = self.weights.to(post.dtype).to(post.device)
+        w = self.weights[lo:hi].to(post.dtype).to(post.device)
         if bool((w > 0).all()):
             # ONE backward pass for both: client i's term depends on Phi and on its own v_i only, so the gradient of
             # sum_i w_i post_i in v_i is w_i d post_i / d v_i

@@ -191,3 +191,33 @@ def test_a_client_with_its_own_step_gets_a_block_of_its_own_and_its_override_is_
     for t in (loud, plain):
         t.ledger.close()
         t.writer.close()
+
+
+@pytest.mark.parametrize("kind", ["merf", "literal"])
+@pytest.mark.parametrize("zero_weight", [False, True], ids=["weights", "a-zero-weight"])
+def test_the_post_noise_term_in_groups_of_clients_is_the_term_over_the_whole_block(
+    tmp_path, monkeypatch, kind, zero_weight
+):
+    """post_noise runs `_POST_GROUP` clients at a time (bounded working set): groups of 2 and of 3 give the codes'
+    gradients, Phi's summed gradient and the MMD sum of one pass over all 7 clients, with the same synthetic draws."""
+    import fedhypevae.dp_step as dp_step
+
+    cfg = load_config("tiny", ["partition.clients=7", "partition.min_client_size=2", f"model.mmd_kind={kind}"])
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    st = tr.steps[0]
+    assert st.block.M == 7 and cfg.model.lambda_mmd > 0
+    if zero_weight:
+        st.weights[2] = 0.0
+    hyper = tr.aggregation.step_hyper(st.block)
+    out = {}
+    for group in (1000, 3, 2):
+        monkeypatch.setattr(dp_step, "_POST_GROUP", group)
+        out[group] = st.post_noise(hyper, st.block.generators(0, 0), tr.features)
+    (gv, gphi, mmd) = out[1000]
+    assert gv.shape == st.block.codes.shape and gphi.dtype == torch.float64 and mmd > 0
+    for group in (3, 2):
+        g_v, g_phi, m = out[group]
+        torch.testing.assert_close(g_v, gv, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(g_phi, gphi, rtol=1e-5, atol=1e-7)
+        assert m == pytest.approx(mmd, rel=1e-5)
