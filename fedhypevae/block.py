@@ -282,22 +282,27 @@ class ClientBlock:
             out["mmd_target"], out["mmd_weights"] = self.mmd_target, self.mmd_weights
         return out
 
-    def load_rows(self, positions: Sequence[int], state: dict, rows: Sequence[int]) -> None:
+    def load_rows(self, positions: Sequence[int], state: dict, rows: Sequence[int], *, done=None) -> None:
         """Copy rows `rows` of the named stacks `state` (as `state()` names them) into this block's rows
-        `positions` (a resume, possibly onto another placement of clients)."""
+        `positions` (a resume, possibly onto another placement of clients). `done(t)` is called on each source stack
+        once its rows are copied (a resume hands back a memory-mapped shard's pages: checkpoint.release_pages)."""
         pos = torch.as_tensor(list(positions), dtype=torch.long)
         src = torch.as_tensor(list(rows), dtype=torch.long)
+        done = done or (lambda t: None)
         mine = self.state()
         for name, dst in mine.items():
             if name not in state:
                 raise KeyError(name)
             dst.index_copy_(0, pos.to(dst.device), state[name].index_select(0, src).to(dst.device, dst.dtype))
+            done(state[name])
         if "mmd_target" in state and self.mmd_target is None:
             t, w = state["mmd_target"], state["mmd_weights"]
             self.mmd_target = torch.zeros((self.M, *t.shape[1:]), dtype=t.dtype, device=self.device)
             self.mmd_weights = torch.zeros((self.M, *w.shape[1:]), dtype=w.dtype, device=self.device)
             self.mmd_target.index_copy_(0, pos, t.index_select(0, src).to(self.device))
             self.mmd_weights.index_copy_(0, pos, w.index_select(0, src).to(self.device))
+            done(t)
+            done(w)
 
     def state_bytes(self) -> int:
         """Bytes of private state the block holds (parameters, Adam moments and counts, codes, embeddings)."""

@@ -129,6 +129,38 @@ def shards(ckpt: Path) -> list:
     return out
 
 
+_MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (clean file pages are dropped; nothing is lost)
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Hand the pages behind `t` (a stack of a memory-mapped shard, already copied) back to the kernel, so that a
+    resume's resident set holds the rows it copied, not the shards it read (a 100,000-client resume on one rank:
+    15.5 GB peak before, for 6.7 GB of state). madvise(MADV_PAGEOUT) never discards data: a page read again is
+    read from the file. Best effort: where the call or the advice does not exist, nothing happens."""
+    global _madvise
+    if _madvise is None:
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+            _madvise = libc.madvise
+        except (OSError, AttributeError):
+            _madvise = False
+    if not _madvise or t.device.type != "cpu":
+        return
+    import mmap
+
+    storage, page = t.untyped_storage(), mmap.PAGESIZE
+    lo = -(-storage.data_ptr() // page) * page  # whole pages inside the storage only
+    hi = (storage.data_ptr() + storage.nbytes()) // page * page
+    if hi > lo:
+        _madvise(lo, hi - lo, _MADV_PAGEOUT)
+
+
+_madvise = None
+
+
 def client_state(ckpt: Path, client_id: int, enc_names: list) -> dict:
     """One client's encoder and code from a checkpoint (either shard format): {"encoder": {name: tensor},
     "code": tensor} (tools that look at one client, such as the black-box audit)."""

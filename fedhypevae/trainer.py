@@ -998,7 +998,7 @@ class Trainer:
                         found.add(cid)
                 for b, pos, src in rows.values():
                     try:
-                        b.load_rows(pos, entry["state"], src)
+                        b.load_rows(pos, entry["state"], src, done=ckpt.release_pages)
                     except (KeyError, RuntimeError) as exc:
                         raise CheckpointError(
                             f"{path}: its state does not fit this run's model ({type(exc).__name__}: "
