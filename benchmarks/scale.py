@@ -18,8 +18,9 @@ Reported per row (medians over the rounds of run 1 after its first): round_s; se
 step, the slowest rank); checkpoint_s (the slowest rank's write of its shard); resume_s (setup of run 2, checkpoint
 read included);
 peak_rss_mb per rank (VmHWM of every rank process, polled); state_mb per rank (its clients' private state); files
-per checkpoint; the steps' own phase times are not split here (benchmarks.throughput does). Nothing here asserts
-anything about speed. Writes scale.json, scale.md and scale.png into --out.
+per checkpoint; phases_s: rank 0's seconds per round by phase (train.time_phases: the step's sample, forward,
+backward, norms, clip, noise, post and optimizer, and the trainer's own). Nothing here asserts anything about
+speed. Writes scale.json, scale.md and scale.png into --out.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+PHASE = "time/phase/"  # the trainer's per-phase metrics (train.time_phases)
+PHASES = ("sample", "forward", "backward", "norms", "clip", "noise", "post", "optimizer")
 D, K, PER_CLIENT = 64, 10, 20
 
 
@@ -80,7 +83,8 @@ def write_config(path: Path, data: Path, clients: int, rounds: int, mmd: bool, t
                 f"partition: {{kind: iid, clients: {clients}, min_client_size: 2}}",
                 "model: {hidden: [64], latent_dim: 8, hyper_hidden: 32, "
                 + ("lambda_mmd: 1.0, mmd_kind: merf}" if mmd else "lambda_mmd: 0.0}"),
-                f"train: {{rounds: {rounds}, local_steps: 5, checkpoint_every: 1, keep_checkpoints: 2}}",
+                f"train: {{rounds: {rounds}, local_steps: 5, checkpoint_every: 1, keep_checkpoints: 2, "
+                "time_phases: true}",
                 "privacy: {target_epsilon: 1.0, delta: 1.0e-5, sample_rate: 0.25, stats_clip_norm: 10.0, "
                 f"diagnostics: true{TRUST[trust]}}}",
                 "meta: {steps: 5}",
@@ -189,7 +193,8 @@ def measure(
         return {**row, "error": f"timed out after {timeout:.0f} s (run 1)"}
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     round_s = [r["time/round(s)"] for r in rows]
-    phases = {k: statistics.median(r[k] for r in rows if k in r) for k in rows[0] if k.startswith("time/")}
+    later = rows[1:] or rows  # like the round: the rounds after the first
+    phases = {k: statistics.median(r[k] for r in later if k in r) for k in rows[0] if k.startswith("time/")}
     ckpts = sorted((out / "checkpoints").glob("round_*"))
     files = len([p for p in ckpts[-1].iterdir()]) if ckpts else 0
     # every rank's setup and checkpoint times: run 1's from its "interrupted" event, run 2's from results.json
@@ -304,6 +309,7 @@ def markdown(res: dict) -> str:
         "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rate = res.get("disk_write_mb_s")
     for r in res["rows"]:
         head = f"| {r['clients']:,} | {r['ranks']} | {'on' if r['mmd'] else 'off'} | {r.get('trust', 'local')} |"
         if "error" in r:
@@ -311,16 +317,35 @@ def markdown(res: dict) -> str:
             continue
         lines.append(
             head + f" {r['round_s']:.2f} | {r['ms_per_client_round']:.3f} | {r['setup_s']:.1f} | "
-            f"{r['checkpoint_s']:.2f} | {r['files_per_checkpoint']} | "
+            f"{r['checkpoint_s']:.2f}" + (f" ({sum(r['state_mb']) / rate:.2f})" if rate else "") + " | "
+            f"{r['files_per_checkpoint']} | "
             + (f"{r['resume_s']:.1f} on {r['ranks_resumed_on']}" if "resume_s" in r else "not run")
             + f" | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
             f"{', '.join(f'{m:.0f}' for m in r['state_mb'])} | {r['loadavg_start'][0]:.2f} |"
         )
     if "disk_write_mb_s" in res:
         lines.append(
-            f"\nDisk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync); a checkpoint's floor "
-            "is the largest rank's state / that rate."
+            f"\nDisk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync); a checkpoint's floor (in "
+            "brackets) is the state of every rank, which write to this one disk at once, / that rate."
         )
+    timed = [r for r in res["rows"] if "error" not in r and any(k.startswith(PHASE) for k in r.get("phases_s", {}))]
+    if timed:
+        names = [n for n in PHASES if any(f"{PHASE}{n}(s)" in r["phases_s"] for r in timed)]
+        lines += [
+            "\nSeconds per round by phase (rank 0's, medians over the rounds after the first; `rest`: the ledger, "
+            "the budget guard, the all-reduce, Phi's update, the accounting and the engine's bookkeeping between "
+            "phases):\n",
+            "| clients | ranks | MMD | trust | " + " | ".join(names) + " | rest |",
+            "|---|---|---|---|" + "---|" * (len(names) + 1),
+        ]
+        for r in timed:
+            ph = {k[len(PHASE) : -len("(s)")]: v for k, v in r["phases_s"].items() if k.startswith(PHASE)}
+            rest = sum(v for k, v in ph.items() if k not in names)
+            lines.append(
+                f"| {r['clients']:,} | {r['ranks']} | {'on' if r['mmd'] else 'off'} | {r.get('trust', 'local')} | "
+                + " | ".join(f"{ph.get(n, 0.0):.2f}" for n in names)
+                + f" | {rest:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

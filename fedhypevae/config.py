@@ -275,6 +275,11 @@ class TrainConfig:
     # network leaves the others waiting in a collective for ever otherwise. Also the torch back-end's collective
     # timeout during training. Longer than any rank's slowest step or checkpoint write; 0: no watchdog
     step_timeout_s: float = 600.0
+    # record each round's wall time per phase of the step (sample, forward, backward, norms, clip, noise, post,
+    # optimizer) and of the trainer (guard, ledger, all_reduce, phi_update) in the metrics, as time/phase/NAME(s):
+    # rank 0's, and only where the diagnostics are sent (timings depend on batch sizes). On CUDA each phase then
+    # synchronizes the device: off by default
+    time_phases: bool = False
 
     def __post_init__(self):
         _check(self.rounds >= 1, f"train.rounds must be >= 1; got {self.rounds}")

@@ -90,6 +90,7 @@ RESUME_MAY_CHANGE = (
     "train.engine",
     "train.chunk_clients",
     "train.step_timeout_s",
+    "train.time_phases",
     "privacy.diagnostics",
     "stats.rank",
     "meta.*",
@@ -338,6 +339,9 @@ class Trainer:
         self._saved_at: tuple | None = None
         self.costs: dict = {"setup_s": None, "checkpoint_s": []}  # this rank's (diagnostics: depend on data sizes)
         self.hooks = TrainerHooks()
+        self._phase_s: dict = {}  # the trainer's own phases' seconds so far (train.time_phases)
+        if cfg.train.time_phases:
+            self.hooks.add_timer(self._add_phase_time)
         # federation.aggregation: the rule that turns the released steps into Phi's update
         self.aggregation = make_aggregation(cfg.federation.aggregation, self)
         # privacy.trust_model: where the noise is added (fedhypevae/privacy/trust.py); bound to the public
@@ -824,12 +828,29 @@ class Trainer:
             self.check_replicas()
         return None
 
+    def _add_phase_time(self, name: str, seconds: float) -> None:
+        self._phase_s[name] = self._phase_s.get(name, 0.0) + seconds
+
+    def phase_times(self) -> dict:
+        """Wall seconds so far per phase on this rank (train.time_phases): the DP steps' own (summed over the
+        rank's chunks) and the trainer's (exclusive); `engine_other` is the engine's time outside the steps'
+        phases (their bookkeeping between phases)."""
+        steps: dict = {}
+        for st in self.steps:
+            for k, v in st.timings.items():
+                steps[k] = steps.get(k, 0.0) + v
+        out = {k: v for k, v in self._phase_s.items() if k != "engine"}
+        out.update(steps)
+        out["engine_other"] = self._phase_s.get("engine", 0.0) - sum(steps.values())
+        return out
+
     def run_round(self, r: int, start_step: int = 0) -> dict | None:
         """Round r from step `start_step`. Returns its metrics, or None when a stop signal ended it between
         two steps (state.step then says how many of its steps are done)."""
         cfg, hooks = self.cfg, self.hooks
         t_round = time.perf_counter()
         comm_before = self.comm_seconds
+        phases_before = self.phase_times() if cfg.train.time_phases else None
         self._round_diag = torch.zeros(len(DIAG_KEYS), dtype=torch.float64)
         hooks.emit("round_begin", r)
         self.aggregation.begin_round(r)
@@ -860,6 +881,9 @@ class Trainer:
                     "comm/all_reduce(ms)": 1e3 * (self.comm_seconds - comm_before),
                 }
             )
+            if phases_before is not None:  # rank 0's phases
+                now = self.phase_times()
+                metrics.update({f"time/phase/{k}(s)": now[k] - phases_before.get(k, 0.0) for k in sorted(now)})
             d = dict(zip(DIAG_KEYS, self._round_diag.tolist()))
             n = max(d["batch"], 1.0)
             metrics.update(

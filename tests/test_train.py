@@ -217,3 +217,26 @@ def test_resume_after_a_crash_late_in_training_replays_without_stopping(tmp_path
     assert res["training"]["stopped_early"] is None and res["privacy"]["steps"] == 6
     torch.testing.assert_close(phi(tmp_path / "cut"), phi(tmp_path / "full"), rtol=1e-5, atol=1e-7)
     assert res["privacy"]["epsilon_spent"] == pytest.approx(full["privacy"]["epsilon_spent"], rel=1e-9)
+
+
+@pytest.mark.parametrize("diagnostics", [True, False])
+def test_train_time_phases_puts_each_rounds_phase_times_in_the_metrics_only_with_the_diagnostics(tmp_path, diagnostics):
+    """train.time_phases: every round's metrics carry time/phase/NAME(s) for the step's phases and the trainer's,
+    adding up to no more than the round; without privacy.diagnostics no timing leaves the rank at all."""
+    cfg = load_config(
+        "tiny", ["train.rounds=2", "train.time_phases=true", f"privacy.diagnostics={str(diagnostics).lower()}"]
+    )
+    tr = Trainer(cfg, tmp_path / "run", progress=False)
+    tr.setup()
+    m = tr.run_round(0)
+    phases = {k: v for k, v in m.items() if k.startswith("time/phase/")}
+    if not diagnostics:
+        assert not phases and "time/round(s)" not in m
+        return
+    want = {"sample", "forward", "backward", "norms", "clip", "noise", "post", "optimizer", "ledger", "phi_update"}
+    assert want <= {k[len("time/phase/") : -len("(s)")] for k in phases}
+    assert all(v >= 0 for v in phases.values())
+    assert 0 < sum(phases.values()) <= m["time/round(s)"]
+    off = Trainer(load_config("tiny", ["train.rounds=1"]), tmp_path / "off", progress=False)
+    off.setup()
+    assert not any(k.startswith("time/phase/") for k in off.run_round(0))
