@@ -20,7 +20,8 @@ read included);
 peak_rss_mb per rank (VmHWM of every rank process, polled); state_mb per rank (its clients' private state); files
 per checkpoint; phases_s: rank 0's seconds per round by phase (train.time_phases: the step's sample, forward,
 backward, norms, clip, noise, post and optimizer, and the trainer's own). Nothing here asserts anything about
-speed. Writes scale.json, scale.md and scale.png into --out.
+speed. Writes scale.json, scale.md and scale.png into --out. `--merge A/scale.json B/scale.json --out DIR` puts
+the rows of several runs into one table.
 """
 
 from __future__ import annotations
@@ -306,10 +307,12 @@ def disk_write_rate(folder: Path, mb: int = 512) -> float:
 def markdown(res: dict) -> str:
     lines = [
         "| clients | ranks | MMD | trust | round (s) | ms / client / round | setup (s) | checkpoint (s) | files | "
-        "resume (s), ranks | peak RSS per rank (MB) | state per rank (MB) | load avg (1 min, start) |",
+        "resume (s) on ranks; their peak RSS (MB) | peak RSS per rank (MB) | state per rank (MB) | "
+        "load avg (1 min, start) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rate = res.get("disk_write_mb_s")
+    rates = {r.get("disk_write_mb_s", rate) for r in res["rows"]} - {None}
     for r in res["rows"]:
         head = f"| {r['clients']:,} | {r['ranks']} | {'on' if r['mmd'] else 'off'} | {r.get('trust', 'local')} |"
         if "error" in r:
@@ -317,16 +320,28 @@ def markdown(res: dict) -> str:
             continue
         lines.append(
             head + f" {r['round_s']:.2f} | {r['ms_per_client_round']:.3f} | {r['setup_s']:.1f} | "
-            f"{r['checkpoint_s']:.2f}" + (f" ({sum(r['state_mb']) / rate:.2f})" if rate else "") + " | "
+            f"{r['checkpoint_s']:.2f}"
+            + (
+                f" ({sum(r['state_mb']) / r.get('disk_write_mb_s', rate):.2f})"
+                if r.get("disk_write_mb_s", rate)
+                else ""
+            )
+            + " | "
             f"{r['files_per_checkpoint']} | "
-            + (f"{r['resume_s']:.1f} on {r['ranks_resumed_on']}" if "resume_s" in r else "not run")
+            + (
+                f"{r['resume_s']:.1f} on {r['ranks_resumed_on']}; "
+                + ", ".join(f"{m:.0f}" for m in r.get("resume_peak_rss_mb", []))
+                if "resume_s" in r
+                else "not run"
+            )
             + f" | {', '.join(f'{m:.0f}' for m in r['peak_rss_mb'])} | "
             f"{', '.join(f'{m:.0f}' for m in r['state_mb'])} | {r['loadavg_start'][0]:.2f} |"
         )
-    if "disk_write_mb_s" in res:
+    if rates:
         lines.append(
-            f"\nDisk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync); a checkpoint's floor (in "
-            "brackets) is the state of every rank, which write to this one disk at once, / that rate."
+            f"\nDisk: {', '.join(f'{x:.0f}' for x in sorted(rates))} MB/s sequential write (dd, fdatasync, measured "
+            "at the start of each benchmark run); a checkpoint's floor (in brackets) is the state of every rank, which "
+            "write to this one disk at once, / that rate."
         )
     timed = [r for r in res["rows"] if "error" not in r and any(k.startswith(PHASE) for k in r.get("phases_s", {}))]
     if timed:
@@ -384,9 +399,31 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def merge(paths: list, out: Path) -> dict:
+    """The rows of several scale.json files (runs of this benchmark with other settings) in one table: sorted by
+    clients, MMD, ranks and trust, each row keeping its own run's disk rate; the first file's setting and noise
+    floor, every file's command line under `merged_from`."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    res = {k: v for k, v in parts[0].items() if k not in ("rows", "argv")}
+    res["merged_from"] = [
+        {"file": str(p), "argv": part.get("argv"), "noise": part.get("noise")} for p, part in zip(paths, parts)
+    ]
+    res["rows"] = sorted(
+        ({"disk_write_mb_s": part.get("disk_write_mb_s"), **row} for part in parts for row in part["rows"]),
+        key=lambda r: (r["clients"], r["mmd"], r["ranks"], r.get("trust", "local")),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / "scale.md").write_text(markdown(res))
+    if any("error" not in r for r in res["rows"]):
+        plot(res, out / "scale.png")
+    return res
+
+
 def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="folder for scale.json, scale.md, scale.png")
+    ap.add_argument("--merge", nargs="+", metavar="SCALE_JSON", help="only merge these runs' scale.json into --out")
     ap.add_argument("--clients", default="1000,10000,100000", help="client counts (comma-separated)")
     ap.add_argument("--ranks", default="1,2,4", help="MPI ranks (comma-separated)")
     ap.add_argument("--mmd", default="off,on", help="MMD term: off, on, or both")
@@ -396,6 +433,9 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run before it is killed")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
+    if args.merge:
+        print(markdown(merge(args.merge, out)))
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     res = {
         "argv": sys.argv,
@@ -437,6 +477,7 @@ def main(argv: list | None = None) -> int:
                     ap.error(f"--trust: {trust!r} is not one of {', '.join(TRUST)}")
                 log(f"{clients} clients, {ranks} rank(s), MMD {'on' if mmd else 'off'}, trust {trust}")
                 row = measure(clients, ranks, mmd, args.rounds, tmp, data, args.timeout, trust, not args.no_resume)
+                row["disk_write_mb_s"] = res["disk_write_mb_s"]
                 res["rows"].append(row)
                 log(
                     "  "

@@ -40,3 +40,18 @@ def test_a_small_scale_run_reports_rounds_phases_checkpoints_and_resumes(tmp_pat
     md = (out / "scale.md").read_text()
     assert "Seconds per round by phase" in md and md.count("| 1,000 |") == 4
     assert (out / "scale.png").stat().st_size > 1000
+    # the rows of two runs in one table, each with its own disk rate
+    merged = tmp_path / "merged"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.scale", "--merge", str(out / "scale.json"), str(out / "scale.json")]
+        + ["--out", str(merged)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    both = json.loads((merged / "scale.json").read_text())
+    assert [r["ranks"] for r in both["rows"]] == [1, 1, 2, 2] and len(both["merged_from"]) == 2
+    assert all(r["disk_write_mb_s"] == res["disk_write_mb_s"] for r in both["rows"])
+    assert (merged / "scale.md").read_text().count("| 1,000 |") == 8
