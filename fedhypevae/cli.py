@@ -336,10 +336,11 @@ def _add_data(sub) -> None:
     q = dsub.add_parser(
         "partition",
         parents=[common],
-        help="write one shard file per client and a manifest",
+        help="write the clients' shard files and a manifest",
         description="Partition a data set into clients, split each into train/test, apply the "
-        "transform and write one shard per client plus manifest.json into a new (or empty) "
-        "directory.",
+        "transform and write one shard file per block of clients (--clients-per-file) plus manifest.json, "
+        "which indexes them, into a new (or empty) directory. A rank of a training run reads only the files "
+        "that hold its clients.",
     )
     part, data = PartitionConfig(), DataConfig()  # the config's defaults are the command's
     q.add_argument("--clients", type=POSITIVE_INT, required=True, help="number of clients")
@@ -363,6 +364,12 @@ def _add_data(sub) -> None:
         type=_value_range,
         metavar="LOW,HIGH",
         help="a range every feature lies in, known from the format (not measured on the data), for --transform range",
+    )
+    q.add_argument(
+        "--clients-per-file",
+        type=POSITIVE_INT,
+        default=1024,
+        help="clients in one shard file (default 1024: 98 files for 100,000 clients; 1: a file per client)",
     )
     q.add_argument("--out", required=True, help="the shard directory to create (new or empty)")
 

@@ -478,10 +478,19 @@ def cmd_data(args) -> int:
     )
     pcfg = PartitionConfig(kind=args.kind, alpha=args.alpha, clients=args.clients, min_client_size=args.min_client_size)
     fed = federation_from_dataset(ds, dcfg, pcfg, args.seed)
-    path = write_shards(fed, args.out)
-    print(f"wrote {fed.num_clients} client shards and {path / 'manifest.json'} (transform {fed.transform})")
-    for c in fed.clients:
-        print(f"  client {c.client_id:>4}: train {len(c.y_train):>6}  test {len(c.y_test):>6}")
+    path = write_shards(fed, args.out, clients_per_file=args.clients_per_file)
+    files = -(-fed.num_clients // args.clients_per_file)
+    print(
+        f"wrote {fed.num_clients} clients in {files} shard file{'s' if files > 1 else ''} and "
+        f"{path / 'manifest.json'} (transform {fed.transform})"
+    )
+    if fed.num_clients <= 20:
+        for c in fed.clients:
+            print(f"  client {c.client_id:>4}: train {len(c.y_train):>6}  test {len(c.y_test):>6}")
+    else:
+        train = [len(c.y_train) for c in fed.clients]
+        test = [len(c.y_test) for c in fed.clients]
+        print(f"  train records per client {min(train)}-{max(train)}, test {min(test)}-{max(test)}")
     return 0
 
 

@@ -147,7 +147,8 @@ def test_data_inspect_and_partition(tmp_path, capsys, shared_data):
         == 0
     )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["clients"] == 5 and len(list(out.glob("client_*.npz"))) == 5
+    assert manifest["clients"] == 5 and manifest["files"] == ["clients_00000.npz"]  # one block of clients
+    assert [p.name for p in out.glob("*.npz")] == manifest["files"]
 
 
 def test_data_partition_rejects_too_many_clients(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -388,9 +389,14 @@ def test_build_federation_every_client_has_train_and_test():
 
 def test_shard_round_trip_and_corruption(tmp_path):
     fed = _digits_fed()
-    out = write_shards(fed, tmp_path / "shards")
+    out = write_shards(fed, tmp_path / "shards", clients_per_file=2)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["clients"] == 5 and len(manifest["sha256"]) == 5 and manifest["kind"] == "dirichlet"
+    assert manifest["clients"] == 5 and manifest["kind"] == "dirichlet" and manifest["format"] == 2
+    assert manifest["files"] == ["clients_00000.npz", "clients_00001.npz", "clients_00002.npz"]  # 2 + 2 + 1 clients
+    assert sorted(manifest["sha256"]) == manifest["files"] and sorted(p.name for p in out.iterdir()) == [
+        *manifest["files"],
+        "manifest.json",
+    ]
     back = load_shards(out)
     assert back.declared_sizes == fed.declared_sizes and back.transform == "range" and back.value_range == (0.0, 16.0)
     for a, b in zip(fed.clients, back.clients):
@@ -402,18 +408,53 @@ def test_shard_round_trip_and_corruption(tmp_path):
     assert [c.client_id for c in sub.clients] == [2] and sub.num_clients == 5
     with pytest.raises(DataError, match="partition.clients=5"):
         build_federation(DataConfig(path=str(out)), PartitionConfig(clients=4), seed=0)
-    # corrupt client 1: loading it fails, loading another client still works
-    shard = out / "client_00001.npz"
+    # corrupt the file of clients 2 and 3: loading them fails, loading clients of other files still works
+    shard = out / "clients_00001.npz"
     shard.write_bytes(shard.read_bytes()[:-50])
-    with pytest.raises(DataError, match="client 1 is truncated or corrupt"):
+    with pytest.raises(DataError, match=r"clients_00001\.npz for clients 2\.\.3 is truncated or corrupt"):
         load_shards(out)
-    assert load_shards(out, client_ids=[0]).clients[0].client_id == 0
+    assert [c.client_id for c in load_shards(out, client_ids=[4, 0]).clients] == [4, 0]
     shard.unlink()
     with pytest.raises(DataError, match="missing"):
-        load_shards(out, client_ids=[1])
+        load_shards(out, client_ids=[3])
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="corrupt"):
         load_shards(out)
+
+
+def test_shard_files_hold_blocks_of_clients_and_format_1_directories_are_still_read(tmp_path):
+    """`data partition` writes one file per block of clients (default 1,024: few files at any scale); a directory of
+    shard format 1 (one file per client) loads to the same clients."""
+    from fedhypevae.data import shard_file
+
+    fed = _digits_fed()
+    one = write_shards(fed, tmp_path / "one")  # the default block holds all 5 clients
+    m = json.loads((one / "manifest.json").read_text())
+    assert m["files"] == ["clients_00000.npz"] and m["clients_per_file"] == 1024
+    assert {shard_file(m, i) for i in range(5)} == {"clients_00000.npz"}
+    # format 1, as earlier versions wrote it
+    old = tmp_path / "old"
+    old.mkdir()
+    names = []
+    for c in fed.clients:
+        name = f"client_{c.client_id:05d}.npz"
+        arrays = dict(x_train=c.x_train, y_train=c.y_train, x_test=c.x_test, y_test=c.y_test)
+        np.savez(old / name, declared_size=np.int64(c.declared_size), **arrays)
+        names.append(name)
+    digests = {n: hashlib.sha256((old / n).read_bytes()).hexdigest() for n in names}
+    fmt1 = {k: v for k, v in m.items() if k != "clients_per_file"}
+    (old / "manifest.json").write_text(json.dumps({**fmt1, "format": 1, "files": names, "sha256": digests}))
+    assert shard_file(json.loads((old / "manifest.json").read_text()), 3) == "client_00003.npz"
+    for back in (load_shards(one), load_shards(old)):
+        for a, b in zip(fed.clients, back.clients):
+            assert a.client_id == b.client_id and a.declared_size == b.declared_size
+            np.testing.assert_array_equal(a.x_train, b.x_train)
+            np.testing.assert_array_equal(a.y_test, b.y_test)
+    bad = json.loads((one / "manifest.json").read_text())
+    for change, why in (({"format": 3}, "shard format 3"), ({"clients_per_file": 0}, "clients_per_file is 0")):
+        (one / "manifest.json").write_text(json.dumps({**bad, **change}))
+        with pytest.raises(DataError, match=why):
+            load_shards(one)
 
 
 def test_describe_dataset():

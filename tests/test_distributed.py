@@ -325,6 +325,8 @@ def test_corrupt_shard_read_by_one_rank_ends_the_job(run, tmp_path):
             "0.5",
             "--min-client-size",
             "20",
+            "--clients-per-file",
+            "1",
             "--out",
             str(shards),
         ],

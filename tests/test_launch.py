@@ -368,7 +368,8 @@ def test_a_corrupt_shard_on_one_rank_of_a_sweep_point_ends_the_job_with_one_line
     env = launcher_free_env(BIN)
     shards = tmp_path / "shards"
     cmd = [str(BIN / "fedhypevae"), "data", "partition", "digits", "--clients", "4", "--alpha", "0.5"]
-    r = subprocess.run([*cmd, "--min-client-size", "20", "--out", str(shards)], env=env, capture_output=True, text=True)
+    cmd += ["--min-client-size", "20", "--clients-per-file", "1"]  # a file per client: one only rank 1 reads
+    r = subprocess.run([*cmd, "--out", str(shards)], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     manifest = json.loads((shards / "manifest.json").read_text())
     shard = shards / manifest["files"][place_clients(manifest["declared_sizes"], 2)[1][0]]  # only rank 1 reads it

@@ -10,6 +10,7 @@ from .federation import (
     is_shard_dir,
     load_shards,
     read_manifest,
+    shard_file,
     write_shards,
 )
 from .loaders import BUILTINS, EXTENSIONS, Dataset, load_dataset
@@ -32,6 +33,7 @@ __all__ = [
     "is_shard_dir",
     "load_dataset",
     "load_shards",
+    "shard_file",
     "output_units",
     "partition_indices",
     "read_manifest",

@@ -1,8 +1,10 @@
 """Build the simulated federation (partition, per-client split, transform) and persist it as shards.
 
-A shard directory holds one ``client_NNNNN.npz`` per client plus ``manifest.json`` with the
-public description (sizes, transform, seed) and a sha256 per file. An HPC job that hosts a
-few clients reads only its own shard files; checksums catch truncated copies early.
+A shard directory (format 2) holds one ``clients_BBBBB.npz`` per block of ``clients_per_file`` clients (their
+records concatenated in client order, with offsets) plus ``manifest.json`` with the public description (sizes,
+transform, seed) and a sha256 per file: 98 files for 100,000 clients at the default 1,024. A rank reads only the
+files that hold its clients; checksums catch truncated copies early. Format 1 (one ``client_NNNNN.npz`` per
+client) is still read.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ from .partition import partition_indices, split_client
 from .transforms import apply_transform, resolve_transform
 
 MANIFEST = "manifest.json"
-SHARD_FORMAT = 1
+SHARD_FORMAT = 2  # one file per block of clients (`clients_per_file`); 1: one file per client (still read)
+CLIENTS_PER_FILE = 1024
 _SHARD_KEYS = ("x_train", "y_train", "x_test", "y_test", "declared_size")
+# a block file: the clients' records concatenated in client order, each client's rows [offsets[j], offsets[j + 1])
+_BLOCK_KEYS = ("client_ids", "declared_size", "train_offsets", "test_offsets", "x_train", "y_train", "x_test", "y_test")
 
 
 @dataclass
@@ -62,7 +67,20 @@ class Federation:
 
 
 def shard_name(client_id: int) -> str:
+    """A client's file in a shard directory of format 1."""
     return f"client_{client_id:05d}.npz"
+
+
+def block_name(block: int) -> str:
+    """The file of the block of clients `block` in a shard directory of format 2."""
+    return f"clients_{block:05d}.npz"
+
+
+def shard_file(manifest: dict, client_id: int) -> str:
+    """The name of the file that holds a client's records (either shard format)."""
+    if int(manifest.get("format", 1)) == 1:
+        return manifest["files"][client_id]
+    return manifest["files"][client_id // int(manifest["clients_per_file"])]
 
 
 def is_shard_dir(path) -> bool:
@@ -238,10 +256,13 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_shards(fed: Federation, out_dir) -> Path:
-    """One npz per loaded client plus manifest.json. Everything is written into a staging directory beside
-    `out_dir`, which is renamed to `out_dir` at the end: a failure (a full disk) leaves nothing behind, and
-    `out_dir` must not exist or be empty (stale shards of another partition would sit beside the manifest)."""
+def write_shards(fed: Federation, out_dir, *, clients_per_file: int = CLIENTS_PER_FILE) -> Path:
+    """One npz per block of `clients_per_file` clients (in client order) plus manifest.json, which indexes them: at
+    100,000 clients 98 files rather than 100,000. Everything is written into a staging directory beside `out_dir`,
+    which is renamed to `out_dir` at the end: a failure (a full disk) leaves nothing behind, and `out_dir` must not
+    exist or be empty (stale shards of another partition would sit beside the manifest)."""
+    if int(clients_per_file) < 1:
+        raise DataError(f"clients_per_file must be >= 1; got {clients_per_file}")
     out = Path(str(out_dir))
     if len(fed.clients) != fed.num_clients:
         raise DataError(f"write_shards needs every client; only {len(fed.clients)} of {fed.num_clients} are loaded")
@@ -251,7 +272,7 @@ def write_shards(fed: Federation, out_dir) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
     try:
-        _write_shard_files(fed, stage)
+        _write_shard_files(fed, stage, int(clients_per_file))
         if out.is_dir():
             out.rmdir()  # empty (checked above)
         os.replace(stage, out)
@@ -268,16 +289,21 @@ def write_shards(fed: Federation, out_dir) -> Path:
     return out
 
 
-def _write_shard_files(fed: Federation, out: Path) -> None:
+def _write_shard_files(fed: Federation, out: Path, per_file: int) -> None:
     files, digests = [], {}
-    for c in sorted(fed.clients, key=lambda c: c.client_id):
-        name = shard_name(c.client_id)
+    clients = sorted(fed.clients, key=lambda c: c.client_id)
+    for k in range(0, len(clients), per_file):
+        group = clients[k : k + per_file]
+        name = block_name(k // per_file)
         arrays = dict(
-            x_train=np.asarray(c.x_train, np.float32),
-            y_train=np.asarray(c.y_train, np.int64),
-            x_test=np.asarray(c.x_test, np.float32),
-            y_test=np.asarray(c.y_test, np.int64),
-            declared_size=np.int64(c.declared_size),
+            client_ids=np.array([c.client_id for c in group], np.int64),
+            declared_size=np.array([c.declared_size for c in group], np.int64),
+            train_offsets=np.cumsum([0] + [len(c.y_train) for c in group]).astype(np.int64),
+            test_offsets=np.cumsum([0] + [len(c.y_test) for c in group]).astype(np.int64),
+            x_train=np.concatenate([np.asarray(c.x_train, np.float32).reshape(-1, fed.dim) for c in group]),
+            y_train=np.concatenate([np.asarray(c.y_train, np.int64).reshape(-1) for c in group]),
+            x_test=np.concatenate([np.asarray(c.x_test, np.float32).reshape(-1, fed.dim) for c in group]),
+            y_test=np.concatenate([np.asarray(c.y_test, np.int64).reshape(-1) for c in group]),
         )
         atomic_savez(out / name, arrays, fsync=True, owner_only=True)
         files.append(name)
@@ -286,6 +312,7 @@ def _write_shard_files(fed: Federation, out: Path) -> None:
     manifest.update(
         {
             "format": SHARD_FORMAT,
+            "clients_per_file": per_file,
             "clients": int(fed.num_clients),
             "num_classes": int(fed.num_classes),
             "dim": int(fed.dim),
@@ -340,9 +367,16 @@ def read_manifest(shard_dir) -> dict:
     ]
     if wrong:
         raise DataError(f"{mp} has values of the wrong type: {', '.join(wrong)}; re-create the shards")
-    if len(m["files"]) != m["clients"] or len(m["declared_sizes"]) != m["clients"]:
+    fmt = m.get("format", 1)
+    if fmt not in (1, 2) or isinstance(fmt, bool):
+        raise DataError(f"{mp} has shard format {fmt!r}; this version reads formats 1 and 2: re-create the shards")
+    per_file = 1 if fmt == 1 else m.get("clients_per_file")
+    if not isinstance(per_file, int) or isinstance(per_file, bool) or per_file < 1:
+        raise DataError(f"{mp}: clients_per_file is {per_file!r}, not a positive integer; re-create the shards")
+    want_files = -(-m["clients"] // per_file)
+    if len(m["files"]) != want_files or len(m["declared_sizes"]) != m["clients"]:
         raise DataError(
-            f"{mp} is inconsistent: {m['clients']} clients but {len(m['files'])} files and "
+            f"{mp} is inconsistent: {m['clients']} clients ({per_file} a file) but {len(m['files'])} files and "
             f"{len(m['declared_sizes'])} declared sizes; re-create the shards"
         )
     return m
@@ -353,7 +387,13 @@ def load_shards(shard_dir, client_ids: Sequence[int] | None = None) -> Federatio
     d = Path(str(shard_dir))
     m = read_manifest(d)
     ids = _check_ids(client_ids, int(m["clients"]))
-    clients = [_load_shard(d, m, i) for i in ids]
+    if int(m.get("format", 1)) == 1:
+        clients = [_load_shard(d, m, i) for i in ids]
+    else:  # each block file that holds a requested client, read once
+        per_file, got = int(m["clients_per_file"]), {}
+        for k in sorted({i // per_file for i in ids}):
+            got.update(_load_block(d, m, k, [i for i in ids if i // per_file == k]))
+        clients = [got[i] for i in ids]
     vr = m.get("value_range")
     public = {k: v for k, v in m.items() if k not in ("files", "sha256")}
     return Federation(
@@ -405,12 +445,70 @@ def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
     return c
 
 
+def _load_block(d: Path, m: dict, k: int, ids: list) -> dict:
+    """{client id: ClientData} for `ids` from block file k (shard format 2), verified against the manifest."""
+    name, per_file = m["files"][k], int(m["clients_per_file"])
+    p = d / name
+    redo = "re-create the shards with `fedhypevae data partition` or copy the file again"
+    if not p.is_file():
+        raise DataError(f"shard {p} for clients {ids[0]}..{ids[-1]} is missing; {redo}")
+    if _sha256(p) != m["sha256"].get(name):
+        raise DataError(
+            f"shard {p} for clients {ids[0]}..{ids[-1]} is truncated or corrupt (sha256 does not match the "
+            f"manifest); {redo}"
+        )
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            missing = [key for key in _BLOCK_KEYS if key not in z.files]
+            if missing:
+                raise DataError(f"shard {p} lacks arrays {missing}; {redo}")
+            arr = {key: z[key] for key in _BLOCK_KEYS}
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"shard {p} cannot be read ({type(exc).__name__}: {exc}); {redo}") from None
+    first, n = k * per_file, len(arr["client_ids"])
+    tr, te = arr["train_offsets"], arr["test_offsets"]
+    if (
+        arr["client_ids"].tolist() != list(range(first, min(first + per_file, int(m["clients"]))))
+        or len(tr) != n + 1
+        or len(te) != n + 1
+        or tr[0] != 0
+        or te[0] != 0
+        or np.any(np.diff(tr) < 0)
+        or np.any(np.diff(te) < 0)
+        or tr[-1] != len(arr["y_train"])
+        or len(arr["x_train"]) != len(arr["y_train"])
+        or te[-1] != len(arr["y_test"])
+        or len(arr["x_test"]) != len(arr["y_test"])
+    ):
+        raise DataError(f"shard {p}: its client ids or offsets do not match the manifest; {redo}")
+    if arr["x_train"].shape[1:] != (m["dim"],) or arr["x_test"].shape[1:] != (m["dim"],):
+        raise DataError(
+            f"shard {p}: feature dimension {arr['x_train'].shape[1:]} does not match the manifest's {m['dim']}"
+        )
+    out = {}
+    for i in ids:
+        j = i - first
+        out[i] = ClientData(
+            client_id=i,
+            x_train=arr["x_train"][tr[j] : tr[j + 1]].astype(np.float32),
+            y_train=arr["y_train"][tr[j] : tr[j + 1]].astype(np.int64),
+            x_test=arr["x_test"][te[j] : te[j + 1]].astype(np.float32),
+            y_test=arr["y_test"][te[j] : te[j + 1]].astype(np.int64),
+            declared_size=int(arr["declared_size"][j]),
+        )
+    return out
+
+
 def describe_shards(shard_dir) -> dict:
     """The public description of a shard directory (its manifest), for `fedhypevae data inspect`."""
     m = read_manifest(shard_dir)
     vr = m.get("value_range")
     return {
         "shard directory": str(shard_dir),
+        "format": int(m.get("format", 1)),
+        "files": len(m["files"]),
         "source": m.get("source"),
         "name": m.get("name"),
         "clients": int(m["clients"]),
