@@ -645,6 +645,12 @@ def flag_rows() -> list[Row]:
             r"--clients.*>= 1",
         ),
         Row(
+            "flag: partition --clients-per-file 0",
+            ["data", "partition", "digits", "--clients", "3", "--clients-per-file", "0", "--out", "shards"],
+            2,
+            r"--clients-per-file.*>= 1",
+        ),
+        Row(
             "flag: partition --alpha negative",
             ["data", "partition", "digits", "--clients", "2", "--alpha", "-1", "--out", "shards"],
             2,
