@@ -41,6 +41,9 @@ STATE_KEYS = ("codes", "code_m", "code_v", "code_steps", "enc_steps")  # + enc_p
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.Adam's defaults: what every client's optimizer runs
 
 
+_ROWS_AT_ONCE = 4096  # a resume copies a stack's rows this many at a time
+
+
 class ClientBlock:
     """The data and stacked private state of the clients `ids` (their training records `X`, `Y` client-major,
     `sizes` records each, `declared` public sizes). Build one with `from_data`; `rows(lo, hi)` is a view."""
@@ -293,7 +296,9 @@ class ClientBlock:
         for name, dst in mine.items():
             if name not in state:
                 raise KeyError(name)
-            dst.index_copy_(0, pos.to(dst.device), state[name].index_select(0, src).to(dst.device, dst.dtype))
+            for k in range(0, len(src), _ROWS_AT_ONCE):  # a bounded temporary, not a copy of every row at once
+                part = state[name].index_select(0, src[k : k + _ROWS_AT_ONCE]).to(dst.device, dst.dtype)
+                dst.index_copy_(0, pos[k : k + _ROWS_AT_ONCE].to(dst.device), part)
             done(state[name])
         if "mmd_target" in state and self.mmd_target is None:
             t, w = state["mmd_target"], state["mmd_weights"]

@@ -4,6 +4,8 @@ by another noise format is refused."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -171,21 +173,35 @@ def _rss_file_kb() -> int:
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the resident set from /proc")
 def test_a_resume_hands_back_the_pages_of_the_shard_it_read_and_loses_nothing(tmp_path):
     """release_pages (called on every stack a resume copied rows from) drops the memory-mapped shard's pages from the
-    resident set; the stack still reads the same numbers afterwards (from the file)."""
+    resident set, also while another process (another rank resuming from that shard) maps the same pages;
+    the stacks still read the same numbers afterwards (from the file). Heap memory is left alone, not zeroed."""
     from fedhypevae.checkpoint import release_pages
 
     want = torch.randn(2000, 8192)  # 64 MiB
     torch.save({"x": want}, tmp_path / "shard.pt")
-    x = torch.load(tmp_path / "shard.pt", mmap=True, weights_only=True)["x"]
-    before = _rss_file_kb()
-    assert torch.equal(x, want)  # reads every page
-    touched = _rss_file_kb()
-    release_pages(x)
-    after = _rss_file_kb()
+    # another process (another rank resuming from the same shard) maps and reads the same file meanwhile
+    reader = (
+        "import sys, torch; x = torch.load(sys.argv[1], mmap=True, weights_only=True)['x']; "
+        "print(float(x.sum()), flush=True); sys.stdin.read()"
+    )
+    other = subprocess.Popen(
+        [sys.executable, "-c", reader, str(tmp_path / "shard.pt")], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout.readline()  # the other process has touched every page
+        x = torch.load(tmp_path / "shard.pt", mmap=True, weights_only=True)["x"]
+        before = _rss_file_kb()
+        assert torch.equal(x, want)  # reads every page
+        touched = _rss_file_kb()
+        release_pages(x)
+        after = _rss_file_kb()
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
     assert touched - before > 48 * 1024, (before, touched)
     assert after - before < 8 * 1024, (before, touched, after)
     assert torch.equal(x, want)
     heap = torch.randn(1000, 1000)
     copy = heap.clone()
-    release_pages(heap)  # anonymous memory: nothing to drop (no swap here), nothing lost
+    release_pages(heap)
     assert torch.equal(heap, copy)
