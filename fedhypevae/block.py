@@ -287,8 +287,8 @@ class ClientBlock:
 
     def load_rows(self, positions: Sequence[int], state: dict, rows: Sequence[int], *, done=None) -> None:
         """Copy rows `rows` of the named stacks `state` (as `state()` names them) into this block's rows
-        `positions` (a resume, possibly onto another placement of clients). `done(t)` is called on each source stack
-        once its rows are copied (a resume hands back a memory-mapped shard's pages: checkpoint.release_pages)."""
+        `positions` (a resume, possibly onto another placement of clients). `done(t)` is called on the span of source
+        rows of each piece copied (a resume hands back a memory-mapped shard's pages: checkpoint.release_pages)."""
         pos = torch.as_tensor(list(positions), dtype=torch.long)
         src = torch.as_tensor(list(rows), dtype=torch.long)
         done = done or (lambda t: None)
@@ -297,9 +297,10 @@ class ClientBlock:
             if name not in state:
                 raise KeyError(name)
             for k in range(0, len(src), _ROWS_AT_ONCE):  # a bounded temporary, not a copy of every row at once
-                part = state[name].index_select(0, src[k : k + _ROWS_AT_ONCE]).to(dst.device, dst.dtype)
+                rows_k = src[k : k + _ROWS_AT_ONCE]
+                part = state[name].index_select(0, rows_k).to(dst.device, dst.dtype)
                 dst.index_copy_(0, pos[k : k + _ROWS_AT_ONCE].to(dst.device), part)
-            done(state[name])
+                done(state[name][int(rows_k.min()) : int(rows_k.max()) + 1])  # the source rows just copied
         if "mmd_target" in state and self.mmd_target is None:
             t, w = state["mmd_target"], state["mmd_weights"]
             self.mmd_target = torch.zeros((self.M, *t.shape[1:]), dtype=t.dtype, device=self.device)

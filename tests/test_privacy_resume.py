@@ -598,6 +598,7 @@ ALTERNATIVES = {
     "train.engine": "reference",
     "train.chunk_clients": "1",
     "train.step_timeout_s": "30",
+    "train.time_phases": "true",
     "federation.aggregation": "delta",
     "federation.weights": "uniform",
     "federation.declared_sizes": "[100,100,100,100]",
