@@ -409,29 +409,33 @@ def load_shards(shard_dir, client_ids: Sequence[int] | None = None) -> Federatio
     )
 
 
-def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
-    name = m["files"][client_id]
+_REDO = "re-create the shards with `fedhypevae data partition` or copy the file again"
+
+
+def _read_verified(d: Path, m: dict, name: str, who: str, keys: tuple) -> dict:
+    """The arrays `keys` of shard file `name`, after its sha256 matched the manifest's (DataError naming the file,
+    `who` it holds and the cause otherwise)."""
     p = d / name
-    redo = "re-create the shards with `fedhypevae data partition` or copy the file again"
     if not p.is_file():
-        raise DataError(f"shard {p} for client {client_id} is missing; {redo}")
-    digest = _sha256(p)
-    if digest != m["sha256"].get(name):
-        raise DataError(
-            f"shard {p} for client {client_id} is truncated or corrupt (sha256 does not match the manifest); {redo}"
-        )
+        raise DataError(f"shard {p} for {who} is missing; {_REDO}")
+    if _sha256(p) != m["sha256"].get(name):
+        raise DataError(f"shard {p} for {who} is truncated or corrupt (sha256 does not match the manifest); {_REDO}")
     try:
         with np.load(p, allow_pickle=False) as z:
-            missing = [k for k in _SHARD_KEYS if k not in z.files]
+            missing = [k for k in keys if k not in z.files]
             if missing:
-                raise DataError(f"shard {p} lacks arrays {missing}; {redo}")
-            arr = {k: z[k] for k in _SHARD_KEYS}
+                raise DataError(f"shard {p} lacks arrays {missing}; {_REDO}")
+            return {k: z[k] for k in keys}
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(
-            f"shard {p} for client {client_id} cannot be read ({type(exc).__name__}: {exc}); {redo}"
-        ) from None
+        raise DataError(f"shard {p} for {who} cannot be read ({type(exc).__name__}: {exc}); {_REDO}") from None
+
+
+def _load_shard(d: Path, m: dict, client_id: int) -> ClientData:
+    """One client from its own file (shard format 1)."""
+    p = d / m["files"][client_id]
+    arr = _read_verified(d, m, m["files"][client_id], f"client {client_id}", _SHARD_KEYS)
     c = ClientData(
         client_id=client_id,
         x_train=arr["x_train"].astype(np.float32),
@@ -449,24 +453,7 @@ def _load_block(d: Path, m: dict, k: int, ids: list) -> dict:
     """{client id: ClientData} for `ids` from block file k (shard format 2), verified against the manifest."""
     name, per_file = m["files"][k], int(m["clients_per_file"])
     p = d / name
-    redo = "re-create the shards with `fedhypevae data partition` or copy the file again"
-    if not p.is_file():
-        raise DataError(f"shard {p} for clients {ids[0]}..{ids[-1]} is missing; {redo}")
-    if _sha256(p) != m["sha256"].get(name):
-        raise DataError(
-            f"shard {p} for clients {ids[0]}..{ids[-1]} is truncated or corrupt (sha256 does not match the "
-            f"manifest); {redo}"
-        )
-    try:
-        with np.load(p, allow_pickle=False) as z:
-            missing = [key for key in _BLOCK_KEYS if key not in z.files]
-            if missing:
-                raise DataError(f"shard {p} lacks arrays {missing}; {redo}")
-            arr = {key: z[key] for key in _BLOCK_KEYS}
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"shard {p} cannot be read ({type(exc).__name__}: {exc}); {redo}") from None
+    arr = _read_verified(d, m, name, f"clients {ids[0]}..{ids[-1]}", _BLOCK_KEYS)
     first, n = k * per_file, len(arr["client_ids"])
     tr, te = arr["train_offsets"], arr["test_offsets"]
     if (
@@ -482,7 +469,7 @@ def _load_block(d: Path, m: dict, k: int, ids: list) -> dict:
         or te[-1] != len(arr["y_test"])
         or len(arr["x_test"]) != len(arr["y_test"])
     ):
-        raise DataError(f"shard {p}: its client ids or offsets do not match the manifest; {redo}")
+        raise DataError(f"shard {p}: its client ids or offsets do not match the manifest; {_REDO}")
     if arr["x_train"].shape[1:] != (m["dim"],) or arr["x_test"].shape[1:] != (m["dim"],):
         raise DataError(
             f"shard {p}: feature dimension {arr['x_train'].shape[1:]} does not match the manifest's {m['dim']}"
