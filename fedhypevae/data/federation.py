@@ -390,9 +390,11 @@ def load_shards(shard_dir, client_ids: Sequence[int] | None = None) -> Federatio
     if int(m.get("format", 1)) == 1:
         clients = [_load_shard(d, m, i) for i in ids]
     else:  # each block file that holds a requested client, read once
-        per_file, got = int(m["clients_per_file"]), {}
-        for k in sorted({i // per_file for i in ids}):
-            got.update(_load_block(d, m, k, [i for i in ids if i // per_file == k]))
+        per_file, got, by_file = int(m["clients_per_file"]), {}, {}
+        for i in ids:
+            by_file.setdefault(i // per_file, []).append(i)
+        for k in sorted(by_file):
+            got.update(_load_block(d, m, k, by_file[k]))
         clients = [got[i] for i in ids]
     vr = m.get("value_range")
     public = {k: v for k, v in m.items() if k not in ("files", "sha256")}
