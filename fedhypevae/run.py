@@ -97,6 +97,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
         lambda epoch: sums,
         lambda pend: [t for s in pend for t in (s[k] for k in sorted(s))],
         stoppable=True,
+        parts=lambda pend, g: [t for i in tr.group_positions(g) for t in (pend[i][k] for k in sorted(pend[i]))],
     )
     if d.status == "budget":
         return None, (

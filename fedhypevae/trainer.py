@@ -37,7 +37,7 @@ import yaml
 
 from fedhypevae.hpc import Communicator, LocalCommunicator, place_clients
 from fedhypevae.hpc.comm import decode_name, encode_name
-from fedhypevae.hpc.placement import PlacementError
+from fedhypevae.hpc.placement import PlacementError, place_groups
 
 from . import checkpoint as ckpt
 from .aggregation import flat_phi as _flat_phi
@@ -65,7 +65,7 @@ from .privacy import (
     run_shares,
 )
 from .privacy.integer import integer_params
-from .privacy.ledger import payload_digest
+from .privacy.ledger import block_id, client_ranges, last_session_blocks, payload_digest
 from .privacy.stats import stats_components, stats_flat_size
 from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
@@ -360,6 +360,7 @@ class Trainer:
             **({"bits": p.secure_bits, "grid_ratio": p.secure_grid_ratio} if secure else {}),
         )
         self.integer: dict = {}  # {mechanism: Mechanism.integer (A, dim)} of the releases on secure aggregation's path
+        self.groups: list | None = None  # the clients of each group kept whole on a resume (`_keep_groups`)
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -446,9 +447,18 @@ class Trainer:
         # the rank's clients in blocks (the rule groups them; a client with its own step class gets its own), each
         # block holding its clients' data and stacked private state. The declared (public) size is the only size
         # any DP computation uses. One secret key for the rank's generators (secure noise; never stored)
+        # A group of clients kept whole on a resume (`_keep_groups`) is grouped alone, as the rank that hosted it did.
         key = secret_key()
-        self.blocks, self.block_types = [], []
-        for ids, step_type in self.aggregation.blocks([(i, self.step_type_of(i)) for i in mine]):
+        self.blocks, self.block_types, self.block_groups = [], [], []
+        members = [(i, self.step_type_of(i)) for i in mine]
+        grouped = self.aggregation.blocks(members)  # the rule's own checks see every hosted client
+        if self.groups is not None:
+            owner = {c: k for k, g in enumerate(self.groups) for c in g}
+            parts: list = [[] for _ in self.groups]
+            for m in members:
+                parts[owner[m[0]]].append(m)
+            grouped = [b for part in parts for b in self.aggregation.blocks(part)]
+        for ids, step_type in grouped:
             self.blocks.append(
                 ClientBlock.from_data(
                     [by_id[i] for i in ids],
@@ -461,6 +471,7 @@ class Trainer:
                 )
             )
             self.block_types.append(step_type)
+            self.block_groups.append(owner[ids[0]] if self.groups is not None else 0)
         views = {b.ids[k]: b.client(k) for b in self.blocks for k in range(b.M)}
         self.clients: list[Client] = [views[i] for i in mine]  # views of the blocks' rows, placement order
 
@@ -541,12 +552,13 @@ class Trainer:
             per_sample = PER_SAMPLE[self.cfg.train.engine]
             size = self.cfg.train.chunk_clients
             draws = NoiseDraws()
-            self._steps = []
-            for block, step_type in zip(self.blocks, self.block_types):
+            self._steps, self._step_groups = [], []
+            for block, step_type, g in zip(self.blocks, self.block_types, self.block_groups):
                 w = [self.aggregation.release_weight(i) for i in block.ids]
                 for sub in block.chunks(size if size > 0 else block.M):
                     lo = block.ids.index(sub.ids[0]) if sub is not block else 0
                     self._steps.append(step_type(sub, weights=w[lo : lo + sub.M], per_sample=per_sample, draws=draws))
+                    self._step_groups.append(g)
         return self._steps
 
     @property
@@ -590,11 +602,40 @@ class Trainer:
         return out
 
     def _place(self, declared: list[int]) -> None:
+        self.declared = declared
+        self.groups = None
+        kept = self._keep_groups(declared)
+        if kept is not None:
+            groups, hosted = kept
+            self.placement = [sorted(c for k in h for c in groups[k]) for h in hosted]
+            self.groups = [groups[k] for k in hosted[self.comm.rank]]
+            self.resume_info["placement"] = f"the previous session's {len(groups)} blocks kept whole"
+            return
         try:
             self.placement = place_clients(declared, self.comm.world_size)
         except PlacementError as exc:
             raise ConfigError(str(exc)) from None
-        self.declared = declared
+
+    def _keep_groups(self, declared: list[int]) -> tuple | None:
+        """On a reproducible-noise resume on another world size: the blocks of clients the previous session's ranks
+        hosted (its ledger's block lines) and which of them each rank now hosts, whole, when there are at least as
+        many as ranks. Each kept group is then its own block here (`setup`), computed as it was, so that a step
+        released before the crash and replayed now is the same value under the same noise: free, checked by its
+        digest (`guarded_release`). Only with local noise: there a client's noise does not depend on the placement
+        (distributed shares and secure aggregation's rank shares do). None: place client by client."""
+        p = self.cfg.privacy
+        if not (self.resume and p.enabled and p.noise_seed is not None and p.trust_model == "local"):
+            return None
+        if p.secure_aggregation:
+            return None
+        groups = last_session_blocks(self.out)
+        if len(groups) in (0, self.comm.world_size):
+            return None  # the same world size places every client where it was
+        flat = [c for g in groups for c in g]
+        if sorted(flat) != list(range(len(declared))):
+            return None  # not a partition of today's clients
+        hosted = place_groups(groups, declared, self.comm.world_size)
+        return None if hosted is None else (groups, hosted)
 
     # ---------------------------------------------------------------- the release guard
     @property
@@ -617,6 +658,7 @@ class Trainer:
         stoppable: bool = False,
         lazy: bool = False,
         draws: str = "",
+        parts: Callable[[object, int], list] | None = None,
     ) -> Decision:
         """The one guard every release of this rank's clients goes through (collective: every rank calls it).
 
@@ -628,7 +670,10 @@ class Trainer:
            and with `lazy` nothing is computed here: the caller prepares and releases chunk by chunk after
            the charge (`Decision.pending` is None), so the payload of the whole rank is never held at once.
            `draws` names how the noise is drawn (it prefixes the digest): a release drawn another way is never
-           an identical replay.
+           an identical replay. On a resume that kept the previous session's blocks whole (`_keep_groups`), a key
+           that each of this rank's groups released as a block of its own, under one epoch, is tried the same way
+           group by group (`parts(pending, g)`: group g's payload): free only if every group's digest matches —
+           the rank then sends the sum of values already released.
         2. The budget bit (and, when `stoppable`, the stop-signal bit) are combined across ranks by one
            max all-reduce, so every rank takes the same decision.
         3. The charge is appended to the ledger and fsync'd before the caller releases anything.
@@ -636,12 +681,23 @@ class Trainer:
         led, private = self.ledger, self.plan is not None
         repro = private and self.reproducible
         candidate = led.latest(mechanism, key) if repro else None
-        epoch = candidate.epoch if candidate is not None else led.fresh_epoch(mechanism, key)
+        kept = self._group_candidates(mechanism, key) if (candidate is None and repro and parts) else None
+        if candidate is not None or kept is not None:
+            epoch = (candidate or kept[0]).epoch
+        else:
+            epoch = led.fresh_epoch(mechanism, key)
         pending = prepare(epoch) if (repro or not lazy) else None
-        digest = draws + payload_digest(payload(pending)) if repro else None
         integer = self.integer.get(mechanism, ())
-        free = led.identical(candidate, sigma, q, digest, integer)
-        if candidate is not None and not free:
+        if kept is not None:  # every group's payload against its own block's record
+            digest = None
+            free = all(
+                led.identical(c, sigma, q, draws + payload_digest(parts(pending, g)), integer)
+                for g, c in enumerate(kept)
+            )
+        else:
+            digest = draws + payload_digest(payload(pending)) if repro else None
+            free = led.identical(candidate, sigma, q, digest, integer)
+        if (candidate is not None or kept is not None) and not free:
             epoch = led.fresh_epoch(mechanism, key)
             pending = prepare(epoch)
             digest = draws + payload_digest(payload(pending))
@@ -667,6 +723,21 @@ class Trainer:
             self.replays["free"] += 1
         return Decision("released", pending, epoch, free)
 
+    def _group_candidates(self, mechanism: str, key: str) -> list | None:
+        """The records under `key` of the blocks this rank kept whole (one per group, all under one epoch), or
+        None: no kept groups, or one of them never released `key` as that block."""
+        if self.groups is None:
+            return None
+        found = [self.ledger.latest(mechanism, key, block_id(client_ranges(g))) for g in self.groups]
+        if any(c is None for c in found) or len({c.epoch for c in found}) != 1:
+            return None
+        return found
+
+    def group_positions(self, g: int) -> list[int]:
+        """Positions in `self.clients` of kept group g's clients, in the group's order."""
+        where = {c.id: k for k, c in enumerate(self.clients)}
+        return [where[i] for i in self.groups[g]]
+
     def _release_mmd_embeddings(self) -> None:
         if self.features is None:
             return
@@ -681,6 +752,7 @@ class Trainer:
             lambda epoch: None,
             lambda pend: (t for c in self.clients for t in c.mmd_sums(self.features)),
             lazy=True,
+            parts=lambda pend, g: (t for k in self.group_positions(g) for t in self.clients[k].mmd_sums(self.features)),
         )
         if d.status != "released":
             raise PrivacyError(
@@ -809,6 +881,7 @@ class Trainer:
             stoppable=True,
             lazy=True,
             draws=f"noise{NOISE_FORMAT}:",
+            parts=lambda pend, g: [t for p, pg in zip(pend, self._step_groups) if pg == g for t in p.payload()],
         )
         if d.status != "released":
             return d.status

@@ -33,3 +33,21 @@ def place_clients(declared_sizes: list[int], world_size: int) -> list[list[int]]
         placement[r].append(cid)
         loads[r] += declared_sizes[cid]
     return [sorted(p) for p in placement]
+
+
+def place_groups(groups: list[list[int]], declared_sizes: list[int], world_size: int) -> list[list[int]] | None:
+    """The same greedy placement over whole groups of clients (the blocks an earlier session's ranks hosted): the
+    largest group (by declared size) to the least loaded rank, ties by the group's first client id, then rank.
+    Returns, per rank, the indices into `groups` it hosts (in increasing order); None when there are fewer groups
+    than ranks (a group cannot be split). Deterministic and computed from public sizes only, like place_clients."""
+    if world_size < 1 or len(groups) < world_size:
+        return None
+    weight = [sum(declared_sizes[c] for c in g) for g in groups]
+    order = sorted(range(len(groups)), key=lambda k: (-weight[k], min(groups[k])))
+    loads = [0] * world_size
+    hosted: list[list[int]] = [[] for _ in range(world_size)]
+    for j, k in enumerate(order):
+        r = j if j < world_size else min(range(world_size), key=lambda i: (loads[i], i))
+        hosted[r].append(k)
+        loads[r] += weight[k]
+    return [sorted(h) for h in hosted]

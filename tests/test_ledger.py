@@ -4,11 +4,13 @@ per-client ledgers are read."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedhypevae.cli import main
 from fedhypevae.config import load_config
@@ -178,3 +180,55 @@ def test_a_crash_on_one_rank_resumed_on_two_ranks_charges_the_replay(tmp_path):
         assert len(keys) == len(set(keys))
     assert res["privacy"]["epsilon_spent"] <= 2.0 + 1e-9 and res["training"]["stopped_early"]
     assert sum(res["privacy"]["replays"].values()) >= 1  # rank 0's count; rank 1 charged its own
+
+
+def test_place_groups_keeps_groups_whole_and_balances_them():
+    from fedhypevae.hpc.placement import place_groups
+
+    groups = [[0, 3], [1], [2, 4, 5]]
+    sizes = [10, 50, 10, 10, 10, 10]  # group weights 20, 50, 30
+    assert place_groups(groups, sizes, 2) == [[1], [0, 2]]  # 50 | 30 + 20
+    assert place_groups(groups, sizes, 3) == [[1], [2], [0]]
+    assert place_groups(groups, sizes, 4) is None  # a group is never split
+
+
+def test_a_crash_on_three_ranks_resumed_on_two_keeps_the_blocks_whole_and_replays_free(tmp_path):
+    """Reproducible noise, 3 ranks, then a resume on 2 ranks from the round-2 checkpoint (the steps of round 2 and
+    the class statistics were released after it: a crash). The resume keeps the three ranks' blocks of clients whole
+    (one rank hosts two of them, each its own block), so each replayed release is computed as before: every group's
+    digest matches its block's record and the replay is free. No client is charged twice, epsilon is the
+    uninterrupted run's, and so is the hypernetwork, bit for bit. (Placed client by client instead, the blocks
+    change, the replays are charged again and this run ends partial: no budget left for its statistics.)"""
+    if not (BIN / "mpiexec").exists():
+        pytest.skip("needs mpiexec (pip install mpich)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "OMPI_", "MPI_", "HYDRA_", "SLURM_"))}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def train(n: int, out: Path, *extra: str) -> None:
+        cmd = [str(BIN / "mpiexec"), "-n", str(n), str(BIN / "fedhypevae"), "train", "--out", str(out), *extra]
+        r = subprocess.run([*cmd, "--no-progress", "--quiet"], capture_output=True, text=True, timeout=240, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    full, out = tmp_path / "full", tmp_path / "run"
+    train(3, full, "--config", "tiny", "--set", "privacy.noise_seed=8")
+    shutil.copytree(full, out)
+    # the crash: after the round-2 checkpoint, the last round's steps and the statistics released, nothing saved
+    shutil.rmtree(out / "checkpoints" / "round_000003")
+    for name in ("results.json", "class_stats.pt", "meta_codes.pt", "generator.json", "hypernetwork.pt"):
+        (out / name).unlink()
+    train(2, out, "--resume")
+
+    res, ref = json.loads((out / "results.json").read_text()), json.loads((full / "results.json").read_text())
+    resumed = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()][-2]
+    assert resumed["event"] == "resumed" and resumed["world_size"] == 2 and resumed["round"] == 2
+    assert resumed["placement"] == "the previous session's 3 blocks kept whole"
+    assert res["status"] == "complete"
+    assert res["privacy"]["replays"]["charged_again"] == 0 and res["privacy"]["replays"]["free"] >= 1
+    assert res["privacy"]["epsilon_spent"] == ref["privacy"]["epsilon_spent"]
+    for cid in range(4):
+        keys = [(e["mechanism"], e["key"], e["epoch"]) for e in read_client_releases(out, cid)]
+        assert len(keys) == len(set(keys)) and all(e == 0 for _, _, e in keys), keys  # no double charge
+        assert keys == [(e["mechanism"], e["key"], e["epoch"]) for e in read_client_releases(full, cid)]  # no gap
+    a = torch.load(full / "hypernetwork.pt", weights_only=True)
+    b = torch.load(out / "hypernetwork.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)

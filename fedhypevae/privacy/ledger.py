@@ -328,10 +328,12 @@ class PrivacyLedger:
         return rows
 
     # ------------------------------------------------------------------ the guard's questions
-    def latest(self, mechanism: str, key: str) -> Release | None:
-        """The last release under `key` made by exactly this block of clients: the one a replay can match."""
+    def latest(self, mechanism: str, key: str, block: str | None = None) -> Release | None:
+        """The last release under `key` made by exactly this block of clients (or by `block`, a block of some of
+        them): the one a replay can match."""
+        block = self.block if block is None else block
         for rec in reversed(self._by_key.get((mechanism, key), [])):
-            if rec.block == self.block:
+            if rec.block == block:
                 return rec
         return None
 
@@ -449,6 +451,21 @@ def read_client_releases(run_dir, client: int) -> list:
     """One client's releases in a run, in order, as {mechanism, sigma, q, key, epoch} (public fields)."""
     led = PrivacyLedger(None, run_dir=run_dir)
     return [{k: v for k, v in r.public().items() if k not in ("block", "session")} for r in led.client_records(client)]
+
+
+def last_session_blocks(run_dir) -> list[list[int]]:
+    """The client ids of every block the run's last session with a charge wrote (one per rank of that session), in
+    rank order; [] without a format-2 ledger. A resume on another world size can keep these groups whole so that a
+    replayed release is computed by the same block of clients as before (`hpc.placement.place_groups`)."""
+    found: dict = {}  # session -> {rank: client ids}
+    for path in sorted((Path(run_dir) / LEDGER_DIR).glob("rank_*.jsonl")):
+        for kind, obj in _read_lines(path, repair=False):
+            if kind == "block":
+                found.setdefault(obj["session"], {})[int(obj["rank"])] = expand_ranges(obj["clients"]).tolist()
+    if not found:
+        return []
+    last = found[max(found)]
+    return [last[r] for r in sorted(last)]
 
 
 def _contains(sorted_positions: np.ndarray, p: int) -> bool:
