@@ -670,42 +670,37 @@ class Trainer:
            and with `lazy` nothing is computed here: the caller prepares and releases chunk by chunk after
            the charge (`Decision.pending` is None), so the payload of the whole rank is never held at once.
            `draws` names how the noise is drawn (it prefixes the digest): a release drawn another way is never
-           an identical replay. On a resume that kept the previous session's blocks whole (`_keep_groups`), a key
-           that each of this rank's groups released as a block of its own, under one epoch, is tried the same way
-           group by group (`parts(pending, g)`: group g's payload): free only if every group's digest matches —
-           the rank then sends the sum of values already released.
+           an identical replay. A rank that kept an earlier session's blocks whole (`_keep_groups`) decides and
+           records group by group instead (`parts(pending, g)`: group g's payload; `_prepare_kept_groups`): a group
+           that re-releases its block's recorded value is free, the others are charged.
         2. The budget bit (and, when `stoppable`, the stop-signal bit) are combined across ranks by one
            max all-reduce, so every rank takes the same decision.
         3. The charge is appended to the ledger and fsync'd before the caller releases anything.
         """
         led, private = self.ledger, self.plan is not None
         repro = private and self.reproducible
-        candidate = led.latest(mechanism, key) if repro else None
-        kept = self._group_candidates(mechanism, key) if (candidate is None and repro and parts) else None
-        if candidate is not None or kept is not None:
-            epoch = (candidate or kept[0]).epoch
-        else:
-            epoch = led.fresh_epoch(mechanism, key)
-        pending = prepare(epoch) if (repro or not lazy) else None
         integer = self.integer.get(mechanism, ())
-        if kept is not None:  # every group's payload against its own block's record
-            digest = None
-            free = all(
-                led.identical(c, sigma, q, draws + payload_digest(parts(pending, g)), integer)
-                for g, c in enumerate(kept)
-            )
+        if repro and self.groups is not None and parts is not None:
+            epoch, pending, charge = self._prepare_kept_groups(mechanism, sigma, q, key, prepare, parts, draws, integer)
+            free = not charge
         else:
+            candidate = led.latest(mechanism, key) if repro else None
+            epoch = candidate.epoch if candidate is not None else led.fresh_epoch(mechanism, key)
+            pending = prepare(epoch) if (repro or not lazy) else None
             digest = draws + payload_digest(payload(pending)) if repro else None
             free = led.identical(candidate, sigma, q, digest, integer)
-        if (candidate is not None or kept is not None) and not free:
-            epoch = led.fresh_epoch(mechanism, key)
-            pending = prepare(epoch)
-            digest = draws + payload_digest(payload(pending))
+            if candidate is not None and not free:
+                epoch = led.fresh_epoch(mechanism, key)
+                pending = prepare(epoch)
+                digest = draws + payload_digest(payload(pending))
+            charge = None if free else [(None, digest)]
         if (not private) or free:
             fits = True
         else:
             with self.hooks.timed("guard"):
-                fits = led.fits(mechanism, sigma, q, self.plan, integer)
+                part = charge[0][0] is not None and len(charge) < len(self.groups)  # only these groups' clients
+                clients = [c for ids, _ in charge for c in ids] if part else None
+                fits = led.fits(mechanism, sigma, q, self.plan, integer, clients=clients)
         flags = torch.tensor(
             [0.0 if fits else 1.0, 1.0 if (stoppable and self.stop_signal) else 0.0], dtype=torch.float64
         )
@@ -715,23 +710,43 @@ class Trainer:
         if float(flags[0]) > 0:
             return Decision("budget")
         if private and not free:
-            if led.released(mechanism, key):
+            if charge[0][0] is None:
+                again = led.released(mechanism, key)
+            else:
+                again = any(led.touched(mechanism, key, None, ids) for ids, _ in charge)
+            if again:
                 self.replays["charged_again"] += 1
+            elif len(charge) < len(self.groups or ()):
+                self.replays["free"] += 1  # some kept groups re-released, the others released for the first time
             with self.hooks.timed("ledger"):
-                led.charge(mechanism, sigma, q, key, epoch=epoch, digest=digest, integer=integer)
+                led.charge(mechanism, sigma, q, key, epoch=epoch, integer=integer, parts=charge)
         elif free:
             self.replays["free"] += 1
         return Decision("released", pending, epoch, free)
 
-    def _group_candidates(self, mechanism: str, key: str) -> list | None:
-        """The records under `key` of the blocks this rank kept whole (one per group, all under one epoch), or
-        None: no kept groups, or one of them never released `key` as that block."""
-        if self.groups is None:
-            return None
-        found = [self.ledger.latest(mechanism, key, block_id(client_ranges(g))) for g in self.groups]
-        if any(c is None for c in found) or len({c.epoch for c in found}) != 1:
-            return None
-        return found
+    def _prepare_kept_groups(self, mechanism, sigma, q, key, prepare, parts, draws, integer) -> tuple:
+        """The guard's first step on a rank that kept an earlier session's blocks whole (`_keep_groups`): it records
+        its releases group by group (each group its block), so a replay is decided group by group. Under the epoch
+        of the groups' last releases of `key` (all one epoch, and fresh for the groups that never released it):
+        a group whose payload has its record's digest re-releases that value (free), a group without a record
+        releases for the first time (charged); any other case, and a group whose digest differs, makes the whole
+        rank release under a fresh epoch, every group charged. Returns (epoch, pending, [(group ids, digest)] to
+        charge)."""
+        led, groups = self.ledger, self.groups
+        recs = [led.latest(mechanism, key, block_id(client_ranges(g))) for g in groups]
+        epochs = {r.epoch for r in recs if r is not None}
+        epoch = next(iter(epochs)) if len(epochs) == 1 else None
+        if epoch is not None and any(r is None and led.touched(mechanism, key, epoch, g) for r, g in zip(recs, groups)):
+            epoch = None  # that epoch's noise was used by a group's clients in another block
+        if epoch is not None:
+            pending = prepare(epoch)
+            digests = [draws + payload_digest(parts(pending, k)) for k in range(len(groups))]
+            same = [r is not None and led.identical(r, sigma, q, d, integer) for r, d in zip(recs, digests)]
+            if all(ok or r is None for ok, r in zip(same, recs)):
+                return epoch, pending, [(g, d) for g, d, ok in zip(groups, digests, same) if not ok]
+        epoch = led.fresh_epoch(mechanism, key)
+        pending = prepare(epoch)
+        return epoch, pending, [(g, draws + payload_digest(parts(pending, k))) for k, g in enumerate(groups)]
 
     def group_positions(self, g: int) -> list[int]:
         """Positions in `self.clients` of kept group g's clients, in the group's order."""

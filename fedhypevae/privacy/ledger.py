@@ -11,7 +11,8 @@ Layout: ``RUN/ledger/rank_00000.jsonl``, one JSON object per line, two kinds of 
   ``clients`` lists the hosted client ids as inclusive ranges; ``block`` is a hash of them (the same
   placement gives the same id in every session); ``session`` numbers the processes that wrote to the
   run (1 for the first start, one more for every resume), so records of different files can be put
-  in order.
+  in order. A rank that kept an earlier session's blocks whole on a resume (another world size, reproducible
+  noise) writes one block line per kept block instead, and its records name those blocks.
 * a **record** line, one per release, appended and fsync'd BEFORE the release it pays for::
 
       {"block": "9f2c41d07a3be511", "mechanism": "dp-sgd", "sigma": 1.4977, "q": 0.2,
@@ -157,7 +158,8 @@ class PrivacyLedger:
             clients = np.unique(np.concatenate(known)) if known else np.zeros(0, dtype=np.int64)
         self.ids = np.asarray(sorted(int(c) for c in clients), dtype=np.int64)
         self.block = block_id(client_ranges(self.ids.tolist()))
-        self._own_block_written = False
+        self._written_blocks: set = set()  # the blocks whose line this process has written
+        self._block_ranges: dict = {}  # block id -> client ranges, for the blocks of parts (charge(parts=...))
         for bid, ids in raw_blocks.items():
             pos = self._positions(ids)
             if len(pos):
@@ -356,11 +358,26 @@ class PrivacyLedger:
             and candidate.integer == tuple(map(float, integer))
         )
 
-    def fits(self, mechanism: str, sigma: float, q: float, plan: PrivacyPlan, integer: tuple = ()) -> bool:
-        """Budget guard: would every hosted client stay within the plan's target after one more release
-        (with the plan's not-yet-released one-shot releases still to come)?"""
+    def fits(
+        self, mechanism: str, sigma: float, q: float, plan: PrivacyPlan, integer: tuple = (), clients=None
+    ) -> bool:
+        """Budget guard: would every hosted client (or every one of `clients`) stay within the plan's target after
+        one more release (with the plan's not-yet-released one-shot releases still to come)?"""
         extra = [Mechanism(mechanism, float(sigma), float(q), 1, integer)]
-        return all(history_fits(self._history(blocks), extra, plan) for _, blocks in self._pattern_list())
+        patterns = self._pattern_list()
+        if clients is not None:
+            mine = self._positions(np.asarray(sorted(clients), dtype=np.int64))
+            patterns = [(pos, blocks) for pos, blocks in patterns if np.isin(pos, mine).any()]
+        return all(history_fits(self._history(blocks), extra, plan) for _, blocks in patterns)
+
+    def touched(self, mechanism: str, key: str, epoch: int | None, clients) -> bool:
+        """Whether any of `clients` released `key` under `epoch` (then that epoch's noise is not fresh for them), or
+        under any epoch (None)."""
+        mine = self._positions(np.asarray(sorted(clients), dtype=np.int64))
+        return any(
+            (epoch is None or r.epoch == epoch) and np.isin(self._block_ids[r.block], mine).any()
+            for r in self._by_key.get((mechanism, key), [])
+        )
 
     # ------------------------------------------------------------------ charging
     def charge(
@@ -373,25 +390,32 @@ class PrivacyLedger:
         epoch: int = 0,
         digest: str | None = None,
         integer: tuple = (),
-    ) -> Release:
-        """Record one release of every hosted client BEFORE it is made: written and fsync'd when file-backed."""
+        parts: Sequence[tuple] | None = None,
+    ) -> list[Release]:
+        """Record one release of every hosted client BEFORE it is made: written and fsync'd when file-backed.
+        `parts` [(client ids, digest)]: one record per part instead, each for the block of those clients (a rank
+        that kept an earlier session's blocks whole records its releases block by block); one write, one fsync."""
         if self.read_only:
             raise PrivacyError("this ledger was opened read only")
         if mechanism not in MECHANISM_NAMES:
             raise PrivacyError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISM_NAMES)}")
         validate_mechanism(Mechanism(mechanism, float(sigma), float(q), 1, integer))
-        rec = Release(
-            mechanism,
-            float(sigma),
-            float(q),
-            str(key),
-            int(epoch),
-            self.block,
-            self.session,
-            None if digest is None else str(digest),
-            integer,
-        )
-        if self.run_dir is not None:
+        if parts is None:
+            parts = [(None, digest)]
+        recs, lines = [], []
+        for ids, dig in parts:
+            block = self.block if ids is None else self._sub_block(ids)
+            rec = Release(
+                mechanism,
+                float(sigma),
+                float(q),
+                str(key),
+                int(epoch),
+                block,
+                self.session,
+                None if dig is None else str(dig),
+                integer,
+            )
             line = {
                 "block": rec.block,
                 "mechanism": rec.mechanism,
@@ -404,11 +428,27 @@ class PrivacyLedger:
                 line["integer"] = list(rec.integer)
             if rec.digest is not None:
                 line["private"] = {"digest": rec.digest}
-            self._write(line)
-        self._add(rec)
-        return rec
+            recs.append(rec)
+            lines.append(line)
+        if self.run_dir is not None:
+            self._write(lines)
+        for rec in recs:
+            self._add(rec)
+        return recs
 
-    def _write(self, obj: dict) -> None:
+    def _sub_block(self, ids) -> str:
+        """The id of the block of `ids` (hosted clients), known to this ledger from now on."""
+        ranges = client_ranges(sorted(int(i) for i in ids))
+        bid = block_id(ranges)
+        if bid not in self._block_ids:
+            pos = self._positions(expand_ranges(ranges))
+            if len(pos) != len(expand_ranges(ranges)):
+                raise PrivacyError(f"a block of clients {ranges} that this rank does not host ({self._describe()})")
+            self._block_ids[bid] = pos
+        self._block_ranges[bid] = ranges
+        return bid
+
+    def _write(self, lines: list) -> None:
         import time
 
         if self._fd is None:
@@ -416,24 +456,25 @@ class PrivacyLedger:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         data = b""
-        if not self._own_block_written:
-            head = {
-                "format": LEDGER_FORMAT,
-                "block": self.block,
-                "clients": client_ranges(self.ids.tolist()),
-                "session": self.session,
-                "rank": self.rank,
-                "world_size": self.world_size,
-            }
-            data += (json.dumps(head, separators=(",", ":")) + "\n").encode()
-        data += (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
-        os.write(self._fd, data)  # one O_APPEND write: a crash leaves a whole line or a truncated last one
+        for obj in lines:
+            if obj["block"] not in self._written_blocks:  # a block line once per process, before its first record
+                head = {
+                    "format": LEDGER_FORMAT,
+                    "block": obj["block"],
+                    "clients": self._block_ranges.get(obj["block"]) or client_ranges(self.ids.tolist()),
+                    "session": self.session,
+                    "rank": self.rank,
+                    "world_size": self.world_size,
+                }
+                data += (json.dumps(head, separators=(",", ":")) + "\n").encode()
+            data += (json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n").encode()
+        os.write(self._fd, data)  # one O_APPEND write: a crash leaves whole lines or a truncated last one
         if self.fsync:
             t = time.perf_counter()
             os.fsync(self._fd)
             self.fsync_seconds += time.perf_counter() - t
             self.fsyncs += 1
-        self._own_block_written = True
+        self._written_blocks.update(obj["block"] for obj in lines)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -454,18 +495,18 @@ def read_client_releases(run_dir, client: int) -> list:
 
 
 def last_session_blocks(run_dir) -> list[list[int]]:
-    """The client ids of every block the run's last session with a charge wrote (one per rank of that session), in
-    rank order; [] without a format-2 ledger. A resume on another world size can keep these groups whole so that a
-    replayed release is computed by the same block of clients as before (`hpc.placement.place_groups`)."""
-    found: dict = {}  # session -> {rank: client ids}
+    """The client ids of every block the run's last session with a charge wrote (one per rank of that session, or
+    one per group a rank kept whole), in rank order; [] without a format-2 ledger. A resume on another world size can
+    keep these groups whole so that a replayed release is computed by the same block of clients as before
+    (`hpc.placement.place_groups`)."""
+    found: dict = {}  # session -> [(rank, client ids)]
     for path in sorted((Path(run_dir) / LEDGER_DIR).glob("rank_*.jsonl")):
         for kind, obj in _read_lines(path, repair=False):
             if kind == "block":
-                found.setdefault(obj["session"], {})[int(obj["rank"])] = expand_ranges(obj["clients"]).tolist()
+                found.setdefault(obj["session"], []).append((int(obj["rank"]), expand_ranges(obj["clients"]).tolist()))
     if not found:
         return []
-    last = found[max(found)]
-    return [last[r] for r in sorted(last)]
+    return [ids for _, ids in sorted(found[max(found)], key=lambda b: b[0])]
 
 
 def _contains(sorted_positions: np.ndarray, p: int) -> bool:
