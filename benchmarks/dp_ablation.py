@@ -54,6 +54,15 @@ VARIANTS: dict[str, list[str]] = {
         "privacy.sample_rate=1.0",
     ],
     "A5_anchor_s0.8": [*ANCHOR, "privacy.stats_epsilon_fraction=0.8"],
+    # the statistics' records centred on a public point (privacy.stats_center) with a smaller clip: less noise for
+    # the same share (chosen with the DP Gaussian sampler on these splits)
+    "C1_anchor_center": [*ANCHOR, "privacy.stats_center=0.3", "privacy.stats_clip_norm=2.5"],
+    "C5_anchor_s0.8_center": [
+        *ANCHOR,
+        "privacy.stats_epsilon_fraction=0.8",
+        "privacy.stats_center=0.3",
+        "privacy.stats_clip_norm=2.5",
+    ],
     # the trust model: distributed noise (the aggregate carries sigma once, not sqrt(M) times)
     "D0_paper_dist": ["privacy.trust_model=distributed"],
     "D2_anchor_s0.5_dist": [*ANCHOR, "privacy.stats_epsilon_fraction=0.5", "privacy.trust_model=distributed"],

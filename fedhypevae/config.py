@@ -354,6 +354,10 @@ class PrivacyConfig:
     mmd_epsilon_fraction: float = 0.1
     # L2 clip for embeddings in the statistics releases; null: sqrt(d_x) for range data, 1 for l2 data
     stats_clip_norm: float | None = None
+    # a public point subtracted from every record (each coordinate, in the transformed data's units) before the
+    # statistics release clips it, and added back to the released means: records centred near it have smaller
+    # norms, so a smaller stats_clip_norm clips little of them and the noise (proportional to the clip) is smaller
+    stats_center: float = 0.0
     # a fixed noise multiplier instead of calibrating one from target_epsilon (the budget guard still applies)
     noise_multiplier: float | None = None
     # where the noise is added, hence whom the guarantee protects against (docs/PRIVACY.md): local (every client
@@ -387,6 +391,10 @@ class PrivacyConfig:
             "privacy.stats_epsilon_fraction + privacy.mmd_epsilon_fraction must be < 1 (DP-SGD needs a share)",
         )
         _check(self.stats_clip_norm is None or self.stats_clip_norm > 0, "privacy.stats_clip_norm must be > 0 or null")
+        _check(
+            _is_number(self.stats_center) and math.isfinite(self.stats_center),
+            f"privacy.stats_center must be a finite number; got {self.stats_center!r}",
+        )
         _check(
             self.noise_multiplier is None or self.noise_multiplier >= 0, "privacy.noise_multiplier must be >= 0 or null"
         )

@@ -88,7 +88,8 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
     codes = cfg.meta.codes
     sigma = tr.plan.noise_multiplier(CLASS_STATS) if tr.plan is not None else 0.0
     K, cov = tr.fed.num_classes, cfg.stats.covariance
-    sums = [class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance=cov) for c in tr.clients]
+    center = cfg.privacy.stats_center
+    sums = [class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance=cov, center=center) for c in tr.clients]
     d = tr.guarded_release(
         CLASS_STATS,
         sigma,
@@ -143,7 +144,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
     pooled = _unflatten(buf.sum(0), layout)
     out = []
     for dom in domains + ([pooled] if codes > 1 else []):
-        fin = finalize_class_stats(dom, covariance=cov, rank=cfg.stats.rank)
+        fin = finalize_class_stats(dom, covariance=cov, rank=cfg.stats.rank, center=center)
         out.append(
             ClassMoments(means=fin["means"], counts=fin["counts"], cov=fin.get("covariances"), var=fin.get("variances"))
         )

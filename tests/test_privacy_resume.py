@@ -619,6 +619,7 @@ ALTERNATIVES = {
     "privacy.secure_bits": "32",
     "privacy.secure_grid_ratio": "50",
     "privacy.stats_clip_norm": "3.0",
+    "privacy.stats_center": "0.3",
     "privacy.noise_multiplier": "5.0",
     "privacy.trust_model": "central",
     "privacy.collusion": "2",

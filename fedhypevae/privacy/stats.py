@@ -75,15 +75,18 @@ def _one_hot(y: torch.Tensor, num_classes: int, device) -> torch.Tensor:
 # --------------------------------------------------------------------------- class statistics
 
 
-def class_stat_sums(x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_norm: float, covariance: str) -> dict:
+def class_stat_sums(
+    x: torch.Tensor, y: torch.Tensor, *, num_classes: int, clip_norm: float, covariance: str, center: float = 0.0
+) -> dict:
     """The pre-noise payload of ``release_class_stats``: per-class sums of the clipped rows, counts and
-    (for "diag"/"full") second moments, float64. Stays on the client."""
+    (for "diag"/"full") second moments, float64. Stays on the client. ``center`` (public) is subtracted from
+    every coordinate before the clip: the sums are of clipped x - center (``finalize_class_stats`` adds it back)."""
     if covariance not in COVARIANCE_KINDS:
         raise PrivacyError(f"covariance must be one of {', '.join(COVARIANCE_KINDS)}; got {covariance!r}")
     if not clip_norm > 0:
         raise PrivacyError(f"clip_norm must be > 0; got {clip_norm}")
     _check_release(num_classes, 0.0, y)
-    xc = clip_rows(x.detach().to(torch.float64), clip_norm)
+    xc = clip_rows(x.detach().to(torch.float64) - float(center), clip_norm)
     onehot = _one_hot(y, num_classes, x.device)  # (n, K)
     out = {"sum": onehot.T @ xc, "count": onehot.sum(0)}
     if covariance == "diag":
@@ -143,14 +146,21 @@ def release_class_stats(
 
 
 def finalize_class_stats(
-    summed: dict, *, covariance: str, rank: int = 0, min_count: float = 1.0, var_floor: float = 1e-6
+    summed: dict,
+    *,
+    covariance: str,
+    rank: int = 0,
+    min_count: float = 1.0,
+    var_floor: float = 1e-6,
+    center: float = 0.0,
 ) -> dict:
     """Global class means / covariances from the summed noisy releases (post-processing).
 
     Returns {"means" (K,d), "counts" (K,) clipped at 0, and "covariances" (K,d,d) for full
     (projected to PSD by clipping eigenvalues at 0; with ``rank`` > 0 only the top-``rank``
     eigencomponents are kept) or "variances" (K,d) for diag (clipped at ``var_floor``)}.
-    Noisy counts may be tiny or negative: divisions use max(count, min_count).
+    Noisy counts may be tiny or negative: divisions use max(count, min_count). ``center``: the public point the
+    release's rows were centred on (``class_stat_sums``): added back to the means (covariances do not move).
     """
     if covariance not in COVARIANCE_KINDS:
         raise PrivacyError(f"covariance must be one of {', '.join(COVARIANCE_KINDS)}; got {covariance!r}")
@@ -165,6 +175,7 @@ def finalize_class_stats(
     elif covariance == "full":
         cov = summed["second_moment"].to(torch.float64) / denom[:, None, None] - means[:, :, None] * means[:, None, :]
         out["covariances"] = project_psd(cov, rank=rank)
+    out["means"] = means + float(center)
     return out
 
 
