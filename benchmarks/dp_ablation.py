@@ -63,6 +63,20 @@ VARIANTS: dict[str, list[str]] = {
         "privacy.stats_center=0.3",
         "privacy.stats_clip_norm=2.5",
     ],
+    "C6_anchor_s0.8_center_lr0.001": [
+        *ANCHOR,
+        "privacy.stats_epsilon_fraction=0.8",
+        "privacy.stats_center=0.3",
+        "privacy.stats_clip_norm=2.5",
+        "train.lr=0.001",
+    ],
+    "C7_anchor_s0.8_center_T200": [
+        *ANCHOR,
+        "privacy.stats_epsilon_fraction=0.8",
+        "privacy.stats_center=0.3",
+        "privacy.stats_clip_norm=2.5",
+        "train.local_steps=4",
+    ],
     # the trust model: distributed noise (the aggregate carries sigma once, not sqrt(M) times)
     "D0_paper_dist": ["privacy.trust_model=distributed"],
     "D2_anchor_s0.5_dist": [*ANCHOR, "privacy.stats_epsilon_fraction=0.5", "privacy.trust_model=distributed"],

@@ -529,6 +529,12 @@ def config_rows() -> list[Row]:
             r"privacy\.stats_clip_norm.*number.*true",
         ),
         Row(
+            "config: a stats center that is not a number",
+            s("privacy.stats_center=middle"),
+            2,
+            r"privacy\.stats_center.*number.*middle",
+        ),
+        Row(
             "config: bool as noise multiplier (silently wrong)",
             s("privacy.noise_multiplier=false"),
             2,

@@ -54,6 +54,40 @@ def test_sigma_zero_gives_exact_clipped_moments(covariance):
     assert ("second_moment" in rel) == (covariance != "none")
 
 
+@pytest.mark.parametrize("covariance", ["full", "diag", "none"])
+def test_a_public_center_is_clipped_around_and_added_back(covariance):
+    """privacy.stats_center: the rows are clipped as x - center (one record still moves the sums by <= C) and the
+    released means are those of the clipped centred rows plus the center; covariances are the centred rows'. Without
+    clipping the center changes nothing (the moments are shift-invariant); with it, rows near the center keep more
+    of themselves than they would around 0."""
+    from fedhypevae.privacy import class_stat_sums
+
+    x, y = _data(scale=0.5)
+    x = x + 3.0  # records far from 0, near the center
+    c, center = 2.0, 3.0
+    kw = dict(num_classes=3, clip_norm=c, covariance=covariance)
+    sums = class_stat_sums(x, y, center=center, **kw)
+    out = finalize_class_stats(sums, covariance=covariance, center=center)
+    xc = _clip_np(x.double().numpy() - center, c)
+    for k in range(3):
+        rows = xc[y.numpy() == k]
+        np.testing.assert_allclose(out["means"][k].numpy(), rows.mean(0) + center, atol=1e-10)
+        if covariance == "full":
+            np.testing.assert_allclose(out["covariances"][k].numpy(), np.cov(rows.T, bias=True), atol=1e-9)
+        elif covariance == "diag":
+            np.testing.assert_allclose(out["variances"][k].numpy(), rows.var(0), atol=1e-9)
+    assert (sums["sum"] - class_stat_sums(x[1:], y[1:], center=center, **kw)["sum"]).norm() <= c + 1e-9
+    # no clipping in effect: the same means with and without the center
+    big = dict(kw, clip_norm=1e6)
+    a = finalize_class_stats(class_stat_sums(x, y, center=center, **big), covariance=covariance, center=center)
+    b = finalize_class_stats(class_stat_sums(x, y, **big), covariance=covariance)
+    np.testing.assert_allclose(a["means"].numpy(), b["means"].numpy(), atol=1e-9)
+    # clipped around 0 the means shrink towards 0 (norms ~6.7 > C); around the center they stay near the data
+    truth = np.stack([x.double().numpy()[y.numpy() == k].mean(0) for k in range(3)])
+    around0 = finalize_class_stats(class_stat_sums(x, y, **kw), covariance=covariance)["means"].numpy()
+    assert np.abs(out["means"].numpy() - truth).max() < 0.2 < np.abs(around0 - truth).max()
+
+
 def test_noisy_full_covariance_is_psd_and_rank_option():
     x, y = _data(n=30, d=8)
     rel = release_class_stats(
