@@ -609,6 +609,7 @@ class Trainer:
             groups, hosted = kept
             self.placement = [sorted(c for k in h for c in groups[k]) for h in hosted]
             self.groups = [groups[k] for k in hosted[self.comm.rank]]
+            self._group_blocks = [block_id(client_ranges(g)) for g in self.groups]  # the ledger's ids of the groups
             self.resume_info["placement"] = f"the previous session's {len(groups)} blocks kept whole"
             return
         try:
@@ -710,9 +711,8 @@ class Trainer:
         if float(flags[0]) > 0:
             return Decision("budget")
         if private and not free:
-            if charge[0][0] is None:
-                again = led.released(mechanism, key)
-            else:
+            again = led.released(mechanism, key)
+            if again and charge[0][0] is not None:  # kept groups: did one of the charged ones release it before?
                 again = any(led.touched(mechanism, key, None, ids) for ids, _ in charge)
             if again:
                 self.replays["charged_again"] += 1
@@ -733,7 +733,7 @@ class Trainer:
         rank release under a fresh epoch, every group charged. Returns (epoch, pending, [(group ids, digest)] to
         charge)."""
         led, groups = self.ledger, self.groups
-        recs = [led.latest(mechanism, key, block_id(client_ranges(g))) for g in groups]
+        recs = [led.latest(mechanism, key, b) for b in self._group_blocks]
         epochs = {r.epoch for r in recs if r is not None}
         epoch = next(iter(epochs)) if len(epochs) == 1 else None
         if epoch is not None and any(r is None and led.touched(mechanism, key, epoch, g) for r, g in zip(recs, groups)):
