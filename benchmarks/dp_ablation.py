@@ -77,6 +77,23 @@ VARIANTS: dict[str, list[str]] = {
         "privacy.stats_clip_norm=2.5",
         "train.local_steps=4",
     ],
+    # the sums get most of the statistics' budget (the counts need little), as in the DP Gaussian sampler's split
+    "C8_anchor_s0.8_center_split_lr0.001": [
+        *ANCHOR,
+        "privacy.stats_epsilon_fraction=0.8",
+        "privacy.stats_center=0.3",
+        "privacy.stats_clip_norm=2.5",
+        "privacy.stats_split=[0.85,0.15]",
+        "train.lr=0.001",
+    ],
+    "C9_anchor_s0.9_center_split_lr0.001": [
+        *ANCHOR,
+        "privacy.stats_epsilon_fraction=0.9",
+        "privacy.stats_center=0.3",
+        "privacy.stats_clip_norm=2.5",
+        "privacy.stats_split=[0.85,0.15]",
+        "train.lr=0.001",
+    ],
     # the trust model: distributed noise (the aggregate carries sigma once, not sqrt(M) times)
     "D0_paper_dist": ["privacy.trust_model=distributed"],
     "D2_anchor_s0.5_dist": [*ANCHOR, "privacy.stats_epsilon_fraction=0.5", "privacy.trust_model=distributed"],

@@ -358,6 +358,9 @@ class PrivacyConfig:
     # statistics release clips it, and added back to the released means: records centred near it have smaller
     # norms, so a smaller stats_clip_norm clips little of them and the noise (proportional to the clip) is smaller
     stats_center: float = 0.0
+    # how the class-statistics release's budget is shared between its components (sums, counts[, second moments]):
+    # component k gets noise std sigma * Delta_k / sqrt(share_k); null: equal shares (std sigma * sqrt(m) * Delta_k)
+    stats_split: list | None = None
     # a fixed noise multiplier instead of calibrating one from target_epsilon (the budget guard still applies)
     noise_multiplier: float | None = None
     # where the noise is added, hence whom the guarantee protects against (docs/PRIVACY.md): local (every client
@@ -522,6 +525,19 @@ class Config:
             "privacy.stats_epsilon_fraction must be 0 when model.modulation is false and model.prior is standard: "
             "the model has no heads, so the class statistics would spend budget on a meta-code that changes nothing",
         )
+        split = self.privacy.stats_split
+        if split is not None:
+            from .privacy.stats import stats_components
+
+            m = stats_components(self.stats.covariance)
+            _check(
+                isinstance(split, list)
+                and len(split) == m
+                and all(_is_number(v) and v > 0 for v in split)
+                and abs(sum(split) - 1.0) <= 1e-6,
+                f"privacy.stats_split must be {m} positive shares adding up to 1 (sums, counts"
+                f"{', second moments' if m == 3 else ''}: stats.covariance is {self.stats.covariance}); got {split!r}",
+            )
         _check(
             not (self.model.class_anchor and self.privacy.enabled and self.privacy.stats_epsilon_fraction == 0),
             "model.class_anchor needs the class-statistics release: set privacy.stats_epsilon_fraction > 0",

@@ -88,7 +88,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
     codes = cfg.meta.codes
     sigma = tr.plan.noise_multiplier(CLASS_STATS) if tr.plan is not None else 0.0
     K, cov = tr.fed.num_classes, cfg.stats.covariance
-    center = cfg.privacy.stats_center
+    center, split = cfg.privacy.stats_center, cfg.privacy.stats_split
     sums = [class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance=cov, center=center) for c in tr.clients]
     d = tr.guarded_release(
         CLASS_STATS,
@@ -122,6 +122,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
                 noise_multiplier=share,
                 covariance=cov,
                 generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch),
+                split=split,
             )
         )
         vec, layout = _flatten(rel)
@@ -134,12 +135,17 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
     def aggregator_noise(k, vec, g):  # central: one draw per domain sum, sigma at the statistics' sensitivity
         return _flatten(
             noise_class_stats(
-                _unflatten(vec, layout), clip_norm=clip, noise_multiplier=sigma, covariance=cov, generator=g
+                _unflatten(vec, layout),
+                clip_norm=clip,
+                noise_multiplier=sigma,
+                covariance=cov,
+                generator=g,
+                split=split,
             )
         )[0]
 
     tr.trust.begin_release(STREAM_STATS_RELEASE, 0, 0, d.epoch)
-    tr.trust.reduce_stats(tr, buf, aggregator_noise, stats_scales(layout, clip))
+    tr.trust.reduce_stats(tr, buf, aggregator_noise, stats_scales(layout, clip, split))
     domains = [_unflatten(buf[k], layout) for k in range(codes)]
     pooled = _unflatten(buf.sum(0), layout)
     out = []

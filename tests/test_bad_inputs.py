@@ -535,6 +535,12 @@ def config_rows() -> list[Row]:
             r"privacy\.stats_center.*number.*middle",
         ),
         Row(
+            "config: a stats split that does not add up to 1",
+            s("privacy.stats_split=[0.5,0.2]", "stats.covariance=none"),
+            2,
+            r"privacy\.stats_split.*2 positive shares adding up to 1.*0\.5, 0\.2",
+        ),
+        Row(
             "config: bool as noise multiplier (silently wrong)",
             s("privacy.noise_multiplier=false"),
             2,

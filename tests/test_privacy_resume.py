@@ -620,6 +620,7 @@ ALTERNATIVES = {
     "privacy.secure_grid_ratio": "50",
     "privacy.stats_clip_norm": "3.0",
     "privacy.stats_center": "0.3",
+    "privacy.stats_split": "[0.5,0.3,0.2]",
     "privacy.noise_multiplier": "5.0",
     "privacy.trust_model": "central",
     "privacy.collusion": "2",

@@ -88,6 +88,38 @@ def test_a_public_center_is_clipped_around_and_added_back(covariance):
     assert np.abs(out["means"].numpy() - truth).max() < 0.2 < np.abs(around0 - truth).max()
 
 
+@pytest.mark.parametrize("covariance,split", [("none", [0.85, 0.15]), ("diag", [0.6, 0.3, 0.1])])
+def test_a_budget_split_keeps_the_joint_sensitivity_and_moves_the_noise(covariance, split):
+    """privacy.stats_split: in the units Delta_k / sqrt(m w_k) removing one record moves the joint vector by at most
+    sqrt(m) (nearly attained), as with equal shares, and the noise of component k has std sigma Delta_k / sqrt(w_k)."""
+    from fedhypevae.privacy import class_stat_sums
+    from fedhypevae.privacy.stats import component_units, noise_class_stats
+
+    m, c = len(split), 1.5
+    unit = component_units(c, covariance, split)
+    assert component_units(c, covariance, None) == {k: v for k, v in zip(unit, (c, 1.0, c * c))}  # equal: Delta_k
+    x, y = _data(n=25, d=4, scale=5.0)
+    kw = dict(num_classes=3, clip_norm=c, covariance=covariance)
+
+    def scaled(s):
+        return torch.cat([s[k].flatten() / unit[k] for k in unit])
+
+    full = scaled(class_stat_sums(x, y, **kw))
+    moves = [(full - scaled(class_stat_sums(x[keep], y[keep], **kw))).norm().item() for keep in _leave_one_out(25)]
+    assert max(moves) <= math.sqrt(m) + 1e-9 and max(moves) > 0.9 * math.sqrt(m if covariance == "none" else 1.5)
+    sigma, zero = 2.0, {k: torch.zeros(20000, 4) if k != "count" else torch.zeros(20000) for k in unit}
+    noisy = noise_class_stats(
+        zero, clip_norm=c, noise_multiplier=sigma, covariance=covariance, generator=_gen(), split=split
+    )
+    delta = {"sum": c, "count": 1.0, "second_moment": c * c}
+    for k, w in zip(unit, split):
+        assert noisy[k].std().item() == pytest.approx(sigma * delta[k] / math.sqrt(w), rel=0.03), k
+
+
+def _leave_one_out(n):
+    return [torch.arange(n) != i for i in range(n)]
+
+
 def test_noisy_full_covariance_is_psd_and_rank_option():
     x, y = _data(n=30, d=8)
     rel = release_class_stats(

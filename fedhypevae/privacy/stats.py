@@ -12,6 +12,10 @@ component k is divided by its own sensitivity Delta_k, so each scaled component 
 at most 1 and the joint scaled vector of m components by at most sqrt(m). Adding noise
 of std sigma*sqrt(m) to every scaled coordinate is then the Gaussian mechanism with
 noise multiplier sigma; in original units component k gets std sigma*sqrt(m)*Delta_k.
+With shares w_k of the budget (``privacy.stats_split``, adding up to 1) each component is
+divided by Delta_k / sqrt(m w_k) instead (``component_units``): it moves by at most
+sqrt(m w_k), the joint vector still by at most sqrt(m), and component k gets std
+sigma*Delta_k/sqrt(w_k) — equal shares are the rule above.
 """
 
 from __future__ import annotations
@@ -40,10 +44,23 @@ def stats_flat_size(num_classes: int, dim: int, covariance: str) -> int:
     return num_classes + second + num_classes * dim
 
 
-def stats_scales(layout: list, clip_norm: float) -> torch.Tensor:
-    """Per coordinate of a flat release with `layout` [(key, shape)]: its component's sensitivity (count 1, sums C,
-    second moments C^2; see release_class_stats), float64."""
-    per = {"count": 1.0, "sum": clip_norm, "second_moment": clip_norm * clip_norm}
+def component_units(clip_norm: float, covariance: str, split: Sequence[float] | None = None) -> dict:
+    """Each component's unit: its sensitivity Delta_k (count 1, sums C, second moments C^2) divided by
+    sqrt(m * share_k). In these units a record moves component k by at most sqrt(m * share_k), the joint vector by at
+    most sqrt(m) whatever the split, and noise std sigma * sqrt(m) per unit is the Gaussian mechanism at multiplier
+    sigma: std sigma * Delta_k / sqrt(share_k) in original units. Equal shares (None) give the units Delta_k."""
+    keys = ("sum", "count") if covariance == "none" else ("sum", "count", "second_moment")
+    delta = {"sum": clip_norm, "count": 1.0, "second_moment": clip_norm * clip_norm}
+    m = len(keys)
+    shares = [1.0 / m] * m if split is None else [float(v) for v in split]
+    return {k: delta[k] / math.sqrt(m * w) for k, w in zip(keys, shares)}
+
+
+def stats_scales(layout: list, clip_norm: float, split: Sequence[float] | None = None) -> torch.Tensor:
+    """Per coordinate of a flat release with `layout` [(key, shape)]: its component's unit (`component_units`: the
+    sensitivity, count 1, sums C, second moments C^2, with equal shares), float64."""
+    second = any(k == "second_moment" for k, _ in layout)
+    per = component_units(clip_norm, "diag" if second else "none", split)
     return torch.cat([torch.full((math.prod(shape),), per[k], dtype=torch.float64) for k, shape in layout])
 
 
@@ -97,22 +114,30 @@ def class_stat_sums(
 
 
 def noise_class_stats(
-    sums: dict, *, clip_norm: float, noise_multiplier: float, covariance: str, generator: torch.Generator
+    sums: dict,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    covariance: str,
+    generator: torch.Generator,
+    split: Sequence[float] | None = None,
 ) -> dict:
-    """``sums`` (from ``class_stat_sums``) plus the Gaussian noise of the release (see release_class_stats)."""
+    """``sums`` (from ``class_stat_sums``) plus the Gaussian noise of the release (see release_class_stats); `split`:
+    the components' shares of the budget (``component_units``; None: equal)."""
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise PrivacyError(f"noise multiplier must be a finite number >= 0; got {noise_multiplier}")
     device = sums["sum"].device
     std = noise_multiplier * math.sqrt(stats_components(covariance))
+    unit = component_units(clip_norm, covariance, split)
     k, d = sums["sum"].shape
     out = {
-        "sum": sums["sum"] + _gaussian((k, d), std * clip_norm, generator, device),
-        "count": sums["count"] + _gaussian((k,), std, generator, device),
+        "sum": sums["sum"] + _gaussian((k, d), std * unit["sum"], generator, device),
+        "count": sums["count"] + _gaussian((k,), std * unit["count"], generator, device),
     }
     if covariance == "diag":
-        out["second_moment"] = sums["second_moment"] + _gaussian((k, d), std * clip_norm**2, generator, device)
+        out["second_moment"] = sums["second_moment"] + _gaussian((k, d), std * unit["second_moment"], generator, device)
     elif covariance == "full":
-        noise = torch.triu(_gaussian((k, d, d), std * clip_norm**2, generator, device))
+        noise = torch.triu(_gaussian((k, d, d), std * unit["second_moment"], generator, device))
         out["second_moment"] = sums["second_moment"] + noise + torch.triu(noise, diagonal=1).transpose(1, 2)
     return out
 
