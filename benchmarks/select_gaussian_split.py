@@ -1,6 +1,6 @@
 """Choose the DP Gaussian sampler's budget split on digits' validation splits (data.holdout: validation).
 
-    python benchmarks/select_gaussian_split.py [--seeds 0 1 2] [--epsilon 1]
+    python benchmarks/select_gaussian_split.py [--seeds 0 1 2] [--epsilon 1] [--centering]
 
 Digits is the public development set: every number this prints is a balanced accuracy on validation records
 carved from each client's TRAIN split (the test splits are never loaded). For each candidate split of the one
@@ -29,6 +29,9 @@ CANDIDATES = [
     (0.8, 0.15, 0.05),
     (0.9, 0.05, 0.05),
 ]
+# (center, clip) of the records at the chosen split (--centering): a public point subtracted before the clip, so that
+# a smaller clip keeps more of each record (digits mapped to [0, 1]: sqrt(64)/2 = 4 is the uncentred rule)
+CENTERING = [(0.0, 4.0), (0.0, 3.0), (0.3, 3.5), (0.3, 3.0), (0.3, 2.5), (0.3, 2.0), (0.5, 2.5)]
 
 
 def main() -> None:
@@ -36,32 +39,35 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="partition seeds (default 0 1 2)")
     ap.add_argument("--epsilon", type=float, default=1.0, help="target epsilon of the release (default 1)")
     ap.add_argument("--repeats", type=int, default=5, help="noise draws per (partition, seed) (default 5)")
+    ap.add_argument(
+        "--centering",
+        action="store_true",
+        help="compare (center, clip) pairs of the records at the frozen split instead of the splits",
+    )
     args = ap.parse_args()
     feds = []
     for kind in ("iid", "dirichlet"):
         for seed in args.seeds:
             cfg = load_config("default", [f"partition.kind={kind}", f"seed={seed}", "data.holdout=validation"])
             feds.append((kind, seed, build_federation(cfg.data, cfg.partition, cfg.seed)))
-    print("| method | split (sums, counts, squared norms) | validation BACC (%), mean ± std of the mean |")
+    if args.centering:
+        print("| method | center, clip | validation BACC (%), mean ± std of the mean |")
+        rows = [(f"{c:g}, {k:g}", {"center": c, "clip_norm": k}) for c, k in CENTERING]
+    else:
+        print("| method | split (sums, counts, squared norms) | validation BACC (%), mean ± std of the mean |")
+        rows = [(", ".join(f"{v:.2f}" for v in split), {"budget_split": split}) for split in CANDIDATES]
     print("|---|---|---|")
     for method in ("gaussian", "gaussian-central"):
-        for split in CANDIDATES:
+        for label, kw in rows:
             vals = []
             for _, seed, fed in feds:
                 for r in range(args.repeats):
                     res = run_baseline(
-                        method,
-                        fed,
-                        seed=seed,
-                        epsilon=args.epsilon,
-                        protocol="synthetic-only",
-                        budget_split=split,
-                        noise_seed=r,
+                        method, fed, seed=seed, epsilon=args.epsilon, protocol="synthetic-only", noise_seed=r, **kw
                     )
                     vals.append(100 * res["summary"]["balanced_accuracy_mean"])
             sem = statistics.stdev(vals) / len(vals) ** 0.5
-            split_s = ", ".join(f"{v:.2f}" for v in split)
-            print(f"| {method} | {split_s} | {statistics.fmean(vals):.2f} ± {sem:.2f} |", flush=True)
+            print(f"| {method} | {label} | {statistics.fmean(vals):.2f} ± {sem:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

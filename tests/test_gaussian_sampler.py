@@ -22,11 +22,11 @@ def fed():
     )
 
 
-def clean_release(fed, clip):
-    """The per-class sums of clipped rows, counts and squared norms over every client's train split."""
+def clean_release(fed, clip, center=0.0):
+    """The per-class sums of clipped rows (of x - center), counts and squared norms over every client's train split."""
     import torch
 
-    x = torch.as_tensor(np.concatenate([c.x_train for c in fed.clients]), dtype=torch.float64)
+    x = torch.as_tensor(np.concatenate([c.x_train for c in fed.clients]), dtype=torch.float64) - center
     y = np.concatenate([np.asarray(c.y_train).reshape(-1) for c in fed.clients])
     xc = clip_rows(x, clip).numpy()
     K, d = fed.num_classes, fed.dim
@@ -59,6 +59,24 @@ def test_noise_of_each_component_is_what_the_trust_model_and_split_say(fed, trus
     assert p["epsilon_spent"] <= eps * (1 + 1e-9) and p["epsilon_spent"] > 0.95 * eps
     assert p["trust_model"] == trust and p["simulated"] == (trust == "distributed")
     assert p["budget_split"] == {"sums": 0.8, "counts": 0.15, "squared_norms": 0.05}
+
+
+def test_a_center_is_clipped_around_and_given_back_to_the_means(fed):
+    """center: the release is of the clipped x - center (its sums differ from the uncentred release's by exactly the
+    shift where nothing is clipped), and the means and the spread it gives are the data's, not shifted."""
+    clip, c = 1e6, 0.3  # nothing clipped: the release is the clean one, shifted
+    res = dp_gaussian_sampler(fed, private=False, samples_per_class=4000, center=c, clip_norm=clip)
+    ref = dp_gaussian_sampler(fed, private=False, samples_per_class=4000)
+    d = fed.dim
+    counts = ref["release"][:, d]
+    np.testing.assert_allclose(res["release"][:, :d], ref["release"][:, :d] - c * counts[:, None], atol=1e-9)
+    np.testing.assert_allclose(res["x_syn"].mean(0), ref["x_syn"].mean(0), atol=0.02)
+    private = dp_gaussian_sampler(fed, epsilon=1.0, clip_norm=2.0, center=c, noise_seed=3)
+    assert private["privacy"]["center"] == c and private["settings"]["center"] == c
+    noise = private["release"] - clean_release(fed, 2.0, center=c)
+    sigma = calibrate_one_shot(epsilon=1.0, delta=1e-4, accountant="rdp")
+    expected = sigma * 2.0 / math.sqrt(BUDGET_SPLIT[0]) * math.sqrt(len(fed.clients))
+    assert np.std(noise[:, :d]) == pytest.approx(expected, rel=0.12)  # the clip of the centred rows: 2
 
 
 def test_without_privacy_the_means_and_spread_are_the_data_s(fed):

@@ -88,11 +88,14 @@ def dp_gaussian_sampler(
     noise_seed: int | None = None,
     budget_split: tuple | list = BUDGET_SPLIT,
     samples_per_class: int = 200,
+    center: float = 0.0,
 ) -> dict:
     """Release the per-class statistics once (see the module docstring) and draw a class-balanced synthetic set
     from N(mu_y, s^2 I), in the federation's feature space. ``private=False``: the same without clipping'
-    noise (the sampler's ceiling). Returns {"x_syn", "y_syn", "release" (the summed noisy statistics), "privacy"
-    (None when not private), "settings", "diagnostics", "wall_s"}."""
+    noise (the sampler's ceiling). ``center``: a public point subtracted from every coordinate before the clip (the
+    release is of the clipped x - center; the means get it back), so that a smaller clip keeps more. Returns
+    {"x_syn", "y_syn", "release" (the summed noisy statistics), "privacy" (None when not private), "settings",
+    "diagnostics", "wall_s"}."""
     t0 = time.perf_counter()
     _require_all_clients(fed, "gaussian")
     if trust_model not in TRUST_MODELS:
@@ -121,7 +124,7 @@ def dp_gaussian_sampler(
     for c in clients:
         x = torch.as_tensor(np.asarray(c.x_train, np.float32))
         y = torch.as_tensor(np.asarray(c.y_train, np.int64)).reshape(-1)
-        s = _sums(x, y, K, clip) if private else _sums(x, y, K, math.inf)
+        s = _sums(x.to(torch.float64) - float(center), y, K, clip if private else math.inf)
         if private:
             ledgers[c.client_id] = led = PrivacyLedger([c.client_id])
             led.charge(CLASS_STATS, sigma, 1.0, "gaussian-sampler")  # before the release
@@ -136,7 +139,7 @@ def dp_gaussian_sampler(
     # post-processing of the one release
     count = total[:, d]
     n = count.clamp_min(1.0)
-    mu = total[:, :d] / n[:, None]
+    mu = total[:, :d] / n[:, None] + float(center)
     # the noise's variance per coordinate of a summed class sum (public): subtracted from ||sum||^2 so that the
     # spread is not underestimated by the noise the means carry
     draws = {"local": M * sigma**2, "distributed": M * share["distributed"] ** 2, "central": sigma**2}
@@ -167,6 +170,7 @@ def dp_gaussian_sampler(
             "simulated": trust_model == "distributed",
             "accountant": accountant,
             "clip_norm": clip,
+            "center": float(center),
             "unit": "one record of one client's train split",
             "formal_guarantee": True,
             "noise": "reproducible (noise_seed set): not for release" if noise_seed is not None else "secure",
@@ -175,6 +179,7 @@ def dp_gaussian_sampler(
     settings = {
         "seed": seed,
         "clip_norm": clip if private else None,
+        "center": float(center),
         "trust_model": trust_model if private else None,
         "samples_per_class": samples_per_class,
         "variance": "pooled isotropic",
