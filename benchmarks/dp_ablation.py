@@ -94,6 +94,22 @@ VARIANTS: dict[str, list[str]] = {
         "privacy.stats_split=[0.85,0.15]",
         "train.lr=0.001",
     ],
+    "C10_anchor_s0.95_center_split_lr0.001": [
+        *ANCHOR,
+        "privacy.stats_epsilon_fraction=0.95",
+        "privacy.stats_center=0.3",
+        "privacy.stats_clip_norm=2.5",
+        "privacy.stats_split=[0.85,0.15]",
+        "train.lr=0.001",
+    ],
+    "C11_anchor_s0.9_center_split_lr0.0003": [
+        *ANCHOR,
+        "privacy.stats_epsilon_fraction=0.9",
+        "privacy.stats_center=0.3",
+        "privacy.stats_clip_norm=2.5",
+        "privacy.stats_split=[0.85,0.15]",
+        "train.lr=0.0003",
+    ],
     # the trust model: distributed noise (the aggregate carries sigma once, not sqrt(M) times)
     "D0_paper_dist": ["privacy.trust_model=distributed"],
     "D2_anchor_s0.5_dist": [*ANCHOR, "privacy.stats_epsilon_fraction=0.5", "privacy.trust_model=distributed"],
