@@ -379,15 +379,19 @@ class _StatsRecorder:
         return res
 
 
+@pytest.mark.parametrize("split", [None, [0.8, 0.2]])
 @pytest.mark.parametrize("trust", ["local", "distributed", "central", "secure"])
-def test_the_class_statistics_follow_the_trust_model(tmp_path, trust):
+def test_the_class_statistics_follow_the_trust_model(tmp_path, trust, split):
     """The released per-domain sums minus the un-noised ones: local, each of the 7 clients' full noise (variance
     7 sigma_s^2 per sensitivity unit); distributed, shares of 1/6 of it whose unknown part carries sigma_s^2 (total
     7/6); central, the aggregator's one draw (1); secure (distributed with secure aggregation), the integer shares:
-    7/6 times (Delta2/A)^2 = 1.0201 for the rounding. One release of ~650 coordinates: the three are 6x apart."""
+    7/6 times (Delta2/A)^2 = 1.0201 for the rounding. One release of ~650 coordinates: the three are 6x apart.
+    With privacy.stats_split (and a stats_center) the unit of component k is Delta_k / sqrt(m w_k) on every path."""
     from fedhypevae.privacy import CLASS_STATS, class_stat_sums
+    from fedhypevae.privacy.stats import component_units
     from fedhypevae.run import _flatten, release_statistics
 
+    extra = [] if split is None else [f"privacy.stats_split=[{split[0]},{split[1]}]", "privacy.stats_center=0.3"]
     cfg = tiny(
         "partition.clients=7",
         "partition.min_client_size=10",
@@ -395,6 +399,7 @@ def test_the_class_statistics_follow_the_trust_model(tmp_path, trust):
         f"privacy.secure_aggregation={'true' if trust == 'secure' else 'false'}",
         "model.lambda_mmd=0",
         "stats.covariance=none",
+        *extra,
     )
     tr = Trainer(cfg, tmp_path / "r", progress=False)
     tr.setup()
@@ -403,16 +408,22 @@ def test_the_class_statistics_follow_the_trust_model(tmp_path, trust):
     clip = tr.stats_clip
     release_statistics(tr, clip)
     K = tr.fed.num_classes
+    center = cfg.privacy.stats_center
     raw = sum(
-        _flatten(class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance="none"))[0] for c in tr.clients
+        _flatten(class_stat_sums(c.x, c.y, num_classes=K, clip_norm=clip, covariance="none", center=center))[0]
+        for c in tr.clients
     )
     noise = (rec.out.view(-1) - raw).clone()
-    # in units of each component's sensitivity ("count": 1; "sum": C_x), keys in sorted order: count, sum
-    noise[K:] /= clip
-    sigma = tr.plan.noise_multiplier(CLASS_STATS) * math.sqrt(2)  # two components: sigma sqrt(m) per coordinate
-    ratio = float(noise.pow(2).mean()) / sigma**2
+    # in units of each component (equal shares: its sensitivity, "count" 1, "sum" C_x), keys sorted: count, sum
+    unit = component_units(clip, "none", split)
+    noise[:K] /= unit["count"]
+    noise[K:] /= unit["sum"]
+    sigma = tr.plan.noise_multiplier(CLASS_STATS) * math.sqrt(2)  # two components: sigma sqrt(m) per unit
     want = {"local": 7.0, "distributed": 7.0 / 6.0, "central": 1.0, "secure": 7.0 / 6.0 * 1.01**2}[trust]
+    ratio = float(noise[K:].pow(2).mean()) / sigma**2  # the sums: ~640 coordinates
     assert abs(ratio / want - 1) < 0.25, (trust, ratio)
+    counts = float(noise[:K].pow(2).mean()) / sigma**2  # 10 coordinates: the order of magnitude
+    assert 0.2 < counts / want < 3.0, (trust, counts)
     tr.ledger.close()
     tr.writer.close()
 
