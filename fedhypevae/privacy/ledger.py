@@ -391,19 +391,19 @@ class PrivacyLedger:
         digest: str | None = None,
         integer: tuple = (),
         parts: Sequence[tuple] | None = None,
-    ) -> list[Release]:
-        """Record one release of every hosted client BEFORE it is made: written and fsync'd when file-backed.
-        `parts` [(client ids, digest)]: one record per part instead, each for the block of those clients (a rank
-        that kept an earlier session's blocks whole records its releases block by block); one write, one fsync."""
+    ) -> Release | list[Release]:
+        """Record one release of every hosted client BEFORE it is made: written and fsync'd when file-backed; returns
+        the record. `parts` [(client ids, digest)]: one record per part instead, each for the block of those clients
+        (a rank that kept an earlier session's blocks whole records its releases block by block), one write, one
+        fsync; returns the records."""
         if self.read_only:
             raise PrivacyError("this ledger was opened read only")
         if mechanism not in MECHANISM_NAMES:
             raise PrivacyError(f"unknown mechanism {mechanism!r}; valid: {', '.join(MECHANISM_NAMES)}")
         validate_mechanism(Mechanism(mechanism, float(sigma), float(q), 1, integer))
-        if parts is None:
-            parts = [(None, digest)]
+        whole = parts is None
         recs, lines = [], []
-        for ids, dig in parts:
+        for ids, dig in [(None, digest)] if whole else parts:
             block = self.block if ids is None else self._sub_block(ids)
             rec = Release(
                 mechanism,
@@ -434,7 +434,7 @@ class PrivacyLedger:
             self._write(lines)
         for rec in recs:
             self._add(rec)
-        return recs
+        return recs[0] if whole else recs
 
     def _sub_block(self, ids) -> str:
         """The id of the block of `ids` (hosted clients), known to this ledger from now on."""
