@@ -65,7 +65,7 @@ from .privacy import (
     run_shares,
 )
 from .privacy.integer import integer_params
-from .privacy.ledger import block_id, client_ranges, last_session_blocks, payload_digest
+from .privacy.ledger import last_session_blocks, payload_digest
 from .privacy.stats import stats_components, stats_flat_size
 from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
@@ -481,6 +481,8 @@ class Trainer:
         self.ledger = PrivacyLedger(
             [c.id for c in self.clients], run_dir=self.out, rank=comm.rank, world_size=comm.world_size
         )
+        if self.groups is not None:  # the ledger's ids of the kept groups, registered once
+            self._group_blocks = [self.ledger.sub_block(g) for g in self.groups]
         if self.resume and cfg.privacy.noise_seed is not None:
             self._check_noise_format()
         comm.barrier()  # every rank has read the ledger before any rank appends to it
@@ -609,7 +611,6 @@ class Trainer:
             groups, hosted = kept
             self.placement = [sorted(c for k in h for c in groups[k]) for h in hosted]
             self.groups = [groups[k] for k in hosted[self.comm.rank]]
-            self._group_blocks = [block_id(client_ranges(g)) for g in self.groups]  # the ledger's ids of the groups
             self.resume_info["placement"] = f"the previous session's {len(groups)} blocks kept whole"
             return
         try:
@@ -683,7 +684,7 @@ class Trainer:
         integer = self.integer.get(mechanism, ())
         if repro and self.groups is not None and parts is not None:
             epoch, pending, charge = self._prepare_kept_groups(mechanism, sigma, q, key, prepare, parts, draws, integer)
-            free = not charge
+            free, digest = not charge, None
         else:
             candidate = led.latest(mechanism, key) if repro else None
             epoch = candidate.epoch if candidate is not None else led.fresh_epoch(mechanism, key)
@@ -694,13 +695,13 @@ class Trainer:
                 epoch = led.fresh_epoch(mechanism, key)
                 pending = prepare(epoch)
                 digest = draws + payload_digest(payload(pending))
-            charge = None if free else [(None, digest)]
+            charge = None  # the whole block
         if (not private) or free:
             fits = True
         else:
             with self.hooks.timed("guard"):
-                part = charge[0][0] is not None and len(charge) < len(self.groups)  # only these groups' clients
-                clients = [c for ids, _ in charge for c in ids] if part else None
+                part = charge is not None and len(charge) < len(self.groups)  # only these groups' clients
+                clients = [c for k, _ in charge for c in self.groups[k]] if part else None
                 fits = led.fits(mechanism, sigma, q, self.plan, integer, clients=clients)
         flags = torch.tensor(
             [0.0 if fits else 1.0, 1.0 if (stoppable and self.stop_signal) else 0.0], dtype=torch.float64
@@ -712,14 +713,15 @@ class Trainer:
             return Decision("budget")
         if private and not free:
             again = led.released(mechanism, key)
-            if again and charge[0][0] is not None:  # kept groups: did one of the charged ones release it before?
-                again = any(led.touched(mechanism, key, None, ids) for ids, _ in charge)
+            if again and charge is not None:  # kept groups: did one of the charged ones release it before?
+                again = any(led.touched(mechanism, key, None, self.groups[k]) for k, _ in charge)
             if again:
                 self.replays["charged_again"] += 1
-            elif len(charge) < len(self.groups or ()):
+            elif charge is not None and len(charge) < len(self.groups):
                 self.replays["free"] += 1  # some kept groups re-released, the others released for the first time
             with self.hooks.timed("ledger"):
-                led.charge(mechanism, sigma, q, key, epoch=epoch, integer=integer, parts=charge)
+                parts = None if charge is None else [(self._group_blocks[k], d) for k, d in charge]
+                led.charge(mechanism, sigma, q, key, epoch=epoch, digest=digest, integer=integer, parts=parts)
         elif free:
             self.replays["free"] += 1
         return Decision("released", pending, epoch, free)
@@ -730,7 +732,7 @@ class Trainer:
         of the groups' last releases of `key` (all one epoch, and fresh for the groups that never released it):
         a group whose payload has its record's digest re-releases that value (free), a group without a record
         releases for the first time (charged); any other case, and a group whose digest differs, makes the whole
-        rank release under a fresh epoch, every group charged. Returns (epoch, pending, [(group ids, digest)] to
+        rank release under a fresh epoch, every group charged. Returns (epoch, pending, [(group index, digest)] to
         charge)."""
         led, groups = self.ledger, self.groups
         recs = [led.latest(mechanism, key, b) for b in self._group_blocks]
@@ -743,10 +745,10 @@ class Trainer:
             digests = [draws + payload_digest(parts(pending, k)) for k in range(len(groups))]
             same = [r is not None and led.identical(r, sigma, q, d, integer) for r, d in zip(recs, digests)]
             if all(ok or r is None for ok, r in zip(same, recs)):
-                return epoch, pending, [(g, d) for g, d, ok in zip(groups, digests, same) if not ok]
+                return epoch, pending, [(k, d) for k, (d, ok) in enumerate(zip(digests, same)) if not ok]
         epoch = led.fresh_epoch(mechanism, key)
         pending = prepare(epoch)
-        return epoch, pending, [(g, draws + payload_digest(parts(pending, k))) for k, g in enumerate(groups)]
+        return epoch, pending, [(k, draws + payload_digest(parts(pending, k))) for k in range(len(groups))]
 
     def group_positions(self, g: int) -> list[int]:
         """Positions in `self.clients` of kept group g's clients, in the group's order."""

@@ -21,18 +21,8 @@ def place_clients(declared_sizes: list[int], world_size: int) -> list[list[int]]
             f"{m} clients cannot fill {world_size} ranks: every rank must host at least one client. "
             f"Launch at most {m} ranks or raise partition.clients to at least {world_size}."
         )
-    loads = [0] * world_size
-    placement: list[list[int]] = [[] for _ in range(world_size)]
-    order = sorted(range(m), key=lambda i: (-declared_sizes[i], i))
-    # first give every rank one client so none is empty, then balance the rest
-    for r, cid in enumerate(order[:world_size]):
-        placement[r].append(cid)
-        loads[r] += declared_sizes[cid]
-    for cid in order[world_size:]:
-        r = min(range(world_size), key=lambda k: (loads[k], k))
-        placement[r].append(cid)
-        loads[r] += declared_sizes[cid]
-    return [sorted(p) for p in placement]
+    # every client a group of its own: group k is client k, so the hosted group indices are the client ids
+    return place_groups([[i] for i in range(m)], declared_sizes, world_size)
 
 
 def place_groups(groups: list[list[int]], declared_sizes: list[int], world_size: int) -> list[list[int]] | None:
@@ -46,6 +36,7 @@ def place_groups(groups: list[list[int]], declared_sizes: list[int], world_size:
     order = sorted(range(len(groups)), key=lambda k: (-weight[k], min(groups[k])))
     loads = [0] * world_size
     hosted: list[list[int]] = [[] for _ in range(world_size)]
+    # first give every rank one group so none is empty, then balance the rest
     for j, k in enumerate(order):
         r = j if j < world_size else min(range(world_size), key=lambda i: (loads[i], i))
         hosted[r].append(k)

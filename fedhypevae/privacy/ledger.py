@@ -393,9 +393,9 @@ class PrivacyLedger:
         parts: Sequence[tuple] | None = None,
     ) -> Release | list[Release]:
         """Record one release of every hosted client BEFORE it is made: written and fsync'd when file-backed; returns
-        the record. `parts` [(client ids, digest)]: one record per part instead, each for the block of those clients
-        (a rank that kept an earlier session's blocks whole records its releases block by block), one write, one
-        fsync; returns the records."""
+        the record. `parts` [(block id, digest)]: one record per part instead, each for a block of hosted clients
+        registered once with `sub_block` (a rank that kept an earlier session's blocks whole records its releases
+        block by block), one write, one fsync; returns the records."""
         if self.read_only:
             raise PrivacyError("this ledger was opened read only")
         if mechanism not in MECHANISM_NAMES:
@@ -403,8 +403,9 @@ class PrivacyLedger:
         validate_mechanism(Mechanism(mechanism, float(sigma), float(q), 1, integer))
         whole = parts is None
         recs, lines = [], []
-        for ids, dig in [(None, digest)] if whole else parts:
-            block = self.block if ids is None else self._sub_block(ids)
+        for block, dig in [(self.block, digest)] if whole else parts:
+            if block not in self._block_ranges and block != self.block:
+                raise PrivacyError(f"block {block!r} was never registered with sub_block on this ledger")
             rec = Release(
                 mechanism,
                 float(sigma),
@@ -436,8 +437,8 @@ class PrivacyLedger:
             self._add(rec)
         return recs[0] if whole else recs
 
-    def _sub_block(self, ids) -> str:
-        """The id of the block of `ids` (hosted clients), known to this ledger from now on."""
+    def sub_block(self, ids) -> str:
+        """Register the block of `ids` (hosted clients) for `charge(parts=...)`; returns its id."""
         ranges = client_ranges(sorted(int(i) for i in ids))
         bid = block_id(ranges)
         if bid not in self._block_ids:
