@@ -55,6 +55,7 @@ DPCVAE_OVERRIDES = (
     "model.output_std=0.7071067811865476",
     "synth.output_noise=false",  # its synthetic records are the decoder's mean, as in Di Salvo et al.
     "model.lambda_mmd=0",
+    "model.class_anchor=false",  # its decoder has no anchor (and it releases no class statistics to anchor to)
     "privacy.stats_epsilon_fraction=0",
     "privacy.mmd_epsilon_fraction=0",
 )

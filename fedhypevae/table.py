@@ -47,6 +47,10 @@ class TableConfig:
     train_config: str = "default"
     # dotted overrides applied to every FedHypeVAE run (e.g. a data set's public statistics clip)
     overrides: list = field(default_factory=list)
+    # dotted overrides applied after `overrides` to the private runs on the FedHypeVAE engine only (FedHypeVAE strict,
+    # paper mode, its trust-model variants, DP-CVAE; not the non-private ceiling): the private recipe. A method's own
+    # settings (e.g. DP-CVAE's) still win over them
+    private_overrides: list = field(default_factory=list)
     # data section (as in a train config)
     data: dict = field(default_factory=lambda: {"path": "digits"})
     # partitions: iid and/or dirichlet
@@ -122,6 +126,8 @@ def cell_train_config(
     for k, v in tc.data.items():
         ov.append(f"data.{k}={'null' if v is None else v}")
     if method is not None and METHODS[method].trains_fedhypevae:
+        if METHODS[method].privacy != "none":
+            ov += tc.private_overrides
         ov += method_overrides(method)
     elif mode:
         ov.append(f"privacy.mode={mode}")

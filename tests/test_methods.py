@@ -20,7 +20,7 @@ from fedhypevae.config import load_config
 from fedhypevae.errors import ConfigError
 from fedhypevae.evaluation import score_clients, summarize_clients
 from fedhypevae.methods import METHODS, Method
-from fedhypevae.table import TableConfig, cell_train_config, run_table
+from fedhypevae.table import TableConfig, cell_settings, cell_train_config, run_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,3 +182,20 @@ def test_dpcvae_trains_on_the_engine_strict_and_releases_no_class_statistics(tmp
     assert out["stats_release"]["released"] is False and res is not None
     with pytest.raises(ConfigError, match="stats_epsilon_fraction must be 0"):
         load_config("tiny", [*METHODS["dpcvae"].overrides, "privacy.stats_epsilon_fraction=0.1"])
+
+
+def test_private_overrides_reach_the_private_engine_runs_only():
+    """A table's `private_overrides` (the private recipe) apply to FedHypeVAE strict/paper and DP-CVAE, not to the
+    non-private ceiling; a method's own settings (DP-CVAE's) still win over them."""
+    recipe = ["model.class_anchor=true", "privacy.stats_epsilon_fraction=0.95", "train.lr=0.001"]
+    tc = TableConfig(name="p", train_config="paper", private_overrides=recipe)
+    strict = cell_train_config(tc, "iid", 0, method="fedhypevae-strict")
+    assert strict.model.class_anchor and strict.privacy.stats_epsilon_fraction == 0.95 and strict.train.lr == 0.001
+    paper = cell_train_config(tc, "iid", 0, method="fedhypevae-paper")
+    assert paper.model.class_anchor and paper.privacy.mode == "paper" and paper.train.lr == 0.001
+    ceiling = cell_train_config(tc, "iid", 0, method="fedhypevae-nonprivate")
+    assert not ceiling.model.class_anchor and ceiling.train.lr == load_config("paper").train.lr
+    cvae = cell_train_config(tc, "iid", 0, method="dpcvae")
+    assert not cvae.model.class_anchor and cvae.privacy.stats_epsilon_fraction == 0 and cvae.train.lr == 0.001
+    # they are cell settings: a cached table under other private overrides is refused
+    assert cell_settings(tc)["private_overrides"] == recipe
