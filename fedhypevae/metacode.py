@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from .model import HyperNetwork, generator_params, project_codes, sample_synthetic
+from .optim import Optimizer
 
 
 @dataclass
@@ -83,7 +84,7 @@ def fit_metacode(
     dev = next(hyper.parameters()).device
     z_noise = torch.randn(K, samples_per_class, hyper.latent_dim, generator=generator).to(dev)
     code = torch.zeros(hyper.code_dim, device=dev, requires_grad=True)
-    opt = torch.optim.Adam([code], lr=lr)
+    opt = Optimizer([code], kind="adam", lr=lr)  # torch.optim.Adam([code], lr=lr), without importing torch._dynamo
     trace = []
     if not bool(target.valid.any()):
         return code.detach(), trace  # nothing to fit: stay at the neutral point

@@ -51,6 +51,7 @@ from .dp_step import NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork, mmd_bandwidths
+from .optim import Optimizer
 from .privacy import (
     CLASS_STATS,
     DP_SGD,
@@ -539,11 +540,12 @@ class Trainer:
                 "that started it, or start a new run with another --out"
             )
 
-    def _make_optimizer(self) -> torch.optim.Optimizer:
-        opt_cls = torch.optim.Adam if self.cfg.train.optimizer == "adam" else torch.optim.SGD
-        # foreach: one kernel per operation over all of Phi's tensors (bit-identical to the per-tensor loop, which
-        # is torch's default on the CPU and took 3-5 ms a step for Phi's ~20 tensors)
-        return opt_cls(self.hyper.parameters(), lr=self.cfg.train.lr, foreach=True)
+    def _make_optimizer(self) -> Optimizer:
+        # torch.optim.Adam/SGD's own update and state_dict format, without their import of torch._dynamo (1.5 s at
+        # every rank's start; fedhypevae.optim). foreach: one kernel per operation over all of Phi's tensors
+        # (bit-identical to the per-tensor loop, which is torch's default on the CPU and took 3-5 ms a step for Phi's
+        # ~20 tensors)
+        return Optimizer(self.hyper.parameters(), kind=self.cfg.train.optimizer, lr=self.cfg.train.lr, foreach=True)
 
     @property
     def steps(self) -> list:
