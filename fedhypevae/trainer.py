@@ -140,10 +140,17 @@ def step_key(r: int, s: int) -> str:
     return f"round={r}/step={s}"
 
 
-def make_plan(cfg: Config, *, use_mmd: bool, integer: dict | None = None) -> PrivacyPlan | None:
+# the mechanisms a run's plan may hold, in the order `Trainer._agreed_plan` broadcasts their noise multipliers
+_PLAN_ORDER = (DP_SGD, CLASS_STATS, MMD_EMBEDDINGS)
+
+
+def make_plan(
+    cfg: Config, *, use_mmd: bool, integer: dict | None = None, calibrated: dict | None = None
+) -> PrivacyPlan | None:
     """The run's privacy plan from its list of mechanisms with their budget proportions: DP-SGD first (calibrated
     against the composed history, it takes what the one-shot releases leave), then the class statistics and,
-    with the merf MMD term, the mean embeddings. A new mechanism is one more entry in `one_shot`."""
+    with the merf MMD term, the mean embeddings. A new mechanism is one more entry in `one_shot`. `calibrated`:
+    the noise multipliers another rank's make_plan found for the same config (`plan_mechanisms`)."""
     p = cfg.privacy
     if not p.enabled:
         return None
@@ -178,6 +185,7 @@ def make_plan(cfg: Config, *, use_mmd: bool, integer: dict | None = None) -> Pri
         delta=p.accounting_delta,
         accountant=p.accountant,
         noise_multiplier=p.noise_multiplier,
+        calibrated=calibrated,
     )
 
 
@@ -425,7 +433,7 @@ class Trainer:
                 stats_dim=stats_flat_size(fed.num_classes, fed.dim, cfg.stats.covariance),
                 grid_ratio=cfg.privacy.secure_grid_ratio,
             )
-        self.plan = make_plan(cfg, use_mmd=self.use_mmd_release, integer=self.integer)
+        self.plan = self._agreed_plan(cfg)
         if self.integer and self.plan is not None:
             sigma_s = self.plan.noise_multiplier(CLASS_STATS)
             m = stats_components(cfg.stats.covariance)
@@ -539,6 +547,36 @@ class Trainer:
                 "client), so a replayed step would release a different noisy value. Resume it with the version "
                 "that started it, or start a new run with another --out"
             )
+
+    def _agreed_plan(self, cfg: Config) -> PrivacyPlan | None:
+        """make_plan, calibrated on rank 0 alone: its noise multipliers (a public function of the config every rank
+        holds) are broadcast and the other ranks build the plan from them, computing and checking its composed
+        epsilon themselves (one accountant call instead of a calibration's ~30: 0.5-1.5 s of every rank's start,
+        paid R times over the cores of a node). Should rank 0's calibration fail, every rank runs make_plan itself
+        and fails with the same message."""
+        p, comm = cfg.privacy, self.comm
+        kw = dict(use_mmd=self.use_mmd_release, integer=self.integer)
+        if comm.world_size == 1 or not p.enabled or math.isinf(p.target_epsilon):
+            return make_plan(cfg, **kw)
+        buf = torch.full((len(_PLAN_ORDER),), math.nan, dtype=torch.float64)
+        plan, error = None, None
+        if comm.is_root:
+            try:
+                plan = make_plan(cfg, **kw)
+            except FedHypeVAEError as exc:
+                error = exc
+            else:
+                for k, name in enumerate(_PLAN_ORDER):
+                    buf[k] = -1.0 if plan.noise_multiplier(name) is None else plan.noise_multiplier(name)
+        comm.broadcast(buf, root=0)
+        if error is not None:
+            raise error
+        if plan is not None:
+            return plan
+        if bool(torch.isnan(buf).any()):
+            return make_plan(cfg, **kw)  # rank 0 could not calibrate: the same error here
+        sigmas = {name: float(v) for name, v in zip(_PLAN_ORDER, buf.tolist()) if v >= 0}
+        return make_plan(cfg, **kw, calibrated=sigmas)
 
     def _make_optimizer(self) -> Optimizer:
         # torch.optim.Adam/SGD's own update and state_dict format, without their import of torch._dynamo (1.5 s at

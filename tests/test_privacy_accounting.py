@@ -164,6 +164,33 @@ def test_the_list_form_gives_plan_budgets_plan(use_mmd, noise_multiplier):
         assert a == b or a == pytest.approx(b, rel=1e-12)
 
 
+@pytest.mark.parametrize("overrides", [[], ["model.lambda_mmd=0.5", "privacy.mmd_epsilon_fraction=0.1"]])
+def test_a_plan_from_another_ranks_noise_multipliers_is_that_plan(overrides, monkeypatch):
+    """Trainer._agreed_plan: the ranks other than 0 build the plan from rank 0's noise multipliers without
+    calibrating; the plan is the same object field for field, its epsilon recomputed and checked; a multiplier too
+    small for the target, or a missing one, is refused."""
+    from fedhypevae.config import load_config
+    from fedhypevae.privacy import accounting
+    from fedhypevae.trainer import make_plan
+
+    cfg = load_config("tiny", overrides)
+    use_mmd = cfg.model.lambda_mmd > 0
+    root = make_plan(cfg, use_mmd=use_mmd)
+    sigmas = {m.name: m.noise_multiplier for m in root.mechanisms}
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibrated although the noise multipliers were given")
+
+    monkeypatch.setattr(accounting, "_calibrate", no_calibration)
+    monkeypatch.setattr(accounting, "calibrate_one_shot", no_calibration)
+    other = make_plan(cfg, use_mmd=use_mmd, calibrated=sigmas)
+    assert other.to_dict() == root.to_dict()
+    with pytest.raises(PrivacyError, match="above the target"):
+        make_plan(cfg, use_mmd=use_mmd, calibrated={**sigmas, DP_SGD: 0.5 * sigmas[DP_SGD]})
+    with pytest.raises(PrivacyError, match="calibrated noise multipliers for"):
+        make_plan(cfg, use_mmd=use_mmd, calibrated={DP_SGD: sigmas[DP_SGD]})
+
+
 def test_make_plan_builds_the_list_for_the_runs_config():
     from fedhypevae.config import load_config
     from fedhypevae.trainer import make_plan, planned_steps

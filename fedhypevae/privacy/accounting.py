@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import PrivacyError
@@ -448,6 +448,7 @@ def plan_mechanisms(
     delta: float,
     accountant: str,
     noise_multiplier: float | None = None,
+    calibrated: Mapping[str, float] | None = None,
 ) -> JointPlan:
     """Calibrate one noise multiplier per mechanism of ``shares`` so the composed epsilon meets the target.
 
@@ -457,8 +458,15 @@ def plan_mechanisms(
     than its nominal proportion: put the mechanism with many releases (DP-SGD) first. With
     ``noise_multiplier`` given, it is used for the first entry and the plan is only checked.
     Adding a mechanism to a run is one more entry in the list (its proportion taken from the others).
+    ``calibrated``: every mechanism's noise multiplier, as this function returned them for the same arguments
+    elsewhere (another rank): nothing is calibrated, the composed epsilon is computed and checked against the target
+    as always.
     """
     shares = list(shares)
+    if calibrated is not None and set(calibrated) != {s.name for s in shares}:
+        raise PrivacyError(
+            f"calibrated noise multipliers for {sorted(calibrated)}; the plan has {[s.name for s in shares]}"
+        )
     _accountant(accountant)
     if not target_epsilon > 0:
         raise PrivacyError(f"target epsilon must be > 0; got {target_epsilon}")
@@ -472,7 +480,9 @@ def plan_mechanisms(
         )
     others = []
     for s in rest:
-        if s.releases == 1 and s.sample_rate >= 1.0:
+        if calibrated is not None:
+            sigma_s = float(calibrated[s.name])
+        elif s.releases == 1 and s.sample_rate >= 1.0:
             sigma_s = calibrate_one_shot(
                 epsilon=s.proportion * target_epsilon,
                 delta=delta,
@@ -497,7 +507,9 @@ def plan_mechanisms(
     steps = int(first.releases)
     history = lambda x: [Mechanism(first.name, x, first.sample_rate, steps, first.integer)] + others  # noqa: E731
     what = "DP-SGD" if first.name == DP_SGD else first.name
-    if noise_multiplier is None:
+    if calibrated is not None:
+        sigma = float(calibrated[first.name])
+    elif noise_multiplier is None:
         sigma = _calibrate(history, target_epsilon, delta=delta, accountant=accountant, what=what)
     else:
         sigma = float(noise_multiplier)
@@ -522,13 +534,19 @@ def privacy_plan(
     delta: float,
     accountant: str,
     noise_multiplier: float | None = None,
+    calibrated: Mapping[str, float] | None = None,
 ) -> PrivacyPlan:
     """The run's PrivacyPlan from a list of shares whose first entry is DP-SGD (``plan_mechanisms``)."""
     shares = list(shares)
     if not shares or shares[0].name != DP_SGD:
         raise PrivacyError(f"a run's budget plan starts with its {DP_SGD} entry; got {[s.name for s in shares]}")
     joint = plan_mechanisms(
-        shares, target_epsilon=target_epsilon, delta=delta, accountant=accountant, noise_multiplier=noise_multiplier
+        shares,
+        target_epsilon=target_epsilon,
+        delta=delta,
+        accountant=accountant,
+        noise_multiplier=noise_multiplier,
+        calibrated=calibrated,
     )
     nm = joint.noise_multipliers
     return PrivacyPlan(
