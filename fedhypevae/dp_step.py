@@ -213,12 +213,15 @@ NOISE_FORMAT = 2  # one flat draw per client per release (the row layout of DPSt
 
 class NoiseDraws:
     """The scratch buffer the DP noise is drawn into (one chunk's worth: chunks of a trainer share it) and the
-    threads that draw it. `noise_threads` (default: the usable cores, at most 8) clients' rows are drawn in
-    parallel; each thread runs serial kernels only."""
+    threads that draw it. `noise_threads` clients' rows are drawn in parallel; each thread runs serial kernels only.
+    Default: torch's thread count (the `threads` setting where given), at most the usable cores and 8 — a process
+    told to use one core draws in its own thread, and ranks that share a node's cores do not each start a thread
+    per core."""
 
     def __init__(self, threads: int | None = None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        self.noise_threads = max(1, min(8, cores)) if threads is None else max(1, int(threads))
+        default = min(8, cores, torch.get_num_threads())
+        self.noise_threads = max(1, default) if threads is None else max(1, int(threads))
         self._buf = torch.empty(0)
         self._pool: ThreadPoolExecutor | None = None
 

@@ -8,6 +8,7 @@ train.engine=reference (the same DP step with torch.func per-sample gradients).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +279,19 @@ def test_engine_setting_is_validated_and_only_a_coupled_loss_needs_torch_func(tm
     assert res["training"]["engine_note"].startswith(
         "train.engine=batched computes per-sample gradients with torch.func"
     )
+
+
+def test_the_noise_threads_follow_torchs_thread_count():
+    """A process told to use one thread (the `threads` setting, a table's --jobs) draws its noise in that thread:
+    ranks sharing a node's cores do not each start a thread per core."""
+    from fedhypevae.dp_step import NoiseDraws
+
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert NoiseDraws().noise_threads == 1
+        torch.set_num_threads(2)
+        assert NoiseDraws().noise_threads == min(2, len(os.sched_getaffinity(0)))
+        assert NoiseDraws(threads=3).noise_threads == 3
+    finally:
+        torch.set_num_threads(n)
