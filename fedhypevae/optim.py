@@ -14,6 +14,7 @@ and the meta-code fit use); anything else is refused rather than approximated.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 from torch.optim.adam import adam as _adam
@@ -41,6 +42,8 @@ class Optimizer:
     def __init__(self, params, *, kind: str = "adam", lr: float, foreach: bool | None = None):
         if kind not in KINDS:
             raise ValueError(f"optimizer kind must be one of {KINDS}; got {kind!r}")
+        if not (lr >= 0 and math.isfinite(lr)):  # torch refuses a negative one; NaN and inf too, here
+            raise ValueError(f"invalid learning rate: {lr}")
         self.kind = kind
         self.params = list(params)
         group = _defaults(kind)
@@ -129,6 +132,11 @@ class Optimizer:
                 f"this optimizer has {len(self.params)} in 1"
             )
         saved = groups[0]
+        unsupported = {
+            k: saved[k] for k in ("amsgrad", "momentum", "nesterov", "capturable", "differentiable") if saved.get(k)
+        }
+        if unsupported:
+            raise ValueError(f"optimizer state saved with {unsupported}: not supported by fedhypevae.optim.Optimizer")
         order = {pid: i for i, pid in enumerate(saved["params"])}
         self.param_groups[0].update({k: v for k, v in saved.items() if k != "params"})
         self.state = {}
@@ -137,7 +145,11 @@ class Optimizer:
             p = self.params[i]
             # as torch's load_state_dict: moments to the parameter's dtype and device, the step count as saved
             self.state[i] = {
-                k: v if k == "step" else v.to(dtype=p.dtype, device=p.device) for k, v in s.items() if v is not None
+                k: (v if torch.is_tensor(v) else torch.tensor(float(v), dtype=_scalar_dtype()))  # an old float step
+                if k == "step"
+                else v.to(dtype=p.dtype, device=p.device)
+                for k, v in s.items()
+                if v is not None
             }
         if self.kind == "adam":
             for i, s in self.state.items():

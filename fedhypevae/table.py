@@ -146,11 +146,13 @@ def run_cell(tc: TableConfig, method: str, partition: str, seed: int, out: Path)
     m = METHODS[method]
     scores = None
     if m.trains_fedhypevae:
-        from .run import run_training
+        from .run import finished_run, run_training
 
         run_dir = out / "runs" / f"{partition}_s{seed}_{method}"
         resume = (run_dir / "config.yaml").is_file()
-        if not (run_dir / "results.json").is_file():
+        # a finished run is reused only under the cell's settings (finished_run refuses other ones, naming them: a
+        # deleted cells/ folder must not score runs trained under another table's settings)
+        if finished_run(run_dir, cfg) is None:
             run_training(cfg, run_dir, resume=resume, progress=False)
         trained = time.perf_counter()
         results = json.loads((run_dir / "results.json").read_text())
@@ -481,6 +483,8 @@ def cell_settings(tc: TableConfig) -> dict:
     """Every setting a cell's numbers depend on, the FedHypeVAE base config resolved (a changed
     configs/default.yaml changes the cells too)."""
     settings = {k: v for k, v in tc.__dict__.items() if k not in _SELECTORS}
+    if not settings["private_overrides"]:  # none: the settings of a table written before the key existed
+        del settings["private_overrides"]
     settings["resolved_train_config"] = load_config(tc.train_config, list(tc.overrides)).to_dict()
     return json.loads(dumps_json(settings))
 

@@ -552,8 +552,9 @@ class Trainer:
         """make_plan, calibrated on rank 0 alone: its noise multipliers (a public function of the config every rank
         holds) are broadcast and the other ranks build the plan from them, computing and checking its composed
         epsilon themselves (one accountant call instead of a calibration's ~30: 0.5-1.5 s of every rank's start,
-        paid R times over the cores of a node). Should rank 0's calibration fail, every rank runs make_plan itself
-        and fails with the same message."""
+        paid R times over the cores of a node). Should rank 0's calibration fail (any exception), it still broadcasts
+        (NaN) and re-raises, and every other rank runs make_plan itself and fails with the same message. The
+        mechanisms are those of `_PLAN_ORDER`: a plan with another one is refused on rank 0 before the broadcast."""
         p, comm = cfg.privacy, self.comm
         kw = dict(use_mmd=self.use_mmd_release, integer=self.integer)
         if comm.world_size == 1 or not p.enabled or math.isinf(p.target_epsilon):
@@ -563,11 +564,16 @@ class Trainer:
         if comm.is_root:
             try:
                 plan = make_plan(cfg, **kw)
-            except FedHypeVAEError as exc:
+            except BaseException as exc:  # noqa: BLE001 - whatever it is, the others must not wait in the broadcast
                 error = exc
             else:
-                for k, name in enumerate(_PLAN_ORDER):
-                    buf[k] = -1.0 if plan.noise_multiplier(name) is None else plan.noise_multiplier(name)
+                extra = sorted({m.name for m in plan.mechanisms} - set(_PLAN_ORDER))
+                if extra:
+                    error = AssertionError(f"Trainer._agreed_plan: mechanisms {extra} are not in _PLAN_ORDER")
+                    plan = None
+                else:
+                    for k, name in enumerate(_PLAN_ORDER):
+                        buf[k] = -1.0 if plan.noise_multiplier(name) is None else plan.noise_multiplier(name)
         comm.broadcast(buf, root=0)
         if error is not None:
             raise error

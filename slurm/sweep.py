@@ -178,6 +178,8 @@ def build_grid(sweep: dict) -> list[Point]:
                     if eps is not None:
                         ov.append(f"privacy.target_epsilon={eps}")
                     if m.trains_fedhypevae:  # mode, and the trust model of fedhypevae-distributed / -central
+                        if m.privacy != "none":  # the private recipe: not for the non-private ceiling
+                            ov += list(sweep.get("private_overrides") or [])
                         ov += method_overrides(method)
                     ranks = sweep["ranks"] if m.trains_fedhypevae else 1  # a baseline runs on one rank
                     pid = f"{method}__{part}__eps{_eps_name(eps)}__seed{seed}"
@@ -374,6 +376,7 @@ def load_sweep(args) -> dict:
         valid = {
             "config",
             "set",
+            "private_set",
             "epsilons",
             "seeds",
             "partitions",
@@ -411,7 +414,8 @@ def load_sweep(args) -> dict:
 
     cfg_path = str(resolve_config_path(config).resolve())
     overrides = list(tree.get("set") or []) + list(args.overrides)
-    load_config(cfg_path, overrides)  # fail now, not in a job
+    private_set = list(tree.get("private_set") or []) + list(args.private_overrides)
+    load_config(cfg_path, overrides + private_set)  # fail now, not in a job
     epsilons = pick("epsilons", "1")
     seeds = pick("seeds", "0")
     partitions = pick("partitions", "dirichlet")
@@ -427,6 +431,7 @@ def load_sweep(args) -> dict:
     sweep = {
         "config": cfg_path,
         "overrides": overrides,
+        "private_overrides": private_set,
         "epsilons": eps,
         "seeds": parse_list(as_text(seeds), int, "seeds"),
         "partitions": parse_list(as_text(partitions), str, "partitions"),
@@ -671,6 +676,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a training config key for every point (repeatable)",
+    )
+    ap.add_argument(
+        "--private-set",
+        dest="private_overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a training config key for the private FedHypeVAE-engine points only (FedHypeVAE strict, "
+        "paper mode, DP-CVAE; not the non-private ceiling), after --set: the private recipe (repeatable)",
     )
     ap.add_argument("--epsilons", help="comma-separated target epsilons, e.g. 0.5,1,2,4,8 (default 1)")
     ap.add_argument("--seeds", help="comma-separated seeds (default 0)")

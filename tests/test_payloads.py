@@ -78,7 +78,7 @@ def config(*overrides, engine: str | None = None):
 
 @dataclass
 class Expect:
-    kind: str  # flag | grad | diag | delta | checksum | epsilon | stats
+    kind: str  # plan | flag | grad | diag | delta | checksum | epsilon | stats
     op: str
     value: torch.Tensor
 
@@ -110,6 +110,11 @@ def replay(cfg, hosted: list, scratch, world_size: int):
     P = sum(t.numel() for t in hyper.parameters())
     delta_mode = cfg.federation.aggregation == "delta"
     out, private = [], []
+    if world_size > 1:  # rank 0's calibrated noise multipliers (public: a function of the config), first of all
+        sig = [plan.noise_multiplier(n) for n in (DP_SGD, CLASS_STATS, MMD_EMBEDDINGS)]
+        out.append(
+            Expect("plan", "broadcast", torch.tensor([-1.0 if v is None else v for v in sig], dtype=torch.float64))
+        )
     one_shot = (
         [Mechanism(MMD_EMBEDDINGS, plan.noise_multiplier(MMD_EMBEDDINGS), 1.0, 1)]
         if plan.noise_multiplier(MMD_EMBEDDINGS) is not None
@@ -255,6 +260,10 @@ def check_payloads(calls: list, expected: list, private: list, *, rtol: float = 
         problems.append(f"{len(calls)} collectives recorded, {len(expected)} declared")
     for i, (call, exp) in enumerate(zip(calls, expected)):
         kind, op, buf = call
+        if exp.kind == "plan":  # a broadcast from rank 0 of public numbers: exactly those
+            if kind != "broadcast" or not torch.equal(buf, exp.value):
+                problems.append(f"collective {i}: {kind} {buf.tolist()} where the plan's broadcast was declared")
+            continue
         if kind != "allreduce" or op != exp.op or buf.shape != exp.value.shape:
             problems.append(
                 f"collective {i}: {kind}/{op} of shape {tuple(buf.shape)} where a {exp.kind} "

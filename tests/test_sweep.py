@@ -51,6 +51,27 @@ def test_grid_runs_epsilon_free_methods_once_per_seed_and_partition():
         sweep.build_grid({**s, "methods": ["fedavgg"]})
 
 
+def test_the_private_recipe_reaches_the_private_engine_points_only():
+    """--private-set / private_set (a table's private_overrides): FedHypeVAE strict and DP-CVAE get it, after
+    --set; the non-private ceiling and the baselines do not; the method's own settings still come last."""
+    recipe = ["model.class_anchor=true", "train.lr=0.001"]
+    s = {
+        "methods": ["fedhypevae-strict", "dpcvae", "fedhypevae-nonprivate", "local"],
+        "partitions": ["iid"],
+        "seeds": [0],
+        "epsilons": [1.0],
+        "overrides": ["train.rounds=2"],
+        "private_overrides": recipe,
+        "ranks": 1,
+    }
+    by = {p.method: p.overrides for p in sweep.build_grid(s)}
+    strict = by["fedhypevae-strict"]
+    assert all(r in strict for r in recipe) and strict.index("train.rounds=2") < strict.index(recipe[0])
+    assert strict.index(recipe[-1]) < strict.index("privacy.mode=strict")
+    assert all(r in by["dpcvae"] for r in recipe) and by["dpcvae"][-1] != recipe[-1]  # DP-CVAE's own settings last
+    assert not any(r in by["fedhypevae-nonprivate"] for r in recipe) and not any(r in by["local"] for r in recipe)
+
+
 def test_a_wrong_cluster_parameter_fails_listing_submitits_names(tmp_path):
     r = run_sweep(*TINY, "--param", "slurm_partiton=gpu", "--out", str(tmp_path / "s"), "--dry-run")
     assert r.returncode == 2

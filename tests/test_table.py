@@ -73,6 +73,29 @@ def test_table_runs_every_method_on_the_same_splits_and_resumes(tmp_path):
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "cells").iterdir()} == before
 
 
+def test_a_deleted_cells_folder_reuses_the_finished_runs_of_the_same_settings_only(tmp_path):
+    """The cells' settings check can be passed by deleting OUT/cells: the finished FedHypeVAE runs under OUT/runs are
+    then reused only where they were trained with the cell's settings; under others (here the private recipe) the
+    table stops with one line naming the setting, never scoring a run of another table."""
+    import shutil
+
+    tc = small_table(methods=["fedhypevae-strict"], partitions=["iid"])
+    run_table(tc, tmp_path, command="test", progress=False)
+    results = tmp_path / "runs" / "iid_s0_fedhypevae-strict" / "results.json"
+    stamp = results.stat().st_mtime
+    shutil.rmtree(tmp_path / "cells")
+    run_table(tc, tmp_path, command="test", progress=False)  # the same settings: the run is reused, not trained
+    assert results.stat().st_mtime == stamp
+    shutil.rmtree(tmp_path / "cells")
+    with pytest.raises(ConfigError, match="finished run with other settings: train.lr"):
+        run_table(
+            small_table(methods=["fedhypevae-strict"], partitions=["iid"], private_overrides=["train.lr=0.0001"]),
+            tmp_path,
+            command="test",
+            progress=False,
+        )
+
+
 def test_table_config_rejects_unknown_methods_and_keys(tmp_path):
     with pytest.raises(ConfigError, match="valid"):
         small_table(methods=["local", "gan"])
