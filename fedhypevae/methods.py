@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -288,12 +288,14 @@ def baseline_names() -> list:
     return [n for n, m in METHODS.items() if not m.trains_fedhypevae]
 
 
-def method_overrides(name: str) -> list:
-    """The train-config overrides of a FedHypeVAE method (privacy mode; trust model where it has one)."""
+def method_overrides(name: str, private: Sequence[str] = ()) -> list:
+    """The train-config overrides of a FedHypeVAE method (privacy mode; trust model where it has one), after
+    `private` (a table's private_overrides, a sweep's --private-set: the private recipe) when the method is private:
+    the non-private ceiling never gets them, and the method's own settings win over them."""
     m = get_method(name)
     if not m.trains_fedhypevae:
         raise ConfigError(f"method {name!r} is a baseline; only FedHypeVAE methods override the train config")
-    return list(m.overrides)
+    return (list(private) if m.privacy != "none" else []) + list(m.overrides)
 
 
 # --------------------------------------------------------------------------- running a baseline

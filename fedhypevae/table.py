@@ -126,9 +126,7 @@ def cell_train_config(
     for k, v in tc.data.items():
         ov.append(f"data.{k}={'null' if v is None else v}")
     if method is not None and METHODS[method].trains_fedhypevae:
-        if METHODS[method].privacy != "none":
-            ov += tc.private_overrides
-        ov += method_overrides(method)
+        ov += method_overrides(method, tc.private_overrides)
     elif mode:
         ov.append(f"privacy.mode={mode}")
     return load_config(tc.train_config, ov)

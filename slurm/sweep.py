@@ -178,9 +178,7 @@ def build_grid(sweep: dict) -> list[Point]:
                     if eps is not None:
                         ov.append(f"privacy.target_epsilon={eps}")
                     if m.trains_fedhypevae:  # mode, and the trust model of fedhypevae-distributed / -central
-                        if m.privacy != "none":  # the private recipe: not for the non-private ceiling
-                            ov += list(sweep.get("private_overrides") or [])
-                        ov += method_overrides(method)
+                        ov += method_overrides(method, sweep.get("private_overrides") or ())
                     ranks = sweep["ranks"] if m.trains_fedhypevae else 1  # a baseline runs on one rank
                     pid = f"{method}__{part}__eps{_eps_name(eps)}__seed{seed}"
                     points.append(Point(pid, method, part, eps, seed, ranks, ov))
