@@ -251,10 +251,20 @@ def _run1_row(round_s: list, phases: dict, first: dict, files: int, rk1: list, c
     }
 
 
+NOISE_FLOOR = (
+    "noise floor (local, secure noise): {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
+    "{noise_ms_per_client_round:.3f} ms per client per round; with Phi's noise drawn per client (distributed, or "
+    "privacy.noise_seed): {draws_per_client_round_phi_per_client} draws = "
+    "{noise_ms_per_client_round_phi_per_client:.3f} ms"
+)
+
+
 def noise_floor(cfg_path: Path, tmp: Path) -> dict:
-    """The physics of the noise: the draws per client per round (local steps x (its psi_i, v_i + Phi's
-    coordinates), what local noise draws) and this machine's ns per N(0, 1) draw of the generator the step uses
-    (torch's CPU generator, `normal_` into an fp32 row, one thread), from a 10-client trainer of the same model."""
+    """The physics of the noise: the draws per client per round and this machine's ns per N(0, 1) draw of the
+    generator the step uses (torch's CPU generator, `normal_` into an fp32 row, one thread), from a 10-client trainer
+    of the same model. Local trust with secure noise (the benchmark's `local` rows) draws per step each client's
+    psi_i, v_i and ONE Phi noise per chunk of `train.chunk_clients` clients (its summed variance: DPStep._noise);
+    a Phi draw per client (`distributed`, or any run with privacy.noise_seed) adds Phi's coordinates per client."""
     import torch
 
     sys.path.insert(0, str(REPO))
@@ -277,15 +287,19 @@ def noise_floor(cfg_path: Path, tmp: Path) -> dict:
             buf.normal_(generator=g)
         times.append((time.perf_counter() - t) / (reps * row))
     ns = 1e9 * statistics.median(times)
-    steps = cfg.train.local_steps
+    steps, chunk = cfg.train.local_steps, max(1, cfg.train.chunk_clients)
     tr.ledger.close()
     tr.writer.close()
+    local = steps * (private + tr.phi_numel / chunk)
     return {
         "private_coords": private,
         "phi_coords": tr.phi_numel,
-        "draws_per_client_round": steps * row,
+        "chunk_clients": chunk,
+        "draws_per_client_round": round(local),
+        "draws_per_client_round_phi_per_client": steps * row,
         "ns_per_draw": ns,
-        "noise_ms_per_client_round": steps * row * ns * 1e-6,
+        "noise_ms_per_client_round": local * ns * 1e-6,
+        "noise_ms_per_client_round_phi_per_client": steps * row * ns * 1e-6,
     }
 
 
@@ -461,10 +475,7 @@ def main(argv: list | None = None) -> int:
         log(f"disk: {res['disk_write_mb_s']:.0f} MB/s sequential write (dd, fdatasync)")
         probe = make_data(tmp / "data_probe.npz", 10)
         res["noise"] = noise_floor(write_config(tmp / "probe.yaml", probe, 10, 1, False), tmp)
-        log(
-            "noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
-            "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"])
-        )
+        log(NOISE_FLOOR.format(**res["noise"]))
         for clients in [int(c) for c in args.clients.split(",")]:
             data = make_data(tmp / f"data_{clients}.npz", clients)
             for mmd, ranks, trust in [
@@ -494,10 +505,7 @@ def main(argv: list | None = None) -> int:
     if any("error" not in r for r in res["rows"]):
         plot(res, out / "scale.png")
     print(markdown(res))
-    print(
-        "noise floor: {draws_per_client_round} draws per client per round at {ns_per_draw:.2f} ns = "
-        "{noise_ms_per_client_round:.3f} ms per client per round".format(**res["noise"])
-    )
+    print(NOISE_FLOOR.format(**res["noise"]))
     return 0
 
 

@@ -48,6 +48,7 @@ from .model import (
     project_codes,
     sample_synthetic,
 )
+from .rng import client_seeds
 from .rows import Batch, MaterializedRows, NoRows, Rows, per_sample_grads
 
 __all__ = [
@@ -78,6 +79,7 @@ BLOCKS = ("private", "phi")  # the client's own coordinates (psi_i, v_i) and Phi
 # train.engine -> the form of the per-sample stage
 PER_SAMPLE = {"batched": "ghost", "reference": "materialized"}
 PHASES = ("sample", "forward", "backward", "norms", "clip", "noise", "post", "optimizer")
+_PHI_SUM_TAG = 0x5A3  # the summed Phi noise's tag, mixed with the first client's generator seed
 _PHI_GROUP = 64  # clients whose Phi noise is summed in fp32 (one matrix-vector product) before the fp64 total
 _POST_GROUP = 128  # clients whose post-noise MMD term is one forward and one backward pass
 
@@ -223,6 +225,7 @@ class NoiseDraws:
         default = min(8, cores, torch.get_num_threads())
         self.noise_threads = max(1, default) if threads is None else max(1, int(threads))
         self._buf = torch.empty(0)
+        self._sum = torch.empty(0)
         self._pool: ThreadPoolExecutor | None = None
 
     def rows(self, M: int, D: int) -> torch.Tensor:
@@ -230,6 +233,12 @@ class NoiseDraws:
         if self._buf.numel() < M * D:
             self._buf = torch.empty(M * D, dtype=torch.float32)
         return self._buf[: M * D].view(M, D)
+
+    def vector(self, P: int) -> torch.Tensor:
+        """A (P,) fp32 scratch for a block's summed Phi noise (apart from the rows, which hold the private draws)."""
+        if self._sum.numel() < P:
+            self._sum = torch.empty(P, dtype=torch.float32)
+        return self._sum[:P]
 
     def workers(self, M: int) -> tuple:
         workers = max(1, min(self.noise_threads, M))
@@ -281,6 +290,9 @@ class DPStep:
             self.phi_coef, self.phi_divisor = self.weights.clone(), float(block.expected[0])
         else:
             self.phi_coef, self.phi_divisor = self.weights / block.expected, 1.0
+        # Phi's noise under local trust with secure noise: ONE draw for the block's summed Phi noise (see `_noise`)
+        p = self.cfg.privacy
+        self.phi_noise_summed = p.noise_seed is None and p.trust_model == "local" and block.M > 1
         self.timings = {k: 0.0 for k in PHASES}
         self.profile = False  # per-phase timings (synchronizes CUDA between phases when on)
         self.draws = draws if draws is not None else NoiseDraws()  # the noise scratch (shared by a trainer's chunks)
@@ -405,7 +417,8 @@ class DPStep:
     def add_noise(self, sums: Sums, *, sigma, gens: list) -> Sums:
         """sum + N(0, sigma^2 C^2 I) on every privatized coordinate of every client (strict: psi_i, v_i and Phi;
         paper: Phi), also for an empty batch: drawn from the client's own generator, one `normal_` per client
-        over all its privatized coordinates (`_noise`). `sigma` is one multiplier or one per block (`noise_blocks`: the
+        over all its privatized coordinates (`_noise`; under local trust with secure noise the block's Phi noise is
+        one draw of the summed variance). `sigma` is one multiplier or one per block (`noise_blocks`: the
         client's own coordinates and Phi's, as the aggregation rule places them). Override only to change the
         noise (the audit's no-noise sabotage)."""
         p = self.cfg.privacy
@@ -513,26 +526,36 @@ class DPStep:
         clients draw in parallel Python threads (the draws release the GIL); then the calling thread sums Phi's
         rows, `_PHI_GROUP` clients at a time, with one fp32 matrix-vector product per group (BLAS: one pass over the
         rows; relative rounding ~1e-7 of the noise) added into the fp64 total in a fixed order. (Summing in the
-        drawing threads would start a BLAS thread team per thread; one fp64 add per client cost 3x more.)"""
+        drawing threads would start a BLAS thread team per thread; one fp64 add per client cost 3x more.)
+
+        Summed Phi noise (`phi_noise_summed`: local trust, secure noise, more than one client): only that weighted
+        sum ever leaves the block, and a sum of independent Gaussians is Gaussian with the summed variance, so it is
+        drawn as ONE N(0, (sum_i phi_coef_i^2) I) over Phi: what leaves the block has the distribution it has with
+        a draw per client, for 1/M of the draws. The draw comes from a generator seeded from the block's first
+        client's (secret) generator seed mixed with its own tag, so it is as secret as the clients' noise and
+        independent of it; the clients' rows then hold their own coordinates only. With `privacy.noise_seed` the
+        draws stay per client: the same numbers on any placement of the clients."""
         b, M = self.block, self.block.M
         P = sum(math.prod(shape) for _, shape in layout) if phi else 0
+        summed = phi and self.phi_noise_summed
         priv_shapes = (
             [tuple(b.codes.shape[1:])] + [s for _, s in sorted(zip(b.enc_names, b.enc_shapes))] if private else []
         )
         D0 = sum(math.prod(s) for s in priv_shapes)
-        buf = self.draws.rows(M, D0 + P)
-        workers, pool = self.draws.workers(M)
-        bounds = [round(k * M / workers) for k in range(workers + 1)]
-        rows = buf.unbind(0)
+        buf = self.draws.rows(M, D0 + (0 if summed else P))
+        if buf.shape[1]:
+            workers, pool = self.draws.workers(M)
+            bounds = [round(k * M / workers) for k in range(workers + 1)]
+            rows = buf.unbind(0)
 
-        def block(w: int) -> None:
-            for i in range(bounds[w], bounds[w + 1]):
-                rows[i].normal_(generator=gens[i])
+            def block(w: int) -> None:
+                for i in range(bounds[w], bounds[w + 1]):
+                    rows[i].normal_(generator=gens[i])
 
-        if workers == 1:
-            block(0)
-        else:
-            list(pool.map(block, range(workers)))
+            if workers == 1:
+                block(0)
+            else:
+                list(pool.map(block, range(workers)))
         enc_noise, code_noise = [], None
         if private:
             off, views = 0, []
@@ -544,7 +567,11 @@ class DPStep:
             by_name = dict(zip(sorted(b.enc_names), views[1:]))
             enc_noise = [by_name[n] for n in b.enc_names]
         total = None
-        if phi:
+        if summed:
+            seed = int(client_seeds(gens[0].initial_seed(), _PHI_SUM_TAG, [0])[0])
+            z = self.draws.vector(P).normal_(generator=torch.Generator().manual_seed(seed))
+            total = z.double().mul_(float(phi_coef.double().norm()))
+        elif phi:
             total = torch.zeros(P, dtype=torch.float64)
             c32 = phi_coef.to(torch.float32)
             for g in range(0, M, _PHI_GROUP):

@@ -154,8 +154,47 @@ def test_the_noise_of_a_client_is_one_flat_draw_from_its_own_generator(threads):
     assert torch.equal(phi.float(), parts[-1])
 
 
-def test_every_client_releases_calibrated_noise_when_all_batches_are_empty():
-    cfg, clients, hyper = make([20, 40, 30], dim=40, hidden=(32,), overrides=["privacy.sample_rate=1e-6"], seed=5)
+def test_secure_local_noise_draws_phis_noise_once_per_block_with_the_summed_variance():
+    """Local trust with secure noise: the block's Phi noise is ONE draw of N(0, sum_i c_i^2) (only the weighted sum
+    leaves the block), from a generator of its own, independent of the clients' rows, which hold their own
+    coordinates only (one normal_ each from their generator). The variance is checked over many coordinates and
+    releases: a draw scaled by sum_i c_i (or the mean c, or one client's) fails it, and a summed draw seeded like the
+    first client's generator would repeat that client's own noise."""
+    cfg, clients, hyper = make([10, 10, 10], seed=3, overrides=["privacy.noise_seed=null"])
+    st = DPStep(clients[0].block, weights=[1.0, 1.0, 1.0])
+    assert st.phi_noise_summed
+    layout = tuple((n, tuple(p.shape)) for n, p in hyper.named_parameters())
+    block = clients[0].block
+    sizes = [block.codes.shape[1]] + [int(np.prod(s)) for _, s in sorted(zip(block.enc_names, block.enc_shapes))]
+    coef = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    totals, corr = [], []
+    for step in range(40):
+        gens = [c.rng.generator(STREAM_STEP, 2, step) for c in clients]
+        seeds = [g.initial_seed() for g in gens]
+        enc, code, phi = st._noise(gens, True, True, coef, layout)
+        for i in range(3):  # each client's own row: its own generator's first draws
+            row = torch.empty(sum(sizes)).normal_(generator=torch.Generator().manual_seed(seeds[i]))
+            assert torch.equal(code[i], row[: sizes[0]])
+        first = torch.empty(phi.numel()).normal_(generator=torch.Generator().manual_seed(seeds[0]))
+        corr.append(float(torch.corrcoef(torch.stack([phi.float(), first]))[0, 1]))
+        totals.append(phi)
+    t = torch.cat(totals)
+    want = float(coef.pow(2).sum().sqrt())  # 2.29; sum 3.5, mean 1.17
+    assert t.numel() > 5000
+    assert abs(float(t.std()) / want - 1) < 0.05 and abs(float(t.mean())) < 0.05 * want
+    assert max(abs(c) for c in corr) < 0.2
+    # reproducible noise, another trust model or a block of one client: a draw per client, as before
+    for over, sizes_ in ((["privacy.noise_seed=4"], [10, 10]), (["privacy.noise_seed=null"], [10])):
+        _, cl, _ = make(sizes_, seed=3, overrides=over)
+        assert not DPStep(cl[0].block, weights=[1.0] * len(sizes_)).phi_noise_summed
+    _, cl, _ = make([10, 10], seed=3, overrides=["privacy.noise_seed=null", "privacy.trust_model=distributed"])
+    assert not DPStep(cl[0].block, weights=[1.0, 1.0]).phi_noise_summed
+
+
+@pytest.mark.parametrize("noise", ["reproducible", "secure"])
+def test_every_client_releases_calibrated_noise_when_all_batches_are_empty(noise):
+    over = ["privacy.sample_rate=1e-6"] + (["privacy.noise_seed=null"] if noise == "secure" else [])
+    cfg, clients, hyper = make([20, 40, 30], dim=40, hidden=(32,), overrides=over, seed=5)
     w = [0.2, 0.5, 0.3]
     st = DPStep(clients[0].block, weights=w)
     before = [p.detach().clone() for p in clients[2].encoder.parameters()]
