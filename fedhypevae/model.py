@@ -310,9 +310,18 @@ class HyperNetwork(nn.Module):
         """Lipschitz control as a projection after each optimizer step (post-processing, free of
         privacy cost; a parametrization would mutate buffers inside per-sample computations)."""
         for lin in self.spectral_layers():
-            s = torch.linalg.matrix_norm(lin.weight, ord=2)
+            s = spectral_norm(lin.weight)
             if s > bound:
                 lin.weight.mul_(bound / s)
+
+
+def spectral_norm(w: torch.Tensor) -> float:
+    """The largest singular value of a matrix: the square root of the largest eigenvalue of its smaller Gram matrix,
+    formed and decomposed in fp64 (relative error ~1e-15 against the fp32 SVD's ~1e-7; a (1152, 64) head layer
+    costs one 64 x 64 eigendecomposition instead of a 1152 x 64 SVD, done after every step of Phi)."""
+    w = w.detach().double()
+    g = w.t() @ w if w.shape[0] >= w.shape[1] else w @ w.t()
+    return float(torch.linalg.eigvalsh(g)[-1].clamp(min=0).sqrt())
 
 
 # a ClientView's parameter names: its encoder's under ENCODER_PREFIX, its code, Phi's under PHI_PREFIX

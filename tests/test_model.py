@@ -121,6 +121,17 @@ def test_spectral_projection_bounds_every_hyper_layer():
         assert torch.linalg.matrix_norm(lin.weight, ord=2) <= 1.0 + 1e-5
 
 
+def test_the_spectral_norm_is_the_largest_singular_value():
+    from fedhypevae.model import spectral_norm
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1152, 64), (64, 8), (8, 64), (32, 64), (1, 5), (7, 1), (64, 64)]:
+        w = torch.randn(*shape, generator=g) * 3
+        want = float(torch.linalg.matrix_norm(w.double(), ord=2))
+        assert abs(spectral_norm(w) / want - 1) < 1e-10, shape
+    assert spectral_norm(torch.zeros(4, 3)) == 0.0
+
+
 def test_multi_kernel_matches_numpy():
     rng = np.random.default_rng(0)
     a, b = rng.normal(size=(5, 3)), rng.normal(size=(4, 3))
