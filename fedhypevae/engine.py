@@ -443,7 +443,7 @@ class GhostRows(Rows):
     def private_sums(self, c):
         sums = self.ops.private_sums(c)
         enc = [
-            sums.get(ENCODER_PREFIX + n, torch.zeros_like(t))
+            sums[ENCODER_PREFIX + n] if ENCODER_PREFIX + n in sums else torch.zeros_like(t)
             for n, t in zip(self.block.enc_names, self.block.enc_params)
         ]
         return enc, self.ops.code_sums(c, self.block.codes.shape)
