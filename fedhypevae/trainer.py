@@ -1257,6 +1257,11 @@ class Trainer:
                 "reproducible from privacy.noise_seed: NOT suitable for a real release"
                 if reproducible
                 else "securely seeded per client (operating-system entropy)"
+                + (
+                    "; Phi's noise of a block of clients drawn as their sum (one Gaussian of the summed variance)"
+                    if p.trust_model == "local"
+                    else ""
+                )
             ),
             "reproducible_noise": reproducible,
             "weights": cfg.federation.weights

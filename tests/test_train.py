@@ -38,7 +38,7 @@ def test_tiny_run_writes_every_output(tmp_path):
     assert 0.95 * 2.0 <= p["epsilon_spent"] <= 2.0  # tiny.yaml: epsilon 2, the plan spends it
     assert p["steps"] == p["planned_steps"] == 6 and p["noise_multiplier"] > 0 and p["sample_rate"] == 0.2
     assert {m["mechanism"] for m in p["ledger"]} == {"dp-sgd", "class-stats", "mmd-embeddings"}
-    assert p["reproducible_noise"] is False and "secure" in p["noise"]
+    assert p["reproducible_noise"] is False and "secure" in p["noise"] and "drawn as their sum" in p["noise"]
     prov = on_disk["provenance"]
     assert prov["backend"] == "local" and prov["world_size"] == 1 and len(prov["config_hash"]) == 16
     syn = np.load(out / "synthetic.npz")
