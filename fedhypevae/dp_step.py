@@ -71,6 +71,7 @@ __all__ = [
     "poisson_sample",
     "sample_norms",
     "scale",
+    "summed_phi_noise",
 ]
 
 # diagnostics carried per step: sums over the block's rows (outside the guarantee)
@@ -210,6 +211,12 @@ class StepRelease:
     diag: torch.Tensor  # len(DIAG_KEYS)
 
 
+def summed_phi_noise(privacy) -> bool:
+    """Whether a block of several clients draws its Phi noise as ONE Gaussian of the summed variance
+    (`DPStep._noise`): local trust with secure noise (with privacy.noise_seed or another trust model, per client)."""
+    return privacy.noise_seed is None and privacy.trust_model == "local"
+
+
 NOISE_FORMAT = 2  # one flat draw per client per release (the row layout of DPStep._noise); 1: one per tensor
 
 
@@ -290,9 +297,7 @@ class DPStep:
             self.phi_coef, self.phi_divisor = self.weights.clone(), float(block.expected[0])
         else:
             self.phi_coef, self.phi_divisor = self.weights / block.expected, 1.0
-        # Phi's noise under local trust with secure noise: ONE draw for the block's summed Phi noise (see `_noise`)
-        p = self.cfg.privacy
-        self.phi_noise_summed = p.noise_seed is None and p.trust_model == "local" and block.M > 1
+        self.phi_noise_summed = summed_phi_noise(self.cfg.privacy) and block.M > 1  # see `_noise`
         self.timings = {k: 0.0 for k in PHASES}
         self.profile = False  # per-phase timings (synchronizes CUDA between phases when on)
         self.draws = draws if draws is not None else NoiseDraws()  # the noise scratch (shared by a trainer's chunks)

@@ -47,7 +47,7 @@ from .block import ClientBlock
 from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
 from .data import build_federation, is_shard_dir, read_manifest
-from .dp_step import NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks
+from .dp_step import NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks, summed_phi_noise
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork, mmd_bandwidths
@@ -1259,7 +1259,7 @@ class Trainer:
                 else "securely seeded per client (operating-system entropy)"
                 + (
                     "; Phi's noise of a block of clients drawn as their sum (one Gaussian of the summed variance)"
-                    if p.trust_model == "local"
+                    if summed_phi_noise(p)
                     else ""
                 )
             ),
