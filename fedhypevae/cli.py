@@ -441,8 +441,8 @@ def _add_table(sub) -> None:
         "--jobs",
         type=POSITIVE_INT,
         default=1,
-        help="cells computed at once, each in its own process with (cores / jobs) torch threads; the numbers "
-        "do not depend on it (default: 1)",
+        help="cells computed at once, each in its own process with (cores / jobs) torch threads, the FedHypeVAE "
+        "cells first; the numbers do not depend on it",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -47,9 +47,22 @@ def soft_clamp(t: torch.Tensor, bound: float) -> torch.Tensor:
     return bound * torch.tanh(t / bound)
 
 
+def broadcast_shape(s: tuple, t: tuple) -> tuple:
+    """numpy's broadcasting of two shapes, in plain Python (torch.broadcast_shapes imports sympy at its first call,
+    a third of a second at every rank's start, and is slower per call on the hot path)."""
+    n = max(len(s), len(t))
+    s, t = (1,) * (n - len(s)) + tuple(s), (1,) * (n - len(t)) + tuple(t)
+    out = []
+    for x, y in zip(s, t):
+        if x != y and 1 not in (x, y):
+            raise RuntimeError(f"shapes {tuple(s)} and {tuple(t)} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(out)
+
+
 def cat_last(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Concatenate along the last dimension, broadcasting the leading ones (a client's value against its rows)."""
-    lead = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
+    lead = broadcast_shape(a.shape[:-1], b.shape[:-1])
     return torch.cat([a.expand(*lead, a.shape[-1]), b.expand(*lead, b.shape[-1])], dim=-1)
 
 

@@ -534,6 +534,13 @@ def _run_cell_job(tc: TableConfig, m: str, p: str, s: int, out: Path) -> dict:
     return cell
 
 
+def submission_order(cells: list) -> list:
+    """Cells (partition, seed, method) in the order `--jobs` workers take them: the FedHypeVAE-engine cells first (each
+    takes minutes; the baselines seconds), otherwise as listed. Longest first: the last cells to finish are short
+    ones, so no worker sits idle at the end while another runs a long cell alone."""
+    return sorted(cells, key=lambda key: not METHODS[key[2]].trains_fedhypevae)
+
+
 def job_threads(jobs: int) -> int:
     """Torch threads per `--jobs` worker: the cores this process may use, shared out (at least 1)."""
     try:
@@ -581,7 +588,7 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
             initializer=_cell_worker_init,
             initargs=(job_threads(jobs),),
         ) as pool:
-            running = {pool.submit(_run_cell_job, tc, m, p, s, out): (p, s, m) for p, s, m in missing}
+            running = {pool.submit(_run_cell_job, tc, m, p, s, out): (p, s, m) for p, s, m in submission_order(missing)}
             try:
                 while running:
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)

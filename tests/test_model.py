@@ -11,6 +11,8 @@ from fedhypevae.model import (
     ClientView,
     Encoder,
     HyperNetwork,
+    broadcast_shape,
+    cat_last,
     elbo_terms,
     gaussian_nll,
     generator_params,
@@ -184,3 +186,19 @@ def test_metacode_moments_var_and_none_agree_with_the_covariance(output_noise):
     mean_n, none = model_moments(h, code, z, output_noise=output_noise, second="none")
     assert none is None and torch.equal(mean, mean_v) and torch.equal(mean, mean_n)
     torch.testing.assert_close(var, cov.diagonal(dim1=-2, dim2=-1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "s, t", [((), ()), ((3,), ()), ((1, 4), (5, 1)), ((2, 1, 3), (4, 3)), ((7, 1), (7, 6)), ((0, 1), (1, 5))]
+)
+def test_broadcast_shape_is_torchs(s, t):
+    assert broadcast_shape(s, t) == tuple(torch.broadcast_shapes(s, t)) == broadcast_shape(t, s)
+
+
+def test_broadcast_shape_refuses_what_does_not_broadcast_and_cat_last_broadcasts():
+    with pytest.raises(RuntimeError, match="do not broadcast"):
+        broadcast_shape((2, 3), (4, 3))
+    a, b = torch.randn(5, 1, 2), torch.randn(3, 4)
+    out = cat_last(a, b)
+    assert out.shape == (5, 3, 6)
+    assert torch.equal(out[2, 1], torch.cat([a[2, 0], b[1]]))

@@ -153,3 +153,18 @@ def test_table_jobs_run_cells_in_worker_processes_with_the_same_numbers(tmp_path
     before = {p.name: p.stat().st_mtime for p in (tmp_path / "jobs" / "cells").iterdir()}
     run_table(small_table(**tc), tmp_path / "jobs", command="test", progress=False, jobs=2)
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "jobs" / "cells").iterdir()} == before
+
+
+def test_jobs_take_the_fedhypevae_cells_first():
+    from fedhypevae.table import submission_order
+
+    cells = [("iid", 0, "local"), ("iid", 0, "dpcvae"), ("iid", 0, "pooled"), ("iid", 1, "fedhypevae-strict")]
+    cells += [("iid", 1, "gaussian"), ("iid", 1, "fedhypevae-nonprivate")]
+    assert submission_order(cells) == [
+        ("iid", 0, "dpcvae"),
+        ("iid", 1, "fedhypevae-strict"),
+        ("iid", 1, "fedhypevae-nonprivate"),
+        ("iid", 0, "local"),
+        ("iid", 0, "pooled"),
+        ("iid", 1, "gaussian"),
+    ]
