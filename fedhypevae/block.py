@@ -34,7 +34,7 @@ from torch.optim.adam import adam
 
 from .config import Config
 from .model import Encoder, project_codes
-from .rng import METHOD_STREAMS, STREAM_STEP, SeedTag, client_seeds, generators, secret_key
+from .rng import METHOD_STREAMS, STREAM_STEP, SeedTag, client_seeds, generators, secret_generators, secret_key
 
 # the stacks of a block's private state, in the order a checkpoint shard stores them
 STATE_KEYS = ("codes", "code_m", "code_v", "code_steps", "enc_steps")  # + enc_params/enc_m/enc_v per parameter
@@ -237,7 +237,7 @@ class ClientBlock:
     def generators(self, round_: int, step: int, epoch: int = 0, *, stream: int = STREAM_STEP) -> list:
         """Each client's private generator for this release (coins, reparameterization noise, DP noise, synthetic
         noise, in that order), keyed by (key, client, stream, round, step, epoch), never by the rank."""
-        return generators(client_seeds(self.key, self.namespace, self.ids_np, stream, round_, step, epoch))
+        return secret_generators(client_seeds(self.key, self.namespace, self.ids_np, stream, round_, step, epoch))
 
     # ------------------------------------------------------------------ the local optimizer
     @staticmethod

@@ -48,7 +48,7 @@ from .model import (
     project_codes,
     sample_synthetic,
 )
-from .rng import client_seeds
+from .rng import client_seeds, secret_generators
 from .rows import Batch, MaterializedRows, NoRows, Rows, per_sample_grads
 
 __all__ = [
@@ -217,7 +217,10 @@ def summed_phi_noise(privacy) -> bool:
     return privacy.noise_seed is None and privacy.trust_model == "local"
 
 
-NOISE_FORMAT = 2  # one flat draw per client per release (the row layout of DPStep._noise); 1: one per tensor
+# 3: one flat draw per client per release (the row layout of DPStep._noise) from `rng.secret_generators` (the whole
+# mt19937 state from the 63-bit seed); 2: the same layout from generators seeded with the seed's low 32 bits; 1: one
+# draw per tensor
+NOISE_FORMAT = 3
 
 
 class NoiseDraws:
@@ -574,7 +577,7 @@ class DPStep:
         total = None
         if summed:
             seed = int(client_seeds(gens[0].initial_seed(), _PHI_SUM_TAG, [0])[0])
-            z = self.draws.vector(P).normal_(generator=torch.Generator().manual_seed(seed))
+            z = self.draws.vector(P).normal_(generator=secret_generators([seed])[0])
             total = z.double().mul_(float(phi_coef.double().norm()))
         elif phi:
             total = torch.zeros(P, dtype=torch.float64)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,11 +519,31 @@ def check_cached_cells(tc: TableConfig, out: Path) -> dict:
     return settings
 
 
-def _cell_worker_init(threads: int) -> None:
-    """A `--jobs` worker: its share of the cores, so that N cells side by side do not oversubscribe them."""
+def _cell_worker_init(threads: int, parent: int) -> None:
+    """A `--jobs` worker: its share of the cores, so that N cells side by side do not oversubscribe them; and it
+    ends with the `table` process that started it (`parent`)."""
     import torch
 
     torch.set_num_threads(threads)
+    _end_with_parent(parent)
+
+
+def _end_with_parent(parent: int) -> None:
+    """SIGTERM to this process when its parent ends (Linux' PR_SET_PDEATHSIG; elsewhere nothing). Without it a worker
+    whose `table` process was killed finishes its cell as an orphan, minutes of both cores, and writes into the run
+    folder that the re-run command is already resuming. Ended at once instead, its run resumes from its last
+    checkpoint when the command is run again."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the call
+        os._exit(1)
 
 
 def _run_cell_job(tc: TableConfig, m: str, p: str, s: int, out: Path) -> dict:
@@ -586,7 +607,7 @@ def run_table(tc: TableConfig, out: Path, *, command: str, progress: bool = True
             max_workers=min(jobs, len(missing)),
             mp_context=mp.get_context("spawn"),
             initializer=_cell_worker_init,
-            initargs=(job_threads(jobs),),
+            initargs=(job_threads(jobs), os.getpid()),
         ) as pool:
             running = {pool.submit(_run_cell_job, tc, m, p, s, out): (p, s, m) for p, s, m in submission_order(missing)}
             try:

@@ -541,11 +541,15 @@ class Trainer:
         old = [r for r in self.ledger.records if r.mechanism == DP_SGD and r.digest and not r.digest.startswith(prefix)]
         if old:
             found = old[0].digest.split(":")[0] if ":" in old[0].digest else "noise1"
+            how = {
+                "noise1": "one draw per parameter tensor",
+                "noise2": "generators seeded with 32 bits of the seed",
+            }.get(found, "another layout")
             raise CheckpointError(
                 f"cannot resume {self.out} with privacy.noise_seed: its DP-SGD steps were drawn by an earlier version "
-                f"({found}: one draw per parameter tensor) and this version draws {prefix[:-1]} (one flat draw per "
-                "client), so a replayed step would release a different noisy value. Resume it with the version "
-                "that started it, or start a new run with another --out"
+                f"({found}: {how}) and this version draws {prefix[:-1]} (one flat draw per client from a generator "
+                "seeded with all 63 bits), so a replayed step would release a different noisy value. Resume it with "
+                "the version that started it, or start a new run with another --out"
             )
 
     def _agreed_plan(self, cfg: Config) -> PrivacyPlan | None:

@@ -144,9 +144,15 @@ def test_a_reproducible_resume_of_steps_drawn_another_way_is_refused(tmp_path, c
     interrupted(tiny(), tmp_path / "run")
     led = tmp_path / "run" / "ledger" / "rank_00000.jsonl"
     text = led.read_text()
-    assert '"digest":"noise2:' in text
-    led.write_text(text.replace('"digest":"noise2:', '"digest":"'))  # as an earlier version wrote them
-    with pytest.raises(CheckpointError, match=r"drawn by an earlier version \(noise1.*this version draws noise2"):
+    assert '"digest":"noise3:' in text
+    # as the earlier versions wrote them: noise2 (generators seeded with 32 bits of the seed), noise1 (no prefix)
+    led.write_text(text.replace('"digest":"noise3:', '"digest":"noise2:'))
+    with pytest.raises(
+        CheckpointError, match=r"earlier version \(noise2: generators seeded with 32 bits.*draws noise3"
+    ):
+        run_training(tiny(), tmp_path / "run", resume=True, progress=False)
+    led.write_text(text.replace('"digest":"noise3:', '"digest":"'))
+    with pytest.raises(CheckpointError, match=r"drawn by an earlier version \(noise1.*this version draws noise3"):
         run_training(tiny(), tmp_path / "run", resume=True, progress=False)
     code = main(
         [

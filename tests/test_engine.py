@@ -23,7 +23,7 @@ from fedhypevae.dp_step import DPStep, clip_and_sum, per_sample_grads
 from fedhypevae.engine import ghost_refusal
 from fedhypevae.errors import ConfigError
 from fedhypevae.model import ClientView, HyperNetwork
-from fedhypevae.rng import STREAM_STEP
+from fedhypevae.rng import STREAM_STEP, secret_generators
 from fedhypevae.run import run_training
 from fedhypevae.trainer import Trainer
 
@@ -173,9 +173,9 @@ def test_secure_local_noise_draws_phis_noise_once_per_block_with_the_summed_vari
         seeds = [g.initial_seed() for g in gens]
         enc, code, phi = st._noise(gens, True, True, coef, layout)
         for i in range(3):  # each client's own row: its own generator's first draws
-            row = torch.empty(sum(sizes)).normal_(generator=torch.Generator().manual_seed(seeds[i]))
+            row = torch.empty(sum(sizes)).normal_(generator=secret_generators([seeds[i]])[0])
             assert torch.equal(code[i], row[: sizes[0]])
-        first = torch.empty(phi.numel()).normal_(generator=torch.Generator().manual_seed(seeds[0]))
+        first = torch.empty(phi.numel()).normal_(generator=secret_generators([seeds[0]])[0])
         corr.append(float(torch.corrcoef(torch.stack([phi.float(), first]))[0, 1]))
         totals.append(phi)
     t = torch.cat(totals)

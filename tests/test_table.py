@@ -1,6 +1,7 @@
 """`fedhypevae table`: identical splits for every method, resumable cells, Markdown/CSV/PNG outputs."""
 
 import csv
+import json
 
 import pytest
 
@@ -168,3 +169,72 @@ def test_jobs_take_the_fedhypevae_cells_first():
         ("iid", 0, "pooled"),
         ("iid", 1, "gaussian"),
     ]
+
+
+def _children(pid: int) -> set:
+    """Live (not zombie) processes whose parent is `pid`."""
+    from pathlib import Path
+
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_table_command_takes_its_workers_with_it_and_the_same_command_completes_the_table(tmp_path):
+    """SIGKILL of `fedhypevae table --jobs 2` while both workers train: the workers end within seconds (they used to
+    finish their cells as orphans, writing into the run folders that the re-run command resumes); the same command
+    again resumes the interrupted runs and completes the table."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+    from helpers import process_running, wait_for
+
+    table = dict(
+        name="t",
+        train_config="tiny",
+        overrides=["train.rounds=150", "train.checkpoint_every=5"],
+        data={"path": "digits"},
+        partitions=["iid"],
+        clients=3,
+        min_client_size=20,
+        seeds=[0],
+        epsilon=2.0,
+        methods=["fedhypevae-strict", "fedhypevae-nonprivate"],
+        protocols=["synthetic-only"],
+    )
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump(table))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fedhypevae", "table", "--config", str(tmp_path / "t.yaml"), "--out", str(out)]
+    cmd += ["--jobs", "2", "--no-progress"]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    runs = [out / "runs" / f"iid_s0_{m}" for m in table["methods"]]
+    try:
+        wait_for(lambda: all((r / "checkpoints").is_dir() for r in runs), 120, "both cells to train")
+        workers = _children(parent.pid) - {parent.pid}
+        workers = {w for w in workers if "spawn_main" in open(f"/proc/{w}/cmdline").read()}
+        assert len(workers) == 2, workers
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        t0 = time.time()
+        wait_for(lambda: not any(process_running(w) for w in workers), 20, "the orphaned workers to end")
+        print(f"workers ended {time.time() - t0:.1f} s after their table process was killed")
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert not (out / "table.md").exists()
+    assert not any((r / "results.json").exists() for r in runs)  # killed mid-training, not finished as orphans
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "table.md").is_file()
+    for r in runs:
+        assert json.loads((r / "results.json").read_text())["status"] == "complete"
