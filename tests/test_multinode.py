@@ -453,7 +453,9 @@ def test_a_preemption_signal_reaches_every_node_and_the_requeued_job_resumes(clu
     assert res["privacy"]["replays"] == {"free": 0, "charged_again": 0}
     diff = rel_diff(load_phi(ref), load_phi(out))
     print(f"max relative difference to the one-process hypernetwork: {diff:.2e}")
-    assert diff < 1e-5
+    # 80 steps on 6 ranks against one process: the reductions' rounding grows to 2.7e-5 (the same runs uninterrupted,
+    # noise format 3); a step lost or done twice moves Phi by ~4e-2 (one round more: 4.1e-2)
+    assert diff < 1e-4
 
 
 # --------------------------------------------------------------------------------------------- 3 and 4
