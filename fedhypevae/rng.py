@@ -126,9 +126,8 @@ class ClientRNG:
 
     def generator(self, stream: int, round_: int = 0, step: int = 0, epoch: int = 0) -> torch.Generator:
         """The generator of one release; `epoch` > 0 for a re-release that is not an identical replay."""
-        return secret_generators(client_seeds(self.key, self.namespace, [self.client_id], stream, round_, step, epoch))[
-            0
-        ]
+        seeds = client_seeds(self.key, self.namespace, [self.client_id], stream, round_, step, epoch)
+        return secret_generators(seeds)[0]
 
 
 @enum.unique
