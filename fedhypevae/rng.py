@@ -39,12 +39,24 @@ _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer (Steele, Lea & Flood 2014), elementwise on uint64 (wrapping arithmetic)."""
+def _mix_inplace(z: np.ndarray) -> np.ndarray:
+    """`_mix` in place (one scratch array instead of a temporary per operation)."""
+    t = np.empty_like(z)
     with np.errstate(over="ignore"):
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+        np.right_shift(z, np.uint64(30), out=t)
+        z ^= t
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        np.right_shift(z, np.uint64(27), out=t)
+        z ^= t
+        z *= np.uint64(0x94D049BB133111EB)
+        np.right_shift(z, np.uint64(31), out=t)
+        z ^= t
+    return z
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer (Steele, Lea & Flood 2014), elementwise on uint64 (wrapping arithmetic); a new array."""
+    return _mix_inplace(np.array(z, dtype=np.uint64))
 
 
 def client_seeds(key: int, namespace: int, clients, *keys: int) -> np.ndarray:
@@ -73,26 +85,38 @@ def generators(seeds) -> list:
 _MT_WORDS, _MT_STATE_BYTES, _MT_WORDS_AT = 624, 5056, 24
 
 
+_SPLITMIX_STEPS = np.arange(1, _MT_WORDS // 2 + 1, dtype=np.uint64) * _GOLDEN  # SplitMix64's counter: seed + k * golden
+_STATE_CHUNK = 64  # seeds whose words are mixed at once (64 x 312 words: 160 KB, in cache)
+
+
 def secret_generators(seeds) -> list:
     """A CPU generator per 63-bit seed whose whole mt19937 state (624 words) is derived from every bit of the seed: the
     words are the SplitMix64 sequence started at the seed (each output split into two words), set with `set_state`,
     `left = 1` as after seeding (the first draw twists the state). `manual_seed` would use the seed's low 32 bits
     only: among the ~10^9 private generators of a 100,000-client run, ~100 pairs would share their noise (two
     releases of the same noise leak the difference of their values), and the noise of a release could be found by
-    trying the 2^32 seeds. `initial_seed()` returns the seed. ~13 us a generator against ~3.5 for `manual_seed`."""
+    trying the 2^32 seeds. `initial_seed()` returns the seed.
+
+    The words of `_STATE_CHUNK` seeds are mixed at once; each generator's state is then written into one reused
+    state tensor (`set_state` copies it) instead of a fresh tensor per generator. ~3.8 us a generator (~2.4 of it
+    `torch.Generator()` itself) against ~2.9 for `manual_seed` and 8.8 for a state tensor per generator."""
     s = np.asarray(seeds, dtype=np.int64).reshape(-1).astype(np.uint64)
-    state = np.zeros((len(s), _MT_STATE_BYTES), dtype=np.uint8)
-    with np.errstate(over="ignore"):
-        words = _mix(s[:, None] + np.arange(1, _MT_WORDS // 2 + 1, dtype=np.uint64)[None, :] * _GOLDEN)
-    slots = state[:, : _MT_WORDS_AT + 8 * _MT_WORDS].view(np.uint64)
-    slots[:, 0] = s
-    slots[:, _MT_WORDS_AT // 8 :] = words.view(np.uint32)  # each 32-bit half widened into its own slot
-    state[:, 8:16].view(np.int32)[:] = 1  # left = 1, seeded = 1; next = 0
+    buf = torch.zeros(_MT_STATE_BYTES, dtype=torch.uint8)
+    raw = buf.numpy()  # the same memory
+    raw[8:16].view(np.int32)[:] = 1  # left = 1, seeded = 1; next = 0; no cached normal samples
+    slots = raw[: _MT_WORDS_AT + 8 * _MT_WORDS].view(np.uint64)
+    seed_slot, word_slots = slots[:1], slots[_MT_WORDS_AT // 8 :]
     out = []
-    for row in torch.from_numpy(state):
-        g = torch.Generator()
-        g.set_state(row.clone())  # its own storage: set_state does not take a view at an offset
-        out.append(g)
+    for lo in range(0, len(s), _STATE_CHUNK):
+        chunk = s[lo : lo + _STATE_CHUNK]
+        with np.errstate(over="ignore"):
+            words = _mix_inplace(chunk[:, None] + _SPLITMIX_STEPS[None, :]).view(np.uint32)
+        for seed, w in zip(chunk, words):
+            seed_slot[0] = seed
+            word_slots[:] = w  # each 32-bit half widened into its own slot
+            g = torch.Generator()
+            g.set_state(buf)
+            out.append(g)
     return out
 
 

@@ -72,3 +72,35 @@ def test_private_generators_use_every_bit_of_their_seed():
     g = rng.generator(STREAM_STEP, 2, 5)
     ref = secret_generators(client_seeds(11, METHOD_STREAMS["fedhypevae"], [3], STREAM_STEP, 2, 5, 0))[0]
     assert torch.equal(torch.randn(16, generator=g), torch.randn(16, generator=ref))
+
+
+def _splitmix64_state_words(seed: int) -> list[int]:
+    """mt19937's 624 words of a private generator, written out plainly (PRIVACY.md §6): the SplitMix64 outputs at
+    seed + k * golden, k = 1..312, each split into its low and high 32 bits."""
+    m, golden, words = 2**64 - 1, 0x9E3779B97F4A7C15, []
+    for k in range(1, 313):
+        z = (seed + k * golden) & m
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+        z ^= z >> 31
+        words += [z & 0xFFFFFFFF, z >> 32]
+    return words
+
+
+def test_private_generators_built_in_chunks_each_hold_their_own_seeds_state():
+    """secret_generators mixes the words of many seeds at once and writes each state through one reused tensor: every
+    generator (on both sides of a chunk boundary) must hold its own seed's state, as the plain construction gives it."""
+    import numpy as np
+    import torch
+
+    from fedhypevae.rng import _STATE_CHUNK, client_seeds, secret_generators
+
+    seeds = client_seeds(2**62 + 5, 9, np.arange(2 * _STATE_CHUNK + 3), 1, 2, 3)
+    gens = secret_generators(seeds)
+    assert len(gens) == len(seeds)
+    for i in (0, 1, _STATE_CHUNK - 1, _STATE_CHUNK, 2 * _STATE_CHUNK + 2):
+        state = gens[i].get_state().numpy()
+        assert int(state[:8].view(np.uint64)[0]) == int(seeds[i]) == gens[i].initial_seed()
+        words = state[24 : 24 + 8 * 624].view(np.uint64).tolist()
+        assert words == _splitmix64_state_words(int(seeds[i])), i
+    assert len({tuple(torch.randn(4, generator=g).tolist()) for g in gens}) == len(seeds)
