@@ -39,24 +39,36 @@ _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
+# SplitMix64's finalizer: (shift, then multiplier) three times, the last without a multiplier
+_MIX_STEPS = (
+    (np.uint64(30), np.uint64(0xBF58476D1CE4E5B9)),
+    (np.uint64(27), np.uint64(0x94D049BB133111EB)),
+    (np.uint64(31), None),
+)
+
+
 def _mix_inplace(z: np.ndarray) -> np.ndarray:
-    """`_mix` in place (one scratch array instead of a temporary per operation)."""
+    """`_mix` in place on an array (one scratch array instead of a temporary per operation: the private generators'
+    624 words a seed)."""
     t = np.empty_like(z)
     with np.errstate(over="ignore"):
-        np.right_shift(z, np.uint64(30), out=t)
-        z ^= t
-        z *= np.uint64(0xBF58476D1CE4E5B9)
-        np.right_shift(z, np.uint64(27), out=t)
-        z ^= t
-        z *= np.uint64(0x94D049BB133111EB)
-        np.right_shift(z, np.uint64(31), out=t)
-        z ^= t
+        for shift, mul in _MIX_STEPS:
+            np.right_shift(z, shift, out=t)
+            z ^= t
+            if mul is not None:
+                z *= mul
     return z
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer (Steele, Lea & Flood 2014), elementwise on uint64 (wrapping arithmetic); a new array."""
-    return _mix_inplace(np.array(z, dtype=np.uint64))
+    """SplitMix64's finalizer (Steele, Lea & Flood 2014), elementwise on uint64 (wrapping arithmetic); a new value
+    (scalars stay scalars: cheaper than arrays for the keys of one client)."""
+    with np.errstate(over="ignore"):
+        for shift, mul in _MIX_STEPS:
+            z = z ^ (z >> shift)
+            if mul is not None:
+                z = z * mul
+    return z
 
 
 def client_seeds(key: int, namespace: int, clients, *keys: int) -> np.ndarray:
