@@ -260,6 +260,9 @@ class ClientBlock:
             maximize=False,
         )
         for k, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
+            g = g.contiguous()  # the fused kernel reads a non-contiguous tensor as if it were contiguous (wrongly)
+            if not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
+                raise RuntimeError("ClientBlock.adam updates contiguous stacks in place; got a non-contiguous one")
             col = steps[:, k]
             if bool((col == col[0]).all()):
                 adam([p], [g], [m], [v], [], [col[0].clone()], **kw)

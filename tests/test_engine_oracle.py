@@ -210,12 +210,20 @@ def test_the_engine_names_no_parameter():
     assert not found, f"parameter names spelled in engine.py: {found}"
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "view"])
 @pytest.mark.parametrize("steps", [[0, 0, 0], [3, 0, 7]], ids=["equal-steps", "unequal-steps"])
-def test_stacked_adam_is_each_clients_torch_adam(steps):
-    """The block's optimizer on (M, ...) stacks is torch.optim.Adam (fused) per client, also with unequal steps."""
+def test_stacked_adam_is_each_clients_torch_adam(steps, layout):
+    """The block's optimizer on (M, ...) stacks is torch.optim.Adam (fused) per client, also with unequal steps, and
+    also when a gradient stack is a non-contiguous view (columns of a wider buffer: torch's fused kernel reads such a
+    gradient as if it were contiguous and computes a wrong update)."""
     g = torch.Generator().manual_seed(5)
     params = [torch.randn(3, 40, 50, generator=g)]
     grads = [torch.randn(3, 40, 50, generator=g)]
+    if layout == "view":
+        wide = torch.randn(3, 40 * 50 + 7, generator=g)
+        wide[:, 3 : 3 + 40 * 50] = grads[0].reshape(3, -1)
+        grads = [wide[:, 3 : 3 + 40 * 50].view(3, 40, 50)]
+        assert not grads[0].is_contiguous()
     ms, vs = [torch.randn(3, 40, 50, generator=g) * 0.1], [torch.rand(3, 40, 50, generator=g) * 0.1]
     counts = torch.tensor(steps, dtype=torch.float32)[:, None].clone()
     want = []
@@ -227,7 +235,7 @@ def test_stacked_adam_is_each_clients_torch_adam(steps):
             "exp_avg": ms[0][i].clone(),
             "exp_avg_sq": vs[0][i].clone(),
         }
-        p.grad = grads[0][i].clone()
+        p.grad = grads[0][i].contiguous().clone()
         opt.step()
         want.append(p.detach())
     ClientBlock.adam(params, grads, ms, vs, counts, {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-7})
