@@ -240,10 +240,13 @@ class Client:
         """The pre-noise payload of the DP-MERF release: per-class sums of phi(x) and counts."""
         return mean_embedding_sums(self.x, self.y, features=features, num_classes=self.num_classes)
 
-    def release_mmd_embeddings(self, sums: tuple, *, noise_multiplier: float, epoch: int = 0) -> None:
+    def release_mmd_embeddings(
+        self, sums: tuple, *, noise_multiplier: float, epoch: int = 0, generator: torch.Generator | None = None
+    ) -> None:
         """DP-MERF: the per-class mean random-feature embeddings, released once with the Gaussian
-        mechanism (the caller has charged it). The MMD term is then post-processing."""
-        g = self.rng.generator(STREAM_MMD_RELEASE, 0, 0, epoch)
+        mechanism (the caller has charged it). The MMD term is then post-processing. `generator`: this release's
+        (default: the client's own for `epoch`; the trainer makes a block's at once)."""
+        g = generator if generator is not None else self.rng.generator(STREAM_MMD_RELEASE, 0, 0, epoch)
         sums, counts = noise_mean_embeddings(*sums, noise_multiplier=noise_multiplier, generator=g)
         counts = counts.clamp(min=0.0)
         total = counts.sum()

@@ -109,7 +109,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
         return None, "signal"
     layout, buf = None, None
     m = tr.fed.num_clients
-    for c, s in zip(tr.clients, sums):
+    for c, s, g in zip(tr.clients, sums, tr.release_generators(STREAM_STATS_RELEASE, d.epoch)):
         # the trust model's share of the noise (local: sigma; distributed: calibrated to the clients of the
         # client's domain; central: none, the aggregator adds it)
         share = tr.trust.stats_multiplier(sigma, c.id)
@@ -121,7 +121,7 @@ def release_statistics(tr: Trainer, clip: float) -> tuple[list[ClassMoments] | N
                 clip_norm=clip,
                 noise_multiplier=share,
                 covariance=cov,
-                generator=c.rng.generator(STREAM_STATS_RELEASE, 0, 0, d.epoch),
+                generator=g,
                 split=split,
             )
         )

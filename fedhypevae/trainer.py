@@ -70,7 +70,7 @@ from .privacy.ledger import last_session_blocks, payload_digest
 from .privacy.stats import stats_components, stats_flat_size
 from .privacy.trust import Federation, make_trust_model
 from .provenance import provenance
-from .rng import STREAM_STEP, SeedTag, derive_seed, secret_key
+from .rng import STREAM_MMD_RELEASE, STREAM_STEP, SeedTag, derive_seed, secret_key
 from .validate import check_output_dir, validate_run
 
 # settings a resume may change: applied from the resume on and reported (results.json "resume", the
@@ -800,6 +800,19 @@ class Trainer:
         pending = prepare(epoch)
         return epoch, pending, [(k, draws + payload_digest(parts(pending, k))) for k in range(len(groups))]
 
+    def release_generators(self, stream: int, epoch: int = 0) -> list:
+        """Every hosted client's generator for a one-shot release on `stream` (round 0, step 0), in the order of
+        `self.clients`: one vectorized call per block (`ClientBlock.generators`), the same generators as each client's
+        `rng.generator(stream, 0, 0, epoch)` (~5 against ~60 us a client: seconds at 50,000 clients a rank)."""
+        made: dict = {}
+        out = []
+        for c in self.clients:
+            b = c.block
+            if id(b) not in made:
+                made[id(b)] = b.generators(0, 0, epoch, stream=stream)
+            out.append(made[id(b)][c.index])
+        return out
+
     def group_positions(self, g: int) -> list[int]:
         """Positions in `self.clients` of kept group g's clients, in the group's order."""
         where = {c.id: k for k, c in enumerate(self.clients)}
@@ -828,8 +841,8 @@ class Trainer:
                 "attempt released them and stopped before its first checkpoint; those charges stay). Start a new "
                 "run with another --out"
             )
-        for c in self.clients:
-            c.release_mmd_embeddings(c.mmd_sums(self.features), noise_multiplier=sigma, epoch=d.epoch)
+        for c, g in zip(self.clients, self.release_generators(STREAM_MMD_RELEASE, d.epoch)):
+            c.release_mmd_embeddings(c.mmd_sums(self.features), noise_multiplier=sigma, generator=g)
 
     def epsilon_spent(self) -> float:
         if self.plan is None:

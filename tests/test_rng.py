@@ -104,3 +104,25 @@ def test_private_generators_built_in_chunks_each_hold_their_own_seeds_state():
         words = state[24 : 24 + 8 * 624].view(np.uint64).tolist()
         assert words == _splitmix64_state_words(int(seeds[i])), i
     assert len({tuple(torch.randn(4, generator=g).tolist()) for g in gens}) == len(seeds)
+
+
+def test_a_trainers_release_generators_are_its_clients_own(tmp_path):
+    """The setup releases (class statistics, mean embeddings) take every client's generator from one vectorized call per
+    block (Trainer.release_generators): they must be the generators each client's rng gives for that release, with
+    secure noise (the block's secret key) and with a noise seed."""
+    import torch
+
+    from fedhypevae.config import load_config
+    from fedhypevae.trainer import Trainer
+
+    for k, seed in enumerate(["privacy.noise_seed=null", "privacy.noise_seed=7"]):
+        cfg = load_config("tiny", ["threads=1", seed])
+        tr = Trainer(cfg, tmp_path / f"run{k}", progress=False)
+        tr.setup()
+        for stream, epoch in ((STREAM_STATS_RELEASE, 0), (STREAM_MMD_RELEASE, 2)):
+            gens = tr.release_generators(stream, epoch)
+            assert len(gens) == len(tr.clients)
+            got = [torch.randn(6, generator=g) for g in gens]
+            want = [torch.randn(6, generator=c.rng.generator(stream, 0, 0, epoch)) for c in tr.clients]
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+            assert len({tuple(t.tolist()) for t in got}) == len(got)
