@@ -234,10 +234,14 @@ class ClientBlock:
         return slice(self.offsets[i], self.offsets[i] + self.sizes[i])
 
     # ------------------------------------------------------------------ randomness
-    def generators(self, round_: int, step: int, epoch: int = 0, *, stream: int = STREAM_STEP) -> list:
+    def generators(
+        self, round_: int, step: int, epoch: int = 0, *, stream: int = STREAM_STEP, rows: slice = slice(None)
+    ) -> list:
         """Each client's private generator for this release (coins, reparameterization noise, DP noise, synthetic
-        noise, in that order), keyed by (key, client, stream, round, step, epoch), never by the rank."""
-        return secret_generators(client_seeds(self.key, self.namespace, self.ids_np, stream, round_, step, epoch))
+        noise, in that order), keyed by (key, client, stream, round, step, epoch), never by the rank; `rows`: only
+        those clients'."""
+        ids = self.ids_np[rows]
+        return secret_generators(client_seeds(self.key, self.namespace, ids, stream, round_, step, epoch))
 
     # ------------------------------------------------------------------ the local optimizer
     @staticmethod

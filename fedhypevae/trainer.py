@@ -262,6 +262,9 @@ class _Timed:
         return False
 
 
+_RELEASE_GENERATOR_CHUNK = 1024  # clients whose release generators are made at once (Trainer.release_generators)
+
+
 class TrainerHooks:
     """Observers of the training loop, instead of patching the trainer's methods.
 
@@ -800,18 +803,18 @@ class Trainer:
         pending = prepare(epoch)
         return epoch, pending, [(k, draws + payload_digest(parts(pending, k))) for k in range(len(groups))]
 
-    def release_generators(self, stream: int, epoch: int = 0) -> list:
+    def release_generators(self, stream: int, epoch: int = 0):
         """Every hosted client's generator for a one-shot release on `stream` (round 0, step 0), in the order of
-        `self.clients`: one vectorized call per block (`ClientBlock.generators`), the same generators as each client's
-        `rng.generator(stream, 0, 0, epoch)` (~5 against ~60 us a client: seconds at 50,000 clients a rank)."""
-        made: dict = {}
-        out = []
+        `self.clients` (an iterator): made `_RELEASE_GENERATOR_CHUNK` rows of a block at a time with one vectorized
+        call (`ClientBlock.generators`), the same generators as each client's `rng.generator(stream, 0, 0, epoch)`
+        (~5 against ~60 us a client: seconds at 50,000 clients a rank; a chunk at a time: a generator holds 5 KB)."""
+        n, key, gens = _RELEASE_GENERATOR_CHUNK, None, []
         for c in self.clients:
-            b = c.block
-            if id(b) not in made:
-                made[id(b)] = b.generators(0, 0, epoch, stream=stream)
-            out.append(made[id(b)][c.index])
-        return out
+            k = (id(c.block), c.index // n)
+            if k != key:
+                key, lo = k, k[1] * n
+                gens = c.block.generators(0, 0, epoch, stream=stream, rows=slice(lo, lo + n))
+            yield gens[c.index - key[1] * n]
 
     def group_positions(self, g: int) -> list[int]:
         """Positions in `self.clients` of kept group g's clients, in the group's order."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from fedhypevae.rng import METHOD_STREAMS, STREAM_MMD_RELEASE, STREAM_STATS_RELEASE, STREAM_STEP, SeedTag
 
 # the values every earlier run used: a changed value changes every result drawn from it
@@ -106,21 +108,26 @@ def test_private_generators_built_in_chunks_each_hold_their_own_seeds_state():
     assert len({tuple(torch.randn(4, generator=g).tolist()) for g in gens}) == len(seeds)
 
 
-def test_a_trainers_release_generators_are_its_clients_own(tmp_path):
+@pytest.mark.parametrize("chunk", [2, 1024])
+def test_a_trainers_release_generators_are_its_clients_own(tmp_path, monkeypatch, chunk):
     """The setup releases (class statistics, mean embeddings) take every client's generator from one vectorized call per
     block (Trainer.release_generators): they must be the generators each client's rng gives for that release, with
-    secure noise (the block's secret key) and with a noise seed."""
+    secure noise (the block's secret key) and with a noise seed, made a chunk of clients at a time."""
     import torch
 
+    from fedhypevae import trainer
     from fedhypevae.config import load_config
     from fedhypevae.trainer import Trainer
+
+    monkeypatch.setattr(trainer, "_RELEASE_GENERATOR_CHUNK", chunk)
 
     for k, seed in enumerate(["privacy.noise_seed=null", "privacy.noise_seed=7"]):
         cfg = load_config("tiny", ["threads=1", seed])
         tr = Trainer(cfg, tmp_path / f"run{k}", progress=False)
         tr.setup()
+        assert (len(tr.clients) > chunk) == (chunk == 2)  # several chunks (4 clients, chunks of 2), or one
         for stream, epoch in ((STREAM_STATS_RELEASE, 0), (STREAM_MMD_RELEASE, 2)):
-            gens = tr.release_generators(stream, epoch)
+            gens = list(tr.release_generators(stream, epoch))
             assert len(gens) == len(tr.clients)
             got = [torch.randn(6, generator=g) for g in gens]
             want = [torch.randn(6, generator=c.rng.generator(stream, 0, 0, epoch)) for c in tr.clients]
