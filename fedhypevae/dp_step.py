@@ -217,9 +217,12 @@ def summed_phi_noise(privacy) -> bool:
     return privacy.noise_seed is None and privacy.trust_model == "local"
 
 
-# 3: one flat draw per client per release (the row layout of DPStep._noise) from `rng.secret_generators` (the whole
-# mt19937 state from the 63-bit seed); 2: the same layout from generators seeded with the seed's low 32 bits; 1: one
-# draw per tensor
+# how each version drew a step's noise (the ledger's digests start with "noise<N>:"; format 1 wrote no prefix)
+NOISE_FORMATS = {
+    1: "one draw per parameter tensor",
+    2: "generators seeded with 32 bits of the seed",
+    3: "one flat draw per client from a generator seeded with all 63 bits",  # DPStep._noise, rng.secret_generators
+}
 NOISE_FORMAT = 3
 
 
@@ -527,7 +530,7 @@ class DPStep:
 
     def _noise(self, gens: list, private: bool, phi: bool, phi_coef: torch.Tensor, layout: tuple):
         """Every client's N(0, 1) draws for its privatized coordinates: ONE `normal_` per client filling its row of
-        a flat (M, D) buffer, from the client's generator (noise format 2, `NOISE_FORMAT`): the row holds the
+        a flat (M, D) buffer, from the client's generator (`NOISE_FORMAT`): the row holds the
         client's own coordinates (`private`: the code, then the encoder's parameters in sorted-name order) and then
         Phi's (`phi`: in the hypernetwork's parameter order). Returns the encoder noise per parameter and the code
         noise as (M, ...) views of the buffer, and sum_i phi_coef_i * (client i's Phi noise) in fp64. Blocks of

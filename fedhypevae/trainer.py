@@ -47,7 +47,7 @@ from .block import ClientBlock
 from .client import DIAG_KEYS, Client
 from .config import Config, config_from_dict, save_config
 from .data import build_federation, is_shard_dir, read_manifest
-from .dp_step import NOISE_FORMAT, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks, summed_phi_noise
+from .dp_step import NOISE_FORMAT, NOISE_FORMATS, PER_SAMPLE, DPStep, NoiseDraws, noise_blocks, summed_phi_noise
 from .errors import CheckpointError, ConfigError, FedHypeVAEError, PrivacyError
 from .metrics import MetricWriter, append_event, cut_metrics
 from .model import HyperNetwork, mmd_bandwidths
@@ -544,15 +544,12 @@ class Trainer:
         old = [r for r in self.ledger.records if r.mechanism == DP_SGD and r.digest and not r.digest.startswith(prefix)]
         if old:
             found = old[0].digest.split(":")[0] if ":" in old[0].digest else "noise1"
-            how = {
-                "noise1": "one draw per parameter tensor",
-                "noise2": "generators seeded with 32 bits of the seed",
-            }.get(found, "another layout")
+            how = NOISE_FORMATS.get(int(found[5:]) if found[5:].isdigit() else None, "another layout")
             raise CheckpointError(
                 f"cannot resume {self.out} with privacy.noise_seed: its DP-SGD steps were drawn by an earlier version "
-                f"({found}: {how}) and this version draws {prefix[:-1]} (one flat draw per client from a generator "
-                "seeded with all 63 bits), so a replayed step would release a different noisy value. Resume it with "
-                "the version that started it, or start a new run with another --out"
+                f"({found}: {how}) and this version draws {prefix[:-1]} ({NOISE_FORMATS[NOISE_FORMAT]}), so a "
+                "replayed step would release a different noisy value. Resume it with the version that started it, or "
+                "start a new run with another --out"
             )
 
     def _agreed_plan(self, cfg: Config) -> PrivacyPlan | None:
@@ -808,13 +805,13 @@ class Trainer:
         `self.clients` (an iterator): made `_RELEASE_GENERATOR_CHUNK` rows of a block at a time with one vectorized
         call (`ClientBlock.generators`), the same generators as each client's `rng.generator(stream, 0, 0, epoch)`
         (~5 against ~60 us a client: seconds at 50,000 clients a rank; a chunk at a time: a generator holds 5 KB)."""
-        n, key, gens = _RELEASE_GENERATOR_CHUNK, None, []
+        n, key = _RELEASE_GENERATOR_CHUNK, None
         for c in self.clients:
             k = (id(c.block), c.index // n)
             if k != key:
                 key, lo = k, k[1] * n
                 gens = c.block.generators(0, 0, epoch, stream=stream, rows=slice(lo, lo + n))
-            yield gens[c.index - key[1] * n]
+            yield gens[c.index - lo]
 
     def group_positions(self, g: int) -> list[int]:
         """Positions in `self.clients` of kept group g's clients, in the group's order."""
